@@ -1,0 +1,8 @@
+"""edgetok: take a language model to the edge and run it there."""
+
+from edgetok.api import Model, load
+from edgetok.errors import EdgetokError
+from edgetok.runtimes.engine import GenerationConfig, Result
+from edgetok.version import __version__
+
+__all__ = ["load", "Model", "GenerationConfig", "Result", "EdgetokError", "__version__"]

@@ -1,0 +1,69 @@
+"""The Python API: `edgetok.load(ref)` → Model with generate / stream / chat."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.models.sources import Source, load_source
+from edgetok.runtimes.backends.pytorch import TorchBackend
+from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
+
+Messages = list[dict[str, str]]
+
+
+class Model:
+    """A loaded model ready to generate. Not thread-safe: one generation at a time."""
+
+    def __init__(self, source: Source, engine: Engine) -> None:
+        self.source = source
+        self.engine = engine
+        self.config = source.config
+        self.tokenizer = source.tokenizer
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+    def encode(self, prompt: str | Messages, chat: bool) -> list[int]:
+        """A prompt → token ids; with chat, a string becomes one user message through the template."""
+        if chat or not isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            # The template writes any BOS itself.
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def stream(
+        self,
+        prompt: str | Messages,
+        config: GenerationConfig | None = None,
+        *,
+        chat: bool = False,
+        progress: Callable[[int], None] | None = None,
+        **options,
+    ) -> Stream:
+        """Text pieces as they are generated; the Stream's `.result` is set at the end."""
+        cfg = config or GenerationConfig(**options)
+        return Stream(self.engine.generate_ids(self.encode(prompt, chat), cfg, progress))
+
+    def generate(self, prompt: str | Messages, config: GenerationConfig | None = None, *, chat: bool = False, **options) -> Result:
+        stream = self.stream(prompt, config, chat=chat, **options)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def chat(self, messages: Messages, config: GenerationConfig | None = None, **options) -> Result:
+        return self.generate(messages, config, chat=True, **options)
+
+
+def load(ref: str, *, threads: int | None = None, progress: bool = False) -> Model:
+    """Load "smollm2", a Hugging Face folder or a .gguf file onto the torch backend."""
+    if threads is not None:
+        if threads < 1:
+            raise EdgetokError("threads must be ≥ 1")
+        torch.set_num_threads(threads)
+    source = load_source(ref, progress=progress)
+    return Model(source, Engine(TorchBackend(source), source.tokenizer))

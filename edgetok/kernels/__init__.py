@@ -1,0 +1,1 @@
+"""Numeric inner loops, each with a plain torch reference."""

@@ -1,0 +1,29 @@
+"""Attention of new queries over stored keys/values (GQA), causal among the new tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(t: int, s: int, window: int | None = None, device=None) -> torch.Tensor | None:
+    """Boolean mask (t, s), True where query i (the i-th of the last t positions) may see key j.
+
+    Keys are the positions 0..s-1 and the queries the last t of them. None when no masking
+    is needed (a single query with no window), so SDPA can take its fastest path.
+    """
+    if t == 1 and (window is None or s <= window):
+        return None
+    q_pos = torch.arange(s - t, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hq a multiple of Hkv → (B, Hq, T, D)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

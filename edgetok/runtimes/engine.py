@@ -1,0 +1,227 @@
+"""Generation: chunked prefill, the decode loop, stop conditions, streaming text.
+
+The engine keeps the KV cache of its last sequence: a new prompt that starts with the same
+tokens (the next turn of a chat) prefills only what is new.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.models.tokenizer import StreamDecoder, Tokenizer
+from edgetok.runtimes.backends.base import Backend
+from edgetok.runtimes.sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationConfig(SamplingParams):
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
+    ignore_eos: bool = False
+    prefill_chunk: int = 512  # prompt tokens per forward: bounds activation memory on long prompts
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens must be ≥ 0"),
+            (self.temperature >= 0, "temperature must be ≥ 0"),
+            (self.top_k >= 0, "top_k must be ≥ 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.prefill_chunk > 0, "prefill_chunk must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EdgetokError(message)
+        self.stop = tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # taken from the previous sequence's cache, not prefilled
+    generated_tokens: int = 0
+    decode_steps: int = 0  # forward passes after prefill (one per token, but the first token comes from prefill)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.reused_prompt_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+        }
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]  # generated ids, without the final EOS
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
+    stats: Stats = field(default_factory=Stats)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Stream:
+    """Iterate for text pieces; `.result` holds the Result once the iteration has ended."""
+
+    def __init__(self, pieces: Iterator[str | Result]) -> None:
+        self._pieces = pieces
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            if isinstance(piece, Result):
+                self.result = piece
+            else:
+                yield piece
+
+
+class StopStringFilter:
+    """Holds back text that may be the start of a stop string; cuts the text at one that appears."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Text that is now safe to emit."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = backend.config
+        self._cache = None
+        self._cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
+
+    def reset(self) -> None:
+        self._cache, self._cached_ids = None, []
+
+    def _prefill(self, prompt: list[int], chunk: int, progress: Callable[[int], None] | None) -> tuple[torch.Tensor, int]:
+        """Run the prompt, reusing the longest prefix the cache already holds → (last logits, reused)."""
+        if self._cache is None:
+            self._cache, self._cached_ids = self.backend.new_cache(), []
+        reused = 0
+        for a, b in zip(self._cached_ids, prompt[:-1]):  # keep ≥ 1 token to prefill: its logits are needed
+            if a != b:
+                break
+            reused += 1
+        self.backend.truncate(self._cache, reused)
+        self._cached_ids = prompt[:reused]
+        logits = None
+        for start in range(reused, len(prompt), chunk):
+            piece = prompt[start : start + chunk]
+            logits = self.backend.forward(piece, self._cache)
+            self._cached_ids += piece
+            if progress:
+                progress(len(piece))
+        assert logits is not None
+        return logits, reused
+
+    def generate_ids(
+        self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None
+    ) -> Iterator[str | Result]:
+        """Yield text pieces as tokens are generated, then the Result."""
+        ctx = self.config.max_context
+        if not prompt:
+            raise EdgetokError("the prompt is empty")
+        if len(prompt) >= ctx:
+            raise EdgetokError(f"the prompt is {len(prompt)} tokens, but the model's context holds {ctx} (with room for 1 new token)")
+        stats = Stats(prompt_tokens=len(prompt))
+        seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        generator = torch.Generator().manual_seed(seed)
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+            seen[torch.tensor(prompt)] = True
+
+        t0 = time.perf_counter()
+        logits, stats.reused_prompt_tokens = self._prefill(prompt, cfg.prefill_chunk, progress)
+        stats.prefill_s = time.perf_counter() - t0
+
+        decoder, stops = StreamDecoder(self.tokenizer), StopStringFilter(cfg.stop)
+        out_ids: list[int] = []
+        emitted: list[str] = []
+        decoded = 0  # characters the stream decoder has released
+        finish = "length"
+        budget = min(cfg.max_new_tokens, ctx - len(prompt))
+        t1 = time.perf_counter()
+        while len(out_ids) < budget:
+            token = sample(logits, cfg, seen, generator)
+            if not out_ids:
+                stats.time_to_first_token_s = time.perf_counter() - t0
+            if token in self.tokenizer.eos_ids and not cfg.ignore_eos:
+                finish = "eos"
+                break
+            out_ids.append(token)
+            if seen is not None:
+                seen[token] = True
+            text = decoder.push(token)
+            decoded += len(text)
+            if piece := stops.feed(text):
+                emitted.append(piece)
+                yield piece
+            if stops.stopped:
+                finish = "stop"
+                break
+            if len(out_ids) < budget:
+                logits = self.backend.forward([token], self._cache)
+                self._cached_ids.append(token)
+                stats.decode_steps += 1
+        stats.decode_s = time.perf_counter() - t1
+        stats.generated_tokens = len(out_ids)
+
+        if not stops.stopped:
+            # The decoder may hold back an incomplete character at the very end; the filter, a
+            # possible start of a stop string.
+            tail = stops.feed(self.tokenizer.decode(out_ids)[decoded:])
+            if stops.stopped:
+                finish = "stop"
+            tail += stops.flush()
+            if tail:
+                emitted.append(tail)
+                yield tail
+        stats.peak_rss_bytes = peak_rss_bytes()
+        yield Result("".join(emitted), out_ids, len(prompt), finish, stats)

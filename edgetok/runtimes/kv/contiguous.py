@@ -1,0 +1,63 @@
+"""The exact cache: every token's K/V in one growing buffer per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from edgetok.kernels.attention import attend, causal_mask
+
+
+class ContiguousCache:
+    """Full attention over all stored tokens. Capacity doubles as needed (amortized O(1) append)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        batch: int = 1,
+        capacity: int = 256,
+        dtype: torch.dtype = torch.float32,
+        sliding_window: int | None = None,
+    ) -> None:
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+        self.sliding_window = sliding_window
+
+    @property
+    def length(self) -> int:
+        return self.lengths[-1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t[:, :, : self.length].nbytes for t in self.k + self.v)
+
+    def _grow(self, layer: int, needed: int) -> None:
+        cap = self.k[layer].shape[2]
+        new_cap = max(needed, 2 * cap)
+        for bufs in (self.k, self.v):
+            old = bufs[layer]
+            new = old.new_empty(old.shape[:2] + (new_cap,) + old.shape[3:])
+            new[:, :, :cap] = old
+            bufs[layer] = new
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        start, t = self.lengths[layer], k.shape[2]
+        end = start + t
+        if end > self.k[layer].shape[2]:
+            self._grow(layer, end)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        mask = causal_mask(t, end, self.sliding_window, device=q.device)
+        return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)
+
+    def truncate(self, n: int) -> None:
+        assert 0 <= n <= self.length, (n, self.length)
+        self.lengths = [n] * len(self.lengths)
