@@ -144,19 +144,24 @@ def run(model, prompt, prompt_file, chat, system, as_json, verbose, **kw):
     else:
         click.echo()
     if verbose:
-        s = result.stats
-        click.echo(
-            f"prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_s:.1f} tok/s; generated {s.generated_tokens} tok, "
-            f"{s.decode_tokens_per_s:.1f} tok/s; peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB",
-            err=True,
-        )
+        _print_stats(result.stats)
+
+
+def _print_stats(s) -> None:
+    click.echo(
+        f"prompt {s.prompt_tokens} tok ({s.reused_prompt_tokens} reused), {s.prefill_tokens_per_s:.1f} tok/s; "
+        f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s; "
+        f"peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB",
+        err=True,
+    )
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--system", help="a system message")
 @generation_options
-def chat(model, system, **kw):
+@click.option("--verbose", "-v", is_flag=True, help="print speed and memory after each reply")
+def chat(model, system, verbose, **kw):
     """Chat with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits."""
     cfg = _gen_config(kw)
     m = _load(model, kw["threads"])
@@ -189,6 +194,8 @@ def chat(model, system, **kw):
             sys.stdout.flush()
         click.echo()
         history.append({"role": "assistant", "content": stream.result.text})
+        if verbose:
+            _print_stats(stream.result.stats)
 
 
 @cli.command()

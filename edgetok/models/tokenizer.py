@@ -223,3 +223,74 @@ def _spm_merges(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, s
                 ranked.append((-scores[pid], vocab[left], vocab[right], left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
+
+
+def gguf_tokenizer_fields(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The `tokenizer.ggml.*` fields that rebuild this tokenizer (the inverse of tokenizer_from_gguf)."""
+    spec = json.loads(tokenizer.tok.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE":
+        raise EdgetokError(f"cannot write a {model['type']} tokenizer into GGUF (edgetok writes BPE tokenizers)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab.setdefault(content, t["id"])
+    tokens = [""] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    types = [
+        (TOKEN_CONTROL if added[t]["special"] else TOKEN_USER_DEFINED) if t in added else TOKEN_NORMAL
+        for t in tokens
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    byte_fallback = model.get("byte_fallback", False)
+    fields: dict[str, Any] = {
+        "tokenizer.ggml.model": "llama" if byte_fallback else "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+    }
+    if byte_fallback:  # SentencePiece-style: merges are recovered from scores, highest merge rank first
+        rank = {m: i for i, m in enumerate(merges)}
+        fields["tokenizer.ggml.scores"] = [
+            -float(rank.get(_best_split(t, vocab, rank), len(rank))) if len(t) > 1 else 0.0 for t in tokens
+        ]
+        for i, t in enumerate(tokens):
+            if re_byte_token(t):
+                types[i] = TOKEN_BYTE
+        fields["tokenizer.ggml.add_space_prefix"] = "Prepend" in json.dumps(spec.get("normalizer"))
+    else:
+        fields["tokenizer.ggml.merges"] = merges
+        fields["tokenizer.ggml.pre"] = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    if tokenizer.bos_id is not None:
+        fields["tokenizer.ggml.bos_token_id"] = tokenizer.bos_id
+    fields["tokenizer.ggml.add_bos_token"] = bool(
+        tokenizer.bos_id is not None and tokenizer.encode("a") and tokenizer.encode("a")[0] == tokenizer.bos_id
+    )
+    if tokenizer.eos_ids:
+        fields["tokenizer.ggml.eos_token_id"] = tokenizer.eos_ids[0]
+    if len(tokenizer.eos_ids) > 1:
+        fields["tokenizer.ggml.eot_token_id"] = tokenizer.eos_ids[1]
+    if tokenizer.chat_template:
+        fields["tokenizer.chat_template"] = tokenizer.chat_template
+    return fields
+
+
+def re_byte_token(t: str) -> bool:
+    return len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+
+
+def _best_split(token: str, vocab: dict[str, int], rank: dict[str, int]) -> str:
+    splits = [f"{token[:i]} {token[i:]}" for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+    return min(splits, key=lambda m: rank.get(m, len(rank)), default="")
+
+
+def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+    """llama.cpp's name for the pre-tokenizer (it picks the splitting regex by this name)."""
+    text = json.dumps(pre or {})
+    if '"Digits"' in text and '"individual_digits": true' in text:
+        return "smollm"
+    if "\\\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if "\\\\p{N}|" in text or "\\\\p{N}| ?" in text:
+        return "qwen2"
+    return "default"

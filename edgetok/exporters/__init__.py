@@ -1,0 +1,1 @@
+"""Exporters: model → artifact (GGUF, ONNX)."""

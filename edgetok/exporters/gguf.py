@@ -1,0 +1,135 @@
+"""Write a model as a GGUF file llama.cpp loads: its metadata keys, tensor names and Q/K layout."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgetok.errors import EdgetokError
+from edgetok.models.config import ModelConfig
+from edgetok.models.gguf_file import TENSOR_NAMES, permute_qk
+from edgetok.models.sources import Source
+from edgetok.models.tokenizer import gguf_tokenizer_fields
+
+# --quant name → (tensor type of 2-D weights, llama.cpp file type name)
+QUANT_TYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+}
+GGUF_NAMES = {hf: gg for gg, hf in TENSOR_NAMES.items()}
+
+
+def gguf_name(hf: str) -> str:
+    parts = hf.split(".")
+    if hf.startswith("model.layers."):
+        return GGUF_NAMES[".".join(parts[:2] + ["{i}"] + parts[3:])].format(i=parts[2])
+    return GGUF_NAMES[hf]
+
+
+def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_context)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(file_type)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+
+
+def _tensor_data(name: str, w: np.ndarray, qtype):
+    """→ (array to write, GGML type). 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them."""
+    import gguf
+    from gguf.quants import quantize
+
+    if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return w.astype(np.float32), gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if w.shape[-1] % block:  # rows that do not fill whole blocks cannot take this type
+        return w.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return quantize(w, qtype), qtype
+
+
+def export_gguf(source: Source, out: Path, quant: str = "f16", force: bool = False) -> Path:
+    """Write `source` to `out` atomically (a temporary file beside it, then rename)."""
+    import gguf
+
+    if quant not in QUANT_TYPES:
+        raise EdgetokError(f"unknown --quant '{quant}' (choose from {', '.join(QUANT_TYPES)})")
+    if out.exists() and not force:
+        raise EdgetokError(f"{out} exists; pass --force to overwrite it")
+    cfg = source.config
+    if cfg.sliding_window is not None or cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
+        raise EdgetokError("GGUF export supports plain and linear-scaled RoPE without sliding windows")
+    type_name, file_type_name = QUANT_TYPES[quant]
+    qtype = gguf.GGMLQuantizationType[type_name]
+    arch = "qwen2" if cfg.arch == "qwen2" else "llama"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(str(source.info.get("name") or source.path.name))
+        _metadata(writer, cfg, int(gguf.LlamaFileType[file_type_name]))
+        for key, value in gguf_tokenizer_fields(source.tokenizer).items():
+            _add_field(writer, key, value)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, tensor in source.weights.items():
+            if cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            w = tensor.float().numpy()
+            if arch == "llama" and ".q_proj." in name:
+                w = permute_qk(w, cfg.num_heads)
+            elif arch == "llama" and ".k_proj." in name:
+                w = permute_qk(w, cfg.num_kv_heads)
+            data, dtype = _tensor_data(name, w, qtype)
+            writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _add_field(writer, key: str, value) -> None:
+    """Typed add for the tokenizer fields (GGUFWriter needs the type of each array)."""
+    import gguf
+
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif key == "tokenizer.ggml.token_type":
+        writer.add_array(key, value)  # ints → INT32 array
+    elif key == "tokenizer.ggml.scores":
+        writer.add_array(key, [float(s) for s in value])
+    else:
+        writer.add_array(key, value)
+    del gguf
