@@ -59,11 +59,35 @@ class Model:
         return self.generate(messages, config, chat=True, **options)
 
 
-def load(ref: str, *, threads: int | None = None, progress: bool = False) -> Model:
-    """Load "smollm2", a Hugging Face folder or a .gguf file onto the torch backend."""
+BACKENDS = ("torch", "llamacpp")
+
+
+def load(
+    ref: str,
+    *,
+    backend: str = "torch",
+    threads: int | None = None,
+    kv_type: str | None = None,
+    progress: bool = False,
+) -> Model:
+    """Load "smollm2", a Hugging Face folder or a .gguf file.
+
+    backend: "torch" (edgetok's reference model and KV caches) or "llamacpp" (a GGUF through
+    llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type).
+    """
+    if backend not in BACKENDS:
+        raise EdgetokError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if threads is not None:
         if threads < 1:
             raise EdgetokError("threads must be ≥ 1")
         torch.set_num_threads(threads)
     source = load_source(ref, progress=progress)
-    return Model(source, Engine(TorchBackend(source), source.tokenizer))
+    if backend == "llamacpp":
+        from edgetok.runtimes.backends.llamacpp import LlamaCppBackend
+
+        engine_backend = LlamaCppBackend(source, threads=threads, kv_type=kv_type or "f16")
+    else:
+        if kv_type is not None:
+            raise EdgetokError("--kv-type sets llama.cpp's cache; use it with --backend llamacpp")
+        engine_backend = TorchBackend(source)
+    return Model(source, Engine(engine_backend, source.tokenizer))

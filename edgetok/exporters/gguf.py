@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
@@ -57,7 +58,70 @@ def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
         writer.add_rope_scaling_factor(scaling["factor"])
 
 
-def _tensor_data(name: str, w: np.ndarray, qtype):
+def higher_precision(quant: str) -> str | None:
+    """The type --keep-sensitive gives the tensors it keeps (as llama.cpp's _M mixes: q8_0 over 4/5-bit)."""
+    return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5")) else None)
+
+
+def default_overrides(cfg: ModelConfig, quant: str) -> dict[str, str]:
+    """As llama.cpp's quantize does, the output projection (the embedding, when tied) stays at
+    q8_0 under 4/5-bit types: it is the tensor whose error every token's logits see."""
+    upgrade = higher_precision(quant)
+    if upgrade is None or quant == "q8_0":
+        return {}
+    return {"model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight": upgrade}
+
+
+def sensitivity_candidates(cfg: ModelConfig) -> list[str]:
+    """The tensors llama.cpp's mixes consider upgrading: embedding, output, attn_v and ffn_down."""
+    names = ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    for i in range(cfg.num_layers):
+        names += [f"model.layers.{i}.self_attn.v_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"]
+    return names
+
+
+def fake_quantize(w: torch.Tensor, quant: str) -> torch.Tensor:
+    """w after a round trip through the GGUF type of `quant` (what llama.cpp will compute with)."""
+    from gguf.quants import dequantize
+
+    data, qtype = _tensor_data(w.float().numpy(), _qtype(quant))
+    return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(w.shape))
+
+
+def measure_sensitivity(
+    source: Source, quant: str, tokens: list[int], exclude: set[str] = frozenset(), progress=None
+) -> dict[str, float]:
+    """Mean KL(fp32 ‖ model with only this tensor quantized) over `tokens`, per candidate tensor."""
+    from edgetok.exporters.verify import compare, model_logits
+    from edgetok.models.llama import LlamaModel
+
+    model = LlamaModel.from_state_dict(source.config, source.weights)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    reference = model_logits(model, tokens)
+    result = {}
+    names = [n for n in sensitivity_candidates(source.config) if n not in exclude]
+    for name in progress(names, len(names)) if progress else names:
+        param = params[name]
+        original = param.data
+        param.data = fake_quantize(original, quant)
+        result[name] = compare(reference, model_logits(model, tokens), tokens).kl_mean
+        param.data = original
+    return result
+
+
+def choose_sensitive(kl: dict[str, float], fraction: float = 1 / 8) -> list[str]:
+    """The most sensitive `fraction` of the candidates (at least one)."""
+    k = max(1, int(np.ceil(len(kl) * fraction)))
+    return sorted(kl, key=kl.get, reverse=True)[:k]
+
+
+def _qtype(quant: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[QUANT_TYPES[quant][0]]
+
+
+def _tensor_data(w: np.ndarray, qtype):
     """→ (array to write, GGML type). 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them."""
     import gguf
     from gguf.quants import quantize
@@ -70,8 +134,13 @@ def _tensor_data(name: str, w: np.ndarray, qtype):
     return quantize(w, qtype), qtype
 
 
-def export_gguf(source: Source, out: Path, quant: str = "f16", force: bool = False) -> Path:
-    """Write `source` to `out` atomically (a temporary file beside it, then rename)."""
+def export_gguf(
+    source: Source, out: Path, quant: str = "f16", force: bool = False, overrides: dict[str, str] | None = None
+) -> Path:
+    """Write `source` to `out` atomically (a temporary file beside it, then rename).
+
+    overrides: HF tensor name → --quant name for tensors that get another type (--keep-sensitive).
+    """
     import gguf
 
     if quant not in QUANT_TYPES:
@@ -81,8 +150,8 @@ def export_gguf(source: Source, out: Path, quant: str = "f16", force: bool = Fal
     cfg = source.config
     if cfg.sliding_window is not None or cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
         raise EdgetokError("GGUF export supports plain and linear-scaled RoPE without sliding windows")
-    type_name, file_type_name = QUANT_TYPES[quant]
-    qtype = gguf.GGMLQuantizationType[type_name]
+    file_type_name = QUANT_TYPES[quant][1]
+    overrides = overrides or {}
     arch = "qwen2" if cfg.arch == "qwen2" else "llama"
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +172,7 @@ def export_gguf(source: Source, out: Path, quant: str = "f16", force: bool = Fal
                 w = permute_qk(w, cfg.num_heads)
             elif arch == "llama" and ".k_proj." in name:
                 w = permute_qk(w, cfg.num_kv_heads)
-            data, dtype = _tensor_data(name, w, qtype)
+            data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
             writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

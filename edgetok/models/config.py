@@ -64,6 +64,35 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face config.json for this architecture (the inverse of from_hf)."""
+        arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        d: dict[str, Any] = {
+            "architectures": [arch_class[self.arch]],
+            "model_type": self.arch,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_context,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids or None,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        }
+        if self.arch == "llama":
+            d |= {"attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias}
+        if self.arch == "mistral":
+            d["sliding_window"] = self.sliding_window
+        return d
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return cls(**d)

@@ -15,11 +15,12 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from edgetok.errors import EdgetokError
@@ -42,9 +43,14 @@ class Source:
     path: Path
     format: str  # "gguf" | "hf"
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF names
     tokenizer: Tokenizer
+    load_weights: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """HF-named tensors, read on first use (a llama.cpp run or `inspect` never needs them)."""
+        return self.load_weights()
 
 
 def edgetok_home() -> Path:
@@ -74,9 +80,9 @@ def load_source(ref: str, progress: bool = False) -> Source:
     if path.is_dir():
         return _load_hf_folder(ref, path)
     if check_magic(path):
-        cfg, weights, tokenizer, info = _load_gguf_cached(path, progress)
+        cfg, tokenizer, load_weights, info = _load_gguf_cached(path, progress)
         info["size_bytes"] = path.stat().st_size
-        return Source(ref, path, "gguf", cfg, weights, tokenizer, info)
+        return Source(ref, path, "gguf", cfg, tokenizer, load_weights, info)
     if path.suffix == ".safetensors":
         raise EdgetokError(f"{path} is a bare safetensors file; pass the Hugging Face folder that holds it and its config.json")
     raise EdgetokError(f"{path} is not a model: expected a .gguf file or a Hugging Face folder (config.json, *.safetensors)")
@@ -108,17 +114,24 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise EdgetokError(f"{folder} has no *.safetensors weights")
-    weights: dict[str, torch.Tensor] = {}
+    dtypes = set()
     for f in files:
         try:
-            weights.update(load_file(f))
+            with safe_open(f, "pt") as st:  # reads the header only
+                dtypes |= {st.get_slice(k).get_dtype().lower() for k in st.keys()}
         except (OSError, SafetensorError) as e:
             raise EdgetokError(f"{f} is not a readable safetensors file ({e})") from None
+
+    def load_weights() -> dict[str, torch.Tensor]:
+        weights: dict[str, torch.Tensor] = {}
+        for f in files:
+            weights.update(load_file(f))
+        return weights
+
     tokenizer = tokenizer_from_hf_folder(folder, cfg.eos_token_ids, cfg.bos_token_id)
     cfg.eos_token_ids = tokenizer.eos_ids
-    dtypes = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values()})
-    info = {"format": "hf", "name": folder.name, "dtypes": dtypes, "size_bytes": sum(f.stat().st_size for f in files)}
-    return Source(ref, folder, "hf", cfg, weights, tokenizer, info)
+    info = {"format": "hf", "name": folder.name, "dtypes": sorted(dtypes), "size_bytes": sum(f.stat().st_size for f in files)}
+    return Source(ref, folder, "hf", cfg, tokenizer, load_weights, info)
 
 
 # -- GGUF, converted once and cached --------------------------------------------------------------
@@ -151,13 +164,16 @@ def _load_gguf_cached(path: Path, progress: bool):
         _write_entry(entry, cfg, weights, tokenizer, info)
     except OSError as e:
         print(f"edgetok: warning: could not cache the converted model in {entry.parent} ({e})", file=sys.stderr)
-    return cfg, weights, tokenizer, info
+    return cfg, tokenizer, lambda: weights, info
 
 
 def _read_entry(entry: Path):
     meta = json.loads((entry / "edgetok-model.json").read_text())
     cfg = ModelConfig.from_dict(meta["config"])
-    return cfg, load_file(entry / "model.safetensors"), Tokenizer.load(entry), meta["info"]
+    weights_file = entry / "model.safetensors"
+    with safe_open(weights_file, "pt") as st:  # validates the header now; tensors load on use
+        assert len(list(st.keys())) > 0
+    return cfg, Tokenizer.load(entry), lambda: load_file(weights_file), meta["info"]
 
 
 def _write_entry(entry: Path, cfg, weights, tokenizer: Tokenizer, info) -> None:

@@ -1,0 +1,65 @@
+"""Parity reports: how close an artifact's next-token distributions are to the reference model's."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from edgetok.models.llama import LlamaModel
+from edgetok.models.sources import Source
+from edgetok.runtimes.kv import ContiguousCache
+
+
+@dataclass
+class ParityReport:
+    tokens: int  # positions compared
+    top1_agreement: float  # fraction of positions whose argmax matches the reference's
+    max_abs_dlogit: float
+    perplexity_reference: float  # of the text itself, under each model
+    perplexity: float
+    kl_mean: float  # mean KL(reference ‖ artifact) over positions, in nats
+    kl_max: float
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    def summary(self) -> str:
+        return (
+            f"top-1 agreement {self.top1_agreement:.1%}, perplexity {self.perplexity:.3f} "
+            f"(reference {self.perplexity_reference:.3f}, {self.perplexity / self.perplexity_reference - 1:+.2%}), "
+            f"KL mean {self.kl_mean:.4f} max {self.kl_max:.3f}, max |Δlogit| {self.max_abs_dlogit:.3f} "
+            f"over {self.tokens} tokens"
+        )
+
+
+def model_logits(model: LlamaModel, tokens: list[int], chunk: int = 256) -> torch.Tensor:
+    """Logits (T, V) float32 at every position of `tokens`, prefilled in chunks."""
+    c = model.config
+    cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity=len(tokens))
+    with torch.inference_mode():
+        return torch.cat([model(torch.tensor([tokens[i : i + chunk]]), cache, last_only=False)[0] for i in range(0, len(tokens), chunk)])
+
+
+def reference_logits(source: Source, tokens: list[int]) -> torch.Tensor:
+    return model_logits(LlamaModel.from_state_dict(source.config, source.weights), tokens)
+
+
+def compare(reference: torch.Tensor, test: torch.Tensor, tokens: list[int]) -> ParityReport:
+    """reference, test: logits (T, V) for the same `tokens`; the text's own next tokens give perplexity."""
+    assert reference.shape == test.shape, (reference.shape, test.shape)
+    ref_logp = reference.double().log_softmax(-1)
+    test_logp = test.double().log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - test_logp)).sum(-1)  # (T,)
+    target = torch.tensor(tokens[1:])
+    nll = lambda logp: -logp[:-1].gather(1, target[:, None]).mean().item()  # noqa: E731
+    return ParityReport(
+        tokens=len(tokens),
+        top1_agreement=(reference.argmax(-1) == test.argmax(-1)).double().mean().item(),
+        max_abs_dlogit=(reference - test).abs().max().item(),
+        perplexity_reference=float(np.exp(nll(ref_logp))),
+        perplexity=float(np.exp(nll(test_logp))),
+        kl_mean=kl.mean().item(),
+        kl_max=kl.max().item(),
+    )
