@@ -3,6 +3,7 @@
 from edgetok.api import Model, load
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.engine import GenerationConfig, Result
+from edgetok.runtimes.kv import KVConfig
 from edgetok.version import __version__
 
-__all__ = ["load", "Model", "GenerationConfig", "Result", "EdgetokError", "__version__"]
+__all__ = ["load", "Model", "GenerationConfig", "KVConfig", "Result", "EdgetokError", "__version__"]

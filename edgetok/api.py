@@ -10,6 +10,7 @@ from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source, load_source
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
+from edgetok.runtimes.kv import KVConfig
 
 Messages = list[dict[str, str]]
 
@@ -68,12 +69,14 @@ def load(
     backend: str = "torch",
     threads: int | None = None,
     kv_type: str | None = None,
+    kv: KVConfig | None = None,
     progress: bool = False,
 ) -> Model:
     """Load "smollm2", a Hugging Face folder or a .gguf file.
 
     backend: "torch" (edgetok's reference model and KV caches) or "llamacpp" (a GGUF through
     llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type).
+    kv: the tiered KV cache's budget and tiers (torch backend); None keeps every token exact in RAM.
     """
     if backend not in BACKENDS:
         raise EdgetokError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -85,9 +88,11 @@ def load(
     if backend == "llamacpp":
         from edgetok.runtimes.backends.llamacpp import LlamaCppBackend
 
+        if kv is not None:
+            raise EdgetokError("the tiered KV cache (--kv-budget, --kv-*-mb, --kv-disk, --kv-bits) runs on the torch backend")
         engine_backend = LlamaCppBackend(source, threads=threads, kv_type=kv_type or "f16")
     else:
         if kv_type is not None:
             raise EdgetokError("--kv-type sets llama.cpp's cache; use it with --backend llamacpp")
-        engine_backend = TorchBackend(source)
+        engine_backend = TorchBackend(source, kv=kv)
     return Model(source, Engine(engine_backend, source.tokenizer))

@@ -55,6 +55,14 @@ def generation_options(f):
                      help="llamacpp runs a GGUF through llama-cpp-python"),
         click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
                      help="llama.cpp's K/V cache type (--backend llamacpp)"),
+        click.option("--kv-budget", default=None,
+                     help="tokens each layer attends to: a count (2048) or a share of the context (25%%); 100%% is exact"),
+        click.option("--kv-device-mb", type=float, default=None, help="fast-tier budget for float chunk copies"),
+        click.option("--kv-host-mb", type=float, default=None, help="RAM budget for stored chunks (needs --kv-disk)"),
+        click.option("--kv-disk", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="folder for chunks beyond the host budget"),
+        click.option("--kv-bits", type=click.Choice(["auto", "32", "16", "8", "4", "2"]), default=None,
+                     help="stored chunk precision; auto picks by importance (exact at 100%%)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -76,10 +84,28 @@ def _gen_config(kw: dict):
     )
 
 
+def _kv_config(kw: dict):
+    """A KVConfig when any tiered-cache option is given; None keeps the exact contiguous cache."""
+    from edgetok.runtimes.kv import KVConfig
+
+    names = ("kv_budget", "kv_device_mb", "kv_host_mb", "kv_disk", "kv_bits")
+    if all(kw[n] is None for n in names):
+        return None
+    return KVConfig(
+        budget=kw["kv_budget"] or "100%",
+        device_mb=kw["kv_device_mb"],
+        host_mb=kw["kv_host_mb"],
+        disk_dir=kw["kv_disk"],
+        bits=kw["kv_bits"] or "auto",
+    )
+
+
 def _load(ref: str, kw: dict):
     import edgetok
 
-    return edgetok.load(ref, backend=kw["backend"], threads=kw["threads"], kv_type=kw["kv_type"], progress=True)
+    return edgetok.load(
+        ref, backend=kw["backend"], threads=kw["threads"], kv_type=kw["kv_type"], kv=_kv_config(kw), progress=True
+    )
 
 
 @contextmanager

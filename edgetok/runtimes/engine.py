@@ -54,6 +54,7 @@ class Stats:
     decode_s: float = 0.0
     time_to_first_token_s: float = 0.0
     peak_rss_bytes: int = 0
+    kv: dict = field(default_factory=dict)  # what the KV cache did (tiers, bytes read, budget used)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -148,7 +149,7 @@ class Engine:
             if a != b:
                 break
             reused += 1
-        self.backend.truncate(self._cache, reused)
+        reused = self.backend.truncate(self._cache, reused)
         self._cached_ids = prompt[:reused]
         logits = None
         for start in range(reused, len(prompt), chunk):
@@ -158,6 +159,7 @@ class Engine:
             if progress:
                 progress(len(piece))
         assert logits is not None
+        self.backend.end_prefill(self._cache)
         return logits, reused
 
     def generate_ids(
@@ -224,4 +226,5 @@ class Engine:
                 emitted.append(tail)
                 yield tail
         stats.peak_rss_bytes = peak_rss_bytes()
+        stats.kv = self.backend.cache_stats(self._cache)
         yield Result("".join(emitted), out_ids, len(prompt), finish, stats)

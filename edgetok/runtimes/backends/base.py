@@ -21,6 +21,13 @@ class Backend(Protocol):
         """Run `tokens` after what `cache` holds, store their K/V, return the last token's logits (V,) float32."""
         ...
 
-    def truncate(self, cache: Any, n: int) -> None:
-        """Drop the cache's tokens from position n on."""
+    def truncate(self, cache: Any, n: int) -> int:
+        """Drop the cache's tokens from position n on; returns how many it kept."""
+        ...
+
+    def end_prefill(self, cache: Any) -> None:
+        """The prompt is in; decoding starts."""
+        ...
+
+    def cache_stats(self, cache: Any) -> dict:
         ...

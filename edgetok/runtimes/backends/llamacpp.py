@@ -65,8 +65,15 @@ class LlamaCppBackend:
         logits = np.ctypeslib.as_array(cache._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
         return torch.from_numpy(logits.copy())
 
-    def truncate(self, cache, n: int) -> None:
+    def truncate(self, cache, n: int) -> int:
         cache.n_tokens = n
+        return n
+
+    def end_prefill(self, cache) -> None:
+        pass
+
+    def cache_stats(self, cache) -> dict:
+        return {"kind": f"llama.cpp ({self.kv_type})"}
 
 
 def llamacpp_logits(path: Path, tokens: list[int], threads: int | None = None) -> torch.Tensor:

@@ -6,24 +6,33 @@ import torch
 
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.runtimes.kv import ContiguousCache, KVCache
+from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, source: Source, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, source: Source, dtype: torch.dtype = torch.float32, kv: KVConfig | None = None) -> None:
         self.config = source.config
         self.dtype = dtype
+        self.kv = kv  # None: the exact contiguous cache
         self.model = LlamaModel.from_state_dict(source.config, source.weights, dtype)
 
     def new_cache(self) -> KVCache:
         c = self.config
+        if self.kv is not None:
+            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, sliding_window=c.sliding_window)
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
         return self.model(torch.tensor([tokens]), cache)[0]
 
-    def truncate(self, cache: KVCache, n: int) -> None:
-        cache.truncate(n)
+    def truncate(self, cache: KVCache, n: int) -> int:
+        return cache.truncate(n)
+
+    def end_prefill(self, cache: KVCache) -> None:
+        cache.end_prefill()
+
+    def cache_stats(self, cache: KVCache) -> dict:
+        return cache.stats()

@@ -22,6 +22,15 @@ class KVCache(Protocol):
         """
         ...
 
-    def truncate(self, n: int) -> None:
-        """Forget every token from position n on (to reuse a shared prompt prefix)."""
+    def truncate(self, n: int) -> int:
+        """Forget every token from position n on (to reuse a shared prompt prefix); returns the
+        number of tokens actually kept (a cache may keep fewer, down to 0)."""
+        ...
+
+    def end_prefill(self) -> None:
+        """The prompt is in: a cache may reorganize it before decoding starts."""
+        ...
+
+    def stats(self) -> dict:
+        """What the cache did, for --json output."""
         ...

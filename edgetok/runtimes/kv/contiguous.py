@@ -58,6 +58,13 @@ class ContiguousCache:
         mask = causal_mask(t, end, self.sliding_window, device=q.device)
         return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)
 
-    def truncate(self, n: int) -> None:
+    def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length, (n, self.length)
         self.lengths = [n] * len(self.lengths)
+        return n
+
+    def end_prefill(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"kind": "contiguous", "resident_bytes": {"device": self.nbytes()}}

@@ -1,0 +1,105 @@
+"""Quality of the tiered KV cache under a budget, against full attention, on real text.
+
+    .venv/bin/python benchmarks/kv_quality.py --contexts 4096,8000 --budgets 25%,50% --new-tokens 128
+
+For each real-text prompt (Paul Graham essays): full attention generates greedily; the budgeted
+cache is then fed the same tokens (teacher forcing), and we report how often its argmax agrees
+and the mean KL(full ‖ budgeted) of the next-token distributions. Needle retrieval: a fact planted
+at 10/50/90 % depth, the question at the end; a hit is the answer in the greedy continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import edgetok
+from edgetok.runtimes.backends.pytorch import TorchBackend
+from edgetok.runtimes.kv import KVConfig
+from edgetok.texts import essays
+
+NEEDLE = "The secret passphrase for the vault is 'amber falcon 7319'."
+QUESTION = "What is the secret passphrase for the vault?"
+ANSWER = "7319"
+
+
+def run(backend: TorchBackend, prompt: list[int], follow: list[int] | None, new: int):
+    """Greedy continuation (or teacher-forced along `follow`): token ids, logits (new, V), decode s."""
+    cache = backend.new_cache()
+    logits = None
+    for i in range(0, len(prompt), 512):
+        logits = backend.forward(prompt[i : i + 512], cache)
+    backend.end_prefill(cache)
+    out, rows = [], []
+    t = time.perf_counter()
+    for step in range(new):
+        rows.append(logits)
+        tok = int(logits.argmax()) if follow is None else follow[step]
+        out.append(tok)
+        if step < new - 1:
+            logits = backend.forward([tok], cache)
+    elapsed = time.perf_counter() - t
+    stats = backend.cache_stats(cache)
+    if hasattr(cache, "close"):
+        cache.close()
+    return out, torch.stack(rows), elapsed, stats
+
+
+def needle_prompt(model: edgetok.Model, context: int, depth: float) -> list[int]:
+    tok = model.tokenizer
+    body = tok.encode(essays(context * 6), add_special_tokens=False)[: context - 120]
+    cut = int(len(body) * depth)
+    text = tok.decode(body[:cut]) + "\n" + NEEDLE + "\n" + tok.decode(body[cut:])
+    messages = [{"role": "user", "content": text + "\n\n" + QUESTION}]
+    return model.encode(messages, chat=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4096,8000")
+    ap.add_argument("--budgets", default="25%")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--needle-depths", default="0.1,0.5,0.9")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model = edgetok.load("smollm2")
+    source = model.source
+    full = TorchBackend(source)
+    results = []
+    text_ids = model.tokenizer.encode(essays(200_000))
+    for ctx in map(int, args.contexts.split(",")):
+        prompt = text_ids[:ctx]
+        ref_tokens, ref_logits, ref_s, _ = run(full, prompt, None, args.new_tokens)
+        for budget in args.budgets.split(","):
+            b = TorchBackend(source, kv=KVConfig(budget=budget))
+            b.model = full.model  # same weights, no second copy
+            _, logits, s, stats = run(b, prompt, ref_tokens, args.new_tokens)
+            agree = (logits.argmax(-1) == torch.tensor(ref_tokens)).float().mean().item()
+            p = ref_logits.log_softmax(-1)
+            kl = (p.exp() * (p - logits.log_softmax(-1))).sum(-1).mean().item()
+            row = {"context": ctx, "budget": budget, "greedy_agreement": round(agree, 4), "kl_mean": round(kl, 5),
+                   "decode_tok_s": round(args.new_tokens / s, 2), "full_decode_tok_s": round(args.new_tokens / ref_s, 2),
+                   "budget_used": stats["budget_used"], "chunk_sizes": stats["chunk_sizes"]}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        for depth in map(float, args.needle_depths.split(",")):
+            prompt_n = needle_prompt(model, ctx, depth)
+            hits = {}
+            for budget in ["100%"] + args.budgets.split(","):
+                b = TorchBackend(source, kv=KVConfig(budget=budget)) if budget != "100%" else full
+                b.model = full.model
+                toks, *_ = run(b, prompt_n, None, 24)
+                hits[budget] = ANSWER in model.tokenizer.decode(toks)
+            row = {"context": ctx, "needle_depth": depth, "found": hits}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

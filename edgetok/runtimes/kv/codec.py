@@ -1,0 +1,45 @@
+"""A chunk's stored form at a bit width: float32, float16, or int8/4/2 (keys per channel, values per token)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from edgetok.kernels.quant import QTensor, dequantize_stack, quantize
+
+Tensors = dict[str, torch.Tensor]
+
+
+def encode(k: torch.Tensor, v: torch.Tensor, bits: int) -> tuple[Tensors, tuple]:
+    """k, v (Hkv, S, D) → (tensors to store, meta). Keys are quantized along their tokens (one scale
+    per channel: channels differ in range), values along their channels (one scale per token)."""
+    if bits == 32:
+        return {"k": k.float().contiguous(), "v": v.float().contiguous()}, (32,)
+    if bits == 16:
+        return {"k": k.half().contiguous(), "v": v.half().contiguous()}, (16,)
+    s, d = k.shape[1], k.shape[2]
+    kq = quantize(k.transpose(1, 2), bits, group=s)  # (Hkv, D, S): per-channel groups over tokens
+    vq = quantize(v, bits, group=d if d <= 64 else 64)  # (Hkv, S, D): per-token groups over channels
+    tensors = {"kc": kq.codes, "ks": kq.scale, "kz": kq.zero, "vc": vq.codes, "vs": vq.scale, "vz": vq.zero}
+    return tensors, (bits, kq.group, kq.shape, vq.group, vq.shape)
+
+
+def decode_many(items: list[tuple[Tensors, tuple]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Stored forms → float32 (k, v), batching chunks of the same form into one dequantization."""
+    out: list = [None] * len(items)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (tensors, meta) in enumerate(items):
+        if meta[0] in (32, 16):
+            out[i] = (tensors["k"].float(), tensors["v"].float())
+        else:
+            groups[meta].append(i)
+    for meta, idx in groups.items():
+        bits, kgroup, kshape, vgroup, vshape = meta
+        kq = [QTensor(items[i][0]["kc"], items[i][0]["ks"], items[i][0]["kz"], bits, kgroup, kshape) for i in idx]
+        vq = [QTensor(items[i][0]["vc"], items[i][0]["vs"], items[i][0]["vz"], bits, vgroup, vshape) for i in idx]
+        ks = dequantize_stack(kq).transpose(2, 3)  # back to (n, Hkv, S, D)
+        vs = dequantize_stack(vq)
+        for j, i in enumerate(idx):
+            out[i] = (ks[j], vs[j])
+    return out

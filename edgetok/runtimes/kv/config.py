@@ -1,0 +1,68 @@
+"""KVConfig: how much of the context attention reads, and where the KV cache lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetok.errors import EdgetokError
+
+BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
+
+
+@dataclass
+class KVConfig:
+    budget: str = "100%"  # tokens attended per layer on average: "25%" of the context, or a count "2048"
+    device_mb: float | None = None  # fast tier (float copies); None: every chunk stays there
+    host_mb: float | None = None  # RAM for compressed chunks; None: unbounded
+    disk_dir: Path | None = None  # where chunks go when the host budget is full
+    bits: str = "auto"  # host/disk storage: auto = by importance (exact at a 100% budget)
+    sink_tokens: int = 4  # the first tokens, always attended (attention sinks)
+    recent_tokens: int = 64  # the last tokens, always attended
+    observation_window: int = 32  # last prompt queries that measure each layer's attention skew
+    chunk_sizes: tuple[int, ...] = (16, 32, 64)  # for concentrated … diffuse layers
+
+    def __post_init__(self) -> None:
+        self.bits = str(self.bits)
+        if self.bits not in BITS_CHOICES:
+            raise EdgetokError(f"--kv-bits must be one of {', '.join(BITS_CHOICES)}, not {self.bits}")
+        self.budget = str(self.budget).strip()
+        try:
+            value = float(self.budget.rstrip("%"))
+        except ValueError:
+            raise EdgetokError(f"--kv-budget must be a token count or a percentage like 25%, not '{self.budget}'") from None
+        if value <= 0 or (self.budget.endswith("%") and value > 100):
+            raise EdgetokError(f"--kv-budget {self.budget} is impossible: give a positive token count or a percentage in (0, 100]")
+        for name in ("device_mb", "host_mb"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise EdgetokError(f"--kv-{name.replace('_', '-')} must be ≥ 0")
+        if self.host_mb is not None and self.disk_dir is None:
+            raise EdgetokError("--kv-host-mb needs --kv-disk DIR: chunks beyond the host budget go to disk")
+        if self.disk_dir is not None:
+            self.disk_dir = Path(self.disk_dir)
+
+    @property
+    def is_percent(self) -> bool:
+        return self.budget.endswith("%")
+
+    def budget_tokens(self, context: int) -> int:
+        """The average per-layer token budget at this context length."""
+        if self.is_percent:
+            return max(1, round(float(self.budget[:-1]) / 100 * context))
+        return int(float(self.budget))
+
+    @property
+    def full_budget(self) -> bool:
+        return self.is_percent and float(self.budget[:-1]) >= 100
+
+    def storage_bits(self) -> str:
+        """'32' when every chunk must stay exact, else the --kv-bits choice."""
+        if self.bits == "auto" and self.full_budget:
+            return "32"
+        return self.bits
+
+    @property
+    def needs_homes(self) -> bool:
+        """Chunks get a (compressed) home in host/disk memory, with float copies cached on device."""
+        return self.device_mb is not None or self.host_mb is not None or self.bits not in ("auto", "32")

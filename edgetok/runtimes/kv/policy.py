@@ -1,0 +1,58 @@
+"""Decisions from measured attention: chunk size and token budget per layer, bit width per chunk."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from edgetok.kernels.attention import causal_mask
+
+MASS = 0.9  # a layer's spread: the share of tokens that holds this much of its attention
+
+
+@dataclass
+class Profile:
+    spread: float  # fraction of the context needed to cover MASS of the attention (0..1]
+    importance: torch.Tensor  # (N,) attention each token receives (mean over queries, max over heads)
+
+
+def attention_profile(q_obs: torch.Tensor, keys: torch.Tensor) -> Profile:
+    """q_obs (Hq, W, D): the last W prompt queries; keys (Hkv, N, D): the layer's whole prompt."""
+    hq, w, d = q_obs.shape
+    hkv, n, _ = keys.shape
+    k = keys.repeat_interleave(hq // hkv, 0)
+    scores = q_obs @ k.transpose(1, 2) / math.sqrt(d)  # (Hq, W, N)
+    scores = scores.masked_fill(~causal_mask(w, n), float("-inf"))
+    p = scores.softmax(-1)
+    sorted_p = p.sort(-1, descending=True).values
+    needed = (sorted_p.cumsum(-1) < MASS).sum(-1) + 1  # (Hq, W) tokens to reach MASS
+    visible = torch.arange(n - w + 1, n + 1).clamp(max=n)  # keys each observation query can see
+    spread = (needed.float() / visible.float()).mean().item()
+    return Profile(spread=spread, importance=p.mean(1).amax(0))
+
+
+def chunk_size_for(spread: float, sizes: tuple[int, ...]) -> int:
+    """Concentrated layers get small chunks (fine selection), diffuse ones large (fewer, longer reads)."""
+    small, mid, large = sizes[0], sizes[len(sizes) // 2], sizes[-1]
+    return small if spread < 0.15 else mid if spread < 0.35 else large
+
+
+def layer_shares(spreads: list[float]) -> list[float]:
+    """Per-layer budget multipliers (mean 1): layers whose attention is spread get more tokens."""
+    w = [max(s, 0.02) for s in spreads]
+    mean = sum(w) / len(w)
+    return [x / mean for x in w]
+
+
+def bits_by_importance(importance: list[float], choice: str) -> list[int]:
+    """auto: the top quarter of chunks at 16 bits, the middle half at 8, the bottom quarter at 4."""
+    n = len(importance)
+    if choice != "auto":
+        return [int(choice)] * n
+    order = sorted(range(n), key=lambda i: -importance[i])
+    bits = [8] * n
+    for rank, i in enumerate(order):
+        bits[i] = 16 if rank < n / 4 else 8 if rank < 3 * n / 4 else 4
+    return bits

@@ -1,0 +1,206 @@
+"""Where chunks live: a device cache of float copies over homes in host RAM or in a disk file.
+
+Every chunk has one home — host RAM, or a disk file once the host budget is full — holding its
+stored form (compressed or float). The device tier caches float copies of the chunks attention
+reads, within its byte budget. Heat (selections, decayed per step) decides what stays up:
+a hot chunk displaces the coldest one above it, a cold one moves down.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from edgetok.errors import EdgetokError
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+DECAY = 0.9  # heat kept per step
+
+Tensors = dict[str, torch.Tensor]
+KV = tuple[torch.Tensor, torch.Tensor]  # float K, V: (Hkv, S, D) each
+
+
+def nbytes(tensors: Tensors) -> int:
+    return sum(t.nbytes for t in tensors.values())
+
+
+@dataclass
+class Home:
+    tier: str  # HOST | DISK
+    size: int  # bytes
+    meta: object  # what decompress() needs besides the tensors (bits, shapes)
+    tensors: Tensors | None = None  # in host RAM
+    layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)  # on disk
+    offset: int = 0
+
+
+class DiskFile:
+    """One append-only file of chunk payloads, deleted when the cache closes."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f"edgetok-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise EdgetokError(f"cannot use {folder} for the KV disk tier: {e.strerror}") from None
+        self.end = 0
+
+    def write(self, tensors: Tensors) -> tuple[int, list]:
+        data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+        try:
+            written = os.pwrite(self.fd, data, self.end)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise EdgetokError(f"the KV disk tier is full ({self.path.parent}); free space or raise --kv-host-mb") from None
+            raise
+        assert written == len(data)
+        offset, self.end = self.end, self.end + len(data)
+        return offset, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+
+    def read(self, offset: int, size: int, layout) -> Tensors:
+        buf = bytearray(size)
+        assert os.preadv(self.fd, [buf], offset) == size
+        out, pos = {}, 0
+        for name, dtype, shape in layout:
+            count = 1
+            for d in shape:
+                count *= d
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=pos).view(shape)
+            pos += out[name].nbytes
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+
+
+class TierStore:
+    def __init__(
+        self,
+        device_bytes: int | None,
+        host_bytes: int | None,
+        disk_dir: Path | None,
+        decompress: Callable[[list[tuple[Tensors, object]]], list[KV]],
+    ) -> None:
+        self.budget = {DEVICE: device_bytes, HOST: host_bytes}
+        self.used = Counter({DEVICE: 0, HOST: 0, DISK: 0})
+        self.decompress = decompress  # batched: [(stored tensors, meta)] → [(k, v)]
+        self.disk = DiskFile(disk_dir) if disk_dir is not None else None
+        self.homes: dict[int, Home] = {}
+        self.device: dict[int, KV] = {}
+        self.heat: dict[int, float] = {}
+        self.heat_step: dict[int, int] = {}
+        self.step = 0
+        self.lock = threading.RLock()  # placement changes vs the prefetch thread's reads
+        self.read_bytes = Counter()  # tier → bytes read, cumulative
+        self.read_chunks = Counter()
+
+    # -- heat ------------------------------------------------------------------------------------
+    def _heat(self, key: int) -> float:
+        return self.heat.get(key, 0.0) * DECAY ** (self.step - self.heat_step.get(key, self.step))
+
+    def touch(self, keys: list[int]) -> None:
+        for k in keys:
+            self.heat[k] = self._heat(k) + 1.0
+            self.heat_step[k] = self.step
+
+    # -- placement -------------------------------------------------------------------------------
+    def _room(self, tier: str, size: int) -> bool:
+        budget = self.budget[tier]
+        return budget is None or self.used[tier] + size <= budget
+
+    def add(self, key: int, tensors: Tensors, meta: object, heat: float = 0.0) -> None:
+        """Give a new chunk its home: host RAM if the budget allows (displacing colder homes to disk)."""
+        with self.lock:
+            self._add(key, tensors, meta, heat)
+
+    def _add(self, key: int, tensors: Tensors, meta: object, heat: float) -> None:
+        self.heat[key], self.heat_step[key] = heat, self.step
+        home = Home(HOST, nbytes(tensors), meta, tensors=tensors)
+        self.homes[key] = home
+        if not self._room(HOST, home.size):
+            self._make_room(HOST, home.size, heat)
+        if self._room(HOST, home.size) or self.disk is None:
+            self.used[HOST] += home.size
+        else:
+            self._to_disk(key)
+
+    def _to_disk(self, key: int) -> None:
+        home = self.homes[key]
+        home.offset, home.layout = self.disk.write(home.tensors)
+        if home.tier == HOST:
+            self.used[HOST] -= home.size
+        home.tier, home.tensors = DISK, None
+        self.used[DISK] += home.size
+
+    def _make_room(self, tier: str, size: int, heat: float) -> None:
+        """Move the coldest residents of `tier` down until `size` fits, if they are colder than `heat`."""
+        residents = self.device if tier == DEVICE else [k for k, h in self.homes.items() if h.tier == HOST]
+        for key in sorted(residents, key=self._heat):
+            if self._room(tier, size) or self._heat(key) >= heat:
+                break
+            if tier == DEVICE:
+                k, v = self.device.pop(key)
+                self.used[DEVICE] -= k.nbytes + v.nbytes
+            elif self.disk is not None:
+                self._to_disk(key)
+
+    def put_device(self, key: int, kv: KV) -> bool:
+        size = kv[0].nbytes + kv[1].nbytes
+        if not self._room(DEVICE, size):
+            self._make_room(DEVICE, size, self._heat(key))
+            if not self._room(DEVICE, size):
+                return False
+        self.device[key] = kv
+        self.used[DEVICE] += size
+        return True
+
+    # -- reads -----------------------------------------------------------------------------------
+    def read_homes(self, keys: list[int]) -> dict[int, KV]:
+        """Float K/V of chunks that are not on device, read from their homes (thread-safe to call
+        from the prefetcher: it only reads)."""
+        with self.lock:  # a snapshot: disk offsets never change once written
+            homes = [self.homes[k] for k in keys]
+            where = [(h.tier, h.tensors, h.offset, h.size, h.layout, h.meta) for h in homes]
+        stored = [
+            (tensors if tier == HOST else self.disk.read(offset, size, layout), meta)
+            for tier, tensors, offset, size, layout, meta in where
+        ]
+        return dict(zip(keys, self.decompress(stored))) if stored else {}
+
+    def account(self, keys: list[int], tiers: list[str]) -> None:
+        for key, tier in zip(keys, tiers):
+            size = self.homes[key].size if tier != DEVICE else sum(t.nbytes for t in self.device[key])
+            self.read_bytes[tier] += size
+            self.read_chunks[tier] += 1
+
+    def tier_of(self, key: int) -> str:
+        return DEVICE if key in self.device else self.homes[key].tier
+
+    def drop(self, key: int) -> None:
+        with self.lock:
+            self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        if key in self.device:
+            k, v = self.device.pop(key)
+            self.used[DEVICE] -= k.nbytes + v.nbytes
+        home = self.homes.pop(key, None)
+        if home is not None:
+            self.used[home.tier] -= home.size
+        self.heat.pop(key, None)
+        self.heat_step.pop(key, None)
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
