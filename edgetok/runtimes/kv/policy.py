@@ -46,6 +46,25 @@ def layer_shares(spreads: list[float]) -> list[float]:
     return [x / mean for x in w]
 
 
+def allocate(shares: list[float], average: float, caps: list[int]) -> list[float]:
+    """Per-layer token budgets in proportion to `shares`, averaging `average`, none above its cap;
+    what a capped layer cannot use goes to the others (water-filling)."""
+    budgets = [0.0] * len(shares)
+    remaining, free = average * len(shares), set(range(len(shares)))
+    while free:
+        total = sum(shares[i] for i in free)
+        capped = {i for i in free if remaining * shares[i] / total >= caps[i]}
+        if not capped:
+            for i in free:
+                budgets[i] = remaining * shares[i] / total
+            break
+        for i in capped:
+            budgets[i] = caps[i]
+            remaining -= caps[i]
+        free -= capped
+    return budgets
+
+
 def bits_by_importance(importance: list[float], choice: str) -> list[int]:
     """auto: the top quarter of chunks at 16 bits, the middle half at 8, the bottom quarter at 4."""
     n = len(importance)

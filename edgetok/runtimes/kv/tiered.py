@@ -1,14 +1,18 @@
 """The tiered KV cache (after LeoAM): chunks, key abstracts, budgeted selection, tiers, prefetch.
 
-Prefill attends exactly: each prefill piece is stored as one provisional block and later pieces
-read all earlier blocks back. `end_prefill` measures every layer's attention skew with the last
-prompt queries, cuts its tokens into chunks of a size that suits that skew, stores each chunk at a
-bit width that suits its importance, and sets the layer's share of the token budget.
+Prefill attends exactly. `end_prefill` measures every layer's attention skew with the last prompt
+queries and sets, per layer, the chunk size (small where attention is concentrated) and the share
+of the token budget (large where it is spread). Each decode step, per layer, attention reads the
+sink chunk(s), the recent chunks, the not-yet-chunked window, and the chunks whose key abstracts
+(per-chunk min/max of the keys) bound q·k highest — up to the layer's budget.
 
-Each decode step, per layer: the new token joins an exact recent window; attention reads the sink
-chunk(s), the recent chunks, the window, and the chunks whose key abstracts bound q·k highest,
-up to the layer's budget. Chunks come from the device tier (float copies) or from their home in
-host RAM or on disk; a background thread reads layer i+1's likely chunks while layer i computes.
+Where chunks live depends on the config:
+- resident (no tier budgets): every token's K/V stays in one float slab per layer, the device
+  tier; a selection is one index_select;
+- tiered (--kv-device-mb / --kv-host-mb / --kv-disk / --kv-bits): each chunk has a home in host
+  RAM or on disk, stored at a bit width chosen by its importance; the device tier caches float
+  copies of the chunks attention reads; a background thread reads layer i+1's likely chunks while
+  layer i computes.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from edgetok.kernels.attention import attend, causal_mask
-from edgetok.kernels.selection import chunk_scores, key_abstract
+from edgetok.kernels.selection import chunk_scores, key_abstracts
 from edgetok.runtimes.kv.codec import decode_many, encode
 from edgetok.runtimes.kv.config import KVConfig
-from edgetok.runtimes.kv.policy import attention_profile, bits_by_importance, chunk_size_for, layer_shares
+from edgetok.runtimes.kv.policy import allocate, attention_profile, bits_by_importance, chunk_size_for, layer_shares
 from edgetok.runtimes.kv.tiers import DEVICE, DISK, HOST, TierStore
 
 MB = 1 << 20
@@ -34,23 +38,22 @@ DECODE_CHUNK_BITS = 8  # chunks sealed during decode, under --kv-bits auto
 class Layer:
     chunk_size: int = 0  # 0 while prefilling
     share: float = 1.0  # of the average token budget
-    keys: list[int] = field(default_factory=list)  # chunk ids in position order
-    lengths: list[int] = field(default_factory=list)
-    kmin: torch.Tensor | None = None  # (C, Hkv, D)
-    kmax: torch.Tensor | None = None
-    window_k: torch.Tensor | None = None  # (Hkv, w, D): recent tokens, exact, not yet in a chunk
-    window_v: torch.Tensor | None = None
-    q_obs: torch.Tensor | None = None  # (Hq, ≤W, D) last prompt queries
-    last_q: torch.Tensor | None = None  # (Hq, D) previous step's query: predicts the next selection
     spread: float = 1.0
+    abstracts: torch.Tensor | None = None  # (Hkv, 2D, C): per chunk, max then min of its keys
+    q_obs: torch.Tensor | None = None  # (Hq, ≤W, D) the last prompt queries
+    last_q: torch.Tensor | None = None  # (Hq, D) previous step's query: predicts the next selection
+    # resident: all tokens, chunks first then the window, in a growing slab
+    slab_k: torch.Tensor | None = None  # (Hkv, capacity, D)
+    slab_v: torch.Tensor | None = None
+    n: int = 0  # tokens in the slab
+    # tiered: chunk ids in the TierStore, and the window of recent tokens
+    keys: list[int] = field(default_factory=list)
+    window_k: torch.Tensor | None = None  # (Hkv, w, D)
+    window_v: torch.Tensor | None = None
 
     @property
-    def chunk_tokens(self) -> int:
-        return sum(self.lengths)
-
-    @property
-    def window_len(self) -> int:
-        return 0 if self.window_k is None else self.window_k.shape[1]
+    def n_chunks(self) -> int:
+        return 0 if self.abstracts is None else self.abstracts.shape[2]
 
 
 class TieredCache:
@@ -59,18 +62,22 @@ class TieredCache:
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layers = [Layer() for _ in range(num_layers)]
         self.lengths = [0] * num_layers
-        self.homes = cfg.needs_homes
-        device_bytes = None if cfg.device_mb is None else int(cfg.device_mb * MB)
-        if self.homes and device_bytes is None:
-            device_bytes = 0  # compressed storage without a device budget: decompress on every read
-        host_bytes = None if cfg.host_mb is None else int(cfg.host_mb * MB)
-        self.store = TierStore(device_bytes, host_bytes, cfg.disk_dir, decode_many)
+        self.resident = not cfg.needs_homes
         self.bits = cfg.storage_bits()
+        # Resident K/V in bf16 halves the bytes attention reads (the decode cost at long contexts);
+        # an exact cache keeps float32.
+        self.dtype = torch.float32 if self.bits == "32" else torch.bfloat16
+        self.store: TierStore | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        if not self.resident:
+            device = 0 if cfg.device_mb is None else int(cfg.device_mb * MB)  # no budget: decompress per read
+            host = None if cfg.host_mb is None else int(cfg.host_mb * MB)
+            self.store = TierStore(device, host, cfg.disk_dir, decode_many)
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch")
         self._next_key = 0
-        self.prefilled = False
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch") if self.homes else None
         self.prefetch: dict[int, Future] = {}
-        self.counters = Counter()  # decode totals: steps, tokens attended, chunks selected, ...
+        self.budgets: list[float] = []
+        self.counters = Counter()  # decode totals
 
     # -- the KVCache protocol --------------------------------------------------------------------
     @property
@@ -80,34 +87,37 @@ class TieredCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert q.shape[0] == 1, "the tiered cache holds one sequence"
         self.lengths[layer] += k.shape[2]
+        q, k, v = q[0], k[0], v[0]
         if self.layers[layer].chunk_size == 0:
-            return self._attend_prefill(layer, q[0], k[0], v[0])[None]
-        return self._attend_decode(layer, q[0], k[0], v[0])[None]
+            out = self._attend_prefill(layer, q, k, v)
+        else:
+            out = self._attend_decode(layer, q, k, v)
+        return out[None]
 
     def truncate(self, n: int) -> int:
-        """Only a whole reset is supported: chunks and budgets were fitted to the old prompt."""
+        """Only a whole reset: chunk sizes and budgets were fitted to the old prompt."""
         if n >= self.length:
             return self.length
         self.reset()
         return 0
 
     def reset(self) -> None:
-        for fut in self.prefetch.values():
-            fut.cancel()
-        self.prefetch.clear()
-        for layer in self.layers:
-            for key in layer.keys:
-                self.store.drop(key)
+        self._drain_prefetch()
+        if self.store is not None:
+            for layer in self.layers:
+                for key in layer.keys:
+                    self.store.drop(key)
         self.layers = [Layer() for _ in self.layers]
         self.lengths = [0] * len(self.lengths)
-        self.prefilled = False
         self.counters.clear()
 
     def close(self) -> None:
         self.reset()
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-        self.store.close()
+            self.pool = None
+        if self.store is not None:
+            self.store.close()
 
     def __del__(self) -> None:  # the disk file must not outlive the cache
         try:
@@ -115,20 +125,26 @@ class TieredCache:
         except Exception:
             pass
 
-    # -- storage ---------------------------------------------------------------------------------
-    def _new_key(self) -> int:
-        self._next_key += 1
-        return self._next_key
+    # -- resident storage ------------------------------------------------------------------------
+    def _slab_append(self, layer: Layer, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = k.shape[1]
+        if layer.slab_k is None or layer.n + t > layer.slab_k.shape[1]:
+            cap = max(256, 2 * (layer.n + t))
+            shape = (self.n_kv, cap, self.head_dim)
+            new_k, new_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+            if layer.n:
+                new_k[:, : layer.n], new_v[:, : layer.n] = layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
+            layer.slab_k, layer.slab_v = new_k, new_v
+        layer.slab_k[:, layer.n : layer.n + t] = k
+        layer.slab_v[:, layer.n : layer.n + t] = v
+        layer.n += t
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor, bits: int, heat: float) -> int:
-        key = self._new_key()
-        if self.homes:
-            tensors, meta = encode(k, v, bits)
-            self.store.add(key, tensors, meta, heat)
-        else:
-            self.store.heat[key] = heat
-            self.store.put_device(key, (k.contiguous(), v.contiguous()))
-        return key
+    # -- tiered storage --------------------------------------------------------------------------
+    def _store_chunk(self, k: torch.Tensor, v: torch.Tensor, bits: int, heat: float) -> int:
+        self._next_key += 1
+        tensors, meta = encode(k, v, bits)
+        self.store.add(self._next_key, tensors, meta, heat)
+        return self._next_key
 
     def _fetch(self, keys: list[int], prefetched: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Float K/V of `keys`, counting where each came from; chunks read from below may move up."""
@@ -138,140 +154,169 @@ class TieredCache:
         loaded = dict(prefetched)
         if missing:
             loaded.update(self.store.read_homes(missing))
-            self.counters["sync_reads"] += len(missing)
-        self.counters["prefetch_hits"] += sum(1 for k, t in zip(keys, tiers) if t != DEVICE and k in prefetched)
+        self.counters["sync_reads"] += len(missing)
+        self.counters["prefetch_hits"] += len(keys) - len(missing) - tiers.count(DEVICE)
         self.store.account(keys, tiers)
         self.store.touch(keys)
         out = []
         for key, tier in zip(keys, tiers):
-            if tier == DEVICE:
-                out.append(self.store.device[key])
-            else:
-                kv = loaded[key]
+            kv = self.store.device[key] if tier == DEVICE else loaded[key]
+            if tier != DEVICE:
                 self.store.put_device(key, kv)
-                out.append(kv)
+            out.append(kv)
         return out
+
+    def _layer_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of layer i's tokens, in order, as float (Hkv, N, D)."""
+        layer = self.layers[i]
+        if self.resident:
+            return layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
+        parts = self._fetch(layer.keys) if layer.keys else []
+        if layer.window_k is not None:
+            parts.append((layer.window_k, layer.window_v))
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
     # -- prefill: exact ---------------------------------------------------------------------------
     def _attend_prefill(self, i: int, q, k, v) -> torch.Tensor:
         layer = self.layers[i]
-        past = self._fetch(layer.keys) if layer.keys else []
-        keys = torch.cat([p[0] for p in past] + [k], 1)
-        values = torch.cat([p[1] for p in past] + [v], 1)
-        out = attend(q[None], keys[None], values[None], causal_mask(k.shape[1], keys.shape[1]))[0]
+        if self.resident:
+            self._slab_append(layer, k, v)
+            keys, values = self._layer_kv(i)
+        else:
+            past_k, past_v = self._layer_kv(i) if layer.keys else (k[:, :0], v[:, :0])
+            keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+            layer.keys.append(self._store_chunk(k, v, 32, heat=0.0))  # provisional: one block per piece
         w = self.cfg.observation_window
         layer.q_obs = q[:, -w:] if layer.q_obs is None else torch.cat([layer.q_obs, q], 1)[:, -w:]
-        layer.keys.append(self._store(k, v, 32, heat=0.0))  # provisional: one block per prefill piece
-        layer.lengths.append(k.shape[1])
-        return out
+        return self._attend(q, keys, values, k.shape[1])
+
+    @staticmethod
+    def _attend(q, keys, values, t: int) -> torch.Tensor:
+        """q (Hq, T, D) over keys/values (Hkv, S, D), in the storage dtype; float32 out."""
+        out = attend(q[None].to(keys.dtype), keys[None], values[None], causal_mask(t, keys.shape[1]))[0]
+        return out.float()
 
     def end_prefill(self) -> None:
-        """Cut every layer's prompt into chunks by its measured attention skew."""
-        if self.prefilled or self.length == 0:
+        """Fit chunk sizes, budgets and bit widths to the prompt's measured attention."""
+        if self.length == 0 or self.layers[0].chunk_size:
             return
         spreads = []
-        for layer in self.layers:
-            blocks = self._fetch(layer.keys)
-            for key in layer.keys:
-                self.store.drop(key)
-            keys = torch.cat([b[0] for b in blocks], 1)
-            values = torch.cat([b[1] for b in blocks], 1)
-            profile = attention_profile(layer.q_obs, keys)
-            layer.spread = profile.spread
+        for i, layer in enumerate(self.layers):
+            keys, values = self._layer_kv(i)
+            profile = attention_profile(layer.q_obs, keys.float())
+            layer.spread, layer.q_obs = profile.spread, None
+            layer.chunk_size = chunk_size_for(profile.spread, self.cfg.chunk_sizes)
             spreads.append(profile.spread)
             self._chunk(layer, keys, values, profile.importance)
         for layer, share in zip(self.layers, layer_shares(spreads)):
             layer.share = share
-        self.prefilled = True
-        self.store.read_bytes.clear()  # counters report decode reads
-        self.store.read_chunks.clear()
+        if self.store is not None:
+            self.store.read_bytes.clear()  # the counters report decode reads
+            self.store.read_chunks.clear()
 
-    def _chunk(self, layer: Layer, keys, values, importance) -> None:
-        n = keys.shape[1]
-        size = chunk_size_for(layer.spread, self.cfg.chunk_sizes)
-        full = n // size
-        layer.chunk_size, layer.keys, layer.lengths = size, [], []
-        imp = [importance[c * size : (c + 1) * size].sum().item() for c in range(full)]
-        bits = [32] * full if self.bits == "32" else bits_by_importance(imp, self.bits)
-        mins, maxs = [], []
-        for c in range(full):
-            kc, vc = keys[:, c * size : (c + 1) * size], values[:, c * size : (c + 1) * size]
-            b = 16 if (c * size < self.cfg.sink_tokens and self.bits == "auto") else bits[c]  # sinks stay sharp
-            layer.keys.append(self._store(kc, vc, b, heat=imp[c] * 10))
-            layer.lengths.append(size)
-            lo, hi = key_abstract(kc)
-            mins.append(lo)
-            maxs.append(hi)
-        layer.kmin = torch.stack(mins) if mins else keys.new_zeros(0, self.n_kv, self.head_dim)
-        layer.kmax = torch.stack(maxs) if maxs else keys.new_zeros(0, self.n_kv, self.head_dim)
-        layer.window_k, layer.window_v = keys[:, full * size :].clone(), values[:, full * size :].clone()
-        layer.q_obs = None
+    def _chunk(self, layer: Layer, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
+        size, n = layer.chunk_size, keys.shape[1]
+        c = n // size
+        layer.abstracts = key_abstracts(keys[:, : c * size].reshape(self.n_kv, c, size, self.head_dim))
+        if self.resident:
+            return
+        for key in layer.keys:  # the provisional prefill blocks
+            self.store.drop(key)
+        imp = importance[: c * size].view(c, size).sum(1).tolist()
+        bits = [32] * c if self.bits == "32" else bits_by_importance(imp, self.bits)
+        layer.keys = []
+        for j in range(c):
+            sl = slice(j * size, (j + 1) * size)
+            b = 16 if (j * size < self.cfg.sink_tokens and self.bits == "auto") else bits[j]  # sinks stay sharp
+            layer.keys.append(self._store_chunk(keys[:, sl], values[:, sl], b, heat=imp[j] * 10))
+        layer.window_k, layer.window_v = keys[:, c * size :].clone(), values[:, c * size :].clone()
 
     # -- decode: budgeted -------------------------------------------------------------------------
-    def _select(self, i: int, q: torch.Tensor) -> list[int]:
-        """Indices of the chunks layer i attends to for query q (Hq, D)."""
+    def _window_len(self, layer: Layer) -> int:
+        if self.resident:
+            return layer.n - layer.n_chunks * layer.chunk_size
+        return layer.window_k.shape[1]
+
+    def _select(self, i: int, q: torch.Tensor) -> torch.Tensor | None:
+        """Chunk indices (sorted) layer i attends to for query q (Hq, D); None = all of them."""
         layer = self.layers[i]
-        n_chunks = len(layer.keys)
-        total = layer.chunk_tokens + layer.window_len
-        budget = layer.share * self.cfg.budget_tokens(self.lengths[i])
-        if self.cfg.full_budget or budget >= total or n_chunks == 0:
-            return list(range(n_chunks))
-        size = layer.chunk_size
-        sinks = max(1, -(-self.cfg.sink_tokens // size))
-        recent = max(0, -(-(self.cfg.recent_tokens - layer.window_len) // size))
-        always = set(range(min(sinks, n_chunks))) | set(range(max(0, n_chunks - recent), n_chunks))
-        room = int((budget - layer.window_len) // size) - len(always)
-        candidates = [c for c in range(n_chunks) if c not in always]
-        if room > 0 and candidates:
-            idx = torch.tensor(candidates)
-            lengths = torch.tensor(layer.lengths)[idx]
-            scores = chunk_scores(q, layer.kmin[idx], layer.kmax[idx], lengths)
-            top = torch.topk(scores, min(room, len(candidates))).indices
-            always |= set(idx[top].tolist())
-        return sorted(always)
+        c, size = layer.n_chunks, layer.chunk_size
+        budget = self.budgets[i] if self.budgets else float("inf")
+        if self.cfg.full_budget or c == 0 or budget >= c * size + self._window_len(layer):
+            return None
+        sinks = min(c, -(-self.cfg.sink_tokens // size))
+        recent = min(c, max(0, -(-(self.cfg.recent_tokens - self._window_len(layer)) // size)))
+        keep = max(int((budget - self._window_len(layer)) // size), sinks + recent)
+        scores = chunk_scores(q, layer.abstracts)
+        scores[:sinks] = float("inf")
+        scores[c - recent :] = float("inf")
+        return torch.topk(scores, min(keep, c)).indices.sort().values
+
+    def _step_budgets(self) -> None:
+        """Per-layer budgets for this step: the average budget spread by the layers' shares."""
+        total = [layer.n_chunks * layer.chunk_size + self._window_len(layer) for layer in self.layers]
+        self.budgets = allocate([layer.share for layer in self.layers], self.cfg.budget_tokens(self.length), total)
 
     def _attend_decode(self, i: int, q, k, v) -> torch.Tensor:
         layer = self.layers[i]
-        layer.window_k = torch.cat([layer.window_k, k], 1)
-        layer.window_v = torch.cat([layer.window_v, v], 1)
         if i == 0:
-            self.store.step += 1
             self.counters["steps"] += 1
+            if self.store is not None:
+                self.store.step += 1
+            self._step_budgets()
         q_last = q[:, -1]
         chosen = self._select(i, q_last)
-        keys = [layer.keys[c] for c in chosen]
-        prefetched = self._take_prefetch(i, keys)
-        kv = self._fetch(keys, prefetched)
-        self._start_prefetch((i + 1) % len(self.layers))
-        all_k = torch.cat([c[0] for c in kv] + [layer.window_k], 1)
-        all_v = torch.cat([c[1] for c in kv] + [layer.window_v], 1)
-        t = k.shape[1]
-        out = attend(q[None], all_k[None], all_v[None], causal_mask(t, all_k.shape[1]))[0]
-        self.counters["tokens_attended"] += all_k.shape[1]
-        self.counters["tokens_total"] += layer.chunk_tokens + layer.window_len
-        self.counters["chunks_selected"] += len(chosen)
+        if self.resident:
+            self._slab_append(layer, k, v)
+            keys, values = self._gather_resident(layer, chosen)
+        else:
+            layer.window_k, layer.window_v = torch.cat([layer.window_k, k], 1), torch.cat([layer.window_v, v], 1)
+            keys, values = self._gather_tiered(i, chosen)
+        out = self._attend(q, keys, values, k.shape[1])
+        self.counters["tokens_attended"] += keys.shape[1]
+        self.counters["tokens_total"] += layer.n_chunks * layer.chunk_size + self._window_len(layer)
+        self.counters["chunks_selected"] += layer.n_chunks if chosen is None else len(chosen)
         layer.last_q = q_last
-        if layer.window_len >= 2 * layer.chunk_size:  # keep ≥ one chunk of exact recent tokens
+        if self._window_len(layer) >= 2 * layer.chunk_size:  # keep ≥ one chunk of exact recent tokens
             self._seal(layer)
         return out
 
+    def _gather_resident(self, layer: Layer, chosen: torch.Tensor | None):
+        if chosen is None:
+            self.counters["bytes_device"] += 2 * layer.slab_k[:, : layer.n].nbytes
+            return layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
+        size, start = layer.chunk_size, layer.n_chunks * layer.chunk_size
+        idx = torch.cat([(chosen[:, None] * size + torch.arange(size)).flatten(), torch.arange(start, layer.n)])
+        self.counters["bytes_device"] += 2 * len(idx) * self.n_kv * self.head_dim * layer.slab_k.element_size()
+        return layer.slab_k.index_select(1, idx), layer.slab_v.index_select(1, idx)
+
+    def _gather_tiered(self, i: int, chosen: torch.Tensor | None):
+        layer = self.layers[i]
+        keys = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
+        kv = self._fetch(keys, self._take_prefetch(i, keys))
+        self._start_prefetch((i + 1) % len(self.layers))
+        return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
+
     def _seal(self, layer: Layer) -> None:
+        """The oldest `chunk_size` window tokens become a chunk."""
         size = layer.chunk_size
-        kc, vc = layer.window_k[:, :size], layer.window_v[:, :size]
-        bits = 32 if self.bits == "32" else DECODE_CHUNK_BITS if self.bits == "auto" else int(self.bits)
-        layer.keys.append(self._store(kc.clone(), vc.clone(), bits, heat=1.0))
-        layer.lengths.append(size)
-        lo, hi = key_abstract(kc)
-        layer.kmin = torch.cat([layer.kmin, lo[None]])
-        layer.kmax = torch.cat([layer.kmax, hi[None]])
-        layer.window_k, layer.window_v = layer.window_k[:, size:].clone(), layer.window_v[:, size:].clone()
+        if self.resident:
+            start = layer.n_chunks * size
+            kc = layer.slab_k[:, start : start + size]
+        else:
+            kc, vc = layer.window_k[:, :size].clone(), layer.window_v[:, :size].clone()
+            bits = 32 if self.bits == "32" else DECODE_CHUNK_BITS if self.bits == "auto" else int(self.bits)
+            layer.keys.append(self._store_chunk(kc, vc, bits, heat=1.0))
+            layer.window_k, layer.window_v = layer.window_k[:, size:].clone(), layer.window_v[:, size:].clone()
+        layer.abstracts = torch.cat([layer.abstracts, key_abstracts(kc[:, None])], 2)
 
     # -- prefetch: layer i+1's chunks while layer i computes --------------------------------------
     def _start_prefetch(self, i: int) -> None:
         layer = self.layers[i]
         if self.pool is None or layer.last_q is None or i in self.prefetch:
             return
-        predicted = [layer.keys[c] for c in self._select(i, layer.last_q)]
+        chosen = self._select(i, layer.last_q)  # with the previous step's query: consecutive queries are alike
+        predicted = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
         wanted = [k for k in predicted if self.store.tier_of(k) != DEVICE]
         if wanted:
             self.prefetch[i] = self.pool.submit(self.store.read_homes, wanted)
@@ -280,27 +325,39 @@ class TieredCache:
         fut = self.prefetch.pop(i, None)
         if fut is None:
             return {}
-        got = fut.result()
         wanted = set(keys)
-        self.counters["prefetch_wasted"] += sum(1 for k in got if k not in wanted)
-        return {k: kv for k, kv in got.items() if k in wanted}
+        return {k: kv for k, kv in fut.result().items() if k in wanted}
+
+    def _drain_prefetch(self) -> None:
+        for fut in self.prefetch.values():
+            fut.cancel()
+            try:
+                fut.result()
+            except Exception:
+                pass
+        self.prefetch.clear()
 
     # -- reporting -------------------------------------------------------------------------------
     def stats(self) -> dict:
         c, steps = self.counters, max(self.counters["steps"], 1)
-        per_token = {t: round(self.store.read_bytes[t] / steps) for t in (DEVICE, HOST, DISK)}
+        if self.store is not None:
+            read = {t: round(self.store.read_bytes[t] / steps) for t in (DEVICE, HOST, DISK)}
+            resident = {t: self.store.used[t] for t in (DEVICE, HOST, DISK)}
+        else:
+            read = {DEVICE: round(c["bytes_device"] / steps), HOST: 0, DISK: 0}
+            resident = {DEVICE: sum(2 * layer.slab_k[:, : layer.n].nbytes for layer in self.layers), HOST: 0, DISK: 0}
         return {
-            "kind": "tiered",
+            "kind": "tiered" if self.store is not None else "tiered (resident)",
             "budget": self.cfg.budget,
             "storage_bits": self.bits,
             "decode_steps": c["steps"],
             "budget_used": round(c["tokens_attended"] / max(c["tokens_total"], 1), 4),
             "tokens_attended_per_layer": round(c["tokens_attended"] / steps / len(self.layers), 1),
             "chunks_selected_per_step": round(c["chunks_selected"] / steps, 1),
-            "bytes_read_per_token": per_token,
+            "bytes_read_per_token": read,
             "prefetch_hits": c["prefetch_hits"],
             "sync_reads": c["sync_reads"],
-            "resident_bytes": {t: self.store.used[t] for t in (DEVICE, HOST, DISK)},
+            "resident_bytes": resident,
             "chunk_sizes": [layer.chunk_size for layer in self.layers],
             "layer_spread": [round(layer.spread, 3) for layer in self.layers],
         }
