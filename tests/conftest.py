@@ -61,7 +61,7 @@ HF_CONFIGS = {
 }
 
 
-def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2):
+def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, max_positions: int = 256):
     """A tiny random transformers model of one family (the reference for parity)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,7 +75,7 @@ def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=extra.pop("tie_word_embeddings", False),
         bos_token_id=None,
         eos_token_id=2,

@@ -1,0 +1,170 @@
+"""The tiered KV cache end to end: exactness at a full budget, budgets, tiers, disk, prefetch, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import edgetok
+from conftest import make_hf_model
+from edgetok.cli import cli
+from edgetok.errors import EdgetokError
+from edgetok.models.config import ModelConfig
+from edgetok.models.sources import Source
+from edgetok.runtimes.backends.pytorch import TorchBackend
+from edgetok.runtimes.kv import KVConfig, TieredCache
+
+
+@pytest.fixture(scope="module")
+def source():
+    """A tiny random Llama (4 layers) with a 2K context; the tokenizer is not needed here."""
+    hf = make_hf_model("llama", vocab_size=300, seed=3, layers=4, max_positions=2048)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    weights = hf.state_dict()
+    return Source("tiny", None, "hf", cfg, None, lambda: weights)
+
+
+def decode(backend: TorchBackend, prompt: list[int], steps: int, follow: list[int] | None = None):
+    """Greedy (or teacher-forced) decode → (tokens, logits (steps, V), cache)."""
+    cache = backend.new_cache()
+    for i in range(0, len(prompt), 128):
+        logits = backend.forward(prompt[i : i + 128], cache)
+    backend.end_prefill(cache)
+    tokens, rows = [], []
+    for s in range(steps):
+        rows.append(logits)
+        tokens.append(int(logits.argmax()) if follow is None else follow[s])
+        logits = backend.forward([tokens[-1]], cache)
+    return tokens, torch.stack(rows), cache
+
+
+PROMPT = torch.randint(0, 300, (700,), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def test_full_budget_equals_full_attention(source, tmp_path):
+    exact = TorchBackend(source)
+    want, want_logits, _ = decode(exact, PROMPT, 60)
+    configs = [
+        KVConfig(budget="100%"),
+        KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path),  # most chunks on disk
+    ]
+    for kv in configs:
+        backend = TorchBackend(source, kv=kv)
+        got, logits, cache = decode(backend, PROMPT, 60)
+        assert got == want
+        assert (logits - want_logits).abs().max() < 1e-4
+        assert cache.stats()["budget_used"] == 1.0
+        cache.close()
+
+
+def test_tiers_keep_their_budgets_and_read_from_disk(source, tmp_path):
+    kv = KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path)
+    _, _, cache = decode(TorchBackend(source, kv=kv), PROMPT, 40)
+    stats = cache.stats()
+    assert stats["resident_bytes"]["device"] <= 0.05 * 2**20
+    assert stats["resident_bytes"]["host"] <= 0.1 * 2**20
+    assert stats["resident_bytes"]["disk"] > 0
+    assert stats["bytes_read_per_token"]["disk"] > 0
+    assert stats["prefetch_hits"] > 0  # layer i+1's chunks were read while layer i computed
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].stat().st_size >= stats["resident_bytes"]["disk"]
+    cache.close()
+    assert list(tmp_path.iterdir()) == []  # the disk tier leaves nothing behind
+
+
+def test_budget_limits_what_attention_reads(source):
+    exact = TorchBackend(source)
+    want, want_logits, _ = decode(exact, PROMPT, 40)
+    backend = TorchBackend(source, kv=KVConfig(budget="25%"))
+    _, logits, cache = decode(backend, PROMPT, 40, follow=want)
+    stats = cache.stats()
+    assert 0.15 < stats["budget_used"] <= 0.3
+    assert stats["tokens_attended_per_layer"] < 0.3 * (len(PROMPT) + 40)
+    assert (logits[1:] - want_logits[1:]).abs().max() > 0.01  # decode attends to a subset ...
+    assert (logits[0] - want_logits[0]).abs().max() < 0.1  # ... after an exact prefill (bf16 K/V)
+
+
+def test_selection_always_keeps_sinks_and_recent_chunks(source):
+    backend = TorchBackend(source, kv=KVConfig(budget="10%", sink_tokens=4, recent_tokens=64))
+    _, _, cache = decode(backend, PROMPT, 3)
+    cache._step_budgets()
+    layer = cache.layers[1]
+    for seed in range(5):
+        q = torch.randn(source.config.num_heads, source.config.head_dim, generator=torch.Generator().manual_seed(seed))
+        chosen = cache._select(1, q).tolist()
+        assert 0 in chosen
+        needed_recent = -(-(64 - cache._window_len(layer)) // layer.chunk_size)
+        assert set(range(layer.n_chunks - needed_recent, layer.n_chunks)) <= set(chosen)
+        assert len(chosen) < layer.n_chunks
+
+
+def test_low_bit_storage_is_smaller(source, tmp_path):
+    sizes = {}
+    for bits in ("32", "8", "4"):
+        kv = KVConfig(budget="100%" if bits == "32" else "50%", bits=bits, device_mb=0.02)
+        _, _, cache = decode(TorchBackend(source, kv=kv), PROMPT, 5)
+        sizes[bits] = cache.stats()["resident_bytes"]["host"]
+        cache.close()
+    assert sizes["4"] < sizes["8"] < sizes["32"] / 3
+
+
+def test_reset_on_a_new_prompt(source):
+    backend = TorchBackend(source, kv=KVConfig(budget="50%"))
+    cache = backend.new_cache()
+    backend.forward(PROMPT[:300], cache)
+    backend.end_prefill(cache)
+    assert backend.truncate(cache, 100) == 0 and cache.length == 0  # chunks were fitted to the old prompt
+    assert isinstance(cache, TieredCache)
+
+
+def test_kv_config_errors():
+    for bad in (dict(budget="0"), dict(budget="150%"), dict(budget="many"), dict(bits="3"), dict(host_mb=10)):
+        with pytest.raises(EdgetokError):
+            KVConfig(**bad)
+
+
+def test_cli_kv_options(tiny_folder, tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "The quick brown fox", "--no-chat", "-n", "8",
+                                 "--kv-budget", "50%", "--kv-device-mb", "0.01", "--kv-host-mb", "0.01",
+                                 "--kv-disk", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    kv = json.loads(r.stdout)["stats"]["kv"]
+    assert kv["kind"] == "tiered" and set(kv["bytes_read_per_token"]) == {"device", "host", "disk"}
+    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--kv-budget", "0%"])
+    assert r.exit_code == 1 and "impossible" in r.stderr
+    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--kv-host-mb", "4"])
+    assert r.exit_code == 1 and "--kv-disk" in r.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_full_budget_is_exact_with_tiers(smollm2, tmp_path):
+    from edgetok.texts import essays
+
+    prompt = smollm2.tokenizer.encode(essays(8000))[:1200]
+    exact = smollm2.engine.backend
+    want, _, _ = decode(exact, prompt, 24)
+    kv = KVConfig(budget="100%", device_mb=2, host_mb=8, disk_dir=tmp_path)
+    tiered = TorchBackend.__new__(TorchBackend)
+    tiered.__dict__.update(exact.__dict__, kv=kv)  # same weights, tiered cache
+    got, _, cache = decode(tiered, prompt, 24)
+    assert got == want
+    assert cache.stats()["bytes_read_per_token"]["disk"] > 0
+    cache.close()
+
+
+@pytest.mark.slow
+def test_smollm2_quarter_budget_agrees_with_full_attention(smollm2):
+    """Real text, 2K tokens, a 25 % budget: the greedy choice matches full attention (teacher-forced)."""
+    from edgetok.texts import essays
+
+    prompt = smollm2.tokenizer.encode(essays(12000))[:2048]
+    exact = smollm2.engine.backend
+    want, want_logits, _ = decode(exact, prompt, 32)
+    budgeted = TorchBackend.__new__(TorchBackend)
+    budgeted.__dict__.update(exact.__dict__, kv=KVConfig(budget="25%"))
+    _, logits, cache = decode(budgeted, prompt, 32, follow=want)
+    assert (logits.argmax(-1) == torch.tensor(want)).float().mean() >= 0.9
+    assert cache.stats()["budget_used"] < 0.3
