@@ -30,11 +30,16 @@ def decode_many(items: list[tuple[Tensors, tuple]]) -> list[tuple[torch.Tensor, 
     out: list = [None] * len(items)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (tensors, meta) in enumerate(items):
-        if meta[0] in (32, 16):
-            out[i] = (tensors["k"].float(), tensors["v"].float())
-        else:
-            groups[meta].append(i)
-    for meta, idx in groups.items():
+        shape = tuple(tensors["k"].shape) if meta[0] in (32, 16) else ()  # float chunks may differ in length
+        groups[meta + shape].append(i)
+    for group, idx in groups.items():
+        meta = items[idx[0]][1]
+        if meta[0] in (32, 16):  # one conversion for the whole group
+            ks = torch.stack([items[i][0]["k"] for i in idx]).float()
+            vs = torch.stack([items[i][0]["v"] for i in idx]).float()
+            for j, i in enumerate(idx):
+                out[i] = (ks[j], vs[j])
+            continue
         bits, kgroup, kshape, vgroup, vshape = meta
         kq = [QTensor(items[i][0]["kc"], items[i][0]["ks"], items[i][0]["kz"], bits, kgroup, kshape) for i in idx]
         vq = [QTensor(items[i][0]["vc"], items[i][0]["vs"], items[i][0]["vz"], bits, vgroup, vshape) for i in idx]

@@ -129,7 +129,7 @@ class TieredCache:
     def _slab_append(self, layer: Layer, k: torch.Tensor, v: torch.Tensor) -> None:
         t = k.shape[1]
         if layer.slab_k is None or layer.n + t > layer.slab_k.shape[1]:
-            cap = max(256, 2 * (layer.n + t))
+            cap = max(256, layer.n + t + 256, (layer.n + t) * 5 // 4)
             shape = (self.n_kv, cap, self.head_dim)
             new_k, new_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
             if layer.n:
@@ -153,17 +153,14 @@ class TieredCache:
         missing = [k for k, t in zip(keys, tiers) if t != DEVICE and k not in prefetched]
         loaded = dict(prefetched)
         if missing:
-            loaded.update(self.store.read_homes(missing))
+            loaded.update(self.store.load_homes(missing))
+        loaded = self.store.decompress_loaded(loaded)
         self.counters["sync_reads"] += len(missing)
         self.counters["prefetch_hits"] += len(keys) - len(missing) - tiers.count(DEVICE)
         self.store.account(keys, tiers)
         self.store.touch(keys)
-        out = []
-        for key, tier in zip(keys, tiers):
-            kv = self.store.device[key] if tier == DEVICE else loaded[key]
-            if tier != DEVICE:
-                self.store.put_device(key, kv)
-            out.append(kv)
+        out = [self.store.device[key] if tier == DEVICE else loaded[key] for key, tier in zip(keys, tiers)]
+        self.store.put_device({key: loaded[key] for key, tier in zip(keys, tiers) if tier != DEVICE})
         return out
 
     def _layer_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +316,7 @@ class TieredCache:
         predicted = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
         wanted = [k for k in predicted if self.store.tier_of(k) != DEVICE]
         if wanted:
-            self.prefetch[i] = self.pool.submit(self.store.read_homes, wanted)
+            self.prefetch[i] = self.pool.submit(self.store.load_homes, wanted)
 
     def _take_prefetch(self, i: int, keys: list[int]) -> dict:
         fut = self.prefetch.pop(i, None)

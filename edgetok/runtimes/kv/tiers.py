@@ -42,6 +42,17 @@ class Home:
     offset: int = 0
 
 
+def _tensors_from(buf: bytearray, pos: int, layout) -> Tensors:
+    out = {}
+    for name, dtype, shape in layout:
+        count = 1
+        for d in shape:
+            count *= d
+        out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=pos).view(shape)
+        pos += out[name].nbytes
+    return out
+
+
 class DiskFile:
     """One append-only file of chunk payloads, deleted when the cache closes."""
 
@@ -66,16 +77,21 @@ class DiskFile:
         offset, self.end = self.end, self.end + len(data)
         return offset, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
 
-    def read(self, offset: int, size: int, layout) -> Tensors:
-        buf = bytearray(size)
-        assert os.preadv(self.fd, [buf], offset) == size
-        out, pos = {}, 0
-        for name, dtype, shape in layout:
-            count = 1
-            for d in shape:
-                count *= d
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=pos).view(shape)
-            pos += out[name].nbytes
+    def read_many(self, items: list[tuple[int, int, list]]) -> list[Tensors]:
+        """Payloads at (offset, size, layout), in order; neighbours on disk are read in one call."""
+        order = sorted(range(len(items)), key=lambda i: items[i][0])
+        out: list = [None] * len(items)
+        run: list[int] = []
+        for i in order + [None]:
+            if run and (i is None or items[i][0] != items[run[-1]][0] + items[run[-1]][1]):
+                start = items[run[0]][0]
+                buf = bytearray(items[run[-1]][0] + items[run[-1]][1] - start)
+                assert os.preadv(self.fd, [buf], start) == len(buf)
+                for j in run:
+                    out[j] = _tensors_from(buf, items[j][0] - start, items[j][2])
+                run = []
+            if i is not None:
+                run.append(i)
         return out
 
     def close(self) -> None:
@@ -129,53 +145,63 @@ class TierStore:
         self.homes[key] = home
         if not self._room(HOST, home.size):
             self._make_room(HOST, home.size, heat)
-        if self._room(HOST, home.size) or self.disk is None:
-            self.used[HOST] += home.size
-        else:
+        self.used[HOST] += home.size
+        if not self._room(HOST, 0) and self.disk is not None:
             self._to_disk(key)
 
     def _to_disk(self, key: int) -> None:
+        """A host home moves to the disk file."""
         home = self.homes[key]
+        assert home.tier == HOST
         home.offset, home.layout = self.disk.write(home.tensors)
-        if home.tier == HOST:
-            self.used[HOST] -= home.size
+        self.used[HOST] -= home.size
         home.tier, home.tensors = DISK, None
         self.used[DISK] += home.size
 
     def _make_room(self, tier: str, size: int, heat: float) -> None:
         """Move the coldest residents of `tier` down until `size` fits, if they are colder than `heat`."""
-        residents = self.device if tier == DEVICE else [k for k, h in self.homes.items() if h.tier == HOST]
-        for key in sorted(residents, key=self._heat):
-            if self._room(tier, size) or self._heat(key) >= heat:
+        assert tier == HOST
+        for key in sorted((k for k, h in self.homes.items() if h.tier == HOST), key=self._heat):
+            if self._room(tier, size) or self._heat(key) >= heat or self.disk is None:
                 break
-            if tier == DEVICE:
-                k, v = self.device.pop(key)
-                self.used[DEVICE] -= k.nbytes + v.nbytes
-            elif self.disk is not None:
-                self._to_disk(key)
+            self._to_disk(key)
 
-    def put_device(self, key: int, kv: KV) -> bool:
-        size = kv[0].nbytes + kv[1].nbytes
-        if not self._room(DEVICE, size):
-            self._make_room(DEVICE, size, self._heat(key))
+    def put_device(self, items: dict[int, KV]) -> None:
+        """Offer float copies to the device tier, hottest first; each may displace a colder resident."""
+        offers = sorted(items, key=self._heat, reverse=True)
+        residents = None  # coldest first, computed once per batch
+        for key in offers:
+            kv = items[key]
+            size = kv[0].nbytes + kv[1].nbytes
             if not self._room(DEVICE, size):
-                return False
-        self.device[key] = kv
-        self.used[DEVICE] += size
-        return True
+                if residents is None:
+                    residents = sorted(self.device, key=self._heat)
+                heat = self._heat(key)
+                while residents and not self._room(DEVICE, size) and self._heat(residents[0]) < heat:
+                    k, v = self.device.pop(residents.pop(0))
+                    self.used[DEVICE] -= k.nbytes + v.nbytes
+                if not self._room(DEVICE, size):
+                    break  # the rest are colder still
+            self.device[key] = kv
+            self.used[DEVICE] += size
 
     # -- reads -----------------------------------------------------------------------------------
     def read_homes(self, keys: list[int]) -> dict[int, KV]:
-        """Float K/V of chunks that are not on device, read from their homes (thread-safe to call
-        from the prefetcher: it only reads)."""
+        """Float K/V of chunks that are not on device, read from their homes."""
+        return self.decompress_loaded(self.load_homes(keys))
+
+    def decompress_loaded(self, loaded: dict[int, tuple[Tensors, object]]) -> dict[int, KV]:
+        return dict(zip(loaded, self.decompress(list(loaded.values())))) if loaded else {}
+
+    def load_homes(self, keys: list[int]) -> dict[int, tuple[Tensors, object]]:
+        """The stored forms of `keys`: host tensors as they are, disk payloads read. I/O only, no
+        arithmetic, so the prefetch thread calling it does not compete with the model for cores."""
         with self.lock:  # a snapshot: disk offsets never change once written
             homes = [self.homes[k] for k in keys]
             where = [(h.tier, h.tensors, h.offset, h.size, h.layout, h.meta) for h in homes]
-        stored = [
-            (tensors if tier == HOST else self.disk.read(offset, size, layout), meta)
-            for tier, tensors, offset, size, layout, meta in where
-        ]
-        return dict(zip(keys, self.decompress(stored))) if stored else {}
+        on_disk = [(offset, size, layout) for tier, _, offset, size, layout, _ in where if tier == DISK]
+        from_disk = iter(self.disk.read_many(on_disk)) if on_disk else iter(())
+        return {k: (tensors if tier == HOST else next(from_disk), meta) for k, (tier, tensors, _, _, _, meta) in zip(keys, where)}
 
     def account(self, keys: list[int], tiers: list[str]) -> None:
         for key, tier in zip(keys, tiers):

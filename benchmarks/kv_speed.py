@@ -1,0 +1,97 @@
+"""Decode speed and memory at long contexts: edgetok full attention, edgetok's tiered cache
+(all in RAM, and squeezed into small tiers over disk), and llama.cpp — in one interleaved run.
+
+    .venv/bin/python benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2
+
+Every system is a separate `edgetok run ... --json` process (so peak RSS is its own) on the same
+real-text prompt (no chat template), greedy, with the same thread count; rounds interleave the
+systems (A B C D A B C D) so drift hits all alike. llama.cpp runs the same SmolLM2 GGUF through
+llama-cpp-python (`--backend llamacpp`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import edgetok
+from edgetok.texts import essays
+
+EDGETOK = str(Path(sys.executable).parent / "edgetok")
+
+
+def systems(disk: str, budget: str) -> dict[str, list[str]]:
+    return {
+        "edgetok full attention": [],
+        f"edgetok tiered {budget} (RAM)": ["--kv-budget", budget],
+        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk)": [
+            "--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk],
+        "llama.cpp (llama-cpp-python)": ["--backend", "llamacpp"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=8000)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    tok = edgetok.load("smollm2").tokenizer
+    ids = tok.encode(essays(args.context * 6), add_special_tokens=False)[: args.context]
+    workdir = Path(tempfile.mkdtemp(prefix="edgetok-bench-"))
+    prompt_file = workdir / "prompt.txt"
+    prompt_file.write_text(tok.decode(ids))
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(args.repeat):
+        for name, extra in systems(str(workdir / "kv"), args.budget).items():
+            cmd = [EDGETOK, "run", "smollm2", "-f", str(prompt_file), "--no-chat", "-n", str(args.new_tokens),
+                   "--threads", str(args.threads), "--json"] + extra
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SystemExit(f"{name} failed: {p.stderr.strip()}")
+            out = json.loads(p.stdout)
+            runs.setdefault(name, []).append(out)
+            print(f"round {round_ + 1} {name}: {out['stats']['decode_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
+
+    rows = []
+    llama = statistics.median(r["stats"]["decode_tokens_per_s"] for r in runs["llama.cpp (llama-cpp-python)"])
+    full = statistics.median(r["stats"]["decode_tokens_per_s"] for r in runs["edgetok full attention"])
+    for name, rs in runs.items():
+        decode = [r["stats"]["decode_tokens_per_s"] for r in rs]
+        kv = rs[-1]["stats"].get("kv", {})
+        rows.append({
+            "system": name,
+            "prompt_tokens": rs[-1]["prompt_tokens"],
+            "decode_tok_s": statistics.median(decode),
+            "decode_min_max": [min(decode), max(decode)],
+            "prefill_tok_s": statistics.median(r["stats"]["prefill_tokens_per_s"] for r in rs),
+            "peak_rss_mb": round(max(r["stats"]["peak_rss_bytes"] for r in rs) / 2**20),
+            "vs_llamacpp": round(statistics.median(decode) / llama, 2),
+            "vs_full": round(statistics.median(decode) / full, 2),
+            "kv_read_per_token": kv.get("bytes_read_per_token"),
+            "kv_resident": kv.get("resident_bytes"),
+            "budget_used": kv.get("budget_used"),
+        })
+    print("| system | decode tok/s (min–max) | × llama.cpp | × full | prefill tok/s | peak RSS MB | KV read/token (device/host/disk) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        read = r["kv_read_per_token"]
+        read_s = "/".join(f"{read[t] / 2**20:.1f} MB" for t in ("device", "host", "disk")) if read else "–"
+        print(f"| {r['system']} | {r['decode_tok_s']:.1f} ({r['decode_min_max'][0]:.1f}–{r['decode_min_max'][1]:.1f}) "
+              f"| {r['vs_llamacpp']:.2f} | {r['vs_full']:.2f} | {r['prefill_tok_s']:.0f} | {r['peak_rss_mb']} | {read_s} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
