@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -70,6 +71,8 @@ def load(
     threads: int | None = None,
     kv_type: str | None = None,
     kv: KVConfig | None = None,
+    kv_store: str | Path | None = None,
+    kv_store_rebuild: bool = False,
     progress: bool = False,
 ) -> Model:
     """Load "smollm2", a Hugging Face folder or a .gguf file.
@@ -77,6 +80,8 @@ def load(
     backend: "torch" (edgetok's reference model and KV caches) or "llamacpp" (a GGUF through
     llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type).
     kv: the tiered KV cache's budget and tiers (torch backend); None keeps every token exact in RAM.
+    kv_store: a folder where prompts' K/V persist, so a later process skips their prefill;
+    kv_store_rebuild recomputes entries that are damaged or from another format instead of failing.
     """
     if backend not in BACKENDS:
         raise EdgetokError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -88,11 +93,18 @@ def load(
     if backend == "llamacpp":
         from edgetok.runtimes.backends.llamacpp import LlamaCppBackend
 
-        if kv is not None:
-            raise EdgetokError("the tiered KV cache (--kv-budget, --kv-*-mb, --kv-disk, --kv-bits) runs on the torch backend")
+        if kv is not None or kv_store is not None:
+            raise EdgetokError("the tiered KV cache and --kv-store run on the torch backend, not llama.cpp")
         engine_backend = LlamaCppBackend(source, threads=threads, kv_type=kv_type or "f16")
     else:
         if kv_type is not None:
             raise EdgetokError("--kv-type sets llama.cpp's cache; use it with --backend llamacpp")
         engine_backend = TorchBackend(source, kv=kv)
-    return Model(source, Engine(engine_backend, source.tokenizer))
+    store_factory = None
+    if kv_store is not None:
+        from edgetok.runtimes.kv.store import PromptStore
+
+        def store_factory(cache):
+            return PromptStore(Path(kv_store), source.fingerprint, cache.kv_dtype, rebuild=kv_store_rebuild)
+
+    return Model(source, Engine(engine_backend, source.tokenizer, store_factory))

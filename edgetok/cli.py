@@ -63,6 +63,9 @@ def generation_options(f):
                      help="folder for chunks beyond the host budget"),
         click.option("--kv-bits", type=click.Choice(["auto", "32", "16", "8", "4", "2"]), default=None,
                      help="stored chunk precision; auto picks by importance (exact at 100%%)"),
+        click.option("--kv-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="keep prompts' K/V in this folder: a later run with the same prompt prefix skips prefill"),
+        click.option("--kv-store-rebuild", is_flag=True, help="recompute damaged or outdated --kv-store entries"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -104,7 +107,8 @@ def _load(ref: str, kw: dict):
     import edgetok
 
     return edgetok.load(
-        ref, backend=kw["backend"], threads=kw["threads"], kv_type=kw["kv_type"], kv=_kv_config(kw), progress=True
+        ref, backend=kw["backend"], threads=kw["threads"], kv_type=kw["kv_type"], kv=_kv_config(kw),
+        kv_store=kw["kv_store"], kv_store_rebuild=kw["kv_store_rebuild"], progress=True,
     )
 
 

@@ -48,6 +48,12 @@ class Source:
     info: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the weights: the GGUF's hash, or the HF folder's config and weight files."""
+        basis = {"config": self.config.to_dict(), "sha256": self.info.get("sha256"), "files": self.info.get("files")}
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+
+    @cached_property
     def weights(self) -> dict[str, torch.Tensor]:
         """HF-named tensors, read on first use (a llama.cpp run or `inspect` never needs them)."""
         return self.load_weights()
@@ -130,7 +136,13 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
 
     tokenizer = tokenizer_from_hf_folder(folder, cfg.eos_token_ids, cfg.bos_token_id)
     cfg.eos_token_ids = tokenizer.eos_ids
-    info = {"format": "hf", "name": folder.name, "dtypes": sorted(dtypes), "size_bytes": sum(f.stat().st_size for f in files)}
+    info = {
+        "format": "hf",
+        "name": folder.name,
+        "dtypes": sorted(dtypes),
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files],
+    }
     return Source(ref, folder, "hf", cfg, tokenizer, load_weights, info)
 
 

@@ -47,7 +47,8 @@ class GenerationConfig(SamplingParams):
 @dataclass
 class Stats:
     prompt_tokens: int = 0
-    reused_prompt_tokens: int = 0  # taken from the previous sequence's cache, not prefilled
+    reused_prompt_tokens: int = 0  # taken from the previous sequence's cache or the KV store, not prefilled
+    store_tokens: int = 0  # of those, read from the persistent KV store
     generated_tokens: int = 0
     decode_steps: int = 0  # forward passes after prefill (one per token, but the first token comes from prefill)
     prefill_s: float = 0.0
@@ -130,9 +131,10 @@ class StopStringFilter:
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer) -> None:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, store_factory: Callable | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
+        self.store_factory = store_factory  # cache → PromptStore, for --kv-store
         self.config = backend.config
         self._cache = None
         self._cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
@@ -140,8 +142,10 @@ class Engine:
     def reset(self) -> None:
         self._cache, self._cached_ids = None, []
 
-    def _prefill(self, prompt: list[int], chunk: int, progress: Callable[[int], None] | None) -> tuple[torch.Tensor, int]:
-        """Run the prompt, reusing the longest prefix the cache already holds → (last logits, reused)."""
+    def _prefill(
+        self, prompt: list[int], chunk: int, progress: Callable[[int], None] | None, stats: Stats
+    ) -> torch.Tensor:
+        """Run the prompt, reusing the longest prefix the cache (or the KV store) holds → last logits."""
         if self._cache is None:
             self._cache, self._cached_ids = self.backend.new_cache(), []
         reused = 0
@@ -151,6 +155,19 @@ class Engine:
             reused += 1
         reused = self.backend.truncate(self._cache, reused)
         self._cached_ids = prompt[:reused]
+        store = self.store_factory(self._cache) if self.store_factory else None
+        entry = None
+        if store is not None and reused == 0:
+            entry = store.lookup(prompt)
+            n = min(len(entry.tokens), len(prompt) - 1) if entry else 0
+            loaded = store.load(entry, n) if n else None
+            if loaded is None:
+                entry = None  # unusable (and, with rebuild, removed): this prefill writes it anew
+            else:
+                self.backend.ingest(self._cache, *loaded)
+                reused = stats.store_tokens = n
+                self._cached_ids = prompt[:n]
+        stats.reused_prompt_tokens = reused
         logits = None
         for start in range(reused, len(prompt), chunk):
             piece = prompt[start : start + chunk]
@@ -159,8 +176,10 @@ class Engine:
             if progress:
                 progress(len(piece))
         assert logits is not None
+        if store is not None and (entry is None or len(entry.tokens) < len(prompt)):
+            store.save(prompt, *self.backend.export(self._cache))
         self.backend.end_prefill(self._cache)
-        return logits, reused
+        return logits
 
     def generate_ids(
         self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None
@@ -180,7 +199,7 @@ class Engine:
             seen[torch.tensor(prompt)] = True
 
         t0 = time.perf_counter()
-        logits, stats.reused_prompt_tokens = self._prefill(prompt, cfg.prefill_chunk, progress)
+        logits = self._prefill(prompt, cfg.prefill_chunk, progress, stats)
         stats.prefill_s = time.perf_counter() - t0
 
         decoder, stops = StreamDecoder(self.tokenizer), StopStringFilter(cfg.stop)

@@ -36,3 +36,9 @@ class TorchBackend:
 
     def cache_stats(self, cache: KVCache) -> dict:
         return cache.stats()
+
+    def ingest(self, cache: KVCache, layers, q_obs) -> None:
+        cache.ingest(layers, q_obs)
+
+    def export(self, cache: KVCache):
+        return cache.export()

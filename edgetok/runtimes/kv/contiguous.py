@@ -66,5 +66,22 @@ class ContiguousCache:
     def end_prefill(self) -> None:
         pass
 
+    kv_dtype = property(lambda self: self.k[0].dtype)
+
+    def ingest(self, layers, q_obs=None) -> None:
+        """Take stored K/V ((Hkv, N, D) per layer) as this cache's first N tokens."""
+        assert self.length == 0
+        for i, (k, v) in enumerate(layers):
+            n = k.shape[1]
+            if n > self.k[i].shape[2]:
+                self._grow(i, n)
+            self.k[i][0, :, :n] = k
+            self.v[i][0, :, :n] = v
+            self.lengths[i] = n
+
+    def export(self):
+        """Every layer's K/V (Hkv, N, D) as views, and no observation queries."""
+        return [(self.k[i][0, :, : self.lengths[i]], self.v[i][0, :, : self.lengths[i]]) for i in range(len(self.k))], None
+
     def stats(self) -> dict:
         return {"kind": "contiguous", "resident_bytes": {"device": self.nbytes()}}

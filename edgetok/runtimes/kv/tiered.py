@@ -193,6 +193,27 @@ class TieredCache:
         out = attend(q[None].to(keys.dtype), keys[None], values[None], causal_mask(t, keys.shape[1]))[0]
         return out.float()
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.dtype if self.resident else torch.float32
+
+    def ingest(self, layers, q_obs=None) -> None:
+        """Take stored K/V ((Hkv, N, D) per layer) as this cache's first N prompt tokens."""
+        assert self.length == 0
+        for i, (k, v) in enumerate(layers):
+            layer = self.layers[i]
+            if self.resident:
+                self._slab_append(layer, k.to(self.dtype), v.to(self.dtype))
+            else:
+                layer.keys.append(self._store_chunk(k.float(), v.float(), 32, heat=0.0))
+            layer.q_obs = q_obs[i] if q_obs else None
+            self.lengths[i] = k.shape[1]
+
+    def export(self):
+        """Every layer's prompt K/V (before end_prefill) and its last prompt queries."""
+        assert self.layers[0].chunk_size == 0, "export the prompt before end_prefill"
+        return [self._layer_kv(i) for i in range(len(self.layers))], [layer.q_obs for layer in self.layers]
+
     def end_prefill(self) -> None:
         """Fit chunk sizes, budgets and bit widths to the prompt's measured attention."""
         if self.length == 0 or self.layers[0].chunk_size:

@@ -1,0 +1,169 @@
+"""A persistent prompt cache: a prompt's K/V on disk, so a later process skips its prefill.
+
+One file per (model, KV dtype, prompt): a header line of JSON (magic, format version, model
+fingerprint, the prompt's tokens and their hash, tensor layout, a CRC-32 per layer) and then the
+raw K/V of every layer. Files are written to a temporary name and renamed, under an exclusive
+lock on the folder; readers take a shared lock. A process killed mid-write leaves only a
+temporary file, which lookups ignore. An entry whose header or checksums do not hold is refused
+with a message (or, with rebuild, deleted and recomputed) — never used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgetok.errors import EdgetokError
+
+MAGIC = "edgetok-kv-store"
+FORMAT_VERSION = 1
+SUFFIX = ".kvstore"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v (Hkv, N, D)
+
+
+def token_hash(tokens: list[int]) -> str:
+    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    path: Path
+    header: dict
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.header["tokens"]
+
+
+class PromptStore:
+    def __init__(self, folder: Path, fingerprint: str, dtype: torch.dtype, rebuild: bool = False) -> None:
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EdgetokError(f"cannot use {folder} as a KV store: {e.strerror}") from None
+        self.fingerprint = fingerprint
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.rebuild = rebuild
+        self.prefix = f"{fingerprint[:16]}-{self.dtype_name}-"
+
+    @contextmanager
+    def _lock(self, exclusive: bool):
+        with open(self.folder / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read_header(self, path: Path) -> dict:
+        with open(path, "rb") as f:
+            line = f.readline(1 << 26)
+        try:
+            header = json.loads(line)
+            assert header["magic"] == MAGIC
+        except (ValueError, KeyError, AssertionError, TypeError):
+            return self._bad(path, "its header is unreadable")
+        if header.get("version") != FORMAT_VERSION:
+            return self._bad(path, f"it has format version {header.get('version')}, this edgetok reads {FORMAT_VERSION}")
+        if header.get("fingerprint") != self.fingerprint:
+            return self._bad(path, "it was written for another model")
+        if token_hash(header.get("tokens", [])) != header.get("token_hash"):
+            return self._bad(path, "its token list does not match its hash")
+        header["_offset"] = len(line)
+        return header
+
+    def _bad(self, path: Path, why: str) -> dict:
+        if self.rebuild:
+            path.unlink(missing_ok=True)
+            return {}
+        raise EdgetokError(f"the KV store entry {path} cannot be used: {why}; rerun with --kv-store-rebuild to recompute it")
+
+    def lookup(self, prompt: list[int]) -> Entry | None:
+        """The stored prompt that shares the longest prefix with `prompt` (at least half of the entry)."""
+        best, best_len = None, 0
+        with self._lock(exclusive=self.rebuild):
+            for path in sorted(self.folder.glob(self.prefix + "*" + SUFFIX)):
+                header = self._read_header(path)
+                if not header:
+                    continue
+                n = _common_prefix(header["tokens"], prompt)
+                if n > best_len and n * 2 >= len(header["tokens"]):
+                    best, best_len = Entry(path, header), n
+        return best
+
+    def load(self, entry: Entry, n: int) -> tuple[Layers, list[torch.Tensor] | None] | None:
+        """The first n tokens' K/V of every layer (and the stored observation queries); None when the
+        entry was damaged and, with rebuild, removed."""
+        header = entry.header
+        dtype = DTYPES[header["dtype"]]
+        size = torch.tensor([], dtype=dtype).element_size()
+        with self._lock(exclusive=self.rebuild), open(entry.path, "rb") as f:
+            f.seek(header["_offset"])
+            layers = []
+            for i, (shape, crc) in enumerate(zip(header["shapes"], header["crc32"])):
+                count = 2 * shape[0] * shape[1] * shape[2]
+                data = f.read(count * size)
+                if len(data) != count * size or zlib.crc32(data) != crc:
+                    self._bad(entry.path, f"layer {i} is truncated or corrupt")
+                    return None
+                kv = torch.frombuffer(bytearray(data), dtype=dtype).view(2, *shape)
+                layers.append((kv[0, :, :n], kv[1, :, :n]))
+            q_obs = None
+            if header.get("q_obs_shapes"):
+                q_obs = []
+                for shape in header["q_obs_shapes"]:
+                    count = shape[0] * shape[1] * shape[2]
+                    q_obs.append(torch.frombuffer(bytearray(f.read(count * 4)), dtype=torch.float32).view(shape))
+        return layers, q_obs
+
+    def save(self, tokens: list[int], layers: Layers, q_obs: list[torch.Tensor] | None) -> Path:
+        name = f"{self.prefix}{token_hash(tokens)[:24]}{SUFFIX}"
+        blobs = [torch.stack([k, v]).to(DTYPES[self.dtype_name]).contiguous().view(torch.uint8).numpy().tobytes() for k, v in layers]
+        header = {
+            "magic": MAGIC,
+            "version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "dtype": self.dtype_name,
+            "tokens": tokens,
+            "token_hash": token_hash(tokens),
+            "shapes": [list(k.shape) for k, _ in layers],
+            "crc32": [zlib.crc32(b) for b in blobs],
+            "q_obs_shapes": [list(q.shape) for q in q_obs] if q_obs else None,
+        }
+        with self._lock(exclusive=True):
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=self.folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(json.dumps(header).encode() + b"\n")
+                    for b in blobs:
+                        f.write(b)
+                    for q in q_obs or []:
+                        f.write(q.float().contiguous().numpy().tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.folder / name)
+            except OSError as e:
+                Path(tmp).unlink(missing_ok=True)
+                raise EdgetokError(f"could not write the KV store entry in {self.folder}: {e.strerror}") from None
+        return self.folder / name
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

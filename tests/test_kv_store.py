@@ -1,0 +1,99 @@
+"""The persistent prompt cache (--kv-store): reuse across processes, refusal of bad entries, atomicity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgetok.cli import cli
+
+EDGETOK = str(Path(sys.executable).parent / "edgetok")
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 12
+
+
+def run_json(*args):
+    r = CliRunner().invoke(cli, ["run", *map(str, args), "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("kv_args", [[], ["--kv-budget", "100%"], ["--kv-budget", "100%", "--kv-device-mb", "0.01"]])
+def test_second_run_skips_prefill_with_same_output(tiny_folder, tmp_path, kv_args):
+    args = [tiny_folder, "-p", PROMPT, "--no-chat", "-n", "12", "--kv-store", tmp_path, *kv_args]
+    first = run_json(*args)
+    assert first["stats"]["store_tokens"] == 0
+    assert len(list(tmp_path.glob("*.kvstore"))) == 1
+    second = run_json(*args)
+    assert second["stats"]["store_tokens"] == second["prompt_tokens"] - 1  # only the last token ran
+    assert second["tokens"] == first["tokens"]
+
+
+def test_longer_prompt_reuses_a_stored_prefix(tiny_folder, tmp_path):
+    run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "2", "--kv-store", tmp_path)
+    longer = run_json(tiny_folder, "-p", PROMPT + " And then?", "--no-chat", "-n", "6", "--kv-store", tmp_path)
+    assert 0 < longer["stats"]["store_tokens"] < longer["prompt_tokens"] - 1
+    fresh = run_json(tiny_folder, "-p", PROMPT + " And then?", "--no-chat", "-n", "6")
+    assert longer["tokens"] == fresh["tokens"]
+
+
+def test_corrupt_entry_is_refused_then_rebuilt(tiny_folder, tmp_path):
+    run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path)
+    entry = next(tmp_path.glob("*.kvstore"))
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF  # flip a byte of the payload
+    entry.write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", str(tmp_path)])
+    assert r.exit_code == 1 and "--kv-store-rebuild" in r.stderr and "corrupt" in r.stderr
+    rebuilt = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path, "--kv-store-rebuild")
+    assert rebuilt["stats"]["store_tokens"] == 0
+    again = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path)
+    assert again["stats"]["store_tokens"] > 0
+
+
+def test_mismatched_header_is_refused(tiny_folder, tmp_path):
+    run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "2", "--kv-store", tmp_path)
+    entry = next(tmp_path.glob("*.kvstore"))
+    raw = entry.read_bytes()
+    line, rest = raw.split(b"\n", 1)
+    header = json.loads(line)
+    header["version"] = 99
+    entry.write_bytes(json.dumps(header).encode() + b"\n" + rest)
+    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "2", "--kv-store", str(tmp_path)])
+    assert r.exit_code == 1 and "format version 99" in r.stderr
+
+
+def test_interrupted_write_leaves_the_store_usable(tiny_folder, tmp_path):
+    (tmp_path / ".tmp-abc.kvstore").write_bytes(b"half a file")  # what a killed writer leaves
+    first = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "3", "--kv-store", tmp_path)
+    second = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "3", "--kv-store", tmp_path)
+    assert second["stats"]["store_tokens"] > 0 and second["tokens"] == first["tokens"]
+
+
+def test_two_processes_share_a_store(tiny_folder, tmp_path):
+    cmd = [EDGETOK, "run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "3", "--kv-store", str(tmp_path), "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len(list(tmp_path.glob("*.kvstore"))) == 1
+    assert not list(tmp_path.glob(".tmp-*"))
+    tokens = [json.loads(o)["tokens"] for o, _ in outs]
+    assert tokens[0] == tokens[1]
+
+
+def test_another_model_does_not_see_the_entry(tiny_folder, tmp_path, gguf_of_tiny):
+    run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "2", "--kv-store", tmp_path)
+    other = run_json(gguf_of_tiny, "-p", PROMPT, "--no-chat", "-n", "2", "--kv-store", tmp_path)
+    assert other["stats"]["store_tokens"] == 0
+
+
+@pytest.fixture(scope="module")
+def gguf_of_tiny(tiny_folder, tmp_path_factory):
+    from edgetok.exporters.gguf import export_gguf
+    from edgetok.models.sources import load_source
+
+    return export_gguf(load_source(str(tiny_folder)), tmp_path_factory.mktemp("g") / "tiny.gguf", "f16")
