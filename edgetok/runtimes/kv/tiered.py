@@ -29,6 +29,7 @@ from edgetok.runtimes.kv.codec import decode_many, encode
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.policy import allocate, attention_profile, bits_by_importance, chunk_size_for, layer_shares
 from edgetok.runtimes.kv.tiers import DEVICE, DISK, HOST, TierStore
+from edgetok.runtimes.memory import return_large_buffers, trim_heap
 
 MB = 1 << 20
 DECODE_CHUNK_BITS = 8  # chunks sealed during decode, under --kv-bits auto
@@ -73,6 +74,7 @@ class TieredCache:
             device = 0 if cfg.device_mb is None else int(cfg.device_mb * MB)  # no budget: decompress per read
             host = None if cfg.host_mb is None else int(cfg.host_mb * MB)
             self.store = TierStore(device, host, cfg.disk_dir, decode_many)
+            return_large_buffers()
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch")
         self._next_key = 0
         self.prefetch: dict[int, Future] = {}
@@ -158,9 +160,11 @@ class TieredCache:
         self.counters["sync_reads"] += len(missing)
         self.counters["prefetch_hits"] += len(keys) - len(missing) - tiers.count(DEVICE)
         self.store.account(keys, tiers)
-        self.store.touch(keys)
         out = [self.store.device[key] if tier == DEVICE else loaded[key] for key, tier in zip(keys, tiers)]
+        # Admission compares heats before this read counts, so this layer's chunks do not look
+        # hotter than the other layers' just because they were read last.
         self.store.put_device({key: loaded[key] for key, tier in zip(keys, tiers) if tier != DEVICE})
+        self.store.touch(keys)
         return out
 
     def _layer_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +235,7 @@ class TieredCache:
         if self.store is not None:
             self.store.read_bytes.clear()  # the counters report decode reads
             self.store.read_chunks.clear()
+            trim_heap()
 
     def _chunk(self, layer: Layer, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
         size, n = layer.chunk_size, keys.shape[1]

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 DECAY = 0.9  # heat kept per step
+ADMIT_MARGIN = 1.0  # a chunk displaces a resident only if hotter by this much (no churn between equals)
 
 Tensors = dict[str, torch.Tensor]
 KV = tuple[torch.Tensor, torch.Tensor]  # float K, V: (Hkv, S, D) each
@@ -113,21 +115,35 @@ class TierStore:
         self.disk = DiskFile(disk_dir) if disk_dir is not None else None
         self.homes: dict[int, Home] = {}
         self.device: dict[int, KV] = {}
-        self.heat: dict[int, float] = {}
-        self.heat_step: dict[int, int] = {}
+        self.device_size: dict[int, int] = {}
+        # Heat per chunk key (keys are small increasing ints): value and the step it was last set.
+        self._heat_value = np.zeros(1024)
+        self._heat_step = np.zeros(1024, dtype=np.int64)
         self.step = 0
         self.lock = threading.RLock()  # placement changes vs the prefetch thread's reads
         self.read_bytes = Counter()  # tier → bytes read, cumulative
         self.read_chunks = Counter()
 
     # -- heat ------------------------------------------------------------------------------------
+    def heats(self, keys) -> np.ndarray:
+        k = np.asarray(keys, dtype=np.int64)
+        return self._heat_value[k] * DECAY ** (self.step - self._heat_step[k])
+
     def _heat(self, key: int) -> float:
-        return self.heat.get(key, 0.0) * DECAY ** (self.step - self.heat_step.get(key, self.step))
+        return float(self.heats([key])[0])
+
+    def set_heat(self, key: int, heat: float) -> None:
+        if key >= len(self._heat_value):
+            grow = max(key + 1, 2 * len(self._heat_value))
+            self._heat_value = np.concatenate([self._heat_value, np.zeros(grow - len(self._heat_value))])
+            self._heat_step = np.concatenate([self._heat_step, np.zeros(grow - len(self._heat_step), dtype=np.int64)])
+        self._heat_value[key], self._heat_step[key] = heat, self.step
 
     def touch(self, keys: list[int]) -> None:
-        for k in keys:
-            self.heat[k] = self._heat(k) + 1.0
-            self.heat_step[k] = self.step
+        if keys:
+            k = np.asarray(keys, dtype=np.int64)
+            self._heat_value[k] = self.heats(k) + 1.0
+            self._heat_step[k] = self.step
 
     # -- placement -------------------------------------------------------------------------------
     def _room(self, tier: str, size: int) -> bool:
@@ -140,7 +156,7 @@ class TierStore:
             self._add(key, tensors, meta, heat)
 
     def _add(self, key: int, tensors: Tensors, meta: object, heat: float) -> None:
-        self.heat[key], self.heat_step[key] = heat, self.step
+        self.set_heat(key, heat)
         home = Home(HOST, nbytes(tensors), meta, tensors=tensors)
         self.homes[key] = home
         if not self._room(HOST, home.size):
@@ -161,29 +177,45 @@ class TierStore:
     def _make_room(self, tier: str, size: int, heat: float) -> None:
         """Move the coldest residents of `tier` down until `size` fits, if they are colder than `heat`."""
         assert tier == HOST
-        for key in sorted((k for k, h in self.homes.items() if h.tier == HOST), key=self._heat):
-            if self._room(tier, size) or self._heat(key) >= heat or self.disk is None:
+        if self.disk is None:
+            return
+        residents = [k for k, h in self.homes.items() if h.tier == HOST]
+        heats = self.heats(residents)
+        for j in np.argsort(heats, kind="stable"):
+            if self._room(tier, size) or heats[j] >= heat:
                 break
-            self._to_disk(key)
+            self._to_disk(residents[j])
 
     def put_device(self, items: dict[int, KV]) -> None:
         """Offer float copies to the device tier, hottest first; each may displace a colder resident."""
-        offers = sorted(items, key=self._heat, reverse=True)
-        residents = None  # coldest first, computed once per batch
-        for key in offers:
-            kv = items[key]
+        if not items:
+            return
+        offers = list(items)
+        offer_heat = self.heats(offers)
+        residents, resident_heat, r = None, None, 0  # coldest first, computed once per batch
+        for j in np.argsort(-offer_heat, kind="stable"):
+            key, kv = offers[j], items[offers[j]]
             size = kv[0].nbytes + kv[1].nbytes
             if not self._room(DEVICE, size):
                 if residents is None:
-                    residents = sorted(self.device, key=self._heat)
-                heat = self._heat(key)
-                while residents and not self._room(DEVICE, size) and self._heat(residents[0]) < heat:
-                    k, v = self.device.pop(residents.pop(0))
-                    self.used[DEVICE] -= k.nbytes + v.nbytes
+                    residents = list(self.device)
+                    resident_heat = self.heats(residents)
+                    order = np.argsort(resident_heat, kind="stable")
+                while (r < len(residents) and not self._room(DEVICE, size)
+                       and resident_heat[order[r]] + ADMIT_MARGIN < offer_heat[j]):
+                    self._evict_device(residents[order[r]])
+                    r += 1
                 if not self._room(DEVICE, size):
                     break  # the rest are colder still
+            if kv[0].untyped_storage().nbytes() > kv[0].nbytes:  # a view into a batch: keep only this chunk
+                kv = (kv[0].clone(), kv[1].clone())
             self.device[key] = kv
+            self.device_size[key] = size
             self.used[DEVICE] += size
+
+    def _evict_device(self, key: int) -> None:
+        del self.device[key]
+        self.used[DEVICE] -= self.device_size.pop(key)
 
     # -- reads -----------------------------------------------------------------------------------
     def read_homes(self, keys: list[int]) -> dict[int, KV]:
@@ -205,8 +237,7 @@ class TierStore:
 
     def account(self, keys: list[int], tiers: list[str]) -> None:
         for key, tier in zip(keys, tiers):
-            size = self.homes[key].size if tier != DEVICE else sum(t.nbytes for t in self.device[key])
-            self.read_bytes[tier] += size
+            self.read_bytes[tier] += self.device_size[key] if tier == DEVICE else self.homes[key].size
             self.read_chunks[tier] += 1
 
     def tier_of(self, key: int) -> str:
@@ -218,13 +249,10 @@ class TierStore:
 
     def _drop(self, key: int) -> None:
         if key in self.device:
-            k, v = self.device.pop(key)
-            self.used[DEVICE] -= k.nbytes + v.nbytes
+            self._evict_device(key)
         home = self.homes.pop(key, None)
         if home is not None:
             self.used[home.tier] -= home.size
-        self.heat.pop(key, None)
-        self.heat_step.pop(key, None)
 
     def close(self) -> None:
         if self.disk is not None:
