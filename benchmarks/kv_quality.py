@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--needle-depths", default="0.1,0.5,0.9")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tiers", default=None, help="DEVICE_MB,HOST_MB: also run the budget squeezed into these tiers over disk")
     args = ap.parse_args()
     model = edgetok.load("smollm2")
     source = model.source
@@ -73,14 +75,19 @@ def main() -> None:
     for ctx in map(int, args.contexts.split(",")):
         prompt = text_ids[:ctx]
         ref_tokens, ref_logits, ref_s, _ = run(full, prompt, None, args.new_tokens)
-        for budget in args.budgets.split(","):
-            b = TorchBackend(source, kv=KVConfig(budget=budget))
+        configs = [(budget, {}) for budget in args.budgets.split(",")]
+        if args.tiers:
+            device_mb, host_mb = map(float, args.tiers.split(","))
+            disk = tempfile.mkdtemp(prefix="edgetok-kv-")
+            configs += [(budget, dict(device_mb=device_mb, host_mb=host_mb, disk_dir=disk)) for budget in args.budgets.split(",")]
+        for budget, tiers in configs:
+            b = TorchBackend(source, kv=KVConfig(budget=budget, **tiers))
             b.model = full.model  # same weights, no second copy
             _, logits, s, stats = run(b, prompt, ref_tokens, args.new_tokens)
             agree = (logits.argmax(-1) == torch.tensor(ref_tokens)).float().mean().item()
             p = ref_logits.log_softmax(-1)
             kl = (p.exp() * (p - logits.log_softmax(-1))).sum(-1).mean().item()
-            row = {"context": ctx, "budget": budget, "greedy_agreement": round(agree, 4), "kl_mean": round(kl, 5),
+            row = {"context": ctx, "budget": budget, "tiers": args.tiers if tiers else "RAM", "greedy_agreement": round(agree, 4), "kl_mean": round(kl, 5),
                    "decode_tok_s": round(args.new_tokens / s, 2), "full_decode_tok_s": round(args.new_tokens / ref_s, 2),
                    "budget_used": stats["budget_used"], "chunk_sizes": stats["chunk_sizes"]}
             results.append(row)

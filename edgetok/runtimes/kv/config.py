@@ -20,7 +20,7 @@ class KVConfig:
     sink_tokens: int = 4  # the first tokens, always attended (attention sinks)
     recent_tokens: int = 64  # the last tokens, always attended
     observation_window: int = 32  # last prompt queries that measure each layer's attention skew
-    chunk_sizes: tuple[int, ...] = (16, 32, 64)  # for concentrated … diffuse layers
+    chunk_sizes: tuple[int, ...] | None = None  # for concentrated … diffuse layers; None: by tier set-up
 
     def __post_init__(self) -> None:
         self.bits = str(self.bits)
@@ -41,6 +41,11 @@ class KVConfig:
             raise EdgetokError("--kv-host-mb needs --kv-disk DIR: chunks beyond the host budget go to disk")
         if self.disk_dir is not None:
             self.disk_dir = Path(self.disk_dir)
+        if self.chunk_sizes is None:
+            # In RAM, small chunks select finely at no cost. Chunks that live in host RAM or on disk
+            # are read, decoded and bookkept one by one every step: there, fewer and larger ones
+            # (bigger sequential reads, as LeoAM does for its lower tiers) pay off.
+            self.chunk_sizes = (64, 96, 128) if self.needs_homes else (16, 32, 64)
 
     @property
     def is_percent(self) -> bool:
