@@ -1,5 +1,6 @@
 """Decode speed and memory at long contexts: edgetok full attention, edgetok's tiered cache
-(all in RAM, and squeezed into small tiers over disk), and llama.cpp — in one interleaved run.
+(all in RAM — with fp32 or int8 weights — and squeezed into small tiers over disk), and llama.cpp,
+in one interleaved run.
 
     .venv/bin/python benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2
 
@@ -30,6 +31,7 @@ def systems(disk: str, budget: str) -> dict[str, list[str]]:
     return {
         "edgetok full attention": [],
         f"edgetok tiered {budget} (RAM)": ["--kv-budget", budget],
+        f"edgetok tiered {budget} (RAM), int8 weights": ["--kv-budget", budget, "--weights", "int8"],
         f"edgetok tiered {budget} (16 MB device, 64 MB host, disk)": [
             "--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk],
         "llama.cpp (llama-cpp-python)": ["--backend", "llamacpp"],

@@ -68,6 +68,7 @@ def load(
     ref: str,
     *,
     backend: str = "torch",
+    weights: str = "fp32",
     threads: int | None = None,
     kv_type: str | None = None,
     kv: KVConfig | None = None,
@@ -79,6 +80,7 @@ def load(
 
     backend: "torch" (edgetok's reference model and KV caches) or "llamacpp" (a GGUF through
     llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type).
+    weights: the torch backend's weights — fp32 (exact reference), bf16, or int8 (weight-only).
     kv: the tiered KV cache's budget and tiers (torch backend); None keeps every token exact in RAM.
     kv_store: a folder where prompts' K/V persist, so a later process skips their prefill;
     kv_store_rebuild recomputes entries that are damaged or from another format instead of failing.
@@ -93,13 +95,15 @@ def load(
     if backend == "llamacpp":
         from edgetok.runtimes.backends.llamacpp import LlamaCppBackend
 
-        if kv is not None or kv_store is not None:
-            raise EdgetokError("the tiered KV cache and --kv-store run on the torch backend, not llama.cpp")
+        if kv is not None or kv_store is not None or weights != "fp32":
+            raise EdgetokError("--weights, the tiered KV cache and --kv-store apply to the torch backend, not llama.cpp")
         engine_backend = LlamaCppBackend(source, threads=threads, kv_type=kv_type or "f16")
     else:
         if kv_type is not None:
             raise EdgetokError("--kv-type sets llama.cpp's cache; use it with --backend llamacpp")
-        engine_backend = TorchBackend(source, kv=kv)
+        if weights not in TorchBackend.WEIGHTS:
+            raise EdgetokError(f"unknown weights '{weights}' (choose from {', '.join(TorchBackend.WEIGHTS)})")
+        engine_backend = TorchBackend(source, weights=weights, kv=kv)
     store_factory = None
     if kv_store is not None:
         from edgetok.runtimes.kv.store import PromptStore

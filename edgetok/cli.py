@@ -53,6 +53,8 @@ def generation_options(f):
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)"),
         click.option("--backend", type=click.Choice(["torch", "llamacpp"]), default="torch", show_default=True,
                      help="llamacpp runs a GGUF through llama-cpp-python"),
+        click.option("--weights", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+                     help="torch backend weights: fp32 is the exact reference; int8 is weight-only, bf16 activations"),
         click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
                      help="llama.cpp's K/V cache type (--backend llamacpp)"),
         click.option("--kv-budget", default=None,
@@ -107,7 +109,7 @@ def _load(ref: str, kw: dict):
     import edgetok
 
     return edgetok.load(
-        ref, backend=kw["backend"], threads=kw["threads"], kv_type=kw["kv_type"], kv=_kv_config(kw),
+        ref, backend=kw["backend"], weights=kw["weights"], threads=kw["threads"], kv_type=kw["kv_type"], kv=_kv_config(kw),
         kv_store=kw["kv_store"], kv_store_rebuild=kw["kv_store_rebuild"], progress=True,
     )
 

@@ -129,9 +129,15 @@ class LlamaModel(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+        cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+        int8: bool = False,
     ) -> "LlamaModel":
-        """Build on the meta device and take the tensors as they are (no copy when dtypes match)."""
+        """Build on the meta device and take the tensors as they are (no copy when dtypes match).
+
+        int8: weight-only int8 linears with bf16 activations (dtype is then bf16).
+        """
+        if int8:
+            dtype = torch.bfloat16
         with torch.device("meta"):
             model = cls(cfg)
         weights = dict(weights)
@@ -150,6 +156,10 @@ class LlamaModel(nn.Module):
         if freq_factors is not None:
             inv_freq = inv_freq / freq_factors.float()
         model.inv_freq = inv_freq
+        if int8:
+            from edgetok.kernels.linear import int8_linears
+
+            int8_linears(model)
         return model.eval()
 
     def forward(

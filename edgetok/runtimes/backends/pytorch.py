@@ -12,11 +12,15 @@ from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, source: Source, dtype: torch.dtype = torch.float32, kv: KVConfig | None = None) -> None:
+    WEIGHTS = ("fp32", "bf16", "int8")
+
+    def __init__(self, source: Source, weights: str = "fp32", kv: KVConfig | None = None) -> None:
+        """weights: fp32 (the reference), bf16, or int8 (weight-only, bf16 activations)."""
+        assert weights in self.WEIGHTS, weights
         self.config = source.config
-        self.dtype = dtype
+        self.dtype = torch.float32 if weights == "fp32" else torch.bfloat16
         self.kv = kv  # None: the exact contiguous cache
-        self.model = LlamaModel.from_state_dict(source.config, source.weights, dtype)
+        self.model = LlamaModel.from_state_dict(source.config, source.weights, self.dtype, int8=weights == "int8")
 
     def new_cache(self) -> KVCache:
         c = self.config

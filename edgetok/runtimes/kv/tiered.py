@@ -225,7 +225,7 @@ class TieredCache:
         spreads = []
         for i, layer in enumerate(self.layers):
             keys, values = self._layer_kv(i)
-            profile = attention_profile(layer.q_obs, keys.float())
+            profile = attention_profile(layer.q_obs.float(), keys.float())
             layer.spread, layer.q_obs = profile.spread, None
             layer.chunk_size = chunk_size_for(profile.spread, self.cfg.chunk_sizes)
             spreads.append(profile.spread)
