@@ -136,8 +136,9 @@ class LlamaModel(nn.Module):
 
         int8: weight-only int8 linears with bf16 activations (dtype is then bf16).
         """
-        if int8:
-            dtype = torch.bfloat16
+        target = dtype
+        if int8:  # quantize from the float32 weights, then take the rest (norms, embedding) to bf16
+            dtype, target = torch.float32, torch.bfloat16
         with torch.device("meta"):
             model = cls(cfg)
         weights = dict(weights)
@@ -152,14 +153,15 @@ class LlamaModel(nn.Module):
             raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        inv_freq = rope_inv_freq(cfg)
-        if freq_factors is not None:
-            inv_freq = inv_freq / freq_factors.float()
-        model.inv_freq = inv_freq
         if int8:
             from edgetok.kernels.linear import int8_linears
 
             int8_linears(model)
+            model.to(target)
+        inv_freq = rope_inv_freq(cfg)  # float32 whatever the weights: positions need the precision
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.float()
+        model.inv_freq = inv_freq
         return model.eval()
 
     def forward(

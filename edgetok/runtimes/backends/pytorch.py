@@ -21,6 +21,8 @@ class TorchBackend:
         self.dtype = torch.float32 if weights == "fp32" else torch.bfloat16
         self.kv = kv  # None: the exact contiguous cache
         self.model = LlamaModel.from_state_dict(source.config, source.weights, self.dtype, int8=weights == "int8")
+        if weights != "fp32":  # the model holds converted copies: drop the float32 originals
+            source.__dict__.pop("weights", None)
 
     def new_cache(self) -> KVCache:
         c = self.config

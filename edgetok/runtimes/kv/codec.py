@@ -1,4 +1,4 @@
-"""A chunk's stored form at a bit width: float32, float16, or int8/4/2 (keys per channel, values per token)."""
+"""A chunk's stored form at a bit width: float32, bfloat16, or int8/4/2 (keys per channel, values per token)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def encode(k: torch.Tensor, v: torch.Tensor, bits: int) -> tuple[Tensors, tuple]
     per channel: channels differ in range), values along their channels (one scale per token)."""
     if bits == 32:
         return {"k": k.float().contiguous(), "v": v.float().contiguous()}, (32,)
-    if bits == 16:
-        return {"k": k.half().contiguous(), "v": v.half().contiguous()}, (16,)
+    if bits == 16:  # bfloat16: what approximate attention computes in, so reading it back is free
+        return {"k": k.to(torch.bfloat16).contiguous(), "v": v.to(torch.bfloat16).contiguous()}, (16,)
     s, d = k.shape[1], k.shape[2]
     kq = quantize(k.transpose(1, 2), bits, group=s)  # (Hkv, D, S): per-channel groups over tokens
     vq = quantize(v, bits, group=d if d <= 64 else 64)  # (Hkv, S, D): per-token groups over channels
@@ -25,8 +25,10 @@ def encode(k: torch.Tensor, v: torch.Tensor, bits: int) -> tuple[Tensors, tuple]
     return tensors, (bits, kq.group, kq.shape, vq.group, vq.shape)
 
 
-def decode_many(items: list[tuple[Tensors, tuple]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Stored forms → float32 (k, v), batching chunks of the same form into one dequantization."""
+def decode_many(
+    items: list[tuple[Tensors, tuple]], dtype: torch.dtype = torch.float32
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Stored forms → (k, v) in `dtype`, batching chunks of the same form into one dequantization."""
     out: list = [None] * len(items)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (tensors, meta) in enumerate(items):
@@ -35,16 +37,16 @@ def decode_many(items: list[tuple[Tensors, tuple]]) -> list[tuple[torch.Tensor, 
     for group, idx in groups.items():
         meta = items[idx[0]][1]
         if meta[0] in (32, 16):  # one conversion for the whole group
-            ks = torch.stack([items[i][0]["k"] for i in idx]).float()
-            vs = torch.stack([items[i][0]["v"] for i in idx]).float()
+            ks = torch.stack([items[i][0]["k"] for i in idx]).to(dtype)
+            vs = torch.stack([items[i][0]["v"] for i in idx]).to(dtype)
             for j, i in enumerate(idx):
                 out[i] = (ks[j], vs[j])
             continue
         bits, kgroup, kshape, vgroup, vshape = meta
         kq = [QTensor(items[i][0]["kc"], items[i][0]["ks"], items[i][0]["kz"], bits, kgroup, kshape) for i in idx]
         vq = [QTensor(items[i][0]["vc"], items[i][0]["vs"], items[i][0]["vz"], bits, vgroup, vshape) for i in idx]
-        ks = dequantize_stack(kq).transpose(2, 3)  # back to (n, Hkv, S, D)
-        vs = dequantize_stack(vq)
+        ks = dequantize_stack(kq).transpose(2, 3).to(dtype)  # back to (n, Hkv, S, D)
+        vs = dequantize_stack(vq).to(dtype)
         for j, i in enumerate(idx):
             out[i] = (ks[j], vs[j])
     return out

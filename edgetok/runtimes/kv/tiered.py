@@ -17,6 +17,7 @@ Where chunks live depends on the config:
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class TieredCache:
         self.lengths = [0] * num_layers
         self.resident = not cfg.needs_homes
         self.bits = cfg.storage_bits()
-        # Resident K/V in bf16 halves the bytes attention reads (the decode cost at long contexts);
+        # Approximate attention reads bf16 K/V (half the bytes: the decode cost at long contexts);
         # an exact cache keeps float32.
         self.dtype = torch.float32 if self.bits == "32" else torch.bfloat16
         self.store: TierStore | None = None
@@ -73,7 +74,7 @@ class TieredCache:
         if not self.resident:
             device = 0 if cfg.device_mb is None else int(cfg.device_mb * MB)  # no budget: decompress per read
             host = None if cfg.host_mb is None else int(cfg.host_mb * MB)
-            self.store = TierStore(device, host, cfg.disk_dir, decode_many)
+            self.store = TierStore(device, host, cfg.disk_dir, functools.partial(decode_many, dtype=self.dtype))
             return_large_buffers()
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch")
         self._next_key = 0
@@ -184,6 +185,7 @@ class TieredCache:
             self._slab_append(layer, k, v)
             keys, values = self._layer_kv(i)
         else:
+            k, v = k.to(self.dtype), v.to(self.dtype)
             past_k, past_v = self._layer_kv(i) if layer.keys else (k[:, :0], v[:, :0])
             keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
             layer.keys.append(self._store_chunk(k, v, 32, heat=0.0))  # provisional: one block per piece
@@ -199,7 +201,7 @@ class TieredCache:
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        return self.dtype if self.resident else torch.float32
+        return self.dtype
 
     def ingest(self, layers, q_obs=None) -> None:
         """Take stored K/V ((Hkv, N, D) per layer) as this cache's first N prompt tokens."""
@@ -293,6 +295,7 @@ class TieredCache:
             self._slab_append(layer, k, v)
             keys, values = self._gather_resident(layer, chosen)
         else:
+            k, v = k.to(self.dtype), v.to(self.dtype)
             layer.window_k, layer.window_v = torch.cat([layer.window_k, k], 1), torch.cat([layer.window_v, v], 1)
             keys, values = self._gather_tiered(i, chosen)
         out = self._attend(q, keys, values, k.shape[1])
