@@ -34,6 +34,8 @@ def systems(disk: str, budget: str) -> dict[str, list[str]]:
         f"edgetok tiered {budget} (RAM), int8 weights": ["--kv-budget", budget, "--weights", "int8"],
         f"edgetok tiered {budget} (16 MB device, 64 MB host, disk)": [
             "--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk],
+        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk), no prefetch": [
+            "--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk, "--no-kv-prefetch"],
         "llama.cpp (llama-cpp-python)": ["--backend", "llamacpp"],
     }
 

@@ -65,6 +65,8 @@ def generation_options(f):
                      help="folder for chunks beyond the host budget"),
         click.option("--kv-bits", type=click.Choice(["auto", "32", "16", "8", "4", "2"]), default=None,
                      help="stored chunk precision; auto picks by importance (exact at 100%%)"),
+        click.option("--kv-prefetch/--no-kv-prefetch", default=True, show_default=True,
+                     help="read the next layer's chunks from host/disk while the current one computes"),
         click.option("--kv-store", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="keep prompts' K/V in this folder: a later run with the same prompt prefix skips prefill"),
         click.option("--kv-store-rebuild", is_flag=True, help="recompute damaged or outdated --kv-store entries"),
@@ -102,6 +104,7 @@ def _kv_config(kw: dict):
         host_mb=kw["kv_host_mb"],
         disk_dir=kw["kv_disk"],
         bits=kw["kv_bits"] or "auto",
+        prefetch=kw["kv_prefetch"],
     )
 
 

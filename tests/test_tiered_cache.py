@@ -168,3 +168,11 @@ def test_smollm2_quarter_budget_agrees_with_full_attention(smollm2):
     _, logits, cache = decode(budgeted, prompt, 32, follow=want)
     assert (logits.argmax(-1) == torch.tensor(want)).float().mean() >= 0.9
     assert cache.stats()["budget_used"] < 0.3
+
+
+def test_without_prefetch_every_read_is_synchronous(source, tmp_path):
+    kv = KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path, prefetch=False)
+    _, _, cache = decode(TorchBackend(source, kv=kv), PROMPT, 20)
+    stats = cache.stats()
+    assert stats["prefetch_hits"] == 0 and stats["sync_reads"] > 0
+    cache.close()

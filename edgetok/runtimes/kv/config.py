@@ -20,6 +20,7 @@ class KVConfig:
     sink_tokens: int = 4  # the first tokens, always attended (attention sinks)
     recent_tokens: int = 64  # the last tokens, always attended
     observation_window: int = 32  # last prompt queries that measure each layer's attention skew
+    prefetch: bool = True  # read layer i+1's chunks from host/disk while layer i computes
     chunk_sizes: tuple[int, ...] | None = None  # for concentrated … diffuse layers; None: by tier set-up
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class KVConfig:
             # In RAM, small chunks select finely at no cost. Chunks that live in host RAM or on disk
             # are read, decoded and bookkept one by one every step: there, fewer and larger ones
             # (bigger sequential reads, as LeoAM does for its lower tiers) pay off.
-            self.chunk_sizes = (64, 96, 128) if self.needs_homes else (16, 32, 64)
+            self.chunk_sizes = (128, 192, 256) if self.needs_homes else (16, 32, 64)
 
     @property
     def is_percent(self) -> bool:

@@ -76,7 +76,8 @@ class TieredCache:
             host = None if cfg.host_mb is None else int(cfg.host_mb * MB)
             self.store = TierStore(device, host, cfg.disk_dir, functools.partial(decode_many, dtype=self.dtype))
             return_large_buffers()
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch")
+            if cfg.prefetch:
+                self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch")
         self._next_key = 0
         self.prefetch: dict[int, Future] = {}
         self.budgets: list[float] = []
