@@ -43,7 +43,7 @@ class Layer:
     spread: float = 1.0
     abstracts: torch.Tensor | None = None  # (Hkv, 2D, C): per chunk, max then min of its keys
     q_obs: torch.Tensor | None = None  # (Hq, ≤W, D) the last prompt queries
-    last_q: torch.Tensor | None = None  # (Hq, D) previous step's query: predicts the next selection
+    last_keys: list[int] | None = None  # the chunks read at the previous step: predicts the next ones
     # resident: all tokens, chunks first then the window, in a growing slab
     slab_k: torch.Tensor | None = None  # (Hkv, capacity, D)
     slab_v: torch.Tensor | None = None
@@ -303,7 +303,6 @@ class TieredCache:
         self.counters["tokens_attended"] += keys.shape[1]
         self.counters["tokens_total"] += layer.n_chunks * layer.chunk_size + self._window_len(layer)
         self.counters["chunks_selected"] += layer.n_chunks if chosen is None else len(chosen)
-        layer.last_q = q_last
         if self._window_len(layer) >= 2 * layer.chunk_size:  # keep ≥ one chunk of exact recent tokens
             self._seal(layer)
         return out
@@ -321,6 +320,7 @@ class TieredCache:
         layer = self.layers[i]
         keys = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
         kv = self._fetch(keys, self._take_prefetch(i, keys))
+        layer.last_keys = keys
         self._start_prefetch((i + 1) % len(self.layers))
         return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
 
@@ -339,12 +339,12 @@ class TieredCache:
 
     # -- prefetch: layer i+1's chunks while layer i computes --------------------------------------
     def _start_prefetch(self, i: int) -> None:
+        """Read from disk the chunks layer i read at the previous step (consecutive queries are
+        alike, so selections change little); host and device chunks need no early read."""
         layer = self.layers[i]
-        if self.pool is None or layer.last_q is None or i in self.prefetch:
+        if self.pool is None or layer.last_keys is None or i in self.prefetch:
             return
-        chosen = self._select(i, layer.last_q)  # with the previous step's query: consecutive queries are alike
-        predicted = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
-        wanted = [k for k in predicted if self.store.tier_of(k) != DEVICE]
+        wanted = [k for k in layer.last_keys if self.store.tier_of(k) == DISK]
         if wanted:
             self.prefetch[i] = self.pool.submit(self.store.load_homes, wanted)
 
