@@ -8,7 +8,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import edgetok
 from conftest import make_hf_model
 from edgetok.cli import cli
 from edgetok.errors import EdgetokError

@@ -129,9 +129,6 @@ class TierStore:
         k = np.asarray(keys, dtype=np.int64)
         return self._heat_value[k] * DECAY ** (self.step - self._heat_step[k])
 
-    def _heat(self, key: int) -> float:
-        return float(self.heats([key])[0])
-
     def set_heat(self, key: int, heat: float) -> None:
         if key >= len(self._heat_value):
             grow = max(key + 1, 2 * len(self._heat_value))
@@ -218,10 +215,6 @@ class TierStore:
         self.used[DEVICE] -= self.device_size.pop(key)
 
     # -- reads -----------------------------------------------------------------------------------
-    def read_homes(self, keys: list[int]) -> dict[int, KV]:
-        """Float K/V of chunks that are not on device, read from their homes."""
-        return self.decompress_loaded(self.load_homes(keys))
-
     def decompress_loaded(self, loaded: dict[int, tuple[Tensors, object]]) -> dict[int, KV]:
         return dict(zip(loaded, self.decompress(list(loaded.values())))) if loaded else {}
 
