@@ -175,3 +175,13 @@ def test_without_prefetch_every_read_is_synchronous(source, tmp_path):
     stats = cache.stats()
     assert stats["prefetch_hits"] == 0 and stats["sync_reads"] > 0
     cache.close()
+
+
+def test_one_token_prompt(tiny_folder):
+    import edgetok
+
+    m = edgetok.load(str(tiny_folder), kv=KVConfig(budget="25%"))
+    ids = m.tokenizer.encode("a")
+    assert len(ids) == 1
+    r = m.generate("a", max_new_tokens=5, ignore_eos=True)
+    assert len(r.tokens) == 5

@@ -24,7 +24,9 @@ def attention_profile(q_obs: torch.Tensor, keys: torch.Tensor) -> Profile:
     hkv, n, _ = keys.shape
     k = keys.repeat_interleave(hq // hkv, 0)
     scores = q_obs @ k.transpose(1, 2) / math.sqrt(d)  # (Hq, W, N)
-    scores = scores.masked_fill(~causal_mask(w, n), float("-inf"))
+    mask = causal_mask(w, n)
+    if mask is not None:  # None: one query, which sees every key
+        scores = scores.masked_fill(~mask, float("-inf"))
     p = scores.softmax(-1)
     sorted_p = p.sort(-1, descending=True).values
     needed = (sorted_p.cumsum(-1) < MASS).sum(-1) + 1  # (Hq, W) tokens to reach MASS
