@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
     args = ap.parse_args()
 
     tok = edgetok.load("smollm2").tokenizer
@@ -57,7 +58,10 @@ def main() -> None:
     prompt_file.write_text(tok.decode(ids))
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.repeat):
-        for name, extra in systems(str(workdir / "kv"), args.budget).items():
+        chosen = systems(str(workdir / "kv"), args.budget)
+        if args.only:
+            chosen = {n: e for n, e in chosen.items() if any(o in n for o in args.only.split(","))}
+        for name, extra in chosen.items():
             cmd = [EDGETOK, "run", "smollm2", "-f", str(prompt_file), "--no-chat", "-n", str(args.new_tokens),
                    "--threads", str(args.threads), "--json"] + extra
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -68,8 +72,11 @@ def main() -> None:
             print(f"round {round_ + 1} {name}: {out['stats']['decode_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
 
     rows = []
-    llama = statistics.median(r["stats"]["decode_tokens_per_s"] for r in runs["llama.cpp (llama-cpp-python)"])
-    full = statistics.median(r["stats"]["decode_tokens_per_s"] for r in runs["edgetok full attention"])
+    def median_decode(name: str) -> float:
+        return statistics.median(r["stats"]["decode_tokens_per_s"] for r in runs[name]) if name in runs else float("nan")
+
+    llama = median_decode("llama.cpp (llama-cpp-python)")
+    full = median_decode("edgetok full attention")
     for name, rs in runs.items():
         decode = [r["stats"]["decode_tokens_per_s"] for r in rs]
         kv = rs[-1]["stats"].get("kv", {})

@@ -36,8 +36,16 @@ def test_low_precision_model_follows_fp32(tiny_folder, weights):
     b = low.generate("The quick brown fox", max_new_tokens=8, ignore_eos=True)
     assert b.tokens[:2] == a.tokens[:2]  # a random model has near-ties later on
     if weights == "int8":
-        layer = low.engine.backend.model.model.layers[0].mlp.up_proj
+        layer = low.engine.backend.model.model.layers[0].mlp.gate_up_proj
         assert isinstance(layer, Int8Linear) and layer.codes.dtype == torch.int8
+
+
+def test_concatenated_int8_layers_equal_the_parts():
+    torch.manual_seed(1)
+    parts = [Int8Linear(torch.randn(n, 32), torch.randn(n)) for n in (16, 8, 8)]
+    fused = Int8Linear.concat(parts)
+    x = torch.randn(3, 32)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
 
 
 def test_weights_errors(tiny_folder):

@@ -26,6 +26,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
 
+    @classmethod
+    def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+        """One layer whose outputs are all of `parts`' outputs, in order (exact: scales are per row)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.register_buffer("codes", torch.cat([p.codes for p in parts]))
+        fused.register_buffer("scale", torch.cat([p.scale for p in parts]))
+        biases = [p.bias if p.bias is not None else p.scale.new_zeros(p.codes.shape[0]) for p in parts]
+        fused.register_buffer("bias", None if all(p.bias is None for p in parts) else torch.cat(biases))
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         y = torch._weight_int8pack_mm(flat, self.codes, self.scale).view(*x.shape[:-1], -1)
