@@ -47,7 +47,8 @@ def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) ->
     levels = (1 << bits) - 1
     if symmetric:
         mid = 1 << (bits - 1)
-        scale = (g.abs().amax(-1) / mid).clamp_min(1e-12)  # codes -mid..mid-1 around zero = mid
+        # ±absmax spans all 2^bits levels (as GPTQ does): codes -mid..mid-1 around zero = mid
+        scale = (2 * g.abs().amax(-1) / levels).clamp_min(1e-12)
         zero = torch.full_like(scale, mid, dtype=torch.uint8)
     else:
         lo, hi = g.amin(-1).clamp_max(0), g.amax(-1).clamp_min(0)  # keep 0 representable
