@@ -70,6 +70,10 @@ def generation_options(f):
         click.option("--kv-store", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="keep prompts' K/V in this folder: a later run with the same prompt prefix skips prefill"),
         click.option("--kv-store-rebuild", is_flag=True, help="recompute damaged or outdated --kv-store entries"),
+        click.option("--prune-prompt", "prune_prompt", type=float, default=None, metavar="KEEP",
+                     help="run the layers after --prune-after-layer on this fraction of the prompt (the tokens its end attends to most)"),
+        click.option("--prune-after-layer", type=int, default=None, metavar="L",
+                     help="the last layer that sees every prompt token (default 2)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -88,6 +92,8 @@ def _gen_config(kw: dict):
         repetition_penalty=kw["repetition_penalty"],
         seed=kw["seed"],
         stop=kw["stop"],
+        prune_prompt=kw["prune_prompt"],
+        prune_after_layer=kw["prune_after_layer"],
     )
 
 

@@ -75,7 +75,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul, once fused (int8 weights)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache) -> torch.Tensor:
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) → q (B, Hq, T, D), k, v (B, Hkv, T, D); q and k rotated to their positions."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:
             sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
@@ -85,7 +86,11 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         out = cache.attend(layer, q, k, v)  # (B, Hq, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -182,6 +187,27 @@ class LlamaModel(nn.Module):
         model.inv_freq = inv_freq
         return model.eval()
 
+    # The pieces of a forward pass, for callers that run some layers on some tokens (prompt pruning).
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) → hidden states (B, T, hidden)."""
+        return self.model.embed_tokens(tokens)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) → cos, sin (T, head_dim) in the activations' dtype."""
+        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        return cos.to(dtype), sin.to(dtype)
+
+    def run_layers(self, x, cos, sin, cache: KVCache, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Layers start..stop-1 over x (B, T, hidden), storing their K/V in `cache`."""
+        stop = len(self.model.layers) if stop is None else stop
+        for i in range(start, stop):
+            x = self.model.layers[i](x, cos, sin, i, cache)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., hidden) → float32 logits (..., V)."""
+        return self.lm_head(self.model.norm(x)).float()
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -189,14 +215,13 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor | None = None,
         last_only: bool = True,
     ) -> torch.Tensor:
-        """tokens (B, T) → logits (B, V) for the last token, or (B, T, V) with last_only=False."""
+        """tokens (B, T) → logits (B, V) for the last token, or (B, T, V) with last_only=False.
+
+        positions (T,): each token's position; by default the ones after what the cache has seen.
+        """
         if positions is None:
             positions = torch.arange(cache.length, cache.length + tokens.shape[1])
-        cos, sin = rope_cos_sin(self.inv_freq, positions)
-        x = self.model.embed_tokens(tokens)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, i, cache)
-        if last_only:
-            x = x[:, -1]
-        return self.lm_head(self.model.norm(x)).float()
+        x = self.embed(tokens)
+        cos, sin = self.rope(positions, x.dtype)
+        x = self.run_layers(x, cos, sin, cache)
+        return self.head(x[:, -1] if last_only else x)

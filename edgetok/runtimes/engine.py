@@ -17,6 +17,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.models.tokenizer import StreamDecoder, Tokenizer
 from edgetok.runtimes.backends.base import Backend
+from edgetok.runtimes.prune import PrunePlan, check_keep
 from edgetok.runtimes.sampling import SamplingParams, sample
 
 
@@ -27,6 +28,8 @@ class GenerationConfig(SamplingParams):
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
     ignore_eos: bool = False
     prefill_chunk: int = 512  # prompt tokens per forward: bounds activation memory on long prompts
+    prune_prompt: float | None = None  # keep this fraction of the prompt after prune_after_layer (None: keep all)
+    prune_after_layer: int | None = None  # the last layer that sees every prompt token (None: a default)
 
     def __post_init__(self) -> None:
         checks = [
@@ -41,6 +44,10 @@ class GenerationConfig(SamplingParams):
         for ok, message in checks:
             if not ok:
                 raise EdgetokError(message)
+        if self.prune_prompt is not None:
+            check_keep(self.prune_prompt)
+        elif self.prune_after_layer is not None:
+            raise EdgetokError("--prune-after-layer needs --prune-prompt KEEP")
         self.stop = tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
 
 
@@ -56,6 +63,7 @@ class Stats:
     time_to_first_token_s: float = 0.0
     peak_rss_bytes: int = 0
     kv: dict = field(default_factory=dict)  # what the KV cache did (tiers, bytes read, budget used)
+    prune: dict = field(default_factory=dict)  # with --prune-prompt: keep, after_layer, kept_tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -138,9 +146,10 @@ class Engine:
         self.config = backend.config
         self._cache = None
         self._cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
+        self._pruned = False  # the cache holds a pruned prompt: no prefix of it is reusable
 
     def reset(self) -> None:
-        self._cache, self._cached_ids = None, []
+        self._cache, self._cached_ids, self._pruned = None, [], False
 
     def _prefill(
         self, prompt: list[int], chunk: int, progress: Callable[[int], None] | None, stats: Stats
@@ -149,10 +158,12 @@ class Engine:
         if self._cache is None:
             self._cache, self._cached_ids = self.backend.new_cache(), []
         reused = 0
-        for a, b in zip(self._cached_ids, prompt[:-1]):  # keep ≥ 1 token to prefill: its logits are needed
+        # keep ≥ 1 token to prefill (its logits are needed); a pruned prompt is no prefix of anything
+        for a, b in zip([] if self._pruned else self._cached_ids, prompt[:-1]):
             if a != b:
                 break
             reused += 1
+        self._pruned = False
         reused = self.backend.truncate(self._cache, reused)
         self._cached_ids = prompt[:reused]
         store = self.store_factory(self._cache) if self.store_factory else None
@@ -181,6 +192,24 @@ class Engine:
         self.backend.end_prefill(self._cache)
         return logits
 
+    def _prefill_pruned(
+        self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None, stats: Stats
+    ) -> torch.Tensor:
+        """The whole prompt, pruned after a layer → last logits. Nothing is reused or stored: a pruned
+        prompt's K/V depends on all of it (the window at its end chose the kept tokens)."""
+        if not hasattr(self.backend, "prefill_pruned"):
+            raise EdgetokError(f"--prune-prompt works with the torch backend, not {self.backend.name}")
+        plan = PrunePlan.checked(cfg.prune_prompt, cfg.prune_after_layer, self.config)
+        if self._cache is None:
+            self._cache = self.backend.new_cache()
+        self.backend.truncate(self._cache, 0)
+        self._cached_ids, self._pruned = [], True
+        pruned = self.backend.prefill_pruned(prompt, self._cache, plan, cfg.prefill_chunk, progress)
+        self._cached_ids = list(prompt)
+        stats.prune = {"keep": plan.keep, "after_layer": plan.after_layer, "kept_tokens": len(pruned.kept)}
+        self.backend.end_prefill(self._cache)
+        return pruned.logits
+
     def generate_ids(
         self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None
     ) -> Iterator[str | Result]:
@@ -199,7 +228,10 @@ class Engine:
             seen[torch.tensor(prompt)] = True
 
         t0 = time.perf_counter()
-        logits = self._prefill(prompt, cfg.prefill_chunk, progress, stats)
+        if cfg.prune_prompt is None:
+            logits = self._prefill(prompt, cfg.prefill_chunk, progress, stats)
+        else:
+            logits = self._prefill_pruned(prompt, cfg, progress, stats)
         stats.prefill_s = time.perf_counter() - t0
 
         decoder, stops = StreamDecoder(self.tokenizer), StopStringFilter(cfg.stop)

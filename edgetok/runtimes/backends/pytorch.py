@@ -7,6 +7,7 @@ import torch
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
 from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
+from edgetok.runtimes.prune import PrunePlan, Pruned, prefill_pruned
 
 
 class TorchBackend:
@@ -33,6 +34,10 @@ class TorchBackend:
     @torch.inference_mode()
     def forward(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
         return self.model(torch.tensor([tokens]), cache)[0]
+
+    def prefill_pruned(self, tokens: list[int], cache: KVCache, plan: PrunePlan, chunk: int, progress=None) -> Pruned:
+        """The whole prompt into an empty cache, the layers after plan.after_layer on the kept tokens only."""
+        return prefill_pruned(self.model, tokens, cache, plan, chunk, progress)
 
     def truncate(self, cache: KVCache, n: int) -> int:
         return cache.truncate(n)

@@ -10,7 +10,14 @@ import torch
 class KVCache(Protocol):
     @property
     def length(self) -> int:
-        """Tokens stored in every layer: the position of the next token."""
+        """The position of the next token: every token the sequence has had, including prompt
+        tokens that a pruned prefill stored only in the early layers (see `skip`)."""
+        ...
+
+    def skip(self, layer: int, n: int) -> None:
+        """`layer` will never store n of the sequence's positions (prompt tokens pruned after an
+        earlier layer): `length` counts them, the layer's stored tokens do not. Attention in that
+        layer runs over what it stores, in order."""
         ...
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -24,7 +31,8 @@ class KVCache(Protocol):
 
     def truncate(self, n: int) -> int:
         """Forget every token from position n on (to reuse a shared prompt prefix); returns the
-        number of tokens actually kept (a cache may keep fewer, down to 0)."""
+        number of tokens actually kept (a cache may keep fewer, down to 0; a pruned one keeps
+        all or nothing)."""
         ...
 
     def end_prefill(self) -> None:

@@ -24,19 +24,24 @@ class ContiguousCache:
         shape = (batch, num_kv_heads, capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
-        self.lengths = [0] * num_layers
+        self.lengths = [0] * num_layers  # tokens stored per layer
+        self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         self.sliding_window = sliding_window
 
     @property
     def length(self) -> int:
-        return self.lengths[-1]
+        return self.lengths[-1] + self.skipped[-1]
+
+    def skip(self, layer: int, n: int) -> None:
+        assert self.sliding_window is None, "a sliding window counts positions, not stored tokens"
+        self.skipped[layer] += n
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
     def nbytes(self) -> int:
-        return sum(t[:, :, : self.length].nbytes for t in self.k + self.v)
+        return 2 * sum(k[:, :, :n].nbytes for k, n in zip(self.k, self.lengths))
 
     def _grow(self, layer: int, needed: int) -> None:
         cap = self.k[layer].shape[2]
@@ -60,7 +65,11 @@ class ContiguousCache:
 
     def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length, (n, self.length)
-        self.lengths = [n] * len(self.lengths)
+        if any(self.skipped) and n < self.length:
+            n = 0  # which pruned tokens lie before n differs per layer: start over
+        if n < self.length:
+            self.lengths = [n] * len(self.lengths)
+            self.skipped = [0] * len(self.skipped)
         return n
 
     def end_prefill(self) -> None:
@@ -81,6 +90,7 @@ class ContiguousCache:
 
     def export(self):
         """Every layer's K/V (Hkv, N, D) as views, and no observation queries."""
+        assert not any(self.skipped), "a pruned prompt's K/V is not a prefix anyone can reuse"
         return [(self.k[i][0, :, : self.lengths[i]], self.v[i][0, :, : self.lengths[i]]) for i in range(len(self.k))], None
 
     def stats(self) -> dict:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from edgetok.kernels.attention import causal_mask
+from edgetok.kernels.pruning import received, window_attention
 
 MASS = 0.9  # a layer's spread: the share of tokens that holds this much of its attention
 
@@ -20,19 +19,13 @@ class Profile:
 
 def attention_profile(q_obs: torch.Tensor, keys: torch.Tensor) -> Profile:
     """q_obs (Hq, W, D): the last W prompt queries; keys (Hkv, N, D): the layer's whole prompt."""
-    hq, w, d = q_obs.shape
-    hkv, n, _ = keys.shape
-    k = keys.repeat_interleave(hq // hkv, 0)
-    scores = q_obs @ k.transpose(1, 2) / math.sqrt(d)  # (Hq, W, N)
-    mask = causal_mask(w, n)
-    if mask is not None:  # None: one query, which sees every key
-        scores = scores.masked_fill(~mask, float("-inf"))
-    p = scores.softmax(-1)
+    w, n = q_obs.shape[1], keys.shape[1]
+    p = window_attention(q_obs, keys)  # (Hq, W, N)
     sorted_p = p.sort(-1, descending=True).values
     needed = (sorted_p.cumsum(-1) < MASS).sum(-1) + 1  # (Hq, W) tokens to reach MASS
     visible = torch.arange(n - w + 1, n + 1).clamp(max=n)  # keys each observation query can see
     spread = (needed.float() / visible.float()).mean().item()
-    return Profile(spread=spread, importance=p.mean(1).amax(0))
+    return Profile(spread=spread, importance=received(p))
 
 
 def chunk_size_for(spread: float, sizes: tuple[int, ...]) -> int:

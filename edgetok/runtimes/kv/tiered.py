@@ -63,7 +63,8 @@ class TieredCache:
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layers = [Layer() for _ in range(num_layers)]
-        self.lengths = [0] * num_layers
+        self.lengths = [0] * num_layers  # tokens stored per layer
+        self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         self.resident = not cfg.needs_homes
         self.bits = cfg.storage_bits()
         # Approximate attention reads bf16 K/V (half the bytes: the decode cost at long contexts);
@@ -86,7 +87,10 @@ class TieredCache:
     # -- the KVCache protocol --------------------------------------------------------------------
     @property
     def length(self) -> int:
-        return self.lengths[-1]
+        return self.lengths[-1] + self.skipped[-1]
+
+    def skip(self, layer: int, n: int) -> None:
+        self.skipped[layer] += n
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert q.shape[0] == 1, "the tiered cache holds one sequence"
@@ -113,6 +117,7 @@ class TieredCache:
                     self.store.drop(key)
         self.layers = [Layer() for _ in self.layers]
         self.lengths = [0] * len(self.lengths)
+        self.skipped = [0] * len(self.skipped)
         self.counters.clear()
 
     def close(self) -> None:
@@ -219,6 +224,7 @@ class TieredCache:
     def export(self):
         """Every layer's prompt K/V (before end_prefill) and its last prompt queries."""
         assert self.layers[0].chunk_size == 0, "export the prompt before end_prefill"
+        assert not any(self.skipped), "a pruned prompt's K/V is not a prefix anyone can reuse"
         return [self._layer_kv(i) for i in range(len(self.layers))], [layer.q_obs for layer in self.layers]
 
     def end_prefill(self) -> None:

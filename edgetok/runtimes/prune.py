@@ -1,0 +1,139 @@
+"""Prefill with prompt pruning: the later layers run only on the prompt tokens that matter.
+
+Layers 0..L run on the whole prompt (in chunks). The observation window (the last prompt
+tokens, which hold the question) then scores every token by the attention it receives in layer
+L; the sinks, the window and the best-scored tokens (a `keep` fraction in all) go on through
+layers L+1.. at their original positions, so their K/V there is what it would be at those
+positions. Pruned tokens keep their K/V in layers 0..L only. Decoding continues at the full
+prompt length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.kernels.pruning import kept_count, select_kept, token_scores
+from edgetok.models.config import ModelConfig
+from edgetok.models.llama import LlamaModel
+from edgetok.runtimes.kv import KVCache
+
+DEFAULT_AFTER_LAYER = 2  # SmolLM2 (30 layers): see BENCHMARKS.md, "Prompt pruning"
+
+
+def check_keep(keep: float) -> None:
+    if not 0 < keep <= 1:
+        raise EdgetokError(f"--prune-prompt is the fraction of prompt tokens kept, in (0, 1], not {keep}")
+
+
+@dataclass
+class PrunePlan:
+    keep: float  # fraction of the prompt's tokens the layers after `after_layer` run on, in (0, 1]
+    after_layer: int  # the last layer that sees every prompt token
+    sinks: int = 4  # the first tokens, always kept (attention sinks)
+    window: int = 32  # the last tokens: the observation window, always kept
+    pool: int = 7  # a token scores the best of its ±pool/2 neighbours (keeps a fact's words together)
+
+    @staticmethod
+    def checked(keep: float, after_layer: int | None, config: ModelConfig) -> "PrunePlan":
+        """The plan for this model, or one clear error about the flags."""
+        check_keep(keep)
+        if config.sliding_window is not None:
+            # The window is counted in positions; the pruned layers' attention masks count stored tokens.
+            raise EdgetokError("--prune-prompt does not work with sliding-window attention models yet")
+        num_layers = config.num_layers
+        if num_layers < 2:
+            raise EdgetokError("--prune-prompt needs a model with at least 2 layers")
+        if after_layer is None:
+            after_layer = min(DEFAULT_AFTER_LAYER, num_layers - 2)
+        if not 0 <= after_layer <= num_layers - 2:
+            raise EdgetokError(
+                f"--prune-after-layer must be between 0 and {num_layers - 2} for this model "
+                f"({num_layers} layers; at least one layer must come after it), not {after_layer}"
+            )
+        return PrunePlan(keep, after_layer)
+
+
+@dataclass
+class Pruned:
+    logits: torch.Tensor  # (V,) float32, the last prompt token's
+    kept: torch.Tensor  # (K,) positions of the tokens layers > after_layer hold, in order
+
+
+@torch.inference_mode()
+def prefill_pruned(
+    model: LlamaModel,
+    tokens: list[int],
+    cache: KVCache,
+    plan: PrunePlan,
+    chunk: int,
+    progress: Callable[[int], None] | None = None,
+) -> Pruned:
+    """Run `tokens` into an empty `cache`, pruning after layer plan.after_layer."""
+    assert cache.length == 0, "a pruned prefill starts from an empty cache"
+    n, last = len(tokens), plan.after_layer
+    n_layers = len(model.model.layers)
+    ids = torch.tensor([tokens])
+    n_kept = kept_count(n, plan.keep, plan.sinks, min(plan.window, n))
+    report = _Progress(progress, n, n * (last + 1) + n_kept * (n_layers - last - 1))
+
+    # Layers 0..L on every token. Keep layer L's input (to score) and output (to go on).
+    layer_in = layer_out = None  # (1, N, hidden)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        x = model.embed(ids[:, start:stop])
+        cos, sin = model.rope(torch.arange(start, stop), x.dtype)
+        x = model.run_layers(x, cos, sin, cache, 0, last)
+        if layer_in is None:
+            layer_in, layer_out = x.new_empty(1, n, x.shape[-1]), x.new_empty(1, n, x.shape[-1])
+        layer_in[:, start:stop] = x
+        layer_out[:, start:stop] = model.run_layers(x, cos, sin, cache, last, last + 1)
+        report.done(stop - start, last + 1)
+
+    kept = _choose(model, layer_in, plan, n_kept)
+    del layer_in
+    for layer in range(last + 1, n_layers):
+        cache.skip(layer, n - len(kept))
+
+    # Layers L+1.. on the kept tokens only, at their own positions.
+    x_kept = layer_out[:, kept]
+    del layer_out
+    for start in range(0, len(kept), chunk):
+        positions = kept[start : start + chunk]
+        x = x_kept[:, start : start + chunk]
+        cos, sin = model.rope(positions, x.dtype)
+        x = model.run_layers(x, cos, sin, cache, last + 1)
+        report.done(len(positions), n_layers - last - 1)
+    return Pruned(model.head(x[0, -1]), kept)
+
+
+def _choose(model: LlamaModel, layer_in: torch.Tensor, plan: PrunePlan, count: int) -> torch.Tensor:
+    """Score every token with the window's queries against all keys of layer L → kept positions (K,)."""
+    n = layer_in.shape[1]
+    w = min(plan.window, n)
+    block = model.model.layers[plan.after_layer]
+    h = block.input_layernorm(layer_in)
+    cos, sin = model.rope(torch.arange(n), h.dtype)
+    q, _, _ = block.self_attn.project(h[:, -w:], cos[-w:], sin[-w:])  # (1, Hq, W, D)
+    _, k, _ = block.self_attn.project(h, cos, sin)  # (1, Hkv, N, D)
+    scores = token_scores(q[0], k[0], plan.pool)
+    return select_kept(scores, count, plan.sinks, w)
+
+
+class _Progress:
+    """Reports prompt tokens done in proportion to the layer passes done: the bar counts prompt
+    tokens, and a pruned token costs fewer layers than a kept one."""
+
+    def __init__(self, callback: Callable[[int], None] | None, n: int, total_passes: int) -> None:
+        self.callback, self.n, self.total = callback, n, max(total_passes, 1)
+        self.passes = self.reported = 0
+
+    def done(self, tokens: int, layers: int) -> None:
+        self.passes += tokens * layers
+        target = round(self.n * self.passes / self.total)
+        if self.callback is not None and target > self.reported:
+            self.callback(target - self.reported)
+            self.reported = target
