@@ -12,6 +12,7 @@ from edgetok.models.sources import Source
 
 # --kv-type → ggml type id of llama.cpp's K/V cache
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # ggml blocks: 32 values + an f16 scale
 INSTALL_HINT = "llama-cpp-python is not installed; run `make install` (it builds it with the flags this machine needs)"
 
 
@@ -73,7 +74,9 @@ class LlamaCppBackend:
         pass
 
     def cache_stats(self, cache) -> dict:
-        return {"kind": f"llama.cpp ({self.kv_type})"}
+        # llama.cpp allocates K and V for its whole context window when the context is created.
+        resident = round(self.config.kv_bytes_per_token(1) * cache.n_ctx() * KV_BYTES_PER_VALUE[self.kv_type])
+        return {"kind": f"llama.cpp ({self.kv_type})", "resident_bytes": {"device": resident}}
 
 
 def llamacpp_logits(path: Path, tokens: list[int], threads: int | None = None) -> torch.Tensor:

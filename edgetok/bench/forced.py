@@ -1,0 +1,91 @@
+"""One edgetok system in its own process, loaded exactly as `edgetok run` loads it.
+
+    python -m edgetok.bench.forced MODEL --prompt-ids IDS.json -n N [--follow IDS.json]
+                                   [--logits-out FILE.npy] [any `edgetok run` model option]
+
+It takes the same options as `edgetok run` (the same decorator), so an edgetok system in the bench
+is just a list of `edgetok run` options (`--kv-budget 25%`, `--weights int8`, `--backend ...`).
+Generation goes through the engine; a thin wrapper around the backend feeds the `--follow` tokens
+while decoding and keeps each position's logits. EOS does not end the run: every system decodes N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from edgetok.bench.record import read_ids, result_json, write_logits
+from edgetok.cli import _gen_config, _load, generation_options
+from edgetok.errors import EdgetokError
+
+
+class TeacherForcing:
+    """A backend that, once decoding starts, runs the `follow` tokens instead of the engine's
+    choices and keeps the logits of every generated position (the prefill's last one first).
+
+    The engine still samples from each row, so its output tokens are this system's argmax given
+    the followed prefix: what greedy agreement compares."""
+
+    def __init__(self, backend, follow: list[int] | None) -> None:
+        self.inner = backend
+        self.follow = follow
+        self.rows: list = []
+        self._decoding = False
+        self._last = None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, tokens, cache):
+        if self._decoding and self.follow is not None:
+            tokens = [self.follow[len(self.rows) - 1]]
+        logits = self.inner.forward(tokens, cache)
+        if self._decoding:
+            self.rows.append(logits.clone())
+        else:
+            self._last = logits
+        return logits
+
+    def end_prefill(self, cache) -> None:
+        self.inner.end_prefill(cache)
+        self._decoding = True
+        self.rows = [self._last.clone()]
+
+
+def generate(model, prompt: list[int], cfg, follow: list[int] | None):
+    """The engine's Result and the logits rows, with `follow` fed while decoding."""
+    if follow is not None and len(follow) < cfg.max_new_tokens - 1:
+        raise EdgetokError(f"--follow has {len(follow)} tokens; decoding {cfg.max_new_tokens} needs {cfg.max_new_tokens - 1}")
+    forced = TeacherForcing(model.engine.backend, follow)
+    model.engine.backend = forced
+    result = None
+    for result in model.engine.generate_ids(prompt, cfg):
+        pass
+    return result, forced.rows
+
+
+@click.command()
+@click.argument("model")
+@click.option("--prompt-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--follow", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--logits-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@generation_options
+def main(model, prompt_ids, follow, logits_out, **kw) -> None:
+    try:
+        prompt = read_ids(prompt_ids)
+        cfg = dataclasses.replace(_gen_config(kw), ignore_eos=True)
+        m = _load(model, kw)
+        result, rows = generate(m, prompt, cfg, read_ids(follow) if follow else None)
+    except EdgetokError as e:
+        click.echo(f"edgetok: error: {e}", err=True)
+        sys.exit(1)
+    if logits_out is not None:
+        write_logits(logits_out, rows)
+    click.echo(result_json(result.tokens, result.prompt_tokens, result.stats, result.text))
+
+
+if __name__ == "__main__":
+    main()
