@@ -332,3 +332,37 @@ def inspect(model, as_json):
     ]
     for k, v in rows:
         click.echo(f"{k:<14}{v}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--contexts", default="1024,4096,8192", show_default=True,
+              help="context lengths (tokens, or 8K); the prompt leaves room for the new tokens")
+@click.option("--new-tokens", "-n", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--kv-budget", "kv_budgets", default="100%,25%", show_default=True,
+              help="edgetok's tiered KV budgets to sweep (100%% is the exact run)")
+@click.option("--peers", default="llamacpp,ortgenai,transformers", show_default=True,
+              help="other runtimes on the same model, or none")
+@click.option("--system", "extra_systems", multiple=True, metavar="NAME=OPTIONS",
+              help="one more edgetok system: `edgetok run` options, e.g. 'int8=--weights int8 --kv-budget 25%%'")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of every system (default: all cores)")
+@click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True, help="rounds; speeds are their median")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("edgetok-bench"), show_default=True,
+              help="folder for results.json and the plots")
+def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads, repeat, out):
+    """Speed, memory and quality of edgetok and peer runtimes on MODEL, each run in its own process."""
+    import os
+
+    from edgetok.bench import harness, plots, report
+
+    results = {"command": " ".join(["edgetok", "bench", *sys.argv[2:]]), "machine": report.machine(), "versions": report.versions()}
+    results |= harness.run_bench(
+        model, harness.parse_contexts(contexts), new_tokens, [b.strip() for b in kv_budgets.split(",") if b.strip()],
+        peers, threads or os.cpu_count() or 1, repeat, extra_systems,
+    )
+    report.write_results(results, out)
+    pngs = plots.write_plots(results, out)
+    click.echo(report.results_table(results))
+    if ratios := report.ratios_table(results):
+        click.echo("\nedgetok ÷ peer (median tokens/s)\n" + ratios)
+    click.echo(f"\nwrote {out / 'results.json'}" + "".join(f", {p}" for p in pngs))
