@@ -20,10 +20,15 @@ class ContiguousCache:
         capacity: int = 256,
         dtype: torch.dtype = torch.float32,
         sliding_window: int | None = None,
+        growth: float = 0.25,
+        slack: int = 256,
     ) -> None:
+        """growth, slack: a full buffer grows to max(needed + slack, capacity · (1 + growth))."""
         shape = (batch, num_kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+        # Zeros, not garbage: a graph reads whole buffers and masks the spare slots (see view()).
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.growth, self.slack = growth, slack
         self.lengths = [0] * num_layers  # tokens stored per layer
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         self.sliding_window = sliding_window
@@ -45,14 +50,27 @@ class ContiguousCache:
 
     def _grow(self, layer: int, needed: int) -> None:
         cap = self.k[layer].shape[2]
-        new_cap = max(needed + 256, cap + cap // 4)  # 1.25×: long prompts arrive in big pieces anyway
+        new_cap = max(needed + self.slack, cap + int(cap * self.growth))
         for bufs in (self.k, self.v):
             old = bufs[layer]
-            new = old.new_empty(old.shape[:2] + (new_cap,) + old.shape[3:])
+            new = old.new_zeros(old.shape[:2] + (new_cap,) + old.shape[3:])
             new[:, :, :cap] = old
             bufs[layer] = new
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.append(layer, q, k, v)
+        end = self.lengths[layer]
+        mask = causal_mask(k.shape[2], end, self.sliding_window, device=q.device)
+        return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)
+
+    # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The layer's whole buffers (B, Hkv, capacity, D) and how many leading slots hold tokens:
+        no copy per step; the graph masks the spare slots (zeros, so never NaN)."""
+        return self.k[layer], self.v[layer], self.lengths[layer]
+
+    def append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' k, v (B, Hkv, T, D) after the layer's tokens."""
         start, t = self.lengths[layer], k.shape[2]
         end = start + t
         if end > self.k[layer].shape[2]:
@@ -60,8 +78,6 @@ class ContiguousCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
-        mask = causal_mask(t, end, self.sliding_window, device=q.device)
-        return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)
 
     def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length, (n, self.length)

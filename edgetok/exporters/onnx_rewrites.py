@@ -1,0 +1,271 @@
+"""Weight rewrites of the decoder graph: small passes, each usable and testable alone.
+
+The fp32 graph (onnx_graph.py) has three kinds of weight use:
+- linears: MatMul(x, W) with W an initializer of shape (K, N);
+- the LM head: Gemm(x, E, transB=1) with E (V, hidden);
+- the embedding: Gather(E, input_ids) — the same E when the embeddings are tied.
+
+Passes:
+- `to_matmul_nbits`: linears and the head become ONNX Runtime's MatMulNBits (block-quantized,
+  4 or 8 bits); the embedding Gather reads the head's packed initializer and dequantizes only the
+  rows it gathers, so a tied embedding stays one int4 copy.
+- `to_qdq`: weights become int4/int8 initializers behind standard DequantizeLinear (blocked or
+  per-channel), the form NPU execution providers accept; only default-domain operators.
+- `to_fp16`: float initializers stored in half precision, cast back to float32 on load.
+
+A `Quantizer` maps (initializer name, W (N out, K in)) to a QuantizedWeight, so the method that
+chose the codes (RTN, GPTQ, ...) is the caller's business.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgetok.exporters.quantize import QuantizedWeight
+
+Quantizer = Callable[[str, torch.Tensor], QuantizedWeight]
+MS_DOMAIN = "com.microsoft"
+
+
+# -- graph plumbing ---------------------------------------------------------------------------------
+class _Graph:
+    """Initializers by name and unique names for new nodes/tensors, over a ModelProto in place."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model, self.graph = model, model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self._n = 0
+        self._pending: list[onnx.NodeProto] = []  # nodes made since the last collect()
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}/rw{self._n}"
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        t = numpy_helper.from_array(array, name)
+        self.graph.initializer.append(t)
+        self.inits[name] = t
+        return name
+
+    def drop_init(self, name: str) -> None:
+        self.graph.initializer.remove(self.inits.pop(name))
+
+    def const(self, value, dtype=np.int64) -> str:
+        return self.add_init(self.fresh("const"), np.asarray(value, dtype=dtype))
+
+    def node(self, op_type: str, inputs: list[str], domain: str = "", outputs: list[str] | None = None, **attrs) -> str:
+        outputs = outputs or [self.fresh(op_type)]
+        self._pending.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type), domain=domain, **attrs))
+        return outputs[0]
+
+    def rebuild(self, replace: dict[int, list[onnx.NodeProto]]) -> None:
+        """Replace node i by replace[i] (in order): keeps the graph topologically sorted."""
+        nodes = list(self.graph.node)
+        del self.graph.node[:]
+        for i, n in enumerate(nodes):
+            self.graph.node.extend(replace.get(i, [n]))
+
+    def collect(self) -> list[onnx.NodeProto]:
+        out, self._pending = self._pending, []
+        return out
+
+    def use_ms_domain(self) -> None:
+        if not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _weight_uses(g: _Graph):
+    """(index, node, kind, initializer) for each linear MatMul, the head Gemm and the embedding Gather."""
+    for i, n in enumerate(g.graph.node):
+        if n.op_type == "MatMul" and n.input[1] in g.inits and len(g.inits[n.input[1]].dims) == 2:
+            yield i, n, "linear", n.input[1]
+        elif n.op_type == "Gemm" and n.input[1] in g.inits:
+            assert any(a.name == "transB" and a.i == 1 for a in n.attribute), "the head Gemm takes (V, hidden)"
+            yield i, n, "head", n.input[1]
+        elif n.op_type == "Gather" and n.input[0] in g.inits:
+            yield i, n, "embedding", n.input[0]
+
+
+def _nk(kind: str, array: np.ndarray) -> torch.Tensor:
+    """A weight as (N out, K in): linears store W transposed (K, N)."""
+    return torch.from_numpy(np.ascontiguousarray(array.T if kind == "linear" else array))
+
+
+# -- MatMulNBits --------------------------------------------------------------------------------------
+def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes (..., n) → bytes (..., n·bits/8), the first value in the low bits."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    assert bits == 4 and codes.shape[-1] % 2 == 0
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def pack_matmul_nbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """QuantizedWeight (N, K) → MatMulNBits' B (N, blocks, blob), scales (N, blocks), zero points."""
+    n, k = qw.shape
+    blocks = k // qw.group_size
+    b = _pack_bits(qw.q.numpy().reshape(n, blocks, qw.group_size), qw.bits)
+    zero = qw.zero.numpy()
+    if not qw.integer_zero:  # fractional zero points: float32, one per block
+        return b, qw.scale.numpy().astype(np.float32), zero.astype(np.float32)
+    if qw.bits == 4:  # two per byte, each row padded to whole bytes
+        zero = np.pad(zero, ((0, 0), (0, blocks % 2)), constant_values=8)
+        zero = _pack_bits(zero, 4)
+    return b, qw.scale.numpy().astype(np.float32), zero
+
+
+def unpack_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The inverse of pack_matmul_nbits, dequantized: (N, K) float32 (tests, and the parity check)."""
+    n, blocks, _ = b.shape
+    q = np.stack([b & 15, b >> 4], -1).reshape(n, blocks, -1) if bits == 4 else b
+    if bits == 4 and zero.dtype == np.uint8:
+        zero = np.stack([zero & 15, zero >> 4], -1).reshape(n, -1)[:, :blocks]
+    return ((q.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, k)
+
+
+def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str, bits: int, out: str) -> None:
+    """Embedding rows from MatMulNBits' packed (V, blocks, blob) initializer: (B, S, hidden) float."""
+    rows = g.node("Gather", [packed, ids], axis=0)  # (B, S, blocks, blob) uint8
+    zp = g.node("Gather", [zero, ids], axis=0)
+    if bits == 4:
+        def unpack(x: str, merged_shape: list[int]) -> str:
+            """Two nibbles per byte, low first: a new last axis of 2, merged into the one before."""
+            lo = g.node("BitwiseAnd", [x, g.const(15, np.uint8)])
+            hi = g.node("BitShift", [x, g.const(4, np.uint8)], direction="RIGHT")
+            pair = g.node("Concat", [g.node("Unsqueeze", [lo, g.const([-1])]), g.node("Unsqueeze", [hi, g.const([-1])])], axis=-1)
+            return g.node("Reshape", [pair, g.const(merged_shape)])
+
+        rows = unpack(rows, [0, 0, 0, -1])  # (B, S, blocks, block)
+        if g.inits[zero].data_type == TensorProto.UINT8:
+            blocks = g.inits[packed].dims[1]
+            zp = g.node("Slice", [unpack(zp, [0, 0, -1]), g.const([0]), g.const([blocks]), g.const([-1])])
+    zp = g.node("Unsqueeze", [g.node("Cast", [zp], to=TensorProto.FLOAT), g.const([-1])])
+    sc = g.node("Unsqueeze", [g.node("Gather", [scales, ids], axis=0), g.const([-1])])
+    deq = g.node("Mul", [g.node("Sub", [g.node("Cast", [rows], to=TensorProto.FLOAT), zp]), sc])
+    g.node("Reshape", [deq, g.const([0, 0, -1])], outputs=[out])
+
+
+def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level: int = 4) -> None:
+    """Every linear, the head and the embedding as block-quantized weights, at the bit width the
+    quantizer chose for each (4 or 8), in place.
+
+    accuracy_level 4 lets ONNX Runtime quantize activations to int8 for integer kernels (fast);
+    it applies to integer zero points only (fractional ones compute in float).
+    """
+    g = _Graph(model)
+    g.use_ms_domain()
+    uses = list(_weight_uses(g))
+    packed: dict[str, tuple[str, str, str, int, int]] = {}  # float initializer → (B, scales, zero, K, bits)
+
+    def pack(name: str, kind: str) -> tuple[str, str, str, int, int]:
+        if name not in packed:
+            w = _nk(kind, g.array(name))
+            qw = quantizer(name, w)
+            assert qw.bits in (4, 8), qw.bits
+            b, scales, zero = pack_matmul_nbits(qw)
+            packed[name] = (g.add_init(f"{name}.q", b), g.add_init(f"{name}.scales", scales),
+                            g.add_init(f"{name}.zero_points", zero), w.shape[1], qw.bits)
+        return packed[name]
+
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    order = sorted(uses, key=lambda u: u[2] == "embedding")  # the head first: the embedding reuses it
+    for i, n, kind, name in order:
+        b, scales, zero, k, bits = pack(name, kind)
+        if kind == "embedding":
+            _gather_dequantized(g, n.input[1], b, scales, zero, bits, n.output[0])
+        else:
+            g.node("MatMulNBits", [n.input[0], b, scales, zero], domain=MS_DOMAIN, outputs=list(n.output),
+                   K=k, N=g.inits[b].dims[0], bits=bits, block_size=g.inits[b].dims[2] * 8 // bits,
+                   accuracy_level=accuracy_level)
+        replace[i] = g.collect()
+    g.rebuild(replace)
+    for name in packed:
+        g.drop_init(name)
+
+
+# -- QDQ: standard DequantizeLinear -------------------------------------------------------------------
+def _signed(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and zero points shifted into the signed range: (q - zero) is unchanged."""
+    mid = 1 << (qw.bits - 1)
+    return qw.q.numpy().astype(np.int16) - mid, qw.zero.numpy().astype(np.int16) - mid
+
+
+def to_qdq(model: onnx.ModelProto, quantizer: Quantizer) -> None:
+    """Every weight as int4/int8 + DequantizeLinear (blocked along K, or per output channel when
+    the quantizer's group is the whole row); a tied embedding and head share one DequantizeLinear.
+    Zero points must be integers here (DequantizeLinear's zero point has the weights' type)."""
+    g = _Graph(model)
+    dequantized: dict[str, str] = {}  # float initializer → DequantizeLinear output
+
+    def dq(name: str, kind: str) -> str:
+        if name in dequantized:
+            return dequantized[name]
+        w = _nk(kind, g.array(name))
+        qw = quantizer(name, w)
+        assert qw.bits in (4, 8) and qw.integer_zero, (qw.bits, qw.zero.dtype)
+        dtype = ml_dtypes.int4 if qw.bits == 4 else np.int8
+        q, zero = _signed(qw)
+        n, k = qw.shape
+        per_channel = qw.group_size == k
+        scale = qw.scale.numpy()
+        if kind == "linear":  # stored (K, N): blocks run along axis 0, channels along axis 1
+            q, zero, scale = q.T, zero.T, scale.T
+            axis = 1 if per_channel else 0
+        else:  # (V, hidden): blocks along axis 1, channels along axis 0
+            axis = 0 if per_channel else 1
+        if per_channel:
+            zero, scale = zero.reshape(-1), scale.reshape(-1)
+        attrs = {"axis": axis} if per_channel else {"axis": axis, "block_size": qw.group_size}
+        inputs = [g.add_init(f"{name}.q", np.ascontiguousarray(q).astype(dtype)),
+                  g.add_init(f"{name}.scale", np.ascontiguousarray(scale, dtype=np.float32)),
+                  g.add_init(f"{name}.zero_point", np.ascontiguousarray(zero).astype(dtype))]
+        dequantized[name] = g.node("DequantizeLinear", inputs, **attrs)
+        return dequantized[name]
+
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for i, n, kind, name in _weight_uses(g):
+        w = dq(name, kind)
+        inputs = list(n.input)
+        inputs[0 if kind == "embedding" else 1] = w
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        del new.input[:]
+        new.input.extend(inputs)
+        replace[i] = g.collect() + [new]
+    g.rebuild(replace)
+    for name in dequantized:
+        g.drop_init(name)
+
+
+# -- fp16 storage ----------------------------------------------------------------------------------------
+def to_fp16(model: onnx.ModelProto, min_elements: int = 1024) -> None:
+    """Large float initializers stored as float16 and cast to float32 where used (ONNX Runtime folds
+    the Cast at load: half the file, float32 compute)."""
+    g = _Graph(model)
+    casts: dict[str, str] = {}
+    for t in list(g.graph.initializer):
+        if t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= min_elements:
+            half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), f"{t.name}.fp16")
+            g.graph.initializer.remove(t)
+            g.graph.initializer.append(half)
+            casts[t.name] = g.node("Cast", [half.name], outputs=[t.name], to=TensorProto.FLOAT)
+    cast_nodes = g.collect()
+    nodes = list(g.graph.node)
+    del g.graph.node[:]
+    g.graph.node.extend(cast_nodes + nodes)
+
+
+def rtn_quantizer(bits: int, block_size: int | None, symmetric: bool = False, float_zero: bool = False) -> Quantizer:
+    """Round-to-nearest with `block_size` inputs per scale (None: one scale per output channel)."""
+    from edgetok.exporters.quantize import rtn
+
+    return lambda name, w: rtn(w, bits, block_size or w.shape[1], symmetric, float_zero=float_zero)
