@@ -352,13 +352,18 @@ def inspect(model, as_json):
 def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads, repeat, out):
     """Speed, memory and quality of edgetok and peer runtimes on MODEL, each run in its own process."""
     import os
+    import shlex
 
     from edgetok.bench import harness, plots, report
 
-    results = {"command": " ".join(["edgetok", "bench", *sys.argv[2:]]), "machine": report.machine(), "versions": report.versions()}
+    threads = threads or os.cpu_count() or 1
+    command = ["edgetok", "bench", model, "--contexts", contexts, "--new-tokens", str(new_tokens), "--kv-budget", kv_budgets,
+               "--peers", peers, *(a for s in extra_systems for a in ("--system", s)), "--threads", str(threads),
+               "--repeat", str(repeat), "--out", str(out)]
+    results = {"command": shlex.join(command), "machine": report.machine(), "versions": report.versions()}
     results |= harness.run_bench(
         model, harness.parse_contexts(contexts), new_tokens, [b.strip() for b in kv_budgets.split(",") if b.strip()],
-        peers, threads or os.cpu_count() or 1, repeat, extra_systems,
+        peers, threads, repeat, extra_systems,
     )
     report.write_results(results, out)
     pngs = plots.write_plots(results, out)

@@ -150,6 +150,7 @@ def test_bench_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
     assert set(res["skipped"]) == {"llama.cpp", "onnxruntime-genai"}
     assert "pip install 'edgetok[peers]'" in res["skipped"]["onnxruntime-genai"]
     assert "skipped onnxruntime-genai" in r.stdout
+    assert res["command"].startswith("edgetok bench ") and "--repeat 1 " in res["command"]
     assert res["machine"]["cores"] >= 1 and res["versions"]["edgetok"]
     assert res["prompt"]["tokens"] == {"64": 59}
     rows = {row["system"]: row for row in res["results"]}

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
 from edgetok.bench.record import read_logits, write_ids
 from edgetok.bench.systems import REFERENCE, System, edgetok_systems, parse_peers, peer_systems, skipped_peers
 from edgetok.errors import EdgetokError
@@ -55,7 +57,7 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
     return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
 
-def quality(reference: "torch.Tensor", logits: "torch.Tensor") -> dict[str, float]:  # noqa: F821
+def quality(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
     """Greedy agreement and KL(reference ‖ system) over the generated positions (both (N, V),
     the system fed the reference's greedy tokens)."""
     from edgetok.exporters.verify import compare
@@ -189,7 +191,7 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
         if c <= new_tokens or c > limit:
             raise EdgetokError(f"context {c} is impossible: {model} holds {limit} tokens, and a context must exceed --new-tokens ({new_tokens})")
     skipped = skipped_peers(peer_keys)
-    if progress and any(k for k in peer_keys):
+    if progress and peer_keys:
         print("edgetok bench: preparing the peers' model files (cached after the first bench)", file=sys.stderr)
     systems += peer_systems(model, source, peer_keys)
 
