@@ -44,6 +44,7 @@ class Layer:
     abstracts: torch.Tensor | None = None  # (Hkv, 2D, C): per chunk, max then min of its keys
     q_obs: torch.Tensor | None = None  # (Hq, ≤W, D) the last prompt queries
     last_keys: list[int] | None = None  # the chunks read at the previous step: predicts the next ones
+    q_last: torch.Tensor | None = None  # (Hq, D) the last query: selects a graph's next view
     # resident: all tokens, chunks first then the window, in a growing slab
     slab_k: torch.Tensor | None = None  # (Hkv, capacity, D)
     slab_v: torch.Tensor | None = None
@@ -59,7 +60,11 @@ class Layer:
 
 
 class TieredCache:
-    def __init__(self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """dtype: of the K/V attention reads (default: bf16 when approximate, float32 when exact)."""
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layers = [Layer() for _ in range(num_layers)]
@@ -69,7 +74,7 @@ class TieredCache:
         self.bits = cfg.storage_bits()
         # Approximate attention reads bf16 K/V (half the bytes: the decode cost at long contexts);
         # an exact cache keeps float32.
-        self.dtype = torch.float32 if self.bits == "32" else torch.bfloat16
+        self.dtype = dtype or (torch.float32 if self.bits == "32" else torch.bfloat16)
         self.store: TierStore | None = None
         self.pool: ThreadPoolExecutor | None = None
         if not self.resident:
@@ -187,17 +192,23 @@ class TieredCache:
     # -- prefill: exact ---------------------------------------------------------------------------
     def _attend_prefill(self, i: int, q, k, v) -> torch.Tensor:
         layer = self.layers[i]
+        past = None if self.resident or not layer.keys else self._layer_kv(i)  # before this piece is stored
+        self._prefill_store(i, q, k, v)
         if self.resident:
-            self._slab_append(layer, k, v)
             keys, values = self._layer_kv(i)
         else:
             k, v = k.to(self.dtype), v.to(self.dtype)
-            past_k, past_v = self._layer_kv(i) if layer.keys else (k[:, :0], v[:, :0])
-            keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
-            layer.keys.append(self._store_chunk(k, v, 32, heat=0.0))  # provisional: one block per piece
+            keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
+        return self._attend(q, keys, values, k.shape[1])
+
+    def _prefill_store(self, i: int, q, k, v) -> None:
+        layer = self.layers[i]
+        if self.resident:
+            self._slab_append(layer, k, v)
+        else:  # provisional: one block per piece, until end_prefill cuts chunks
+            layer.keys.append(self._store_chunk(k.to(self.dtype), v.to(self.dtype), 32, heat=0.0))
         w = self.cfg.observation_window
         layer.q_obs = q[:, -w:] if layer.q_obs is None else torch.cat([layer.q_obs, q], 1)[:, -w:]
-        return self._attend(q, keys, values, k.shape[1])
 
     @staticmethod
     def _attend(q, keys, values, t: int) -> torch.Tensor:
@@ -290,28 +301,68 @@ class TieredCache:
         self.budgets = allocate([layer.share for layer in self.layers], self.cfg.budget_tokens(self.length), total)
 
     def _attend_decode(self, i: int, q, k, v) -> torch.Tensor:
-        layer = self.layers[i]
+        chosen = self._decode_select(i, q[:, -1])
+        self._decode_store(self.layers[i], k, v)
+        keys, values = self._decode_gather(i, chosen)
+        out = self._attend(q, keys, values, k.shape[1])
+        self._maybe_seal(self.layers[i])
+        return out
+
+    def _decode_select(self, i: int, q_last: torch.Tensor) -> torch.Tensor | None:
         if i == 0:
             self.counters["steps"] += 1
             if self.store is not None:
                 self.store.step += 1
             self._step_budgets()
-        q_last = q[:, -1]
-        chosen = self._select(i, q_last)
+        return self._select(i, q_last)
+
+    def _decode_store(self, layer: Layer, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.resident:
             self._slab_append(layer, k, v)
-            keys, values = self._gather_resident(layer, chosen)
         else:
             k, v = k.to(self.dtype), v.to(self.dtype)
             layer.window_k, layer.window_v = torch.cat([layer.window_k, k], 1), torch.cat([layer.window_v, v], 1)
-            keys, values = self._gather_tiered(i, chosen)
-        out = self._attend(q, keys, values, k.shape[1])
+
+    def _decode_gather(self, i: int, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[i]
+        keys, values = self._gather_resident(layer, chosen) if self.resident else self._gather_tiered(i, chosen)
         self.counters["tokens_attended"] += keys.shape[1]
         self.counters["tokens_total"] += layer.n_chunks * layer.chunk_size + self._window_len(layer)
         self.counters["chunks_selected"] += layer.n_chunks if chosen is None else len(chosen)
+        return keys, values
+
+    def _maybe_seal(self, layer: Layer) -> None:
         if self._window_len(layer) >= 2 * layer.chunk_size:  # keep ≥ one chunk of exact recent tokens
             self._seal(layer)
-        return out
+
+    # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
+    def view(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What layer i's next tokens attend to besides themselves: keys, values (1, Hkv, P, D) and
+        P. Prefill: every stored token. Decode: the chunks the layer's last query selects
+        (consecutive queries are alike) and the window."""
+        layer = self.layers[i]
+        if layer.chunk_size == 0:
+            if self.lengths[i] == 0:
+                empty = torch.zeros(self.n_kv, 0, self.head_dim, dtype=self.dtype)
+                keys, values = empty, empty
+            else:
+                keys, values = self._layer_kv(i)
+        else:
+            keys, values = self._decode_gather(i, self._decode_select(i, layer.q_last))
+        return keys[None], values[None], keys.shape[1]
+
+    def append(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection."""
+        assert q.shape[0] == 1, "the tiered cache holds one sequence"
+        layer = self.layers[i]
+        self.lengths[i] += k.shape[2]
+        q, k, v = q[0], k[0], v[0]
+        layer.q_last = q[:, -1]
+        if layer.chunk_size == 0:
+            self._prefill_store(i, q, k, v)
+        else:
+            self._decode_store(layer, k, v)
+            self._maybe_seal(layer)
 
     def _gather_resident(self, layer: Layer, chosen: torch.Tensor | None):
         if chosen is None:
