@@ -363,7 +363,7 @@ def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads
     results = {"command": shlex.join(command), "machine": report.machine(), "versions": report.versions()}
     results |= harness.run_bench(
         model, harness.parse_contexts(contexts), new_tokens, [b.strip() for b in kv_budgets.split(",") if b.strip()],
-        peers, threads, repeat, extra_systems,
+        peers, threads, repeat, extra_systems, on_update=lambda partial: report.write_results(results | partial, out),
     )
     report.write_results(results, out)
     pngs = plots.write_plots(results, out)

@@ -48,12 +48,12 @@ def test_quality_agreement_and_kl():
         harness.quality(ref, ref[:4])
 
 
-def test_plan_interleaves_systems_within_each_context():
+def test_plan_interleaves_systems_in_rounds():
     a, b, c = (System(n, "edgetok", "m") for n in (REFERENCE, "b", "c"))
     runs = harness.plan([1024, 4096], [a, b, c], repeat=2)
-    assert [(r.context, r.round, r.system.name) for r in runs] == [
-        (1024, 0, REFERENCE), (1024, 0, "b"), (1024, 0, "c"), (1024, 1, REFERENCE), (1024, 1, "b"), (1024, 1, "c"),
-        (4096, 0, REFERENCE), (4096, 0, "b"), (4096, 0, "c"), (4096, 1, REFERENCE), (4096, 1, "b"), (4096, 1, "c"),
+    assert [(r.round, r.context, r.system.name) for r in runs] == [
+        (0, 1024, REFERENCE), (0, 1024, "b"), (0, 1024, "c"), (0, 4096, REFERENCE), (0, 4096, "b"), (0, 4096, "c"),
+        (1, 1024, REFERENCE), (1, 1024, "b"), (1, 1024, "c"), (1, 4096, REFERENCE), (1, 4096, "b"), (1, 4096, "c"),
     ]
 
 
@@ -150,6 +150,7 @@ def test_bench_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
     assert set(res["skipped"]) == {"llama.cpp", "onnxruntime-genai"}
     assert "pip install 'edgetok[peers]'" in res["skipped"]["onnxruntime-genai"]
     assert "skipped onnxruntime-genai" in r.stdout
+    assert res["complete"] is True
     assert res["command"].startswith("edgetok bench ") and "--repeat 1 " in res["command"]
     assert res["machine"]["cores"] >= 1 and res["versions"]["edgetok"]
     assert res["prompt"]["tokens"] == {"64": 59}

