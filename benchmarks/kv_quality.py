@@ -21,10 +21,7 @@ import edgetok
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig
 from edgetok.texts import essays
-
-NEEDLE = "The secret passphrase for the vault is 'amber falcon 7319'."
-QUESTION = "What is the secret passphrase for the vault?"
-ANSWER = "7319"
+from needle import found, needle_prompt  # benchmarks/needle.py
 
 
 def run(backend: TorchBackend, prompt: list[int], follow: list[int] | None, new: int):
@@ -47,15 +44,6 @@ def run(backend: TorchBackend, prompt: list[int], follow: list[int] | None, new:
     if hasattr(cache, "close"):
         cache.close()
     return out, torch.stack(rows), elapsed, stats
-
-
-def needle_prompt(model: edgetok.Model, context: int, depth: float) -> list[int]:
-    tok = model.tokenizer
-    body = tok.encode(essays(context * 6), add_special_tokens=False)[: context - 120]
-    cut = int(len(body) * depth)
-    text = tok.decode(body[:cut]) + "\n" + NEEDLE + "\n" + tok.decode(body[cut:])
-    messages = [{"role": "user", "content": text + "\n\n" + QUESTION}]
-    return model.encode(messages, chat=True)
 
 
 def main() -> None:
@@ -99,7 +87,7 @@ def main() -> None:
                 b = TorchBackend(source, kv=KVConfig(budget=budget)) if budget != "100%" else full
                 b.model = full.model
                 toks, *_ = run(b, prompt_n, None, 24)
-                hits[budget] = ANSWER in model.tokenizer.decode(toks)
+                hits[budget] = found(model, toks)
             row = {"context": ctx, "needle_depth": depth, "found": hits}
             results.append(row)
             print(json.dumps(row), flush=True)

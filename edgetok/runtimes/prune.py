@@ -80,15 +80,15 @@ def prefill_pruned(
     n_kept = kept_count(n, plan.keep, plan.sinks, min(plan.window, n))
     report = _Progress(progress, n, n * (last + 1) + n_kept * (n_layers - last - 1))
 
-    # Layers 0..L on every token. Keep layer L's input (to score) and output (to go on).
-    layer_in = layer_out = None  # (1, N, hidden)
+    # Layers 0..L on every token. Keep layer L's input (to score) and output (to go on): at 8K
+    # tokens and SmolLM2's width, 18 MB each.
+    shape, dtype = (1, n, model.config.hidden_size), model.model.embed_tokens.weight.dtype
+    layer_in, layer_out = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         x = model.embed(ids[:, start:stop])
         cos, sin = model.rope(torch.arange(start, stop), x.dtype)
         x = model.run_layers(x, cos, sin, cache, 0, last)
-        if layer_in is None:
-            layer_in, layer_out = x.new_empty(1, n, x.shape[-1]), x.new_empty(1, n, x.shape[-1])
         layer_in[:, start:stop] = x
         layer_out[:, start:stop] = model.run_layers(x, cos, sin, cache, last, last + 1)
         report.done(stop - start, last + 1)
@@ -111,7 +111,11 @@ def prefill_pruned(
 
 
 def _choose(model: LlamaModel, layer_in: torch.Tensor, plan: PrunePlan, count: int) -> torch.Tensor:
-    """Score every token with the window's queries against all keys of layer L → kept positions (K,)."""
+    """Score every token with the window's queries against all keys of layer L → kept positions (K,).
+
+    Queries and keys are recomputed from layer L's input (a small matmul) rather than read from
+    the cache, which may hold keys at another precision or in tiers on disk.
+    """
     n = layer_in.shape[1]
     w = min(plan.window, n)
     block = model.model.layers[plan.after_layer]
