@@ -256,10 +256,20 @@ def chat(model, system, verbose, **kw):
               help="text for the parity report (default: the built-in essays)")
 @click.option("--eval-tokens", type=click.IntRange(min=16), default=512, show_default=True)
 @click.option("--no-verify", is_flag=True, help="skip the parity report")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "rsq"]), default="rtn", show_default=True,
+              help="how weight codes are chosen: rtn rounds to nearest; gptq and rsq (rotated, importance-weighted "
+                   "GPTQ) calibrate on text (gguf: --quant q4_0 or q8_0)")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="calibration text for gptq/rsq (default: the built-in essays)")
+@click.option("--calib-tokens", type=click.IntRange(min=512), default=None,
+              help="calibration tokens for gptq/rsq, in sequences of 512 (default 32768)")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def export(model, fmt, quant, output, force, keep_sensitive, eval_text, eval_tokens, no_verify, threads, as_json):
+def export(model, fmt, quant, output, force, keep_sensitive, eval_text, eval_tokens, no_verify, method, calib, calib_tokens,
+           threads, as_json):
     """Export MODEL to a compressed artifact, with a parity report against the fp32 reference."""
+    if fmt == "hf" and (method != "rtn" or calib or calib_tokens):
+        raise EdgetokError("--method, --calib and --calib-tokens apply to quantized formats (gguf, onnx), not hf")
     if fmt == "onnx":
         raise EdgetokError("--format onnx is not available yet in this version of edgetok; use --format gguf")
     if fmt == "hf":
@@ -274,11 +284,12 @@ def export(model, fmt, quant, output, force, keep_sensitive, eval_text, eval_tok
     manifest = export_gguf_verified(
         model, output, quant, force=force, keep_sensitive=keep_sensitive, verify=not no_verify,
         eval_text=eval_text, eval_tokens=eval_tokens, threads=threads,
+        method=method, calib=calib, calib_tokens=calib_tokens,
     )
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
-    click.echo(f"wrote {output} ({manifest['size_bytes'] / 1e6:.1f} MB, {quant})")
+    click.echo(f"wrote {output} ({manifest['size_bytes'] / 1e6:.1f} MB, {quant}, {method})")
     for name, kind in manifest.get("kept_at_higher_precision", {}).items():
         kl = manifest.get("sensitivity_kl", {}).get(name)
         click.echo(f"  kept at {kind}: {name}" + (f" (KL when quantized alone {kl:.4f})" if kl is not None else " (output projection)"))

@@ -134,12 +134,43 @@ def _tensor_data(w: np.ndarray, qtype):
     return quantize(w, qtype), qtype
 
 
+# --quant name → (bits, group size) of the codes a QuantizedWeight must hold to be written as it is.
+CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
+
+
+def gguf_blocks(qw, quant: str) -> np.ndarray:
+    """A symmetric QuantizedWeight (N, K) → GGUF blocks (N, K/32 · block bytes) uint8, exactly.
+
+    q4_0 block: fp16 d, then 16 bytes whose low nibbles are codes 0..15 of the block and high
+    nibbles codes 16..31; value = (code − 8) · d. q8_0 block: fp16 d, then 32 int8 = code − 128;
+    value = int8 · d. (gguf-py's gguf.quants dequantizes these layouts.)
+    """
+    bits, group = CODE_TYPES[quant]
+    n, k = qw.shape
+    if (qw.bits, qw.group_size) != (bits, group) or not qw.symmetric:
+        raise ValueError(f"{quant} blocks need symmetric {bits}-bit codes in groups of {group}, "
+                         f"not {qw.bits}-bit in groups of {qw.group_size}")
+    d = qw.scale.half()
+    if not torch.equal(d.float(), qw.scale):
+        raise ValueError("the scales are not fp16 values: quantize with scale_dtype=torch.float16")
+    d = d.numpy().view(np.uint8).reshape(n, k // group, 2)
+    codes = qw.q.numpy().reshape(n, k // group, group)
+    if quant == "q4_0":
+        body = codes[..., : group // 2] | (codes[..., group // 2 :] << np.uint8(4))
+    else:
+        body = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    return np.concatenate([d, body], axis=-1).reshape(n, -1)
+
+
 def export_gguf(
-    source: Source, out: Path, quant: str = "f16", force: bool = False, overrides: dict[str, str] | None = None
+    source: Source, out: Path, quant: str = "f16", force: bool = False, overrides: dict[str, str] | None = None,
+    quantized: dict | None = None,
 ) -> Path:
     """Write `source` to `out` atomically (a temporary file beside it, then rename).
 
     overrides: HF tensor name → --quant name for tensors that get another type (--keep-sensitive).
+    quantized: HF tensor name → QuantizedWeight whose codes are written as `quant` blocks as they
+    are (gptq, rsq); the other tensors are quantized here by llama.cpp's own rounding.
     """
     import gguf
 
@@ -167,11 +198,18 @@ def export_gguf(
         for name, tensor in source.weights.items():
             if cfg.tie_word_embeddings and name == "lm_head.weight":
                 continue
+            heads = {".q_proj.": cfg.num_heads, ".k_proj.": cfg.num_kv_heads}
+            heads = next((h for part, h in heads.items() if part in name), None) if arch == "llama" else None
+            if quantized and name in quantized and name not in overrides:
+                qw = quantized[name]
+                if heads is not None:  # the same row order as permute_qk gives the float weight
+                    qw = qw.rows(torch.from_numpy(permute_qk(np.arange(qw.shape[0]), heads)))
+                data, dtype = gguf_blocks(qw, quant), _qtype(quant)
+                writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
+                continue
             w = tensor.float().numpy()
-            if arch == "llama" and ".q_proj." in name:
-                w = permute_qk(w, cfg.num_heads)
-            elif arch == "llama" and ".k_proj." in name:
-                w = permute_qk(w, cfg.num_kv_heads)
+            if heads is not None:
+                w = permute_qk(w, heads)
             data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
             writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
         writer.write_header_to_file()

@@ -2,21 +2,34 @@
 
 A linear layer's weight W (N out, K in) is cut along K into groups of `group_size` inputs; each
 (row, group) has one scale and one integer zero point. Every artifact writer (ONNX MatMulNBits,
-ONNX QDQ, GGUF blocks) consumes a `QuantizedWeight`, whichever method chose its codes.
+ONNX QDQ, GGUF blocks) consumes a `QuantizedWeight`, whichever method chose its codes:
+
+- `rtn`: round to nearest on each group's min/max (or ±absmax) grid.
+- `gptq`: the same grid, codes chosen column by column with the error pushed onto the columns
+  not yet quantized through the inverse Hessian of the layer's calibration inputs (GPTQ).
+- `quantize_model` (bottom): a whole model by rtn, gptq or rsq (rotate, importance-weighted
+  GPTQ); the single entry point the exporters call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+
+METHODS = ("rtn", "gptq", "rsq")
 
 
 @dataclass
 class QuantizedWeight:
     q: torch.Tensor  # (N, K) uint8 codes in [0, 2^bits)
     scale: torch.Tensor  # (N, K // group_size) float32
-    zero: torch.Tensor  # (N, K // group_size) uint8; symmetric weights have zero = 2^(bits-1)
+    # (N, K // group_size): uint8 codes (symmetric weights have zero = 2^(bits-1)), or float32
+    # for fractional zero points (q4_1-style min offsets: x = scale·q + min, zero = -min/scale)
+    zero: torch.Tensor
     bits: int
     group_size: int  # == K: one scale per output channel
 
@@ -26,8 +39,16 @@ class QuantizedWeight:
         assert self.scale.shape == self.zero.shape == (n, k // self.group_size), (self.scale.shape, self.zero.shape)
 
     @property
+    def integer_zero(self) -> bool:
+        return not self.zero.is_floating_point()
+
+    @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
+
+    @property
+    def symmetric(self) -> bool:
+        return bool((self.zero == 1 << (self.bits - 1)).all())
 
     def dequantize(self) -> torch.Tensor:
         """(N, K) float32."""
@@ -36,23 +57,279 @@ class QuantizedWeight:
         w = (g - self.zero.float()[..., None]) * self.scale[..., None]
         return w.reshape(n, k)
 
+    def rows(self, index: torch.Tensor | slice) -> "QuantizedWeight":
+        """The output rows `index` (a slice or a permutation): codes, scales and zeros move together."""
+        return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.bits, self.group_size)
 
-def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedWeight:
+    @staticmethod
+    def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        a = parts[0]
+        assert all(p.bits == a.bits and p.group_size == a.group_size for p in parts)
+        cat = lambda attr: torch.cat([getattr(p, attr) for p in parts])  # noqa: E731
+        return QuantizedWeight(cat("q"), cat("scale"), cat("zero"), a.bits, a.group_size)
+
+
+# -- the grid: one (scale, zero) per row and group ------------------------------------------------
+def fit_group_size(k: int, group_size: int) -> int:
+    """`group_size` when it divides the input width K, else the largest power of two below it that
+    does (SmolLM2's K = 576 takes no group of 128: its q/k/v/o/gate/up get 64)."""
+    if k % group_size == 0:
+        return group_size
+    g = 1 << (group_size.bit_length() - 1)
+    while g > 1 and k % g:
+        g //= 2
+    if g < 16:
+        raise ValueError(f"no group size of at least 16 up to {group_size} divides the input width {k}")
+    return g
+
+
+def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Scales as the artifact stores them (fp16 in GGUF blocks), so the codes are chosen on the grid
+    the runtime will use; kept ≥ the dtype's smallest positive value (no division by zero)."""
+    if scale_dtype == torch.float32:
+        return scale
+    tiny = torch.finfo(scale_dtype).smallest_normal
+    return scale.clamp_min(tiny).to(scale_dtype).float()
+
+
+def grid(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float32, float_zero: bool = False):
+    """w (..., G) → scale, zero (...): asymmetric min/max with 0 representable, or ±absmax
+    spanning all 2^bits levels around zero = 2^(bits-1) (as GPTQ's quantizer does).
+
+    float_zero: asymmetric groups keep their exact min as a fractional zero point (float32), so
+    min and max are both on the grid (q4_1's min offsets; ONNX Runtime's MatMulNBits takes them).
+    """
+    levels = (1 << bits) - 1
+    w = w.float()
+    if symmetric:
+        scale = _round_scale((2 * w.abs().amax(-1) / levels).clamp_min(1e-12), scale_dtype)
+        zero = torch.full_like(scale, 1 << (bits - 1), dtype=torch.uint8)
+    elif float_zero:
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = _round_scale(((hi - lo) / levels).clamp_min(1e-12), scale_dtype)
+        zero = -lo / scale
+    else:
+        lo, hi = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)  # keep 0 representable
+        scale = _round_scale(((hi - lo) / levels).clamp_min(1e-12), scale_dtype)
+        zero = (-lo / scale).round().clamp(0, levels).to(torch.uint8)
+    return scale, zero
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """w, scale, zero broadcastable → uint8 codes."""
+    return (w / scale + zero.float()).round().clamp(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def rtn(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, scale_dtype: torch.dtype = torch.float32,
+    float_zero: bool = False,
+) -> QuantizedWeight:
     """Round to nearest: per group, asymmetric min/max (or symmetric absmax) scaling. w: (N, K)."""
     assert bits in (2, 3, 4, 8), bits
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide the input width {k}")
     g = w.float().reshape(n, k // group_size, group_size)
-    levels = (1 << bits) - 1
-    if symmetric:
-        mid = 1 << (bits - 1)
-        # ±absmax spans all 2^bits levels (as GPTQ does): codes -mid..mid-1 around zero = mid
-        scale = (2 * g.abs().amax(-1) / levels).clamp_min(1e-12)
-        zero = torch.full_like(scale, mid, dtype=torch.uint8)
-    else:
-        lo, hi = g.amin(-1).clamp_max(0), g.amax(-1).clamp_min(0)  # keep 0 representable
-        scale = ((hi - lo) / levels).clamp_min(1e-12)
-        zero = (-lo / scale).round().clamp(0, levels).to(torch.uint8)
-    q = (g / scale[..., None] + zero.float()[..., None]).round().clamp(0, levels).to(torch.uint8)
+    scale, zero = grid(g, bits, symmetric, scale_dtype, float_zero)
+    q = _codes(g, scale[..., None], zero[..., None], bits)
     return QuantizedWeight(q.reshape(n, k), scale.float(), zero, bits, group_size)
+
+
+# -- GPTQ -----------------------------------------------------------------------------------------
+@contextmanager
+def _one_thread():
+    """GPTQ's column loop is thousands of small ops: with several threads each op pays a thread
+    barrier, and on a busy machine that costs >10x (SmolLM2, 2 shared cores: 444 s → 22 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def gptq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    *,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022) on w (N, K) with hessian (K, K) ∝ Σ xᵀx of the layer's inputs.
+
+    As the reference implementation: dead inputs (zero diagonal) are zeroed; the diagonal is
+    dampened by percdamp · mean(diag); the upper Cholesky factor of H⁻¹ drives column-by-column
+    rounding; errors are applied lazily, inside a block of `block_size` columns at once and to
+    the columns after it with one matmul per block.
+
+    Grid (the same as `rtn`'s): without act_order, each group's scale/zero are computed when the
+    group's first column comes up, from the weights as already updated by the errors of earlier
+    columns (the reference's default; unlike the reference, groups that start inside a block
+    see that block's updates too). With act_order (columns in order of decreasing H diagonal),
+    a group's columns are no longer quantized together, so scale/zero are computed up front per
+    contiguous group of the original columns (the reference's static_groups) and the result is
+    a plain QuantizedWeight in the original column order.
+    """
+    with _one_thread():
+        return _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_order, scale_dtype)
+
+
+def _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_order, scale_dtype) -> QuantizedWeight:
+    assert bits in (2, 3, 4, 8), bits
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input width {k}")
+    if hessian.shape != (k, k):
+        raise ValueError(f"the Hessian is {tuple(hessian.shape)}, the weight's input width {k}")
+    W = w.float().clone()
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    n_groups = k // group_size
+    scale = torch.empty(n, n_groups)
+    zero = torch.empty(n, n_groups, dtype=torch.uint8)
+    if act_order:  # static groups, from the weights before any update
+        scale, zero = grid(W.view(n, n_groups, group_size), bits, symmetric, scale_dtype)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(k)
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    # Upper Cholesky factor of H⁻¹: row i holds the update of the columns after i (GPTQ's eq. 3
+    # without recomputing the inverse after each column).
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    group_of = perm // group_size  # group of each (permuted) column
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # (N, B) updated in place as columns are rounded
+        err = torch.zeros_like(W1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(group_of[col])
+            if not act_order and col % group_size == 0:
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size]  # this group, as updated so far
+                scale[:, g], zero[:, g] = grid(ahead, bits, symmetric, scale_dtype)
+            s, z = scale[:, g], zero[:, g].float()
+            x = W1[:, i]
+            q = _codes(x, s, z, bits)
+            codes[:, col] = q
+            e = (x - (q.float() - z) * s) / h1[i, i]
+            W1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err[:, i] = e
+        W[:, i2:] -= err @ hinv[i1:i2, i2:]
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return QuantizedWeight(codes, scale.float(), zero, bits, group_size)
+
+
+def layer_error(w: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> float:
+    """‖W Xᵀ − Ŵ Xᵀ‖_F² / ‖W Xᵀ‖_F²: the relative output error on inputs x (T, K)."""
+    ref = x.float() @ w.float().T
+    return ((ref - x.float() @ qw.dequantize().T).pow(2).sum() / ref.pow(2).sum()).item()
+
+
+# -- a whole model --------------------------------------------------------------------------------
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class QuantizedModel:
+    """What the writers consume: the decoder's linears as codes, everything else as float tensors.
+
+    With `rotated` (rsq) the weights are those of the rotated model (norm weights folded, so
+    all ones; the head untied from the embedding when the config says so): a writer must take
+    `config` and every tensor from here, not from the source.
+    """
+
+    config: Any  # ModelConfig of the weights below
+    weights: dict[str, QuantizedWeight | torch.Tensor]  # HF name → codes (decoder linears) or float tensor
+    reference: dict[str, torch.Tensor]  # the float model the codes approximate (rotated when rotated)
+    method: str
+    rotated: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def quantized(self) -> dict[str, QuantizedWeight]:
+        return {k: v for k, v in self.weights.items() if isinstance(v, QuantizedWeight)}
+
+    def dequantized(self) -> dict[str, torch.Tensor]:
+        """A float state dict with the codes' values (fake quantization), for the reference model."""
+        return {k: v.dequantize() if isinstance(v, QuantizedWeight) else v for k, v in self.weights.items()}
+
+
+def quantize_model(
+    source,
+    bits: int,
+    group_size: int,
+    method: str = "rtn",
+    calib_text: str | None = None,
+    calib_tokens: int | None = None,
+    progress: Callable | None = None,
+    *,
+    symmetric: bool = False,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    scale_dtype: torch.dtype = torch.float16,
+    seq_len: int | None = None,
+    r_max: float = 10.0,
+    seed: int = 0,
+) -> QuantizedModel:
+    """Quantize the decoder linears of `source` (a models.sources.Source) by rtn, gptq or rsq.
+
+    group_size is fitted per linear (`fit_group_size`). Calibration (gptq, rsq) reads
+    calib_tokens tokens of calib_text, or of the end of the built-in essays when it is None.
+    scale_dtype: the precision the artifact stores scales in (fp16 for GGUF blocks, MatMulNBits
+    and QDQ); scales are rounded to it before the codes are chosen.
+    """
+    from edgetok.exporters import calibration
+    from edgetok.models.llama import LlamaModel
+
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method '{method}' (choose from {', '.join(METHODS)})")
+    cfg = source.config
+    weights = {k: v.float() for k, v in source.weights.items()}
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    rotated = method == "rsq"
+    info: dict[str, Any] = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric}
+    if rotated:
+        from edgetok.exporters.rotation import rotate
+
+        untied_before = not cfg.tie_word_embeddings
+        weights, cfg = rotate(weights, cfg, seed=seed)
+        info["rotation"] = "random Hadamard on the residual stream and on each value head, norms folded"
+        info["untied_head"] = not untied_before and not cfg.tie_word_embeddings
+    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
+    groups = {n: fit_group_size(weights[n].shape[1], group_size) for n in names}
+    start = time.perf_counter()
+    if method == "rtn":
+        codes = {n: rtn(weights[n], bits, groups[n], symmetric, scale_dtype) for n in names}
+    else:
+        seq_len = seq_len or calibration.SEQ_LEN
+        tokens = calibration.calibration_tokens(source.tokenizer, calib_text, calib_tokens or calibration.DEFAULT_TOKENS, seq_len)
+        model = LlamaModel.from_state_dict(cfg, {k: v.clone() for k, v in weights.items()})
+
+        def quantize(w: torch.Tensor, h: torch.Tensor) -> QuantizedWeight:
+            g = fit_group_size(w.shape[1], group_size)
+            return gptq(w, h, bits, g, symmetric, percdamp=percdamp, act_order=act_order, scale_dtype=scale_dtype)
+
+        codes = calibration.calibrate(model, tokens, quantize, weighted=rotated, r_max=r_max, progress=progress)
+        info |= {"calibration_tokens": int(tokens.numel()), "calibration_sequences": int(tokens.shape[0]),
+                 "seq_len": seq_len, "act_order": act_order, "percdamp": percdamp,
+                 "calibration_text": "built-in essays (end)" if calib_text is None else "user text"}
+        if rotated:
+            info["importance"] = f"AttnCon, sqrt-normalized, range [1, {r_max}]"
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    info["group_sizes"] = sorted(set(groups.values()))
+    out: dict[str, QuantizedWeight | torch.Tensor] = dict(weights)
+    out.update(codes)
+    return QuantizedModel(cfg, out, weights, method, rotated, info)

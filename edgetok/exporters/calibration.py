@@ -1,0 +1,189 @@
+"""Layer-wise calibration: run real text through the reference model one decoder layer at a
+time, and quantize each layer's linears from the inputs they actually see.
+
+Per layer, in GPTQ's order, each step's inputs come from the already-quantized steps before it:
+q/k/v (from the layer input), o (from attention over the quantized q/k/v), gate/up (from the
+residual after the quantized o), down (from the quantized gate/up). Memory is bounded by the
+calibration activations of one layer (sequences × tokens × hidden, float32) plus one batch of
+attention probabilities: a 135M model with 32K tokens holds ≈ 0.2 GB.
+
+RSQ (Sung et al. 2025, "Learning from important tokens") weights each token's outer product
+in the Hessians by its importance: the attention it receives in that layer (AttnCon), summed
+over heads and queries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgetok.errors import EdgetokError
+from edgetok.kernels.attention import attend, causal_mask
+from edgetok.models.llama import LlamaModel, rope_cos_sin
+from edgetok.models.tokenizer import Tokenizer
+from edgetok.texts import essays
+
+SEQ_LEN = 512
+DEFAULT_TOKENS = 32768  # 64 sequences of 512
+# (module, linears sharing one input) in the order GPTQ quantizes a decoder layer.
+STEPS = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("o_proj",)),
+    ("mlp", ("gate_proj", "up_proj")),
+    ("mlp", ("down_proj",)),
+)
+
+# (weight (N, K) of the linears in one step, stacked by rows; Hessian (K, K)) → codes
+QuantizeFn = Callable[[torch.Tensor, torch.Tensor], "QuantizedWeight"]  # noqa: F821
+
+
+def calibration_tokens(tokenizer: Tokenizer, text: str | None, n_tokens: int, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    """(S, seq_len) token ids. The default text is the *end* of the built-in essays; evaluation
+    (export's parity report, benchmarks) reads their beginning, so the two never share text."""
+    if text is None:
+        ids = tokenizer.encode(essays(10**9))[-n_tokens:]
+    else:
+        ids = tokenizer.encode(text)[:n_tokens]
+    n_seq = len(ids) // seq_len
+    if n_seq < 1:
+        raise EdgetokError(f"the calibration text has {len(ids)} tokens; it needs at least {seq_len}")
+    return torch.tensor(ids[: n_seq * seq_len]).view(n_seq, seq_len)
+
+
+def attention_importance(probs: torch.Tensor, r_max: float = 10.0) -> torch.Tensor:
+    """probs (B, H, T, T) causal attention → token weights (B, T) with mean 1 per sequence.
+
+    AttnCon: the attention each token receives, summed over heads and queries, divided by the
+    square root of how many queries can see it (early tokens are seen by more queries; RSQ's
+    "sqrt" normalization), then mapped linearly to [1, r_max] per sequence.
+    """
+    t = probs.shape[-1]
+    received = probs.sum(dim=(1, 2))  # (B, T)
+    seen_by = torch.arange(t, 0, -1, dtype=received.dtype)  # token j is seen by T - j queries
+    r = received / seen_by.sqrt()
+    lo, hi = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
+    r = 1 + (r_max - 1) * (r - lo) / (hi - lo).clamp_min(1e-12)
+    return r / r.mean(-1, keepdim=True)
+
+
+class _Attention:
+    """A stand-in for the KV cache: full causal attention over the tokens of this call, keeping
+    what calibration needs (the attention output, o_proj's input; optionally the probabilities'
+    importance) so the model's own Attention module computes q/k/v and RoPE."""
+
+    def __init__(self, want_importance: bool, r_max: float) -> None:
+        self.want_importance, self.r_max = want_importance, r_max
+        self.out: torch.Tensor | None = None  # (B, Hq, T, D)
+        self.importance: torch.Tensor | None = None  # (B, T)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = q.shape[2]
+        mask = causal_mask(t, t, device=q.device)
+        if self.want_importance:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # (B, Hq, T, T)
+            self.importance = attention_importance(probs, self.r_max)
+            self.out = probs @ v
+        else:
+            self.out = attend(q, k, v, mask)
+        return self.out
+
+
+class _Hessian:
+    """H = 2/n Σ_t w_t x_t x_tᵀ over the calibration tokens, accumulated in float64."""
+
+    def __init__(self, k: int) -> None:
+        self.h = torch.zeros(k, k, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, K)
+        self.n += x.shape[0]
+        xw = x if weight is None else x * weight.reshape(-1, 1).sqrt()
+        self.h += (xw.T @ xw).double()
+
+    def value(self) -> torch.Tensor:
+        return self.h * (2 / self.n)
+
+
+@torch.no_grad()
+def calibrate(
+    model: LlamaModel,
+    tokens: torch.Tensor,
+    quantize: QuantizeFn,
+    *,
+    weighted: bool = False,
+    r_max: float = 10.0,
+    batch: int = 8,
+    progress=None,
+) -> dict[str, "QuantizedWeight"]:  # noqa: F821
+    """Quantize every decoder linear of `model` (float32) on tokens (S, T), layer by layer.
+
+    The model's linears are replaced by their dequantized weights as they are quantized (so
+    later steps see the quantized outputs); returns HF name → QuantizedWeight.
+    """
+    from edgetok.exporters.quantize import QuantizedWeight
+
+    s, t = tokens.shape
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(t))
+    batches = [slice(i, min(i + batch, s)) for i in range(0, s, batch)]
+    x = torch.cat([model.model.embed_tokens(tokens[b]).float() for b in batches])  # (S, T, hidden)
+    layers = list(enumerate(model.model.layers))
+    result: dict[str, QuantizedWeight] = {}
+
+    def quantize_step(i: int, module, names: tuple[str, ...], hessian: _Hessian) -> None:
+        linears = [getattr(module, n) for n in names]
+        sizes = [lin.weight.shape[0] for lin in linears]
+        qw = quantize(torch.cat([lin.weight for lin in linears]), hessian.value())
+        start = 0
+        for name, lin, n in zip(names, linears, sizes):
+            part = qw.rows(slice(start, start + n))
+            start += n
+            kind = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            result[f"model.layers.{i}.{kind}.{name}.weight"] = part
+            lin.weight.data = part.dequantize()
+
+    for i, block in progress(layers, len(layers)) if progress else layers:
+        attn, mlp = block.self_attn, block.mlp
+        importance = torch.ones(s, t)
+        # q/k/v: inputs are the layer's normalized inputs; importance from this layer's float attention.
+        h_qkv = _Hessian(x.shape[-1])
+        for b in batches:
+            h = block.input_layernorm(x[b])
+            rec = _Attention(weighted, r_max)
+            if weighted:
+                attn(h, cos, sin, i, rec)
+                importance[b] = rec.importance
+            h_qkv.add(h, importance[b] if weighted else None)
+        quantize_step(i, attn, STEPS[0][1], h_qkv)
+        # o: attention outputs over the quantized q/k/v.
+        h_o = _Hessian(attn.o_proj.weight.shape[1])
+        pre_o = []
+        for b in batches:
+            rec = _Attention(False, r_max)
+            attn(block.input_layernorm(x[b]), cos, sin, i, rec)
+            a = rec.out.transpose(1, 2).reshape(x[b].shape[0], t, -1)  # (B, T, Hq·D)
+            pre_o.append(a)
+            h_o.add(a, importance[b] if weighted else None)
+        quantize_step(i, attn, STEPS[1][1], h_o)
+        # gate/up: the residual after the quantized o, normalized.
+        h_gu = _Hessian(x.shape[-1])
+        for b, a in zip(batches, pre_o):
+            x[b] += attn.o_proj(a)
+            h_gu.add(block.post_attention_layernorm(x[b]), importance[b] if weighted else None)
+        del pre_o
+        quantize_step(i, mlp, STEPS[2][1], h_gu)
+        # down: the quantized gate/up's product.
+        h_down = _Hessian(mlp.down_proj.weight.shape[1])
+        for b in batches:
+            h2 = block.post_attention_layernorm(x[b])
+            h_down.add(F.silu(mlp.gate_proj(h2)) * mlp.up_proj(h2), importance[b] if weighted else None)
+        quantize_step(i, mlp, STEPS[3][1], h_down)
+        for b in batches:  # the next layer's inputs, through the fully quantized layer
+            x[b] += mlp(block.post_attention_layernorm(x[b]))
+    return result
