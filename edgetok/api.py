@@ -61,13 +61,14 @@ class Model:
         return self.generate(messages, config, chat=True, **options)
 
 
-BACKENDS = ("torch", "llamacpp")
+BACKENDS = ("torch", "llamacpp", "onnxruntime")
 
 
 def load(
     ref: str,
     *,
-    backend: str = "torch",
+    backend: str | None = None,
+    provider: str = "cpu",
     weights: str = "fp32",
     threads: int | None = None,
     kv_type: str | None = None,
@@ -76,23 +77,37 @@ def load(
     kv_store_rebuild: bool = False,
     progress: bool = False,
 ) -> Model:
-    """Load "smollm2", a Hugging Face folder or a .gguf file.
+    """Load "smollm2", a Hugging Face folder, a .gguf file or an ONNX export folder.
 
-    backend: "torch" (edgetok's reference model and KV caches) or "llamacpp" (a GGUF through
-    llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type).
+    backend: "torch" (edgetok's reference model and KV caches), "llamacpp" (a GGUF through
+    llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type) or "onnxruntime" (an ONNX
+    export, with edgetok's KV caches; provider picks the execution provider). None: onnxruntime
+    for an ONNX export, torch otherwise.
     weights: the torch backend's weights — fp32 (exact reference), bf16, or int8 (weight-only).
     kv: the tiered KV cache's budget and tiers (torch backend); None keeps every token exact in RAM.
     kv_store: a folder where prompts' K/V persist, so a later process skips their prefill;
     kv_store_rebuild recomputes entries that are damaged or from another format instead of failing.
     """
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise EdgetokError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if threads is not None:
         if threads < 1:
             raise EdgetokError("threads must be ≥ 1")
         torch.set_num_threads(threads)
     source = load_source(ref, progress=progress)
-    if backend == "llamacpp":
+    if backend is None:
+        backend = "onnxruntime" if source.format == "onnx" else "torch"
+    if (backend == "onnxruntime") != (source.format == "onnx"):
+        if source.format == "onnx":
+            raise EdgetokError(f"{source.path} is an ONNX export: it runs on --backend onnxruntime")
+        raise EdgetokError("--backend onnxruntime runs an ONNX folder made by `edgetok export --format onnx`")
+    if backend == "onnxruntime":
+        from edgetok.runtimes.backends.onnxruntime import OnnxBackend
+
+        if kv_type is not None or weights != "fp32":
+            raise EdgetokError("an ONNX export carries its own weights; --weights and --kv-type do not apply to it")
+        engine_backend = OnnxBackend(source, provider=provider, threads=threads, kv=kv)
+    elif backend == "llamacpp":
         from edgetok.runtimes.backends.llamacpp import LlamaCppBackend
 
         if kv is not None or kv_store is not None or weights != "fp32":

@@ -51,8 +51,11 @@ def generation_options(f):
         click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
         click.option("--stop", multiple=True, help="stop before this string (repeatable)"),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)"),
-        click.option("--backend", type=click.Choice(["torch", "llamacpp"]), default="torch", show_default=True,
-                     help="llamacpp runs a GGUF through llama-cpp-python"),
+        click.option("--backend", type=click.Choice(["torch", "llamacpp", "onnxruntime"]), default=None,
+                     help="default: onnxruntime for an ONNX export folder, torch otherwise; llamacpp runs a GGUF "
+                          "through llama-cpp-python"),
+        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "dml", "coreml", "qnn", "openvino"]),
+                     default="cpu", show_default=True, help="ONNX Runtime execution provider (--backend onnxruntime)"),
         click.option("--weights", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
                      help="torch backend weights: fp32 is the exact reference; int8 is weight-only, bf16 activations"),
         click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
@@ -118,7 +121,8 @@ def _load(ref: str, kw: dict):
     import edgetok
 
     return edgetok.load(
-        ref, backend=kw["backend"], weights=kw["weights"], threads=kw["threads"], kv_type=kw["kv_type"], kv=_kv_config(kw),
+        ref, backend=kw["backend"], provider=kw["provider"], weights=kw["weights"], threads=kw["threads"],
+        kv_type=kw["kv_type"], kv=_kv_config(kw),
         kv_store=kw["kv_store"], kv_store_rebuild=kw["kv_store_rebuild"], progress=True,
     )
 
@@ -246,15 +250,23 @@ def chat(model, system, verbose, **kw):
 @cli.command()
 @click.argument("model")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "hf", "onnx"]), required=True,
-              help="gguf: llama.cpp's format; hf: a Hugging Face folder (fp32)")
+              help="gguf: llama.cpp's format; onnx: a folder for ONNX Runtime; hf: a Hugging Face folder (fp32)")
 @click.option("--quant", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
               default="q8_0", show_default=True, help="GGUF tensor type of the weight matrices")
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file to write")
+@click.option("--weights", "onnx_weights", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int4", show_default=True,
+              help="ONNX weights: int4/int8 as MatMulNBits blocks (or DequantizeLinear with --qdq)")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="ONNX int4/int8: weights per scale along the input (default 32; int8 --qdq: per channel)")
+@click.option("--qdq", is_flag=True, help="ONNX: standard DequantizeLinear + MatMul only (for NPU execution providers)")
+@click.option("--opset", type=click.IntRange(min=18), default=21, show_default=True, help="ONNX opset")
+@click.option("--max-kl", type=click.FloatRange(min=0), default=None,
+              help="ONNX: fail (and write nothing) if the parity report's mean KL exceeds this")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file (gguf) or folder (onnx, hf) to write")
 @click.option("--force", is_flag=True, help="overwrite an existing file")
 @click.option("--keep-sensitive", is_flag=True, help="keep the tensors quantization hurts most at higher precision")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="text for the parity report (default: the built-in essays)")
-@click.option("--eval-tokens", type=click.IntRange(min=16), default=512, show_default=True)
+@click.option("--eval-tokens", type=click.IntRange(min=16), default=None, help="parity report length (gguf 512, onnx 1024)")
 @click.option("--no-verify", is_flag=True, help="skip the parity report")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "rsq"]), default="rtn", show_default=True,
               help="how weight codes are chosen: rtn rounds to nearest; gptq and rsq (rotated, importance-weighted "
@@ -265,13 +277,31 @@ def chat(model, system, verbose, **kw):
               help="calibration tokens for gptq/rsq, in sequences of 512 (default 32768)")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def export(model, fmt, quant, output, force, keep_sensitive, eval_text, eval_tokens, no_verify, method, calib, calib_tokens,
-           threads, as_json):
+def export(model, fmt, quant, onnx_weights, block_size, qdq, opset, max_kl, output, force, keep_sensitive, eval_text,
+           eval_tokens, no_verify, method, calib, calib_tokens, threads, as_json):
     """Export MODEL to a compressed artifact, with a parity report against the fp32 reference."""
     if fmt == "hf" and (method != "rtn" or calib or calib_tokens):
         raise EdgetokError("--method, --calib and --calib-tokens apply to quantized formats (gguf, onnx), not hf")
+    if fmt == "onnx" and method != "rtn":  # until export_onnx takes quantize_model's codes
+        raise EdgetokError(f"--method {method} is not available for --format onnx yet; use --format gguf")
     if fmt == "onnx":
-        raise EdgetokError("--format onnx is not available yet in this version of edgetok; use --format gguf")
+        from edgetok.exporters.onnx import export_onnx
+
+        manifest = export_onnx(
+            model, output, onnx_weights, block_size=int(block_size) if block_size else None, qdq=qdq, opset=opset,
+            force=force, verify=not no_verify, max_kl=max_kl, eval_text=eval_text, eval_tokens=eval_tokens or 1024,
+            threads=threads,
+        )
+        if as_json:
+            click.echo(json.dumps(manifest, indent=2))
+            return
+        form = "DequantizeLinear (QDQ)" if qdq else "MatMulNBits" if onnx_weights in ("int4", "int8") else "float"
+        click.echo(f"wrote {output} ({manifest['size_bytes'] / 1e6:.1f} MB, {onnx_weights}, {form}, "
+                   f"{manifest['export_seconds']:.0f} s)")
+        if "parity_summary" in manifest:
+            click.echo(f"parity vs fp32: {manifest['parity_summary']}")
+        click.echo(f"report: {output / 'edgetok.json'}")
+        return
     if fmt == "hf":
         from edgetok.exporters.hf import export_hf_folder
         from edgetok.models.sources import load_source
@@ -283,7 +313,7 @@ def export(model, fmt, quant, output, force, keep_sensitive, eval_text, eval_tok
 
     manifest = export_gguf_verified(
         model, output, quant, force=force, keep_sensitive=keep_sensitive, verify=not no_verify,
-        eval_text=eval_text, eval_tokens=eval_tokens, threads=threads,
+        eval_text=eval_text, eval_tokens=eval_tokens or 512, threads=threads,
         method=method, calib=calib, calib_tokens=calib_tokens,
     )
     if as_json:

@@ -3,8 +3,9 @@
 Inputs (B = batch, S = new tokens, P = past tokens; every axis dynamic):
     input_ids      int64 (B, S)
     position_ids   int64 (B, S)    explicit: gathered past chunks are not contiguous
-    past_length    int64 (B,)      valid past slots per row; slots from there on are ignored, so a
-                                   runtime may pass a buffer with spare capacity
+    past_length    int64 (B,)      valid past slots per row, in every layer; slots from there on
+                                   are ignored, so a runtime may pass buffers with spare capacity
+                                   (layers may differ in P: a budgeted cache gives each its own)
     logits_to_keep int64 (1,)      logits for the last N positions only; 0 = every position
     past_key.i / past_value.i   float32 (B, Hkv, P, D), per layer, any P (0 included), keys after RoPE
 Outputs:
@@ -98,13 +99,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     # -- shapes and masks shared by all layers ------------------------------------------------------
     ids_shape = g.op("Shape", "input_ids")
     s_len = g.op("Slice", ids_shape, g.const([1]), g.const([2]))  # (1,) S
-    p_len = g.op("Slice", g.op("Shape", "past_key.0"), g.const([2]), g.const([3]))  # (1,) P
-    split_sizes = g.op("Concat", p_len, s_len, axis=0)
     zero_f, neg_f = g.const(0.0, np.float32), g.const(NEG_INF, np.float32)
-    # past slots ≥ past_length are masked: (B, 1, 1, P)
-    slots = g.op("Range", g.const(0), g.op("Squeeze", p_len, g.const([0])), g.const(1))
-    valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", "past_length", g.const([1])))
-    past_bias = g.op("Unsqueeze", g.op("Where", valid, zero_f, neg_f), g.const([1, 2]))
+    row_length = g.op("Unsqueeze", "past_length", g.const([1]))  # (B, 1)
+
+    def past_mask(i: int) -> tuple[str, str]:
+        """Layer i's additive mask over its past slots (B, 1, 1, P) and the split sizes (P, S)."""
+        p_len = g.op("Slice", g.op("Shape", f"past_key.{i}"), g.const([2]), g.const([3]))  # (1,) P
+        slots = g.op("Range", g.const(0), g.op("Squeeze", p_len, g.const([0])), g.const(1))
+        valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), row_length)
+        return g.op("Unsqueeze", g.op("Where", valid, zero_f, neg_f), g.const([1, 2])), g.op("Concat", p_len, s_len, axis=0)
+
     # causal among the new tokens: (G·S, S), rows g·S + s
     steps = g.op("Range", g.const(0), g.op("Squeeze", s_len, g.const([0])), g.const(1))
     causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", steps, g.const([1])))
@@ -142,6 +146,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         v_new = g.op("Transpose", g.op("Reshape", v, g.const([0, 0, Hkv, D])), perm=[0, 2, 1, 3], outputs=[f"present_value.{i}"])
         # query head h reads KV head h // G: group the query heads by KV head, (B, Hkv, G·S, D)
         qg = g.op("Mul", g.op("Reshape", f"query.{i}", g.const([0, Hkv, -1, D])), scale)
+        past_bias, split_sizes = past_mask(i)
         s_past = g.op("Add", g.op("MatMul", qg, g.op("Transpose", f"past_key.{i}", perm=[0, 1, 3, 2])), past_bias)
         s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), new_bias)
         probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=-1), axis=-1)

@@ -11,7 +11,8 @@ Passes:
   rows it gathers, so a tied embedding stays one int4 copy.
 - `to_qdq`: weights become int4/int8 initializers behind standard DequantizeLinear (blocked or
   per-channel), the form NPU execution providers accept; only default-domain operators.
-- `to_fp16`: float initializers stored in half precision, cast back to float32 on load.
+- `to_fp16`: float initializers stored in half precision, cast back to float32 on load (after
+  `to_matmul_nbits`, that halves its scales and fractional zero points on disk).
 
 A `Quantizer` maps (initializer name, W (N out, K in)) to a QuantizedWeight, so the method that
 chose the codes (RTN, GPTQ, ...) is the caller's business.
@@ -37,15 +38,15 @@ MS_DOMAIN = "com.microsoft"
 class _Graph:
     """Initializers by name and unique names for new nodes/tensors, over a ModelProto in place."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model, self.graph = model, model.graph
+    def __init__(self, model: onnx.ModelProto, pass_name: str) -> None:
+        self.model, self.graph, self.pass_name = model, model.graph, pass_name
         self.inits = {t.name: t for t in self.graph.initializer}
         self._n = 0
         self._pending: list[onnx.NodeProto] = []  # nodes made since the last collect()
 
     def fresh(self, hint: str) -> str:
         self._n += 1
-        return f"{hint}/rw{self._n}"
+        return f"{hint}/{self.pass_name}{self._n}"  # unique across passes too
 
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
@@ -97,7 +98,7 @@ def _weight_uses(g: _Graph):
 
 def _nk(kind: str, array: np.ndarray) -> torch.Tensor:
     """A weight as (N out, K in): linears store W transposed (K, N)."""
-    return torch.from_numpy(np.ascontiguousarray(array.T if kind == "linear" else array))
+    return torch.from_numpy(np.array(array.T if kind == "linear" else array, order="C"))  # a writable copy
 
 
 # -- MatMulNBits --------------------------------------------------------------------------------------
@@ -109,11 +110,14 @@ def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def pack_matmul_nbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """QuantizedWeight (N, K) → MatMulNBits' B (N, blocks, blob), scales (N, blocks), zero points."""
+def pack_matmul_nbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """QuantizedWeight (N, K) → MatMulNBits' B (N, blocks, blob), scales (N, blocks), zero points
+    (None for symmetric weights: MatMulNBits' default zero point is 2^(bits-1))."""
     n, k = qw.shape
     blocks = k // qw.group_size
     b = _pack_bits(qw.q.numpy().reshape(n, blocks, qw.group_size), qw.bits)
+    if qw.integer_zero and qw.symmetric:
+        return b, qw.scale.numpy().astype(np.float32), None
     zero = qw.zero.numpy()
     if not qw.integer_zero:  # fractional zero points: float32, one per block
         return b, qw.scale.numpy().astype(np.float32), zero.astype(np.float32)
@@ -123,19 +127,21 @@ def pack_matmul_nbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.n
     return b, qw.scale.numpy().astype(np.float32), zero
 
 
-def unpack_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """The inverse of pack_matmul_nbits, dequantized: (N, K) float32 (tests, and the parity check)."""
+def unpack_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero: np.ndarray | None, bits: int, k: int) -> np.ndarray:
+    """The inverse of pack_matmul_nbits, dequantized: (N, K) float32."""
     n, blocks, _ = b.shape
     q = np.stack([b & 15, b >> 4], -1).reshape(n, blocks, -1) if bits == 4 else b
-    if bits == 4 and zero.dtype == np.uint8:
+    if zero is None:
+        zero = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    elif bits == 4 and zero.dtype == np.uint8:
         zero = np.stack([zero & 15, zero >> 4], -1).reshape(n, -1)[:, :blocks]
     return ((q.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, k)
 
 
-def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str, bits: int, out: str) -> None:
+def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str | None, bits: int, out: str) -> None:
     """Embedding rows from MatMulNBits' packed (V, blocks, blob) initializer: (B, S, hidden) float."""
     rows = g.node("Gather", [packed, ids], axis=0)  # (B, S, blocks, blob) uint8
-    zp = g.node("Gather", [zero, ids], axis=0)
+    zp = g.const(1 << (bits - 1), np.float32) if zero is None else g.node("Gather", [zero, ids], axis=0)
     if bits == 4:
         def unpack(x: str, merged_shape: list[int]) -> str:
             """Two nibbles per byte, low first: a new last axis of 2, merged into the one before."""
@@ -145,10 +151,11 @@ def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str
             return g.node("Reshape", [pair, g.const(merged_shape)])
 
         rows = unpack(rows, [0, 0, 0, -1])  # (B, S, blocks, block)
-        if g.inits[zero].data_type == TensorProto.UINT8:
+        if zero is not None and g.inits[zero].data_type == TensorProto.UINT8:
             blocks = g.inits[packed].dims[1]
             zp = g.node("Slice", [unpack(zp, [0, 0, -1]), g.const([0]), g.const([blocks]), g.const([-1])])
-    zp = g.node("Unsqueeze", [g.node("Cast", [zp], to=TensorProto.FLOAT), g.const([-1])])
+    if zero is not None:
+        zp = g.node("Unsqueeze", [g.node("Cast", [zp], to=TensorProto.FLOAT), g.const([-1])])
     sc = g.node("Unsqueeze", [g.node("Gather", [scales, ids], axis=0), g.const([-1])])
     deq = g.node("Mul", [g.node("Sub", [g.node("Cast", [rows], to=TensorProto.FLOAT), zp]), sc])
     g.node("Reshape", [deq, g.const([0, 0, -1])], outputs=[out])
@@ -161,19 +168,19 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level
     accuracy_level 4 lets ONNX Runtime quantize activations to int8 for integer kernels (fast);
     it applies to integer zero points only (fractional ones compute in float).
     """
-    g = _Graph(model)
+    g = _Graph(model, "nbits")
     g.use_ms_domain()
     uses = list(_weight_uses(g))
-    packed: dict[str, tuple[str, str, str, int, int]] = {}  # float initializer → (B, scales, zero, K, bits)
+    packed: dict[str, tuple] = {}  # float initializer → (B, scales, zero points or None, K, bits)
 
-    def pack(name: str, kind: str) -> tuple[str, str, str, int, int]:
+    def pack(name: str, kind: str) -> tuple:
         if name not in packed:
             w = _nk(kind, g.array(name))
             qw = quantizer(name, w)
             assert qw.bits in (4, 8), qw.bits
             b, scales, zero = pack_matmul_nbits(qw)
-            packed[name] = (g.add_init(f"{name}.q", b), g.add_init(f"{name}.scales", scales),
-                            g.add_init(f"{name}.zero_points", zero), w.shape[1], qw.bits)
+            zero = None if zero is None else g.add_init(f"{name}.zero_points", zero)
+            packed[name] = (g.add_init(f"{name}.q", b), g.add_init(f"{name}.scales", scales), zero, w.shape[1], qw.bits)
         return packed[name]
 
     replace: dict[int, list[onnx.NodeProto]] = {}
@@ -183,7 +190,8 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level
         if kind == "embedding":
             _gather_dequantized(g, n.input[1], b, scales, zero, bits, n.output[0])
         else:
-            g.node("MatMulNBits", [n.input[0], b, scales, zero], domain=MS_DOMAIN, outputs=list(n.output),
+            inputs = [n.input[0], b, scales] + ([] if zero is None else [zero])
+            g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=list(n.output),
                    K=k, N=g.inits[b].dims[0], bits=bits, block_size=g.inits[b].dims[2] * 8 // bits,
                    accuracy_level=accuracy_level)
         replace[i] = g.collect()
@@ -203,7 +211,7 @@ def to_qdq(model: onnx.ModelProto, quantizer: Quantizer) -> None:
     """Every weight as int4/int8 + DequantizeLinear (blocked along K, or per output channel when
     the quantizer's group is the whole row); a tied embedding and head share one DequantizeLinear.
     Zero points must be integers here (DequantizeLinear's zero point has the weights' type)."""
-    g = _Graph(model)
+    g = _Graph(model, "qdq")
     dequantized: dict[str, str] = {}  # float initializer → DequantizeLinear output
 
     def dq(name: str, kind: str) -> str:
@@ -250,14 +258,17 @@ def to_qdq(model: onnx.ModelProto, quantizer: Quantizer) -> None:
 def to_fp16(model: onnx.ModelProto, min_elements: int = 1024) -> None:
     """Large float initializers stored as float16 and cast to float32 where used (ONNX Runtime folds
     the Cast at load: half the file, float32 compute)."""
-    g = _Graph(model)
-    casts: dict[str, str] = {}
+    g = _Graph(model, "fp16")
     for t in list(g.graph.initializer):
-        if t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= min_elements:
-            half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), f"{t.name}.fp16")
-            g.graph.initializer.remove(t)
-            g.graph.initializer.append(half)
-            casts[t.name] = g.node("Cast", [half.name], outputs=[t.name], to=TensorProto.FLOAT)
+        if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims)) < min_elements:
+            continue
+        array = numpy_helper.to_array(t)
+        if np.abs(array).max() >= np.finfo(np.float16).max:
+            continue
+        half = numpy_helper.from_array(array.astype(np.float16), f"{t.name}.fp16")
+        g.graph.initializer.remove(t)
+        g.graph.initializer.append(half)
+        g.node("Cast", [half.name], outputs=[t.name], to=TensorProto.FLOAT)
     cast_nodes = g.collect()
     nodes = list(g.graph.node)
     del g.graph.node[:]

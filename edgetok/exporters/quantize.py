@@ -102,7 +102,10 @@ def grid(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype =
     levels = (1 << bits) - 1
     w = w.float()
     if symmetric:
-        scale = _round_scale((2 * w.abs().amax(-1) / levels).clamp_min(1e-12), scale_dtype)
+        # int8: ±absmax at ±127, as q8_0 (and ONNX Runtime's quantizer) do; fewer bits: ±absmax
+        # spans all levels (GPTQ)
+        top = 127 if bits == 8 else levels / 2
+        scale = _round_scale((w.abs().amax(-1) / top).clamp_min(1e-12), scale_dtype)
         zero = torch.full_like(scale, 1 << (bits - 1), dtype=torch.uint8)
     elif float_zero:
         lo, hi = w.amin(-1), w.amax(-1)

@@ -41,7 +41,7 @@ class Source:
 
     ref: str
     path: Path
-    format: str  # "gguf" | "hf"
+    format: str  # "gguf" | "hf" | "onnx"
     config: ModelConfig
     tokenizer: Tokenizer
     load_weights: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
@@ -83,6 +83,8 @@ def resolve_path(ref: str) -> Path:
 
 def load_source(ref: str, progress: bool = False) -> Source:
     path = resolve_path(ref)
+    if path.is_dir() and (path / ONNX_MANIFEST).is_file():
+        return _load_onnx_folder(ref, path)
     if path.is_dir():
         return _load_hf_folder(ref, path)
     if check_magic(path):
@@ -144,6 +146,27 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
         "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files],
     }
     return Source(ref, folder, "hf", cfg, tokenizer, load_weights, info)
+
+
+# -- ONNX exports (edgetok export --format onnx) ---------------------------------------------------
+ONNX_MANIFEST = "edgetok.json"
+
+
+def _load_onnx_folder(ref: str, folder: Path) -> Source:
+    manifest = _read_json(folder / ONNX_MANIFEST)
+    if manifest.get("format") != "onnx" or "config" not in manifest:
+        raise EdgetokError(f"{folder / ONNX_MANIFEST} is not an edgetok ONNX export manifest")
+    if not (folder / "model.onnx").is_file():
+        raise EdgetokError(f"{folder} has no model.onnx: the export is incomplete; export it again")
+    cfg = ModelConfig.from_dict(manifest["config"])
+
+    def no_weights() -> dict[str, torch.Tensor]:
+        raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
+
+    info = {k: manifest.get(k) for k in ("weights", "block_size", "qdq", "opset", "method")}
+    info |= {"format": "onnx", "sha256": manifest.get("graph_sha256"), "source": manifest.get("source"),
+             "size_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
+    return Source(ref, folder, "onnx", cfg, Tokenizer.load(folder), no_weights, info)
 
 
 # -- GGUF, converted once and cached --------------------------------------------------------------

