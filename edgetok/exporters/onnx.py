@@ -45,8 +45,9 @@ def weight_quantizer(weights: str, block_size: int | None, qdq: bool) -> rewrite
     serves both, and it is the most sensitive: at 4 bits alone it costs SmolLM2 ~20 % top-1), as
     llama.cpp's quantize keeps the output tensor at q8_0.
     int8: everything at 8 bits. block_size None: per output channel.
-    Zero points are fractional (exact group minimum) for MatMulNBits, and integers under --qdq,
-    where DequantizeLinear's zero point has the weights' integer type. MatMulNBits' scales and zero
+    Zero points are fractional (exact group minimum) for 4-bit MatMulNBits, and integers for 8 bits
+    (ONNX Runtime's CPU kernel takes no fractional ones there) and under --qdq, where
+    DequantizeLinear's zero point has the weights' integer type. MatMulNBits' scales and zero
     points are stored in fp16 (to_fp16), so codes are chosen against fp16-rounded scales.
     """
     bits = 4 if weights == "int4" else 8
@@ -58,7 +59,7 @@ def weight_quantizer(weights: str, block_size: int | None, qdq: bool) -> rewrite
             return rtn(w, 8, fit_group_size(k, HEAD_BLOCK), symmetric=True, scale_dtype=scale_dtype)
         if block_size is None:
             return rtn(w, bits, k, symmetric=True, scale_dtype=scale_dtype)
-        return rtn(w, bits, fit_group_size(k, block_size), float_zero=not qdq, scale_dtype=scale_dtype)
+        return rtn(w, bits, fit_group_size(k, block_size), float_zero=bits == 4 and not qdq, scale_dtype=scale_dtype)
 
     return quantize
 
@@ -105,7 +106,9 @@ def export_onnx(
         if qdq:
             rewrites.to_qdq(model, quantizer)
         else:
-            rewrites.to_matmul_nbits(model, quantizer)
+            # int8 is the accurate choice: its activations stay float (level 0); int4 lets ONNX
+            # Runtime quantize activations where zero points are integers (level 4, ortgenai's default)
+            rewrites.to_matmul_nbits(model, quantizer, accuracy_level=0 if weights == "int8" else 4)
             rewrites.to_fp16(model)  # the scales and zero points
 
     manifest: dict[str, Any] = {

@@ -1,0 +1,226 @@
+"""The ONNX exporter and the onnxruntime backend, on tiny random models (and SmolLM2, slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import edgetok
+from edgetok.cli import cli
+from edgetok.exporters import onnx_rewrites as rw
+from edgetok.exporters.onnx_graph import build_decoder
+from edgetok.exporters.quantize import rtn
+from edgetok.exporters.verify import model_logits
+from edgetok.models.llama import LlamaModel
+from edgetok.models.sources import load_source
+
+from conftest import make_hf_model, make_tokenizer_files
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """HF folders of tiny random models of each family the graph must reproduce."""
+    out = {}
+    for kind in ("smollm", "qwen2", "llama3"):
+        folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+        make_tokenizer_files(folder)
+        make_hf_model(kind, 400, seed=3, layers=3).save_pretrained(folder)
+        out[kind] = folder
+    return out
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as the backend does
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_graph(sess, cfg, tokens: list[int], chunks: list[int], spare: int = 0) -> np.ndarray:
+    """Logits (T, V) of tokens fed in pieces of the given sizes; K/V kept outside the graph, in
+    buffers with `spare` unused slots after the valid ones (which past_length must mask)."""
+    past = [[np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)] * 2 for _ in range(cfg.num_layers)]
+    names = [o.name for o in sess.get_outputs()]
+    logits, start = [], 0
+    for n in chunks:
+        piece = tokens[start : start + n]
+        feeds = {"input_ids": np.array([piece]), "position_ids": np.arange(start, start + n)[None],
+                 "past_length": np.array([start]), "logits_to_keep": np.array([0])}
+        for i, (k, v) in enumerate(past):
+            pad = np.full((1, cfg.num_kv_heads, spare, cfg.head_dim), 7.0, np.float32)  # junk the mask hides
+            feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = np.concatenate([k, pad], 2), np.concatenate([v, pad], 2)
+        out = dict(zip(names, sess.run(None, feeds)))
+        past = [[np.concatenate([k, out[f"present_key.{i}"]], 2), np.concatenate([v, out[f"present_value.{i}"]], 2)]
+                for i, (k, v) in enumerate(past)]
+        assert out[f"query.{cfg.num_layers - 1}"].shape == (1, cfg.num_heads, n, cfg.head_dim)
+        logits.append(out["logits"][0])
+        start += n
+    return np.concatenate(logits)
+
+
+def reference(cfg, weights, tokens) -> np.ndarray:
+    return model_logits(LlamaModel.from_state_dict(cfg, weights), tokens).numpy()
+
+
+TOKENS = [int(t) for t in np.random.default_rng(0).integers(3, 400, 40)]
+
+
+@pytest.mark.parametrize("kind", ["smollm", "qwen2", "llama3"])
+def test_fp32_graph_matches_the_reference(families, kind):
+    src = load_source(str(families[kind]))
+    sess = session(build_decoder(src.config, src.weights))
+    ref = reference(src.config, src.weights, TOKENS)
+    # a prefill in two pieces, then single-token decode steps, past buffers with spare slots
+    got = run_graph(sess, src.config, TOKENS, [20, 13] + [1] * 7, spare=5)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def quantized_reference(src, quantizer) -> dict[str, torch.Tensor]:
+    """The weights the quantizer's codes stand for (fake quantization), for a float reference."""
+    return {k: quantizer(k, v).dequantize() if v.dim() == 2 else v for k, v in src.weights.items()}
+
+
+def test_matmul_nbits_rewrite_computes_its_dequantized_weights(families):
+    src = load_source(str(families["smollm"]))  # tied embedding
+    quantizer = lambda name, w: rtn(w, 8, 32, symmetric=True) if "embed" in name else rtn(w, 4, 32, float_zero=True)  # noqa: E731
+    model = build_decoder(src.config, src.weights)
+    rw.to_matmul_nbits(model, quantizer, accuracy_level=0)  # float activations: exact arithmetic
+    inits = {t.name for t in model.graph.initializer}
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 7 * 3 + 1  # linears and the head
+    assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits]
+    # the tied embedding is one packed 8-bit initializer, read by the head and by the Gather
+    assert not any(t.name == "model.embed_tokens.weight" for t in model.graph.initializer)
+    readers = [n.op_type for n in model.graph.node if "model.embed_tokens.weight.q" in n.input]
+    assert sorted(readers) == ["Gather", "MatMulNBits"]
+    got = run_graph(session(model), src.config, TOKENS, [30, 1, 1])
+    ref = reference(src.config, quantized_reference(src, quantizer), TOKENS[:32])
+    assert np.abs(got - ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("bits,symmetric,float_zero", [(4, False, False), (4, False, True), (4, True, False), (8, False, False), (8, True, False)])
+def test_matmul_nbits_packing_round_trips(bits, symmetric, float_zero):
+    w = torch.randn(24, 96)
+    qw = rtn(w, bits, 32, symmetric=symmetric, float_zero=float_zero)
+    b, scales, zero = rw.pack_matmul_nbits(qw)
+    assert b.shape == (24, 3, 32 * bits // 8) and (zero is None) == (symmetric and not float_zero)
+    np.testing.assert_allclose(rw.unpack_matmul_nbits(b, scales, zero, bits, 96), qw.dequantize().numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (8, None)])
+def test_qdq_rewrite_uses_only_standard_operators(families, bits, block):
+    src = load_source(str(families["qwen2"]))  # untied head, qkv biases
+    quantizer = rw.rtn_quantizer(bits, block, symmetric=block is None)
+    model = build_decoder(src.config, src.weights)
+    rw.to_qdq(model, quantizer)
+    onnx.checker.check_model(model)
+    assert {n.domain for n in model.graph.node} == {""}
+    assert {o.domain for o in model.opset_import} == {""}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 7 * 3 + 2  # every linear, the embedding and the head
+    kinds = {t.data_type for t in model.graph.initializer if t.name.endswith(".q")}
+    assert kinds == {onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8}
+    got = run_graph(session(model), src.config, TOKENS, [25, 1])
+    ref = reference(src.config, quantized_reference(src, quantizer), TOKENS[:26])
+    assert np.abs(got - ref).max() < 2e-3
+
+
+def test_fp16_rewrite_stores_half_and_computes_float(families):
+    src = load_source(str(families["llama3"]))
+    model = build_decoder(src.config, src.weights)
+    rw.to_fp16(model)
+    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 1024]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    half = {k: v.half().float() if v.numel() >= 1024 else v for k, v in src.weights.items()}
+    got = run_graph(session(model), src.config, TOKENS, [40])
+    assert np.abs(got - reference(src.config, half, TOKENS)).max() < 1e-3
+
+
+# -- the command line and the backend ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(families, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "fp32"
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "-o", out, "--eval-tokens", "64")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_export_writes_a_complete_folder_with_a_parity_report(exported, families):
+    names = {p.name for p in exported.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "edgetok.json", "tokenizer.json", "config.json"} <= names
+    manifest = json.loads((exported / "edgetok.json").read_text())
+    assert manifest["format"] == "onnx" and manifest["weights"] == "fp32" and manifest["opset"] == 21
+    assert manifest["io"]["inputs"][:4] == ["input_ids", "position_ids", "past_length", "logits_to_keep"]
+    assert manifest["parity"]["top1_agreement"] == 1.0 and manifest["parity"]["max_abs_dlogit"] < 1e-3
+    assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_onnx_runs_the_same_tokens_as_torch(exported, families):
+    prompt = "The quick brown fox"
+    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=12).tokens
+    model = edgetok.load(str(exported))
+    assert model.engine.backend.name == "onnxruntime"
+    assert model.generate(prompt, max_new_tokens=12).tokens == want
+    # the tiered cache at a full budget is exact too, through the graph's views
+    tiered = edgetok.load(str(exported), kv=edgetok.KVConfig(budget="100%"))
+    assert tiered.generate(prompt, max_new_tokens=12).tokens == want
+
+
+def test_onnx_with_a_small_kv_budget_selects_chunks(exported):
+    model = edgetok.load(str(exported), kv=edgetok.KVConfig(budget="25%", sink_tokens=4, recent_tokens=8, chunk_sizes=(4, 8)))
+    long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    result = model.generate(long_prompt, max_new_tokens=8)
+    kv = result.stats.kv
+    assert kv["decode_steps"] == 7 and 0 < kv["budget_used"] < 1
+
+
+def test_export_refuses_bad_requests_and_writes_nothing(exported, families, tmp_path):
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "-o", exported)
+    assert r.exit_code == 1 and "exists; pass --force" in r.output
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "--qdq", "-o", tmp_path / "a")
+    assert r.exit_code == 1 and "--qdq applies to --weights int4 or int8" in r.output
+    out = tmp_path / "strict"
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "int4", "--max-kl", "0", "-o", out, "--eval-tokens", "32")
+    assert r.exit_code == 1 and "exceeds --max-kl 0" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backend_and_provider_errors_are_one_sentence(exported, families):
+    r = run_cli("run", exported, "-p", "hi", "--provider", "cuda")
+    assert r.exit_code == 1 and "onnxruntime-gpu" in r.output
+    r = run_cli("run", exported, "-p", "hi", "--backend", "torch")
+    assert r.exit_code == 1 and "runs on --backend onnxruntime" in r.output
+    r = run_cli("run", families["smollm"], "-p", "hi", "--backend", "onnxruntime")
+    assert r.exit_code == 1 and "edgetok export --format onnx" in r.output
+
+
+def test_a_damaged_export_is_refused(exported, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    r = run_cli("run", broken, "-p", "hi")
+    assert r.exit_code == 1 and "onnxruntime cannot load" in r.output
+
+
+@pytest.mark.slow
+def test_smollm2_int4_export_is_small_and_close(tmp_path):
+    out = tmp_path / "int4"
+    r = run_cli("export", "smollm2", "--format", "onnx", "--weights", "int4", "-o", out)
+    assert r.exit_code == 0, r.output
+    size = sum(p.stat().st_size for p in out.iterdir())
+    manifest = json.loads((out / "edgetok.json").read_text())
+    assert size <= 110e6
+    assert manifest["parity"]["tokens"] == 1024 and manifest["parity"]["top1_agreement"] >= 0.90
+    model = edgetok.load(str(out))
+    assert "Paris" in model.generate("What is the capital of France? Answer in one sentence.", chat=True, max_new_tokens=24).text
