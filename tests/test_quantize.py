@@ -287,3 +287,18 @@ def test_cli_method_errors(tied_folder, tmp_path):
     r = runner.invoke(cli, ["export", str(tied_folder), "--format", "gguf", "--quant", "q4_0", "--calib-tokens", "1024", "-o", str(out)])
     assert r.exit_code != 0 and "rtn needs no calibration" in r.output
     assert not out.exists()
+
+
+def test_cli_export_rsq_gguf_runs_in_llamacpp(tied_folder, tmp_path):
+    """The whole path: calibrate, rotate, write q4_0 blocks, run the file in llama.cpp, report."""
+    import json
+
+    out = tmp_path / "rsq.gguf"
+    r = CliRunner().invoke(cli, ["export", str(tied_folder), "--format", "gguf", "--quant", "q4_0", "--method", "rsq",
+                                 "--calib-tokens", "1024", "--keep-sensitive", "--eval-tokens", "64", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output[r.output.index("{"):])
+    assert m["method"] == "rsq" and m["quantization"]["calibration_sequences"] == 2
+    assert m["quantization"]["untied_head"] is True
+    assert m["kept_at_higher_precision"]["lm_head.weight"] == "q8_0"  # the untied head, as llama.cpp keeps it
+    assert m["parity"]["top1_agreement"] > 0.5 and m["parity"]["kl_mean"] < 0.5
