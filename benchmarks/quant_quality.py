@@ -1,0 +1,115 @@
+"""Weight quantization quality on SmolLM2-135M: rtn vs gptq vs rsq at int4.
+
+    .venv/bin/python benchmarks/quant_quality.py --out bench-out/quant
+
+Fake quantization: each method's codes for the decoder linears (q/k/v/o/gate/up/down), dequantized
+and put into edgetok's torch reference model (embedding and head stay fp32), compared with the fp32
+model on held-out text — the start of the built-in essays; calibration reads their end (32768
+tokens, 64 × 512, by default). Reported: perplexity of the text, top-1 agreement and mean KL
+against fp32, and the packed size of the quantized linears (4-bit codes, fp16 scales, 4-bit zeros
+when asymmetric). Scales are fp16 values, as every artifact stores them.
+
+With --gguf, the symmetric group-32 codes are also written as q4_0 GGUFs (the tied embedding, or
+the untied rotated head, at q8_0 as llama.cpp's own mixes keep it) and run in llama.cpp, beside
+llama.cpp's own q4_0 rounding: the file sizes and the numbers an `edgetok export` user gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from edgetok.exporters.export import quantized_source
+from edgetok.exporters.quantize import QuantizedModel, quantize_model
+from edgetok.exporters.verify import compare, model_logits
+from edgetok.models.llama import LlamaModel
+from edgetok.models.sources import load_source
+from edgetok.texts import essays
+
+
+def linears_bytes(qm: QuantizedModel) -> int:
+    total = 0
+    for qw in qm.quantized().values():
+        n, k = qw.shape
+        groups = n * (k // qw.group_size)
+        total += n * k * qw.bits // 8 + groups * 2 + (0 if qw.symmetric else groups * qw.bits // 8)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("bench-out/quant"))
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--methods", default="rtn,gptq,rsq")
+    ap.add_argument("--configs", default="32a,128a,32s,128s", help="group size + a(symmetric) or s(ymmetric)")
+    ap.add_argument("--gguf", action="store_true", help="also write q4_0 GGUFs of the 32s codes and run them in llama.cpp")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    src = load_source("smollm2")
+    all_ids = src.tokenizer.encode(essays(10**9))
+    tokens = src.tokenizer.encode(essays(args.eval_tokens * 8))[: args.eval_tokens]
+    assert all_ids[: len(tokens)] == tokens and len(tokens) + args.calib_tokens <= len(all_ids), "eval and calibration overlap"
+    reference = model_logits(LlamaModel.from_state_dict(src.config, src.weights), tokens)
+
+    rows = []
+    for config in args.configs.split(","):
+        group, symmetric = int(config[:-1]), config[-1] == "s"
+        for method in args.methods.split(","):
+            start = time.perf_counter()
+            qm = quantize_model(src, 4, group, method, None, args.calib_tokens, symmetric=symmetric,
+                                scale_dtype=torch.float16)
+            seconds = time.perf_counter() - start
+            model = LlamaModel.from_state_dict(qm.config, qm.dequantized())
+            report = compare(reference, model_logits(model, tokens), tokens)
+            row = {"config": f"int4 g{group} {'sym' if symmetric else 'asym'}", "method": method,
+                   "group_sizes": qm.info["group_sizes"], "seconds": round(seconds, 1),
+                   "linears_mb": round(linears_bytes(qm) / 1e6, 2), **report.to_dict()}
+            if args.gguf and config == "32s":
+                row["gguf"] = gguf_row(src, qm, tokens, args.out / f"smollm2-q4_0-{method}.gguf")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    if args.gguf:
+        rows.append({"config": "int4 g32 sym", "method": "llama.cpp q4_0 rounding",
+                     "gguf": gguf_row(src, None, tokens, args.out / "smollm2-q4_0-llamacpp.gguf")})
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    print_tables(rows, reference_ppl=rows[0]["perplexity_reference"], eval_tokens=len(tokens))
+
+
+def gguf_row(src, qm: QuantizedModel | None, tokens: list[int], path: Path) -> dict:
+    from edgetok.exporters.gguf import default_overrides, export_gguf
+    from edgetok.exporters.verify import reference_logits
+    from edgetok.runtimes.backends.llamacpp import llamacpp_logits
+
+    written = src if qm is None else quantized_source(src, qm)
+    export_gguf(written, path, "q4_0", force=True, overrides=default_overrides(written.config, "q4_0"),
+                quantized=None if qm is None else qm.quantized())
+    report = compare(reference_logits(src, tokens), llamacpp_logits(path, tokens), tokens)
+    return {"size_mb": round(path.stat().st_size / 1e6, 1), **report.to_dict()}
+
+
+def print_tables(rows: list[dict], reference_ppl: float, eval_tokens: int) -> None:
+    print(f"\nfp32 reference perplexity {reference_ppl:.3f} over {eval_tokens} held-out tokens\n")
+    print("| weights | method | perplexity | top-1 agreement | KL mean | linears MB | calibration s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "perplexity" in r:
+            print(f"| {r['config']} | {r['method']} | {r['perplexity']:.3f} | {r['top1_agreement']:.1%} | "
+                  f"{r['kl_mean']:.4f} | {r['linears_mb']:.1f} | {r['seconds']:.0f} |")
+    gguf = [r for r in rows if "gguf" in r]
+    if gguf:
+        print("\n| q4_0 GGUF codes | file MB | llama.cpp perplexity | top-1 agreement | KL mean |")
+        print("|---|---|---|---|---|")
+        for r in gguf:
+            g = r["gguf"]
+            print(f"| {r['method']} | {g['size_mb']:.1f} | {g['perplexity']:.3f} | {g['top1_agreement']:.1%} | {g['kl_mean']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
