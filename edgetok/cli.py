@@ -282,21 +282,19 @@ def export(model, fmt, quant, onnx_weights, block_size, qdq, opset, max_kl, outp
     """Export MODEL to a compressed artifact, with a parity report against the fp32 reference."""
     if fmt == "hf" and (method != "rtn" or calib or calib_tokens):
         raise EdgetokError("--method, --calib and --calib-tokens apply to quantized formats (gguf, onnx), not hf")
-    if fmt == "onnx" and method != "rtn":  # until export_onnx takes quantize_model's codes
-        raise EdgetokError(f"--method {method} is not available for --format onnx yet; use --format gguf")
     if fmt == "onnx":
         from edgetok.exporters.onnx import export_onnx
 
         manifest = export_onnx(
             model, output, onnx_weights, block_size=int(block_size) if block_size else None, qdq=qdq, opset=opset,
             force=force, verify=not no_verify, max_kl=max_kl, eval_text=eval_text, eval_tokens=eval_tokens or 1024,
-            threads=threads,
+            threads=threads, method=method, calib=calib, calib_tokens=calib_tokens,
         )
         if as_json:
             click.echo(json.dumps(manifest, indent=2))
             return
         form = "DequantizeLinear (QDQ)" if qdq else "MatMulNBits" if onnx_weights in ("int4", "int8") else "float"
-        click.echo(f"wrote {output} ({manifest['size_bytes'] / 1e6:.1f} MB, {onnx_weights}, {form}, "
+        click.echo(f"wrote {output} ({manifest['size_bytes'] / 1e6:.1f} MB, {onnx_weights} {method}, {form}, "
                    f"{manifest['export_seconds']:.0f} s)")
         if "parity_summary" in manifest:
             click.echo(f"parity vs fp32: {manifest['parity_summary']}")

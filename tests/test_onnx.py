@@ -95,9 +95,11 @@ def test_matmul_nbits_rewrite_computes_its_dequantized_weights(families):
     quantizer = lambda name, w: rtn(w, 8, 32, symmetric=True) if "embed" in name else rtn(w, 4, 32, float_zero=True)  # noqa: E731
     model = build_decoder(src.config, src.weights)
     rw.to_matmul_nbits(model, quantizer, accuracy_level=0)  # float activations: exact arithmetic
-    inits = {t.name for t in model.graph.initializer}
+    floats = {t.name for t in model.graph.initializer if t.name.endswith(".weight")}
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 7 * 3 + 1  # linears and the head
-    assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits]
+    assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & floats]
+    # fractional zero points: codes at zero point 0, plus each block's offset times its input sum
+    assert sum(t.name.endswith(".offsets") for t in model.graph.initializer) == 7 * 3
     # the tied embedding is one packed 8-bit initializer, read by the head and by the Gather
     assert not any(t.name == "model.embed_tokens.weight" for t in model.graph.initializer)
     readers = [n.op_type for n in model.graph.node if "model.embed_tokens.weight.q" in n.input]
@@ -111,9 +113,10 @@ def test_matmul_nbits_rewrite_computes_its_dequantized_weights(families):
 def test_matmul_nbits_packing_round_trips(bits, symmetric, float_zero):
     w = torch.randn(24, 96)
     qw = rtn(w, bits, 32, symmetric=symmetric, float_zero=float_zero)
-    b, scales, zero = rw.pack_matmul_nbits(qw)
-    assert b.shape == (24, 3, 32 * bits // 8) and (zero is None) == (symmetric and not float_zero)
-    np.testing.assert_allclose(rw.unpack_matmul_nbits(b, scales, zero, bits, 96), qw.dequantize().numpy(), rtol=0, atol=1e-6)
+    b, scales, zero, offsets = rw.pack_matmul_nbits(qw)
+    assert b.shape == (24, 3, 32 * bits // 8) and (zero is None) == symmetric and (offsets is None) != float_zero
+    got = rw.unpack_matmul_nbits(b, scales, zero, offsets, bits, 96)
+    np.testing.assert_allclose(got, qw.dequantize().numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits,block", [(4, 32), (8, None)])

@@ -64,6 +64,28 @@ def weight_quantizer(weights: str, block_size: int | None, qdq: bool) -> rewrite
     return quantize
 
 
+def calibrated_quantizer(source: Source, weights: str, block_size: int | None, qdq: bool, method: str,
+                         calib: Path | None, calib_tokens: int | None):
+    """gptq / rsq codes for the decoder linears (the embedding and head as weight_quantizer does),
+    and the float weights and config the graph must be built from (rsq rotates them)."""
+    from edgetok.exporters.export import _bar
+    from edgetok.exporters.quantize import quantize_model
+
+    bits = 4 if weights == "int4" else 8
+    text = read_text(calib, 0) if calib is not None else None
+    qm = quantize_model(source, bits, block_size or DEFAULT_BLOCK, method, text, calib_tokens,
+                        _bar(f"{method} calibration"), scale_dtype=torch.float32 if qdq else torch.float16)
+    codes, fallback = qm.quantized(), weight_quantizer(weights, block_size, qdq)
+
+    def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
+        if name in codes:
+            assert codes[name].shape == tuple(w.shape), (name, codes[name].shape, w.shape)
+            return codes[name]
+        return fallback(name, w)
+
+    return quantize, qm
+
+
 def export_onnx(
     ref: str,
     out: Path,
@@ -79,6 +101,9 @@ def export_onnx(
     eval_tokens: int = 1024,
     threads: int | None = None,
     progress: bool = True,
+    method: str = "rtn",
+    calib: Path | None = None,
+    calib_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Write MODEL as an ONNX folder at `out`; returns the manifest (also in out/edgetok.json)."""
     if weights not in WEIGHTS:
@@ -89,6 +114,10 @@ def export_onnx(
         raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
     if out.exists() and not force:
         raise EdgetokError(f"{out} exists; pass --force to overwrite it")
+    if method != "rtn" and weights not in ("int4", "int8"):
+        raise EdgetokError(f"--method {method} applies to --weights int4 or int8")
+    if method == "rtn" and (calib is not None or calib_tokens is not None):
+        raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq; rtn needs no calibration")
     if max_kl is not None and not verify:
         raise EdgetokError("--max-kl needs the parity report; drop --no-verify")
     t0 = time.perf_counter()
@@ -98,11 +127,16 @@ def export_onnx(
         raise EdgetokError("the evaluation text is too short (it needs at least 16 tokens)")
 
     block_size = resolve_block_size(weights, block_size, qdq)
-    model = build_decoder(source.config, source.weights, opset)
+    config, float_weights, quantizer, info = source.config, source.weights, None, {}
+    if method != "rtn":
+        quantizer, qm = calibrated_quantizer(source, weights, block_size, qdq, method, calib, calib_tokens)
+        config, float_weights, info = qm.config, qm.reference, qm.info
+    elif weights in ("int4", "int8"):
+        quantizer = weight_quantizer(weights, block_size, qdq)
+    model = build_decoder(config, float_weights, opset)
     if weights == "fp16":
         rewrites.to_fp16(model)
     elif weights in ("int4", "int8"):
-        quantizer = weight_quantizer(weights, block_size, qdq)
         if qdq:
             rewrites.to_qdq(model, quantizer)
         else:
@@ -117,9 +151,10 @@ def export_onnx(
         "source": {"ref": ref, "path": str(source.path), "format": source.format,
                    "sha256": source.info.get("sha256"), "fingerprint": source.fingerprint},
         "architecture": source.config.arch,
-        "config": source.config.to_dict(),
+        "config": config.to_dict(),
         "weights": weights,
-        "method": "rtn" if weights in ("int4", "int8") else None,
+        "method": method if weights in ("int4", "int8") else None,
+        "quantization": info,
         "block_size": block_size or ("per-channel" if weights in ("int4", "int8") else None),
         "qdq": qdq,
         "opset": opset,

@@ -110,35 +110,49 @@ def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def pack_matmul_nbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """QuantizedWeight (N, K) → MatMulNBits' B (N, blocks, blob), scales (N, blocks), zero points
-    (None for symmetric weights: MatMulNBits' default zero point is 2^(bits-1))."""
+def pack_matmul_nbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """QuantizedWeight (N, K) → MatMulNBits' B (N, blocks, blob), scales (N, blocks), packed integer
+    zero points (None for symmetric weights: MatMulNBits' default is 2^(bits-1)), and block offsets
+    (N, blocks) for fractional zero points, else None.
+
+    A fractional zero point z splits as w = s·q + o with o = -s·z: MatMulNBits takes the codes with
+    zero point 0 and the offsets add o·Σx per block (llama.cpp's q4_1 dot product does the same).
+    ONNX Runtime's fast integer kernels take integer zero points only; fractional ones send it to
+    a float path ~40× slower (measured on this CPU).
+    """
     n, k = qw.shape
     blocks = k // qw.group_size
     b = _pack_bits(qw.q.numpy().reshape(n, blocks, qw.group_size), qw.bits)
+    scales = qw.scale.numpy().astype(np.float32)
     if qw.integer_zero and qw.symmetric:
-        return b, qw.scale.numpy().astype(np.float32), None
+        return b, scales, None, None
+    offsets = None
     zero = qw.zero.numpy()
-    if not qw.integer_zero:  # fractional zero points: float32, one per block
-        return b, qw.scale.numpy().astype(np.float32), zero.astype(np.float32)
+    if not qw.integer_zero:
+        offsets = -(scales * zero.astype(np.float32))
+        zero = np.zeros((n, blocks), np.uint8)
     if qw.bits == 4:  # two per byte, each row padded to whole bytes
         zero = np.pad(zero, ((0, 0), (0, blocks % 2)), constant_values=8)
         zero = _pack_bits(zero, 4)
-    return b, qw.scale.numpy().astype(np.float32), zero
+    return b, scales, zero, offsets
 
 
-def unpack_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero: np.ndarray | None, bits: int, k: int) -> np.ndarray:
+def unpack_matmul_nbits(b, scales, zero, offsets, bits: int, k: int) -> np.ndarray:
     """The inverse of pack_matmul_nbits, dequantized: (N, K) float32."""
     n, blocks, _ = b.shape
     q = np.stack([b & 15, b >> 4], -1).reshape(n, blocks, -1) if bits == 4 else b
     if zero is None:
         zero = np.full((n, blocks), 1 << (bits - 1), np.float32)
-    elif bits == 4 and zero.dtype == np.uint8:
+    elif bits == 4:
         zero = np.stack([zero & 15, zero >> 4], -1).reshape(n, -1)[:, :blocks]
-    return ((q.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, k)
+    w = (q.astype(np.float32) - zero[..., None]) * scales[..., None]
+    if offsets is not None:
+        w = w + offsets[..., None]
+    return w.reshape(n, k)
 
 
-def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str | None, bits: int, out: str) -> None:
+def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str | None, offsets: str | None,
+                        bits: int, out: str) -> None:
     """Embedding rows from MatMulNBits' packed (V, blocks, blob) initializer: (B, S, hidden) float."""
     rows = g.node("Gather", [packed, ids], axis=0)  # (B, S, blocks, blob) uint8
     zp = g.const(1 << (bits - 1), np.float32) if zero is None else g.node("Gather", [zero, ids], axis=0)
@@ -151,13 +165,16 @@ def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str
             return g.node("Reshape", [pair, g.const(merged_shape)])
 
         rows = unpack(rows, [0, 0, 0, -1])  # (B, S, blocks, block)
-        if zero is not None and g.inits[zero].data_type == TensorProto.UINT8:
+        if zero is not None:
             blocks = g.inits[packed].dims[1]
             zp = g.node("Slice", [unpack(zp, [0, 0, -1]), g.const([0]), g.const([blocks]), g.const([-1])])
     if zero is not None:
         zp = g.node("Unsqueeze", [g.node("Cast", [zp], to=TensorProto.FLOAT), g.const([-1])])
     sc = g.node("Unsqueeze", [g.node("Gather", [scales, ids], axis=0), g.const([-1])])
     deq = g.node("Mul", [g.node("Sub", [g.node("Cast", [rows], to=TensorProto.FLOAT), zp]), sc])
+    if offsets is not None:  # stored (blocks, V) for the linears' MatMul: gather columns
+        off = g.node("Transpose", [g.node("Gather", [offsets, ids], axis=1)], perm=[1, 2, 0])  # (B, S, blocks)
+        deq = g.node("Add", [deq, g.node("Unsqueeze", [off, g.const([-1])])])
     g.node("Reshape", [deq, g.const([0, 0, -1])], outputs=[out])
 
 
@@ -171,29 +188,36 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level
     g = _Graph(model, "nbits")
     g.use_ms_domain()
     uses = list(_weight_uses(g))
-    packed: dict[str, tuple] = {}  # float initializer → (B, scales, zero points or None, K, bits)
+    packed: dict[str, tuple] = {}  # float initializer → (B, scales, zero points, offsets (or None), K, bits)
 
     def pack(name: str, kind: str) -> tuple:
         if name not in packed:
             w = _nk(kind, g.array(name))
             qw = quantizer(name, w)
             assert qw.bits in (4, 8), qw.bits
-            b, scales, zero = pack_matmul_nbits(qw)
+            b, scales, zero, offsets = pack_matmul_nbits(qw)
             zero = None if zero is None else g.add_init(f"{name}.zero_points", zero)
-            packed[name] = (g.add_init(f"{name}.q", b), g.add_init(f"{name}.scales", scales), zero, w.shape[1], qw.bits)
+            offsets = None if offsets is None else g.add_init(f"{name}.offsets", np.ascontiguousarray(offsets.T))
+            packed[name] = (g.add_init(f"{name}.q", b), g.add_init(f"{name}.scales", scales), zero, offsets,
+                            w.shape[1], qw.bits)
         return packed[name]
 
     replace: dict[int, list[onnx.NodeProto]] = {}
     order = sorted(uses, key=lambda u: u[2] == "embedding")  # the head first: the embedding reuses it
     for i, n, kind, name in order:
-        b, scales, zero, k, bits = pack(name, kind)
+        b, scales, zero, offsets, k, bits = pack(name, kind)
         if kind == "embedding":
-            _gather_dequantized(g, n.input[1], b, scales, zero, bits, n.output[0])
-        else:
-            inputs = [n.input[0], b, scales] + ([] if zero is None else [zero])
-            g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=list(n.output),
-                   K=k, N=g.inits[b].dims[0], bits=bits, block_size=g.inits[b].dims[2] * 8 // bits,
-                   accuracy_level=accuracy_level)
+            _gather_dequantized(g, n.input[1], b, scales, zero, offsets, bits, n.output[0])
+            replace[i] = g.collect()
+            continue
+        blocks, block = g.inits[b].dims[1], g.inits[b].dims[2] * 8 // bits
+        x, y = n.input[0], n.output[0]
+        inputs = [x, b, scales] + ([] if zero is None else [zero])
+        mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets else [y],
+                    K=k, N=g.inits[b].dims[0], bits=bits, block_size=block, accuracy_level=accuracy_level)
+        if offsets is not None:  # + Σx per block · offsets; x is (B, S, K) in the decoder graph
+            sums = g.node("ReduceSum", [g.node("Reshape", [x, g.const([0, 0, blocks, block])]), g.const([-1])], keepdims=0)
+            g.node("Add", [mm, g.node("MatMul", [sums, offsets])], outputs=[y])
         replace[i] = g.collect()
     g.rebuild(replace)
     for name in packed:
