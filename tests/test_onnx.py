@@ -96,10 +96,10 @@ def test_matmul_nbits_rewrite_computes_its_dequantized_weights(families):
     model = build_decoder(src.config, src.weights)
     rw.to_matmul_nbits(model, quantizer, accuracy_level=0)  # float activations: exact arithmetic
     floats = {t.name for t in model.graph.initializer if t.name.endswith(".weight")}
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 7 * 3 + 1  # linears and the head
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * 3 + 1  # qkv, o, gate_up, down per layer, and the head
     assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & floats]
     # fractional zero points: codes at zero point 0, plus each block's offset times its input sum
-    assert sum(t.name.endswith(".offsets") for t in model.graph.initializer) == 7 * 3
+    assert sum(t.name.endswith(".offsets") for t in model.graph.initializer) == 4 * 3
     # the tied embedding is one packed 8-bit initializer, read by the head and by the Gather
     assert not any(t.name == "model.embed_tokens.weight" for t in model.graph.initializer)
     readers = [n.op_type for n in model.graph.node if "model.embed_tokens.weight.q" in n.input]
@@ -129,7 +129,7 @@ def test_qdq_rewrite_uses_only_standard_operators(families, bits, block):
     assert {n.domain for n in model.graph.node} == {""}
     assert {o.domain for o in model.opset_import} == {""}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == 7 * 3 + 2  # every linear, the embedding and the head
+    assert len(dq) == 4 * 3 + 2  # every (fused) linear, the embedding and the head
     kinds = {t.data_type for t in model.graph.initializer if t.name.endswith(".q")}
     assert kinds == {onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8}
     got = run_graph(session(model), src.config, TOKENS, [25, 1])

@@ -18,7 +18,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.exporters import onnx_rewrites as rewrites
 from edgetok.exporters.files import atomic_folder
-from edgetok.exporters.onnx_graph import DEFAULT_OPSET, build_decoder, io_names
+from edgetok.exporters.onnx_graph import DEFAULT_OPSET, build_decoder, fused_parts, io_names
 from edgetok.exporters.quantize import QuantizedWeight, fit_group_size, rtn
 from edgetok.models.sources import ONNX_MANIFEST, Source, file_sha256, load_source
 from edgetok.texts import read_text
@@ -78,9 +78,11 @@ def calibrated_quantizer(source: Source, weights: str, block_size: int | None, q
     codes, fallback = qm.quantized(), weight_quantizer(weights, block_size, qdq)
 
     def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
-        if name in codes:
-            assert codes[name].shape == tuple(w.shape), (name, codes[name].shape, w.shape)
-            return codes[name]
+        parts = fused_parts(name) or [name]
+        if all(p in codes for p in parts):  # fused linears stack their parts' rows
+            qw = QuantizedWeight.cat_rows([codes[p] for p in parts])
+            assert qw.shape == tuple(w.shape), (name, qw.shape, w.shape)
+            return qw
         return fallback(name, w)
 
     return quantize, qm

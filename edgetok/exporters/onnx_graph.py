@@ -64,7 +64,8 @@ class GraphBuilder:
         return names[0] if len(names) == 1 else names
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = array if array.flags.c_contiguous else np.ascontiguousarray(array)  # which makes 0-d arrays 1-d
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -73,6 +74,19 @@ class GraphBuilder:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
+
+
+# Linears that read the same input run as one MatMul (fewer, larger kernels); their rows stack.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_parts(name: str) -> list[str] | None:
+    """The HF weight names stacked in a fused initializer's rows ("...qkv_proj.weight"), else None."""
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return [name.replace(fused, part) for part in parts]
+    return None
 
 
 def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -85,10 +99,14 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     H, Hkv, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     G = H // Hkv
 
+    def tensor(name: str) -> np.ndarray:
+        parts = fused_parts(name)
+        return np.concatenate([_np(weights[p]) for p in parts]) if parts else _np(weights[name])
+
     def linear(x: str, name: str, bias: bool) -> str:
-        w = g.weight(f"{name}.weight", _np(weights[f"{name}.weight"]).T)  # (K, N): MatMul's layout
+        w = g.weight(f"{name}.weight", tensor(f"{name}.weight").T)  # (K, N): MatMul's layout
         y = g.op("MatMul", x, w, name=f"{name}/MatMul")
-        return g.op("Add", y, g.weight(f"{name}.bias", _np(weights[f"{name}.bias"]))) if bias else y
+        return g.op("Add", y, g.weight(f"{name}.bias", tensor(f"{name}.bias"))) if bias else y
 
     def rms_norm(x: str, name: str) -> str:
         # The pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
@@ -100,14 +118,15 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     ids_shape = g.op("Shape", "input_ids")
     s_len = g.op("Slice", ids_shape, g.const([1]), g.const([2]))  # (1,) S
     zero_f, neg_f = g.const(0.0, np.float32), g.const(NEG_INF, np.float32)
-    row_length = g.op("Unsqueeze", "past_length", g.const([1]))  # (B, 1)
+    # past slots ≥ past_length are masked; one table for the longest past, sliced per layer
+    slots = g.op("Range", g.const(0), g.const(max(cfg.max_context, 1)), g.const(1))
+    valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", "past_length", g.const([1])))
+    bias_table = g.op("Unsqueeze", g.op("Where", valid, zero_f, neg_f), g.const([1, 2]))  # (B, 1, 1, max_context)
 
     def past_mask(i: int) -> tuple[str, str]:
         """Layer i's additive mask over its past slots (B, 1, 1, P) and the split sizes (P, S)."""
-        p_len = g.op("Slice", g.op("Shape", f"past_key.{i}"), g.const([2]), g.const([3]))  # (1,) P
-        slots = g.op("Range", g.const(0), g.op("Squeeze", p_len, g.const([0])), g.const(1))
-        valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), row_length)
-        return g.op("Unsqueeze", g.op("Where", valid, zero_f, neg_f), g.const([1, 2])), g.op("Concat", p_len, s_len, axis=0)
+        p_len = g.op("Shape", f"past_key.{i}", start=2, end=3)  # (1,) P
+        return g.op("Slice", bias_table, g.const([0]), p_len, g.const([3])), g.op("Concat", p_len, s_len, axis=0)
 
     # causal among the new tokens: (G·S, S), rows g·S + s
     steps = g.op("Range", g.const(0), g.op("Squeeze", s_len, g.const([0])), g.const(1))
@@ -136,14 +155,12 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     for i in range(L):
         p = f"model.layers.{i}"
         h = rms_norm(x, f"{p}.input_layernorm")
-        q = linear(h, f"{p}.self_attn.q_proj", cfg.qkv_bias)
-        k = linear(h, f"{p}.self_attn.k_proj", cfg.qkv_bias)
-        v = linear(h, f"{p}.self_attn.v_proj", cfg.qkv_bias)
-        q = rope(g.op("Reshape", q, g.const([0, 0, H, D])))
-        k = rope(g.op("Reshape", k, g.const([0, 0, Hkv, D])))
+        qkv = g.op("Reshape", linear(h, f"{p}.self_attn.qkv_proj", cfg.qkv_bias), g.const([0, 0, H + 2 * Hkv, D]))
+        qk, v = g.op("Split", qkv, g.const([H + Hkv, Hkv]), axis=2, outputs=2)
+        q, k = g.op("Split", rope(qk), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
         g.op("Transpose", q, perm=[0, 2, 1, 3], outputs=[f"query.{i}"])  # (B, H, S, D)
         k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[f"present_key.{i}"])
-        v_new = g.op("Transpose", g.op("Reshape", v, g.const([0, 0, Hkv, D])), perm=[0, 2, 1, 3], outputs=[f"present_value.{i}"])
+        v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[f"present_value.{i}"])
         # query head h reads KV head h // G: group the query heads by KV head, (B, Hkv, G·S, D)
         qg = g.op("Mul", g.op("Reshape", f"query.{i}", g.const([0, Hkv, -1, D])), scale)
         past_bias, split_sizes = past_mask(i)
@@ -155,8 +172,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         o = g.op("Reshape", g.op("Transpose", g.op("Reshape", o, g.const([0, H, -1, D])), perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
         x = g.op("Add", x, linear(o, f"{p}.self_attn.o_proj", cfg.o_bias))
         h = rms_norm(x, f"{p}.post_attention_layernorm")
-        gate = linear(h, f"{p}.mlp.gate_proj", cfg.mlp_bias)
-        up = linear(h, f"{p}.mlp.up_proj", cfg.mlp_bias)
+        gate, up = g.op("Split", linear(h, f"{p}.mlp.gate_up_proj", cfg.mlp_bias), g.const([cfg.intermediate_size] * 2),
+                        axis=-1, outputs=2)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) · up
         x = g.op("Add", x, linear(act, f"{p}.mlp.down_proj", cfg.mlp_bias))
 
