@@ -164,6 +164,10 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
         raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
 
     info = {k: manifest.get(k) for k in ("weights", "block_size", "qdq", "opset", "method")}
+    form = "QDQ" if info["qdq"] else "MatMulNBits" if info["method"] else "float"
+    block = f"block {info['block_size']}" if info["block_size"] else None
+    info["dtypes"] = [", ".join(x for x in (f"{info['weights']} {info['method'] or ''}".strip(), block, form,
+                                            f"opset {info['opset']}") if x)]
     info |= {"format": "onnx", "sha256": manifest.get("graph_sha256"), "source": manifest.get("source"),
              "size_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
     return Source(ref, folder, "onnx", cfg, Tokenizer.load(folder), no_weights, info)
