@@ -61,11 +61,14 @@ def open_session(model_file: Path, provider: str = "cpu", threads: int | None = 
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
-    # On CPU, ONNX Runtime turns QDQ weights into MatMulNBits; keep their activations in float
-    # (its default, level 4, quantizes them to int8: −2 points of top-1 on SmolLM2 int8).
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    name = choose_provider(provider)
+    if name == PROVIDERS["cpu"][0]:
+        # QDQ graphs are for NPUs; on CPU, dequantize their weights once at load: exact float math
+        # (ONNX Runtime would otherwise make int8-activation MatMulNBits of them: −2 points of top-1
+        # on SmolLM2 int8, or a float-activation path many times slower).
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
-        return ort.InferenceSession(str(model_file), opts, providers=[choose_provider(provider)])
+        return ort.InferenceSession(str(model_file), opts, providers=[name])
     except EdgetokError:
         raise
     except Exception as e:  # onnxruntime raises its own types for unreadable or invalid graphs
