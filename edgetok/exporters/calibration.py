@@ -44,6 +44,8 @@ QuantizeFn = Callable[[torch.Tensor, torch.Tensor], "QuantizedWeight"]  # noqa: 
 def calibration_tokens(tokenizer: Tokenizer, text: str | None, n_tokens: int, seq_len: int = SEQ_LEN) -> torch.Tensor:
     """(S, seq_len) token ids. The default text is the *end* of the built-in essays; evaluation
     (export's parity report, benchmarks) reads their beginning, so the two never share text."""
+    if n_tokens < seq_len:
+        raise EdgetokError(f"calibration needs at least one sequence of {seq_len} tokens, not {n_tokens}")
     if text is None:
         ids = tokenizer.encode(essays(10**9))[-n_tokens:]
     else:
