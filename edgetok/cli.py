@@ -388,7 +388,9 @@ def inspect(model, as_json):
 @click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True, help="rounds; speeds are their median")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("edgetok-bench"), show_default=True,
               help="folder for results.json and the plots")
-def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads, repeat, out):
+@click.option("--onnx", "onnx_weights", multiple=True, type=click.Choice(["fp32", "fp16", "int8", "int4"]),
+              help="also edgetok's ONNX export at these weights, on its onnxruntime backend (exact and at each KV budget)")
+def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads, repeat, out, onnx_weights):
     """Speed, memory and quality of edgetok and peer runtimes on MODEL, each run in its own process."""
     import os
     import shlex
@@ -397,12 +399,14 @@ def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads
 
     threads = threads or os.cpu_count() or 1
     command = ["edgetok", "bench", model, "--contexts", contexts, "--new-tokens", str(new_tokens), "--kv-budget", kv_budgets,
-               "--peers", peers, *(a for s in extra_systems for a in ("--system", s)), "--threads", str(threads),
+               "--peers", peers, *(a for s in extra_systems for a in ("--system", s)),
+               *(a for w in onnx_weights for a in ("--onnx", w)), "--threads", str(threads),
                "--repeat", str(repeat), "--out", str(out)]
     results = {"command": shlex.join(command), "machine": report.machine(), "versions": report.versions()}
     results |= harness.run_bench(
         model, harness.parse_contexts(contexts), new_tokens, [b.strip() for b in kv_budgets.split(",") if b.strip()],
-        peers, threads, repeat, extra_systems, on_update=lambda partial: report.write_results(results | partial, out),
+        peers, threads, repeat, extra_systems, onnx=onnx_weights,
+        on_update=lambda partial: report.write_results(results | partial, out),
     )
     report.write_results(results, out)
     pngs = plots.write_plots(results, out)

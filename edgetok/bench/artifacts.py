@@ -54,6 +54,18 @@ def gguf_file(model: str, source: Source) -> Path:
     return out
 
 
+def onnx_folder(model: str, source: Source, weights: str) -> Path:
+    """edgetok's own ONNX export of the model (`edgetok export MODEL --format onnx --weights W`),
+    keyed by edgetok's version; the export writes a temporary folder and renames it."""
+    from edgetok.version import __version__
+
+    out = cache_dir(source) / f"onnx-{__version__}-{weights}"
+    if not (out / "edgetok.json").is_file():
+        _run([*edgetok_command(), "export", model, "--format", "onnx", "--weights", weights, "--no-verify", "--force",
+              "-o", str(out)], f"the {weights} ONNX export of {model}")
+    return out
+
+
 def ortgenai_folder(model: str, source: Source) -> Path:
     """`python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu`, built beside
     the entry and renamed into place, so a half-built model is never used."""

