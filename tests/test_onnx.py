@@ -191,6 +191,8 @@ def test_export_refuses_bad_requests_and_writes_nothing(exported, families, tmp_
     assert r.exit_code == 1 and "exists; pass --force" in r.output
     r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "--qdq", "-o", tmp_path / "a")
     assert r.exit_code == 1 and "--qdq applies to --weights int4 or int8" in r.output
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "int4", "--qdq", "--opset", "19", "-o", tmp_path / "b")
+    assert r.exit_code == 1 and "--qdq needs --opset 21" in r.output
     out = tmp_path / "strict"
     r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "int4", "--max-kl", "0", "-o", out, "--eval-tokens", "32")
     assert r.exit_code == 1 and "exceeds --max-kl 0" in r.output

@@ -114,6 +114,8 @@ def export_onnx(
         raise EdgetokError("--qdq applies to --weights int4 or int8")
     if block_size is not None and (weights not in ("int4", "int8") or block_size not in BLOCK_SIZES):
         raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
+    if qdq and opset < 21:
+        raise EdgetokError(f"--qdq needs --opset 21 or newer (blocked and int4 DequantizeLinear), not {opset}")
     if out.exists() and not force:
         raise EdgetokError(f"{out} exists; pass --force to overwrite it")
     if method != "rtn" and weights not in ("int4", "int8"):
