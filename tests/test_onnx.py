@@ -178,6 +178,15 @@ def test_onnx_runs_the_same_tokens_as_torch(exported, families):
     assert tiered.generate(prompt, max_new_tokens=12).tokens == want
 
 
+def test_onnx_with_chunks_on_disk_is_exact_at_a_full_budget(exported, families, tmp_path):
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
+    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=10).tokens
+    kv = edgetok.KVConfig(budget="100%", device_mb=0.01, host_mb=0.01, disk_dir=tmp_path, bits="32", chunk_sizes=(4, 8))
+    result = edgetok.load(str(exported), kv=kv).generate(prompt, max_new_tokens=10)
+    assert result.tokens == want
+    assert result.stats.kv["bytes_read_per_token"]["disk"] > 0
+
+
 def test_onnx_with_a_small_kv_budget_selects_chunks(exported):
     model = edgetok.load(str(exported), kv=edgetok.KVConfig(budget="25%", sink_tokens=4, recent_tokens=8, chunk_sizes=(4, 8)))
     long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
