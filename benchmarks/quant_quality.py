@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/quant"))
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--calib-tokens", type=int, default=32768)
-    ap.add_argument("--methods", default="rtn,gptq,rsq")
+    ap.add_argument("--methods", default="rtn,gptq,rsq", help="also: rotate (rsq without the token importance)")
     ap.add_argument("--configs", default="32a,128a,32s,128s", help="group size + a(symmetric) or s(ymmetric)")
     ap.add_argument("--gguf", action="store_true", help="also write q4_0 GGUFs of the 32s codes and run them in llama.cpp")
     args = ap.parse_args()
@@ -62,8 +62,8 @@ def main() -> None:
         group, symmetric = int(config[:-1]), config[-1] == "s"
         for method in args.methods.split(","):
             start = time.perf_counter()
-            qm = quantize_model(src, 4, group, method, None, args.calib_tokens, symmetric=symmetric,
-                                scale_dtype=torch.float16)
+            qm = quantize_model(src, 4, group, "rsq" if method == "rotate" else method, None, args.calib_tokens,
+                                symmetric=symmetric, scale_dtype=torch.float16, importance=method != "rotate")
             seconds = time.perf_counter() - start
             model = LlamaModel.from_state_dict(qm.config, qm.dequantized())
             report = compare(reference, model_logits(model, tokens), tokens)

@@ -284,6 +284,7 @@ def quantize_model(
     scale_dtype: torch.dtype = torch.float16,
     seq_len: int | None = None,
     r_max: float = 10.0,
+    importance: bool = True,
     seed: int = 0,
 ) -> QuantizedModel:
     """Quantize the decoder linears of `source` (a models.sources.Source) by rtn, gptq or rsq.
@@ -292,6 +293,8 @@ def quantize_model(
     calib_tokens tokens of calib_text, or of the end of the built-in essays when it is None.
     scale_dtype: the precision the artifact stores scales in (fp16 for GGUF blocks, MatMulNBits
     and QDQ); scales are rounded to it before the codes are chosen.
+    importance: rsq weights tokens by attention received (r_max: the weight range [1, r_max]);
+    False leaves only the rotation (an ablation).
     """
     from edgetok.exporters import calibration
     from edgetok.models.llama import LlamaModel
@@ -325,12 +328,12 @@ def quantize_model(
             g = fit_group_size(w.shape[1], group_size)
             return gptq(w, h, bits, g, symmetric, percdamp=percdamp, act_order=act_order, scale_dtype=scale_dtype)
 
-        codes = calibration.calibrate(model, tokens, quantize, weighted=rotated, r_max=r_max, progress=progress)
+        weighted = rotated and importance
+        codes = calibration.calibrate(model, tokens, quantize, weighted=weighted, r_max=r_max, progress=progress)
         info |= {"calibration_tokens": int(tokens.numel()), "calibration_sequences": int(tokens.shape[0]),
                  "seq_len": seq_len, "act_order": act_order, "percdamp": percdamp,
                  "calibration_text": "built-in essays (end)" if calib_text is None else "user text"}
-        if rotated:
-            info["importance"] = f"AttnCon, sqrt-normalized, range [1, {r_max}]"
+        info["importance"] = f"AttnCon, sqrt-normalized, range [1, {r_max}]" if weighted else None
     info["seconds"] = round(time.perf_counter() - start, 1)
     info["group_sizes"] = sorted(set(groups.values()))
     out: dict[str, QuantizedWeight | torch.Tensor] = dict(weights)
