@@ -33,7 +33,8 @@ def decode_vs_context(results: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("decode tokens/s")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{results['model']}: decode speed, {results['settings']['threads']} threads")
+    threads = results["settings"]["threads"]
+    ax.set_title(f"{results['model']}: decode speed, {threads} thread{'s' if threads != 1 else ''}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
