@@ -22,7 +22,7 @@ def main() -> None:
     print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; Python {m['python']}; "
           + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".")
     print(f"{r['model']}, {s['new_tokens']} new tokens after a prompt of (context − {s['new_tokens']}) tokens of "
-          f"{r['prompt']['text']}; {s['threads']} threads; median of {s['repeat']} interleaved rounds (min–max).\n")
+          f"{r['prompt']['text']}; {s['threads']} thread(s) per system; median of {s['repeat']} interleaved rounds (min–max).\n")
     print(results_table(r))
     print("\nedgetok ÷ peer (median tokens/s):\n")
     print(ratios_table(r))
