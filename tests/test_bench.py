@@ -203,3 +203,20 @@ def test_ortgenai_peer_is_built_once_and_follows_the_reference(tiny_folder):
     _, rows, _ = peers.timed_decode(step, prompt, n, ref.tokens)
     q = harness.quality(torch.stack(ref_rows), torch.from_numpy(np.stack(rows)))
     assert q["positions"] == n and 0 <= q["greedy_agreement"] <= 1 and q["kl_mean"] >= 0
+
+
+def test_llamacpp_peer_runs_a_gguf_export_and_reports_its_kv(tiny_folder):
+    pytest.importorskip("llama_cpp")
+    from edgetok.bench import artifacts
+    from edgetok.models.sources import load_source
+
+    source = load_source(str(tiny_folder))
+    gguf = artifacts.gguf_file(str(tiny_folder), source)  # an HF model: a q8_0 export, cached
+    assert gguf.name == f"model-{artifacts.GGUF_QUANT}.gguf" and artifacts.gguf_file(str(tiny_folder), source) == gguf
+    prompt, cfg = list(range(10, 40)), GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    ref, _ = generate(edgetok.load(str(tiny_folder)), prompt, cfg, None)
+    result, rows = generate(edgetok.load(str(gguf), backend="llamacpp", threads=1), prompt, cfg, ref.tokens)
+    assert len(rows) == 4 and result.tokens == [int(r.argmax()) for r in rows]
+    # llama.cpp allocates f16 K/V for its whole window (the model's context) up front.
+    c = source.config
+    assert result.stats.kv["resident_bytes"] == {"device": c.kv_bytes_per_token(2) * c.max_context}
