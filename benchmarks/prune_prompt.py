@@ -132,8 +132,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="teacher-forced tokens for greedy agreement")
     ap.add_argument("--needle-depths", default="0.1,0.5,0.9")
     ap.add_argument("--needle-layers", default=None, help="needle runs only for these layers (default: all of --layers)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads; 1 makes the CPU time a steady measure of work on a busy machine")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = edgetok.load("smollm2")
     backend, cfg = model.engine.backend, model.config
