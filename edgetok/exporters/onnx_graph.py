@@ -118,14 +118,17 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     ids_shape = g.op("Shape", "input_ids")
     s_len = g.op("Slice", ids_shape, g.const([1]), g.const([2]))  # (1,) S
     zero_f, neg_f = g.const(0.0, np.float32), g.const(NEG_INF, np.float32)
-    # past slots ≥ past_length are masked; one table for the longest past, sliced per layer
-    slots = g.op("Range", g.const(0), g.const(max(cfg.max_context, 1)), g.const(1))
+    # past slots ≥ past_length are masked; one table for the longest past (a buffer's capacity may
+    # exceed the context), sliced per layer
+    p_lens = [g.op("Shape", f"past_key.{i}", start=2, end=3) for i in range(cfg.num_layers)]  # (1,) P per layer
+    p_max = g.op("ReduceMax", g.op("Concat", *p_lens, axis=0), keepdims=0)
+    slots = g.op("Range", g.const(0), p_max, g.const(1))
     valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", "past_length", g.const([1])))
-    bias_table = g.op("Unsqueeze", g.op("Where", valid, zero_f, neg_f), g.const([1, 2]))  # (B, 1, 1, max_context)
+    bias_table = g.op("Unsqueeze", g.op("Where", valid, zero_f, neg_f), g.const([1, 2]))  # (B, 1, 1, max P)
 
     def past_mask(i: int) -> tuple[str, str]:
         """Layer i's additive mask over its past slots (B, 1, 1, P) and the split sizes (P, S)."""
-        p_len = g.op("Shape", f"past_key.{i}", start=2, end=3)  # (1,) P
+        p_len = p_lens[i]
         return g.op("Slice", bias_table, g.const([0]), p_len, g.const([3])), g.op("Concat", p_len, s_len, axis=0)
 
     # causal among the new tokens: (G·S, S), rows g·S + s
