@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every number in BENCHMARKS.md, section by section, with the commands the sections show.
+# Several hours on 2 cores; run on an otherwise idle machine (timings take the bench lock).
+#   bash benchmarks/reproduce.sh            # everything
+#   bash benchmarks/reproduce.sh onnx kv    # only the sections whose names are given
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make install >/dev/null
+PY=.venv/bin/python
+EDGETOK=.venv/bin/edgetok
+LOCK="flock /tmp/edgetok-bench.lock"
+want() { [ -z "$SECTIONS" ] || [[ " $SECTIONS " == *" $1 "* ]]; }
+SECTIONS="$*"
+
+if want bench; then  # `edgetok bench`: edgetok vs llama.cpp, onnxruntime-genai and transformers
+  $LOCK $EDGETOK bench smollm2 --contexts 1024,4096,8192 --new-tokens 64 --kv-budget 100%,25% \
+    --peers llamacpp,ortgenai,transformers --system 'edgetok KV 25% + int8 weights=--kv-budget 25% --weights int8' \
+    --threads 1 --repeat 2 --out benchmarks/results/bench
+fi
+if want onnx; then  # ONNX export: size and parity; decode vs onnxruntime-genai
+  $PY benchmarks/onnx_quality.py
+  $LOCK $EDGETOK bench smollm2 --contexts 1024,8192 --new-tokens 64 --kv-budget 100%,25% --peers ortgenai \
+    --onnx int4 --threads 1 --repeat 1 --out benchmarks/results/onnx
+fi
+if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
+if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
+if want quant; then
+  $PY benchmarks/quant_quality.py --out bench-out/quant --configs 32s,128a,32a --gguf
+  $PY benchmarks/quant_quality.py --out bench-out/quant-ablation --configs 32s --methods rotate
+fi
+if want kv; then
+  $PY benchmarks/kv_quality.py --contexts 4096,8000 --budgets 25% --new-tokens 128 --needle-depths 0.1,0.5,0.9 --tiers 16,64
+  $LOCK $PY benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2
+fi
+if want prune; then
+  $PY benchmarks/prune_prompt.py --contexts 8000 --keeps 0.5,0.3 --layers 2 --repeat 2 --threads 1 --parts speed
+  $PY benchmarks/prune_prompt.py --contexts 8000,4096 --keeps 0.5,0.3 --layers 2,4,8 --repeat 1 --parts speed
+  $PY benchmarks/prune_prompt.py --contexts 4096 --keeps 0.5,0.3 --layers 2,4,8 --parts agreement
+  $PY benchmarks/prune_prompt.py --contexts 8000 --keeps 0.5,0.3 --layers 2 --parts agreement,needle
+fi
