@@ -28,6 +28,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for everyone who reads the folder
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
