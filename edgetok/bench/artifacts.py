@@ -56,10 +56,14 @@ def gguf_file(model: str, source: Source) -> Path:
 
 def onnx_folder(model: str, source: Source, weights: str) -> Path:
     """edgetok's own ONNX export of the model (`edgetok export MODEL --format onnx --weights W`),
-    keyed by edgetok's version; the export writes a temporary folder and renames it."""
-    from edgetok.version import __version__
+    keyed by the exporter's code, so a changed graph is never measured stale; the export writes a
+    temporary folder and renames it."""
+    import hashlib
 
-    out = cache_dir(source) / f"onnx-{__version__}-{weights}"
+    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, quantize
+
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (onnx, onnx_graph, onnx_rewrites, quantize)))
+    out = cache_dir(source) / f"onnx-{code.hexdigest()[:16]}-{weights}"
     if not (out / "edgetok.json").is_file():
         _run([*edgetok_command(), "export", model, "--format", "onnx", "--weights", weights, "--no-verify", "--force",
               "-o", str(out)], f"the {weights} ONNX export of {model}")

@@ -17,7 +17,7 @@ from edgetok.version import __version__
 SENSITIVITY_TOKENS = 128
 
 
-def _bar(desc: str):
+def progress_bar(desc: str):
     from tqdm import tqdm
 
     return lambda it, total: tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False)
@@ -44,7 +44,7 @@ def quantize_for_gguf(source, quant: str, method: str, calib: Path | None, calib
 
     bits, group = CODE_TYPES[quant]
     text = read_text(calib, 0) if calib is not None else None
-    return quantize_model(source, bits, group, method, text, calib_tokens, _bar(f"{method} calibration"),
+    return quantize_model(source, bits, group, method, text, calib_tokens, progress_bar(f"{method} calibration"),
                           symmetric=True, scale_dtype=torch.float16)
 
 
@@ -117,7 +117,7 @@ def export_gguf_verified(
         upgrade = gguf_export.higher_precision(quant)
         if upgrade is None:
             raise EdgetokError(f"--keep-sensitive needs a quantized --quant (q8_0, q4_*, q5_*), not {quant}")
-        kl = gguf_export.measure_sensitivity(written, quant, tokens[:SENSITIVITY_TOKENS], set(overrides), _bar("sensitivity"))
+        kl = gguf_export.measure_sensitivity(written, quant, tokens[:SENSITIVITY_TOKENS], set(overrides), progress_bar("sensitivity"))
         overrides |= {name: upgrade for name in gguf_export.choose_sensitive(kl)}
         manifest["sensitivity_kl"] = {k: round(v, 6) for k, v in sorted(kl.items(), key=lambda kv: -kv[1])}
     manifest["kept_at_higher_precision"] = overrides

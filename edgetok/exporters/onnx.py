@@ -7,7 +7,6 @@ report measured by running it in ONNX Runtime against the fp32 torch reference.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.exporters import onnx_rewrites as rewrites
+from edgetok.exporters.export import progress_bar, write_json_atomic
 from edgetok.exporters.files import atomic_folder
 from edgetok.exporters.onnx_graph import DEFAULT_OPSET, build_decoder, fused_parts, io_names
 from edgetok.exporters.quantize import QuantizedWeight, fit_group_size, rtn
@@ -68,13 +68,12 @@ def calibrated_quantizer(source: Source, weights: str, block_size: int | None, q
                          calib: Path | None, calib_tokens: int | None):
     """gptq / rsq codes for the decoder linears (the embedding and head as weight_quantizer does),
     and the float weights and config the graph must be built from (rsq rotates them)."""
-    from edgetok.exporters.export import _bar
     from edgetok.exporters.quantize import quantize_model
 
     bits = 4 if weights == "int4" else 8
     text = read_text(calib, 0) if calib is not None else None
     qm = quantize_model(source, bits, block_size or DEFAULT_BLOCK, method, text, calib_tokens,
-                        _bar(f"{method} calibration"), scale_dtype=torch.float32 if qdq else torch.float16)
+                        progress_bar(f"{method} calibration"), scale_dtype=torch.float32 if qdq else torch.float16)
     codes, fallback = qm.quantized(), weight_quantizer(weights, block_size, qdq)
 
     def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
@@ -178,7 +177,7 @@ def export_onnx(
             f.chmod(0o644)  # onnx writes external data private
         manifest["graph_sha256"] = "".join(file_sha256(tmp / f)[:32] for f in ("model.onnx", "model.onnx.data"))
         manifest["size_bytes"] = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data"))
-        _write_manifest(tmp, manifest)
+        write_json_atomic(tmp / ONNX_MANIFEST, manifest)
         if verify:
             report = parity(source, load_source(str(tmp)), tokens, threads)
             manifest["parity"] = report.to_dict() | {
@@ -192,7 +191,7 @@ def export_onnx(
                     f"({report.summary()}); nothing was written"
                 )
         manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
-        _write_manifest(tmp, manifest)
+        write_json_atomic(tmp / ONNX_MANIFEST, manifest)
     return manifest
 
 
@@ -203,5 +202,3 @@ def parity(reference: Source, exported: Source, tokens: list[int], threads: int 
     return compare(reference_logits(reference, tokens), onnx_logits(exported, tokens, threads), tokens)
 
 
-def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2))
