@@ -70,6 +70,9 @@ def generation_options(f):
                      help="stored chunk precision; auto picks by importance (exact at 100%%)"),
         click.option("--kv-prefetch/--no-kv-prefetch", default=True, show_default=True,
                      help="read the next layer's chunks from host/disk while the current one computes"),
+        click.option("--kv-disk-uncached", is_flag=True,
+                     help="for benchmarks: every --kv-disk read goes to the device, past the page cache "
+                          "(as for a cache larger than RAM)"),
         click.option("--kv-store", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="keep prompts' K/V in this folder: a later run with the same prompt prefix skips prefill"),
         click.option("--kv-store-rebuild", is_flag=True, help="recompute damaged or outdated --kv-store entries"),
@@ -114,6 +117,7 @@ def _kv_config(kw: dict):
         disk_dir=kw["kv_disk"],
         bits=kw["kv_bits"] or "auto",
         prefetch=kw["kv_prefetch"],
+        disk_uncached=kw["kv_disk_uncached"],
     )
 
 

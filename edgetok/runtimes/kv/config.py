@@ -21,6 +21,7 @@ class KVConfig:
     recent_tokens: int = 64  # the last tokens, always attended
     observation_window: int = 32  # last prompt queries that measure each layer's attention skew
     prefetch: bool = True  # read layer i+1's chunks from host/disk while layer i computes
+    disk_uncached: bool = False  # benchmarks: disk reads bypass the page cache (a store larger than RAM)
     chunk_sizes: tuple[int, ...] | None = None  # for concentrated … diffuse layers; None: by tier set-up
 
     def __post_init__(self) -> None:
@@ -40,6 +41,8 @@ class KVConfig:
                 raise EdgetokError(f"--kv-{name.replace('_', '-')} must be ≥ 0")
         if self.host_mb is not None and self.disk_dir is None:
             raise EdgetokError("--kv-host-mb needs --kv-disk DIR: chunks beyond the host budget go to disk")
+        if self.disk_uncached and self.disk_dir is None:
+            raise EdgetokError("--kv-disk-uncached needs --kv-disk DIR: it changes how the disk tier is read")
         if self.disk_dir is not None:
             self.disk_dir = Path(self.disk_dir)
         if self.chunk_sizes is None:

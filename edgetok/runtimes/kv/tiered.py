@@ -18,6 +18,8 @@ Where chunks live depends on the config:
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +36,11 @@ from edgetok.runtimes.memory import return_large_buffers, trim_heap
 
 MB = 1 << 20
 DECODE_CHUNK_BITS = 8  # chunks sealed during decode, under --kv-bits auto
+# Prefetch reads a layer's on-disk chunks that it selected in any of its last PREFETCH_STEPS steps.
+# The chunks left on disk are the ones at the margin of the selection, which come and go: at 8K
+# (SmolLM2, 25 %, 16 MB device + 64 MB host) the last step's selection predicted 55 % of the next
+# step's disk reads, the last 8 steps' 85 %. EDGETOK_KV_PREFETCH_STEPS overrides it (benchmarks).
+PREFETCH_STEPS = 8
 
 
 @dataclass
@@ -80,14 +87,18 @@ class TieredCache:
         if not self.resident:
             device = 0 if cfg.device_mb is None else int(cfg.device_mb * MB)  # no budget: decompress per read
             host = None if cfg.host_mb is None else int(cfg.host_mb * MB)
-            self.store = TierStore(device, host, cfg.disk_dir, functools.partial(decode_many, dtype=self.dtype))
+            self.store = TierStore(device, host, cfg.disk_dir, functools.partial(decode_many, dtype=self.dtype),
+                                   disk_uncached=cfg.disk_uncached)
             return_large_buffers()
             if cfg.prefetch:
                 self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch")
         self._next_key = 0
         self.prefetch: dict[int, Future] = {}
+        self.prefetch_steps = int(os.environ.get("EDGETOK_KV_PREFETCH_STEPS", PREFETCH_STEPS))
+        self._selected_at: dict[int, int] = {}  # chunk key → the last decode step that selected it
         self.budgets: list[float] = []
-        self.counters = Counter()  # decode totals
+        self.counters = Counter()  # decode totals (counts, bytes, and seconds where the name ends in _s)
+        self._io_start: int | None = None  # the process's storage reads when decode began
 
     # -- the KVCache protocol --------------------------------------------------------------------
     @property
@@ -121,6 +132,7 @@ class TieredCache:
                 for key in layer.keys:
                     self.store.drop(key)
         self.layers = [Layer() for _ in self.layers]
+        self._selected_at.clear()
         self.lengths = [0] * len(self.lengths)
         self.skipped = [0] * len(self.skipped)
         self.counters.clear()
@@ -165,11 +177,16 @@ class TieredCache:
         prefetched = prefetched or {}
         tiers = [self.store.tier_of(k) for k in keys]
         missing = [k for k, t in zip(keys, tiers) if t != DEVICE and k not in prefetched]
+        from_disk = sum(1 for k, t in zip(keys, tiers) if t == DISK and k not in prefetched)
         loaded = dict(prefetched)
         if missing:
+            t0 = time.perf_counter()
             loaded.update(self.store.load_homes(missing))
+            if from_disk:  # the main thread waits for the disk (host homes are a dict lookup)
+                self.counters["sync_read_s"] += time.perf_counter() - t0
         loaded = self.store.decompress_loaded(loaded)
         self.counters["sync_reads"] += len(missing)
+        self.counters["sync_disk_reads"] += from_disk
         self.counters["prefetch_hits"] += len(keys) - len(missing) - tiers.count(DEVICE)
         self.store.account(keys, tiers)
         out = [self.store.device[key] if tier == DEVICE else loaded[key] for key, tier in zip(keys, tiers)]
@@ -252,9 +269,11 @@ class TieredCache:
             self._chunk(layer, keys, values, profile.importance)
         for layer, share in zip(self.layers, layer_shares(spreads)):
             layer.share = share
+        self.counters.clear()  # the counters report decode (prefill read its blocks through _fetch too)
         if self.store is not None:
-            self.store.read_bytes.clear()  # the counters report decode reads
+            self.store.read_bytes.clear()
             self.store.read_chunks.clear()
+            self._io_start = _process_read_bytes()
             trim_heap()
 
     def _chunk(self, layer: Layer, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
@@ -396,21 +415,43 @@ class TieredCache:
 
     # -- prefetch: layer i+1's chunks while layer i computes --------------------------------------
     def _start_prefetch(self, i: int) -> None:
-        """Read from disk the chunks layer i read at the previous step (consecutive queries are
-        alike, so selections change little); host and device chunks need no early read."""
+        """Read from disk the chunks layer i selected in its last `prefetch_steps` steps
+        (consecutive queries are alike, so selections change little, and the chunks left on disk
+        are the ones that come and go); host and device chunks need no early read."""
         layer = self.layers[i]
         if self.pool is None or layer.last_keys is None or i in self.prefetch:
             return
-        wanted = [k for k in layer.last_keys if self.store.tier_of(k) == DISK]
+        step = self.counters["steps"] + (i == 0)  # layer 0's next read is at the next step
+        since = step - self.prefetch_steps
+        at = self._selected_at
+        wanted = [k for k in layer.keys if at.get(k, since - 1) >= since and self.store.tier_of(k) == DISK]
         if wanted:
-            self.prefetch[i] = self.pool.submit(self.store.load_homes, wanted)
+            self.prefetch[i] = self.pool.submit(self._prefetch_read, wanted)
+
+    def _prefetch_read(self, keys: list[int]) -> tuple[dict, float]:
+        """On the prefetch thread: the stored forms of `keys`, and the seconds the read took."""
+        t0 = time.perf_counter()
+        loaded = self.store.load_homes(keys)
+        return loaded, time.perf_counter() - t0
 
     def _take_prefetch(self, i: int, keys: list[int]) -> dict:
+        if self.pool is not None:
+            step = self.counters["steps"]
+            self._selected_at.update((k, step) for k in keys)
         fut = self.prefetch.pop(i, None)
         if fut is None:
             return {}
+        t0 = time.perf_counter()
+        loaded, read_s = fut.result()
+        c = self.counters
+        c["prefetch_wait_s"] += time.perf_counter() - t0  # the read did not finish behind layer i-1's compute
+        c["prefetch_read_s"] += read_s
+        c["prefetch_chunks"] += len(loaded)
         wanted = set(keys)
-        return {k: kv for k, kv in fut.result().items() if k in wanted}
+        used = {k: kv for k, kv in loaded.items() if k in wanted}
+        c["prefetch_unused"] += len(loaded) - len(used)
+        c["prefetch_unused_bytes"] += sum(t.nbytes for k, (ts, _) in loaded.items() if k not in wanted for t in ts.values())
+        return used
 
     def _drain_prefetch(self) -> None:
         for fut in self.prefetch.values():
@@ -441,7 +482,42 @@ class TieredCache:
             "bytes_read_per_token": read,
             "prefetch_hits": c["prefetch_hits"],
             "sync_reads": c["sync_reads"],
+            **self._disk_stats(),
             "resident_bytes": resident,
             "chunk_sizes": [layer.chunk_size for layer in self.layers],
             "layer_spread": [round(layer.spread, 3) for layer in self.layers],
         }
+
+    def _disk_stats(self) -> dict:
+        """Decode totals of the disk tier's reads: how long the model thread waited for the disk
+        (disk_wait_s: synchronous reads plus waits on unfinished prefetches), how long the prefetch
+        thread read (prefetch_read_s: hidden behind compute unless waited on), and what the process
+        read from storage devices (Linux /proc/self/io; small when the file sits in the page cache)."""
+        if self.store is None or self.store.disk is None:
+            return {}
+        c = self.counters
+        io = _process_read_bytes()
+        return {
+            "disk_uncached": self.store.disk.uncached,
+            "disk_wait_s": round(c["sync_read_s"] + c["prefetch_wait_s"], 4),
+            "sync_read_s": round(c["sync_read_s"], 4),
+            "prefetch_wait_s": round(c["prefetch_wait_s"], 4),
+            "prefetch_read_s": round(c["prefetch_read_s"], 4),
+            "sync_disk_reads": c["sync_disk_reads"],
+            "prefetch_chunks": c["prefetch_chunks"],
+            "prefetch_unused": c["prefetch_unused"],
+            "prefetch_unused_bytes": c["prefetch_unused_bytes"],
+            "process_read_bytes": None if io is None or self._io_start is None else io - self._io_start,
+        }
+
+
+def _process_read_bytes() -> int | None:
+    """Bytes this process has read from storage devices (not the page cache), where Linux says."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None

@@ -56,9 +56,14 @@ def _tensors_from(buf: bytearray, pos: int, layout) -> Tensors:
 
 
 class DiskFile:
-    """One append-only file of chunk payloads, deleted when the cache closes."""
+    """One append-only file of chunk payloads, deleted when the cache closes.
 
-    def __init__(self, folder: Path) -> None:
+    uncached: every read goes to the storage device, as it would for a store larger than RAM
+    (benchmarks: otherwise the whole file stays in the page cache and a "disk" read is a memcpy).
+    Written data is flushed and dropped from the page cache before the next read, each read range
+    is dropped after it is read, and read-ahead is off. Linux/POSIX only (posix_fadvise)."""
+
+    def __init__(self, folder: Path, uncached: bool = False) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self.path = folder / f"edgetok-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
@@ -66,6 +71,14 @@ class DiskFile:
         except OSError as e:
             raise EdgetokError(f"cannot use {folder} for the KV disk tier: {e.strerror}") from None
         self.end = 0
+        self.uncached = uncached
+        if uncached and not hasattr(os, "posix_fadvise"):
+            os.close(self.fd)
+            self.path.unlink(missing_ok=True)
+            raise EdgetokError("--kv-disk-uncached needs posix_fadvise (Linux); drop the flag on this system")
+        if uncached:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead into the page cache
+        self._dirty = False  # written since the last flush (dirty pages cannot be dropped)
 
     def write(self, tensors: Tensors) -> tuple[int, list]:
         data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
@@ -76,6 +89,7 @@ class DiskFile:
                 raise EdgetokError(f"the KV disk tier is full ({self.path.parent}); free space or raise --kv-host-mb") from None
             raise
         assert written == len(data)
+        self._dirty = True
         offset, self.end = self.end, self.end + len(data)
         return offset, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
 
@@ -84,11 +98,17 @@ class DiskFile:
         order = sorted(range(len(items)), key=lambda i: items[i][0])
         out: list = [None] * len(items)
         run: list[int] = []
+        if self.uncached and self._dirty:
+            self._dirty = False  # before the flush: a write racing with it marks the file again
+            os.fdatasync(self.fd)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         for i in order + [None]:
             if run and (i is None or items[i][0] != items[run[-1]][0] + items[run[-1]][1]):
                 start = items[run[0]][0]
                 buf = bytearray(items[run[-1]][0] + items[run[-1]][1] - start)
                 assert os.preadv(self.fd, [buf], start) == len(buf)
+                if self.uncached:
+                    os.posix_fadvise(self.fd, start, len(buf), os.POSIX_FADV_DONTNEED)
                 for j in run:
                     out[j] = _tensors_from(buf, items[j][0] - start, items[j][2])
                 run = []
@@ -108,11 +128,12 @@ class TierStore:
         host_bytes: int | None,
         disk_dir: Path | None,
         decompress: Callable[[list[tuple[Tensors, object]]], list[KV]],
+        disk_uncached: bool = False,
     ) -> None:
         self.budget = {DEVICE: device_bytes, HOST: host_bytes}
         self.used = Counter({DEVICE: 0, HOST: 0, DISK: 0})
         self.decompress = decompress  # batched: [(stored tensors, meta)] → [(k, v)]
-        self.disk = DiskFile(disk_dir) if disk_dir is not None else None
+        self.disk = DiskFile(disk_dir, disk_uncached) if disk_dir is not None else None
         self.homes: dict[int, Home] = {}
         self.device: dict[int, KV] = {}
         self.device_size: dict[int, int] = {}
