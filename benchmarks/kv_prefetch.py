@@ -40,6 +40,7 @@ def systems(disk: str, budget: str) -> dict[str, tuple[list[str], dict]]:
         "page cache, prefetch": (tiers, {}),
         "uncached, no prefetch": (tiers + ["--kv-disk-uncached", "--no-kv-prefetch"], {}),
         "uncached, prefetch last step's chunks": (tiers + ["--kv-disk-uncached"], old),
+        "uncached, prefetch last 3 steps' chunks": (tiers + ["--kv-disk-uncached"], {"EDGETOK_KV_PREFETCH_STEPS": "3"}),
         "uncached, prefetch last 8 steps' chunks": (tiers + ["--kv-disk-uncached"], {}),
     }
 

@@ -108,7 +108,7 @@ def _kv_config(kw: dict):
     from edgetok.runtimes.kv import KVConfig
 
     names = ("kv_budget", "kv_device_mb", "kv_host_mb", "kv_disk", "kv_bits")
-    if all(kw[n] is None for n in names):
+    if all(kw[n] is None for n in names) and not kw["kv_disk_uncached"]:
         return None
     return KVConfig(
         budget=kw["kv_budget"] or "100%",

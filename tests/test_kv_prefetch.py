@@ -1,0 +1,136 @@
+"""The disk tier read past the page cache (--kv-disk-uncached) and the prefetch's measurements."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgetok.cli import cli
+from edgetok.errors import EdgetokError
+from edgetok.runtimes.backends.pytorch import TorchBackend
+from edgetok.runtimes.kv import KVConfig
+from edgetok.runtimes.kv.tiers import DiskFile
+from test_tiered_cache import PROMPT, decode, source  # noqa: F401  (the tiny 4-layer model fixture)
+
+DISK_STATS = ("disk_uncached", "disk_wait_s", "sync_read_s", "prefetch_wait_s", "prefetch_read_s", "sync_disk_reads",
+              "prefetch_chunks", "prefetch_unused", "prefetch_unused_bytes", "process_read_bytes")
+
+
+def tiers(tmp_path: Path, **kw) -> KVConfig:
+    return KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path, **kw)  # most chunks on disk
+
+
+def on_tmpfs(path: Path) -> bool:
+    """Whether `path` lives in RAM (tmpfs/ramfs): there every read is a page-cache read."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return True
+    best = max((m for m in mounts if str(path.resolve()).startswith(m[1])), key=lambda m: len(m[1]), default=None)
+    return best is None or best[2] in ("tmpfs", "ramfs")
+
+
+def process_read_bytes() -> int | None:
+    try:
+        return int(next(l for l in Path("/proc/self/io").read_text().splitlines() if l.startswith("read_bytes:")).split()[1])
+    except (OSError, StopIteration):
+        return None
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_uncached_reads_are_exact(source, tmp_path, prefetch):  # noqa: F811
+    """The same tokens and bit-identical logits as the page-cache path, and as full attention."""
+    want, want_logits, _ = decode(TorchBackend(source), PROMPT, 30)
+    got = {}
+    for uncached in (False, True):
+        folder = tmp_path / str(uncached)
+        tokens, logits, cache = decode(TorchBackend(source, kv=tiers(folder, prefetch=prefetch, disk_uncached=uncached)),
+                                       PROMPT, 30)
+        stats = cache.stats()
+        assert stats["disk_uncached"] is uncached and stats["bytes_read_per_token"]["disk"] > 0
+        got[uncached] = tokens, logits
+        cache.close()
+        assert list(folder.iterdir()) == []
+    assert got[True][0] == got[False][0] == want
+    assert torch.equal(got[True][1], got[False][1])
+    assert (got[True][1] - want_logits).abs().max() < 1e-4
+
+
+def test_disk_stats_with_prefetch(source, tmp_path):  # noqa: F811
+    _, _, cache = decode(TorchBackend(source, kv=tiers(tmp_path, disk_uncached=True)), PROMPT, 20)
+    s = cache.stats()
+    assert set(DISK_STATS) <= set(s)
+    assert s["decode_steps"] == 20
+    # A full budget selects every chunk at every step: after the first step the prefetch predicts
+    # every disk chunk, reads nothing in vain, and the model thread reads from disk only at step 1.
+    assert s["prefetch_chunks"] > 0 and s["prefetch_unused"] == 0 and s["prefetch_unused_bytes"] == 0
+    assert s["prefetch_hits"] == s["prefetch_chunks"] - s["prefetch_unused"]
+    assert 0 < s["sync_disk_reads"] < s["prefetch_hits"]
+    assert s["prefetch_read_s"] > 0 and s["disk_wait_s"] >= s["sync_read_s"] > 0
+    assert s["disk_wait_s"] == pytest.approx(s["sync_read_s"] + s["prefetch_wait_s"], abs=2e-4)
+    assert s["process_read_bytes"] is None or s["process_read_bytes"] >= 0
+    cache.close()
+
+
+def test_disk_stats_without_prefetch(source, tmp_path):  # noqa: F811
+    _, _, cache = decode(TorchBackend(source, kv=tiers(tmp_path, prefetch=False)), PROMPT, 10)
+    s = cache.stats()
+    assert s["disk_uncached"] is False
+    assert s["prefetch_hits"] == s["prefetch_chunks"] == s["prefetch_read_s"] == s["prefetch_wait_s"] == 0
+    assert s["sync_disk_reads"] > 0 and s["disk_wait_s"] == s["sync_read_s"] > 0
+    cache.close()
+
+
+def test_resident_cache_has_no_disk_stats(source):  # noqa: F811
+    _, _, cache = decode(TorchBackend(source, kv=KVConfig(budget="50%")), PROMPT, 3)
+    assert not set(DISK_STATS) & set(cache.stats())
+
+
+def test_prefetch_steps_widen_the_prediction(source, tmp_path, monkeypatch):  # noqa: F811
+    """A 30 % budget: selections change from step to step, so more history predicts more reads."""
+    counts = {}
+    for steps in ("1", "8"):
+        monkeypatch.setenv("EDGETOK_KV_PREFETCH_STEPS", steps)
+        kv = KVConfig(budget="30%", device_mb=0.02, host_mb=0.05, disk_dir=tmp_path / steps, bits="8")
+        _, _, cache = decode(TorchBackend(source, kv=kv), PROMPT, 40)
+        assert cache.prefetch_steps == int(steps)
+        s = cache.stats()
+        counts[steps] = s["prefetch_chunks"], s["prefetch_hits"]
+        assert s["prefetch_hits"] + s["prefetch_unused"] == s["prefetch_chunks"]
+        cache.close()
+    assert counts["8"][0] >= counts["1"][0] and counts["8"][1] >= counts["1"][1]
+
+
+def test_uncached_disk_file_reads_the_device(tmp_path):
+    disk = DiskFile(tmp_path, uncached=True)
+    payloads = [{"k": torch.randn(3, 256, 64), "v": torch.randn(3, 256, 64)} for _ in range(8)]
+    placed = [(*disk.write(p), sum(t.nbytes for t in p.values())) for p in payloads]
+    before = process_read_bytes()
+    items = [(offset, size, layout) for offset, layout, size in placed]
+    for _ in range(2):  # the second read finds nothing cached either
+        got = disk.read_many(items[::-1])[::-1]
+        for p, g in zip(payloads, got):
+            assert torch.equal(p["k"], g["k"]) and torch.equal(p["v"], g["v"])
+    after = process_read_bytes()
+    if before is not None and not on_tmpfs(tmp_path):
+        assert after - before >= 2 * sum(size for _, size, _ in items) * 0.9
+    disk.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_disk_uncached(tiny_folder, tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "The quick brown fox", "--no-chat", "-n", "8",
+                                 "--kv-budget", "50%", "--kv-device-mb", "0.01", "--kv-host-mb", "0.01",
+                                 "--kv-disk", str(tmp_path), "--kv-disk-uncached", "--json"])
+    assert r.exit_code == 0, r.output
+    kv = json.loads(r.stdout)["stats"]["kv"]
+    assert kv["disk_uncached"] is True and set(DISK_STATS) <= set(kv)
+    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--kv-budget", "50%", "--kv-disk-uncached"])
+    assert r.exit_code == 1 and "--kv-disk" in r.stderr
+    with pytest.raises(EdgetokError):
+        KVConfig(disk_uncached=True)
