@@ -10,8 +10,10 @@ template), greedy, rounds interleaved (A B C … A B C …). Per decoded token i
 thread's time blocked on the disk (synchronous reads plus waits on unfinished prefetches), the
 prefetch thread's read time (hidden behind compute unless waited on), the prefetch hit rate (disk
 chunks attention read that the prefetch had already read), the disk chunks' bytes attention read,
-the bytes prefetched and not used, and what the process read from the storage device
-(/proc/self/io read_bytes: ≈ 0 when the file sits in the page cache).
+the bytes prefetched and not used, what the process read from the storage device
+(/proc/self/io read_bytes: ≈ 0 when the file sits in the page cache), and the CPU seconds decode
+spent (all threads, and the model's thread alone), which other processes on the machine do not
+stretch as they stretch wall time.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def row(name: str, runs: list[dict]) -> dict:
         "disk_mb_per_token": med(lambda r: r["stats"]["kv"]["bytes_read_per_token"]["disk"]) / 2**20,
         "unused_prefetch_mb_per_token": per_token(lambda k: k["prefetch_unused_bytes"]) / 2**20,
         "device_read_mb_per_token": per_token(lambda k: k["process_read_bytes"] or 0) / 2**20,
+        "cpu_ms_per_token": 1000 * per_token(lambda k: k["decode_cpu_s"]),
+        "model_thread_cpu_ms_per_token": 1000 * per_token(lambda k: k["decode_model_thread_cpu_s"]),
         "kv_read_per_token": kv["bytes_read_per_token"],
         "runs": [r["stats"] for r in runs],
     }
@@ -115,13 +119,15 @@ def main() -> None:
     rows = [row(name, rs) for name, rs in runs.items()]
     print(f"| {args.context} tokens, {args.budget}, --threads {args.threads} | decode tok/s (min–max) "
           "| disk wait ms/token (sync + prefetch wait) | prefetch read ms/token | prefetch hit rate "
-          "| disk chunks MB/token | unused prefetch MB/token | read from device MB/token |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| disk chunks MB/token | unused prefetch MB/token | read from device MB/token "
+          "| CPU ms/token (all threads / model thread) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['system']} | {r['decode_tok_s']:.2f} ({r['decode_min_max'][0]:.2f}–{r['decode_min_max'][1]:.2f}) "
               f"| {r['disk_wait_ms_per_token']:.2f} ({r['sync_read_ms_per_token']:.2f} + {r['prefetch_wait_ms_per_token']:.2f}) "
               f"| {r['prefetch_read_ms_per_token']:.2f} | {100 * r['hit_rate']:.0f} % | {r['disk_mb_per_token']:.2f} "
-              f"| {r['unused_prefetch_mb_per_token']:.2f} | {r['device_read_mb_per_token']:.2f} |")
+              f"| {r['unused_prefetch_mb_per_token']:.2f} | {r['device_read_mb_per_token']:.2f} "
+              f"| {r['cpu_ms_per_token']:.0f} / {r['model_thread_cpu_ms_per_token']:.0f} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 

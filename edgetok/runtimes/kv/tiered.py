@@ -99,6 +99,7 @@ class TieredCache:
         self.budgets: list[float] = []
         self.counters = Counter()  # decode totals (counts, bytes, and seconds where the name ends in _s)
         self._io_start: int | None = None  # the process's storage reads when decode began
+        self._cpu_start = (0.0, 0.0)  # process and model-thread CPU seconds when decode began
 
     # -- the KVCache protocol --------------------------------------------------------------------
     @property
@@ -274,6 +275,7 @@ class TieredCache:
             self.store.read_bytes.clear()
             self.store.read_chunks.clear()
             self._io_start = _process_read_bytes()
+            self._cpu_start = (time.process_time(), time.thread_time())
             trim_heap()
 
     def _chunk(self, layer: Layer, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
@@ -498,6 +500,10 @@ class TieredCache:
         c = self.counters
         io = _process_read_bytes()
         return {
+            # CPU seconds since decode began, all threads (the prefetch thread too) and the model's
+            # thread (stats() runs on it): unlike wall time, not stretched by other processes.
+            "decode_cpu_s": round(time.process_time() - self._cpu_start[0], 3),
+            "decode_model_thread_cpu_s": round(time.thread_time() - self._cpu_start[1], 3),
             "disk_uncached": self.store.disk.uncached,
             "disk_wait_s": round(c["sync_read_s"] + c["prefetch_wait_s"], 4),
             "sync_read_s": round(c["sync_read_s"], 4),
