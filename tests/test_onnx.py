@@ -14,11 +14,13 @@ from click.testing import CliRunner
 import edgetok
 from edgetok.cli import cli
 from edgetok.exporters import onnx_rewrites as rw
-from edgetok.exporters.onnx_graph import build_decoder
+from edgetok.exporters.onnx_graph import PruneSpec, build_decoder, default_prune
 from edgetok.exporters.quantize import rtn
 from edgetok.exporters.verify import model_logits
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import load_source
+from edgetok.runtimes.kv import ContiguousCache
+from edgetok.runtimes.prune import PrunePlan, prefill_pruned
 
 from conftest import make_hf_model, make_tokenizer_files
 
@@ -55,14 +57,18 @@ def run_graph(sess, cfg, tokens: list[int], chunks: list[int], spare: int = 0) -
     for n in chunks:
         piece = tokens[start : start + n]
         feeds = {"input_ids": np.array([piece]), "position_ids": np.arange(start, start + n)[None],
-                 "past_length": np.array([start]), "logits_to_keep": np.array([0])}
+                 "past_length": np.full((1, cfg.num_layers), start), "logits_to_keep": np.array([0])}
+        if "prune_keep" in {i.name for i in sess.get_inputs()}:
+            feeds["prune_keep"] = np.array([1.0])  # keep every token: the plain decoder
         for i, (k, v) in enumerate(past):
             pad = np.full((1, cfg.num_kv_heads, spare, cfg.head_dim), 7.0, np.float32)  # junk the mask hides
             feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = np.concatenate([k, pad], 2), np.concatenate([v, pad], 2)
         out = dict(zip(names, sess.run(None, feeds)))
-        past = [[np.concatenate([k, out[f"present_key.{i}"]], 2), np.concatenate([v, out[f"present_value.{i}"]], 2)]
-                for i, (k, v) in enumerate(past)]
-        assert out[f"query.{cfg.num_layers - 1}"].shape == (1, cfg.num_heads, n, cfg.head_dim)
+        # gqa: present is past buffer + the new tokens at slots start..; standard: the new ones only
+        new = [[out[f"present_{kind}.{i}"] for kind in ("key", "value")] for i in range(cfg.num_layers)]
+        new = [[t if t.shape[2] == n else t[:, :, start : start + n] for t in kv] for kv in new]
+        past = [[np.concatenate([k, nk], 2), np.concatenate([v, nv], 2)] for (k, v), (nk, nv) in zip(past, new)]
+        assert out[f"query.{cfg.num_layers - 1}"].shape == (1, n, cfg.num_heads * cfg.head_dim)
         logits.append(out["logits"][0])
         start += n
     return np.concatenate(logits)
@@ -75,17 +81,69 @@ def reference(cfg, weights, tokens) -> np.ndarray:
 TOKENS = [int(t) for t in np.random.default_rng(0).integers(3, 400, 40)]
 
 
-@pytest.mark.parametrize("kind", ["smollm", "qwen2", "llama3"])
-def test_fp32_graph_matches_the_reference(families, kind):
+@pytest.mark.parametrize("kind,attention", [("smollm", "gqa"), ("smollm", "standard"), ("qwen2", "gqa"), ("llama3", "standard")])
+def test_fp32_graph_matches_the_reference(families, kind, attention):
     src = load_source(str(families[kind]))
-    sess = session(build_decoder(src.config, src.weights))
+    # with the pruning point in: at prune_keep 1 it keeps every token, in order
+    sess = session(build_decoder(src.config, src.weights, attention=attention, prune=default_prune(src.config)))
     ref = reference(src.config, src.weights, TOKENS)
     # a prefill in two pieces, then single-token decode steps, past buffers with spare slots
-    got = run_graph(sess, src.config, TOKENS, [20, 13] + [1] * 7, spare=5)
+    # (GroupQueryAttention wants buffers with no spare slots or with room for the new tokens)
+    got = run_graph(sess, src.config, TOKENS, [20, 13] + [1] * 7, spare=5 if attention == "standard" else 20)
     assert np.abs(got - ref).max() < 1e-4
     # buffers may hold more slots than the model's context
     got = run_graph(sess, src.config, TOKENS, [39, 1], spare=src.config.max_context)
     assert np.abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_pruning_graph_matches_the_torch_path(families, attention):
+    src = load_source(str(families["smollm"]))
+    cfg = src.config
+    spec = PruneSpec(after_layer=1, sinks=3, window=8, pool=3)
+    sess = session(build_decoder(cfg, src.weights, attention=attention, prune=spec))
+    tokens = [int(t) for t in np.random.default_rng(1).integers(3, 400, 90)]
+    n, keep = len(tokens), 0.3
+
+    model = LlamaModel.from_state_dict(cfg, src.weights)
+    cache = ContiguousCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    want = prefill_pruned(model, tokens, cache, PrunePlan(keep, spec.after_layer, spec.sinks, spec.window, spec.pool), chunk=32)
+
+    empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    feeds = {"input_ids": np.array([tokens]), "position_ids": np.arange(n)[None], "past_length": np.zeros((1, cfg.num_layers), np.int64),
+             "logits_to_keep": np.array([1]), "prune_keep": np.array([keep])}
+    feeds |= {f"past_{kind}.{i}": empty for i in range(cfg.num_layers) for kind in ("key", "value")}
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    kept = out["kept"][0]
+    assert kept.tolist() == want.kept.tolist(), (kept.tolist(), want.kept.tolist())
+    assert len(kept) == 27  # ceil(0.3 · 90)
+    assert kept[:3].tolist() == [0, 1, 2] and kept[-8:].tolist() == list(range(82, 90))  # sinks and window
+    assert np.abs(out["logits"][0, -1] - want.logits.numpy()).max() < 1e-4
+    for i in range(cfg.num_layers):  # layers ≤ 1 hold every token, the later ones the kept ones
+        k = out[f"present_key.{i}"]
+        assert k.shape[2] == (n if i <= spec.after_layer else len(kept))
+        np.testing.assert_allclose(k[0], cache.k[i][0, :, : k.shape[2]].numpy(), atol=1e-4)
+    assert out["query.2"].shape == (1, len(kept), cfg.num_heads * cfg.head_dim)
+
+    # a decode step after it, at position n, over each layer's own past
+    logits = model(torch.tensor([[5]]), cache, positions=torch.tensor([n]))[0]
+    lengths = [n if i <= spec.after_layer else len(kept) for i in range(cfg.num_layers)]
+    feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[n]]), "past_length": np.array([lengths]),
+             "logits_to_keep": np.array([1]), "prune_keep": np.array([keep])}
+    feeds |= {f"past_{kind}.{i}": out[f"present_{kind}.{i}"] for i in range(cfg.num_layers) for kind in ("key", "value")}
+    step = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    assert step["kept"].tolist() == [[0]]
+    assert np.abs(step["logits"][0, -1] - logits.detach().numpy()).max() < 1e-4
+
+
+def test_onnx_backend_prunes_prompts_as_torch_does(exported, families):
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 10)
+    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=8, prune_prompt=0.5)
+    got = edgetok.load(str(exported)).generate(prompt, max_new_tokens=8, prune_prompt=0.5)
+    assert got.tokens == want.tokens
+    assert got.stats.prune == want.stats.prune and got.stats.prune["kept_tokens"] < got.stats.prompt_tokens
+    r = run_cli("run", exported, "-p", prompt, "--prune-prompt", "0.5", "--prune-after-layer", "0", "-n", "2")
+    assert r.exit_code == 1 and "prunes after layer 1" in r.output
 
 
 def quantized_reference(src, quantizer) -> dict[str, torch.Tensor]:
@@ -126,7 +184,7 @@ def test_matmul_nbits_packing_round_trips(bits, symmetric, float_zero):
 def test_qdq_rewrite_uses_only_standard_operators(families, bits, block):
     src = load_source(str(families["qwen2"]))  # untied head, qkv biases
     quantizer = rw.rtn_quantizer(bits, block, symmetric=block is None)
-    model = build_decoder(src.config, src.weights)
+    model = build_decoder(src.config, src.weights, attention="standard")
     rw.to_qdq(model, quantizer)
     onnx.checker.check_model(model)
     assert {n.domain for n in model.graph.node} == {""}
@@ -144,7 +202,7 @@ def test_fp16_rewrite_stores_half_and_computes_float(families):
     src = load_source(str(families["llama3"]))
     model = build_decoder(src.config, src.weights)
     rw.to_fp16(model)
-    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 1024]
+    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 1024 and not t.name.startswith("rope.")]
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
     half = {k: v.half().float() if v.numel() >= 1024 else v for k, v in src.weights.items()}
     got = run_graph(session(model), src.config, TOKENS, [40])

@@ -8,6 +8,7 @@ report measured by running it in ONNX Runtime against the fp32 torch reference.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from edgetok.errors import EdgetokError
 from edgetok.exporters import onnx_rewrites as rewrites
 from edgetok.exporters.export import progress_bar, write_json_atomic
 from edgetok.exporters.files import atomic_folder
-from edgetok.exporters.onnx_graph import DEFAULT_OPSET, build_decoder, fused_parts, io_names
+from edgetok.exporters.onnx_graph import (
+    ATTENTION, DEFAULT_OPSET, PruneSpec, build_decoder, default_prune, fused_parts, io_names,
+)
 from edgetok.exporters.quantize import QuantizedWeight, fit_group_size, rtn
 from edgetok.models.sources import ONNX_MANIFEST, Source, file_sha256, load_source
 from edgetok.texts import read_text
@@ -105,8 +108,15 @@ def export_onnx(
     method: str = "rtn",
     calib: Path | None = None,
     calib_tokens: int | None = None,
+    attention: str | None = None,
+    prune_after_layer: int | None = None,
 ) -> dict[str, Any]:
-    """Write MODEL as an ONNX folder at `out`; returns the manifest (also in out/edgetok.json)."""
+    """Write MODEL as an ONNX folder at `out`; returns the manifest (also in out/edgetok.json).
+
+    attention: "gqa" (ONNX Runtime's fused kernels; the default) or "standard" (default-domain
+    operators only; the default with --qdq, for NPU execution providers).
+    prune_after_layer: the layer after which the graph can prune a prompt (default: the runtime's).
+    """
     if weights not in WEIGHTS:
         raise EdgetokError(f"unknown --weights '{weights}' (choose from {', '.join(WEIGHTS)})")
     if qdq and weights not in ("int4", "int8"):
@@ -123,6 +133,11 @@ def export_onnx(
         raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq; rtn needs no calibration")
     if max_kl is not None and not verify:
         raise EdgetokError("--max-kl needs the parity report; drop --no-verify")
+    attention = attention or ("standard" if qdq else "gqa")
+    if attention not in ATTENTION:
+        raise EdgetokError(f"unknown --attention '{attention}' (choose from {', '.join(ATTENTION)})")
+    if qdq and attention != "standard":
+        raise EdgetokError("--qdq graphs use standard operators only: drop --attention gqa")
     t0 = time.perf_counter()
     source = load_source(ref, progress=progress)
     tokens = source.tokenizer.encode(read_text(eval_text, eval_tokens * 8))[:eval_tokens] if verify else []
@@ -136,7 +151,8 @@ def export_onnx(
         config, float_weights, info = qm.config, qm.reference, qm.info
     elif weights in ("int4", "int8"):
         quantizer = weight_quantizer(weights, block_size, qdq)
-    model = build_decoder(config, float_weights, opset)
+    prune = _prune_spec(config, prune_after_layer)
+    model = build_decoder(config, float_weights, opset, attention, prune)
     if weights == "fp16":
         rewrites.to_fp16(model)
     elif weights in ("int4", "int8"):
@@ -162,7 +178,9 @@ def export_onnx(
         "block_size": block_size or ("per-channel" if weights in ("int4", "int8") else None),
         "qdq": qdq,
         "opset": opset,
-        "io": io_names(source.config.num_layers),
+        "attention": attention,
+        "prune": None if prune is None else asdict(prune),
+        "io": io_names(source.config.num_layers, prune is not None),
         "files": {"model": "model.onnx", "data": "model.onnx.data"},
     }
     with atomic_folder(out, force) as tmp:
@@ -193,6 +211,17 @@ def export_onnx(
         manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
         write_json_atomic(tmp / ONNX_MANIFEST, manifest)
     return manifest
+
+
+def _prune_spec(config, after_layer: int | None) -> PruneSpec | None:
+    spec = default_prune(config)
+    if after_layer is None or spec is None:
+        if after_layer is not None:
+            raise EdgetokError("this model cannot prune prompts (it needs 2 layers or more and no sliding window)")
+        return spec
+    if not 0 <= after_layer <= config.num_layers - 2:
+        raise EdgetokError(f"--prune-after-layer must be between 0 and {config.num_layers - 2} for this model, not {after_layer}")
+    return replace(spec, after_layer=after_layer)
 
 
 def parity(reference: Source, exported: Source, tokens: list[int], threads: int | None = None):

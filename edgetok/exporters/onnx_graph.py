@@ -1,27 +1,48 @@
 """The decoder as an ONNX graph with explicit KV, built op by op from the reference weights.
 
-Inputs (B = batch, S = new tokens, P = past tokens; every axis dynamic):
+Inputs (B = batch, S = new tokens, P = past tokens, L = layers; every axis dynamic):
     input_ids      int64 (B, S)
     position_ids   int64 (B, S)    explicit: gathered past chunks are not contiguous
-    past_length    int64 (B,)      valid past slots per row, in every layer; slots from there on
-                                   are ignored, so a runtime may pass buffers with spare capacity
-                                   (layers may differ in P: a budgeted cache gives each its own)
+    past_length    int64 (B, L)    valid past slots per row and layer; slots from there on are
+                                   ignored, so a runtime may pass buffers with spare capacity
+                                   (layers may differ: a budgeted cache gives each its own view,
+                                   a pruned prompt leaves later layers fewer tokens)
     logits_to_keep int64 (1,)      logits for the last N positions only; 0 = every position
+    prune_keep     float64 (1,)    fraction of the new tokens the layers after the prune layer run
+                                   on (1: all); see "Prompt pruning" below
     past_key.i / past_value.i   float32 (B, Hkv, P, D), per layer, any P (0 included), keys after RoPE
 Outputs:
-    logits                     float32 (B, N or S, V)
-    present_key.i / present_value.i   float32 (B, Hkv, S, D): the new tokens' K/V only (the
-                                   runtime's cache owns the past; the graph never copies it)
-    query.i                    float32 (B, Hq, S, D): queries after RoPE, for the next step's
+    logits                     float32 (B, N or S', V)
+    present_key.i / present_value.i   float32 (B, Hkv, *, D), per attention kind (below)
+    query.i                    float32 (B, S', Hq·D): queries after RoPE, for the next step's
                                    chunk selection
+    kept                       int64 (B, S'): which of the S new tokens the later layers kept
 
-Attention scores past and new keys separately and joins only the scores, so the past K/V is
-read once and never concatenated. Every op is in the default ONNX domain; each linear is a
-MatMul with an initializer (K, N) that the weight rewrites (onnx_rewrites.py) replace. The LM head
-is a Gemm with transB over the (V, hidden) matrix, which a tied embedding shares with its Gather.
+Two kinds of attention, the same math:
+- "gqa" (the default): ONNX Runtime's GroupQueryAttention, RotaryEmbedding and
+  SkipSimplifiedLayerNormalization (com.microsoft), as onnxruntime-genai's graphs use. present_key.i
+  is the past buffer with the new tokens written at slots past_length.. : bind present_key.i to the
+  same memory as past_key.i and the new K/V land in the cache in place. A past buffer either holds
+  exactly past_length tokens or has room for the new ones too (slots ≥ past_length + S).
+- "standard": default-domain operators only (what NPU execution providers take, with --qdq).
+  present_key.i is the new tokens' K/V only; past and new keys are scored apart and only the scores
+  are joined, so the past is read once and never concatenated.
+
+Prompt pruning (after LeoAM's neighbour, "token pruning"): after layer `prune_layer`, the last
+prompt tokens (the observation window) score every new token by the attention it receives, and
+the sinks, the window and the best tokens — a prune_keep fraction — go on through the later layers
+at their own positions (kernels/pruning.py, op for op). S' = the kept count in layers after the
+prune layer (query.i, present of those layers, logits); with prune_keep = 1 or S = 1 every token
+is kept, in order. The later layers' past_length must count only what they stored.
+
+Each linear is a MatMul with an initializer (K, N) that the weight rewrites (onnx_rewrites.py)
+replace. The LM head is a Gemm with transB over the (V, hidden) matrix, which a tied embedding
+shares with its Gather.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -31,19 +52,33 @@ from onnx import TensorProto, helper, numpy_helper
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
 from edgetok.models.llama import rope_inv_freq
+from edgetok.runtimes.prune import DEFAULT_AFTER_LAYER, PrunePlan
 
 DEFAULT_OPSET = 21  # int4 and blocked DequantizeLinear
+ATTENTION = ("gqa", "standard")
+MS_DOMAIN = "com.microsoft"
 NEG_INF = -3.0e38  # masked scores; every row keeps at least its own token, so softmax stays finite
 
 
-def io_names(num_layers: int) -> dict[str, list[str]]:
+def io_names(num_layers: int, prune: bool) -> dict[str, list[str]]:
     past = [n for i in range(num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
     present = [n for i in range(num_layers) for n in (f"present_key.{i}", f"present_value.{i}")]
     queries = [f"query.{i}" for i in range(num_layers)]
     return {
-        "inputs": ["input_ids", "position_ids", "past_length", "logits_to_keep", *past],
-        "outputs": ["logits", *present, *queries],
+        "inputs": ["input_ids", "position_ids", "past_length", "logits_to_keep", *(["prune_keep"] if prune else []), *past],
+        "outputs": ["logits", *present, *queries, *(["kept"] if prune else [])],
     }
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Where and how the graph prunes the prompt (PrunePlan's fields less the keep fraction, which
+    is an input)."""
+
+    after_layer: int
+    sinks: int
+    window: int
+    pool: int
 
 
 class GraphBuilder:
@@ -89,15 +124,28 @@ def fused_parts(name: str) -> list[str] | None:
     return None
 
 
-def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def default_prune(cfg: ModelConfig) -> PruneSpec | None:
+    """The pruning point of `edgetok export` (the runtime's defaults); None for 1-layer models."""
+    if cfg.num_layers < 2 or (cfg.sliding_window is not None and cfg.sliding_window < cfg.max_context):
+        return None
+    plan = PrunePlan(keep=1.0, after_layer=min(DEFAULT_AFTER_LAYER, cfg.num_layers - 2))
+    return PruneSpec(plan.after_layer, plan.sinks, plan.window, plan.pool)
+
+
+def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int = DEFAULT_OPSET,
+                  attention: str = "gqa", prune: PruneSpec | None = None) -> onnx.ModelProto:
     """The fp32 decoder graph of a Llama-family model (HF-named weights)."""
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_context:
         raise EdgetokError("ONNX export does not support sliding-window attention yet (Mistral-style models)")
     if opset < 18:
         raise EdgetokError(f"--opset {opset} is too old: the graph needs opset 18 or newer")
+    if attention not in ATTENTION:
+        raise EdgetokError(f"unknown attention kind '{attention}' (choose from {', '.join(ATTENTION)})")
+    assert prune is None or 0 <= prune.after_layer <= cfg.num_layers - 2, prune
     g = GraphBuilder()
     H, Hkv, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     G = H // Hkv
+    gqa = attention == "gqa"
 
     def tensor(name: str) -> np.ndarray:
         parts = fused_parts(name)
@@ -114,71 +162,163 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         rstd = g.op("Sqrt", g.op("Add", var, g.const(cfg.rms_norm_eps, np.float32)))
         return g.op("Mul", g.op("Div", x, rstd), g.weight(f"{name}.weight", _np(weights[f"{name}.weight"])))
 
-    # -- shapes and masks shared by all layers ------------------------------------------------------
-    ids_shape = g.op("Shape", "input_ids")
-    s_len = g.op("Slice", ids_shape, g.const([1]), g.const([2]))  # (1,) S
+    def add_norm(x: str, delta: str, name: str) -> tuple[str, str]:
+        """The residual x + delta, and its RMS norm (one fused kernel with gqa)."""
+        if not gqa:
+            x = g.op("Add", x, delta)
+            return x, rms_norm(x, name)
+        outs = [g.fresh("normed"), "", "", g.fresh("residual")]
+        g.op("SkipSimplifiedLayerNormalization", delta, x, g.weight(f"{name}.weight", _np(weights[f"{name}.weight"])),
+             outputs=outs, domain=MS_DOMAIN, epsilon=cfg.rms_norm_eps)
+        return outs[3], outs[0]
+
+    # -- what every layer needs about the past ------------------------------------------------------
     zero_f, neg_f = g.const(0.0, np.float32), g.const(NEG_INF, np.float32)
-    # past slots ≥ past_length are masked; one table for the longest past (a buffer's capacity may
-    # exceed the context), sliced per layer
-    p_lens = [g.op("Shape", f"past_key.{i}", start=2, end=3) for i in range(cfg.num_layers)]  # (1,) P per layer
-    p_max = g.op("ReduceMax", g.op("Concat", *p_lens, axis=0), keepdims=0)
-    slots = g.op("Range", g.const(0), p_max, g.const(1))
-    valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", "past_length", g.const([1])))
-    bias_table = g.op("Unsqueeze", g.op("Where", valid, zero_f, neg_f), g.const([1, 2]))  # (B, 1, 1, max P)
+    if not gqa:
+        # past slots ≥ past_length are masked: one table (B, L, longest P) (a buffer's capacity may
+        # exceed the context), sliced per layer
+        p_lens = [g.op("Shape", f"past_key.{i}", start=2, end=3) for i in range(L)]  # (1,) P per layer
+        p_max = g.op("ReduceMax", g.op("Concat", *p_lens, axis=0), keepdims=0)
+        slots = g.op("Range", g.const(0), p_max, g.const(1))
+        valid = g.op("Less", slots, g.op("Unsqueeze", "past_length", g.const([2])))  # (B, L, max P)
+        bias_table = g.op("Where", valid, zero_f, neg_f)
 
     def past_mask(i: int) -> tuple[str, str]:
-        """Layer i's additive mask over its past slots (B, 1, 1, P) and the split sizes (P, S)."""
-        p_len = p_lens[i]
-        return g.op("Slice", bias_table, g.const([0]), p_len, g.const([3])), g.op("Concat", p_len, s_len, axis=0)
+        """Layer i's additive mask over its past slots (B, 1, 1, P)."""
+        row = g.op("Unsqueeze", g.op("Gather", bias_table, g.const(i), axis=1), g.const([1, 2]))
+        return g.op("Slice", row, g.const([0]), p_lens[i], g.const([3]))
 
-    # causal among the new tokens: (G·S, S), rows g·S + s
-    steps = g.op("Range", g.const(0), g.op("Squeeze", s_len, g.const([0])), g.const(1))
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", steps, g.const([1])))
-    new_bias = g.op("Tile", g.op("Where", causal, zero_f, neg_f), g.const([G, 1]))
-
-    # RoPE: cos/sin (B, S, 1, D) in HF's half-split layout
+    # -- what every layer needs about the new tokens (all of them, or the kept ones) -----------------
     inv_freq = rope_inv_freq(cfg)
     if "rope_freqs" in weights:  # llama.cpp's per-frequency divisors (Llama 3 GGUFs)
         inv_freq = inv_freq / weights["rope_freqs"].float()
-    pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([-1]))
-    freqs = g.op("Mul", pos, g.weight("rope.inv_freq", _np(inv_freq)))
-    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
-    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+    if gqa:  # RotaryEmbedding reads cos/sin tables (max positions, D/2)
+        angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * inv_freq.float()[None]
+        cos_cache, sin_cache = g.weight("rope.cos", _np(angles.cos())), g.weight("rope.sin", _np(angles.sin()))
 
-    def rope(x: str) -> str:
+    def tokens(positions: str, n: str) -> dict[str, str]:
+        """positions (B, n) of the n (1,) tokens a layer runs on → rope inputs and masks."""
+        t = {"positions": positions, "n": n}
+        if gqa:
+            # GroupQueryAttention's lengths: past + new − 1 per row and layer, their max + 1 per layer
+            seqlens = g.op("Cast", g.op("Sub", g.op("Add", "past_length", n), g.const(1)), to=TensorProto.INT32)
+            t["seqlens"] = seqlens  # (B, L)
+            t["totals"] = g.op("Add", g.op("ReduceMax", seqlens, g.const([0]), keepdims=0), g.const(1, np.int32))  # (L,)
+            return t
+        pos = g.op("Unsqueeze", g.op("Cast", positions, to=TensorProto.FLOAT), g.const([-1]))
+        freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(inv_freq)))
+        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
+        t["cos"], t["sin"] = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
+        # causal among the new tokens: (G·n, n), rows g·n + s
+        steps = g.op("Range", g.const(0), g.op("Squeeze", n, g.const([0])), g.const(1))
+        causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", steps, g.const([1])))
+        t["new_bias"] = g.op("Tile", g.op("Where", causal, zero_f, neg_f), g.const([G, 1]))
+        return t
+
+    def rope(x: str, t: dict[str, str]) -> str:
         """x (B, S, heads, D)."""
         x1, x2 = g.op("Split", x, g.const([D // 2, D // 2]), axis=-1, outputs=2)
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+        return g.op("Add", g.op("Mul", x, t["cos"]), g.op("Mul", rotated, t["sin"]))
+
+    scale = 1.0 / float(np.sqrt(D))
+
+    def attention_standard(i: int, h: str, t: dict[str, str]) -> tuple[str, str]:
+        """Layer i's attention output (B, S, H·D) and its new keys (B, Hkv, S, D)."""
+        p = f"model.layers.{i}"
+        qkv = g.op("Reshape", linear(h, f"{p}.self_attn.qkv_proj", cfg.qkv_bias), g.const([0, 0, H + 2 * Hkv, D]))
+        qk, v = g.op("Split", qkv, g.const([H + Hkv, Hkv]), axis=2, outputs=2)
+        q, k = g.op("Split", rope(qk, t), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
+        g.op("Reshape", q, g.const([0, 0, H * D]), outputs=[f"query.{i}"])
+        q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # (B, H, S, D)
+        k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[f"present_key.{i}"])
+        v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[f"present_value.{i}"])
+        # query head h reads KV head h // G: group the query heads by KV head, (B, Hkv, G·S, D)
+        qg = g.op("Mul", g.op("Reshape", q, g.const([0, Hkv, -1, D])), g.const(scale, np.float32))
+        s_past = g.op("Add", g.op("MatMul", qg, g.op("Transpose", f"past_key.{i}", perm=[0, 1, 3, 2])), past_mask(i))
+        s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), t["new_bias"])
+        probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=-1), axis=-1)
+        split = g.op("Concat", g.op("Shape", f"past_key.{i}", start=2, end=3), t["n"], axis=0)
+        p_past, p_new = g.op("Split", probs, split, axis=-1, outputs=2)
+        o = g.op("Add", g.op("MatMul", p_past, f"past_value.{i}"), g.op("MatMul", p_new, v_new))  # (B, Hkv, G·S, D)
+        o = g.op("Reshape", g.op("Transpose", g.op("Reshape", o, g.const([0, H, -1, D])), perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
+        return o, k_new
+
+    def attention_gqa(i: int, h: str, t: dict[str, str]) -> tuple[str, str]:
+        p = f"model.layers.{i}"
+        qkv = linear(h, f"{p}.self_attn.qkv_proj", cfg.qkv_bias)  # (B, S, (H + 2·Hkv)·D)
+        qk, v = g.op("Split", qkv, g.const([(H + Hkv) * D, Hkv * D]), axis=-1, outputs=2)
+        qk = g.op("RotaryEmbedding", qk, t["positions"], cos_cache, sin_cache, domain=MS_DOMAIN,
+                  num_heads=H + Hkv, interleaved=0)
+        q, k = g.op("Split", qk, g.const([H * D, Hkv * D]), axis=-1, outputs=[f"query.{i}", g.fresh("k")])
+        seqlens = g.op("Gather", t["seqlens"], g.const(i), axis=1)  # (B,)
+        total = g.op("Gather", t["totals"], g.const(i), axis=0)  # ()
+        o = g.op("GroupQueryAttention", q, k, v, f"past_key.{i}", f"past_value.{i}", seqlens, total,
+                 outputs=[g.fresh("attention"), f"present_key.{i}", f"present_value.{i}"], domain=MS_DOMAIN,
+                 num_heads=H, kv_num_heads=Hkv, scale=scale, do_rotary=0)[0]
+        return o, k
+
+    def new_keys(k: str) -> str:
+        """A layer's new keys as (B, Hkv, S, D), whichever attention made them."""
+        return g.op("Transpose", g.op("Reshape", k, g.const([0, 0, Hkv, D])), perm=[0, 2, 1, 3]) if gqa else k
+
+    def select(i: int, k: str, x: str, t: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """Prune after layer i: the kept rows of x (B, S, hidden) and their tokens' description."""
+        assert prune is not None
+        n = t["n"]
+        w = g.op("Min", n, g.const([prune.window]))  # (1,) observation window
+        q_w = g.op("Slice", f"query.{i}", g.op("Neg", w), g.const([np.iinfo(np.int64).max]), g.const([1]))  # (B, W, H·D)
+        q_w = g.op("Transpose", g.op("Reshape", q_w, g.const([0, 0, H, D])), perm=[0, 2, 1, 3])  # (B, H, W, D)
+        qg = g.op("Mul", g.op("Reshape", q_w, g.const([0, Hkv, -1, D])), g.const(scale, np.float32))
+        scores = g.op("MatMul", qg, g.op("Transpose", new_keys(k), perm=[0, 1, 3, 2]))  # (B, Hkv, G·W, S)
+        scores = g.op("Reshape", scores, g.const([0, H, -1, 0]))  # (B, H, W, S)
+        # causal: window query j (new token S − W + j) sees tokens ≤ S − W + j
+        n0 = g.op("Squeeze", n, g.const([0]))
+        key_idx = g.op("Range", g.const(0), n0, g.const(1))  # (S,)
+        q_idx = g.op("Add", g.op("Range", g.const(0), g.op("Squeeze", w, g.const([0])), g.const(1)), g.op("Sub", n, w))
+        later = g.op("Greater", g.op("Unsqueeze", key_idx, g.const([0])), g.op("Unsqueeze", q_idx, g.const([1])))
+        probs = g.op("Softmax", g.op("Add", scores, g.op("Where", later, neg_f, zero_f)), axis=-1)
+        # received: mean over the window's queries, from the head that wants it most, pooled
+        got = g.op("ReduceMax", g.op("ReduceMean", probs, g.const([2]), keepdims=0), g.const([1]), keepdims=0)  # (B, S)
+        if prune.pool > 1:
+            pooled = g.op("MaxPool", g.op("Unsqueeze", got, g.const([1])), kernel_shape=[prune.pool], strides=[1],
+                          pads=[prune.pool // 2, prune.pool // 2])
+            got = g.op("Squeeze", pooled, g.const([1]))
+        # how many: ceil(keep · S), never fewer than the sinks and the window, never more than S
+        n_f = g.op("Cast", n, to=TensorProto.DOUBLE)
+        wanted = g.op("Cast", g.op("Ceil", g.op("Mul", "prune_keep", n_f)), to=TensorProto.INT64)
+        count = g.op("Min", n, g.op("Max", wanted, g.op("Add", w, g.const([prune.sinks]))))
+        # the sinks and the window always: score them above everything
+        forced_idx = g.op("Or", g.op("Less", key_idx, g.const(prune.sinks)), g.op("GreaterOrEqual", key_idx, g.op("Sub", n0, g.op("Squeeze", w, g.const([0])))))
+        forced = g.op("Where", forced_idx, g.const(np.inf, np.float32), got)
+        _, best = g.op("TopK", forced, count, axis=-1, largest=1, sorted=1, outputs=2)
+        kept, _ = g.op("TopK", best, count, axis=-1, largest=0, sorted=1, outputs=["kept", g.fresh("kept_order")])  # in order
+        rows = g.op("Expand", g.op("Unsqueeze", kept, g.const([-1])), g.op("Concat", g.op("Shape", kept), g.const([cfg.hidden_size]), axis=0))
+        x = g.op("GatherElements", x, rows, axis=1)
+        positions = g.op("GatherElements", t["positions"], kept, axis=1)
+        return x, tokens(positions, count)
 
     # -- the layers ---------------------------------------------------------------------------------
     embed = g.weight("model.embed_tokens.weight", _np(weights["model.embed_tokens.weight"]))
     x = g.op("Gather", embed, "input_ids", axis=0, name="embed_tokens/Gather")  # (B, S, hidden)
-    scale = g.const(1.0 / np.sqrt(D), np.float32)
+    t = tokens("position_ids", g.op("Shape", "input_ids", start=1, end=2))
+    pending = None  # the last sublayer's output, not yet added to the residual x
     for i in range(L):
         p = f"model.layers.{i}"
-        h = rms_norm(x, f"{p}.input_layernorm")
-        qkv = g.op("Reshape", linear(h, f"{p}.self_attn.qkv_proj", cfg.qkv_bias), g.const([0, 0, H + 2 * Hkv, D]))
-        qk, v = g.op("Split", qkv, g.const([H + Hkv, Hkv]), axis=2, outputs=2)
-        q, k = g.op("Split", rope(qk), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
-        g.op("Transpose", q, perm=[0, 2, 1, 3], outputs=[f"query.{i}"])  # (B, H, S, D)
-        k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[f"present_key.{i}"])
-        v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[f"present_value.{i}"])
-        # query head h reads KV head h // G: group the query heads by KV head, (B, Hkv, G·S, D)
-        qg = g.op("Mul", g.op("Reshape", f"query.{i}", g.const([0, Hkv, -1, D])), scale)
-        past_bias, split_sizes = past_mask(i)
-        s_past = g.op("Add", g.op("MatMul", qg, g.op("Transpose", f"past_key.{i}", perm=[0, 1, 3, 2])), past_bias)
-        s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), new_bias)
-        probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=-1), axis=-1)
-        p_past, p_new = g.op("Split", probs, split_sizes, axis=-1, outputs=2)
-        o = g.op("Add", g.op("MatMul", p_past, f"past_value.{i}"), g.op("MatMul", p_new, v_new))  # (B, Hkv, G·S, D)
-        o = g.op("Reshape", g.op("Transpose", g.op("Reshape", o, g.const([0, H, -1, D])), perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
-        x = g.op("Add", x, linear(o, f"{p}.self_attn.o_proj", cfg.o_bias))
-        h = rms_norm(x, f"{p}.post_attention_layernorm")
+        if pending is None:
+            h = rms_norm(x, f"{p}.input_layernorm")
+        else:
+            x, h = add_norm(x, pending, f"{p}.input_layernorm")
+        o, k = (attention_gqa if gqa else attention_standard)(i, h, t)
+        x, h = add_norm(x, linear(o, f"{p}.self_attn.o_proj", cfg.o_bias), f"{p}.post_attention_layernorm")
         gate, up = g.op("Split", linear(h, f"{p}.mlp.gate_up_proj", cfg.mlp_bias), g.const([cfg.intermediate_size] * 2),
                         axis=-1, outputs=2)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) · up
-        x = g.op("Add", x, linear(act, f"{p}.mlp.down_proj", cfg.mlp_bias))
+        pending = linear(act, f"{p}.mlp.down_proj", cfg.mlp_bias)
+        if prune is not None and i == prune.after_layer:
+            x, t = select(i, k, g.op("Add", x, pending), t)
+            pending = None
+    x = g.op("Add", x, pending)
 
     # -- the head: only the positions asked for ------------------------------------------------------
     keep = g.op("Neg", "logits_to_keep")
@@ -190,25 +330,34 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     out_shape = g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([cfg.vocab_size]), axis=0)
     g.op("Reshape", logits, out_shape, outputs=["logits"])
 
-    return _model(g, cfg, opset)
+    return _model(g, cfg, opset, gqa, prune)
 
 
-def _model(g: GraphBuilder, cfg: ModelConfig, opset: int) -> onnx.ModelProto:
+def _model(g: GraphBuilder, cfg: ModelConfig, opset: int, gqa: bool, prune: PruneSpec | None) -> onnx.ModelProto:
     H, Hkv, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("past_length", i64, ["batch"]),
+        helper.make_tensor_value_info("past_length", i64, ["batch", L]),
         helper.make_tensor_value_info("logits_to_keep", i64, [1]),
     ]
+    if prune is not None:
+        inputs.append(helper.make_tensor_value_info("prune_keep", TensorProto.DOUBLE, [1]))
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "logits_sequence", cfg.vocab_size])]
     for i in range(L):
+        new = "sequence" if prune is None or i <= prune.after_layer else "kept_sequence"
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, ["batch", Hkv, "past_sequence", D]))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, ["batch", Hkv, "sequence", D]))
-    outputs += [helper.make_tensor_value_info(f"query.{i}", f32, ["batch", H, "sequence", D]) for i in range(L)]
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, ["batch", Hkv, f"past_sequence.{i}", D]))
+            present = f"present_sequence.{i}" if gqa else new
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, ["batch", Hkv, present, D]))
+    for i in range(L):
+        new = "sequence" if prune is None or i <= prune.after_layer else "kept_sequence"
+        outputs.append(helper.make_tensor_value_info(f"query.{i}", f32, ["batch", new, H * D]))
+    if prune is not None:
+        outputs.append(helper.make_tensor_value_info("kept", i64, ["batch", "kept_sequence"]))
     graph = helper.make_graph(g.nodes, "edgetok_decoder", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgetok")
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if gqa else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgetok")
     model.ir_version = min(model.ir_version, 10)  # what current onnxruntime releases read
     return model

@@ -281,10 +281,11 @@ def to_qdq(model: onnx.ModelProto, quantizer: Quantizer) -> None:
 # -- fp16 storage ----------------------------------------------------------------------------------------
 def to_fp16(model: onnx.ModelProto, min_elements: int = 1024) -> None:
     """Large float initializers stored as float16 and cast to float32 where used (ONNX Runtime folds
-    the Cast at load: half the file, float32 compute)."""
+    the Cast at load: half the file, float32 compute). RoPE's cos/sin tables ("rope.*") are not
+    weights and stay float32: in half precision a far position's angle is visibly off."""
     g = _Graph(model, "fp16")
     for t in list(g.graph.initializer):
-        if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims)) < min_elements:
+        if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims)) < min_elements or t.name.startswith("rope."):
             continue
         array = numpy_helper.to_array(t)
         if np.abs(array).max() >= np.finfo(np.float16).max:

@@ -53,9 +53,11 @@ def kept_count(n: int, keep: float, sinks: int, window: int) -> int:
 
 def select_kept(scores: torch.Tensor, count: int, sinks: int, window: int) -> torch.Tensor:
     """scores (N,) → the indices (count,) of the kept tokens in order: the first `sinks`, the last
-    `window`, and the best-scored of the rest. count ≥ sinks + window (see kept_count)."""
+    `window`, and the best-scored of the rest. count ≥ sinks + window (see kept_count). Ties (the
+    max-pool makes neighbours equal) go to the earlier token, as ONNX's TopK breaks them."""
     n = scores.shape[0]
     forced = scores.clone()
     forced[: min(sinks, n)] = float("inf")
     forced[max(n - window, 0) :] = float("inf")
-    return torch.topk(forced, min(count, n)).indices.sort().values
+    best = torch.sort(forced, descending=True, stable=True).indices[: min(count, n)]
+    return best.sort().values

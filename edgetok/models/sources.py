@@ -158,12 +158,14 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
         raise EdgetokError(f"{folder / ONNX_MANIFEST} is not an edgetok ONNX export manifest")
     if not (folder / "model.onnx").is_file():
         raise EdgetokError(f"{folder} has no model.onnx: the export is incomplete; export it again")
+    if "attention" not in manifest:
+        raise EdgetokError(f"{folder} was exported by an older edgetok whose graph this one cannot run; export it again")
     cfg = ModelConfig.from_dict(manifest["config"])
 
     def no_weights() -> dict[str, torch.Tensor]:
         raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
 
-    info = {k: manifest.get(k) for k in ("weights", "block_size", "qdq", "opset", "method")}
+    info = {k: manifest.get(k) for k in ("weights", "block_size", "qdq", "opset", "method", "attention", "prune")}
     form = "QDQ" if info["qdq"] else "MatMulNBits" if info["method"] else "float"
     block = f"block {info['block_size']}" if info["block_size"] else None
     info["dtypes"] = [", ".join(x for x in (f"{info['weights']} {info['method'] or ''}".strip(), block, form,

@@ -198,8 +198,10 @@ class Engine:
         """The whole prompt, pruned after a layer → last logits. Nothing is reused or stored: a pruned
         prompt's K/V depends on all of it (the window at its end chose the kept tokens)."""
         if not hasattr(self.backend, "prefill_pruned"):
-            raise EdgetokError(f"--prune-prompt works with the torch backend, not {self.backend.name}")
-        plan = PrunePlan.checked(cfg.prune_prompt, cfg.prune_after_layer, self.config)
+            raise EdgetokError(f"--prune-prompt works with the torch and onnxruntime backends, not {self.backend.name}")
+        # an ONNX export prunes after the layer it was exported with
+        after_layer = cfg.prune_after_layer if cfg.prune_after_layer is not None else getattr(self.backend, "prune_after_layer", None)
+        plan = PrunePlan.checked(cfg.prune_prompt, after_layer, self.config)
         if self._cache is None:
             self._cache = self.backend.new_cache()
         self.backend.truncate(self._cache, 0)

@@ -3,12 +3,15 @@ lives in an edgetok cache.
 
 Each forward binds every layer's past view as an input (the cache's own memory, no copy for the
 exact cache; the chunks selected this step for the tiered one), runs the graph once, and hands
-the new tokens' K/V and queries back to the cache.
+the new tokens' K/V and queries back to the cache. With GroupQueryAttention graphs the exact
+cache's buffers are also bound as the present outputs: the graph writes the new K/V into the
+cache in place.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source
 from edgetok.runtimes.kv import ContiguousCache, KVConfig, TieredCache
+from edgetok.runtimes.prune import PrunePlan, Pruned
 
 # --provider → (ONNX Runtime's name, the package that brings it)
 PROVIDERS = {
@@ -75,6 +79,24 @@ def open_session(model_file: Path, provider: str = "cpu", threads: int | None = 
         raise EdgetokError(f"onnxruntime cannot load {model_file}: {str(e).splitlines()[0]}") from None
 
 
+@dataclass
+class _Bound:
+    """A reusable IO binding and the arrays it reads and writes."""
+
+    key: tuple
+    binding: object
+    ids: np.ndarray  # (1, S) int64
+    positions: np.ndarray  # (1, S) int64
+    past_length: np.ndarray  # (1, L) int64
+    keep: np.ndarray | None = None  # (1,) float64
+    logits: np.ndarray | None = None  # None: ONNX Runtime allocates it
+    queries: list[np.ndarray] | None = None
+    kept: np.ndarray | None = None
+    outputs: list[str] = field(default_factory=list)  # every output, in bind order
+    allocated: bool = False  # whether ONNX Runtime allocates some of them
+    keep_alive: list = field(default_factory=list)  # every buffer the binding points into
+
+
 class OnnxBackend:
     name = "onnxruntime"
 
@@ -84,10 +106,14 @@ class OnnxBackend:
         self.kv = kv
         self.session = open_session(source.path / "model.onnx", provider, threads)
         self.provider = self.session.get_providers()[0]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        layers = self.config.num_layers
-        self._present = [(self.output_names.index(f"present_key.{i}"), self.output_names.index(f"present_value.{i}")) for i in range(layers)]
-        self._queries = [self.output_names.index(f"query.{i}") for i in range(layers)]
+        # gqa: present_key.i is the past buffer with the new tokens written in (in place when bound
+        # to the past's memory); standard: the new tokens' K/V only
+        self.in_place = source.info.get("attention") == "gqa"
+        prune = source.info.get("prune")
+        self.prune = PrunePlan(1.0, **prune) if prune else None
+        self.prune_after_layer = prune["after_layer"] if prune else None
+        self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
+        self._bound: _Bound | None = None
 
     def new_cache(self):
         c = self.config
@@ -95,32 +121,109 @@ class OnnxBackend:
             return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
-    def forward(self, tokens: list[int], cache, last_only: bool = True) -> torch.Tensor:
-        """Logits (V,) of the last token, or (T, V) of all of them with last_only=False."""
-        start, n = cache.length, len(tokens)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.array([tokens], dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
-        binding.bind_cpu_input("logits_to_keep", np.array([1 if last_only else 0], dtype=np.int64))
-        valid = set()
-        for i in range(self.config.num_layers):
-            k, v, length = cache.view(i)
-            # Views are float32; the exact cache's buffers are contiguous already (no copy).
-            binding.bind_cpu_input(f"past_key.{i}", np.ascontiguousarray(k.numpy()))
-            binding.bind_cpu_input(f"past_value.{i}", np.ascontiguousarray(v.numpy()))
-            valid.add((length, k.shape[2]))
-        # One past_length masks every layer's spare slots: the exact cache's layers all hold the
-        # same tokens; a budgeted cache's views (each its own length) have no spare slots.
-        assert len(valid) == 1 or all(length == slots for length, slots in valid), valid
-        binding.bind_cpu_input("past_length", np.array([max(length for length, _ in valid)], dtype=np.int64))
-        for name in self.output_names:
-            binding.bind_output(name)
-        self.session.run_with_iobinding(binding)
-        out = binding.copy_outputs_to_cpu()
-        for i, ((ki, vi), qi) in enumerate(zip(self._present, self._queries)):
-            cache.append(i, torch.from_numpy(out[qi]), torch.from_numpy(out[ki]), torch.from_numpy(out[vi]))
-        logits = torch.from_numpy(out[0][0])
+    def forward(self, tokens: list[int], cache, last_only: bool = True, prune_keep: float = 1.0) -> torch.Tensor:
+        """Logits (V,) of the last token, or (T, V) of all of them with last_only=False (the kept
+        ones, when prune_keep < 1 prunes)."""
+        assert self.prune is not None or prune_keep == 1.0
+        c, start, n, layers = self.config, cache.length, len(tokens), self.config.num_layers
+        # float32 views; the exact cache's are its own (contiguous) buffers: no copy
+        views = [(k.contiguous(), v.contiguous(), length) for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
+        # Room after the valid slots: the graph writes the new K/V there, into the cache itself.
+        shared = [self.in_place and k.shape[2] >= length + n for k, _, length in views]
+        key = (n, last_only, prune_keep < 1.0, tuple((k.data_ptr(), v.data_ptr(), k.shape) for k, v, _ in views), tuple(shared))
+        if self._bound is None or self._bound.key != key:  # decoding into the same buffers rebinds nothing
+            self._bound = self._bind(key, views, shared, n, last_only, prune_keep < 1.0)
+        bound = self._bound
+        bound.ids[0] = tokens
+        bound.positions[0] = np.arange(start, start + n)
+        bound.past_length[0] = [length for _, _, length in views]
+        if bound.keep is not None:
+            bound.keep[0] = prune_keep
+        self.session.run_with_iobinding(bound.binding)
+
+        out = dict(zip(bound.outputs, bound.binding.get_outputs())) if bound.allocated else {}
+        logits = bound.logits if bound.logits is not None else out["logits"].numpy()
+        kept = None if self.prune is None else bound.kept if bound.kept is not None else out["kept"].numpy()
+        self._kept = None if kept is None else kept[0]
+        n_kept = n if kept is None else kept.shape[1]
+        for i, (k, v, length) in enumerate(views):
+            m = n if self.prune is None or i <= self.prune.after_layer else n_kept  # tokens this layer ran on
+            if shared[i]:
+                cache.written(i, m)
+            else:
+                # (a copy: the bound query arrays are rewritten by the next run, and a cache may keep q)
+                q = torch.from_numpy(bound.queries[i].copy() if bound.queries is not None else out[f"query.{i}"].numpy())
+                q = q.view(1, -1, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, m, D)
+                k, v = (torch.from_numpy(out[f"present_{kind}.{i}"].numpy()) for kind in ("key", "value"))
+                if self.in_place:  # the past and the new tokens: keep the new ones
+                    k, v = k[:, :, length : length + m], v[:, :, length : length + m]
+                cache.append(i, q, k, v)
+            if m < n:
+                cache.skip(i, n - m)
+        logits = torch.from_numpy(logits[0])
         return logits[-1] if last_only else logits
+
+    def _bind(self, key, views, shared, n: int, last_only: bool, pruning: bool) -> "_Bound":
+        """An IO binding over persistent arrays: the next call with the same key only refills the
+        inputs. Outputs whose shape is known before the run are bound to arrays of ours; the rest
+        (a pruned run's, and new K/V that are not written in place) ONNX Runtime allocates."""
+        c, layers = self.config, self.config.num_layers
+        binding = self.session.io_binding()
+        bound = _Bound(key, binding, np.zeros((1, n), np.int64), np.zeros((1, n), np.int64), np.zeros((1, layers), np.int64))
+
+        def bind_in(name: str, array: np.ndarray) -> None:
+            binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            bound.keep_alive.append(array)
+
+        def bind_out(name: str, array: np.ndarray | torch.Tensor | None) -> np.ndarray | None:
+            if array is None:
+                binding.bind_output(name)
+                bound.allocated = True
+            elif isinstance(array, torch.Tensor):  # the cache's own buffer
+                binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.data_ptr())
+            else:
+                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            bound.outputs.append(name)
+            bound.keep_alive.append(array)
+            return array
+
+        bind_in("input_ids", bound.ids)
+        bind_in("position_ids", bound.positions)
+        bind_in("past_length", bound.past_length)
+        bind_in("logits_to_keep", np.array([1 if last_only else 0], np.int64))
+        if self.prune is not None:
+            bound.keep = np.ones(1, np.float64)
+            bind_in("prune_keep", bound.keep)
+        for i, (k, v, _) in enumerate(views):
+            for kind, t in (("key", k), ("value", v)):
+                bound.keep_alive.append(t)
+                binding.bind_input(f"past_{kind}.{i}", "cpu", 0, np.float32, list(t.shape), t.data_ptr())
+                bind_out(f"present_{kind}.{i}", t if shared[i] else None)
+        known = None if pruning else n  # a pruned run's later layers keep a count the graph decides
+        bound.logits = bind_out("logits", None if known is None else np.empty((1, 1 if last_only else n, c.vocab_size), np.float32))
+        queries = [bind_out(f"query.{i}", None if known is None else np.empty((1, n, c.num_heads * c.head_dim), np.float32))
+                   for i in range(layers)]
+        bound.queries = None if known is None else queries
+        if self.prune is not None:
+            bound.kept = bind_out("kept", None if known is None else np.empty((1, n), np.int64))
+        return bound
+
+    def prefill_pruned(self, prompt: list[int], cache, plan: PrunePlan, chunk: int, progress=None) -> Pruned:
+        """The whole prompt in one run of the graph, which prunes after its layer (its own scoring,
+        TopK and Gather: runtimes/prune.py's, op for op). Layers up to the prune layer attend over
+        the whole prompt at once (memory ∝ prompt², unlike the chunked unpruned prefill)."""
+        if self.prune is None:
+            raise EdgetokError("this ONNX export has no pruning graph (its model has too few layers); --prune-prompt cannot run on it")
+        if (plan.after_layer, plan.sinks, plan.window, plan.pool) != (self.prune.after_layer, self.prune.sinks, self.prune.window, self.prune.pool):
+            raise EdgetokError(
+                f"this ONNX export prunes after layer {self.prune.after_layer}; pass --prune-after-layer "
+                f"{self.prune.after_layer} or export again with --prune-after-layer {plan.after_layer}"
+            )
+        assert cache.length == 0, "a pruned prefill starts from an empty cache"
+        logits = self.forward(prompt, cache, prune_keep=plan.keep)
+        if progress:
+            progress(len(prompt))
+        return Pruned(logits, torch.from_numpy(self._kept.copy()))
 
     def truncate(self, cache, n: int) -> int:
         return cache.truncate(n)
@@ -136,7 +239,6 @@ class OnnxBackend:
 
     def export(self, cache):
         return cache.export()
-
 
 def onnx_logits(source: Source, tokens: list[int], threads: int | None = None, chunk: int = 256) -> torch.Tensor:
     """Logits (T, V) at every position, prefilled in chunks: what parity reports compare."""

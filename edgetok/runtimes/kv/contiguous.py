@@ -64,9 +64,13 @@ class ContiguousCache:
         return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
-    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The layer's whole buffers (B, Hkv, capacity, D) and how many leading slots hold tokens:
-        no copy per step; the graph masks the spare slots (zeros, so never NaN)."""
+    def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The layer's whole buffers (B, Hkv, capacity, D), with room for `reserve` more tokens, and
+        how many leading slots hold tokens: no copy per step; the graph masks the spare slots
+        (zeros, so never NaN) or writes the new tokens into them."""
+        end = self.lengths[layer] + reserve
+        if end > self.k[layer].shape[2]:
+            self._grow(layer, end)
         return self.k[layer], self.v[layer], self.lengths[layer]
 
     def append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -78,6 +82,11 @@ class ContiguousCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
+
+    def written(self, layer: int, n: int) -> None:
+        """A graph bound to view()'s buffers wrote n new tokens after the layer's tokens itself."""
+        assert self.lengths[layer] + n <= self.k[layer].shape[2]
+        self.lengths[layer] += n
 
     def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length, (n, self.length)

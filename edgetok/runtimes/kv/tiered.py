@@ -357,10 +357,10 @@ class TieredCache:
             self._seal(layer)
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
-    def view(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def view(self, i: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What layer i's next tokens attend to besides themselves: keys, values (1, Hkv, P, D) and
         P. Prefill: every stored token. Decode: the chunks the layer's last query selects
-        (consecutive queries are alike) and the window."""
+        (consecutive queries are alike) and the window. (No spare room: `reserve` is ignored.)"""
         layer = self.layers[i]
         if layer.chunk_size == 0:
             if self.lengths[i] == 0:
