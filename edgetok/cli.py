@@ -263,6 +263,10 @@ def chat(model, system, verbose, **kw):
               help="ONNX int4/int8: weights per scale along the input (default 32; int8 --qdq: per channel)")
 @click.option("--qdq", is_flag=True, help="ONNX: standard DequantizeLinear + MatMul only (for NPU execution providers)")
 @click.option("--opset", type=click.IntRange(min=18), default=21, show_default=True, help="ONNX opset")
+@click.option("--attention", type=click.Choice(["gqa", "standard"]), default=None,
+              help="ONNX: gqa = ONNX Runtime's fused kernels (default), standard = default-domain operators only (default with --qdq)")
+@click.option("--prune-after-layer", "export_prune_layer", type=click.IntRange(min=0), default=None,
+              help="ONNX: the layer after which the graph can prune a prompt (edgetok run --prune-prompt; default 2)")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None,
               help="ONNX: fail (and write nothing) if the parity report's mean KL exceeds this")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file (gguf) or folder (onnx, hf) to write")
@@ -281,9 +285,11 @@ def chat(model, system, verbose, **kw):
               help="calibration tokens for gptq/rsq, in sequences of 512 (default 32768)")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def export(model, fmt, quant, onnx_weights, block_size, qdq, opset, max_kl, output, force, keep_sensitive, eval_text,
-           eval_tokens, no_verify, method, calib, calib_tokens, threads, as_json):
+def export(model, fmt, quant, onnx_weights, block_size, qdq, opset, attention, export_prune_layer, max_kl, output, force,
+           keep_sensitive, eval_text, eval_tokens, no_verify, method, calib, calib_tokens, threads, as_json):
     """Export MODEL to a compressed artifact, with a parity report against the fp32 reference."""
+    if fmt != "onnx" and (attention or export_prune_layer is not None):
+        raise EdgetokError("--attention and --prune-after-layer apply to --format onnx")
     if fmt == "hf" and (method != "rtn" or calib or calib_tokens):
         raise EdgetokError("--method, --calib and --calib-tokens apply to quantized formats (gguf, onnx), not hf")
     if fmt == "onnx":
@@ -292,7 +298,8 @@ def export(model, fmt, quant, onnx_weights, block_size, qdq, opset, max_kl, outp
         manifest = export_onnx(
             model, output, onnx_weights, block_size=int(block_size) if block_size else None, qdq=qdq, opset=opset,
             force=force, verify=not no_verify, max_kl=max_kl, eval_text=eval_text, eval_tokens=eval_tokens or 1024,
-            threads=threads, method=method, calib=calib, calib_tokens=calib_tokens,
+            threads=threads, method=method, calib=calib, calib_tokens=calib_tokens, attention=attention,
+            prune_after_layer=export_prune_layer,
         )
         if as_json:
             click.echo(json.dumps(manifest, indent=2))

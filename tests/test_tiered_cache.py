@@ -185,3 +185,34 @@ def test_one_token_prompt(tiny_folder):
     assert len(ids) == 1
     r = m.generate("a", max_new_tokens=5, ignore_eos=True)
     assert len(r.tokens) == 5
+
+
+def test_graph_views_stage_the_selected_chunks_incrementally():
+    """view()/append() as the ONNX backend drives them: the staged buffer holds exactly what the
+    selection chose (in any order), with room for the new token, which the graph writes there."""
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, n = 4, 2, 8, 300
+    cache = TieredCache(KVConfig(budget="30%", recent_tokens=8, chunk_sizes=(16, 16)), 1, hq, hkv, d, dtype=torch.float32)
+    for start in range(0, n, 100):
+        k, v, length = cache.view(0, reserve=100)
+        assert length == start and k.shape[2] >= start + 100
+        k[:, :, start : start + 100] = torch.randn(1, hkv, 100, d, generator=g)  # as the graph writes them
+        v[:, :, start : start + 100] = torch.randn(1, hkv, 100, d, generator=g)
+        cache.append(0, torch.randn(1, hq, 100, d, generator=g), k[:, :, start : start + 100], v[:, :, start : start + 100])
+    cache.end_prefill()
+    layer, moved = cache.layers[0], 0
+    for step in range(40):
+        before = list(layer.stage_chunks)
+        k, v, p = cache.view(0, reserve=1)
+        # a chunk staged at the last step and chosen again stays in its slot (no copy)
+        after = layer.stage_chunks
+        moved += sum(1 for c in set(before) & set(after) if before.index(c) != after.index(c) and len(before) == len(after))
+        assert k.shape[2] >= p + 1
+        chosen = cache._select(0, layer.q_last)
+        want_k, want_v = cache._gather_resident(layer, chosen)
+        # the same rows, in another order: compare as sorted sets of key rows
+        rows = lambda t: sorted(map(tuple, t.reshape(-1, d).tolist()))  # noqa: E731
+        assert p == want_k.shape[1] and rows(k[0, :, :p]) == rows(want_k) and rows(v[0, :, :p]) == rows(want_v)
+        k[:, :, p], v[:, :, p] = torch.randn(hkv, d, generator=g), torch.randn(hkv, d, generator=g)
+        cache.append(0, torch.randn(1, hq, 1, d, generator=g), k[:, :, p : p + 1], v[:, :, p : p + 1])
+    assert cache.stats()["budget_used"] < 0.5 and moved == 0

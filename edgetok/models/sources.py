@@ -150,6 +150,7 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
 
 # -- ONNX exports (edgetok export --format onnx) ---------------------------------------------------
 ONNX_MANIFEST = "edgetok.json"
+ONNX_GRAPH_VERSION = 2  # exporters/onnx_graph.py's inputs and outputs; other versions are refused
 
 
 def _load_onnx_folder(ref: str, folder: Path) -> Source:
@@ -158,8 +159,8 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
         raise EdgetokError(f"{folder / ONNX_MANIFEST} is not an edgetok ONNX export manifest")
     if not (folder / "model.onnx").is_file():
         raise EdgetokError(f"{folder} has no model.onnx: the export is incomplete; export it again")
-    if "attention" not in manifest:
-        raise EdgetokError(f"{folder} was exported by an older edgetok whose graph this one cannot run; export it again")
+    if manifest.get("graph_version") != ONNX_GRAPH_VERSION:
+        raise EdgetokError(f"{folder} was exported by another edgetok version, whose graph this one cannot run; export it again")
     cfg = ModelConfig.from_dict(manifest["config"])
 
     def no_weights() -> dict[str, torch.Tensor]:

@@ -79,14 +79,11 @@ class ContiguousCache:
         end = start + t
         if end > self.k[layer].shape[2]:
             self._grow(layer, end)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            dst = buf[:, :, start:end]
+            if dst.data_ptr() != new.data_ptr():  # a graph bound to view()'s buffers wrote them in place
+                dst.copy_(new)
         self.lengths[layer] = end
-
-    def written(self, layer: int, n: int) -> None:
-        """A graph bound to view()'s buffers wrote n new tokens after the layer's tokens itself."""
-        assert self.lengths[layer] + n <= self.k[layer].shape[2]
-        self.lengths[layer] += n
 
     def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length, (n, self.length)

@@ -58,6 +58,12 @@ class Layer:
     n: int = 0  # tokens in the slab
     # tiered: chunk ids in the TierStore, and the window of recent tokens
     keys: list[int] = field(default_factory=list)
+    # resident, for a whole-model graph: the selected chunks and the window gathered into one
+    # buffer, which changes only where the selection does (view())
+    stage_k: torch.Tensor | None = None  # (1, Hkv, capacity, D)
+    stage_v: torch.Tensor | None = None
+    stage_chunks: list[int] = field(default_factory=list)  # the chunk in each slot
+    stage_window: tuple[int, int] = (0, 0)  # the slab tokens [start, stop) staged after the slots
     window_k: torch.Tensor | None = None  # (Hkv, w, D)
     window_v: torch.Tensor | None = None
 
@@ -153,17 +159,24 @@ class TieredCache:
             pass
 
     # -- resident storage ------------------------------------------------------------------------
+    def _slab_grow(self, layer: Layer, needed: int) -> None:
+        """Room in the slab for `needed` tokens (a quarter more each time it grows)."""
+        if layer.slab_k is not None and needed <= layer.slab_k.shape[1]:
+            return
+        cap = max(256, needed + 256, needed * 5 // 4)
+        shape = (self.n_kv, cap, self.head_dim)
+        new_k, new_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        if layer.n:
+            new_k[:, : layer.n], new_v[:, : layer.n] = layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
+        layer.slab_k, layer.slab_v = new_k, new_v
+
     def _slab_append(self, layer: Layer, k: torch.Tensor, v: torch.Tensor) -> None:
         t = k.shape[1]
-        if layer.slab_k is None or layer.n + t > layer.slab_k.shape[1]:
-            cap = max(256, layer.n + t + 256, (layer.n + t) * 5 // 4)
-            shape = (self.n_kv, cap, self.head_dim)
-            new_k, new_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
-            if layer.n:
-                new_k[:, : layer.n], new_v[:, : layer.n] = layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
-            layer.slab_k, layer.slab_v = new_k, new_v
-        layer.slab_k[:, layer.n : layer.n + t] = k
-        layer.slab_v[:, layer.n : layer.n + t] = v
+        self._slab_grow(layer, layer.n + t)
+        for slab, new in ((layer.slab_k, k), (layer.slab_v, v)):
+            dst = slab[:, layer.n : layer.n + t]
+            if dst.data_ptr() != new.data_ptr():  # a graph may have written them in place
+                dst.copy_(new)
         layer.n += t
 
     # -- tiered storage --------------------------------------------------------------------------
@@ -347,10 +360,13 @@ class TieredCache:
     def _decode_gather(self, i: int, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[i]
         keys, values = self._gather_resident(layer, chosen) if self.resident else self._gather_tiered(i, chosen)
-        self.counters["tokens_attended"] += keys.shape[1]
+        self._count(layer, chosen, keys.shape[1])
+        return keys, values
+
+    def _count(self, layer: Layer, chosen: torch.Tensor | None, attended: int) -> None:
+        self.counters["tokens_attended"] += attended
         self.counters["tokens_total"] += layer.n_chunks * layer.chunk_size + self._window_len(layer)
         self.counters["chunks_selected"] += layer.n_chunks if chosen is None else len(chosen)
-        return keys, values
 
     def _maybe_seal(self, layer: Layer) -> None:
         if self._window_len(layer) >= 2 * layer.chunk_size:  # keep ≥ one chunk of exact recent tokens
@@ -358,19 +374,54 @@ class TieredCache:
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
     def view(self, i: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """What layer i's next tokens attend to besides themselves: keys, values (1, Hkv, P, D) and
-        P. Prefill: every stored token. Decode: the chunks the layer's last query selects
-        (consecutive queries are alike) and the window. (No spare room: `reserve` is ignored.)"""
+        """What layer i's next tokens attend to besides themselves: keys, values (1, Hkv, S, D) of
+        which the first P slots count, and P. Prefill: every stored token. Decode: the chunks the
+        layer's last query selects (consecutive queries are alike) and the window. In RAM the
+        buffers have room for `reserve` more tokens after the P (a graph may write them there)."""
         layer = self.layers[i]
         if layer.chunk_size == 0:
+            if self.resident:  # the slab itself, with room
+                self._slab_grow(layer, layer.n + reserve)
+                return layer.slab_k[None], layer.slab_v[None], layer.n
             if self.lengths[i] == 0:
                 empty = torch.zeros(self.n_kv, 0, self.head_dim, dtype=self.dtype)
                 keys, values = empty, empty
             else:
                 keys, values = self._layer_kv(i)
         else:
-            keys, values = self._decode_gather(i, self._decode_select(i, layer.q_last))
+            chosen = self._decode_select(i, layer.q_last)
+            if self.resident:
+                return self._stage(i, chosen, reserve)
+            keys, values = self._decode_gather(i, chosen)
         return keys[None], values[None], keys.shape[1]
+
+    def _stage(self, i: int, chosen: torch.Tensor | None, reserve: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The chosen chunks, in any order (attention does not care: the keys carry their
+        positions), then the window, in the layer's stage buffer. Between steps only the chunks
+        that enter the selection and the window's new tokens are copied."""
+        layer, size = self.layers[i], self.layers[i].chunk_size
+        want = list(range(layer.n_chunks)) if chosen is None else chosen.tolist()
+        start = layer.n_chunks * size  # the window, in the slab
+        base, end = len(want) * size, len(want) * size + layer.n - start
+        if layer.stage_k is None or layer.stage_k.shape[2] < end + reserve:
+            shape = (1, self.n_kv, end + reserve + 2 * size + 64, self.head_dim)
+            layer.stage_k, layer.stage_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+            layer.stage_chunks, layer.stage_window = [], (0, 0)
+        slots = _slots(layer.stage_chunks, want)
+        for pos, c in enumerate(slots):
+            if pos >= len(layer.stage_chunks) or layer.stage_chunks[pos] != c:
+                layer.stage_k[0, :, pos * size : (pos + 1) * size] = layer.slab_k[:, c * size : (c + 1) * size]
+                layer.stage_v[0, :, pos * size : (pos + 1) * size] = layer.slab_v[:, c * size : (c + 1) * size]
+        w_start, w_stop = layer.stage_window
+        if len(slots) != len(layer.stage_chunks) or w_start != start:
+            w_stop = start  # the window moved (a seal, or more or fewer slots): stage all of it
+        layer.stage_k[0, :, base + w_stop - start : end] = layer.slab_k[:, w_stop : layer.n]
+        layer.stage_v[0, :, base + w_stop - start : end] = layer.slab_v[:, w_stop : layer.n]
+        layer.stage_chunks, layer.stage_window = slots, (start, layer.n)
+        self.counters["bytes_device"] += 2 * end * self.n_kv * self.head_dim * layer.slab_k.element_size()
+        self._count(layer, chosen, end)
+        return layer.stage_k, layer.stage_v, end
+
 
     def append(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection."""
@@ -527,3 +578,13 @@ def _process_read_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def _slots(staged: list[int], want: list[int]) -> list[int]:
+    """The chunk for each of len(want) stage slots: a wanted chunk already staged in one of them
+    stays where it is; the others fill the free slots."""
+    wanted = set(want)
+    slots = [c if c in wanted else None for c in staged[: len(want)]] + [None] * (len(want) - len(staged))
+    placed = {c for c in slots if c is not None}
+    incoming = iter(c for c in want if c not in placed)
+    return [c if c is not None else next(incoming) for c in slots]
