@@ -36,14 +36,17 @@ EDGETOK = str(Path(sys.executable).parent / "edgetok")
 def systems(disk: str, budget: str) -> dict[str, tuple[list[str], dict]]:
     """name → (extra `edgetok run` arguments, extra environment)."""
     tiers = ["--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk]
-    old = {"EDGETOK_KV_PREFETCH_STEPS": "1"}  # the prefetch before this benchmark: last step's chunks only
+
+    def steps(n: int) -> dict:  # how many past steps' selections the prefetch reads (default 3)
+        return {"EDGETOK_KV_PREFETCH_STEPS": str(n)}
+
     return {
         "page cache, no prefetch": (tiers + ["--no-kv-prefetch"], {}),
-        "page cache, prefetch": (tiers, {}),
+        "page cache, prefetch last 8 steps' chunks": (tiers, steps(8)),
         "uncached, no prefetch": (tiers + ["--kv-disk-uncached", "--no-kv-prefetch"], {}),
-        "uncached, prefetch last step's chunks": (tiers + ["--kv-disk-uncached"], old),
-        "uncached, prefetch last 3 steps' chunks": (tiers + ["--kv-disk-uncached"], {"EDGETOK_KV_PREFETCH_STEPS": "3"}),
-        "uncached, prefetch last 8 steps' chunks": (tiers + ["--kv-disk-uncached"], {}),
+        "uncached, prefetch last step's chunks": (tiers + ["--kv-disk-uncached"], steps(1)),
+        "uncached, prefetch last 3 steps' chunks": (tiers + ["--kv-disk-uncached"], steps(3)),
+        "uncached, prefetch last 8 steps' chunks": (tiers + ["--kv-disk-uncached"], steps(8)),
     }
 
 

@@ -31,6 +31,7 @@ fi
 if want kv; then
   $PY benchmarks/kv_quality.py --contexts 4096,8000 --budgets 25% --new-tokens 128 --needle-depths 0.1,0.5,0.9 --tiers 16,64
   $LOCK $PY benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2
+  $LOCK $PY benchmarks/kv_prefetch.py --context 8000 --new-tokens 64 --repeat 3 --threads 1
 fi
 if want prune; then
   $PY benchmarks/prune_prompt.py --contexts 8000 --keeps 0.5,0.3 --layers 2 --repeat 2 --threads 1 --parts speed

@@ -37,10 +37,12 @@ from edgetok.runtimes.memory import return_large_buffers, trim_heap
 MB = 1 << 20
 DECODE_CHUNK_BITS = 8  # chunks sealed during decode, under --kv-bits auto
 # Prefetch reads a layer's on-disk chunks that it selected in any of its last PREFETCH_STEPS steps.
-# The chunks left on disk are the ones at the margin of the selection, which come and go: at 8K
-# (SmolLM2, 25 %, 16 MB device + 64 MB host) the last step's selection predicted 55 % of the next
-# step's disk reads, the last 8 steps' 85 %. EDGETOK_KV_PREFETCH_STEPS overrides it (benchmarks).
-PREFETCH_STEPS = 8
+# The chunks left on disk are the ones at the margin of the selection, which come and go. At 8K
+# (SmolLM2, 25 %, 16 MB device + 64 MB host, disk reads past the page cache; benchmarks/kv_prefetch.py)
+# the last 1 / 3 / 8 steps predicted 53 / 70 / 84 % of the disk chunks read, and the model thread
+# waited 6.8 / 4.6 / 5.2 ms per token for the disk (12.3 without prefetch): 8 steps read 2.9 MB per
+# token in vain and came late more often. EDGETOK_KV_PREFETCH_STEPS overrides it (benchmarks).
+PREFETCH_STEPS = 3
 
 
 @dataclass
@@ -373,7 +375,7 @@ class TieredCache:
             self._seal(layer)
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
-    def view(self, i: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def view(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What layer i's next tokens attend to besides themselves: keys, values (1, Hkv, S, D) of
         which the first P slots count, and P. Prefill: every stored token. Decode: the chunks the
         layer's last query selects (consecutive queries are alike) and the window. In RAM the
@@ -408,10 +410,14 @@ class TieredCache:
             layer.stage_k, layer.stage_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
             layer.stage_chunks, layer.stage_window = [], (0, 0)
         slots = _slots(layer.stage_chunks, want)
-        for pos, c in enumerate(slots):
-            if pos >= len(layer.stage_chunks) or layer.stage_chunks[pos] != c:
-                layer.stage_k[0, :, pos * size : (pos + 1) * size] = layer.slab_k[:, c * size : (c + 1) * size]
-                layer.stage_v[0, :, pos * size : (pos + 1) * size] = layer.slab_v[:, c * size : (c + 1) * size]
+        staged = layer.stage_chunks
+        incoming = [(pos, c) for pos, c in enumerate(slots) if pos >= len(staged) or staged[pos] != c]
+        if incoming:  # one gather and one scatter for all of them
+            pos, src = torch.tensor(incoming).T
+            tokens = torch.arange(size)
+            dst, src = (pos[:, None] * size + tokens).flatten(), (src[:, None] * size + tokens).flatten()
+            layer.stage_k[0].index_copy_(1, dst, layer.slab_k.index_select(1, src))
+            layer.stage_v[0].index_copy_(1, dst, layer.slab_v.index_select(1, src))
         w_start, w_stop = layer.stage_window
         if len(slots) != len(layer.stage_chunks) or w_start != start:
             w_stop = start  # the window moved (a seal, or more or fewer slots): stage all of it
