@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/prune_prompt.py --contexts 4096,8000 --keeps 0.5,0.3 --layers 2,4,8 --repeat 2 --needle-layers 2,4
 
-SmolLM2-135M-Instruct (fp32 torch backend, exact contiguous KV cache), prefill in 512-token
-chunks as the engine does. Speed: a real-text prompt (Paul Graham essays, no chat template),
+SmolLM2-135M-Instruct (fp32 torch backend, exact contiguous KV cache; or --model DIR, an ONNX
+export, whose graph prunes after the layer it was exported with), prefill in 512-token chunks as
+the engine does (a pruned ONNX prefill is one run of the graph). Speed: a real-text prompt (Paul Graham essays, no chat template),
 prefill time of each configuration, rounds interleaved (none, pruned, pruned, ..., none, ...)
 under /tmp/edgetok-bench.lock. Agreement: the unpruned model generates greedily; each pruned
 prefill is then fed the same tokens (teacher forcing) and we count how often its argmax agrees,
@@ -135,11 +136,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads; 1 makes the CPU time a steady measure of work on a busy machine")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default="smollm2", help="what edgetok run takes; an ONNX export prunes inside its graph")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = edgetok.load("smollm2")
+    model = edgetok.load(args.model, threads=args.threads)
     backend, cfg = model.engine.backend, model.config
     plans = [None] + [PrunePlan.checked(float(k), int(layer), cfg)
                       for layer in args.layers.split(",") for k in args.keeps.split(",")]

@@ -410,10 +410,14 @@ class TieredCache:
             layer.stage_k, layer.stage_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
             layer.stage_chunks, layer.stage_window = [], (0, 0)
         slots = _slots(layer.stage_chunks, want)
-        for pos, c in enumerate(slots):
-            if pos >= len(layer.stage_chunks) or layer.stage_chunks[pos] != c:
-                layer.stage_k[0, :, pos * size : (pos + 1) * size] = layer.slab_k[:, c * size : (c + 1) * size]
-                layer.stage_v[0, :, pos * size : (pos + 1) * size] = layer.slab_v[:, c * size : (c + 1) * size]
+        staged = layer.stage_chunks
+        incoming = [(pos, c) for pos, c in enumerate(slots) if pos >= len(staged) or staged[pos] != c]
+        if incoming:  # one gather and one scatter for all of them
+            pos, src = torch.tensor(incoming).T
+            tokens = torch.arange(size)
+            dst, src = (pos[:, None] * size + tokens).flatten(), (src[:, None] * size + tokens).flatten()
+            layer.stage_k[0].index_copy_(1, dst, layer.slab_k.index_select(1, src))
+            layer.stage_v[0].index_copy_(1, dst, layer.slab_v.index_select(1, src))
         w_start, w_stop = layer.stage_window
         if len(slots) != len(layer.stage_chunks) or w_start != start:
             w_stop = start  # the window moved (a seal, or more or fewer slots): stage all of it
