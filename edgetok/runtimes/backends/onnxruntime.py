@@ -148,9 +148,10 @@ class OnnxBackend:
         n_kept = n if kept is None else kept.shape[1]
         for i, (k, v, length) in enumerate(views):
             m = n if self.prune is None or i <= self.prune.after_layer else n_kept  # tokens this layer ran on
-            # (a copy: the bound query arrays are rewritten by the next run, and a cache may keep q)
-            q = torch.from_numpy(bound.queries[i].copy() if bound.queries is not None else out[f"query.{i}"].numpy())
-            q = q.view(1, -1, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, m, D)
+            q = None
+            if cache.uses_queries:  # (a copy: the bound query arrays are rewritten by the next run)
+                q = torch.from_numpy(bound.queries[i].copy() if bound.queries is not None else out[f"query.{i}"].numpy())
+                q = q.view(1, -1, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, m, D)
             if not shared[i]:
                 k, v = (torch.from_numpy(out[f"present_{kind}.{i}"].numpy()) for kind in ("key", "value"))
             if self.in_place:  # the past and the new tokens (written into the cache's buffer when shared)

@@ -42,3 +42,17 @@ class KVCache(Protocol):
     def stats(self) -> dict:
         """What the cache did, for --json output."""
         ...
+
+    # -- for a backend whose graph attends itself (onnxruntime) --------------------------------------
+    uses_queries: bool  # whether append() reads q (a budgeted cache selects with it)
+
+    def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What the layer's next tokens attend to besides themselves: keys, values (1, Hkv, S, D)
+        of which the first P slots hold tokens, and P; at least `reserve` slots after P when the
+        buffers are the cache's own (the graph may write the new tokens there)."""
+        ...
+
+    def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' k, v (1, Hkv, T, D), which may already sit where view() said
+        (then nothing is copied); q (1, Hq, T, D) when uses_queries."""
+        ...

@@ -10,6 +10,8 @@ from edgetok.kernels.attention import attend, causal_mask
 class ContiguousCache:
     """Full attention over all stored tokens. Capacity grows by a quarter as needed (amortized O(1) append)."""
 
+    uses_queries = False  # append() ignores q: a graph's backend need not hand its queries over
+
     def __init__(
         self,
         num_layers: int,
@@ -73,7 +75,7 @@ class ContiguousCache:
             self._grow(layer, end)
         return self.k[layer], self.v[layer], self.lengths[layer]
 
-    def append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' k, v (B, Hkv, T, D) after the layer's tokens."""
         start, t = self.lengths[layer], k.shape[2]
         end = start + t

@@ -75,6 +75,8 @@ class Layer:
 
 
 class TieredCache:
+    uses_queries = True  # a graph's queries select the next step's chunks (view/append)
+
     def __init__(
         self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype | None = None,
