@@ -101,6 +101,10 @@ def load(
         if source.format == "onnx":
             raise EdgetokError(f"{source.path} is an ONNX export: it runs on --backend onnxruntime")
         raise EdgetokError("--backend onnxruntime runs an ONNX folder made by `edgetok export --format onnx`")
+    if backend != "torch":
+        # torch only keeps the books here; its idle OpenMP workers would spin against the runtime's
+        # own threads for the same cores
+        torch.set_num_threads(1)
     if backend == "onnxruntime":
         from edgetok.runtimes.backends.onnxruntime import OnnxBackend
 

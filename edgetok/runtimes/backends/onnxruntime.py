@@ -159,8 +159,8 @@ class OnnxBackend:
             cache.append(i, q, k, v)
             if m < n:
                 cache.skip(i, n - m)
-        logits = torch.from_numpy(logits[0])
-        return logits[-1] if last_only else logits
+        logits = torch.from_numpy(logits[0])  # (a copy out: the bound array is the next run's too)
+        return logits[-1].clone() if last_only else logits.clone()
 
     def _bind(self, key, views, shared, n: int, last_only: bool, pruning: bool) -> "_Bound":
         """An IO binding over persistent arrays: the next call with the same key only refills the
