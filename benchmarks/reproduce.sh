@@ -19,8 +19,9 @@ if want bench; then  # `edgetok bench`: edgetok vs llama.cpp, onnxruntime-genai 
 fi
 if want onnx; then  # ONNX export: size and parity; decode vs onnxruntime-genai
   $PY benchmarks/onnx_quality.py
-  $LOCK $EDGETOK bench smollm2 --contexts 1024,8192 --new-tokens 64 --kv-budget 100%,25% --peers ortgenai \
-    --onnx int4 --threads 1 --repeat 1 --out benchmarks/results/onnx
+  $LOCK $EDGETOK bench smollm2 --contexts 1024,8192 --new-tokens 64 --kv-budget 100%,25% --peers llamacpp,ortgenai \
+    --onnx int4 --threads 2 --repeat 2 --out benchmarks/results/bench-2t
+  $PY benchmarks/onnx_attention.py --contexts 1024,8000 --budgets 100% --threads 2 --repeat 2
 fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
@@ -38,4 +39,7 @@ if want prune; then
   $PY benchmarks/prune_prompt.py --contexts 8000,4096 --keeps 0.5,0.3 --layers 2,4,8 --repeat 1 --parts speed
   $PY benchmarks/prune_prompt.py --contexts 4096 --keeps 0.5,0.3 --layers 2,4,8 --parts agreement
   $PY benchmarks/prune_prompt.py --contexts 8000 --keeps 0.5,0.3 --layers 2 --parts agreement,needle
+  $EDGETOK export smollm2 --format onnx --weights int4 --no-verify --force -o bench-out/smollm2-int4
+  $PY benchmarks/prune_prompt.py --model bench-out/smollm2-int4 --contexts 8000,4096 --keeps 0.5,0.3 --layers 2 \
+    --repeat 2 --threads 2 --parts speed,agreement
 fi
