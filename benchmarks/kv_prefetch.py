@@ -24,11 +24,9 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import edgetok
-from edgetok.texts import essays
+from kv_speed import essay_prompt  # benchmarks/kv_speed.py
 
 EDGETOK = str(Path(sys.executable).parent / "edgetok")
 
@@ -94,11 +92,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
     args = ap.parse_args()
 
-    tok = edgetok.load("smollm2").tokenizer
-    ids = tok.encode(essays(args.context * 6), add_special_tokens=False)[: args.context]
-    workdir = Path(tempfile.mkdtemp(prefix="edgetok-bench-"))
-    prompt_file = workdir / "prompt.txt"
-    prompt_file.write_text(tok.decode(ids))
+    workdir, prompt_file = essay_prompt(args.context)
     disk = str(args.disk_dir or workdir / "kv")
     chosen = systems(disk, args.budget)
     if args.only:

@@ -40,6 +40,16 @@ def systems(disk: str, budget: str) -> dict[str, list[str]]:
     }
 
 
+def essay_prompt(context: int) -> tuple[Path, Path]:
+    """A fresh work folder, and in it prompt.txt: `context` tokens of the essays (no chat template)."""
+    tok = edgetok.load("smollm2").tokenizer
+    ids = tok.encode(essays(context * 6), add_special_tokens=False)[:context]
+    workdir = Path(tempfile.mkdtemp(prefix="edgetok-bench-"))
+    prompt_file = workdir / "prompt.txt"
+    prompt_file.write_text(tok.decode(ids))
+    return workdir, prompt_file
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=8000)
@@ -51,11 +61,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
     args = ap.parse_args()
 
-    tok = edgetok.load("smollm2").tokenizer
-    ids = tok.encode(essays(args.context * 6), add_special_tokens=False)[: args.context]
-    workdir = Path(tempfile.mkdtemp(prefix="edgetok-bench-"))
-    prompt_file = workdir / "prompt.txt"
-    prompt_file.write_text(tok.decode(ids))
+    workdir, prompt_file = essay_prompt(args.context)
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.repeat):
         chosen = systems(str(workdir / "kv"), args.budget)
