@@ -20,10 +20,10 @@ from edgetok.exporters import onnx_rewrites as rewrites
 from edgetok.exporters.export import progress_bar, write_json_atomic
 from edgetok.exporters.files import atomic_folder
 from edgetok.exporters.onnx_graph import (
-    ATTENTION, DEFAULT_OPSET, GRAPH_VERSION, PruneSpec, build_decoder, default_prune, fused_parts, io_names,
+    ATTENTION, DEFAULT_OPSET, PruneSpec, build_decoder, default_prune, fused_parts, io_names,
 )
 from edgetok.exporters.quantize import QuantizedWeight, fit_group_size, rtn
-from edgetok.models.sources import ONNX_MANIFEST, Source, file_sha256, load_source
+from edgetok.models.sources import ONNX_GRAPH_VERSION, ONNX_MANIFEST, Source, file_sha256, load_source
 from edgetok.texts import read_text
 from edgetok.version import __version__
 
@@ -178,7 +178,7 @@ def export_onnx(
         "block_size": block_size or ("per-channel" if weights in ("int4", "int8") else None),
         "qdq": qdq,
         "opset": opset,
-        "graph_version": GRAPH_VERSION,
+        "graph_version": ONNX_GRAPH_VERSION,
         "attention": attention,
         "prune": None if prune is None else asdict(prune),
         "io": io_names(source.config.num_layers, prune is not None),

@@ -52,7 +52,6 @@ from onnx import TensorProto, helper, numpy_helper
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
 from edgetok.models.llama import rope_inv_freq
-from edgetok.models.sources import ONNX_GRAPH_VERSION as GRAPH_VERSION  # noqa: F401 (the exporter's)
 from edgetok.runtimes.prune import DEFAULT_AFTER_LAYER, PrunePlan
 
 DEFAULT_OPSET = 21  # int4 and blocked DequantizeLinear
