@@ -18,6 +18,7 @@ Where chunks live depends on the config:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections import Counter
@@ -27,10 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from edgetok.kernels.attention import attend, causal_mask
-from edgetok.kernels.selection import chunk_scores, key_abstracts
+from edgetok.kernels.selection import key_abstracts, select_chunks
 from edgetok.runtimes.kv.codec import decode_many, encode
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.policy import allocate, attention_profile, bits_by_importance, chunk_size_for, layer_shares
+from edgetok.runtimes.kv.staging import LayerKV, Stages
 from edgetok.runtimes.kv.tiers import DEVICE, DISK, HOST, TierStore
 from edgetok.runtimes.memory import return_large_buffers, trim_heap
 
@@ -50,7 +52,7 @@ class Layer:
     chunk_size: int = 0  # 0 while prefilling
     share: float = 1.0  # of the average token budget
     spread: float = 1.0
-    abstracts: torch.Tensor | None = None  # (Hkv, 2D, C): per chunk, max then min of its keys
+    n_chunks: int = 0  # chunks sealed; their abstracts are TieredCache.abstracts[layer, ..., :n_chunks]
     q_obs: torch.Tensor | None = None  # (Hq, ≤W, D) the last prompt queries
     last_keys: list[int] | None = None  # the chunks read at the previous step: predicts the next ones
     q_last: torch.Tensor | None = None  # (Hq, D) the last query: selects a graph's next view
@@ -60,18 +62,8 @@ class Layer:
     n: int = 0  # tokens in the slab
     # tiered: chunk ids in the TierStore, and the window of recent tokens
     keys: list[int] = field(default_factory=list)
-    # resident, for a whole-model graph: the selected chunks and the window gathered into one
-    # buffer, which changes only where the selection does (view())
-    stage_k: torch.Tensor | None = None  # (1, Hkv, capacity, D)
-    stage_v: torch.Tensor | None = None
-    stage_chunks: list[int] = field(default_factory=list)  # the chunk in each slot
-    stage_window: tuple[int, int] = (0, 0)  # the slab tokens [start, stop) staged after the slots
     window_k: torch.Tensor | None = None  # (Hkv, w, D)
     window_v: torch.Tensor | None = None
-
-    @property
-    def n_chunks(self) -> int:
-        return 0 if self.abstracts is None else self.abstracts.shape[2]
 
 
 class TieredCache:
@@ -88,6 +80,7 @@ class TieredCache:
         self.lengths = [0] * num_layers  # tokens stored per layer
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         self.resident = not cfg.needs_homes
+        self._slab_unit = math.lcm(*cfg.chunk_sizes)
         self.bits = cfg.storage_bits()
         # Approximate attention reads bf16 K/V (half the bytes: the decode cost at long contexts);
         # an exact cache keeps float32.
@@ -102,6 +95,11 @@ class TieredCache:
             return_large_buffers()
             if cfg.prefetch:
                 self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch")
+        # (L, Hkv, 2D, capacity): per layer, the max then min keys of each chunk, float32 (bounds are
+        # computed from them every step)
+        self.abstracts = torch.zeros(num_layers, num_kv_heads, 2 * head_dim, 0)
+        self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
+        self._views: list[tuple] = []  # this decode step's view of each layer (a graph's backend)
         self._next_key = 0
         self.prefetch: dict[int, Future] = {}
         self.prefetch_steps = int(os.environ.get("EDGETOK_KV_PREFETCH_STEPS", PREFETCH_STEPS))
@@ -143,6 +141,9 @@ class TieredCache:
                 for key in layer.keys:
                     self.store.drop(key)
         self.layers = [Layer() for _ in self.layers]
+        self.abstracts = torch.zeros(self.abstracts.shape[:3] + (0,))  # (no view: reset runs in __del__ too)
+        self.stages.reset()
+        self._views = []
         self._selected_at.clear()
         self.lengths = [0] * len(self.lengths)
         self.skipped = [0] * len(self.skipped)
@@ -168,6 +169,7 @@ class TieredCache:
         if layer.slab_k is not None and needed <= layer.slab_k.shape[1]:
             return
         cap = max(256, needed + 256, needed * 5 // 4)
+        cap = -(-cap // self._slab_unit) * self._slab_unit  # whole chunks: a slab views as (Hkv, chunks, S·D)
         shape = (self.n_kv, cap, self.head_dim)
         new_k, new_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
         if layer.n:
@@ -284,7 +286,7 @@ class TieredCache:
             layer.spread, layer.q_obs = profile.spread, None
             layer.chunk_size = chunk_size_for(profile.spread, self.cfg.chunk_sizes)
             spreads.append(profile.spread)
-            self._chunk(layer, keys, values, profile.importance)
+            self._chunk(i, keys, values, profile.importance)
         for layer, share in zip(self.layers, layer_shares(spreads)):
             layer.share = share
         self.counters.clear()  # the counters report decode (prefill read its blocks through _fetch too)
@@ -295,10 +297,11 @@ class TieredCache:
             self._cpu_start = (time.process_time(), time.thread_time())
             trim_heap()
 
-    def _chunk(self, layer: Layer, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
+    def _chunk(self, i: int, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
+        layer = self.layers[i]
         size, n = layer.chunk_size, keys.shape[1]
         c = n // size
-        layer.abstracts = key_abstracts(keys[:, : c * size].reshape(self.n_kv, c, size, self.head_dim))
+        self._add_abstracts(i, keys[:, : c * size].reshape(self.n_kv, c, size, self.head_dim))
         if self.resident:
             return
         for key in layer.keys:  # the provisional prefill blocks
@@ -312,47 +315,76 @@ class TieredCache:
             layer.keys.append(self._store_chunk(keys[:, sl], values[:, sl], b, heat=imp[j] * 10))
         layer.window_k, layer.window_v = keys[:, c * size :].clone(), values[:, c * size :].clone()
 
+    def _add_abstracts(self, i: int, chunks: torch.Tensor) -> None:
+        """chunks (Hkv, C, S, D): layer i's next C chunks."""
+        layer, c = self.layers[i], chunks.shape[1]
+        need = layer.n_chunks + c
+        if need > self.abstracts.shape[3]:
+            grown = torch.zeros(self.abstracts.shape[:3] + (max(need + 64, need * 5 // 4),))
+            grown[..., : self.abstracts.shape[3]] = self.abstracts
+            self.abstracts = grown
+        self.abstracts[i, :, :, layer.n_chunks : need] = key_abstracts(chunks)
+        layer.n_chunks = need
+
     # -- decode: budgeted -------------------------------------------------------------------------
     def _window_len(self, layer: Layer) -> int:
         if self.resident:
             return layer.n - layer.n_chunks * layer.chunk_size
         return layer.window_k.shape[1]
 
-    def _select(self, i: int, q: torch.Tensor) -> torch.Tensor | None:
-        """Chunk indices (sorted) layer i attends to for query q (Hq, D); None = all of them."""
+    def _plan(self, i: int) -> tuple[int, int, int] | None:
+        """How many of layer i's chunks it attends to this step, and how many of them are forced
+        (sinks, recent): (keep, sinks, recent); None = all of them."""
         layer = self.layers[i]
-        c, size = layer.n_chunks, layer.chunk_size
+        c, size, window = layer.n_chunks, layer.chunk_size, self._window_len(layer)
         budget = self.budgets[i] if self.budgets else float("inf")
-        if self.cfg.full_budget or c == 0 or budget >= c * size + self._window_len(layer):
+        if self.cfg.full_budget or c == 0 or budget >= c * size + window:
             return None
         sinks = min(c, -(-self.cfg.sink_tokens // size))
-        recent = min(c, max(0, -(-(self.cfg.recent_tokens - self._window_len(layer)) // size)))
-        keep = max(int((budget - self._window_len(layer)) // size), sinks + recent)
-        scores = chunk_scores(q, layer.abstracts)
-        scores[:sinks] = float("inf")
-        scores[c - recent :] = float("inf")
-        return torch.topk(scores, min(keep, c)).indices.sort().values
+        recent = min(c, max(0, -(-(self.cfg.recent_tokens - window) // size)))
+        return min(c, max(int((budget - window) // size), sinks + recent)), sinks, recent
+
+    def _select(self, i: int, q: torch.Tensor) -> torch.Tensor | None:
+        """Chunk indices (sorted) layer i attends to for query q (Hq, D); None = all of them."""
+        plan = self._plan(i)
+        if plan is None:
+            return None
+        keep = plan[0]
+        args = [torch.tensor([x]) for x in (self.layers[i].n_chunks, *plan)]
+        chosen, _ = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args)
+        return chosen[0, :keep].sort().values
+
+    def _select_all(self) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Every layer's chunks for this step, chosen at once with each layer's last query:
+        chunk ids (L, K), which count (L, K), and per layer whether that is all of its chunks."""
+        plans = [self._plan(i) for i in range(len(self.layers))]
+        counts = [layer.n_chunks for layer in self.layers]
+        rows = [(c, c, 0, 0) if plan is None else (c, *plan) for c, plan in zip(counts, plans)]
+        counts_t, keep, sinks, recent = torch.tensor(rows).T
+        q = torch.stack([layer.q_last for layer in self.layers])  # (L, Hq, D)
+        chosen, valid = select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent)
+        return chosen, valid, [plan is None for plan in plans]
 
     def _step_budgets(self) -> None:
         """Per-layer budgets for this step: the average budget spread by the layers' shares."""
         total = [layer.n_chunks * layer.chunk_size + self._window_len(layer) for layer in self.layers]
         self.budgets = allocate([layer.share for layer in self.layers], self.cfg.budget_tokens(self.length), total)
 
+    def _begin_step(self) -> None:
+        self.counters["steps"] += 1
+        if self.store is not None:
+            self.store.step += 1
+        self._step_budgets()
+
     def _attend_decode(self, i: int, q, k, v) -> torch.Tensor:
-        chosen = self._decode_select(i, q[:, -1])
+        if i == 0:
+            self._begin_step()
+        chosen = self._select(i, q[:, -1])
         self._decode_store(self.layers[i], k, v)
         keys, values = self._decode_gather(i, chosen)
         out = self._attend(q, keys, values, k.shape[1])
-        self._maybe_seal(self.layers[i])
+        self._maybe_seal(i)
         return out
-
-    def _decode_select(self, i: int, q_last: torch.Tensor) -> torch.Tensor | None:
-        if i == 0:
-            self.counters["steps"] += 1
-            if self.store is not None:
-                self.store.step += 1
-            self._step_budgets()
-        return self._select(i, q_last)
 
     def _decode_store(self, layer: Layer, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.resident:
@@ -364,24 +396,26 @@ class TieredCache:
     def _decode_gather(self, i: int, chosen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[i]
         keys, values = self._gather_resident(layer, chosen) if self.resident else self._gather_tiered(i, chosen)
-        self._count(layer, chosen, keys.shape[1])
+        self._count(layer, layer.n_chunks if chosen is None else len(chosen), keys.shape[1])
         return keys, values
 
-    def _count(self, layer: Layer, chosen: torch.Tensor | None, attended: int) -> None:
+    def _count(self, layer: Layer, chunks: int, attended: int) -> None:
         self.counters["tokens_attended"] += attended
         self.counters["tokens_total"] += layer.n_chunks * layer.chunk_size + self._window_len(layer)
-        self.counters["chunks_selected"] += layer.n_chunks if chosen is None else len(chosen)
+        self.counters["chunks_selected"] += chunks
 
-    def _maybe_seal(self, layer: Layer) -> None:
+    def _maybe_seal(self, i: int) -> None:
+        layer = self.layers[i]
         if self._window_len(layer) >= 2 * layer.chunk_size:  # keep ≥ one chunk of exact recent tokens
-            self._seal(layer)
+            self._seal(i)
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
     def view(self, i: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What layer i's next tokens attend to besides themselves: keys, values (1, Hkv, S, D) of
-        which the first P slots count, and P. Prefill: every stored token. Decode: the chunks the
-        layer's last query selects (consecutive queries are alike) and the window. In RAM the
-        buffers have room for `reserve` more tokens after the P (a graph may write them there)."""
+        which the first P slots count, and P. Prefill: every stored token. Decode: the chunks each
+        layer's last query selects (consecutive queries are alike), chosen for all layers when
+        layer 0 asks, and the window. In RAM the buffers have room for `reserve` more tokens after
+        the P (a graph may write them there)."""
         layer = self.layers[i]
         if layer.chunk_size == 0:
             if self.resident:  # the slab itself, with room
@@ -392,44 +426,27 @@ class TieredCache:
                 keys, values = empty, empty
             else:
                 keys, values = self._layer_kv(i)
-        else:
-            chosen = self._decode_select(i, layer.q_last)
-            if self.resident:
-                return self._stage(i, chosen, reserve)
-            keys, values = self._decode_gather(i, chosen)
-        return keys[None], values[None], keys.shape[1]
+            return keys[None], values[None], keys.shape[1]
+        if i == 0:
+            self._begin_step()
+            self._views = self._graph_views(reserve)
+        return self._views[i]
 
-    def _stage(self, i: int, chosen: torch.Tensor | None, reserve: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The chosen chunks, in any order (attention does not care: the keys carry their
-        positions), then the window, in the layer's stage buffer. Between steps only the chunks
-        that enter the selection and the window's new tokens are copied."""
-        layer, size = self.layers[i], self.layers[i].chunk_size
-        want = list(range(layer.n_chunks)) if chosen is None else chosen.tolist()
-        start = layer.n_chunks * size  # the window, in the slab
-        base, end = len(want) * size, len(want) * size + layer.n - start
-        if layer.stage_k is None or layer.stage_k.shape[2] < end + reserve:
-            shape = (1, self.n_kv, end + reserve + 2 * size + 64, self.head_dim)
-            layer.stage_k, layer.stage_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
-            layer.stage_chunks, layer.stage_window = [], (0, 0)
-        slots = _slots(layer.stage_chunks, want)
-        staged = layer.stage_chunks
-        incoming = [(pos, c) for pos, c in enumerate(slots) if pos >= len(staged) or staged[pos] != c]
-        if incoming:  # one gather and one scatter for all of them
-            pos, src = torch.tensor(incoming).T
-            tokens = torch.arange(size)
-            dst, src = (pos[:, None] * size + tokens).flatten(), (src[:, None] * size + tokens).flatten()
-            layer.stage_k[0].index_copy_(1, dst, layer.slab_k.index_select(1, src))
-            layer.stage_v[0].index_copy_(1, dst, layer.slab_v.index_select(1, src))
-        w_start, w_stop = layer.stage_window
-        if len(slots) != len(layer.stage_chunks) or w_start != start:
-            w_stop = start  # the window moved (a seal, or more or fewer slots): stage all of it
-        layer.stage_k[0, :, base + w_stop - start : end] = layer.slab_k[:, w_stop : layer.n]
-        layer.stage_v[0, :, base + w_stop - start : end] = layer.slab_v[:, w_stop : layer.n]
-        layer.stage_chunks, layer.stage_window = slots, (start, layer.n)
-        self.counters["bytes_device"] += 2 * end * self.n_kv * self.head_dim * layer.slab_k.element_size()
-        self._count(layer, chosen, end)
-        return layer.stage_k, layer.stage_v, end
-
+    def _graph_views(self, reserve: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """This step's view of every layer: staged in place (resident) or gathered from the tiers."""
+        chosen, valid, everything = self._select_all()
+        if self.resident:
+            parts = [LayerKV(layer.slab_k, layer.slab_v, layer.n, layer.chunk_size, layer.n_chunks) for layer in self.layers]
+            views = self.stages.update(parts, chosen, valid, reserve)
+            for layer, (k, _, p), kept in zip(self.layers, views, valid.sum(1).tolist()):
+                self.counters["bytes_device"] += 2 * p * self.n_kv * self.head_dim * k.element_size()
+                self._count(layer, kept, p)
+            return views
+        views = []
+        for i, (row, ok, all_of_them) in enumerate(zip(chosen, valid, everything)):
+            keys, values = self._decode_gather(i, None if all_of_them else row[ok].sort().values)
+            views.append((keys[None], values[None], keys.shape[1]))
+        return views
 
     def append(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection."""
@@ -440,9 +457,13 @@ class TieredCache:
         layer.q_last = q[:, -1]
         if layer.chunk_size == 0:
             self._prefill_store(i, q, k, v)
-        else:
-            self._decode_store(layer, k, v)
-            self._maybe_seal(layer)
+            return
+        if self.resident and self._views:
+            staged_k, _, p = self._views[i]
+            if k.data_ptr() == staged_k[0, :, p:].data_ptr():  # the graph wrote them after the window
+                self.stages.wrote(i, k.shape[1])
+        self._decode_store(layer, k, v)
+        self._maybe_seal(i)
 
     def _gather_resident(self, layer: Layer, chosen: torch.Tensor | None):
         if chosen is None:
@@ -461,8 +482,9 @@ class TieredCache:
         self._start_prefetch((i + 1) % len(self.layers))
         return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
 
-    def _seal(self, layer: Layer) -> None:
+    def _seal(self, i: int) -> None:
         """The oldest `chunk_size` window tokens become a chunk."""
+        layer = self.layers[i]
         size = layer.chunk_size
         if self.resident:
             start = layer.n_chunks * size
@@ -472,7 +494,7 @@ class TieredCache:
             bits = 32 if self.bits == "32" else DECODE_CHUNK_BITS if self.bits == "auto" else int(self.bits)
             layer.keys.append(self._store_chunk(kc, vc, bits, heat=1.0))
             layer.window_k, layer.window_v = layer.window_k[:, size:].clone(), layer.window_v[:, size:].clone()
-        layer.abstracts = torch.cat([layer.abstracts, key_abstracts(kc[:, None])], 2)
+        self._add_abstracts(i, kc[:, None])
 
     # -- prefetch: layer i+1's chunks while layer i computes --------------------------------------
     def _start_prefetch(self, i: int) -> None:
@@ -586,13 +608,3 @@ def _process_read_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _slots(staged: list[int], want: list[int]) -> list[int]:
-    """The chunk for each of len(want) stage slots: a wanted chunk already staged in one of them
-    stays where it is; the others fill the free slots."""
-    wanted = set(want)
-    slots = [c if c in wanted else None for c in staged[: len(want)]] + [None] * (len(want) - len(staged))
-    placed = {c for c in slots if c is not None}
-    incoming = iter(c for c in want if c not in placed)
-    return [c if c is not None else next(incoming) for c in slots]
