@@ -152,11 +152,13 @@ class OnnxBackend:
             if cache.uses_queries:  # (a copy: the bound query arrays are rewritten by the next run)
                 q = torch.from_numpy(bound.queries[i].copy() if bound.queries is not None else out[f"query.{i}"].numpy())
                 q = q.view(1, -1, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, m, D)
-            if not shared[i]:
+            if shared[i]:  # the graph wrote the new K/V into the view's buffers, after its `length` slots
+                cache.advance(i, q, m)
+            else:
                 k, v = (torch.from_numpy(out[f"present_{kind}.{i}"].numpy()) for kind in ("key", "value"))
-            if self.in_place:  # the past and the new tokens (written into the cache's buffer when shared)
-                k, v = k[:, :, length : length + m], v[:, :, length : length + m]
-            cache.append(i, q, k, v)
+                if self.in_place:  # gqa's present: the past and the new tokens
+                    k, v = k[:, :, length : length + m], v[:, :, length : length + m]
+                cache.append(i, q, k, v)
             if m < n:
                 cache.skip(i, n - m)
         logits = torch.from_numpy(logits[0])  # (a copy out: the bound array is the next run's too)

@@ -56,3 +56,8 @@ class KVCache(Protocol):
         """Store the new tokens' k, v (1, Hkv, T, D), which may already sit where view() said
         (then nothing is copied); q (1, Hq, T, D) when uses_queries."""
         ...
+
+    def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:
+        """The layer's n new tokens' K/V are already in the buffers of its last view(), right
+        after its P slots (the graph wrote them there): store them as append() would."""
+        ...

@@ -87,6 +87,11 @@ class ContiguousCache:
                 dst.copy_(new)
         self.lengths[layer] = end
 
+    def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:
+        """The graph wrote n tokens in place after the layer's tokens (its view is the buffer itself)."""
+        assert self.lengths[layer] + n <= self.k[layer].shape[2]
+        self.lengths[layer] += n
+
     def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length, (n, self.length)
         if any(self.skipped) and n < self.length:

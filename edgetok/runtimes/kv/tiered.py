@@ -465,6 +465,14 @@ class TieredCache:
         self._decode_store(layer, k, v)
         self._maybe_seal(i)
 
+    def advance(self, i: int, q: torch.Tensor, n: int) -> None:
+        layer = self.layers[i]
+        if layer.chunk_size == 0:  # prefill: the view was the slab itself
+            k, v, p = layer.slab_k[None], layer.slab_v[None], layer.n
+        else:
+            k, v, p = self._views[i]
+        self.append(i, q, k[:, :, p : p + n], v[:, :, p : p + n])
+
     def _gather_resident(self, layer: Layer, chosen: torch.Tensor | None):
         if chosen is None:
             self.counters["bytes_device"] += 2 * layer.slab_k[:, : layer.n].nbytes
