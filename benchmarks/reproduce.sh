@@ -39,7 +39,7 @@ if want prune; then
   $PY benchmarks/prune_prompt.py --contexts 8000,4096 --keeps 0.5,0.3 --layers 2,4,8 --repeat 1 --parts speed
   $PY benchmarks/prune_prompt.py --contexts 4096 --keeps 0.5,0.3 --layers 2,4,8 --parts agreement
   $PY benchmarks/prune_prompt.py --contexts 8000 --keeps 0.5,0.3 --layers 2 --parts agreement,needle
-  $EDGETOK export smollm2 --format onnx --weights int4 --no-verify --force -o bench-out/smollm2-int4
+  $EDGETOK export smollm2 --format onnx --weights int4 --prune-after-layer 2 --no-verify --force -o bench-out/smollm2-int4
   $PY benchmarks/prune_prompt.py --model bench-out/smollm2-int4 --contexts 8000,4096 --keeps 0.5,0.3 --layers 2 \
     --repeat 2 --threads 2 --parts speed,agreement
 fi

@@ -68,7 +68,7 @@ def run_graph(sess, cfg, tokens: list[int], chunks: list[int], spare: int = 0) -
         new = [[out[f"present_{kind}.{i}"] for kind in ("key", "value")] for i in range(cfg.num_layers)]
         new = [[t if t.shape[2] == n else t[:, :, start : start + n] for t in kv] for kv in new]
         past = [[np.concatenate([k, nk], 2), np.concatenate([v, nv], 2)] for (k, v), (nk, nv) in zip(past, new)]
-        assert out[f"query.{cfg.num_layers - 1}"].shape == (1, n, cfg.num_heads * cfg.head_dim)
+        assert out[f"qkv.{cfg.num_layers - 1}"].shape == (1, n, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
         logits.append(out["logits"][0])
         start += n
     return np.concatenate(logits)
@@ -123,7 +123,7 @@ def test_pruning_graph_matches_the_torch_path(families, attention):
         k = out[f"present_key.{i}"]
         assert k.shape[2] == (n if i <= spec.after_layer else len(kept))
         np.testing.assert_allclose(k[0], cache.k[i][0, :, : k.shape[2]].numpy(), atol=1e-4)
-    assert out["query.2"].shape == (1, len(kept), cfg.num_heads * cfg.head_dim)
+    assert out["qkv.2"].shape == (1, len(kept), (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
 
     # a decode step after it, at position n, over each layer's own past
     logits = model(torch.tensor([[5]]), cache, positions=torch.tensor([n]))[0]
@@ -213,7 +213,8 @@ def test_fp16_rewrite_stores_half_and_computes_float(families):
 @pytest.fixture(scope="module")
 def exported(families, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "fp32"
-    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "-o", out, "--eval-tokens", "64")
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "--prune-after-layer", "1",
+                "-o", out, "--eval-tokens", "64")
     assert r.exit_code == 0, r.output
     return out
 
@@ -237,6 +238,66 @@ def test_onnx_runs_the_same_tokens_as_torch(exported, families):
     # the tiered cache at a full budget is exact too, through the graph's views
     tiered = edgetok.load(str(exported), kv=edgetok.KVConfig(budget="100%"))
     assert tiered.generate(prompt, max_new_tokens=12).tokens == want
+
+
+def test_default_export_is_packed_and_has_no_pruning_point(families, tmp_path):
+    out = tmp_path / "plain"
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "--no-verify", "-o", out)
+    assert r.exit_code == 0, r.output
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert json.loads((out / "edgetok.json").read_text())["prune"] is None
+    assert "prune_keep" not in {i.name for i in graph.input}
+    assert not [n for n in graph.node if n.op_type == "RotaryEmbedding"]  # attention rotates q and k itself
+    prompt = "The quick brown fox jumps"
+    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=10).tokens
+    assert edgetok.load(str(out)).generate(prompt, max_new_tokens=10).tokens == want
+    r = run_cli("run", out, "-p", prompt, "--prune-prompt", "0.5", "-n", "2")
+    assert r.exit_code == 1 and "--prune-after-layer" in r.output and "Traceback" not in r.output
+
+
+class QueryLog(ContiguousCache):
+    """An exact cache that keeps every query it is shown, per layer: (H, T, D) pieces."""
+
+    uses_queries = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        self.queries = [[] for _ in range(cfg.num_layers)]
+
+    def append(self, layer, q, k, v):  # (the torch model's attend() stores through it too)
+        self.queries[layer].append(q[0].clone())
+        super().append(layer, q, k, v)
+
+    def advance(self, layer, q, n):
+        self.queries[layer].append(q[0].clone())
+        super().advance(layer, q, n)
+
+    def all(self, layer) -> torch.Tensor:
+        return torch.cat(self.queries[layer], 1)
+
+
+def test_the_cache_gets_the_queries_torch_computes(exported, families):
+    """The graph hands out q/k/v before RoPE; the backend rotates the queries a tiered cache
+    selects with: the same as the torch model's, prefill and decode, pruned or not."""
+    src = load_source(str(families["smollm"]))
+    model = LlamaModel.from_state_dict(src.config, src.weights)
+    backend = edgetok.load(str(exported)).engine.backend
+    tokens = [int(t) for t in np.random.default_rng(2).integers(3, 400, 90)]
+    want, got = QueryLog(src.config), QueryLog(src.config)
+    with torch.inference_mode():
+        model(torch.tensor([tokens[:40]]), want)
+        model(torch.tensor([tokens[40:41]]), want)
+    backend.forward(tokens[:40], got)
+    backend.forward(tokens[40:41], got)
+    for i in range(src.config.num_layers):
+        assert torch.allclose(got.all(i), want.all(i), atol=1e-4)
+    plan = PrunePlan(0.5, after_layer=1)  # the export's pruning point
+    want, got = QueryLog(src.config), QueryLog(src.config)
+    with torch.inference_mode():
+        kept = prefill_pruned(model, tokens, want, plan, chunk=64).kept
+    assert backend.prefill_pruned(tokens, got, plan, chunk=64).kept.tolist() == kept.tolist()
+    for i in range(src.config.num_layers):  # layers after 1 saw the kept tokens, at their positions
+        assert torch.allclose(got.all(i), want.all(i)[:, -got.all(i).shape[1]:], atol=1e-4)
 
 
 def test_onnx_with_chunks_on_disk_is_exact_at_a_full_budget(exported, families, tmp_path):

@@ -20,7 +20,7 @@ from edgetok.exporters import onnx_rewrites as rewrites
 from edgetok.exporters.export import progress_bar, write_json_atomic
 from edgetok.exporters.files import atomic_folder
 from edgetok.exporters.onnx_graph import (
-    ATTENTION, DEFAULT_OPSET, PruneSpec, build_decoder, default_prune, fused_parts, io_names,
+    ATTENTION, DEFAULT_OPSET, PruneSpec, build_decoder, default_prune, fused_parts, graph_inv_freq, io_names,
 )
 from edgetok.exporters.quantize import QuantizedWeight, fit_group_size, rtn
 from edgetok.models.sources import ONNX_GRAPH_VERSION, ONNX_MANIFEST, Source, file_sha256, load_source
@@ -115,7 +115,7 @@ def export_onnx(
 
     attention: "gqa" (ONNX Runtime's fused kernels; the default) or "standard" (default-domain
     operators only; the default with --qdq, for NPU execution providers).
-    prune_after_layer: the layer after which the graph can prune a prompt (default: the runtime's).
+    prune_after_layer: the layer after which the graph can prune a prompt (default: none).
     """
     if weights not in WEIGHTS:
         raise EdgetokError(f"unknown --weights '{weights}' (choose from {', '.join(WEIGHTS)})")
@@ -182,6 +182,7 @@ def export_onnx(
         "attention": attention,
         "prune": None if prune is None else asdict(prune),
         "io": io_names(source.config.num_layers, prune is not None),
+        "rope_inv_freq": graph_inv_freq(config, float_weights).tolist(),
         "files": {"model": "model.onnx", "data": "model.onnx.data"},
     }
     with atomic_folder(out, force) as tmp:
@@ -215,11 +216,13 @@ def export_onnx(
 
 
 def _prune_spec(config, after_layer: int | None) -> PruneSpec | None:
+    """The graph's pruning point: none unless asked for (it slows decoding down: the layers from
+    it on rotate their queries and keys outside GroupQueryAttention)."""
+    if after_layer is None:
+        return None
     spec = default_prune(config)
-    if after_layer is None or spec is None:
-        if after_layer is not None:
-            raise EdgetokError("this model cannot prune prompts (it needs 2 layers or more and no sliding window)")
-        return spec
+    if spec is None:
+        raise EdgetokError("this model cannot prune prompts (it needs 2 layers or more and no sliding window)")
     if not 0 <= after_layer <= config.num_layers - 2:
         raise EdgetokError(f"--prune-after-layer must be between 0 and {config.num_layers - 2} for this model, not {after_layer}")
     return replace(spec, after_layer=after_layer)

@@ -202,6 +202,17 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level
                             w.shape[1], qw.bits)
         return packed[name]
 
+    summers: dict[tuple[int, int], str] = {}
+
+    def block_sums(k: int, block: int) -> str:
+        """(K, K/block) ones where input k belongs to block j: x @ it sums each block of x (one
+        node instead of a Reshape and a ReduceSum: at batch 1 a decoder's cost is per node)."""
+        if (k, block) not in summers:
+            ones = np.zeros((k, -(-k // block)), np.float32)
+            ones[np.arange(k), np.arange(k) // block] = 1
+            summers[(k, block)] = g.add_init(g.fresh(f"block_sums_{k}_{block}"), ones)
+        return summers[(k, block)]
+
     replace: dict[int, list[onnx.NodeProto]] = {}
     order = sorted(uses, key=lambda u: u[2] == "embedding")  # the head first: the embedding reuses it
     for i, n, kind, name in order:
@@ -215,8 +226,8 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level
         inputs = [x, b, scales] + ([] if zero is None else [zero])
         mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets else [y],
                     K=k, N=g.inits[b].dims[0], bits=bits, block_size=block, accuracy_level=accuracy_level)
-        if offsets is not None:  # + Σx per block · offsets; x is (B, S, K) in the decoder graph
-            sums = g.node("ReduceSum", [g.node("Reshape", [x, g.const([0, 0, blocks, block])]), g.const([-1])], keepdims=0)
+        if offsets is not None:  # + Σx per block · offsets: the block sums are one small MatMul
+            sums = g.node("MatMul", [x, block_sums(k, block)])  # (..., blocks)
             g.node("Add", [mm, g.node("MatMul", [sums, offsets])], outputs=[y])
         replace[i] = g.collect()
     g.rebuild(replace)

@@ -150,7 +150,7 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
 
 # -- ONNX exports (edgetok export --format onnx) ---------------------------------------------------
 ONNX_MANIFEST = "edgetok.json"
-ONNX_GRAPH_VERSION = 2  # exporters/onnx_graph.py's inputs and outputs; other versions are refused
+ONNX_GRAPH_VERSION = 3  # exporters/onnx_graph.py's inputs and outputs; other versions are refused
 
 
 def _load_onnx_folder(ref: str, folder: Path) -> Source:
@@ -166,7 +166,7 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
     def no_weights() -> dict[str, torch.Tensor]:
         raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
 
-    info = {k: manifest.get(k) for k in ("weights", "block_size", "qdq", "opset", "method", "attention", "prune")}
+    info = {k: manifest.get(k) for k in ("weights", "block_size", "qdq", "opset", "method", "attention", "prune", "rope_inv_freq")}
     form = "QDQ" if info["qdq"] else "MatMulNBits" if info["method"] else "float"
     block = f"block {info['block_size']}" if info["block_size"] else None
     info["dtypes"] = [", ".join(x for x in (f"{info['weights']} {info['method'] or ''}".strip(), block, form,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.models.llama import apply_rope, rope_cos_sin
 from edgetok.models.sources import Source
 from edgetok.runtimes.kv import ContiguousCache, KVConfig, TieredCache
 from edgetok.runtimes.prune import PrunePlan, Pruned
@@ -112,6 +113,7 @@ class OnnxBackend:
         prune = source.info.get("prune")
         self.prune = PrunePlan(1.0, **prune) if prune else None
         self.prune_after_layer = prune["after_layer"] if prune else None
+        self.inv_freq = torch.tensor(source.info["rope_inv_freq"], dtype=torch.float32)  # the graph's RoPE
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         self._bound: _Bound | None = None
 
@@ -146,12 +148,9 @@ class OnnxBackend:
         kept = None if self.prune is None else bound.kept if bound.kept is not None else out["kept"].numpy()
         self._kept = None if kept is None else kept[0]
         n_kept = n if kept is None else kept.shape[1]
-        for i, (k, v, length) in enumerate(views):
-            m = n if self.prune is None or i <= self.prune.after_layer else n_kept  # tokens this layer ran on
-            q = None
-            if cache.uses_queries:  # (a copy: the bound query arrays are rewritten by the next run)
-                q = torch.from_numpy(bound.queries[i].copy() if bound.queries is not None else out[f"query.{i}"].numpy())
-                q = q.view(1, -1, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, m, D)
+        ran = [n if self.prune is None or i <= self.prune.after_layer else n_kept for i in range(layers)]  # tokens per layer
+        queries = self._queries(bound, out, ran, start, n, kept) if cache.uses_queries else [None] * layers
+        for i, ((k, v, length), m, q) in enumerate(zip(views, ran, queries)):
             if shared[i]:  # the graph wrote the new K/V into the view's buffers, after its `length` slots
                 cache.advance(i, q, m)
             else:
@@ -163,6 +162,24 @@ class OnnxBackend:
                 cache.skip(i, n - m)
         logits = torch.from_numpy(logits[0])  # (a copy out: the bound array is the next run's too)
         return logits[-1].clone() if last_only else logits.clone()
+
+    def _queries(self, bound: "_Bound", out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None) -> list[torch.Tensor]:
+        """Each layer's queries (1, H, m, D), rotated to their positions: the graph's qkv.i hold
+        them before RoPE (its attention rotates them itself). Layers that ran on the same tokens
+        rotate together: all n new ones, or (after the prune layer) the kept ones."""
+        c = self.config
+        hd = c.num_heads * c.head_dim
+        qkv = bound.queries if bound.queries is not None else [out[f"qkv.{i}"].numpy() for i in range(c.num_layers)]
+        result: list[torch.Tensor] = [None] * c.num_layers
+        for m in sorted(set(ran)):
+            group = [i for i, r in enumerate(ran) if r == m]
+            positions = torch.arange(start, start + n) if m == n else start + torch.from_numpy(kept[0])
+            cos, sin = rope_cos_sin(self.inv_freq, positions)
+            q = torch.stack([torch.from_numpy(qkv[i][0, :, :hd]) for i in group])  # (G, m, H·D): a copy
+            q = apply_rope(q.view(len(group), m, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, m, D)
+            for j, i in enumerate(group):
+                result[i] = q[j : j + 1]
+        return result
 
     def _bind(self, key, views, shared, n: int, last_only: bool, pruning: bool) -> "_Bound":
         """An IO binding over persistent arrays: the next call with the same key only refills the
@@ -202,8 +219,8 @@ class OnnxBackend:
                 bind_out(f"present_{kind}.{i}", t if shared[i] else None)
         known = None if pruning else n  # a pruned run's later layers keep a count the graph decides
         bound.logits = bind_out("logits", None if known is None else np.empty((1, 1 if last_only else n, c.vocab_size), np.float32))
-        queries = [bind_out(f"query.{i}", None if known is None else np.empty((1, n, c.num_heads * c.head_dim), np.float32))
-                   for i in range(layers)]
+        width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        queries = [bind_out(f"qkv.{i}", None if known is None else np.empty((1, n, width), np.float32)) for i in range(layers)]
         bound.queries = None if known is None else queries
         if self.prune is not None:
             bound.kept = bind_out("kept", None if known is None else np.empty((1, n), np.int64))
@@ -214,7 +231,7 @@ class OnnxBackend:
         TopK and Gather: runtimes/prune.py's, op for op). Layers up to the prune layer attend over
         the whole prompt at once (memory ∝ prompt², unlike the chunked unpruned prefill)."""
         if self.prune is None:
-            raise EdgetokError("this ONNX export has no pruning graph (its model has too few layers); --prune-prompt cannot run on it")
+            raise EdgetokError("this ONNX export has no pruning point; export it again with --prune-after-layer L to run --prune-prompt on it")
         if (plan.after_layer, plan.sinks, plan.window, plan.pool) != (self.prune.after_layer, self.prune.sinks, self.prune.window, self.prune.pool):
             raise EdgetokError(
                 f"this ONNX export prunes after layer {self.prune.after_layer}; pass --prune-after-layer "
