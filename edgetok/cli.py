@@ -399,8 +399,10 @@ def inspect(model, as_json):
 @click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True, help="rounds; speeds are their median")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("edgetok-bench"), show_default=True,
               help="folder for results.json and the plots")
-@click.option("--onnx", "onnx_weights", multiple=True, type=click.Choice(["fp32", "fp16", "int8", "int4"]),
-              help="also edgetok's ONNX export at these weights, on its onnxruntime backend (exact and at each KV budget)")
+@click.option("--onnx", "onnx_weights", multiple=True,
+              type=click.Choice([w + kind for w in ("fp32", "fp16", "int8", "int4") for kind in ("", ":standard")]),
+              help="also edgetok's ONNX export at these weights (W:standard: with --attention standard), on its "
+                   "onnxruntime backend (exact and at each KV budget)")
 def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads, repeat, out, onnx_weights):
     """Speed, memory and quality of edgetok and peer runtimes on MODEL, each run in its own process."""
     import os

@@ -365,11 +365,13 @@ def test_smollm2_int4_export_is_small_and_close(tmp_path):
 def test_bench_runs_the_onnx_export_beside_the_reference(tiny_folder, tmp_path):
     out = tmp_path / "bench"
     r = run_cli("bench", tiny_folder, "--contexts", "64", "-n", "5", "--kv-budget", "100%,50%", "--peers", "none",
-                "--onnx", "fp32", "--threads", "1", "--repeat", "1", "--out", out)
+                "--onnx", "fp32", "--onnx", "fp32:standard", "--threads", "1", "--repeat", "1", "--out", out)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
-    assert [s["name"] for s in res["systems"]] == ["edgetok fp32", "edgetok KV 50%", "edgetok onnx fp32", "edgetok onnx fp32 KV 50%"]
+    assert [s["name"] for s in res["systems"]] == ["edgetok fp32", "edgetok KV 50%", "edgetok onnx fp32", "edgetok onnx fp32 KV 50%",
+                                                   "edgetok onnx fp32 standard", "edgetok onnx fp32 standard KV 50%"]
     rows = {row["system"]: row for row in res["results"]}
-    assert rows["edgetok onnx fp32"]["quality"]["greedy_agreement"] == 1.0  # the fp32 graph is exact
+    for name in ("edgetok onnx fp32", "edgetok onnx fp32 standard"):  # the fp32 graphs are exact
+        assert rows[name]["quality"]["greedy_agreement"] == 1.0
     assert rows["edgetok onnx fp32 KV 50%"]["kv_resident_bytes"]
     assert "--onnx fp32" in res["command"]

@@ -55,18 +55,19 @@ def gguf_file(model: str, source: Source) -> Path:
 
 
 def onnx_folder(model: str, source: Source, weights: str) -> Path:
-    """edgetok's own ONNX export of the model (`edgetok export MODEL --format onnx --weights W`),
-    keyed by the exporter's code, so a changed graph is never measured stale; the export writes a
-    temporary folder and renames it."""
+    """edgetok's own ONNX export of the model (`edgetok export MODEL --format onnx --weights W`;
+    "W:standard" adds `--attention standard`), keyed by the exporter's code, so a changed graph is
+    never measured stale; the export writes a temporary folder and renames it."""
     import hashlib
 
     from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, quantize
 
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (onnx, onnx_graph, onnx_rewrites, quantize)))
-    out = cache_dir(source) / f"onnx-{code.hexdigest()[:16]}-{weights}"
+    w, _, attention = weights.partition(":")
+    out = cache_dir(source) / f"onnx-{code.hexdigest()[:16]}-{w}{'-' + attention if attention else ''}"
     if not (out / "edgetok.json").is_file():
-        _run([*edgetok_command(), "export", model, "--format", "onnx", "--weights", weights, "--no-verify", "--force",
-              "-o", str(out)], f"the {weights} ONNX export of {model}")
+        _run([*edgetok_command(), "export", model, "--format", "onnx", "--weights", w, *(("--attention", attention) if attention else ()),
+              "--no-verify", "--force", "-o", str(out)], f"the {weights} ONNX export of {model}")
     return out
 
 

@@ -102,8 +102,9 @@ def onnx_systems(model: str, source: Source, weights: list[str], budgets: list[s
     systems = []
     for w in weights:
         folder = str(artifacts.onnx_folder(model, source, w))
-        systems.append(System(f"edgetok onnx {w}", "edgetok", folder))
-        systems += [System(f"edgetok onnx {w} KV {b}", "edgetok", folder, ("--kv-budget", b))
+        name = f"edgetok onnx {w.replace(':', ' ')}"  # e.g. "edgetok onnx int4 standard"
+        systems.append(System(name, "edgetok", folder))
+        systems += [System(f"{name} KV {b}", "edgetok", folder, ("--kv-budget", b))
                     for b in budgets if not KVConfig(budget=b).full_budget]
     return systems
 
