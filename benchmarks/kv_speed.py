@@ -2,12 +2,13 @@
 (all in RAM — with fp32 or int8 weights — and squeezed into small tiers over disk), and llama.cpp,
 in one interleaved run.
 
-    .venv/bin/python benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2
+    .venv/bin/python benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2 [--onnx DIR ...]
 
 Every system is a separate `edgetok run ... --json` process (so peak RSS is its own) on the same
 real-text prompt (no chat template), greedy, with the same thread count; rounds interleave the
 systems (A B C D A B C D) so drift hits all alike. llama.cpp runs the same SmolLM2 GGUF through
-llama-cpp-python (`--backend llamacpp`).
+llama-cpp-python (`--backend llamacpp`). `--onnx DIR` adds an ONNX export on the onnxruntime
+backend: full attention, tiered in RAM and tiered over disk.
 """
 
 from __future__ import annotations
@@ -27,17 +28,21 @@ from edgetok.texts import essays
 EDGETOK = str(Path(sys.executable).parent / "edgetok")
 
 
-def systems(disk: str, budget: str) -> dict[str, list[str]]:
-    return {
-        "edgetok full attention": [],
-        f"edgetok tiered {budget} (RAM)": ["--kv-budget", budget],
-        f"edgetok tiered {budget} (RAM), int8 weights": ["--kv-budget", budget, "--weights", "int8"],
-        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk)": [
-            "--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk],
-        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk), no prefetch": [
-            "--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk, "--no-kv-prefetch"],
-        "llama.cpp (llama-cpp-python)": ["--backend", "llamacpp"],
+def systems(disk: str, budget: str, onnx: list[str]) -> dict[str, list[str]]:
+    """name → `edgetok run` arguments: the model, then options."""
+    tiers = ["--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk]
+    out = {
+        "edgetok full attention": ["smollm2"],
+        f"edgetok tiered {budget} (RAM)": ["smollm2", "--kv-budget", budget],
+        f"edgetok tiered {budget} (RAM), int8 weights": ["smollm2", "--kv-budget", budget, "--weights", "int8"],
+        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk)": ["smollm2", *tiers],
+        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk), no prefetch": ["smollm2", *tiers, "--no-kv-prefetch"],
     }
+    for folder in onnx:  # an ONNX export, on the onnxruntime backend
+        name = f"edgetok onnx {Path(folder).name}"
+        out |= {f"{name} full attention": [folder], f"{name} tiered {budget} (RAM)": [folder, "--kv-budget", budget],
+                f"{name} tiered {budget} (16 MB device, 64 MB host, disk)": [folder, *tiers]}
+    return out | {"llama.cpp (llama-cpp-python)": ["smollm2", "--backend", "llamacpp"]}
 
 
 def essay_prompt(context: int) -> tuple[Path, Path]:
@@ -59,17 +64,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
+    ap.add_argument("--onnx", action="append", default=[], metavar="DIR",
+                    help="an ONNX export (edgetok export --format onnx) to run too: full, tiered in RAM, tiered over disk")
     args = ap.parse_args()
 
     workdir, prompt_file = essay_prompt(args.context)
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.repeat):
-        chosen = systems(str(workdir / "kv"), args.budget)
+        chosen = systems(str(workdir / "kv"), args.budget, args.onnx)
         if args.only:
             chosen = {n: e for n, e in chosen.items() if any(o in n for o in args.only.split(","))}
         for name, extra in chosen.items():
-            cmd = [EDGETOK, "run", "smollm2", "-f", str(prompt_file), "--no-chat", "-n", str(args.new_tokens),
-                   "--threads", str(args.threads), "--json"] + extra
+            cmd = [EDGETOK, "run", extra[0], "-f", str(prompt_file), "--no-chat", "-n", str(args.new_tokens),
+                   "--threads", str(args.threads), "--json", *extra[1:]]
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"{name} failed: {p.stderr.strip()}")
@@ -82,7 +89,7 @@ def main() -> None:
         return statistics.median(r["stats"]["decode_tokens_per_s"] for r in runs[name]) if name in runs else float("nan")
 
     llama = median_decode("llama.cpp (llama-cpp-python)")
-    full = median_decode("edgetok full attention")
+    full = median_decode("edgetok full attention")  # (the torch reference's)
     for name, rs in runs.items():
         decode = [r["stats"]["decode_tokens_per_s"] for r in rs]
         kv = rs[-1]["stats"].get("kv", {})
