@@ -300,6 +300,32 @@ def test_the_cache_gets_the_queries_torch_computes(exported, families):
         assert torch.allclose(got.all(i), want.all(i)[:, -got.all(i).shape[1]:], atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_tiered_views_in_both_attention_kinds(families, tmp_path, attention):
+    """The tiered cache's buffers as each graph reads them, prefilled in pieces: exact at a full
+    budget, finite under a small one (the standard graph reads spare slots, masked)."""
+    out = tmp_path / attention
+    r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "fp32", "--attention", attention, "--no-verify", "-o", out)
+    assert r.exit_code == 0, r.output
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    options = dict(max_new_tokens=10, prefill_chunk=24)
+    want = edgetok.load(str(families["smollm"])).generate(prompt, **options).tokens
+    exact = edgetok.load(str(out), kv=edgetok.KVConfig(budget="100%", chunk_sizes=(4, 8)))
+    assert exact.generate(prompt, **options).tokens == want
+    small = edgetok.load(str(out), kv=edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8)))
+    cache = small.engine.backend.new_cache()
+    ids = small.tokenizer.encode(prompt)
+    for i in range(0, len(ids), 24):
+        logits = small.engine.backend.forward(ids[i : i + 24], cache)
+    for layer in cache.layers:  # what a graph reads past the stored tokens must be finite: zeros
+        assert not layer.slab_k[:, layer.n :].any() and not layer.slab_v[:, layer.n :].any()
+    small.engine.backend.end_prefill(cache)
+    for _ in range(6):
+        assert torch.isfinite(logits).all()
+        logits = small.engine.backend.forward([int(logits.argmax())], cache)
+    assert 0 < cache.stats()["budget_used"] < 0.6
+
+
 def test_onnx_with_chunks_on_disk_is_exact_at_a_full_budget(exported, families, tmp_path):
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
     want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=10).tokens

@@ -171,7 +171,9 @@ class TieredCache:
         cap = max(256, needed + 256, needed * 5 // 4)
         cap = -(-cap // self._slab_unit) * self._slab_unit  # whole chunks: a slab views as (Hkv, chunks, S·D)
         shape = (self.n_kv, cap, self.head_dim)
-        new_k, new_v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        # Zeros, not garbage: a graph reads the whole slab in prefill and masks the spare slots
+        # (a NaN there would survive the mask).
+        new_k, new_v = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
         if layer.n:
             new_k[:, : layer.n], new_v[:, : layer.n] = layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
         layer.slab_k, layer.slab_v = new_k, new_v
