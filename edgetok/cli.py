@@ -262,6 +262,11 @@ def chat(model, system, verbose, **kw):
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
               help="ONNX int4/int8: weights per scale along the input (default 32; int8 --qdq: per channel)")
 @click.option("--qdq", is_flag=True, help="ONNX: standard DequantizeLinear + MatMul only (for NPU execution providers)")
+@click.option("--zero-points", type=click.Choice(["exact", "integer"]), default="exact", show_default=True,
+              help="ONNX int4: each block's exact minimum (a small MatMul per linear adds it), or integer zero points "
+                   "(onnxruntime-genai's: fewer nodes, less exact)")
+@click.option("--head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="ONNX int4: bits of the embedding and LM head (one tied matrix)")
 @click.option("--opset", type=click.IntRange(min=18), default=21, show_default=True, help="ONNX opset")
 @click.option("--attention", type=click.Choice(["gqa", "standard"]), default=None,
               help="ONNX: gqa = ONNX Runtime's fused kernels (default), standard = default-domain operators only (default with --qdq)")
@@ -285,11 +290,12 @@ def chat(model, system, verbose, **kw):
               help="calibration tokens for gptq/rsq, in sequences of 512 (default 32768)")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def export(model, fmt, quant, onnx_weights, block_size, qdq, opset, attention, export_prune_layer, max_kl, output, force,
-           keep_sensitive, eval_text, eval_tokens, no_verify, method, calib, calib_tokens, threads, as_json):
+def export(model, fmt, quant, onnx_weights, block_size, qdq, zero_points, head_bits, opset, attention, export_prune_layer,
+           max_kl, output, force, keep_sensitive, eval_text, eval_tokens, no_verify, method, calib, calib_tokens, threads,
+           as_json):
     """Export MODEL to a compressed artifact, with a parity report against the fp32 reference."""
-    if fmt != "onnx" and (attention or export_prune_layer is not None):
-        raise EdgetokError("--attention and --prune-after-layer apply to --format onnx")
+    if fmt != "onnx" and (attention or export_prune_layer is not None or zero_points != "exact" or head_bits != "8"):
+        raise EdgetokError("--attention, --prune-after-layer, --zero-points and --head-bits apply to --format onnx")
     if fmt == "hf" and (method != "rtn" or calib or calib_tokens):
         raise EdgetokError("--method, --calib and --calib-tokens apply to quantized formats (gguf, onnx), not hf")
     if fmt == "onnx":
@@ -299,7 +305,7 @@ def export(model, fmt, quant, onnx_weights, block_size, qdq, opset, attention, e
             model, output, onnx_weights, block_size=int(block_size) if block_size else None, qdq=qdq, opset=opset,
             force=force, verify=not no_verify, max_kl=max_kl, eval_text=eval_text, eval_tokens=eval_tokens or 1024,
             threads=threads, method=method, calib=calib, calib_tokens=calib_tokens, attention=attention,
-            prune_after_layer=export_prune_layer,
+            prune_after_layer=export_prune_layer, zero_points=zero_points, head_bits=int(head_bits),
         )
         if as_json:
             click.echo(json.dumps(manifest, indent=2))
@@ -399,10 +405,9 @@ def inspect(model, as_json):
 @click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True, help="rounds; speeds are their median")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("edgetok-bench"), show_default=True,
               help="folder for results.json and the plots")
-@click.option("--onnx", "onnx_weights", multiple=True,
-              type=click.Choice([w + kind for w in ("fp32", "fp16", "int8", "int4") for kind in ("", ":standard")]),
-              help="also edgetok's ONNX export at these weights (W:standard: with --attention standard), on its "
-                   "onnxruntime backend (exact and at each KV budget)")
+@click.option("--onnx", "onnx_weights", multiple=True, metavar="'W [EXPORT OPTIONS]'",
+              help="also edgetok's ONNX export at weights W (fp32, fp16, int8, int4), with any more `edgetok export` "
+                   "options (e.g. 'int4 --attention standard'), on its onnxruntime backend (exact and at each KV budget)")
 def bench(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threads, repeat, out, onnx_weights):
     """Speed, memory and quality of edgetok and peer runtimes on MODEL, each run in its own process."""
     import os

@@ -180,6 +180,27 @@ def test_matmul_nbits_packing_round_trips(bits, symmetric, float_zero):
     np.testing.assert_allclose(got, qw.dequantize().numpy(), rtol=0, atol=1e-5)
 
 
+def test_int4_zero_points_and_head_bits(families, tmp_path):
+    """Exact group minima cost three small nodes per linear; --zero-points integer --head-bits 4 is
+    onnxruntime-genai's precision: MatMulNBits alone, a 4-bit head."""
+    nodes = {}
+    for name, options in (("exact", []), ("same", ["--zero-points", "integer", "--head-bits", "4"])):
+        out = tmp_path / name
+        r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "int4", "--no-verify", "-o", out, *options)
+        assert r.exit_code == 0, r.output
+        nodes[name] = onnx.load(out / "model.onnx", load_external_data=False).graph.node
+        manifest = json.loads((out / "edgetok.json").read_text())
+        assert (manifest["zero_points"], manifest["head_bits"]) == (("exact", 8) if name == "exact" else ("integer", 4))
+    bits = lambda ns: sorted({a.i for n in ns if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})  # noqa: E731
+    linears = sum(n.op_type == "MatMulNBits" for n in nodes["exact"])
+    assert bits(nodes["exact"]) == [4, 8] and bits(nodes["same"]) == [4]
+    matmuls = {k: sum(n.op_type == "MatMul" for n in ns) for k, ns in nodes.items()}
+    assert matmuls == {"exact": 2 * (linears - 1), "same": 0}  # block sums and offsets per linear; the head has none
+    for bad in (["--zero-points", "integer", "--qdq"], ["--head-bits", "4", "--weights", "int8"]):
+        r = run_cli("export", families["smollm"], "--format", "onnx", "--weights", "int4", "-o", tmp_path / "bad", *bad)
+        assert r.exit_code == 1 and "--zero-points and --head-bits" in r.output and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("bits,block", [(4, 32), (8, None)])
 def test_qdq_rewrite_uses_only_standard_operators(families, bits, block):
     src = load_source(str(families["qwen2"]))  # untied head, qkv biases
@@ -391,13 +412,16 @@ def test_smollm2_int4_export_is_small_and_close(tmp_path):
 def test_bench_runs_the_onnx_export_beside_the_reference(tiny_folder, tmp_path):
     out = tmp_path / "bench"
     r = run_cli("bench", tiny_folder, "--contexts", "64", "-n", "5", "--kv-budget", "100%,50%", "--peers", "none",
-                "--onnx", "fp32", "--onnx", "fp32:standard", "--threads", "1", "--repeat", "1", "--out", out)
+                "--onnx", "fp32", "--onnx", "fp32 --attention standard", "--threads", "1", "--repeat", "1", "--out", out)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
+    standard = "edgetok onnx fp32 --attention standard"
     assert [s["name"] for s in res["systems"]] == ["edgetok fp32", "edgetok KV 50%", "edgetok onnx fp32", "edgetok onnx fp32 KV 50%",
-                                                   "edgetok onnx fp32 standard", "edgetok onnx fp32 standard KV 50%"]
+                                                   standard, f"{standard} KV 50%"]
     rows = {row["system"]: row for row in res["results"]}
-    for name in ("edgetok onnx fp32", "edgetok onnx fp32 standard"):  # the fp32 graphs are exact
+    for name in ("edgetok onnx fp32", standard):  # the fp32 graphs are exact
         assert rows[name]["quality"]["greedy_agreement"] == 1.0
     assert rows["edgetok onnx fp32 KV 50%"]["kv_resident_bytes"]
-    assert "--onnx fp32" in res["command"]
+    assert "--onnx fp32" in res["command"] and "'fp32 --attention standard'" in res["command"]
+    r = run_cli("bench", tiny_folder, "--contexts", "64", "-n", "5", "--onnx", "int3", "--peers", "none", "--out", out)
+    assert r.exit_code == 1 and "--onnx takes weights" in r.output

@@ -54,20 +54,22 @@ def gguf_file(model: str, source: Source) -> Path:
     return out
 
 
-def onnx_folder(model: str, source: Source, weights: str) -> Path:
-    """edgetok's own ONNX export of the model (`edgetok export MODEL --format onnx --weights W`;
-    "W:standard" adds `--attention standard`), keyed by the exporter's code, so a changed graph is
-    never measured stale; the export writes a temporary folder and renames it."""
+def onnx_folder(model: str, source: Source, spec: str) -> Path:
+    """edgetok's own ONNX export of the model: `edgetok export MODEL --format onnx --weights W
+    [OPTIONS]` for spec "W [OPTIONS]", keyed by the exporter's code and the options, so a changed
+    graph is never measured stale; the export writes a temporary folder and renames it."""
     import hashlib
+    import shlex
 
     from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, quantize
 
+    weights, *options = shlex.split(spec)
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (onnx, onnx_graph, onnx_rewrites, quantize)))
-    w, _, attention = weights.partition(":")
-    out = cache_dir(source) / f"onnx-{code.hexdigest()[:16]}-{w}{'-' + attention if attention else ''}"
+    code.update(shlex.join(options).encode())
+    out = cache_dir(source) / f"onnx-{code.hexdigest()[:16]}-{weights}"
     if not (out / "edgetok.json").is_file():
-        _run([*edgetok_command(), "export", model, "--format", "onnx", "--weights", w, *(("--attention", attention) if attention else ()),
-              "--no-verify", "--force", "-o", str(out)], f"the {weights} ONNX export of {model}")
+        _run([*edgetok_command(), "export", model, "--format", "onnx", "--weights", weights, *options,
+              "--no-verify", "--force", "-o", str(out)], f"the ONNX export of {model} ({spec})")
     return out
 
 

@@ -27,6 +27,7 @@ from edgetok.bench.systems import (
     REFERENCE, System, edgetok_systems, onnx_systems, parse_peers, peer_systems, skipped_peers,
 )
 from edgetok.errors import EdgetokError
+from edgetok.exporters.onnx import WEIGHTS as ONNX_WEIGHTS
 from edgetok.models.sources import load_source
 from edgetok.texts import essays
 
@@ -197,6 +198,9 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
     for c in contexts:
         if c <= new_tokens or c > limit:
             raise EdgetokError(f"context {c} is impossible: {model} holds {limit} tokens, and a context must exceed --new-tokens ({new_tokens})")
+    for spec in onnx:
+        if not spec.split() or spec.split()[0] not in ONNX_WEIGHTS:
+            raise EdgetokError(f"--onnx takes weights ({', '.join(ONNX_WEIGHTS)}) and then any export options, not '{spec}'")
     skipped = skipped_peers(peer_keys)
     if progress and peer_keys:
         print("edgetok bench: preparing the peers' model files (cached after the first bench)", file=sys.stderr)

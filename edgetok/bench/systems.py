@@ -98,11 +98,12 @@ def skipped_peers(peers: list[str]) -> dict[str, str]:
 
 
 def onnx_systems(model: str, source: Source, weights: list[str], budgets: list[str]) -> list[System]:
-    """edgetok's ONNX exports run by its onnxruntime backend: exact, and at each budget below 100 %."""
+    """edgetok's ONNX exports ("W [export options]") run by its onnxruntime backend: exact, and at
+    each budget below 100 %."""
     systems = []
-    for w in weights:
-        folder = str(artifacts.onnx_folder(model, source, w))
-        name = f"edgetok onnx {w.replace(':', ' ')}"  # e.g. "edgetok onnx int4 standard"
+    for spec in weights:
+        folder = str(artifacts.onnx_folder(model, source, spec))
+        name = f"edgetok onnx {spec}"  # e.g. "edgetok onnx int4 --attention standard"
         systems.append(System(name, "edgetok", folder))
         systems += [System(f"{name} KV {b}", "edgetok", folder, ("--kv-budget", b))
                     for b in budgets if not KVConfig(budget=b).full_budget]

@@ -41,34 +41,38 @@ def resolve_block_size(weights: str, block_size: int | None, qdq: bool) -> int |
     return block_size or (None if qdq and weights == "int8" else DEFAULT_BLOCK)
 
 
-def weight_quantizer(weights: str, block_size: int | None, qdq: bool) -> rewrites.Quantizer:
+def weight_quantizer(weights: str, block_size: int | None, qdq: bool, zero_points: str = "exact",
+                     head_bits: int = 8) -> rewrites.Quantizer:
     """How each weight is quantized (round to nearest).
 
-    int4: linears at 4 bits in blocks along K; the embedding and LM head at 8 bits (one tied matrix
-    serves both, and it is the most sensitive: at 4 bits alone it costs SmolLM2 ~20 % top-1), as
-    llama.cpp's quantize keeps the output tensor at q8_0.
+    int4: linears at 4 bits in blocks along K; the embedding and LM head at head_bits, 8 by default
+    (one tied matrix serves both, and it is the most sensitive: at 4 bits alone it costs SmolLM2
+    ~20 % top-1), as llama.cpp's quantize keeps the output tensor at q8_0.
     int8: everything at 8 bits. block_size None: per output channel.
-    Zero points are fractional (exact group minimum) for 4-bit MatMulNBits, and integers for 8 bits
-    (ONNX Runtime's CPU kernel takes no fractional ones there) and under --qdq, where
-    DequantizeLinear's zero point has the weights' integer type. MatMulNBits' scales and zero
+    Zero points are fractional (exact group minimum, zero_points="exact") for 4-bit MatMulNBits
+    unless zero_points="integer" (onnxruntime-genai's choice: no offset nodes, less exact), and
+    integers for 8 bits (ONNX Runtime's CPU kernel takes no fractional ones there) and under --qdq,
+    where DequantizeLinear's zero point has the weights' integer type. MatMulNBits' scales and zero
     points are stored in fp16 (to_fp16), so codes are chosen against fp16-rounded scales.
     """
     bits = 4 if weights == "int4" else 8
+    head_bits = head_bits if weights == "int4" else 8
 
     def quantize(name: str, w) -> QuantizedWeight:
         k = w.shape[1]
         scale_dtype = torch.float32 if qdq else torch.float16
         if name in HEAD_WEIGHTS:
-            return rtn(w, 8, fit_group_size(k, HEAD_BLOCK), symmetric=True, scale_dtype=scale_dtype)
+            return rtn(w, head_bits, fit_group_size(k, HEAD_BLOCK), symmetric=True, scale_dtype=scale_dtype)
         if block_size is None:
             return rtn(w, bits, k, symmetric=True, scale_dtype=scale_dtype)
-        return rtn(w, bits, fit_group_size(k, block_size), float_zero=bits == 4 and not qdq, scale_dtype=scale_dtype)
+        float_zero = bits == 4 and not qdq and zero_points == "exact"
+        return rtn(w, bits, fit_group_size(k, block_size), float_zero=float_zero, scale_dtype=scale_dtype)
 
     return quantize
 
 
 def calibrated_quantizer(source: Source, weights: str, block_size: int | None, qdq: bool, method: str,
-                         calib: Path | None, calib_tokens: int | None):
+                         calib: Path | None, calib_tokens: int | None, head_bits: int = 8):
     """gptq / rsq codes for the decoder linears (the embedding and head as weight_quantizer does),
     and the float weights and config the graph must be built from (rsq rotates them)."""
     from edgetok.exporters.quantize import quantize_model
@@ -77,7 +81,7 @@ def calibrated_quantizer(source: Source, weights: str, block_size: int | None, q
     text = read_text(calib, 0) if calib is not None else None
     qm = quantize_model(source, bits, block_size or DEFAULT_BLOCK, method, text, calib_tokens,
                         progress_bar(f"{method} calibration"), scale_dtype=torch.float32 if qdq else torch.float16)
-    codes, fallback = qm.quantized(), weight_quantizer(weights, block_size, qdq)
+    codes, fallback = qm.quantized(), weight_quantizer(weights, block_size, qdq, head_bits=head_bits)
 
     def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
         parts = fused_parts(name) or [name]
@@ -110,12 +114,16 @@ def export_onnx(
     calib_tokens: int | None = None,
     attention: str | None = None,
     prune_after_layer: int | None = None,
+    zero_points: str = "exact",
+    head_bits: int = 8,
 ) -> dict[str, Any]:
     """Write MODEL as an ONNX folder at `out`; returns the manifest (also in out/edgetok.json).
 
     attention: "gqa" (ONNX Runtime's fused kernels; the default) or "standard" (default-domain
     operators only; the default with --qdq, for NPU execution providers).
     prune_after_layer: the layer after which the graph can prune a prompt (default: none).
+    zero_points, head_bits: int4 MatMulNBits' zero points ("exact" group minima, or "integer") and
+    the embedding/head's bits (8 or 4); see weight_quantizer.
     """
     if weights not in WEIGHTS:
         raise EdgetokError(f"unknown --weights '{weights}' (choose from {', '.join(WEIGHTS)})")
@@ -138,6 +146,10 @@ def export_onnx(
         raise EdgetokError(f"unknown --attention '{attention}' (choose from {', '.join(ATTENTION)})")
     if qdq and attention != "standard":
         raise EdgetokError("--qdq graphs use standard operators only: drop --attention gqa")
+    if zero_points not in ("exact", "integer") or head_bits not in (4, 8):
+        raise EdgetokError("--zero-points takes exact or integer, --head-bits 8 or 4")
+    if (zero_points != "exact" or head_bits != 8) and (weights != "int4" or qdq or method != "rtn"):
+        raise EdgetokError("--zero-points and --head-bits apply to --weights int4 MatMulNBits (no --qdq) rounded with --method rtn")
     t0 = time.perf_counter()
     source = load_source(ref, progress=progress)
     tokens = source.tokenizer.encode(read_text(eval_text, eval_tokens * 8))[:eval_tokens] if verify else []
@@ -150,7 +162,7 @@ def export_onnx(
         quantizer, qm = calibrated_quantizer(source, weights, block_size, qdq, method, calib, calib_tokens)
         config, float_weights, info = qm.config, qm.reference, qm.info
     elif weights in ("int4", "int8"):
-        quantizer = weight_quantizer(weights, block_size, qdq)
+        quantizer = weight_quantizer(weights, block_size, qdq, zero_points, head_bits)
     prune = _prune_spec(config, prune_after_layer)
     model = build_decoder(config, float_weights, opset, attention, prune)
     if weights == "fp16":
@@ -176,6 +188,8 @@ def export_onnx(
         "method": method if weights in ("int4", "int8") else None,
         "quantization": info,
         "block_size": block_size or ("per-channel" if weights in ("int4", "int8") else None),
+        "zero_points": zero_points if weights == "int4" and not qdq and method == "rtn" else None,
+        "head_bits": head_bits if weights == "int4" else None,
         "qdq": qdq,
         "opset": opset,
         "graph_version": ONNX_GRAPH_VERSION,

@@ -207,14 +207,22 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * inv_freq.float()[None]
         cos_cache, sin_cache = g.weight("rope.cos", _np(angles.cos())), g.weight("rope.sin", _np(angles.sin()))
 
-    def tokens(positions: str, n: str) -> dict[str, str]:
+    def per_layer(x: str, axis: int) -> list[str]:
+        """x split along `axis` into its L layers' pieces."""
+        names = [g.fresh("layer") for _ in range(L)]
+        g.op("Split", x, axis=axis, num_outputs=L, outputs=names)
+        return names
+
+    def tokens(positions: str, n: str) -> dict:
         """positions (B, n) of the n (1,) tokens a layer runs on → rope inputs and masks."""
         t = {"positions": positions, "n": n}
         if gqa:
             # GroupQueryAttention's lengths: past + new − 1 per row and layer, their max + 1 per layer
             seqlens = g.op("Cast", g.op("Sub", g.op("Add", "past_length", n), g.const(1)), to=TensorProto.INT32)
-            t["seqlens"] = seqlens  # (B, L)
-            t["totals"] = g.op("Add", g.op("ReduceMax", seqlens, g.const([0]), keepdims=0), g.const(1, np.int32))  # (L,)
+            totals = g.op("Add", g.op("ReduceMax", seqlens, g.const([0]), keepdims=0), g.const(1, np.int32))  # (L,)
+            # one (B, 1) and one (1,) per layer, from a Split each (GroupQueryAttention takes those
+            # shapes too): two nodes, not two per layer
+            t["seqlens"], t["totals"] = per_layer(seqlens, 1), per_layer(totals, 0)
             return t
         pos = g.op("Unsqueeze", g.op("Cast", positions, to=TensorProto.FLOAT), g.const([-1]))
         freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(inv_freq)))
@@ -260,8 +268,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         """Layer i's attention output and, at the prune layer, its rotated new keys (B, S, Hkv·D)."""
         p = f"model.layers.{i}"
         qkv = linear(h, f"{p}.self_attn.qkv_proj", cfg.qkv_bias, out=f"qkv.{i}")  # (B, S, (H + 2·Hkv)·D)
-        seqlens = g.op("Gather", t["seqlens"], g.const(i), axis=1)  # (B,)
-        total = g.op("Gather", t["totals"], g.const(i), axis=0)  # ()
+        seqlens, total = t["seqlens"][i], t["totals"][i]  # (B, 1), (1,)
         outputs = [g.fresh("attention"), f"present_key.{i}", f"present_value.{i}"]
         attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=scale)
         if prune is None or i < prune.after_layer:  # packed, rotated inside at the explicit positions
