@@ -18,8 +18,8 @@ from pathlib import Path
 
 EDGETOK = str(Path(sys.executable).parent / "edgetok")
 EXPORTS = [
-    ("int4", []), ("int8", []), ("int8", ["--qdq", "--block-size", "32"]), ("int8", ["--qdq"]),
-    ("int4", ["--qdq"]), ("fp16", []),
+    ("int4", []), ("int4", ["--zero-points", "integer", "--head-bits", "4"]), ("int8", []),
+    ("int8", ["--qdq", "--block-size", "32"]), ("int8", ["--qdq"]), ("int4", ["--qdq"]), ("fp16", []),
 ]
 
 

@@ -187,32 +187,47 @@ def test_one_token_prompt(tiny_folder):
     assert len(r.tokens) == 5
 
 
-def test_graph_views_stage_the_selected_chunks_incrementally():
+@pytest.mark.parametrize("tiers", [False, True])
+def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
     """view()/append() as the ONNX backend drives them: the staged buffer holds exactly what the
-    selection chose (in any order), with room for the new token, which the graph writes there."""
+    selection chose (in any order), with room for the new token, which the graph writes there;
+    with tiers, only the chunks that enter the selection are fetched from them."""
     g = torch.Generator().manual_seed(0)
     hq, hkv, d, n = 4, 2, 8, 300
-    cache = TieredCache(KVConfig(budget="30%", recent_tokens=8, chunk_sizes=(16, 16)), 1, hq, hkv, d, dtype=torch.float32)
+    homes = dict(device_mb=0.01, host_mb=0.02, disk_dir=tmp_path, bits="32") if tiers else {}
+    cache = TieredCache(KVConfig(budget="30%", recent_tokens=8, chunk_sizes=(16, 16), **homes), 1, hq, hkv, d, dtype=torch.float32)
     for start in range(0, n, 100):
         k, v, length = cache.view(0, reserve=100)
-        assert length == start and k.shape[2] >= start + 100
-        k[:, :, start : start + 100] = torch.randn(1, hkv, 100, d, generator=g)  # as the graph writes them
-        v[:, :, start : start + 100] = torch.randn(1, hkv, 100, d, generator=g)
-        cache.append(0, torch.randn(1, hq, 100, d, generator=g), k[:, :, start : start + 100], v[:, :, start : start + 100])
+        assert length == start
+        new_k, new_v = torch.randn(1, hkv, 100, d, generator=g), torch.randn(1, hkv, 100, d, generator=g)
+        if not tiers:  # the slab itself, with room: the graph writes the new tokens there
+            k[:, :, start : start + 100], v[:, :, start : start + 100] = new_k, new_v
+            new_k, new_v = k[:, :, start : start + 100], v[:, :, start : start + 100]
+        cache.append(0, torch.randn(1, hq, 100, d, generator=g), new_k, new_v)
     cache.end_prefill()
     layer, moved = cache.layers[0], 0
     for step in range(40):
         before = cache.stages.slots(0)
+        reads = sum(cache.store.read_chunks.values()) if tiers else 0
         k, v, p = cache.view(0, reserve=1)
         chosen = cache._select(0, layer.q_last)  # what the step's view must hold
         # a chunk staged at the last step and chosen again stays in its slot (no copy)
         after = cache.stages.slots(0)
         moved += sum(1 for s, c in enumerate(before) if c >= 0 and c in after and after[s] != c)
         assert k.shape[2] >= p + 1
-        want_k, want_v = cache._gather_resident(layer, chosen)
+        if tiers:  # fetched: the chunks not staged before
+            assert sum(cache.store.read_chunks.values()) - reads == len(set(chosen.tolist()) - set(before))
+            kv = cache._fetch([layer.keys[c] for c in chosen.tolist()])
+            want_k = torch.cat([c[0] for c in kv] + [layer.window_k], 1)
+            want_v = torch.cat([c[1] for c in kv] + [layer.window_v], 1)
+        else:
+            want_k, want_v = cache._gather_resident(layer, chosen)
         # the same rows, in another order: compare as sorted sets of key rows
         rows = lambda t: sorted(map(tuple, t.reshape(-1, d).tolist()))  # noqa: E731
         assert p == want_k.shape[1] and rows(k[0, :, :p]) == rows(want_k) and rows(v[0, :, :p]) == rows(want_v)
         k[:, :, p], v[:, :, p] = torch.randn(hkv, d, generator=g), torch.randn(hkv, d, generator=g)
         cache.append(0, torch.randn(1, hq, 1, d, generator=g), k[:, :, p : p + 1], v[:, :, p : p + 1])
     assert cache.stats()["budget_used"] < 0.5 and moved == 0
+    if tiers:
+        assert cache.stats()["resident_bytes"]["disk"] > 0
+    cache.close()

@@ -4,31 +4,42 @@ only where the selection changes.
 Layer l's buffer (1, Hkv, capacity, D) holds, in order:
 - keep[l] slots of one chunk each (chunk_size[l] tokens), in no particular order — attention does
   not care, the keys carry their positions;
-- the window: the slab's tokens after its last chunk;
+- the window: the layer's tokens after its last chunk;
 - room for the step's new tokens, which the graph writes there itself.
 
 Each step the selections of all layers arrive at once; a chunk that stays selected stays in its
-slot, and only the chunks that enter the selection are copied (one gather per layer, chunk-sized
-rows). At 8K tokens and a 25 % budget about a fifth of the selected chunks change per step
-(SmolLM2), so this copies ~5× less than gathering the selection anew.
+slot, and only the chunks that enter the selection are fetched (from the slab in RAM, or from the
+tiers: decompressed, perhaps read from disk) and copied. At 8K tokens and a 25 % budget about a
+fifth of the selected chunks change per step (SmolLM2), so this moves ~5× less than gathering the
+selection anew.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+Chunks = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ids (n,) → K, V (Hkv, n, S·D)
 
 
 @dataclass
 class LayerKV:
-    """What the stage needs of a layer: its slab (Hkv, capacity, D) and how it is cut."""
+    """What the stage needs of a layer: how it is cut, where its chunks come from, its window."""
 
-    slab_k: torch.Tensor  # its capacity a whole number of chunks
-    slab_v: torch.Tensor
-    n: int  # tokens in the slab
     chunk_size: int
-    n_chunks: int  # chunks sealed: slab tokens [0, n_chunks · chunk_size); the window after them
+    n_chunks: int  # chunks sealed: the layer's tokens [0, n_chunks · chunk_size)
+    chunks: Chunks  # the K/V of some of them, each chunk one row of S·D values per KV head
+    window_k: torch.Tensor  # (Hkv, w, D): the tokens after the last chunk
+    window_v: torch.Tensor
+
+
+def slab_chunks(slab_k: torch.Tensor, slab_v: torch.Tensor, size: int) -> Chunks:
+    """Chunks read from slabs (Hkv, capacity, D) whose capacity is a whole number of chunks."""
+    hkv, _, d = slab_k.shape
+    rows_k, rows_v = slab_k.view(hkv, -1, size * d), slab_v.view(hkv, -1, size * d)  # contiguous: a gather
+    return lambda ids: (rows_k.index_select(1, ids), rows_v.index_select(1, ids))
 
 
 class Stages:
@@ -36,7 +47,9 @@ class Stages:
         self.n_kv, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.bufs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.slot_chunk = torch.full((num_layers, 0), -1, dtype=torch.long)  # (L, slots): chunk in each slot, -1 empty
-        self.windows = [(0, 0, 0)] * num_layers  # per layer: (stage offset, slab start, slab stop) of the staged window
+        # per layer: (stage offset, first token, tokens) of the window staged after the slots
+        self.windows = [(0, 0, 0)] * num_layers
+        self.incoming: list[torch.Tensor] = []  # the last update's fetched chunk ids, per layer
 
     def slots(self, layer: int) -> list[int]:
         """The chunk in each of the layer's slots (-1: none)."""
@@ -49,25 +62,23 @@ class Stages:
         keep = valid.sum(1)  # (L,)
         keep_list = keep.tolist()
         for i, (layer, kept) in enumerate(zip(layers, keep_list)):
-            end = kept * layer.chunk_size + layer.n - layer.n_chunks * layer.chunk_size
-            self._room(i, end + reserve, layer.chunk_size)
+            self._room(i, kept * layer.chunk_size + layer.window_k.shape[1] + reserve, layer.chunk_size)
         slots = self._assign(chosen, valid, keep)
+        self.incoming = [src for _, src in slots]
         out = []
         for i, (layer, kept, (dst, src)) in enumerate(zip(layers, keep_list, slots)):
             k, v = self.bufs[i]
             size = layer.chunk_size
             if len(dst):
-                for buf, slab in ((k, layer.slab_k), (v, layer.slab_v)):
-                    rows = buf[0, :, : kept * size].view(self.n_kv, kept, size * self.head_dim)
-                    whole = slab.view(self.n_kv, -1, size * self.head_dim)  # contiguous: index_select stays a gather
-                    rows.index_copy_(1, dst, whole.index_select(1, src))
+                for buf, rows in zip((k, v), layer.chunks(src)):
+                    buf[0, :, : kept * size].view(self.n_kv, kept, size * self.head_dim).index_copy_(1, dst, rows)
             out.append((k, v, self._window(i, layer, kept * size)))
         return out
 
     def wrote(self, layer: int, t: int) -> None:
         """The graph wrote the layer's t new tokens after its window, in place: they are staged."""
-        offset, start, stop = self.windows[layer]
-        self.windows[layer] = (offset, start, stop + t)
+        offset, start, staged = self.windows[layer]
+        self.windows[layer] = (offset, start, staged + t)
 
     def reset(self) -> None:
         self.bufs = [None] * len(self.bufs)
@@ -115,13 +126,12 @@ class Stages:
     def _window(self, i: int, layer: LayerKV, offset: int) -> int:
         """Stage the window after the slots (only what is not there yet); → P, the slots in use."""
         k, v = self.bufs[i]
-        start = layer.n_chunks * layer.chunk_size
-        end = offset + layer.n - start
-        staged_offset, staged_start, stop = self.windows[i]
+        start, w = layer.n_chunks * layer.chunk_size, layer.window_k.shape[1]
+        staged_offset, staged_start, staged = self.windows[i]
         if (staged_offset, staged_start) != (offset, start):  # a seal, or more or fewer slots: all of it
-            stop = start
-        if stop < layer.n:
-            k[0, :, offset + stop - start : end] = layer.slab_k[:, stop : layer.n]
-            v[0, :, offset + stop - start : end] = layer.slab_v[:, stop : layer.n]
-        self.windows[i] = (offset, start, layer.n)
-        return end
+            staged = 0
+        if staged < w:
+            k[0, :, offset + staged : offset + w] = layer.window_k[:, staged:]
+            v[0, :, offset + staged : offset + w] = layer.window_v[:, staged:]
+        self.windows[i] = (offset, start, w)
+        return offset + w

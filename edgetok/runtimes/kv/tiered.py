@@ -32,7 +32,7 @@ from edgetok.kernels.selection import key_abstracts, select_chunks
 from edgetok.runtimes.kv.codec import decode_many, encode
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.policy import allocate, attention_profile, bits_by_importance, chunk_size_for, layer_shares
-from edgetok.runtimes.kv.staging import LayerKV, Stages
+from edgetok.runtimes.kv.staging import LayerKV, Stages, slab_chunks
 from edgetok.runtimes.kv.tiers import DEVICE, DISK, HOST, TierStore
 from edgetok.runtimes.memory import return_large_buffers, trim_heap
 
@@ -356,16 +356,16 @@ class TieredCache:
         chosen, _ = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args)
         return chosen[0, :keep].sort().values
 
-    def _select_all(self) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's chunks for this step, chosen at once with each layer's last query:
-        chunk ids (L, K), which count (L, K), and per layer whether that is all of its chunks."""
+        chunk ids (L, K) and which of them count (L, K) (a layer whose budget covers all of its
+        chunks keeps them all)."""
         plans = [self._plan(i) for i in range(len(self.layers))]
         counts = [layer.n_chunks for layer in self.layers]
         rows = [(c, c, 0, 0) if plan is None else (c, *plan) for c, plan in zip(counts, plans)]
         counts_t, keep, sinks, recent = torch.tensor(rows).T
         q = torch.stack([layer.q_last for layer in self.layers])  # (L, Hq, D)
-        chosen, valid = select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent)
-        return chosen, valid, [plan is None for plan in plans]
+        return select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent)
 
     def _step_budgets(self) -> None:
         """Per-layer budgets for this step: the average budget spread by the layers' shares."""
@@ -435,20 +435,45 @@ class TieredCache:
         return self._views[i]
 
     def _graph_views(self, reserve: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """This step's view of every layer: staged in place (resident) or gathered from the tiers."""
-        chosen, valid, everything = self._select_all()
-        if self.resident:
-            parts = [LayerKV(layer.slab_k, layer.slab_v, layer.n, layer.chunk_size, layer.n_chunks) for layer in self.layers]
-            views = self.stages.update(parts, chosen, valid, reserve)
-            for layer, (k, _, p), kept in zip(self.layers, views, valid.sum(1).tolist()):
+        """This step's view of every layer, staged: only the chunks that enter a layer's selection
+        are fetched (from the slab, or from the tiers) and copied."""
+        chosen, valid = self._select_all()
+        views = self.stages.update([self._stage_source(i) for i in range(len(self.layers))], chosen, valid, reserve)
+        kept = valid.sum(1).tolist()
+        for layer, (k, _, p), n in zip(self.layers, views, kept):
+            if self.resident:
                 self.counters["bytes_device"] += 2 * p * self.n_kv * self.head_dim * k.element_size()
-                self._count(layer, kept, p)
-            return views
-        views = []
-        for i, (row, ok, all_of_them) in enumerate(zip(chosen, valid, everything)):
-            keys, values = self._decode_gather(i, None if all_of_them else row[ok].sort().values)
-            views.append((keys[None], values[None], keys.shape[1]))
+            self._count(layer, n, p)
+        if not self.resident:
+            self._after_staging(chosen, kept)
         return views
+
+    def _stage_source(self, i: int) -> LayerKV:
+        layer = self.layers[i]
+        if self.resident:
+            start = layer.n_chunks * layer.chunk_size
+            chunks = slab_chunks(layer.slab_k, layer.slab_v, layer.chunk_size)
+            return LayerKV(layer.chunk_size, layer.n_chunks, chunks, layer.slab_k[:, start : layer.n], layer.slab_v[:, start : layer.n])
+        return LayerKV(layer.chunk_size, layer.n_chunks, functools.partial(self._chunk_rows, i), layer.window_k, layer.window_v)
+
+    def _chunk_rows(self, i: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's chunks `ids` from the tiers: K, V (Hkv, n, S·D)."""
+        keys = [self.layers[i].keys[c] for c in ids.tolist()]
+        kv = self._fetch(keys, self._take_prefetch(i, keys))
+        return tuple(torch.stack([t[j] for t in kv], 1).view(self.n_kv, len(keys), -1) for j in (0, 1))
+
+    def _after_staging(self, chosen: torch.Tensor, kept: list[int]) -> None:
+        """The tiers' bookkeeping of a staged step: every selected chunk was used (heat; those that
+        stayed staged were not fetched, so not touched yet), and the prefetch thread reads, while
+        the graph runs, the on-disk chunks the layers selected lately but hold no more."""
+        for i, (row, n, incoming) in enumerate(zip(chosen.tolist(), kept, self.stages.incoming)):
+            layer = self.layers[i]
+            selected = [layer.keys[c] for c in row[:n]]
+            fetched = {layer.keys[c] for c in incoming.tolist()}
+            self.store.touch([k for k in selected if k not in fetched])
+            self._note_selected(selected)
+            layer.last_keys = selected
+            self._start_prefetch(i, exclude=set(selected), next_step=True)
 
     def append(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection."""
@@ -460,7 +485,7 @@ class TieredCache:
         if layer.chunk_size == 0:
             self._prefill_store(i, q, k, v)
             return
-        if self.resident and self._views:
+        if self._views:
             staged_k, _, p = self._views[i]
             if k.data_ptr() == staged_k[0, :, p:].data_ptr():  # the graph wrote them after the window
                 self.stages.wrote(i, k.shape[1])
@@ -487,6 +512,7 @@ class TieredCache:
     def _gather_tiered(self, i: int, chosen: torch.Tensor | None):
         layer = self.layers[i]
         keys = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
+        self._note_selected(keys)
         kv = self._fetch(keys, self._take_prefetch(i, keys))
         layer.last_keys = keys
         self._start_prefetch((i + 1) % len(self.layers))
@@ -507,17 +533,19 @@ class TieredCache:
         self._add_abstracts(i, kc[:, None])
 
     # -- prefetch: layer i+1's chunks while layer i computes --------------------------------------
-    def _start_prefetch(self, i: int) -> None:
+    def _start_prefetch(self, i: int, exclude: set[int] = frozenset(), next_step: bool = False) -> None:
         """Read from disk the chunks layer i selected in its last `prefetch_steps` steps
         (consecutive queries are alike, so selections change little, and the chunks left on disk
-        are the ones that come and go); host and device chunks need no early read."""
+        are the ones that come and go); host and device chunks need no early read, nor `exclude`d
+        ones. next_step: the layer's next read is at the next step (layer 0's is, and a graph's)."""
         layer = self.layers[i]
         if self.pool is None or layer.last_keys is None or i in self.prefetch:
             return
-        step = self.counters["steps"] + (i == 0)  # layer 0's next read is at the next step
+        step = self.counters["steps"] + (next_step or i == 0)
         since = step - self.prefetch_steps
         at = self._selected_at
-        wanted = [k for k in layer.keys if at.get(k, since - 1) >= since and self.store.tier_of(k) == DISK]
+        wanted = [k for k in layer.keys
+                  if at.get(k, since - 1) >= since and k not in exclude and self.store.tier_of(k) == DISK]
         if wanted:
             self.prefetch[i] = self.pool.submit(self._prefetch_read, wanted)
 
@@ -527,10 +555,14 @@ class TieredCache:
         loaded = self.store.load_homes(keys)
         return loaded, time.perf_counter() - t0
 
-    def _take_prefetch(self, i: int, keys: list[int]) -> dict:
+    def _note_selected(self, keys: list[int]) -> None:
+        """These chunks were selected at this step (what prefetch predicts from)."""
         if self.pool is not None:
             step = self.counters["steps"]
             self._selected_at.update((k, step) for k in keys)
+
+    def _take_prefetch(self, i: int, keys: list[int]) -> dict:
+        """What the prefetch thread read for layer i, of `keys`."""
         fut = self.prefetch.pop(i, None)
         if fut is None:
             return {}
