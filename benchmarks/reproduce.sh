@@ -20,8 +20,8 @@ fi
 if want onnx; then  # ONNX export: size and parity; decode vs onnxruntime-genai
   $PY benchmarks/onnx_quality.py
   $LOCK $EDGETOK bench smollm2 --contexts 1024,8192 --new-tokens 64 --kv-budget 100%,25% --peers llamacpp,ortgenai \
-    --onnx int4 --threads 2 --repeat 2 --out benchmarks/results/bench-2t
-  $PY benchmarks/onnx_attention.py --contexts 1024,8000 --budgets 100% --threads 2 --repeat 2
+    --system 'int8 KV 25%=--weights int8 --kv-budget 25%' --onnx int4 --onnx 'int4 --zero-points integer --head-bits 4' \
+    --onnx 'int4 --attention standard' --threads 2 --repeat 2 --out benchmarks/results/bench-2t
 fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
@@ -31,7 +31,10 @@ if want quant; then
 fi
 if want kv; then
   $PY benchmarks/kv_quality.py --contexts 4096,8000 --budgets 25% --new-tokens 128 --needle-depths 0.1,0.5,0.9 --tiers 16,64
-  $LOCK $PY benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2
+  $EDGETOK export smollm2 --format onnx --weights int4 --no-verify --force -o bench-out/int4
+  $EDGETOK export smollm2 --format onnx --weights int4 --attention standard --no-verify --force -o bench-out/int4-standard
+  $LOCK $PY benchmarks/kv_speed.py --context 8000 --new-tokens 64 --repeat 2 --onnx bench-out/int4 --onnx bench-out/int4-standard \
+    --out benchmarks/results/kv_speed.json
   $LOCK $PY benchmarks/kv_prefetch.py --context 8000 --new-tokens 64 --repeat 3 --threads 1
 fi
 if want prune; then
