@@ -279,7 +279,7 @@ def test_default_export_is_packed_and_has_no_pruning_point(families, tmp_path):
 class QueryLog(ContiguousCache):
     """An exact cache that keeps every query it is shown, per layer: (H, T, D) pieces."""
 
-    uses_queries = True
+    queries_read = 1 << 30  # all of them
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -319,6 +319,31 @@ def test_the_cache_gets_the_queries_torch_computes(exported, families):
     assert backend.prefill_pruned(tokens, got, plan, chunk=64).kept.tolist() == kept.tolist()
     for i in range(src.config.num_layers):  # layers after 1 saw the kept tokens, at their positions
         assert torch.allclose(got.all(i), want.all(i)[:, -got.all(i).shape[1]:], atol=1e-4)
+
+
+def test_a_tiered_cache_reads_the_last_queries_of_each_piece(exported, families):
+    """The backend rotates only the queries a cache reads (the last observation_window of a
+    piece): prefilled in pieces longer than the window, each layer's observation queries are
+    torch's, and so are the skew-chosen chunk sizes."""
+    kv = edgetok.KVConfig(budget="25%", observation_window=32, recent_tokens=8)
+    onnx, torch_ = (edgetok.load(str(m), kv=kv).engine.backend for m in (exported, families["smollm"]))
+    ids = [int(t) for t in np.random.default_rng(3).integers(3, 400, 100)]
+    caches = []
+    for backend in (onnx, torch_):
+        cache = backend.new_cache()
+        with torch.inference_mode():
+            for i in range(0, len(ids), 40):  # 40, 40, 20: the window spans the last two
+                backend.forward(ids[i : i + 40], cache)
+        caches.append(cache)
+    assert onnx.new_cache().queries_read == 32
+    for a, b in zip(*(c.layers for c in caches)):
+        assert a.q_obs.shape == b.q_obs.shape == (b.q_obs.shape[0], 32, b.q_obs.shape[2])
+        err = (a.q_obs - b.q_obs.float()).abs().max() / b.q_obs.float().abs().max()  # (torch's are bf16)
+        assert err < 0.02
+        assert torch.equal(a.q_last, a.q_obs[:, -1])
+    for c in caches:
+        c.end_prefill()
+    assert [l.chunk_size for l in caches[0].layers] == [l.chunk_size for l in caches[1].layers]
 
 
 @pytest.mark.parametrize("attention", ["gqa", "standard"])

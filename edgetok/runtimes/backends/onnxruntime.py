@@ -149,7 +149,7 @@ class OnnxBackend:
         self._kept = None if kept is None else kept[0]
         n_kept = n if kept is None else kept.shape[1]
         ran = [n if self.prune is None or i <= self.prune.after_layer else n_kept for i in range(layers)]  # tokens per layer
-        queries = self._queries(bound, out, ran, start, n, kept) if cache.uses_queries else [None] * layers
+        queries = self._queries(bound, out, ran, start, n, kept, cache.queries_read) if cache.queries_read else [None] * layers
         for i, ((k, v, length), m, q) in enumerate(zip(views, ran, queries)):
             if shared[i]:  # the graph wrote the new K/V into the view's buffers, after its `length` slots
                 cache.advance(i, q, m)
@@ -163,20 +163,23 @@ class OnnxBackend:
         logits = torch.from_numpy(logits[0])  # (a copy out: the bound array is the next run's too)
         return logits[-1].clone() if last_only else logits.clone()
 
-    def _queries(self, bound: "_Bound", out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None) -> list[torch.Tensor]:
-        """Each layer's queries (1, H, m, D), rotated to their positions: the graph's qkv.i hold
-        them before RoPE (its attention rotates them itself). Layers that ran on the same tokens
-        rotate together: all n new ones, or (after the prune layer) the kept ones."""
+    def _queries(self, bound: "_Bound", out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None,
+                 last: int) -> list[torch.Tensor]:
+        """Each layer's queries of its `last` last tokens (1, H, r, D), rotated to their positions:
+        the graph's qkv.i hold them before RoPE (its attention rotates them itself). Layers that ran
+        on the same tokens rotate together: the n new ones, or (after the prune layer) the kept ones.
+        (A prefill piece has hundreds of tokens; the cache reads a few of their queries.)"""
         c = self.config
         hd = c.num_heads * c.head_dim
         qkv = bound.queries if bound.queries is not None else [out[f"qkv.{i}"].numpy() for i in range(c.num_layers)]
         result: list[torch.Tensor] = [None] * c.num_layers
         for m in sorted(set(ran)):
             group = [i for i, r in enumerate(ran) if r == m]
+            r = min(m, last)
             positions = torch.arange(start, start + n) if m == n else start + torch.from_numpy(kept[0])
-            cos, sin = rope_cos_sin(self.inv_freq, positions)
-            q = torch.stack([torch.from_numpy(qkv[i][0, :, :hd]) for i in group])  # (G, m, H·D): a copy
-            q = apply_rope(q.view(len(group), m, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, m, D)
+            cos, sin = rope_cos_sin(self.inv_freq, positions[m - r :])
+            q = torch.stack([torch.from_numpy(qkv[i][0, m - r : m, :hd]) for i in group])  # (G, r, H·D): a copy
+            q = apply_rope(q.view(len(group), r, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, r, D)
             for j, i in enumerate(group):
                 result[i] = q[j : j + 1]
         return result

@@ -44,7 +44,7 @@ class KVCache(Protocol):
         ...
 
     # -- for a backend whose graph attends itself (onnxruntime) --------------------------------------
-    uses_queries: bool  # whether append() reads q (a budgeted cache selects with it)
+    queries_read: int  # how many of a call's last tokens' queries append() reads (0: none; a budgeted cache selects with them)
 
     def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What the layer's next tokens attend to besides themselves: keys, values (1, Hkv, S, D)
@@ -54,7 +54,7 @@ class KVCache(Protocol):
 
     def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D), which may already sit where view() said
-        (then nothing is copied); q (1, Hq, T, D) when uses_queries."""
+        (then nothing is copied); q (1, Hq, ≥ min(T, queries_read), D): the last tokens' queries."""
         ...
 
     def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:

@@ -10,7 +10,7 @@ from edgetok.kernels.attention import attend, causal_mask
 class ContiguousCache:
     """Full attention over all stored tokens. Capacity grows by a quarter as needed (amortized O(1) append)."""
 
-    uses_queries = False  # append() ignores q: a graph's backend need not hand its queries over
+    queries_read = 0  # append() ignores q: a graph's backend need not hand its queries over
 
     def __init__(
         self,

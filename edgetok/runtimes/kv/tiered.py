@@ -67,7 +67,10 @@ class Layer:
 
 
 class TieredCache:
-    uses_queries = True  # a graph's queries select the next step's chunks (view/append)
+    @property
+    def queries_read(self) -> int:
+        """The last prompt queries measure each layer's skew; in decode the last one selects."""
+        return max(1, self.cfg.observation_window)
 
     def __init__(
         self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
