@@ -19,6 +19,15 @@ TEXT = (
 ) * 4
 
 
+def run_cli(*args, input: str | bytes | None = None):
+    """`edgetok ARGS` in this process (click's runner): the result has exit_code, stdout, stderr, output."""
+    from click.testing import CliRunner
+
+    from edgetok.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def edgetok_home(tmp_path_factory):
     """Converted-model cache of this test session, so tests never depend on the user's cache."""

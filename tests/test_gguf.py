@@ -44,7 +44,7 @@ def test_gguf_round_trip_matches_transformers(gguf_pair):
     ids = torch.randint(0, src.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     c = src.config
     with torch.no_grad():
-        got = model(ids, ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim), last_only=False)
+        got = model(ids, ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim), last=None)
         want = hf(ids).logits
     assert (got - want).abs().max().item() < 1e-4
 

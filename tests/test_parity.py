@@ -20,9 +20,9 @@ def edgetok_logits(model: LlamaModel, ids: list[int], prompt_len: int, chunk: in
     out = []
     with torch.inference_mode():
         for start in range(0, prompt_len, chunk):
-            out.append(model(torch.tensor([ids[start : min(start + chunk, prompt_len)]]), cache, last_only=False)[0])
+            out.append(model(torch.tensor([ids[start : min(start + chunk, prompt_len)]]), cache, last=None)[0])
         for tok in ids[prompt_len:]:
-            out.append(model(torch.tensor([[tok]]), cache, last_only=False)[0])
+            out.append(model(torch.tensor([[tok]]), cache, last=None)[0])
     return torch.cat(out)
 
 
@@ -33,7 +33,7 @@ def greedy_continuation(model: LlamaModel, prompt: list[int], steps: int) -> lis
     with torch.inference_mode():
         logits = model(torch.tensor([ids]), cache)
         for _ in range(steps):
-            ids.append(int(logits[0].argmax()))
+            ids.append(int(logits[0, -1].argmax()))
             logits = model(torch.tensor([ids[-1:]]), cache)
     return ids
 

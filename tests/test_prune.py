@@ -51,21 +51,21 @@ def decode(backend, cache, logits, steps: int) -> tuple[list[int], torch.Tensor]
         rows.append(logits)
         tokens.append(int(logits.argmax()))
         if len(tokens) < steps:
-            logits = backend.forward([tokens[-1]], cache)
+            logits = torch.from_numpy(backend.forward([tokens[-1]], cache)[-1])
     return tokens, torch.stack(rows)
 
 
 def unpruned(backend, steps: int):
     cache = backend.new_cache()
     for i in range(0, N, CHUNK):
-        logits = backend.forward(PROMPT[i : i + CHUNK], cache)
+        logits = torch.from_numpy(backend.forward(PROMPT[i : i + CHUNK], cache)[-1])
     return decode(backend, cache, logits, steps) + (cache,)
 
 
 def pruned(backend, p: PrunePlan, steps: int):
     cache = backend.new_cache()
     out = backend.prefill_pruned(PROMPT, cache, p, CHUNK)
-    return decode(backend, cache, out.logits, steps) + (cache, out.kept)
+    return decode(backend, cache, torch.from_numpy(out.logits), steps) + (cache, torch.from_numpy(out.kept))
 
 
 # -- the kernel ----------------------------------------------------------------------------------
@@ -145,9 +145,9 @@ def test_pruned_prefill_and_decode_match_a_reference_by_hand(backend, source):
         cos, sin = model.rope(kept, x.dtype)
         rows = [model.head(model.run_layers(x, cos, sin, ref, p.after_layer + 1)[0, -1])]
         for step, tok in enumerate(got[:-1]):
-            rows.append(model(torch.tensor([[tok]]), ref, positions=torch.tensor([N + step]))[0])
+            rows.append(model(torch.tensor([[tok]]), ref, positions=torch.tensor([N + step]))[0, -1])
         wrong = model(torch.tensor([[got[0]]]), ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim),
-                      positions=torch.tensor([len(kept)]))[0]
+                      positions=torch.tensor([len(kept)]))[0, -1]
     want = torch.stack(rows)
     assert (logits - want).abs().max() < 1e-4
     assert [int(r.argmax()) for r in want] == got

@@ -168,7 +168,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 def logits(cfg, weights, ids):
     model = LlamaModel.from_state_dict(cfg, weights)
     with torch.no_grad():
-        return model(ids, ContiguousCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch=ids.shape[0]), last_only=False)
+        return model(ids, ContiguousCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch=ids.shape[0]), last=None)
 
 
 @pytest.mark.parametrize("tied,bias", [(True, False), (False, False), (False, True)])

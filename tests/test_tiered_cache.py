@@ -30,13 +30,13 @@ def decode(backend: TorchBackend, prompt: list[int], steps: int, follow: list[in
     """Greedy (or teacher-forced) decode → (tokens, logits (steps, V), cache)."""
     cache = backend.new_cache()
     for i in range(0, len(prompt), 128):
-        logits = backend.forward(prompt[i : i + 128], cache)
+        logits = torch.from_numpy(backend.forward(prompt[i : i + 128], cache)[-1])
     backend.end_prefill(cache)
     tokens, rows = [], []
     for s in range(steps):
         rows.append(logits)
         tokens.append(int(logits.argmax()) if follow is None else follow[s])
-        logits = backend.forward([tokens[-1]], cache)
+        logits = torch.from_numpy(backend.forward([tokens[-1]], cache)[-1])
     return tokens, torch.stack(rows), cache
 
 

@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from edgetok.bench.record import read_ids, result_json, write_logits
 from edgetok.cli import _gen_config, _load, generation_options
 from edgetok.errors import EdgetokError
+from edgetok.runtimes.backends.base import Backend
 
 
 class TeacherForcing:
@@ -27,32 +29,52 @@ class TeacherForcing:
     choices and keeps the logits of every generated position (the prefill's last one first).
 
     The engine still samples from each row, so its output tokens are this system's argmax given
-    the followed prefix: what greedy agreement compares."""
+    the followed prefix: what greedy agreement compares. Every other call goes to the wrapped
+    backend unchanged."""
 
-    def __init__(self, backend, follow: list[int] | None) -> None:
+    def __init__(self, backend: Backend, follow: list[int] | None) -> None:
         self.inner = backend
+        self.name, self.config, self.capabilities = backend.name, backend.config, backend.capabilities
+        self.prune_after_layer = backend.prune_after_layer
         self.follow = follow
-        self.rows: list = []
+        self.rows: list[np.ndarray] = []  # (V,) float32 each
         self._decoding = False
-        self._last = None
+        self._last: np.ndarray | None = None
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def forward(self, tokens, cache):
+    def forward(self, tokens: list[int], cache, last: int = 1) -> np.ndarray:
         if self._decoding and self.follow is not None:
             tokens = [self.follow[len(self.rows) - 1]]
-        logits = self.inner.forward(tokens, cache)
+        logits = self.inner.forward(tokens, cache, last)
         if self._decoding:
-            self.rows.append(logits.clone())
+            self.rows.append(logits[-1].copy())
         else:
-            self._last = logits
+            self._last = logits[-1]
         return logits
+
+    def prefill_pruned(self, tokens: list[int], cache, plan, chunk: int, progress=None):
+        pruned = self.inner.prefill_pruned(tokens, cache, plan, chunk, progress)
+        self._last = pruned.logits
+        return pruned
 
     def end_prefill(self, cache) -> None:
         self.inner.end_prefill(cache)
         self._decoding = True
-        self.rows = [self._last.clone()]
+        self.rows = [self._last.copy()]
+
+    def new_cache(self):
+        return self.inner.new_cache()
+
+    def truncate(self, cache, n: int) -> int:
+        return self.inner.truncate(cache, n)
+
+    def cache_stats(self, cache) -> dict:
+        return self.inner.cache_stats(cache)
+
+    def save_prefix(self, cache):
+        return self.inner.save_prefix(cache)
+
+    def load_prefix(self, cache, state) -> None:
+        self.inner.load_prefix(cache, state)
 
 
 def generate(model, prompt: list[int], cfg, follow: list[int] | None):

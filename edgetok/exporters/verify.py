@@ -39,7 +39,7 @@ def model_logits(model: LlamaModel, tokens: list[int], chunk: int = 256) -> torc
     c = model.config
     cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity=len(tokens))
     with torch.inference_mode():
-        return torch.cat([model(torch.tensor([tokens[i : i + chunk]]), cache, last_only=False)[0] for i in range(0, len(tokens), chunk)])
+        return torch.cat([model(torch.tensor([tokens[i : i + chunk]]), cache, last=None)[0] for i in range(0, len(tokens), chunk)])
 
 
 def reference_logits(source: Source, tokens: list[int]) -> torch.Tensor:

@@ -213,9 +213,9 @@ class LlamaModel(nn.Module):
         tokens: torch.Tensor,
         cache: KVCache,
         positions: torch.Tensor | None = None,
-        last_only: bool = True,
+        last: int | None = 1,
     ) -> torch.Tensor:
-        """tokens (B, T) → logits (B, V) for the last token, or (B, T, V) with last_only=False.
+        """tokens (B, T) → logits (B, last, V) of the last `last` tokens; last=None: (B, T, V), all.
 
         positions (T,): each token's position; by default the ones after what the cache has seen.
         """
@@ -224,4 +224,4 @@ class LlamaModel(nn.Module):
         x = self.embed(tokens)
         cos, sin = self.rope(positions, x.dtype)
         x = self.run_layers(x, cos, sin, cache)
-        return self.head(x[:, -1] if last_only else x)
+        return self.head(x if last is None else x[:, -last:])

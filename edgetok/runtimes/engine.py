@@ -12,11 +12,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models.tokenizer import StreamDecoder, Tokenizer
-from edgetok.runtimes.backends.base import Backend
+from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, Backend
 from edgetok.runtimes.prune import PrunePlan, check_keep
 from edgetok.runtimes.sampling import SamplingParams, sample
 
@@ -142,6 +143,8 @@ class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, store_factory: Callable | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
+        if store_factory is not None and PREFIX_STATE not in backend.capabilities:
+            raise EdgetokError(f"--kv-store needs a backend that can save a prompt's K/V; {backend.name} cannot")
         self.store_factory = store_factory  # cache → PromptStore, for --kv-store
         self.config = backend.config
         self._cache = None
@@ -153,8 +156,9 @@ class Engine:
 
     def _prefill(
         self, prompt: list[int], chunk: int, progress: Callable[[int], None] | None, stats: Stats
-    ) -> torch.Tensor:
-        """Run the prompt, reusing the longest prefix the cache (or the KV store) holds → last logits."""
+    ) -> np.ndarray:
+        """Run the prompt, reusing the longest prefix the cache (or the KV store) holds → the last
+        token's logits (V,)."""
         if self._cache is None:
             self._cache, self._cached_ids = self.backend.new_cache(), []
         reused = 0
@@ -175,32 +179,35 @@ class Engine:
             if loaded is None:
                 entry = None  # unusable (and, with rebuild, removed): this prefill writes it anew
             else:
-                self.backend.ingest(self._cache, *loaded)
+                self.backend.load_prefix(self._cache, loaded)
                 reused = stats.store_tokens = n
                 self._cached_ids = prompt[:n]
         stats.reused_prompt_tokens = reused
         logits = None
         for start in range(reused, len(prompt), chunk):
             piece = prompt[start : start + chunk]
-            logits = self.backend.forward(piece, self._cache)
+            logits = self.backend.forward(piece, self._cache)[-1]
             self._cached_ids += piece
             if progress:
                 progress(len(piece))
         assert logits is not None
         if store is not None and (entry is None or len(entry.tokens) < len(prompt)):
-            store.save(prompt, *self.backend.export(self._cache))
+            store.save(prompt, self.backend.save_prefix(self._cache))
         self.backend.end_prefill(self._cache)
         return logits
 
     def _prefill_pruned(
         self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None, stats: Stats
-    ) -> torch.Tensor:
-        """The whole prompt, pruned after a layer → last logits. Nothing is reused or stored: a pruned
-        prompt's K/V depends on all of it (the window at its end chose the kept tokens)."""
-        if not hasattr(self.backend, "prefill_pruned"):
-            raise EdgetokError(f"--prune-prompt works with the torch and onnxruntime backends, not {self.backend.name}")
-        # an ONNX export prunes after the layer it was exported with
-        after_layer = cfg.prune_after_layer if cfg.prune_after_layer is not None else getattr(self.backend, "prune_after_layer", None)
+    ) -> np.ndarray:
+        """The whole prompt, pruned after a layer → the last token's logits (V,). Nothing is reused
+        or stored: a pruned prompt's K/V depends on all of it (the window at its end chose the kept
+        tokens)."""
+        if PRUNE not in self.backend.capabilities:
+            raise EdgetokError(
+                f"--prune-prompt needs the torch backend or an ONNX export made with --prune-after-layer L; "
+                f"this {self.backend.name} model cannot prune"
+            )
+        after_layer = cfg.prune_after_layer if cfg.prune_after_layer is not None else self.backend.prune_after_layer
         plan = PrunePlan.checked(cfg.prune_prompt, after_layer, self.config)
         if self._cache is None:
             self._cache = self.backend.new_cache()
@@ -244,7 +251,7 @@ class Engine:
         budget = min(cfg.max_new_tokens, ctx - len(prompt))
         t1 = time.perf_counter()
         while len(out_ids) < budget:
-            token = sample(logits, cfg, seen, generator)
+            token = sample(torch.from_numpy(logits), cfg, seen, generator)  # (shares the array's memory)
             if not out_ids:
                 stats.time_to_first_token_s = time.perf_counter() - t0
             if token in self.tokenizer.eos_ids and not cfg.ignore_eos:
@@ -262,7 +269,7 @@ class Engine:
                 finish = "stop"
                 break
             if len(out_ids) < budget:
-                logits = self.backend.forward([token], self._cache)
+                logits = self.backend.forward([token], self._cache)[-1]
                 self._cached_ids.append(token)
                 stats.decode_steps += 1
         stats.decode_s = time.perf_counter() - t1

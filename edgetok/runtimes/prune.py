@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
@@ -59,8 +60,8 @@ class PrunePlan:
 
 @dataclass
 class Pruned:
-    logits: torch.Tensor  # (V,) float32, the last prompt token's
-    kept: torch.Tensor  # (K,) positions of the tokens layers > after_layer hold, in order
+    logits: np.ndarray  # (V,) float32, the last prompt token's
+    kept: np.ndarray  # (K,) int64 positions of the tokens layers > after_layer hold, in order
 
 
 @torch.inference_mode()
@@ -107,7 +108,7 @@ def prefill_pruned(
         cos, sin = model.rope(positions, x.dtype)
         x = model.run_layers(x, cos, sin, cache, last + 1)
         report.done(len(positions), n_layers - last - 1)
-    return Pruned(model.head(x[0, -1]), kept)
+    return Pruned(model.head(x[0, -1]).numpy(), kept.numpy())
 
 
 def _choose(model: LlamaModel, layer_in: torch.Tensor, plan: PrunePlan, count: int) -> torch.Tensor:

@@ -1,28 +1,52 @@
-"""The protocol every backend implements; the engine knows nothing else about them."""
+"""The protocol every backend implements: the engine calls these methods and nothing else.
+
+A backend turns token ids into logits for one sequence whose K/V lives in a cache the backend
+makes (`new_cache`). It speaks numpy at this boundary, so an engine without torch can drive it:
+logits are float32 arrays, and a backend that computes in torch converts at its own edge
+(`Tensor.numpy()` shares memory; nothing is copied).
+
+What only some backends can do is declared as data in `capabilities`, never probed:
+- PRUNE: `prefill_pruned` runs the later layers on a pruned prompt (--prune-prompt);
+- PREFIX_STATE: `save_prefix` / `load_prefix` hand a prompt's K/V to the persistent KV store
+  (--kv-store). Calling either without the capability raises EdgetokError.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
-import torch
+import numpy as np
 
 from edgetok.models.config import ModelConfig
+from edgetok.runtimes.kv import KVState
+from edgetok.runtimes.prune import PrunePlan, Pruned
+
+PRUNE = "prune"
+PREFIX_STATE = "prefix_state"
+
+Progress = Callable[[int], None]  # called with the number of prompt tokens just run
 
 
 class Backend(Protocol):
     name: str
     config: ModelConfig
+    capabilities: frozenset[str]
+    # The layer a pruning backend prunes after when the user names none (an ONNX export prunes
+    # only after the layer it was exported with); None: the plan's default.
+    prune_after_layer: int | None
 
     def new_cache(self) -> Any:
         """An empty KV cache for one sequence, in whatever form forward() takes."""
         ...
 
-    def forward(self, tokens: list[int], cache: Any) -> torch.Tensor:
-        """Run `tokens` after what `cache` holds, store their K/V, return the last token's logits (V,) float32."""
+    def forward(self, tokens: list[int], cache: Any, last: int = 1) -> np.ndarray:
+        """Run `tokens` after what `cache` holds and store their K/V; → the logits of the last
+        `last` of them, (last, V) float32 (speculative decoding verifies several at once)."""
         ...
 
     def truncate(self, cache: Any, n: int) -> int:
-        """Drop the cache's tokens from position n on; returns how many it kept."""
+        """Drop the cache's tokens from position n on (a reused prefix, a rejected draft); returns
+        how many it kept (a cache may keep fewer, down to 0)."""
         ...
 
     def end_prefill(self, cache: Any) -> None:
@@ -30,4 +54,19 @@ class Backend(Protocol):
         ...
 
     def cache_stats(self, cache: Any) -> dict:
+        """What the cache did, for --json output."""
+        ...
+
+    def prefill_pruned(self, tokens: list[int], cache: Any, plan: PrunePlan, chunk: int,
+                       progress: Progress | None = None) -> Pruned:
+        """PRUNE: the whole prompt into an empty cache, the layers after plan.after_layer on the
+        kept tokens only."""
+        ...
+
+    def save_prefix(self, cache: Any) -> KVState:
+        """PREFIX_STATE: the prompt's K/V (before end_prefill), for the KV store."""
+        ...
+
+    def load_prefix(self, cache: Any, state: KVState) -> None:
+        """PREFIX_STATE: take a stored prompt's K/V as an empty cache's first tokens."""
         ...

@@ -47,6 +47,8 @@ def open_gguf(path: Path, n_ctx: int, threads: int | None, kv_type: str = "f16",
 
 class LlamaCppBackend:
     name = "llamacpp"
+    capabilities = frozenset()  # llama.cpp's cache is its own: no pruning, no prefix export
+    prune_after_layer = None
 
     def __init__(self, source: Source, threads: int | None = None, kv_type: str = "f16", n_ctx: int | None = None) -> None:
         if source.format != "gguf":
@@ -61,10 +63,30 @@ class LlamaCppBackend:
         self.llm.reset()
         return self.llm
 
-    def forward(self, tokens: list[int], cache) -> torch.Tensor:
-        cache.eval(tokens)  # drops any KV past n_tokens first, then appends
-        logits = np.ctypeslib.as_array(cache._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
-        return torch.from_numpy(logits.copy())
+    def forward(self, tokens: list[int], cache, last: int = 1) -> np.ndarray:
+        """(last, V) float32. llama-cpp-python's eval() asks llama.cpp for the last token's logits
+        only (or for every token's, with a context-sized score matrix made at load); for several,
+        this runs its batches itself, flagging just the positions wanted."""
+        if last == 1:
+            cache.eval(tokens)  # drops any KV past n_tokens first, then appends
+            return self._row(cache, -1)[None].copy()
+        cache._ctx.kv_cache_seq_rm(-1, cache.n_tokens, -1)
+        first, rows = len(tokens) - last, []
+        for start in range(0, len(tokens), cache.n_batch):
+            piece = tokens[start : start + cache.n_batch]
+            batch = cache._batch
+            batch.set_batch(batch=piece, n_past=cache.n_tokens, logits_all=False)
+            for j in range(len(piece)):
+                batch.batch.logits[j] = start + j >= first
+            cache._ctx.decode(batch)
+            cache.input_ids[cache.n_tokens : cache.n_tokens + len(piece)] = piece
+            cache.n_tokens += len(piece)
+            rows += [self._row(cache, j).copy() for j in range(len(piece)) if start + j >= first]
+        return np.stack(rows)
+
+    def _row(self, cache, j: int) -> np.ndarray:
+        """The logits of the last decode's j-th batch position, in llama.cpp's memory (V,)."""
+        return np.ctypeslib.as_array(cache._ctx.get_logits_ith(j), shape=(self._n_vocab,))
 
     def truncate(self, cache, n: int) -> int:
         cache.n_tokens = n
@@ -72,6 +94,15 @@ class LlamaCppBackend:
 
     def end_prefill(self, cache) -> None:
         pass
+
+    def prefill_pruned(self, tokens, cache, plan, chunk, progress=None):
+        raise EdgetokError("--prune-prompt works with the torch and onnxruntime backends, not llama.cpp")
+
+    def save_prefix(self, cache):
+        raise EdgetokError("--kv-store works with the torch and onnxruntime backends, not llama.cpp")
+
+    def load_prefix(self, cache, state) -> None:
+        raise EdgetokError("--kv-store works with the torch and onnxruntime backends, not llama.cpp")
 
     def cache_stats(self, cache) -> dict:
         # llama.cpp allocates K and V for its whole context window when the context is created.

@@ -20,7 +20,8 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.models.llama import apply_rope, rope_cos_sin
 from edgetok.models.sources import Source
-from edgetok.runtimes.kv import ContiguousCache, KVConfig, TieredCache
+from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE
+from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import PrunePlan, Pruned
 
 # --provider → (ONNX Runtime's name, the package that brings it)
@@ -113,6 +114,8 @@ class OnnxBackend:
         prune = source.info.get("prune")
         self.prune = PrunePlan(1.0, **prune) if prune else None
         self.prune_after_layer = prune["after_layer"] if prune else None
+        # an export prunes only if it was built with a pruning point (--prune-after-layer)
+        self.capabilities = frozenset({PREFIX_STATE} | ({PRUNE} if prune else set()))
         self.inv_freq = torch.tensor(source.info["rope_inv_freq"], dtype=torch.float32)  # the graph's RoPE
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         self._bound: _Bound | None = None
@@ -123,18 +126,17 @@ class OnnxBackend:
             return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
-    def forward(self, tokens: list[int], cache, last_only: bool = True, prune_keep: float = 1.0) -> torch.Tensor:
-        """Logits (V,) of the last token, or (T, V) of all of them with last_only=False (the kept
-        ones, when prune_keep < 1 prunes)."""
+    def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
+        """Logits (last, V) of the last `last` tokens (of the kept ones, when prune_keep < 1 prunes)."""
         assert self.prune is not None or prune_keep == 1.0
         c, start, n, layers = self.config, cache.length, len(tokens), self.config.num_layers
         # float32 views; the exact cache's are its own (contiguous) buffers: no copy
         views = [(k.contiguous(), v.contiguous(), length) for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
         # Room after the valid slots: the graph writes the new K/V there, into the cache itself.
         shared = [self.in_place and k.shape[2] >= length + n for k, _, length in views]
-        key = (n, last_only, prune_keep < 1.0, tuple((k.data_ptr(), v.data_ptr(), k.shape) for k, v, _ in views), tuple(shared))
+        key = (n, last, prune_keep < 1.0, tuple((k.data_ptr(), v.data_ptr(), k.shape) for k, v, _ in views), tuple(shared))
         if self._bound is None or self._bound.key != key:  # decoding into the same buffers rebinds nothing
-            self._bound = self._bind(key, views, shared, n, last_only, prune_keep < 1.0)
+            self._bound = self._bind(key, views, shared, n, last, prune_keep < 1.0)
         bound = self._bound
         bound.ids[0] = tokens
         bound.positions[0] = np.arange(start, start + n)
@@ -160,8 +162,7 @@ class OnnxBackend:
                 cache.append(i, q, k, v)
             if m < n:
                 cache.skip(i, n - m)
-        logits = torch.from_numpy(logits[0])  # (a copy out: the bound array is the next run's too)
-        return logits[-1].clone() if last_only else logits.clone()
+        return logits[0].copy()  # a copy out: the bound array is the next run's too
 
     def _queries(self, bound: "_Bound", out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None,
                  last: int) -> list[torch.Tensor]:
@@ -184,7 +185,7 @@ class OnnxBackend:
                 result[i] = q[j : j + 1]
         return result
 
-    def _bind(self, key, views, shared, n: int, last_only: bool, pruning: bool) -> "_Bound":
+    def _bind(self, key, views, shared, n: int, last: int, pruning: bool) -> "_Bound":
         """An IO binding over persistent arrays: the next call with the same key only refills the
         inputs. Outputs whose shape is known before the run are bound to arrays of ours; the rest
         (a pruned run's, and new K/V that are not written in place) ONNX Runtime allocates."""
@@ -211,7 +212,7 @@ class OnnxBackend:
         bind_in("input_ids", bound.ids)
         bind_in("position_ids", bound.positions)
         bind_in("past_length", bound.past_length)
-        bind_in("logits_to_keep", np.array([1 if last_only else 0], np.int64))
+        bind_in("logits_to_keep", np.array([last], np.int64))
         if self.prune is not None:
             bound.keep = np.ones(1, np.float64)
             bind_in("prune_keep", bound.keep)
@@ -221,7 +222,7 @@ class OnnxBackend:
                 binding.bind_input(f"past_{kind}.{i}", "cpu", 0, np.float32, list(t.shape), t.data_ptr())
                 bind_out(f"present_{kind}.{i}", t if shared[i] else None)
         known = None if pruning else n  # a pruned run's later layers keep a count the graph decides
-        bound.logits = bind_out("logits", None if known is None else np.empty((1, 1 if last_only else n, c.vocab_size), np.float32))
+        bound.logits = bind_out("logits", None if known is None else np.empty((1, last, c.vocab_size), np.float32))
         width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
         queries = [bind_out(f"qkv.{i}", None if known is None else np.empty((1, n, width), np.float32)) for i in range(layers)]
         bound.queries = None if known is None else queries
@@ -244,25 +245,27 @@ class OnnxBackend:
         logits = self.forward(prompt, cache, prune_keep=plan.keep)
         if progress:
             progress(len(prompt))
-        return Pruned(logits, torch.from_numpy(self._kept.copy()))
+        return Pruned(logits[-1], self._kept.copy())
 
-    def truncate(self, cache, n: int) -> int:
+    def truncate(self, cache: GraphCache, n: int) -> int:
         return cache.truncate(n)
 
-    def end_prefill(self, cache) -> None:
+    def end_prefill(self, cache: GraphCache) -> None:
         cache.end_prefill()
 
-    def cache_stats(self, cache) -> dict:
+    def cache_stats(self, cache: GraphCache) -> dict:
         return cache.stats() | {"provider": self.provider}
 
-    def ingest(self, cache, layers, q_obs) -> None:
-        cache.ingest(layers, q_obs)
+    def save_prefix(self, cache: GraphCache) -> KVState:
+        return cache.state
 
-    def export(self, cache):
-        return cache.export()
+    def load_prefix(self, cache: GraphCache, state: KVState) -> None:
+        cache.state = state
+
 
 def onnx_logits(source: Source, tokens: list[int], threads: int | None = None, chunk: int = 256) -> torch.Tensor:
     """Logits (T, V) at every position, prefilled in chunks: what parity reports compare."""
     backend = OnnxBackend(source, threads=threads)
     cache = backend.new_cache()
-    return torch.cat([backend.forward(tokens[i : i + chunk], cache, last_only=False) for i in range(0, len(tokens), chunk)])
+    pieces = [tokens[i : i + chunk] for i in range(0, len(tokens), chunk)]
+    return torch.from_numpy(np.concatenate([backend.forward(piece, cache, last=len(piece)) for piece in pieces]))

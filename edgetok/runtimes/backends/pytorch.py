@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
+from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, Progress
+from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import PrunePlan, Pruned, prefill_pruned
 
 
 class TorchBackend:
     name = "torch"
+    capabilities = frozenset({PRUNE, PREFIX_STATE})
+    prune_after_layer = None  # any layer: the plan's default
 
     WEIGHTS = ("fp32", "bf16", "int8")
 
@@ -25,31 +29,32 @@ class TorchBackend:
         if weights != "fp32":  # the model holds converted copies: drop the float32 originals
             source.__dict__.pop("weights", None)
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self) -> AttendingCache:
         c = self.config
         if self.kv is not None:
             return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, sliding_window=c.sliding_window)
 
     @torch.inference_mode()
-    def forward(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
-        return self.model(torch.tensor([tokens]), cache)[0]
+    def forward(self, tokens: list[int], cache: AttendingCache, last: int = 1) -> np.ndarray:
+        """(last, V) float32: the model's logits, shared with numpy (no copy)."""
+        return self.model(torch.tensor([tokens]), cache, last=last)[0].numpy()
 
-    def prefill_pruned(self, tokens: list[int], cache: KVCache, plan: PrunePlan, chunk: int, progress=None) -> Pruned:
-        """The whole prompt into an empty cache, the layers after plan.after_layer on the kept tokens only."""
+    def prefill_pruned(self, tokens: list[int], cache: AttendingCache, plan: PrunePlan, chunk: int,
+                       progress: Progress | None = None) -> Pruned:
         return prefill_pruned(self.model, tokens, cache, plan, chunk, progress)
 
-    def truncate(self, cache: KVCache, n: int) -> int:
+    def truncate(self, cache: AttendingCache, n: int) -> int:
         return cache.truncate(n)
 
-    def end_prefill(self, cache: KVCache) -> None:
+    def end_prefill(self, cache: AttendingCache) -> None:
         cache.end_prefill()
 
-    def cache_stats(self, cache: KVCache) -> dict:
+    def cache_stats(self, cache: AttendingCache) -> dict:
         return cache.stats()
 
-    def ingest(self, cache: KVCache, layers, q_obs) -> None:
-        cache.ingest(layers, q_obs)
+    def save_prefix(self, cache: AttendingCache) -> KVState:
+        return cache.state
 
-    def export(self, cache: KVCache):
-        return cache.export()
+    def load_prefix(self, cache: AttendingCache, state: KVState) -> None:
+        cache.state = state

@@ -61,3 +61,29 @@ class KVCache(Protocol):
         """The layer's n new tokens' K/V are already in the buffers of its last view(), right
         after its P slots (the graph wrote them there): store them as append() would."""
         ...
+
+
+# TEMPORARY shim until the kv split lands (arch-kv branch): the state protocol over ingest/export.
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class KVState:
+    layers: list
+    queries: list | None = None
+
+
+AttendingCache = GraphCache = KVCache
+
+
+def _get_state(self):
+    return KVState(*self.export())
+
+
+def _set_state(self, state):
+    self.ingest(state.layers, state.queries)
+
+
+def add_state(cls):
+    cls.state = property(_get_state, _set_state)
+    return cls

@@ -126,9 +126,11 @@ class PromptStore:
                 for shape in header["q_obs_shapes"]:
                     count = shape[0] * shape[1] * shape[2]
                     q_obs.append(torch.frombuffer(bytearray(f.read(count * 4)), dtype=torch.float32).view(shape))
-        return layers, q_obs
+        from edgetok.runtimes.kv.base import KVState
+        return KVState(layers, q_obs)
 
-    def save(self, tokens: list[int], layers: Layers, q_obs: list[torch.Tensor] | None) -> Path:
+    def save(self, tokens: list[int], state) -> Path:
+        layers, q_obs = state.layers, state.queries
         name = f"{self.prefix}{token_hash(tokens)[:24]}{SUFFIX}"
         blobs = [torch.stack([k, v]).to(DTYPES[self.dtype_name]).contiguous().view(torch.uint8).numpy().tobytes() for k, v in layers]
         header = {
