@@ -8,7 +8,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint test test-fast clean
 
 # torch is pinned first: 2.13.0 is the CPU wheel on local disk; an unpinned torch pulls CUDA builds.
 $(STAMP): pyproject.toml Makefile
@@ -27,7 +27,10 @@ install: $(STAMP)
 demo: install
 	$(BIN)/edgetok run smollm2 -p "What is the capital of France? Answer in one sentence." --max-new-tokens 48 --verbose
 
-test: install
+lint: install
+	$(BIN)/ruff check edgetok tests benchmarks
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install

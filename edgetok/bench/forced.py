@@ -19,7 +19,7 @@ import click
 import numpy as np
 
 from edgetok.bench.record import read_ids, result_json, write_logits
-from edgetok.cli import _gen_config, _load, generation_options
+from edgetok.cli.options import load_model, run_configs, run_options
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.base import Backend
 
@@ -94,12 +94,13 @@ def generate(model, prompt: list[int], cfg, follow: list[int] | None):
 @click.option("--prompt-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--follow", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--logits-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@generation_options
+@run_options
 def main(model, prompt_ids, follow, logits_out, **kw) -> None:
     try:
         prompt = read_ids(prompt_ids)
-        cfg = dataclasses.replace(_gen_config(kw), ignore_eos=True)
-        m = _load(model, kw)
+        configs = run_configs(kw)
+        cfg = dataclasses.replace(configs.generation, ignore_eos=True)
+        m = load_model(model, configs)
         result, rows = generate(m, prompt, cfg, read_ids(follow) if follow else None)
     except EdgetokError as e:
         click.echo(f"edgetok: error: {e}", err=True)

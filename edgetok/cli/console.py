@@ -1,0 +1,52 @@
+"""What the run and chat commands read from and write to the terminal."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from edgetok.errors import EdgetokError
+
+LONG_PROMPT = 1024  # tokens: longer prompts get a prefill progress bar
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """-p TEXT, --prompt-file FILE or stdin, exactly one of them."""
+    if prompt is not None and prompt_file is not None:
+        raise EdgetokError("give either -p/--prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EdgetokError(f"{prompt_file} is not UTF-8 text") from None
+    if prompt is None and sys.stdin.isatty():
+        raise EdgetokError("no prompt: give -p TEXT, --prompt-file FILE, or pipe text on stdin")
+    text = sys.stdin.read() if prompt is None else prompt
+    if not text.strip():
+        raise EdgetokError("the prompt is empty")
+    return text
+
+
+@contextmanager
+def prefill_bar(n_tokens: int):
+    """A progress callback for prompts long enough to wait for, else None."""
+    from tqdm import tqdm
+
+    if n_tokens < LONG_PROMPT:
+        yield None
+        return
+    with tqdm(total=n_tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
+def print_stats(s) -> None:
+    """One line of speed and memory (--verbose), on stderr."""
+    click.echo(
+        f"prompt {s.prompt_tokens} tok ({s.reused_prompt_tokens} reused), {s.prefill_tokens_per_s:.1f} tok/s; "
+        f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s; "
+        f"peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB",
+        err=True,
+    )

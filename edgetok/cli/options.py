@@ -1,0 +1,101 @@
+"""The options `run`, `chat` and the bench's systems share, and the configs they become.
+
+Flag names are the configs' field names: a GenerationConfig field `top_k` is `--top-k`, an
+`edgetok.load` parameter `kv_store` is `--kv-store`, and a KVConfig field `budget` is
+`--kv-budget` (KV fields carry the `kv-` prefix; `--kv-disk` is kept as a short name of
+`--kv-disk-dir`). `run_configs` is the one place that turns
+parsed options into configs; the bench's subprocess (`edgetok.bench.forced`) uses it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgetok.runtimes.engine import GenerationConfig
+from edgetok.runtimes.kv import KVConfig
+
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
+                     "stop", "prune_prompt", "prune_after_layer")
+LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild")
+# KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
+KV_FIELDS = ("budget", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached")
+
+
+def run_options(f):
+    """Every option of a run: generation, engine (load) and KV cache."""
+    options = [
+        click.option("--max-new-tokens", "-n", type=click.IntRange(min=0), default=256, show_default=True),
+        click.option("--temperature", "-t", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="0 = off"),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0),
+        click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
+        click.option("--stop", multiple=True, help="stop before this string (repeatable)"),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)"),
+        click.option("--backend", type=click.Choice(["torch", "llamacpp", "onnxruntime"]), default=None,
+                     help="default: onnxruntime for an ONNX export folder, torch otherwise; llamacpp runs a GGUF "
+                          "through llama-cpp-python"),
+        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "dml", "coreml", "qnn", "openvino"]),
+                     default="cpu", show_default=True, help="ONNX Runtime execution provider (--backend onnxruntime)"),
+        click.option("--weights", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+                     help="torch backend weights: fp32 is the exact reference; int8 is weight-only, bf16 activations"),
+        click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
+                     help="llama.cpp's K/V cache type (--backend llamacpp)"),
+        click.option("--kv-budget", default=None,
+                     help="tokens each layer attends to: a count (2048) or a share of the context (25%); 100% is exact"),
+        click.option("--kv-device-mb", type=float, default=None, help="fast-tier budget for float chunk copies"),
+        click.option("--kv-host-mb", type=float, default=None, help="RAM budget for stored chunks (needs --kv-disk)"),
+        click.option("--kv-disk-dir", "--kv-disk", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="folder for chunks beyond the host budget"),
+        click.option("--kv-bits", type=click.Choice(["auto", "32", "16", "8", "4", "2"]), default=None,
+                     help="stored chunk precision; auto picks by importance (exact at 100%)"),
+        click.option("--kv-prefetch/--no-kv-prefetch", default=True, show_default=True,
+                     help="read the next layer's chunks from host/disk while the current one computes"),
+        click.option("--kv-prefetch-steps", type=click.IntRange(min=1), default=None,
+                     help="prefetch the on-disk chunks a layer selected in its last N steps (default 3)"),
+        click.option("--kv-disk-uncached", is_flag=True,
+                     help="for benchmarks: every --kv-disk read goes to the device, past the page cache "
+                          "(as for a cache larger than RAM)"),
+        click.option("--kv-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="keep prompts' K/V in this folder: a later run with the same prompt prefix skips prefill"),
+        click.option("--kv-store-rebuild", is_flag=True, help="recompute damaged or outdated --kv-store entries"),
+        click.option("--prune-prompt", type=float, default=None, metavar="KEEP",
+                     help="run the layers after --prune-after-layer on this fraction of the prompt (the tokens its end attends to most)"),
+        click.option("--prune-after-layer", type=int, default=None, metavar="L",
+                     help="the last layer that sees every prompt token (default 2)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@dataclass(frozen=True)
+class RunConfigs:
+    generation: GenerationConfig
+    load: dict[str, Any]  # edgetok.load's keyword arguments, kv (a KVConfig or None) among them
+
+
+def run_configs(options: dict[str, Any]) -> RunConfigs:
+    """Parsed `run_options` (by field name) → the configs they stand for, checked."""
+    generation = GenerationConfig(**{name: options[name] for name in GENERATION_FIELDS})
+    load = {name: options[name] for name in LOAD_FIELDS}
+    return RunConfigs(generation, load | {"kv": kv_config(options)})
+
+
+def kv_config(options: dict[str, Any]) -> KVConfig | None:
+    """A KVConfig when any tiered-cache option is given; None keeps the exact contiguous cache."""
+    given = {name: options[f"kv_{name}"] for name in KV_FIELDS}
+    if all(given[name] in (None, False) for name in KV_FIELDS if name != "prefetch"):
+        return None
+    return KVConfig(**{name: value for name, value in given.items() if value is not None})
+
+
+def load_model(ref: str, configs: RunConfigs):
+    import edgetok
+
+    return edgetok.load(ref, **configs.load, progress=True)
