@@ -20,7 +20,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.models.llama import apply_rope, rope_cos_sin
 from edgetok.models.sources import Source
-from edgetok.runtimes.kv import ContiguousCache, KVConfig, TieredCache
+from edgetok.runtimes.kv import ContiguousCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import PrunePlan, Pruned
 
 # --provider → (ONNX Runtime's name, the package that brings it)
@@ -256,10 +256,10 @@ class OnnxBackend:
         return cache.stats() | {"provider": self.provider}
 
     def ingest(self, cache, layers, q_obs) -> None:
-        cache.ingest(layers, q_obs)
+        cache.state = KVState(layers, q_obs)
 
-    def export(self, cache):
-        return cache.export()
+    def export(self, cache) -> tuple[KVState]:
+        return (cache.state,)  # the engine spreads it into store.save(prompt, state)
 
 def onnx_logits(source: Source, tokens: list[int], threads: int | None = None, chunk: int = 256) -> torch.Tensor:
     """Logits (T, V) at every position, prefilled in chunks: what parity reports compare."""

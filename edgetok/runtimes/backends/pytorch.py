@@ -6,7 +6,7 @@ import torch
 
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
+from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import PrunePlan, Pruned, prefill_pruned
 
 
@@ -49,7 +49,7 @@ class TorchBackend:
         return cache.stats()
 
     def ingest(self, cache: KVCache, layers, q_obs) -> None:
-        cache.ingest(layers, q_obs)
+        cache.state = KVState(layers, q_obs)
 
-    def export(self, cache: KVCache):
-        return cache.export()
+    def export(self, cache: KVCache) -> tuple[KVState]:
+        return (cache.state,)  # the engine spreads it into store.save(prompt, state)
