@@ -5,22 +5,24 @@ device, as for a cache larger than RAM).
 
     flock /tmp/edgetok-bench.lock .venv/bin/python benchmarks/kv_prefetch.py --context 8000 --new-tokens 64 --repeat 3 --threads 1
 
-Every system is a separate `edgetok run ... --json` process on the same real-text prompt (no chat
-template), greedy, rounds interleaved (A B C … A B C …). Per decoded token it reports: the model
+Every system is a separate process on the same real-text prompt (no chat template), greedy, rounds
+interleaved (A B C … A B C …): this script with --one, which generates as
+`edgetok run smollm2 -f PROMPT --no-chat -n N --threads T --json` does, with the system's KVConfig
+(prefetch_steps has no `edgetok run` option), and prints the run's stats. Per decoded token it
+reports: the model
 thread's time blocked on the disk (synchronous reads plus waits on unfinished prefetches), the
 prefetch thread's read time (hidden behind compute unless waited on), the prefetch hit rate (disk
 chunks attention read that the prefetch had already read), the disk chunks' bytes attention read,
-the bytes prefetched and not used, what the process read from the storage device
-(/proc/self/io read_bytes: ≈ 0 when the file sits in the page cache), and the CPU seconds decode
-spent (all threads, and the model's thread alone), which other processes on the machine do not
-stretch as they stretch wall time.
+the bytes prefetched and not used, what the process read from the storage device (/proc/self/io
+read_bytes: ≈ 0 when the file sits in the page cache), and the CPU seconds decode spent (all
+threads, and the model's thread alone), which other processes on the machine do not stretch as
+they stretch wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,24 +30,30 @@ from pathlib import Path
 
 from kv_speed import essay_prompt  # benchmarks/kv_speed.py
 
-EDGETOK = str(Path(sys.executable).parent / "edgetok")
 
-
-def systems(disk: str, budget: str) -> dict[str, tuple[list[str], dict]]:
-    """name → (extra `edgetok run` arguments, extra environment)."""
-    tiers = ["--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk]
-
-    def steps(n: int) -> dict:  # how many past steps' selections the prefetch reads (default 3)
-        return {"EDGETOK_KV_PREFETCH_STEPS": str(n)}
-
+def systems(disk: str, budget: str) -> dict[str, dict]:
+    """name → the KVConfig fields of its run (prefetch_steps: how many past steps' selections
+    the prefetch reads, default 3)."""
+    tiers = dict(budget=budget, device_mb=16, host_mb=64, disk_dir=disk)
+    uncached = dict(tiers, disk_uncached=True)
     return {
-        "page cache, no prefetch": (tiers + ["--no-kv-prefetch"], {}),
-        "page cache, prefetch last 8 steps' chunks": (tiers, steps(8)),
-        "uncached, no prefetch": (tiers + ["--kv-disk-uncached", "--no-kv-prefetch"], {}),
-        "uncached, prefetch last step's chunks": (tiers + ["--kv-disk-uncached"], steps(1)),
-        "uncached, prefetch last 3 steps' chunks": (tiers + ["--kv-disk-uncached"], steps(3)),
-        "uncached, prefetch last 8 steps' chunks": (tiers + ["--kv-disk-uncached"], steps(8)),
+        "page cache, no prefetch": dict(tiers, prefetch=False),
+        "page cache, prefetch last 8 steps' chunks": dict(tiers, prefetch_steps=8),
+        "uncached, no prefetch": dict(uncached, prefetch=False),
+        "uncached, prefetch last step's chunks": dict(uncached, prefetch_steps=1),
+        "uncached, prefetch last 3 steps' chunks": dict(uncached, prefetch_steps=3),
+        "uncached, prefetch last 8 steps' chunks": dict(uncached, prefetch_steps=8),
     }
+
+
+def one(spec: dict) -> None:
+    """One run in this process (--one), with spec's KVConfig: its prompt length and stats, as JSON."""
+    import edgetok
+    from edgetok.runtimes.kv import KVConfig
+
+    model = edgetok.load("smollm2", threads=spec["threads"], kv=KVConfig(**spec["kv"]))
+    result = model.generate(Path(spec["prompt_file"]).read_text(encoding="utf-8"), max_new_tokens=spec["new_tokens"])
+    print(json.dumps({"prompt_tokens": result.prompt_tokens, "stats": result.stats.to_dict()}))
 
 
 def row(name: str, runs: list[dict]) -> dict:
@@ -90,7 +98,11 @@ def main() -> None:
                     help="folder for the disk tier's file (default: a temporary folder; put it on the disk to measure)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows (and every run's stats) as JSON")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one run, its spec as JSON
     args = ap.parse_args()
+    if args.one:
+        one(json.loads(args.one))
+        return
 
     workdir, prompt_file = essay_prompt(args.context)
     disk = str(args.disk_dir or workdir / "kv")
@@ -99,10 +111,9 @@ def main() -> None:
         chosen = {n: e for n, e in chosen.items() if any(o in n for o in args.only.split(","))}
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.repeat):
-        for name, (extra, env) in chosen.items():
-            cmd = [EDGETOK, "run", "smollm2", "-f", str(prompt_file), "--no-chat", "-n", str(args.new_tokens),
-                   "--threads", str(args.threads), "--json"] + extra
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+        for name, kv in chosen.items():
+            spec = dict(kv=kv, prompt_file=str(prompt_file), new_tokens=args.new_tokens, threads=args.threads)
+            p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"{name} failed: {p.stderr.strip()}")
             out = json.loads(p.stdout)
