@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_hf_model
+from conftest import kv_rows, make_hf_model
 from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
@@ -222,9 +222,8 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
             want_v = torch.cat([c[1] for c in kv] + [layer.window_v], 1)
         else:
             want_k, want_v = cache.storage.gather(0, chosen)
-        # the same rows, in another order: compare as sorted sets of key rows
-        rows = lambda t: sorted(map(tuple, t.reshape(-1, d).tolist()))  # noqa: E731
-        assert p == want_k.shape[1] and rows(k[0, :, :p]) == rows(want_k) and rows(v[0, :, :p]) == rows(want_v)
+        # the same tokens, in another order
+        assert p == want_k.shape[1] and kv_rows(k[0, :, :p], v[0, :, :p]) == kv_rows(want_k, want_v)
         k[:, :, p], v[:, :, p] = torch.randn(hkv, d, generator=g), torch.randn(hkv, d, generator=g)
         cache.append(0, torch.randn(1, hq, 1, d, generator=g), k[:, :, p : p + 1], v[:, :, p : p + 1])
     assert cache.stats()["budget_used"] < 0.5 and moved == 0
