@@ -166,6 +166,23 @@ def test_attend_is_full_attention_at_a_full_budget(case, new_cache, seq):
             assert o.shape == want.shape and (o - want).abs().max() < tolerance(cache), (n, i)
 
 
+def test_attend_reads_the_new_tokens(new_cache, seq):
+    """Budgeted or not, attention reads the new tokens (causal among them): a query that matches
+    its own token's key by far gets that token's value."""
+    cache = new_cache()
+    q, k, v = seq
+    prefill(cache, seq)
+    cache.end_prefill()
+    decode(cache, seq, PROMPT, steps=STEPS - 1)
+    t = PROMPT + STEPS - 1
+    for i in range(L):
+        key = 4 * k[i, None, :, t : t + 1]  # (1, Hkv, 1, D): longer than any stored key
+        own = 8 * key.repeat_interleave(HQ // HKV, 1)  # (1, Hq, 1, D)
+        out = cache.attend(i, own, key, v[i, None, :, t : t + 1])
+        want = v[i, None, :, t : t + 1].repeat_interleave(HQ // HKV, 1)
+        assert (out - want).abs().max() < tolerance(cache)
+
+
 def test_truncate_keeps_a_prefix_or_starts_over(new_cache, seq):
     """truncate(n) keeps some m ≤ n tokens; continuing from m gives what a fresh cache fed the
     same tokens gives."""
@@ -197,6 +214,8 @@ def test_state_round_trip_through_attend(case, new_cache, seq):
     state = a.state
     assert len(state.layers) == L
     assert all(k.shape == v.shape == (HKV, PROMPT, D) and k.dtype == a.kv_dtype for k, v in state.layers)
+    if a.queries_read:  # the last queries_read prompt queries, to measure attention with
+        assert all(torch.equal(state.q_obs[i], seq[0][i, :, PROMPT - a.queries_read : PROMPT]) for i in range(L))
     b = new_cache()
     b.state = state
     assert b.length == PROMPT
