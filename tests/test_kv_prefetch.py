@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,22 @@ def test_uncached_disk_file_reads_the_device(tmp_path):
         assert after - before >= 2 * sum(size for _, size, _ in items) * 0.9
     disk.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_short_disk_writes_and_reads_are_errors(tmp_path, monkeypatch):
+    """A disk that takes part of a write, or a file cut short under the cache: a sentence, not an assert."""
+    disk = DiskFile(tmp_path)
+    payload = {"k": torch.randn(2, 16, 8), "v": torch.randn(2, 16, 8)}
+    offset, layout = disk.write(payload)
+    size = sum(t.nbytes for t in payload.values())
+    os.truncate(disk.path, size - 1)
+    with pytest.raises(EdgetokError, match="truncated"):
+        disk.read_many([(offset, size, layout)])
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: len(data) // 2)
+    with pytest.raises(EdgetokError, match="disk is full"):
+        disk.write(payload)
+    monkeypatch.undo()
+    disk.close()
 
 
 def test_cli_disk_uncached(tiny_folder, tmp_path):

@@ -47,7 +47,8 @@ class KVConfig:
             if v is not None and v < 0:
                 raise EdgetokError(f"--kv-{name.replace('_', '-')} must be ≥ 0")
         if self.prefetch_steps < 1:
-            raise EdgetokError(f"KVConfig.prefetch_steps must be ≥ 1 (the steps whose selections prefetch reads), not {self.prefetch_steps}")
+            raise EdgetokError(f"KVConfig.prefetch_steps must be ≥ 1 (the past steps whose selections prefetch reads), "
+                               f"not {self.prefetch_steps}")
         if self.host_mb is not None and self.disk_dir is None:
             raise EdgetokError("--kv-host-mb needs --kv-disk DIR: chunks beyond the host budget go to disk")
         if self.disk_uncached and self.disk_dir is None:

@@ -58,8 +58,8 @@ class DiskFile:
                 raise EdgetokError(f"the KV disk tier is full ({self.path.parent}); free space or raise --kv-host-mb") from None
             raise
         if written != len(data):  # a full disk may take part of a write before ENOSPC
-            raise EdgetokError(f"the KV disk tier took {written} of {len(data)} bytes ({self.path}): the disk is full or failing; "
-                               "free space or raise --kv-host-mb")
+            raise EdgetokError(f"the KV disk tier took {written} of {len(data)} bytes ({self.path}): the disk is full "
+                               "or failing; free space or raise --kv-host-mb")
         self._dirty = True
         offset, self.end = self.end, self.end + len(data)
         return offset, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]

@@ -238,7 +238,8 @@ class ResidentStorage(Storage):
         layer = self.layers[i]
         start = layer.n_chunks * layer.chunk_size
         chunks = slab_chunks(layer.slab_k, layer.slab_v, layer.chunk_size)
-        return LayerKV(layer.chunk_size, layer.n_chunks, chunks, layer.slab_k[:, start : layer.n], layer.slab_v[:, start : layer.n])
+        window_k, window_v = layer.slab_k[:, start : layer.n], layer.slab_v[:, start : layer.n]
+        return LayerKV(layer.chunk_size, layer.n_chunks, chunks, window_k, window_v)
 
     def staged(self, chosen: torch.Tensor, kept: list[int], fetched: list[torch.Tensor], attended: int) -> None:
         self.counters["bytes_device"] += 2 * attended * self.n_kv * self.head_dim * self.itemsize

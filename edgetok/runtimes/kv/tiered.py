@@ -110,7 +110,8 @@ class TieredCache(AttendingCache, GraphCache):
         for i, ((k, v), layer) in enumerate(zip(state.layers, self.layers)):
             self.storage.add_prompt(layer, k, v)
             layer.q_obs = state.q_obs[i] if state.q_obs else None
-            layer.q_last = None if layer.q_obs is None else layer.q_obs[:, -1]  # a graph's first decode view selects with it
+            # the last query, as a prefill leaves it: a graph's first decode view selects with it
+            layer.q_last = None if layer.q_obs is None else layer.q_obs[:, -1]
             self.lengths[i] = k.shape[1]
 
     def stats(self) -> dict:
