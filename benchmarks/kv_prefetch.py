@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,20 +30,20 @@ from kv_speed import essay_prompt  # benchmarks/kv_speed.py
 EDGETOK = str(Path(sys.executable).parent / "edgetok")
 
 
-def systems(disk: str, budget: str) -> dict[str, tuple[list[str], dict]]:
-    """name → (extra `edgetok run` arguments, extra environment)."""
+def systems(disk: str, budget: str) -> dict[str, list[str]]:
+    """name → extra `edgetok run` arguments."""
     tiers = ["--kv-budget", budget, "--kv-device-mb", "16", "--kv-host-mb", "64", "--kv-disk", disk]
 
-    def steps(n: int) -> dict:  # how many past steps' selections the prefetch reads (default 3)
-        return {"EDGETOK_KV_PREFETCH_STEPS": str(n)}
+    def steps(n: int) -> list[str]:  # how many past steps' selections the prefetch reads (default 3)
+        return ["--kv-prefetch-steps", str(n)]
 
     return {
-        "page cache, no prefetch": (tiers + ["--no-kv-prefetch"], {}),
-        "page cache, prefetch last 8 steps' chunks": (tiers, steps(8)),
-        "uncached, no prefetch": (tiers + ["--kv-disk-uncached", "--no-kv-prefetch"], {}),
-        "uncached, prefetch last step's chunks": (tiers + ["--kv-disk-uncached"], steps(1)),
-        "uncached, prefetch last 3 steps' chunks": (tiers + ["--kv-disk-uncached"], steps(3)),
-        "uncached, prefetch last 8 steps' chunks": (tiers + ["--kv-disk-uncached"], steps(8)),
+        "page cache, no prefetch": tiers + ["--no-kv-prefetch"],
+        "page cache, prefetch last 8 steps' chunks": tiers + steps(8),
+        "uncached, no prefetch": tiers + ["--kv-disk-uncached", "--no-kv-prefetch"],
+        "uncached, prefetch last step's chunks": tiers + ["--kv-disk-uncached"] + steps(1),
+        "uncached, prefetch last 3 steps' chunks": tiers + ["--kv-disk-uncached"] + steps(3),
+        "uncached, prefetch last 8 steps' chunks": tiers + ["--kv-disk-uncached"] + steps(8),
     }
 
 
@@ -99,10 +98,10 @@ def main() -> None:
         chosen = {n: e for n, e in chosen.items() if any(o in n for o in args.only.split(","))}
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.repeat):
-        for name, (extra, env) in chosen.items():
+        for name, extra in chosen.items():
             cmd = [EDGETOK, "run", "smollm2", "-f", str(prompt_file), "--no-chat", "-n", str(args.new_tokens),
                    "--threads", str(args.threads), "--json"] + extra
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+            p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"{name} failed: {p.stderr.strip()}")
             out = json.loads(p.stdout)

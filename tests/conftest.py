@@ -146,3 +146,12 @@ def essay_text(min_chars: int = 20000) -> str:
     from edgetok.texts import essays
 
     return essays(min_chars)
+
+
+def kv_rows(k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
+    """Tokens' K/V (..., Hkv, N, D) as a sorted list of (head, key, value) rows: two views that hold
+    the same tokens in another order compare equal (attention does not care: keys carry their
+    positions), and a key paired with another token's value does not."""
+    hkv, d = k.shape[-3], k.shape[-1]
+    k, v = k.reshape(hkv, -1, d), v.reshape(hkv, -1, d)
+    return sorted((h, *kr, *vr) for h in range(hkv) for kr, vr in zip(k[h].tolist(), v[h].tolist()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig
-from edgetok.runtimes.kv.tiers import DiskFile
+from edgetok.runtimes.kv.disk import DiskFile
 from test_tiered_cache import PROMPT, decode, source  # noqa: F401  (the tiny 4-layer model fixture)
 
 DISK_STATS = ("disk_uncached", "disk_wait_s", "sync_read_s", "prefetch_wait_s", "prefetch_read_s", "sync_disk_reads",
@@ -90,19 +91,20 @@ def test_resident_cache_has_no_disk_stats(source):  # noqa: F811
     assert not set(DISK_STATS) & set(cache.stats())
 
 
-def test_prefetch_steps_widen_the_prediction(source, tmp_path, monkeypatch):  # noqa: F811
+def test_prefetch_steps_widen_the_prediction(source, tmp_path):  # noqa: F811
     """A 30 % budget: selections change from step to step, so more history predicts more reads."""
     counts = {}
-    for steps in ("1", "8"):
-        monkeypatch.setenv("EDGETOK_KV_PREFETCH_STEPS", steps)
-        kv = KVConfig(budget="30%", device_mb=0.02, host_mb=0.05, disk_dir=tmp_path / steps, bits="8")
+    for steps in (1, 8):
+        kv = KVConfig(budget="30%", device_mb=0.02, host_mb=0.05, disk_dir=tmp_path / str(steps), bits="8", prefetch_steps=steps)
         _, _, cache = decode(TorchBackend(source, kv=kv), PROMPT, 40)
-        assert cache.prefetch_steps == int(steps)
+        assert cache.storage.prefetcher.steps == steps
         s = cache.stats()
         counts[steps] = s["prefetch_chunks"], s["prefetch_hits"]
         assert s["prefetch_hits"] + s["prefetch_unused"] == s["prefetch_chunks"]
         cache.close()
-    assert counts["8"][0] >= counts["1"][0] and counts["8"][1] >= counts["1"][1]
+    assert counts[8][0] >= counts[1][0] and counts[8][1] >= counts[1][1]
+    with pytest.raises(EdgetokError):
+        KVConfig(prefetch_steps=0)
 
 
 def test_uncached_disk_file_reads_the_device(tmp_path):
@@ -120,6 +122,22 @@ def test_uncached_disk_file_reads_the_device(tmp_path):
         assert after - before >= 2 * sum(size for _, size, _ in items) * 0.9
     disk.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_short_disk_writes_and_reads_are_errors(tmp_path, monkeypatch):
+    """A disk that takes part of a write, or a file cut short under the cache: a sentence, not an assert."""
+    disk = DiskFile(tmp_path)
+    payload = {"k": torch.randn(2, 16, 8), "v": torch.randn(2, 16, 8)}
+    offset, layout = disk.write(payload)
+    size = sum(t.nbytes for t in payload.values())
+    os.truncate(disk.path, size - 1)
+    with pytest.raises(EdgetokError, match="truncated"):
+        disk.read_many([(offset, size, layout)])
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: len(data) // 2)
+    with pytest.raises(EdgetokError, match="disk is full"):
+        disk.write(payload)
+    monkeypatch.undo()
+    disk.close()
 
 
 def test_cli_disk_uncached(tiny_folder, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_hf_model
+from conftest import kv_rows, make_hf_model
 from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
@@ -95,7 +95,7 @@ def test_selection_always_keeps_sinks_and_recent_chunks(source):
         q = torch.randn(source.config.num_heads, source.config.head_dim, generator=torch.Generator().manual_seed(seed))
         chosen = cache._select(1, q).tolist()
         assert 0 in chosen
-        needed_recent = -(-(64 - cache._window_len(layer)) // layer.chunk_size)
+        needed_recent = -(-(64 - cache.storage.window_len(layer)) // layer.chunk_size)
         assert set(range(layer.n_chunks - needed_recent, layer.n_chunks)) <= set(chosen)
         assert len(chosen) < layer.n_chunks
 
@@ -208,7 +208,7 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
     layer, moved = cache.layers[0], 0
     for step in range(40):
         before = cache.stages.slots(0)
-        reads = sum(cache.store.read_chunks.values()) if tiers else 0
+        reads = sum(cache.storage.store.read_chunks.values()) if tiers else 0
         k, v, p = cache.view(0, reserve=1)
         chosen = cache._select(0, layer.q_last)  # what the step's view must hold
         # a chunk staged at the last step and chosen again stays in its slot (no copy)
@@ -216,15 +216,14 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
         moved += sum(1 for s, c in enumerate(before) if c >= 0 and c in after and after[s] != c)
         assert k.shape[2] >= p + 1
         if tiers:  # fetched: the chunks not staged before
-            assert sum(cache.store.read_chunks.values()) - reads == len(set(chosen.tolist()) - set(before))
-            kv = cache._fetch([layer.keys[c] for c in chosen.tolist()])
+            assert sum(cache.storage.store.read_chunks.values()) - reads == len(set(chosen.tolist()) - set(before))
+            kv = cache.storage.fetch([layer.keys[c] for c in chosen.tolist()])
             want_k = torch.cat([c[0] for c in kv] + [layer.window_k], 1)
             want_v = torch.cat([c[1] for c in kv] + [layer.window_v], 1)
         else:
-            want_k, want_v = cache._gather_resident(layer, chosen)
-        # the same rows, in another order: compare as sorted sets of key rows
-        rows = lambda t: sorted(map(tuple, t.reshape(-1, d).tolist()))  # noqa: E731
-        assert p == want_k.shape[1] and rows(k[0, :, :p]) == rows(want_k) and rows(v[0, :, :p]) == rows(want_v)
+            want_k, want_v = cache.storage.gather(0, chosen)
+        # the same tokens, in another order
+        assert p == want_k.shape[1] and kv_rows(k[0, :, :p], v[0, :, :p]) == kv_rows(want_k, want_v)
         k[:, :, p], v[:, :, p] = torch.randn(hkv, d, generator=g), torch.randn(hkv, d, generator=g)
         cache.append(0, torch.randn(1, hq, 1, d, generator=g), k[:, :, p : p + 1], v[:, :, p : p + 1])
     assert cache.stats()["budget_used"] < 0.5 and moved == 0

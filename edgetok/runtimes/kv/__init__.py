@@ -1,10 +1,25 @@
-"""KV caches. Every cache implements the KVCache protocol; the model never knows which one it has."""
+"""KV caches. Every cache implements both protocols of base.py — AttendingCache (a model that
+attends itself) and GraphCache (a graph that attends) — over the common KVCache; the model never
+knows which cache it has.
 
-from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVCache, KVState, add_state
+    base.py        the protocols, and KVState (a saved prompt)
+    config.py      KVConfig: the budget, the tiers, prefetch
+    contiguous.py  the exact cache: one growing buffer per layer
+    tiered.py      the tiered cache's policy: chunking, budgets, selection
+    storage.py     where the tiered cache's tokens live: a slab in RAM, or chunks in tiers
+    tiers.py       the tiers' placement: device copies over host/disk homes, by heat
+    disk.py        the disk tier's file
+    codec.py       a chunk's stored form at a bit width
+    prefetch.py    the thread that reads likely chunks from disk ahead of use
+    staging.py     a graph's views, changed only where the selection changes
+    policy.py      decisions from measured attention (chunk sizes, shares, bit widths)
+    stats.py       the tiered cache's counters and stats()
+    store.py       the persistent prompt store (--kv-store)
+"""
+
+from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.contiguous import ContiguousCache
 from edgetok.runtimes.kv.tiered import TieredCache
 
-add_state(ContiguousCache)
-add_state(TieredCache)
-__all__ = ["AttendingCache", "GraphCache", "KVCache", "KVState", "KVConfig", "ContiguousCache", "TieredCache"]
+__all__ = ["KVCache", "AttendingCache", "GraphCache", "KVState", "KVConfig", "ContiguousCache", "TieredCache"]

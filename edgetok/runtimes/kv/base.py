@@ -1,25 +1,88 @@
-"""The protocol between the model and its KV cache."""
+"""The protocols between a model and its KV cache.
+
+Two kinds of model drive a cache. A model that attends itself (the torch backend) hands each
+layer's new q, k, v to `AttendingCache.attend` and gets the attention back. A whole-model graph
+that attends inside itself (the onnxruntime backend) asks `GraphCache.view` for what each layer
+attends to, runs, and hands the new tokens back through `append` or `advance`. Both share
+`KVCache`: positions, truncation, the end of the prompt, statistics, and the saved state of a
+prompt (what the persistent prompt store keeps; mlx-lm's caches save theirs the same way).
+
+Every cache implements both protocols (a class per policy, as in mlx-lm's models/cache.py): the
+model never probes which cache it has, and a class that lacks a method cannot be instantiated.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 
-class KVCache(Protocol):
+@dataclass(eq=False)  # (tensors do not compare to one bool)
+class KVState:
+    """A prompt's K/V as a cache saves and loads it.
+
+    layers: per layer (k, v), each (Hkv, N, D), the N prompt tokens in order;
+    q_obs: per layer the last prompt queries (Hq, ≤W, D) a cache measures its attention with at
+    end_prefill, or None for a cache that needs none.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    q_obs: list[torch.Tensor] | None = None
+
+
+
+class KVCache(ABC):
+    """What every cache does, whichever model drives it."""
+
     @property
+    @abstractmethod
     def length(self) -> int:
         """The position of the next token: every token the sequence has had, including prompt
         tokens that a pruned prefill stored only in the early layers (see `skip`)."""
-        ...
 
+    @abstractmethod
     def skip(self, layer: int, n: int) -> None:
         """`layer` will never store n of the sequence's positions (prompt tokens pruned after an
         earlier layer): `length` counts them, the layer's stored tokens do not. Attention in that
         layer runs over what it stores, in order."""
-        ...
 
+    @abstractmethod
+    def truncate(self, n: int) -> int:
+        """Forget every token from position n on (to reuse a shared prompt prefix); returns the
+        number of tokens actually kept (a cache may keep fewer, down to 0; a pruned one keeps
+        all or nothing)."""
+
+    @abstractmethod
+    def end_prefill(self) -> None:
+        """The prompt is in: a cache may reorganize it before decoding starts."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """What the cache did, for --json output."""
+
+    @property
+    @abstractmethod
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype of the K/V attention reads (and of a saved state's tensors)."""
+
+    @property
+    @abstractmethod
+    def state(self) -> KVState:
+        """The prompt held so far, read after prefill and before end_prefill (an unpruned prompt:
+        a pruned one is no prefix anyone can reuse). The tensors may be views of the cache's own."""
+
+    @state.setter
+    @abstractmethod
+    def state(self, state: KVState) -> None:
+        """Load a saved prompt into this empty cache, as if it had been prefilled with it."""
+
+
+class AttendingCache(KVCache):
+    """For a model that attends itself (torch)."""
+
+    @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append the new tokens' k, v (B, Hkv, T, D) to `layer` and return the attention of
         q (B, Hq, T, D) over what the cache holds for that layer, causal among the T new tokens.
@@ -27,63 +90,29 @@ class KVCache(Protocol):
         A cache may attend over a subset of the stored tokens (a budget); an exact cache attends
         over all of them. Returns (B, Hq, T, D).
         """
-        ...
 
-    def truncate(self, n: int) -> int:
-        """Forget every token from position n on (to reuse a shared prompt prefix); returns the
-        number of tokens actually kept (a cache may keep fewer, down to 0; a pruned one keeps
-        all or nothing)."""
-        ...
 
-    def end_prefill(self) -> None:
-        """The prompt is in: a cache may reorganize it before decoding starts."""
-        ...
+class GraphCache(KVCache):
+    """For a whole-model graph that attends itself (onnxruntime): the cache hands out views."""
 
-    def stats(self) -> dict:
-        """What the cache did, for --json output."""
-        ...
+    @property
+    @abstractmethod
+    def queries_read(self) -> int:
+        """How many of a call's last tokens' queries append() and advance() read (0: none; a
+        budgeted cache selects with them)."""
 
-    # -- for a backend whose graph attends itself (onnxruntime) --------------------------------------
-    queries_read: int  # how many of a call's last tokens' queries append() reads (0: none; a budgeted cache selects with them)
-
+    @abstractmethod
     def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What the layer's next tokens attend to besides themselves: keys, values (1, Hkv, S, D)
         of which the first P slots hold tokens, and P; at least `reserve` slots after P when the
         buffers are the cache's own (the graph may write the new tokens there)."""
-        ...
 
+    @abstractmethod
     def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D), which may already sit where view() said
         (then nothing is copied); q (1, Hq, ≥ min(T, queries_read), D): the last tokens' queries."""
-        ...
 
+    @abstractmethod
     def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:
         """The layer's n new tokens' K/V are already in the buffers of its last view(), right
         after its P slots (the graph wrote them there): store them as append() would."""
-        ...
-
-
-# TEMPORARY shim until the kv split lands (arch-kv branch): the state protocol over ingest/export.
-from dataclasses import dataclass  # noqa: E402
-
-
-@dataclass
-class KVState:
-    layers: list
-    queries: list | None = None
-
-
-AttendingCache = GraphCache = KVCache
-
-
-def _get_state(self):
-    return KVState(*self.export())
-
-
-def _set_state(self, state):
-    self.ingest(state.layers, state.queries)
-
-
-def add_state(cls):
-    cls.state = property(_get_state, _set_state)
-    return cls

@@ -21,6 +21,13 @@ class KVConfig:
     recent_tokens: int = 64  # the last tokens, always attended
     observation_window: int = 32  # last prompt queries that measure each layer's attention skew
     prefetch: bool = True  # read layer i+1's chunks from host/disk while layer i computes
+    # Prefetch reads a layer's on-disk chunks that it selected in any of its last prefetch_steps
+    # steps. The chunks left on disk are the ones at the margin of the selection, which come and go.
+    # At 8K (SmolLM2, 25 %, 16 MB device + 64 MB host, disk reads past the page cache;
+    # benchmarks/kv_prefetch.py) the last 1 / 3 / 8 steps predicted 53 / 70 / 84 % of the disk
+    # chunks read, and the model thread waited 6.8 / 4.6 / 5.2 ms per token for the disk (12.3
+    # without prefetch): 8 steps read 2.9 MB per token in vain and came late more often.
+    prefetch_steps: int = 3
     disk_uncached: bool = False  # benchmarks: disk reads bypass the page cache (a store larger than RAM)
     chunk_sizes: tuple[int, ...] | None = None  # for concentrated … diffuse layers; None: by tier set-up
 
@@ -39,6 +46,9 @@ class KVConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise EdgetokError(f"--kv-{name.replace('_', '-')} must be ≥ 0")
+        if self.prefetch_steps < 1:
+            raise EdgetokError(f"KVConfig.prefetch_steps must be ≥ 1 (the past steps whose selections prefetch reads), "
+                               f"not {self.prefetch_steps}")
         if self.host_mb is not None and self.disk_dir is None:
             raise EdgetokError("--kv-host-mb needs --kv-disk DIR: chunks beyond the host budget go to disk")
         if self.disk_uncached and self.disk_dir is None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from edgetok.kernels.attention import attend, causal_mask
+from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 
 
-class ContiguousCache:
+class ContiguousCache(AttendingCache, GraphCache):
     """Full attention over all stored tokens. Capacity grows by a quarter as needed (amortized O(1) append)."""
 
     queries_read = 0  # append() ignores q: a graph's backend need not hand its queries over
@@ -106,21 +107,23 @@ class ContiguousCache:
 
     kv_dtype = property(lambda self: self.k[0].dtype)
 
-    def ingest(self, layers, q_obs=None) -> None:
+    @property
+    def state(self) -> KVState:
+        """Every layer's K/V (Hkv, N, D) as views, and no observation queries."""
+        assert not any(self.skipped), "a pruned prompt's K/V is not a prefix anyone can reuse"
+        return KVState([(self.k[i][0, :, : self.lengths[i]], self.v[i][0, :, : self.lengths[i]]) for i in range(len(self.k))])
+
+    @state.setter
+    def state(self, state: KVState) -> None:
         """Take stored K/V ((Hkv, N, D) per layer) as this cache's first N tokens."""
         assert self.length == 0
-        for i, (k, v) in enumerate(layers):
+        for i, (k, v) in enumerate(state.layers):
             n = k.shape[1]
             if n > self.k[i].shape[2]:
                 self._grow(i, n)
             self.k[i][0, :, :n] = k
             self.v[i][0, :, :n] = v
             self.lengths[i] = n
-
-    def export(self):
-        """Every layer's K/V (Hkv, N, D) as views, and no observation queries."""
-        assert not any(self.skipped), "a pruned prompt's K/V is not a prefix anyone can reuse"
-        return [(self.k[i][0, :, : self.lengths[i]], self.v[i][0, :, : self.lengths[i]]) for i in range(len(self.k))], None
 
     def stats(self) -> dict:
         return {"kind": "contiguous", "resident_bytes": {"device": self.nbytes()}}

@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.runtimes.kv.base import KVState
 
 MAGIC = "edgetok-kv-store"
 FORMAT_VERSION = 1
 SUFFIX = ".kvstore"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v (Hkv, N, D)
 
 
 def token_hash(tokens: list[int]) -> str:
@@ -103,9 +102,9 @@ class PromptStore:
                     best, best_len = Entry(path, header), n
         return best
 
-    def load(self, entry: Entry, n: int) -> tuple[Layers, list[torch.Tensor] | None] | None:
-        """The first n tokens' K/V of every layer (and the stored observation queries); None when the
-        entry was damaged and, with rebuild, removed."""
+    def load(self, entry: Entry, n: int) -> KVState | None:
+        """The state of the entry's first n tokens (every layer's K/V, and the stored observation
+        queries); None when the entry was damaged and, with rebuild, removed."""
         header = entry.header
         dtype = DTYPES[header["dtype"]]
         size = torch.tensor([], dtype=dtype).element_size()
@@ -126,11 +125,11 @@ class PromptStore:
                 for shape in header["q_obs_shapes"]:
                     count = shape[0] * shape[1] * shape[2]
                     q_obs.append(torch.frombuffer(bytearray(f.read(count * 4)), dtype=torch.float32).view(shape))
-        from edgetok.runtimes.kv.base import KVState
         return KVState(layers, q_obs)
 
-    def save(self, tokens: list[int], state) -> Path:
-        layers, q_obs = state.layers, state.queries
+    def save(self, tokens: list[int], state: KVState) -> Path:
+        """Keep a cache's state (cache.state) as the entry of its prompt `tokens`."""
+        layers, q_obs = state.layers, state.q_obs
         name = f"{self.prefix}{token_hash(tokens)[:24]}{SUFFIX}"
         blobs = [torch.stack([k, v]).to(DTYPES[self.dtype_name]).contiguous().view(torch.uint8).numpy().tobytes() for k, v in layers]
         header = {

@@ -1,0 +1,95 @@
+"""The disk tier: one append-only file of chunk payloads per cache, read in runs of neighbours."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.runtimes.kv.codec import Tensors
+
+
+def _tensors_from(buf: bytearray, pos: int, layout) -> Tensors:
+    out = {}
+    for name, dtype, shape in layout:
+        count = 1
+        for d in shape:
+            count *= d
+        out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=pos).view(shape)
+        pos += out[name].nbytes
+    return out
+
+
+class DiskFile:
+    """One append-only file of chunk payloads, deleted when the cache closes.
+
+    uncached: every read goes to the storage device, as it would for a store larger than RAM
+    (benchmarks: otherwise the whole file stays in the page cache and a "disk" read is a memcpy).
+    Written data is flushed and dropped from the page cache before the next read, each read range
+    is dropped after it is read, and read-ahead is off. Linux/POSIX only (posix_fadvise)."""
+
+    def __init__(self, folder: Path, uncached: bool = False) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f"edgetok-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise EdgetokError(f"cannot use {folder} for the KV disk tier: {e.strerror}") from None
+        self.end = 0
+        self.uncached = uncached
+        if uncached and not hasattr(os, "posix_fadvise"):
+            os.close(self.fd)
+            self.path.unlink(missing_ok=True)
+            raise EdgetokError("--kv-disk-uncached needs posix_fadvise (Linux); drop the flag on this system")
+        if uncached:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead into the page cache
+        self._dirty = False  # written since the last flush (dirty pages cannot be dropped)
+
+    def write(self, tensors: Tensors) -> tuple[int, list]:
+        data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+        try:
+            written = os.pwrite(self.fd, data, self.end)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise EdgetokError(f"the KV disk tier is full ({self.path.parent}); free space or raise --kv-host-mb") from None
+            raise
+        if written != len(data):  # a full disk may take part of a write before ENOSPC
+            raise EdgetokError(f"the KV disk tier took {written} of {len(data)} bytes ({self.path}): the disk is full "
+                               "or failing; free space or raise --kv-host-mb")
+        self._dirty = True
+        offset, self.end = self.end, self.end + len(data)
+        return offset, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+
+    def read_many(self, items: list[tuple[int, int, list]]) -> list[Tensors]:
+        """Payloads at (offset, size, layout), in order; neighbours on disk are read in one call."""
+        order = sorted(range(len(items)), key=lambda i: items[i][0])
+        out: list = [None] * len(items)
+        run: list[int] = []
+        if self.uncached and self._dirty:
+            self._dirty = False  # before the flush: a write racing with it marks the file again
+            os.fdatasync(self.fd)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for i in order + [None]:
+            if run and (i is None or items[i][0] != items[run[-1]][0] + items[run[-1]][1]):
+                start = items[run[0]][0]
+                buf = bytearray(items[run[-1]][0] + items[run[-1]][1] - start)
+                got = os.preadv(self.fd, [buf], start)
+                if got != len(buf):
+                    raise EdgetokError(f"the KV disk tier read {got} of {len(buf)} bytes at offset {start} of {self.path}: "
+                                       "was the file truncated?")
+                if self.uncached:
+                    os.posix_fadvise(self.fd, start, len(buf), os.POSIX_FADV_DONTNEED)
+                for j in run:
+                    out[j] = _tensors_from(buf, items[j][0] - start, items[j][2])
+                run = []
+            if i is not None:
+                run.append(i)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
