@@ -11,6 +11,7 @@ import torch
 from conftest import make_hf_model, make_tokenizer_files
 from edgetok.errors import EdgetokError
 from edgetok.exporters.gguf import export_gguf
+from edgetok.files import file_sha256
 from edgetok.models import sources
 from edgetok.models.gguf_file import permute_qk, unpermute_qk
 from edgetok.models.llama import LlamaModel
@@ -73,7 +74,7 @@ def test_second_load_reads_the_cache(gguf_pair, monkeypatch):
 def test_damaged_cache_entry_is_rebuilt(gguf_pair):
     _, path = gguf_pair
     sources.load_source(str(path))
-    entries = [e for e in (sources.edgetok_home() / "converted").iterdir() if sources.file_sha256(path)[:24] in e.name]
+    entries = [e for e in (sources.edgetok_home() / "converted").iterdir() if file_sha256(path)[:24] in e.name]
     assert len(entries) == 1
     (entries[0] / "model.safetensors").write_bytes(b"garbage")
     again = sources.load_source(str(path))
