@@ -355,7 +355,7 @@ def _print_onnx_export(o, manifest) -> None:
 
 
 def _print_gguf_export(o, manifest) -> None:
-    from edgetok.exporters.gguf import report_path
+    from edgetok.models.manifest import gguf_report_path
 
     click.echo(f"wrote {o.output} ({manifest.size_bytes / 1e6:.1f} MB, {o.quant}, {o.method})")
     for name, kind in manifest.kept_at_higher_precision.items():
@@ -363,7 +363,7 @@ def _print_gguf_export(o, manifest) -> None:
         click.echo(f"  kept at {kind}: {name}" + (f" (KL when quantized alone {kl:.4f})" if kl is not None else " (output projection)"))
     if manifest.parity_summary is not None:
         click.echo(f"parity vs fp32: {manifest.parity_summary}")
-    click.echo(f"report: {report_path(o.output)}")
+    click.echo(f"report: {gguf_report_path(o.output)}")
 
 
 @cli.command()

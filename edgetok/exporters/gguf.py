@@ -16,7 +16,7 @@ from edgetok.exporters.quantize import QuantizedModel, quantized_source
 from edgetok.files import progress_bar, staged
 from edgetok.models.config import ModelConfig
 from edgetok.models.gguf_file import permute_qk, permuted_heads
-from edgetok.models.manifest import GgufManifest, SourceRecord
+from edgetok.models.manifest import GgufManifest, SourceRecord, gguf_report_path
 from edgetok.models.names import DOWN_PROJ, EMBEDDING, LM_HEAD, V_PROJ, gguf_name, layer
 from edgetok.models.sources import Source
 from edgetok.models.tokenizer import gguf_tokenizer_fields
@@ -30,11 +30,6 @@ _METADATA = (
     ("rope_freq_base", "rope_theta"), ("layer_norm_rms_eps", "rms_norm_eps"), ("rope_dimension_count", "head_dim"),
     ("key_length", "head_dim"), ("value_length", "head_dim"), ("vocab_size", "vocab_size"),
 )
-
-
-def report_path(out: Path) -> Path:
-    """Where the report of the GGUF at `out` goes: beside it, `out`.json."""
-    return out.with_name(out.name + ".json")
 
 
 def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
@@ -231,7 +226,7 @@ class GgufExport:
 
     def __init__(self, options: GgufOptions) -> None:
         self.options = options
-        self.outputs = [options.output, report_path(options.output)]
+        self.outputs = [options.output, gguf_report_path(options.output)]
 
     def code_grid(self) -> tuple[int, int, dict]:
         """gptq / rsq codes on the grid of a GGUF block type: symmetric, groups of 32, fp16 scales."""

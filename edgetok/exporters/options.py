@@ -25,7 +25,8 @@ DEFAULT_BLOCK = 32
 ATTENTION = ("gqa", "standard")
 ZERO_POINTS = ("exact", "integer")
 HEAD_BITS = (8, 4)
-DEFAULT_OPSET = 21  # int4 and blocked DequantizeLinear
+QDQ_OPSET = 21  # int4 and blocked DequantizeLinear
+DEFAULT_OPSET = QDQ_OPSET
 MIN_OPSET = 18  # the graph's operators
 
 # --format gguf: the 2-D weights' type, named as gguf-py names it in lower case (exporters/gguf.py)
@@ -50,7 +51,8 @@ def check_choice(flag: str, value, choices) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ExportOptions:
-    """Options of every quantized export. eval_tokens None: the format's default."""
+    """Options every format shares (make an OnnxOptions or a GgufOptions). eval_tokens None: the
+    format's default."""
 
     model: str  # "smollm2", a Hugging Face folder or a .gguf file
     output: Path
@@ -67,7 +69,8 @@ class ExportOptions:
     DEFAULT_EVAL_TOKENS: ClassVar[int]
 
     def __post_init__(self) -> None:
-        # Paths given as strings from Python; the format's default length.
+        # Paths given as strings from Python (and a model as a Path); the format's default length.
+        object.__setattr__(self, "model", str(self.model))
         for name in ("output", "eval_text", "calib"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
@@ -120,8 +123,8 @@ class OnnxOptions(ExportOptions):
             raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
         if self.opset < MIN_OPSET:
             raise EdgetokError(f"--opset {self.opset} is too old: the graph needs opset {MIN_OPSET} or newer")
-        if self.qdq and self.opset < 21:
-            raise EdgetokError(f"--qdq needs --opset 21 or newer (blocked and int4 DequantizeLinear), not {self.opset}")
+        if self.qdq and self.opset < QDQ_OPSET:
+            raise EdgetokError(f"--qdq needs --opset {QDQ_OPSET} or newer (blocked and int4 DequantizeLinear), not {self.opset}")
         if self.method != "rtn" and not quantized:
             raise EdgetokError(f"--method {self.method} applies to --weights int4 or int8")
         if self.attention is None:

@@ -28,6 +28,12 @@ ONNX_DATA = "model.onnx.data"  # the weights, external to model.onnx
 # refuses every other version.
 ONNX_GRAPH_VERSION = 3
 
+
+def gguf_report_path(gguf: Path) -> Path:
+    """Where the report of the GGUF file at `gguf` goes: beside it, `gguf`.json."""
+    return gguf.with_name(gguf.name + ".json")
+
+
 _OPTIONAL = {"optional": True}  # field metadata: omitted from JSON while None
 
 
@@ -69,10 +75,11 @@ class Parity(ParityReport):
 
 
 class _Json:
-    """to_json / from_json / write / read for the manifest dataclasses below."""
+    """to_json / from_json, and write / read for the manifests, of the dataclasses below."""
 
     # field → how to read its JSON value back (nested records); other fields are plain JSON
     _READERS: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+    WHAT: ClassVar[str]  # what a manifest's file is called in messages
 
     def to_json(self) -> dict[str, Any]:
         out = {}
@@ -100,6 +107,23 @@ class _Json:
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: Path):
+        """The manifest at `path`; one sentence for a file that is not one, or not one this
+        version reads."""
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("format") != cls.__dataclass_fields__["format"].default:
+            raise EdgetokError(f"{path} is not an {cls.WHAT}")
+        cls._check_version(path, data)
+        try:
+            return cls.from_json(data)
+        except EdgetokError:
+            raise EdgetokError(f"{path} is not an {cls.WHAT}") from None
+
+    @classmethod
+    def _check_version(cls, path: Path, data: dict[str, Any]) -> None:
+        """Refuse what an older or newer edgetok wrote, where that matters (before reading fields)."""
 
 
 @dataclass(frozen=True)
@@ -159,22 +183,15 @@ class OnnxManifest(_Json):
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)
     export_seconds: float | None = field(default=None, metadata=_OPTIONAL)
 
-    _READERS: ClassVar = {"source": lambda d: SourceRecord(**d), "config": ModelConfig.from_dict,
+    _READERS: ClassVar = {"source": SourceRecord.from_json, "config": ModelConfig.from_dict,
                           "prune": lambda d: PruneSpec(**d), "parity": lambda d: Parity(**d)}
+    WHAT: ClassVar[str] = "edgetok ONNX export manifest"
 
     @classmethod
-    def read(cls, path: Path) -> "OnnxManifest":
-        """The manifest at `path` (a folder's ONNX_MANIFEST); one sentence for anything else."""
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != "onnx" or "config" not in data:
-            raise EdgetokError(f"{path} is not an edgetok ONNX export manifest")
+    def _check_version(cls, path: Path, data: dict[str, Any]) -> None:
         if data.get("graph_version") != ONNX_GRAPH_VERSION:
             raise EdgetokError(f"{path.parent} was exported by another edgetok version, whose graph this one cannot "
                                "run; export it again")
-        try:
-            return cls.from_json(data)
-        except EdgetokError:
-            raise EdgetokError(f"{path} is not an edgetok ONNX export manifest") from None
 
 
 @dataclass(kw_only=True)
@@ -195,14 +212,8 @@ class GgufManifest(_Json):
     parity: Parity | None = field(default=None, metadata=_OPTIONAL)
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)
 
-    _READERS: ClassVar = {"source": lambda d: SourceRecord(**d), "parity": lambda d: Parity(**d)}
-
-    @classmethod
-    def read(cls, path: Path) -> "GgufManifest":
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != "gguf":
-            raise EdgetokError(f"{path} is not an edgetok GGUF export report")
-        return cls.from_json(data)
+    _READERS: ClassVar = {"source": SourceRecord.from_json, "parity": lambda d: Parity(**d)}
+    WHAT: ClassVar[str] = "edgetok GGUF export report"
 
 
 Manifest = OnnxManifest | GgufManifest
