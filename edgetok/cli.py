@@ -280,7 +280,8 @@ def _int_or_none(ctx, param, value):
 @click.option("--attention", type=click.Choice(export_choices.ATTENTION), default=None,
               help="ONNX: gqa = ONNX Runtime's fused kernels (default), standard = default-domain operators only (default with --qdq)")
 @click.option("--prune-after-layer", type=click.IntRange(min=0), default=None,
-              help="ONNX: the layer after which the graph can prune a prompt, for edgetok run --prune-prompt (none by default: decoding is ~10% faster without)")
+              help="ONNX: the layer after which the graph can prune a prompt, for edgetok run --prune-prompt "
+                   "(none by default: decoding is ~10% faster without)")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None,
               help="fail (and write nothing) if the parity report's mean KL exceeds this")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file (gguf) or folder (onnx, hf) to write")

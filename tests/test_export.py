@@ -15,7 +15,13 @@ from edgetok.files import staged
 from edgetok.models import names
 from edgetok.models.config import ModelConfig
 from edgetok.models.manifest import (
-    ONNX_GRAPH_VERSION, GgufManifest, OnnxManifest, Parity, ParityReport, PruneSpec, SourceRecord,
+    ONNX_GRAPH_VERSION,
+    GgufManifest,
+    OnnxManifest,
+    Parity,
+    ParityReport,
+    PruneSpec,
+    SourceRecord,
 )
 
 ONNX_BAD = [

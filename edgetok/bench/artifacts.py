@@ -61,7 +61,8 @@ def onnx_folder(model: str, source: Source, spec: str) -> Path:
     import hashlib
     import shlex
 
-    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, options as export_options, pipeline, quantize
+    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, pipeline, quantize
+    from edgetok.exporters import options as export_options
     from edgetok.models import manifest, names
 
     weights, *options = shlex.split(spec)

@@ -16,7 +16,7 @@ over heads and queries.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ def calibrate(
     r_max: float = 10.0,
     batch: int = 8,
     progress=None,
-) -> dict[str, "QuantizedWeight"]:  # noqa: F821
+) -> dict[str, QuantizedWeight]:  # noqa: F821
     """Quantize every decoder linear of `model` (float32) on tokens (S, T), layer by layer.
 
     The model's linears are replaced by their dequantized weights as they are quantized (so

@@ -278,11 +278,15 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         wanted = g.op("Cast", g.op("Ceil", g.op("Mul", names.PRUNE_KEEP, n_f)), to=TensorProto.INT64)
         count = g.op("Min", n, g.op("Max", wanted, g.op("Add", w, g.const([prune.sinks]))))
         # the sinks and the window always: score them above everything
-        forced_idx = g.op("Or", g.op("Less", key_idx, g.const(prune.sinks)), g.op("GreaterOrEqual", key_idx, g.op("Sub", n0, g.op("Squeeze", w, g.const([0])))))
+        sink = g.op("Less", key_idx, g.const(prune.sinks))
+        in_window = g.op("GreaterOrEqual", key_idx, g.op("Sub", n0, g.op("Squeeze", w, g.const([0]))))
+        forced_idx = g.op("Or", sink, in_window)
         forced = g.op("Where", forced_idx, g.const(np.inf, np.float32), got)
         _, best = g.op("TopK", forced, count, axis=-1, largest=1, sorted=1, outputs=2)
-        kept, _ = g.op("TopK", best, count, axis=-1, largest=0, sorted=1, outputs=[names.KEPT, g.fresh("kept_order")])  # in order
-        rows = g.op("Expand", g.op("Unsqueeze", kept, g.const([-1])), g.op("Concat", g.op("Shape", kept), g.const([cfg.hidden_size]), axis=0))
+        # in order
+        kept, _ = g.op("TopK", best, count, axis=-1, largest=0, sorted=1, outputs=[names.KEPT, g.fresh("kept_order")])
+        column = g.op("Unsqueeze", kept, g.const([-1]))
+        rows = g.op("Expand", column, g.op("Concat", g.op("Shape", kept), g.const([cfg.hidden_size]), axis=0))
         x = g.op("GatherElements", x, rows, axis=1)
         positions = g.op("GatherElements", t["positions"], kept, axis=1)
         return x, tokens(positions, count)

@@ -14,9 +14,10 @@ ONNX QDQ, GGUF blocks) consumes a `QuantizedWeight`, whichever method chose its 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -58,12 +59,12 @@ class QuantizedWeight:
         w = (g - self.zero.float()[..., None]) * self.scale[..., None]
         return w.reshape(n, k)
 
-    def rows(self, index: torch.Tensor | slice) -> "QuantizedWeight":
+    def rows(self, index: torch.Tensor | slice) -> QuantizedWeight:
         """The output rows `index` (a slice or a permutation): codes, scales and zeros move together."""
         return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.bits, self.group_size)
 
     @staticmethod
-    def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+    def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         a = parts[0]
         assert all(p.bits == a.bits and p.group_size == a.group_size for p in parts)
         cat = lambda attr: torch.cat([getattr(p, attr) for p in parts])  # noqa: E731

@@ -18,7 +18,15 @@ import torch
 
 from edgetok.models.config import ModelConfig
 from edgetok.models.names import (
-    EMBEDDING, FINAL_NORM, LM_HEAD, NORM_INPUTS, O_PROJ, READS_STREAM, V_PROJ, WRITES_STREAM, layer,
+    EMBEDDING,
+    FINAL_NORM,
+    LM_HEAD,
+    NORM_INPUTS,
+    O_PROJ,
+    READS_STREAM,
+    V_PROJ,
+    WRITES_STREAM,
+    layer,
 )
 
 

@@ -10,9 +10,10 @@ JSON keys are the field names, in field order; a field marked `_OPTIONAL` is lef
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from edgetok.errors import EdgetokError
 from edgetok.files import read_json, write_json_atomic
@@ -70,7 +71,7 @@ class Parity(ParityReport):
     text: str  # the evaluation text
 
     @classmethod
-    def of(cls, report: ParityReport, **compared: str) -> "Parity":
+    def of(cls, report: ParityReport, **compared: str) -> Parity:
         return cls(**report.to_dict(), **compared)
 
 
@@ -148,7 +149,7 @@ class SourceRecord(_Json):
     fingerprint: str | None = field(default=None, metadata=_OPTIONAL)  # Source.fingerprint (ONNX manifests)
 
     @classmethod
-    def of(cls, source, fingerprint: bool = False) -> "SourceRecord":
+    def of(cls, source, fingerprint: bool = False) -> SourceRecord:
         """From a models.sources.Source (this module is below it: no import)."""
         return cls(ref=source.ref, path=str(source.path), format=source.format, sha256=source.info.get("sha256"),
                    fingerprint=source.fingerprint if fingerprint else None)
