@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from edgetok.cli import export as export_command
+from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.exporters.options import ExportOptions, GgufOptions, OnnxOptions
 from edgetok.files import staged
@@ -78,6 +78,7 @@ def test_options_resolve_their_defaults(tmp_path):
 
 def test_option_fields_are_the_export_flags():
     """`edgetok export` builds the options from its arguments as they are."""
+    export_command = cli.commands["export"]
     params = {p.name for p in export_command.params}
     fields = {f.name for cls in (OnnxOptions, GgufOptions) for f in dataclasses.fields(cls)}
     assert fields <= params, fields - params
