@@ -74,6 +74,8 @@ def test_options_resolve_their_defaults(tmp_path):
     assert not OnnxOptions(model="m", output="o", verify=False).reads_eval_text
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.weights = "fp32"
+    with pytest.raises(TypeError, match="make an OnnxOptions or a GgufOptions"):
+        ExportOptions(model="m", output="o")
 
 
 def test_option_fields_are_the_export_flags():

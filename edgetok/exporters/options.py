@@ -69,6 +69,8 @@ class ExportOptions:
     DEFAULT_EVAL_TOKENS: ClassVar[int]
 
     def __post_init__(self) -> None:
+        if type(self) is ExportOptions:
+            raise TypeError("ExportOptions holds what the formats share: make an OnnxOptions or a GgufOptions")
         # Paths given as strings from Python (and a model as a Path); the format's default length.
         object.__setattr__(self, "model", str(self.model))
         for name in ("output", "eval_text", "calib"):
