@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from edgetok.exporters.export import quantized_source
-from edgetok.exporters.quantize import QuantizedModel, quantize_model
+from edgetok.exporters.quantize import QuantizedModel, quantize_model, quantized_source
 from edgetok.exporters.verify import compare, model_logits
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import load_source

@@ -11,6 +11,7 @@ import torch
 from conftest import make_hf_model, make_tokenizer_files
 from edgetok.errors import EdgetokError
 from edgetok.exporters.gguf import export_gguf
+from edgetok.files import file_sha256
 from edgetok.models import sources
 from edgetok.models.gguf_file import permute_qk, unpermute_qk
 from edgetok.models.llama import LlamaModel
@@ -73,7 +74,7 @@ def test_second_load_reads_the_cache(gguf_pair, monkeypatch):
 def test_damaged_cache_entry_is_rebuilt(gguf_pair):
     _, path = gguf_pair
     sources.load_source(str(path))
-    entries = [e for e in (sources.edgetok_home() / "converted").iterdir() if sources.file_sha256(path)[:24] in e.name]
+    entries = [e for e in (sources.edgetok_home() / "converted").iterdir() if file_sha256(path)[:24] in e.name]
     assert len(entries) == 1
     (entries[0] / "model.safetensors").write_bytes(b"garbage")
     again = sources.load_source(str(path))
@@ -128,3 +129,18 @@ def test_hf_folder_errors(tmp_path):
         sources.load_source(str(tmp_path / "notes.txt"))
     with pytest.raises(EdgetokError, match="not found"):
         sources.load_source(str(tmp_path / "missing"))
+
+
+def test_export_from_python_writes_what_it_returns_or_nothing(tiny_folder, tmp_path):
+    """The pipeline without the command line: GgufOptions in, the report written beside the file
+    out; a verification over max_kl leaves no file behind."""
+    from edgetok.exporters.options import GgufOptions
+    from edgetok.exporters.pipeline import export
+
+    m = export(GgufOptions(model=str(tiny_folder), output=tmp_path / "m.gguf", quant="q4_0", eval_tokens=32))
+    assert m.to_json() == json.loads((tmp_path / "m.gguf.json").read_text())
+    assert m.parity.tokens == 32 and m.size_bytes == (tmp_path / "m.gguf").stat().st_size
+    assert list(m.kept_at_higher_precision.values()) == ["q8_0"]  # the output projection, as llama.cpp keeps it
+    with pytest.raises(EdgetokError, match="exceeds --max-kl 0.0 .*; nothing was written"):
+        export(GgufOptions(model=str(tiny_folder), output=tmp_path / "strict.gguf", quant="q4_0", eval_tokens=32, max_kl=0.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.json"]

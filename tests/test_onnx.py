@@ -250,6 +250,25 @@ def test_export_writes_a_complete_folder_with_a_parity_report(exported, families
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+def test_the_manifest_describes_the_graph(exported):
+    """Source.manifest is edgetok.json as written; Source.info keeps the values the backend reads."""
+    from dataclasses import asdict
+
+    from edgetok.models.manifest import ONNX_MANIFEST, OnnxManifest
+    from edgetok.models.names import io_names
+
+    source = load_source(str(exported))
+    manifest = source.manifest
+    assert manifest == OnnxManifest.read(exported / ONNX_MANIFEST)
+    assert manifest.to_json() == json.loads((exported / ONNX_MANIFEST).read_text())
+    assert source.config == manifest.config and manifest.prune.after_layer == 1
+    assert source.info["prune"] == asdict(manifest.prune) and source.info["rope_inv_freq"] == manifest.rope_inv_freq
+    assert source.info["attention"] == manifest.attention == "gqa"
+    graph = onnx.load(exported / "model.onnx", load_external_data=False).graph
+    io = {"inputs": [i.name for i in graph.input], "outputs": [o.name for o in graph.output]}
+    assert io == manifest.io == io_names(source.config.num_layers, prune=True)
+
+
 def test_onnx_runs_the_same_tokens_as_torch(exported, families):
     prompt = "The quick brown fox"
     want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=12).tokens

@@ -268,7 +268,7 @@ def test_quantize_model(tied_folder):
 def test_gguf_export_writes_the_codes_exactly(tied_folder, tmp_path):
     """A GGUF written from rsq codes reads back (through gguf-py) as exactly the dequantized codes."""
     src = sources.load_source(str(tied_folder))
-    from edgetok.exporters.export import quantized_source
+    from edgetok.exporters.quantize import quantized_source
 
     qm = quantize_model(src, 4, 32, "rsq", calib_text=essays(20000), calib_tokens=512, seq_len=128,
                         symmetric=True, scale_dtype=torch.float16)

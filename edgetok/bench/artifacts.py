@@ -61,13 +61,16 @@ def onnx_folder(model: str, source: Source, spec: str) -> Path:
     import hashlib
     import shlex
 
-    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, quantize
+    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, pipeline, quantize
+    from edgetok.exporters import options as export_options
+    from edgetok.models import manifest, names
 
     weights, *options = shlex.split(spec)
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (onnx, onnx_graph, onnx_rewrites, quantize)))
+    modules = (onnx, onnx_graph, onnx_rewrites, quantize, export_options, pipeline, manifest, names)
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules))
     code.update(shlex.join(options).encode())
     out = cache_dir(source) / f"onnx-{code.hexdigest()[:16]}-{weights}"
-    if not (out / "edgetok.json").is_file():
+    if not (out / manifest.ONNX_MANIFEST).is_file():
         _run([*edgetok_command(), "export", model, "--format", "onnx", "--weights", weights, *options,
               "--no-verify", "--force", "-o", str(out)], f"the ONNX export of {model} ({spec})")
     return out

@@ -27,7 +27,7 @@ from edgetok.bench.systems import (
     REFERENCE, System, edgetok_systems, onnx_systems, parse_peers, peer_systems, skipped_peers,
 )
 from edgetok.errors import EdgetokError
-from edgetok.exporters.onnx import WEIGHTS as ONNX_WEIGHTS
+from edgetok.exporters.options import WEIGHTS as ONNX_WEIGHTS
 from edgetok.models.sources import load_source
 from edgetok.texts import essays
 

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from edgetok.exporters.export import write_json_atomic
+from edgetok.files import write_json_atomic
 
 PACKAGES = ("edgetok", "torch", "llama_cpp_python", "onnxruntime", "onnxruntime-genai", "transformers", "numpy")
 TIERS = ("device", "host", "disk")

@@ -16,7 +16,7 @@ over heads and queries.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +24,12 @@ import torch.nn.functional as F
 from edgetok.errors import EdgetokError
 from edgetok.kernels.attention import attend, causal_mask
 from edgetok.models.llama import LlamaModel, rope_cos_sin
+from edgetok.models.names import DOWN_PROJ, GATE_UP, O_PROJ, QKV, layer
 from edgetok.models.tokenizer import Tokenizer
 from edgetok.texts import essays
 
 SEQ_LEN = 512
 DEFAULT_TOKENS = 32768  # 64 sequences of 512
-# (module, linears sharing one input) in the order GPTQ quantizes a decoder layer.
-STEPS = (
-    ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    ("self_attn", ("o_proj",)),
-    ("mlp", ("gate_proj", "up_proj")),
-    ("mlp", ("down_proj",)),
-)
 
 # (weight (N, K) of the linears in one step, stacked by rows; Hessian (K, K)) → codes
 QuantizeFn = Callable[[torch.Tensor, torch.Tensor], "QuantizedWeight"]  # noqa: F821
@@ -124,7 +118,7 @@ def calibrate(
     r_max: float = 10.0,
     batch: int = 8,
     progress=None,
-) -> dict[str, "QuantizedWeight"]:  # noqa: F821
+) -> dict[str, QuantizedWeight]:  # noqa: F821
     """Quantize every decoder linear of `model` (float32) on tokens (S, T), layer by layer.
 
     The model's linears are replaced by their dequantized weights as they are quantized (so
@@ -139,16 +133,16 @@ def calibrate(
     layers = list(enumerate(model.model.layers))
     result: dict[str, QuantizedWeight] = {}
 
-    def quantize_step(i: int, module, names: tuple[str, ...], hessian: _Hessian) -> None:
-        linears = [getattr(module, n) for n in names]
+    def quantize_step(i: int, block, names: tuple[str, ...], hessian: _Hessian) -> None:
+        """The linears `names` of layer i (one input, so one Hessian), stacked by rows."""
+        linears = [block.get_submodule(n) for n in names]
         sizes = [lin.weight.shape[0] for lin in linears]
         qw = quantize(torch.cat([lin.weight for lin in linears]), hessian.value())
         start = 0
         for name, lin, n in zip(names, linears, sizes):
             part = qw.rows(slice(start, start + n))
             start += n
-            kind = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            result[f"model.layers.{i}.{kind}.{name}.weight"] = part
+            result[layer(i, f"{name}.weight")] = part
             lin.weight.data = part.dequantize()
 
     for i, block in progress(layers, len(layers)) if progress else layers:
@@ -163,7 +157,7 @@ def calibrate(
                 attn(h, cos, sin, i, rec)
                 importance[b] = rec.importance
             h_qkv.add(h, importance[b] if weighted else None)
-        quantize_step(i, attn, STEPS[0][1], h_qkv)
+        quantize_step(i, block, QKV, h_qkv)
         # o: attention outputs over the quantized q/k/v.
         h_o = _Hessian(attn.o_proj.weight.shape[1])
         pre_o = []
@@ -173,14 +167,14 @@ def calibrate(
             a = rec.out.transpose(1, 2).reshape(x[b].shape[0], t, -1)  # (B, T, Hq·D)
             pre_o.append(a)
             h_o.add(a, importance[b] if weighted else None)
-        quantize_step(i, attn, STEPS[1][1], h_o)
+        quantize_step(i, block, (O_PROJ,), h_o)
         # gate/up: the residual after the quantized o, normalized.
         h_gu = _Hessian(x.shape[-1])
         for b, a in zip(batches, pre_o):
             x[b] += attn.o_proj(a)
             h_gu.add(block.post_attention_layernorm(x[b]), importance[b] if weighted else None)
         del pre_o
-        quantize_step(i, mlp, STEPS[2][1], h_gu)
+        quantize_step(i, block, GATE_UP, h_gu)
         # down: the quantized gate/up's product (kept: recomputing it costs a third of the layer).
         h_down = _Hessian(mlp.down_proj.weight.shape[1])
         acts = []
@@ -188,7 +182,7 @@ def calibrate(
             h2 = block.post_attention_layernorm(x[b])
             acts.append(F.silu(mlp.gate_proj(h2)) * mlp.up_proj(h2))  # (B, T, intermediate)
             h_down.add(acts[-1], importance[b] if weighted else None)
-        quantize_step(i, mlp, STEPS[3][1], h_down)
+        quantize_step(i, block, (DOWN_PROJ,), h_down)
         for b, act in zip(batches, acts):  # the next layer's inputs, through the fully quantized layer
             x[b] += mlp.down_proj(act)
         del acts

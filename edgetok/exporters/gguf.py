@@ -1,54 +1,40 @@
-"""Write a model as a GGUF file llama.cpp loads: its metadata keys, tensor names and Q/K layout."""
+"""`edgetok export --format gguf`: a GGUF file llama.cpp loads (its metadata keys, tensor names and
+Q/K layout), the tensor types chosen for it, and the export's own steps (GgufExport, run by
+exporters/pipeline.py).
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.exporters.options import CODE_TYPES, QUANTS, GgufOptions, check_choice, higher_precision
+from edgetok.exporters.quantize import QuantizedModel, quantized_source
+from edgetok.files import progress_bar, staged
 from edgetok.models.config import ModelConfig
-from edgetok.models.gguf_file import TENSOR_NAMES, permute_qk
+from edgetok.models.gguf_file import permute_qk, permuted_heads
+from edgetok.models.manifest import GgufManifest, SourceRecord, gguf_report_path
+from edgetok.models.names import DOWN_PROJ, EMBEDDING, LM_HEAD, V_PROJ, gguf_name, layer
 from edgetok.models.sources import Source
 from edgetok.models.tokenizer import gguf_tokenizer_fields
 
-# --quant name → (tensor type of 2-D weights, llama.cpp file type name)
-QUANT_TYPES = {
-    "f32": ("F32", "ALL_F32"),
-    "f16": ("F16", "MOSTLY_F16"),
-    "bf16": ("BF16", "MOSTLY_BF16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
-    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
-    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
-    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
-}
-GGUF_NAMES = {hf: gg for gg, hf in TENSOR_NAMES.items()}
+SENSITIVITY_TOKENS = 128  # of the evaluation text, per candidate tensor: --keep-sensitive runs the model once each
 
-
-def gguf_name(hf: str) -> str:
-    parts = hf.split(".")
-    if hf.startswith("model.layers."):
-        return GGUF_NAMES[".".join(parts[:2] + ["{i}"] + parts[3:])].format(i=parts[2])
-    return GGUF_NAMES[hf]
+# GGUFWriter.add_<key>(value of the config field), the architecture's keys in llama.cpp's names
+_METADATA = (
+    ("block_count", "num_layers"), ("context_length", "max_context"), ("embedding_length", "hidden_size"),
+    ("feed_forward_length", "intermediate_size"), ("head_count", "num_heads"), ("head_count_kv", "num_kv_heads"),
+    ("rope_freq_base", "rope_theta"), ("layer_norm_rms_eps", "rms_norm_eps"), ("rope_dimension_count", "head_dim"),
+    ("key_length", "head_dim"), ("value_length", "head_dim"), ("vocab_size", "vocab_size"),
+)
 
 
 def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
-    writer.add_block_count(cfg.num_layers)
-    writer.add_context_length(cfg.max_context)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
+    for key, attr in _METADATA:
+        getattr(writer, f"add_{key}")(getattr(cfg, attr))
     writer.add_file_type(file_type)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
@@ -58,25 +44,20 @@ def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
         writer.add_rope_scaling_factor(scaling["factor"])
 
 
-def higher_precision(quant: str) -> str | None:
-    """The type --keep-sensitive gives the tensors it keeps (as llama.cpp's _M mixes: q8_0 over 4/5-bit)."""
-    return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5")) else None)
-
-
 def default_overrides(cfg: ModelConfig, quant: str) -> dict[str, str]:
     """As llama.cpp's quantize does, the output projection (the embedding, when tied) stays at
     q8_0 under 4/5-bit types: it is the tensor whose error every token's logits see."""
     upgrade = higher_precision(quant)
     if upgrade is None or quant == "q8_0":
         return {}
-    return {"model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight": upgrade}
+    return {EMBEDDING if cfg.tie_word_embeddings else LM_HEAD: upgrade}
 
 
 def sensitivity_candidates(cfg: ModelConfig) -> list[str]:
     """The tensors llama.cpp's mixes consider upgrading: embedding, output, attn_v and ffn_down."""
-    names = ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    names = [EMBEDDING] + ([] if cfg.tie_word_embeddings else [LM_HEAD])
     for i in range(cfg.num_layers):
-        names += [f"model.layers.{i}.self_attn.v_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"]
+        names += [layer(i, f"{V_PROJ}.weight"), layer(i, f"{DOWN_PROJ}.weight")]
     return names
 
 
@@ -116,9 +97,17 @@ def choose_sensitive(kl: dict[str, float], fraction: float = 1 / 8) -> list[str]
 
 
 def _qtype(quant: str):
+    """--quant → gguf-py's tensor type (its name in capitals)."""
     import gguf
 
-    return gguf.GGMLQuantizationType[QUANT_TYPES[quant][0]]
+    return gguf.GGMLQuantizationType[quant.upper()]
+
+
+def _file_type(quant: str) -> int:
+    """--quant → llama.cpp's file type: the type of most tensors, or all for f32."""
+    import gguf
+
+    return int(gguf.LlamaFileType["ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"])
 
 
 def _tensor_data(w: np.ndarray, qtype):
@@ -132,10 +121,6 @@ def _tensor_data(w: np.ndarray, qtype):
     if w.shape[-1] % block:  # rows that do not fill whole blocks cannot take this type
         return w.astype(np.float16), gguf.GGMLQuantizationType.F16
     return quantize(w, qtype), qtype
-
-
-# --quant name → (bits, group size) of the codes a QuantizedWeight must hold to be written as it is.
-CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
 
 
 def gguf_blocks(qw, quant: str) -> np.ndarray:
@@ -166,7 +151,16 @@ def export_gguf(
     source: Source, out: Path, quant: str = "f16", force: bool = False, overrides: dict[str, str] | None = None,
     quantized: dict | None = None,
 ) -> Path:
-    """Write `source` to `out` atomically (a temporary file beside it, then rename).
+    """Write `source` to `out` atomically (a temporary file beside it, then rename); see write_gguf."""
+    with staged([out], force) as (path,):
+        write_gguf(source, path, quant, overrides, quantized)
+    return out
+
+
+def write_gguf(
+    source: Source, path: Path, quant: str = "f16", overrides: dict[str, str] | None = None, quantized: dict | None = None,
+) -> None:
+    """Write `source` as a GGUF file at `path`.
 
     overrides: HF tensor name → --quant name for tensors that get another type (--keep-sensitive).
     quantized: HF tensor name → QuantizedWeight whose codes are written as `quant` blocks as they
@@ -174,53 +168,36 @@ def export_gguf(
     """
     import gguf
 
-    if quant not in QUANT_TYPES:
-        raise EdgetokError(f"unknown --quant '{quant}' (choose from {', '.join(QUANT_TYPES)})")
-    if out.exists() and not force:
-        raise EdgetokError(f"{out} exists; pass --force to overwrite it")
+    check_choice("--quant", quant, QUANTS)
     cfg = source.config
     if cfg.sliding_window is not None or cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
         raise EdgetokError("GGUF export supports plain and linear-scaled RoPE without sliding windows")
-    file_type_name = QUANT_TYPES[quant][1]
     overrides = overrides or {}
-    arch = "qwen2" if cfg.arch == "qwen2" else "llama"
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(str(source.info.get("name") or source.path.name))
-        _metadata(writer, cfg, int(gguf.LlamaFileType[file_type_name]))
-        for key, value in gguf_tokenizer_fields(source.tokenizer).items():
-            _add_field(writer, key, value)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for name, tensor in source.weights.items():
-            if cfg.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            heads = {".q_proj.": cfg.num_heads, ".k_proj.": cfg.num_kv_heads}
-            heads = next((h for part, h in heads.items() if part in name), None) if arch == "llama" else None
-            if quantized and name in quantized and name not in overrides:
-                qw = quantized[name]
-                if heads is not None:  # the same row order as permute_qk gives the float weight
-                    qw = qw.rows(torch.from_numpy(permute_qk(np.arange(qw.shape[0]), heads)))
-                data, dtype = gguf_blocks(qw, quant), _qtype(quant)
-                writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
-                continue
-            w = tensor.float().numpy()
-            if heads is not None:
-                w = permute_qk(w, heads)
-            data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
-            writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    writer = gguf.GGUFWriter(path, "qwen2" if cfg.arch == "qwen2" else "llama")
+    writer.add_name(str(source.info.get("name") or source.path.name))
+    _metadata(writer, cfg, _file_type(quant))
+    for key, value in gguf_tokenizer_fields(source.tokenizer).items():
+        _add_field(writer, key, value)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, tensor in source.weights.items():
+        if cfg.tie_word_embeddings and name == LM_HEAD:
+            continue
+        heads = permuted_heads(name, cfg)
+        if quantized and name in quantized and name not in overrides:
+            qw = quantized[name]
+            if heads is not None:  # the same row order as permute_qk gives the float weight
+                qw = qw.rows(torch.from_numpy(permute_qk(np.arange(qw.shape[0]), heads)))
+            writer.add_tensor(gguf_name(name), gguf_blocks(qw, quant), raw_dtype=_qtype(quant))
+            continue
+        w = tensor.float().numpy()
+        if heads is not None:
+            w = permute_qk(w, heads)
+        data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
+        writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _add_field(writer, key: str, value) -> None:
@@ -240,3 +217,47 @@ def _add_field(writer, key: str, value) -> None:
     else:
         writer.add_array(key, value)
     del gguf
+
+
+class GgufExport:
+    """One GGUF export (exporters/pipeline.py's FormatExport): the file and its report beside it."""
+
+    runtime = "llama.cpp (llama-cpp-python)"
+
+    def __init__(self, options: GgufOptions) -> None:
+        self.options = options
+        self.outputs = [options.output, gguf_report_path(options.output)]
+
+    def code_grid(self) -> tuple[int, int, dict]:
+        """gptq / rsq codes on the grid of a GGUF block type: symmetric, groups of 32, fp16 scales."""
+        bits, group = CODE_TYPES[self.options.quant]
+        return bits, group, {"symmetric": True, "scale_dtype": torch.float16}
+
+    def prepare(self, source: Source, qm: QuantizedModel | None, tokens: list[int]) -> None:
+        """What is written (gptq / rsq: the codes, and the float weights they approximate, for the
+        rest and for --keep-sensitive) and each tensor's type."""
+        quant = self.options.quant
+        self.written = source if qm is None else quantized_source(source, qm)
+        self.codes, self.quantization = (None, None) if qm is None else (qm.quantized(), qm.info)
+        self.overrides = default_overrides(self.written.config, quant)
+        self.sensitivity_kl = None
+        if self.options.keep_sensitive:
+            kl = measure_sensitivity(self.written, quant, tokens[:SENSITIVITY_TOKENS], set(self.overrides),
+                                     progress_bar("sensitivity"))
+            self.overrides |= {name: higher_precision(quant) for name in choose_sensitive(kl)}
+            self.sensitivity_kl = {k: round(v, 6) for k, v in sorted(kl.items(), key=lambda kv: -kv[1])}
+
+    def write(self, source: Source, paths: list[Path]) -> GgufManifest:
+        o = self.options
+        write_gguf(self.written, paths[0], o.quant, self.overrides, self.codes)
+        return GgufManifest(source=SourceRecord.of(source), quant=o.quant, architecture=source.config.arch,
+                            method=o.method, quantization=self.quantization, sensitivity_kl=self.sensitivity_kl,
+                            kept_at_higher_precision=self.overrides, size_bytes=paths[0].stat().st_size)
+
+    def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:
+        from edgetok.runtimes.backends.llamacpp import llamacpp_logits
+
+        return llamacpp_logits(paths[0], tokens, self.options.threads)
+
+    def finish(self, manifest: GgufManifest, paths: list[Path], seconds: float) -> None:
+        manifest.write(paths[1])

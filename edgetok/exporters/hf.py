@@ -11,7 +11,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from edgetok.exporters.files import atomic_folder
+from edgetok.files import atomic_folder
+from edgetok.models.names import LM_HEAD, ROPE_FREQS
 from edgetok.models.sources import Source
 
 
@@ -19,9 +20,9 @@ def export_hf_folder(source: Source, out: Path, force: bool = False) -> Path:
     """Write into a temporary folder beside `out`, then rename it into place."""
     with atomic_folder(out, force) as tmp:
         write_model_files(source, tmp)
-        weights = {k: v.contiguous() for k, v in source.weights.items() if k != "rope_freqs"}
+        weights = {k: v.contiguous() for k, v in source.weights.items() if k != ROPE_FREQS}
         if source.config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+            weights.pop(LM_HEAD, None)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     return out
 

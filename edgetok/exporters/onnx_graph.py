@@ -46,43 +46,21 @@ shares with its Gather.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgetok.errors import EdgetokError
+from edgetok.exporters.options import ATTENTION, DEFAULT_OPSET, MIN_OPSET
+from edgetok.models import names
 from edgetok.models.config import ModelConfig
 from edgetok.models.llama import rope_inv_freq
+from edgetok.models.manifest import PruneSpec
 from edgetok.runtimes.prune import DEFAULT_AFTER_LAYER, PrunePlan
 
-DEFAULT_OPSET = 21  # int4 and blocked DequantizeLinear
-ATTENTION = ("gqa", "standard")
 MS_DOMAIN = "com.microsoft"
 NEG_INF = -3.0e38  # masked scores; every row keeps at least its own token, so softmax stays finite
-
-
-def io_names(num_layers: int, prune: bool) -> dict[str, list[str]]:
-    past = [n for i in range(num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
-    present = [n for i in range(num_layers) for n in (f"present_key.{i}", f"present_value.{i}")]
-    queries = [f"qkv.{i}" for i in range(num_layers)]
-    return {
-        "inputs": ["input_ids", "position_ids", "past_length", "logits_to_keep", *(["prune_keep"] if prune else []), *past],
-        "outputs": ["logits", *present, *queries, *(["kept"] if prune else [])],
-    }
-
-
-@dataclass(frozen=True)
-class PruneSpec:
-    """Where and how the graph prunes the prompt (PrunePlan's fields less the keep fraction, which
-    is an input)."""
-
-    after_layer: int
-    sinks: int
-    window: int
-    pool: int
 
 
 class GraphBuilder:
@@ -98,9 +76,9 @@ class GraphBuilder:
         return f"{hint}_{self._count}"
 
     def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", name: str | None = None, **attrs):
-        names = outputs if isinstance(outputs, list) else [self.fresh(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name or self.fresh(op_type), domain=domain, **attrs))
-        return names[0] if len(names) == 1 else names
+        outs = outputs if isinstance(outputs, list) else [self.fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name or self.fresh(op_type), domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
 
     def weight(self, name: str, array: np.ndarray) -> str:
         array = array if array.flags.c_contiguous else np.ascontiguousarray(array)  # which makes 0-d arrays 1-d
@@ -115,19 +93,6 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
 
 
-# Linears that read the same input run as one MatMul (fewer, larger kernels); their rows stack.
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def fused_parts(name: str) -> list[str] | None:
-    """The HF weight names stacked in a fused initializer's rows ("...qkv_proj.weight"), else None."""
-    for fused, parts in FUSED.items():
-        if f".{fused}." in name:
-            return [name.replace(fused, part) for part in parts]
-    return None
-
-
 def default_prune(cfg: ModelConfig) -> PruneSpec | None:
     """The pruning point of `edgetok export` (the runtime's defaults); None for 1-layer models."""
     if cfg.num_layers < 2 or (cfg.sliding_window is not None and cfg.sliding_window < cfg.max_context):
@@ -140,8 +105,8 @@ def graph_inv_freq(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> torch.
     """RoPE's inverse frequencies (D/2,) as the graph uses them; the runtime rotates the qkv.i
     queries with the same ones."""
     inv_freq = rope_inv_freq(cfg)
-    if "rope_freqs" in weights:  # llama.cpp's per-frequency divisors (Llama 3 GGUFs)
-        inv_freq = inv_freq / weights["rope_freqs"].float()
+    if names.ROPE_FREQS in weights:  # llama.cpp's per-frequency divisors (Llama 3 GGUFs)
+        inv_freq = inv_freq / weights[names.ROPE_FREQS].float()
     return inv_freq.float()
 
 
@@ -150,10 +115,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     """The fp32 decoder graph of a Llama-family model (HF-named weights)."""
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_context:
         raise EdgetokError("ONNX export does not support sliding-window attention yet (Mistral-style models)")
-    if opset < 18:
-        raise EdgetokError(f"--opset {opset} is too old: the graph needs opset 18 or newer")
-    if attention not in ATTENTION:
-        raise EdgetokError(f"unknown attention kind '{attention}' (choose from {', '.join(ATTENTION)})")
+    assert opset >= MIN_OPSET and attention in ATTENTION, (opset, attention)  # OnnxOptions checks them
     assert prune is None or 0 <= prune.after_layer <= cfg.num_layers - 2, prune
     g = GraphBuilder()
     H, Hkv, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
@@ -161,7 +123,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     gqa = attention == "gqa"
 
     def tensor(name: str) -> np.ndarray:
-        parts = fused_parts(name)
+        parts = names.fused_parts(name)
         return np.concatenate([_np(weights[p]) for p in parts]) if parts else _np(weights[name])
 
     def linear(x: str, name: str, bias: bool, out: str | None = None) -> str:
@@ -190,10 +152,10 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     if not gqa:
         # past slots ≥ past_length are masked: one table (B, L, longest P) (a buffer's capacity may
         # exceed the context), sliced per layer
-        p_lens = [g.op("Shape", f"past_key.{i}", start=2, end=3) for i in range(L)]  # (1,) P per layer
+        p_lens = [g.op("Shape", names.past("key", i), start=2, end=3) for i in range(L)]  # (1,) P per layer
         p_max = g.op("ReduceMax", g.op("Concat", *p_lens, axis=0), keepdims=0)
         slots = g.op("Range", g.const(0), p_max, g.const(1))
-        valid = g.op("Less", slots, g.op("Unsqueeze", "past_length", g.const([2])))  # (B, L, max P)
+        valid = g.op("Less", slots, g.op("Unsqueeze", names.PAST_LENGTH, g.const([2])))  # (B, L, max P)
         bias_table = g.op("Where", valid, zero_f, neg_f)
 
     def past_mask(i: int) -> tuple[str, str]:
@@ -209,16 +171,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
 
     def per_layer(x: str, axis: int) -> list[str]:
         """x split along `axis` into its L layers' pieces."""
-        names = [g.fresh("layer") for _ in range(L)]
-        g.op("Split", x, axis=axis, num_outputs=L, outputs=names)
-        return names
+        pieces = [g.fresh("layer") for _ in range(L)]
+        g.op("Split", x, axis=axis, num_outputs=L, outputs=pieces)
+        return pieces
 
     def tokens(positions: str, n: str) -> dict:
         """positions (B, n) of the n (1,) tokens a layer runs on → rope inputs and masks."""
         t = {"positions": positions, "n": n}
         if gqa:
             # GroupQueryAttention's lengths: past + new − 1 per row and layer, their max + 1 per layer
-            seqlens = g.op("Cast", g.op("Sub", g.op("Add", "past_length", n), g.const(1)), to=TensorProto.INT32)
+            seqlens = g.op("Cast", g.op("Sub", g.op("Add", names.PAST_LENGTH, n), g.const(1)), to=TensorProto.INT32)
             totals = g.op("Add", g.op("ReduceMax", seqlens, g.const([0]), keepdims=0), g.const(1, np.int32))  # (L,)
             # one (B, 1) and one (1,) per layer, from a Split each (GroupQueryAttention takes those
             # shapes too): two nodes, not two per layer
@@ -244,35 +206,33 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
 
     def attention_standard(i: int, h: str, t: dict[str, str]) -> tuple[str, str]:
         """Layer i's attention output (B, S, H·D) and its new keys (B, Hkv, S, D)."""
-        p = f"model.layers.{i}"
-        qkv = linear(h, f"{p}.self_attn.qkv_proj", cfg.qkv_bias, out=f"qkv.{i}")
+        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))
         qk, v = g.op("Split", g.op("Reshape", qkv, g.const([0, 0, H + 2 * Hkv, D])), g.const([H + Hkv, Hkv]), axis=2, outputs=2)
         q, k = g.op("Split", rope(qk, t), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
         if prune is not None and i == prune.after_layer:
             g.op("Reshape", q, g.const([0, 0, H * D]), outputs=[f"rotated_query.{i}"])
         q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # (B, H, S, D)
-        k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[f"present_key.{i}"])
-        v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[f"present_value.{i}"])
+        k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[names.present("key", i)])
+        v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[names.present("value", i)])
         # query head h reads KV head h // G: group the query heads by KV head, (B, Hkv, G·S, D)
         qg = g.op("Mul", g.op("Reshape", q, g.const([0, Hkv, -1, D])), g.const(scale, np.float32))
-        s_past = g.op("Add", g.op("MatMul", qg, g.op("Transpose", f"past_key.{i}", perm=[0, 1, 3, 2])), past_mask(i))
+        s_past = g.op("Add", g.op("MatMul", qg, g.op("Transpose", names.past("key", i), perm=[0, 1, 3, 2])), past_mask(i))
         s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), t["new_bias"])
         probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=-1), axis=-1)
-        split = g.op("Concat", g.op("Shape", f"past_key.{i}", start=2, end=3), t["n"], axis=0)
+        split = g.op("Concat", g.op("Shape", names.past("key", i), start=2, end=3), t["n"], axis=0)
         p_past, p_new = g.op("Split", probs, split, axis=-1, outputs=2)
-        o = g.op("Add", g.op("MatMul", p_past, f"past_value.{i}"), g.op("MatMul", p_new, v_new))  # (B, Hkv, G·S, D)
+        o = g.op("Add", g.op("MatMul", p_past, names.past("value", i)), g.op("MatMul", p_new, v_new))  # (B, Hkv, G·S, D)
         o = g.op("Reshape", g.op("Transpose", g.op("Reshape", o, g.const([0, H, -1, D])), perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
         return o, k_new
 
     def attention_gqa(i: int, h: str, t: dict[str, str]) -> tuple[str, str | None]:
         """Layer i's attention output and, at the prune layer, its rotated new keys (B, S, Hkv·D)."""
-        p = f"model.layers.{i}"
-        qkv = linear(h, f"{p}.self_attn.qkv_proj", cfg.qkv_bias, out=f"qkv.{i}")  # (B, S, (H + 2·Hkv)·D)
+        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))  # (B, S, (H + 2·Hkv)·D)
         seqlens, total = t["seqlens"][i], t["totals"][i]  # (B, 1), (1,)
-        outputs = [g.fresh("attention"), f"present_key.{i}", f"present_value.{i}"]
+        outputs = [g.fresh("attention"), names.present("key", i), names.present("value", i)]
         attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=scale)
         if prune is None or i < prune.after_layer:  # packed, rotated inside at the explicit positions
-            o = g.op("GroupQueryAttention", qkv, "", "", f"past_key.{i}", f"past_value.{i}", seqlens, total,
+            o = g.op("GroupQueryAttention", qkv, "", "", names.past("key", i), names.past("value", i), seqlens, total,
                      cos_cache, sin_cache, t["positions"], outputs=outputs, do_rotary=1, rotary_interleaved=0, **attrs)[0]
             return o, None
         # The prune layer's rotated queries and keys also score the tokens. The layers after it run
@@ -283,7 +243,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         qk = g.op("RotaryEmbedding", qk, t["positions"], cos_cache, sin_cache, domain=MS_DOMAIN,
                   num_heads=H + Hkv, interleaved=0)
         q, k = g.op("Split", qk, g.const([H * D, Hkv * D]), axis=-1, outputs=[f"rotated_query.{i}", g.fresh("k")])
-        o = g.op("GroupQueryAttention", q, k, v, f"past_key.{i}", f"past_value.{i}", seqlens, total,
+        o = g.op("GroupQueryAttention", q, k, v, names.past("key", i), names.past("value", i), seqlens, total,
                  outputs=outputs, do_rotary=0, **attrs)[0]
         return o, k
 
@@ -315,49 +275,52 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
             got = g.op("Squeeze", pooled, g.const([1]))
         # how many: ceil(keep · S), never fewer than the sinks and the window, never more than S
         n_f = g.op("Cast", n, to=TensorProto.DOUBLE)
-        wanted = g.op("Cast", g.op("Ceil", g.op("Mul", "prune_keep", n_f)), to=TensorProto.INT64)
+        wanted = g.op("Cast", g.op("Ceil", g.op("Mul", names.PRUNE_KEEP, n_f)), to=TensorProto.INT64)
         count = g.op("Min", n, g.op("Max", wanted, g.op("Add", w, g.const([prune.sinks]))))
         # the sinks and the window always: score them above everything
-        forced_idx = g.op("Or", g.op("Less", key_idx, g.const(prune.sinks)), g.op("GreaterOrEqual", key_idx, g.op("Sub", n0, g.op("Squeeze", w, g.const([0])))))
+        sink = g.op("Less", key_idx, g.const(prune.sinks))
+        in_window = g.op("GreaterOrEqual", key_idx, g.op("Sub", n0, g.op("Squeeze", w, g.const([0]))))
+        forced_idx = g.op("Or", sink, in_window)
         forced = g.op("Where", forced_idx, g.const(np.inf, np.float32), got)
         _, best = g.op("TopK", forced, count, axis=-1, largest=1, sorted=1, outputs=2)
-        kept, _ = g.op("TopK", best, count, axis=-1, largest=0, sorted=1, outputs=["kept", g.fresh("kept_order")])  # in order
-        rows = g.op("Expand", g.op("Unsqueeze", kept, g.const([-1])), g.op("Concat", g.op("Shape", kept), g.const([cfg.hidden_size]), axis=0))
+        # in order
+        kept, _ = g.op("TopK", best, count, axis=-1, largest=0, sorted=1, outputs=[names.KEPT, g.fresh("kept_order")])
+        column = g.op("Unsqueeze", kept, g.const([-1]))
+        rows = g.op("Expand", column, g.op("Concat", g.op("Shape", kept), g.const([cfg.hidden_size]), axis=0))
         x = g.op("GatherElements", x, rows, axis=1)
         positions = g.op("GatherElements", t["positions"], kept, axis=1)
         return x, tokens(positions, count)
 
     # -- the layers ---------------------------------------------------------------------------------
-    embed = g.weight("model.embed_tokens.weight", _np(weights["model.embed_tokens.weight"]))
-    x = g.op("Gather", embed, "input_ids", axis=0, name="embed_tokens/Gather")  # (B, S, hidden)
-    t = tokens("position_ids", g.op("Shape", "input_ids", start=1, end=2))
+    embed = g.weight(names.EMBEDDING, _np(weights[names.EMBEDDING]))
+    x = g.op("Gather", embed, names.INPUT_IDS, axis=0, name="embed_tokens/Gather")  # (B, S, hidden)
+    t = tokens(names.POSITION_IDS, g.op("Shape", names.INPUT_IDS, start=1, end=2))
     pending = None  # the last sublayer's output, not yet added to the residual x
     for i in range(L):
-        p = f"model.layers.{i}"
         if pending is None:
-            h = rms_norm(x, f"{p}.input_layernorm")
+            h = rms_norm(x, names.layer(i, names.INPUT_NORM))
         else:
-            x, h = add_norm(x, pending, f"{p}.input_layernorm")
+            x, h = add_norm(x, pending, names.layer(i, names.INPUT_NORM))
         o, k = (attention_gqa if gqa else attention_standard)(i, h, t)
-        x, h = add_norm(x, linear(o, f"{p}.self_attn.o_proj", cfg.o_bias), f"{p}.post_attention_layernorm")
-        gate, up = g.op("Split", linear(h, f"{p}.mlp.gate_up_proj", cfg.mlp_bias), g.const([cfg.intermediate_size] * 2),
-                        axis=-1, outputs=2)
+        x, h = add_norm(x, linear(o, names.layer(i, names.O_PROJ), cfg.o_bias), names.layer(i, names.POST_ATTENTION_NORM))
+        gate, up = g.op("Split", linear(h, names.layer(i, names.GATE_UP_FUSED), cfg.mlp_bias),
+                        g.const([cfg.intermediate_size] * 2), axis=-1, outputs=2)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) · up
-        pending = linear(act, f"{p}.mlp.down_proj", cfg.mlp_bias)
+        pending = linear(act, names.layer(i, names.DOWN_PROJ), cfg.mlp_bias)
         if prune is not None and i == prune.after_layer:
             x, t = select(i, k, g.op("Add", x, pending), t)
             pending = None
     x = g.op("Add", x, pending)
 
     # -- the head: only the positions asked for ------------------------------------------------------
-    keep = g.op("Neg", "logits_to_keep")
+    keep = g.op("Neg", names.LOGITS_TO_KEEP)
     x = g.op("Slice", x, keep, g.const([np.iinfo(np.int64).max]), g.const([1]))
-    x = rms_norm(x, "model.norm")
-    head = embed if cfg.tie_word_embeddings else g.weight("lm_head.weight", _np(weights["lm_head.weight"]))
+    x = rms_norm(x, names.FINAL_NORM)
+    head = embed if cfg.tie_word_embeddings else g.weight(names.LM_HEAD, _np(weights[names.LM_HEAD]))
     flat = g.op("Reshape", x, g.const([-1, cfg.hidden_size]))
     logits = g.op("Gemm", flat, head, transB=1, name="lm_head/Gemm")
     out_shape = g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([cfg.vocab_size]), axis=0)
-    g.op("Reshape", logits, out_shape, outputs=["logits"])
+    g.op("Reshape", logits, out_shape, outputs=[names.LOGITS])
 
     return _model(g, cfg, opset, gqa, prune)
 
@@ -366,25 +329,25 @@ def _model(g: GraphBuilder, cfg: ModelConfig, opset: int, gqa: bool, prune: Prun
     H, Hkv, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
-        helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("past_length", i64, ["batch", L]),
-        helper.make_tensor_value_info("logits_to_keep", i64, [1]),
+        helper.make_tensor_value_info(names.INPUT_IDS, i64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(names.POSITION_IDS, i64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(names.PAST_LENGTH, i64, ["batch", L]),
+        helper.make_tensor_value_info(names.LOGITS_TO_KEEP, i64, [1]),
     ]
     if prune is not None:
-        inputs.append(helper.make_tensor_value_info("prune_keep", TensorProto.DOUBLE, [1]))
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "logits_sequence", cfg.vocab_size])]
+        inputs.append(helper.make_tensor_value_info(names.PRUNE_KEEP, TensorProto.DOUBLE, [1]))
+    outputs = [helper.make_tensor_value_info(names.LOGITS, f32, ["batch", "logits_sequence", cfg.vocab_size])]
     for i in range(L):
         new = "sequence" if prune is None or i <= prune.after_layer else "kept_sequence"
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, ["batch", Hkv, f"past_sequence.{i}", D]))
+        for kind in names.KV_KINDS:
+            inputs.append(helper.make_tensor_value_info(names.past(kind, i), f32, ["batch", Hkv, f"past_sequence.{i}", D]))
             present = f"present_sequence.{i}" if gqa else new
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, ["batch", Hkv, present, D]))
+            outputs.append(helper.make_tensor_value_info(names.present(kind, i), f32, ["batch", Hkv, present, D]))
     for i in range(L):
         new = "sequence" if prune is None or i <= prune.after_layer else "kept_sequence"
-        outputs.append(helper.make_tensor_value_info(f"qkv.{i}", f32, ["batch", new, (H + 2 * Hkv) * D]))
+        outputs.append(helper.make_tensor_value_info(names.qkv(i), f32, ["batch", new, (H + 2 * Hkv) * D]))
     if prune is not None:
-        outputs.append(helper.make_tensor_value_info("kept", i64, ["batch", "kept_sequence"]))
+        outputs.append(helper.make_tensor_value_info(names.KEPT, i64, ["batch", "kept_sequence"]))
     graph = helper.make_graph(g.nodes, "edgetok_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if gqa else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgetok")

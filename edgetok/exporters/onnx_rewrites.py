@@ -20,7 +20,7 @@ chose the codes (RTN, GPTQ, ...) is the caller's business.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -221,7 +221,7 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level
             _gather_dequantized(g, n.input[1], b, scales, zero, offsets, bits, n.output[0])
             replace[i] = g.collect()
             continue
-        blocks, block = g.inits[b].dims[1], g.inits[b].dims[2] * 8 // bits
+        block = g.inits[b].dims[2] * 8 // bits
         x, y = n.input[0], n.output[0]
         inputs = [x, b, scales] + ([] if zero is None else [zero])
         mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets else [y],

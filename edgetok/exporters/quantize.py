@@ -14,13 +14,15 @@ ONNX QDQ, GGUF blocks) consumes a `QuantizedWeight`, whichever method chose its 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-METHODS = ("rtn", "gptq", "rsq")
+from edgetok.exporters.options import METHODS
+from edgetok.models.names import LINEARS, LM_HEAD, layer
 
 
 @dataclass
@@ -57,12 +59,12 @@ class QuantizedWeight:
         w = (g - self.zero.float()[..., None]) * self.scale[..., None]
         return w.reshape(n, k)
 
-    def rows(self, index: torch.Tensor | slice) -> "QuantizedWeight":
+    def rows(self, index: torch.Tensor | slice) -> QuantizedWeight:
         """The output rows `index` (a slice or a permutation): codes, scales and zeros move together."""
         return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.bits, self.group_size)
 
     @staticmethod
-    def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+    def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         a = parts[0]
         assert all(p.bits == a.bits and p.group_size == a.group_size for p in parts)
         cat = lambda attr: torch.cat([getattr(p, attr) for p in parts])  # noqa: E731
@@ -241,10 +243,6 @@ def layer_error(w: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> float:
 
 
 # -- a whole model --------------------------------------------------------------------------------
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
 @dataclass
 class QuantizedModel:
     """What the writers consume: the decoder's linears as codes, everything else as float tensors.
@@ -267,6 +265,15 @@ class QuantizedModel:
     def dequantized(self) -> dict[str, torch.Tensor]:
         """A float state dict with the codes' values (fake quantization), for the reference model."""
         return {k: v.dequantize() if isinstance(v, QuantizedWeight) else v for k, v in self.weights.items()}
+
+
+def quantized_source(source, qm: QuantizedModel):
+    """`source` (a models.sources.Source) as the float weights and config the codes of `qm`
+    approximate (rotated ones for rsq): what a writer builds the artifact from. Parity reports
+    still compare with the original source."""
+    import dataclasses
+
+    return dataclasses.replace(source, config=qm.config, load_weights=lambda: qm.reference)
 
 
 def quantize_model(
@@ -304,7 +311,7 @@ def quantize_model(
     cfg = source.config
     weights = {k: v.float() for k, v in source.weights.items()}
     if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
+        weights.pop(LM_HEAD, None)
     rotated = method == "rsq"
     info: dict[str, Any] = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric}
     if rotated:
@@ -314,7 +321,7 @@ def quantize_model(
         weights, cfg = rotate(weights, cfg, seed=seed)
         info["rotation"] = "random Hadamard on the residual stream and on each value head, norms folded"
         info["untied_head"] = not untied_before and not cfg.tie_word_embeddings
-    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
+    names = [layer(i, f"{lin}.weight") for i in range(cfg.num_layers) for lin in LINEARS]
     groups = {n: fit_group_size(weights[n].shape[1], group_size) for n in names}
     start = time.perf_counter()
     if method == "rtn":

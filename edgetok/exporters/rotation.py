@@ -17,6 +17,17 @@ import dataclasses
 import torch
 
 from edgetok.models.config import ModelConfig
+from edgetok.models.names import (
+    EMBEDDING,
+    FINAL_NORM,
+    LM_HEAD,
+    NORM_INPUTS,
+    O_PROJ,
+    READS_STREAM,
+    V_PROJ,
+    WRITES_STREAM,
+    layer,
+)
 
 
 # -- orthogonal matrices --------------------------------------------------------------------------
@@ -63,10 +74,6 @@ def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
 
 
 # -- folding and rotating a state dict ------------------------------------------------------------
-def _layer(i: int, name: str) -> str:
-    return f"model.layers.{i}.{name}"
-
-
 def fold_norms(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Multiply each RMSNorm's weight into the columns of the linears it feeds and set it to 1.
 
@@ -76,19 +83,18 @@ def fold_norms(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict
     """
     w = {k: v.double() for k, v in weights.items()}
     for i in range(cfg.num_layers):
-        for norm, linears in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
-            g = w[_layer(i, f"{norm}.weight")]
+        for norm, linears in NORM_INPUTS.items():
+            g = w[layer(i, f"{norm}.weight")]
             for lin in linears:
-                w[_layer(i, f"{lin}.weight")] = w[_layer(i, f"{lin}.weight")] * g[None, :]
-            w[_layer(i, f"{norm}.weight")] = torch.ones_like(g)
-    g = w["model.norm.weight"]
+                w[layer(i, f"{lin}.weight")] = w[layer(i, f"{lin}.weight")] * g[None, :]
+            w[layer(i, f"{norm}.weight")] = torch.ones_like(g)
+    g = w[f"{FINAL_NORM}.weight"]
     if cfg.tie_word_embeddings and bool((g == 1).all()):
-        w.pop("lm_head.weight", None)
+        w.pop(LM_HEAD, None)
         return w, cfg
-    head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-    w["lm_head.weight"] = head * g[None, :]
-    w["model.norm.weight"] = torch.ones_like(g)
+    head = w[EMBEDDING] if cfg.tie_word_embeddings else w[LM_HEAD]
+    w[LM_HEAD] = head * g[None, :]
+    w[f"{FINAL_NORM}.weight"] = torch.ones_like(g)
     return w, dataclasses.replace(cfg, tie_word_embeddings=False)
 
 
@@ -101,24 +107,24 @@ def rotate(
     says whether the head is still tied to the embedding."""
     w, cfg = fold_norms(weights, cfg)
     q = random_orthogonal(cfg.hidden_size, seed)
-    w["model.embed_tokens.weight"] = w["model.embed_tokens.weight"] @ q
-    if "lm_head.weight" in w:
-        w["lm_head.weight"] = w["lm_head.weight"] @ q
+    w[EMBEDDING] = w[EMBEDDING] @ q
+    if LM_HEAD in w:
+        w[LM_HEAD] = w[LM_HEAD] @ q
     r = random_orthogonal(cfg.head_dim, seed + 1) if heads else None
     d = cfg.head_dim
     for i in range(cfg.num_layers):
-        for lin in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            w[_layer(i, f"{lin}.weight")] = w[_layer(i, f"{lin}.weight")] @ q
-        for lin in ("self_attn.o_proj", "mlp.down_proj"):
-            w[_layer(i, f"{lin}.weight")] = q.T @ w[_layer(i, f"{lin}.weight")]
-            if _layer(i, f"{lin}.bias") in w:
-                w[_layer(i, f"{lin}.bias")] = w[_layer(i, f"{lin}.bias")] @ q
+        for lin in READS_STREAM:
+            w[layer(i, f"{lin}.weight")] = w[layer(i, f"{lin}.weight")] @ q
+        for lin in WRITES_STREAM:
+            w[layer(i, f"{lin}.weight")] = q.T @ w[layer(i, f"{lin}.weight")]
+            if layer(i, f"{lin}.bias") in w:
+                w[layer(i, f"{lin}.bias")] = w[layer(i, f"{lin}.bias")] @ q
         if r is not None:
-            v = w[_layer(i, "self_attn.v_proj.weight")]  # (Hkv·D, hidden): per head R ᵀ W_h
-            w[_layer(i, "self_attn.v_proj.weight")] = (r.T @ v.view(-1, d, v.shape[1])).reshape(v.shape)
-            if _layer(i, "self_attn.v_proj.bias") in w:
-                b = w[_layer(i, "self_attn.v_proj.bias")]
-                w[_layer(i, "self_attn.v_proj.bias")] = (b.view(-1, d) @ r).reshape(b.shape)
-            o = w[_layer(i, "self_attn.o_proj.weight")]  # (hidden, Hq·D): per head W_h R
-            w[_layer(i, "self_attn.o_proj.weight")] = (o.view(o.shape[0], -1, d) @ r).reshape(o.shape)
+            v_w, v_b, o_w = layer(i, f"{V_PROJ}.weight"), layer(i, f"{V_PROJ}.bias"), layer(i, f"{O_PROJ}.weight")
+            v = w[v_w]  # (Hkv·D, hidden): per head R ᵀ W_h
+            w[v_w] = (r.T @ v.view(-1, d, v.shape[1])).reshape(v.shape)
+            if v_b in w:
+                w[v_b] = (w[v_b].view(-1, d) @ r).reshape(w[v_b].shape)
+            o = w[o_w]  # (hidden, Hq·D): per head W_h R
+            w[o_w] = (o.view(o.shape[0], -1, d) @ r).reshape(o.shape)
     return {k: v.float() for k, v in w.items()}, cfg

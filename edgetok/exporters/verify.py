@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 
 from edgetok.models.llama import LlamaModel
+from edgetok.models.manifest import ParityReport
 from edgetok.models.sources import Source
 from edgetok.runtimes.kv import ContiguousCache
-
-
-@dataclass
-class ParityReport:
-    tokens: int  # positions compared
-    top1_agreement: float  # fraction of positions whose argmax matches the reference's
-    max_abs_dlogit: float
-    perplexity_reference: float  # of the text itself, under each model
-    perplexity: float
-    kl_mean: float  # mean KL(reference ‖ artifact) over positions, in nats
-    kl_max: float
-
-    def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-
-    def summary(self) -> str:
-        return (
-            f"top-1 agreement {self.top1_agreement:.1%}, perplexity {self.perplexity:.3f} "
-            f"(reference {self.perplexity_reference:.3f}, {self.perplexity / self.perplexity_reference - 1:+.2%}), "
-            f"KL mean {self.kl_mean:.4f} max {self.kl_max:.3f}, max |Δlogit| {self.max_abs_dlogit:.3f} "
-            f"over {self.tokens} tokens"
-        )
 
 
 def model_logits(model: LlamaModel, tokens: list[int], chunk: int = 256) -> torch.Tensor:

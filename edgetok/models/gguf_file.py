@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
+from edgetok.models.names import K_PROJ, LM_HEAD, O_PROJ, Q_PROJ, gguf_name, hf_name, layer
 
 GGUF_MAGIC = b"GGUF"
 GGUF_ARCHS = ("llama", "qwen2")  # Mistral GGUFs say "llama"
-
-# llama.cpp tensor name → HF name; "{i}" is the layer index.
-TENSOR_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "rope_freqs.weight": "rope_freqs",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
-    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
-    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
-    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-
-
-def hf_name(gguf_name: str) -> str | None:
-    m = re.match(r"blk\.(\d+)\.(.*)", gguf_name)
-    if m is None:
-        return TENSOR_NAMES.get(gguf_name)
-    hf = TENSOR_NAMES.get("blk.{i}." + m.group(2))
-    return hf.format(i=m.group(1)) if hf else None
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -53,6 +25,14 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp → HF: the inverse of permute_qk."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permuted_heads(hf: str, cfg: ModelConfig) -> int | None:
+    """The heads in the rows of tensor `hf` when llama.cpp stores them permuted (permute_qk): the
+    q and k projections of every architecture llama.cpp reads as "llama"; None for the rest."""
+    if cfg.arch == "qwen2":
+        return None
+    return cfg.num_heads if f".{Q_PROJ}." in hf else cfg.num_kv_heads if f".{K_PROJ}." in hf else None
 
 
 def check_magic(path: Path) -> bool:
@@ -103,9 +83,9 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        o_bias="blk.0.attn_output.bias" in tensor_names,
+        tie_word_embeddings=gguf_name(LM_HEAD) not in tensor_names,
+        qkv_bias=gguf_name(layer(0, f"{Q_PROJ}.bias")) in tensor_names,
+        o_bias=gguf_name(layer(0, f"{O_PROJ}.bias")) in tensor_names,
         bos_token_id=bos,
         eos_token_ids=list(dict.fromkeys(eos)),
     )
@@ -140,10 +120,9 @@ def read_gguf(path: Path, progress: Callable | None = None):
             w = dequantize(t.data, t.tensor_type).reshape(shape)
         except Exception as e:
             raise EdgetokError(f"{path} is a damaged GGUF file (tensor {t.name}: {e})") from None
-        if cfg.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = unpermute_qk(w, cfg.num_heads)
-        elif cfg.arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = unpermute_qk(w, cfg.num_kv_heads)
+        heads = permuted_heads(name, cfg)
+        if heads is not None:
+            w = unpermute_qk(w, heads)
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the reader maps the file read-only
         qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
     info = {

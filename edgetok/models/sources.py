@@ -14,18 +14,21 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from edgetok.errors import EdgetokError
+from edgetok.files import file_sha256, read_json
 from edgetok.models.config import ModelConfig
 from edgetok.models.gguf_file import check_magic, read_gguf
+from edgetok.models.manifest import ONNX_MANIFEST, ONNX_MODEL, OnnxManifest
 from edgetok.models.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
 from edgetok.version import __version__
 
@@ -46,6 +49,7 @@ class Source:
     tokenizer: Tokenizer
     load_weights: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)
+    manifest: OnnxManifest | None = field(default=None, repr=False)  # an ONNX export's edgetok.json
 
     @cached_property
     def fingerprint(self) -> str:
@@ -97,27 +101,20 @@ def load_source(ref: str, progress: bool = False) -> Source:
 
 
 # -- Hugging Face folders -------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgetokError(f"cannot read {path}: {e}") from None
-
-
 def _load_hf_folder(ref: str, folder: Path) -> Source:
     if not (folder / "config.json").is_file():
         raise EdgetokError(f"{folder} has no config.json: not a Hugging Face model folder")
-    hf_cfg = _read_json(folder / "config.json")
+    hf_cfg = read_json(folder / "config.json")
     cfg = ModelConfig.from_hf(hf_cfg)
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        eos = _read_json(gen_path).get("eos_token_id")
+        eos = read_json(gen_path).get("eos_token_id")
         for e in [eos] if isinstance(eos, int) else eos or []:
             if e not in cfg.eos_token_ids:
                 cfg.eos_token_ids.append(e)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({folder / f for f in _read_json(index)["weight_map"].values()})
+        files = sorted({folder / f for f in read_json(index)["weight_map"].values()})
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -149,42 +146,28 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
 
 
 # -- ONNX exports (edgetok export --format onnx) ---------------------------------------------------
-ONNX_MANIFEST = "edgetok.json"
-ONNX_GRAPH_VERSION = 3  # exporters/onnx_graph.py's inputs and outputs; other versions are refused
-
-
 def _load_onnx_folder(ref: str, folder: Path) -> Source:
-    manifest = _read_json(folder / ONNX_MANIFEST)
-    if manifest.get("format") != "onnx" or "config" not in manifest:
-        raise EdgetokError(f"{folder / ONNX_MANIFEST} is not an edgetok ONNX export manifest")
-    if not (folder / "model.onnx").is_file():
-        raise EdgetokError(f"{folder} has no model.onnx: the export is incomplete; export it again")
-    if manifest.get("graph_version") != ONNX_GRAPH_VERSION:
-        raise EdgetokError(f"{folder} was exported by another edgetok version, whose graph this one cannot run; export it again")
-    cfg = ModelConfig.from_dict(manifest["config"])
+    manifest = OnnxManifest.read(folder / ONNX_MANIFEST)
+    if not (folder / ONNX_MODEL).is_file():
+        raise EdgetokError(f"{folder} has no {ONNX_MODEL}: the export is incomplete; export it again")
 
     def no_weights() -> dict[str, torch.Tensor]:
         raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
 
-    info = {k: manifest.get(k) for k in ("weights", "block_size", "qdq", "opset", "method", "attention", "prune", "rope_inv_freq")}
+    # info: the manifest's JSON values, as the backend and `inspect` have always read them
+    # (new code reads Source.manifest)
+    raw = manifest.to_json()
+    info = {k: raw[k] for k in ("weights", "block_size", "qdq", "opset", "method", "attention", "prune", "rope_inv_freq")}
     form = "QDQ" if info["qdq"] else "MatMulNBits" if info["method"] else "float"
     block = f"block {info['block_size']}" if info["block_size"] else None
     info["dtypes"] = [", ".join(x for x in (f"{info['weights']} {info['method'] or ''}".strip(), block, form,
                                             f"opset {info['opset']}") if x)]
-    info |= {"format": "onnx", "sha256": manifest.get("graph_sha256"), "source": manifest.get("source"),
+    info |= {"format": "onnx", "sha256": raw["graph_sha256"], "source": raw["source"],
              "size_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
-    return Source(ref, folder, "onnx", cfg, Tokenizer.load(folder), no_weights, info)
+    return Source(ref, folder, "onnx", manifest.config, Tokenizer.load(folder), no_weights, info, manifest)
 
 
 # -- GGUF, converted once and cached --------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tqdm(iterable, total):
     from tqdm import tqdm
 

@@ -1,0 +1,178 @@
+"""What an export is asked to do, as dataclasses that refuse impossible requests when made.
+
+Field names are the command line's flags (`--block-size` is `block_size`), so `edgetok export`
+builds these from its arguments as they are, and messages name an option by its flag: the one
+spelling reads for both. Every check is written once, here; the exporters trust their options.
+
+A plain module (no torch): the CLI and the bench import it for the choices it lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from edgetok.errors import EdgetokError
+
+METHODS = ("rtn", "gptq", "rsq")  # how weight codes are chosen (exporters/quantize.py)
+
+# --format onnx
+WEIGHTS = ("fp32", "fp16", "int4", "int8")
+QUANTIZED_WEIGHTS = ("int4", "int8")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK = 32
+ATTENTION = ("gqa", "standard")
+ZERO_POINTS = ("exact", "integer")
+HEAD_BITS = (8, 4)
+QDQ_OPSET = 21  # int4 and blocked DequantizeLinear
+DEFAULT_OPSET = QDQ_OPSET
+MIN_OPSET = 18  # the graph's operators
+
+# --format gguf: the 2-D weights' type, named as gguf-py names it in lower case (exporters/gguf.py)
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are.
+CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
+
+MIN_EVAL_TOKENS = 16  # fewer make a parity report of noise
+
+
+def higher_precision(quant: str) -> str | None:
+    """The type --keep-sensitive gives the tensors it keeps (as llama.cpp's _M mixes: q8_0 over
+    4/5-bit), or None for a type with nothing above it worth the bytes."""
+    return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5")) else None)
+
+
+def check_choice(flag: str, value, choices) -> None:
+    """`value` is one of `choices`, or one sentence naming the option by its flag."""
+    if value not in choices:
+        raise EdgetokError(f"unknown {flag} '{value}' (choose from {', '.join(map(str, choices))})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """Options every format shares (make an OnnxOptions or a GgufOptions). eval_tokens None: the
+    format's default."""
+
+    model: str  # "smollm2", a Hugging Face folder or a .gguf file
+    output: Path
+    force: bool = False
+    verify: bool = True  # measure the parity report (False: --no-verify)
+    max_kl: float | None = None  # fail, writing nothing, if the report's mean KL exceeds this
+    eval_text: Path | None = None  # the parity report's text (default: the built-in essays)
+    eval_tokens: int | None = None
+    threads: int | None = None
+    method: str = "rtn"
+    calib: Path | None = None  # gptq / rsq calibration text (default: the built-in essays)
+    calib_tokens: int | None = None
+
+    DEFAULT_EVAL_TOKENS: ClassVar[int]
+
+    def __post_init__(self) -> None:
+        if type(self) is ExportOptions:
+            raise TypeError("ExportOptions holds what the formats share: make an OnnxOptions or a GgufOptions")
+        # Paths given as strings from Python (and a model as a Path); the format's default length.
+        object.__setattr__(self, "model", str(self.model))
+        for name in ("output", "eval_text", "calib"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.eval_tokens is None:
+            object.__setattr__(self, "eval_tokens", self.DEFAULT_EVAL_TOKENS)
+        check_choice("--method", self.method, METHODS)
+        if self.method == "rtn" and (self.calib is not None or self.calib_tokens is not None):
+            raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq; rtn needs no calibration")
+        if self.max_kl is not None and not self.verify:
+            raise EdgetokError("--max-kl needs the parity report; drop --no-verify")
+        if self.eval_tokens < MIN_EVAL_TOKENS:
+            raise EdgetokError(f"--eval-tokens must be at least {MIN_EVAL_TOKENS}, not {self.eval_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise EdgetokError(f"--threads must be at least 1, not {self.threads}")
+
+    @property
+    def reads_eval_text(self) -> bool:
+        """Whether the export tokenizes the evaluation text (the parity report needs it)."""
+        return self.verify
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxOptions(ExportOptions):
+    """`edgetok export --format onnx`: a folder for ONNX Runtime.
+
+    block_size None: 32, or one scale per output channel for int8 with qdq (resolved here).
+    attention None: "gqa" (ONNX Runtime's fused kernels), or "standard" with qdq (resolved here).
+    prune_after_layer: the layer after which the graph can prune a prompt (None: it cannot).
+    zero_points, head_bits: int4 MatMulNBits' zero points and the embedding/head's bits.
+    """
+
+    weights: str = "int4"
+    block_size: int | None = None
+    qdq: bool = False  # standard DequantizeLinear + MatMul only (NPU execution providers)
+    zero_points: str = "exact"
+    head_bits: int = 8
+    opset: int = DEFAULT_OPSET
+    attention: str | None = None
+    prune_after_layer: int | None = None
+
+    DEFAULT_EVAL_TOKENS: ClassVar[int] = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("--weights", self.weights, WEIGHTS)
+        quantized = self.weights in QUANTIZED_WEIGHTS
+        if self.qdq and not quantized:
+            raise EdgetokError("--qdq applies to --weights int4 or int8")
+        if self.block_size is not None and (not quantized or self.block_size not in BLOCK_SIZES):
+            raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
+        if self.opset < MIN_OPSET:
+            raise EdgetokError(f"--opset {self.opset} is too old: the graph needs opset {MIN_OPSET} or newer")
+        if self.qdq and self.opset < QDQ_OPSET:
+            raise EdgetokError(f"--qdq needs --opset {QDQ_OPSET} or newer (blocked and int4 DequantizeLinear), not {self.opset}")
+        if self.method != "rtn" and not quantized:
+            raise EdgetokError(f"--method {self.method} applies to --weights int4 or int8")
+        if self.attention is None:
+            object.__setattr__(self, "attention", "standard" if self.qdq else "gqa")
+        check_choice("--attention", self.attention, ATTENTION)
+        if self.qdq and self.attention != "standard":
+            raise EdgetokError("--qdq graphs use standard operators only: drop --attention gqa")
+        if self.zero_points not in ZERO_POINTS or self.head_bits not in HEAD_BITS:
+            raise EdgetokError("--zero-points takes exact or integer, --head-bits 8 or 4")
+        if (self.zero_points != "exact" or self.head_bits != 8) and (self.weights != "int4" or self.qdq or self.method != "rtn"):
+            raise EdgetokError("--zero-points and --head-bits apply to --weights int4 MatMulNBits (no --qdq) rounded with --method rtn")
+        if self.prune_after_layer is not None and self.prune_after_layer < 0:
+            raise EdgetokError(f"--prune-after-layer must be 0 or more, not {self.prune_after_layer}")
+        if quantized and self.block_size is None and not (self.qdq and self.weights == "int8"):
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK)
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in QUANTIZED_WEIGHTS
+
+
+@dataclass(frozen=True, kw_only=True)
+class GgufOptions(ExportOptions):
+    """`edgetok export --format gguf`: a file llama.cpp runs, and its report beside it.
+
+    quant: the 2-D weights' type (gptq / rsq write q4_0 or q8_0 codes as they are).
+    keep_sensitive: the tensors quantization hurts most (measured) at a higher type.
+    """
+
+    quant: str = "q8_0"
+    keep_sensitive: bool = False
+
+    DEFAULT_EVAL_TOKENS: ClassVar[int] = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("--quant", self.quant, QUANTS)
+        if self.method != "rtn" and self.quant not in CODE_TYPES:
+            raise EdgetokError(
+                f"--method {self.method} writes its codes as {' or '.join(CODE_TYPES)} blocks; "
+                f"use --quant {' or --quant '.join(CODE_TYPES)}, or --method rtn for {self.quant}"
+            )
+        if self.keep_sensitive and higher_precision(self.quant) is None:
+            raise EdgetokError(f"--keep-sensitive needs a quantized --quant (q8_0, q4_*, q5_*), not {self.quant}")
+
+    @property
+    def reads_eval_text(self) -> bool:
+        """--keep-sensitive measures each tensor's sensitivity on the evaluation text too."""
+        return self.verify or self.keep_sensitive

@@ -1,0 +1,126 @@
+"""Every name an artifact shares between writer and reader, defined once (as gguf-py's constants.py).
+
+- Hugging Face tensor names: edgetok's weights are HF-named whatever the model came as.
+- The linear-layer tables: which linears a decoder layer has, which read the same input, which
+  the ONNX graph fuses, which read and write the residual stream.
+- llama.cpp's tensor names ↔ HF's.
+- The ONNX decoder graph's inputs and outputs (exporters/onnx_graph.py builds them; the
+  onnxruntime backend binds them).
+
+A plain module (no torch, no onnx): the runtime imports it without the exporters.
+"""
+
+from __future__ import annotations
+
+import re
+
+# -- Hugging Face tensor names ------------------------------------------------------------------------
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+FINAL_NORM = "model.norm"  # a module: its tensor is FINAL_NORM + ".weight"
+ROPE_FREQS = "rope_freqs"  # llama.cpp's per-frequency RoPE divisors (Llama 3 GGUFs); not an HF name
+HEAD_WEIGHTS = (EMBEDDING, LM_HEAD)  # one matrix when the embeddings are tied
+
+INPUT_NORM = "input_layernorm"  # the norm before attention, in each layer
+POST_ATTENTION_NORM = "post_attention_layernorm"  # the norm before the MLP
+
+
+def layer(i: int | str, name: str) -> str:
+    """Layer i's module or tensor `name` ("self_attn.q_proj.weight" → "model.layers.3.self_attn.q_proj.weight")."""
+    return f"model.layers.{i}.{name}"
+
+
+# -- the linears of a decoder layer ---------------------------------------------------------------------
+Q_PROJ, K_PROJ, V_PROJ, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+GATE_PROJ, UP_PROJ, DOWN_PROJ = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+QKV = (Q_PROJ, K_PROJ, V_PROJ)
+GATE_UP = (GATE_PROJ, UP_PROJ)
+LINEARS = (*QKV, O_PROJ, *GATE_UP, DOWN_PROJ)
+
+# The norm whose output each group reads (rotation folds the norm's weight into them).
+NORM_INPUTS = {INPUT_NORM: QKV, POST_ATTENTION_NORM: GATE_UP}
+# Linears reading the residual stream and writing into it (rotation turns them opposite ways).
+READS_STREAM = (*QKV, *GATE_UP)
+WRITES_STREAM = (O_PROJ, DOWN_PROJ)
+# The ONNX graph runs each group of several as one MatMul, named by its fused module; rows stack.
+QKV_FUSED, GATE_UP_FUSED = "self_attn.qkv_proj", "mlp.gate_up_proj"
+FUSED = {QKV_FUSED: QKV, GATE_UP_FUSED: GATE_UP}
+
+
+def fused_parts(name: str) -> list[str] | None:
+    """The HF weight names stacked in a fused tensor's rows ("...qkv_proj.weight"), else None."""
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return [name.replace(fused, part) for part in parts]
+    return None
+
+
+# -- llama.cpp's tensor names ----------------------------------------------------------------------------
+GGUF_GLOBAL = {
+    "token_embd.weight": EMBEDDING,
+    "output_norm.weight": f"{FINAL_NORM}.weight",
+    "output.weight": LM_HEAD,
+    "rope_freqs.weight": ROPE_FREQS,
+}
+# blk.{i}.<key> → model.layers.{i}.<value>
+GGUF_LAYER = {
+    "attn_norm.weight": f"{INPUT_NORM}.weight",
+    "ffn_norm.weight": f"{POST_ATTENTION_NORM}.weight",
+    **{f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (("attn_q", Q_PROJ), ("attn_k", K_PROJ), ("attn_v", V_PROJ),
+                                                     ("attn_output", O_PROJ)) for kind in ("weight", "bias")},
+    **{f"{gg}.weight": f"{hf}.weight" for gg, hf in (("ffn_gate", GATE_PROJ), ("ffn_up", UP_PROJ), ("ffn_down", DOWN_PROJ))},
+}
+_HF_GLOBAL = {hf: gg for gg, hf in GGUF_GLOBAL.items()}
+_HF_LAYER = {hf: gg for gg, hf in GGUF_LAYER.items()}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """llama.cpp's tensor name → HF's, or None for a tensor edgetok does not know."""
+    m = re.fullmatch(r"blk\.(\d+)\.(.*)", gguf_name)
+    if m is None:
+        return GGUF_GLOBAL.get(gguf_name)
+    hf = GGUF_LAYER.get(m.group(2))
+    return layer(m.group(1), hf) if hf else None
+
+
+def gguf_name(hf: str) -> str:
+    """HF's tensor name → llama.cpp's (KeyError for a tensor GGUF files do not hold)."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", hf)
+    if m is None:
+        return _HF_GLOBAL[hf]
+    return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+
+
+# -- the ONNX decoder graph's inputs and outputs (see exporters/onnx_graph.py for shapes) ------------------
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+PAST_LENGTH = "past_length"
+LOGITS_TO_KEEP = "logits_to_keep"
+PRUNE_KEEP = "prune_keep"  # only in graphs that can prune a prompt
+LOGITS = "logits"
+KEPT = "kept"  # only in graphs that can prune a prompt
+KV_KINDS = ("key", "value")
+
+
+def past(kind: str, i: int) -> str:
+    """Layer i's past keys or values (kind "key" or "value"): past_key.3."""
+    return f"past_{kind}.{i}"
+
+
+def present(kind: str, i: int) -> str:
+    """Layer i's keys or values after the call: present_value.3."""
+    return f"present_{kind}.{i}"
+
+
+def qkv(i: int) -> str:
+    """Layer i's fused q/k/v projection (before RoPE): qkv.3."""
+    return f"qkv.{i}"
+
+
+def io_names(num_layers: int, prune: bool) -> dict[str, list[str]]:
+    """The graph's inputs and outputs in order, as the ONNX manifest records them."""
+    kv = lambda name: [name(kind, i) for i in range(num_layers) for kind in KV_KINDS]  # noqa: E731
+    return {
+        "inputs": [INPUT_IDS, POSITION_IDS, PAST_LENGTH, LOGITS_TO_KEEP, *([PRUNE_KEEP] if prune else []), *kv(past)],
+        "outputs": [LOGITS, *kv(present), *(qkv(i) for i in range(num_layers)), *([KEPT] if prune else [])],
+    }
