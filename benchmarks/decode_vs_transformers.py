@@ -59,7 +59,7 @@ def hf_decode(model, prompt: list[int], new: int) -> tuple[float, list[int]]:
 def edgetok_decode(m: edgetok.Model, prompt: list[int], new: int) -> tuple[float, list[int]]:
     m.engine.reset()
     r = None
-    for r in m.engine.generate_ids(prompt, GenerationConfig(max_new_tokens=new, ignore_eos=True)):
+    for _ in m.engine.generate_ids(prompt, GenerationConfig(max_new_tokens=new, ignore_eos=True)):
         pass
     return r.stats.decode_tokens_per_s, r.tokens
 

@@ -16,12 +16,12 @@ import tempfile
 import time
 
 import torch
+from needle import found, needle_prompt  # benchmarks/needle.py
 
 import edgetok
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig
 from edgetok.texts import essays
-from needle import found, needle_prompt  # benchmarks/needle.py
 
 
 def run(backend: TorchBackend, prompt: list[int], follow: list[int] | None, new: int):
@@ -75,7 +75,8 @@ def main() -> None:
             agree = (logits.argmax(-1) == torch.tensor(ref_tokens)).float().mean().item()
             p = ref_logits.log_softmax(-1)
             kl = (p.exp() * (p - logits.log_softmax(-1))).sum(-1).mean().item()
-            row = {"context": ctx, "budget": budget, "tiers": args.tiers if tiers else "RAM", "greedy_agreement": round(agree, 4), "kl_mean": round(kl, 5),
+            row = {"context": ctx, "budget": budget, "tiers": args.tiers if tiers else "RAM",
+                   "greedy_agreement": round(agree, 4), "kl_mean": round(kl, 5),
                    "decode_tok_s": round(args.new_tokens / s, 2), "full_decode_tok_s": round(args.new_tokens / ref_s, 2),
                    "budget_used": stats["budget_used"], "chunk_sizes": stats["chunk_sizes"]}
             results.append(row)

@@ -22,11 +22,11 @@ import time
 from contextlib import contextmanager
 
 import torch
+from needle import found, needle_prompt  # benchmarks/needle.py
 
 import edgetok
 from edgetok.runtimes.prune import PrunePlan
 from edgetok.texts import essays
-from needle import found, needle_prompt  # benchmarks/needle.py
 
 CHUNK = 512
 

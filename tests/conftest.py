@@ -13,6 +13,17 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Texts where tokenizers tend to differ: whitespace runs, digits, accents, CJK, emoji, code, special tokens.
+TRICKY = [
+    "Hello world",
+    "  leading spaces and\ttabs\n\nnew lines",
+    "numbers 1234567 and 3.14159, 2024-11-29",
+    "unicode: café, naïve, 北京, 🙂👍🏽, Ωmega",
+    "code: def f(x):\n    return x**2  # square",
+    "<|im_start|>user\nhi<|im_end|>\n",
+]
+
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Émile paid 12,345 € for a café near the 北京 station. "
     "def add(a, b):\n    return a + b\n"

@@ -83,9 +83,7 @@ def generate(model, prompt: list[int], cfg, follow: list[int] | None):
         raise EdgetokError(f"--follow has {len(follow)} tokens; decoding {cfg.max_new_tokens} needs {cfg.max_new_tokens - 1}")
     forced = TeacherForcing(model.engine.backend, follow)
     model.engine.backend = forced
-    result = None
-    for result in model.engine.generate_ids(prompt, cfg):
-        pass
+    *_, result = model.engine.generate_ids(prompt, cfg)  # text pieces, then the Result
     return result, forced.rows
 
 

@@ -16,15 +16,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from edgetok.bench.record import read_logits, write_ids
 from edgetok.bench.systems import (
-    REFERENCE, System, edgetok_systems, onnx_systems, parse_peers, peer_systems, skipped_peers,
+    REFERENCE,
+    System,
+    edgetok_systems,
+    onnx_systems,
+    parse_peers,
+    peer_systems,
+    skipped_peers,
 )
 from edgetok.errors import EdgetokError
 from edgetok.exporters.options import WEIGHTS as ONNX_WEIGHTS
@@ -197,7 +204,8 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
     limit = source.config.max_context
     for c in contexts:
         if c <= new_tokens or c > limit:
-            raise EdgetokError(f"context {c} is impossible: {model} holds {limit} tokens, and a context must exceed --new-tokens ({new_tokens})")
+            raise EdgetokError(f"context {c} is impossible: {model} holds {limit} tokens, "
+                               f"and a context must exceed --new-tokens ({new_tokens})")
     for spec in onnx:
         if not spec.split() or spec.split()[0] not in ONNX_WEIGHTS:
             raise EdgetokError(f"--onnx takes weights ({', '.join(ONNX_WEIGHTS)}) and then any export options, not '{spec}'")

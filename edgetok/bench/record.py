@@ -10,8 +10,8 @@ comparison, and prints one JSON object on stdout with the fields of `edgetok run
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

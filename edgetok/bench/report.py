@@ -62,7 +62,8 @@ def _speed(s: dict[str, float], digits: int = 1) -> str:
 
 def results_table(results: dict[str, Any]) -> str:
     lines = [
-        "| context | system | prefill tok/s | decode tok/s (min–max) | TTFT s | peak RSS MB | KV resident MB (device/host/disk) | greedy agreement | KL mean |",
+        "| context | system | prefill tok/s | decode tok/s (min–max) | TTFT s | peak RSS MB "
+        "| KV resident MB (device/host/disk) | greedy agreement | KL mean |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["results"]:
@@ -71,7 +72,8 @@ def results_table(results: dict[str, Any]) -> str:
             lines.append(head + (f"| failed: {r['error']} " if r["error"] else "| not run ") + "| | | | | | |")
             continue
         q = r["quality"]
-        agree, kl = (f"{q['greedy_agreement']:.1%}", f"{q['kl_mean']:.4f}") if q else ("(reference)" if r["system"] == results["systems"][0]["name"] else "–", "–")
+        reference = r["system"] == results["systems"][0]["name"]
+        agree, kl = (f"{q['greedy_agreement']:.1%}", f"{q['kl_mean']:.4f}") if q else ("(reference)" if reference else "–", "–")
         lines.append(
             head + f"| {r['prefill_tokens_per_s']['median']:.0f} | {_speed(r['decode_tokens_per_s'])} "
             f"| {r['time_to_first_token_s']['median']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} "

@@ -27,7 +27,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
 
     @classmethod
-    def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+    def concat(cls, parts: list[Int8Linear]) -> Int8Linear:
         """One layer whose outputs are all of `parts`' outputs, in order (exact: scales are per row)."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)

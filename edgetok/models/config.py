@@ -94,11 +94,11 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return cls(**d)
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
         """From a Hugging Face config.json (transformers 4.x and 5.x spellings)."""
         arch = d.get("model_type", "?")
         if arch not in SUPPORTED_ARCHS:

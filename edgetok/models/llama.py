@@ -147,7 +147,7 @@ class LlamaModel(nn.Module):
     def from_state_dict(
         cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
         int8: bool = False,
-    ) -> "LlamaModel":
+    ) -> LlamaModel:
         """Build on the meta device and take the tensors as they are (no copy when dtypes match).
 
         int8: weight-only int8 linears with bf16 activations (dtype is then bf16).

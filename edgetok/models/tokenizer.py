@@ -83,7 +83,7 @@ class Tokenizer:
         (folder / "tokenizer_meta.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, folder: Path) -> "Tokenizer":
+    def load(cls, folder: Path) -> Tokenizer:
         meta = json.loads((folder / "tokenizer_meta.json").read_text())
         return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")), **meta)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

@@ -20,7 +20,8 @@ def _libc():
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt, libc.malloc_trim  # glibc only
+        for symbol in ("mallopt", "malloc_trim"):  # glibc only: AttributeError elsewhere
+            getattr(libc, symbol)
         return libc
     except (OSError, AttributeError, TypeError):
         return None

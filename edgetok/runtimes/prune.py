@@ -10,8 +10,8 @@ prompt length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class PrunePlan:
     pool: int = 7  # a token scores the best of its ±pool/2 neighbours (keeps a fact's words together)
 
     @staticmethod
-    def checked(keep: float, after_layer: int | None, config: ModelConfig) -> "PrunePlan":
+    def checked(keep: float, after_layer: int | None, config: ModelConfig) -> PrunePlan:
         """The plan for this model, or one clear error about the flags."""
         check_keep(keep)
         if config.sliding_window is not None:

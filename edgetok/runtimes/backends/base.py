@@ -13,13 +13,14 @@ What only some backends can do is declared as data in `capabilities`, never prob
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
 from edgetok.models.config import ModelConfig
 from edgetok.runtimes.kv import KVState
-from edgetok.runtimes.prune import PrunePlan, Pruned
+from edgetok.runtimes.prune import Pruned, PrunePlan
 
 PRUNE = "prune"
 PREFIX_STATE = "prefix_state"

@@ -10,6 +10,7 @@ cache in place.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,13 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.models import names
 from edgetok.models.llama import apply_rope, rope_cos_sin
+from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE
 from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, TieredCache
-from edgetok.runtimes.prune import PrunePlan, Pruned
+from edgetok.runtimes.prune import Pruned, PrunePlan
 
 # --provider → (ONNX Runtime's name, the package that brings it)
 PROVIDERS = {
@@ -106,17 +109,18 @@ class OnnxBackend:
         assert source.format == "onnx", source.format
         self.config = source.config
         self.kv = kv
-        self.session = open_session(source.path / "model.onnx", provider, threads)
+        self.session = open_session(source.path / ONNX_MODEL, provider, threads)
         self.provider = self.session.get_providers()[0]
         # gqa: present_key.i is the past buffer with the new tokens written in (in place when bound
         # to the past's memory); standard: the new tokens' K/V only
-        self.in_place = source.info.get("attention") == "gqa"
-        prune = source.info.get("prune")
-        self.prune = PrunePlan(1.0, **prune) if prune else None
-        self.prune_after_layer = prune["after_layer"] if prune else None
+        manifest = source.manifest
+        self.in_place = manifest.attention == "gqa"
+        prune = manifest.prune
+        self.prune = PrunePlan(1.0, **dataclasses.asdict(prune)) if prune else None
+        self.prune_after_layer = prune.after_layer if prune else None
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
         self.capabilities = frozenset({PREFIX_STATE} | ({PRUNE} if prune else set()))
-        self.inv_freq = torch.tensor(source.info["rope_inv_freq"], dtype=torch.float32)  # the graph's RoPE
+        self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)  # the graph's RoPE
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         self._bound: _Bound | None = None
 
@@ -129,7 +133,7 @@ class OnnxBackend:
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
         """Logits (last, V) of the last `last` tokens (of the kept ones, when prune_keep < 1 prunes)."""
         assert self.prune is not None or prune_keep == 1.0
-        c, start, n, layers = self.config, cache.length, len(tokens), self.config.num_layers
+        start, n, layers = cache.length, len(tokens), self.config.num_layers
         # float32 views; the exact cache's are its own (contiguous) buffers: no copy
         views = [(k.contiguous(), v.contiguous(), length) for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
         # Room after the valid slots: the graph writes the new K/V there, into the cache itself.
@@ -146,8 +150,8 @@ class OnnxBackend:
         self.session.run_with_iobinding(bound.binding)
 
         out = dict(zip(bound.outputs, bound.binding.get_outputs())) if bound.allocated else {}
-        logits = bound.logits if bound.logits is not None else out["logits"].numpy()
-        kept = None if self.prune is None else bound.kept if bound.kept is not None else out["kept"].numpy()
+        logits = bound.logits if bound.logits is not None else out[names.LOGITS].numpy()
+        kept = None if self.prune is None else bound.kept if bound.kept is not None else out[names.KEPT].numpy()
         self._kept = None if kept is None else kept[0]
         n_kept = n if kept is None else kept.shape[1]
         ran = [n if self.prune is None or i <= self.prune.after_layer else n_kept for i in range(layers)]  # tokens per layer
@@ -156,7 +160,7 @@ class OnnxBackend:
             if shared[i]:  # the graph wrote the new K/V into the view's buffers, after its `length` slots
                 cache.advance(i, q, m)
             else:
-                k, v = (torch.from_numpy(out[f"present_{kind}.{i}"].numpy()) for kind in ("key", "value"))
+                k, v = (torch.from_numpy(out[names.present(kind, i)].numpy()) for kind in names.KV_KINDS)
                 if self.in_place:  # gqa's present: the past and the new tokens
                     k, v = k[:, :, length : length + m], v[:, :, length : length + m]
                 cache.append(i, q, k, v)
@@ -164,7 +168,7 @@ class OnnxBackend:
                 cache.skip(i, n - m)
         return logits[0].copy()  # a copy out: the bound array is the next run's too
 
-    def _queries(self, bound: "_Bound", out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None,
+    def _queries(self, bound: _Bound, out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None,
                  last: int) -> list[torch.Tensor]:
         """Each layer's queries of its `last` last tokens (1, H, r, D), rotated to their positions:
         the graph's qkv.i hold them before RoPE (its attention rotates them itself). Layers that ran
@@ -172,7 +176,7 @@ class OnnxBackend:
         (A prefill piece has hundreds of tokens; the cache reads a few of their queries.)"""
         c = self.config
         hd = c.num_heads * c.head_dim
-        qkv = bound.queries if bound.queries is not None else [out[f"qkv.{i}"].numpy() for i in range(c.num_layers)]
+        qkv = bound.queries if bound.queries is not None else [out[names.qkv(i)].numpy() for i in range(c.num_layers)]
         result: list[torch.Tensor] = [None] * c.num_layers
         for m in sorted(set(ran)):
             group = [i for i, r in enumerate(ran) if r == m]
@@ -185,7 +189,7 @@ class OnnxBackend:
                 result[i] = q[j : j + 1]
         return result
 
-    def _bind(self, key, views, shared, n: int, last: int, pruning: bool) -> "_Bound":
+    def _bind(self, key, views, shared, n: int, last: int, pruning: bool) -> _Bound:
         """An IO binding over persistent arrays: the next call with the same key only refills the
         inputs. Outputs whose shape is known before the run are bound to arrays of ours; the rest
         (a pruned run's, and new K/V that are not written in place) ONNX Runtime allocates."""
@@ -209,25 +213,25 @@ class OnnxBackend:
             bound.keep_alive.append(array)
             return array
 
-        bind_in("input_ids", bound.ids)
-        bind_in("position_ids", bound.positions)
-        bind_in("past_length", bound.past_length)
-        bind_in("logits_to_keep", np.array([last], np.int64))
+        bind_in(names.INPUT_IDS, bound.ids)
+        bind_in(names.POSITION_IDS, bound.positions)
+        bind_in(names.PAST_LENGTH, bound.past_length)
+        bind_in(names.LOGITS_TO_KEEP, np.array([last], np.int64))
         if self.prune is not None:
             bound.keep = np.ones(1, np.float64)
-            bind_in("prune_keep", bound.keep)
+            bind_in(names.PRUNE_KEEP, bound.keep)
         for i, (k, v, _) in enumerate(views):
-            for kind, t in (("key", k), ("value", v)):
+            for kind, t in zip(names.KV_KINDS, (k, v)):
                 bound.keep_alive.append(t)
-                binding.bind_input(f"past_{kind}.{i}", "cpu", 0, np.float32, list(t.shape), t.data_ptr())
-                bind_out(f"present_{kind}.{i}", t if shared[i] else None)
+                binding.bind_input(names.past(kind, i), "cpu", 0, np.float32, list(t.shape), t.data_ptr())
+                bind_out(names.present(kind, i), t if shared[i] else None)
         known = None if pruning else n  # a pruned run's later layers keep a count the graph decides
-        bound.logits = bind_out("logits", None if known is None else np.empty((1, last, c.vocab_size), np.float32))
+        bound.logits = bind_out(names.LOGITS, None if known is None else np.empty((1, last, c.vocab_size), np.float32))
         width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        queries = [bind_out(f"qkv.{i}", None if known is None else np.empty((1, n, width), np.float32)) for i in range(layers)]
+        queries = [bind_out(names.qkv(i), None if known is None else np.empty((1, n, width), np.float32)) for i in range(layers)]
         bound.queries = None if known is None else queries
         if self.prune is not None:
-            bound.kept = bind_out("kept", None if known is None else np.empty((1, n), np.int64))
+            bound.kept = bind_out(names.KEPT, None if known is None else np.empty((1, n), np.int64))
         return bound
 
     def prefill_pruned(self, prompt: list[int], cache, plan: PrunePlan, chunk: int, progress=None) -> Pruned:
@@ -235,8 +239,9 @@ class OnnxBackend:
         TopK and Gather: runtimes/prune.py's, op for op). Layers up to the prune layer attend over
         the whole prompt at once (memory ∝ prompt², unlike the chunked unpruned prefill)."""
         if self.prune is None:
-            raise EdgetokError("this ONNX export has no pruning point; export it again with --prune-after-layer L to run --prune-prompt on it")
-        if (plan.after_layer, plan.sinks, plan.window, plan.pool) != (self.prune.after_layer, self.prune.sinks, self.prune.window, self.prune.pool):
+            raise EdgetokError("this ONNX export has no pruning point; "
+                               "export it again with --prune-after-layer L to run --prune-prompt on it")
+        if dataclasses.replace(plan, keep=1.0) != self.prune:
             raise EdgetokError(
                 f"this ONNX export prunes after layer {self.prune.after_layer}; pass --prune-after-layer "
                 f"{self.prune.after_layer} or export again with --prune-after-layer {plan.after_layer}"

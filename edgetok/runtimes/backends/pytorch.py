@@ -9,7 +9,7 @@ from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, Progress
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, TieredCache
-from edgetok.runtimes.prune import PrunePlan, Pruned, prefill_pruned
+from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
 
 
 class TorchBackend:

@@ -34,7 +34,7 @@ def decode_many(
     for i, (tensors, meta) in enumerate(items):
         shape = tuple(tensors["k"].shape) if meta[0] in (32, 16) else ()  # float chunks may differ in length
         groups[meta + shape].append(i)
-    for group, idx in groups.items():
+    for idx in groups.values():
         meta = items[idx[0]][1]
         if meta[0] in (32, 16):  # one conversion for the whole group
             ks = torch.stack([items[i][0]["k"] for i in idx]).to(dtype)

@@ -8,15 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from edgetok.cli import cli
+from conftest import run_cli
 
 EDGETOK = str(Path(sys.executable).parent / "edgetok")
-
-
-def invoke(*args, input=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
 
 
 def assert_user_error(result, fragment: str):
@@ -28,7 +22,7 @@ def assert_user_error(result, fragment: str):
 
 
 def test_run_json(tiny_folder):
-    r = invoke("run", tiny_folder, "-p", "The quick brown fox", "-n", "6", "--no-chat", "--json")
+    r = run_cli("run", tiny_folder, "-p", "The quick brown fox", "-n", "6", "--no-chat", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert len(out["tokens"]) == 6 and out["finish_reason"] == "length"
@@ -38,45 +32,45 @@ def test_run_json(tiny_folder):
 
 
 def test_run_streams_the_same_text(tiny_folder):
-    as_json = json.loads(invoke("run", tiny_folder, "-p", "fox", "-n", "8", "--no-chat", "--json").stdout)
-    streamed = invoke("run", tiny_folder, "-p", "fox", "-n", "8", "--no-chat")
+    as_json = json.loads(run_cli("run", tiny_folder, "-p", "fox", "-n", "8", "--no-chat", "--json").stdout)
+    streamed = run_cli("run", tiny_folder, "-p", "fox", "-n", "8", "--no-chat")
     assert streamed.exit_code == 0
     assert streamed.stdout == as_json["text"] + "\n"
 
 
 def test_chat_mode_uses_the_template(tiny_folder):
-    chat = json.loads(invoke("run", tiny_folder, "-p", "fox", "-n", "1", "--json").stdout)
-    raw = json.loads(invoke("run", tiny_folder, "-p", "fox", "-n", "1", "--no-chat", "--json").stdout)
+    chat = json.loads(run_cli("run", tiny_folder, "-p", "fox", "-n", "1", "--json").stdout)
+    raw = json.loads(run_cli("run", tiny_folder, "-p", "fox", "-n", "1", "--no-chat", "--json").stdout)
     assert chat["prompt_tokens"] > raw["prompt_tokens"] + 5
 
 
 def test_prompt_file_and_stdin(tiny_folder, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("The quick brown fox")
-    a = json.loads(invoke("run", tiny_folder, "-f", f, "-n", "4", "--no-chat", "--json").stdout)
-    b = json.loads(invoke("run", tiny_folder, "-n", "4", "--no-chat", "--json", input="The quick brown fox").stdout)
+    a = json.loads(run_cli("run", tiny_folder, "-f", f, "-n", "4", "--no-chat", "--json").stdout)
+    b = json.loads(run_cli("run", tiny_folder, "-n", "4", "--no-chat", "--json", input="The quick brown fox").stdout)
     assert a["tokens"] == b["tokens"]
 
 
 def test_inspect(tiny_folder):
-    r = invoke("inspect", tiny_folder, "--json")
+    r = run_cli("inspect", tiny_folder, "--json")
     assert r.exit_code == 0
     info = json.loads(r.stdout)
     assert info["config"]["num_layers"] == 2 and info["tokenizer"]["chat_template"]
-    text = invoke("inspect", tiny_folder).stdout
+    text = run_cli("inspect", tiny_folder).stdout
     assert "architecture  llama, 2 layers" in text
 
 
 def test_user_errors(tiny_folder, tmp_path):
-    assert_user_error(invoke("run", tmp_path / "missing", "-p", "hi"), "not found")
+    assert_user_error(run_cli("run", tmp_path / "missing", "-p", "hi"), "not found")
     (tmp_path / "notes.txt").write_text("hello")
-    assert_user_error(invoke("run", tmp_path / "notes.txt", "-p", "hi"), "not a model")
+    assert_user_error(run_cli("run", tmp_path / "notes.txt", "-p", "hi"), "not a model")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 5)
-    assert_user_error(invoke("inspect", bad), "damaged GGUF")
-    assert_user_error(invoke("run", tiny_folder, "-p", "fox " * 400, "--no-chat"), "context holds 256")
-    assert_user_error(invoke("run", tiny_folder, "-p", "   "), "empty")
-    assert invoke("run", tiny_folder, "-f", tmp_path / "nope.txt").exit_code == 2  # click's own usage error
+    assert_user_error(run_cli("inspect", bad), "damaged GGUF")
+    assert_user_error(run_cli("run", tiny_folder, "-p", "fox " * 400, "--no-chat"), "context holds 256")
+    assert_user_error(run_cli("run", tiny_folder, "-p", "   "), "empty")
+    assert run_cli("run", tiny_folder, "-f", tmp_path / "nope.txt").exit_code == 2  # click's own usage error
 
 
 @pytest.mark.slow
@@ -92,7 +86,7 @@ def test_real_process_answers_paris():
 def test_chat_keeps_history_and_resets(tiny_folder):
     import re
 
-    r = invoke("chat", tiny_folder, "-n", "3", "-v", input="hello there\nand again\n/reset\nhello there\n/exit\nnever read\n")
+    r = run_cli("chat", tiny_folder, "-n", "3", "-v", input="hello there\nand again\n/reset\nhello there\n/exit\nnever read\n")
     assert r.exit_code == 0, r.output
     stats = [tuple(map(int, m)) for m in re.findall(r"prompt (\d+) tok \((\d+) reused\)", r.stderr)]
     assert len(stats) == 3  # /exit stopped reading

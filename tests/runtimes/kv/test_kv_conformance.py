@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import kv_rows
+
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, GraphCache, KVCache, KVConfig, TieredCache
 
 L, HQ, HKV, D = 2, 4, 2, 16

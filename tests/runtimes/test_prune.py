@@ -8,10 +8,8 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import make_hf_model, run_cli
 
-from conftest import make_hf_model
-from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.kernels.pruning import kept_count, select_kept, token_scores, window_attention
 from edgetok.models.config import ModelConfig
@@ -219,18 +217,17 @@ def test_bad_values_give_one_clear_error(tiny, tiny_folder):
     for layer in (-1, 1, 7):  # tiny has 2 layers: only layer 0 has a layer after it
         with pytest.raises(EdgetokError, match="between 0 and 0"):
             tiny.generate("hi", max_new_tokens=1, prune_prompt=0.5, prune_after_layer=layer)
-    runner = CliRunner()
     for args, words in ((["--prune-prompt", "0"], "(0, 1]"), (["--prune-prompt", "2"], "(0, 1]"),
                         (["--prune-prompt", "0.5", "--prune-after-layer", "3"], "--prune-after-layer"),
                         (["--prune-after-layer", "0"], "needs --prune-prompt")):
-        r = runner.invoke(cli, ["run", str(tiny_folder), "-p", "hi", "-n", "1"] + args)
+        r = run_cli("run", str(tiny_folder), "-p", "hi", "-n", "1", *args)
         assert r.exit_code == 1 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
 
 
 def test_cli_prunes_and_reports(tiny_folder):
     prompt = "The quick brown fox jumps over the lazy dog. " * 8
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", prompt, "--no-chat", "-n", "4", "--json",
-                                 "--prune-prompt", "0.3", "--prune-after-layer", "0", "--kv-budget", "50%"])
+    r = run_cli("run", str(tiny_folder), "-p", prompt, "--no-chat", "-n", "4", "--json",
+                                 "--prune-prompt", "0.3", "--prune-after-layer", "0", "--kv-budget", "50%")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     prune = out["stats"]["prune"]

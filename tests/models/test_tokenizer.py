@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from conftest import TRICKY, essay_text, smollm2_path
 
-from conftest import essay_text, smollm2_path
 from edgetok.models.tokenizer import StreamDecoder
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
-    from transformers import AutoTokenizer
-
     from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -22,16 +21,6 @@ def hf_tokenizer():
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     return tok
-
-
-TRICKY = [
-    "Hello world",
-    "  leading spaces and\ttabs\n\nnew lines",
-    "numbers 1234567 and 3.14159, 2024-11-29",
-    "unicode: café, naïve, 北京, 🙂👍🏽, Ωmega",
-    "code: def f(x):\n    return x**2  # square",
-    "<|im_start|>user\nhi<|im_end|>\n",
-]
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2, hf_tokenizer):

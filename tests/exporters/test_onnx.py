@@ -9,10 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import make_hf_model, make_tokenizer_files, run_cli
 
 import edgetok
-from edgetok.cli import cli
 from edgetok.exporters import onnx_rewrites as rw
 from edgetok.exporters.onnx_graph import PruneSpec, build_decoder, default_prune
 from edgetok.exporters.quantize import rtn
@@ -21,12 +20,6 @@ from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import load_source
 from edgetok.runtimes.kv import ContiguousCache
 from edgetok.runtimes.prune import PrunePlan, prefill_pruned
-
-from conftest import make_hf_model, make_tokenizer_files
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +163,8 @@ def test_matmul_nbits_rewrite_computes_its_dequantized_weights(families):
     assert np.abs(got - ref).max() < 1e-3
 
 
-@pytest.mark.parametrize("bits,symmetric,float_zero", [(4, False, False), (4, False, True), (4, True, False), (8, False, False), (8, True, False)])
+@pytest.mark.parametrize("bits,symmetric,float_zero",
+                         [(4, False, False), (4, False, True), (4, True, False), (8, False, False), (8, True, False)])
 def test_matmul_nbits_packing_round_trips(bits, symmetric, float_zero):
     w = torch.randn(24, 96)
     qw = rtn(w, bits, 32, symmetric=symmetric, float_zero=float_zero)
@@ -362,7 +356,7 @@ def test_a_tiered_cache_reads_the_last_queries_of_each_piece(exported, families)
         assert torch.equal(a.q_last, a.q_obs[:, -1])
     for c in caches:
         c.end_prefill()
-    assert [l.chunk_size for l in caches[0].layers] == [l.chunk_size for l in caches[1].layers]
+    assert [layer.chunk_size for layer in caches[0].layers] == [layer.chunk_size for layer in caches[1].layers]
 
 
 @pytest.mark.parametrize("attention", ["gqa", "standard"])

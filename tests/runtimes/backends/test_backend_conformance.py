@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import edgetok
-from conftest import run_cli
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE
 from edgetok.runtimes.prune import PrunePlan
-
 
 
 @dataclass

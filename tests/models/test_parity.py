@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import HF_CONFIGS, essay_text, make_hf_model
+
 from edgetok.models.config import ModelConfig
 from edgetok.models.llama import LlamaModel
 from edgetok.runtimes.kv import ContiguousCache

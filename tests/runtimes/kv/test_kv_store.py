@@ -8,16 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from edgetok.cli import cli
+from conftest import run_cli
 
 EDGETOK = str(Path(sys.executable).parent / "edgetok")
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 12
 
 
 def run_json(*args):
-    r = CliRunner().invoke(cli, ["run", *map(str, args), "--json"])
+    r = run_cli("run", *map(str, args), "--json")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -47,7 +45,7 @@ def test_corrupt_entry_is_refused_then_rebuilt(tiny_folder, tmp_path):
     data = bytearray(entry.read_bytes())
     data[-100] ^= 0xFF  # flip a byte of the payload
     entry.write_bytes(bytes(data))
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", str(tmp_path)])
+    r = run_cli("run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", str(tmp_path))
     assert r.exit_code == 1 and "--kv-store-rebuild" in r.stderr and "corrupt" in r.stderr
     rebuilt = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path, "--kv-store-rebuild")
     assert rebuilt["stats"]["store_tokens"] == 0
@@ -63,7 +61,7 @@ def test_mismatched_header_is_refused(tiny_folder, tmp_path):
     header = json.loads(line)
     header["version"] = 99
     entry.write_bytes(json.dumps(header).encode() + b"\n" + rest)
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "2", "--kv-store", str(tmp_path)])
+    r = run_cli("run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "2", "--kv-store", str(tmp_path))
     assert r.exit_code == 1 and "format version 99" in r.stderr
 
 

@@ -6,10 +6,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import kv_rows, make_hf_model, run_cli
 
-from conftest import kv_rows, make_hf_model
-from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
 from edgetok.models.sources import Source
@@ -126,15 +124,15 @@ def test_kv_config_errors():
 
 
 def test_cli_kv_options(tiny_folder, tmp_path):
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "The quick brown fox", "--no-chat", "-n", "8",
+    r = run_cli("run", str(tiny_folder), "-p", "The quick brown fox", "--no-chat", "-n", "8",
                                  "--kv-budget", "50%", "--kv-device-mb", "0.01", "--kv-host-mb", "0.01",
-                                 "--kv-disk", str(tmp_path), "--json"])
+                                 "--kv-disk", str(tmp_path), "--json")
     assert r.exit_code == 0, r.output
     kv = json.loads(r.stdout)["stats"]["kv"]
     assert kv["kind"] == "tiered" and set(kv["bytes_read_per_token"]) == {"device", "host", "disk"}
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--kv-budget", "0%"])
+    r = run_cli("run", str(tiny_folder), "-p", "hi", "--kv-budget", "0%")
     assert r.exit_code == 1 and "impossible" in r.stderr
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--kv-host-mb", "4"])
+    r = run_cli("run", str(tiny_folder), "-p", "hi", "--kv-host-mb", "4")
     assert r.exit_code == 1 and "--kv-disk" in r.stderr
 
 
@@ -206,7 +204,7 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
         cache.append(0, torch.randn(1, hq, 100, d, generator=g), new_k, new_v)
     cache.end_prefill()
     layer, moved = cache.layers[0], 0
-    for step in range(40):
+    for _ in range(40):
         before = cache.stages.slots(0)
         reads = sum(cache.storage.store.read_chunks.values()) if tiers else 0
         k, v, p = cache.view(0, reserve=1)

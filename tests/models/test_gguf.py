@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_hf_model, make_tokenizer_files
+
 from edgetok.errors import EdgetokError
 from edgetok.exporters.gguf import export_gguf
 from edgetok.files import file_sha256

@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import make_hf_model, make_tokenizer_files, run_cli
 
-from conftest import make_hf_model, make_tokenizer_files
-from edgetok.cli import cli
 from edgetok.exporters.calibration import _Attention, attention_importance
 from edgetok.exporters.gguf import export_gguf, gguf_blocks
 from edgetok.exporters.quantize import (
-    LINEARS, QuantizedWeight, fit_group_size, gptq, grid, layer_error, quantize_model, rtn,
+    LINEARS,
+    QuantizedWeight,
+    fit_group_size,
+    gptq,
+    grid,
+    layer_error,
+    quantize_model,
+    rtn,
 )
 from edgetok.exporters.rotation import hadamard, random_orthogonal, rotate
 from edgetok.models import sources
@@ -280,11 +285,10 @@ def test_gguf_export_writes_the_codes_exactly(tied_folder, tmp_path):
 
 
 def test_cli_method_errors(tied_folder, tmp_path):
-    runner = CliRunner()
     out = tmp_path / "m.gguf"
-    r = runner.invoke(cli, ["export", str(tied_folder), "--format", "gguf", "--quant", "q4_1", "--method", "gptq", "-o", str(out)])
+    r = run_cli("export", str(tied_folder), "--format", "gguf", "--quant", "q4_1", "--method", "gptq", "-o", str(out))
     assert r.exit_code != 0 and "--method gptq writes its codes as q4_0 or q8_0 blocks" in r.output
-    r = runner.invoke(cli, ["export", str(tied_folder), "--format", "gguf", "--quant", "q4_0", "--calib-tokens", "1024", "-o", str(out)])
+    r = run_cli("export", str(tied_folder), "--format", "gguf", "--quant", "q4_0", "--calib-tokens", "1024", "-o", str(out))
     assert r.exit_code != 0 and "rtn needs no calibration" in r.output
     assert not out.exists()
 
@@ -294,8 +298,8 @@ def test_cli_export_rsq_gguf_runs_in_llamacpp(tied_folder, tmp_path):
     import json
 
     out = tmp_path / "rsq.gguf"
-    r = CliRunner().invoke(cli, ["export", str(tied_folder), "--format", "gguf", "--quant", "q4_0", "--method", "rsq",
-                                 "--calib-tokens", "1024", "--keep-sensitive", "--eval-tokens", "64", "-o", str(out), "--json"])
+    r = run_cli("export", str(tied_folder), "--format", "gguf", "--quant", "q4_0", "--method", "rsq",
+                                 "--calib-tokens", "1024", "--keep-sensitive", "--eval-tokens", "64", "-o", str(out), "--json")
     assert r.exit_code == 0, r.output
     m = json.loads(r.output[r.output.index("{"):])
     assert m["method"] == "rsq" and m["quantization"]["calibration_sequences"] == 2

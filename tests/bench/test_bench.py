@@ -8,19 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 
 import edgetok
 from edgetok.bench import harness, systems
 from edgetok.bench.forced import generate
 from edgetok.bench.systems import REFERENCE, System
-from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.engine import GenerationConfig
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_summarize_median_min_max():
@@ -130,7 +125,7 @@ def test_bad_input_is_one_sentence(tiny_folder, tmp_path):
         (("bench", tiny_folder, "--kv-budget", "150%", "--peers", "none"), "--kv-budget 150%"),
     ]
     for args, fragment in cases:
-        r = invoke(*args, "--out", tmp_path / "out")
+        r = run_cli(*args, "--out", tmp_path / "out")
         assert r.exit_code == 1, r.output
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("edgetok: error: ") and fragment in lines[0], r.stderr
@@ -142,7 +137,7 @@ def test_bench_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
     real = systems.installed
     monkeypatch.setattr(systems, "installed", lambda module: module not in ("llama_cpp", "onnxruntime_genai") and real(module))
     out = tmp_path / "bench"
-    r = invoke("bench", tiny_folder, "--contexts", "64", "-n", "5", "--kv-budget", "100%,50%", "--threads", "1",
+    r = run_cli("bench", tiny_folder, "--contexts", "64", "-n", "5", "--kv-budget", "100%,50%", "--threads", "1",
                "--repeat", "1", "--out", out)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())

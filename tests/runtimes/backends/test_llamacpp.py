@@ -7,13 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
+from conftest import TRICKY, essay_text, run_cli
 
 import edgetok
-from conftest import essay_text
-from edgetok.cli import cli
 from edgetok.errors import EdgetokError
-from test_tokenizer import TRICKY
 
 # Prompts whose greedy continuations have clear margins. Where the two best logits are within
 # ~0.1 (e.g. "What is the capital of France?": "The" 25.33 vs "L" 25.24), llama.cpp's 8-bit
@@ -22,7 +19,7 @@ PROMPTS = ["List three fruits.", "Explain what a CPU does in two sentences.", "T
 
 
 def export(*args):
-    r = CliRunner().invoke(cli, ["export", *map(str, args), "--json"])
+    r = run_cli("export", *map(str, args), "--json")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -87,11 +84,11 @@ def test_keep_sensitive_keeps_measured_tensors(tiny_folder, tmp_path):
 
 
 def test_export_errors(tiny_folder, tiny_gguf, tmp_path):
-    r = CliRunner().invoke(cli, ["export", str(tiny_folder), "--format", "gguf", "-o", str(tiny_gguf)])
+    r = run_cli("export", str(tiny_folder), "--format", "gguf", "-o", str(tiny_gguf))
     assert r.exit_code == 1 and "--force" in r.stderr
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--backend", "llamacpp"])
+    r = run_cli("run", str(tiny_folder), "-p", "hi", "--backend", "llamacpp")
     assert r.exit_code == 1 and "runs GGUF files" in r.stderr
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--kv-type", "q8_0"])
+    r = run_cli("run", str(tiny_folder), "-p", "hi", "--kv-type", "q8_0")
     assert r.exit_code == 1 and "--backend llamacpp" in r.stderr
     with pytest.raises(EdgetokError, match="unknown backend"):
         edgetok.load(str(tiny_gguf), backend="vulkan")
@@ -126,7 +123,7 @@ def test_q8_round_trip_greedy_matches_torch_reference(smollm2, smollm2_q8):
 @pytest.mark.slow
 def test_llamacpp_kv_types_run(smollm2_q8):
     for kv in ("q8_0", "q4_0"):
-        r = CliRunner().invoke(cli, ["run", str(smollm2_q8), "--backend", "llamacpp", "--kv-type", kv, "-p",
-                                     "What is the capital of France?", "-n", "12", "--json"])
+        r = run_cli("run", str(smollm2_q8), "--backend", "llamacpp", "--kv-type", kv, "-p",
+                                     "What is the capital of France?", "-n", "12", "--json")
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["stats"]["decode_tokens_per_s"] > 0

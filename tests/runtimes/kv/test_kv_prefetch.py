@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
+from test_tiered_cache import PROMPT, decode, source  # noqa: F401  (the tiny 4-layer model fixture)
 
-from edgetok.cli import cli
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.kv.disk import DiskFile
-from test_tiered_cache import PROMPT, decode, source  # noqa: F401  (the tiny 4-layer model fixture)
 
 DISK_STATS = ("disk_uncached", "disk_wait_s", "sync_read_s", "prefetch_wait_s", "prefetch_read_s", "sync_disk_reads",
               "prefetch_chunks", "prefetch_unused", "prefetch_unused_bytes", "process_read_bytes")
@@ -37,7 +36,8 @@ def on_tmpfs(path: Path) -> bool:
 
 def process_read_bytes() -> int | None:
     try:
-        return int(next(l for l in Path("/proc/self/io").read_text().splitlines() if l.startswith("read_bytes:")).split()[1])
+        lines = Path("/proc/self/io").read_text().splitlines()
+        return int(next(line for line in lines if line.startswith("read_bytes:")).split()[1])
     except (OSError, StopIteration):
         return None
 
@@ -141,13 +141,13 @@ def test_short_disk_writes_and_reads_are_errors(tmp_path, monkeypatch):
 
 
 def test_cli_disk_uncached(tiny_folder, tmp_path):
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "The quick brown fox", "--no-chat", "-n", "8",
+    r = run_cli("run", str(tiny_folder), "-p", "The quick brown fox", "--no-chat", "-n", "8",
                                  "--kv-budget", "50%", "--kv-device-mb", "0.01", "--kv-host-mb", "0.01",
-                                 "--kv-disk", str(tmp_path), "--kv-disk-uncached", "--json"])
+                                 "--kv-disk", str(tmp_path), "--kv-disk-uncached", "--json")
     assert r.exit_code == 0, r.output
     kv = json.loads(r.stdout)["stats"]["kv"]
     assert kv["disk_uncached"] is True and set(DISK_STATS) <= set(kv)
-    r = CliRunner().invoke(cli, ["run", str(tiny_folder), "-p", "hi", "--kv-budget", "50%", "--kv-disk-uncached"])
+    r = run_cli("run", str(tiny_folder), "-p", "hi", "--kv-budget", "50%", "--kv-disk-uncached")
     assert r.exit_code == 1 and "--kv-disk" in r.stderr
     with pytest.raises(EdgetokError):
         KVConfig(disk_uncached=True)
