@@ -18,14 +18,13 @@ stretch as they stretch wall time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from kv_speed import essay_prompt  # benchmarks/kv_speed.py
+from kv_speed import decode_args, essay_prompt  # benchmarks/kv_speed.py
 
 EDGETOK = str(Path(sys.executable).parent / "edgetok")
 
@@ -79,12 +78,7 @@ def row(name: str, runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=8000)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--budget", default="25%")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of each run (the prefetch thread is extra)")
+    ap = decode_args(repeat=3, threads=1, threads_help="torch threads of each run (the prefetch thread is extra)")
     ap.add_argument("--disk-dir", type=Path, default=None,
                     help="folder for the disk tier's file (default: a temporary folder; put it on the disk to measure)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows (and every run's stats) as JSON")

@@ -55,13 +55,19 @@ def essay_prompt(context: int) -> tuple[Path, Path]:
     return workdir, prompt_file
 
 
-def main() -> None:
+def decode_args(repeat: int, threads: int | None, threads_help: str | None = None) -> argparse.ArgumentParser:
+    """The arguments of a long-context decode benchmark (this script's and kv_prefetch.py's)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=8000)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--budget", default="25%")
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=repeat)
+    ap.add_argument("--threads", type=int, default=threads, help=threads_help)
+    return ap
+
+
+def main() -> None:
+    ap = decode_args(repeat=2, threads=os.cpu_count())
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
     ap.add_argument("--onnx", action="append", default=[], metavar="DIR",
