@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,25 +35,27 @@ class KVConfig:
     def __post_init__(self) -> None:
         self.bits = str(self.bits)
         if self.bits not in BITS_CHOICES:
-            raise EdgetokError(f"--kv-bits must be one of {', '.join(BITS_CHOICES)}, not {self.bits}")
+            raise EdgetokError(f"{_name('bits')} must be one of {', '.join(BITS_CHOICES)}, not {self.bits}")
         self.budget = str(self.budget).strip()
         try:
-            value = float(self.budget.rstrip("%"))
+            value = float(self.budget.removesuffix("%"))
         except ValueError:
-            raise EdgetokError(f"--kv-budget must be a token count or a percentage like 25%, not '{self.budget}'") from None
-        if value <= 0 or (self.budget.endswith("%") and value > 100):
-            raise EdgetokError(f"--kv-budget {self.budget} is impossible: give a positive token count or a percentage in (0, 100]")
+            raise EdgetokError(f"{_name('budget')} must be a token count or a percentage like 25%, not '{self.budget}'") from None
+        count = not self.budget.endswith("%")
+        if not math.isfinite(value) or value <= 0 or (not count and value > 100) or (count and value != int(value)):
+            raise EdgetokError(f"{_name('budget')} {self.budget} is impossible: give a whole, positive token count "
+                               "or a percentage in (0, 100]")
         for name in ("device_mb", "host_mb"):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                raise EdgetokError(f"--kv-{name.replace('_', '-')} must be ≥ 0")
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise EdgetokError(f"{_name(name)} must be a number ≥ 0, not {v}")
         if self.prefetch_steps < 1:
-            raise EdgetokError(f"KVConfig.prefetch_steps must be ≥ 1 (the past steps whose selections prefetch reads), "
+            raise EdgetokError(f"{_name('prefetch_steps')} must be ≥ 1 (the past steps whose selections prefetch reads), "
                                f"not {self.prefetch_steps}")
         if self.host_mb is not None and self.disk_dir is None:
-            raise EdgetokError("--kv-host-mb needs --kv-disk DIR: chunks beyond the host budget go to disk")
+            raise EdgetokError(f"{_name('host_mb')} needs {_name('disk_dir')}: chunks beyond the host budget go to disk")
         if self.disk_uncached and self.disk_dir is None:
-            raise EdgetokError("--kv-disk-uncached needs --kv-disk DIR: it changes how the disk tier is read")
+            raise EdgetokError(f"{_name('disk_uncached')} needs {_name('disk_dir')}: it changes how the disk tier is read")
         if self.disk_dir is not None:
             self.disk_dir = Path(self.disk_dir)
         if self.chunk_sizes is None:
@@ -85,3 +88,9 @@ class KVConfig:
     def needs_homes(self) -> bool:
         """Chunks get a (compressed) home in host/disk memory, with float copies cached on device."""
         return self.device_mb is not None or self.host_mb is not None or self.bits not in ("auto", "32")
+
+
+def _name(field: str) -> str:
+    """An option as both its users know it: the flag and the field (--kv-budget (KVConfig.budget))."""
+    flag = "--kv-disk" if field == "disk_dir" else f"--kv-{field.replace('_', '-')}"
+    return f"{flag} (KVConfig.{field})"
