@@ -43,8 +43,8 @@ class KVConfig:
             raise EdgetokError(f"{_name('budget')} must be a token count or a percentage like 25%, not '{self.budget}'") from None
         count = not self.budget.endswith("%")
         if not math.isfinite(value) or value <= 0 or (not count and value > 100) or (count and value != int(value)):
-            raise EdgetokError(f"{_name('budget')} {self.budget} is impossible: give a whole, positive token count "
-                               "or a percentage in (0, 100]")
+            raise EdgetokError(f"--kv-budget {self.budget} (KVConfig.budget) is impossible: give a whole, positive "
+                               "token count or a percentage in (0, 100]")
         for name in ("device_mb", "host_mb"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v >= 0):
