@@ -11,7 +11,7 @@ import errno
 
 import click
 
-from edgetok.cli import bench, chat, devices, export, inspect, run
+from edgetok.cli import bench, chat, devices, export, inspect, plan, run
 from edgetok.errors import EdgetokError
 
 
@@ -35,7 +35,7 @@ def cli() -> None:
     """Take a language model to the edge and run it there."""
 
 
-for module in (run, chat, export, inspect, bench, devices):
+for module in (run, chat, export, inspect, bench, devices, plan):
     cli.add_command(module.command)
 
 

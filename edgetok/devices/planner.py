@@ -1,0 +1,154 @@
+"""The plan: which engine, weights, KV budget, tiers and KV bits fit a device, and what they cost.
+
+A plan is arithmetic a user can check, and it shows it: the bytes each part needs, where each lives,
+the bytes a decode step reads from each tier ÷ that tier's bandwidth, plus fixed costs measured on
+this project's reference machine (the constants below say where). It plans for edgetok's fast
+engine: an int4 ONNX export on ONNX Runtime, with the device profile's execution provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from edgetok.devices.catalog import DeviceProfile
+from edgetok.errors import EdgetokError
+from edgetok.models.config import ModelConfig
+
+MB, GB = 1 << 20, 1e9
+# int4 MatMulNBits: 4-bit codes + an fp16 scale and an fp16 zero point per block of 32 weights;
+# the tied embedding / LM head at 8 bits + an fp16 scale per 32 (exporters/onnx.py's defaults).
+# SmolLM2-135M: 96.5 MB by this arithmetic, 100.5 MB on disk (BENCHMARKS.md, ONNX parity table).
+INT4_BYTES_PER_WEIGHT = (4 + 2 * 16 / 32) / 8
+HEAD_BYTES_PER_WEIGHT = (8 + 16 / 32) / 8
+KV_BYTES_PER_VALUE = 4  # the graph reads float32 K/V
+# Measured on the reference machine (2-core Xeon, BENCHMARKS.md "The architecture pass changed no
+# number", edgetok onnx int4): peak RSS at 1K minus weights, KV and prefill workspace ≈ 500 MB (the
+# Python process with ONNX Runtime, torch and the tokenizer loaded).
+RUNTIME_BASE_BYTES = 500 * MB
+# ... and decode at 1K: 17 ms per token, of which the bytes read explain 6; the rest, ~11 ms for
+# 135 M parameters at 2 threads, is compute (int4 dequantization, norms, the head): 81 ps per
+# parameter-thread. Devices other than a CPU are assumed to need 30 µs per layer (kernel launches).
+CPU_COMPUTE_S_PER_PARAM_THREAD = 81e-12 * 2
+ACCELERATOR_S_PER_LAYER = 30e-6
+# ... and decode at 8K with the 25 % budget: 39.7 ms per token, ~14 ms more than bytes and compute
+# explain: selecting and staging chunks (bounds of every chunk, top-k, the slot table) — 1.8 µs per
+# chunk per step at 2 threads, with the in-RAM cache's chunks of 32 tokens on average.
+SELECTION_S_PER_CHUNK_THREAD = 1.8e-6 * 2
+MEAN_CHUNK = 32
+PREFILL_PIECE = 512  # prompt tokens per graph run (GenerationConfig.prefill_chunk)
+EXACT_UP_TO = 4096  # longer contexts get the tiered cache: at 8K its 25 % budget decodes faster
+TIERED_BUDGET = 0.25
+AUTO_BITS_RATIO = 9 / 32  # --kv-bits auto: a quarter of chunks at 16 bits, half at 8, a quarter at 4
+MARGIN = 0.85  # of a memory the plan may fill: the rest is for the OS and other programs
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    context: int
+    engine: str
+    execution_provider: str
+    weights: str
+    threads: int
+    kv_budget: str
+    kv_bits: str
+    shared_memory: bool  # the device's memory is the host's (a CPU, an NPU, unified memory): one peak
+    kv_device_mb: float | None  # None: the whole cache on the device, no tiers
+    kv_host_mb: float | None
+    kv_disk: bool
+    predicted_peak_device_bytes: int
+    predicted_peak_host_bytes: int
+    predicted_decode_tokens_per_s: float
+    arithmetic: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def run_options(self) -> list[str]:
+        """The `edgetok run` options that apply this plan."""
+        options = ["--provider", self.execution_provider, "--threads", str(self.threads)]
+        if self.kv_budget != "100%" or self.kv_device_mb is not None:
+            options += ["--kv-budget", self.kv_budget]
+        if self.kv_device_mb is not None:
+            options += ["--kv-bits", self.kv_bits, "--kv-device-mb", f"{self.kv_device_mb:g}",
+                        "--kv-host-mb", f"{self.kv_host_mb:g}", "--kv-disk", "DIR"]
+        return options
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+    """The int4 export's weights: the linears at 4 bits, the embedding (and an untied head) at 8."""
+    head = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return round((cfg.n_params - head) * INT4_BYTES_PER_WEIGHT + head * HEAD_BYTES_PER_WEIGHT)
+
+
+def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, threads: int | None = None) -> Plan:
+    """The plan for `cfg` on `profile` at `context` tokens (default: the model's whole context)."""
+    context = cfg.max_context if context is None else context
+    if not 1 <= context <= cfg.max_context:
+        raise EdgetokError(f"--context {context} is impossible: the model holds 1 to {cfg.max_context} tokens")
+    threads = threads or 1
+    lines: list[str] = []
+    weights = weight_bytes(cfg)
+    kv_full = cfg.kv_bytes_per_token(KV_BYTES_PER_VALUE) * context
+    workspace = 2 * min(PREFILL_PIECE, context) * context * cfg.num_heads * 4  # a prefill piece's attention scores
+    shared = profile.kind != "gpu"  # the device's memory is the host's
+    device_budget = MARGIN * profile.device_memory_gb * GB
+    host_budget = MARGIN * profile.host_memory_gb * GB - RUNTIME_BASE_BYTES
+    lines.append(f"weights (int4 ONNX): {weights / MB:.1f} MB; KV at {context} tokens (fp32): {kv_full / MB:.1f} MB; "
+                 f"prefill workspace: {workspace / MB:.1f} MB; runtime: {RUNTIME_BASE_BYTES / MB:.0f} MB (host)")
+    lines.append(f"usable ({MARGIN:.0%}): device {device_budget / MB:.0f} MB, host {host_budget / MB:.0f} MB after the runtime"
+                 + (" (the same memory)" if shared else ""))
+    if host_budget <= 0 or weights + workspace > device_budget:
+        raise EdgetokError(f"nothing fits on {profile.name}: the weights ({weights / MB:.0f} MB) and the prefill workspace "
+                           f"({workspace / MB:.0f} MB) need more than {device_budget / MB:.0f} MB of device memory, "
+                           f"with {RUNTIME_BASE_BYTES / MB:.0f} MB for the runtime on the host")
+
+    budget = 1.0 if context <= EXACT_UP_TO else TIERED_BUDGET
+    room = device_budget - weights - workspace - (RUNTIME_BASE_BYTES if shared else 0)
+    if kv_full <= room:
+        device_kv, host_kv, disk_kv, bits = kv_full, 0.0, 0.0, "32"  # in RAM a budgeted cache keeps floats too
+        lines.append(f"the whole KV cache fits on the device ({kv_full / MB:.1f} ≤ {room / MB:.0f} MB): no tiers")
+    else:
+        budget, bits = TIERED_BUDGET, "auto"
+        device_kv = max(room, 0.0)
+        stored = (kv_full - device_kv) * AUTO_BITS_RATIO  # host and disk keep chunks compressed
+        host_kv = min(stored, max(host_budget - (weights + workspace + device_kv if shared else 0), 0.0))
+        disk_kv = stored - host_kv
+        lines.append(f"KV does not fit the device ({kv_full / MB:.0f} > {room / MB:.0f} MB): tiered at {budget:.0%}, "
+                     f"device {device_kv / MB:.0f} MB of float chunks, host {host_kv / MB:.0f} MB and disk {disk_kv / MB:.0f} MB "
+                     f"of chunks at ~{32 * AUTO_BITS_RATIO:.0f} bits")
+    # A decode step reads every weight and the KV it attends to; ONNX Runtime's CPU GroupQueryAttention
+    # reads each KV head once per query head of its group.
+    reread = cfg.num_heads // cfg.num_kv_heads if profile.kind == "cpu" else 1
+    kv_read = budget * kv_full * reread
+    from_device = kv_read * min(device_kv / kv_full, 1.0)
+    from_host = (kv_read - from_device) * (host_kv / (host_kv + disk_kv) if host_kv + disk_kv else 0)
+    from_disk = kv_read - from_device - from_host
+    t_weights = weights / (profile.device_bandwidth_gb_s * GB)
+    t_kv = (from_device / (profile.device_bandwidth_gb_s * GB) + from_host / (profile.host_to_device_gb_s * GB)
+            + from_disk / (profile.disk_read_gb_s * GB))
+    if profile.kind == "cpu":
+        t_fixed = cfg.n_params * CPU_COMPUTE_S_PER_PARAM_THREAD / threads
+        fixed = f"compute {cfg.n_params / 1e6:.0f} M params × {CPU_COMPUTE_S_PER_PARAM_THREAD * 1e12:.0f} ps ÷ {threads} threads"
+    else:
+        t_fixed = cfg.num_layers * ACCELERATOR_S_PER_LAYER
+        fixed = f"{cfg.num_layers} layers × {ACCELERATOR_S_PER_LAYER * 1e6:.0f} µs (assumed launch overhead)"
+    chunks = cfg.num_layers * context / MEAN_CHUNK if budget < 1 else 0
+    t_select = chunks * SELECTION_S_PER_CHUNK_THREAD / threads if profile.kind == "cpu" else 0.0
+    if chunks:
+        fixed += f"; selection {chunks:.0f} chunks × {SELECTION_S_PER_CHUNK_THREAD * 1e6:.1f} µs ÷ {threads} threads"
+        t_fixed += t_select
+    step = t_weights + t_kv + t_fixed
+    lines.append(f"per token: weights {weights / MB:.0f} MB ÷ {profile.device_bandwidth_gb_s:g} GB/s = {1e3 * t_weights:.2f} ms; "
+                 f"KV {kv_read / MB:.0f} MB read ({budget:.0%} × {reread}× per query group) = {1e3 * t_kv:.2f} ms; "
+                 f"{fixed} = {1e3 * t_fixed:.2f} ms → {1e3 * step:.2f} ms")
+    peak_device = round(weights + workspace + device_kv)
+    peak_host = round(RUNTIME_BASE_BYTES + host_kv + (peak_device if shared else 0))
+    return Plan(
+        device=profile.name, context=context, engine="onnxruntime", execution_provider=profile.execution_provider,
+        weights="int4", threads=threads, kv_budget=f"{budget:.0%}", kv_bits=bits, shared_memory=shared,
+        kv_device_mb=None if host_kv + disk_kv == 0 else round(device_kv / MB, 1),
+        kv_host_mb=None if host_kv + disk_kv == 0 else round(host_kv / MB, 1), kv_disk=disk_kv > 0,
+        predicted_peak_device_bytes=peak_device, predicted_peak_host_bytes=peak_host,
+        predicted_decode_tokens_per_s=round(1 / step, 2), arithmetic=lines,
+    )
