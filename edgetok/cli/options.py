@@ -17,9 +17,11 @@ import click
 
 from edgetok.runtimes.engine import GenerationConfig
 from edgetok.runtimes.kv import KVConfig
+from edgetok.runtimes.speculation import SPECULATE_CHOICES, SpeculationParams
 
 GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
-                     "stop", "prune_prompt", "prune_after_layer")
+                     "stop", "prune_prompt", "prune_after_layer", "speculate", "draft_max", "lookup_ngram_min",
+                     "lookup_ngram_max")
 LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild")
 # KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
 KV_FIELDS = ("budget", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached")
@@ -68,6 +70,16 @@ def run_options(f):
                      help="run the layers after --prune-after-layer on this fraction of the prompt (the tokens its end attends to most)"),
         click.option("--prune-after-layer", type=int, default=None, metavar="L",
                      help="the last layer that sees every prompt token (default 2)"),
+        click.option("--speculate", type=click.Choice(SPECULATE_CHOICES), default="none", show_default=True,
+                     help="draft tokens and verify them in one forward: lookup copies n-grams of the prompt and "
+                          "output (quotes, summaries, code edits), recycle the model's own past candidates; "
+                          "greedy output is unchanged"),
+        click.option("--draft-max", type=click.IntRange(min=1), default=SpeculationParams.draft_max, show_default=True,
+                     metavar="K", help="tokens drafted per step at most (fewer while drafts miss)"),
+        click.option("--lookup-ngram-min", type=click.IntRange(min=1), default=SpeculationParams.lookup_ngram_min,
+                     show_default=True, help="--speculate lookup: the shortest n-gram it matches"),
+        click.option("--lookup-ngram-max", type=click.IntRange(min=1), default=SpeculationParams.lookup_ngram_max,
+                     show_default=True, help="--speculate lookup: the longest n-gram it tries first"),
     ]
     for option in reversed(options):
         f = option(f)

@@ -17,13 +17,14 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models.tokenizer import StreamDecoder, Tokenizer
-from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, Backend
+from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Backend
 from edgetok.runtimes.prune import PrunePlan, check_keep
 from edgetok.runtimes.sampling import SamplingParams, sample
+from edgetok.runtimes.speculation import Drafter, SpeculationParams, SpeculativeSteps, new_drafter
 
 
 @dataclass
-class GenerationConfig(SamplingParams):
+class GenerationConfig(SamplingParams, SpeculationParams):
     max_new_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
@@ -45,6 +46,7 @@ class GenerationConfig(SamplingParams):
         for ok, message in checks:
             if not ok:
                 raise EdgetokError(message)
+        self.check_speculation()
         if self.prune_prompt is not None:
             check_keep(self.prune_prompt)
         elif self.prune_after_layer is not None:
@@ -59,6 +61,11 @@ class Stats:
     store_tokens: int = 0  # of those, read from the persistent KV store
     generated_tokens: int = 0
     decode_steps: int = 0  # forward passes after prefill (one per token, but the first token comes from prefill)
+    # --speculate: drafted tokens, those accepted, and the forwards that verified drafts (and their time)
+    drafted: int = 0
+    accepted: int = 0
+    verify_rounds: int = 0
+    verify_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     time_to_first_token_s: float = 0.0
@@ -73,12 +80,19 @@ class Stats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+        """Tokens the decode forwards chose: one each, and the drafted tokens they accepted."""
+        return (self.decode_steps + self.accepted) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Drafted tokens accepted per verifying forward."""
+        return self.accepted / self.verify_rounds if self.verify_rounds else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self) | {
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "mean_accepted_length": round(self.mean_accepted_length, 3),
         }
 
 
@@ -139,6 +153,23 @@ class StopStringFilter:
         return out
 
 
+class PlainSteps:
+    """Decode steps of one token each."""
+
+    def __init__(self, backend: Backend, cache, cached_ids: list[int], params: SamplingParams,
+                 seen: torch.Tensor | None, generator: torch.Generator, stats: Stats) -> None:
+        self.backend, self.cache, self.cached_ids = backend, cache, cached_ids
+        self.params, self.seen, self.generator, self.stats = params, seen, generator, stats
+
+    def after(self, out_ids: list[int], room: int) -> list[int]:
+        """Run the last generated token → the next one."""
+        token = out_ids[-1]
+        logits = self.backend.forward([token], self.cache)[-1]
+        self.cached_ids.append(token)
+        self.stats.decode_steps += 1
+        return [sample(torch.from_numpy(logits), self.params, self.seen, self.generator)]
+
+
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, store_factory: Callable | None = None) -> None:
         self.backend = backend
@@ -150,6 +181,8 @@ class Engine:
         self._cache = None
         self._cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
         self._pruned = False  # the cache holds a pruned prompt: no prefix of it is reusable
+        # --speculate: drafters by settings; Token Recycling's table serves the next generations too
+        self._drafters: dict[tuple, Drafter] = {}
 
     def reset(self) -> None:
         self._cache, self._cached_ids, self._pruned = None, [], False
@@ -219,10 +252,28 @@ class Engine:
         self.backend.end_prefill(self._cache)
         return pruned.logits
 
+    def _steps(self, prompt: list[int], cfg: GenerationConfig, seen: torch.Tensor | None, generator: torch.Generator,
+               stats: Stats, drafter: Drafter | None) -> PlainSteps | SpeculativeSteps:
+        """What runs the decode steps: one token per forward, or drafts verified (--speculate)."""
+        if cfg.speculate == "none" and drafter is None:
+            return PlainSteps(self.backend, self._cache, self._cached_ids, cfg, seen, generator, stats)
+        if ROLLBACK not in self.backend.capabilities:
+            raise EdgetokError(f"--speculate needs a backend that can drop rejected draft tokens; {self.backend.name} cannot")
+        if drafter is None:
+            key = (cfg.speculate, cfg.lookup_ngram_min, cfg.lookup_ngram_max)
+            if key not in self._drafters:
+                self._drafters[key] = new_drafter(cfg, self.config.vocab_size)
+            drafter = self._drafters[key]
+        drafter.start(prompt)
+        return SpeculativeSteps(self.backend, self._cache, self._cached_ids, drafter, cfg.draft_max, cfg, seen, generator, stats)
+
     def generate_ids(
-        self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None
+        self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None,
+        drafter: Drafter | None = None,
     ) -> Iterator[str | Result]:
-        """Yield text pieces as tokens are generated, then the Result."""
+        """Yield text pieces as tokens are generated, then the Result.
+
+        drafter: speculate with this one rather than the one cfg.speculate names."""
         ctx = self.config.max_context
         if not prompt:
             raise EdgetokError("the prompt is empty")
@@ -244,16 +295,19 @@ class Engine:
         stats.prefill_s = time.perf_counter() - t0
 
         decoder, stops = StreamDecoder(self.tokenizer), StopStringFilter(cfg.stop)
+        steps = self._steps(prompt, cfg, seen, generator, stats, drafter)
         out_ids: list[int] = []
         emitted: list[str] = []
         decoded = 0  # characters the stream decoder has released
         finish = "length"
         budget = min(cfg.max_new_tokens, ctx - len(prompt))
         t1 = time.perf_counter()
-        while len(out_ids) < budget:
-            token = sample(torch.from_numpy(logits), cfg, seen, generator)  # (shares the array's memory)
-            if not out_ids:
-                stats.time_to_first_token_s = time.perf_counter() - t0
+        chosen: list[int] = []  # tokens chosen but not yet generated (a step may choose several)
+        if budget:
+            chosen = [sample(torch.from_numpy(logits), cfg, seen, generator)]  # (shares the array's memory)
+            stats.time_to_first_token_s = time.perf_counter() - t0
+        while chosen:
+            token = chosen.pop(0)
             if token in self.tokenizer.eos_ids and not cfg.ignore_eos:
                 finish = "eos"
                 break
@@ -268,10 +322,8 @@ class Engine:
             if stops.stopped:
                 finish = "stop"
                 break
-            if len(out_ids) < budget:
-                logits = self.backend.forward([token], self._cache)[-1]
-                self._cached_ids.append(token)
-                stats.decode_steps += 1
+            if not chosen and len(out_ids) < budget:
+                chosen = steps.after(out_ids, budget - len(out_ids))
         stats.decode_s = time.perf_counter() - t1
         stats.generated_tokens = len(out_ids)
 

@@ -40,12 +40,23 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator
+    logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator,
+    draft: int | None = None,
 ) -> int:
-    """logits (V,) float32 → token id."""
+    """logits (V,) float32 → token id.
+
+    draft: a drafted token to accept or replace (speculative decoding); the result is distributed
+    exactly as without it. A deterministic drafter proposes with q = one-hot(draft), so speculative
+    sampling's rule accepts it with probability min(1, p(draft) / q(draft)) = p(draft) and else
+    draws from the residual max(p − q, 0), normalized: p without the draft. Greedy: the argmax,
+    which is the draft when the draft is right."""
     if p.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
     if p.temperature <= 0.0:
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)
+    if draft is not None:
+        if float(torch.rand((), generator=generator)) < float(probs[draft]):
+            return draft
+        probs[draft] = 0.0  # (multinomial normalizes)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -9,6 +9,8 @@ What only some backends can do is declared as data in `capabilities`, never prob
 - PRUNE: `prefill_pruned` runs the later layers on a pruned prompt (--prune-prompt);
 - PREFIX_STATE: `save_prefix` / `load_prefix` hand a prompt's K/V to the persistent KV store
   (--kv-store). Calling either without the capability raises EdgetokError.
+- ROLLBACK: in decode, `truncate` keeps every token before the last forward's rejected ones
+  (speculative decoding, --speculate), whatever the cache; without it a cache may start over.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from edgetok.runtimes.prune import Pruned, PrunePlan
 
 PRUNE = "prune"
 PREFIX_STATE = "prefix_state"
+ROLLBACK = "rollback"
 
 Progress = Callable[[int], None]  # called with the number of prompt tokens just run
 
@@ -47,7 +50,8 @@ class Backend(Protocol):
 
     def truncate(self, cache: Any, n: int) -> int:
         """Drop the cache's tokens from position n on (a reused prefix, a rejected draft); returns
-        how many it kept (a cache may keep fewer, down to 0)."""
+        how many it kept (a cache may keep fewer, down to 0; with ROLLBACK, after end_prefill, all
+        n when the dropped tokens came in the last forward)."""
         ...
 
     def end_prefill(self, cache: Any) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source
+from edgetok.runtimes.backends.base import ROLLBACK
 
 # --kv-type → ggml type id of llama.cpp's K/V cache
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -47,7 +48,8 @@ def open_gguf(path: Path, n_ctx: int, threads: int | None, kv_type: str = "f16",
 
 class LlamaCppBackend:
     name = "llamacpp"
-    capabilities = frozenset()  # llama.cpp's cache is its own: no pruning, no prefix export
+    # llama.cpp's cache is its own: no pruning, no prefix export; it drops any tokens past n_tokens
+    capabilities = frozenset({ROLLBACK})
     prune_after_layer = None
 
     def __init__(self, source: Source, threads: int | None = None, kv_type: str = "f16", n_ctx: int | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from edgetok.models import names
 from edgetok.models.llama import apply_rope, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
-from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE
+from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK
 from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import Pruned, PrunePlan
 
@@ -38,6 +39,7 @@ PROVIDERS = {
 }
 AUTO_ORDER = ("cuda", "dml", "coreml", "qnn", "openvino")
 DECODE_SLACK = 128  # spare cache slots per growth: bounds both the copies and the masked work
+BINDINGS_KEPT = 4  # one token, and the last few draft lengths (each holds its logits: ≈ 0.2 MB per row)
 
 
 def choose_provider(provider: str) -> str:
@@ -119,10 +121,12 @@ class OnnxBackend:
         self.prune = PrunePlan(1.0, **dataclasses.asdict(prune)) if prune else None
         self.prune_after_layer = prune.after_layer if prune else None
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
-        self.capabilities = frozenset({PREFIX_STATE} | ({PRUNE} if prune else set()))
+        self.capabilities = frozenset({PREFIX_STATE, ROLLBACK} | ({PRUNE} if prune else set()))
         self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)  # the graph's RoPE
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
-        self._bound: _Bound | None = None
+        # Bindings by shape and buffers, the most recently used last: speculative decoding
+        # alternates single tokens with drafts of a few lengths, each of which would rebind.
+        self._bindings: OrderedDict[tuple, _Bound] = OrderedDict()
 
     def new_cache(self):
         c = self.config
@@ -139,9 +143,7 @@ class OnnxBackend:
         # Room after the valid slots: the graph writes the new K/V there, into the cache itself.
         shared = [self.in_place and k.shape[2] >= length + n for k, _, length in views]
         key = (n, last, prune_keep < 1.0, tuple((k.data_ptr(), v.data_ptr(), k.shape) for k, v, _ in views), tuple(shared))
-        if self._bound is None or self._bound.key != key:  # decoding into the same buffers rebinds nothing
-            self._bound = self._bind(key, views, shared, n, last, prune_keep < 1.0)
-        bound = self._bound
+        bound = self._binding(key, views, shared, n, last, prune_keep < 1.0)
         bound.ids[0] = tokens
         bound.positions[0] = np.arange(start, start + n)
         bound.past_length[0] = [length for _, _, length in views]
@@ -188,6 +190,19 @@ class OnnxBackend:
             for j, i in enumerate(group):
                 result[i] = q[j : j + 1]
         return result
+
+    def _binding(self, key, views, shared, n: int, last: int, pruning: bool) -> _Bound:
+        """The binding for this shape over these buffers: decoding into the same buffers rebinds nothing."""
+        bound = self._bindings.get(key)
+        if bound is not None:
+            self._bindings.move_to_end(key)
+            return bound
+        if any(old[3] != key[3] for old in self._bindings):
+            self._bindings.clear()  # the cache's buffers moved: do not keep the old ones alive
+        bound = self._bindings[key] = self._bind(key, views, shared, n, last, pruning)
+        if len(self._bindings) > BINDINGS_KEPT:
+            self._bindings.popitem(last=False)
+        return bound
 
     def _bind(self, key, views, shared, n: int, last: int, pruning: bool) -> _Bound:
         """An IO binding over persistent arrays: the next call with the same key only refills the

@@ -7,14 +7,14 @@ import torch
 
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, Progress
+from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Progress
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
 
 
 class TorchBackend:
     name = "torch"
-    capabilities = frozenset({PRUNE, PREFIX_STATE})
+    capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK})
     prune_after_layer = None  # any layer: the plan's default
 
     WEIGHTS = ("fp32", "bf16", "int8")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from edgetok.kernels.attention import attend, causal_mask
@@ -35,6 +37,7 @@ class ContiguousCache(AttendingCache, GraphCache):
         self.lengths = [0] * num_layers  # tokens stored per layer
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         self.sliding_window = sliding_window
+        self.decode_start: float = math.inf  # the position from which every layer stores every token
 
     @property
     def length(self) -> int:
@@ -95,15 +98,16 @@ class ContiguousCache(AttendingCache, GraphCache):
 
     def truncate(self, n: int) -> int:
         assert 0 <= n <= self.length, (n, self.length)
-        if any(self.skipped) and n < self.length:
+        if any(self.skipped) and n < self.decode_start:
             n = 0  # which pruned tokens lie before n differs per layer: start over
-        if n < self.length:
-            self.lengths = [n] * len(self.lengths)
-            self.skipped = [0] * len(self.skipped)
+        if n == 0:
+            self.lengths, self.skipped, self.decode_start = [0] * len(self.lengths), [0] * len(self.skipped), math.inf
+        elif n < self.length:  # every layer stores the dropped tokens, last (a pruned prompt's decode too)
+            self.lengths = [m - (self.length - n) for m in self.lengths]
         return n
 
     def end_prefill(self) -> None:
-        pass
+        self.decode_start = self.length  # every layer stores every token from here on
 
     kv_dtype = property(lambda self: self.k[0].dtype)
 

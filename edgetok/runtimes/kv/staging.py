@@ -80,6 +80,11 @@ class Stages:
         offset, start, staged = self.windows[layer]
         self.windows[layer] = (offset, start, staged + t)
 
+    def shorten_window(self, layer: int, w: int) -> None:
+        """The layer's window now holds w tokens (a rollback): staged tokens past them are stale."""
+        offset, start, staged = self.windows[layer]
+        self.windows[layer] = (offset, start, min(staged, w))
+
     def reset(self) -> None:
         self.bufs = [None] * len(self.bufs)
         self.slot_chunk.fill_(-1)

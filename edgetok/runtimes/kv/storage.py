@@ -46,6 +46,7 @@ class Layer:
     n_chunks: int = 0  # chunks sealed; their abstracts are TieredCache.abstracts[layer, ..., :n_chunks]
     q_obs: torch.Tensor | None = None  # (Hq, ≤W, D) the last prompt queries
     q_last: torch.Tensor | None = None  # (Hq, D) the last query: selects a graph's next view
+    q_tail: torch.Tensor | None = None  # (Hq, r, D) the last call's last queries: a rollback's new q_last
 
 
 @dataclass
@@ -125,6 +126,10 @@ class Storage(ABC):
     @abstractmethod
     def window_len(self, layer: Layer) -> int:
         """Tokens after the layer's last chunk."""
+
+    @abstractmethod
+    def forget_recent(self, layer: Layer, n: int) -> None:
+        """Drop the window's last n tokens (n ≤ window_len: a rolled-back draft)."""
 
     @abstractmethod
     def seal(self, layer: Layer) -> torch.Tensor:
@@ -219,6 +224,9 @@ class ResidentStorage(Storage):
 
     def window_len(self, layer: SlabLayer) -> int:
         return layer.n - layer.n_chunks * layer.chunk_size
+
+    def forget_recent(self, layer: SlabLayer, n: int) -> None:
+        layer.n -= n  # the slab's rows past n are overwritten by the next append
 
     def seal(self, layer: SlabLayer) -> torch.Tensor:
         start = layer.n_chunks * layer.chunk_size
@@ -366,6 +374,10 @@ class TieredStorage(Storage):
 
     def window_len(self, layer: HomedLayer) -> int:
         return layer.window_k.shape[1]
+
+    def forget_recent(self, layer: HomedLayer, n: int) -> None:
+        w = layer.window_k.shape[1] - n
+        layer.window_k, layer.window_v = layer.window_k[:, :w], layer.window_v[:, :w]  # (the next append copies)
 
     def seal(self, layer: HomedLayer) -> torch.Tensor:
         size = layer.chunk_size

@@ -67,9 +67,21 @@ class TieredCache(AttendingCache, GraphCache):
         self.skipped[layer] += n
 
     def truncate(self, n: int) -> int:
-        """Only a whole reset: chunk sizes and budgets were fitted to the old prompt."""
+        """In decode, tokens still in every layer's window (a rejected draft: windows are sealed
+        at the start of a step, so a step's own tokens are all there) are simply forgotten.
+        Anything else is a whole reset: chunk sizes and budgets were fitted to the old prompt."""
         if n >= self.length:
             return self.length
+        drop = self.length - n
+        if self.layers[0].chunk_size and all(drop <= self.storage.window_len(layer) for layer in self.layers):
+            for i, layer in enumerate(self.layers):
+                self.storage.forget_recent(layer, drop)
+                self.stages.shorten_window(i, self.storage.window_len(layer))
+                self.lengths[i] -= drop
+                if layer.q_tail is not None and drop < layer.q_tail.shape[1]:  # a graph's next view selects with it
+                    layer.q_tail = layer.q_tail[:, : layer.q_tail.shape[1] - drop]
+                    layer.q_last = layer.q_tail[:, -1]
+            return n
         self.reset()
         return 0
 
@@ -149,9 +161,7 @@ class TieredCache(AttendingCache, GraphCache):
         self.storage.append(layer, k, v)
         keys, values = self.storage.gather(i, chosen)
         self._count(layer, layer.n_chunks if chosen is None else len(chosen), keys.shape[1])
-        out = self._attend(q, keys, values, k.shape[1])
-        self._maybe_seal(i)
-        return out
+        return self._attend(q, keys, values, k.shape[1])
 
     # -- end of the prompt: chunk sizes and budget shares ------------------------------------------
     def end_prefill(self) -> None:
@@ -224,6 +234,8 @@ class TieredCache(AttendingCache, GraphCache):
         self.budgets = allocate([layer.share for layer in self.layers], self.cfg.budget_tokens(self.length), total)
 
     def _begin_step(self) -> None:
+        for i in range(len(self.layers)):  # the last step's tokens are verified now (see truncate)
+            self._seal_full_window(i)
         self.counters["steps"] += 1
         self.storage.begin_step()
         self._step_budgets()
@@ -233,9 +245,11 @@ class TieredCache(AttendingCache, GraphCache):
         self.counters["tokens_total"] += layer.n_chunks * layer.chunk_size + self.storage.window_len(layer)
         self.counters["chunks_selected"] += chunks
 
-    def _maybe_seal(self, i: int) -> None:
+    def _seal_full_window(self, i: int) -> None:
+        """Seal the window's oldest tokens into chunks, keeping ≥ one chunk of exact recent tokens.
+        Done when a step begins, not when it ends: until then a step's tokens can be rolled back."""
         layer = self.layers[i]
-        if self.storage.window_len(layer) >= 2 * layer.chunk_size:  # keep ≥ one chunk of exact recent tokens
+        while self.storage.window_len(layer) >= 2 * layer.chunk_size:
             self._add_abstracts(i, self.storage.seal(layer)[:, None])
 
     # -- GraphCache: a whole-model graph (the ONNX backend), which attends itself -------------------
@@ -272,7 +286,7 @@ class TieredCache(AttendingCache, GraphCache):
         layer = self.layers[i]
         self.lengths[i] += k.shape[2]
         q, k, v = q[0], k[0], v[0]
-        layer.q_last = q[:, -1]
+        layer.q_last, layer.q_tail = q[:, -1], q
         if layer.chunk_size == 0:
             self.storage.add_prompt(layer, k, v)
             self._observe(layer, q)
@@ -282,7 +296,6 @@ class TieredCache(AttendingCache, GraphCache):
             if k.data_ptr() == staged_k[0, :, p:].data_ptr():  # the graph wrote them after the window
                 self.stages.wrote(i, k.shape[1])
         self.storage.append(layer, k, v)
-        self._maybe_seal(i)
 
     def advance(self, i: int, q: torch.Tensor, n: int) -> None:
         layer = self.layers[i]

@@ -1,0 +1,423 @@
+"""Speculative decoding (--speculate): drafters, the adaptive draft length, the accept rule, rollback
+in every cache, and greedy output equal to plain decoding's on every backend.
+
+Tiny random models for speed; the real SmolLM2 for one slow integration test.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import edgetok
+from conftest import kv_rows, run_cli
+from edgetok.errors import EdgetokError
+from edgetok.runtimes.engine import GenerationConfig, Result
+from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
+from edgetok.runtimes.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from edgetok.runtimes.speculation import DraftControl, PromptLookup, TokenRecycling
+from edgetok.runtimes.speculation.control import MISSES_BEFORE_PAUSE, PAUSE_MIN
+
+# Greedy speculative output may leave plain decoding's only where logits computed for several
+# positions at once round differently from one at a time: at a near-tie of the reference's top two.
+EPSILON = {"torch": 1e-3, "torch-tiered": 1e-3, "onnxruntime": 1e-3, "onnxruntime-tiered": 1e-3, "llamacpp": 0.05}
+
+PROMPT_SETS = {
+    "input-grounded": [
+        "Here is a text.\nThe quick brown fox jumps over the lazy dog. Émile paid 12,345 € for a café near the station.\n"
+        "Quote its first sentence: The quick brown fox",
+        "Document: def add(a, b):\n    return a + b\nThe quick brown fox jumps over the lazy dog.\n"
+        "Summary of the document: The quick",
+        "Edit the text, fox → dog: The quick brown fox jumps over the lazy dog. The quick brown fox paid 12,345 €.\n"
+        "Edited: The quick brown dog",
+    ],
+    "code": [
+        "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+        "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n    def add(self, other):\n",
+    ],
+    "chat": [
+        [{"role": "user", "content": "Hello! Where is the café near the station?"}],
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the fox and the dog."}],
+    ],
+}
+
+
+# -- real components: a tiny random model on every backend ---------------------------------------
+KINDS = ["torch", "torch-tiered", "onnxruntime", "onnxruntime-tiered", "llamacpp"]
+EXACT_TIERED = edgetok.KVConfig(budget="100%", chunk_sizes=(8, 16))  # tiered, every chunk attended: seals often
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_folder, tmp_path_factory):
+    """The tiny model as an fp32 ONNX export and an f32 GGUF."""
+    folder = tmp_path_factory.mktemp("speculative")
+    onnx, gguf = folder / "onnx", folder / "tiny.gguf"
+    for args in (["--format", "onnx", "--weights", "fp32", "-o", onnx], ["--format", "gguf", "--quant", "f32", "-o", gguf]):
+        r = run_cli("export", tiny_folder, *args, "--no-verify")
+        assert r.exit_code == 0, r.output
+    return {"onnx": str(onnx), "gguf": str(gguf)}
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request, tiny_folder, exported) -> tuple[str, edgetok.Model]:
+    name = request.param
+    if name.startswith("torch"):
+        return name, edgetok.load(str(tiny_folder), kv=EXACT_TIERED if name.endswith("tiered") else None)
+    if name.startswith("onnxruntime"):
+        return name, edgetok.load(exported["onnx"], kv=EXACT_TIERED if name.endswith("tiered") else None)
+    return name, edgetok.load(exported["gguf"], backend="llamacpp")
+
+
+def generate(m: edgetok.Model, prompt, drafter=None, **options) -> Result:
+    """A fresh generation (no prefix reused from the last one), as the engine runs it."""
+    m.engine.reset()
+    chat = not isinstance(prompt, str)
+    r = None
+    for r in m.engine.generate_ids(m.encode(prompt, chat), GenerationConfig(**options), drafter=drafter):
+        pass
+    return r
+
+
+def top2_margin(m: edgetok.Model, ids: list[int]) -> float:
+    """The gap between the two highest logits after `ids`."""
+    backend = m.engine.backend
+    top = np.sort(backend.forward(ids, backend.new_cache())[-1])
+    return float(top[-1] - top[-2])
+
+
+# -- greedy exactness --------------------------------------------------------------------------------
+@pytest.mark.parametrize("speculate", ["lookup", "recycle"])
+def test_greedy_tokens_equal_plain_decoding(kind, speculate, capsys):
+    """On every prompt set, speculative greedy tokens are plain greedy's, except after a near-tie
+    (the reference's top-2 margin below ε at the first difference), which is counted and reported."""
+    name, m = kind
+    runs = differ = accepted = 0
+    for set_name, prompts in PROMPT_SETS.items():
+        for prompt in prompts:
+            options = dict(max_new_tokens=40, ignore_eos=True)
+            plain = generate(m, prompt, **options)
+            spec = generate(m, prompt, speculate=speculate, draft_max=6, lookup_ngram_min=1, **options)
+            runs += 1
+            accepted += spec.stats.accepted
+            assert spec.stats.drafted >= spec.stats.accepted
+            if spec.tokens == plain.tokens:
+                continue
+            i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
+            margin = top2_margin(m, m.encode(prompt, not isinstance(prompt, str)) + plain.tokens[:i])
+            assert margin < EPSILON[name], f"{set_name}: token {i} differs, but the reference's top-2 margin is {margin}"
+            differ += 1
+    assert accepted > 0, "no draft was ever accepted: the test shows nothing"
+    with capsys.disabled():
+        print(f"\n[{name}, {speculate}] greedy: {runs - differ}/{runs} generations equal plain decoding's, "
+              f"{differ} differ after a near-tie (ε = {EPSILON[name]})")
+
+
+# -- oracle and random drafts ------------------------------------------------------------------------
+@dataclass
+class Scripted:
+    """A drafter that knows the plain continuation: proposes it (oracle) or tokens that are not it."""
+
+    truth: list[int]  # the plain greedy continuation
+    wrong: bool = False
+    vocab: int = 0
+    known: int = 0  # generated tokens so far
+
+    def start(self, prompt: list[int]) -> None:
+        self.known = 0
+
+    def extend(self, tokens: list[int]) -> None:
+        self.known += len(tokens)
+
+    def propose(self, k: int) -> list[int]:
+        nxt = self.truth[self.known : self.known + k]
+        if not self.wrong:
+            return nxt
+        g = torch.Generator().manual_seed(self.known)
+        return [int((t + torch.randint(1, self.vocab, (), generator=g)) % self.vocab) for t in nxt]  # ≠ the truth
+
+    def learn(self, inputs: list[int], rows: np.ndarray) -> None:
+        pass
+
+
+def probe(m: edgetok.Model, tokens: list[int]) -> np.ndarray:
+    """The logits of `tokens` run after what the engine's cache holds now (T, V)."""
+    return m.engine.backend.forward(tokens, m.engine._cache, last=len(tokens))
+
+
+def test_an_oracle_draft_is_accepted_whole(kind):
+    name, m = kind
+    prompt = PROMPT_SETS["input-grounded"][0]
+    plain = generate(m, prompt, max_new_tokens=30, ignore_eos=True)
+    spec = generate(m, prompt, Scripted(plain.tokens), max_new_tokens=30, ignore_eos=True, draft_max=8)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.accepted == spec.stats.drafted > 0
+    assert spec.stats.decode_steps <= 30 // 9 + 1  # 1 token chosen, 8 drafted ones accepted per forward
+
+
+def test_random_drafts_are_rejected_and_change_nothing(kind):
+    """Every draft is wrong: nothing is accepted, the tokens are plain decoding's, and the cache
+    then holds what plain decoding's holds (the next tokens' logits agree)."""
+    name, m = kind
+    prompt = PROMPT_SETS["code"][0]
+    more = m.encode(" return a * b", chat=False)
+    plain = generate(m, prompt, max_new_tokens=30, ignore_eos=True)
+    want = probe(m, more)
+    ids = list(m.engine._cached_ids)
+    wrong = Scripted(plain.tokens, wrong=True, vocab=m.config.vocab_size)
+    spec = generate(m, prompt, wrong, max_new_tokens=30, ignore_eos=True, draft_max=4)
+    assert spec.stats.drafted > 0 and spec.stats.accepted == 0
+    assert spec.tokens == plain.tokens
+    assert m.engine._cached_ids == ids
+    np.testing.assert_allclose(probe(m, more), want, atol=1e-4 if name != "llamacpp" else 0.05)
+
+
+# -- rollback in every cache (random tensors, no model) -------------------------------------------
+L, HQ, HKV, D = 2, 4, 2, 16
+PROMPT, PIECE = 160, 50
+BUDGET = dict(budget="30%", sink_tokens=4, recent_tokens=8)  # most chunks are chosen by the last query
+CACHES = {
+    "contiguous": None,
+    "tiered-ram": dict(budget="100%"),
+    "tiered-ram-budget": BUDGET,
+    "tiered-tiers": dict(budget="100%", device_mb=0.004, host_mb=0.008),
+    "tiered-tiers-budget": dict(BUDGET, bits="8", device_mb=0.004, host_mb=0.008),
+}
+
+
+@pytest.fixture(params=list(CACHES))
+def new_cache(request, tmp_path):
+    made = []
+
+    def new() -> KVCache:
+        kv = CACHES[request.param]
+        if kv is None:
+            made.append(ContiguousCache(L, HKV, D))
+        else:
+            disk = dict(disk_dir=tmp_path) if "host_mb" in kv else {}
+            made.append(TieredCache(KVConfig(chunk_sizes=(8, 16), **kv, **disk), L, HQ, HKV, D))
+        return made[-1]
+
+    yield new
+    for cache in made:
+        if isinstance(cache, TieredCache):
+            cache.close()
+
+
+@pytest.fixture(scope="module")
+def seq():
+    """q (L, Hq, N, D), k and v (L, Hkv, N, D): a sequence's per-layer tensors."""
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(L, h, 240, D, generator=g) for h in (HQ, HKV, HKV))
+
+
+def attend(cache, seq, tokens: list[int]) -> list[torch.Tensor]:
+    """The positions `tokens` (indices into seq) as the next tokens, through attend → per layer output."""
+    q, k, v = (x[:, :, tokens] for x in seq)
+    return [cache.attend(i, q[i, None], k[i, None], v[i, None]) for i in range(L)]
+
+
+def graph(cache, seq, tokens: list[int], in_place: bool) -> list[list]:
+    """The same through views (as the onnxruntime backend) → per layer the view's token rows."""
+    q, k, v = (x[:, :, tokens] for x in seq)
+    t, rows = len(tokens), []
+    for i in range(L):
+        view_k, view_v, p = cache.view(i, reserve=t)
+        rows.append(kv_rows(view_k[0, :, :p], view_v[0, :, :p]))
+        r = min(t, cache.queries_read)
+        queries = q[i, None, :, t - r :] if r else None
+        if in_place and view_k.shape[2] >= p + t:
+            view_k[0, :, p : p + t], view_v[0, :, p : p + t] = k[i], v[i]
+            cache.advance(i, queries, t)
+        else:
+            cache.append(i, queries, k[i, None], v[i, None])
+    return rows
+
+
+@pytest.mark.parametrize("drive", ["attend", "graph-advance", "graph-append"])
+def test_a_rolled_back_draft_leaves_no_trace(new_cache, seq, drive):
+    """Decode, run a draft of 20 tokens, keep its first (truncate), decode on: every later step
+    sees what a cache that only ever decoded the kept tokens sees. The drafts are longer than a
+    chunk (8 or 16 tokens): the cache must not have sealed what it rolls back."""
+    def run(cache, tokens):
+        if drive == "attend":
+            return attend(cache, seq, tokens)
+        return graph(cache, seq, tokens, in_place=drive == "graph-advance")
+
+    spec, plain = new_cache(), new_cache()
+    for cache in (spec, plain):
+        for a in range(0, PROMPT, PIECE):
+            run(cache, list(range(a, min(a + PIECE, PROMPT))))
+        cache.end_prefill()
+    pos, junk = PROMPT, 220  # junk: positions of tokens that are never kept
+    for step in range(12):
+        run(spec, [pos] + list(range(junk, junk + 19)))  # the draft's first token is kept
+        assert spec.truncate(pos + 1) == pos + 1
+        run(plain, [pos])
+        pos += 1
+        for _ in range(step % 3):  # plain steps between the drafts
+            assert all(_equal(a, b) for a, b in zip(run(spec, [pos]), run(plain, [pos]), strict=True))
+            pos += 1
+    assert spec.length == plain.length == pos
+
+
+def _equal(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+# -- the accept rule keeps the sampling distribution ------------------------------------------------
+def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's test of counts against expected counts (categories expecting < 5 pooled) → p-value."""
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]]) if small.any() else counts
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]) if small.any() else expected
+    keep = exp > 0
+    stat = (((obs - exp) ** 2)[keep] / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2))
+
+
+def test_the_accept_rule_draws_from_the_sampling_distribution():
+    """sample(draft=d) for a likely, an unlikely and a filtered-out draft: the tokens it returns are
+    distributed as plain sampling's (repetition penalty, temperature, top-k, top-p applied alike)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(60, generator=g) * 2
+    seen = torch.zeros(60, dtype=torch.bool)
+    seen[:10] = True
+    p = SamplingParams(temperature=0.8, top_k=30, top_p=0.95, repetition_penalty=1.3)
+    probs = filter_logits(apply_repetition_penalty(logits, seen, p.repetition_penalty), p).softmax(-1)
+    order = probs.argsort(descending=True)
+    n = 20000
+    for draft in (int(order[0]), int(order[8]), int(order[-1])):  # the last one is filtered out: p = 0
+        gen = torch.Generator().manual_seed(draft)
+        counts = torch.bincount(torch.tensor([sample(logits, p, seen, gen, draft=draft) for _ in range(n)]), minlength=60)
+        assert chi_square_p(counts.double(), probs.double() * n) > 1e-3, draft
+        assert counts[probs == 0].sum() == 0
+
+
+def test_speculative_sampling_keeps_the_joint_distribution(tiny):
+    """Three tokens sampled with a draft verified after the first (accepted or replaced, the third
+    then drawn from the bonus row with the draft counted as seen) are distributed as the model's
+    own joint distribution, computed exactly."""
+    p = dict(temperature=1.0, top_k=3, repetition_penalty=1.5)
+    prompt = tiny.tokenizer.encode("The quick brown fox")
+    greedy = generate(tiny, "The quick brown fox", max_new_tokens=3, ignore_eos=True).tokens
+    params = SamplingParams(**p)
+    vocab, backend = tiny.config.vocab_size, tiny.engine.backend
+
+    def step_probs(ids: list[int]) -> torch.Tensor:
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        logits = torch.from_numpy(backend.forward(ids, backend.new_cache())[-1].copy())
+        return filter_logits(apply_repetition_penalty(logits, seen, params.repetition_penalty), params).softmax(-1).double()
+
+    joint: dict[tuple, float] = {}
+    p1 = step_probs(prompt)
+    for a in p1.nonzero().flatten().tolist():
+        p2 = step_probs(prompt + [a])
+        for b in p2.nonzero().flatten().tolist():
+            p3 = step_probs(prompt + [a, b])
+            for c in p3.nonzero().flatten().tolist():
+                joint[a, b, c] = float(p1[a] * p2[b] * p3[c])
+    cells = {key: i for i, key in enumerate(joint)}
+    counts = torch.zeros(len(cells), dtype=torch.float64)
+    n = 1500
+    drafted = accepted = 0
+    for seed in range(n):
+        draft = Scripted([greedy[0], greedy[1], greedy[2]])
+        r = generate(tiny, "The quick brown fox", draft, max_new_tokens=3, ignore_eos=True, seed=seed, **p)
+        counts[cells[tuple(r.tokens)]] += 1
+        drafted, accepted = drafted + r.stats.drafted, accepted + r.stats.accepted
+    assert drafted > 0 and 0 < accepted < drafted  # both of the rule's branches ran
+    expected = torch.tensor(list(joint.values()), dtype=torch.float64) * n
+    assert chi_square_p(counts, expected) > 1e-3
+
+
+# -- the drafters and the draft length ---------------------------------------------------------------
+def test_prompt_lookup_proposes_what_followed_the_longest_recent_match():
+    tokens = [8, 2, 3, 5, 1, 2, 3, 4, 9, 2, 3, 7, 8, 2, 3]
+    d = PromptLookup(1, 3)
+    d.start(tokens)
+    assert d.propose(3) == [5, 1, 2]  # "8 2 3": the longest match wins over later shorter ones
+    d = PromptLookup(1, 2)
+    d.start(tokens)
+    assert d.propose(3) == [7, 8, 2]  # "2 3": its latest occurrence
+    d.extend([7])
+    assert d.propose(2) == [8, 2]
+    d = PromptLookup(1, 3)
+    d.start([5, 6])
+    assert d.propose(4) == []  # nothing repeats
+    d.extend([5])
+    assert d.propose(4) == [6, 5]  # a 1-gram match running into the suffix itself
+
+
+def test_token_recycling_follows_the_models_first_candidates():
+    d = TokenRecycling(10)
+    d.start([1, 2, 3])  # the prompt seeds 1 → 2 → 3
+    assert d.propose(4) == []  # nothing after 3 yet
+    rows = np.zeros((2, 10), np.float32)
+    rows[0, 4], rows[1, 1] = 1, 1  # the model said 4 after 3, and 1 after 4
+    d.learn([3, 4], rows)
+    assert d.propose(5) == [4, 1, 2, 3, 4]
+    d.start([1, 7])  # a new prompt seeds only what the model has not said: 1 → 2 stays
+    assert d.propose(3) == [] and d.next[1] == 2
+    d.extend([1])
+    assert d.propose(2) == [2, 3]
+
+
+def test_draft_length_adapts_and_pauses_after_misses():
+    c = DraftControl(8)
+    assert c.next_length() == 8
+    c.update(8, 3)
+    assert c.next_length() == 4  # just past what passed
+    c.update(4, 4)
+    assert c.next_length() == 8  # doubled, capped at draft_max
+    for _ in range(MISSES_BEFORE_PAUSE):
+        c.update(c.next_length(), 0)
+    assert [c.next_length() for _ in range(PAUSE_MIN)] == [0] * PAUSE_MIN
+    assert c.next_length() == 1
+    for _ in range(MISSES_BEFORE_PAUSE):
+        c.update(1, 0)
+    assert [c.next_length() for _ in range(2 * PAUSE_MIN)] == [0] * (2 * PAUSE_MIN)  # longer while misses go on
+    c.update(c.next_length(), 1)
+    assert c.pause == PAUSE_MIN  # a hit resets the back-off
+
+
+# -- configuration and the command line ----------------------------------------------------------
+@pytest.mark.parametrize("options, flag", [
+    (dict(speculate="medusa"), "--speculate"),
+    (dict(speculate="lookup", draft_max=0), "--draft-max"),
+    (dict(speculate="lookup", lookup_ngram_min=3, lookup_ngram_max=2), "--lookup-ngram-min"),
+])
+def test_bad_settings_are_one_sentence(options, flag):
+    with pytest.raises(EdgetokError, match=flag):
+        GenerationConfig(**options)
+
+
+def test_run_json_reports_the_drafts(tiny_folder):
+    r = run_cli("run", tiny_folder, "-p", "def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "--no-chat",
+                "-n", "24", "--speculate", "lookup", "--draft-max", "4", "--lookup-ngram-min", "1", "--json")
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["drafted"] >= stats["accepted"] >= 0 and stats["verify_rounds"] > 0 and stats["verify_s"] > 0
+    assert stats["mean_accepted_length"] == round(stats["accepted"] / stats["verify_rounds"], 3)
+
+
+# -- the real model ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_lookup_is_greedy_exact_and_accepts_quotes(smollm2):
+    """SmolLM2 (torch, fp32) asked to repeat a paragraph: lookup drafts are accepted in long runs,
+    and the tokens are plain decoding's (or differ after a near-tie)."""
+    from edgetok.texts import essays
+
+    paragraph = essays(2000)[:1200]
+    messages = [{"role": "user", "content": f"{paragraph}\n\nRepeat the text above exactly."}]
+    plain = generate(smollm2, messages, max_new_tokens=96)
+    spec = generate(smollm2, messages, speculate="lookup", max_new_tokens=96)
+    assert spec.stats.mean_accepted_length > 2
+    if spec.tokens != plain.tokens:
+        i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
+        assert top2_margin(smollm2, smollm2.encode(messages, True) + plain.tokens[:i]) < EPSILON["torch"]
