@@ -23,6 +23,9 @@ if want onnx; then  # ONNX export: size and parity; decode vs onnxruntime-genai
     --system 'int8 KV 25%=--weights int8 --kv-budget 25%' --onnx int4 --onnx 'int4 --zero-points integer --head-bits 4' \
     --onnx 'int4 --attention standard' --threads 2 --repeat 2 --out benchmarks/results/bench-2t
 fi
+if want spec; then  # speculative decoding: edgetok (ONNX int4, torch) vs transformers' and llama.cpp's lookup decoding
+  $LOCK $PY benchmarks/speculative.py --repeat 3 --threads 2 --out benchmarks/results/speculative.json
+fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
 if want quant; then

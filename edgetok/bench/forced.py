@@ -79,6 +79,8 @@ class TeacherForcing:
 
 def generate(model, prompt: list[int], cfg, follow: list[int] | None):
     """The engine's Result and the logits rows, with `follow` fed while decoding."""
+    if follow is not None and cfg.speculate != "none":
+        raise EdgetokError("--follow feeds the tokens one at a time; a system with --speculate cannot follow them")
     if follow is not None and len(follow) < cfg.max_new_tokens - 1:
         raise EdgetokError(f"--follow has {len(follow)} tokens; decoding {cfg.max_new_tokens} needs {cfg.max_new_tokens - 1}")
     forced = TeacherForcing(model.engine.backend, follow)

@@ -44,9 +44,10 @@ def prefill_bar(n_tokens: int):
 
 def print_stats(s) -> None:
     """One line of speed and memory (--verbose), on stderr."""
+    drafts = f"drafts {s.accepted}/{s.drafted} accepted ({s.mean_accepted_length:.2f} per step); " if s.drafted else ""
     click.echo(
         f"prompt {s.prompt_tokens} tok ({s.reused_prompt_tokens} reused), {s.prefill_tokens_per_s:.1f} tok/s; "
-        f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s; "
+        f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s; {drafts}"
         f"peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB",
         err=True,
     )

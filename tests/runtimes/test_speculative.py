@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import kv_rows, run_cli
 
 import edgetok
-from conftest import kv_rows, run_cli
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.engine import GenerationConfig, Result
 from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
@@ -76,10 +76,8 @@ def generate(m: edgetok.Model, prompt, drafter=None, **options) -> Result:
     """A fresh generation (no prefix reused from the last one), as the engine runs it."""
     m.engine.reset()
     chat = not isinstance(prompt, str)
-    r = None
-    for r in m.engine.generate_ids(m.encode(prompt, chat), GenerationConfig(**options), drafter=drafter):
-        pass
-    return r
+    *_, result = m.engine.generate_ids(m.encode(prompt, chat), GenerationConfig(**options), drafter=drafter)
+    return result
 
 
 def top2_margin(m: edgetok.Model, ids: list[int]) -> float:
@@ -414,10 +412,10 @@ def test_smollm2_lookup_is_greedy_exact_and_accepts_quotes(smollm2):
     from edgetok.texts import essays
 
     paragraph = essays(2000)[:1200]
-    messages = [{"role": "user", "content": f"{paragraph}\n\nRepeat the text above exactly."}]
+    messages = [{"role": "user", "content": f"Repeat the following text word for word.\n\n{paragraph}"}]
     plain = generate(smollm2, messages, max_new_tokens=96)
     spec = generate(smollm2, messages, speculate="lookup", max_new_tokens=96)
-    assert spec.stats.mean_accepted_length > 2
+    assert spec.stats.decode_steps < 0.6 * spec.stats.generated_tokens  # (measured: 35 forwards for 96 tokens)
     if spec.tokens != plain.tokens:
         i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
         assert top2_margin(smollm2, smollm2.encode(messages, True) + plain.tokens[:i]) < EPSILON["torch"]

@@ -50,9 +50,10 @@ class KVCache(ABC):
 
     @abstractmethod
     def truncate(self, n: int) -> int:
-        """Forget every token from position n on (to reuse a shared prompt prefix); returns the
-        number of tokens actually kept (a cache may keep fewer, down to 0; a pruned one keeps
-        all or nothing)."""
+        """Forget every token from position n on (to reuse a shared prompt prefix, or drop a
+        rejected draft); returns the number of tokens actually kept (a cache may keep fewer, down
+        to 0; after end_prefill, every cache keeps all n when the forgotten tokens came in the last
+        forward)."""
 
     @abstractmethod
     def end_prefill(self) -> None:

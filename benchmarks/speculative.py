@@ -1,0 +1,248 @@
+"""Decode speed with and without speculative decoding, on input-grounded prompts (a ~1K-token
+document or source file to summarize, quote or edit) and open chat prompts: edgetok's engine
+(the ONNX int4 export, and torch fp32) with --speculate none | lookup | recycle, transformers'
+prompt-lookup generation (`generate(..., prompt_lookup_num_tokens=K)`, fp32) and llama.cpp's
+lookup decoding (llama-cpp-python's `LlamaPromptLookupDecoding` as the draft model, on the GGUF).
+
+    flock /tmp/edgetok-bench.lock .venv/bin/python benchmarks/speculative.py --repeat 3 \\
+        --out benchmarks/results/speculative.json
+    .venv/bin/python benchmarks/speculative.py --smoke      # ~20 s: does every part run?
+
+Every system runs in this process, greedy, on the same chat-templated token ids, with the same
+thread count, and stops at EOS (or --new-tokens). Runs interleave: each round runs every prompt on
+every system in turn, so drift hits all alike; a warm-up run per system comes first. Decode
+tokens/s counts the tokens after the first (EOS included) over the time from the first to the
+last, as each system yields them. Speculative runs also report whether their tokens equal the same
+engine's plain tokens (greedy exactness; quantized kernels may round several positions differently
+from one, so a near-tie can flip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import edgetok
+from edgetok.bench.artifacts import gguf_file, hf_folder, onnx_folder
+from edgetok.texts import essays
+
+REPO = Path(__file__).resolve().parents[1]
+GOALS = "≥ 1.8× plain decode on input-grounded prompts, ≥ 0.95× on open chat, ≥ 1.5× llama.cpp's decode at 1K (input-grounded)"
+
+OPEN = [
+    "Write a short story about a lighthouse keeper who finds a strange bottle on the beach.",
+    "What are three good habits for staying productive while working from home? Explain each briefly.",
+    "Explain to a ten-year-old how a rainbow forms.",
+]
+
+
+def grounded_prompts(tok, context: int) -> list[str]:
+    """Three tasks over a document of about `context` tokens with the instruction: summarize and
+    quote an essay, answer from it, and edit a source file."""
+    doc_budget = context - 60  # the template and the instruction
+
+    def cut(text: str) -> str:
+        return tok.decode(tok.encode(text, add_special_tokens=False)[:doc_budget])
+
+    essay = essays(context * 8)
+    code = (REPO / "edgetok" / "runtimes" / "sampling.py").read_text()  # ≈ 900 tokens
+    return [
+        f"{cut(essay)}\n\nSummarize the essay above in one paragraph, quoting its key sentences word for word.",
+        f"{cut(essay[len(essay) // 2 :])}\n\nAccording to the text above, what does the author argue? Answer with quotes from the text.",
+        f"{cut(code)}\n\nRewrite the code above with the function `sample` renamed to `choose_token`. Output the code only.",
+    ]
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    decode_tokens_per_s: float
+    extra: dict  # drafted, accepted, … where the system reports them
+
+
+Runner = Callable[[list[int], int], Run]
+
+
+def edgetok_runner(model: edgetok.Model, speculate: str, draft_max: int, threads: int, torch_threads: bool) -> Runner:
+    from edgetok.runtimes.engine import GenerationConfig
+
+    def run(ids: list[int], n: int) -> Run:
+        torch.set_num_threads(threads if torch_threads else 1)  # (edgetok.load sets 1 for the other runtimes)
+        model.engine.reset()
+        cfg = GenerationConfig(max_new_tokens=n, speculate=speculate, draft_max=draft_max)
+        *_, result = model.engine.generate_ids(ids, cfg)  # text pieces, then the Result
+        s = result.stats
+        extra = {"drafted": s.drafted, "accepted": s.accepted, "mean_accepted_length": round(s.mean_accepted_length, 2)}
+        return Run(result.tokens, s.decode_tokens_per_s, extra if speculate != "none" else {})
+
+    return run
+
+
+def decode_rate(times: list[float]) -> float:
+    """Tokens after the first over the time from the first to the last."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
+
+def transformers_runner(folder: Path, lookup: int, threads: int) -> Runner:
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    class Clock(BaseStreamer):
+        """The time each new token arrives (generate puts the prompt first)."""
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[float, int]] = []
+
+        def put(self, value) -> None:
+            self.calls.append((time.perf_counter(), value.numel()))
+
+        def end(self) -> None:
+            pass
+
+    def run(ids: list[int], n: int) -> Run:
+        torch.set_num_threads(threads)
+        clock = Clock()
+        extra = dict(prompt_lookup_num_tokens=lookup) if lookup else {}
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, streamer=clock, **extra)
+        times = [t for t, count in clock.calls[1:] for _ in range(count)]  # a step may bring several tokens
+        return Run(out[0, len(ids) :].tolist(), decode_rate(times), {})
+
+    return run
+
+
+def llamacpp_runner(path: Path, lookup: int, threads: int, n_ctx: int) -> Runner:
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
+    # logits_all with a draft model: llama-cpp-python 0.3.36 sizes its score rows by logits_all, not
+    # by the draft model it then keeps every position's logits for (the prompt overflows otherwise)
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                          draft_model=draft, logits_all=draft is not None, verbose=False)
+    eos = llm.token_eos()
+
+    def run(ids: list[int], n: int) -> Run:
+        torch.set_num_threads(1)
+        tokens, times = [], []
+        for token in llm.generate(ids, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            tokens.append(token)
+            if token == eos or len(tokens) == n:
+                break
+        return Run(tokens[:-1] if tokens[-1] == eos else tokens, decode_rate(times), {})
+
+    return run
+
+
+def systems(args) -> dict[str, Runner]:
+    """name → runner; a speculative system's plain twin is its name with 'plain' for the method."""
+    k, t = args.draft_max, args.threads
+    source = edgetok.load(args.model).source
+    onnx = args.onnx or str(onnx_folder(args.model, source, "int4"))
+    out: dict[str, Runner] = {}
+    m = edgetok.load(onnx, threads=t)
+    for method in ("none", "lookup", "recycle"):
+        out[f"edgetok onnx int4 / {method}"] = edgetok_runner(m, method, k, t, torch_threads=False)
+    if not args.smoke:
+        m = edgetok.load(args.model, threads=t)
+        for method in ("none", "lookup", "recycle"):
+            out[f"edgetok torch fp32 / {method}"] = edgetok_runner(m, method, k, t, torch_threads=True)
+        hf = hf_folder(args.model, source)
+        out["transformers fp32 / none"] = transformers_runner(hf, 0, t)
+        out["transformers fp32 / lookup"] = transformers_runner(hf, k, t)
+    gguf = gguf_file(args.model, source)
+    out["llama.cpp / none"] = llamacpp_runner(gguf, 0, t, args.context + args.new_tokens + 64)
+    out["llama.cpp / lookup"] = llamacpp_runner(gguf, k, t, args.context + args.new_tokens + 64)
+    if args.only:
+        out = {name: r for name, r in out.items() if any(o in name for o in args.only.split(","))}
+    return out
+
+
+def geomean(xs: list[float]) -> float:
+    xs = [x for x in xs if x > 0]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--onnx", default=None, metavar="DIR", help="an int4 ONNX export (default: exported once and cached)")
+    ap.add_argument("--context", type=int, default=1024, help="tokens of an input-grounded prompt")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--draft-max", type=int, default=8, help="drafted tokens per step, every system")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
+    ap.add_argument("--smoke", action="store_true", help="a quick check: one prompt per set, 24 tokens, edgetok onnx and llama.cpp")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        args.new_tokens, args.repeat = 24, 1
+
+    runners = systems(args)
+    tok = edgetok.load(args.model).tokenizer
+    sets = {"input-grounded": grounded_prompts(tok, args.context), "open": OPEN}
+    if args.smoke:
+        sets = {name: prompts[:1] for name, prompts in sets.items()}
+    ids = {(s, i): tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+           for s, prompts in sets.items() for i, p in enumerate(prompts)}
+    for run in runners.values():  # warm-up: first-call allocations, thread pools, lazy loading
+        run(ids["open", 0], 8)
+    runs: dict[tuple, list[Run]] = {}
+    for round_ in range(args.repeat):
+        for key, prompt in ids.items():
+            for name, run in runners.items():
+                r = run(prompt, args.new_tokens)
+                runs.setdefault((name, *key), []).append(r)
+                print(f"round {round_ + 1} {key[0]} #{key[1]} {name}: {r.decode_tokens_per_s:.1f} tok/s, "
+                      f"{len(r.tokens)} tokens {r.extra or ''}", file=sys.stderr, flush=True)
+
+    report: dict = {
+        "model": args.model, "threads": args.threads, "new_tokens": args.new_tokens, "draft_max": args.draft_max,
+        "repeat": args.repeat, "grounded_prompt_tokens": [len(ids[k]) for k in ids if k[0] == "input-grounded"],
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "goals": GOALS, "sets": {},
+    }
+    for set_name, prompts in sets.items():
+        table = {}
+        for name in runners:
+            per_prompt = [statistics.median(r.decode_tokens_per_s for r in runs[name, set_name, i]) for i in range(len(prompts))]
+            entry = {"decode_tokens_per_s": round(geomean(per_prompt), 2), "per_prompt": [round(x, 2) for x in per_prompt],
+                     "tokens": [len(runs[name, set_name, i][-1].tokens) for i in range(len(prompts))]}
+            plain = name.rsplit(" / ", 1)[0] + " / none"
+            if plain != name and plain in runners:
+                entry["speedup_vs_plain"] = round(entry["decode_tokens_per_s"] / table[plain]["decode_tokens_per_s"], 2)
+                entry["same_tokens_as_plain"] = [runs[name, set_name, i][-1].tokens == runs[plain, set_name, i][-1].tokens
+                                                 for i in range(len(prompts))]
+            extras = [runs[name, set_name, i][-1].extra for i in range(len(prompts))]
+            if any(extras):
+                entry["drafts"] = extras
+            table[name] = entry
+        for name, entry in table.items():
+            for peer in ("llama.cpp / none", "llama.cpp / lookup"):
+                if name.startswith("edgetok") and peer in table:
+                    entry[f"vs {peer}"] = round(entry["decode_tokens_per_s"] / table[peer]["decode_tokens_per_s"], 2)
+        report["sets"][set_name] = table
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
