@@ -246,10 +246,11 @@ class TieredCache(AttendingCache, GraphCache):
         self.counters["chunks_selected"] += chunks
 
     def _seal_full_window(self, i: int) -> None:
-        """Seal the window's oldest tokens into chunks, keeping ≥ one chunk of exact recent tokens.
-        Done when a step begins, not when it ends: until then a step's tokens can be rolled back."""
+        """Seal the window's oldest chunk when the window is two chunks long (one per step, as
+        ever: a window that a many-token forward grew catches up over the next steps). Done when a
+        step begins, not when the last one ended: until then a step's tokens can be rolled back."""
         layer = self.layers[i]
-        while self.storage.window_len(layer) >= 2 * layer.chunk_size:
+        if self.storage.window_len(layer) >= 2 * layer.chunk_size:
             self._add_abstracts(i, self.storage.seal(layer)[:, None])
 
     # -- GraphCache: a whole-model graph (the ONNX backend), which attends itself -------------------

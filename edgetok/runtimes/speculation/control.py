@@ -18,13 +18,10 @@ PAUSE_MIN, PAUSE_MAX = 4, 64  # decode steps without drafting; doubles while pro
 @dataclass
 class DraftControl:
     draft_max: int
-    length: int = 0  # the next draft's length (0: start at draft_max)
+    length: int = 1  # the next draft's length: it starts small and doubles while whole drafts pass
     paused: int = 0  # decode steps left without drafting
     pause: int = PAUSE_MIN  # the next pause's length
     misses: int = 0  # consecutive rounds that accepted nothing
-
-    def __post_init__(self) -> None:
-        self.length = self.length or self.draft_max
 
     def next_length(self) -> int:
         """Tokens to draft at this decode step (0: decode plainly)."""
