@@ -25,7 +25,9 @@ def _tensors_from(buf: bytearray, pos: int, layout) -> Tensors:
 
 
 class DiskFile:
-    """One append-only file of chunk payloads, deleted when the cache closes.
+    """One append-only file of chunk payloads, unlinked as soon as it is open (POSIX): its space
+    returns to the disk when the process closes it or ends, however it ends (kill -9 included), and
+    nothing named edgetok-kv-*.bin stays behind. Elsewhere it is deleted when the cache closes.
 
     uncached: every read goes to the storage device, as it would for a store larger than RAM
     (benchmarks: otherwise the whole file stays in the page cache and a "disk" read is a memcpy).
@@ -39,6 +41,8 @@ class DiskFile:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             raise EdgetokError(f"cannot use {folder} for the KV disk tier: {e.strerror}") from None
+        if os.name == "posix":
+            self.path.unlink()
         self.end = 0
         self.uncached = uncached
         if uncached and not hasattr(os, "posix_fadvise"):
@@ -54,9 +58,9 @@ class DiskFile:
         try:
             written = os.pwrite(self.fd, data, self.end)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise EdgetokError(f"the KV disk tier is full ({self.path.parent}); free space or raise --kv-host-mb") from None
-            raise
+            raise EdgetokError(f"the KV disk tier could not write to {self.path.parent}: {e.strerror}") from None
         if written != len(data):  # a full disk may take part of a write before ENOSPC
             raise EdgetokError(f"the KV disk tier took {written} of {len(data)} bytes ({self.path}): the disk is full "
                                "or failing; free space or raise --kv-host-mb")
@@ -92,4 +96,5 @@ class DiskFile:
 
     def close(self) -> None:
         os.close(self.fd)
-        self.path.unlink(missing_ok=True)
+        if os.name != "posix":
+            self.path.unlink(missing_ok=True)

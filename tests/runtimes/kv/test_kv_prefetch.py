@@ -130,7 +130,7 @@ def test_short_disk_writes_and_reads_are_errors(tmp_path, monkeypatch):
     payload = {"k": torch.randn(2, 16, 8), "v": torch.randn(2, 16, 8)}
     offset, layout = disk.write(payload)
     size = sum(t.nbytes for t in payload.values())
-    os.truncate(disk.path, size - 1)
+    os.ftruncate(disk.fd, size - 1)
     with pytest.raises(EdgetokError, match="truncated"):
         disk.read_many([(offset, size, layout)])
     monkeypatch.setattr(os, "pwrite", lambda fd, data, at: len(data) // 2)
