@@ -13,7 +13,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.exporters.options import CODE_TYPES, QUANTS, GgufOptions, check_choice, higher_precision
 from edgetok.exporters.quantize import QuantizedModel, quantized_source
-from edgetok.files import progress_bar, staged
+from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.config import ModelConfig
 from edgetok.models.gguf_file import permute_qk, permuted_heads
 from edgetok.models.manifest import GgufManifest, SourceRecord, gguf_report_path
@@ -223,6 +223,7 @@ class GgufExport:
     """One GGUF export (exporters/pipeline.py's FormatExport): the file and its report beside it."""
 
     runtime = "llama.cpp (llama-cpp-python)"
+    marker = None  # the outputs are files
 
     def __init__(self, options: GgufOptions) -> None:
         self.options = options
@@ -250,9 +251,10 @@ class GgufExport:
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
         write_gguf(self.written, paths[0], o.quant, self.overrides, self.codes)
-        return GgufManifest(source=SourceRecord.of(source), quant=o.quant, architecture=source.config.arch,
-                            method=o.method, quantization=self.quantization, sensitivity_kl=self.sensitivity_kl,
-                            kept_at_higher_precision=self.overrides, size_bytes=paths[0].stat().st_size)
+        return GgufManifest(source=SourceRecord.of(source, beside=o.output.parent), quant=o.quant,
+                            architecture=source.config.arch, method=o.method, quantization=self.quantization,
+                            sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=self.overrides,
+                            size_bytes=paths[0].stat().st_size, sha256=file_sha256(paths[0]))
 
     def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:
         from edgetok.runtimes.backends.llamacpp import llamacpp_logits

@@ -18,7 +18,7 @@ from edgetok.models.sources import Source
 
 def export_hf_folder(source: Source, out: Path, force: bool = False) -> Path:
     """Write into a temporary folder beside `out`, then rename it into place."""
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, marker="config.json") as tmp:
         write_model_files(source, tmp)
         weights = {k: v.contiguous() for k, v in source.weights.items() if k != ROPE_FREQS}
         if source.config.tie_word_embeddings:

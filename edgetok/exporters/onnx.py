@@ -92,6 +92,8 @@ class OnnxExport:
 
     runtime = "onnxruntime (CPUExecutionProvider)"
 
+    marker = ONNX_MANIFEST  # --force replaces a folder only if it holds one: an export
+
     def __init__(self, options: OnnxOptions) -> None:
         self.options = options
         self.outputs = [options.output]
@@ -136,8 +138,9 @@ class OnnxExport:
         for f in folder.iterdir():
             f.chmod(0o644)  # onnx writes external data private
         graph = [folder / ONNX_MODEL, folder / ONNX_DATA]
+        hashes = {f.name: file_sha256(f) for f in sorted(folder.iterdir())}  # the loader checks every file
         manifest = OnnxManifest(
-            source=SourceRecord.of(source, fingerprint=True),
+            source=SourceRecord.of(source, beside=o.output, fingerprint=True),
             architecture=source.config.arch,
             config=self.config,
             weights=o.weights,
@@ -153,7 +156,8 @@ class OnnxExport:
             io=io_names(source.config.num_layers, self.prune is not None),
             rope_inv_freq=graph_inv_freq(self.config, self.float_weights).tolist(),
             files={"model": ONNX_MODEL, "data": ONNX_DATA},
-            graph_sha256="".join(file_sha256(f)[:32] for f in graph),
+            graph_sha256="".join(hashes[f.name][:32] for f in graph),
+            sha256=hashes,
             size_bytes=sum(f.stat().st_size for f in graph),
         )
         manifest.write(folder / ONNX_MANIFEST)

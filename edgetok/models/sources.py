@@ -3,6 +3,11 @@
 A GGUF is converted once (dequantized, renamed to HF names, tokenizer rebuilt) and the result is
 cached under $EDGETOK_HOME/converted, keyed by the file's hash and edgetok's version, so later
 loads read one safetensors file.
+
+What edgetok wrote is checked against the hashes it recorded (edgetok/integrity.py) before it is
+used: an ONNX export's files against its manifest (refused on a mismatch: export it again), an
+exported GGUF against its report, and a converted cache entry against its own record (rebuilt on a
+mismatch: the cache is edgetok's).
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,11 +28,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from edgetok import integrity
 from edgetok.errors import EdgetokError
-from edgetok.files import file_sha256, read_json
+from edgetok.files import edgetok_home, file_sha256, read_json, temporary_folder
 from edgetok.models.config import ModelConfig
 from edgetok.models.gguf_file import check_magic, read_gguf
-from edgetok.models.manifest import ONNX_MANIFEST, ONNX_MODEL, OnnxManifest
+from edgetok.models.manifest import ONNX_DATA, ONNX_MANIFEST, ONNX_MODEL, GgufManifest, OnnxManifest, gguf_report_path
 from edgetok.models.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
 from edgetok.version import __version__
 
@@ -63,10 +68,6 @@ class Source:
         return self.load_weights()
 
 
-def edgetok_home() -> Path:
-    return Path(os.environ.get("EDGETOK_HOME", "~/.cache/edgetok")).expanduser()
-
-
 def resolve_path(ref: str) -> Path:
     """A model reference → the file or folder it names."""
     if ref in BUILTIN_MODELS:
@@ -92,7 +93,9 @@ def load_source(ref: str, progress: bool = False) -> Source:
     if path.is_dir():
         return _load_hf_folder(ref, path)
     if check_magic(path):
-        cfg, tokenizer, load_weights, info = _load_gguf_cached(path, progress)
+        digest = integrity.sha256(path)
+        _check_gguf_report(path, digest)
+        cfg, tokenizer, load_weights, info = _load_gguf_cached(path, digest, progress)
         info["size_bytes"] = path.stat().st_size
         return Source(ref, path, "gguf", cfg, tokenizer, load_weights, info)
     if path.suffix == ".safetensors":
@@ -150,6 +153,10 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
     manifest = OnnxManifest.read(folder / ONNX_MANIFEST)
     if not (folder / ONNX_MODEL).is_file():
         raise EdgetokError(f"{folder} has no {ONNX_MODEL}: the export is incomplete; export it again")
+    for name, recorded in _recorded_hashes(manifest).items():
+        if not (folder / name).is_file():
+            raise EdgetokError(f"{folder} has no {name}: the export is incomplete; export it again")
+        integrity.check(folder / name, recorded, folder / ONNX_MANIFEST)
 
     def no_weights() -> dict[str, torch.Tensor]:
         raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
@@ -167,6 +174,15 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
     return Source(ref, folder, "onnx", manifest.config, Tokenizer.load(folder), no_weights, info, manifest)
 
 
+def _recorded_hashes(manifest: OnnxManifest) -> dict[str, str]:
+    """File name → its recorded SHA-256: every file's (`sha256`), or, in exports written before
+    that field, the graph's two files' (the halves of `graph_sha256`)."""
+    if manifest.sha256:
+        return manifest.sha256
+    g = manifest.graph_sha256
+    return {ONNX_MODEL: g[:integrity.MIN_RECORDED], ONNX_DATA: g[integrity.MIN_RECORDED:]}
+
+
 # -- GGUF, converted once and cached --------------------------------------------------------------
 def _tqdm(iterable, total):
     from tqdm import tqdm
@@ -174,14 +190,32 @@ def _tqdm(iterable, total):
     return tqdm(iterable, total=total, desc="converting GGUF", unit="tensor", file=sys.stderr, leave=False)
 
 
-def _load_gguf_cached(path: Path, progress: bool):
-    digest = file_sha256(path)
+def _check_gguf_report(path: Path, digest: str) -> None:
+    """An exported GGUF whose report (model.gguf.json, edgetok's) records another hash is refused: the
+    file was changed after export, or an interrupted --force export left a new report beside the old
+    file. A missing or foreign report says nothing: a GGUF is often shared without it."""
+    report = gguf_report_path(path)
+    if not report.is_file():
+        return
+    try:
+        recorded = GgufManifest.read(report).sha256
+    except EdgetokError:
+        return
+    if recorded is not None and recorded != digest:
+        raise EdgetokError(f"{path} does not match the SHA-256 recorded in its report {report}: it was changed after "
+                           "export; export it again (or delete the report, if you replaced the file on purpose)")
+
+
+ENTRY_META = "edgetok-model.json"
+
+
+def _load_gguf_cached(path: Path, digest: str, progress: bool):
     entry = edgetok_home() / "converted" / f"{digest[:24]}-{__version__}"
     if entry.is_dir():
-        try:
-            return _read_entry(entry)
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            shutil.rmtree(entry, ignore_errors=True)
+        loaded = _read_entry(entry)
+        if loaded is not None:
+            return loaded
+        shutil.rmtree(entry, ignore_errors=True)  # a damaged entry is rebuilt, never used
     cfg, weights, meta, info = read_gguf(path, _tqdm if progress else None)
     tokenizer = tokenizer_from_gguf(meta)
     info["sha256"] = digest
@@ -193,25 +227,37 @@ def _load_gguf_cached(path: Path, progress: bool):
 
 
 def _read_entry(entry: Path):
-    meta = json.loads((entry / "edgetok-model.json").read_text())
-    cfg = ModelConfig.from_dict(meta["config"])
-    weights_file = entry / "model.safetensors"
-    with safe_open(weights_file, "pt") as st:  # validates the header now; tensors load on use
-        assert len(list(st.keys())) > 0
-    return cfg, Tokenizer.load(entry), lambda: load_file(weights_file), meta["info"]
+    """The converted model in `entry`, or None if any of its files is missing, extra, or does not
+    match the hash recorded when it was written (entries from before hashes were recorded too)."""
+    try:
+        meta = json.loads((entry / ENTRY_META).read_text())
+        recorded = meta["sha256"]
+        if set(recorded) != {p.name for p in entry.iterdir()} - {ENTRY_META}:
+            return None
+        if not all(integrity.matches(entry / name, digest) for name, digest in recorded.items()):
+            return None
+        cfg = ModelConfig.from_dict(meta["config"])
+        weights_file = entry / "model.safetensors"
+        with safe_open(weights_file, "pt") as st:  # the header, now; tensors load on use
+            if not list(st.keys()):
+                return None
+        return cfg, Tokenizer.load(entry), lambda: load_file(weights_file), meta["info"]
+    except Exception:  # whatever is wrong with a cache entry, it is rebuilt, never trusted
+        return None
 
 
 def _write_entry(entry: Path, cfg, weights, tokenizer: Tokenizer, info) -> None:
     """Write into a temporary folder beside the entry, then rename: readers see all or nothing."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
+    with temporary_folder(entry) as tmp:
+        build = tmp / "entry"
+        build.mkdir()
         # Tied weights share storage; safetensors refuses shared tensors, and we need only one.
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
-        tokenizer.save(tmp)
-        (tmp / "edgetok-model.json").write_text(json.dumps({"config": cfg.to_dict(), "info": info}))
-        os.rename(tmp, entry)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not entry.is_dir():  # another process may have won the race: that is fine
-            raise
+        save_file({k: v.contiguous() for k, v in weights.items()}, build / "model.safetensors")
+        tokenizer.save(build)
+        hashes = {f.name: file_sha256(f) for f in sorted(build.iterdir())}
+        (build / ENTRY_META).write_text(json.dumps({"config": cfg.to_dict(), "info": info, "sha256": hashes}))
+        try:
+            os.rename(build, entry)
+        except OSError:
+            if not entry.is_dir():  # another process may have won the race: that is fine
+                raise

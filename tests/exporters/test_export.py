@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -176,9 +180,58 @@ def test_staged_outputs_appear_together_or_not_at_all(tmp_path):
             pass
     folder = tmp_path / "export"
     folder.mkdir()
-    (folder / "old").write_text("old")
-    with staged([folder], force=True) as (new,):
+    (folder / "edgetok.json").write_text("old")
+    with staged([folder], force=True, marker="edgetok.json") as (new,):
         new.mkdir()
-        (new / "new").write_text("new")
-    assert [p.name for p in folder.iterdir()] == ["new"] and oct(folder.stat().st_mode & 0o777) == "0o755"
+        (new / "edgetok.json").write_text("new")
+    assert [p.name for p in folder.iterdir()] == ["edgetok.json"] and oct(folder.stat().st_mode & 0o777) == "0o755"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "m.gguf", "m.gguf.json"]  # no temporary left
+
+
+def test_force_replaces_only_an_artifact_of_the_same_kind(tmp_path):
+    """--force never deletes a folder that is not an export, nor puts a file where a folder is."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_text("meow")
+    with pytest.raises(EdgetokError, match="is a folder, and this export writes a file"):
+        with staged([photos], force=True):
+            pass
+    with pytest.raises(EdgetokError, match="holds no export"):
+        with staged([photos], force=True, marker="edgetok.json"):
+            pass
+    (tmp_path / "notes.onnx").write_text("a file")
+    with pytest.raises(EdgetokError, match="is a file, and this export writes a folder"):
+        with staged([tmp_path / "notes.onnx"], force=True, marker="edgetok.json"):
+            pass
+    assert (photos / "cat.jpg").read_text() == "meow" and (tmp_path / "notes.onnx").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.onnx", "photos"]
+
+
+def test_the_artifact_is_renamed_last(tmp_path, monkeypatch):
+    """Killed between the renames, an export leaves a report without its GGUF, never a GGUF without it."""
+    out, report = tmp_path / "m.gguf", tmp_path / "m.gguf.json"
+    renamed = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(b).name), real(a, b)))
+    with staged([out, report]) as (a, b):
+        a.write_text("model")
+        b.write_text("{}")
+    assert renamed == ["m.gguf.json", "m.gguf"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    """What a killed export leaves (its pid in the name) goes at the next export into the same place;
+    a live writer's temporary stays."""
+    out = tmp_path / "m.gguf"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale_dir, stale_file = tmp_path / f".m.gguf.{dead.stdout.strip()}.abcd1234", tmp_path / f".m.gguf.{dead.stdout.strip()}.x1"
+    live = tmp_path / f".m.gguf.{os.getppid()}.efgh5678"
+    stale_dir.mkdir()
+    (stale_dir / "m.gguf").write_bytes(b"half" * 1000)
+    stale_file.write_text("half")
+    live.mkdir()
+    other = tmp_path / ".other.gguf.1.abcd1234"
+    other.mkdir()
+    with staged([out]) as (a,):
+        a.write_text("model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "m.gguf"])

@@ -1,11 +1,12 @@
 """A persistent prompt cache: a prompt's K/V on disk, so a later process skips its prefill.
 
 One file per (model, KV dtype, prompt): a header line of JSON (magic, format version, model
-fingerprint, the prompt's tokens and their hash, tensor layout, a CRC-32 per layer) and then the
-raw K/V of every layer. Files are written to a temporary name and renamed, under an exclusive
-lock on the folder; readers take a shared lock. A process killed mid-write leaves only a
-temporary file, which lookups ignore. An entry whose header or checksums do not hold is refused
-with a message (or, with rebuild, deleted and recomputed) — never used.
+fingerprint, the prompt's tokens and their hash, tensor layout, a CRC-32 per layer and one over the
+observation queries) and then the raw K/V of every layer. Files are written to a temporary name and
+renamed, under an exclusive lock on the folder; readers take a shared lock. A process killed
+mid-write leaves only a temporary file, which lookups ignore and the next save removes. An entry
+whose header or checksums do not hold is refused with a message (or, with rebuild, deleted and
+recomputed) — never used. (Every byte is checked on every load: the CRCs cost less than reading.)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.files import remove_stale, temporary_prefix
 from edgetok.runtimes.kv.base import KVState
 
 MAGIC = "edgetok-kv-store"
@@ -121,10 +123,16 @@ class PromptStore:
                 layers.append((kv[0, :, :n], kv[1, :, :n]))
             q_obs = None
             if header.get("q_obs_shapes"):
-                q_obs = []
-                for shape in header["q_obs_shapes"]:
-                    count = shape[0] * shape[1] * shape[2]
-                    q_obs.append(torch.frombuffer(bytearray(f.read(count * 4)), dtype=torch.float32).view(shape))
+                sizes = [shape[0] * shape[1] * shape[2] * 4 for shape in header["q_obs_shapes"]]
+                data = f.read(sum(sizes))
+                crc = header.get("q_obs_crc32")  # (entries from before it have none: their length is checked)
+                if len(data) != sum(sizes) or (crc is not None and zlib.crc32(data) != crc):
+                    self._bad(entry.path, "its observation queries are truncated or corrupt")
+                    return None
+                q_obs, pos = [], 0
+                for shape, size in zip(header["q_obs_shapes"], sizes):
+                    q_obs.append(torch.frombuffer(bytearray(data[pos : pos + size]), dtype=torch.float32).view(shape))
+                    pos += size
         return KVState(layers, q_obs)
 
     def save(self, tokens: list[int], state: KVState) -> Path:
@@ -132,6 +140,7 @@ class PromptStore:
         layers, q_obs = state.layers, state.q_obs
         name = f"{self.prefix}{token_hash(tokens)[:24]}{SUFFIX}"
         blobs = [torch.stack([k, v]).to(DTYPES[self.dtype_name]).contiguous().view(torch.uint8).numpy().tobytes() for k, v in layers]
+        queries = b"".join(q.float().contiguous().numpy().tobytes() for q in q_obs or [])
         header = {
             "magic": MAGIC,
             "version": FORMAT_VERSION,
@@ -142,23 +151,29 @@ class PromptStore:
             "shapes": [list(k.shape) for k, _ in layers],
             "crc32": [zlib.crc32(b) for b in blobs],
             "q_obs_shapes": [list(q.shape) for q in q_obs] if q_obs else None,
+            "q_obs_crc32": zlib.crc32(queries) if q_obs else None,
         }
+        target = self.folder / name
         with self._lock(exclusive=True):
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=self.folder)
+            remove_stale(target)
+            tmp = None
             try:
+                fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), dir=self.folder)
                 with os.fdopen(fd, "wb") as f:
                     f.write(json.dumps(header).encode() + b"\n")
                     for b in blobs:
                         f.write(b)
-                    for q in q_obs or []:
-                        f.write(q.float().contiguous().numpy().tobytes())
+                    f.write(queries)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.folder / name)
-            except OSError as e:
-                Path(tmp).unlink(missing_ok=True)
-                raise EdgetokError(f"could not write the KV store entry in {self.folder}: {e.strerror}") from None
-        return self.folder / name
+                os.replace(tmp, target)
+            except BaseException as e:
+                if tmp is not None:
+                    Path(tmp).unlink(missing_ok=True)
+                if isinstance(e, OSError):
+                    raise EdgetokError(f"could not write the KV store entry in {self.folder}: {e.strerror}") from None
+                raise
+        return target
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
