@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import os
+import threading
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,13 +21,22 @@ Messages = list[dict[str, str]]
 
 
 class Model:
-    """A loaded model ready to generate. Not thread-safe: one generation at a time."""
+    """A loaded model ready to generate.
+
+    Safe to share between threads: its calls are serialized, one generation at a time (the model
+    keeps one KV cache). generate and chat wait for a running generation; a stream holds the model
+    from its first piece until it is exhausted, closed, or its loop is left — so iterate a stream
+    to the end or close it (`with model.stream(...) as s:`). In the thread that holds an unfinished
+    stream, starting another generation is refused with EdgetokError: it would wait for itself.
+    """
 
     def __init__(self, source: Source, engine: Engine) -> None:
         self.source = source
         self.engine = engine
         self.config = source.config
         self.tokenizer = source.tokenizer
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread generating now
 
     @property
     def has_chat_template(self) -> bool:
@@ -31,6 +44,7 @@ class Model:
 
     def encode(self, prompt: str | Messages, chat: bool) -> list[int]:
         """A prompt → token ids; with chat, a string becomes one user message through the template."""
+        check_prompt(prompt)
         if chat or not isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             # The template writes any BOS itself.
@@ -47,25 +61,83 @@ class Model:
         **options,
     ) -> Stream:
         """Text pieces as they are generated; the Stream's `.result` is set at the end."""
-        cfg = config or GenerationConfig(**options)
-        return Stream(self.engine.generate_ids(self.encode(prompt, chat), cfg, progress))
+        cfg = _generation_config(config, options)
+        # a generator: nothing runs until the stream's first piece is asked for
+        return Stream(self._serialized(self.engine.generate_ids(self.encode(prompt, chat), cfg, progress)))
 
     def generate(self, prompt: str | Messages, config: GenerationConfig | None = None, *, chat: bool = False, **options) -> Result:
-        stream = self.stream(prompt, config, chat=chat, **options)
-        for _ in stream:
-            pass
+        with self.stream(prompt, config, chat=chat, **options) as stream:
+            for _ in stream:
+                pass
         assert stream.result is not None
         return stream.result
 
     def chat(self, messages: Messages, config: GenerationConfig | None = None, **options) -> Result:
         return self.generate(messages, config, chat=True, **options)
 
+    def reset(self) -> None:
+        """Forget the last sequence (its KV cache): the next prompt is prefilled from its start."""
+        with self._held():
+            self.engine.reset()
+
+    @contextmanager
+    def _held(self):
+        me = threading.get_ident()
+        if self._holder == me:
+            raise EdgetokError("this thread is still iterating a stream of this model; iterate it to the end or "
+                               "close it before the next call")
+        with self._lock:
+            self._holder = me
+            try:
+                yield
+            finally:
+                self._holder = None
+
+    def _serialized(self, pieces: Generator) -> Generator:
+        """The engine's generator, run while this thread holds the model."""
+        with self._held():
+            try:
+                yield from pieces  # a close() of this generator closes `pieces` at its current token
+            except BaseException as e:
+                if not isinstance(e, GeneratorExit):
+                    self.engine.reset()  # stopped inside a step (Ctrl-C, an error): the cache may hold half of it
+                raise
+
+
+def check_prompt(prompt) -> None:
+    """A prompt is a string, or a list of {"role": str, "content": str} messages, of valid text."""
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                          and isinstance(m.get("content"), str) for m in prompt):
+        texts = [t for m in prompt for t in (m["role"], m["content"])]
+    else:
+        raise EdgetokError('a prompt is a string or a list of messages ({"role": "user", "content": "…"})')
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: what Python makes of bytes that were not UTF-8
+            raise EdgetokError("the prompt is not valid text (it holds bytes that are not UTF-8); pass UTF-8 text") from None
+
+
+def _generation_config(config: GenerationConfig | None, options: dict) -> GenerationConfig:
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise EdgetokError(f"config must be an edgetok.GenerationConfig, not {type(config).__name__}")
+    if config is not None and options:
+        raise EdgetokError(f"give either config or keyword options ({', '.join(options)}), not both")
+    try:
+        return config or GenerationConfig(**options)
+    except TypeError:  # an unknown keyword
+        known = ", ".join(f.name for f in dataclasses.fields(GenerationConfig))
+        raise EdgetokError(f"unknown generation option among {', '.join(options)} (known: {known})") from None
+
 
 BACKENDS = ("torch", "llamacpp", "onnxruntime")
+MAX_THREADS = 4096  # beyond what any machine has; torch takes a 32-bit count
 
 
 def load(
-    ref: str,
+    ref: str | os.PathLike,
     *,
     backend: str | None = None,
     provider: str = "cpu",
@@ -88,15 +160,22 @@ def load(
     kv_store: a folder where prompts' K/V persist, so a later process skips their prefill;
     kv_store_rebuild recomputes entries that are damaged or from another format instead of failing.
     """
+    if not isinstance(ref, (str, os.PathLike)):
+        raise EdgetokError(f"a model is named by a string or a path, not {type(ref).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise EdgetokError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if threads is not None:
-        if threads < 1:
-            raise EdgetokError("threads must be ≥ 1")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise EdgetokError(f"threads must be a whole number from 1 to {MAX_THREADS}, not {threads!r}")
         torch.set_num_threads(threads)
-    source = load_source(ref, progress=progress)
+    if kv is not None and not isinstance(kv, KVConfig):
+        raise EdgetokError(f"kv must be an edgetok.KVConfig, not {type(kv).__name__}")
+    source = load_source(os.fspath(ref), progress=progress)
     if backend is None:
         backend = "onnxruntime" if source.format == "onnx" else "torch"
+    if backend != "onnxruntime" and provider != "cpu":
+        raise EdgetokError(f"--provider chooses ONNX Runtime's execution provider (--backend onnxruntime); "
+                           f"the {backend} backend runs on the CPU")
     if (backend == "onnxruntime") != (source.format == "onnx"):
         if source.format == "onnx":
             raise EdgetokError(f"{source.path} is an ONNX export: it runs on --backend onnxruntime")

@@ -131,6 +131,11 @@ def staged(outputs: list[Path], force: bool = False, marker: str | None = None) 
     An OSError writing them (a full disk) is one sentence naming the output, not the temporary."""
     refuse_existing(outputs, force, marker)
     parent = outputs[0].parent
+    for up in (parent, *parent.parents):  # say which part of the path is in the way
+        if up.exists() or up.is_symlink():
+            if not up.is_dir():
+                raise EdgetokError(f"cannot write {outputs[0]}: {up} is a file, not a folder")
+            break
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale(outputs[0])

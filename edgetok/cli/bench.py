@@ -13,7 +13,7 @@ import click
               help="context lengths (tokens, or 8K); the prompt leaves room for the new tokens")
 @click.option("--new-tokens", "-n", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--kv-budget", "kv_budgets", default="100%,25%", show_default=True,
-              help="edgetok's tiered KV budgets to sweep (100%% is the exact run)")
+              help="edgetok's tiered KV budgets to sweep (100% is the exact run)")
 @click.option("--peers", default="llamacpp,ortgenai,transformers", show_default=True,
               help="other runtimes on the same model, or none")
 @click.option("--system", "extra_systems", multiple=True, metavar="NAME=OPTIONS",

@@ -17,7 +17,7 @@ from edgetok.errors import EdgetokError
 @run_options
 @click.option("--verbose", "-v", is_flag=True, help="print speed and memory after each reply")
 def command(model, system, verbose, **kw):
-    """Chat with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits."""
+    """Chat with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply."""
     configs = run_configs(kw)
     cfg, m = configs.generation, load_model(model, configs)
     if not m.has_chat_template:
@@ -32,6 +32,8 @@ def command(model, system, verbose, **kw):
             line = input("> " if interactive else "")
         except EOFError:
             break
+        except UnicodeDecodeError:
+            raise EdgetokError("stdin is not UTF-8 text") from None
         line = line.strip()
         if not line:
             continue
@@ -39,14 +41,22 @@ def command(model, system, verbose, **kw):
             break
         if line == "/reset":
             history = list(base)
-            m.engine.reset()
+            m.reset()
             click.echo("(history cleared)", err=True)
             continue
         history.append({"role": "user", "content": line})
-        stream = m.stream(history, cfg, chat=True)
-        for piece in stream:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+        shown = []
+        try:
+            with m.stream(history, cfg, chat=True) as stream:
+                for piece in stream:
+                    shown.append(piece)
+                    click.echo(piece, nl=False)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the conversation
+            click.echo()
+            click.echo("(reply stopped)", err=True)
+            history.append({"role": "assistant", "content": "".join(shown)})  # what the user saw
+            continue
         click.echo()
         history.append({"role": "assistant", "content": stream.result.text})
         if verbose:

@@ -13,18 +13,32 @@ from edgetok.errors import EdgetokError
 LONG_PROMPT = 1024  # tokens: longer prompts get a prefill progress bar
 
 
+def utf8(data: bytes, where: str) -> str:
+    """Bytes → text, or one sentence saying where the first byte that is not UTF-8 is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgetokError(f"{where} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    """-p TEXT, --prompt-file FILE or stdin, exactly one of them."""
+    """-p TEXT, --prompt-file FILE or stdin, exactly one of them, as UTF-8 text."""
     if prompt is not None and prompt_file is not None:
         raise EdgetokError("give either -p/--prompt or --prompt-file, not both")
     if prompt_file is not None:
+        text = utf8(prompt_file.read_bytes(), str(prompt_file))
+    elif prompt is not None:
+        # Python hands over command-line bytes that are not UTF-8 as lone surrogates: undo that to say where
         try:
-            prompt = prompt_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise EdgetokError(f"{prompt_file} is not UTF-8 text") from None
-    if prompt is None and sys.stdin.isatty():
+            raw = prompt.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise EdgetokError("the -p prompt is not UTF-8 text") from None
+        text = utf8(raw, "the -p prompt")
+    elif sys.stdin.isatty():
         raise EdgetokError("no prompt: give -p TEXT, --prompt-file FILE, or pipe text on stdin")
-    text = sys.stdin.read() if prompt is None else prompt
+    else:
+        stdin = getattr(sys.stdin, "buffer", None)
+        text = utf8(stdin.read(), "stdin") if stdin is not None else sys.stdin.read()
     if not text.strip():
         raise EdgetokError("the prompt is empty")
     return text

@@ -78,7 +78,10 @@ def _format(options: ExportOptions) -> FormatExport:
 
 
 def evaluation_tokens(source: Source, options: ExportOptions) -> list[int]:
-    tokens = source.tokenizer.encode(read_text(options.eval_text, options.eval_tokens * 8))[: options.eval_tokens]
+    # no more than the model's context: positions past it are not the model's (the ONNX graph's
+    # rotary tables end there)
+    n = min(options.eval_tokens, source.config.max_context)
+    tokens = source.tokenizer.encode(read_text(options.eval_text, n * 8))[:n]
     if len(tokens) < MIN_EVAL_TOKENS:
         raise EdgetokError(f"the evaluation text is too short (it needs at least {MIN_EVAL_TOKENS} tokens)")
     return tokens

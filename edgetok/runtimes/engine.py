@@ -6,10 +6,11 @@ tokens (the next turn of a chat) prefills only what is new.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,24 +35,35 @@ class GenerationConfig(SamplingParams, SpeculationParams):
     prune_after_layer: int | None = None  # the last layer that sees every prompt token (None: a default)
 
     def __post_init__(self) -> None:
+        # (field, whole number?, in range?, the range in words): NaN fails every comparison, and
+        # infinity is refused by name (temperature=inf would sample uniformly, not "very hot")
         checks = [
-            (self.max_new_tokens >= 0, "max_new_tokens must be ≥ 0"),
-            (self.temperature >= 0, "temperature must be ≥ 0"),
-            (self.top_k >= 0, "top_k must be ≥ 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.prefill_chunk > 0, "prefill_chunk must be > 0"),
+            ("max_new_tokens", True, lambda v: v >= 0, "≥ 0"),
+            ("temperature", False, lambda v: v >= 0, "≥ 0"),
+            ("top_k", True, lambda v: v >= 0, "≥ 0"),
+            ("top_p", False, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("min_p", False, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("repetition_penalty", False, lambda v: v > 0, "> 0"),
+            ("prefill_chunk", True, lambda v: v > 0, "> 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise EdgetokError(message)
+        for name, whole, in_range, words in checks:
+            value = getattr(self, name)
+            number = isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)
+            if isinstance(value, bool) or not number or not in_range(value):
+                kind = "a whole number" if whole else "a finite number"
+                raise EdgetokError(f"{name} must be {kind} {words}, not {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise EdgetokError(f"seed must be a whole number in [0, 2**63), not {self.seed!r}")
         self.check_speculation()
         if self.prune_prompt is not None:
             check_keep(self.prune_prompt)
         elif self.prune_after_layer is not None:
             raise EdgetokError("--prune-after-layer needs --prune-prompt KEEP")
-        self.stop = tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) for x in stops):
+            raise EdgetokError(f"stop must be a string or a list of strings, not {self.stop!r}")
+        self.stop = tuple(x for x in stops if x)
 
 
 @dataclass
@@ -110,18 +122,33 @@ def peak_rss_bytes() -> int:
 
 
 class Stream:
-    """Iterate for text pieces; `.result` holds the Result once the iteration has ended."""
+    """Iterate for text pieces; `.result` holds the Result once the iteration has ended.
 
-    def __init__(self, pieces: Iterator[str | Result]) -> None:
+    Leaving the loop early (break, an exception), `close()` or the end of a `with` block ends the
+    generation at the current token: the model is free for the next call, and `.result` stays None."""
+
+    def __init__(self, pieces: Generator[str | Result, None, None]) -> None:
         self._pieces = pieces
         self.result: Result | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces:
-            if isinstance(piece, Result):
-                self.result = piece
-            else:
-                yield piece
+        try:
+            for piece in self._pieces:
+                if isinstance(piece, Result):
+                    self.result = piece
+                else:
+                    yield piece
+        finally:
+            self._pieces.close()  # a loop left early (break, an exception) ends the generation
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class StopStringFilter:
@@ -216,6 +243,8 @@ class Engine:
                 reused = stats.store_tokens = n
                 self._cached_ids = prompt[:n]
         stats.reused_prompt_tokens = reused
+        if progress and reused:
+            progress(reused)  # a progress bar counts the whole prompt, reused tokens at once
         logits = None
         for start in range(reused, len(prompt), chunk):
             piece = prompt[start : start + chunk]

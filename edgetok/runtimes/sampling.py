@@ -19,12 +19,14 @@ class SamplingParams:
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty over the tokens marked in `seen` (V,) bool: shrink positive logits, grow negative."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    big = torch.finfo(logits.dtype).max  # an extreme penalty must not make ±inf (inf - inf is NaN in softmax)
+    return torch.where(seen, penalized.nan_to_num(0.0, big, -big), logits)
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature-scaled logits (V,) with the tokens outside top-k / top-p / min-p set to -inf."""
-    logits = logits / p.temperature
+    # shifted so the best is 0: a temperature near 0 sends the others to -inf, never inf / inf = NaN
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k > 0 and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,7 +54,7 @@ def sample(
     which is the draft when the draft is right."""
     if p.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
-    if p.temperature <= 0.0:
+    if p.temperature < torch.finfo(logits.dtype).tiny:  # 0, or a temperature the logits' dtype rounds to 0: greedy
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)
     if draft is not None:

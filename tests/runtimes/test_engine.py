@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.engine import GenerationConfig, StopStringFilter
-from edgetok.runtimes.sampling import SamplingParams, filter_logits
+from edgetok.runtimes.sampling import SamplingParams, filter_logits, sample
 
 PROMPT = "The quick brown fox"
 
@@ -119,6 +121,28 @@ def test_filters():
     assert kept(SamplingParams(temperature=1.0, top_p=0.7)) == [0, 1]
     assert kept(SamplingParams(temperature=1.0, min_p=0.3)) == [0, 1]
     assert probs[1] / probs[0] > 0.3 > probs[2] / probs[0]
+
+
+def test_extreme_sampling_values_stay_defined():
+    """A temperature near 0 is greedy, and a huge penalty is a huge one: never a NaN distribution."""
+    logits, g = torch.tensor([1.0, 3.0, -2.0, 3.5]), torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=1e-300), None, g) == 3
+    seen = torch.tensor([False, False, False, True])
+    assert sample(logits, SamplingParams(temperature=1.0, repetition_penalty=1e-45), seen, g) == 3
+    assert sample(logits, SamplingParams(temperature=1.0, repetition_penalty=1e38), seen, g) != 3
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(temperature=math.inf), "temperature must be a finite number ≥ 0, not inf"),
+    (dict(top_p=math.nan), "top_p must be a finite number in (0, 1], not nan"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number ≥ 0, not 2.5"),
+    (dict(seed=-1), "seed must be a whole number in [0, 2**63)"),
+    (dict(stop=[1]), "stop must be a string or a list of strings"),
+])
+def test_generation_config_refuses_in_one_sentence(options, fragment):
+    with pytest.raises(EdgetokError) as e:
+        GenerationConfig(**options)
+    assert fragment in str(e.value)
 
 
 def test_max_new_tokens_and_context_limit(tiny):

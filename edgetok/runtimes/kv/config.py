@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +48,18 @@ class KVConfig:
                                "token count or a percentage in (0, 100]")
         for name in ("device_mb", "host_mb"):
             v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
+            if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
                 raise EdgetokError(f"{_name(name)} must be a number ≥ 0, not {v}")
-        if self.prefetch_steps < 1:
-            raise EdgetokError(f"{_name('prefetch_steps')} must be ≥ 1 (the past steps whose selections prefetch reads), "
+        if not (_is_number(self.prefetch_steps) and isinstance(self.prefetch_steps, int)) or self.prefetch_steps < 1:
+            raise EdgetokError(f"{_name('prefetch_steps')} must be a whole number ≥ 1 (the past steps whose selections prefetch reads), "
                                f"not {self.prefetch_steps}")
         if self.host_mb is not None and self.disk_dir is None:
             raise EdgetokError(f"{_name('host_mb')} needs {_name('disk_dir')}: chunks beyond the host budget go to disk")
         if self.disk_uncached and self.disk_dir is None:
             raise EdgetokError(f"{_name('disk_uncached')} needs {_name('disk_dir')}: it changes how the disk tier is read")
         if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, os.PathLike)):
+                raise EdgetokError(f"{_name('disk_dir')} must be a folder's path, not {self.disk_dir!r}")
             self.disk_dir = Path(self.disk_dir)
         if self.chunk_sizes is None:
             # In RAM, small chunks select finely at no cost. Chunks that live in host RAM or on disk
@@ -88,6 +91,10 @@ class KVConfig:
     def needs_homes(self) -> bool:
         """Chunks get a (compressed) home in host/disk memory, with float copies cached on device."""
         return self.device_mb is not None or self.host_mb is not None or self.bits not in ("auto", "32")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _name(field: str) -> str:

@@ -140,7 +140,7 @@ class TieredCache(AttendingCache, GraphCache):
             out = self._attend(q, keys, values, k.shape[1])
         else:
             out = self._attend_decode(layer, q, k, v)
-        return out[None]
+        return out[None].to(q.dtype)  # the model's dtype (bf16 weights: bf16), as the contiguous cache returns
 
     @staticmethod
     def _attend(q, keys, values, t: int) -> torch.Tensor:

@@ -59,10 +59,12 @@ def test_smollm2_int8_answers():
     assert "Paris" in m.generate("What is the capital of France?", chat=True, max_new_tokens=16).text
 
 
-def test_int8_weights_with_the_tiered_cache(tiny_folder, tmp_path):
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_low_precision_weights_with_the_tiered_cache(tiny_folder, tmp_path, weights):
+    """The tiered cache answers attention in the model's dtype (bf16 once failed in o_proj)."""
     from edgetok.runtimes.kv import KVConfig
 
     for kv in (KVConfig(budget="50%"), KVConfig(budget="50%", device_mb=0.01, host_mb=0.01, disk_dir=tmp_path)):
-        m = edgetok.load(str(tiny_folder), weights="int8", kv=kv)
+        m = edgetok.load(str(tiny_folder), weights=weights, kv=kv)
         r = m.generate("The quick brown fox " * 40, max_new_tokens=6, ignore_eos=True)
         assert len(r.tokens) == 6 and r.stats.kv["decode_steps"] == 5
