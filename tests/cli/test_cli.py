@@ -108,3 +108,80 @@ def test_real_process_error_is_one_line(tmp_path):
     p = subprocess.run([EDGETOK, "run", str(tmp_path / "missing.gguf"), "-p", "hi"], capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_a_flag_click_refuses_is_one_line_too(tiny_folder):
+    r = run_cli("run", tiny_folder, "-p", "hi", "--top-k", "many")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("edgetok: error: Invalid value for '--top-k'") and line.endswith("run --help`")
+
+
+@pytest.mark.parametrize("how", ["stdin", "-p", "file"])
+def test_prompt_bytes_that_are_not_utf8_are_one_sentence(tiny_folder, tmp_path, how):
+    data = b"caf\xc3 \xff\x00 binary"
+    if how == "stdin":
+        r = run_cli("run", tiny_folder, "-n", "2", input=data)
+    elif how == "-p":  # what Python makes of command-line bytes that are not UTF-8
+        r = run_cli("run", tiny_folder, "-n", "2", "-p", data.decode("utf-8", "surrogateescape"))
+    else:
+        (tmp_path / "p.txt").write_bytes(data)
+        r = run_cli("run", tiny_folder, "-n", "2", "-f", tmp_path / "p.txt")
+    assert_user_error(r, "is not UTF-8 text (byte 0xc3 at offset 3)")
+
+
+def test_provider_is_refused_on_the_torch_backend(tiny_folder):
+    assert_user_error(run_cli("run", tiny_folder, "-p", "hi", "--provider", "cuda"), "the torch backend runs on the CPU")
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "short write", "EIO"])
+def test_a_full_kv_disk_is_one_sentence(tiny_folder, tmp_path, monkeypatch, failure):
+    """The disk (not what is tested) fails three ways; edgetok's answer is a sentence, and nothing stays."""
+    import errno
+    import os
+
+    def pwrite(fd, data, offset):
+        if failure == "short write":
+            return len(data) // 3
+        raise OSError(errno.ENOSPC if failure == "ENOSPC" else errno.EIO, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    r = run_cli("run", tiny_folder, "-p", "The quick brown fox " * 10, "--no-chat", "-n", "4",
+                "--kv-disk", tmp_path, "--kv-host-mb", "0")
+    assert_user_error(r, "the KV disk tier")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_in_chat_ends_the_reply_not_the_conversation(tiny_folder, monkeypatch):
+    from edgetok.runtimes.backends.pytorch import TorchBackend
+
+    real, calls = TorchBackend.forward, []
+
+    def forward(self, tokens, cache, last=1):
+        calls.append(len(tokens))
+        if len(calls) == 4:  # the first reply's third decode step
+            raise KeyboardInterrupt
+        return real(self, tokens, cache, last)
+
+    monkeypatch.setattr(TorchBackend, "forward", forward)
+    r = run_cli("chat", tiny_folder, "-n", "6", "-v", input="hello there\nand again\n")
+    assert r.exit_code == 0, r.output
+    assert "(reply stopped)" in r.stderr and r.stderr.count("prompt ") == 1  # the second turn's stats
+    assert "Aborted" not in r.output
+
+
+def test_an_existing_folder_as_a_gguf_output_is_named(tiny_folder, tmp_path):
+    (tmp_path / "models").mkdir()
+    r = run_cli("export", tiny_folder, "--format", "gguf", "--no-verify", "--force", "-o", tmp_path / "models")
+    assert_user_error(r, f"{tmp_path / 'models'} is a folder, and this export writes a file")
+    assert (tmp_path / "models").is_dir() and [p.name for p in tmp_path.iterdir()] == ["models"]
+    (tmp_path / "notes").write_text("x")
+    r = run_cli("export", tiny_folder, "--format", "gguf", "--no-verify", "-o", tmp_path / "notes" / "m.gguf")
+    assert_user_error(r, "notes is a file, not a folder")
+
+
+def test_help_shows_percentages_and_model_kinds():
+    for command in ("run", "chat", "export", "bench"):
+        r = run_cli(command, "--help")
+        assert r.exit_code == 0 and "%%" not in r.stdout
+    assert "ONNX export folder" in run_cli("run", "--help").stdout

@@ -82,6 +82,46 @@ def test_damaged_cache_entry_is_rebuilt(gguf_pair):
     assert (entries[0] / "model.safetensors").stat().st_size > 1000
 
 
+def overwrite_in_place(path, at: float = 0.5) -> None:
+    """Other bytes at the same place, the size unchanged (what a header check cannot see)."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(int(size * at))
+        f.write(bytes(range(64)))
+
+
+def test_cache_entry_overwritten_in_place_is_rebuilt_not_used(gguf_pair):
+    """Its header intact, its tensors zeroed: once 16 × token 0; now the entry's hash refuses it."""
+    _, path = gguf_pair
+    first = sources.load_source(str(path))
+    want = {k: v.clone() for k, v in first.weights.items()}
+    (entry,) = [e for e in (sources.edgetok_home() / "converted").iterdir() if file_sha256(path)[:24] in e.name]
+    overwrite_in_place(entry / "model.safetensors")
+    again = sources.load_source(str(path))
+    assert all(torch.equal(again.weights[k], want[k]) for k in want)
+    recorded = json.loads((entry / sources.ENTRY_META).read_text())["sha256"]
+    assert file_sha256(entry / "model.safetensors") == recorded["model.safetensors"]  # rebuilt
+
+
+def test_exported_gguf_is_checked_against_its_report(tiny_folder, tmp_path):
+    """The report records the GGUF's hash: a file changed after export is refused, in one sentence;
+    the report names its source relative to itself, not by the writer's absolute path."""
+    from conftest import run_cli
+
+    out = tmp_path / "out" / "m.gguf"
+    r = run_cli("export", tiny_folder, "--format", "gguf", "--no-verify", "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "out" / "m.gguf.json").read_text())
+    assert report["sha256"] == file_sha256(out) and oct(out.stat().st_mode & 0o777) == "0o644"
+    assert str(tmp_path) not in json.dumps(report["source"]) and report["source"]["path"] == "../../" + tiny_folder.name
+    assert sources.load_source(str(out)).config.num_layers == 2
+    overwrite_in_place(out, 0.9)
+    r = run_cli("run", out, "-p", "hi", "-n", "2")
+    assert r.exit_code == 1 and "m.gguf does not match the SHA-256 recorded in its report" in r.stderr, r.output
+    (tmp_path / "out" / "m.gguf.json").unlink()  # a GGUF shared without its report runs as any GGUF
+    assert run_cli("run", out, "-p", "hi", "-n", "2").exit_code == 0
+
+
 def test_truncated_gguf_is_refused(gguf_pair, tmp_path):
     _, path = gguf_pair
     bad = tmp_path / "cut.gguf"

@@ -39,18 +39,33 @@ def test_longer_prompt_reuses_a_stored_prefix(tiny_folder, tmp_path):
     assert longer["tokens"] == fresh["tokens"]
 
 
-def test_corrupt_entry_is_refused_then_rebuilt(tiny_folder, tmp_path):
-    run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path)
+@pytest.mark.parametrize("kv_args, at", [([], 0.5), (["--kv-budget", "100%"], 0.5), (["--kv-budget", "100%"], 1.0)])
+def test_corrupt_entry_is_refused_then_rebuilt(tiny_folder, tmp_path, kv_args, at):
+    """Any byte: a layer's K/V, or (the tiered cache's) observation queries at the end of the file."""
+    args = [tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path, *kv_args]
+    run_json(*args)
     entry = next(tmp_path.glob("*.kvstore"))
     data = bytearray(entry.read_bytes())
-    data[-100] ^= 0xFF  # flip a byte of the payload
+    data[min(int(len(data) * at), len(data) - 1)] ^= 0xFF  # flip a byte of the payload
     entry.write_bytes(bytes(data))
-    r = run_cli("run", str(tiny_folder), "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", str(tmp_path))
-    assert r.exit_code == 1 and "--kv-store-rebuild" in r.stderr and "corrupt" in r.stderr
-    rebuilt = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path, "--kv-store-rebuild")
+    r = run_cli("run", *map(str, args))
+    assert r.exit_code == 1 and "--kv-store-rebuild" in r.stderr and "corrupt" in r.stderr, r.output
+    rebuilt = run_json(*args, "--kv-store-rebuild")
     assert rebuilt["stats"]["store_tokens"] == 0
-    again = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "4", "--kv-store", tmp_path)
+    again = run_json(*args)
     assert again["stats"]["store_tokens"] > 0
+
+
+def test_a_prompt_read_from_the_store_counts_in_the_progress(tiny_folder, tmp_path):
+    """A progress bar over the prompt reaches its end when most of it came from the store."""
+    import edgetok
+
+    for _ in range(2):
+        m = edgetok.load(str(tiny_folder), kv_store=tmp_path)
+        counted = []
+        r = m.generate(PROMPT, max_new_tokens=2, progress=counted.append)
+        assert sum(counted) == r.prompt_tokens
+    assert r.stats.store_tokens == r.prompt_tokens - 1
 
 
 def test_mismatched_header_is_refused(tiny_folder, tmp_path):
@@ -66,8 +81,14 @@ def test_mismatched_header_is_refused(tiny_folder, tmp_path):
 
 
 def test_interrupted_write_leaves_the_store_usable(tiny_folder, tmp_path):
-    (tmp_path / ".tmp-abc.kvstore").write_bytes(b"half a file")  # what a killed writer leaves
     first = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "3", "--kv-store", tmp_path)
+    (entry,) = tmp_path.glob("*.kvstore")
+    entry.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".{entry.name}.{dead}.abc123"
+    stale.write_bytes(b"half a file")  # what a writer killed mid-write leaves
+    again = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "3", "--kv-store", tmp_path)
+    assert again["stats"]["store_tokens"] == 0 and not stale.exists()  # ignored, then removed by the save
     second = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "3", "--kv-store", tmp_path)
     assert second["stats"]["store_tokens"] > 0 and second["tokens"] == first["tokens"]
 
@@ -78,7 +99,7 @@ def test_two_processes_share_a_store(tiny_folder, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len(list(tmp_path.glob("*.kvstore"))) == 1
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert [p.name for p in tmp_path.glob(".*")] == [".lock"]  # no temporary
     tokens = [json.loads(o)["tokens"] for o, _ in outs]
     assert tokens[0] == tokens[1]
 
