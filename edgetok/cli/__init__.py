@@ -33,8 +33,25 @@ class _Group(click.Group):
             if e.errno == errno.EPIPE:
                 raise  # click's main ends quietly when the reader of stdout went away (`| head`)
             message = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        except Exception as e:
+            interruption = _interruption(e)
+            if interruption is None:
+                raise  # a bug keeps its traceback
+            raise interruption from None
         click.echo(f"edgetok: error: {message}", err=True)
         ctx.exit(status)
+
+
+def _interruption(e: BaseException) -> BaseException | None:
+    """The Ctrl-C or signal behind an exception, if any: one that lands while a C extension imports
+    or runs a callback comes back wrapped (pybind11: `ImportError: initialization failed`)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @click.group(cls=_Group)

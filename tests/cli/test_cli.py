@@ -185,3 +185,19 @@ def test_help_shows_percentages_and_model_kinds():
         r = run_cli(command, "--help")
         assert r.exit_code == 0 and "%%" not in r.stdout
     assert "ONNX export folder" in run_cli("run", "--help").stdout
+
+
+def test_a_signal_wrapped_by_a_c_extension_still_ends_the_command(tiny_folder, monkeypatch):
+    """SIGTERM landing while a C extension imports comes back as `ImportError: initialization
+    failed` (pybind11): the command ends as for the signal, without that traceback."""
+    from edgetok.models import sources
+
+    def importing(*args, **kwargs):
+        try:
+            raise SystemExit(143)  # what the CLI's SIGTERM handler raises
+        except SystemExit as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(sources, "load_source", importing)
+    r = run_cli("inspect", tiny_folder)
+    assert r.exit_code == 143 and "Traceback" not in r.output and "ImportError" not in r.output
