@@ -8,13 +8,12 @@ llama.cpp when the model is not one already. A second bench reuses them.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from edgetok.errors import EdgetokError
+from edgetok.files import temporary_folder
 from edgetok.models.sources import Source, edgetok_home
 
 GGUF_QUANT = "q8_0"  # for a model that is not a GGUF: edgetok export's default type
@@ -85,12 +84,8 @@ def ortgenai_folder(model: str, source: Source) -> Path:
     if (out / "genai_config.json").is_file():
         return out
     hf = hf_folder(model, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with temporary_folder(out) as tmp:  # (a killed bench's temporaries go with the next build)
         _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp / "model"),
               "-p", "int4", "-e", "cpu", "-c", str(tmp / "hf-cache")], f"the onnxruntime-genai model of {model}")
         (tmp / "model").rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
