@@ -125,11 +125,10 @@ def _generation_config(config: GenerationConfig | None, options: dict) -> Genera
         raise EdgetokError(f"config must be an edgetok.GenerationConfig, not {type(config).__name__}")
     if config is not None and options:
         raise EdgetokError(f"give either config or keyword options ({', '.join(options)}), not both")
-    try:
-        return config or GenerationConfig(**options)
-    except TypeError:  # an unknown keyword
-        known = ", ".join(f.name for f in dataclasses.fields(GenerationConfig))
-        raise EdgetokError(f"unknown generation option among {', '.join(options)} (known: {known})") from None
+    known = [f.name for f in dataclasses.fields(GenerationConfig)]
+    if unknown := [name for name in options if name not in known]:
+        raise EdgetokError(f"unknown generation option {', '.join(unknown)} (known: {', '.join(known)})")
+    return config or GenerationConfig(**options)
 
 
 BACKENDS = ("torch", "llamacpp", "onnxruntime")

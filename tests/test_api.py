@@ -123,6 +123,9 @@ GENERATION = st.fixed_dictionaries({}, optional={
     "stop": mostly(st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3)), JUNK),
     "prefill_chunk": mostly(st.integers(1, 600), BAD_INTS), "prune_prompt": mostly(st.none() | st.floats(0.05, 1), BAD_FLOATS),
     "prune_after_layer": mostly(st.none() | st.integers(0, 1), BAD_INTS), "ignore_eos": st.booleans(),
+    "speculate": mostly(st.sampled_from(["none", "lookup", "recycle"]), st.sampled_from(["medusa", None, 3])),
+    "draft_max": mostly(st.integers(1, 8), BAD_INTS), "lookup_ngram_min": mostly(st.integers(1, 3), BAD_INTS),
+    "lookup_ngram_max": mostly(st.integers(2, 5), BAD_INTS),
 })
 TEXT = mostly(st.text(min_size=1, max_size=40), st.sampled_from(["", "   ", "a\udcffb", "\x00\x01", "\ud800", "fox " * 300]))
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": TEXT}),

@@ -56,6 +56,9 @@ class GenerationConfig(SamplingParams, SpeculationParams):
                                       or not 0 <= self.seed < 2**63):
             raise EdgetokError(f"seed must be a whole number in [0, 2**63), not {self.seed!r}")
         self.check_speculation()
+        if self.prune_after_layer is not None and (isinstance(self.prune_after_layer, bool)
+                                                   or not isinstance(self.prune_after_layer, int)):
+            raise EdgetokError(f"--prune-after-layer must be a layer's number, not {self.prune_after_layer!r}")
         if self.prune_prompt is not None:
             check_keep(self.prune_prompt)
         elif self.prune_after_layer is not None:

@@ -26,7 +26,7 @@ DEFAULT_AFTER_LAYER = 2  # SmolLM2 (30 layers): see BENCHMARKS.md, "Prompt pruni
 
 
 def check_keep(keep: float) -> None:
-    if not 0 < keep <= 1:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:  # (NaN fails too)
         raise EdgetokError(f"--prune-prompt is the fraction of prompt tokens kept, in (0, 1], not {keep}")
 
 

@@ -50,6 +50,10 @@ OPTIONS = {
     "--prune-prompt": numbers("0.5", "1", "0.1"),
     "--prune-after-layer": numbers("0", "1"),
     "--system": mostly(st.sampled_from(["be brief"]), TEXT),
+    "--speculate": mostly(st.sampled_from(["none", "lookup", "recycle"]), st.sampled_from(["medusa", ""])),
+    "--draft-max": numbers("1", "4", "8"),
+    "--lookup-ngram-min": numbers("1", "2"),
+    "--lookup-ngram-max": numbers("2", "4"),
 }
 FLAGS = ["--kv-disk", "--kv-store", "--kv-store-rebuild", "--no-kv-prefetch", "--kv-disk-uncached", "--json", "--no-chat", "--chat", "-v"]
 PROMPT_TEXT = st.one_of(st.sampled_from(["The quick brown fox", "Émile paid 12,345 €", "fox " * 30, "def f(x):\n  return x"]),
@@ -63,17 +67,6 @@ PROMPT = st.one_of(
 )
 
 
-@pytest.fixture()
-def places(tmp_path, monkeypatch):
-    """A working folder, a KV disk folder, a KV store and an $EDGETOK_HOME of this test's own."""
-    folders = {name: tmp_path / name for name in ("work", "kv-disk", "kv-store", "home")}
-    for folder in folders.values():
-        folder.mkdir()
-    monkeypatch.chdir(folders["work"])
-    monkeypatch.setenv("EDGETOK_HOME", str(folders["home"]))
-    return folders
-
-
 @pytest.fixture(scope="module")
 def models(tiny_folder, tmp_path_factory) -> dict[str, Path]:
     """The tiny model as an HF folder and as a GGUF (converted on load, runnable by llama.cpp)."""
@@ -81,6 +74,30 @@ def models(tiny_folder, tmp_path_factory) -> dict[str, Path]:
     from edgetok.models.sources import load_source
 
     return {"hf": tiny_folder, "gguf": export_gguf(load_source(str(tiny_folder)), tmp_path_factory.mktemp("g") / "tiny.gguf", "f16")}
+
+
+@pytest.fixture(scope="module")
+def home(models, tmp_path_factory) -> Path:
+    """An $EDGETOK_HOME of these tests' own, with the GGUF converted already (the conversion's
+    progress bar on stderr is no error message)."""
+    from edgetok.models.sources import load_source
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGETOK_HOME", str(home))
+        load_source(str(models["gguf"]))
+    return home
+
+
+@pytest.fixture()
+def places(tmp_path, home, monkeypatch):
+    """A working folder, a KV disk folder and a KV store of this test's own, and the tests' home."""
+    folders = {name: tmp_path / name for name in ("work", "kv-disk", "kv-store")} | {"home": home}
+    for name in ("work", "kv-disk", "kv-store"):
+        folders[name].mkdir()
+    monkeypatch.chdir(folders["work"])
+    monkeypatch.setenv("EDGETOK_HOME", str(home))
+    return folders
 
 
 def leftovers(places: dict[str, Path]) -> list[Path]:
@@ -134,10 +151,10 @@ def test_chat_ends_in_replies_or_one_sentence(tiny_folder, places, lines):
 def test_places_are_really_checked(places):
     """The harness would see what a run leaves: a temporary in the working folder, a disk file."""
     (places["work"] / ".x.1.tmp").write_text("left")
-    (places["home"] / "converted").mkdir()
     (places["home"] / "converted" / ".abc-0.1.0.1.xyz").mkdir()
     (places["kv-disk"] / "edgetok-kv-1-abc.bin").write_bytes(b"\0")
     (places["kv-store"] / ".entry.kvstore.1.abc").write_bytes(b"\0")
     assert sorted(p.name for p in leftovers(places)) == [".abc-0.1.0.1.xyz", ".entry.kvstore.1.abc", ".x.1.tmp",
                                                          "edgetok-kv-1-abc.bin"]
     assert os.getcwd() == str(places["work"])
+    (places["home"] / "converted" / ".abc-0.1.0.1.xyz").rmdir()

@@ -10,6 +10,7 @@ from pathlib import Path
 from edgetok.errors import EdgetokError
 
 BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
+MAX_MB = 2.0**40  # an exabyte: beyond any machine, and a byte count that stays an integer
 
 
 @dataclass
@@ -48,8 +49,8 @@ class KVConfig:
                                "token count or a percentage in (0, 100]")
         for name in ("device_mb", "host_mb"):
             v = getattr(self, name)
-            if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
-                raise EdgetokError(f"{_name(name)} must be a number ≥ 0, not {v}")
+            if v is not None and not (_is_number(v) and 0 <= v <= MAX_MB):  # (NaN fails both)
+                raise EdgetokError(f"{_name(name)} must be a number of MB from 0 to {MAX_MB:.0e}, not {v}")
         if not (_is_number(self.prefetch_steps) and isinstance(self.prefetch_steps, int)) or self.prefetch_steps < 1:
             raise EdgetokError(f"{_name('prefetch_steps')} must be a whole number ≥ 1 (the past steps whose selections prefetch reads), "
                                f"not {self.prefetch_steps}")

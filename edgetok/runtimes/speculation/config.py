@@ -21,6 +21,10 @@ class SpeculationParams:
         """One sentence per mistake, naming the flag."""
         if self.speculate not in SPECULATE_CHOICES:
             raise EdgetokError(f"--speculate must be one of {', '.join(SPECULATE_CHOICES)}, not '{self.speculate}'")
+        for name in ("draft_max", "lookup_ngram_min", "lookup_ngram_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EdgetokError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}")
         if self.draft_max < 1:
             raise EdgetokError(f"--draft-max must be ≥ 1 (tokens drafted per step), not {self.draft_max}")
         if not 1 <= self.lookup_ngram_min <= self.lookup_ngram_max:
