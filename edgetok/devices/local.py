@@ -82,9 +82,12 @@ def detect(kv_dir: Path | None = None, probe_mb: int = 64) -> LocalDevice:
 
 def disk_read_speed(folder: Path, probe_mb: int) -> float:
     """Bytes per second of a sequential read of a new probe_mb file in `folder`, past the page
-    cache where the OS allows it (posix_fadvise); the file is removed."""
+    cache where the OS allows it (posix_fadvise); the file is removed — on POSIX as soon as it is
+    open, so that a process killed mid-measure leaves no probe behind (as runtimes/kv/disk.py)."""
     data = os.urandom(PROBE_BLOCK)  # incompressible, so a compressing filesystem cannot flatter it
     fd, name = tempfile.mkstemp(prefix=".edgetok-probe-", dir=folder)
+    if os.name == "posix":
+        os.unlink(name)
     try:
         for _ in range(probe_mb):
             os.write(fd, data)
@@ -99,7 +102,8 @@ def disk_read_speed(folder: Path, probe_mb: int) -> float:
         return read / max(time.perf_counter() - start, 1e-9)
     finally:
         os.close(fd)
-        os.unlink(name)
+        if os.name != "posix":
+            os.unlink(name)
 
 
 def memory_bandwidth(mb: int, rounds: int = 3) -> float:

@@ -158,3 +158,47 @@ def test_places_are_really_checked(places):
                                                          "edgetok-kv-1-abc.bin"]
     assert os.getcwd() == str(places["work"])
     (places["home"] / "converted" / ".abc-0.1.0.1.xyz").rmdir()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=6)
+
+
+@st.composite
+def device_profiles(draw) -> object:
+    """A catalog profile with a field changed, dropped or added (most of the time), or any JSON."""
+    from edgetok.devices.catalog import CATALOG
+
+    profile = dict(draw(st.sampled_from(json.loads(CATALOG.read_text())["profiles"])))
+    how = draw(st.sampled_from(["as is", "change", "change", "drop", "add", "any JSON"]))
+    field = draw(st.sampled_from(sorted(profile)))
+    if how == "change":
+        profile[field] = draw(JSON | st.sampled_from([0, -1, 1e9, 0.5, "8"]))
+    elif how == "drop":
+        del profile[field]
+    elif how == "add":
+        profile[draw(st.text(max_size=8))] = draw(JSON)
+    return draw(JSON) if how == "any JSON" else profile
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(device=mostly(st.sampled_from(["rtx4090", "raspberry-pi-5-8gb", "apple-m2-16gb", "file"]),
+                     st.sampled_from(["", "nope", "missing.json", "file.txt"])),
+       profile=device_profiles(), context=st.one_of(st.none(), numbers("64", "256", "4096", "100000")),
+       threads=st.one_of(st.none(), numbers("1", "4")), model=st.sampled_from(["hf", "gguf"]))
+def test_plan_ends_in_a_plan_or_one_sentence(models, places, tmp_path, device, profile, context, threads, model):
+    profiles = tmp_path / "profiles"
+    profiles.mkdir(exist_ok=True)
+    if device in ("file", "file.txt"):
+        path = profiles / ("p.json" if device == "file" else "p.txt")
+        path.write_bytes(json.dumps(profile).encode() if device == "file" else b"\xff\xfe not json")
+        device = str(path)
+    args = ["plan", models[model], "--device", device, "--json"]
+    args += ["--context", context] if context is not None else []
+    args += ["--threads", threads] if threads is not None else []
+    r = run_cli(*args)
+    check_outcome(r)
+    if r.exit_code == 0:
+        assert json.loads(r.stdout)["run_options"]
+    assert leftovers(places) == []
