@@ -149,7 +149,7 @@ def _one_sentence(e: EdgetokError) -> None:
     assert message and "\n" not in message and "Traceback" not in message
 
 
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=PROMPT, options=GENERATION, chat=st.booleans())
 def test_any_generation_argument_gets_a_result_or_one_sentence(model, prompt, options, chat):
     try:

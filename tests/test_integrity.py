@@ -75,3 +75,4 @@ def test_an_unwritable_home_only_costs_rehashing(tmp_path, monkeypatch):
     f.write_bytes(b"abc")
     settled(f)
     assert integrity.sha256(f) == file_sha256(f)
+

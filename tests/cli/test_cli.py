@@ -130,6 +130,19 @@ def test_prompt_bytes_that_are_not_utf8_are_one_sentence(tiny_folder, tmp_path, 
     assert_user_error(r, "is not UTF-8 text (byte 0xc3 at offset 3)")
 
 
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--kv-budget", "nan%", "--kv-budget nan% (KVConfig.budget) is impossible"),
+    ("--kv-budget", "inf", "--kv-budget inf (KVConfig.budget) is impossible"),
+    ("--kv-budget", "0.5", "--kv-budget 0.5 (KVConfig.budget) is impossible"),
+    ("--kv-device-mb", "nan", "--kv-device-mb (KVConfig.device_mb) must be a number of MB"),
+    ("--temperature", "inf", "temperature must be a finite number ≥ 0, not inf"),
+])
+def test_numbers_that_are_not_numbers_are_refused_before_any_text(tiny_folder, flag, value, fragment):
+    r = run_cli("run", tiny_folder, "-p", "hi", "-n", "4", flag, value)
+    assert_user_error(r, fragment)
+    assert r.stdout == ""
+
+
 def test_provider_is_refused_on_the_torch_backend(tiny_folder):
     assert_user_error(run_cli("run", tiny_folder, "-p", "hi", "--provider", "cuda"), "the torch backend runs on the CPU")
 

