@@ -64,7 +64,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
+    except (PermissionError, OverflowError):  # another user's process; not a pid at all: keep it
         return True
     return True
 
@@ -72,7 +72,7 @@ def _alive(pid: int) -> bool:
 def remove_stale(target: Path) -> None:
     """Remove the temporaries of `target` left by writers that died (their pid is gone). A pid reused
     since by a live process keeps its temporary until that process ends too: never a live writer's."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[^.]+(\.[^.]+)?")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d{{1,10}})\.[a-z0-9_]{{8}}")  # mkstemp's 8 characters
     try:
         candidates = list(target.parent.iterdir())
     except OSError:
@@ -88,6 +88,7 @@ def remove_stale(target: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

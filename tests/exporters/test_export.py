@@ -224,7 +224,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     a live writer's temporary stays."""
     out = tmp_path / "m.gguf"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale_dir, stale_file = tmp_path / f".m.gguf.{dead.stdout.strip()}.abcd1234", tmp_path / f".m.gguf.{dead.stdout.strip()}.x1"
+    stale_dir, stale_file = tmp_path / f".m.gguf.{dead.stdout.strip()}.abcd1234", tmp_path / f".m.gguf.{dead.stdout.strip()}.x1y2_3z4"
     live = tmp_path / f".m.gguf.{os.getppid()}.efgh5678"
     stale_dir.mkdir()
     (stale_dir / "m.gguf").write_bytes(b"half" * 1000)
@@ -232,9 +232,10 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     live.mkdir()
     other = tmp_path / ".other.gguf.1.abcd1234"
     other.mkdir()
+    (tmp_path / f".m.gguf.{dead.stdout.strip()}.bak").write_text("a user's file, not a temporary")
     with staged([out]) as (a,):
         a.write_text("model")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "m.gguf"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, f".m.gguf.{dead.stdout.strip()}.bak", "m.gguf"])
 
 
 def test_reports_name_their_source_without_the_writers_paths(tmp_path):

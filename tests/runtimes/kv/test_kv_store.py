@@ -85,7 +85,7 @@ def test_interrupted_write_leaves_the_store_usable(tiny_folder, tmp_path):
     (entry,) = tmp_path.glob("*.kvstore")
     entry.unlink()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    stale = tmp_path / f".{entry.name}.{dead}.abc123"
+    stale = tmp_path / f".{entry.name}.{dead}.abc123de"
     stale.write_bytes(b"half a file")  # what a writer killed mid-write leaves
     again = run_json(tiny_folder, "-p", PROMPT, "--no-chat", "-n", "3", "--kv-store", tmp_path)
     assert again["stats"]["store_tokens"] == 0 and not stale.exists()  # ignored, then removed by the save
