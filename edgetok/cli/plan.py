@@ -27,7 +27,8 @@ def command(model, device, context, threads, kv_dir, as_json):
 
     profile = load_profile(device, kv_dir)
     threads = threads or (os.cpu_count() if device == "local" else 1)
-    p = plan(load_source(model, progress=True).config, profile, context, threads)
+    source = load_source(model, progress=True)
+    p = plan(source.config, profile, context, threads)
     if as_json:
         click.echo(json.dumps(p.to_dict() | {"run_options": p.run_options()}, indent=2))
         return
@@ -41,4 +42,8 @@ def command(model, device, context, threads, kv_dir, as_json):
     click.echo(f"  predicted: {peak}; decode {p.predicted_decode_tokens_per_s:g} tok/s")
     for line in p.arithmetic:
         click.echo(f"  · {line}")
-    click.echo(f"  run with: edgetok run {model} " + " ".join(p.run_options()))
+    # The plan runs an int4 ONNX export: a model that is not one is exported first.
+    target = model if source.format == "onnx" else "EXPORT_DIR"
+    if source.format != "onnx":
+        click.echo(f"  export with: edgetok export {model} --format onnx --weights {p.weights} -o {target}")
+    click.echo(f"  run with: edgetok run {target} " + " ".join(p.run_options()))
