@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from edgetok.errors import EdgetokError
+from edgetok.runtimes.backends.providers import PROVIDERS
 from edgetok.runtimes.engine import GenerationConfig
 from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.speculation import SPECULATE_CHOICES, SpeculationParams
@@ -42,7 +44,7 @@ def run_options(f):
         click.option("--backend", type=click.Choice(["torch", "llamacpp", "onnxruntime"]), default=None,
                      help="default: onnxruntime for an ONNX export folder, torch otherwise; llamacpp runs a GGUF "
                           "through llama-cpp-python"),
-        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "dml", "coreml", "qnn", "openvino"]),
+        click.option("--provider", type=click.Choice(["auto", *PROVIDERS]),
                      default="cpu", show_default=True, help="ONNX Runtime execution provider (--backend onnxruntime)"),
         click.option("--weights", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
                      help="torch backend weights: fp32 is the exact reference; int8 is weight-only, bf16 activations"),
@@ -102,7 +104,10 @@ def run_configs(options: dict[str, Any]) -> RunConfigs:
 def kv_config(options: dict[str, Any]) -> KVConfig | None:
     """A KVConfig when any tiered-cache option is given; None keeps the exact contiguous cache."""
     given = {name: options[f"kv_{name}"] for name in KV_FIELDS}
-    if all(given[name] in (None, False) for name in KV_FIELDS if name != "prefetch"):
+    if given["prefetch_steps"] is not None and given["disk_dir"] is None:
+        # (alone it would switch to the tiered cache for nothing: prefetch reads the disk tier)
+        raise EdgetokError("--kv-prefetch-steps applies to the KV disk tier: give --kv-disk DIR too")
+    if all(given[name] in (None, False) for name in KV_FIELDS if name not in ("prefetch", "prefetch_steps")):
         return None
     return KVConfig(**{name: value for name, value in given.items() if value is not None})
 

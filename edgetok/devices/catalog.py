@@ -14,10 +14,11 @@ from functools import cache
 from pathlib import Path
 
 from edgetok.errors import EdgetokError
+from edgetok.runtimes.backends.providers import PROVIDERS
 
 CATALOG = Path(__file__).with_name("profiles.json")
 KINDS = ("cpu", "gpu", "npu")
-EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "coreml", "qnn", "openvino")  # runtimes/backends/onnxruntime.py's
+EXECUTION_PROVIDERS = tuple(PROVIDERS)
 # The plausible range of each number: outside it, a profile is a typo (MB for GB, bits for bytes).
 RANGES = {
     "device_memory_gb": (0.25, 2048),

@@ -11,7 +11,6 @@ cache in place.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,43 +24,12 @@ from edgetok.models.llama import apply_rope, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK
+from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
 from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import Pruned, PrunePlan
 
-# --provider → (ONNX Runtime's name, the package that brings it)
-PROVIDERS = {
-    "cpu": ("CPUExecutionProvider", "onnxruntime"),
-    "cuda": ("CUDAExecutionProvider", "onnxruntime-gpu"),
-    "dml": ("DmlExecutionProvider", "onnxruntime-directml"),
-    "coreml": ("CoreMLExecutionProvider", "onnxruntime (macOS build)"),
-    "qnn": ("QNNExecutionProvider", "onnxruntime-qnn"),
-    "openvino": ("OpenVINOExecutionProvider", "onnxruntime-openvino"),
-}
-AUTO_ORDER = ("cuda", "dml", "coreml", "qnn", "openvino")
 DECODE_SLACK = 128  # spare cache slots per growth: bounds both the copies and the masked work
 BINDINGS_KEPT = 4  # one token, and the last few draft lengths (each holds its logits: ≈ 0.2 MB per row)
-
-
-def choose_provider(provider: str) -> str:
-    """--provider → an available ONNX Runtime execution provider, or one clear error."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider == "auto":
-        for p in AUTO_ORDER:
-            if PROVIDERS[p][0] in available:
-                return PROVIDERS[p][0]
-        print("edgetok: warning: no accelerator execution provider is available; running on CPU", file=sys.stderr)
-        return PROVIDERS["cpu"][0]
-    if provider not in PROVIDERS:
-        raise EdgetokError(f"unknown --provider '{provider}' (choose from auto, {', '.join(PROVIDERS)})")
-    name, package = PROVIDERS[provider]
-    if name not in available:
-        raise EdgetokError(
-            f"the {provider} execution provider is not available in this onnxruntime "
-            f"(it has {', '.join(available)}); install {package} in place of onnxruntime"
-        )
-    return name
 
 
 def open_session(model_file: Path, provider: str = "cpu", threads: int | None = None):

@@ -151,3 +151,11 @@ def test_cli_disk_uncached(tiny_folder, tmp_path):
     assert r.exit_code == 1 and "--kv-disk" in r.stderr
     with pytest.raises(EdgetokError):
         KVConfig(disk_uncached=True)
+
+
+def test_cli_prefetch_steps_need_the_disk_tier(tiny_folder, tmp_path):
+    r = run_cli("run", str(tiny_folder), "-p", "hi", "-n", "1", "--kv-prefetch-steps", "8")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "--kv-prefetch-steps applies to the KV disk tier" in r.stderr
+    r = run_cli("run", str(tiny_folder), "-p", "hi", "-n", "1", "--no-chat", "--json", "--kv-prefetch-steps", "8",
+                "--kv-budget", "50%", "--kv-host-mb", "0.01", "--kv-disk", tmp_path)
+    assert r.exit_code == 0, r.output
