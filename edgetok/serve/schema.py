@@ -2,7 +2,8 @@
 error object for everything wrong with one.
 
 Each field is checked by one row of FIELDS (its type and range in words); fields edgetok does not
-know are ignored, as OpenAI's own server ignores them, except those whose meaning it cannot honour
+know are ignored, as OpenAI's own server ignores them (extensions, as llama.cpp's server has them:
+top_k, min_p, repetition_penalty, ignore_eos), except those whose meaning it cannot honour
 (n > 1, logprobs, tools, nonzero presence / frequency penalties), which are refused by name.
 """
 
@@ -57,6 +58,7 @@ FIELDS: dict[str, tuple] = {
     "top_k": (lambda v: _integer(v) and v >= 0, "a whole number ≥ 0 (0: off)", "top_k"),
     "min_p": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1", "min_p"),
     "repetition_penalty": (lambda v: _number(v) and v > 0, "a number > 0", "repetition_penalty"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "true or false", "ignore_eos"),
     "seed": (lambda v: _integer(v) and 0 <= v < 2**63, "a whole number from 0 to 2**63 - 1", "seed"),
     "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and len(v) <= MAX_STOPS
                                               and all(isinstance(s, str) for s in v)),
@@ -142,7 +144,7 @@ def parse_request(body: dict[str, Any], chat: bool, defaults: GenerationConfig) 
         raise invalid("'stream_options' applies only with \"stream\": true", "stream_options")
     options = {}
     for name in ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-                 "repetition_penalty", "seed", "stop"):
+                 "repetition_penalty", "seed", "stop", "ignore_eos"):
         if body.get(name) is not None:
             options[FIELDS[name][2]] = body[name]
     try:
