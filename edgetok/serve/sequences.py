@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.base import SEQUENCES
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result
-from edgetok.serve.scheduler import Cancelled, Scheduler, ScheduledBackend
+from edgetok.serve.scheduler import Cancelled, ScheduledBackend, Scheduler
 
 
 class QueueFull(EdgetokError):

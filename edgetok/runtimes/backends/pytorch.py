@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgetok.errors import EdgetokError
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
