@@ -7,13 +7,14 @@ official openai client.
     .venv/bin/python benchmarks/serve.py --smoke      # ~1 min: does every part run?
 
 Both servers run for the whole benchmark (an idle one takes no CPU); the cells interleave: each
-round runs every concurrency on each server in turn. A cell: C clients, each sending --requests
-chat requests one after the other (greedy, --max-tokens, the prompts rotating over several kinds
-of text). Aggregate tokens/s = the completion tokens of every request of the cell ÷ the cell's
-wall time (so prefill and the HTTP round trips count against it; the prompts are short). Latency
-= one request's time from sending to its whole answer; p50 / p95 over the cell's requests of every
-round. The goal: ≥ 2× one client's throughput at 4 clients; a server that runs one request at a
-time stays at 1×.
+round runs every concurrency on each server in turn. A cell: C clients, each sending --requests chat
+requests one after the other (greedy, exactly --max-tokens each: end-of-sequence is banned —
+edgetok's `ignore_eos`, llama.cpp's `logit_bias` — so both servers decode the same number of tokens
+whatever their weights' rounding; the prompts rotate over several kinds of text). Aggregate tokens/s
+= the completion tokens of every request of the cell ÷ the cell's wall time (so prefill and the HTTP
+round trips count against it; the prompts are short). Latency = one request's time from sending to
+its whole answer; p50 / p95 over the cell's requests of every round. The goal: ≥ 2× one client's
+throughput at 4 clients; a server that runs one request at a time stays at 1×.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import threading
@@ -52,8 +52,8 @@ PROMPTS = [  # several kinds of text: story, explanation, code, list, translatio
 class Peer:
     """A server process on a free loopback port."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path) -> None:
-        self.name, self.port = name, free_port()
+    def __init__(self, name: str, cmd: list[str], log: Path, no_eos: dict) -> None:
+        self.name, self.port, self.no_eos = name, free_port(), no_eos  # no_eos: the request fields that ban EOS
         self.log = open(log, "wb")
         self.process = subprocess.Popen([*cmd, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600)
@@ -66,13 +66,14 @@ class Peer:
                 return
             except (openai.APIConnectionError, openai.InternalServerError):  # not listening yet; loading (503)
                 time.sleep(0.5)
+        self.stop()
         raise SystemExit(f"{name} did not start")
 
     def ask(self, prompt: str, max_tokens: int) -> tuple[int, float]:
         """(completion tokens, seconds) of one greedy chat request."""
         t = time.perf_counter()
         r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": prompt}],
-                                                max_tokens=max_tokens, temperature=0)
+                                                max_tokens=max_tokens, temperature=0, extra_body=self.no_eos)
         return r.usage.completion_tokens, time.perf_counter() - t
 
     def stop(self) -> None:
@@ -133,8 +134,14 @@ def main() -> None:
                    str(args.threads), "--max-sequences", str(max(levels)), "--max-queue", "64", "--alias", args.model]
     llama_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
                  "--n_threads_batch", str(args.threads), "--n_ctx", "2048", "--model_alias", args.model, "--host", "127.0.0.1"]
-    peers = [Peer("edgetok serve (onnx int4, batched)", edgetok_cmd, logs / "edgetok-serve-bench.log"),
-             Peer("llama-cpp-python server (gguf)", llama_cmd, logs / "llamacpp-server-bench.log")]
+    eos = source.tokenizer.eos_ids
+    peers = [Peer("edgetok serve (onnx int4, batched)", edgetok_cmd, logs / "edgetok-serve-bench.log", {"ignore_eos": True})]
+    try:
+        peers.append(Peer("llama-cpp-python server (gguf)", llama_cmd, logs / "llamacpp-server-bench.log",
+                          {"logit_bias": {str(t): -100 for t in eos}}))
+    except BaseException:
+        peers[0].stop()
+        raise
     results: dict[str, dict[int, list[dict]]] = {p.name: {c: [] for c in levels} for p in peers}
     try:
         for p in peers:  # warm-up: first requests load lazily, fill caches

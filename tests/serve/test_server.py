@@ -314,3 +314,16 @@ def test_a_public_address_without_a_key_warns_and_a_failed_load_exits_1(tmp_path
                         "--host", "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert "without an API key" in p.stderr and "edgetok: error:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_openai_client_example_talks_to_the_server(server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "key").write_text(KEY)
+    example = Path(__file__).resolve().parents[2] / "examples" / "openai_client.py"
+    p = subprocess.run([sys.executable, str(example), "--base-url", server.url + "/v1", "--api-key-file", str(tmp_path / "key")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"model: {ALIAS}" in p.stdout and "streamed: " in p.stdout and "second turn: " in p.stdout
