@@ -26,6 +26,9 @@ fi
 if want spec; then  # speculative decoding: edgetok (ONNX int4, torch) vs transformers' and llama.cpp's lookup decoding
   $LOCK $PY benchmarks/speculative.py --repeat 3 --threads 2 --out benchmarks/results/speculative.json
 fi
+if want serve; then  # edgetok serve (ONNX int4, batched) vs llama-cpp-python's server at 1/2/4/8 clients
+  $LOCK $PY benchmarks/serve.py --repeat 2 --threads 2 --out benchmarks/results/serve.json
+fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
 if want quant; then
