@@ -70,7 +70,8 @@ class Scheduler:
         self._thread.start()
 
     def call(self, method: str, cache: Any, *args, decode: bool = False) -> Any:
-        """Run backend.method(*args), a call about `cache`, on the scheduler's thread; wait for it."""
+        """Run backend.method(*args), a call about `cache`, on the scheduler's thread (or on this one
+        when no other sequence decodes and nothing waits); wait for it."""
         job = _Job(method, cache, args, decode)
         with self._cond:
             if self._stopping:
@@ -136,6 +137,12 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._busy = False
+                    self._cond.notify_all()
+        with self._cond:  # refuse what is still waiting
+            for job in self._jobs:
+                job.error = EdgetokError("the server is shutting down")
+                job.done.set()
+            self._jobs = []
 
     def _execute(self, decode: list[_Job], other: list[_Job]) -> None:
         t0 = time.perf_counter()
@@ -144,11 +151,6 @@ class Scheduler:
         for job in other:
             self._run(job)
         self.counters.busy_s += time.perf_counter() - t0
-        with self._cond:  # refuse what is still waiting
-            for job in self._jobs:
-                job.error = EdgetokError("the server is shutting down")
-                job.done.set()
-            self._jobs = []
 
     def _step(self, jobs: list[_Job]) -> None:
         """One decode step for these sequences: one forward over all of them when batched."""
