@@ -122,7 +122,7 @@ class OnnxExport:
             # Level 4: ONNX Runtime's integer kernels, int8 activations per block (ortgenai's default);
             # its float-activation kernels are many times slower on x86 (measured: 3× for 4-bit, 35×
             # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
-            rewrites.to_matmul_nbits(self.model, quantizer, accuracy_level=4)
+            rewrites.to_matmul_nbits(self.model, quantizer, float_layers=o.activations == "float")
             rewrites.to_fp16(self.model)  # the scales and zero points
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:
@@ -149,6 +149,7 @@ class OnnxExport:
             block_size=o.block_size or ("per-channel" if o.quantized else None),
             zero_points=o.zero_points if o.weights == "int4" and not o.qdq and o.method == "rtn" else None,
             head_bits=o.head_bits if o.weights == "int4" else None,
+            activations=o.activations if o.quantized and not o.qdq else None,
             qdq=o.qdq,
             opset=o.opset,
             attention=o.attention,
