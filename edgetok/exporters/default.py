@@ -58,7 +58,7 @@ def export_folder(source: Source) -> Path:
 def default_export(source: Source, threads: int | None = None, progress: bool = False) -> Source:
     """`source`'s default ONNX export, built first if it is missing or damaged → the export's Source."""
     folder = export_folder(source)
-    with _locked(folder.with_name(f".{folder.name}.lock")):
+    with _locked(folder.with_name(f"{folder.name}.lock")):  # kept: a lock file is not a temporary
         if folder.is_dir():
             try:
                 return load_source(str(folder))

@@ -122,7 +122,8 @@ class OnnxExport:
             # Level 4: ONNX Runtime's integer kernels, int8 activations per block (ortgenai's default);
             # its float-activation kernels are many times slower on x86 (measured: 3× for 4-bit, 35×
             # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
-            rewrites.to_matmul_nbits(self.model, quantizer, float_layers=o.activations == "float")
+            # (the head keeps int8 activations: its float kernel is ~9× slower per token)
+            rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if o.activations == "float" else frozenset())
             rewrites.to_fp16(self.model)  # the scales and zero points
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:

@@ -181,15 +181,15 @@ def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str
 INT8_ACTIVATIONS, FLOAT_ACTIVATIONS = 4, 0  # MatMulNBits' accuracy_level
 
 
-def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_layers: bool = False) -> None:
+def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: frozenset[str] = frozenset()) -> None:
     """Every linear, the head and the embedding as block-quantized weights, at the bit width the
     quantizer chose for each (4 or 8), in place.
 
     MatMulNBits' accuracy_level 4 lets ONNX Runtime quantize activations to int8 per block for its
     integer kernels (fast; it applies to integer zero points, which the exact minima's codes have:
-    their fractions are the separate offsets). float_layers: the decoder layers' linears multiply
-    float activations instead (level 0): slower, but int8 activations are what flips the fp32
-    reference's near-ties (−6 points of top-1 on SmolLM2). The head stays at level 4.
+    their fractions are the separate offsets). float_kinds: the weight uses ("linear": the decoder
+    layers' linears, "head") that multiply float activations instead (level 0): slower, but int8
+    activations are what flips the fp32 reference's near-ties (−6 points of top-1 on SmolLM2).
     """
     g = _Graph(model, "nbits")
     g.use_ms_domain()
@@ -232,7 +232,7 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_layers: 
         inputs = [x, b, scales] + ([] if zero is None else [zero])
         mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets else [y],
                     K=k, N=g.inits[b].dims[0], bits=bits, block_size=block,
-                    accuracy_level=FLOAT_ACTIVATIONS if float_layers and kind == "linear" else INT8_ACTIVATIONS)
+                    accuracy_level=FLOAT_ACTIVATIONS if kind in float_kinds else INT8_ACTIVATIONS)
         if offsets is not None:  # + Σx per block · offsets: the block sums are one small MatMul
             sums = g.node("MatMul", [x, block_sums(k, block)])  # (..., blocks)
             g.node("Add", [mm, g.node("MatMul", [sums, offsets])], outputs=[y])
