@@ -26,6 +26,9 @@ from edgetok.models.names import HEAD_WEIGHTS, fused_parts, io_names
 from edgetok.models.sources import Source, load_source
 
 HEAD_BLOCK = 32  # the 8-bit embedding / LM head: q8_0's block
+# --activations float: the head's highest logits recomputed from float activations (the next token's
+# near-ties are decided there, and the head's float kernel is too slow to run whole)
+EXACT_TOP = 16
 
 
 def weight_quantizer(weights: str, block_size: int | None, qdq: bool, zero_points: str = "exact",
@@ -123,7 +126,9 @@ class OnnxExport:
             # its float-activation kernels are many times slower on x86 (measured: 3× for 4-bit, 35×
             # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
             # (the head keeps int8 activations: its float kernel is ~9× slower per token)
-            rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if o.activations == "float" else frozenset())
+            exact = o.activations == "float"
+            rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if exact else frozenset(),
+                                     exact_top=EXACT_TOP if exact else 0)
             rewrites.to_fp16(self.model)  # the scales and zero points
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:
