@@ -139,3 +139,12 @@ def test_a_long_prompt_gets_the_tiered_cache_and_a_short_one_stays_exact(tiny_fo
     assert r.tokens == want.tokens
     assert run(short).stats.kv["kind"] == "contiguous"  # back to exact for the next short prompt
     np.testing.assert_array_equal(run(long).tokens, r.tokens)
+
+
+def test_a_home_that_cannot_be_written_is_one_sentence(tiny_folder, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("EDGETOK_HOME", str(blocker / "home"))  # (root may write anywhere: a file is in the way)
+    r = run_cli("run", tiny_folder, "-p", PROMPT, "-n", "2")
+    assert r.exit_code == 1 and "cannot build the default export" in r.stderr and "--backend torch" in r.stderr
+    assert r.stderr.count("\n") == 1 and blocker.read_text() == ""
