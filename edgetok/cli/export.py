@@ -26,7 +26,8 @@ def _int_or_none(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["gguf", "hf", "onnx"]), required=True,
               help="gguf: llama.cpp's format; onnx: a folder for ONNX Runtime; hf: a Hugging Face folder (fp32)")
 @click.option("--quant", type=click.Choice(export_choices.QUANTS), default="q8_0", show_default=True,
-              help="GGUF tensor type of the weight matrices")
+              help="GGUF tensor type of the weight matrices (a K-quant where rows are whole 256-value blocks, else "
+                   "the nearest 32-value type: the plan is printed and kept in the report)")
 @click.option("--weights", type=click.Choice(export_choices.WEIGHTS), default="int4", show_default=True,
               help="ONNX weights: int4/int8 as MatMulNBits blocks (or DequantizeLinear with --qdq)")
 @click.option("--block-size", type=click.Choice([str(b) for b in export_choices.BLOCK_SIZES]), default=None,
@@ -119,9 +120,12 @@ def _print_onnx_export(o, manifest) -> None:
 
 
 def _print_gguf_export(o, manifest) -> None:
+    from edgetok.exporters.gguf_types import TensorType, plan_summary
     from edgetok.models.manifest import gguf_report_path
 
     click.echo(f"wrote {o.output} ({manifest.size_bytes / 1e6:.1f} MB, {o.quant}, {o.method})")
+    for line in plan_summary([TensorType(**t) for t in manifest.type_plan or []]):
+        click.echo(line)
     for name, kind in manifest.kept_at_higher_precision.items():
         kl = (manifest.sensitivity_kl or {}).get(name)
         click.echo(f"  kept at {kind}: {name}" + (f" (KL when quantized alone {kl:.4f})" if kl is not None else " (output projection)"))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.exporters.gguf_types import TensorType, choose_type, encode, qtype, round_trip
 from edgetok.exporters.options import CODE_TYPES, QUANTS, GgufOptions, check_choice, higher_precision
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
 from edgetok.files import file_sha256, progress_bar, staged
@@ -92,11 +93,9 @@ def sensitivity_candidates(cfg: ModelConfig) -> list[str]:
 
 
 def fake_quantize(w: torch.Tensor, quant: str) -> torch.Tensor:
-    """w after a round trip through the GGUF type of `quant` (what llama.cpp will compute with)."""
-    from gguf.quants import dequantize
-
-    data, qtype = _tensor_data(w.float().numpy(), _qtype(quant))
-    return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(w.shape))
+    """w after a round trip through the GGUF type `quant` gives it (its fallback where its rows do
+    not fit `quant`'s blocks): what llama.cpp will compute with."""
+    return round_trip(w, choose_type("", tuple(w.shape), quant).type)
 
 
 def measure_sensitivity(
@@ -126,31 +125,13 @@ def choose_sensitive(kl: dict[str, float], fraction: float = 1 / 8) -> list[str]
     return sorted(kl, key=kl.get, reverse=True)[:k]
 
 
-def _qtype(quant: str):
-    """--quant → gguf-py's tensor type (its name in capitals)."""
-    import gguf
-
-    return gguf.GGMLQuantizationType[quant.upper()]
-
-
 def _file_type(quant: str) -> int:
-    """--quant → llama.cpp's file type: the type of most tensors, or all for f32."""
+    """--quant → llama.cpp's file type: the type of most tensors, or all for f32 (a K-quant: its
+    "S" mix, every tensor of that type)."""
     import gguf
 
-    return int(gguf.LlamaFileType["ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"])
-
-
-def _tensor_data(w: np.ndarray, qtype):
-    """→ (array to write, GGML type). 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them."""
-    import gguf
-    from gguf.quants import quantize
-
-    if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-        return w.astype(np.float32), gguf.GGMLQuantizationType.F32
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if w.shape[-1] % block:  # rows that do not fill whole blocks cannot take this type
-        return w.astype(np.float16), gguf.GGMLQuantizationType.F16
-    return quantize(w, qtype), qtype
+    name = {"f32": "ALL_F32", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S"}.get(quant, f"MOSTLY_{quant.upper()}")
+    return int(gguf.LlamaFileType[name])
 
 
 def gguf_blocks(qw, quant: str) -> np.ndarray:
@@ -189,12 +170,14 @@ def export_gguf(
 
 def write_gguf(
     source: Source, path: Path, quant: str = "f16", overrides: dict[str, str] | None = None, quantized: dict | None = None,
-) -> None:
-    """Write `source` as a GGUF file at `path`.
+) -> list[TensorType]:
+    """Write `source` as a GGUF file at `path`; returns the type plan (every tensor's type, and
+    why where it is not the one asked for).
 
     overrides: HF tensor name → --quant name for tensors that get another type (--keep-sensitive).
     quantized: HF tensor name → QuantizedWeight whose codes are written as `quant` blocks as they
-    are (gptq, rsq); the other tensors are quantized here by llama.cpp's own rounding.
+    are (gptq, rsq); the other tensors are quantized here: by llama.cpp's own rounding (gguf-py)
+    for the 32-value types, by exporters/kquants.py for the K-quants and iq4_nl.
     """
     import gguf
 
@@ -211,6 +194,7 @@ def write_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _rope_factors(writer, cfg)
     weights = source.weights
+    plan = []
     for name in weights:
         if cfg.tie_word_embeddings and name == LM_HEAD:
             continue
@@ -226,17 +210,21 @@ def write_gguf(
         if codes is not None and name not in overrides:
             if heads is not None:  # the same row order as permute_qk gives the float weight
                 codes = codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
-            writer.add_tensor(gg, gguf_blocks(codes, quant), raw_dtype=_qtype(quant))
+            writer.add_tensor(gg, gguf_blocks(codes, quant), raw_dtype=qtype(quant))
+            plan.append(TensorType(gg, quant, quant))
             continue
-        w = tensor.float().numpy()
+        w = tensor.float()
         if heads is not None:
-            w = permute_qk(w, heads)
-        data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
+            w = torch.from_numpy(permute_qk(w.numpy(), heads))
+        planned = choose_type(gg, tuple(w.shape), overrides.get(name, quant))
+        data, dtype = encode(w, planned.type)
         writer.add_tensor(gg, data, raw_dtype=dtype)
+        plan.append(planned)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return plan
 
 
 def _add_field(writer, key: str, value) -> None:
@@ -289,10 +277,11 @@ class GgufExport:
 
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
-        write_gguf(self.written, paths[0], o.quant, self.overrides, self.codes)
+        plan = write_gguf(self.written, paths[0], o.quant, self.overrides, self.codes)
         return GgufManifest(source=SourceRecord.of(source, beside=o.output.parent), quant=o.quant,
                             architecture=source.config.arch, method=o.method, quantization=self.quantization,
                             sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=self.overrides,
+                            type_plan=[t.to_json() for t in plan],
                             size_bytes=paths[0].stat().st_size, sha256=file_sha256(paths[0]))
 
     def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:

@@ -30,7 +30,7 @@ DEFAULT_OPSET = QDQ_OPSET
 MIN_OPSET = 18  # the graph's operators
 
 # --format gguf: the 2-D weights' type, named as gguf-py names it in lower case (exporters/gguf.py)
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl")
 # --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are.
 CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
 
@@ -40,7 +40,7 @@ MIN_EVAL_TOKENS = 16  # fewer make a parity report of noise
 def higher_precision(quant: str) -> str | None:
     """The type --keep-sensitive gives the tensors it keeps (as llama.cpp's _M mixes: q8_0 over
     4/5-bit), or None for a type with nothing above it worth the bytes."""
-    return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5")) else None)
+    return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5", "q6", "iq4")) else None)
 
 
 def check_choice(flag: str, value, choices) -> None:
@@ -170,7 +170,7 @@ class GgufOptions(ExportOptions):
                 f"use --quant {' or --quant '.join(CODE_TYPES)}, or --method rtn for {self.quant}"
             )
         if self.keep_sensitive and higher_precision(self.quant) is None:
-            raise EdgetokError(f"--keep-sensitive needs a quantized --quant (q8_0, q4_*, q5_*), not {self.quant}")
+            raise EdgetokError(f"--keep-sensitive needs a quantized --quant (q8_0, q4_*, q5_*, q6_k, iq4_nl), not {self.quant}")
 
     @property
     def reads_eval_text(self) -> bool:
