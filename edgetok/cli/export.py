@@ -51,6 +51,9 @@ def _int_or_none(ctx, param, value):
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file (gguf) or folder (onnx, hf) to write")
 @click.option("--force", is_flag=True, help="overwrite an existing file")
 @click.option("--keep-sensitive", is_flag=True, help="keep the tensors quantization hurts most at higher precision")
+@click.option("--tensor-type", multiple=True, metavar="REGEX=TYPE",
+              help="GGUF: the weight matrices whose llama.cpp name REGEX finds (e.g. 'attn_v|ffn_down=q8_0') get TYPE; "
+                   "repeatable, the first match decides; a REGEX that finds none is an error")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="text for the parity report (default: the built-in essays)")
 @click.option("--eval-tokens", type=click.IntRange(min=export_choices.MIN_EVAL_TOKENS), default=None,
@@ -70,6 +73,8 @@ def command(fmt, as_json, **kw):
     if fmt != "onnx" and (kw["attention"] or kw["prune_after_layer"] is not None or kw["zero_points"] != "exact"
                           or kw["head_bits"] != 8):
         raise EdgetokError("--attention, --prune-after-layer, --zero-points and --head-bits apply to --format onnx")
+    if fmt != "gguf" and kw["tensor_type"]:
+        raise EdgetokError("--tensor-type applies to --format gguf")
     if fmt == "hf":
         _export_hf(kw)
         return
@@ -120,12 +125,17 @@ def _print_onnx_export(o, manifest) -> None:
 
 
 def _print_gguf_export(o, manifest) -> None:
+    from collections import Counter
+
     from edgetok.exporters.gguf_types import TensorType, plan_summary
     from edgetok.models.manifest import gguf_report_path
 
     click.echo(f"wrote {o.output} ({manifest.size_bytes / 1e6:.1f} MB, {o.quant}, {o.method})")
     for line in plan_summary([TensorType(**t) for t in manifest.type_plan or []]):
         click.echo(line)
+    if manifest.tensor_types:
+        counts = Counter(manifest.tensor_types.values())
+        click.echo("  by --tensor-type: " + ", ".join(f"{n} tensors at {kind}" for kind, n in counts.items()))
     for name, kind in manifest.kept_at_higher_precision.items():
         kl = (manifest.sensitivity_kl or {}).get(name)
         click.echo(f"  kept at {kind}: {name}" + (f" (KL when quantized alone {kl:.4f})" if kl is not None else " (output projection)"))

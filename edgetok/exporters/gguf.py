@@ -12,7 +12,14 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.exporters.gguf_types import TensorType, choose_type, encode, qtype, round_trip
-from edgetok.exporters.options import CODE_TYPES, QUANTS, GgufOptions, check_choice, higher_precision
+from edgetok.exporters.options import (
+    CODE_TYPES,
+    QUANTS,
+    GgufOptions,
+    check_choice,
+    higher_precision,
+    parse_tensor_type,
+)
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
 from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.checkpoint import stack
@@ -158,6 +165,41 @@ def gguf_blocks(qw, quant: str) -> np.ndarray:
     return np.concatenate([d, body], axis=-1).reshape(n, -1)
 
 
+def tensor_layout(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The file's tensors in order: llama.cpp's name → the HF name whose tensor (and type
+    override) it is — a stacked tensor's first part (phi3's ffn_up: the gate); a tied head is not
+    written."""
+    layout = {}
+    for name in weights:
+        if cfg.tie_word_embeddings and name == LM_HEAD:
+            continue
+        fused = stacked_name(cfg, name)
+        if fused is None:
+            layout[gguf_name(name)] = name
+        elif fused_parts(fused)[0] == name:
+            layout[stacked_gguf_name(fused)] = name
+    return layout
+
+
+def tensor_type_overrides(specs: tuple[str, ...], cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """--tensor-type REGEX=TYPE → HF name → TYPE for the weight matrices whose llama.cpp name
+    REGEX finds (re.search; the first REGEX that finds a tensor decides, as llama-quantize's
+    --tensor-type). A REGEX that finds no matrix of this model is an error: a typo would otherwise
+    be a silent no-op."""
+    matrices = {gg: hf for gg, hf in tensor_layout(cfg, weights).items() if weights[hf].dim() == 2}
+    rules = [(spec, *parse_tensor_type(spec)) for spec in specs]
+    result: dict[str, str] = {}
+    for spec, pattern, kind in rules:
+        found = [gg for gg in matrices if pattern.search(gg)]
+        if not found:
+            examples = ", ".join(list(matrices)[:2] + [gg for gg in matrices if gg.startswith("blk.0.")][:4])
+            raise EdgetokError(f"--tensor-type {spec} matches no weight matrix of this model (llama.cpp's names, "
+                               f"such as {examples})")
+        for gg in found:
+            result.setdefault(matrices[gg], kind)
+    return result
+
+
 def export_gguf(
     source: Source, out: Path, quant: str = "f16", force: bool = False, overrides: dict[str, str] | None = None,
     quantized: dict | None = None,
@@ -195,15 +237,11 @@ def write_gguf(
     _rope_factors(writer, cfg)
     weights = source.weights
     plan = []
-    for name in weights:
-        if cfg.tie_word_embeddings and name == LM_HEAD:
-            continue
-        gg, tensor, codes = gguf_name(name), weights[name], (quantized or {}).get(name)
+    for gg, name in tensor_layout(cfg, weights).items():
+        tensor, codes = weights[name], (quantized or {}).get(name)
         fused = stacked_name(cfg, name)
-        if fused is not None:  # one tensor for all its parts (phi3's ffn_up: gate, then up), at the first
-            if fused_parts(fused)[0] != name:
-                continue
-            gg, tensor = stacked_gguf_name(fused), stack(weights, fused)
+        if fused is not None:  # one tensor for all its parts (phi3's ffn_up: gate, then up)
+            tensor = stack(weights, fused)
             parts = [quantized.get(p) for p in fused_parts(fused)] if quantized else [None]
             codes = QuantizedWeight.cat_rows(parts) if all(q is not None for q in parts) else None
         heads = permuted_heads(name, cfg)
@@ -267,6 +305,8 @@ class GgufExport:
         quant = self.options.quant
         self.written = source if qm is None else quantized_source(source, qm)
         self.codes, self.quantization = (None, None) if qm is None else (qm.quantized(), qm.info)
+        # checked first: a pattern that finds nothing fails before the slow part
+        self.user_types = tensor_type_overrides(self.options.tensor_type, self.written.config, self.written.weights)
         self.overrides = default_overrides(self.written.config, quant)
         self.sensitivity_kl = None
         if self.options.keep_sensitive:
@@ -277,10 +317,12 @@ class GgufExport:
 
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
-        plan = write_gguf(self.written, paths[0], o.quant, self.overrides, self.codes)
+        plan = write_gguf(self.written, paths[0], o.quant, self.overrides | self.user_types, self.codes)
+        kept = {name: kind for name, kind in self.overrides.items() if name not in self.user_types}
         return GgufManifest(source=SourceRecord.of(source, beside=o.output.parent), quant=o.quant,
                             architecture=source.config.arch, method=o.method, quantization=self.quantization,
-                            sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=self.overrides,
+                            sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=kept,
+                            tensor_types=self.user_types or None,
                             type_plan=[t.to_json() for t in plan],
                             size_bytes=paths[0].stat().st_size, sha256=file_sha256(paths[0]))
 

@@ -9,6 +9,7 @@ A plain module (no torch): the CLI and the bench import it for the choices it li
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -41,6 +42,18 @@ def higher_precision(quant: str) -> str | None:
     """The type --keep-sensitive gives the tensors it keeps (as llama.cpp's _M mixes: q8_0 over
     4/5-bit), or None for a type with nothing above it worth the bytes."""
     return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5", "q6", "iq4")) else None)
+
+
+def parse_tensor_type(spec: str) -> tuple[re.Pattern, str]:
+    """--tensor-type's REGEX=TYPE → (the compiled REGEX, TYPE), or one sentence."""
+    pattern, sep, kind = spec.rpartition("=")
+    if not sep or not pattern:
+        raise EdgetokError(f"--tensor-type takes REGEX=TYPE (such as attn_v=q8_0), not '{spec}'")
+    check_choice(f"type in --tensor-type {spec}:", kind, QUANTS)
+    try:
+        return re.compile(pattern), kind
+    except re.error as e:
+        raise EdgetokError(f"--tensor-type {spec}: '{pattern}' is not a regular expression ({e})") from None
 
 
 def check_choice(flag: str, value, choices) -> None:
@@ -158,12 +171,16 @@ class GgufOptions(ExportOptions):
 
     quant: str = "q8_0"
     keep_sensitive: bool = False
+    tensor_type: tuple[str, ...] = ()  # REGEX=TYPE: the matrices whose llama.cpp name REGEX finds get TYPE
 
     DEFAULT_EVAL_TOKENS: ClassVar[int] = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("--quant", self.quant, QUANTS)
+        object.__setattr__(self, "tensor_type", tuple(self.tensor_type))
+        for spec in self.tensor_type:  # the form here; the names when the model is loaded (exporters/gguf.py)
+            parse_tensor_type(spec)
         if self.method != "rtn" and self.quant not in CODE_TYPES:
             raise EdgetokError(
                 f"--method {self.method} writes its codes as {' or '.join(CODE_TYPES)} blocks; "
