@@ -11,6 +11,9 @@ tools quantize that file. Per type, two pairs:
 - mix: what each tool makes by default for the type: `edgetok export --quant T` (the output
   projection at q8_0) and llama.cpp's file type (Q4_K_S, Q5_K_S, Q6_K, IQ4_NL: its own upgrades
   of output / attn_v / ffn_down).
+- matched: the same type for every tensor in both files, so the files are the same size and differ
+  only in the codes each tool chose: edgetok writes each tensor at the type llama.cpp's "mix" file
+  gave it (its upgrades and fallbacks included).
 
 Every file runs in llama.cpp (llama-cpp-python) on texts of four kinds (prose, Python source,
 legal text, this repository's Markdown), `--tokens` each; the reference is edgetok's fp32 torch
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from edgetok.exporters.gguf import default_overrides, write_gguf
+from edgetok.exporters.gguf import default_overrides, tensor_layout, write_gguf
 from edgetok.exporters.verify import compare, model_logits
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import load_source
@@ -68,6 +71,16 @@ def llamacpp_quantize(src: Path, out: Path, ftype_name: str, pure: bool, threads
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {out}")
 
 
+def types_of(path: Path, src) -> dict[str, str]:
+    """HF name → the type llama.cpp's file at `path` holds that tensor in (a stacked one: its first part)."""
+    from gguf import GGUFReader
+
+    layout = tensor_layout(src.config, src.weights)
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the 'mix' files first (--mixes mix,matched)")
+    return {layout[t.name]: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
+
+
 def weight_bits(path: Path) -> float:
     """Bits per weight over the file's 2-D tensors."""
     from gguf import GGUFReader
@@ -88,6 +101,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--mixes", default="pure,mix,matched")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -103,12 +117,17 @@ def main() -> None:
 
     rows = []
     for kind in args.types.split(","):
-        for mix in ("pure", "mix"):
+        for mix in args.mixes.split(","):
             for tool in ("edgetok", "llama.cpp"):
                 out = args.out / f"{tool}-{kind}-{mix}.gguf"
                 start = time.perf_counter()
                 if tool == "edgetok":
-                    write_gguf(src, out, kind, overrides={} if mix == "pure" else default_overrides(src.config, kind))
+                    overrides = {"pure": {}, "mix": default_overrides(src.config, kind)}.get(mix)
+                    if mix == "matched":
+                        overrides = types_of(args.out / f"llama.cpp-{kind}-mix.gguf", src)
+                    write_gguf(src, out, kind, overrides=overrides)
+                elif mix == "matched":
+                    continue  # its file is the "mix" one
                 else:
                     llamacpp_quantize(f32, out, TYPES[kind], mix == "pure", args.threads)
                 seconds = time.perf_counter() - start
