@@ -29,8 +29,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from edgetok.exporters import kquants
 from edgetok.exporters.gguf import default_overrides, tensor_layout, write_gguf
 from edgetok.exporters.verify import compare, model_logits
 from edgetok.models.llama import LlamaModel
@@ -79,6 +81,35 @@ def types_of(path: Path, src) -> dict[str, str]:
     if not path.exists():
         raise SystemExit(f"{path} is missing: run the 'mix' files first (--mixes mix,matched)")
     return {layout[t.name]: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
+
+
+def tensor_errors(f32: Path, ours: Path, theirs: Path) -> dict:
+    """Relative squared error Σ(ŵ − w)² / Σw² of every tensor both files hold at the same K-quant
+    or iq4_nl type, each file's blocks decoded by gguf-py: the codes each tool chose, compared
+    directly (the model-level KL mixes every tensor's error)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    def decoded(path: Path) -> dict:
+        return {t.name: t for t in GGUFReader(path).tensors}
+
+    source, a, b = decoded(f32), decoded(ours), decoded(theirs)
+    ratios, ours_total, theirs_total = [], 0.0, 0.0
+    for name, t in a.items():
+        u = b[name]
+        if t.tensor_type != u.tensor_type or t.tensor_type.name.lower() not in kquants.TYPES:
+            continue
+        w = torch.from_numpy(np.array(source[name].data, dtype=np.float32)).flatten()
+        norm = (w * w).sum().item()
+        e_ours = ((torch.from_numpy(dequantize(t.data, t.tensor_type)).flatten() - w) ** 2).sum().item() / norm
+        e_theirs = ((torch.from_numpy(dequantize(u.data, u.tensor_type)).flatten() - w) ** 2).sum().item() / norm
+        ratios.append(e_ours / e_theirs)
+        ours_total, theirs_total = ours_total + e_ours, theirs_total + e_theirs
+    if not ratios:
+        return {"tensors": 0}
+    return {"tensors": len(ratios), "median_ratio": round(float(np.median(ratios)), 4),
+            "edgetok_lower": round(sum(r < 1 for r in ratios) / len(ratios), 3),
+            "mean_error_ratio": round(ours_total / theirs_total, 4)}
 
 
 def weight_bits(path: Path) -> float:
@@ -140,6 +171,18 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "per_text"}), flush=True)
                 (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+
+    if "matched" in args.mixes:
+        print("\n| type | tensors at the same type | edgetok / llama.cpp error: median | mean | edgetok lower on |")
+        print("|---|---|---|---|---|")
+        for kind in args.types.split(","):
+            e = tensor_errors(f32, args.out / f"edgetok-{kind}-matched.gguf", args.out / f"llama.cpp-{kind}-mix.gguf")
+            rows.append({"type": kind, "tensor_errors": e})
+            if e["tensors"]:
+                print(f"| {kind} | {e['tensors']} | {e['median_ratio']:.3f} | {e['mean_error_ratio']:.3f} "
+                      f"| {e['edgetok_lower']:.0%} |")
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+        rows = [r for r in rows if "tool" in r]
 
     kinds = list(samples)
     print("\n| type | mix | tool | size MB | bits/weight | KL mean | " + " | ".join(f"KL {k}" for k in kinds)

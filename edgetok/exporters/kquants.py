@@ -203,8 +203,8 @@ def _nearest(v: torch.Tensor) -> torch.Tensor:
 
 def iq4_nl(rows: torch.Tensor, tries: int = 7) -> np.ndarray:
     """llama.cpp's quantize_row_iq4_nl_impl: d from the block's peak, codes nearest on the grid,
-    d refitted by weighted least squares; of the candidates peak / (grid[0] + t), |t| ≤ tries, the
-    best. d is then rounded to fp16 and the codes chosen again."""
+    d refitted by weighted least squares; of the candidates that put the peak at grid[0] + t or at
+    grid[-1] + t, |t| ≤ tries, the best. d is then rounded to fp16 and the codes chosen again."""
     grid = torch.tensor(IQ4NL_GRID, dtype=torch.float32)
     x = rows.reshape(-1, IQ4NL_BLOCK).float()
     w = x * x
@@ -218,10 +218,13 @@ def iq4_nl(rows: torch.Tensor, tries: int = 7) -> np.ndarray:
         return d, d * sumqx  # the scale, and how much error it removes (larger is better)
 
     best_d, best_gain = fit(grid[0] / safe)
-    for t in range(-tries, tries + 1):
-        d, gain = fit((grid[0] + t) / safe)
-        better = gain > best_gain
-        best_d, best_gain = torch.where(better, d, best_d), torch.where(better, gain, best_gain)
+    # the peak near either end of the grid, which is not symmetric (−127 .. 113): llama.cpp tries
+    # the low end's neighbours and the high end itself
+    for end in (grid[0].item(), grid[-1].item()):
+        for t in range(-tries, tries + 1):
+            d, gain = fit((end + t) / safe)
+            better = gain > best_gain
+            best_d, best_gain = torch.where(better, d, best_d), torch.where(better, gain, best_gain)
     d = _fp16(torch.where(peak.abs() < _EPS, torch.zeros_like(best_d), best_d))
     idx = _nearest(x / torch.where(d == 0, torch.ones_like(d), d)[:, None])
     idx = torch.where(d[:, None] == 0, torch.full_like(idx, 8), idx).to(torch.uint8).numpy()  # grid[8] = 1: d 0 → 0
