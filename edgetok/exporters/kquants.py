@@ -13,9 +13,12 @@ gguf.quants dequantizes exactly these bytes):
           values (llama.cpp's kvalues_iq4nl); value = d·grid[i]
 
 The searches follow llama.cpp's reference quantizers (candidate scales around the block's range,
-each refitted by weighted least squares), with more candidates, and one step llama.cpp's rounding
-lacks: the super-block scales d and dmin, which round every sub-block scale to 6 bits, are
-themselves chosen among candidates by the super-block's reconstruction error.
+each refitted by weighted least squares, with llama.cpp's weights), plus what its rounding lacks:
+the super-block scales (q4_k / q5_k: d and dmin, which round every sub-block scale to 6 bits;
+q6_k: d) are chosen among 7 candidates by the super-block's error instead of set from its largest
+sub-block scale; iq4_nl tries the block's peak near both ends of its asymmetric grid and picks
+the codes for the fp16 scale it writes. (On SmolLM2 the q4_k / q5_k tensors come out with a third
+less squared error than llama.cpp's: BENCHMARKS.md.)
 
 All functions take float32 rows (N, K) as torch tensors and return uint8 numpy arrays (N, bytes).
 """
