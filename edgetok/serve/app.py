@@ -72,7 +72,7 @@ class Service:
         backend = model.engine.backend
         self.scheduler = Scheduler(backend)
         self.sequences = Sequences(self.scheduler, model.tokenizer, model.engine.store_factory,
-                                   config.max_sequences, config.max_queue)
+                                   config.max_sequences, config.max_queue, model.engine.long_prompts)
         self.metrics = Metrics(self.scheduler, self.sequences)
         self.created = int(time.time())
 

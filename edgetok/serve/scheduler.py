@@ -199,8 +199,8 @@ class ScheduledBackend:
         self.prune_after_layer = inner.prune_after_layer
         self.cancelled: Callable[[], bool] = lambda: False
 
-    def new_cache(self):
-        return self.scheduler.call("new_cache", None)
+    def new_cache(self, kv=None):
+        return self.scheduler.call("new_cache", None, kv)
 
     def forward(self, tokens: list[int], cache, last: int = 1) -> np.ndarray:
         if self.cancelled():

@@ -50,7 +50,7 @@ class Request:
 
 class Sequences:
     def __init__(self, scheduler: Scheduler, tokenizer, store_factory=None, max_sequences: int = 4,
-                 max_queue: int = 16) -> None:
+                 max_queue: int = 16, long_prompts=None) -> None:
         if SEQUENCES not in scheduler.backend.capabilities:
             max_sequences = 1  # one context (llama.cpp): requests take turns
         self.scheduler = scheduler
@@ -58,7 +58,7 @@ class Sequences:
         self._slots = []
         for _ in range(max_sequences):
             backend = ScheduledBackend(scheduler)
-            self._slots.append(_Slot(Engine(backend, tokenizer, store_factory), backend))
+            self._slots.append(_Slot(Engine(backend, tokenizer, store_factory, long_prompts), backend))
         self._cond = threading.Condition()
         self._waiting = 0
         self._clock = itertools.count(1)

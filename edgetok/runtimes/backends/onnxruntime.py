@@ -101,10 +101,10 @@ class OnnxBackend:
         # alternates single tokens with drafts of a few lengths, each of which would rebind.
         self._bindings: OrderedDict[tuple, _Bound] = OrderedDict()
 
-    def new_cache(self):
-        c = self.config
-        if self.kv is not None:  # float32: what the graph reads, so a view needs no conversion
-            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
+    def new_cache(self, kv: KVConfig | None = None):
+        c, kv = self.config, kv or self.kv
+        if kv is not None:  # float32: what the graph reads, so a view needs no conversion
+            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
@@ -151,7 +151,13 @@ class OnnxBackend:
             raise EdgetokError("batched decoding needs an export with GroupQueryAttention (--attention gqa) "
                                "and the exact KV cache (no --kv-budget)")
         assert len({id(c) for c in caches}) == len(caches), "one token per sequence"
-        return self._batch.step(tokens, caches)
+        exact = [b for b, c in enumerate(caches) if isinstance(c, ContiguousCache)]
+        out = np.empty((len(caches), self.config.vocab_size), np.float32)
+        if exact:
+            out[exact] = self._batch.step([tokens[b] for b in exact], [caches[b] for b in exact])
+        for b in sorted(set(range(len(caches))) - set(exact)):  # a long prompt's tiered cache: alone
+            out[b] = self.forward([tokens[b]], caches[b])[-1]
+        return out
 
     def _settle(self, cache) -> None:
         """A cache decoding in the batch gets its new tokens back before anything else reads it."""
