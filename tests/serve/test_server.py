@@ -287,7 +287,7 @@ def test_kv_store_keeps_prompts_across_restarts(tiny_onnx, tmp_path):
 
 
 def test_the_torch_backend_serves_concurrent_requests_in_turn(tiny_onnx, tmp_path):
-    s = Server(tiny_onnx["hf"], "--metrics", "--alias", ALIAS, log=tmp_path / "log")
+    s = Server(tiny_onnx["hf"], "--backend", "torch", "--metrics", "--alias", ALIAS, log=tmp_path / "log")
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
         prompts = ["fox", "dog " * 5, "café 北京"]
