@@ -26,11 +26,13 @@ def main(ref: str) -> None:
     # 2. A Stop button: a UI thread sets the event; the generation ends before its next token and
     #    the model is ready for the next call at once.
     stop = threading.Event()
-    timer = threading.Timer(0.05, stop.set)  # the user presses Stop after 50 ms
-    timer.start()
-    result = model.generate("Tell me a very long story.", chat=chat, max_new_tokens=4000, ignore_eos=True, cancel=stop)
-    timer.cancel()
-    print(f"stopped: [{result.finish_reason}, {len(result.tokens)} tokens]")
+    with model.stream("Tell me a very long story.", chat=chat, max_new_tokens=4000, ignore_eos=True, cancel=stop) as stream:
+        for i, _piece in enumerate(stream):
+            if i == 4:  # the user presses Stop (the UI thread's handler sets the event)
+                button = threading.Thread(target=stop.set)
+                button.start()
+                button.join()
+    print(f"stopped: [{stream.result.finish_reason}, {len(stream.result.tokens)} tokens]")
 
     # 3. Threads sharing the model: their calls take turns; each gets its own answer, never a mix.
     questions = ["What is 2 + 2?", "Say hello in French.", "Name a planet."]
