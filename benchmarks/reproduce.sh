@@ -26,6 +26,9 @@ fi
 if want spec; then  # speculative decoding: edgetok (ONNX int4, torch) vs transformers' and llama.cpp's lookup decoding
   $LOCK $PY benchmarks/speculative.py --repeat 3 --threads 2 --out benchmarks/results/speculative.json
 fi
+if want default; then  # the default engine's activations: agreement with fp32 on four kinds of text, 1K decode vs llama.cpp
+  $LOCK $PY benchmarks/default_engine.py --out benchmarks/results/default_engine.json
+fi
 if want serve; then  # edgetok serve (ONNX int4, batched) vs llama-cpp-python's server at 1/2/4/8 clients
   $LOCK $PY benchmarks/serve.py --repeat 2 --threads 2 --out benchmarks/results/serve.json
 fi
