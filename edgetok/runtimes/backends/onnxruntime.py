@@ -99,7 +99,7 @@ class OnnxBackend:
     def new_cache(self):
         c = self.config
         if self.kv is not None:  # float32: what the graph reads, so a view needs no conversion
-            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
+            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
