@@ -11,6 +11,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -27,6 +30,8 @@ namespace {
 
 enum Field { F_BITS, F_LENGTH, F_K, F_V, F_K_SCALE, F_K_ZERO, F_V_SCALE, F_V_ZERO, F_HEAD_STRIDE, F_TOKEN_STRIDE, F_CAUSAL, N_FIELDS };
 constexpr int TILE = 256;  // tokens scored at a time (a chunk longer than this is read in tiles)
+constexpr int MAX_D = 512;  // head_dim: a multiple of 16 up to this
+constexpr int MAX_NV = MAX_D / 16;
 
 struct Problem {
     const float* q;        // (Hkv, R, D): R = G·T rows per KV head, row r = query head g = r / T, token t = r % T
@@ -38,23 +43,29 @@ struct Problem {
 
 }  // namespace
 
+#define EDGETOK_ISA 0
 namespace scalar {
 #include "mixed_attention_body.h"
 }
+#undef EDGETOK_ISA
 
 #ifndef EDGETOK_PORTABLE_ONLY  // x86-64: the same loops for AVX2 and AVX-512, chosen at import
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define EDGETOK_ISA 2
 namespace avx2 {
 #include "mixed_attention_body.h"
 }
+#undef EDGETOK_ISA
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define EDGETOK_ISA 512
 namespace avx512 {
 #include "mixed_attention_body.h"
 }
+#undef EDGETOK_ISA
 #pragma GCC pop_options
 #endif
 
@@ -162,7 +173,9 @@ void attend(const Problem& p, const Isa& isa, int threads, float* out, float* ls
     if (threads <= 1) parts = 1;
     const int items = int(p.n_kv * parts);
     const size_t part_floats = size_t(rows) * (d + 2);
-    const size_t scratch_floats = size_t(rows) * d + size_t(rows) * TILE + std::max(TILE, d);
+    const size_t groups = size_t(d / p.vgroup);  // (run_item's layout)
+    const size_t scratch_floats = size_t(rows) * (d + 16) + 2 * size_t(rows) * d + rows + size_t(rows) * TILE + 2 * size_t(d) +
+                                  2 * TILE * groups;
     std::vector<float> partial(part_floats * items), scratch(scratch_floats * items);
     auto item = [&](int i) {
         const int head = int(i / parts);
@@ -210,7 +223,8 @@ bool check(bool ok, const char* message) {
 
 // The table's rows must describe chunks the loops can read (the pointers are the caller's word).
 bool check_table(const Problem& p) {
-    if (!check(p.d > 0 && p.d <= 4096 && p.vgroup > 0 && p.d % p.vgroup == 0, "head_dim must be a positive multiple of vgroup")) return false;
+    if (!check(p.d > 0 && p.d <= MAX_D && p.d % 16 == 0, "head_dim must be a multiple of 16 up to 512")) return false;
+    if (!check(p.vgroup > 0 && p.vgroup % 16 == 0 && p.d % p.vgroup == 0, "vgroup must be a multiple of 16 dividing head_dim")) return false;
     if (!check(p.n_kv > 0 && p.rows > 0 && p.t > 0 && p.rows % p.t == 0, "rows must be a positive multiple of the query tokens")) return false;
     for (int64_t i = 0; i < p.n_chunks; ++i) {
         const int64_t* ch = p.table + i * N_FIELDS;

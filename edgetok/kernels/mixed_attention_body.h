@@ -1,141 +1,233 @@
 // The mixed-bit attention op's inner loops, compiled once per instruction set: mixed_attention.cpp
-// includes this file inside a namespace under `#pragma GCC target(...)` (scalar, avx2, avx512), and
-// the compiler vectorizes the `omp simd` loops for that set. No headers here: the includer has them.
-// The contract (what each table field means) is in mixed_attention.md.
+// includes this file inside a namespace under `#pragma GCC target(...)` (portable, avx2, avx512),
+// with EDGETOK_ISA set to 0, 2 or 512 (the pragma does not define __AVX2__ / __AVX512F__ in C++).
+// The loops are written on 16-float vectors (GCC vector extensions): one zmm register with AVX-512,
+// two ymm with AVX2, four xmm on the portable path. No headers here: the includer has them. The
+// contract (what each table field means) is in mixed_attention.md.
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = uint32_t(h) << 16;
+typedef float vf __attribute__((vector_size(64), aligned(4)));  // 16 floats, any alignment
+typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
+typedef uint8_t vb16 __attribute__((vector_size(16), aligned(1)));
+
+static inline vf splat(float x) { return vf{} + x; }
+
+static inline float hsum(vf v) {
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline float hmax(vf v) {
+    float m = v[0];
+    for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+// fp16 → fp32, exact for normal and subnormal numbers (scales and zeros are finite): the exponent
+// and mantissa moved into place, then rescaled by 2^(127 - 15) in one multiply.
+static inline vf half16(const uint16_t* p) {
+    vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu);
+    vf mag = (vf)((u & 0x7fff) << 13) * 0x1p112f;
+    return (vf)((vu)mag | ((u & 0x8000) << 16));
+}
+
+static inline float half1(uint16_t h) {
+    uint32_t mag_bits = uint32_t(h & 0x7fff) << 13;
+    float mag;
+    std::memcpy(&mag, &mag_bits, 4);
+    mag *= 0x1p112f;
+    uint32_t bits;
+    std::memcpy(&bits, &mag, 4);
+    bits |= uint32_t(h & 0x8000) << 16;
     float f;
     std::memcpy(&f, &bits, 4);
     return f;
 }
 
-static inline float half_to_float(uint16_t h) {  // IEEE fp16 → fp32 (scales and zeros: a few per chunk)
-    uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {  // subnormal: normalize
-            int e = -1;
-            do { mant <<= 1; ++e; } while (!(mant & 0x400));
-            bits = sign | uint32_t(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | mant << 13;
+static inline void halves(const uint16_t* p, int n, float* out) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) *reinterpret_cast<vf*>(out + i) = half16(p + i);
+    for (; i < n; ++i) out[i] = half1(p[i]);
+}
+
+static inline vf bf16x16(const uint16_t* p) {
+    return (vf)(__builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16);
+}
+
+// 16 codes starting at code index j of a packed row (low bits first, as kernels/quant.py packs).
+// A 32-bit word holds 4 int8, 8 int4 or 16 int2 codes in order: broadcast it and shift each lane
+// by its own amount (one vpsrlvd), rather than shuffling bytes (which compilers scalarize).
+static inline vf codes16(const uint8_t* row, int bits, int64_t j) {
+    const uint8_t* at = row + j * bits / 8;
+#if EDGETOK_ISA == 512
+    __m512i u;
+    if (bits == 8) {
+        u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+    } else if (bits == 4) {
+        const __m512i words = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+        u = _mm512_permutexvar_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), words);
+        u = _mm512_and_si512(_mm512_srlv_epi32(u, _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0)),
+                             _mm512_set1_epi32(15));
     } else {
-        bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+        int32_t word;
+        std::memcpy(&word, at, 4);
+        u = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word),
+                                               _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0)),
+                             _mm512_set1_epi32(3));
     }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+    return (vf)_mm512_cvtepi32_ps(u);
+#elif EDGETOK_ISA == 2
+    __m256i lo, hi;
+    if (bits == 8) {
+        lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+        hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8)));
+    } else if (bits == 4) {
+        int32_t w[2];
+        std::memcpy(w, at, 8);
+        const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0), mask = _mm256_set1_epi32(15);
+        lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w[0]), shifts), mask);
+        hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w[1]), shifts), mask);
+    } else {
+        int32_t word;
+        std::memcpy(&word, at, 4);
+        const __m256i all = _mm256_set1_epi32(word), mask = _mm256_set1_epi32(3);
+        lo = _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0)), mask);
+        hi = _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_set_epi32(30, 28, 26, 24, 22, 20, 18, 16)), mask);
+    }
+    typedef float v8 __attribute__((vector_size(32)));
+    const v8 a = (v8)_mm256_cvtepi32_ps(lo), b = (v8)_mm256_cvtepi32_ps(hi);
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vf out;
+    const int per_byte = 8 / bits, mask = (1 << bits) - 1;
+    for (int i = 0; i < 16; ++i) out[i] = float((at[i / per_byte] >> (bits * (i % per_byte))) & mask);
+    return out;
+#endif
 }
 
-// exp(x) for x ≤ 0 (scores minus their running max), in plain arithmetic so it vectorizes:
-// 2^k · p(r) with a degree-6 polynomial on r ∈ [-ln2/2, ln2/2] (Cephes' expf; relative error
-// ≈ 2e-7); exactly 0 below -87 (and for the -inf of a masked score).
-static inline float exp_nonpositive(float x) {
-    const bool tiny = !(x > -87.0f);
-    x = tiny ? -87.0f : x;
-    const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+static inline float code1(const uint8_t* row, int bits, int64_t j) {
+    const int per_byte = 8 / bits;
+    return float((row[j / per_byte] >> (bits * (j % per_byte))) & ((1 << bits) - 1));
+}
+
+// exp(x) for x ≤ 0 (a score minus its running max): 2^k · p(r) with Cephes' degree-6 polynomial on
+// r ∈ [-ln2/2, ln2/2] (relative error ≈ 2e-7); exactly 0 below -87 (and for a masked -inf).
+static inline vf vexp(vf x) {
+    const vi tiny = x <= -87.0f;
+    x = tiny ? splat(-87.0f) : x;
+    vf k = x * 1.44269504088896341f + 12582912.0f;  // + 1.5·2^23: rounds to the nearest integer
+    k = k - 12582912.0f;
+    const vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = (int32_t(k) + 127) << 23;
-    float two_k;
-    std::memcpy(&two_k, &bits, 4);
-    return tiny ? 0.0f : p * two_k;
+    const vi two_k = (__builtin_convertvector(k, vi) + 127) << 23;
+    return tiny ? splat(0.0f) : p * (vf)two_k;
 }
 
-// n codes of `bits` bits (packed low bits first, as kernels/quant.py packs them) → floats.
-static inline void unpack(const uint8_t* codes, int bits, int n, float* out) {
-    if (bits == 8) {
-#pragma omp simd
-        for (int j = 0; j < n; ++j) out[j] = float(codes[j]);
-    } else if (bits == 4) {
-#pragma omp simd
-        for (int j = 0; j < n / 2; ++j) {
-            out[2 * j] = float(codes[j] & 15);
-            out[2 * j + 1] = float(codes[j] >> 4);
-        }
-        if (n & 1) out[n - 1] = float(codes[n / 2] & 15);
-    } else {  // 2
-#pragma omp simd
-        for (int j = 0; j < n / 4; ++j) {
-            out[4 * j] = float(codes[j] & 3);
-            out[4 * j + 1] = float((codes[j] >> 2) & 3);
-            out[4 * j + 2] = float((codes[j] >> 4) & 3);
-            out[4 * j + 3] = float(codes[j] >> 6);
-        }
-        for (int j = n & ~3; j < n; ++j) out[j] = float((codes[j / 4] >> (2 * (j & 3))) & 3);
-    }
+static inline float exp1(float x) {
+    vf v = vexp(splat(x));
+    return v[0];
 }
 
-// One float token row (bits 32: float32, 16: bfloat16) → D floats.
-static inline void load_row(const uint8_t* base, int bits, int d, float* out) {
+// One float (bits 32: float32, 16: bfloat16) token row → nv vectors.
+static inline __attribute__((always_inline)) void float_row(const uint8_t* base, int bits, int nv, vf* out) {
     if (bits == 32) {
-        std::memcpy(out, base, size_t(d) * 4);
+        for (int k = 0; k < nv; ++k) out[k] = *reinterpret_cast<const vf*>(base + 64 * k);
     } else {
-        const uint16_t* h = reinterpret_cast<const uint16_t*>(base);
-#pragma omp simd
-        for (int c = 0; c < d; ++c) out[c] = bf16_to_float(h[c]);
+        for (int k = 0; k < nv; ++k) out[k] = bf16x16(reinterpret_cast<const uint16_t*>(base) + 16 * k);
     }
 }
 
-// Scores of the R query rows against tokens [t0, t0 + n) of one head of one chunk:
-// s[r * TILE + j] = (q_r · k_{t0+j}) (q is already multiplied by the softmax scale).
-static void tile_scores(const Problem& p, const int64_t* ch, int head, int64_t t0, int n, const float* q, float* s,
-                        float* row) {
-    const int bits = int(ch[F_BITS]), d = p.d, rows = p.rows;
-    const int64_t len = ch[F_LENGTH];
+struct Scratch {
+    float* q;       // (R, D) the queries times the softmax scale (times a key chunk's channel scales)
+    float* bias;    // (R) q · the key chunk's channel zeros
+    float* s;       // (R, TILE) scores, then probabilities
+    float* kscale;  // (D) a key chunk's channel scales and zeros, float
+    float* kzero;
+    float* vscale;  // (TILE · groups) a value tile's token scales and zeros, float
+    float* vzero;
+    vf* acc;        // (R, D / 16) this item's unnormalized output
+};
+
+// 16 tokens' scores for RB rows (registers): s[r, :] = bias_r + Σ_c q[r, c] · code[c, j .. j + 16).
+template <int RB>
+static inline void key_block(const float* q, const float* bias, int d, const uint8_t* codes, int64_t row_bytes, int bits,
+                             int64_t j, float* s) {
+    vf acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = splat(bias[r]);
+    for (int c = 0; c < d; ++c) {
+        const vf code = codes16(codes + c * row_bytes, bits, j);
+        for (int r = 0; r < RB; ++r) acc[r] += q[size_t(r) * d + c] * code;
+    }
+    for (int r = 0; r < RB; ++r) *reinterpret_cast<vf*>(s + r * TILE) = acc[r];
+}
+
+// The loops below are templated on NV = head_dim / 16 (4, 8, 16: unrolled, a token row in
+// registers; 0: any multiple of 16, read at run time).
+
+// Scores of the R rows against tokens [t0, t0 + n) of one head of one chunk: s[r · TILE + j].
+template <int NV>
+static void tile_scores(const Problem& p, const int64_t* ch, int head, int64_t t0, int n, const float* q, Scratch& w) {
+    const int bits = int(ch[F_BITS]), d = p.d, rows = p.rows, nv = NV ? NV : d / 16;
     if (bits >= 16) {  // token-major float rows: one row read, R dot products
         const int isz = bits / 8;
         const uint8_t* k = reinterpret_cast<const uint8_t*>(ch[F_K]) + head * ch[F_HEAD_STRIDE] * isz;
+        vf row[NV ? NV : MAX_NV];
         for (int j = 0; j < n; ++j) {
-            load_row(k + (t0 + j) * ch[F_TOKEN_STRIDE] * isz, bits, d, row);
+            float_row(k + (t0 + j) * ch[F_TOKEN_STRIDE] * isz, bits, nv, row);
             for (int r = 0; r < rows; ++r) {
-                const float* qr = q + size_t(r) * d;
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int c = 0; c < d; ++c) acc += qr[c] * row[c];
-                s[r * TILE + j] = acc;
+                const vf* qr = reinterpret_cast<const vf*>(q + size_t(r) * d);
+                vf acc = qr[0] * row[0];
+                for (int c = 1; c < nv; ++c) acc += qr[c] * row[c];
+                w.s[r * TILE + j] = hsum(acc);
             }
         }
         return;
     }
     // quantized keys, channel-major: channel c's codes for every token of the chunk, then c + 1's;
-    // one fp16 scale and zero per channel (per head)
-    const int64_t row_bytes = len * bits / 8;
-    const uint8_t* codes = reinterpret_cast<const uint8_t*>(ch[F_K]) + head * d * row_bytes + t0 * bits / 8;
-    const uint16_t* ks = reinterpret_cast<const uint16_t*>(ch[F_K_SCALE]) + head * d;
-    const uint16_t* kz = reinterpret_cast<const uint16_t*>(ch[F_K_ZERO]) + head * d;
-    for (int r = 0; r < rows; ++r) std::memset(s + r * TILE, 0, size_t(n) * 4);
-    for (int c = 0; c < d; ++c) {
-        unpack(codes + c * row_bytes, bits, n, row);
-        const float scale = half_to_float(ks[c]), zero = half_to_float(kz[c]);
-#pragma omp simd
-        for (int j = 0; j < n; ++j) row[j] = row[j] * scale + zero;  // channel c of n keys, dequantized
-        for (int r = 0; r < rows; ++r) {
-            const float qc = q[size_t(r) * d + c];
-            float* sr = s + r * TILE;
-#pragma omp simd
-            for (int j = 0; j < n; ++j) sr[j] += qc * row[j];
+    // s_j = bias + Σ_c (q_c · scale_c) · code_{c,j}, 16 tokens at a time
+    const int64_t row_bytes = ch[F_LENGTH] * bits / 8;
+    const uint8_t* codes = reinterpret_cast<const uint8_t*>(ch[F_K]) + head * d * row_bytes;
+    int j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16) {
+        for (int r0 = 0; r0 < rows; r0 += 4) {  // up to 4 rows' 16 scores in registers
+            const float* qr = q + size_t(r0) * d;
+            float* sr = w.s + r0 * TILE + j0;
+            const uint8_t* cj = codes;
+            switch (std::min(4, rows - r0)) {
+                case 4: key_block<4>(qr, w.bias + r0, d, cj, row_bytes, bits, t0 + j0, sr); break;
+                case 3: key_block<3>(qr, w.bias + r0, d, cj, row_bytes, bits, t0 + j0, sr); break;
+                case 2: key_block<2>(qr, w.bias + r0, d, cj, row_bytes, bits, t0 + j0, sr); break;
+                default: key_block<1>(qr, w.bias + r0, d, cj, row_bytes, bits, t0 + j0, sr);
+            }
+        }
+    }
+    for (int j = j0; j < n; ++j) {  // the tile's last tokens, one at a time
+        for (int r = 0; r < rows; ++r) w.s[r * TILE + j] = w.bias[r];
+        for (int c = 0; c < d; ++c) {
+            const float code = code1(codes + c * row_bytes, bits, t0 + j);
+            for (int r = 0; r < rows; ++r) w.s[r * TILE + j] += q[size_t(r) * d + c] * code;
         }
     }
 }
 
 // acc_r += Σ_j p[r, j] · v_{t0+j} for the R rows.
-static void tile_values(const Problem& p, const int64_t* ch, int head, int64_t t0, int n, const float* s, float* acc,
-                        float* row) {
-    const int bits = int(ch[F_BITS]), d = p.d, rows = p.rows;
+template <int NV>
+static void tile_values(const Problem& p, const int64_t* ch, int head, int64_t t0, int n, Scratch& w) {
+    const int bits = int(ch[F_BITS]), d = p.d, rows = p.rows, nv = NV ? NV : d / 16, groups = d / p.vgroup;
+    const int per_group = p.vgroup / 16;
     const int64_t len = ch[F_LENGTH];
+    vf row[NV ? NV : MAX_NV];
     const uint8_t* vbase;
-    const uint16_t *vs = nullptr, *vz = nullptr;
-    const int groups = d / p.vgroup;
     int64_t token_bytes;
     if (bits >= 16) {
         const int isz = bits / 8;
@@ -144,84 +236,161 @@ static void tile_values(const Problem& p, const int64_t* ch, int head, int64_t t
     } else {  // token-major codes; one fp16 scale and zero per group of vgroup channels of a token
         token_bytes = int64_t(d) * bits / 8;
         vbase = reinterpret_cast<const uint8_t*>(ch[F_V]) + head * len * token_bytes;
-        vs = reinterpret_cast<const uint16_t*>(ch[F_V_SCALE]) + head * len * groups;
-        vz = reinterpret_cast<const uint16_t*>(ch[F_V_ZERO]) + head * len * groups;
+        const int64_t at = (head * len + t0) * groups;
+        halves(reinterpret_cast<const uint16_t*>(ch[F_V_SCALE]) + at, n * groups, w.vscale);
+        halves(reinterpret_cast<const uint16_t*>(ch[F_V_ZERO]) + at, n * groups, w.vzero);
+    }
+    if (NV) {  // a block of rows' outputs in registers over the tile's tokens
+        constexpr int RB = NV ? (16 / NV > 0 ? 16 / NV : 1) : 1;  // 4 rows at D = 64, 2 at 128, 1 at 256
+        for (int r0 = 0; r0 < rows; r0 += RB) {
+            const int rb = std::min(RB, rows - r0);
+            vf acc[RB][NV ? NV : 1];
+            for (int r = 0; r < RB; ++r)
+                for (int k = 0; k < NV; ++k) acc[r][k] = r < rb ? w.acc[size_t(r0 + r) * NV + k] : splat(0.0f);
+            for (int j = 0; j < n; ++j) {
+                const uint8_t* src = vbase + (t0 + j) * token_bytes;
+                if (bits >= 16) {
+                    float_row(src, bits, NV, row);
+                } else {
+                    for (int g = 0, k = 0; g < groups; ++g) {
+                        const float scale = w.vscale[j * groups + g], zero = w.vzero[j * groups + g];
+                        for (int end = k + per_group; k < end; ++k) row[k] = codes16(src, bits, 16 * k) * scale + zero;
+                    }
+                }
+                for (int r = 0; r < RB; ++r) {
+                    const float pr = r < rb ? w.s[(r0 + r) * TILE + j] : 0.0f;
+                    for (int k = 0; k < NV; ++k) acc[r][k] += pr * row[k];
+                }
+            }
+            for (int r = 0; r < rb; ++r)
+                for (int k = 0; k < NV; ++k) w.acc[size_t(r0 + r) * NV + k] = acc[r][k];
+        }
+        return;
     }
     for (int j = 0; j < n; ++j) {
-        const int64_t t = t0 + j;
+        const uint8_t* src = vbase + (t0 + j) * token_bytes;
         if (bits >= 16) {
-            load_row(vbase + t * token_bytes, bits, d, row);
+            float_row(src, bits, nv, row);
         } else {
-            unpack(vbase + t * token_bytes, bits, d, row);
-            for (int g = 0; g < groups; ++g) {
-                const float scale = half_to_float(vs[t * groups + g]), zero = half_to_float(vz[t * groups + g]);
-                float* rg = row + g * p.vgroup;
-#pragma omp simd
-                for (int c = 0; c < p.vgroup; ++c) rg[c] = rg[c] * scale + zero;
+            for (int g = 0, k = 0; g < groups; ++g) {
+                const float scale = w.vscale[j * groups + g], zero = w.vzero[j * groups + g];
+                for (int end = k + per_group; k < end; ++k) row[k] = codes16(src, bits, 16 * k) * scale + zero;
             }
         }
         for (int r = 0; r < rows; ++r) {
-            const float w = s[r * TILE + j];
-            if (w == 0.0f) continue;  // masked, or underflowed
-            float* ar = acc + size_t(r) * d;
-#pragma omp simd
-            for (int c = 0; c < d; ++c) ar[c] += w * row[c];
+            const float pr = w.s[r * TILE + j];
+            if (pr == 0.0f) continue;  // masked, or underflowed
+            vf* ar = w.acc + size_t(r) * nv;
+            for (int k = 0; k < nv; ++k) ar[k] += pr * row[k];
         }
     }
 }
 
-// One work item: head `head` over chunks [c0, c1) with online softmax; writes the unnormalized
-// partial result: m (R) the running max, l (R) the sum of exp(s - m), acc (R, D).
-static void run_item(const Problem& p, int head, int64_t c0, int64_t c1, float* m, float* l, float* acc, float* scratch) {
+// The queries for a key chunk: q · scale per channel (quantized keys), and q · zero.
+static void prepare_queries(const Problem& p, const int64_t* ch, int head, const float* q_scaled, float* q, Scratch& w) {
     const int d = p.d, rows = p.rows;
-    float* q = scratch;                  // (R, D) the queries times the softmax scale
-    float* s = q + size_t(rows) * d;     // (R, TILE) scores, then probabilities
-    float* row = s + size_t(rows) * TILE; // (max(TILE, D)) one dequantized row
+    if (ch[F_BITS] >= 16) {
+        std::memcpy(q, q_scaled, sizeof(float) * size_t(rows) * d);
+        return;
+    }
+    halves(reinterpret_cast<const uint16_t*>(ch[F_K_SCALE]) + head * d, d, w.kscale);
+    halves(reinterpret_cast<const uint16_t*>(ch[F_K_ZERO]) + head * d, d, w.kzero);
+    for (int r = 0; r < rows; ++r) {
+        vf bias = splat(0.0f);
+        for (int c = 0; c < d; c += 16) {
+            const vf qc = *reinterpret_cast<const vf*>(q_scaled + size_t(r) * d + c);
+            *reinterpret_cast<vf*>(q + size_t(r) * d + c) = qc * *reinterpret_cast<const vf*>(w.kscale + c);
+            bias += qc * *reinterpret_cast<const vf*>(w.kzero + c);
+        }
+        w.bias[r] = hsum(bias);
+    }
+}
+
+// One work item: head `head` over chunks [c0, c1) with online softmax; writes the unnormalized
+// partial result: m (R) the running max, l (R) the sum of exp(s - m), out (R, D).
+template <int NV>
+static void run_item_nv(const Problem& p, int head, int64_t c0, int64_t c1, float* m, float* l, float* out, float* scratch) {
+    const int d = p.d, rows = p.rows, nv = NV ? NV : d / 16;
+    // scratch layout (floats): acc (R·D, then R·16 for key scores), q_scaled (R·D), q (R·D), bias (R),
+    // s (R·TILE), kscale, kzero (D each), vscale, vzero (TILE·groups each)
+    Scratch w;
+    w.acc = reinterpret_cast<vf*>(scratch);
+    float* q_scaled = scratch + size_t(rows) * (d + 16);
+    w.q = q_scaled + size_t(rows) * d;
+    w.bias = w.q + size_t(rows) * d;
+    w.s = w.bias + rows;
+    w.kscale = w.s + size_t(rows) * TILE;
+    w.kzero = w.kscale + d;
+    w.vscale = w.kzero + d;
+    w.vzero = w.vscale + size_t(TILE) * (d / p.vgroup);
     const float* qh = p.q + size_t(head) * rows * d;
-    for (int i = 0; i < rows * d; ++i) q[i] = qh[i] * p.scale;
+    for (int i = 0; i < rows * d; ++i) q_scaled[i] = qh[i] * p.scale;
     for (int r = 0; r < rows; ++r) {
         m[r] = -INFINITY;
         l[r] = 0.0f;
+        w.bias[r] = 0.0f;
     }
-    std::memset(acc, 0, sizeof(float) * size_t(rows) * d);
+    for (int i = 0; i < rows * nv; ++i) w.acc[i] = splat(0.0f);
     for (int64_t ci = c0; ci < c1; ++ci) {
         const int64_t* ch = p.table + ci * N_FIELDS;
         const int64_t len = ch[F_LENGTH];
+        prepare_queries(p, ch, head, q_scaled, w.q, w);
         for (int64_t t0 = 0; t0 < len; t0 += TILE) {
             const int n = int(std::min<int64_t>(TILE, len - t0));
-            tile_scores(p, ch, head, t0, n, q, s, row);
+            tile_scores<NV>(p, ch, head, t0, n, w.q, w);
             for (int r = 0; r < rows; ++r) {
-                float* sr = s + r * TILE;
+                float* sr = w.s + r * TILE;
                 if (ch[F_CAUSAL]) {  // the chunk's last T tokens are the queries': row r is token r % T of them
                     const int64_t visible = len - p.t + (r % p.t) + 1;  // tokens [0, visible) of the chunk
-                    for (int j = 0; j < n; ++j)
-                        if (t0 + j >= visible) sr[j] = -INFINITY;
+                    for (int j = int(std::max<int64_t>(0, visible - t0)); j < n; ++j) sr[j] = -INFINITY;
                 }
                 float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-                for (int j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+                int j = 0;
+                if (n >= 16) {
+                    vf vm = *reinterpret_cast<const vf*>(sr);
+                    for (j = 16; j + 16 <= n; j += 16) {
+                        const vf x = *reinterpret_cast<const vf*>(sr + j);
+                        vm = x > vm ? x : vm;
+                    }
+                    mx = hmax(vm);
+                }
+                for (; j < n; ++j) mx = std::max(mx, sr[j]);
                 const float m_new = std::max(m[r], mx);
                 if (m_new == -INFINITY) {  // nothing visible yet
-                    for (int j = 0; j < n; ++j) sr[j] = 0.0f;
+                    std::memset(sr, 0, sizeof(float) * n);
                     continue;
                 }
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int j = 0; j < n; ++j) {
-                    sr[j] = exp_nonpositive(sr[j] - m_new);
+                vf vsum = splat(0.0f);
+                for (j = 0; j + 16 <= n; j += 16) {
+                    const vf e = vexp(*reinterpret_cast<const vf*>(sr + j) - m_new);
+                    *reinterpret_cast<vf*>(sr + j) = e;
+                    vsum += e;
+                }
+                float sum = hsum(vsum);
+                for (; j < n; ++j) {
+                    sr[j] = exp1(sr[j] - m_new);
                     sum += sr[j];
                 }
                 if (m_new > m[r]) {
-                    const float alpha = exp_nonpositive(m[r] - m_new);
-                    float* ar = acc + size_t(r) * d;
-#pragma omp simd
-                    for (int c = 0; c < d; ++c) ar[c] *= alpha;
+                    const float alpha = exp1(m[r] - m_new);
+                    vf* ar = w.acc + size_t(r) * nv;
+                    for (int k = 0; k < nv; ++k) ar[k] *= alpha;
                     l[r] *= alpha;
                     m[r] = m_new;
                 }
                 l[r] += sum;
             }
-            tile_values(p, ch, head, t0, n, s, acc, row);
+            tile_values<NV>(p, ch, head, t0, n, w);
         }
+    }
+    std::memcpy(out, w.acc, sizeof(float) * size_t(rows) * d);
+}
+
+static void run_item(const Problem& p, int head, int64_t c0, int64_t c1, float* m, float* l, float* out, float* scratch) {
+    switch (p.d) {
+        case 64: return run_item_nv<4>(p, head, c0, c1, m, l, out, scratch);
+        case 128: return run_item_nv<8>(p, head, c0, c1, m, l, out, scratch);
+        case 256: return run_item_nv<16>(p, head, c0, c1, m, l, out, scratch);
+        default: return run_item_nv<0>(p, head, c0, c1, m, l, out, scratch);
     }
 }
