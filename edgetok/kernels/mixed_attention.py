@@ -32,6 +32,11 @@ def available() -> bool:
     return _native is not None
 
 
+def supports(head_dim: int) -> bool:
+    """Whether the native kernel is built and runs this head size (a multiple of 16 up to 512)."""
+    return _native is not None and head_dim % 16 == 0 and 0 < head_dim <= 512
+
+
 def isas() -> list[str]:
     """The instruction sets the native kernel can run here, best first (what 'auto' picks)."""
     return _native.isas() if _native is not None else []
@@ -83,10 +88,8 @@ def attend(q: torch.Tensor, table: np.ndarray, n_kv: int, threads: int = 1, isa:
         raise EdgetokError("edgetok's native attention kernel is not built: run `pip install -e .` (or `make install`) "
                            "in edgetok's folder")
     hq, t, d = q.shape
-    q = q.float().contiguous()
-    out = torch.empty_like(q)
-    lse = torch.empty(hq, t)
-    table = np.ascontiguousarray(table, np.int64)
-    _native.attend(q.numpy(), out.numpy(), lse.numpy(), table, n_kv, hq // n_kv * t, t, d, value_group(d),
-                   1.0 / math.sqrt(d), threads, isa)
-    return out, lse
+    out = np.empty((hq, t, d), np.float32)
+    lse = np.empty((hq, t), np.float32)
+    _native.attend(q.detach().float().contiguous().numpy(), out, lse, np.ascontiguousarray(table, np.int64), n_kv,
+                   hq // n_kv * t, t, d, value_group(d), 1.0 / math.sqrt(d), threads, isa)
+    return torch.from_numpy(out), torch.from_numpy(lse)

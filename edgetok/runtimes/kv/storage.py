@@ -150,8 +150,9 @@ class Storage(ABC):
         """A decode step's attention in layer i: q (Hq, T, D) over its chunks `chosen` (sorted ids;
         None: all of them) and its window, whose last T tokens are q's own (causal) → (Hq, T, D)
         float32, and the tokens attended. The mixed-bit kernel reads every chunk where it lives, at
-        its stored width; without it, float copies are gathered (the reference)."""
-        if not mixed_attention.available():
+        its stored width; without it (not built, or a head size it does not run), float copies are
+        gathered (the reference)."""
+        if not mixed_attention.supports(self.head_dim):
             self.attention = "reference"
             keys, values = self.gather(i, chosen)
             out = attend(q[None].to(keys.dtype), keys[None], values[None], causal_mask(q.shape[1], keys.shape[1]))[0]
