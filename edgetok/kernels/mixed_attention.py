@@ -33,8 +33,9 @@ def available() -> bool:
 
 
 def supports(head_dim: int) -> bool:
-    """Whether the native kernel is built and runs this head size (a multiple of 16 up to 512)."""
-    return _native is not None and head_dim % 16 == 0 and 0 < head_dim <= 512
+    """Whether the native kernel is built and runs this head size (a multiple of 16 up to 512 that
+    the value groups divide)."""
+    return _native is not None and head_dim % 16 == 0 and 0 < head_dim <= 512 and head_dim % value_group(head_dim) == 0
 
 
 def isas() -> list[str]:
