@@ -220,6 +220,18 @@ static void tile_scores(const Problem& p, const int64_t* ch, int head, int64_t t
     }
 }
 
+// One value token's row → nv vectors: float rows converted, codes dequantized with the token's
+// group scales and zeros.
+static inline __attribute__((always_inline)) void value_row(const uint8_t* src, int bits, int nv, int groups, int per_group,
+                                                            const float* scale, const float* zero, vf* row) {
+    if (bits >= 16) {
+        float_row(src, bits, nv, row);
+        return;
+    }
+    for (int g = 0, k = 0; g < groups; ++g)
+        for (int end = k + per_group; k < end; ++k) row[k] = codes16(src, bits, 16 * k) * scale[g] + zero[g];
+}
+
 // acc_r += Σ_j p[r, j] · v_{t0+j} for the R rows.
 template <int NV>
 static void tile_values(const Problem& p, const int64_t* ch, int head, int64_t t0, int n, Scratch& w) {
@@ -248,15 +260,7 @@ static void tile_values(const Problem& p, const int64_t* ch, int head, int64_t t
             for (int r = 0; r < RB; ++r)
                 for (int k = 0; k < NV; ++k) acc[r][k] = r < rb ? w.acc[size_t(r0 + r) * NV + k] : splat(0.0f);
             for (int j = 0; j < n; ++j) {
-                const uint8_t* src = vbase + (t0 + j) * token_bytes;
-                if (bits >= 16) {
-                    float_row(src, bits, NV, row);
-                } else {
-                    for (int g = 0, k = 0; g < groups; ++g) {
-                        const float scale = w.vscale[j * groups + g], zero = w.vzero[j * groups + g];
-                        for (int end = k + per_group; k < end; ++k) row[k] = codes16(src, bits, 16 * k) * scale + zero;
-                    }
-                }
+                value_row(vbase + (t0 + j) * token_bytes, bits, NV, groups, per_group, w.vscale + j * groups, w.vzero + j * groups, row);
                 for (int r = 0; r < RB; ++r) {
                     const float pr = r < rb ? w.s[(r0 + r) * TILE + j] : 0.0f;
                     for (int k = 0; k < NV; ++k) acc[r][k] += pr * row[k];
@@ -268,15 +272,7 @@ static void tile_values(const Problem& p, const int64_t* ch, int head, int64_t t
         return;
     }
     for (int j = 0; j < n; ++j) {
-        const uint8_t* src = vbase + (t0 + j) * token_bytes;
-        if (bits >= 16) {
-            float_row(src, bits, nv, row);
-        } else {
-            for (int g = 0, k = 0; g < groups; ++g) {
-                const float scale = w.vscale[j * groups + g], zero = w.vzero[j * groups + g];
-                for (int end = k + per_group; k < end; ++k) row[k] = codes16(src, bits, 16 * k) * scale + zero;
-            }
-        }
+        value_row(vbase + (t0 + j) * token_bytes, bits, nv, groups, per_group, w.vscale + j * groups, w.vzero + j * groups, row);
         for (int r = 0; r < rows; ++r) {
             const float pr = w.s[r * TILE + j];
             if (pr == 0.0f) continue;  // masked, or underflowed
