@@ -159,7 +159,10 @@ class Storage(ABC):
             return out.float(), keys.shape[1]
         rows = self.kernel_rows(i, chosen)
         self.attention = mixed_attention.isas()[0]
-        out, _ = mixed_attention.attend(q, rows, self.n_kv, threads=torch.get_num_threads())
+        # One thread: between torch's own parallel ops, a second kernel thread meets torch's
+        # OpenMP workers still spinning on the other cores (and at SmolLM2's sizes a second thread
+        # saved nothing even alone: BENCHMARKS.md, the mixed-bit attention op).
+        out, _ = mixed_attention.attend(q, rows, self.n_kv, threads=1)
         return out, int(rows[:, mixed_attention.LENGTH].sum())
 
     @abstractmethod
