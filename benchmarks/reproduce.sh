@@ -28,6 +28,7 @@ if want spec; then  # speculative decoding: edgetok (ONNX int4, torch) vs transf
 fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
+if want gguf-types; then $LOCK $PY benchmarks/gguf_types.py --out bench-out/gguf-types; fi  # q4_k/q5_k/q6_k/iq4_nl vs llama.cpp's quantizer
 if want quant; then
   $PY benchmarks/quant_quality.py --out bench-out/quant --configs 32s,128a,32a --gguf
   $PY benchmarks/quant_quality.py --out bench-out/quant-ablation --configs 32s --methods rotate
