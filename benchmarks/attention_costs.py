@@ -72,7 +72,7 @@ def main() -> None:
     timed(TieredCache, "_begin_step", "step_start")
     bandwidth = memory_bandwidth(256)
     tiers = dict(device_mb=16, host_mb=64, disk_dir=Path(tempfile.mkdtemp())) if args.tiers else {}
-    model = api.load("smollm2", threads=args.threads, kv=KVConfig(budget=args.budget, **tiers))
+    model = api.load("smollm2", backend="torch", threads=args.threads, kv=KVConfig(budget=args.budget, **tiers))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.engine.backend.model.parameters())
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):

@@ -159,9 +159,8 @@ class Storage(ABC):
             return out.float(), keys.shape[1]
         rows = self.kernel_rows(i, chosen)
         self.attention = mixed_attention.isas()[0]
-        # One thread: between torch's own parallel ops, a second kernel thread meets torch's
-        # OpenMP workers still spinning on the other cores (and at SmolLM2's sizes a second thread
-        # saved nothing even alone: BENCHMARKS.md, the mixed-bit attention op).
+        # One thread: at SmolLM2's sizes a second one saved nothing, alone or inside the model
+        # (BENCHMARKS.md, the mixed-bit attention op), and torch's OpenMP workers hold the other core.
         out, _ = mixed_attention.attend(q, rows, self.n_kv, threads=1)
         return out, int(rows[:, mixed_attention.LENGTH].sum())
 
