@@ -11,7 +11,8 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 .PHONY: install demo lint test test-fast clean
 
 # torch is pinned first: 2.13.0 is the CPU wheel on local disk; an unpinned torch pulls CUDA builds.
-$(STAMP): pyproject.toml Makefile
+# setup.py builds the native kernels (edgetok/kernels/*.cpp) during `pip install -e .`: a change to them rebuilds.
+$(STAMP): pyproject.toml Makefile setup.py $(wildcard edgetok/kernels/*.cpp edgetok/kernels/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

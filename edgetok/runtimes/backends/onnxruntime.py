@@ -104,7 +104,7 @@ class OnnxBackend:
     def new_cache(self, kv: KVConfig | None = None):
         c, kv = self.config, kv or self.kv
         if kv is not None:  # float32: what the graph reads, so a view needs no conversion
-            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
+            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
