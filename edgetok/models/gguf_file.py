@@ -10,11 +10,15 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.models.config import ModelConfig
-from edgetok.models.names import K_PROJ, LM_HEAD, O_PROJ, Q_PROJ, gguf_name, hf_name, layer
+from edgetok.models.config import FULL, SLIDING, ModelConfig
+from edgetok.models.names import K_PROJ, LM_HEAD, O_PROJ, Q_PROJ, gguf_name, hf_name, is_norm, layer
 
 GGUF_MAGIC = b"GGUF"
-GGUF_ARCHS = ("llama", "qwen2")  # Mistral GGUFs say "llama"
+GGUF_ARCHS = ("llama", "qwen2", "gemma3")  # Mistral GGUFs say "llama"
+# What llama.cpp assumes of Gemma 3 without metadata (llama-model.cpp): every 6th layer is global,
+# the sliding layers' RoPE base is 10000 and unscaled, and the 27B model (62 layers) scales queries
+# by hidden / heads rather than head_dim.
+GEMMA3_SWA_PATTERN, GEMMA3_LOCAL_THETA, GEMMA3_27B_LAYERS = 6, 10000.0, 62
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -30,7 +34,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def permuted_heads(hf: str, cfg: ModelConfig) -> int | None:
     """The heads in the rows of tensor `hf` when llama.cpp stores them permuted (permute_qk): the
     q and k projections of every architecture llama.cpp reads as "llama"; None for the rest."""
-    if cfg.arch == "qwen2":
+    if cfg.arch in ("qwen2", "gemma3"):  # llama.cpp rotates their halves (NEOX), as HF does
         return None
     return cfg.num_heads if f".{Q_PROJ}." in hf else cfg.num_kv_heads if f".{K_PROJ}." in hf else None
 
@@ -70,15 +74,18 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         raise EdgetokError(f"unsupported RoPE scaling '{scaling_type}' in GGUF")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
+    gemma = _gemma3_fields(meta, get, hidden // heads, head_dim) if arch == "gemma3" else {}
     return ModelConfig(
-        arch=arch if arch == "qwen2" else "llama",
+        **gemma,
+        arch=arch if arch in ("qwen2", "gemma3") else "llama",
         vocab_size=meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=meta.get(f"{arch}.attention.key_length") or hidden // heads,
+        head_dim=head_dim,
         max_context=get("context_length"),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
@@ -89,6 +96,22 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         bos_token_id=bos,
         eos_token_ids=list(dict.fromkeys(eos)),
     )
+
+
+def _gemma3_fields(meta: dict[str, Any], get: Callable, width_per_head: int, head_dim: int) -> dict[str, Any]:
+    n = get("block_count")
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+    return {
+        "sliding_window": get("attention.sliding_window"),
+        "layer_types": [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)],
+        "rope_local_theta": GEMMA3_LOCAL_THETA,
+        "qk_norm": True,
+        "sandwich_norms": True,
+        "norm_offset": 1.0,
+        "hidden_act": "gelu_tanh",
+        "embed_scale": True,
+        "query_pre_attn_scalar": float(width_per_head if n == GEMMA3_27B_LAYERS else head_dim),
+    }
 
 
 def read_gguf(path: Path, progress: Callable | None = None):
@@ -112,7 +135,7 @@ def read_gguf(path: Path, progress: Callable | None = None):
     weights: dict[str, torch.Tensor] = {}
     items = progress(reader.tensors, len(reader.tensors)) if progress else reader.tensors
     for t in items:
-        name = hf_name(t.name)
+        name = hf_name(t.name, cfg.sandwich_norms)
         if name is None:
             raise EdgetokError(f"{path}: unexpected tensor '{t.name}' for a {cfg.arch} model")
         shape = tuple(int(d) for d in reversed(t.shape))
@@ -123,6 +146,8 @@ def read_gguf(path: Path, progress: Callable | None = None):
         heads = permuted_heads(name, cfg)
         if heads is not None:
             w = unpermute_qk(w, heads)
+        if cfg.norm_offset and is_norm(name):  # llama.cpp stores Gemma's norms as offset + weight
+            w = w - np.float32(cfg.norm_offset)
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the reader maps the file read-only
         qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
     info = {

@@ -33,7 +33,7 @@ class TorchBackend:
         c = self.config
         if self.kv is not None:
             return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
-        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, sliding_window=c.sliding_window)
+        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, windows=c.windows)
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], cache: AttendingCache, last: int = 1) -> np.ndarray:
