@@ -14,10 +14,10 @@ from edgetok.errors import EdgetokError
 from edgetok.exporters.options import CODE_TYPES, QUANTS, GgufOptions, check_choice, higher_precision
 from edgetok.exporters.quantize import QuantizedModel, quantized_source
 from edgetok.files import file_sha256, progress_bar, staged
-from edgetok.models.config import ModelConfig
-from edgetok.models.gguf_file import permute_qk, permuted_heads
+from edgetok.models.config import FULL, SLIDING, ModelConfig
+from edgetok.models.gguf_file import GEMMA3_27B_LAYERS, GEMMA3_LOCAL_THETA, GEMMA3_SWA_PATTERN, permute_qk, permuted_heads
 from edgetok.models.manifest import GgufManifest, SourceRecord, gguf_report_path
-from edgetok.models.names import DOWN_PROJ, EMBEDDING, LM_HEAD, V_PROJ, gguf_name, layer
+from edgetok.models.names import DOWN_PROJ, EMBEDDING, LM_HEAD, V_PROJ, gguf_name, is_norm, layer
 from edgetok.models.sources import Source
 from edgetok.models.tokenizer import gguf_tokenizer_fields
 
@@ -36,12 +36,35 @@ def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
     for key, attr in _METADATA:
         getattr(writer, f"add_{key}")(getattr(cfg, attr))
     writer.add_file_type(file_type)
+    if cfg.arch == "gemma3":
+        writer.add_sliding_window(cfg.sliding_window)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         import gguf
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """What llama.cpp can run from a GGUF's metadata: it knows Gemma 3's layer pattern, local RoPE
+    base and query scale only as its own constants (models/gguf_file.py), so other values are refused."""
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
+        raise EdgetokError("GGUF export supports plain and linear-scaled RoPE, not llama3 scaling")
+    if cfg.arch != "gemma3":
+        if cfg.sliding_window is not None:
+            raise EdgetokError("GGUF export supports sliding windows in Gemma 3 models only")
+        return
+    n = cfg.num_layers
+    expected = {
+        "layer_types": [FULL if (i + 1) % GEMMA3_SWA_PATTERN == 0 else SLIDING for i in range(n)],
+        "rope_local_theta": GEMMA3_LOCAL_THETA,
+        "query_pre_attn_scalar": float(cfg.hidden_size // cfg.num_heads if n == GEMMA3_27B_LAYERS else cfg.head_dim),
+    }
+    for name, value in expected.items():
+        if getattr(cfg, name) != value:
+            raise EdgetokError(f"GGUF export of Gemma 3 needs {name} = {value} (llama.cpp assumes it), "
+                               f"not {getattr(cfg, name)}")
 
 
 def default_overrides(cfg: ModelConfig, quant: str) -> dict[str, str]:
@@ -170,10 +193,9 @@ def write_gguf(
 
     check_choice("--quant", quant, QUANTS)
     cfg = source.config
-    if cfg.sliding_window is not None or cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
-        raise EdgetokError("GGUF export supports plain and linear-scaled RoPE without sliding windows")
+    check_exportable(cfg)
     overrides = overrides or {}
-    writer = gguf.GGUFWriter(path, "qwen2" if cfg.arch == "qwen2" else "llama")
+    writer = gguf.GGUFWriter(path, cfg.arch if cfg.arch in ("qwen2", "gemma3") else "llama")
     writer.add_name(str(source.info.get("name") or source.path.name))
     _metadata(writer, cfg, _file_type(quant))
     for key, value in gguf_tokenizer_fields(source.tokenizer).items():
@@ -187,13 +209,15 @@ def write_gguf(
             qw = quantized[name]
             if heads is not None:  # the same row order as permute_qk gives the float weight
                 qw = qw.rows(torch.from_numpy(permute_qk(np.arange(qw.shape[0]), heads)))
-            writer.add_tensor(gguf_name(name), gguf_blocks(qw, quant), raw_dtype=_qtype(quant))
+            writer.add_tensor(gguf_name(name, cfg.sandwich_norms), gguf_blocks(qw, quant), raw_dtype=_qtype(quant))
             continue
         w = tensor.float().numpy()
         if heads is not None:
             w = permute_qk(w, heads)
+        if cfg.norm_offset and is_norm(name):  # llama.cpp multiplies by the stored weight itself
+            w = w + np.float32(cfg.norm_offset)
         data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
-        writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
+        writer.add_tensor(gguf_name(name, cfg.sandwich_norms), data, raw_dtype=dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
