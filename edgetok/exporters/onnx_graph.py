@@ -55,7 +55,7 @@ from edgetok.errors import EdgetokError
 from edgetok.exporters.options import ATTENTION, DEFAULT_OPSET, MIN_OPSET
 from edgetok.models import names
 from edgetok.models.config import ModelConfig
-from edgetok.models.llama import rope_inv_freq
+from edgetok.models.llama import local_inv_freq, rope_inv_freq
 from edgetok.models.manifest import PruneSpec
 from edgetok.runtimes.prune import DEFAULT_AFTER_LAYER, PrunePlan
 
@@ -110,11 +110,19 @@ def graph_inv_freq(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> torch.
     return inv_freq.float()
 
 
+def graph_windows(cfg: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window as the graph applies it (None: a window as long as the context
+    is no window)."""
+    return [w if w is not None and w < cfg.max_context else None for w in cfg.windows]
+
+
 def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int = DEFAULT_OPSET,
                   attention: str = "gqa", prune: PruneSpec | None = None) -> onnx.ModelProto:
     """The fp32 decoder graph of a Llama-family model (HF-named weights)."""
-    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_context:
-        raise EdgetokError("ONNX export does not support sliding-window attention yet (Mistral-style models)")
+    windows = graph_windows(cfg)
+    if attention != "gqa" and (any(windows) or cfg.qk_norm or cfg.attention_scale != cfg.head_dim**-0.5):
+        raise EdgetokError("ONNX export of this model (sliding-window layers, QK-norm or its query scale) needs "
+                           "--attention gqa: the standard-operator graph has none of them yet")
     assert opset >= MIN_OPSET and attention in ATTENTION, (opset, attention)  # OnnxOptions checks them
     assert prune is None or 0 <= prune.after_layer <= cfg.num_layers - 2, prune
     g = GraphBuilder()
@@ -131,11 +139,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         y = g.op("MatMul", x, w, name=f"{name}/MatMul", outputs=[out] if out and not bias else 1)
         return g.op("Add", y, g.weight(f"{name}.bias", tensor(f"{name}.bias")), outputs=[out] if out else 1) if bias else y
 
-    def rms_norm(x: str, name: str) -> str:
+    def norm_weight(name: str, scale: float = 1.0) -> str:
+        """The norm's multiplier: its weight, plus Gemma's offset; `scale` folded in."""
+        w = (_np(weights[f"{name}.weight"]) + np.float32(cfg.norm_offset)) * np.float32(scale)
+        return g.weight(f"{name}.weight", w)
+
+    def rms_norm(x: str, name: str, scale: float = 1.0) -> str:
         # The pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
         var = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
         rstd = g.op("Sqrt", g.op("Add", var, g.const(cfg.rms_norm_eps, np.float32)))
-        return g.op("Mul", g.op("Div", x, rstd), g.weight(f"{name}.weight", _np(weights[f"{name}.weight"])))
+        return g.op("Mul", g.op("Div", x, rstd), norm_weight(name, scale))
 
     def add_norm(x: str, delta: str, name: str) -> tuple[str, str]:
         """The residual x + delta, and its RMS norm (one fused kernel with gqa)."""
@@ -143,9 +156,20 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
             x = g.op("Add", x, delta)
             return x, rms_norm(x, name)
         outs = [g.fresh("normed"), "", "", g.fresh("residual")]
-        g.op("SkipSimplifiedLayerNormalization", delta, x, g.weight(f"{name}.weight", _np(weights[f"{name}.weight"])),
+        g.op("SkipSimplifiedLayerNormalization", delta, x, norm_weight(name),
              outputs=outs, domain=MS_DOMAIN, epsilon=cfg.rms_norm_eps)
         return outs[3], outs[0]
+
+    def activation(gate: str) -> str:
+        if cfg.hidden_act == "gelu_tanh":
+            if opset >= 20:
+                return g.op("Gelu", gate, approximate="tanh")
+            # 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))), for opsets before Gelu
+            cube = g.op("Mul", g.op("Mul", gate, gate), gate)
+            inner = g.op("Mul", g.op("Add", gate, g.op("Mul", cube, g.const(0.044715, np.float32))),
+                         g.const(np.sqrt(2 / np.pi), np.float32))
+            return g.op("Mul", g.op("Mul", gate, g.const(0.5, np.float32)), g.op("Add", g.op("Tanh", inner), g.const(1.0, np.float32)))
+        return g.op("Mul", gate, g.op("Sigmoid", gate))  # SiLU
 
     # -- what every layer needs about the past ------------------------------------------------------
     zero_f, neg_f = g.const(0.0, np.float32), g.const(NEG_INF, np.float32)
@@ -165,9 +189,15 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
 
     # -- what every layer needs about the new tokens (all of them, or the kept ones) -----------------
     inv_freq = graph_inv_freq(cfg, weights)
-    if gqa:  # RotaryEmbedding reads cos/sin tables (max positions, D/2)
-        angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * inv_freq.float()[None]
-        cos_cache, sin_cache = g.weight("rope.cos", _np(angles.cos())), g.weight("rope.sin", _np(angles.sin()))
+    local_freq = local_inv_freq(cfg)
+    if gqa:  # RotaryEmbedding reads cos/sin tables (max positions, D/2): one pair per RoPE base
+        def rope_tables(freq: torch.Tensor, name: str) -> tuple[str, str]:
+            angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * freq.float()[None]
+            return g.weight(f"{name}.cos", _np(angles.cos())), g.weight(f"{name}.sin", _np(angles.sin()))
+
+        tables = rope_tables(inv_freq, "rope")
+        local_tables = tables if local_freq is None else rope_tables(local_freq, "rope_local")
+        rope_of = [local_tables if local_freq is not None and cfg.window(i) is not None else tables for i in range(L)]
 
     def per_layer(x: str, axis: int) -> list[str]:
         """x split along `axis` into its L layers' pieces."""
@@ -203,6 +233,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         return g.op("Add", g.op("Mul", x, t["cos"]), g.op("Mul", rotated, t["sin"]))
 
     scale = 1.0 / float(np.sqrt(D))
+    attention_scale = cfg.attention_scale  # Gemma's query_pre_attn_scalar, else 1/sqrt(D)
 
     def attention_standard(i: int, h: str, t: dict[str, str]) -> tuple[str, str]:
         """Layer i's attention output (B, S, H·D) and its new keys (B, Hkv, S, D)."""
@@ -225,12 +256,29 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         o = g.op("Reshape", g.op("Transpose", g.op("Reshape", o, g.const([0, H, -1, D])), perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
         return o, k_new
 
+    def qk_normed(i: int, h: str) -> str:
+        """qkv.i with q and k normalized per head (QK-norm), before RoPE."""
+        raw = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias)
+        q, k, v = g.op("Split", raw, g.const([H * D, Hkv * D, Hkv * D]), axis=-1, outputs=3)
+
+        def per_head(x: str, heads: int, name: str) -> str:
+            normed = rms_norm(g.op("Reshape", x, g.const([0, 0, heads, D])), names.layer(i, name))
+            return g.op("Reshape", normed, g.const([0, 0, heads * D]))
+
+        return g.op("Concat", per_head(q, H, names.Q_NORM), per_head(k, Hkv, names.K_NORM), v, axis=-1, outputs=[names.qkv(i)])
+
     def attention_gqa(i: int, h: str, t: dict[str, str]) -> tuple[str, str | None]:
         """Layer i's attention output and, at the prune layer, its rotated new keys (B, S, Hkv·D)."""
-        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))  # (B, S, (H + 2·Hkv)·D)
+        if cfg.qk_norm:
+            qkv = qk_normed(i, h)
+        else:
+            qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))  # (B, S, (H + 2·Hkv)·D)
         seqlens, total = t["seqlens"][i], t["totals"][i]  # (B, 1), (1,)
         outputs = [g.fresh("attention"), names.present("key", i), names.present("value", i)]
-        attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=scale)
+        attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=attention_scale)
+        if windows[i] is not None:  # the last `window` keys, its own included (measured against torch: onnxruntime 1.32)
+            attrs["local_window_size"] = windows[i]
+        cos_cache, sin_cache = rope_of[i]
         if prune is None or i < prune.after_layer:  # packed, rotated inside at the explicit positions
             o = g.op("GroupQueryAttention", qkv, "", "", names.past("key", i), names.past("value", i), seqlens, total,
                      cos_cache, sin_cache, t["positions"], outputs=outputs, do_rotary=1, rotary_interleaved=0, **attrs)[0]
@@ -294,6 +342,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     # -- the layers ---------------------------------------------------------------------------------
     embed = g.weight(names.EMBEDDING, _np(weights[names.EMBEDDING]))
     x = g.op("Gather", embed, names.INPUT_IDS, axis=0, name="embed_tokens/Gather")  # (B, S, hidden)
+    if cfg.embed_scale:  # Gemma: × sqrt(hidden), in the activations' dtype
+        x = g.op("Mul", x, g.const(np.float32(cfg.hidden_size**0.5), np.float32))
     t = tokens(names.POSITION_IDS, g.op("Shape", names.INPUT_IDS, start=1, end=2))
     pending = None  # the last sublayer's output, not yet added to the residual x
     for i in range(L):
@@ -302,11 +352,17 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         else:
             x, h = add_norm(x, pending, names.layer(i, names.INPUT_NORM))
         o, k = (attention_gqa if gqa else attention_standard)(i, h, t)
-        x, h = add_norm(x, linear(o, names.layer(i, names.O_PROJ), cfg.o_bias), names.layer(i, names.POST_ATTENTION_NORM))
+        o = linear(o, names.layer(i, names.O_PROJ), cfg.o_bias)
+        if cfg.sandwich_norms:  # Gemma: attention's output normalized, then a norm before the MLP
+            x, h = add_norm(x, rms_norm(o, names.layer(i, names.POST_ATTENTION_NORM)), names.layer(i, names.PRE_FFN_NORM))
+        else:
+            x, h = add_norm(x, o, names.layer(i, names.POST_ATTENTION_NORM))
         gate, up = g.op("Split", linear(h, names.layer(i, names.GATE_UP_FUSED), cfg.mlp_bias),
                         g.const([cfg.intermediate_size] * 2), axis=-1, outputs=2)
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) · up
+        act = g.op("Mul", activation(gate), up)  # SiLU(gate) · up, or GeGLU's gelu
         pending = linear(act, names.layer(i, names.DOWN_PROJ), cfg.mlp_bias)
+        if cfg.sandwich_norms:
+            pending = rms_norm(pending, names.layer(i, names.POST_FFN_NORM))
         if prune is not None and i == prune.after_layer:
             x, t = select(i, k, g.op("Add", x, pending), t)
             pending = None
