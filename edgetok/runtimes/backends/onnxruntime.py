@@ -25,7 +25,7 @@ from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK
 from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
-from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, TieredCache
+from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, budgeted_cache
 from edgetok.runtimes.prune import Pruned, PrunePlan
 
 DECODE_SLACK = 128  # spare cache slots per growth: bounds both the copies and the masked work
@@ -102,7 +102,7 @@ class OnnxBackend:
     def new_cache(self):
         c = self.config
         if self.kv is not None:  # float32: what the graph reads, so a view needs no conversion
-            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
+            return budgeted_cache(self.kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Progress
-from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, TieredCache
+from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, budgeted_cache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
 
 
@@ -32,7 +32,7 @@ class TorchBackend:
     def new_cache(self) -> AttendingCache:
         c = self.config
         if self.kv is not None:
-            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
+            return budgeted_cache(self.kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, windows=c.windows)
 
     @torch.inference_mode()
