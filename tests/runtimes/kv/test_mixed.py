@@ -124,7 +124,7 @@ def test_truncate_rolls_back_within_the_slack_else_starts_over(seq):
 def test_prompt_state_is_refused():
     cache = new(budget="100%")
     with pytest.raises(EdgetokError, match="sliding-window"):
-        cache.state
+        _ = cache.state
 
 
 def test_one_kind_of_layer_is_one_tiered_cache():
