@@ -51,7 +51,6 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgetok.errors import EdgetokError
 from edgetok.exporters.options import ATTENTION, DEFAULT_OPSET, MIN_OPSET
 from edgetok.models import names
 from edgetok.models.config import ModelConfig
@@ -120,9 +119,6 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
                   attention: str = "gqa", prune: PruneSpec | None = None) -> onnx.ModelProto:
     """The fp32 decoder graph of a Llama-family model (HF-named weights)."""
     windows = graph_windows(cfg)
-    if attention != "gqa" and (any(windows) or cfg.qk_norm or cfg.attention_scale != cfg.head_dim**-0.5):
-        raise EdgetokError("ONNX export of this model (sliding-window layers, QK-norm or its query scale) needs "
-                           "--attention gqa: the standard-operator graph has none of them yet")
     assert opset >= MIN_OPSET and attention in ATTENTION, (opset, attention)  # OnnxOptions checks them
     assert prune is None or 0 <= prune.after_layer <= cfg.num_layers - 2, prune
     g = GraphBuilder()
@@ -217,38 +213,61 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
             t["seqlens"], t["totals"] = per_layer(seqlens, 1), per_layer(totals, 0)
             return t
         pos = g.op("Unsqueeze", g.op("Cast", positions, to=TensorProto.FLOAT), g.const([-1]))
-        freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(inv_freq)))
-        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
-        t["cos"], t["sin"] = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
-        # causal among the new tokens: (G·n, n), rows g·n + s
-        steps = g.op("Range", g.const(0), g.op("Squeeze", n, g.const([0])), g.const(1))
+        for key, freq in (("", inv_freq), ("local.", local_freq)):
+            if freq is None:
+                continue
+            freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(freq)))
+            emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
+            t[f"{key}cos"], t[f"{key}sin"] = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
+        # causal among the new tokens: (G·n, n), rows g·n + s; within each window too
+        steps = t["steps"] = g.op("Range", g.const(0), g.op("Squeeze", n, g.const([0])), g.const(1))
         causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", steps, g.const([1])))
         t["new_bias"] = g.op("Tile", g.op("Where", causal, zero_f, neg_f), g.const([G, 1]))
+        for w in sorted({w for w in windows if w is not None}):
+            near = g.op("Less", g.op("Sub", g.op("Unsqueeze", steps, g.const([1])), g.op("Unsqueeze", steps, g.const([0]))), g.const(w))
+            t[f"new_bias.{w}"] = g.op("Tile", g.op("Where", g.op("And", causal, near), zero_f, neg_f), g.const([G, 1]))
         return t
 
-    def rope(x: str, t: dict[str, str]) -> str:
-        """x (B, S, heads, D)."""
+    def past_window_mask(i: int, t: dict[str, str]) -> str:
+        """Layer i's additive mask (B, 1, G·n, P) hiding past slots outside each new token's window:
+        slot j is position j of the layer's consecutive tokens, new token s is at past_length + s."""
+        length = g.op("Unsqueeze", g.op("Gather", names.PAST_LENGTH, g.const(i), axis=1), g.const([1, 2]))  # (B, 1, 1)
+        rows = g.op("Unsqueeze", t["steps"], g.const([0, 2]))  # (1, n, 1)
+        slots = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", p_lens[i], g.const([0])), g.const(1)), g.const([0, 1]))
+        far = g.op("GreaterOrEqual", g.op("Sub", g.op("Add", length, rows), slots), g.const(windows[i]))  # (B, n, P)
+        return g.op("Unsqueeze", g.op("Tile", g.op("Where", far, neg_f, zero_f), g.const([1, G, 1])), g.const([1]))
+
+    def rope(x: str, t: dict[str, str], local: bool = False) -> str:
+        """x (B, S, heads, D); local: the sliding layers' own RoPE (Gemma 3)."""
+        key = "local." if local else ""
         x1, x2 = g.op("Split", x, g.const([D // 2, D // 2]), axis=-1, outputs=2)
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-        return g.op("Add", g.op("Mul", x, t["cos"]), g.op("Mul", rotated, t["sin"]))
+        return g.op("Add", g.op("Mul", x, t[f"{key}cos"]), g.op("Mul", rotated, t[f"{key}sin"]))
 
     scale = 1.0 / float(np.sqrt(D))
     attention_scale = cfg.attention_scale  # Gemma's query_pre_attn_scalar, else 1/sqrt(D)
 
     def attention_standard(i: int, h: str, t: dict[str, str]) -> tuple[str, str]:
         """Layer i's attention output (B, S, H·D) and its new keys (B, Hkv, S, D)."""
-        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))
+        if cfg.qk_norm:
+            qkv = qk_normed(i, h)
+        else:
+            qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))
         qk, v = g.op("Split", g.op("Reshape", qkv, g.const([0, 0, H + 2 * Hkv, D])), g.const([H + Hkv, Hkv]), axis=2, outputs=2)
-        q, k = g.op("Split", rope(qk, t), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
+        local = local_freq is not None and cfg.window(i) is not None
+        q, k = g.op("Split", rope(qk, t, local), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
         if prune is not None and i == prune.after_layer:
             g.op("Reshape", q, g.const([0, 0, H * D]), outputs=[f"rotated_query.{i}"])
         q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # (B, H, S, D)
         k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[names.present("key", i)])
         v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[names.present("value", i)])
         # query head h reads KV head h // G: group the query heads by KV head, (B, Hkv, G·S, D)
-        qg = g.op("Mul", g.op("Reshape", q, g.const([0, Hkv, -1, D])), g.const(scale, np.float32))
+        qg = g.op("Mul", g.op("Reshape", q, g.const([0, Hkv, -1, D])), g.const(attention_scale, np.float32))
         s_past = g.op("Add", g.op("MatMul", qg, g.op("Transpose", names.past("key", i), perm=[0, 1, 3, 2])), past_mask(i))
-        s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), t["new_bias"])
+        if windows[i] is not None:
+            s_past = g.op("Add", s_past, past_window_mask(i, t))
+        new_bias = t["new_bias"] if windows[i] is None else t[f"new_bias.{windows[i]}"]
+        s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), new_bias)
         probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=-1), axis=-1)
         split = g.op("Concat", g.op("Shape", names.past("key", i), start=2, end=3), t["n"], axis=0)
         p_past, p_new = g.op("Split", probs, split, axis=-1, outputs=2)
