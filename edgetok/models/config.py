@@ -151,7 +151,7 @@ class ModelConfig:
             "layer_types": self.layer_types,
             "rope_local_base_freq": local,
             "rope_parameters": {FULL: full_rope, SLIDING: {"rope_type": "default", "rope_theta": local}},
-            "query_pre_attn_scalar": self.query_pre_attn_scalar or self.head_dim,
+            "query_pre_attn_scalar": _whole(self.query_pre_attn_scalar or self.head_dim),  # (transformers wants an int)
             "attention_bias": self.qkv_bias,
             "final_logit_softcapping": None,
             "attn_logit_softcapping": None,
@@ -208,6 +208,10 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
+
+
+def _whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
 
 
 def _gemma3_from_hf(d: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:

@@ -54,9 +54,15 @@ class MixedCache(AttendingCache, GraphCache):
         self.full.close()
 
     def stats(self) -> dict:
+        """The tiered cache's report (its budget and selection counters are the full layers'), with the
+        sliding layers' windows counted in the device-resident bytes and reported apart."""
         window_bytes = sum(layer.nbytes() for layer in self.sliding.values())
-        return self.full.stats() | {"sliding_layers": {"count": len(self.sliding), "resident_bytes": window_bytes,
-                                                       "tokens_dropped": sum(x.dropped for x in self.sliding.values())}}
+        stats = self.full.stats()
+        resident = dict(stats["resident_bytes"])
+        resident["device"] = resident.get("device", 0) + window_bytes
+        return stats | {"resident_bytes": resident,
+                        "sliding_layers": {"count": len(self.sliding), "resident_bytes": window_bytes,
+                                           "tokens_dropped": sum(x.dropped for x in self.sliding.values())}}
 
     @property
     def kv_dtype(self) -> torch.dtype:
