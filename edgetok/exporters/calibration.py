@@ -128,7 +128,7 @@ def calibrate(
     from edgetok.exporters.quantize import QuantizedWeight
 
     s, t = tokens.shape
-    rope = model.rope(torch.arange(t), torch.float32)
+    rope = model.rope(torch.arange(t), torch.float32)  # per layer kind, with the family's cos / sin scale
     batches = [slice(i, min(i + batch, s)) for i in range(0, s, batch)]
     x = torch.cat([model.embed(tokens[b]).float() for b in batches])  # (S, T, hidden)
     layers = list(enumerate(model.model.layers))

@@ -54,7 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgetok.exporters.options import ATTENTION, DEFAULT_OPSET, MIN_OPSET
 from edgetok.models import names
 from edgetok.models.config import ModelConfig
-from edgetok.models.llama import local_inv_freq, rope_inv_freq
+from edgetok.models.llama import local_inv_freq, rope_attention_factor, rope_inv_freq
 from edgetok.models.manifest import PruneSpec
 from edgetok.runtimes.prune import DEFAULT_AFTER_LAYER, PrunePlan
 
@@ -186,13 +186,14 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     # -- what every layer needs about the new tokens (all of them, or the kept ones) -----------------
     inv_freq = graph_inv_freq(cfg, weights)
     local_freq = local_inv_freq(cfg)
+    rope_scale = rope_attention_factor(cfg)  # cos and sin times it (longrope's attention factor)
     if gqa:  # RotaryEmbedding reads cos/sin tables (max positions, D/2): one pair per RoPE base
-        def rope_tables(freq: torch.Tensor, name: str) -> tuple[str, str]:
+        def rope_tables(freq: torch.Tensor, name: str, scale: float) -> tuple[str, str]:
             angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * freq.float()[None]
-            return g.weight(f"{name}.cos", _np(angles.cos())), g.weight(f"{name}.sin", _np(angles.sin()))
+            return g.weight(f"{name}.cos", _np(angles.cos() * scale)), g.weight(f"{name}.sin", _np(angles.sin() * scale))
 
-        tables = rope_tables(inv_freq, "rope")
-        local_tables = tables if local_freq is None else rope_tables(local_freq, "rope_local")
+        tables = rope_tables(inv_freq, "rope", rope_scale)
+        local_tables = tables if local_freq is None else rope_tables(local_freq, "rope_local", 1.0)
         rope_of = [local_tables if local_freq is not None and cfg.window(i) is not None else tables for i in range(L)]
 
     def per_layer(x: str, axis: int) -> list[str]:
@@ -213,12 +214,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
             t["seqlens"], t["totals"] = per_layer(seqlens, 1), per_layer(totals, 0)
             return t
         pos = g.op("Unsqueeze", g.op("Cast", positions, to=TensorProto.FLOAT), g.const([-1]))
-        for key, freq in (("", inv_freq), ("local.", local_freq)):
+        for key, freq, scale in (("", inv_freq, rope_scale), ("local.", local_freq, 1.0)):
             if freq is None:
                 continue
             freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(freq)))
             emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
-            t[f"{key}cos"], t[f"{key}sin"] = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
+            cos, sin = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
+            if scale != 1.0:
+                scale_f = g.const(scale, np.float32)
+                cos, sin = g.op("Mul", cos, scale_f), g.op("Mul", sin, scale_f)
+            t[f"{key}cos"], t[f"{key}sin"] = cos, sin
         # causal among the new tokens: (G·n, n), rows g·n + s; within each window too
         steps = t["steps"] = g.op("Range", g.const(0), g.op("Squeeze", n, g.const([0])), g.const(1))
         causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", steps, g.const([1])))
@@ -247,12 +252,23 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     scale = 1.0 / float(np.sqrt(D))
     attention_scale = cfg.attention_scale  # Gemma's query_pre_attn_scalar, else 1/sqrt(D)
 
+    def project(i: int, h: str) -> str:
+        """Layer i's packed q/k/v (B, S, (H + 2·Hkv)·D) before RoPE, its query and key heads
+        RMS-normed where the family norms them (QK-norm): the qkv.i output."""
+        if not cfg.qk_norm:
+            return linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))
+        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias)
+        q, k, v = g.op("Split", qkv, g.const([H * D, Hkv * D, Hkv * D]), axis=-1, outputs=3)
+
+        def heads(x: str, n: int, norm: str) -> str:  # (B, S, n·D), normed over each head's D values
+            per_head = g.op("Reshape", x, g.const([0, 0, n, D]))
+            return g.op("Reshape", rms_norm(per_head, names.layer(i, norm)), g.const([0, 0, n * D]))
+
+        return g.op("Concat", heads(q, H, names.Q_NORM), heads(k, Hkv, names.K_NORM), v, axis=-1, outputs=[names.qkv(i)])
+
     def attention_standard(i: int, h: str, t: dict[str, str]) -> tuple[str, str]:
         """Layer i's attention output (B, S, H·D) and its new keys (B, Hkv, S, D)."""
-        if cfg.qk_norm:
-            qkv = qk_normed(i, h)
-        else:
-            qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))
+        qkv = project(i, h)
         qk, v = g.op("Split", g.op("Reshape", qkv, g.const([0, 0, H + 2 * Hkv, D])), g.const([H + Hkv, Hkv]), axis=2, outputs=2)
         local = local_freq is not None and cfg.window(i) is not None
         q, k = g.op("Split", rope(qk, t, local), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
@@ -275,23 +291,9 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         o = g.op("Reshape", g.op("Transpose", g.op("Reshape", o, g.const([0, H, -1, D])), perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
         return o, k_new
 
-    def qk_normed(i: int, h: str) -> str:
-        """qkv.i with q and k normalized per head (QK-norm), before RoPE."""
-        raw = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias)
-        q, k, v = g.op("Split", raw, g.const([H * D, Hkv * D, Hkv * D]), axis=-1, outputs=3)
-
-        def per_head(x: str, heads: int, name: str) -> str:
-            normed = rms_norm(g.op("Reshape", x, g.const([0, 0, heads, D])), names.layer(i, name))
-            return g.op("Reshape", normed, g.const([0, 0, heads * D]))
-
-        return g.op("Concat", per_head(q, H, names.Q_NORM), per_head(k, Hkv, names.K_NORM), v, axis=-1, outputs=[names.qkv(i)])
-
     def attention_gqa(i: int, h: str, t: dict[str, str]) -> tuple[str, str | None]:
         """Layer i's attention output and, at the prune layer, its rotated new keys (B, S, Hkv·D)."""
-        if cfg.qk_norm:
-            qkv = qk_normed(i, h)
-        else:
-            qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))  # (B, S, (H + 2·Hkv)·D)
+        qkv = project(i, h)  # (B, S, (H + 2·Hkv)·D)
         seqlens, total = t["seqlens"][i], t["totals"][i]  # (B, 1), (1,)
         outputs = [g.fresh("attention"), names.present("key", i), names.present("value", i)]
         attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=attention_scale)

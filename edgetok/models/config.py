@@ -7,8 +7,12 @@ from typing import Any
 
 from edgetok.errors import EdgetokError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "gemma3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# HF's class per family (config.json's "architectures"); Phi-3's checkpoints fuse q/k/v and gate/up
+# (models/checkpoint.py splits them on load and fuses them again to write one)
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 # Hugging Face's model_type → edgetok's arch, where they differ.
 HF_MODEL_TYPES = {"gemma3_text": "gemma3"}
 HIDDEN_ACTS = ("silu", "gelu_tanh")  # SwiGLU (Llama), GeGLU with the tanh approximation (Gemma)
@@ -33,13 +37,13 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral (every layer), Gemma 3 (the SLIDING layers)
+    sliding_window: int | None = None  # Mistral, Phi-3 (every layer), Gemma 3 (the SLIDING layers)
+    qk_norm: bool = False  # an RMSNorm over head_dim on each query and key head before RoPE (Qwen3, Gemma 3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     # -- Gemma 3 (defaults: the Llama family) --------------------------------------------------------
     layer_types: list[str] | None = None  # SLIDING or FULL per layer; None: all alike (sliding_window says)
     rope_local_theta: float | None = None  # the RoPE base of SLIDING layers (None: rope_theta)
-    qk_norm: bool = False  # RMSNorm over head_dim of q and k before RoPE
     sandwich_norms: bool = False  # norms after attention and after the MLP too, before the residual add
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): Gemma stores weight − 1
     hidden_act: str = "silu"  # one of HIDDEN_ACTS
@@ -65,6 +69,14 @@ class ModelConfig:
                                    f"{self.num_layers} layers")
             if SLIDING in self.layer_types and not self.sliding_window:
                 raise EdgetokError("invalid config: sliding_attention layers need a sliding_window")
+        if rope_type == "longrope":
+            scaling = self.rope_scaling or {}
+            for key in ("short_factor", "long_factor"):
+                if len(scaling.get(key) or ()) != self.head_dim // 2:
+                    raise EdgetokError(f"invalid config: longrope's {key} needs {self.head_dim // 2} values "
+                                       f"(head_dim / 2), got {len(scaling.get(key) or ())}")
+            if not scaling.get("original_max_position_embeddings"):
+                raise EdgetokError("invalid config: longrope needs original_max_position_embeddings")
         if self.num_heads % self.num_kv_heads:
             raise EdgetokError(
                 f"invalid config: {self.num_heads} attention heads is not a multiple of "
@@ -109,11 +121,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A Hugging Face config.json for this architecture (the inverse of from_hf)."""
-        arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "gemma3": "Gemma3ForCausalLM"}
         model_type = {v: k for k, v in HF_MODEL_TYPES.items()}.get(self.arch, self.arch)
         d: dict[str, Any] = {
-            "architectures": [arch_class[self.arch]],
+            "architectures": [HF_CLASSES[self.arch]],
             "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -134,8 +144,15 @@ class ModelConfig:
         }
         if self.arch == "llama":
             d |= {"attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias}
-        if self.arch == "mistral":
+        if self.arch == "qwen3":
+            d |= {"attention_bias": self.qkv_bias, "use_sliding_window": False}
+        if self.arch in ("mistral", "phi3"):
             d["sliding_window"] = self.sliding_window
+        if self.arch == "phi3":
+            d["pad_token_id"] = None  # not Phi3Config's default, 32000, which may lie outside the vocabulary
+        if self.rope_scaling and self.rope_scaling.get("rope_type") == "longrope":
+            # Phi-3 keeps the pretraining context beside the scaling, and it takes priority there
+            d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if self.arch == "gemma3":
             d |= self._gemma3_hf()
         return d
@@ -179,12 +196,20 @@ class ModelConfig:
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         rope.pop("rope_theta", None)
+        partial = rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise EdgetokError(f"unsupported partial rotary embedding (partial_rotary_factor {partial}): "
+                               "edgetok rotates whole heads")
+        if rope.get("rope_type") == "su":  # Phi-3's first name for longrope
+            rope["rope_type"] = "longrope"
+        if rope.get("rope_type") == "longrope" and d.get("original_max_position_embeddings"):
+            rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
         rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         attention_bias = bool(d.get("attention_bias", False))
         sliding = d.get("sliding_window")
-        if arch == "qwen2" and not d.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             sliding = None
         return cls(
             **gemma,
@@ -202,9 +227,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or attention_bias,
-            o_bias=arch != "qwen2" and attention_bias,
+            o_bias=arch != "qwen2" and attention_bias,  # Qwen3's attention_bias covers o_proj too
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=sliding,
+            qk_norm=arch in ("qwen3", "gemma3"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
@@ -231,7 +257,6 @@ def _gemma3_from_hf(d: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
     return {
         "layer_types": list(types),
         "rope_local_theta": float(local),
-        "qk_norm": True,
         "sandwich_norms": True,
         "norm_offset": 1.0,
         "hidden_act": "gelu_tanh",

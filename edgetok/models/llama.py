@@ -1,4 +1,4 @@
-"""The reference torch model of the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM, and Gemma 3.
+"""The reference torch model of the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM, and Gemma 3.
 
 Gemma 3 is a Llama with more norms (q/k norms, norms after attention and after the MLP), GeGLU,
 a scaled embedding, RMSNorm weights stored as (weight − 1), and sliding-window layers with their
@@ -41,14 +41,43 @@ def rope_inv_freq(cfg: ModelConfig, theta: float | None = None, scaled: bool = T
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":  # per-frequency divisors: the long ones when the context exceeds pretraining's
+        factors = scaling["long_factor" if longrope_long(cfg) else "short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (T,) → cos, sin (T, head_dim), in HF's half-split layout."""
+def longrope_long(cfg: ModelConfig) -> bool:
+    """Whether longrope uses its long factors: chosen once for the context the model is run at
+    (max_context), as llama.cpp chooses them for its n_ctx. transformers chooses per forward by the
+    sequence's length, which agrees whenever the sequence is on the same side of the pretraining
+    context."""
+    return cfg.max_context > cfg.rope_scaling["original_max_position_embeddings"]
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor RoPE's cos and sin are multiplied by (longrope: sqrt(1 + ln s / ln original),
+    s = max_context / original, unless the config names it); 1 for the other kinds."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_context / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (T,) → cos, sin (T, head_dim), in HF's half-split layout, times `scale`
+    (rope_attention_factor)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def local_inv_freq(cfg: ModelConfig) -> torch.Tensor | None:
@@ -107,7 +136,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul, once fused (int8 weights)
-        if cfg.qk_norm:
+        if cfg.qk_norm:  # over each head's D values, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
         self.qk_norm = cfg.qk_norm
@@ -214,6 +243,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.inv_freq_local = local_inv_freq(cfg)  # the sliding layers' own (Gemma 3), or None
+        self.rope_scale = rope_attention_factor(cfg)
 
     @classmethod
     def from_state_dict(
@@ -270,12 +300,12 @@ class LlamaModel(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         """positions (T,) → the cos, sin tables (T, head_dim) in the activations' dtype."""
-        def tables(inv_freq):
-            cos, sin = rope_cos_sin(inv_freq, positions)
+        def tables(inv_freq, scale: float = 1.0):
+            cos, sin = rope_cos_sin(inv_freq, positions, scale)
             return cos.to(dtype), sin.to(dtype)
 
         local = None if self.inv_freq_local is None else tables(self.inv_freq_local)
-        return Rope(self.config, tables(self.inv_freq), local)
+        return Rope(self.config, tables(self.inv_freq, self.rope_scale), local)
 
     def run_layers(self, x, rope: Rope, cache: KVCache, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Layers start..stop-1 over x (B, T, hidden), storing their K/V in `cache`."""

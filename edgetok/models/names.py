@@ -25,7 +25,7 @@ INPUT_NORM = "input_layernorm"  # the norm before attention, in each layer
 POST_ATTENTION_NORM = "post_attention_layernorm"  # the norm before the MLP (Llama); after attention (Gemma)
 PRE_FFN_NORM = "pre_feedforward_layernorm"  # Gemma's norm before the MLP
 POST_FFN_NORM = "post_feedforward_layernorm"  # Gemma's norm after the MLP
-Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"  # RMSNorm over each head's q / k (QK-norm)
+Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"  # QK-norm: over each query / key head (Qwen3, Gemma 3)
 
 
 def layer(i: int | str, name: str) -> str:
@@ -70,11 +70,12 @@ GGUF_GLOBAL = {
 GGUF_LAYER = {
     "attn_norm.weight": f"{INPUT_NORM}.weight",
     "ffn_norm.weight": f"{POST_ATTENTION_NORM}.weight",
+    "attn_q_norm.weight": f"{Q_NORM}.weight",
+    "attn_k_norm.weight": f"{K_NORM}.weight",
     **{f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (("attn_q", Q_PROJ), ("attn_k", K_PROJ), ("attn_v", V_PROJ),
                                                      ("attn_output", O_PROJ)) for kind in ("weight", "bias")},
     **{f"{gg}.weight": f"{hf}.weight" for gg, hf in (("ffn_gate", GATE_PROJ), ("ffn_up", UP_PROJ), ("ffn_down", DOWN_PROJ))},
-    "attn_q_norm.weight": f"{Q_NORM}.weight",
-    "attn_k_norm.weight": f"{K_NORM}.weight",
+    "attn_qkv.weight": f"{QKV_FUSED}.weight",  # phi3's, as llama.cpp's converter writes it
 }
 # Gemma's four norms per layer: llama.cpp's ffn_norm is the norm before the MLP, which HF names
 # pre_feedforward_layernorm there (its post_attention_layernorm follows attention).
@@ -83,6 +84,10 @@ GGUF_LAYER_SANDWICH = GGUF_LAYER | {
     "post_attention_norm.weight": f"{POST_ATTENTION_NORM}.weight",
     "post_ffw_norm.weight": f"{POST_FFN_NORM}.weight",
 }
+# Phi-3's longrope factors, as llama.cpp keeps them: tensors (head_dim / 2,) beside the layers
+GGUF_ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+# The linears llama.cpp stacks per architecture: phi3's ffn_up holds gate and up (2·I rows)
+GGUF_STACKED = {"phi3": (GATE_UP_FUSED,)}
 _HF_GLOBAL = {hf: gg for gg, hf in GGUF_GLOBAL.items()}
 _HF_LAYER = {hf: gg for gg, hf in GGUF_LAYER.items()}
 _HF_LAYER_SANDWICH = {hf: gg for gg, hf in GGUF_LAYER_SANDWICH.items()}

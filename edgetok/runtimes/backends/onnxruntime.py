@@ -20,7 +20,7 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models import names
-from edgetok.models.llama import apply_rope, local_inv_freq, rope_cos_sin
+from edgetok.models.llama import apply_rope, local_inv_freq, rope_attention_factor, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK
@@ -90,10 +90,12 @@ class OnnxBackend:
         self.prune_after_layer = prune.after_layer if prune else None
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
         self.capabilities = frozenset({PREFIX_STATE, ROLLBACK} | ({PRUNE} if prune else set()))
-        # the graph's RoPE per layer: Gemma 3's sliding layers have their own base
-        inv_freq, local = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32), local_inv_freq(manifest.config)
-        self.inv_freqs = [local if local is not None and manifest.config.window(i) is not None else inv_freq
+        # the graph's RoPE per layer: Gemma 3's sliding layers have their own base (and no scaling)
+        self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)
+        local = local_inv_freq(manifest.config)
+        self.inv_freqs = [local if local is not None and manifest.config.window(i) is not None else self.inv_freq
                           for i in range(manifest.config.num_layers)]
+        self.rope_scale = rope_attention_factor(manifest.config)  # its cos / sin scale (longrope)
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         # Bindings by shape and buffers, the most recently used last: speculative decoding
         # alternates single tokens with drafts of a few lengths, each of which would rebind.
@@ -157,7 +159,8 @@ class OnnxBackend:
             m, inv_freq = key[0], self.inv_freqs[group[0]]
             r = min(m, last)
             positions = torch.arange(start, start + n) if m == n else start + torch.from_numpy(kept[0])
-            cos, sin = rope_cos_sin(inv_freq, positions[m - r :])
+            scale = self.rope_scale if inv_freq is self.inv_freq else 1.0
+            cos, sin = rope_cos_sin(inv_freq, positions[m - r :], scale)
             q = torch.stack([torch.from_numpy(qkv[i][0, m - r : m, :hd]) for i in group])  # (G, r, H·D): a copy
             q = apply_rope(q.view(len(group), r, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, r, D)
             for j, i in enumerate(group):
