@@ -147,7 +147,6 @@ def _gemma3_fields(meta: dict[str, Any], get: Callable, width_per_head: int, hea
     n = get("block_count")
     pattern = meta.get("gemma3.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
     return {
-        "sliding_window": get("attention.sliding_window"),
         "layer_types": [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)],
         "rope_local_theta": GEMMA3_LOCAL_THETA,
         "sandwich_norms": True,
