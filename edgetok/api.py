@@ -14,6 +14,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source, load_source
 from edgetok.runtimes.backends.pytorch import TorchBackend
+from edgetok.runtimes.choice import EngineChoice, LongPrompts, auto_backend
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
 from edgetok.runtimes.kv import KVConfig
 
@@ -30,9 +31,10 @@ class Model:
     stream, starting another generation is refused with EdgetokError: it would wait for itself.
     """
 
-    def __init__(self, source: Source, engine: Engine) -> None:
+    def __init__(self, source: Source, engine: Engine, choice: EngineChoice | None = None) -> None:
         self.source = source
         self.engine = engine
+        self.choice = choice  # which engine runs, and why
         self.config = source.config
         self.tokenizer = source.tokenizer
         self._lock = threading.Lock()
@@ -58,22 +60,31 @@ class Model:
         *,
         chat: bool = False,
         progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
         **options,
     ) -> Stream:
-        """Text pieces as they are generated; the Stream's `.result` is set at the end."""
-        cfg = _generation_config(config, options)
-        # a generator: nothing runs until the stream's first piece is asked for
-        return Stream(self._serialized(self.engine.generate_ids(self.encode(prompt, chat), cfg, progress)))
+        """Text pieces as they are generated; the Stream's `.result` is set at the end.
 
-    def generate(self, prompt: str | Messages, config: GenerationConfig | None = None, *, chat: bool = False, **options) -> Result:
-        with self.stream(prompt, config, chat=chat, **options) as stream:
+        cancel: an Event another thread may set: the generation ends before its next token, with
+        finish_reason "cancelled" (closing the stream ends it too, without a result)."""
+        cfg = _generation_config(config, options)
+        if cancel is not None and not isinstance(cancel, threading.Event):
+            raise EdgetokError(f"cancel must be a threading.Event, not {type(cancel).__name__}")
+        asked = cancel.is_set if cancel is not None else None
+        # a generator: nothing runs until the stream's first piece is asked for
+        return Stream(self._serialized(self.engine.generate_ids(self.encode(prompt, chat), cfg, progress, cancel=asked)))
+
+    def generate(self, prompt: str | Messages, config: GenerationConfig | None = None, *, chat: bool = False,
+                 cancel: threading.Event | None = None, **options) -> Result:
+        with self.stream(prompt, config, chat=chat, cancel=cancel, **options) as stream:
             for _ in stream:
                 pass
         assert stream.result is not None
         return stream.result
 
-    def chat(self, messages: Messages, config: GenerationConfig | None = None, **options) -> Result:
-        return self.generate(messages, config, chat=True, **options)
+    def chat(self, messages: Messages, config: GenerationConfig | None = None, *, cancel: threading.Event | None = None,
+             **options) -> Result:
+        return self.generate(messages, config, chat=True, cancel=cancel, **options)
 
     def reset(self) -> None:
         """Forget the last sequence (its KV cache): the next prompt is prefilled from its start."""
@@ -147,17 +158,26 @@ def load(
     kv_store: str | Path | None = None,
     kv_store_rebuild: bool = False,
     progress: bool = False,
+    needs: frozenset[str] = frozenset(),
+    max_memory_bytes: int | None = None,
 ) -> Model:
     """Load "smollm2", a Hugging Face folder, a .gguf file or an ONNX export folder.
 
-    backend: "torch" (edgetok's reference model and KV caches), "llamacpp" (a GGUF through
-    llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type) or "onnxruntime" (an ONNX
-    export, with edgetok's KV caches; provider picks the execution provider). None: onnxruntime
-    for an ONNX export, torch otherwise.
+    backend: "torch" (edgetok's reference model and KV caches: the exact fp32 reference), "llamacpp"
+    (a GGUF through llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type) or
+    "onnxruntime" (an ONNX export, with edgetok's KV caches; provider picks the execution provider).
+    None chooses (runtimes/choice.py; `Model.choice` says what and why): ONNX Runtime on an ONNX
+    export, or on the model's default export (built once under $EDGETOK_HOME/exports), with the
+    tiered cache for prompts past the plan's exact limit unless kv is given; a backend that
+    alone has a given option (weights, kv_type) otherwise. needs: capabilities the caller will use
+    (runtimes/backends/base.py: PRUNE for prompt pruning), which a chosen engine must have.
     weights: the torch backend's weights — fp32 (exact reference), bf16, or int8 (weight-only).
     kv: the tiered KV cache's budget and tiers (torch backend); None keeps every token exact in RAM.
     kv_store: a folder where prompts' K/V persist, so a later process skips their prefill;
     kv_store_rebuild recomputes entries that are damaged or from another format instead of failing.
+    max_memory_bytes: refuse (before loading the weights) when the predicted peak memory at the
+    model's whole context — weights, KV cache, prefill workspace, runtime (devices/planner.py) —
+    exceeds it.
     """
     if not isinstance(ref, (str, os.PathLike)):
         raise EdgetokError(f"a model is named by a string or a path, not {type(ref).__name__}")
@@ -170,8 +190,18 @@ def load(
     if kv is not None and not isinstance(kv, KVConfig):
         raise EdgetokError(f"kv must be an edgetok.KVConfig, not {type(kv).__name__}")
     source = load_source(os.fspath(ref), progress=progress)
-    if backend is None:
-        backend = "onnxruntime" if source.format == "onnx" else "torch"
+    reasons, artifact, long_prompts = [], None, None
+    chosen = backend is None
+    if chosen:
+        backend, why = auto_backend(source.format, weights, kv_type, frozenset(needs))
+        reasons.append(why)
+        if backend == "onnxruntime" and source.format != "onnx":
+            from edgetok.exporters.default import default_export
+
+            source = default_export(source, threads, progress)
+            artifact = str(source.path)
+    if max_memory_bytes is not None:
+        _check_memory(source, backend, weights, kv, kv_type, max_memory_bytes)
     if backend != "onnxruntime" and provider != "cpu":
         raise EdgetokError(f"--provider chooses ONNX Runtime's execution provider (--backend onnxruntime); "
                            f"the {backend} backend runs on the CPU")
@@ -201,6 +231,17 @@ def load(
         if weights not in TorchBackend.WEIGHTS:
             raise EdgetokError(f"unknown weights '{weights}' (choose from {', '.join(TorchBackend.WEIGHTS)})")
         engine_backend = TorchBackend(source, weights=weights, kv=kv)
+    if chosen and kv is None and backend != "llamacpp":
+        from edgetok.devices.planner import EXACT_UP_TO, TIERED_BUDGET
+
+        if source.config.max_context > EXACT_UP_TO:
+            long_prompts = LongPrompts(EXACT_UP_TO, KVConfig(budget=f"{TIERED_BUDGET:.0%}"))
+            reasons.append(f"past {EXACT_UP_TO} prompt tokens the plan's tiered cache decodes faster at a "
+                           f"{TIERED_BUDGET:.0%} budget; shorter prompts stay exact")
+    choice = EngineChoice(
+        backend=backend, weights=_weights_words(source, backend, weights),
+        kv=long_prompts.describe() if long_prompts else ("tiered at a " + kv.budget + " budget" if kv else "exact"),
+        threads=threads or os.cpu_count() or 1, reasons=reasons, artifact=artifact)
     store_factory = None
     if kv_store is not None:
         from edgetok.runtimes.kv.store import PromptStore
@@ -208,4 +249,36 @@ def load(
         def store_factory(cache):
             return PromptStore(Path(kv_store), source.fingerprint, cache.kv_dtype, rebuild=kv_store_rebuild)
 
-    return Model(source, Engine(engine_backend, source.tokenizer, store_factory))
+    return Model(source, Engine(engine_backend, source.tokenizer, store_factory, long_prompts), choice)
+
+
+def _weights_words(source: Source, backend: str, weights: str) -> str:
+    if backend == "onnxruntime":
+        m = source.manifest
+        return f"{m.weights} weights" + (f", {m.activations} activations" if m.activations else "") + " (ONNX export)"
+    if backend == "llamacpp":
+        return f"the GGUF's own types ({source.path.name})"
+    return f"{weights} weights (torch)"
+
+
+def _check_memory(source: Source, backend: str, weights: str, kv: KVConfig | None, kv_type: str | None, limit) -> None:
+    """One sentence when the predicted peak exceeds `limit` bytes."""
+    from edgetok.devices.planner import load_estimate
+    from edgetok.runtimes.backends.llamacpp import KV_BYTES_PER_VALUE
+
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise EdgetokError(f"max_memory_bytes must be a whole number of bytes > 0, not {limit!r}")
+    cfg = source.config
+    if source.format in ("onnx", "gguf"):  # the files are what the runtime holds (mapped or read)
+        files = [source.path] if source.path.is_file() else [p for p in source.path.rglob("*") if p.is_file()]
+        held = sum(p.stat().st_size for p in files)
+    else:
+        held = cfg.n_params * {"fp32": 4, "bf16": 2, "int8": 1}.get(weights, 4)
+    per_value = KV_BYTES_PER_VALUE[kv_type or "f16"] if backend == "llamacpp" else (2 if weights == "bf16" else 4)
+    tiers = None
+    if kv is not None and kv.device_mb is not None:  # the tiers bound the RAM the cache takes
+        tiers = round((kv.device_mb + (kv.host_mb or 0)) * (1 << 20))
+    estimate = load_estimate(cfg, held, per_value, kv_bytes=tiers)
+    if estimate.peak > limit:
+        raise EdgetokError(f"{source.ref} needs {estimate.words()}, more than max_memory_bytes "
+                           f"({limit / (1 << 20):.0f} MB); try an int4 ONNX export, a KV budget with tiers, or a smaller model")

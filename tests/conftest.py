@@ -101,7 +101,8 @@ HF_CONFIGS = {
 }
 
 
-def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, max_positions: int = 256, **overrides):
+def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, max_positions: int = 256,
+                  hidden: int = 64, intermediate: int = 96, **overrides):
     """A tiny random transformers model of one family (the reference for parity)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -110,8 +111,8 @@ def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, ma
     config = AutoConfig.for_model(
         model_type,
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -164,7 +165,7 @@ def tiny_gemma_folder(tmp_path_factory) -> Path:
 def tiny(tiny_folder):
     import edgetok
 
-    return edgetok.load(str(tiny_folder))
+    return edgetok.load(str(tiny_folder), backend="torch")
 
 
 def smollm2_path() -> Path:
@@ -177,7 +178,7 @@ def smollm2_path() -> Path:
 def smollm2():
     import edgetok
 
-    return edgetok.load("smollm2")
+    return edgetok.load("smollm2", backend="torch")
 
 
 @pytest.fixture(scope="session")

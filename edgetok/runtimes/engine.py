@@ -19,6 +19,8 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.models.tokenizer import StreamDecoder, Tokenizer
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Backend
+from edgetok.runtimes.choice import LongPrompts
+from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.prune import PrunePlan, check_keep
 from edgetok.runtimes.sampling import SamplingParams, sample
 from edgetok.runtimes.speculation import Drafter, SpeculationParams, SpeculativeSteps, new_drafter
@@ -116,7 +118,7 @@ class Result:
     text: str
     tokens: list[int]  # generated ids, without the final EOS
     prompt_tokens: int
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled" (the caller's cancel)
     stats: Stats = field(default_factory=Stats)
 
 
@@ -201,12 +203,15 @@ class PlainSteps:
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, store_factory: Callable | None = None) -> None:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, store_factory: Callable | None = None,
+                 long_prompts: LongPrompts | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         if store_factory is not None and PREFIX_STATE not in backend.capabilities:
             raise EdgetokError(f"--kv-store needs a backend that can save a prompt's K/V; {backend.name} cannot")
         self.store_factory = store_factory  # cache → PromptStore, for --kv-store
+        self.long_prompts = long_prompts  # prompts past a length get the tiered cache
+        self._cache_kv: KVConfig | None = None  # the settings self._cache was made with (None: the backend's)
         self.config = backend.config
         self._cache = None
         self._cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
@@ -217,19 +222,38 @@ class Engine:
     def reset(self) -> None:
         self._cache, self._cached_ids, self._pruned = None, [], False
 
+    def reusable(self, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens this engine's cache holds (what a prefill of it
+        would reuse, at most)."""
+        n = 0
+        for a, b in zip([] if self._pruned else self._cached_ids, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @property
+    def cache(self):
+        """The KV cache of the last sequence (None before the first)."""
+        return self._cache
+
+    def _cache_for(self, prompt: list[int]) -> None:
+        """A cache of the kind this prompt needs: the tiered one past long_prompts.above tokens (a
+        conversation that grows past it starts a new cache: the exact one's K/V is not reused)."""
+        lp = self.long_prompts
+        kv = lp.kv if lp is not None and len(prompt) > lp.above else None
+        if self._cache is None or kv is not self._cache_kv:
+            self._cache, self._cached_ids, self._pruned = self.backend.new_cache(kv), [], False
+            self._cache_kv = kv
+
     def _prefill(
         self, prompt: list[int], chunk: int, progress: Callable[[int], None] | None, stats: Stats
     ) -> np.ndarray:
         """Run the prompt, reusing the longest prefix the cache (or the KV store) holds → the last
         token's logits (V,)."""
-        if self._cache is None:
-            self._cache, self._cached_ids = self.backend.new_cache(), []
-        reused = 0
+        self._cache_for(prompt)
         # keep ≥ 1 token to prefill (its logits are needed); a pruned prompt is no prefix of anything
-        for a, b in zip([] if self._pruned else self._cached_ids, prompt[:-1]):
-            if a != b:
-                break
-            reused += 1
+        reused = self.reusable(prompt)
         self._pruned = False
         reused = self.backend.truncate(self._cache, reused)
         self._cached_ids = prompt[:reused]
@@ -274,8 +298,7 @@ class Engine:
             )
         after_layer = cfg.prune_after_layer if cfg.prune_after_layer is not None else self.backend.prune_after_layer
         plan = PrunePlan.checked(cfg.prune_prompt, after_layer, self.config)
-        if self._cache is None:
-            self._cache = self.backend.new_cache()
+        self._cache_for(prompt)
         self.backend.truncate(self._cache, 0)
         self._cached_ids, self._pruned = [], True
         pruned = self.backend.prefill_pruned(prompt, self._cache, plan, cfg.prefill_chunk, progress)
@@ -301,11 +324,12 @@ class Engine:
 
     def generate_ids(
         self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None,
-        drafter: Drafter | None = None,
+        drafter: Drafter | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[str | Result]:
         """Yield text pieces as tokens are generated, then the Result.
 
-        drafter: speculate with this one rather than the one cfg.speculate names."""
+        drafter: speculate with this one rather than the one cfg.speculate names.
+        cancel: asked before each decode step; True ends the generation there ("cancelled")."""
         ctx = self.config.max_context
         if not prompt:
             raise EdgetokError("the prompt is empty")
@@ -355,6 +379,9 @@ class Engine:
                 finish = "stop"
                 break
             if not chosen and len(out_ids) < budget:
+                if cancel is not None and cancel():
+                    finish = "cancelled"
+                    break
                 chosen = steps.after(out_ids, budget - len(out_ids))
         stats.decode_s = time.perf_counter() - t1
         stats.generated_tokens = len(out_ids)

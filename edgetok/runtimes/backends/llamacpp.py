@@ -60,8 +60,10 @@ class LlamaCppBackend:
         self.llm = open_gguf(source.path, n_ctx or source.config.max_context, threads, kv_type)
         self._n_vocab = self.llm.n_vocab()
 
-    def new_cache(self):
+    def new_cache(self, kv=None):
         """llama.cpp keeps one sequence's KV inside its context: the handle is the context itself."""
+        if kv is not None:
+            raise EdgetokError("the tiered KV cache applies to the torch and onnxruntime backends, not llama.cpp")
         self.llm.reset()
         return self.llm
 
@@ -89,6 +91,9 @@ class LlamaCppBackend:
     def _row(self, cache, j: int) -> np.ndarray:
         """The logits of the last decode's j-th batch position, in llama.cpp's memory (V,)."""
         return np.ctypeslib.as_array(cache._ctx.get_logits_ith(j), shape=(self._n_vocab,))
+
+    def forward_batch(self, tokens: list[int], caches: list) -> np.ndarray:
+        raise EdgetokError("the llama.cpp backend keeps one sequence; batched decoding needs an ONNX export")
 
     def truncate(self, cache, n: int) -> int:
         cache.n_tokens = n
