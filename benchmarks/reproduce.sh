@@ -56,3 +56,11 @@ if want prune; then
   $PY benchmarks/prune_prompt.py --model bench-out/smollm2-int4 --contexts 8000,4096 --keeps 0.5,0.3 --layers 2 \
     --repeat 2 --threads 2 --parts speed,agreement
 fi
+if want gemma; then  # Gemma 3 270M: bench at 1K–32K, export quality per format on four kinds of text, needles
+  mkdir -p bench-out/gemma-kvdisk
+  $LOCK $EDGETOK bench gemma3-270m --contexts 1024,8192,16384,32768 --new-tokens 64 --kv-budget 100%,25% \
+    --peers llamacpp,transformers --system 'edgetok KV 25% over device/host/disk=--kv-budget 25% --kv-device-mb 8 --kv-host-mb 32 --kv-disk bench-out/gemma-kvdisk' \
+    --threads 2 --repeat 1 --out benchmarks/results/gemma3-bench
+  $LOCK $PY benchmarks/gemma_quality.py --out bench-out/gemma --json benchmarks/results/gemma3-quality.json
+  $LOCK $PY benchmarks/gemma_needle.py --contexts 16384,32768 --depths 0.1,0.5,0.9 --budget 25% --json benchmarks/results/gemma3-needle.json
+fi

@@ -94,15 +94,19 @@ HF_CONFIGS = {
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(8)],
                       "long_factor": [2.0 + i for i in range(8)]},
     ),
+    # sliding layers (window 8: the tests' prompts cross it) between full ones; a query scale of
+    # its own; every norm, GeGLU, the scaled embedding
+    "gemma3": dict(model_type="gemma3_text", tie_word_embeddings=True, head_dim=16, sliding_window=8,
+                   sliding_window_pattern=2, query_pre_attn_scalar=24, pad_token_id=0),
 }
 
 
 def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, max_positions: int = 256,
-                  hidden: int = 64, intermediate: int = 96):
+                  hidden: int = 64, intermediate: int = 96, **overrides):
     """A tiny random transformers model of one family (the reference for parity)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    extra = dict(HF_CONFIGS[kind])
+    extra = dict(HF_CONFIGS[kind]) | overrides
     model_type = extra.pop("model_type")
     config = AutoConfig.for_model(
         model_type,
@@ -124,6 +128,8 @@ def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, ma
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
+            elif model_type == "gemma3_text":  # its norms start at zero (1 + w): make them matter
+                p.normal_(0, 0.3)
     return model
 
 
@@ -138,6 +144,20 @@ def tiny_folder(tmp_path_factory) -> Path:
     model = make_hf_model("llama", vocab)
     model.config.eos_token_id = 2
     model.save_pretrained(folder, max_shard_size="100KB")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_folder(tmp_path_factory) -> Path:
+    """An HF folder: tiny random Gemma 3 (6 layers, the 6th full, as llama.cpp assumes; window 8)."""
+    folder = tmp_path_factory.mktemp("tiny-gemma")
+    make_tokenizer_files(folder)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    model = make_hf_model("gemma3", vocab, layers=6, sliding_window_pattern=6, query_pre_attn_scalar=16)
+    model.config.eos_token_id = 2
+    model.save_pretrained(folder)
     return folder
 
 

@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from edgetok.errors import EdgetokError
 from edgetok.kernels.attention import attend, causal_mask
@@ -71,14 +70,16 @@ class _Attention:
     what calibration needs (the attention output, o_proj's input; optionally the probabilities'
     importance) so the model's own Attention module computes q/k/v and RoPE."""
 
-    def __init__(self, want_importance: bool, r_max: float) -> None:
-        self.want_importance, self.r_max = want_importance, r_max
+    def __init__(self, want_importance: bool, r_max: float, windows: list[int | None]) -> None:
+        self.want_importance, self.r_max, self.windows = want_importance, r_max, windows
         self.out: torch.Tensor | None = None  # (B, Hq, T, D)
         self.importance: torch.Tensor | None = None  # (B, T)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t = q.shape[2]
-        mask = causal_mask(t, t, device=q.device)
+        mask = causal_mask(t, t, self.windows[layer], device=q.device)
+        if mask is None:  # (one token)
+            mask = torch.ones(1, 1, dtype=torch.bool)
         if self.want_importance:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -127,9 +128,9 @@ def calibrate(
     from edgetok.exporters.quantize import QuantizedWeight
 
     s, t = tokens.shape
-    cos, sin = model.rope(torch.arange(t), torch.float32)  # with the family's cos / sin scale (longrope)
+    rope = model.rope(torch.arange(t), torch.float32)  # per layer kind, with the family's cos / sin scale
     batches = [slice(i, min(i + batch, s)) for i in range(0, s, batch)]
-    x = torch.cat([model.model.embed_tokens(tokens[b]).float() for b in batches])  # (S, T, hidden)
+    x = torch.cat([model.embed(tokens[b]).float() for b in batches])  # (S, T, hidden)
     layers = list(enumerate(model.model.layers))
     result: dict[str, QuantizedWeight] = {}
 
@@ -147,12 +148,13 @@ def calibrate(
 
     for i, block in progress(layers, len(layers)) if progress else layers:
         attn, mlp = block.self_attn, block.mlp
+        cos, sin = rope.of(i)
         importance = torch.ones(s, t)
         # q/k/v: inputs are the layer's normalized inputs; importance from this layer's float attention.
         h_qkv = _Hessian(x.shape[-1])
         for b in batches:
             h = block.input_layernorm(x[b])
-            rec = _Attention(weighted, r_max)
+            rec = _Attention(weighted, r_max, model.config.windows)
             if weighted:
                 attn(h, cos, sin, i, rec)
                 importance[b] = rec.importance
@@ -162,7 +164,7 @@ def calibrate(
         h_o = _Hessian(attn.o_proj.weight.shape[1])
         pre_o = []
         for b in batches:
-            rec = _Attention(False, r_max)
+            rec = _Attention(False, r_max, model.config.windows)
             attn(block.input_layernorm(x[b]), cos, sin, i, rec)
             a = rec.out.transpose(1, 2).reshape(x[b].shape[0], t, -1)  # (B, T, Hq·D)
             pre_o.append(a)
@@ -171,19 +173,18 @@ def calibrate(
         # gate/up: the residual after the quantized o, normalized.
         h_gu = _Hessian(x.shape[-1])
         for b, a in zip(batches, pre_o):
-            x[b] += attn.o_proj(a)
-            h_gu.add(block.post_attention_layernorm(x[b]), importance[b] if weighted else None)
+            x[b] += block.attention_out(attn.o_proj(a))
+            h_gu.add(block.mlp_norm(x[b]), importance[b] if weighted else None)
         del pre_o
         quantize_step(i, block, GATE_UP, h_gu)
         # down: the quantized gate/up's product (kept: recomputing it costs a third of the layer).
         h_down = _Hessian(mlp.down_proj.weight.shape[1])
         acts = []
         for b in batches:
-            h2 = block.post_attention_layernorm(x[b])
-            acts.append(F.silu(mlp.gate_proj(h2)) * mlp.up_proj(h2))  # (B, T, intermediate)
+            acts.append(mlp.hidden(block.mlp_norm(x[b])))  # (B, T, intermediate)
             h_down.add(acts[-1], importance[b] if weighted else None)
         quantize_step(i, block, (DOWN_PROJ,), h_down)
         for b, act in zip(batches, acts):  # the next layer's inputs, through the fully quantized layer
-            x[b] += mlp.down_proj(act)
+            x[b] += block.mlp_out(mlp.down_proj(act))
         del acts
     return result

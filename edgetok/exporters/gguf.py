@@ -23,8 +23,17 @@ from edgetok.exporters.options import (
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
 from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.checkpoint import stack
-from edgetok.models.config import ModelConfig
-from edgetok.models.gguf_file import gguf_arch, permute_qk, permuted_heads, stacked_gguf_name, stacked_name
+from edgetok.models.config import FULL, SLIDING, ModelConfig
+from edgetok.models.gguf_file import (
+    GEMMA3_27B_LAYERS,
+    GEMMA3_LOCAL_THETA,
+    GEMMA3_SWA_PATTERN,
+    gguf_arch,
+    permute_qk,
+    permuted_heads,
+    stacked_gguf_name,
+    stacked_name,
+)
 from edgetok.models.llama import longrope_long, rope_attention_factor
 from edgetok.models.manifest import GgufManifest, SourceRecord, gguf_report_path
 from edgetok.models.names import (
@@ -35,6 +44,7 @@ from edgetok.models.names import (
     V_PROJ,
     fused_parts,
     gguf_name,
+    is_norm,
     layer,
 )
 from edgetok.models.sources import Source
@@ -55,6 +65,8 @@ def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
     for key, attr in _METADATA:
         getattr(writer, f"add_{key}")(getattr(cfg, attr))
     writer.add_file_type(file_type)
+    if cfg.arch == "gemma3":
+        writer.add_sliding_window(cfg.sliding_window)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         import gguf
@@ -64,8 +76,8 @@ def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
     if scaling.get("rope_type") == "longrope":  # the factors are tensors (_rope_factors)
         writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
         writer.add_rope_scaling_attn_factors(rope_attention_factor(cfg))
-    if cfg.qk_norm and gguf_arch(cfg) != "qwen3":
-        raise EdgetokError(f"GGUF export of QK-norm supports Qwen3 only, not {cfg.arch}")
+    if cfg.qk_norm and gguf_arch(cfg) not in ("qwen3", "gemma3"):
+        raise EdgetokError(f"GGUF export of QK-norm supports Qwen3 and Gemma 3 only, not {cfg.arch}")
     if cfg.o_bias and gguf_arch(cfg) == "qwen3":
         raise EdgetokError("GGUF export cannot write this Qwen3's attention output bias: llama.cpp's qwen3 has none")
 
@@ -80,6 +92,27 @@ def _rope_factors(writer, cfg: ModelConfig) -> None:
     chosen = cfg.rope_scaling["long_factor" if longrope_long(cfg) else "short_factor"]
     for gg in GGUF_ROPE_FACTORS.values():
         writer.add_tensor(gg, np.asarray(chosen, dtype=np.float32))
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """What llama.cpp can run from a GGUF's metadata: it knows Gemma 3's layer pattern, local RoPE
+    base and query scale only as its own constants (models/gguf_file.py), so other values are refused."""
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
+        raise EdgetokError("GGUF export supports plain and linear-scaled RoPE, not llama3 scaling")
+    if cfg.arch != "gemma3":
+        if cfg.sliding_window is not None:
+            raise EdgetokError("GGUF export supports sliding windows in Gemma 3 models only")
+        return
+    n = cfg.num_layers
+    expected = {
+        "layer_types": [FULL if (i + 1) % GEMMA3_SWA_PATTERN == 0 else SLIDING for i in range(n)],
+        "rope_local_theta": GEMMA3_LOCAL_THETA,
+        "query_pre_attn_scalar": float(cfg.hidden_size // cfg.num_heads if n == GEMMA3_27B_LAYERS else cfg.head_dim),
+    }
+    for name, value in expected.items():
+        if getattr(cfg, name) != value:
+            raise EdgetokError(f"GGUF export of Gemma 3 needs {name} = {value} (llama.cpp assumes it), "
+                               f"not {getattr(cfg, name)}")
 
 
 def default_overrides(cfg: ModelConfig, quant: str) -> dict[str, str]:
@@ -175,7 +208,7 @@ def tensor_layout(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[st
             continue
         fused = stacked_name(cfg, name)
         if fused is None:
-            layout[gguf_name(name)] = name
+            layout[gguf_name(name, cfg.sandwich_norms)] = name
         elif fused_parts(fused)[0] == name:
             layout[stacked_gguf_name(fused)] = name
     return layout
@@ -225,8 +258,7 @@ def write_gguf(
 
     check_choice("--quant", quant, QUANTS)
     cfg = source.config
-    if cfg.sliding_window is not None or cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
-        raise EdgetokError("GGUF export supports plain and linear-scaled RoPE without sliding windows")
+    check_exportable(cfg)
     overrides = overrides or {}
     writer = gguf.GGUFWriter(path, gguf_arch(cfg))
     writer.add_name(str(source.info.get("name") or source.path.name))
@@ -254,6 +286,8 @@ def write_gguf(
         w = tensor.float()
         if heads is not None:
             w = torch.from_numpy(permute_qk(w.numpy(), heads))
+        if cfg.norm_offset and is_norm(name):  # llama.cpp multiplies by the stored weight itself
+            w = w + cfg.norm_offset
         planned = choose_type(gg, tuple(w.shape), overrides.get(name, quant))
         data, dtype = encode(w, planned.type)
         writer.add_tensor(gg, data, raw_dtype=dtype)

@@ -51,11 +51,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgetok.errors import EdgetokError
 from edgetok.exporters.options import ATTENTION, DEFAULT_OPSET, MIN_OPSET
 from edgetok.models import names
 from edgetok.models.config import ModelConfig
-from edgetok.models.llama import rope_attention_factor, rope_inv_freq
+from edgetok.models.llama import local_inv_freq, rope_attention_factor, rope_inv_freq
 from edgetok.models.manifest import PruneSpec
 from edgetok.runtimes.prune import DEFAULT_AFTER_LAYER, PrunePlan
 
@@ -110,11 +109,16 @@ def graph_inv_freq(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> torch.
     return inv_freq.float()
 
 
+def graph_windows(cfg: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window as the graph applies it (None: a window as long as the context
+    is no window)."""
+    return [w if w is not None and w < cfg.max_context else None for w in cfg.windows]
+
+
 def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int = DEFAULT_OPSET,
                   attention: str = "gqa", prune: PruneSpec | None = None) -> onnx.ModelProto:
     """The fp32 decoder graph of a Llama-family model (HF-named weights)."""
-    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_context:
-        raise EdgetokError("ONNX export does not support sliding-window attention yet (Mistral-style models)")
+    windows = graph_windows(cfg)
     assert opset >= MIN_OPSET and attention in ATTENTION, (opset, attention)  # OnnxOptions checks them
     assert prune is None or 0 <= prune.after_layer <= cfg.num_layers - 2, prune
     g = GraphBuilder()
@@ -131,11 +135,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         y = g.op("MatMul", x, w, name=f"{name}/MatMul", outputs=[out] if out and not bias else 1)
         return g.op("Add", y, g.weight(f"{name}.bias", tensor(f"{name}.bias")), outputs=[out] if out else 1) if bias else y
 
-    def rms_norm(x: str, name: str) -> str:
+    def norm_weight(name: str, scale: float = 1.0) -> str:
+        """The norm's multiplier: its weight, plus Gemma's offset; `scale` folded in."""
+        w = (_np(weights[f"{name}.weight"]) + np.float32(cfg.norm_offset)) * np.float32(scale)
+        return g.weight(f"{name}.weight", w)
+
+    def rms_norm(x: str, name: str, scale: float = 1.0) -> str:
         # The pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
         var = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
         rstd = g.op("Sqrt", g.op("Add", var, g.const(cfg.rms_norm_eps, np.float32)))
-        return g.op("Mul", g.op("Div", x, rstd), g.weight(f"{name}.weight", _np(weights[f"{name}.weight"])))
+        return g.op("Mul", g.op("Div", x, rstd), norm_weight(name, scale))
 
     def add_norm(x: str, delta: str, name: str) -> tuple[str, str]:
         """The residual x + delta, and its RMS norm (one fused kernel with gqa)."""
@@ -143,9 +152,20 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
             x = g.op("Add", x, delta)
             return x, rms_norm(x, name)
         outs = [g.fresh("normed"), "", "", g.fresh("residual")]
-        g.op("SkipSimplifiedLayerNormalization", delta, x, g.weight(f"{name}.weight", _np(weights[f"{name}.weight"])),
+        g.op("SkipSimplifiedLayerNormalization", delta, x, norm_weight(name),
              outputs=outs, domain=MS_DOMAIN, epsilon=cfg.rms_norm_eps)
         return outs[3], outs[0]
+
+    def activation(gate: str) -> str:
+        if cfg.hidden_act == "gelu_tanh":
+            if opset >= 20:
+                return g.op("Gelu", gate, approximate="tanh")
+            # 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))), for opsets before Gelu
+            cube = g.op("Mul", g.op("Mul", gate, gate), gate)
+            inner = g.op("Mul", g.op("Add", gate, g.op("Mul", cube, g.const(0.044715, np.float32))),
+                         g.const(np.sqrt(2 / np.pi), np.float32))
+            return g.op("Mul", g.op("Mul", gate, g.const(0.5, np.float32)), g.op("Add", g.op("Tanh", inner), g.const(1.0, np.float32)))
+        return g.op("Mul", gate, g.op("Sigmoid", gate))  # SiLU
 
     # -- what every layer needs about the past ------------------------------------------------------
     zero_f, neg_f = g.const(0.0, np.float32), g.const(NEG_INF, np.float32)
@@ -165,11 +185,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
 
     # -- what every layer needs about the new tokens (all of them, or the kept ones) -----------------
     inv_freq = graph_inv_freq(cfg, weights)
+    local_freq = local_inv_freq(cfg)
     rope_scale = rope_attention_factor(cfg)  # cos and sin times it (longrope's attention factor)
-    if gqa:  # RotaryEmbedding reads cos/sin tables (max positions, D/2)
-        angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * inv_freq.float()[None]
-        cos_cache = g.weight("rope.cos", _np(angles.cos() * rope_scale))
-        sin_cache = g.weight("rope.sin", _np(angles.sin() * rope_scale))
+    if gqa:  # RotaryEmbedding reads cos/sin tables (max positions, D/2): one pair per RoPE base
+        def rope_tables(freq: torch.Tensor, name: str, scale: float) -> tuple[str, str]:
+            angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * freq.float()[None]
+            return g.weight(f"{name}.cos", _np(angles.cos() * scale)), g.weight(f"{name}.sin", _np(angles.sin() * scale))
+
+        tables = rope_tables(inv_freq, "rope", rope_scale)
+        local_tables = tables if local_freq is None else rope_tables(local_freq, "rope_local", 1.0)
+        rope_of = [local_tables if local_freq is not None and cfg.window(i) is not None else tables for i in range(L)]
 
     def per_layer(x: str, axis: int) -> list[str]:
         """x split along `axis` into its L layers' pieces."""
@@ -189,25 +214,43 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
             t["seqlens"], t["totals"] = per_layer(seqlens, 1), per_layer(totals, 0)
             return t
         pos = g.op("Unsqueeze", g.op("Cast", positions, to=TensorProto.FLOAT), g.const([-1]))
-        freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(inv_freq)))
-        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
-        t["cos"], t["sin"] = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
-        if rope_scale != 1.0:
-            scale_f = g.const(rope_scale, np.float32)
-            t["cos"], t["sin"] = g.op("Mul", t["cos"], scale_f), g.op("Mul", t["sin"], scale_f)
-        # causal among the new tokens: (G·n, n), rows g·n + s
-        steps = g.op("Range", g.const(0), g.op("Squeeze", n, g.const([0])), g.const(1))
+        for key, freq, scale in (("", inv_freq, rope_scale), ("local.", local_freq, 1.0)):
+            if freq is None:
+                continue
+            freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(freq)))
+            emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
+            cos, sin = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
+            if scale != 1.0:
+                scale_f = g.const(scale, np.float32)
+                cos, sin = g.op("Mul", cos, scale_f), g.op("Mul", sin, scale_f)
+            t[f"{key}cos"], t[f"{key}sin"] = cos, sin
+        # causal among the new tokens: (G·n, n), rows g·n + s; within each window too
+        steps = t["steps"] = g.op("Range", g.const(0), g.op("Squeeze", n, g.const([0])), g.const(1))
         causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", steps, g.const([1])))
         t["new_bias"] = g.op("Tile", g.op("Where", causal, zero_f, neg_f), g.const([G, 1]))
+        for w in sorted({w for w in windows if w is not None}):
+            near = g.op("Less", g.op("Sub", g.op("Unsqueeze", steps, g.const([1])), g.op("Unsqueeze", steps, g.const([0]))), g.const(w))
+            t[f"new_bias.{w}"] = g.op("Tile", g.op("Where", g.op("And", causal, near), zero_f, neg_f), g.const([G, 1]))
         return t
 
-    def rope(x: str, t: dict[str, str]) -> str:
-        """x (B, S, heads, D)."""
+    def past_window_mask(i: int, t: dict[str, str]) -> str:
+        """Layer i's additive mask (B, 1, G·n, P) hiding past slots outside each new token's window:
+        slot j is position j of the layer's consecutive tokens, new token s is at past_length + s."""
+        length = g.op("Unsqueeze", g.op("Gather", names.PAST_LENGTH, g.const(i), axis=1), g.const([1, 2]))  # (B, 1, 1)
+        rows = g.op("Unsqueeze", t["steps"], g.const([0, 2]))  # (1, n, 1)
+        slots = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", p_lens[i], g.const([0])), g.const(1)), g.const([0, 1]))
+        far = g.op("GreaterOrEqual", g.op("Sub", g.op("Add", length, rows), slots), g.const(windows[i]))  # (B, n, P)
+        return g.op("Unsqueeze", g.op("Tile", g.op("Where", far, neg_f, zero_f), g.const([1, G, 1])), g.const([1]))
+
+    def rope(x: str, t: dict[str, str], local: bool = False) -> str:
+        """x (B, S, heads, D); local: the sliding layers' own RoPE (Gemma 3)."""
+        key = "local." if local else ""
         x1, x2 = g.op("Split", x, g.const([D // 2, D // 2]), axis=-1, outputs=2)
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-        return g.op("Add", g.op("Mul", x, t["cos"]), g.op("Mul", rotated, t["sin"]))
+        return g.op("Add", g.op("Mul", x, t[f"{key}cos"]), g.op("Mul", rotated, t[f"{key}sin"]))
 
     scale = 1.0 / float(np.sqrt(D))
+    attention_scale = cfg.attention_scale  # Gemma's query_pre_attn_scalar, else 1/sqrt(D)
 
     def project(i: int, h: str) -> str:
         """Layer i's packed q/k/v (B, S, (H + 2·Hkv)·D) before RoPE, its query and key heads
@@ -227,16 +270,20 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         """Layer i's attention output (B, S, H·D) and its new keys (B, Hkv, S, D)."""
         qkv = project(i, h)
         qk, v = g.op("Split", g.op("Reshape", qkv, g.const([0, 0, H + 2 * Hkv, D])), g.const([H + Hkv, Hkv]), axis=2, outputs=2)
-        q, k = g.op("Split", rope(qk, t), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
+        local = local_freq is not None and cfg.window(i) is not None
+        q, k = g.op("Split", rope(qk, t, local), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
         if prune is not None and i == prune.after_layer:
             g.op("Reshape", q, g.const([0, 0, H * D]), outputs=[f"rotated_query.{i}"])
         q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # (B, H, S, D)
         k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], outputs=[names.present("key", i)])
         v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], outputs=[names.present("value", i)])
         # query head h reads KV head h // G: group the query heads by KV head, (B, Hkv, G·S, D)
-        qg = g.op("Mul", g.op("Reshape", q, g.const([0, Hkv, -1, D])), g.const(scale, np.float32))
+        qg = g.op("Mul", g.op("Reshape", q, g.const([0, Hkv, -1, D])), g.const(attention_scale, np.float32))
         s_past = g.op("Add", g.op("MatMul", qg, g.op("Transpose", names.past("key", i), perm=[0, 1, 3, 2])), past_mask(i))
-        s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), t["new_bias"])
+        if windows[i] is not None:
+            s_past = g.op("Add", s_past, past_window_mask(i, t))
+        new_bias = t["new_bias"] if windows[i] is None else t[f"new_bias.{windows[i]}"]
+        s_new = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), new_bias)
         probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=-1), axis=-1)
         split = g.op("Concat", g.op("Shape", names.past("key", i), start=2, end=3), t["n"], axis=0)
         p_past, p_new = g.op("Split", probs, split, axis=-1, outputs=2)
@@ -249,7 +296,10 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         qkv = project(i, h)  # (B, S, (H + 2·Hkv)·D)
         seqlens, total = t["seqlens"][i], t["totals"][i]  # (B, 1), (1,)
         outputs = [g.fresh("attention"), names.present("key", i), names.present("value", i)]
-        attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=scale)
+        attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=attention_scale)
+        if windows[i] is not None:  # the last `window` keys, its own included (measured against torch: onnxruntime 1.32)
+            attrs["local_window_size"] = windows[i]
+        cos_cache, sin_cache = rope_of[i]
         if prune is None or i < prune.after_layer:  # packed, rotated inside at the explicit positions
             o = g.op("GroupQueryAttention", qkv, "", "", names.past("key", i), names.past("value", i), seqlens, total,
                      cos_cache, sin_cache, t["positions"], outputs=outputs, do_rotary=1, rotary_interleaved=0, **attrs)[0]
@@ -313,6 +363,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     # -- the layers ---------------------------------------------------------------------------------
     embed = g.weight(names.EMBEDDING, _np(weights[names.EMBEDDING]))
     x = g.op("Gather", embed, names.INPUT_IDS, axis=0, name="embed_tokens/Gather")  # (B, S, hidden)
+    if cfg.embed_scale:  # Gemma: × sqrt(hidden), in the activations' dtype
+        x = g.op("Mul", x, g.const(np.float32(cfg.hidden_size**0.5), np.float32))
     t = tokens(names.POSITION_IDS, g.op("Shape", names.INPUT_IDS, start=1, end=2))
     pending = None  # the last sublayer's output, not yet added to the residual x
     for i in range(L):
@@ -321,11 +373,17 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         else:
             x, h = add_norm(x, pending, names.layer(i, names.INPUT_NORM))
         o, k = (attention_gqa if gqa else attention_standard)(i, h, t)
-        x, h = add_norm(x, linear(o, names.layer(i, names.O_PROJ), cfg.o_bias), names.layer(i, names.POST_ATTENTION_NORM))
+        o = linear(o, names.layer(i, names.O_PROJ), cfg.o_bias)
+        if cfg.sandwich_norms:  # Gemma: attention's output normalized, then a norm before the MLP
+            x, h = add_norm(x, rms_norm(o, names.layer(i, names.POST_ATTENTION_NORM)), names.layer(i, names.PRE_FFN_NORM))
+        else:
+            x, h = add_norm(x, o, names.layer(i, names.POST_ATTENTION_NORM))
         gate, up = g.op("Split", linear(h, names.layer(i, names.GATE_UP_FUSED), cfg.mlp_bias),
                         g.const([cfg.intermediate_size] * 2), axis=-1, outputs=2)
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) · up
+        act = g.op("Mul", activation(gate), up)  # SiLU(gate) · up, or GeGLU's gelu
         pending = linear(act, names.layer(i, names.DOWN_PROJ), cfg.mlp_bias)
+        if cfg.sandwich_norms:
+            pending = rms_norm(pending, names.layer(i, names.POST_FFN_NORM))
         if prune is not None and i == prune.after_layer:
             x, t = select(i, k, g.op("Add", x, pending), t)
             pending = None

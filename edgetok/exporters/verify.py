@@ -14,7 +14,7 @@ from edgetok.runtimes.kv import ContiguousCache
 def model_logits(model: LlamaModel, tokens: list[int], chunk: int = 256) -> torch.Tensor:
     """Logits (T, V) float32 at every position of `tokens`, prefilled in chunks."""
     c = model.config
-    cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity=len(tokens))
+    cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity=len(tokens), windows=c.windows)
     with torch.inference_mode():
         return torch.cat([model(torch.tensor([tokens[i : i + chunk]]), cache, last=None)[0] for i in range(0, len(tokens), chunk)])
 

@@ -11,7 +11,7 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models.checkpoint import split_fused
-from edgetok.models.config import ModelConfig
+from edgetok.models.config import FULL, SLIDING, ModelConfig
 from edgetok.models.names import (
     FUSED,
     GGUF_ROPE_FACTORS,
@@ -23,12 +23,18 @@ from edgetok.models.names import (
     Q_PROJ,
     gguf_name,
     hf_name,
+    is_norm,
     layer,
 )
 
 GGUF_MAGIC = b"GGUF"
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3")  # Mistral GGUFs say "llama"
-NEOX_ARCHS = ("qwen2", "qwen3", "phi3")  # llama.cpp rotates their heads' halves, as HF does: no permutation
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3")  # Mistral GGUFs say "llama"
+NEOX_ARCHS = ("qwen2", "qwen3", "phi3", "gemma3")  # llama.cpp rotates their heads' halves, as HF does: no permutation
+
+# What llama.cpp assumes of Gemma 3 without metadata (llama-model.cpp): every 6th layer is global,
+# the sliding layers' RoPE base is 10000 and unscaled, and the 27B model (62 layers) scales queries
+# by hidden / heads rather than head_dim.
+GEMMA3_SWA_PATTERN, GEMMA3_LOCAL_THETA, GEMMA3_27B_LAYERS = 6, 10000.0, 62
 
 
 def gguf_arch(cfg: ModelConfig) -> str:
@@ -111,7 +117,10 @@ def config_from_gguf(
         raise EdgetokError(f"unsupported RoPE scaling '{scaling_type}' in GGUF")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
+    gemma = _gemma3_fields(meta, get, hidden // heads, head_dim) if arch == "gemma3" else {}
     return ModelConfig(
+        **gemma,
         arch=arch,
         vocab_size=meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         hidden_size=hidden,
@@ -119,7 +128,7 @@ def config_from_gguf(
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=meta.get(f"{arch}.attention.key_length") or hidden // heads,
+        head_dim=head_dim,
         max_context=get("context_length"),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
@@ -132,6 +141,20 @@ def config_from_gguf(
         bos_token_id=bos,
         eos_token_ids=list(dict.fromkeys(eos)),
     )
+
+
+def _gemma3_fields(meta: dict[str, Any], get: Callable, width_per_head: int, head_dim: int) -> dict[str, Any]:
+    n = get("block_count")
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+    return {
+        "layer_types": [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)],
+        "rope_local_theta": GEMMA3_LOCAL_THETA,
+        "sandwich_norms": True,
+        "norm_offset": 1.0,
+        "hidden_act": "gelu_tanh",
+        "embed_scale": True,
+        "query_pre_attn_scalar": float(width_per_head if n == GEMMA3_27B_LAYERS else head_dim),
+    }
 
 
 def read_gguf(path: Path, progress: Callable | None = None):
@@ -159,7 +182,7 @@ def read_gguf(path: Path, progress: Callable | None = None):
     for t in items:
         if t.name in GGUF_ROPE_FACTORS.values():
             continue  # in the config
-        name = hf_name(t.name)
+        name = hf_name(t.name, cfg.sandwich_norms)
         if name is not None and stacked_name(cfg, name):  # phi3's ffn_up: gate and up, split below
             name = stacked_name(cfg, name)
         if name is None:
@@ -172,6 +195,8 @@ def read_gguf(path: Path, progress: Callable | None = None):
         heads = permuted_heads(name, cfg)
         if heads is not None:
             w = unpermute_qk(w, heads)
+        if cfg.norm_offset and is_norm(name):  # llama.cpp stores Gemma's norms as offset + weight
+            w = w - np.float32(cfg.norm_offset)
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the reader maps the file read-only
         qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
     weights = split_fused(weights, cfg)

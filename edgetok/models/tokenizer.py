@@ -258,6 +258,8 @@ def gguf_tokenizer_fields(tokenizer: Tokenizer) -> dict[str, Any]:
             if re_byte_token(t):
                 types[i] = TOKEN_BYTE
         fields["tokenizer.ggml.add_space_prefix"] = "Prepend" in json.dumps(spec.get("normalizer"))
+        if model.get("unk_token") in vocab:
+            fields["tokenizer.ggml.unknown_token_id"] = vocab[model["unk_token"]]
     else:
         fields["tokenizer.ggml.merges"] = merges
         fields["tokenizer.ggml.pre"] = _pre_tokenizer_name(spec.get("pre_tokenizer"))

@@ -88,10 +88,10 @@ def prefill_pruned(
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         x = model.embed(ids[:, start:stop])
-        cos, sin = model.rope(torch.arange(start, stop), x.dtype)
-        x = model.run_layers(x, cos, sin, cache, 0, last)
+        rope = model.rope(torch.arange(start, stop), x.dtype)
+        x = model.run_layers(x, rope, cache, 0, last)
         layer_in[:, start:stop] = x
-        layer_out[:, start:stop] = model.run_layers(x, cos, sin, cache, last, last + 1)
+        layer_out[:, start:stop] = model.run_layers(x, rope, cache, last, last + 1)
         report.done(stop - start, last + 1)
 
     kept = _choose(model, layer_in, plan, n_kept)
@@ -105,8 +105,7 @@ def prefill_pruned(
     for start in range(0, len(kept), chunk):
         positions = kept[start : start + chunk]
         x = x_kept[:, start : start + chunk]
-        cos, sin = model.rope(positions, x.dtype)
-        x = model.run_layers(x, cos, sin, cache, last + 1)
+        x = model.run_layers(x, model.rope(positions, x.dtype), cache, last + 1)
         report.done(len(positions), n_layers - last - 1)
     return Pruned(model.head(x[0, -1]).numpy(), kept.numpy())
 
@@ -121,7 +120,7 @@ def _choose(model: LlamaModel, layer_in: torch.Tensor, plan: PrunePlan, count: i
     w = min(plan.window, n)
     block = model.model.layers[plan.after_layer]
     h = block.input_layernorm(layer_in)
-    cos, sin = model.rope(torch.arange(n), h.dtype)
+    cos, sin = model.rope(torch.arange(n), h.dtype).of(plan.after_layer)
     q, _, _ = block.self_attn.project(h[:, -w:], cos[-w:], sin[-w:])  # (1, Hq, W, D)
     _, k, _ = block.self_attn.project(h, cos, sin)  # (1, Hkv, N, D)
     scores = token_scores(q[0], k[0], plan.pool)

@@ -211,7 +211,7 @@ def test_calibration_attention_matches_the_model():
     with torch.no_grad():
         want = block.self_attn(x, cos, sin, 0, ContiguousCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch=3))
         for importance in (False, True):
-            rec = _Attention(importance, 10.0)
+            rec = _Attention(importance, 10.0, cfg.windows)
             assert (block.self_attn(x, cos, sin, 0, rec) - want).abs().max() < 1e-5
         assert rec.importance.shape == (3, 33) and torch.allclose(rec.importance.mean(-1), torch.ones(3))
 

@@ -17,7 +17,7 @@ TOL = 1e-4
 def edgetok_logits(model: LlamaModel, ids: list[int], prompt_len: int, chunk: int) -> torch.Tensor:
     """Logits (T, V) at every position: chunked prefill of the prompt, then one token per step."""
     c = model.config
-    cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity=4)  # forces growth
+    cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity=4, windows=c.windows)  # forces growth
     out = []
     with torch.inference_mode():
         for start in range(0, prompt_len, chunk):
@@ -29,7 +29,7 @@ def edgetok_logits(model: LlamaModel, ids: list[int], prompt_len: int, chunk: in
 
 def greedy_continuation(model: LlamaModel, prompt: list[int], steps: int) -> list[int]:
     c = model.config
-    cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim)
+    cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, windows=c.windows)
     ids = list(prompt)
     with torch.inference_mode():
         logits = model(torch.tensor([ids]), cache)

@@ -138,10 +138,8 @@ def test_pruned_prefill_and_decode_match_a_reference_by_hand(backend, source):
     ref = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim)
     with torch.inference_mode():
         x = model.embed(torch.tensor([PROMPT]))
-        cos, sin = model.rope(torch.arange(N), x.dtype)
-        x = model.run_layers(x, cos, sin, ref, 0, p.after_layer + 1)[:, kept]
-        cos, sin = model.rope(kept, x.dtype)
-        rows = [model.head(model.run_layers(x, cos, sin, ref, p.after_layer + 1)[0, -1])]
+        x = model.run_layers(x, model.rope(torch.arange(N), x.dtype), ref, 0, p.after_layer + 1)[:, kept]
+        rows = [model.head(model.run_layers(x, model.rope(kept, x.dtype), ref, p.after_layer + 1)[0, -1])]
         for step, tok in enumerate(got[:-1]):
             rows.append(model(torch.tensor([[tok]]), ref, positions=torch.tensor([N + step]))[0, -1])
         wrong = model(torch.tensor([[got[0]]]), ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim),

@@ -20,13 +20,13 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.models import names
-from edgetok.models.llama import apply_rope, rope_attention_factor, rope_cos_sin
+from edgetok.models.llama import apply_rope, local_inv_freq, rope_attention_factor, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import BATCH, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
 from edgetok.runtimes.backends.onnx_batch import DecodeBatch
 from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
-from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, TieredCache
+from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, budgeted_cache
 from edgetok.runtimes.prune import Pruned, PrunePlan
 
 DECODE_SLACK = 128  # spare cache slots per growth: bounds both the copies and the masked work
@@ -94,7 +94,11 @@ class OnnxBackend:
         batch = {BATCH} if self.in_place and kv is None else set()
         self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch)
         self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None) if batch else None
-        self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)  # the graph's RoPE
+        # the graph's RoPE per layer: Gemma 3's sliding layers have their own base (and no scaling)
+        self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)
+        local = local_inv_freq(manifest.config)
+        self.inv_freqs = [local if local is not None and manifest.config.window(i) is not None else self.inv_freq
+                          for i in range(manifest.config.num_layers)]
         self.rope_scale = rope_attention_factor(manifest.config)  # its cos / sin scale (longrope)
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         # Bindings by shape and buffers, the most recently used last: speculative decoding
@@ -104,7 +108,7 @@ class OnnxBackend:
     def new_cache(self, kv: KVConfig | None = None):
         c, kv = self.config, kv or self.kv
         if kv is not None:  # float32: what the graph reads, so a view needs no conversion
-            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
+            return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
@@ -174,11 +178,14 @@ class OnnxBackend:
         hd = c.num_heads * c.head_dim
         qkv = bound.queries if bound.queries is not None else [out[names.qkv(i)].numpy() for i in range(c.num_layers)]
         result: list[torch.Tensor] = [None] * c.num_layers
-        for m in sorted(set(ran)):
-            group = [i for i, r in enumerate(ran) if r == m]
+        keys = [(r, id(f)) for r, f in zip(ran, self.inv_freqs)]  # layers alike: same tokens, same RoPE
+        for key in dict.fromkeys(keys):
+            group = [i for i, k in enumerate(keys) if k == key]
+            m, inv_freq = key[0], self.inv_freqs[group[0]]
             r = min(m, last)
             positions = torch.arange(start, start + n) if m == n else start + torch.from_numpy(kept[0])
-            cos, sin = rope_cos_sin(self.inv_freq, positions[m - r :], self.rope_scale)
+            scale = self.rope_scale if inv_freq is self.inv_freq else 1.0
+            cos, sin = rope_cos_sin(inv_freq, positions[m - r :], scale)
             q = torch.stack([torch.from_numpy(qkv[i][0, m - r : m, :hd]) for i in group])  # (G, r, H·D): a copy
             q = apply_rope(q.view(len(group), r, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, r, D)
             for j, i in enumerate(group):

@@ -9,7 +9,7 @@ from edgetok.errors import EdgetokError
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
-from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, TieredCache
+from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, budgeted_cache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
 
 
@@ -35,8 +35,8 @@ class TorchBackend:
     def new_cache(self, kv: KVConfig | None = None) -> AttendingCache:
         c, kv = self.config, kv or self.kv
         if kv is not None:
-            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
-        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, sliding_window=c.sliding_window)
+            return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim)
+        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, windows=c.windows)
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], cache: AttendingCache, last: int = 1) -> np.ndarray:

@@ -6,6 +6,8 @@ knows which cache it has.
     config.py      KVConfig: the budget, the tiers, prefetch
     contiguous.py  the exact cache: one growing buffer per layer
     tiered.py      the tiered cache's policy: chunking, budgets, selection
+    window.py      a sliding-window layer's cache: its window, no tiers, no selection
+    mixed.py       sliding layers apart, full-attention layers tiered (Gemma 3); budgeted_cache
     storage.py     where the tiered cache's tokens live: a slab in RAM, or chunks in tiers
     tiers.py       the tiers' placement: device copies over host/disk homes, by heat
     disk.py        the disk tier's file
@@ -20,6 +22,8 @@ knows which cache it has.
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.contiguous import ContiguousCache
+from edgetok.runtimes.kv.mixed import MixedCache, budgeted_cache
 from edgetok.runtimes.kv.tiered import TieredCache
 
-__all__ = ["KVCache", "AttendingCache", "GraphCache", "KVState", "KVConfig", "ContiguousCache", "TieredCache"]
+__all__ = ["KVCache", "AttendingCache", "GraphCache", "KVState", "KVConfig", "ContiguousCache", "TieredCache",
+           "MixedCache", "budgeted_cache"]

@@ -24,7 +24,7 @@ class ContiguousCache(AttendingCache, GraphCache):
         batch: int = 1,
         capacity: int = 256,
         dtype: torch.dtype = torch.float32,
-        sliding_window: int | None = None,
+        windows: list[int | None] | None = None,
         growth: float = 0.25,
         slack: int = 256,
     ) -> None:
@@ -36,7 +36,8 @@ class ContiguousCache(AttendingCache, GraphCache):
         self.growth, self.slack = growth, slack
         self.lengths = [0] * num_layers  # tokens stored per layer
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
-        self.sliding_window = sliding_window
+        # per layer: attention sees the last `window` positions (sliding layers), or None: all of them
+        self.windows = windows or [None] * num_layers
         self.decode_start: float = math.inf  # the position from which every layer stores every token
 
     @property
@@ -44,7 +45,7 @@ class ContiguousCache(AttendingCache, GraphCache):
         return self.lengths[-1] + self.skipped[-1]
 
     def skip(self, layer: int, n: int) -> None:
-        assert self.sliding_window is None, "a sliding window counts positions, not stored tokens"
+        assert self.windows[layer] is None, "a sliding window counts positions, not stored tokens"
         self.skipped[layer] += n
 
     @property
@@ -66,7 +67,7 @@ class ContiguousCache(AttendingCache, GraphCache):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.append(layer, q, k, v)
         end = self.lengths[layer]
-        mask = causal_mask(k.shape[2], end, self.sliding_window, device=q.device)
+        mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)
         return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------

