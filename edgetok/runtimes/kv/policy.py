@@ -15,6 +15,7 @@ MASS = 0.9  # a layer's spread: the share of tokens that holds this much of its 
 class Profile:
     spread: float  # fraction of the context needed to cover MASS of the attention (0..1]
     importance: torch.Tensor  # (N,) attention each token receives (mean over queries, max over heads)
+    attention: torch.Tensor  # (Hq, W, N) the observation queries' attention
 
 
 def attention_profile(q_obs: torch.Tensor, keys: torch.Tensor) -> Profile:
@@ -25,7 +26,7 @@ def attention_profile(q_obs: torch.Tensor, keys: torch.Tensor) -> Profile:
     needed = (sorted_p.cumsum(-1) < MASS).sum(-1) + 1  # (Hq, W) tokens to reach MASS
     visible = torch.arange(n - w + 1, n + 1).clamp(max=n)  # keys each observation query can see
     spread = (needed.float() / visible.float()).mean().item()
-    return Profile(spread=spread, importance=received(p))
+    return Profile(spread=spread, importance=received(p), attention=p)
 
 
 def chunk_size_for(spread: float, sizes: tuple[int, ...]) -> int:
