@@ -23,6 +23,11 @@ reuses the K/V of the text before the needle. (In `edgetok run` a budgeted cache
 bf16 K/V itself; the difference is not what this measures.) Each (kind, context) unit runs under
 /tmp/edgetok-bench.lock; --out is rewritten after every unit.
 
+    --parts selection: per layer, with the prompt's last 32 queries (the observation window) and
+    its 16-token chunks, the attention mass that a 25 % selection by the chunks' bounds captures,
+    against the best 25 % of chunks chosen from the exact attention (an oracle): how much of the
+    loss at a fixed budget is the ranking's, and how much the budget's. No extra prefill.
+
     --parts speed: prompt pruning's prefill time at one context, rounds interleaved (none, pruned),
     wall and CPU seconds.
 """
@@ -40,6 +45,8 @@ from pathlib import Path
 import torch
 
 import edgetok
+from edgetok.kernels.pruning import window_attention
+from edgetok.kernels.selection import chunk_shares, key_abstracts
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig, KVState
 from edgetok.runtimes.prune import PrunePlan
@@ -211,6 +218,35 @@ class Bench:
         return rows
 
 
+def selection(kind: str, state: KVState, share: float = 0.25, size: int = 16) -> dict:
+    """Captured attention mass of the observation queries at a `share` of each layer's chunks:
+    chosen by the chunks' bounds (as the cache does) and by the exact attention (oracle); the
+    window and the tokens after the last whole chunk are always read."""
+    bound, oracle = [], []
+    for (k, _), q in zip(state.layers, state.q_obs):
+        hq, w, d = q.shape
+        hkv, n = k.shape[0], k.shape[1]
+        c = (n - w) // size
+        p = window_attention(q, k)  # (Hq, W, N)
+        mass = p[:, :, : c * size].reshape(hq, w, c, size).sum(-1).transpose(0, 1)  # (W, Hq, C)
+        rest = p[:, :, c * size :].sum(-1).transpose(0, 1)  # (W, Hq)
+        abstracts = key_abstracts(k[:, : c * size].float().reshape(hkv, c, size, d)).expand(w, -1, -1, -1)
+        scores = chunk_shares(q.float().transpose(0, 1), abstracts).amax(-2)  # (W, C)
+        budget = max(1, int(share * c))
+        bound.append(_captured(mass, rest, scores.topk(budget, -1).indices))
+        oracle.append(_captured(mass, rest, mass.amax(1).topk(budget, -1).indices))
+    return {"kind": kind, "context": state.layers[0][0].shape[1], "selection_share": share,
+            "captured_by_bounds": round(sum(bound) / len(bound), 4), "captured_by_oracle": round(sum(oracle) / len(oracle), 4),
+            "captured_by_bounds_per_layer": [round(x, 3) for x in bound],
+            "captured_by_oracle_per_layer": [round(x, 3) for x in oracle]}
+
+
+def _captured(mass: torch.Tensor, rest: torch.Tensor, chosen: torch.Tensor) -> float:
+    """mass (W, Hq, C) per chunk, rest (W, Hq) outside them, chosen (W, K) chunk ids → mean captured."""
+    picked = torch.zeros(mass.shape[0], mass.shape[2]).scatter(1, chosen, 1.0)  # (W, C)
+    return ((mass * picked[:, None]).sum(-1) + rest).mean().item()
+
+
 def budget_config(budget: str) -> KVConfig:
     """'25%', 'auto' or 'auto:0.98' (a coverage target)."""
     if budget.startswith("auto:"):
@@ -227,7 +263,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--needle-tokens", type=int, default=20)
     ap.add_argument("--needle-depths", default="0.1,0.5,0.9")
-    ap.add_argument("--parts", default="agreement,needles")
+    ap.add_argument("--parts", default="agreement,selection,needles")
     ap.add_argument("--repeat", type=int, default=2, help="speed: interleaved rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
@@ -249,11 +285,13 @@ def main() -> None:
             with bench_lock():
                 if "speed" in parts:
                     emit(bench.speed(kind, context))
-                if "agreement" in parts or "needles" in parts:
+                if "agreement" in parts or "needles" in parts or "selection" in parts:
                     prompts = Prompts(bench.model, kind, context)
                     rows, state = bench.agreement(kind, prompts)
                     if "agreement" in parts:
                         emit(rows)
+                    if "selection" in parts:
+                        emit([selection(kind, state)])
                     if "needles" in parts:
                         emit(bench.needles(kind, prompts, state))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgetok.errors import EdgetokError
 
 BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
-DEFAULT_COVERAGE = 0.99  # --kv-budget auto's target: see BENCHMARKS.md, "Fidelity on many kinds of text"
+DEFAULT_COVERAGE = 0.9  # --kv-budget auto's target: see BENCHMARKS.md, "Fidelity on many kinds of text"
 MAX_MB = 2.0**40  # an exabyte: beyond any machine, and a byte count that stays an integer
 
 
