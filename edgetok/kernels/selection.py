@@ -82,13 +82,14 @@ def coverage_keep(shares: torch.Tensor, order: torch.Tensor, coverage: float) ->
 def select_chunks(
     q: torch.Tensor, abstracts: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor,
     sinks: torch.Tensor, recent: torch.Tensor, coverage: float | None = None,
-    temperature: torch.Tensor | float = 1.0,
+    temperature: torch.Tensor | float = 1.0, pinned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Each layer's chunks to attend to, for all layers at once.
 
     q (L, Hq, D); abstracts (L, Hkv, 2D, C) whose first counts[l] columns are layer l's chunks;
-    keep, sinks, recent (L,) int64 with sinks + recent ≤ keep ≤ counts. Layer l keeps its first
-    sinks[l] and last recent[l] chunks and the best-scored others, keep[l] in all — or, with a
+    keep, sinks, recent (L,) int64 with sinks + recent (+ pinned) ≤ keep ≤ counts. Layer l keeps
+    its first sinks[l] and last recent[l] chunks, those `pinned` (L, C) bool marks, and the
+    best-scored others, keep[l] in all — or, with a
     `coverage` target (--kv-budget auto), as many as its estimated shares (chunk_shares at
     `temperature`, (L,)) say cover that much of every head's attention, from sinks + recent up
     to keep[l].
@@ -99,12 +100,14 @@ def select_chunks(
     col = torch.arange(shares.shape[-1])
     scores = shares.amax(-2).masked_fill(col >= counts[:, None], float("-inf"))  # (L, C)
     forced = (col < sinks[:, None]) | ((col >= (counts - recent)[:, None]) & (col < counts[:, None]))
+    if pinned is not None:
+        forced |= pinned[:, : shares.shape[-1]]
     scores = scores.masked_fill(forced, float("inf"))
     estimated = None
     if coverage is not None:
         order = scores.argsort(dim=-1, descending=True, stable=True)
         need, _ = coverage_keep(shares, order, coverage)
-        keep = torch.minimum(torch.maximum(need, sinks + recent), keep)
+        keep = torch.minimum(torch.maximum(need, forced.sum(-1)), keep)
         covered = shares.gather(-1, order[:, None].expand_as(shares)).cumsum(-1)
         estimated = covered.gather(-1, (keep - 1).clamp(min=0)[:, None, None].expand(-1, shares.shape[1], 1))[..., 0].amin(-1)
     k = int(keep.max())
@@ -117,11 +120,21 @@ TEMPERATURES = (0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
 def fit_temperature(q_obs: torch.Tensor, keys: torch.Tensor, p: torch.Tensor, chunk_size: int, coverage: float) -> float:
     """The temperature at which coverage selection, run with the observation queries on the
     prompt's chunks, captures `coverage` of their measured attention on average (the smallest
-    such; the largest tried if none does).
+    such in TEMPERATURES; the largest if none does).
 
     q_obs (Hq, W, D) the last W prompt queries; keys (Hkv, N, D); p (Hq, W, N) their attention
     (kernels/pruning.window_attention). Only chunks wholly before the first observation query
     count, their attention renormalized over them."""
+    for t in TEMPERATURES:
+        if coverage_achieved(q_obs, keys, p, chunk_size, coverage, t) >= coverage:
+            return t
+    return TEMPERATURES[-1]
+
+
+def coverage_achieved(q_obs: torch.Tensor, keys: torch.Tensor, p: torch.Tensor, chunk_size: int, coverage: float,
+                      temperature: float) -> float:
+    """The measured attention mass (mean over the observation queries and heads) that coverage
+    selection at this temperature takes (see fit_temperature); 1.0 with fewer than 2 chunks."""
     hq, w, d = q_obs.shape
     hkv = keys.shape[0]
     c = (keys.shape[1] - w) // chunk_size
@@ -132,15 +145,12 @@ def fit_temperature(q_obs: torch.Tensor, keys: torch.Tensor, p: torch.Tensor, ch
     q = q_obs.float().transpose(0, 1)  # (W, Hq, D)
     actual = p[:, :, : c * chunk_size].reshape(hq, w, c, chunk_size).sum(-1)  # (Hq, W, C)
     actual = (actual / actual.sum(-1, keepdim=True).clamp(min=1e-30)).transpose(0, 1)  # (W, Hq, C)
-    for t in TEMPERATURES:
-        shares = chunk_shares(q, abstracts, None, t)  # (W, Hkv, C)
-        order = shares.amax(-2).argsort(dim=-1, descending=True, stable=True)  # (W, C)
-        keep, _ = coverage_keep(shares, order, coverage)  # (W,)
-        taken = torch.arange(c)[None] < keep[:, None]  # (W, C) in order
-        chosen = torch.zeros(w, c, dtype=torch.bool).scatter(1, order, taken)  # (W, C) by chunk id
-        if (actual * chosen[:, None]).sum(-1).mean().item() >= coverage:
-            return t
-    return TEMPERATURES[-1]
+    shares = chunk_shares(q, abstracts, None, temperature)  # (W, Hkv, C)
+    order = shares.amax(-2).argsort(dim=-1, descending=True, stable=True)  # (W, C)
+    keep, _ = coverage_keep(shares, order, coverage)  # (W,)
+    taken = torch.arange(c)[None] < keep[:, None]  # (W, C) in order
+    chosen = torch.zeros(w, c, dtype=torch.bool).scatter(1, order, taken)  # (W, C) by chunk id
+    return (actual * chosen[:, None]).sum(-1).mean().item()
 
 
 def captured_mass(q: torch.Tensor, attended: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

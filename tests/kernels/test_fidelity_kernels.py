@@ -10,6 +10,7 @@ from edgetok.kernels.selection import (
     TEMPERATURES,
     captured_mass,
     chunk_shares,
+    coverage_achieved,
     coverage_keep,
     fit_temperature,
     key_abstracts,
@@ -46,7 +47,7 @@ def _layer(concentrated: bool, c: int = 40, s: int = 16, d: int = 32):
     keys = torch.randn(2, c, s, d, generator=G) * 0.3
     q = torch.randn(1, 4, d, generator=G)
     if concentrated:
-        keys[:, [5, 17, 30]] += 2.0 * q[0, ::2, None, :]  # three chunks align with the query
+        keys[:, [5, 17, 30]] += 2.0 * q[0, ::2, None, None, :]  # three chunks align with the query
     return q, key_abstracts(keys)[None]
 
 
@@ -74,13 +75,18 @@ def test_fixed_keep_is_unchanged_by_the_coverage_code():
     assert set(chosen[0].tolist()) == set(scores.topk(10).indices.tolist())
 
 
-def test_fitted_temperature_delivers_the_coverage_on_the_queries_it_was_fitted_on():
+def test_the_fitted_temperature_is_the_smallest_that_meets_the_target():
     keys = torch.randn(2, 600, 32, generator=G)
     q = torch.randn(4, 32, 32, generator=G)
-    keys[:, 100:116] += q[::2, :1].transpose(0, 1) * 0.5
+    keys[:, 100:116] += q[::2, 0, None, :] * 0.5  # a chunk the queries favour
     p = window_attention(q, keys)
-    t = fit_temperature(q, keys, p, 16, 0.9)
-    assert t in TEMPERATURES
+    for coverage in (0.5, 0.9, 0.99):
+        t = fit_temperature(q, keys, p, 16, coverage)
+        achieved = {x: coverage_achieved(q, keys, p, 16, coverage, x) for x in TEMPERATURES}
+        assert t == TEMPERATURES[-1] or achieved[t] >= coverage
+        assert all(achieved[x] < coverage for x in TEMPERATURES if x < t)
+    # flatter shares keep more chunks, so they capture more
+    assert coverage_achieved(q, keys, p, 16, 0.9, 4.0) > coverage_achieved(q, keys, p, 16, 0.9, 0.5)
 
 
 def test_referenced_keeps_the_neighbourhood_of_the_question_words():

@@ -22,7 +22,7 @@ from edgetok.kernels.selection import captured_mass, fit_temperature, key_abstra
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.fidelity import Fidelity
-from edgetok.runtimes.kv.policy import allocate, attention_profile, chunk_size_for, layer_shares
+from edgetok.runtimes.kv.policy import allocate, attention_profile, chunk_size_for, layer_shares, pinned_chunks
 from edgetok.runtimes.kv.staging import Stages
 from edgetok.runtimes.kv.stats import Counters, report
 from edgetok.runtimes.kv.storage import Layer, ResidentStorage, Storage, TieredStorage
@@ -55,6 +55,8 @@ class TieredCache(AttendingCache, GraphCache):
         # (L, Hkv, 2D, capacity): per layer, the max then min keys of each chunk, float32 (bounds are
         # computed from them every step)
         self.abstracts = torch.zeros(num_layers, num_kv_heads, 2 * head_dim, 0)
+        self.pinned = torch.zeros(num_layers, 0, dtype=torch.bool)  # (L, capacity): chunks always read (policy.pinned_chunks)
+        self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
         self._views: list[tuple] = []  # this decode step's view of each layer (a graph's backend)
         self.budgets: list[float] = []
@@ -93,6 +95,8 @@ class TieredCache(AttendingCache, GraphCache):
     def reset(self) -> None:
         self.storage.reset()
         self.abstracts = torch.zeros(self.abstracts.shape[:3] + (0,))  # (no view: reset runs in __del__ too)
+        self.pinned = torch.zeros(len(self.lengths), 0, dtype=torch.bool)
+        self.n_pinned = [0] * len(self.lengths)
         self.stages.reset()
         self._views = []
         self.lengths = [0] * len(self.lengths)
@@ -195,6 +199,10 @@ class TieredCache(AttendingCache, GraphCache):
             spreads.append(profile.spread)
             c = keys.shape[1] // layer.chunk_size
             self._add_abstracts(i, keys[:, : c * layer.chunk_size].reshape(self.n_kv, c, layer.chunk_size, self.head_dim))
+            if not self.cfg.full_budget:
+                pins = pinned_chunks(profile.attention, layer.chunk_size, c, self.cfg.sink_tokens)
+                self.pinned[i, pins] = True
+                self.n_pinned[i] = len(pins)
             self.storage.cut(layer, keys, values, profile.importance)
         for layer, share in zip(self.layers, layer_shares(spreads)):
             layer.share = share
@@ -210,6 +218,9 @@ class TieredCache(AttendingCache, GraphCache):
             grown = torch.zeros(self.abstracts.shape[:3] + (max(need + 64, need * 5 // 4),))
             grown[..., : self.abstracts.shape[3]] = self.abstracts
             self.abstracts = grown
+            pinned = torch.zeros(self.pinned.shape[0], grown.shape[3], dtype=torch.bool)
+            pinned[:, : self.pinned.shape[1]] = self.pinned
+            self.pinned = pinned
         self.abstracts[i, :, :, layer.n_chunks : need] = key_abstracts(chunks)
         layer.n_chunks = need
 
@@ -226,7 +237,7 @@ class TieredCache(AttendingCache, GraphCache):
         recent = min(c, max(0, -(-(self.cfg.recent_tokens - window) // size)))
         if self.cfg.is_auto:  # the selection decides how many, up to all of them
             return c, sinks, recent
-        return min(c, max(int((budget - window) // size), sinks + recent)), sinks, recent
+        return min(c, max(int((budget - window) // size), sinks + recent + self.n_pinned[i])), sinks, recent
 
     def _select(self, i: int, q: torch.Tensor) -> torch.Tensor | None:
         """Chunk indices (sorted) layer i attends to for query q (Hq, D); None = all of them."""
@@ -235,7 +246,7 @@ class TieredCache(AttendingCache, GraphCache):
             return None
         args = [torch.tensor([x]) for x in (self.layers[i].n_chunks, *plan)]
         chosen, valid, estimated = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args,
-                                                 self.cfg.coverage, self.temperatures[i : i + 1])
+                                                 self.cfg.coverage, self.temperatures[i : i + 1], self.pinned[i : i + 1])
         if estimated is not None:
             self.fidelity.promise(i, estimated[0])
         return chosen[0, : int(valid[0].sum())].sort().values
@@ -250,7 +261,7 @@ class TieredCache(AttendingCache, GraphCache):
         counts_t, keep, sinks, recent = torch.tensor(rows).T
         q = torch.stack([layer.q_last for layer in self.layers])  # (L, Hq, D)
         chosen, valid, estimated = select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent,
-                                                 self.cfg.coverage, self.temperatures)
+                                                 self.cfg.coverage, self.temperatures, self.pinned)
         if estimated is not None:
             for i, plan in enumerate(plans):
                 if plan is not None:
