@@ -254,8 +254,31 @@ def budget_config(budget: str) -> KVConfig:
     return KVConfig(budget=budget)
 
 
+def report(results: list[dict]) -> str:
+    """BENCHMARKS.md's tables from a results file: per kind and context, each system's agreement,
+    KL, budget used, captured mass and decode speed; then the needles."""
+    lines = ["| kind | context | system | greedy agreement | KL mean | budget used | captured mass (min head) | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "greedy_agreement" in r:
+            mass = "–" if r["captured_mass"] is None else f"{r['captured_mass']:.3f} ({r['captured_mass_min_head']:.2f})"
+            lines.append(f"| {r['kind']} | {r['context']} | {r['system']} | {r['greedy_agreement']:.1%} | {r['kl_mean']:.4f} "
+                         f"| {r['budget_used']:.1%} | {mass} | {r['decode_tok_s']} |")
+    lines += ["", "| kind | context | selection at 25 %: captured by bounds | by an oracle |", "|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['context']} | {r['captured_by_bounds']:.3f} | {r['captured_by_oracle']:.3f} |"
+              for r in results if "captured_by_bounds" in r]
+    needles = [r for r in results if "needle_depth" in r]
+    if needles:
+        systems = list(needles[0]["found"])
+        lines += ["", "| kind | context | depth | " + " | ".join(systems) + " |", "|---|---|---|" + "---|" * len(systems)]
+        lines += [f"| {r['kind']} | {r['context']} | {r['needle_depth']:.0%} | "
+                  + " | ".join("✓" if r["found"].get(s) else "✗" for s in systems) + " |" for r in needles]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--report", type=Path, default=None, help="print the tables of this results file and stop")
     ap.add_argument("--kinds", default="all", help=f"comma-separated, of {', '.join(KINDS)}; or all")
     ap.add_argument("--contexts", default="4096,8192")
     ap.add_argument("--budgets", default="25%,auto", help="fixed shares and auto (auto:C sets --kv-coverage C)")
@@ -268,6 +291,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return
     bench = Bench(args)
     kinds = list(KINDS) if args.kinds == "all" else args.kinds.split(",")
     parts = args.parts.split(",")

@@ -49,3 +49,7 @@ if want prune; then
   $PY benchmarks/prune_prompt.py --model bench-out/smollm2-int4 --contexts 8000,4096 --keeps 0.5,0.3 --layers 2 \
     --repeat 2 --threads 2 --parts speed,agreement
 fi
+if want fidelity; then  # seven kinds of text: budgets (25 %, auto) and pruning vs exact runs; pruning's 8K prefill
+  $PY benchmarks/fidelity.py --kinds legal --contexts 8192 --parts speed --repeat 2 --out benchmarks/results/fidelity.json
+  $PY benchmarks/fidelity.py --contexts 4096,8192 --budgets 25%,auto --needle-tokens 18 --out benchmarks/results/fidelity.json
+fi

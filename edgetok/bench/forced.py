@@ -36,6 +36,7 @@ class TeacherForcing:
         self.inner = backend
         self.name, self.config, self.capabilities = backend.name, backend.config, backend.capabilities
         self.prune_after_layer = backend.prune_after_layer
+        self.weights_fidelity = backend.weights_fidelity
         self.follow = follow
         self.rows: list[np.ndarray] = []  # (V,) float32 each
         self._decoding = False

@@ -83,7 +83,7 @@ def select_chunks(
     q: torch.Tensor, abstracts: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor,
     sinks: torch.Tensor, recent: torch.Tensor, coverage: float | None = None,
     temperature: torch.Tensor | float = 1.0, pinned: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each layer's chunks to attend to, for all layers at once.
 
     q (L, Hq, D); abstracts (L, Hkv, 2D, C) whose first counts[l] columns are layer l's chunks;
@@ -93,23 +93,24 @@ def select_chunks(
     `coverage` target (--kv-budget auto), as many as its estimated shares (chunk_shares at
     `temperature`, (L,)) say cover that much of every head's attention, from sinks + recent up
     to keep[l].
-    Returns chunk ids (L, K), which of them count (L, K) (row l's first keep[l]), and with a
-    coverage target the estimated coverage of each layer's selection (L,) (else None).
+    The ranking is the same at any temperature (a per-head constant scale of the bounds keeps each
+    head's order; the max over heads can differ); the estimates use it.
+    Returns chunk ids (L, K), which of them count (L, K) (row l's first keep[l]), and the
+    estimated coverage of each layer's selection (L,): the least covered head's share.
     """
-    shares = chunk_shares(q, abstracts, counts, temperature if coverage is not None else 1.0)  # (L, Hkv, C)
+    shares = chunk_shares(q, abstracts, counts, temperature)  # (L, Hkv, C)
     col = torch.arange(shares.shape[-1])
     scores = shares.amax(-2).masked_fill(col >= counts[:, None], float("-inf"))  # (L, C)
     forced = (col < sinks[:, None]) | ((col >= (counts - recent)[:, None]) & (col < counts[:, None]))
     if pinned is not None:
         forced |= pinned[:, : shares.shape[-1]]
     scores = scores.masked_fill(forced, float("inf"))
-    estimated = None
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    covered = shares.gather(-1, order[:, None].expand_as(shares)).cumsum(-1)  # (L, Hkv, C) along the order
     if coverage is not None:
-        order = scores.argsort(dim=-1, descending=True, stable=True)
         need, _ = coverage_keep(shares, order, coverage)
         keep = torch.minimum(torch.maximum(need, forced.sum(-1)), keep)
-        covered = shares.gather(-1, order[:, None].expand_as(shares)).cumsum(-1)
-        estimated = covered.gather(-1, (keep - 1).clamp(min=0)[:, None, None].expand(-1, shares.shape[1], 1))[..., 0].amin(-1)
+    estimated = covered.gather(-1, (keep - 1).clamp(min=0)[:, None, None].expand(-1, shares.shape[1], 1))[..., 0].amin(-1)
     k = int(keep.max())
     return scores.topk(k, -1).indices, torch.arange(k) < keep[:, None], estimated
 

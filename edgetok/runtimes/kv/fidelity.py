@@ -37,7 +37,8 @@ class Fidelity:
         self.total[layer] += total
 
     def promise(self, layer: int, estimated: torch.Tensor) -> None:
-        """estimated (): the coverage of the layer's selection by its chunks' bounds, this step."""
+        """estimated (): the coverage of the layer's selection by its chunks' bounds, this step
+        (calibrated by the fitted temperature under --kv-budget auto; at temperature 1 otherwise)."""
         self.estimated[layer].append(estimated.item())
 
     def measured(self, layer: int, per_head: torch.Tensor) -> None:

@@ -194,7 +194,7 @@ class TieredCache(AttendingCache, GraphCache):
             profile = attention_profile(q_obs, keys.float())
             layer.spread, layer.q_obs = profile.spread, None
             layer.chunk_size = chunk_size_for(profile.spread, self.cfg.chunk_sizes)
-            if self.cfg.is_auto:
+            if self.cfg.is_auto:  # (a fixed budget ranks and estimates at temperature 1, unfitted)
                 self.temperatures[i] = fit_temperature(q_obs, keys, profile.attention, layer.chunk_size, self.cfg.coverage)
             spreads.append(profile.spread)
             c = keys.shape[1] // layer.chunk_size
@@ -247,8 +247,7 @@ class TieredCache(AttendingCache, GraphCache):
         args = [torch.tensor([x]) for x in (self.layers[i].n_chunks, *plan)]
         chosen, valid, estimated = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args,
                                                  self.cfg.coverage, self.temperatures[i : i + 1], self.pinned[i : i + 1])
-        if estimated is not None:
-            self.fidelity.promise(i, estimated[0])
+        self.fidelity.promise(i, estimated[0])
         return chosen[0, : int(valid[0].sum())].sort().values
 
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,10 +261,9 @@ class TieredCache(AttendingCache, GraphCache):
         q = torch.stack([layer.q_last for layer in self.layers])  # (L, Hq, D)
         chosen, valid, estimated = select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent,
                                                  self.cfg.coverage, self.temperatures, self.pinned)
-        if estimated is not None:
-            for i, plan in enumerate(plans):
-                if plan is not None:
-                    self.fidelity.promise(i, estimated[i])
+        for i, plan in enumerate(plans):
+            if plan is not None:
+                self.fidelity.promise(i, estimated[i])
         return chosen, valid
 
     def _step_budgets(self) -> None:
