@@ -78,6 +78,22 @@ HF_CONFIGS = {
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2"),
     "smollm": dict(model_type="llama", tie_word_embeddings=True, rope_theta=100000.0),
+    "qwen3": dict(model_type="qwen3", head_dim=32),  # head_dim ≠ hidden / heads, as Qwen3's own
+    "qwen3-tied": dict(model_type="qwen3", tie_word_embeddings=True, attention_bias=True),
+    "phi3": dict(model_type="phi3", pad_token_id=None),
+    # longrope past its pretraining context (max_context 256 > 32: the long factors and the attention
+    # factor of 256 / 32; the parity test's 72 tokens make transformers choose them too) and within
+    # it (the short factors)
+    "phi3-longrope": dict(
+        model_type="phi3", pad_token_id=None, original_max_position_embeddings=32,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 16 for i in range(8)],
+                      "long_factor": [1.0 + i for i in range(8)]},
+    ),
+    "phi3-short": dict(
+        model_type="phi3", pad_token_id=None, original_max_position_embeddings=256,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(8)],
+                      "long_factor": [2.0 + i for i in range(8)]},
+    ),
 }
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from edgetok.errors import EdgetokError
 from edgetok.kernels.attention import attend, causal_mask
-from edgetok.models.llama import LlamaModel, rope_cos_sin
+from edgetok.models.llama import LlamaModel
 from edgetok.models.names import DOWN_PROJ, GATE_UP, O_PROJ, QKV, layer
 from edgetok.models.tokenizer import Tokenizer
 from edgetok.texts import essays
@@ -127,7 +127,7 @@ def calibrate(
     from edgetok.exporters.quantize import QuantizedWeight
 
     s, t = tokens.shape
-    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(t))
+    cos, sin = model.rope(torch.arange(t), torch.float32)  # with the family's cos / sin scale (longrope)
     batches = [slice(i, min(i + batch, s)) for i in range(0, s, batch)]
     x = torch.cat([model.model.embed_tokens(tokens[b]).float() for b in batches])  # (S, T, hidden)
     layers = list(enumerate(model.model.layers))

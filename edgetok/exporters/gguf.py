@@ -12,12 +12,23 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.exporters.options import CODE_TYPES, QUANTS, GgufOptions, check_choice, higher_precision
-from edgetok.exporters.quantize import QuantizedModel, quantized_source
+from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
 from edgetok.files import file_sha256, progress_bar, staged
+from edgetok.models.checkpoint import stack
 from edgetok.models.config import ModelConfig
-from edgetok.models.gguf_file import permute_qk, permuted_heads
+from edgetok.models.gguf_file import gguf_arch, permute_qk, permuted_heads, stacked_gguf_name, stacked_name
+from edgetok.models.llama import longrope_long, rope_attention_factor
 from edgetok.models.manifest import GgufManifest, SourceRecord, gguf_report_path
-from edgetok.models.names import DOWN_PROJ, EMBEDDING, LM_HEAD, V_PROJ, gguf_name, layer
+from edgetok.models.names import (
+    DOWN_PROJ,
+    EMBEDDING,
+    GGUF_ROPE_FACTORS,
+    LM_HEAD,
+    V_PROJ,
+    fused_parts,
+    gguf_name,
+    layer,
+)
 from edgetok.models.sources import Source
 from edgetok.models.tokenizer import gguf_tokenizer_fields
 
@@ -42,6 +53,25 @@ def _metadata(writer, cfg: ModelConfig, file_type: int) -> None:
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    if scaling.get("rope_type") == "longrope":  # the factors are tensors (_rope_factors)
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        writer.add_rope_scaling_attn_factors(rope_attention_factor(cfg))
+    if cfg.qk_norm and gguf_arch(cfg) != "qwen3":
+        raise EdgetokError(f"GGUF export of QK-norm supports Qwen3 only, not {cfg.arch}")
+    if cfg.o_bias and gguf_arch(cfg) == "qwen3":
+        raise EdgetokError("GGUF export cannot write this Qwen3's attention output bias: llama.cpp's qwen3 has none")
+
+
+def _rope_factors(writer, cfg: ModelConfig) -> None:
+    """longrope's per-frequency divisors as llama.cpp's two tensors. Both hold the set edgetok
+    chose for max_context (longrope_long): llama.cpp would choose again by its own n_ctx, and a
+    parity report runs it at a few hundred tokens; this way the file computes what edgetok does at
+    any n_ctx."""
+    if (cfg.rope_scaling or {}).get("rope_type") != "longrope":
+        return
+    chosen = cfg.rope_scaling["long_factor" if longrope_long(cfg) else "short_factor"]
+    for gg in GGUF_ROPE_FACTORS.values():
+        writer.add_tensor(gg, np.asarray(chosen, dtype=np.float32))
 
 
 def default_overrides(cfg: ModelConfig, quant: str) -> dict[str, str]:
@@ -173,27 +203,36 @@ def write_gguf(
     if cfg.sliding_window is not None or cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
         raise EdgetokError("GGUF export supports plain and linear-scaled RoPE without sliding windows")
     overrides = overrides or {}
-    writer = gguf.GGUFWriter(path, "qwen2" if cfg.arch == "qwen2" else "llama")
+    writer = gguf.GGUFWriter(path, gguf_arch(cfg))
     writer.add_name(str(source.info.get("name") or source.path.name))
     _metadata(writer, cfg, _file_type(quant))
     for key, value in gguf_tokenizer_fields(source.tokenizer).items():
         _add_field(writer, key, value)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, tensor in source.weights.items():
+    _rope_factors(writer, cfg)
+    weights = source.weights
+    for name in weights:
         if cfg.tie_word_embeddings and name == LM_HEAD:
             continue
+        gg, tensor, codes = gguf_name(name), weights[name], (quantized or {}).get(name)
+        fused = stacked_name(cfg, name)
+        if fused is not None:  # one tensor for all its parts (phi3's ffn_up: gate, then up), at the first
+            if fused_parts(fused)[0] != name:
+                continue
+            gg, tensor = stacked_gguf_name(fused), stack(weights, fused)
+            parts = [quantized.get(p) for p in fused_parts(fused)] if quantized else [None]
+            codes = QuantizedWeight.cat_rows(parts) if all(q is not None for q in parts) else None
         heads = permuted_heads(name, cfg)
-        if quantized and name in quantized and name not in overrides:
-            qw = quantized[name]
+        if codes is not None and name not in overrides:
             if heads is not None:  # the same row order as permute_qk gives the float weight
-                qw = qw.rows(torch.from_numpy(permute_qk(np.arange(qw.shape[0]), heads)))
-            writer.add_tensor(gguf_name(name), gguf_blocks(qw, quant), raw_dtype=_qtype(quant))
+                codes = codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
+            writer.add_tensor(gg, gguf_blocks(codes, quant), raw_dtype=_qtype(quant))
             continue
         w = tensor.float().numpy()
         if heads is not None:
             w = permute_qk(w, heads)
         data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
-        writer.add_tensor(gguf_name(name), data, raw_dtype=dtype)
+        writer.add_tensor(gg, data, raw_dtype=dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

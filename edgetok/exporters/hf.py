@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from edgetok.files import atomic_folder
+from edgetok.models.checkpoint import fuse
 from edgetok.models.names import LM_HEAD, ROPE_FREQS
 from edgetok.models.sources import Source
 
@@ -23,6 +24,7 @@ def export_hf_folder(source: Source, out: Path, force: bool = False) -> Path:
         weights = {k: v.contiguous() for k, v in source.weights.items() if k != ROPE_FREQS}
         if source.config.tie_word_embeddings:
             weights.pop(LM_HEAD, None)
+        weights = fuse(weights, source.config)  # the family's own layout (Phi-3 stacks q/k/v, gate/up)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     return out
 

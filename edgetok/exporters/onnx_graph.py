@@ -55,7 +55,7 @@ from edgetok.errors import EdgetokError
 from edgetok.exporters.options import ATTENTION, DEFAULT_OPSET, MIN_OPSET
 from edgetok.models import names
 from edgetok.models.config import ModelConfig
-from edgetok.models.llama import rope_inv_freq
+from edgetok.models.llama import rope_attention_factor, rope_inv_freq
 from edgetok.models.manifest import PruneSpec
 from edgetok.runtimes.prune import DEFAULT_AFTER_LAYER, PrunePlan
 
@@ -165,9 +165,11 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
 
     # -- what every layer needs about the new tokens (all of them, or the kept ones) -----------------
     inv_freq = graph_inv_freq(cfg, weights)
+    rope_scale = rope_attention_factor(cfg)  # cos and sin times it (longrope's attention factor)
     if gqa:  # RotaryEmbedding reads cos/sin tables (max positions, D/2)
         angles = torch.arange(cfg.max_context, dtype=torch.float32)[:, None] * inv_freq.float()[None]
-        cos_cache, sin_cache = g.weight("rope.cos", _np(angles.cos())), g.weight("rope.sin", _np(angles.sin()))
+        cos_cache = g.weight("rope.cos", _np(angles.cos() * rope_scale))
+        sin_cache = g.weight("rope.sin", _np(angles.sin() * rope_scale))
 
     def per_layer(x: str, axis: int) -> list[str]:
         """x split along `axis` into its L layers' pieces."""
@@ -190,6 +192,9 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         freqs = g.op("Mul", pos, g.weight(g.fresh("rope.inv_freq"), _np(inv_freq)))
         emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
         t["cos"], t["sin"] = g.op("Cos", emb), g.op("Sin", emb)  # (B, n, 1, D): HF's half-split layout
+        if rope_scale != 1.0:
+            scale_f = g.const(rope_scale, np.float32)
+            t["cos"], t["sin"] = g.op("Mul", t["cos"], scale_f), g.op("Mul", t["sin"], scale_f)
         # causal among the new tokens: (G·n, n), rows g·n + s
         steps = g.op("Range", g.const(0), g.op("Squeeze", n, g.const([0])), g.const(1))
         causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", steps, g.const([1])))
@@ -204,9 +209,23 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
 
     scale = 1.0 / float(np.sqrt(D))
 
+    def project(i: int, h: str) -> str:
+        """Layer i's packed q/k/v (B, S, (H + 2·Hkv)·D) before RoPE, its query and key heads
+        RMS-normed where the family norms them (QK-norm): the qkv.i output."""
+        if not cfg.qk_norm:
+            return linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))
+        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias)
+        q, k, v = g.op("Split", qkv, g.const([H * D, Hkv * D, Hkv * D]), axis=-1, outputs=3)
+
+        def heads(x: str, n: int, norm: str) -> str:  # (B, S, n·D), normed over each head's D values
+            per_head = g.op("Reshape", x, g.const([0, 0, n, D]))
+            return g.op("Reshape", rms_norm(per_head, names.layer(i, norm)), g.const([0, 0, n * D]))
+
+        return g.op("Concat", heads(q, H, names.Q_NORM), heads(k, Hkv, names.K_NORM), v, axis=-1, outputs=[names.qkv(i)])
+
     def attention_standard(i: int, h: str, t: dict[str, str]) -> tuple[str, str]:
         """Layer i's attention output (B, S, H·D) and its new keys (B, Hkv, S, D)."""
-        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))
+        qkv = project(i, h)
         qk, v = g.op("Split", g.op("Reshape", qkv, g.const([0, 0, H + 2 * Hkv, D])), g.const([H + Hkv, Hkv]), axis=2, outputs=2)
         q, k = g.op("Split", rope(qk, t), g.const([H, Hkv]), axis=2, outputs=2)  # (B, S, heads, D)
         if prune is not None and i == prune.after_layer:
@@ -227,7 +246,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
 
     def attention_gqa(i: int, h: str, t: dict[str, str]) -> tuple[str, str | None]:
         """Layer i's attention output and, at the prune layer, its rotated new keys (B, S, Hkv·D)."""
-        qkv = linear(h, names.layer(i, names.QKV_FUSED), cfg.qkv_bias, out=names.qkv(i))  # (B, S, (H + 2·Hkv)·D)
+        qkv = project(i, h)  # (B, S, (H + 2·Hkv)·D)
         seqlens, total = t["seqlens"][i], t["totals"][i]  # (B, 1), (1,)
         outputs = [g.fresh("attention"), names.present("key", i), names.present("value", i)]
         attrs = dict(domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=scale)

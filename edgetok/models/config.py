@@ -7,8 +7,12 @@ from typing import Any
 
 from edgetok.errors import EdgetokError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# HF's class per family (config.json's "architectures"); Phi-3's checkpoints fuse q/k/v and gate/up
+# (models/checkpoint.py splits them on load and fuses them again to write one)
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 @dataclass
@@ -29,7 +33,8 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral
+    sliding_window: int | None = None  # Mistral, Phi-3
+    qk_norm: bool = False  # an RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -44,6 +49,14 @@ class ModelConfig:
             raise EdgetokError(
                 f"unsupported RoPE scaling '{rope_type}' (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
+        if rope_type == "longrope":
+            scaling = self.rope_scaling or {}
+            for key in ("short_factor", "long_factor"):
+                if len(scaling.get(key) or ()) != self.head_dim // 2:
+                    raise EdgetokError(f"invalid config: longrope's {key} needs {self.head_dim // 2} values "
+                                       f"(head_dim / 2), got {len(scaling.get(key) or ())}")
+            if not scaling.get("original_max_position_embeddings"):
+                raise EdgetokError("invalid config: longrope needs original_max_position_embeddings")
         if self.num_heads % self.num_kv_heads:
             raise EdgetokError(
                 f"invalid config: {self.num_heads} attention heads is not a multiple of "
@@ -55,7 +68,7 @@ class ModelConfig:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
 
     def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
@@ -66,9 +79,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A Hugging Face config.json for this architecture (the inverse of from_hf)."""
-        arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         d: dict[str, Any] = {
-            "architectures": [arch_class[self.arch]],
+            "architectures": [HF_CLASSES[self.arch]],
             "model_type": self.arch,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -89,8 +101,15 @@ class ModelConfig:
         }
         if self.arch == "llama":
             d |= {"attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias}
-        if self.arch == "mistral":
+        if self.arch == "qwen3":
+            d |= {"attention_bias": self.qkv_bias, "use_sliding_window": False}
+        if self.arch in ("mistral", "phi3"):
             d["sliding_window"] = self.sliding_window
+        if self.arch == "phi3":
+            d["pad_token_id"] = None  # not Phi3Config's default, 32000, which may lie outside the vocabulary
+        if self.rope_scaling and self.rope_scaling.get("rope_type") == "longrope":
+            # Phi-3 keeps the pretraining context beside the scaling, and it takes priority there
+            d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         return d
 
     @classmethod
@@ -111,12 +130,20 @@ class ModelConfig:
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         rope.pop("rope_theta", None)
+        partial = rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise EdgetokError(f"unsupported partial rotary embedding (partial_rotary_factor {partial}): "
+                               "edgetok rotates whole heads")
+        if rope.get("rope_type") == "su":  # Phi-3's first name for longrope
+            rope["rope_type"] = "longrope"
+        if rope.get("rope_type") == "longrope" and d.get("original_max_position_embeddings"):
+            rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
         rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         attention_bias = bool(d.get("attention_bias", False))
         sliding = d.get("sliding_window")
-        if arch == "qwen2" and not d.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             sliding = None
         return cls(
             arch=arch,
@@ -133,9 +160,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or attention_bias,
-            o_bias=arch != "qwen2" and attention_bias,
+            o_bias=arch != "qwen2" and attention_bias,  # Qwen3's attention_bias covers o_proj too
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=sliding,
+            qk_norm=arch == "qwen3",
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )

@@ -10,11 +10,45 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.models.checkpoint import split_fused
 from edgetok.models.config import ModelConfig
-from edgetok.models.names import K_PROJ, LM_HEAD, O_PROJ, Q_PROJ, gguf_name, hf_name, layer
+from edgetok.models.names import (
+    FUSED,
+    GGUF_ROPE_FACTORS,
+    GGUF_STACKED,
+    K_NORM,
+    K_PROJ,
+    LM_HEAD,
+    O_PROJ,
+    Q_PROJ,
+    gguf_name,
+    hf_name,
+    layer,
+)
 
 GGUF_MAGIC = b"GGUF"
-GGUF_ARCHS = ("llama", "qwen2")  # Mistral GGUFs say "llama"
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3")  # Mistral GGUFs say "llama"
+NEOX_ARCHS = ("qwen2", "qwen3", "phi3")  # llama.cpp rotates their heads' halves, as HF does: no permutation
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    """llama.cpp's architecture name for cfg's family."""
+    return cfg.arch if cfg.arch in GGUF_ARCHS else "llama"
+
+
+def stacked_name(cfg: ModelConfig, hf: str) -> str | None:
+    """The fused HF name ("...mlp.gate_up_proj.weight") whose tensor llama.cpp's `cfg` architecture
+    stores in place of part `hf`, or None when it stores `hf` as it is."""
+    for fused in GGUF_STACKED.get(gguf_arch(cfg), ()):
+        for part in FUSED[fused]:
+            if f".{part}." in hf:
+                return hf.replace(part, fused)
+    return None
+
+
+def stacked_gguf_name(fused: str) -> str:
+    """llama.cpp's name of a stacked tensor: its last part's (phi3's gate_up → ffn_up)."""
+    return gguf_name(next(fused.replace(f, parts[-1]) for f, parts in FUSED.items() if f".{f}." in fused))
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -30,7 +64,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def permuted_heads(hf: str, cfg: ModelConfig) -> int | None:
     """The heads in the rows of tensor `hf` when llama.cpp stores them permuted (permute_qk): the
     q and k projections of every architecture llama.cpp reads as "llama"; None for the rest."""
-    if cfg.arch == "qwen2":
+    if gguf_arch(cfg) in NEOX_ARCHS:
         return None
     return cfg.num_heads if f".{Q_PROJ}." in hf else cfg.num_kv_heads if f".{K_PROJ}." in hf else None
 
@@ -49,7 +83,10 @@ def read_metadata(reader) -> dict[str, Any]:
     return meta
 
 
-def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_gguf(
+    meta: dict[str, Any], tensor_names: set[str], rope_factors: dict[str, list[float]] | None = None
+) -> ModelConfig:
+    """rope_factors: longrope's {"long_factor": [...], "short_factor": [...]} read from the file's tensors."""
     arch = meta.get("general.architecture", "?")
     if arch not in GGUF_ARCHS:
         raise EdgetokError(f"unsupported architecture '{arch}' in GGUF: edgetok runs the Llama family ({', '.join(GGUF_ARCHS)})")
@@ -66,12 +103,16 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
     scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif rope_factors:  # llama.cpp writes no scaling type for them
+        rope_scaling = {"rope_type": "longrope", **rope_factors,
+                        "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+                        "attention_factor": float(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0))}
     elif scaling_type not in ("none", None):
         raise EdgetokError(f"unsupported RoPE scaling '{scaling_type}' in GGUF")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
     return ModelConfig(
-        arch=arch if arch == "qwen2" else "llama",
+        arch=arch,
         vocab_size=meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
@@ -86,6 +127,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         tie_word_embeddings=gguf_name(LM_HEAD) not in tensor_names,
         qkv_bias=gguf_name(layer(0, f"{Q_PROJ}.bias")) in tensor_names,
         o_bias=gguf_name(layer(0, f"{O_PROJ}.bias")) in tensor_names,
+        qk_norm=gguf_name(layer(0, f"{K_NORM}.weight")) in tensor_names,
+        sliding_window=meta.get(f"{arch}.attention.sliding_window") or None,
         bos_token_id=bos,
         eos_token_ids=list(dict.fromkeys(eos)),
     )
@@ -107,12 +150,18 @@ def read_gguf(path: Path, progress: Callable | None = None):
     except Exception as e:  # the gguf package raises assorted errors on damaged files
         raise EdgetokError(f"{path} is a damaged GGUF file (truncated or corrupt: {e})") from None
     names = {t.name for t in reader.tensors}
-    cfg = config_from_gguf(meta, names)
+    factors = {key: [float(x) for x in t.data] for t in reader.tensors for key, gg in GGUF_ROPE_FACTORS.items()
+               if t.name == gg}
+    cfg = config_from_gguf(meta, names, factors)
     qtypes: dict[str, int] = {}
     weights: dict[str, torch.Tensor] = {}
     items = progress(reader.tensors, len(reader.tensors)) if progress else reader.tensors
     for t in items:
+        if t.name in GGUF_ROPE_FACTORS.values():
+            continue  # in the config
         name = hf_name(t.name)
+        if name is not None and stacked_name(cfg, name):  # phi3's ffn_up: gate and up, split below
+            name = stacked_name(cfg, name)
         if name is None:
             raise EdgetokError(f"{path}: unexpected tensor '{t.name}' for a {cfg.arch} model")
         shape = tuple(int(d) for d in reversed(t.shape))
@@ -125,6 +174,7 @@ def read_gguf(path: Path, progress: Callable | None = None):
             w = unpermute_qk(w, heads)
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the reader maps the file read-only
         qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
+    weights = split_fused(weights, cfg)
     info = {
         "format": "gguf",
         "name": meta.get("general.name"),

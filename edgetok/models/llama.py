@@ -1,4 +1,4 @@
-"""The reference torch model of the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM.
+"""The reference torch model of the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM.
 
 Parameter names follow Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so an
 HF state dict loads as is and a GGUF is renamed into the same form. K/V live in a cache object
@@ -35,14 +35,43 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":  # per-frequency divisors: the long ones when the context exceeds pretraining's
+        factors = scaling["long_factor" if longrope_long(cfg) else "short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (T,) → cos, sin (T, head_dim), in HF's half-split layout."""
+def longrope_long(cfg: ModelConfig) -> bool:
+    """Whether longrope uses its long factors: chosen once for the context the model is run at
+    (max_context), as llama.cpp chooses them for its n_ctx. transformers chooses per forward by the
+    sequence's length, which agrees whenever the sequence is on the same side of the pretraining
+    context."""
+    return cfg.max_context > cfg.rope_scaling["original_max_position_embeddings"]
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor RoPE's cos and sin are multiplied by (longrope: sqrt(1 + ln s / ln original),
+    s = max_context / original, unless the config names it); 1 for the other kinds."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_context / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (T,) → cos, sin (T, head_dim), in HF's half-split layout, times `scale`
+    (rope_attention_factor)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,6 +103,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul, once fused (int8 weights)
+        if cfg.qk_norm:  # over each head's D values, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) → q (B, Hq, T, D), k, v (B, Hkv, T, D); q and k rotated to their positions."""
@@ -86,6 +119,8 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache) -> torch.Tensor:
@@ -142,6 +177,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.rope_scale = rope_attention_factor(cfg)
 
     @classmethod
     def from_state_dict(
@@ -194,7 +230,7 @@ class LlamaModel(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) → cos, sin (T, head_dim) in the activations' dtype."""
-        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         return cos.to(dtype), sin.to(dtype)
 
     def run_layers(self, x, cos, sin, cache: KVCache, start: int = 0, stop: int | None = None) -> torch.Tensor:

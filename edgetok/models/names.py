@@ -23,6 +23,7 @@ HEAD_WEIGHTS = (EMBEDDING, LM_HEAD)  # one matrix when the embeddings are tied
 
 INPUT_NORM = "input_layernorm"  # the norm before attention, in each layer
 POST_ATTENTION_NORM = "post_attention_layernorm"  # the norm before the MLP
+Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"  # QK-norm: over each query / key head (Qwen3)
 
 
 def layer(i: int | str, name: str) -> str:
@@ -66,10 +67,17 @@ GGUF_GLOBAL = {
 GGUF_LAYER = {
     "attn_norm.weight": f"{INPUT_NORM}.weight",
     "ffn_norm.weight": f"{POST_ATTENTION_NORM}.weight",
+    "attn_q_norm.weight": f"{Q_NORM}.weight",
+    "attn_k_norm.weight": f"{K_NORM}.weight",
     **{f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (("attn_q", Q_PROJ), ("attn_k", K_PROJ), ("attn_v", V_PROJ),
                                                      ("attn_output", O_PROJ)) for kind in ("weight", "bias")},
     **{f"{gg}.weight": f"{hf}.weight" for gg, hf in (("ffn_gate", GATE_PROJ), ("ffn_up", UP_PROJ), ("ffn_down", DOWN_PROJ))},
+    "attn_qkv.weight": f"{QKV_FUSED}.weight",  # phi3's, as llama.cpp's converter writes it
 }
+# Phi-3's longrope factors, as llama.cpp keeps them: tensors (head_dim / 2,) beside the layers
+GGUF_ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+# The linears llama.cpp stacks per architecture: phi3's ffn_up holds gate and up (2·I rows)
+GGUF_STACKED = {"phi3": (GATE_UP_FUSED,)}
 _HF_GLOBAL = {hf: gg for gg, hf in GGUF_GLOBAL.items()}
 _HF_LAYER = {hf: gg for gg, hf in GGUF_LAYER.items()}
 

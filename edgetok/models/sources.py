@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from edgetok import integrity
 from edgetok.errors import EdgetokError
 from edgetok.files import edgetok_home, file_sha256, read_json, temporary_folder
+from edgetok.models.checkpoint import split_fused
 from edgetok.models.config import ModelConfig
 from edgetok.models.gguf_file import check_magic, read_gguf
 from edgetok.models.manifest import ONNX_DATA, ONNX_MANIFEST, ONNX_MODEL, GgufManifest, OnnxManifest, gguf_report_path
@@ -134,7 +135,7 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
         weights: dict[str, torch.Tensor] = {}
         for f in files:
             weights.update(load_file(f))
-        return weights
+        return split_fused(weights, cfg)  # Phi-3's stacked q/k/v and gate/up → one tensor per linear
 
     tokenizer = tokenizer_from_hf_folder(folder, cfg.eos_token_ids, cfg.bos_token_id)
     cfg.eos_token_ids = tokenizer.eos_ids

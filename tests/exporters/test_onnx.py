@@ -26,7 +26,7 @@ from edgetok.runtimes.prune import PrunePlan, prefill_pruned
 def families(tmp_path_factory):
     """HF folders of tiny random models of each family the graph must reproduce."""
     out = {}
-    for kind in ("smollm", "qwen2", "llama3"):
+    for kind in ("smollm", "qwen2", "llama3", "qwen3", "phi3-longrope"):
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         make_tokenizer_files(folder)
         make_hf_model(kind, 400, seed=3, layers=3).save_pretrained(folder)
@@ -74,7 +74,10 @@ def reference(cfg, weights, tokens) -> np.ndarray:
 TOKENS = [int(t) for t in np.random.default_rng(0).integers(3, 400, 40)]
 
 
-@pytest.mark.parametrize("kind,attention", [("smollm", "gqa"), ("smollm", "standard"), ("qwen2", "gqa"), ("llama3", "standard")])
+@pytest.mark.parametrize("kind,attention", [
+    ("smollm", "gqa"), ("smollm", "standard"), ("qwen2", "gqa"), ("llama3", "standard"),
+    ("qwen3", "gqa"), ("qwen3", "standard"), ("phi3-longrope", "gqa"), ("phi3-longrope", "standard"),
+])
 def test_fp32_graph_matches_the_reference(families, kind, attention):
     src = load_source(str(families[kind]))
     # with the pruning point in: at prune_keep 1 it keeps every token, in order

@@ -21,7 +21,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
 from edgetok.models import names
-from edgetok.models.llama import apply_rope, rope_cos_sin
+from edgetok.models.llama import apply_rope, rope_attention_factor, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK
@@ -93,6 +93,7 @@ class OnnxBackend:
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
         self.capabilities = frozenset({PREFIX_STATE, ROLLBACK} | ({PRUNE} if prune else set()))
         self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)  # the graph's RoPE
+        self.rope_scale = rope_attention_factor(manifest.config)  # its cos / sin scale (longrope)
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         # Bindings by shape and buffers, the most recently used last: speculative decoding
         # alternates single tokens with drafts of a few lengths, each of which would rebind.
@@ -154,7 +155,7 @@ class OnnxBackend:
             group = [i for i, r in enumerate(ran) if r == m]
             r = min(m, last)
             positions = torch.arange(start, start + n) if m == n else start + torch.from_numpy(kept[0])
-            cos, sin = rope_cos_sin(self.inv_freq, positions[m - r :])
+            cos, sin = rope_cos_sin(self.inv_freq, positions[m - r :], self.rope_scale)
             q = torch.stack([torch.from_numpy(qkv[i][0, m - r : m, :hd]) for i in group])  # (G, r, H·D): a copy
             q = apply_rope(q.view(len(group), r, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, r, D)
             for j, i in enumerate(group):
