@@ -2,9 +2,13 @@
 
 Prefill attends exactly. `end_prefill` measures every layer's attention skew with the last prompt
 queries and sets, per layer, the chunk size (small where attention is concentrated) and the share
-of the token budget (large where it is spread). Each decode step, per layer, attention reads the
-sink chunk(s), the recent chunks, the not-yet-chunked window, and the chunks whose key abstracts
-(per-chunk min/max of the keys) bound q·k highest — up to the layer's budget.
+of the token budget (large where it is spread), and pins the chunks those queries attended to
+most (policy.pinned_chunks). Each decode step, per layer, attention reads the sink chunk(s), the
+recent chunks, the pinned chunks, the not-yet-chunked window, and the chunks whose key abstracts
+(per-chunk min/max of the keys) bound q·k highest — up to the layer's budget, or, with
+--kv-budget auto, as many as cover the target share of every head's estimated attention (the
+bounds' softmax at a temperature fitted to the prompt's measured attention). What the selection
+cost is counted in kv/fidelity.py.
 
 This module is the policy. Where the chunks live is the storage's business (storage.py: every
 token in a float slab in RAM, or chunks in host/disk tiers with float copies cached on device);
