@@ -14,6 +14,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source, load_source
 from edgetok.runtimes.backends.pytorch import TorchBackend
+from edgetok.runtimes.choice import EngineChoice, LongPrompts, auto_backend
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
 from edgetok.runtimes.kv import KVConfig
 
@@ -30,9 +31,10 @@ class Model:
     stream, starting another generation is refused with EdgetokError: it would wait for itself.
     """
 
-    def __init__(self, source: Source, engine: Engine) -> None:
+    def __init__(self, source: Source, engine: Engine, choice: EngineChoice | None = None) -> None:
         self.source = source
         self.engine = engine
+        self.choice = choice  # which engine runs, and why
         self.config = source.config
         self.tokenizer = source.tokenizer
         self._lock = threading.Lock()
@@ -147,13 +149,18 @@ def load(
     kv_store: str | Path | None = None,
     kv_store_rebuild: bool = False,
     progress: bool = False,
+    needs: frozenset[str] = frozenset(),
 ) -> Model:
     """Load "smollm2", a Hugging Face folder, a .gguf file or an ONNX export folder.
 
-    backend: "torch" (edgetok's reference model and KV caches), "llamacpp" (a GGUF through
-    llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type) or "onnxruntime" (an ONNX
-    export, with edgetok's KV caches; provider picks the execution provider). None: onnxruntime
-    for an ONNX export, torch otherwise.
+    backend: "torch" (edgetok's reference model and KV caches: the exact fp32 reference), "llamacpp"
+    (a GGUF through llama-cpp-python; kv_type f16 | q8_0 | q4_0 sets its K/V cache type) or
+    "onnxruntime" (an ONNX export, with edgetok's KV caches; provider picks the execution provider).
+    None chooses (runtimes/choice.py; `Model.choice` says what and why): ONNX Runtime on an ONNX
+    export, or on the model's default export (built once under $EDGETOK_HOME/exports), with the
+    tiered cache for prompts past the plan's exact limit unless kv is given; a backend that
+    alone has a given option (weights, kv_type) otherwise. needs: capabilities the caller will use
+    (runtimes/backends/base.py: PRUNE for prompt pruning), which a chosen engine must have.
     weights: the torch backend's weights — fp32 (exact reference), bf16, or int8 (weight-only).
     kv: the tiered KV cache's budget and tiers (torch backend); None keeps every token exact in RAM.
     kv_store: a folder where prompts' K/V persist, so a later process skips their prefill;
@@ -170,8 +177,16 @@ def load(
     if kv is not None and not isinstance(kv, KVConfig):
         raise EdgetokError(f"kv must be an edgetok.KVConfig, not {type(kv).__name__}")
     source = load_source(os.fspath(ref), progress=progress)
-    if backend is None:
-        backend = "onnxruntime" if source.format == "onnx" else "torch"
+    reasons, artifact, long_prompts = [], None, None
+    chosen = backend is None
+    if chosen:
+        backend, why = auto_backend(source.format, weights, kv_type, frozenset(needs))
+        reasons.append(why)
+        if backend == "onnxruntime" and source.format != "onnx":
+            from edgetok.exporters.default import default_export
+
+            source = default_export(source, threads, progress)
+            artifact = str(source.path)
     if backend != "onnxruntime" and provider != "cpu":
         raise EdgetokError(f"--provider chooses ONNX Runtime's execution provider (--backend onnxruntime); "
                            f"the {backend} backend runs on the CPU")
@@ -201,6 +216,17 @@ def load(
         if weights not in TorchBackend.WEIGHTS:
             raise EdgetokError(f"unknown weights '{weights}' (choose from {', '.join(TorchBackend.WEIGHTS)})")
         engine_backend = TorchBackend(source, weights=weights, kv=kv)
+    if chosen and kv is None and backend != "llamacpp":
+        from edgetok.devices.planner import EXACT_UP_TO, TIERED_BUDGET
+
+        if source.config.max_context > EXACT_UP_TO:
+            long_prompts = LongPrompts(EXACT_UP_TO, KVConfig(budget=f"{TIERED_BUDGET:.0%}"))
+            reasons.append(f"past {EXACT_UP_TO} prompt tokens the plan's tiered cache decodes faster at a "
+                           f"{TIERED_BUDGET:.0%} budget; shorter prompts stay exact")
+    choice = EngineChoice(
+        backend=backend, weights=_weights_words(source, backend, weights),
+        kv=long_prompts.describe() if long_prompts else ("tiered at a " + kv.budget + " budget" if kv else "exact"),
+        threads=threads or os.cpu_count() or 1, reasons=reasons, artifact=artifact)
     store_factory = None
     if kv_store is not None:
         from edgetok.runtimes.kv.store import PromptStore
@@ -208,4 +234,13 @@ def load(
         def store_factory(cache):
             return PromptStore(Path(kv_store), source.fingerprint, cache.kv_dtype, rebuild=kv_store_rebuild)
 
-    return Model(source, Engine(engine_backend, source.tokenizer, store_factory))
+    return Model(source, Engine(engine_backend, source.tokenizer, store_factory, long_prompts), choice)
+
+
+def _weights_words(source: Source, backend: str, weights: str) -> str:
+    if backend == "onnxruntime":
+        m = source.manifest
+        return f"{m.weights} weights" + (f", {m.activations} activations" if m.activations else "") + " (ONNX export)"
+    if backend == "llamacpp":
+        return f"the GGUF's own types ({source.path.name})"
+    return f"{weights} weights (torch)"

@@ -144,7 +144,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 def tiny(tiny_folder):
     import edgetok
 
-    return edgetok.load(str(tiny_folder))
+    return edgetok.load(str(tiny_folder), backend="torch")
 
 
 def smollm2_path() -> Path:
@@ -157,7 +157,7 @@ def smollm2_path() -> Path:
 def smollm2():
     import edgetok
 
-    return edgetok.load("smollm2")
+    return edgetok.load("smollm2", backend="torch")
 
 
 @pytest.fixture(scope="session")

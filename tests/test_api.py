@@ -22,7 +22,7 @@ PROMPTS = ["The quick brown fox", "def add(a, b):", "Émile paid 12,345 € for 
 
 @pytest.fixture()
 def model(tiny_folder):
-    return edgetok.load(str(tiny_folder))
+    return edgetok.load(str(tiny_folder), backend="torch")
 
 
 def test_threads_sharing_a_model_get_what_each_would_get_alone(model):
@@ -101,7 +101,7 @@ def test_the_thread_holding_a_stream_cannot_start_another(model):
 
 def test_provider_is_refused_off_onnxruntime(tiny_folder):
     with pytest.raises(EdgetokError, match="--provider chooses ONNX Runtime's execution provider"):
-        edgetok.load(str(tiny_folder), provider="cuda")
+        edgetok.load(str(tiny_folder), backend="torch", provider="cuda")
 
 
 # -- fuzzing the API's arguments --------------------------------------------------------------------

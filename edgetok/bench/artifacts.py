@@ -60,13 +60,11 @@ def onnx_folder(model: str, source: Source, spec: str) -> Path:
     import hashlib
     import shlex
 
-    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, pipeline, quantize
-    from edgetok.exporters import options as export_options
-    from edgetok.models import manifest, names
+    from edgetok.exporters.default import exporter_code
+    from edgetok.models import manifest
 
     weights, *options = shlex.split(spec)
-    modules = (onnx, onnx_graph, onnx_rewrites, quantize, export_options, pipeline, manifest, names)
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules))
+    code = hashlib.sha256(exporter_code().encode())
     code.update(shlex.join(options).encode())
     out = cache_dir(source) / f"onnx-{code.hexdigest()[:16]}-{weights}"
     if not (out / manifest.ONNX_MANIFEST).is_file():

@@ -62,8 +62,8 @@ class TeacherForcing:
         self._decoding = True
         self.rows = [self._last.copy()]
 
-    def new_cache(self):
-        return self.inner.new_cache()
+    def new_cache(self, kv=None):
+        return self.inner.new_cache(kv)
 
     def truncate(self, cache, n: int) -> int:
         return self.inner.truncate(cache, n)

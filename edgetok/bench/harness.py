@@ -213,6 +213,10 @@ def run_bench(model: str, contexts: list[int], new_tokens: int, budgets: list[st
     if progress and peer_keys:
         print("edgetok bench: preparing the peers' model files (cached after the first bench)", file=sys.stderr)
     systems += peer_systems(model, source, peer_keys)
+    if source.format != "onnx":  # built now, so that no run's time includes it (the runs find it made)
+        from edgetok.exporters.default import default_export
+
+        default_export(source, progress=progress)
     systems += onnx_systems(model, source, list(onnx), budgets)
 
     def results(rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from edgetok.models.sources import Source
 from edgetok.runtimes.kv import KVConfig
 
 REFERENCE = "edgetok fp32"  # the exact run: its greedy tokens and logits are what the others are compared with
+DEFAULT = "edgetok default"  # `edgetok run MODEL` with no engine options: the default export on ONNX Runtime
+TORCH = ("--backend", "torch")
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,13 @@ def parse_peers(text: str) -> list[str]:
 
 
 def edgetok_systems(model: str, budgets: list[str], extra: list[str]) -> list[System]:
-    """The exact reference first, one system per KV budget below 100 %, then NAME=OPTIONS extras."""
-    systems = [System(REFERENCE, "edgetok", model)]
+    """The exact reference (torch, fp32) first, edgetok's default engine (no options), one torch system
+    per KV budget below 100 %, then NAME=OPTIONS extras."""
+    systems = [System(REFERENCE, "edgetok", model, TORCH), System(DEFAULT, "edgetok", model)]
     for b in budgets:
         if KVConfig(budget=b).full_budget:  # KVConfig says what is wrong with a bad budget
             continue  # 100 % is exact: the reference is that run
-        systems.append(System(f"edgetok KV {b}", "edgetok", model, ("--kv-budget", b), budget=b))
+        systems.append(System(f"edgetok KV {b}", "edgetok", model, (*TORCH, "--kv-budget", b), budget=b))
     for spec in extra:
         name, sep, options = spec.partition("=")
         if not sep or not name.strip():

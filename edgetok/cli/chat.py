@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from edgetok.cli.console import print_stats
+from edgetok.cli.console import print_choice, print_stats
 from edgetok.cli.options import load_model, run_configs, run_options
 from edgetok.errors import EdgetokError
 
@@ -27,6 +27,8 @@ def command(model, system, verbose, **kw):
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"edgetok chat · {model} · /reset to start over, /exit to quit", err=True)
+    if verbose:
+        print_choice(m.choice)
     while True:
         try:
             line = input("> " if interactive else "")

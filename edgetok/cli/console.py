@@ -56,6 +56,12 @@ def prefill_bar(n_tokens: int):
         yield bar.update
 
 
+def print_choice(choice) -> None:
+    """Which engine runs and why (--verbose), on stderr."""
+    for line in choice.lines():
+        click.echo(line, err=True)
+
+
 def print_stats(s) -> None:
     """One line of speed and memory (--verbose), on stderr."""
     drafts = f"drafts {s.accepted}/{s.drafted} accepted ({s.mean_accepted_length:.2f} per step); " if s.drafted else ""

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from edgetok.errors import EdgetokError
+from edgetok.runtimes.backends.base import PRUNE
 from edgetok.runtimes.backends.providers import PROVIDERS
 from edgetok.runtimes.engine import GenerationConfig
 from edgetok.runtimes.kv import KVConfig
@@ -42,8 +43,9 @@ def run_options(f):
         click.option("--stop", multiple=True, help="stop before this string (repeatable)"),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)"),
         click.option("--backend", type=click.Choice(["torch", "llamacpp", "onnxruntime"]), default=None,
-                     help="default: onnxruntime for an ONNX export folder, torch otherwise; llamacpp runs a GGUF "
-                          "through llama-cpp-python"),
+                     help="default: onnxruntime, on an ONNX export or the model's default export (int4, float "
+                          "activations; built once); torch is the exact fp32 reference; llamacpp runs a GGUF through "
+                          "llama-cpp-python"),
         click.option("--provider", type=click.Choice(["auto", *PROVIDERS]),
                      default="cpu", show_default=True, help="ONNX Runtime execution provider (--backend onnxruntime)"),
         click.option("--weights", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
@@ -101,6 +103,8 @@ def run_configs(options: dict[str, Any]) -> RunConfigs:
     """Parsed `run_options` (by field name) → the configs they stand for, checked."""
     generation = GenerationConfig(**{name: options[name] for name in GENERATION_FIELDS})
     load = {name: options[name] for name in LOAD_FIELDS}
+    if generation.prune_prompt is not None:
+        load["needs"] = frozenset({PRUNE})  # an engine chosen for this run must be able to prune
     return RunConfigs(generation, load | {"kv": kv_config(options)})
 
 

@@ -42,8 +42,7 @@ def command(model, device, context, threads, kv_dir, as_json):
     click.echo(f"  predicted: {peak}; decode {p.predicted_decode_tokens_per_s:g} tok/s")
     for line in p.arithmetic:
         click.echo(f"  · {line}")
-    # The plan runs an int4 ONNX export: a model that is not one is exported first.
-    target = model if source.format == "onnx" else "EXPORT_DIR"
+    # The plan runs an int4 ONNX export: `edgetok run` builds a model's default export by itself
     if source.format != "onnx":
-        click.echo(f"  export with: edgetok export {model} --format onnx --weights {p.weights} -o {target}")
-    click.echo(f"  run with: edgetok run {target} " + " ".join(p.run_options()))
+        click.echo(f"  (edgetok run builds {model}'s int4 export with float activations on first use, once)")
+    click.echo(f"  run with: edgetok run {model} " + " ".join(p.run_options()))

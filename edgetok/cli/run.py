@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgetok.cli.console import prefill_bar, print_stats, read_prompt
+from edgetok.cli.console import prefill_bar, print_choice, print_stats, read_prompt
 from edgetok.cli.options import load_model, run_configs, run_options
 from edgetok.errors import EdgetokError
 
@@ -27,6 +27,8 @@ def command(model, prompt, prompt_file, chat, system, as_json, verbose, **kw):
     text = read_prompt(prompt, prompt_file)
     configs = run_configs(kw)
     cfg, m = configs.generation, load_model(model, configs)
+    if verbose:
+        print_choice(m.choice)
     use_chat = m.has_chat_template if chat is None else chat
     if use_chat and not m.has_chat_template:
         raise EdgetokError(f"{model} has no chat template; drop --chat")
@@ -48,6 +50,7 @@ def command(model, prompt, prompt_file, chat, system, as_json, verbose, **kw):
             "prompt_tokens": result.prompt_tokens,
             "finish_reason": result.finish_reason,
             "stats": result.stats.to_dict(),
+            "engine": m.choice.to_dict(),
         }))
     else:
         click.echo()

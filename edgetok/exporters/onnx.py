@@ -26,6 +26,9 @@ from edgetok.models.names import HEAD_WEIGHTS, fused_parts, io_names
 from edgetok.models.sources import Source, load_source
 
 HEAD_BLOCK = 32  # the 8-bit embedding / LM head: q8_0's block
+# --activations float: the head's highest logits recomputed from float activations (the next token's
+# near-ties are decided there, and the head's float kernel is too slow to run whole)
+EXACT_TOP = 16
 
 
 def weight_quantizer(weights: str, block_size: int | None, qdq: bool, zero_points: str = "exact",
@@ -122,7 +125,10 @@ class OnnxExport:
             # Level 4: ONNX Runtime's integer kernels, int8 activations per block (ortgenai's default);
             # its float-activation kernels are many times slower on x86 (measured: 3× for 4-bit, 35×
             # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
-            rewrites.to_matmul_nbits(self.model, quantizer, accuracy_level=4)
+            # (the head keeps int8 activations: its float kernel is ~9× slower per token)
+            exact = o.activations == "float"
+            rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if exact else frozenset(),
+                                     exact_top=EXACT_TOP if exact else 0)
             rewrites.to_fp16(self.model)  # the scales and zero points
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:
@@ -149,6 +155,7 @@ class OnnxExport:
             block_size=o.block_size or ("per-channel" if o.quantized else None),
             zero_points=o.zero_points if o.weights == "int4" and not o.qdq and o.method == "rtn" else None,
             head_bits=o.head_bits if o.weights == "int4" else None,
+            activations=o.activations if o.quantized and not o.qdq else None,
             qdq=o.qdq,
             opset=o.opset,
             attention=o.attention,

@@ -84,6 +84,17 @@ class _Graph:
             self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
+def _exact_top(g: _Graph, x: str, logits: str, weights: tuple, k: int, out: str) -> None:
+    """logits (N, V) of x (N, hidden) with their k highest recomputed in float from the same codes
+    (weights: the packed initializers, as _gather_dequantized takes them) → out (N, V)."""
+    top = g.fresh("top_values")
+    idx = g.fresh("top_indices")
+    g.node("TopK", [logits, g.const([k])], outputs=[top, idx], axis=-1)  # (N, k)
+    rows = _gather_dequantized(g, idx, *weights, g.fresh("top_rows"))  # (N, k, hidden)
+    exact = g.node("ReduceSum", [g.node("Mul", [rows, g.node("Unsqueeze", [x, g.const([1])])]), g.const([-1])], keepdims=0)
+    g.node("ScatterElements", [logits, idx, exact], outputs=[out], axis=-1)
+
+
 def _weight_uses(g: _Graph):
     """(index, node, kind, initializer) for each linear MatMul, the head Gemm and the embedding Gather."""
     for i, n in enumerate(g.graph.node):
@@ -152,8 +163,8 @@ def unpack_matmul_nbits(b, scales, zero, offsets, bits: int, k: int) -> np.ndarr
 
 
 def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str | None, offsets: str | None,
-                        bits: int, out: str) -> None:
-    """Embedding rows from MatMulNBits' packed (V, blocks, blob) initializer: (B, S, hidden) float."""
+                        bits: int, out: str) -> str:
+    """Rows of MatMulNBits' packed (V, blocks, blob) initializer: ids (B, S) → (B, S, hidden) float."""
     rows = g.node("Gather", [packed, ids], axis=0)  # (B, S, blocks, blob) uint8
     zp = g.const(1 << (bits - 1), np.float32) if zero is None else g.node("Gather", [zero, ids], axis=0)
     if bits == 4:
@@ -175,15 +186,25 @@ def _gather_dequantized(g: _Graph, ids: str, packed: str, scales: str, zero: str
     if offsets is not None:  # stored (blocks, V) for the linears' MatMul: gather columns
         off = g.node("Transpose", [g.node("Gather", [offsets, ids], axis=1)], perm=[1, 2, 0])  # (B, S, blocks)
         deq = g.node("Add", [deq, g.node("Unsqueeze", [off, g.const([-1])])])
-    g.node("Reshape", [deq, g.const([0, 0, -1])], outputs=[out])
+    return g.node("Reshape", [deq, g.const([0, 0, -1])], outputs=[out])
 
 
-def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level: int = 4) -> None:
+INT8_ACTIVATIONS, FLOAT_ACTIVATIONS = 4, 0  # MatMulNBits' accuracy_level
+
+
+def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: frozenset[str] = frozenset(),
+                    exact_top: int = 0) -> None:
     """Every linear, the head and the embedding as block-quantized weights, at the bit width the
     quantizer chose for each (4 or 8), in place.
 
-    accuracy_level 4 lets ONNX Runtime quantize activations to int8 for integer kernels (fast);
-    it applies to integer zero points only (fractional ones compute in float).
+    MatMulNBits' accuracy_level 4 lets ONNX Runtime quantize activations to int8 per block for its
+    integer kernels (fast; it applies to integer zero points, which the exact minima's codes have:
+    their fractions are the separate offsets). float_kinds: the weight uses ("linear": the decoder
+    layers' linears, "head") that multiply float activations instead (level 0): slower, but int8
+    activations are what flips the fp32 reference's near-ties (−6 points of top-1 on SmolLM2).
+    exact_top k > 0: the head's k highest logits are computed again from float activations and
+    the same codes (_exact_top): the near-ties at the top — the next token — come out as the
+    reference's, while the head keeps its fast integer kernel (its float kernel is ~9× slower).
     """
     g = _Graph(model, "nbits")
     g.use_ms_domain()
@@ -223,12 +244,16 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, accuracy_level
             continue
         block = g.inits[b].dims[2] * 8 // bits
         x, y = n.input[0], n.output[0]
+        rescore = exact_top > 0 and kind == "head" and kind not in float_kinds
         inputs = [x, b, scales] + ([] if zero is None else [zero])
-        mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets else [y],
-                    K=k, N=g.inits[b].dims[0], bits=bits, block_size=block, accuracy_level=accuracy_level)
+        mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets or rescore else [y],
+                    K=k, N=g.inits[b].dims[0], bits=bits, block_size=block,
+                    accuracy_level=FLOAT_ACTIVATIONS if kind in float_kinds else INT8_ACTIVATIONS)
         if offsets is not None:  # + Σx per block · offsets: the block sums are one small MatMul
             sums = g.node("MatMul", [x, block_sums(k, block)])  # (..., blocks)
-            g.node("Add", [mm, g.node("MatMul", [sums, offsets])], outputs=[y])
+            mm = g.node("Add", [mm, g.node("MatMul", [sums, offsets])], outputs=[g.fresh(y)] if rescore else [y])
+        if rescore:
+            _exact_top(g, x, mm, (b, scales, zero, offsets, bits), exact_top, y)
         replace[i] = g.collect()
     g.rebuild(replace)
     for name in packed:

@@ -25,6 +25,8 @@ DEFAULT_BLOCK = 32
 ATTENTION = ("gqa", "standard")
 ZERO_POINTS = ("exact", "integer")
 HEAD_BITS = (8, 4)
+# MatMulNBits' activations in the decoder layers: int8 (ONNX Runtime's integer kernels) or float
+ACTIVATIONS = ("int8", "float")
 QDQ_OPSET = 21  # int4 and blocked DequantizeLinear
 DEFAULT_OPSET = QDQ_OPSET
 MIN_OPSET = 18  # the graph's operators
@@ -102,6 +104,10 @@ class OnnxOptions(ExportOptions):
     attention None: "gqa" (ONNX Runtime's fused kernels), or "standard" with qdq (resolved here).
     prune_after_layer: the layer after which the graph can prune a prompt (None: it cannot).
     zero_points, head_bits: int4 MatMulNBits' zero points and the embedding/head's bits.
+    activations: what MatMulNBits multiplies the layers' weights with — int8 (ONNX Runtime's integer
+    kernels quantize each block of activations: fastest) or float (the fp32 reference's next
+    tokens kept on ≥ 98 % of positions of every text measured, ~15 % slower decode; BENCHMARKS.md).
+    The LM head keeps int8 activations either way: its float kernel is ~9× slower per token.
     """
 
     weights: str = "int4"
@@ -109,6 +115,7 @@ class OnnxOptions(ExportOptions):
     qdq: bool = False  # standard DequantizeLinear + MatMul only (NPU execution providers)
     zero_points: str = "exact"
     head_bits: int = 8
+    activations: str = "int8"
     opset: int = DEFAULT_OPSET
     attention: str | None = None
     prune_after_layer: int | None = None
@@ -138,6 +145,9 @@ class OnnxOptions(ExportOptions):
             raise EdgetokError("--zero-points takes exact or integer, --head-bits 8 or 4")
         if (self.zero_points != "exact" or self.head_bits != 8) and (self.weights != "int4" or self.qdq or self.method != "rtn"):
             raise EdgetokError("--zero-points and --head-bits apply to --weights int4 MatMulNBits (no --qdq) rounded with --method rtn")
+        check_choice("--activations", self.activations, ACTIVATIONS)
+        if self.activations != "int8" and (not quantized or self.qdq):
+            raise EdgetokError("--activations applies to --weights int4 or int8 MatMulNBits (no --qdq)")
         if self.prune_after_layer is not None and self.prune_after_layer < 0:
             raise EdgetokError(f"--prune-after-layer must be 0 or more, not {self.prune_after_layer}")
         if quantized and self.block_size is None and not (self.qdq and self.weights == "int8"):

@@ -183,6 +183,8 @@ class OnnxManifest(_Json):
     block_size: int | str | None  # weights per scale, "per-channel", or None for float weights
     zero_points: str | None  # int4 MatMulNBits rounded by rtn: "exact" | "integer"
     head_bits: int | None  # int4: the embedding and LM head's bits
+    # MatMulNBits' layer activations, "int8" | "float"; None: no MatMulNBits, or made before the field (int8)
+    activations: str | None = field(default=None, metadata=_OPTIONAL)
     qdq: bool
     opset: int
     graph_version: int = ONNX_GRAPH_VERSION

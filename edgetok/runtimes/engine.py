@@ -20,6 +20,8 @@ from edgetok.errors import EdgetokError
 from edgetok.fidelity import run_fidelity
 from edgetok.models.tokenizer import StreamDecoder, Tokenizer
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Backend
+from edgetok.runtimes.choice import LongPrompts
+from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.prune import PrunePlan, check_keep
 from edgetok.runtimes.sampling import SamplingParams, sample
 from edgetok.runtimes.speculation import Drafter, SpeculationParams, SpeculativeSteps, new_drafter
@@ -203,12 +205,15 @@ class PlainSteps:
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, store_factory: Callable | None = None) -> None:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, store_factory: Callable | None = None,
+                 long_prompts: LongPrompts | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         if store_factory is not None and PREFIX_STATE not in backend.capabilities:
             raise EdgetokError(f"--kv-store needs a backend that can save a prompt's K/V; {backend.name} cannot")
         self.store_factory = store_factory  # cache → PromptStore, for --kv-store
+        self.long_prompts = long_prompts  # prompts past a length get the tiered cache
+        self._cache_kv: KVConfig | None = None  # the settings self._cache was made with (None: the backend's)
         self.config = backend.config
         self._cache = None
         self._cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
@@ -219,13 +224,21 @@ class Engine:
     def reset(self) -> None:
         self._cache, self._cached_ids, self._pruned = None, [], False
 
+    def _cache_for(self, prompt: list[int]) -> None:
+        """A cache of the kind this prompt needs: the tiered one past long_prompts.above tokens (a
+        conversation that grows past it starts a new cache: the exact one's K/V is not reused)."""
+        lp = self.long_prompts
+        kv = lp.kv if lp is not None and len(prompt) > lp.above else None
+        if self._cache is None or kv is not self._cache_kv:
+            self._cache, self._cached_ids, self._pruned = self.backend.new_cache(kv), [], False
+            self._cache_kv = kv
+
     def _prefill(
         self, prompt: list[int], chunk: int, progress: Callable[[int], None] | None, stats: Stats
     ) -> np.ndarray:
         """Run the prompt, reusing the longest prefix the cache (or the KV store) holds → the last
         token's logits (V,)."""
-        if self._cache is None:
-            self._cache, self._cached_ids = self.backend.new_cache(), []
+        self._cache_for(prompt)
         reused = 0
         # keep ≥ 1 token to prefill (its logits are needed); a pruned prompt is no prefix of anything
         for a, b in zip([] if self._pruned else self._cached_ids, prompt[:-1]):
@@ -276,8 +289,7 @@ class Engine:
             )
         after_layer = cfg.prune_after_layer if cfg.prune_after_layer is not None else self.backend.prune_after_layer
         plan = PrunePlan.checked(cfg.prune_prompt, after_layer, self.config)
-        if self._cache is None:
-            self._cache = self.backend.new_cache()
+        self._cache_for(prompt)
         self.backend.truncate(self._cache, 0)
         self._cached_ids, self._pruned = [], True
         pruned = self.backend.prefill_pruned(prompt, self._cache, plan, cfg.prefill_chunk, progress)

@@ -89,10 +89,12 @@ def test_parse_contexts_and_peers():
 
 def test_edgetok_systems_are_run_options():
     s = systems.edgetok_systems("m", ["100%", "25%", "2048"], ["int8=--weights int8 --kv-budget 25%"])
-    assert [x.name for x in s] == [REFERENCE, "edgetok KV 25%", "edgetok KV 2048", "int8"]
-    assert s[0].options == () and s[1].options == ("--kv-budget", "25%")
-    assert s[3].options == ("--weights", "int8", "--kv-budget", "25%")
-    cmd = s[1].command("ids.json", 16, 2, follow="f.json")
+    assert [x.name for x in s] == [REFERENCE, systems.DEFAULT, "edgetok KV 25%", "edgetok KV 2048", "int8"]
+    # the reference and the budgets are the torch backend's, named; the default names nothing
+    assert s[0].options == ("--backend", "torch") and s[1].options == ()
+    assert s[2].options == ("--backend", "torch", "--kv-budget", "25%")
+    assert s[4].options == ("--weights", "int8", "--kv-budget", "25%")
+    cmd = s[2].command("ids.json", 16, 2, follow="f.json")
     assert cmd[1:4] == ["-m", "edgetok.bench.forced", "m"] and "--follow" in cmd and "--logits-out" not in cmd
     with pytest.raises(EdgetokError, match="--kv-budget"):
         systems.edgetok_systems("m", ["lots"], [])
@@ -103,15 +105,16 @@ def test_edgetok_systems_are_run_options():
 def test_teacher_forcing_feeds_the_followed_tokens(tiny_folder):
     prompt = list(range(10, 40))
     cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True)
-    ref, ref_rows = generate(edgetok.load(str(tiny_folder)), prompt, cfg, None)
+    ref, ref_rows = generate(edgetok.load(str(tiny_folder), backend="torch"), prompt, cfg, None)
     assert len(ref_rows) == 6 and ref.tokens == [int(r.argmax()) for r in ref_rows]
     # Following its own greedy tokens reproduces the run exactly.
-    same, same_rows = generate(edgetok.load(str(tiny_folder)), prompt, cfg, ref.tokens)
+    same, same_rows = generate(edgetok.load(str(tiny_folder), backend="torch"), prompt, cfg, ref.tokens)
     assert same.tokens == ref.tokens and all(np.array_equal(a, b) for a, b in zip(ref_rows, same_rows))
     # Following other tokens: the rows are the logits after them, the tokens are their argmax.
     other = [(t + 7) % 300 for t in ref.tokens]
-    forced, rows = generate(edgetok.load(str(tiny_folder)), prompt, cfg, other)
-    free, _ = generate(edgetok.load(str(tiny_folder)), prompt + other[:2], GenerationConfig(max_new_tokens=1, ignore_eos=True), None)
+    forced, rows = generate(edgetok.load(str(tiny_folder), backend="torch"), prompt, cfg, other)
+    free, _ = generate(edgetok.load(str(tiny_folder), backend="torch"), prompt + other[:2],
+                       GenerationConfig(max_new_tokens=1, ignore_eos=True), None)
     assert forced.tokens == [int(r.argmax()) for r in rows]
     assert forced.tokens[2] == free.tokens[0]
 
@@ -142,7 +145,7 @@ def test_bench_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
 
-    assert [s["name"] for s in res["systems"]] == [REFERENCE, "edgetok KV 50%", "transformers fp32"]
+    assert [s["name"] for s in res["systems"]] == [REFERENCE, systems.DEFAULT, "edgetok KV 50%", "transformers fp32"]
     assert set(res["skipped"]) == {"llama.cpp", "onnxruntime-genai"}
     assert "pip install 'edgetok[peers]'" in res["skipped"]["onnxruntime-genai"]
     assert "skipped onnxruntime-genai" in r.stdout
@@ -166,7 +169,8 @@ def test_bench_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
     q = rows["transformers fp32"]["quality"]
     assert q["greedy_agreement"] == 1.0 and q["kl_mean"] < 1e-6
     pairs = {(x["edgetok"], x["peer"]) for x in res["ratios"]}
-    assert pairs == {(REFERENCE, "transformers fp32"), ("edgetok KV 50%", "transformers fp32")}
+    assert pairs == {(REFERENCE, "transformers fp32"), (systems.DEFAULT, "transformers fp32"),
+                     ("edgetok KV 50%", "transformers fp32")}
     for png in ("decode_vs_context.png", "decode_vs_budget.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -185,7 +189,8 @@ def test_ortgenai_peer_is_built_once_and_follows_the_reference(tiny_folder):
     assert (folder / "model.onnx").stat().st_mtime_ns == built
 
     prompt, n = harness.prompt_tokens(source.tokenizer, 40), 5
-    ref, ref_rows = generate(edgetok.load(str(tiny_folder)), prompt, GenerationConfig(max_new_tokens=n, ignore_eos=True), None)
+    ref, ref_rows = generate(edgetok.load(str(tiny_folder), backend="torch"), prompt,
+                             GenerationConfig(max_new_tokens=n, ignore_eos=True), None)
     step, kv_stats = peers.ortgenai_stepper(folder, 1, len(prompt) + n)
     free, free_rows, stats = peers.timed_decode(step, prompt, n, None)
     assert stats.decode_steps == n - 1 and stats.prefill_tokens_per_s > 0 and stats.peak_rss_bytes > 0
@@ -210,7 +215,7 @@ def test_llamacpp_peer_runs_a_gguf_export_and_reports_its_kv(tiny_folder):
     gguf = artifacts.gguf_file(str(tiny_folder), source)  # an HF model: a q8_0 export, cached
     assert gguf.name == f"model-{artifacts.GGUF_QUANT}.gguf" and artifacts.gguf_file(str(tiny_folder), source) == gguf
     prompt, cfg = list(range(10, 40)), GenerationConfig(max_new_tokens=4, ignore_eos=True)
-    ref, _ = generate(edgetok.load(str(tiny_folder)), prompt, cfg, None)
+    ref, _ = generate(edgetok.load(str(tiny_folder), backend="torch"), prompt, cfg, None)
     result, rows = generate(edgetok.load(str(gguf), backend="llamacpp", threads=1), prompt, cfg, ref.tokens)
     assert len(rows) == 4 and result.tokens == [int(r.argmax()) for r in rows]
     # llama.cpp allocates f16 K/V for its whole window (the model's context) up front.

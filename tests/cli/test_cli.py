@@ -144,7 +144,8 @@ def test_numbers_that_are_not_numbers_are_refused_before_any_text(tiny_folder, f
 
 
 def test_provider_is_refused_on_the_torch_backend(tiny_folder):
-    assert_user_error(run_cli("run", tiny_folder, "-p", "hi", "--provider", "cuda"), "the torch backend runs on the CPU")
+    assert_user_error(run_cli("run", tiny_folder, "--backend", "torch", "-p", "hi", "--provider", "cuda"),
+                      "the torch backend runs on the CPU")
 
 
 @pytest.mark.parametrize("failure", ["ENOSPC", "short write", "EIO"])
@@ -177,7 +178,7 @@ def test_ctrl_c_in_chat_ends_the_reply_not_the_conversation(tiny_folder, monkeyp
         return real(self, tokens, cache, last)
 
     monkeypatch.setattr(TorchBackend, "forward", forward)
-    r = run_cli("chat", tiny_folder, "-n", "6", "-v", input="hello there\nand again\n")
+    r = run_cli("chat", tiny_folder, "--backend", "torch", "-n", "6", "-v", input="hello there\nand again\n")
     assert r.exit_code == 0, r.output
     assert "(reply stopped)" in r.stderr and r.stderr.count("prompt ") == 1  # the second turn's stats
     assert "Aborted" not in r.output

@@ -134,7 +134,7 @@ def test_pruning_graph_matches_the_torch_path(families, attention):
 
 def test_onnx_backend_prunes_prompts_as_torch_does(exported, families):
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 10)
-    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=8, prune_prompt=0.5)
+    want = edgetok.load(str(families["smollm"]), backend="torch").generate(prompt, max_new_tokens=8, prune_prompt=0.5)
     got = edgetok.load(str(exported)).generate(prompt, max_new_tokens=8, prune_prompt=0.5)
     assert got.tokens == want.tokens
     assert got.stats.prune == want.stats.prune and got.stats.prune["kept_tokens"] < got.stats.prompt_tokens
@@ -151,7 +151,7 @@ def test_matmul_nbits_rewrite_computes_its_dequantized_weights(families):
     src = load_source(str(families["smollm"]))  # tied embedding
     quantizer = lambda name, w: rtn(w, 8, 32, symmetric=True) if "embed" in name else rtn(w, 4, 32, float_zero=True)  # noqa: E731
     model = build_decoder(src.config, src.weights)
-    rw.to_matmul_nbits(model, quantizer, accuracy_level=0)  # float activations: exact arithmetic
+    rw.to_matmul_nbits(model, quantizer, frozenset({"linear", "head"}))  # float activations: exact arithmetic
     floats = {t.name for t in model.graph.initializer if t.name.endswith(".weight")}
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * 3 + 1  # qkv, o, gate_up, down per layer, and the head
     assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & floats]
@@ -271,7 +271,7 @@ def test_the_manifest_describes_the_graph(exported):
 
 def test_onnx_runs_the_same_tokens_as_torch(exported, families):
     prompt = "The quick brown fox"
-    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=12).tokens
+    want = edgetok.load(str(families["smollm"]), backend="torch").generate(prompt, max_new_tokens=12).tokens
     model = edgetok.load(str(exported))
     assert model.engine.backend.name == "onnxruntime"
     assert model.generate(prompt, max_new_tokens=12).tokens == want
@@ -289,7 +289,7 @@ def test_default_export_is_packed_and_has_no_pruning_point(families, tmp_path):
     assert "prune_keep" not in {i.name for i in graph.input}
     assert not [n for n in graph.node if n.op_type == "RotaryEmbedding"]  # attention rotates q and k itself
     prompt = "The quick brown fox jumps"
-    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=10).tokens
+    want = edgetok.load(str(families["smollm"]), backend="torch").generate(prompt, max_new_tokens=10).tokens
     assert edgetok.load(str(out)).generate(prompt, max_new_tokens=10).tokens == want
     r = run_cli("run", out, "-p", prompt, "--prune-prompt", "0.5", "-n", "2")
     assert r.exit_code == 1 and "--prune-after-layer" in r.output and "Traceback" not in r.output
@@ -345,7 +345,8 @@ def test_a_tiered_cache_reads_the_last_queries_of_each_piece(exported, families)
     piece): prefilled in pieces longer than the window, each layer's observation queries are
     torch's, and so are the skew-chosen chunk sizes."""
     kv = edgetok.KVConfig(budget="25%", observation_window=32, recent_tokens=8)
-    onnx, torch_ = (edgetok.load(str(m), kv=kv).engine.backend for m in (exported, families["smollm"]))
+    onnx, torch_ = (edgetok.load(str(m), kv=kv, backend=b).engine.backend
+                    for m, b in ((exported, None), (families["smollm"], "torch")))
     ids = [int(t) for t in np.random.default_rng(3).integers(3, 400, 100)]
     caches = []
     for backend in (onnx, torch_):
@@ -374,7 +375,7 @@ def test_tiered_views_in_both_attention_kinds(families, tmp_path, attention):
     assert r.exit_code == 0, r.output
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
     options = dict(max_new_tokens=10, prefill_chunk=24)
-    want = edgetok.load(str(families["smollm"])).generate(prompt, **options).tokens
+    want = edgetok.load(str(families["smollm"]), backend="torch").generate(prompt, **options).tokens
     exact = edgetok.load(str(out), kv=edgetok.KVConfig(budget="100%", chunk_sizes=(4, 8)))
     assert exact.generate(prompt, **options).tokens == want
     small = edgetok.load(str(out), kv=edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8)))
@@ -393,7 +394,7 @@ def test_tiered_views_in_both_attention_kinds(families, tmp_path, attention):
 
 def test_onnx_with_chunks_on_disk_is_exact_at_a_full_budget(exported, families, tmp_path):
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
-    want = edgetok.load(str(families["smollm"])).generate(prompt, max_new_tokens=10).tokens
+    want = edgetok.load(str(families["smollm"]), backend="torch").generate(prompt, max_new_tokens=10).tokens
     kv = edgetok.KVConfig(budget="100%", device_mb=0.01, host_mb=0.01, disk_dir=tmp_path, bits="32", chunk_sizes=(4, 8))
     result = edgetok.load(str(exported), kv=kv).generate(prompt, max_new_tokens=10)
     assert result.tokens == want
@@ -474,7 +475,8 @@ def test_bench_runs_the_onnx_export_beside_the_reference(tiny_folder, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     standard = "edgetok onnx fp32 --attention standard"
-    assert [s["name"] for s in res["systems"]] == ["edgetok fp32", "edgetok KV 50%", "edgetok onnx fp32", "edgetok onnx fp32 KV 50%",
+    assert [s["name"] for s in res["systems"]] == ["edgetok fp32", "edgetok default", "edgetok KV 50%", "edgetok onnx fp32",
+                                                   "edgetok onnx fp32 KV 50%",
                                                    standard, f"{standard} KV 50%"]
     rows = {row["system"]: row for row in res["results"]}
     for name in ("edgetok onnx fp32", standard):  # the fp32 graphs are exact

@@ -198,7 +198,7 @@ def test_engine_never_reuses_a_pruned_cache(tiny, tmp_path):
 def test_kv_store_is_not_used_for_pruned_prompts(tiny_folder, tmp_path):
     import edgetok
 
-    m = edgetok.load(str(tiny_folder), kv_store=tmp_path / "store")
+    m = edgetok.load(str(tiny_folder), backend="torch", kv_store=tmp_path / "store")
     prompt = "The quick brown fox jumps over the lazy dog. " * 6
     m.generate(prompt, max_new_tokens=2, prune_prompt=0.5, prune_after_layer=0)
     assert not list((tmp_path / "store").glob("*.kvstore"))

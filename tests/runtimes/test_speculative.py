@@ -66,7 +66,7 @@ def exported(tiny_folder, tmp_path_factory):
 def kind(request, tiny_folder, exported) -> tuple[str, edgetok.Model]:
     name = request.param
     if name.startswith("torch"):
-        return name, edgetok.load(str(tiny_folder), kv=EXACT_TIERED if name.endswith("tiered") else None)
+        return name, edgetok.load(str(tiny_folder), backend="torch", kv=EXACT_TIERED if name.endswith("tiered") else None)
     if name.startswith("onnxruntime"):
         return name, edgetok.load(exported["onnx"], kv=EXACT_TIERED if name.endswith("tiered") else None)
     return name, edgetok.load(exported["gguf"], backend="llamacpp")

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgetok.models.config import ModelConfig
-from edgetok.runtimes.kv import KVState
+from edgetok.runtimes.kv import KVConfig, KVState
 from edgetok.runtimes.prune import Pruned, PrunePlan
 
 PRUNE = "prune"
@@ -41,8 +41,9 @@ class Backend(Protocol):
     # What the weights it runs cost against the fp32 model (edgetok/fidelity.py:weights_effect)
     weights_fidelity: dict
 
-    def new_cache(self) -> Any:
-        """An empty KV cache for one sequence, in whatever form forward() takes."""
+    def new_cache(self, kv: KVConfig | None = None) -> Any:
+        """An empty KV cache for one sequence, in whatever form forward() takes; kv: a tiered
+        cache's settings for this sequence instead of the backend's own (a long prompt's)."""
         ...
 
     def forward(self, tokens: list[int], cache: Any, last: int = 1) -> np.ndarray:

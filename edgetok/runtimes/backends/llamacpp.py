@@ -62,8 +62,10 @@ class LlamaCppBackend:
         self.llm = open_gguf(source.path, n_ctx or source.config.max_context, threads, kv_type)
         self._n_vocab = self.llm.n_vocab()
 
-    def new_cache(self):
+    def new_cache(self, kv=None):
         """llama.cpp keeps one sequence's KV inside its context: the handle is the context itself."""
+        if kv is not None:
+            raise EdgetokError("the tiered KV cache applies to the torch and onnxruntime backends, not llama.cpp")
         self.llm.reset()
         return self.llm
 

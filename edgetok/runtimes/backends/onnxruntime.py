@@ -99,10 +99,10 @@ class OnnxBackend:
         # alternates single tokens with drafts of a few lengths, each of which would rebind.
         self._bindings: OrderedDict[tuple, _Bound] = OrderedDict()
 
-    def new_cache(self):
-        c = self.config
-        if self.kv is not None:  # float32: what the graph reads, so a view needs no conversion
-            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
+    def new_cache(self, kv: KVConfig | None = None):
+        c, kv = self.config, kv or self.kv
+        if kv is not None:  # float32: what the graph reads, so a view needs no conversion
+            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:

@@ -31,10 +31,10 @@ class TorchBackend:
         if weights != "fp32":  # the model holds converted copies: drop the float32 originals
             source.__dict__.pop("weights", None)
 
-    def new_cache(self) -> AttendingCache:
-        c = self.config
-        if self.kv is not None:
-            return TieredCache(self.kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
+    def new_cache(self, kv: KVConfig | None = None) -> AttendingCache:
+        c, kv = self.config, kv or self.kv
+        if kv is not None:
+            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, dtype=self.dtype, sliding_window=c.sliding_window)
 
     @torch.inference_mode()

@@ -55,15 +55,15 @@ KINDS = ["torch", "torch-tiered", "onnxruntime", "onnxruntime-tiered", "llamacpp
 @pytest.fixture(scope="module", params=KINDS)
 def case(request, tiny_folder, exports) -> Case:
     exact = edgetok.KVConfig(budget="100%", chunk_sizes=(8, 16))  # tiered, but every chunk attended
-    reference = edgetok.load(str(tiny_folder))
+    reference = edgetok.load(str(tiny_folder), backend="torch")
     if request.param == "torch":
         return Case(request.param, reference, reference, 0.0)
     if request.param == "torch-tiered":
-        return Case(request.param, edgetok.load(str(tiny_folder), kv=exact), reference, 1e-4)
+        return Case(request.param, edgetok.load(str(tiny_folder), backend="torch", kv=exact), reference, 1e-4)
     if request.param.startswith("onnxruntime"):
         kv = exact if request.param.endswith("tiered") else None
         return Case(request.param, edgetok.load(str(exports["onnx"]), kv=kv), reference, 1e-3)
-    gguf_reference = edgetok.load(str(exports["gguf"]))  # the torch backend on the GGUF's own weights
+    gguf_reference = edgetok.load(str(exports["gguf"]), backend="torch")  # the torch backend on the GGUF's own weights
     return Case(request.param, edgetok.load(str(exports["gguf"]), backend="llamacpp"), gguf_reference, 0.05)
 
 

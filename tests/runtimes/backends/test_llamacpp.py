@@ -41,7 +41,7 @@ def test_llamacpp_tokenizer_matches_edgetok(smollm2):
 
 
 def test_llamacpp_backend_matches_torch_on_tiny_model(tiny_gguf):
-    torch_model = edgetok.load(str(tiny_gguf))
+    torch_model = edgetok.load(str(tiny_gguf), backend="torch")
     llama = edgetok.load(str(tiny_gguf), backend="llamacpp")
     for prompt in ("The quick brown fox", "def add(a, b):"):
         a = torch_model.generate(prompt, max_new_tokens=24, ignore_eos=True)

@@ -30,8 +30,8 @@ def test_int8_linear_matches_float_linear():
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_low_precision_model_follows_fp32(tiny_folder, weights):
-    ref = edgetok.load(str(tiny_folder))
-    low = edgetok.load(str(tiny_folder), weights=weights)
+    ref = edgetok.load(str(tiny_folder), backend="torch")
+    low = edgetok.load(str(tiny_folder), backend="torch", weights=weights)
     a = ref.generate("The quick brown fox", max_new_tokens=8, ignore_eos=True)
     b = low.generate("The quick brown fox", max_new_tokens=8, ignore_eos=True)
     assert b.tokens[:2] == a.tokens[:2]  # a random model has near-ties later on
@@ -50,12 +50,12 @@ def test_concatenated_int8_layers_equal_the_parts():
 
 def test_weights_errors(tiny_folder):
     with pytest.raises(EdgetokError, match="unknown weights"):
-        edgetok.load(str(tiny_folder), weights="int3")
+        edgetok.load(str(tiny_folder), backend="torch", weights="int3")
 
 
 @pytest.mark.slow
 def test_smollm2_int8_answers():
-    m = edgetok.load("smollm2", weights="int8")
+    m = edgetok.load("smollm2", backend="torch", weights="int8")
     assert "Paris" in m.generate("What is the capital of France?", chat=True, max_new_tokens=16).text
 
 
@@ -65,6 +65,6 @@ def test_low_precision_weights_with_the_tiered_cache(tiny_folder, tmp_path, weig
     from edgetok.runtimes.kv import KVConfig
 
     for kv in (KVConfig(budget="50%"), KVConfig(budget="50%", device_mb=0.01, host_mb=0.01, disk_dir=tmp_path)):
-        m = edgetok.load(str(tiny_folder), weights=weights, kv=kv)
+        m = edgetok.load(str(tiny_folder), backend="torch", weights=weights, kv=kv)
         r = m.generate("The quick brown fox " * 40, max_new_tokens=6, ignore_eos=True)
         assert len(r.tokens) == 6 and r.stats.kv["decode_steps"] == 5

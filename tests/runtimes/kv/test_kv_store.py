@@ -61,7 +61,7 @@ def test_a_prompt_read_from_the_store_counts_in_the_progress(tiny_folder, tmp_pa
     import edgetok
 
     for _ in range(2):
-        m = edgetok.load(str(tiny_folder), kv_store=tmp_path)
+        m = edgetok.load(str(tiny_folder), backend="torch", kv_store=tmp_path)
         counted = []
         r = m.generate(PROMPT, max_new_tokens=2, progress=counted.append)
         assert sum(counted) == r.prompt_tokens

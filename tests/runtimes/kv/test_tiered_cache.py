@@ -179,7 +179,7 @@ def test_without_prefetch_every_read_is_synchronous(source, tmp_path):
 def test_one_token_prompt(tiny_folder):
     import edgetok
 
-    m = edgetok.load(str(tiny_folder), kv=KVConfig(budget="25%"))
+    m = edgetok.load(str(tiny_folder), backend="torch", kv=KVConfig(budget="25%"))
     ids = m.tokenizer.encode("a")
     assert len(ids) == 1
     r = m.generate("a", max_new_tokens=5, ignore_eos=True)

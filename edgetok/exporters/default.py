@@ -1,0 +1,86 @@
+"""The default engine's export: a model that is not an ONNX export is exported once, then run.
+
+`edgetok run smollm2` runs the int4 ONNX export with float activations on ONNX Runtime: the
+fastest engine measured here that keeps the fp32 reference's next tokens (98 % of positions on
+every kind of text measured, BENCHMARKS.md). It is built on first use into
+$EDGETOK_HOME/exports/, one folder per source, exporter and options (the key hashes all three: new
+weights or a new edgetok build anew). Two processes asking for the same export at once: one
+builds, the other waits on a lock and uses it. An entry that fails its manifest's hashes is rebuilt,
+never used; the pipeline writes whole folders or nothing (files.staged).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from edgetok import __version__
+from edgetok.errors import EdgetokError
+from edgetok.exporters.options import OnnxOptions
+from edgetok.files import edgetok_home
+from edgetok.models.sources import Source, load_source
+
+# What the default engine runs; the rest of OnnxOptions keeps its defaults.
+DEFAULT_EXPORT = {"weights": "int4", "activations": "float"}
+DESCRIPTION = "int4 weights, float activations (ONNX Runtime)"
+
+
+def exports_dir() -> Path:
+    return edgetok_home() / "exports"
+
+
+def exporter_code() -> str:
+    """The SHA-256 of the ONNX exporter's code: an export made by other code is never used as current."""
+    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, options, pipeline, quantize
+    from edgetok.models import manifest, names
+
+    modules = (onnx, onnx_graph, onnx_rewrites, quantize, options, pipeline, manifest, names)
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
+
+
+def export_folder(source: Source) -> Path:
+    """Where `source`'s default export lives: named for a reader, keyed for correctness."""
+    options = asdict(OnnxOptions(model=source.ref, output=Path("."), **DEFAULT_EXPORT))
+    basis = {"source": source.fingerprint, "edgetok": __version__, "exporter": exporter_code(),
+             "options": {k: v for k, v in options.items() if k not in ("model", "output", "threads")}}
+    key = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.ref).name or "model")[:48]
+    return exports_dir() / f"{name}-{key}"
+
+
+def default_export(source: Source, threads: int | None = None, progress: bool = False) -> Source:
+    """`source`'s default ONNX export, built first if it is missing or damaged → the export's Source."""
+    folder = export_folder(source)
+    with _locked(folder.with_name(f"{folder.name}.lock")):  # kept: a lock file is not a temporary
+        if folder.is_dir():
+            try:
+                return load_source(str(folder))
+            except EdgetokError:
+                shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuilt, never used
+        from edgetok.exporters.pipeline import export
+
+        if progress:
+            print(f"edgetok: building the fast engine's export of {source.ref} (once) into {folder}", file=sys.stderr)
+        export(OnnxOptions(model=str(source.path), output=folder, threads=threads, **DEFAULT_EXPORT))
+        return load_source(str(folder))
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` for the block (the lock dies with its process: no stale locks)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except OSError as e:
+        raise EdgetokError(f"cannot build the default export in {path.parent}: {e.strerror or e} "
+                           "(set EDGETOK_HOME to a writable folder, or pass --backend torch)") from None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
