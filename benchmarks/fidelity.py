@@ -132,7 +132,7 @@ def kl_mean(ref: torch.Tensor, got: torch.Tensor) -> float:
 class Bench:
     def __init__(self, args) -> None:
         self.args = args
-        self.model = edgetok.load("smollm2", threads=args.threads)
+        self.model = edgetok.load("smollm2", backend="torch", threads=args.threads)
         source = self.model.source
         self.exact = self.model.engine.backend  # the contiguous cache: pruned prefills
         self.full = self._tiered(KVConfig(budget="100%"))

@@ -10,7 +10,8 @@ from edgetok.fidelity import run_fidelity
 
 
 def fidelity(tiny_folder, *args):
-    r = run_cli("run", str(tiny_folder), "-p", "The quick brown fox jumps " * 30, "--no-chat", "-n", "20", "--json", *args)
+    r = run_cli("run", str(tiny_folder), "-p", "The quick brown fox jumps " * 30, "--no-chat", "-n", "20", "--json",
+                "--backend", "torch", *args)
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)["stats"]["fidelity"]
 
