@@ -110,7 +110,11 @@ def select_chunks(
     if coverage is not None:
         need, _ = coverage_keep(shares, order, coverage)
         keep = torch.minimum(torch.maximum(need, forced.sum(-1)), keep)
-    estimated = covered.gather(-1, (keep - 1).clamp(min=0)[:, None, None].expand(-1, shares.shape[1], 1))[..., 0].amin(-1)
+    if shares.shape[-1] == 0:  # no layer has a chunk yet: nothing to miss
+        estimated = torch.ones(shares.shape[0])
+    else:
+        at = (keep - 1).clamp(min=0)[:, None, None].expand(-1, shares.shape[1], 1)
+        estimated = covered.gather(-1, at)[..., 0].amin(-1)
     k = int(keep.max())
     return scores.topk(k, -1).indices, torch.arange(k) < keep[:, None], estimated
 
