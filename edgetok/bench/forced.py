@@ -21,7 +21,7 @@ import numpy as np
 from edgetok.bench.record import read_ids, result_json, write_logits
 from edgetok.cli.options import load_model, run_configs, run_options
 from edgetok.errors import EdgetokError
-from edgetok.runtimes.backends.base import Backend
+from edgetok.runtimes.backends.base import BATCH, Backend
 
 
 class TeacherForcing:
@@ -34,7 +34,8 @@ class TeacherForcing:
 
     def __init__(self, backend: Backend, follow: list[int] | None) -> None:
         self.inner = backend
-        self.name, self.config, self.capabilities = backend.name, backend.config, backend.capabilities
+        self.name, self.config = backend.name, backend.config
+        self.capabilities = backend.capabilities - {BATCH}  # one sequence, its steps recorded one by one
         self.prune_after_layer = backend.prune_after_layer
         self.weights_fidelity = backend.weights_fidelity
         self.follow = follow
@@ -51,6 +52,9 @@ class TeacherForcing:
         else:
             self._last = logits[-1]
         return logits
+
+    def forward_batch(self, tokens: list[int], caches: list) -> np.ndarray:
+        raise EdgetokError("teacher forcing records one sequence; it runs no batch")
 
     def prefill_pruned(self, tokens: list[int], cache, plan, chunk: int, progress=None):
         pruned = self.inner.prefill_pruned(tokens, cache, plan, chunk, progress)

@@ -14,7 +14,7 @@ import signal
 
 import click
 
-from edgetok.cli import bench, chat, devices, export, inspect, plan, run
+from edgetok.cli import bench, chat, devices, export, inspect, plan, run, serve
 from edgetok.errors import EdgetokError
 
 
@@ -60,7 +60,7 @@ def cli() -> None:
     """Take a language model to the edge and run it there."""
 
 
-for module in (run, chat, export, inspect, bench, devices, plan):
+for module in (run, chat, serve, export, inspect, bench, devices, plan):
     cli.add_command(module.command)
 
 

@@ -26,7 +26,8 @@ def _int_or_none(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["gguf", "hf", "onnx"]), required=True,
               help="gguf: llama.cpp's format; onnx: a folder for ONNX Runtime; hf: a Hugging Face folder (fp32)")
 @click.option("--quant", type=click.Choice(export_choices.QUANTS), default="q8_0", show_default=True,
-              help="GGUF tensor type of the weight matrices")
+              help="GGUF tensor type of the weight matrices (a K-quant where rows are whole 256-value blocks, else "
+                   "the nearest 32-value type: the plan is printed and kept in the report)")
 @click.option("--weights", type=click.Choice(export_choices.WEIGHTS), default="int4", show_default=True,
               help="ONNX weights: int4/int8 as MatMulNBits blocks (or DequantizeLinear with --qdq)")
 @click.option("--block-size", type=click.Choice([str(b) for b in export_choices.BLOCK_SIZES]), default=None,
@@ -53,6 +54,9 @@ def _int_or_none(ctx, param, value):
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file (gguf) or folder (onnx, hf) to write")
 @click.option("--force", is_flag=True, help="overwrite an existing file")
 @click.option("--keep-sensitive", is_flag=True, help="keep the tensors quantization hurts most at higher precision")
+@click.option("--tensor-type", multiple=True, metavar="REGEX=TYPE",
+              help="GGUF: the weight matrices whose llama.cpp name REGEX finds (e.g. 'attn_v|ffn_down=q8_0') get TYPE; "
+                   "repeatable, the first match decides; a REGEX that finds none is an error")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="text for the parity report (default: the built-in essays)")
 @click.option("--eval-tokens", type=click.IntRange(min=export_choices.MIN_EVAL_TOKENS), default=None,
@@ -72,6 +76,8 @@ def command(fmt, as_json, **kw):
     if fmt != "onnx" and (kw["attention"] or kw["prune_after_layer"] is not None or kw["zero_points"] != "exact"
                           or kw["head_bits"] != 8 or kw["activations"] != "int8"):
         raise EdgetokError("--attention, --prune-after-layer, --zero-points, --head-bits and --activations apply to --format onnx")
+    if fmt != "gguf" and kw["tensor_type"]:
+        raise EdgetokError("--tensor-type applies to --format gguf")
     if fmt == "hf":
         _export_hf(kw)
         return
@@ -122,9 +128,17 @@ def _print_onnx_export(o, manifest) -> None:
 
 
 def _print_gguf_export(o, manifest) -> None:
+    from collections import Counter
+
+    from edgetok.exporters.gguf_types import TensorType, plan_summary
     from edgetok.models.manifest import gguf_report_path
 
     click.echo(f"wrote {o.output} ({manifest.size_bytes / 1e6:.1f} MB, {o.quant}, {o.method})")
+    for line in plan_summary([TensorType(**t) for t in manifest.type_plan or []]):
+        click.echo(line)
+    if manifest.tensor_types:
+        counts = Counter(manifest.tensor_types.values())
+        click.echo("  by --tensor-type: " + ", ".join(f"{n} tensors at {kind}" for kind, n in counts.items()))
     for name, kind in manifest.kept_at_higher_precision.items():
         kl = (manifest.sensitivity_kl or {}).get(name)
         click.echo(f"  kept at {kind}: {name}" + (f" (KL when quantized alone {kl:.4f})" if kl is not None else " (output projection)"))

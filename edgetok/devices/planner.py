@@ -152,3 +152,32 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         predicted_peak_device_bytes=peak_device, predicted_peak_host_bytes=peak_host,
         predicted_decode_tokens_per_s=round(1 / step, 2), arithmetic=lines,
     )
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    """The peak memory one loaded model needs, by the plan's arithmetic (edgetok.load(max_memory_bytes=))."""
+
+    weights: int  # bytes of the weights as the backend holds them
+    kv: int  # the KV cache at `context` tokens
+    workspace: int  # a prefill piece's attention scores
+    runtime: int = RUNTIME_BASE_BYTES
+    context: int = 0
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.kv + self.workspace + self.runtime
+
+    def words(self) -> str:
+        return (f"about {self.peak / MB:.0f} MB at its {self.context}-token context (weights {self.weights / MB:.0f} MB, "
+                f"KV {self.kv / MB:.0f} MB, prefill workspace {self.workspace / MB:.0f} MB, runtime {self.runtime / MB:.0f} MB)")
+
+
+def load_estimate(cfg: ModelConfig, weights: int, kv_bytes_per_value: float, context: int | None = None,
+                  kv_bytes: int | None = None) -> LoadEstimate:
+    """`weights` bytes held, an exact KV cache of `context` tokens (default: the model's) at
+    kv_bytes_per_value — or kv_bytes when a tiered cache bounds it — and plan()'s workspace."""
+    context = cfg.max_context if context is None else context
+    kv = round(cfg.kv_bytes_per_token(1) * kv_bytes_per_value * context) if kv_bytes is None else kv_bytes
+    workspace = 2 * min(PREFILL_PIECE, context) * context * cfg.num_heads * 4
+    return LoadEstimate(weights, kv, workspace, context=context)

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.exporters.options import CODE_TYPES, QUANTS, GgufOptions, check_choice, higher_precision
+from edgetok.exporters.gguf_types import TensorType, choose_type, encode, qtype, round_trip
+from edgetok.exporters.options import (
+    CODE_TYPES,
+    QUANTS,
+    GgufOptions,
+    check_choice,
+    higher_precision,
+    parse_tensor_type,
+)
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
 from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.checkpoint import stack
@@ -92,11 +100,9 @@ def sensitivity_candidates(cfg: ModelConfig) -> list[str]:
 
 
 def fake_quantize(w: torch.Tensor, quant: str) -> torch.Tensor:
-    """w after a round trip through the GGUF type of `quant` (what llama.cpp will compute with)."""
-    from gguf.quants import dequantize
-
-    data, qtype = _tensor_data(w.float().numpy(), _qtype(quant))
-    return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(w.shape))
+    """w after a round trip through the GGUF type `quant` gives it (its fallback where its rows do
+    not fit `quant`'s blocks): what llama.cpp will compute with."""
+    return round_trip(w, choose_type("", tuple(w.shape), quant).type)
 
 
 def measure_sensitivity(
@@ -126,31 +132,13 @@ def choose_sensitive(kl: dict[str, float], fraction: float = 1 / 8) -> list[str]
     return sorted(kl, key=kl.get, reverse=True)[:k]
 
 
-def _qtype(quant: str):
-    """--quant → gguf-py's tensor type (its name in capitals)."""
-    import gguf
-
-    return gguf.GGMLQuantizationType[quant.upper()]
-
-
 def _file_type(quant: str) -> int:
-    """--quant → llama.cpp's file type: the type of most tensors, or all for f32."""
+    """--quant → llama.cpp's file type: the type of most tensors, or all for f32 (a K-quant: its
+    "S" mix, every tensor of that type)."""
     import gguf
 
-    return int(gguf.LlamaFileType["ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"])
-
-
-def _tensor_data(w: np.ndarray, qtype):
-    """→ (array to write, GGML type). 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them."""
-    import gguf
-    from gguf.quants import quantize
-
-    if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-        return w.astype(np.float32), gguf.GGMLQuantizationType.F32
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if w.shape[-1] % block:  # rows that do not fill whole blocks cannot take this type
-        return w.astype(np.float16), gguf.GGMLQuantizationType.F16
-    return quantize(w, qtype), qtype
+    name = {"f32": "ALL_F32", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S"}.get(quant, f"MOSTLY_{quant.upper()}")
+    return int(gguf.LlamaFileType[name])
 
 
 def gguf_blocks(qw, quant: str) -> np.ndarray:
@@ -177,6 +165,41 @@ def gguf_blocks(qw, quant: str) -> np.ndarray:
     return np.concatenate([d, body], axis=-1).reshape(n, -1)
 
 
+def tensor_layout(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The file's tensors in order: llama.cpp's name → the HF name whose tensor (and type
+    override) it is — a stacked tensor's first part (phi3's ffn_up: the gate); a tied head is not
+    written."""
+    layout = {}
+    for name in weights:
+        if cfg.tie_word_embeddings and name == LM_HEAD:
+            continue
+        fused = stacked_name(cfg, name)
+        if fused is None:
+            layout[gguf_name(name)] = name
+        elif fused_parts(fused)[0] == name:
+            layout[stacked_gguf_name(fused)] = name
+    return layout
+
+
+def tensor_type_overrides(specs: tuple[str, ...], cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """--tensor-type REGEX=TYPE → HF name → TYPE for the weight matrices whose llama.cpp name
+    REGEX finds (re.search; the first REGEX that finds a tensor decides, as llama-quantize's
+    --tensor-type). A REGEX that finds no matrix of this model is an error: a typo would otherwise
+    be a silent no-op."""
+    matrices = {gg: hf for gg, hf in tensor_layout(cfg, weights).items() if weights[hf].dim() == 2}
+    rules = [(spec, *parse_tensor_type(spec)) for spec in specs]
+    result: dict[str, str] = {}
+    for spec, pattern, kind in rules:
+        found = [gg for gg in matrices if pattern.search(gg)]
+        if not found:
+            examples = ", ".join(list(matrices)[:2] + [gg for gg in matrices if gg.startswith("blk.0.")][:4])
+            raise EdgetokError(f"--tensor-type {spec} matches no weight matrix of this model (llama.cpp's names, "
+                               f"such as {examples})")
+        for gg in found:
+            result.setdefault(matrices[gg], kind)
+    return result
+
+
 def export_gguf(
     source: Source, out: Path, quant: str = "f16", force: bool = False, overrides: dict[str, str] | None = None,
     quantized: dict | None = None,
@@ -189,12 +212,14 @@ def export_gguf(
 
 def write_gguf(
     source: Source, path: Path, quant: str = "f16", overrides: dict[str, str] | None = None, quantized: dict | None = None,
-) -> None:
-    """Write `source` as a GGUF file at `path`.
+) -> list[TensorType]:
+    """Write `source` as a GGUF file at `path`; returns the type plan (every tensor's type, and
+    why where it is not the one asked for).
 
     overrides: HF tensor name → --quant name for tensors that get another type (--keep-sensitive).
     quantized: HF tensor name → QuantizedWeight whose codes are written as `quant` blocks as they
-    are (gptq, rsq); the other tensors are quantized here by llama.cpp's own rounding.
+    are (gptq, rsq); the other tensors are quantized here: by llama.cpp's own rounding (gguf-py)
+    for the 32-value types, by exporters/kquants.py for the K-quants and iq4_nl.
     """
     import gguf
 
@@ -211,32 +236,33 @@ def write_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _rope_factors(writer, cfg)
     weights = source.weights
-    for name in weights:
-        if cfg.tie_word_embeddings and name == LM_HEAD:
-            continue
-        gg, tensor, codes = gguf_name(name), weights[name], (quantized or {}).get(name)
+    plan = []
+    for gg, name in tensor_layout(cfg, weights).items():
+        tensor, codes = weights[name], (quantized or {}).get(name)
         fused = stacked_name(cfg, name)
-        if fused is not None:  # one tensor for all its parts (phi3's ffn_up: gate, then up), at the first
-            if fused_parts(fused)[0] != name:
-                continue
-            gg, tensor = stacked_gguf_name(fused), stack(weights, fused)
+        if fused is not None:  # one tensor for all its parts (phi3's ffn_up: gate, then up)
+            tensor = stack(weights, fused)
             parts = [quantized.get(p) for p in fused_parts(fused)] if quantized else [None]
             codes = QuantizedWeight.cat_rows(parts) if all(q is not None for q in parts) else None
         heads = permuted_heads(name, cfg)
         if codes is not None and name not in overrides:
             if heads is not None:  # the same row order as permute_qk gives the float weight
                 codes = codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
-            writer.add_tensor(gg, gguf_blocks(codes, quant), raw_dtype=_qtype(quant))
+            writer.add_tensor(gg, gguf_blocks(codes, quant), raw_dtype=qtype(quant))
+            plan.append(TensorType(gg, quant, quant))
             continue
-        w = tensor.float().numpy()
+        w = tensor.float()
         if heads is not None:
-            w = permute_qk(w, heads)
-        data, dtype = _tensor_data(w, _qtype(overrides.get(name, quant)))
+            w = torch.from_numpy(permute_qk(w.numpy(), heads))
+        planned = choose_type(gg, tuple(w.shape), overrides.get(name, quant))
+        data, dtype = encode(w, planned.type)
         writer.add_tensor(gg, data, raw_dtype=dtype)
+        plan.append(planned)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return plan
 
 
 def _add_field(writer, key: str, value) -> None:
@@ -279,6 +305,8 @@ class GgufExport:
         quant = self.options.quant
         self.written = source if qm is None else quantized_source(source, qm)
         self.codes, self.quantization = (None, None) if qm is None else (qm.quantized(), qm.info)
+        # checked first: a pattern that finds nothing fails before the slow part
+        self.user_types = tensor_type_overrides(self.options.tensor_type, self.written.config, self.written.weights)
         self.overrides = default_overrides(self.written.config, quant)
         self.sensitivity_kl = None
         if self.options.keep_sensitive:
@@ -289,10 +317,13 @@ class GgufExport:
 
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
-        write_gguf(self.written, paths[0], o.quant, self.overrides, self.codes)
+        plan = write_gguf(self.written, paths[0], o.quant, self.overrides | self.user_types, self.codes)
+        kept = {name: kind for name, kind in self.overrides.items() if name not in self.user_types}
         return GgufManifest(source=SourceRecord.of(source, beside=o.output.parent), quant=o.quant,
                             architecture=source.config.arch, method=o.method, quantization=self.quantization,
-                            sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=self.overrides,
+                            sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=kept,
+                            tensor_types=self.user_types or None,
+                            type_plan=[t.to_json() for t in plan],
                             size_bytes=paths[0].stat().st_size, sha256=file_sha256(paths[0]))
 
     def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ A plain module (no torch): the CLI and the bench import it for the choices it li
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -32,7 +33,7 @@ DEFAULT_OPSET = QDQ_OPSET
 MIN_OPSET = 18  # the graph's operators
 
 # --format gguf: the 2-D weights' type, named as gguf-py names it in lower case (exporters/gguf.py)
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl")
 # --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are.
 CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
 
@@ -42,7 +43,19 @@ MIN_EVAL_TOKENS = 16  # fewer make a parity report of noise
 def higher_precision(quant: str) -> str | None:
     """The type --keep-sensitive gives the tensors it keeps (as llama.cpp's _M mixes: q8_0 over
     4/5-bit), or None for a type with nothing above it worth the bytes."""
-    return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5")) else None)
+    return {"q8_0": "f16"}.get(quant, "q8_0" if quant.startswith(("q4", "q5", "q6", "iq4")) else None)
+
+
+def parse_tensor_type(spec: str) -> tuple[re.Pattern, str]:
+    """--tensor-type's REGEX=TYPE → (the compiled REGEX, TYPE), or one sentence."""
+    pattern, sep, kind = spec.rpartition("=")
+    if not sep or not pattern:
+        raise EdgetokError(f"--tensor-type takes REGEX=TYPE (such as attn_v=q8_0), not '{spec}'")
+    check_choice(f"type in --tensor-type {spec}:", kind, QUANTS)
+    try:
+        return re.compile(pattern), kind
+    except re.error as e:
+        raise EdgetokError(f"--tensor-type {spec}: '{pattern}' is not a regular expression ({e})") from None
 
 
 def check_choice(flag: str, value, choices) -> None:
@@ -168,19 +181,23 @@ class GgufOptions(ExportOptions):
 
     quant: str = "q8_0"
     keep_sensitive: bool = False
+    tensor_type: tuple[str, ...] = ()  # REGEX=TYPE: the matrices whose llama.cpp name REGEX finds get TYPE
 
     DEFAULT_EVAL_TOKENS: ClassVar[int] = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("--quant", self.quant, QUANTS)
+        object.__setattr__(self, "tensor_type", tuple(self.tensor_type))
+        for spec in self.tensor_type:  # the form here; the names when the model is loaded (exporters/gguf.py)
+            parse_tensor_type(spec)
         if self.method != "rtn" and self.quant not in CODE_TYPES:
             raise EdgetokError(
                 f"--method {self.method} writes its codes as {' or '.join(CODE_TYPES)} blocks; "
                 f"use --quant {' or --quant '.join(CODE_TYPES)}, or --method rtn for {self.quant}"
             )
         if self.keep_sensitive and higher_precision(self.quant) is None:
-            raise EdgetokError(f"--keep-sensitive needs a quantized --quant (q8_0, q4_*, q5_*), not {self.quant}")
+            raise EdgetokError(f"--keep-sensitive needs a quantized --quant (q8_0, q4_*, q5_*, q6_k, iq4_nl), not {self.quant}")
 
     @property
     def reads_eval_text(self) -> bool:

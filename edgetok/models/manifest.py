@@ -227,7 +227,10 @@ class GgufManifest(_Json):
     quantization: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # gptq / rsq: quantize_model's report
     sensitivity_kl: dict[str, float] | None = field(default=None, metadata=_OPTIONAL)  # --keep-sensitive's measurements
     kept_at_higher_precision: dict[str, str]  # HF tensor name → its type
+    tensor_types: dict[str, str] | None = field(default=None, metadata=_OPTIONAL)  # --tensor-type's: HF name → type
     size_bytes: int
+    # exporters/gguf_types.py's TensorType rows: each tensor's type, and why where not the asked one
+    type_plan: list[dict[str, str]] | None = field(default=None, metadata=_OPTIONAL)
     sha256: str | None = field(default=None, metadata=_OPTIONAL)  # of the GGUF: a loader refuses a file that differs
     parity: Parity | None = field(default=None, metadata=_OPTIONAL)
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)

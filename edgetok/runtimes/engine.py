@@ -120,7 +120,7 @@ class Result:
     text: str
     tokens: list[int]  # generated ids, without the final EOS
     prompt_tokens: int
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled" (the caller's cancel)
     stats: Stats = field(default_factory=Stats)
 
 
@@ -224,6 +224,21 @@ class Engine:
     def reset(self) -> None:
         self._cache, self._cached_ids, self._pruned = None, [], False
 
+    def reusable(self, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens this engine's cache holds (what a prefill of it
+        would reuse, at most)."""
+        n = 0
+        for a, b in zip([] if self._pruned else self._cached_ids, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @property
+    def cache(self):
+        """The KV cache of the last sequence (None before the first)."""
+        return self._cache
+
     def _cache_for(self, prompt: list[int]) -> None:
         """A cache of the kind this prompt needs: the tiered one past long_prompts.above tokens (a
         conversation that grows past it starts a new cache: the exact one's K/V is not reused)."""
@@ -239,12 +254,8 @@ class Engine:
         """Run the prompt, reusing the longest prefix the cache (or the KV store) holds → the last
         token's logits (V,)."""
         self._cache_for(prompt)
-        reused = 0
         # keep ≥ 1 token to prefill (its logits are needed); a pruned prompt is no prefix of anything
-        for a, b in zip([] if self._pruned else self._cached_ids, prompt[:-1]):
-            if a != b:
-                break
-            reused += 1
+        reused = self.reusable(prompt)
         self._pruned = False
         reused = self.backend.truncate(self._cache, reused)
         self._cached_ids = prompt[:reused]
@@ -315,11 +326,12 @@ class Engine:
 
     def generate_ids(
         self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None,
-        drafter: Drafter | None = None,
+        drafter: Drafter | None = None, cancel: Callable[[], bool] | None = None,
     ) -> Iterator[str | Result]:
         """Yield text pieces as tokens are generated, then the Result.
 
-        drafter: speculate with this one rather than the one cfg.speculate names."""
+        drafter: speculate with this one rather than the one cfg.speculate names.
+        cancel: asked before each decode step; True ends the generation there ("cancelled")."""
         ctx = self.config.max_context
         if not prompt:
             raise EdgetokError("the prompt is empty")
@@ -369,6 +381,9 @@ class Engine:
                 finish = "stop"
                 break
             if not chosen and len(out_ids) < budget:
+                if cancel is not None and cancel():
+                    finish = "cancelled"
+                    break
                 chosen = steps.after(out_ids, budget - len(out_ids))
         stats.decode_s = time.perf_counter() - t1
         stats.generated_tokens = len(out_ids)

@@ -11,6 +11,10 @@ What only some backends can do is declared as data in `capabilities`, never prob
   (--kv-store). Calling either without the capability raises EdgetokError.
 - ROLLBACK: in decode, `truncate` keeps every token before the last forward's rejected ones
   (speculative decoding, --speculate), whatever the cache; without it a cache may start over.
+- SEQUENCES: several caches live at once (`new_cache` leaves the others intact), so a server can
+  keep several sequences; llama.cpp's backend has one context, and a new cache resets it.
+- BATCH: `forward_batch` runs one token for each of several sequences in one forward, reading
+  the weights once (`edgetok serve`'s continuous batching); without it a server runs them in turn.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from edgetok.runtimes.prune import Pruned, PrunePlan
 PRUNE = "prune"
 PREFIX_STATE = "prefix_state"
 ROLLBACK = "rollback"
+SEQUENCES = "sequences"
+BATCH = "batch"
 
 Progress = Callable[[int], None]  # called with the number of prompt tokens just run
 
@@ -49,6 +55,12 @@ class Backend(Protocol):
     def forward(self, tokens: list[int], cache: Any, last: int = 1) -> np.ndarray:
         """Run `tokens` after what `cache` holds and store their K/V; → the logits of the last
         `last` of them, (last, V) float32 (speculative decoding verifies several at once)."""
+        ...
+
+    def forward_batch(self, tokens: list[int], caches: list[Any]) -> np.ndarray:
+        """BATCH: token b after what caches[b] holds, for every b, in one forward → the logits of
+        each, (B, V) float32; the same as forward([tokens[b]], caches[b]) for each b (distinct
+        caches, each after its end_prefill)."""
         ...
 
     def truncate(self, cache: Any, n: int) -> int:

@@ -94,6 +94,9 @@ class LlamaCppBackend:
         """The logits of the last decode's j-th batch position, in llama.cpp's memory (V,)."""
         return np.ctypeslib.as_array(cache._ctx.get_logits_ith(j), shape=(self._n_vocab,))
 
+    def forward_batch(self, tokens: list[int], caches: list) -> np.ndarray:
+        raise EdgetokError("the llama.cpp backend keeps one sequence; batched decoding needs an ONNX export")
+
     def truncate(self, cache, n: int) -> int:
         cache.n_tokens = n
         return n

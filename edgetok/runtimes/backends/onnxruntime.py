@@ -24,7 +24,8 @@ from edgetok.models import names
 from edgetok.models.llama import apply_rope, rope_attention_factor, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
-from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK
+from edgetok.runtimes.backends.base import BATCH, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
+from edgetok.runtimes.backends.onnx_batch import DecodeBatch
 from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
 from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import Pruned, PrunePlan
@@ -91,7 +92,10 @@ class OnnxBackend:
         self.prune = PrunePlan(1.0, **dataclasses.asdict(prune)) if prune else None
         self.prune_after_layer = prune.after_layer if prune else None
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
-        self.capabilities = frozenset({PREFIX_STATE, ROLLBACK} | ({PRUNE} if prune else set()))
+        # batched decoding writes every row's K/V in place (gqa) into exact caches' copies
+        batch = {BATCH} if self.in_place and kv is None else set()
+        self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch)
+        self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None) if batch else None
         self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)  # the graph's RoPE
         self.rope_scale = rope_attention_factor(manifest.config)  # its cos / sin scale (longrope)
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
@@ -102,12 +106,13 @@ class OnnxBackend:
     def new_cache(self, kv: KVConfig | None = None):
         c, kv = self.config, kv or self.kv
         if kv is not None:  # float32: what the graph reads, so a view needs no conversion
-            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32)
+            return TieredCache(kv, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
         """Logits (last, V) of the last `last` tokens (of the kept ones, when prune_keep < 1 prunes)."""
         assert self.prune is not None or prune_keep == 1.0
+        self._settle(cache)
         start, n, layers = cache.length, len(tokens), self.config.num_layers
         # float32 views; the exact cache's are its own (contiguous) buffers: no copy
         views = [(k.contiguous(), v.contiguous(), length) for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
@@ -140,6 +145,26 @@ class OnnxBackend:
             if m < n:
                 cache.skip(i, n - m)
         return logits[0].copy()  # a copy out: the bound array is the next run's too
+
+    def forward_batch(self, tokens: list[int], caches: list[GraphCache]) -> np.ndarray:
+        """(B, V): one graph run over the sequences' rows (onnx_batch.py); their K/V stays resident
+        there until another call touches their cache."""
+        if self._batch is None:
+            raise EdgetokError("batched decoding needs an export with GroupQueryAttention (--attention gqa) "
+                               "and the exact KV cache (no --kv-budget)")
+        assert len({id(c) for c in caches}) == len(caches), "one token per sequence"
+        exact = [b for b, c in enumerate(caches) if isinstance(c, ContiguousCache)]
+        out = np.empty((len(caches), self.config.vocab_size), np.float32)
+        if exact:
+            out[exact] = self._batch.step([tokens[b] for b in exact], [caches[b] for b in exact])
+        for b in sorted(set(range(len(caches))) - set(exact)):  # a long prompt's tiered cache: alone
+            out[b] = self.forward([tokens[b]], caches[b])[-1]
+        return out
+
+    def _settle(self, cache) -> None:
+        """A cache decoding in the batch gets its new tokens back before anything else reads it."""
+        if self._batch is not None:
+            self._batch.release(cache)
 
     def _queries(self, bound: _Bound, out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None,
                  last: int) -> list[torch.Tensor]:
@@ -239,18 +264,23 @@ class OnnxBackend:
         return Pruned(logits[-1], self._kept.copy())
 
     def truncate(self, cache: GraphCache, n: int) -> int:
+        self._settle(cache)
         return cache.truncate(n)
 
     def end_prefill(self, cache: GraphCache) -> None:
+        self._settle(cache)
         cache.end_prefill()
 
     def cache_stats(self, cache: GraphCache) -> dict:
+        self._settle(cache)
         return cache.stats() | {"provider": self.provider}
 
     def save_prefix(self, cache: GraphCache) -> KVState:
+        self._settle(cache)
         return cache.state
 
     def load_prefix(self, cache: GraphCache, state: KVState) -> None:
+        self._settle(cache)
         cache.state = state
 
 

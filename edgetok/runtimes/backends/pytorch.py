@@ -5,17 +5,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Progress
+from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, TieredCache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
 
 
 class TorchBackend:
     name = "torch"
-    capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK})
+    # no BATCH: a server runs its sequences' steps in turn (padding several caches' K/V per step
+    # would copy them every step)
+    capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES})
     prune_after_layer = None  # any layer: the plan's default
 
     WEIGHTS = ("fp32", "bf16", "int8")
@@ -41,6 +44,9 @@ class TorchBackend:
     def forward(self, tokens: list[int], cache: AttendingCache, last: int = 1) -> np.ndarray:
         """(last, V) float32: the model's logits, shared with numpy (no copy)."""
         return self.model(torch.tensor([tokens]), cache, last=last)[0].numpy()
+
+    def forward_batch(self, tokens: list[int], caches: list[AttendingCache]) -> np.ndarray:
+        raise EdgetokError("the torch backend runs one sequence per forward; batched decoding needs an ONNX export")
 
     def prefill_pruned(self, tokens: list[int], cache: AttendingCache, plan: PrunePlan, chunk: int,
                        progress: Progress | None = None) -> Pruned:

@@ -6,6 +6,8 @@ from collections import defaultdict
 
 import torch
 
+from edgetok.kernels import mixed_attention
+from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.quant import QTensor, dequantize_stack, quantize
 
 Tensors = dict[str, torch.Tensor]
@@ -45,8 +47,27 @@ def decode_many(
         bits, kgroup, kshape, vgroup, vshape = meta
         kq = [QTensor(items[i][0]["kc"], items[i][0]["ks"], items[i][0]["kz"], bits, kgroup, kshape) for i in idx]
         vq = [QTensor(items[i][0]["vc"], items[i][0]["vs"], items[i][0]["vz"], bits, vgroup, vshape) for i in idx]
-        ks = dequantize_stack(kq).transpose(2, 3).to(dtype)  # back to (n, Hkv, S, D)
+        # back to (n, Hkv, S, D), channels contiguous (what attention and the kernel's float rows read)
+        ks = dequantize_stack(kq).transpose(2, 3).to(dtype, memory_format=torch.contiguous_format)
         vs = dequantize_stack(vq).to(dtype)
         for j, i in enumerate(idx):
             out[i] = (ks[j], vs[j])
     return out
+
+
+def kernel_row(tensors: Tensors, meta: tuple) -> list[int]:
+    """The mixed-bit attention op's table row for a stored form (it points into `tensors`)."""
+    if meta[0] in (32, 16):
+        return mixed_attention.float_row(tensors["k"], tensors["v"])
+    bits, _, kshape, _, _ = meta
+    return mixed_attention.quantized_row(bits, kshape[-1], *(tensors[name] for name in ("kc", "ks", "kz", "vc", "vs", "vz")))
+
+
+def attend_reference(q: torch.Tensor, forms: list[tuple[Tensors, tuple]], window_k: torch.Tensor, window_v: torch.Tensor) -> torch.Tensor:
+    """The mixed-bit attention op's oracle, in plain torch: q (Hq, T, D) over the stored forms'
+    chunks then the window (Hkv, W ≥ T, D), whose last T tokens are the queries' own (causal) →
+    (Hq, T, D) float32. Dequantizes everything to float32 first: what the kernel must not do."""
+    hkv, _, d = window_k.shape
+    parts = decode_many(forms) + [(window_k.float(), window_v.float())]
+    keys, values = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    return attend(q[None].float(), keys[None], values[None], causal_mask(q.shape[1], keys.shape[1]))[0]

@@ -32,6 +32,9 @@ def report(cfg: KVConfig, bits: str, storage: Storage) -> dict:
     steps = max(c["steps"], 1)
     return {
         "kind": storage.kind,
+        # what a decode step's attention ran: the mixed-bit kernel (its instruction set) or the
+        # reference; absent when a graph attends
+        **({"attention": storage.attention} if storage.attention else {}),
         "budget": cfg.budget,
         "storage_bits": bits,
         "decode_steps": c["steps"],

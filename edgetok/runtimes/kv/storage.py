@@ -2,12 +2,16 @@
 chunks are and which of them attention reads; a storage keeps the tokens and hands them out):
 
 - ResidentStorage (no tier budgets): every token's K/V in one float slab per layer, the device
-  tier; a selection is one index_select;
+  tier; attention reads the selected chunks in place in the slab;
 - TieredStorage (--kv-device-mb / --kv-host-mb / --kv-disk / --kv-bits): each chunk has a home in
   host RAM or on disk (tiers.py), stored at a bit width chosen by its importance (codec.py); the
-  device tier caches float copies of the chunks attention reads; a thread reads layer i+1's
-  likely chunks from disk while layer i computes (prefetch.py). The tokens after the last chunk
-  (the window) stay in float.
+  device tier caches copies of the chunks attention reads (their stored forms for the mixed-bit
+  kernel, float for a graph's views); a thread reads layer i+1's likely chunks from disk while
+  layer i computes (prefetch.py). The tokens after the last chunk (the window) stay in float.
+
+A decode step's attention (`attend`) runs the mixed-bit attention op (kernels/mixed_attention.py)
+over table rows that point at the chunks where they are: no float copy of the selection is made.
+Without the native kernel built, it gathers float copies and attends over them (the reference).
 
 Each storage keeps its per-layer record (a Layer subclass): the cache's fitted policy and, next
 to it, where the layer's tokens are. All tensors are per layer of one sequence: (Hkv, N, D).
@@ -20,9 +24,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from edgetok.runtimes.kv.codec import decode_many, encode
+from edgetok.kernels import mixed_attention
+from edgetok.kernels.attention import attend, causal_mask
+from edgetok.runtimes.kv.codec import decode_many, encode, kernel_row
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.policy import bits_by_importance
 from edgetok.runtimes.kv.prefetch import Prefetcher
@@ -79,6 +86,7 @@ class Storage(ABC):
         """dtype: of the K/V attention reads; counters: the cache's decode totals."""
         self.n_kv, self.head_dim, self.dtype, self.counters = num_kv_heads, head_dim, dtype, counters
         self.layers = [self.new_layer() for _ in range(num_layers)]
+        self.attention: str | None = None  # what attend() ran: the native kernel's ISA, or "reference"
 
     @abstractmethod
     def new_layer(self) -> Layer:
@@ -138,10 +146,33 @@ class Storage(ABC):
     def begin_step(self) -> None:
         """A decode step begins (heat decays per step)."""
 
+    def attend(self, i: int, chosen: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A decode step's attention in layer i: q (Hq, T, D) over its chunks `chosen` (sorted ids;
+        None: all of them) and its window, whose last T tokens are q's own (causal) → (Hq, T, D)
+        float32, and the tokens attended. The mixed-bit kernel reads every chunk where it lives, at
+        its stored width; without it (not built, or a head size it does not run), float copies are
+        gathered (the reference)."""
+        if not mixed_attention.supports(self.head_dim):
+            self.attention = "reference"
+            keys, values = self.gather(i, chosen)
+            out = attend(q[None].to(keys.dtype), keys[None], values[None], causal_mask(q.shape[1], keys.shape[1]))[0]
+            return out.float(), keys.shape[1]
+        rows = self.kernel_rows(i, chosen)
+        self.attention = mixed_attention.isas()[0]
+        # One thread: at SmolLM2's sizes a second one saved nothing, alone or inside the model
+        # (BENCHMARKS.md, the mixed-bit attention op), and torch's OpenMP workers hold the other core.
+        out, _ = mixed_attention.attend(q, rows, self.n_kv, threads=1)
+        return out, int(rows[:, mixed_attention.LENGTH].sum())
+
+    @abstractmethod
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None) -> np.ndarray:
+        """The mixed-bit attention op's table for layer i's chunks `chosen` and its window (the
+        last row, causal), pointing at memory this storage keeps alive until the next call."""
+
     @abstractmethod
     def gather(self, i: int, chosen: torch.Tensor | None) -> KV:
         """Layer i's chunks `chosen` (sorted ids; None: all of them) then its window, float
-        (Hkv, n, D): what a decode step's attention reads."""
+        (Hkv, n, D): what the reference attention reads when the native kernel is not built."""
 
     @abstractmethod
     def stage_source(self, i: int) -> LayerKV:
@@ -242,6 +273,18 @@ class ResidentStorage(Storage):
         self.counters["bytes_device"] += 2 * len(idx) * self.n_kv * self.head_dim * self.itemsize
         return layer.slab_k.index_select(1, idx), layer.slab_v.index_select(1, idx)
 
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None) -> np.ndarray:
+        """Rows into the slab itself: one per chosen chunk, then the window (every token, when
+        all chunks are chosen: one row)."""
+        layer = self.layers[i]
+        size, start = layer.chunk_size, layer.n_chunks * layer.chunk_size
+        if chosen is None:  # the chunks and the window are one run of the slab
+            start, chosen = 0, torch.zeros(0, dtype=torch.long)
+        rows = mixed_attention.slab_rows(layer.slab_k, layer.slab_v, chosen * size, size)
+        window = mixed_attention.float_row(layer.slab_k[:, start : layer.n], layer.slab_v[:, start : layer.n], causal=True)
+        self.counters["bytes_device"] += 2 * (len(chosen) * size + layer.n - start) * self.n_kv * self.head_dim * self.itemsize
+        return np.concatenate([rows, np.array([window], np.int64)])
+
     def stage_source(self, i: int) -> LayerKV:
         layer = self.layers[i]
         start = layer.n_chunks * layer.chunk_size
@@ -264,18 +307,22 @@ class TieredStorage(Storage):
     kind = "tiered"
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, counters: Counters,
-                 cfg: KVConfig, bits: str) -> None:
+                 cfg: KVConfig, bits: str, reads_forms: bool) -> None:
         """cfg: the tier budgets, disk folder and prefetch; bits: the storage bit width choice
-        ('32': every chunk exact)."""
+        ('32': every chunk exact); reads_forms: attention reads stored forms (the mixed-bit kernel:
+        the device tier caches them), not float copies (a graph's views)."""
         super().__init__(num_layers, num_kv_heads, head_dim, dtype, counters)
         self.bits, self.sink_tokens = bits, cfg.sink_tokens
         device = 0 if cfg.device_mb is None else int(cfg.device_mb * MB)  # no budget: decompress per read
         host = None if cfg.host_mb is None else int(cfg.host_mb * MB)
-        self.store = TierStore(device, host, cfg.disk_dir, functools.partial(decode_many, dtype=dtype),
-                               disk_uncached=cfg.disk_uncached)
+        # The device tier holds what attention reads: stored forms for the kernel, float for a graph.
+        self.forms = reads_forms
+        decompress = None if reads_forms else functools.partial(decode_many, dtype=dtype)
+        self.store = TierStore(device, host, cfg.disk_dir, decompress, disk_uncached=cfg.disk_uncached)
         return_large_buffers()
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_steps, counters, enabled=cfg.prefetch)
         self._next_key = 0
+        self._attending: list = []  # what the last kernel_rows() pointed at
 
     def new_layer(self) -> HomedLayer:
         return HomedLayer()
@@ -285,6 +332,7 @@ class TieredStorage(Storage):
         for layer in self.layers:
             for key in layer.keys:
                 self.store.drop(key)
+        self._attending = []
         super().reset()
 
     def close(self) -> None:
@@ -297,8 +345,9 @@ class TieredStorage(Storage):
         self.store.add(self._next_key, tensors, meta, heat)
         return self._next_key
 
-    def fetch(self, keys: list[int], prefetched: dict | None = None) -> list[KV]:
-        """Float K/V of `keys`, counting where each came from; chunks read from below may move up."""
+    def fetch(self, keys: list[int], prefetched: dict | None = None) -> list:
+        """What the device tier holds of `keys` (stored forms, or float K/V: see reads_forms),
+        counting where each came from; chunks read from below may move up."""
         prefetched = prefetched or {}
         tiers = [self.store.tier_of(k) for k in keys]
         missing = [k for k, t in zip(keys, tiers) if t != DEVICE and k not in prefetched]
@@ -332,8 +381,13 @@ class TieredStorage(Storage):
         self.add_prompt(layer, k, v)
         return (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
 
+    def fetch_float(self, keys: list[int], prefetched: dict | None = None) -> list[KV]:
+        """Float K/V (Hkv, S, D) of `keys` in the storage dtype."""
+        got = self.fetch(keys, prefetched)
+        return decode_many(got, self.dtype) if self.forms and got else got
+
     def layer_kv(self, layer: HomedLayer) -> KV:
-        parts = self.fetch(layer.keys) if layer.keys else []
+        parts = self.fetch_float(layer.keys) if layer.keys else []
         if layer.window_k is not None:
             parts.append((layer.window_k, layer.window_v))
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
@@ -390,15 +444,31 @@ class TieredStorage(Storage):
     def begin_step(self) -> None:
         self.store.step += 1
 
-    def gather(self, i: int, chosen: torch.Tensor | None) -> KV:
+    def _read_selected(self, i: int, chosen: torch.Tensor | None, as_float: bool) -> list:
+        """Layer i's chunks `chosen` as the device tier holds them (or float); the prefetch thread
+        then reads the next layer's likely chunks while layer i computes."""
         layer = self.layers[i]
         keys = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
         self.prefetcher.note_selected(keys)
-        kv = self.fetch(keys, self.prefetcher.take(i, keys))
+        prefetched = self.prefetcher.take(i, keys)
+        got = self.fetch_float(keys, prefetched) if as_float else self.fetch(keys, prefetched)
         layer.last_keys = keys
         nxt = (i + 1) % len(self.layers)
-        self.prefetcher.start(nxt, self.layers[nxt])  # while layer i computes
+        self.prefetcher.start(nxt, self.layers[nxt])
+        return got
+
+    def gather(self, i: int, chosen: torch.Tensor | None) -> KV:
+        layer = self.layers[i]
+        kv = self._read_selected(i, chosen, as_float=True)
         return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
+
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None) -> np.ndarray:
+        layer = self.layers[i]
+        got = self._read_selected(i, chosen, as_float=False)
+        self._attending = got  # alive until the next call: the rows point into them
+        rows = [kernel_row(*form) for form in got] if self.forms else [mixed_attention.float_row(k, v) for k, v in got]
+        rows.append(mixed_attention.float_row(layer.window_k, layer.window_v, causal=True))
+        return np.array(rows, np.int64)
 
     def stage_source(self, i: int) -> LayerKV:
         layer = self.layers[i]
@@ -407,7 +477,7 @@ class TieredStorage(Storage):
     def _chunk_rows(self, i: int, ids: torch.Tensor) -> KV:
         """Layer i's chunks `ids` from the tiers: K, V (Hkv, n, S·D)."""
         keys = [self.layers[i].keys[c] for c in ids.tolist()]
-        kv = self.fetch(keys, self.prefetcher.take(i, keys))
+        kv = self.fetch_float(keys, self.prefetcher.take(i, keys))
         return tuple(torch.stack([t[j] for t in kv], 1).view(self.n_kv, len(keys), -1) for j in (0, 1))
 
     def staged(self, chosen: torch.Tensor, kept: list[int], fetched: list[torch.Tensor], attended: int) -> None:

@@ -40,9 +40,12 @@ class TieredCache(AttendingCache, GraphCache):
 
     def __init__(
         self, cfg: KVConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, reads: str = "kernel",
     ) -> None:
-        """dtype: of the K/V attention reads (default: bf16 when approximate, float32 when exact)."""
+        """dtype: of the K/V attention reads (default: bf16 when approximate, float32 when exact);
+        reads: what mostly drives it, so what its device tier caches — "kernel" (attend(): the
+        mixed-bit kernel reads stored forms) or "views" (a graph: float copies to stage)."""
+        assert reads in ("kernel", "views"), reads
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
         self.lengths = [0] * num_layers  # tokens stored per layer
@@ -53,7 +56,7 @@ class TieredCache(AttendingCache, GraphCache):
         self.dtype = dtype or (torch.float32 if self.bits == "32" else torch.bfloat16)
         self.counters = Counters()
         common = (num_layers, num_kv_heads, head_dim, self.dtype, self.counters)
-        self.storage: Storage = (TieredStorage(*common, cfg, self.bits) if cfg.needs_homes
+        self.storage: Storage = (TieredStorage(*common, cfg, self.bits, reads_forms=reads == "kernel") if cfg.needs_homes
                                  else ResidentStorage(*common, unit=math.lcm(*cfg.chunk_sizes)))
         self.layers: list[Layer] = self.storage.layers  # (the storage's records: one list)
         # (L, Hkv, 2D, capacity): per layer, the max then min keys of each chunk, float32 (bounds are
@@ -174,16 +177,17 @@ class TieredCache(AttendingCache, GraphCache):
         layer = self.layers[i]
         chosen = self._select(i, q[:, -1])
         self.storage.append(layer, k, v)
-        keys, values = self.storage.gather(i, chosen)
-        self._count(i, layer.n_chunks if chosen is None else len(chosen), keys.shape[1])
-        self._measure(i, q[:, -1], keys)
-        return self._attend(q, keys, values, k.shape[1])
+        out, attended = self.storage.attend(i, chosen, q)  # the mixed-bit op: chunks read where they live
+        self._count(i, layer.n_chunks if chosen is None else len(chosen), attended)
+        if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
+            self._measure(i, q[:, -1], self.storage.gather(i, chosen)[0])
+        return out
 
     def _measure(self, i: int, q: torch.Tensor, attended: torch.Tensor) -> None:
         """At sampled steps, the share of layer i's exact attention (query q (Hq, D)) that the keys
         read, attended (Hkv, S, D), held (kv/fidelity.py; in RAM only)."""
         if self.cfg.needs_homes or not Fidelity.sampled(self.counters["steps"]):
-            return
+            return  # (the graph path's append calls this every step)
         self.fidelity.measured(i, captured_mass(q, attended, self.storage.layer_kv(self.layers[i])[0]))
 
     # -- end of the prompt: chunk sizes and budget shares ------------------------------------------

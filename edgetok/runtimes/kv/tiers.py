@@ -2,8 +2,10 @@
 (disk.py).
 
 Every chunk has one home — host RAM, or a disk file once the host budget is full — holding its
-stored form (compressed or float). The device tier caches float copies of the chunks attention
-reads, within its byte budget. Heat (selections, decayed per step) decides what stays up:
+stored form (compressed or float). The device tier caches copies of the chunks attention reads,
+within its byte budget: float copies for a graph's views, or the stored forms themselves for the
+mixed-bit attention kernel (which reads chunks at their stored width, so a copy there costs what
+the chunk's home does, and a disk chunk is read once). Heat (selections, decayed per step) decides what stays up:
 a hot chunk displaces the coldest one above it, a cold one moves down.
 """
 
@@ -26,6 +28,7 @@ DECAY = 0.9  # heat kept per step
 ADMIT_MARGIN = 1.0  # a chunk displaces a resident only if hotter by this much (no churn between equals)
 
 KV = tuple[torch.Tensor, torch.Tensor]  # float K, V: (Hkv, S, D) each
+Form = tuple[Tensors, object]  # a stored form: its tensors and meta (codec.py)
 
 
 def nbytes(tensors: Tensors) -> int:
@@ -48,15 +51,17 @@ class TierStore:
         device_bytes: int | None,
         host_bytes: int | None,
         disk_dir: Path | None,
-        decompress: Callable[[list[tuple[Tensors, object]]], list[KV]],
+        decompress: Callable[[list[Form]], list[KV]] | None,
         disk_uncached: bool = False,
     ) -> None:
+        """decompress: batched, stored forms → float K/V for the device tier; None: the device tier
+        caches stored forms (what the mixed-bit attention kernel reads)."""
         self.budget = {DEVICE: device_bytes, HOST: host_bytes}
         self.used = Counter({DEVICE: 0, HOST: 0, DISK: 0})
-        self.decompress = decompress  # batched: [(stored tensors, meta)] → [(k, v)]
+        self.decompress = decompress
         self.disk = DiskFile(disk_dir, disk_uncached) if disk_dir is not None else None
         self.homes: dict[int, Home] = {}
-        self.device: dict[int, KV] = {}
+        self.device: dict[int, KV | Form] = {}
         self.device_size: dict[int, int] = {}
         # Heat per chunk key (keys are small increasing ints): value and the step it was last set.
         self._heat_value = np.zeros(1024)
@@ -125,7 +130,7 @@ class TierStore:
                 break
             self._to_disk(residents[j])
 
-    def put_device(self, items: dict[int, KV]) -> None:
+    def put_device(self, items: dict[int, KV | Form]) -> None:
         """Offer float copies to the device tier, hottest first; each may displace a colder resident."""
         if not items:
             return
@@ -134,7 +139,7 @@ class TierStore:
         residents, resident_heat, r = None, None, 0  # coldest first, computed once per batch
         for j in np.argsort(-offer_heat, kind="stable"):
             key, kv = offers[j], items[offers[j]]
-            size = kv[0].nbytes + kv[1].nbytes
+            size = nbytes(kv[0]) if self.decompress is None else kv[0].nbytes + kv[1].nbytes
             if not self._room(DEVICE, size):
                 if residents is None:
                     residents = list(self.device)
@@ -146,8 +151,7 @@ class TierStore:
                     r += 1
                 if not self._room(DEVICE, size):
                     break  # the rest are colder still
-            if kv[0].untyped_storage().nbytes() > kv[0].nbytes:  # a view into a batch: keep only this chunk
-                kv = (kv[0].clone(), kv[1].clone())
+            kv = _own(kv, self.decompress is None)
             self.device[key] = kv
             self.device_size[key] = size
             self.used[DEVICE] += size
@@ -157,10 +161,13 @@ class TierStore:
         self.used[DEVICE] -= self.device_size.pop(key)
 
     # -- reads -----------------------------------------------------------------------------------
-    def decompress_loaded(self, loaded: dict[int, tuple[Tensors, object]]) -> dict[int, KV]:
-        return dict(zip(loaded, self.decompress(list(loaded.values())))) if loaded else {}
+    def decompress_loaded(self, loaded: dict[int, Form]) -> dict[int, KV | Form]:
+        """Stored forms → what the device tier holds (themselves, when it holds stored forms)."""
+        if self.decompress is None or not loaded:
+            return dict(loaded)
+        return dict(zip(loaded, self.decompress(list(loaded.values()))))
 
-    def load_homes(self, keys: list[int]) -> dict[int, tuple[Tensors, object]]:
+    def load_homes(self, keys: list[int]) -> dict[int, Form]:
         """The stored forms of `keys`: host tensors as they are, disk payloads read. I/O only, no
         arithmetic, so the prefetch thread calling it does not compete with the model for cores."""
         with self.lock:  # a snapshot: disk offsets never change once written
@@ -193,3 +200,14 @@ class TierStore:
         if self.disk is not None:
             self.disk.close()
             self.disk = None
+
+
+def _own(entry: KV | Form, form: bool) -> KV | Form:
+    """A device tier entry that holds only its own chunk: a view into a larger buffer (a batch
+    decompressed together, or a run of chunks read from disk at once) would keep all of it alive."""
+    tensors = list(entry[0].values()) if form else list(entry)
+    if all(t.untyped_storage().nbytes() == t.nbytes for t in tensors):
+        return entry
+    if form:
+        return {name: t.clone() for name, t in entry[0].items()}, entry[1]
+    return entry[0].clone(), entry[1].clone()

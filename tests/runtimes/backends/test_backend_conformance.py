@@ -16,7 +16,7 @@ from conftest import run_cli
 
 import edgetok
 from edgetok.errors import EdgetokError
-from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK
+from edgetok.runtimes.backends.base import BATCH, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
 from edgetok.runtimes.prune import PrunePlan
 
 
@@ -138,7 +138,7 @@ def test_the_engine_reuses_a_prompt_prefix_with_the_same_tokens(case):
 def test_capabilities_are_declared_and_honest(case, tmp_path):
     prompt = case.prompt
     backend = case.backend
-    assert isinstance(backend.capabilities, frozenset) and backend.capabilities <= {PRUNE, PREFIX_STATE, ROLLBACK}
+    assert isinstance(backend.capabilities, frozenset) and backend.capabilities <= {PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, BATCH}
     cache, _ = prefill(backend, prompt[:40])
     if PREFIX_STATE in backend.capabilities:
         state = backend.save_prefix(cache)
@@ -157,3 +157,14 @@ def test_capabilities_are_declared_and_honest(case, tmp_path):
     else:
         with pytest.raises(EdgetokError, match="--prune-prompt"):
             case.model.generate("The quick brown fox", max_new_tokens=2, prune_prompt=0.5)
+    # SEQUENCES: caches live side by side; BATCH: one forward over two sequences equals each alone
+    if SEQUENCES in backend.capabilities:
+        caches = [prefill(backend, prompt[:n])[0] for n in (40, 30, 40, 30)]
+        for c in caches:
+            backend.end_prefill(c)
+        alone = np.concatenate([backend.forward(prompt[40:41], caches[0]), backend.forward(prompt[30:31], caches[1])])
+        if BATCH in backend.capabilities:
+            np.testing.assert_allclose(backend.forward_batch([prompt[40], prompt[30]], caches[2:]), alone, atol=1e-4)
+    if BATCH not in backend.capabilities:
+        with pytest.raises(EdgetokError, match="batch"):
+            backend.forward_batch([prompt[41]], [cache])

@@ -216,7 +216,7 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
         assert k.shape[2] >= p + 1
         if tiers:  # fetched: the chunks not staged before
             assert sum(cache.storage.store.read_chunks.values()) - reads == len(set(chosen.tolist()) - set(before))
-            kv = cache.storage.fetch([layer.keys[c] for c in chosen.tolist()])
+            kv = cache.storage.fetch_float([layer.keys[c] for c in chosen.tolist()])
             want_k = torch.cat([c[0] for c in kv] + [layer.window_k], 1)
             want_v = torch.cat([c[1] for c in kv] + [layer.window_v], 1)
         else:
@@ -229,3 +229,38 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
     if tiers:
         assert cache.stats()["resident_bytes"]["disk"] > 0
     cache.close()
+
+
+@pytest.mark.parametrize("homes", [{}, {"bits": "auto"}, {"bits": "4", "device_mb": 0.05, "host_mb": 0.1, "disk": True}])
+def test_decode_attends_through_the_mixed_bit_kernel_as_the_reference_would(homes, tmp_path):
+    """A decode step's attention (the native kernel over the chunks where they live: slab rows,
+    host and disk homes at 16/8/4 bits, device copies of stored forms) equals the reference —
+    the same chunks gathered as float copies, then SDPA — for every layer and step."""
+    from edgetok.kernels import mixed_attention
+    from edgetok.kernels.attention import attend, causal_mask
+
+    assert mixed_attention.supports(64)
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d, layers = 6, 2, 64, 2
+    homes = dict(homes)
+    if homes.pop("disk", False):
+        homes["disk_dir"] = tmp_path
+    cache = TieredCache(KVConfig(budget="40%", recent_tokens=16, chunk_sizes=(16, 32), **homes), layers, hq, hkv, d,
+                        dtype=torch.float32)
+    for i in range(layers):  # a 400-token prompt
+        cache.attend(i, *(torch.randn(1, h, 400, d, generator=g) for h in (hq, hkv, hkv)))
+    cache.end_prefill()
+    for step in range(12):
+        t = 1 if step % 4 else 3  # a verified draft now and then: causal within the window
+        for i in range(layers):
+            q, k, v = (torch.randn(1, h, t, d, generator=g) for h in (hq, hkv, hkv))
+            if i == 0:
+                cache._begin_step()
+            chosen = cache._select(i, q[0, :, -1])
+            cache.storage.append(cache.layers[i], k[0], v[0])
+            out, attended = cache.storage.attend(i, chosen, q[0])
+            keys, values = cache.storage.gather(i, chosen)
+            ref = attend(q, keys[None], values[None], causal_mask(t, keys.shape[1]))[0]
+            assert attended == keys.shape[1]
+            assert (out - ref).abs().max() <= 1e-4
+    assert cache.stats()["attention"] == mixed_attention.isas()[0]

@@ -1,0 +1,25 @@
+"""The native kernels, built from source by the package build (`pip install -e .`; metadata: pyproject.toml).
+
+One portable build: the inner loops are compiled for several instruction sets inside the
+extension and chosen at import by what the CPU supports (no -march=native: the wheel or editable
+build runs on any x86-64; other architectures get the portable loops only).
+"""
+
+import platform
+
+from setuptools import Extension, setup
+
+x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+setup(
+    ext_modules=[
+        Extension(
+            "edgetok.kernels._mixed_attention",
+            sources=["edgetok/kernels/mixed_attention.cpp"],
+            depends=["edgetok/kernels/mixed_attention_body.h"],
+            language="c++",
+            extra_compile_args=["-std=c++17", "-O3", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno"]
+            + ([] if x86 else ["-DEDGETOK_PORTABLE_ONLY"]),
+            extra_link_args=["-pthread"],
+        )
+    ]
+)
