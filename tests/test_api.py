@@ -161,11 +161,12 @@ MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "sys
 PROMPT = mostly(TEXT | MESSAGES, st.one_of(st.lists(st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), max_size=2),
                                           JUNK, st.integers()))
 KV = st.fixed_dictionaries({}, optional={
-    "budget": mostly(st.sampled_from(["25%", "50%", "100%", "64", "200"]),
+    "budget": mostly(st.sampled_from(["25%", "50%", "100%", "64", "200", "auto"]),
                      st.one_of(st.sampled_from(["0%", "nan%", "inf", "0.5", "-3", "1e400", "50 %", "x"]), BAD_FLOATS)),
     "device_mb": mostly(st.none() | st.floats(0, 1), BAD_FLOATS),
     "host_mb": mostly(st.none() | st.floats(0, 1), BAD_FLOATS),
     "bits": mostly(st.sampled_from(["auto", "32", "16", "8", "4", "2"]), st.sampled_from(["3", 8, None])),
+    "coverage": mostly(st.none() | st.floats(0.01, 0.99), st.one_of(st.sampled_from([0, 1, 1.5, "0.9", True]), BAD_FLOATS)),
     "prefetch": st.booleans(),
     "prefetch_steps": mostly(st.integers(1, 8), BAD_INTS),
 })

@@ -37,6 +37,7 @@ class TeacherForcing:
         self.name, self.config = backend.name, backend.config
         self.capabilities = backend.capabilities - {BATCH}  # one sequence, its steps recorded one by one
         self.prune_after_layer = backend.prune_after_layer
+        self.weights_fidelity = backend.weights_fidelity
         self.follow = follow
         self.rows: list[np.ndarray] = []  # (V,) float32 each
         self._decoding = False

@@ -27,7 +27,7 @@ GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                      "lookup_ngram_max")
 LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild")
 # KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
-KV_FIELDS = ("budget", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached")
+KV_FIELDS = ("budget", "coverage", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached")
 
 
 def run_options(f):
@@ -53,7 +53,10 @@ def run_options(f):
         click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
                      help="llama.cpp's K/V cache type (--backend llamacpp)"),
         click.option("--kv-budget", default=None,
-                     help="tokens each layer attends to: a count (2048) or a share of the context (25%); 100% is exact"),
+                     help="tokens each layer attends to: a count (2048) or a share of the context (25%); 100% is exact; "
+                          "auto: per layer and step, as many as --kv-coverage needs"),
+        click.option("--kv-coverage", type=float, default=None,
+                     help="--kv-budget auto: the share of each head's attention the chunks read should hold (default 0.9)"),
         click.option("--kv-device-mb", type=float, default=None, help="fast-tier budget for float chunk copies"),
         click.option("--kv-host-mb", type=float, default=None, help="RAM budget for stored chunks (needs --kv-disk)"),
         click.option("--kv-disk-dir", "--kv-disk", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -39,6 +39,20 @@ def chunk_upper_bounds_reference(q: torch.Tensor, kmin: torch.Tensor, kmax: torc
     return (terms.sum(-1).amax(-1) / math.sqrt(d)).T
 
 
+def chunk_shares(q: torch.Tensor, abstracts: torch.Tensor, counts: torch.Tensor | None = None,
+                 temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """(..., Hkv, C) per KV head, the share of its attention each chunk may take: a softmax over
+    the chunks of the bounds divided by `temperature` ((...,) per layer, or one number; fitted so
+    that the shares track measured attention, see fit_temperature). counts (...,): with a batch of
+    layers, how many leading columns are each layer's chunks (the rest get 0)."""
+    bounds = chunk_upper_bounds(q, abstracts)  # (..., Hkv, C)
+    if counts is not None:
+        padding = torch.arange(bounds.shape[-1]) >= counts[..., None]  # (..., C)
+        bounds = bounds.masked_fill(padding[..., None, :], float("-inf"))
+    t = torch.as_tensor(temperature, dtype=bounds.dtype)
+    return (bounds / t.reshape(t.shape + (1, 1))).softmax(-1)
+
+
 def chunk_scores(q: torch.Tensor, abstracts: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """(..., C) the attention mass each chunk may hold, at most, for the head that wants it most.
 
@@ -47,28 +61,108 @@ def chunk_scores(q: torch.Tensor, abstracts: torch.Tensor, counts: torch.Tensor 
     chunk one head needs is kept even if the others ignore it. counts (...,): with a batch of
     layers, how many leading columns are each layer's chunks (the rest score -inf).
     """
-    bounds = chunk_upper_bounds(q, abstracts)  # (..., Hkv, C)
-    if counts is not None:
-        padding = torch.arange(bounds.shape[-1]) >= counts[..., None]  # (..., C)
-        bounds = bounds.masked_fill(padding[..., None, :], float("-inf"))
-    scores = bounds.softmax(-1).amax(-2)
-    return scores if counts is None else scores.masked_fill(padding, float("-inf"))
+    scores = chunk_shares(q, abstracts, counts).amax(-2)
+    if counts is None:
+        return scores
+    return scores.masked_fill(torch.arange(scores.shape[-1]) >= counts[..., None], float("-inf"))
+
+
+def coverage_keep(shares: torch.Tensor, order: torch.Tensor, coverage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many chunks, taken in `order`, cover `coverage` of every head's estimated attention.
+
+    shares (L, Hkv, C) per head (chunk_shares); order (L, C) the chunks best first. Returns the
+    count (L,) (at least 1), and the share of the least covered head at that count (L,)."""
+    covered = shares.gather(-1, order[:, None].expand_as(shares)).cumsum(-1)  # (L, Hkv, C)
+    need = (covered < coverage).sum(-1).clamp(max=shares.shape[-1] - 1) + 1  # (L, Hkv)
+    keep = need.amax(-1)  # (L,)
+    at_keep = covered.gather(-1, (keep - 1)[:, None, None].expand(-1, shares.shape[1], 1))[..., 0]  # (L, Hkv)
+    return keep, at_keep.amin(-1)
 
 
 def select_chunks(
     q: torch.Tensor, abstracts: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor,
-    sinks: torch.Tensor, recent: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sinks: torch.Tensor, recent: torch.Tensor, coverage: float | None = None,
+    temperature: torch.Tensor | float = 1.0, pinned: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each layer's chunks to attend to, for all layers at once.
 
     q (L, Hq, D); abstracts (L, Hkv, 2D, C) whose first counts[l] columns are layer l's chunks;
-    keep, sinks, recent (L,) int64 with sinks + recent ≤ keep ≤ counts. Layer l keeps its first
-    sinks[l] and last recent[l] chunks and the best-scored others, keep[l] in all.
-    Returns chunk ids (L, K), K = max(keep), and which of them count (L, K): row l's first keep[l].
+    keep, sinks, recent (L,) int64 with sinks + recent (+ pinned) ≤ keep ≤ counts. Layer l keeps
+    its first sinks[l] and last recent[l] chunks, those `pinned` (L, C) bool marks, and the
+    best-scored others, keep[l] in all — or, with a
+    `coverage` target (--kv-budget auto), as many as its estimated shares (chunk_shares at
+    `temperature`, (L,)) say cover that much of every head's attention, from sinks + recent up
+    to keep[l].
+    The ranking is the same at any temperature (a per-head constant scale of the bounds keeps each
+    head's order; the max over heads can differ); the estimates use it.
+    Returns chunk ids (L, K), which of them count (L, K) (row l's first keep[l]), and the
+    estimated coverage of each layer's selection (L,): the least covered head's share.
     """
-    scores = chunk_scores(q, abstracts, counts)  # (L, C)
-    col = torch.arange(scores.shape[-1])
+    shares = chunk_shares(q, abstracts, counts, temperature)  # (L, Hkv, C)
+    col = torch.arange(shares.shape[-1])
+    scores = shares.amax(-2).masked_fill(col >= counts[:, None], float("-inf"))  # (L, C)
     forced = (col < sinks[:, None]) | ((col >= (counts - recent)[:, None]) & (col < counts[:, None]))
+    if pinned is not None:
+        forced |= pinned[:, : shares.shape[-1]]
     scores = scores.masked_fill(forced, float("inf"))
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    covered = shares.gather(-1, order[:, None].expand_as(shares)).cumsum(-1)  # (L, Hkv, C) along the order
+    if coverage is not None:
+        need, _ = coverage_keep(shares, order, coverage)
+        keep = torch.minimum(torch.maximum(need, forced.sum(-1)), keep)
+    if shares.shape[-1] == 0:  # no layer has a chunk yet: nothing to miss
+        estimated = torch.ones(shares.shape[0])
+    else:
+        at = (keep - 1).clamp(min=0)[:, None, None].expand(-1, shares.shape[1], 1)
+        estimated = covered.gather(-1, at)[..., 0].amin(-1)
     k = int(keep.max())
-    return scores.topk(k, -1).indices, torch.arange(k) < keep[:, None]
+    return scores.topk(k, -1).indices, torch.arange(k) < keep[:, None], estimated
+
+
+TEMPERATURES = (0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
+
+
+def fit_temperature(q_obs: torch.Tensor, keys: torch.Tensor, p: torch.Tensor, chunk_size: int, coverage: float) -> float:
+    """The temperature at which coverage selection, run with the observation queries on the
+    prompt's chunks, captures `coverage` of their measured attention on average (the smallest
+    such in TEMPERATURES; the largest if none does).
+
+    q_obs (Hq, W, D) the last W prompt queries; keys (Hkv, N, D); p (Hq, W, N) their attention
+    (kernels/pruning.window_attention). Only chunks wholly before the first observation query
+    count, their attention renormalized over them."""
+    for t in TEMPERATURES:
+        if coverage_achieved(q_obs, keys, p, chunk_size, coverage, t) >= coverage:
+            return t
+    return TEMPERATURES[-1]
+
+
+def coverage_achieved(q_obs: torch.Tensor, keys: torch.Tensor, p: torch.Tensor, chunk_size: int, coverage: float,
+                      temperature: float) -> float:
+    """The measured attention mass (mean over the observation queries and heads) that coverage
+    selection at this temperature takes (see fit_temperature); 1.0 with fewer than 2 chunks."""
+    hq, w, d = q_obs.shape
+    hkv = keys.shape[0]
+    c = (keys.shape[1] - w) // chunk_size
+    if c < 2:
+        return 1.0
+    chunks = keys[:, : c * chunk_size].float().reshape(hkv, c, chunk_size, d)
+    abstracts = key_abstracts(chunks).expand(w, -1, -1, -1)  # (W, Hkv, 2D, C)
+    q = q_obs.float().transpose(0, 1)  # (W, Hq, D)
+    actual = p[:, :, : c * chunk_size].reshape(hq, w, c, chunk_size).sum(-1)  # (Hq, W, C)
+    actual = (actual / actual.sum(-1, keepdim=True).clamp(min=1e-30)).transpose(0, 1)  # (W, Hq, C)
+    shares = chunk_shares(q, abstracts, None, temperature)  # (W, Hkv, C)
+    order = shares.amax(-2).argsort(dim=-1, descending=True, stable=True)  # (W, C)
+    keep, _ = coverage_keep(shares, order, coverage)  # (W,)
+    taken = torch.arange(c)[None] < keep[:, None]  # (W, C) in order
+    chosen = torch.zeros(w, c, dtype=torch.bool).scatter(1, order, taken)  # (W, C) by chunk id
+    return (actual * chosen[:, None]).sum(-1).mean().item()
+
+
+def captured_mass(q: torch.Tensor, attended: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The share of exact attention a selection held: q (Hq, D); attended (Hkv, S, D) the keys
+    attention read, keys (Hkv, N, D) every key of the layer (a superset) → (Hq,) in [0, 1]."""
+    hkv, _, d = keys.shape
+    qg = q.reshape(hkv, -1, d).float() / math.sqrt(d)  # (Hkv, G, D)
+    lse_read = (qg @ attended.float().transpose(1, 2)).logsumexp(-1)  # (Hkv, G)
+    lse_all = (qg @ keys.float().transpose(1, 2)).logsumexp(-1)
+    return (lse_read - lse_all).exp().reshape(-1)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.fidelity import run_fidelity
 from edgetok.models.tokenizer import StreamDecoder, Tokenizer
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Backend
 from edgetok.runtimes.choice import LongPrompts
@@ -89,6 +90,7 @@ class Stats:
     peak_rss_bytes: int = 0
     kv: dict = field(default_factory=dict)  # what the KV cache did (tiers, bytes read, budget used)
     prune: dict = field(default_factory=dict)  # with --prune-prompt: keep, after_layer, kept_tokens
+    fidelity: dict = field(default_factory=dict)  # each lossy knob and its estimated effect (edgetok/fidelity.py)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -398,4 +400,5 @@ class Engine:
                 yield tail
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.kv = self.backend.cache_stats(self._cache)
+        stats.fidelity = run_fidelity(self.backend.weights_fidelity, stats.kv, stats.prune, len(prompt))
         yield Result("".join(emitted), out_ids, len(prompt), finish, stats)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.kernels.pruning import kept_count, select_kept, token_scores
+from edgetok.kernels.pruning import kept_count, referenced, select_kept, token_scores
 from edgetok.models.config import ModelConfig
 from edgetok.models.llama import LlamaModel
 from edgetok.runtimes.kv import KVCache
@@ -37,6 +37,10 @@ class PrunePlan:
     sinks: int = 4  # the first tokens, always kept (attention sinks)
     window: int = 32  # the last tokens: the observation window, always kept
     pool: int = 7  # a token scores the best of its ±pool/2 neighbours (keeps a fact's words together)
+    # Tokens within ±radius of the densest matches of the window's rare words are kept whatever the
+    # attention says, up to this share of the kept tokens (kernels/pruning.referenced)
+    radius: int = 24
+    referenced_share: float = 0.125
 
     @staticmethod
     def checked(keep: float, after_layer: int | None, config: ModelConfig) -> PrunePlan:
@@ -94,7 +98,7 @@ def prefill_pruned(
         layer_out[:, start:stop] = model.run_layers(x, rope, cache, last, last + 1)
         report.done(stop - start, last + 1)
 
-    kept = _choose(model, layer_in, plan, n_kept)
+    kept = _choose(model, layer_in, ids[0], plan, n_kept)
     del layer_in
     for layer in range(last + 1, n_layers):
         cache.skip(layer, n - len(kept))
@@ -110,8 +114,9 @@ def prefill_pruned(
     return Pruned(model.head(x[0, -1]).numpy(), kept.numpy())
 
 
-def _choose(model: LlamaModel, layer_in: torch.Tensor, plan: PrunePlan, count: int) -> torch.Tensor:
-    """Score every token with the window's queries against all keys of layer L → kept positions (K,).
+def _choose(model: LlamaModel, layer_in: torch.Tensor, ids: torch.Tensor, plan: PrunePlan, count: int) -> torch.Tensor:
+    """Score every token with the window's queries against all keys of layer L, and keep what the
+    window's words refer to (ids (N,)) → kept positions (K,).
 
     Queries and keys are recomputed from layer L's input (a small matmul) rather than read from
     the cache, which may hold keys at another precision or in tiers on disk.
@@ -124,7 +129,8 @@ def _choose(model: LlamaModel, layer_in: torch.Tensor, plan: PrunePlan, count: i
     q, _, _ = block.self_attn.project(h[:, -w:], cos[-w:], sin[-w:])  # (1, Hq, W, D)
     _, k, _ = block.self_attn.project(h, cos, sin)  # (1, Hkv, N, D)
     scores = token_scores(q[0], k[0], plan.pool)
-    return select_kept(scores, count, plan.sinks, w)
+    quota = int((count - plan.sinks - w) * plan.referenced_share)
+    return select_kept(scores, count, plan.sinks, w, referenced(ids, w, plan.radius, quota))
 
 
 class _Progress:

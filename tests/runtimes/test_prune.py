@@ -231,3 +231,21 @@ def test_cli_prunes_and_reports(tiny_folder):
     prune = out["stats"]["prune"]
     assert prune["after_layer"] == 0 and prune["kept_tokens"] == kept_count(out["prompt_tokens"], 0.3, 4, 32)
     assert len(out["tokens"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["essays", "legal"])
+def test_smollm2_pruned_prompt_keeps_a_planted_fact(smollm2, kind):
+    """4K tokens of real text with a passphrase at 10 % depth and the question at the end: KEEP 0.5
+    after layer 2 used to lose it (layer 2's attention does not single it out); the window's words
+    point at it now. (benchmarks/fidelity.py measures every kind and depth.)"""
+    from edgetok.texts import corpus
+
+    tok = smollm2.tokenizer
+    body = tok.encode(corpus(kind, 30000), add_special_tokens=False)[:3900]
+    cut = len(body) // 10
+    text = tok.decode(body[:cut]) + "\nThe secret passphrase for the vault is 'amber falcon 7319'.\n" + tok.decode(body[cut:])
+    messages = [{"role": "user", "content": text + "\n\nWhat is the secret passphrase for the vault?"}]
+    result = smollm2.generate(messages, chat=True, max_new_tokens=20, prune_prompt=0.5)
+    assert result.stats.prune["kept_tokens"] < 0.55 * result.prompt_tokens
+    assert "7319" in result.text

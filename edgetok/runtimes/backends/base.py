@@ -44,6 +44,8 @@ class Backend(Protocol):
     # The layer a pruning backend prunes after when the user names none (an ONNX export prunes
     # only after the layer it was exported with); None: the plan's default.
     prune_after_layer: int | None
+    # What the weights it runs cost against the fp32 model (edgetok/fidelity.py:weights_effect)
+    weights_fidelity: dict
 
     def new_cache(self, kv: KVConfig | None = None) -> Any:
         """An empty KV cache for one sequence, in whatever form forward() takes; kv: a tiered

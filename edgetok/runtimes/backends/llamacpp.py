@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.fidelity import weights_effect
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import ROLLBACK
 
@@ -56,6 +57,7 @@ class LlamaCppBackend:
         if source.format != "gguf":
             raise EdgetokError("--backend llamacpp runs GGUF files; export one with `edgetok export MODEL --format gguf`")
         self.config = source.config
+        self.weights_fidelity = weights_effect(source, "as stored")
         self.kv_type = kv_type
         self.llm = open_gguf(source.path, n_ctx or source.config.max_context, threads, kv_type)
         self._n_vocab = self.llm.n_vocab()

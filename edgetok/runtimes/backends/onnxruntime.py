@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.fidelity import weights_effect
 from edgetok.models import names
 from edgetok.models.llama import apply_rope, local_inv_freq, rope_attention_factor, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
@@ -79,6 +80,7 @@ class OnnxBackend:
     def __init__(self, source: Source, provider: str = "cpu", threads: int | None = None, kv: KVConfig | None = None) -> None:
         assert source.format == "onnx", source.format
         self.config = source.config
+        self.weights_fidelity = weights_effect(source, "as stored")
         self.kv = kv
         self.session = open_session(source.path / ONNX_MODEL, provider, threads)
         self.provider = self.session.get_providers()[0]

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.fidelity import weights_effect
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
@@ -28,6 +29,7 @@ class TorchBackend:
         self.config = source.config
         self.dtype = torch.float32 if weights == "fp32" else torch.bfloat16
         self.kv = kv  # None: the exact contiguous cache
+        self.weights_fidelity = weights_effect(source, weights)
         self.model = LlamaModel.from_state_dict(source.config, source.weights, self.dtype, int8=weights == "int8")
         if weights != "fp32":  # the model holds converted copies: drop the float32 originals
             source.__dict__.pop("weights", None)

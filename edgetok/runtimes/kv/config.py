@@ -10,12 +10,16 @@ from pathlib import Path
 from edgetok.errors import EdgetokError
 
 BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
+DEFAULT_COVERAGE = 0.9  # --kv-budget auto's target: see BENCHMARKS.md, "Fidelity on many kinds of text"
 MAX_MB = 2.0**40  # an exabyte: beyond any machine, and a byte count that stays an integer
 
 
 @dataclass
 class KVConfig:
-    budget: str = "100%"  # tokens attended per layer on average: "25%" of the context, or a count "2048"
+    budget: str = "100%"  # tokens attended per layer on average: "25%" of the context, a count "2048", or "auto"
+    # --kv-budget auto: per layer and step, as many chunks as the chunks' bounds say hold this share
+    # of every head's attention (DEFAULT_COVERAGE when not given)
+    coverage: float | None = None
     device_mb: float | None = None  # fast tier (float copies); None: every chunk stays there
     host_mb: float | None = None  # RAM for compressed chunks; None: unbounded
     disk_dir: Path | None = None  # where chunks go when the host budget is full
@@ -39,14 +43,31 @@ class KVConfig:
         if self.bits not in BITS_CHOICES:
             raise EdgetokError(f"{_name('bits')} must be one of {', '.join(BITS_CHOICES)}, not {self.bits}")
         self.budget = str(self.budget).strip()
+        if self.coverage is not None and self.budget != "auto":
+            raise EdgetokError(f"{_name('coverage')} is the target of --kv-budget auto; give --kv-budget auto too")
+        if self.budget == "auto":
+            if self.coverage is None:
+                self.coverage = DEFAULT_COVERAGE
+            if not (_is_number(self.coverage) and 0 < self.coverage < 1):  # (NaN fails too)
+                raise EdgetokError(f"{_name('coverage')} is the share of attention --kv-budget auto keeps, "
+                                   f"between 0 and 1 (0.99, say), not {self.coverage}")
+            self.coverage = float(self.coverage)
+        else:
+            self._check_budget()
+        self._check_placement()
+
+    def _check_budget(self) -> None:
         try:
             value = float(self.budget.removesuffix("%"))
         except ValueError:
-            raise EdgetokError(f"{_name('budget')} must be a token count or a percentage like 25%, not '{self.budget}'") from None
+            raise EdgetokError(f"{_name('budget')} must be a token count, a percentage like 25% or auto, not '{self.budget}'") from None
         count = not self.budget.endswith("%")
         if not math.isfinite(value) or value <= 0 or (not count and value > 100) or (count and value != int(value)):
             raise EdgetokError(f"--kv-budget {self.budget} (KVConfig.budget) is impossible: give a whole, positive "
-                               "token count or a percentage in (0, 100]")
+                               "token count, a percentage in (0, 100], or auto")
+
+    def _check_placement(self) -> None:
+        """Tier budgets, the disk folder, prefetch; chunk sizes by where chunks live."""
         for name in ("device_mb", "host_mb"):
             v = getattr(self, name)
             if v is not None and not (_is_number(v) and 0 <= v <= MAX_MB):  # (NaN fails both)
@@ -69,11 +90,17 @@ class KVConfig:
             self.chunk_sizes = (128, 192, 256) if self.needs_homes else (16, 32, 64)
 
     @property
+    def is_auto(self) -> bool:
+        return self.budget == "auto"
+
+    @property
     def is_percent(self) -> bool:
         return self.budget.endswith("%")
 
     def budget_tokens(self, context: int) -> int:
-        """The average per-layer token budget at this context length."""
+        """The average per-layer token budget at this context length (auto: no fixed budget, all of it)."""
+        if self.is_auto:
+            return context
         if self.is_percent:
             return max(1, round(float(self.budget[:-1]) / 100 * context))
         return int(float(self.budget))

@@ -15,6 +15,7 @@ MASS = 0.9  # a layer's spread: the share of tokens that holds this much of its 
 class Profile:
     spread: float  # fraction of the context needed to cover MASS of the attention (0..1]
     importance: torch.Tensor  # (N,) attention each token receives (mean over queries, max over heads)
+    attention: torch.Tensor  # (Hq, W, N) the observation queries' attention
 
 
 def attention_profile(q_obs: torch.Tensor, keys: torch.Tensor) -> Profile:
@@ -25,7 +26,26 @@ def attention_profile(q_obs: torch.Tensor, keys: torch.Tensor) -> Profile:
     needed = (sorted_p.cumsum(-1) < MASS).sum(-1) + 1  # (Hq, W) tokens to reach MASS
     visible = torch.arange(n - w + 1, n + 1).clamp(max=n)  # keys each observation query can see
     spread = (needed.float() / visible.float()).mean().item()
-    return Profile(spread=spread, importance=received(p))
+    return Profile(spread=spread, importance=received(p), attention=p)
+
+
+PIN_SHARE = 1 / 16  # of a layer's prompt chunks, always read in decode (pinned_chunks)
+
+
+def pinned_chunks(attention: torch.Tensor, chunk_size: int, count: int, sinks: int) -> torch.Tensor:
+    """The prompt chunks that decode always reads: those the observation window (the question
+    at the prompt's end) attended to most — the strongest attention any of its queries, in any
+    head, gave a token of the chunk (as SnapKV keeps what the window looks at). A fact the
+    question asks for draws one retrieval head's attention, which a budget chosen by bounds at
+    each step can miss. attention (Hq, W, N) → chunk ids (≤ PIN_SHARE of the count chunks). The
+    sinks and the window itself (read anyway) do not compete."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long)
+    top = attention.amax(0).amax(0)  # (N,)
+    top[:sinks] = 0
+    top[top.shape[0] - attention.shape[1] :] = 0
+    top = top[: count * chunk_size].reshape(count, chunk_size).amax(-1)  # (C,)
+    return top.topk(max(1, round(PIN_SHARE * count))).indices
 
 
 def chunk_size_for(spread: float, sizes: tuple[int, ...]) -> int:

@@ -2,9 +2,13 @@
 
 Prefill attends exactly. `end_prefill` measures every layer's attention skew with the last prompt
 queries and sets, per layer, the chunk size (small where attention is concentrated) and the share
-of the token budget (large where it is spread). Each decode step, per layer, attention reads the
-sink chunk(s), the recent chunks, the not-yet-chunked window, and the chunks whose key abstracts
-(per-chunk min/max of the keys) bound q·k highest — up to the layer's budget.
+of the token budget (large where it is spread), and pins the chunks those queries attended to
+most (policy.pinned_chunks). Each decode step, per layer, attention reads the sink chunk(s), the
+recent chunks, the pinned chunks, the not-yet-chunked window, and the chunks whose key abstracts
+(per-chunk min/max of the keys) bound q·k highest — up to the layer's budget, or, with
+--kv-budget auto, as many as cover the target share of every head's estimated attention (the
+bounds' softmax at a temperature fitted to the prompt's measured attention). What the selection
+cost is counted in kv/fidelity.py.
 
 This module is the policy. Where the chunks live is the storage's business (storage.py: every
 token in a float slab in RAM, or chunks in host/disk tiers with float copies cached on device);
@@ -18,10 +22,11 @@ import math
 import torch
 
 from edgetok.kernels.attention import attend, causal_mask
-from edgetok.kernels.selection import key_abstracts, select_chunks
+from edgetok.kernels.selection import captured_mass, fit_temperature, key_abstracts, select_chunks
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
-from edgetok.runtimes.kv.policy import allocate, attention_profile, chunk_size_for, layer_shares
+from edgetok.runtimes.kv.fidelity import Fidelity
+from edgetok.runtimes.kv.policy import allocate, attention_profile, chunk_size_for, layer_shares, pinned_chunks
 from edgetok.runtimes.kv.staging import Stages
 from edgetok.runtimes.kv.stats import Counters, report
 from edgetok.runtimes.kv.storage import Layer, ResidentStorage, Storage, TieredStorage
@@ -57,9 +62,15 @@ class TieredCache(AttendingCache, GraphCache):
         # (L, Hkv, 2D, capacity): per layer, the max then min keys of each chunk, float32 (bounds are
         # computed from them every step)
         self.abstracts = torch.zeros(num_layers, num_kv_heads, 2 * head_dim, 0)
+        self.pinned = torch.zeros(num_layers, 0, dtype=torch.bool)  # (L, capacity): chunks always read (policy.pinned_chunks)
+        self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
         self._views: list[tuple] = []  # this decode step's view of each layer (a graph's backend)
         self.budgets: list[float] = []
+        self.fidelity = Fidelity(num_layers)  # budgets chosen, attention captured
+        # --kv-budget auto: per layer, the temperature at which the chunks' bound shares track the
+        # prompt's measured attention (fitted at end_prefill)
+        self.temperatures = torch.ones(num_layers)
 
     # -- KVCache ---------------------------------------------------------------------------------
     @property
@@ -91,11 +102,14 @@ class TieredCache(AttendingCache, GraphCache):
     def reset(self) -> None:
         self.storage.reset()
         self.abstracts = torch.zeros(self.abstracts.shape[:3] + (0,))  # (no view: reset runs in __del__ too)
+        self.pinned = torch.zeros(len(self.lengths), 0, dtype=torch.bool)
+        self.n_pinned = [0] * len(self.lengths)
         self.stages.reset()
         self._views = []
         self.lengths = [0] * len(self.lengths)
         self.skipped = [0] * len(self.skipped)
         self.counters.clear()
+        self.fidelity.clear()
 
     def close(self) -> None:
         self.reset()
@@ -130,7 +144,8 @@ class TieredCache(AttendingCache, GraphCache):
             self.lengths[i] = k.shape[1]
 
     def stats(self) -> dict:
-        return report(self.cfg, self.bits, self.storage)
+        auto = {"coverage": self.cfg.coverage, "coverage_temperatures": [round(t, 2) for t in self.temperatures.tolist()]}
+        return report(self.cfg, self.bits, self.storage) | self.fidelity.report() | (auto if self.cfg.is_auto else {})
 
     # -- AttendingCache --------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -163,8 +178,17 @@ class TieredCache(AttendingCache, GraphCache):
         chosen = self._select(i, q[:, -1])
         self.storage.append(layer, k, v)
         out, attended = self.storage.attend(i, chosen, q)  # the mixed-bit op: chunks read where they live
-        self._count(layer, layer.n_chunks if chosen is None else len(chosen), attended)
+        self._count(i, layer.n_chunks if chosen is None else len(chosen), attended)
+        if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
+            self._measure(i, q[:, -1], self.storage.gather(i, chosen)[0])
         return out
+
+    def _measure(self, i: int, q: torch.Tensor, attended: torch.Tensor) -> None:
+        """At sampled steps, the share of layer i's exact attention (query q (Hq, D)) that the keys
+        read, attended (Hkv, S, D), held (kv/fidelity.py; in RAM only)."""
+        if self.cfg.needs_homes or not Fidelity.sampled(self.counters["steps"]):
+            return  # (the graph path's append calls this every step)
+        self.fidelity.measured(i, captured_mass(q, attended, self.storage.layer_kv(self.layers[i])[0]))
 
     # -- end of the prompt: chunk sizes and budget shares ------------------------------------------
     def end_prefill(self) -> None:
@@ -174,16 +198,24 @@ class TieredCache(AttendingCache, GraphCache):
         spreads = []
         for i, layer in enumerate(self.layers):
             keys, values = self.storage.layer_kv(layer)
-            profile = attention_profile(layer.q_obs.float(), keys.float())
+            q_obs = layer.q_obs.float()
+            profile = attention_profile(q_obs, keys.float())
             layer.spread, layer.q_obs = profile.spread, None
             layer.chunk_size = chunk_size_for(profile.spread, self.cfg.chunk_sizes)
+            if self.cfg.is_auto:  # (a fixed budget ranks and estimates at temperature 1, unfitted)
+                self.temperatures[i] = fit_temperature(q_obs, keys, profile.attention, layer.chunk_size, self.cfg.coverage)
             spreads.append(profile.spread)
             c = keys.shape[1] // layer.chunk_size
             self._add_abstracts(i, keys[:, : c * layer.chunk_size].reshape(self.n_kv, c, layer.chunk_size, self.head_dim))
+            if not self.cfg.full_budget:
+                pins = pinned_chunks(profile.attention, layer.chunk_size, c, self.cfg.sink_tokens)
+                self.pinned[i, pins] = True
+                self.n_pinned[i] = len(pins)
             self.storage.cut(layer, keys, values, profile.importance)
         for layer, share in zip(self.layers, layer_shares(spreads)):
             layer.share = share
         self.counters.clear()  # the counters report decode (prefill read its blocks through the storage too)
+        self.fidelity.clear()
         self.storage.end_prefill()
 
     def _add_abstracts(self, i: int, chunks: torch.Tensor) -> None:
@@ -194,6 +226,9 @@ class TieredCache(AttendingCache, GraphCache):
             grown = torch.zeros(self.abstracts.shape[:3] + (max(need + 64, need * 5 // 4),))
             grown[..., : self.abstracts.shape[3]] = self.abstracts
             self.abstracts = grown
+            pinned = torch.zeros(self.pinned.shape[0], grown.shape[3], dtype=torch.bool)
+            pinned[:, : self.pinned.shape[1]] = self.pinned
+            self.pinned = pinned
         self.abstracts[i, :, :, layer.n_chunks : need] = key_abstracts(chunks)
         layer.n_chunks = need
 
@@ -204,21 +239,24 @@ class TieredCache(AttendingCache, GraphCache):
         layer = self.layers[i]
         c, size, window = layer.n_chunks, layer.chunk_size, self.storage.window_len(layer)
         budget = self.budgets[i] if self.budgets else float("inf")
-        if self.cfg.full_budget or c == 0 or budget >= c * size + window:
+        if self.cfg.full_budget or c == 0 or (not self.cfg.is_auto and budget >= c * size + window):
             return None
         sinks = min(c, -(-self.cfg.sink_tokens // size))
         recent = min(c, max(0, -(-(self.cfg.recent_tokens - window) // size)))
-        return min(c, max(int((budget - window) // size), sinks + recent)), sinks, recent
+        if self.cfg.is_auto:  # the selection decides how many, up to all of them
+            return c, sinks, recent
+        return min(c, max(int((budget - window) // size), sinks + recent + self.n_pinned[i])), sinks, recent
 
     def _select(self, i: int, q: torch.Tensor) -> torch.Tensor | None:
         """Chunk indices (sorted) layer i attends to for query q (Hq, D); None = all of them."""
         plan = self._plan(i)
         if plan is None:
             return None
-        keep = plan[0]
         args = [torch.tensor([x]) for x in (self.layers[i].n_chunks, *plan)]
-        chosen, _ = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args)
-        return chosen[0, :keep].sort().values
+        chosen, valid, estimated = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args,
+                                                 self.cfg.coverage, self.temperatures[i : i + 1], self.pinned[i : i + 1])
+        self.fidelity.promise(i, estimated[0])
+        return chosen[0, : int(valid[0].sum())].sort().values
 
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's chunks for this step, chosen at once with each layer's last query:
@@ -229,10 +267,18 @@ class TieredCache(AttendingCache, GraphCache):
         rows = [(c, c, 0, 0) if plan is None else (c, *plan) for c, plan in zip(counts, plans)]
         counts_t, keep, sinks, recent = torch.tensor(rows).T
         q = torch.stack([layer.q_last for layer in self.layers])  # (L, Hq, D)
-        return select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent)
+        chosen, valid, estimated = select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent,
+                                                 self.cfg.coverage, self.temperatures, self.pinned)
+        for i, plan in enumerate(plans):
+            if plan is not None:
+                self.fidelity.promise(i, estimated[i])
+        return chosen, valid
 
     def _step_budgets(self) -> None:
-        """Per-layer budgets for this step: the average budget spread by the layers' shares."""
+        """Per-layer budgets for this step: the average budget spread by the layers' shares
+        (--kv-budget auto: none; the selection sizes itself)."""
+        if self.cfg.is_auto:
+            return
         total = [layer.n_chunks * layer.chunk_size + self.storage.window_len(layer) for layer in self.layers]
         self.budgets = allocate([layer.share for layer in self.layers], self.cfg.budget_tokens(self.length), total)
 
@@ -243,10 +289,13 @@ class TieredCache(AttendingCache, GraphCache):
         self.storage.begin_step()
         self._step_budgets()
 
-    def _count(self, layer: Layer, chunks: int, attended: int) -> None:
+    def _count(self, i: int, chunks: int, attended: int) -> None:
+        layer = self.layers[i]
+        total = layer.n_chunks * layer.chunk_size + self.storage.window_len(layer)
         self.counters["tokens_attended"] += attended
-        self.counters["tokens_total"] += layer.n_chunks * layer.chunk_size + self.storage.window_len(layer)
+        self.counters["tokens_total"] += total
         self.counters["chunks_selected"] += chunks
+        self.fidelity.count(i, attended, total)
 
     def _seal_full_window(self, i: int) -> None:
         """Seal the window's oldest chunk when the window is two chunks long (one per step, as
@@ -278,8 +327,8 @@ class TieredCache(AttendingCache, GraphCache):
         views = self.stages.update([self.storage.stage_source(i) for i in range(len(self.layers))], chosen, valid, reserve)
         kept = valid.sum(1).tolist()
         attended = 0
-        for layer, (_, _, p), n in zip(self.layers, views, kept):
-            self._count(layer, n, p)
+        for i, ((_, _, p), n) in enumerate(zip(views, kept)):
+            self._count(i, n, p)
             attended += p
         self.storage.staged(chosen, kept, self.stages.incoming, attended)
         return views
@@ -300,6 +349,8 @@ class TieredCache(AttendingCache, GraphCache):
             if k.data_ptr() == staged_k[0, :, p:].data_ptr():  # the graph wrote them after the window
                 self.stages.wrote(i, k.shape[1])
         self.storage.append(layer, k, v)
+        if self._views:  # what this step's query read: the view, then its own tokens
+            self._measure(i, q[:, -1], torch.cat([staged_k[0, :, :p].float(), k.float()], 1))
 
     def advance(self, i: int, q: torch.Tensor, n: int) -> None:
         layer = self.layers[i]

@@ -41,6 +41,7 @@ CASES = {
     "contiguous": Case(None, exact=True),
     "tiered-ram": Case(dict(budget="100%"), exact=True),
     "tiered-ram-budget": Case(BUDGET, exact=False),
+    "tiered-ram-auto": Case(dict(budget="auto", coverage=0.6, sink_tokens=4, recent_tokens=8), exact=False),
     "tiered-tiers": Case(dict(budget="100%", **TIERS), exact=True),
     "tiered-tiers-budget": Case(dict(BUDGET, bits="8", **TIERS), exact=False, lossless=False),
 }

@@ -1,0 +1,110 @@
+"""Coverage selection (--kv-budget auto), the captured attention mass, and what pruning keeps
+because the window's words refer to it."""
+
+from __future__ import annotations
+
+import torch
+
+from edgetok.kernels.pruning import referenced, select_kept, window_attention
+from edgetok.kernels.selection import (
+    TEMPERATURES,
+    captured_mass,
+    chunk_shares,
+    coverage_achieved,
+    coverage_keep,
+    fit_temperature,
+    key_abstracts,
+    select_chunks,
+)
+
+G = torch.Generator().manual_seed(0)
+
+
+def test_captured_mass_is_the_softmax_share_of_what_was_read():
+    q, keys = torch.randn(6, 16, generator=G), torch.randn(2, 50, 16, generator=G)
+    read = [3, 7, 8, 20, 49]
+    got = captured_mass(q, keys[:, read], keys)
+    scores = (q.view(2, 3, 16) @ keys.transpose(1, 2)) / 4.0  # (Hkv, G, N)
+    want = scores.softmax(-1)[..., read].sum(-1).reshape(-1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(captured_mass(q, keys, keys), torch.ones(6), atol=1e-5)
+
+
+def test_coverage_keep_counts_along_the_order_for_the_worst_head():
+    shares = torch.tensor([[[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]]])  # (1 layer, 2 heads, 4 chunks)
+    order = torch.tensor([[0, 3, 1, 2]])
+    keep, covered = coverage_keep(shares, order, 0.85)
+    # head 0 along the order: 0.5, 0.6, 0.9 → 3; head 1: 0.1, 0.7, 0.8, 1.0 → 4
+    assert keep.tolist() == [4]
+    assert abs(covered.item() - 1.0) < 1e-6
+    keep, covered = coverage_keep(shares, order, 0.55)  # head 0: 1 → 0.5 < .55 → 2; head 1: 2 (0.7)
+    assert keep.tolist() == [2] and abs(covered.item() - 0.6) < 1e-6
+
+
+def _layer(concentrated: bool, c: int = 40, s: int = 16, d: int = 32):
+    """One layer's abstracts (1, Hkv, 2D, C) and a query (1, Hq, D) whose attention falls on a
+    few chunks (concentrated) or on all of them."""
+    keys = torch.randn(2, c, s, d, generator=G) * 0.3
+    q = torch.randn(1, 4, d, generator=G)
+    if concentrated:
+        keys[:, [5, 17, 30]] += 2.0 * q[0, ::2, None, None, :]  # three chunks align with the query
+    return q, key_abstracts(keys)[None]
+
+
+def test_auto_selection_grows_where_attention_is_spread():
+    kept = {}
+    for concentrated in (True, False):
+        q, abstracts = _layer(concentrated)
+        c = torch.tensor([abstracts.shape[-1]])
+        chosen, valid, estimated = select_chunks(q, abstracts, c, c, torch.tensor([1]), torch.tensor([1]), 0.9)
+        kept[concentrated] = int(valid.sum())
+        assert estimated.item() >= 0.9 - 1e-6
+        assert {0, 39} <= set(chosen[0, : kept[concentrated]].tolist())  # sinks and recent stay
+        if concentrated:
+            assert {5, 17, 30} <= set(chosen[0, : kept[concentrated]].tolist())
+    assert kept[True] < kept[False] / 2
+
+
+def test_fixed_keep_is_unchanged_by_the_coverage_code():
+    q, abstracts = _layer(True)
+    c = torch.tensor([abstracts.shape[-1]])
+    chosen, valid, estimated = select_chunks(q, abstracts, c, torch.tensor([10]), torch.tensor([1]), torch.tensor([2]))
+    assert 0 < estimated.item() <= 1 + 1e-6 and int(valid.sum()) == 10
+    scores = chunk_shares(q, abstracts).amax(-2)[0]
+    scores[[0, 38, 39]] = float("inf")
+    assert set(chosen[0].tolist()) == set(scores.topk(10).indices.tolist())
+
+
+def test_the_fitted_temperature_is_the_smallest_that_meets_the_target():
+    keys = torch.randn(2, 600, 32, generator=G)
+    q = torch.randn(4, 32, 32, generator=G)
+    keys[:, 100:116] += q[::2, 0, None, :] * 0.5  # a chunk the queries favour
+    p = window_attention(q, keys)
+    for coverage in (0.5, 0.9, 0.99):
+        t = fit_temperature(q, keys, p, 16, coverage)
+        achieved = {x: coverage_achieved(q, keys, p, 16, coverage, x) for x in TEMPERATURES}
+        assert t == TEMPERATURES[-1] or achieved[t] >= coverage
+        assert all(achieved[x] < coverage for x in TEMPERATURES if x < t)
+    # flatter shares keep more chunks, so they capture more
+    assert coverage_achieved(q, keys, p, 16, 0.9, 4.0) > coverage_achieved(q, keys, p, 16, 0.9, 0.5)
+
+
+def test_referenced_keeps_the_neighbourhood_of_the_question_words():
+    n, window = 2000, 20
+    ids = torch.randint(0, 50, (n,), generator=G)  # common words (each 2 % of the prompt)
+    fact = torch.tensor([901, 902, 903, 950, 951, 952])  # "secret passphrase vault amber falcon 7319"
+    ids[1000:1006] = fact
+    ids[n - window : n - window + 3] = fact[:3]  # the question names the first three
+    ids[400] = 901  # one stray mention elsewhere
+    keep = referenced(ids, window, radius=8, quota=100)
+    assert keep[1000:1006].all()  # the fact, its answer too
+    assert not keep[400] and not keep[n - window :].any()
+    assert int(keep.sum()) <= 100
+    kept = select_kept(torch.rand(n, generator=G), 300, 4, window, keep)
+    assert set(range(1000, 1006)) <= set(kept.tolist())
+    assert len(kept) == 300
+
+
+def test_referenced_finds_nothing_without_shared_rare_words():
+    ids = torch.arange(500) % 50  # every window word is frequent
+    assert not referenced(ids, 32, 8, 64).any()
