@@ -35,16 +35,15 @@ bf16 K/V itself; the difference is not what this measures.) Each (kind, context)
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import edgetok
+from edgetok.bench.lock import bench_lock
 from edgetok.kernels.pruning import window_attention
 from edgetok.kernels.selection import chunk_shares, key_abstracts
 from edgetok.runtimes.backends.pytorch import TorchBackend
@@ -58,15 +57,6 @@ ANSWER = "7319"
 PIECE = 512  # prefill tokens per forward, as the engine's default
 SENTINEL = "SENTINEL"
 
-
-@contextmanager
-def bench_lock():
-    with open("/tmp/edgetok-bench.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Prompts:

@@ -15,31 +15,20 @@ question at the end (chat template), 24 greedy tokens.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 from needle import found, needle_prompt  # benchmarks/needle.py
 
 import edgetok
+from edgetok.bench.lock import bench_lock
 from edgetok.runtimes.prune import PrunePlan
 from edgetok.texts import essays
 
 CHUNK = 512
 
-
-@contextmanager
-def bench_lock():
-    """The machine is shared: timings run while no other benchmark does."""
-    with open("/tmp/edgetok-bench.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @torch.inference_mode()
