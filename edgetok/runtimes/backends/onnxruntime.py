@@ -89,7 +89,7 @@ class OnnxBackend:
         manifest = source.manifest
         self.in_place = manifest.attention == "gqa"
         prune = manifest.prune
-        self.prune = PrunePlan(1.0, **dataclasses.asdict(prune)) if prune else None
+        self.prune = PrunePlan(1.0, **dataclasses.asdict(prune), referenced_share=0.0) if prune else None
         self.prune_after_layer = prune.after_layer if prune else None
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
         # batched decoding writes every row's K/V in place (gqa) into exact caches' copies
@@ -259,7 +259,8 @@ class OnnxBackend:
         if self.prune is None:
             raise EdgetokError("this ONNX export has no pruning point; "
                                "export it again with --prune-after-layer L to run --prune-prompt on it")
-        if dataclasses.replace(plan, keep=1.0) != self.prune:
+        # (the graph scores by attention alone: the torch path's referenced tokens are not in it)
+        if dataclasses.replace(plan, keep=1.0, referenced_share=0.0) != self.prune:
             raise EdgetokError(
                 f"this ONNX export prunes after layer {self.prune.after_layer}; pass --prune-after-layer "
                 f"{self.prune.after_layer} or export again with --prune-after-layer {plan.after_layer}"
