@@ -107,7 +107,7 @@ def select_chunks(
     scores = scores.masked_fill(forced, float("inf"))
     order = scores.argsort(dim=-1, descending=True, stable=True)
     covered = shares.gather(-1, order[:, None].expand_as(shares)).cumsum(-1)  # (L, Hkv, C) along the order
-    if coverage is not None:
+    if coverage is not None and shares.shape[-1]:  # (no chunk yet: nothing to cover)
         need, _ = coverage_keep(shares, order, coverage)
         keep = torch.minimum(torch.maximum(need, forced.sum(-1)), keep)
     if shares.shape[-1] == 0:  # no layer has a chunk yet: nothing to miss

@@ -52,7 +52,7 @@ def test_gguf_export_runs_in_llama_cpp(tiny_gemma_folder, tmp_path):
     for name, w in orig.weights.items():
         assert torch.allclose(back.weights[name], w, atol=1e-6), name
     llama = edgetok.load(str(out), backend="llamacpp")
-    assert greedy(llama) == greedy(edgetok.load(str(tiny_gemma_folder)))
+    assert greedy(llama) == greedy(edgetok.load(str(tiny_gemma_folder), backend="torch"))
 
 
 def test_gguf_export_refuses_what_llama_cpp_would_run_differently():
@@ -81,18 +81,18 @@ def test_onnx_export(tiny_gemma_folder, tmp_path, weights, options):
         assert parity["max_abs_dlogit"] < 1e-3
         onnx = edgetok.load(str(out))
         want = greedy(onnx)
-        assert want == greedy(edgetok.load(str(tiny_gemma_folder)))
+        assert want == greedy(edgetok.load(str(tiny_gemma_folder), backend="torch"))
         # the tiered cache through the graph: sliding layers in their windows, exact at a full budget
         tiered = edgetok.load(str(out), kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
         assert greedy(tiered) == want
 
 
 def test_torch_tiered_cache_keeps_sliding_layers_apart(tiny_gemma_folder):
-    exact = edgetok.load(str(tiny_gemma_folder))
-    tiered = edgetok.load(str(tiny_gemma_folder), kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
+    exact = edgetok.load(str(tiny_gemma_folder), backend="torch")
+    tiered = edgetok.load(str(tiny_gemma_folder), backend="torch", kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
     assert isinstance(tiered.engine.backend.new_cache(), MixedCache)
     assert greedy(tiered) == greedy(exact)
-    budgeted = edgetok.load(str(tiny_gemma_folder), kv=KVConfig(budget="50%", chunk_sizes=(8, 16)))
+    budgeted = edgetok.load(str(tiny_gemma_folder), backend="torch", kv=KVConfig(budget="50%", chunk_sizes=(8, 16)))
     assert len(greedy(budgeted)) == 24
 
 
@@ -104,7 +104,7 @@ def test_prune_prompt_is_refused_with_one_sentence(tiny_gemma_folder):
 # -- the real Gemma 3 270M -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemma():
-    return edgetok.load("gemma3-270m")
+    return edgetok.load("gemma3-270m", backend="torch")
 
 
 @pytest.mark.slow
