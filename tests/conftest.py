@@ -30,6 +30,17 @@ TEXT = (
 ) * 4
 
 
+def in_threads(worker, n: int, timeout: float) -> None:
+    """worker(i) for i in range(n), each in its own thread, all started before any is joined."""
+    import threading
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def run_cli(*args, input: str | bytes | None = None):
     """`edgetok ARGS` in this process (click's runner): the result has exit_code, stdout, stderr, output."""
     from click.testing import CliRunner

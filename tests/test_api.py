@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import edgetok
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.pytorch import TorchBackend
+from tests.conftest import in_threads
 
 THREADS = torch.get_num_threads()
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Émile paid 12,345 € for a café", "1, 2, 3, 4,"]
@@ -37,11 +38,7 @@ def test_threads_sharing_a_model_get_what_each_would_get_alone(model):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    in_threads(worker, 4, timeout=120)
     assert not errors
     assert all(got[(i, p)] == alone[p] for i in range(4) for p in PROMPTS)
 

@@ -1,8 +1,9 @@
 """The default engine's export: a model that is not an ONNX export is exported once, then run.
 
-`edgetok run smollm2` runs the int4 ONNX export with float activations on ONNX Runtime: the
-fastest engine measured here that keeps the fp32 reference's next tokens (98 % of positions on
-every kind of text measured, BENCHMARKS.md). It is built on first use into
+`edgetok run smollm2` runs the int4 ONNX export with float activations on ONNX Runtime: on
+SmolLM2 (whose weights are already 4-bit codes) it keeps the fp32 reference's next tokens on every
+kind of text measured, at 0.80× llama.cpp's decode (BENCHMARKS.md); weights not on a 4-bit grid are
+rounded again. It is built on first use into
 $EDGETOK_HOME/exports/, one folder per source, exporter and options (the key hashes all three: new
 weights or a new edgetok build anew). Two processes asking for the same export at once: one
 builds, the other waits on a lock and uses it. An entry that fails its manifest's hashes is rebuilt,

@@ -12,7 +12,7 @@ import time
 
 import openai
 import pytest
-from conftest import make_hf_model, make_tokenizer_files, run_cli
+from conftest import in_threads, make_hf_model, make_tokenizer_files, run_cli
 from serving import Server, request
 
 KEY = "sk-test-0123456789"
@@ -184,11 +184,7 @@ def test_eight_clients_twenty_requests_each_equal_alone(server, client):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
+    in_threads(worker, 8, timeout=600)
     assert not errors and len(got) == 8 * len(requests)
     for (c, i), choice in got.items():
         assert (choice.text, choice.finish_reason) == (alone[i].text, alone[i].finish_reason), (c, i)
