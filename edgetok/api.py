@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source, load_source
-from edgetok.runtimes.backends.pytorch import TorchBackend
-from edgetok.runtimes.choice import EngineChoice, LongPrompts, auto_backend
+from edgetok.runtimes.choice import TORCH_WEIGHTS, EngineChoice, LongPrompts, auto_backend
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
 from edgetok.runtimes.kv import KVConfig
 
@@ -186,7 +184,6 @@ def load(
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
             raise EdgetokError(f"threads must be a whole number from 1 to {MAX_THREADS}, not {threads!r}")
-        torch.set_num_threads(threads)
     if kv is not None and not isinstance(kv, KVConfig):
         raise EdgetokError(f"kv must be an edgetok.KVConfig, not {type(kv).__name__}")
     source = load_source(os.fspath(ref), progress=progress)
@@ -209,10 +206,10 @@ def load(
         if source.format == "onnx":
             raise EdgetokError(f"{source.path} is an ONNX export: it runs on --backend onnxruntime")
         raise EdgetokError("--backend onnxruntime runs an ONNX folder made by `edgetok export --format onnx`")
-    if backend != "torch":
+    if backend != "torch" and "torch" in sys.modules:  # (the default engine never imports it)
         # torch only keeps the books here; its idle OpenMP workers would spin against the runtime's
         # own threads for the same cores
-        torch.set_num_threads(1)
+        sys.modules["torch"].set_num_threads(1)
     if backend == "onnxruntime":
         from edgetok.runtimes.backends.onnxruntime import OnnxBackend
 
@@ -228,9 +225,9 @@ def load(
     else:
         if kv_type is not None:
             raise EdgetokError("--kv-type sets llama.cpp's cache; use it with --backend llamacpp")
-        if weights not in TorchBackend.WEIGHTS:
-            raise EdgetokError(f"unknown weights '{weights}' (choose from {', '.join(TorchBackend.WEIGHTS)})")
-        engine_backend = TorchBackend(source, weights=weights, kv=kv)
+        if weights not in TORCH_WEIGHTS:
+            raise EdgetokError(f"unknown weights '{weights}' (choose from {', '.join(TORCH_WEIGHTS)})")
+        engine_backend = _torch_backend(source, weights, kv, threads)
     if chosen and kv is None and backend != "llamacpp":
         from edgetok.devices.planner import EXACT_UP_TO, TIERED_BUDGET
 
@@ -250,6 +247,20 @@ def load(
             return PromptStore(Path(kv_store), source.fingerprint, cache.kv_dtype, rebuild=kv_store_rebuild)
 
     return Model(source, Engine(engine_backend, source.tokenizer, store_factory, long_prompts), choice)
+
+
+def _torch_backend(source: Source, weights: str, kv: KVConfig | None, threads: int | None):
+    """The reference backend: the one engine that needs torch installed."""
+    try:
+        import torch
+    except ImportError:
+        raise EdgetokError("the torch backend needs torch: pip install 'edgetok[torch]' (or run without --backend torch "
+                           "and --weights: the default engine needs only ONNX Runtime)") from None
+    from edgetok.runtimes.backends.pytorch import TorchBackend
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return TorchBackend(source, weights=weights, kv=kv)
 
 
 def _weights_words(source: Source, backend: str, weights: str) -> str:

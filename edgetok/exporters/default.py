@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -26,7 +27,7 @@ from edgetok import __version__
 from edgetok.errors import EdgetokError
 from edgetok.exporters.options import OnnxOptions
 from edgetok.files import edgetok_home
-from edgetok.models.sources import Source, load_source
+from edgetok.models.sources import Source, load_source, require_torch
 
 # What the default engine runs; the rest of OnnxOptions keeps its defaults.
 DEFAULT_EXPORT = {"weights": "int4", "activations": "float"}
@@ -37,13 +38,16 @@ def exports_dir() -> Path:
     return edgetok_home() / "exports"
 
 
-def exporter_code() -> str:
-    """The SHA-256 of the ONNX exporter's code: an export made by other code is never used as current."""
-    from edgetok.exporters import onnx, onnx_graph, onnx_rewrites, options, pipeline, quantize
-    from edgetok.models import manifest, names
+EXPORTER_MODULES = ("edgetok.exporters.onnx", "edgetok.exporters.onnx_graph", "edgetok.exporters.onnx_rewrites",
+                    "edgetok.exporters.quantize", "edgetok.exporters.options", "edgetok.exporters.pipeline",
+                    "edgetok.models.manifest", "edgetok.models.names")
 
-    modules = (onnx, onnx_graph, onnx_rewrites, quantize, options, pipeline, manifest, names)
-    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
+
+def exporter_code() -> str:
+    """The SHA-256 of the ONNX exporter's code: an export made by other code is never used as current.
+    (The files are read, not imported: the exporter imports torch, and running the export does not.)"""
+    files = [Path(importlib.util.find_spec(name).origin) for name in EXPORTER_MODULES]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def export_folder(source: Source) -> Path:
@@ -65,6 +69,7 @@ def default_export(source: Source, threads: int | None = None, progress: bool = 
                 return load_source(str(folder))
             except EdgetokError:
                 shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuilt, never used
+        require_torch(f"building the default export of {source.ref} (once)")
         from edgetok.exporters.pipeline import export
 
         if progress:

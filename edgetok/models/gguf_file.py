@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.models.checkpoint import split_fused
 from edgetok.models.config import FULL, SLIDING, ModelConfig
 from edgetok.models.names import (
     FUSED,
@@ -26,6 +24,9 @@ from edgetok.models.names import (
     is_norm,
     layer,
 )
+
+if TYPE_CHECKING:  # (reading the weights needs torch; checking a file's kind does not)
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3")  # Mistral GGUFs say "llama"
@@ -162,8 +163,11 @@ def read_gguf(path: Path, progress: Callable | None = None):
 
     `progress(iterable, total)` wraps the per-tensor loop (a progress bar).
     """
+    import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    from edgetok.models.checkpoint import split_fused
 
     if not check_magic(path):
         raise EdgetokError(f"{path} is not a GGUF file (bad magic bytes)")

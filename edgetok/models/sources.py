@@ -23,21 +23,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from edgetok import integrity
 from edgetok.errors import EdgetokError
 from edgetok.files import edgetok_home, file_sha256, read_json, staged, temporary_folder
-from edgetok.models.checkpoint import split_fused
 from edgetok.models.config import ModelConfig
-from edgetok.models.gguf_file import check_magic, read_gguf
+from edgetok.models.gguf_file import check_magic
 from edgetok.models.manifest import ONNX_DATA, ONNX_MANIFEST, ONNX_MODEL, GgufManifest, OnnxManifest, gguf_report_path
 from edgetok.models.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_folder
 from edgetok.version import __version__
+
+if TYPE_CHECKING:  # weights are torch tensors, loaded on use: an ONNX export's run never needs them
+    import torch
+
+TORCH_MISSING = ("{what} needs torch, which is not installed: pip install 'edgetok[export]' "
+                 "(the default engine runs an ONNX export without it, once the export is built)")
+
+
+def require_torch(what: str) -> None:
+    """One sentence when torch is missing for `what` (reading weights, building an export)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise EdgetokError(TORCH_MISSING.format(what=what)) from None
 
 
 @dataclass(frozen=True)
@@ -162,12 +173,17 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
     dtypes = set()
     for f in files:
         try:
-            with safe_open(f, "pt") as st:  # reads the header only
+            with safe_open(f, "np") as st:  # reads the header only
                 dtypes |= {st.get_slice(k).get_dtype().lower() for k in st.keys()}
         except (OSError, SafetensorError) as e:
             raise EdgetokError(f"{f} is not a readable safetensors file ({e})") from None
 
     def load_weights() -> dict[str, torch.Tensor]:
+        require_torch(f"reading the weights of {folder}")
+        from safetensors.torch import load_file
+
+        from edgetok.models.checkpoint import split_fused
+
         weights: dict[str, torch.Tensor] = {}
         for f in files:
             weights.update(load_file(f))
@@ -253,6 +269,9 @@ def _load_gguf_cached(path: Path, digest: str, progress: bool):
         if loaded is not None:
             return loaded
         shutil.rmtree(entry, ignore_errors=True)  # a damaged entry is rebuilt, never used
+    require_torch(f"converting {path} (once)")
+    from edgetok.models.gguf_file import read_gguf
+
     cfg, weights, meta, info = read_gguf(path, _tqdm if progress else None)
     tokenizer = tokenizer_from_gguf(meta)
     info["sha256"] = digest
@@ -275,12 +294,19 @@ def _read_entry(entry: Path):
             return None
         cfg = ModelConfig.from_dict(meta["config"])
         weights_file = entry / "model.safetensors"
-        with safe_open(weights_file, "pt") as st:  # the header, now; tensors load on use
+        with safe_open(weights_file, "np") as st:  # the header, now; tensors load on use
             if not list(st.keys()):
                 return None
-        return cfg, Tokenizer.load(entry), lambda: load_file(weights_file), meta["info"]
+        return cfg, Tokenizer.load(entry), lambda: _load_safetensors(weights_file), meta["info"]
     except Exception:  # whatever is wrong with a cache entry, it is rebuilt, never trusted
         return None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    require_torch(f"reading the weights of {path}")
+    from safetensors.torch import load_file
+
+    return load_file(path)
 
 
 def _write_entry(entry: Path, cfg, weights, tokenizer: Tokenizer, info) -> None:
@@ -288,6 +314,8 @@ def _write_entry(entry: Path, cfg, weights, tokenizer: Tokenizer, info) -> None:
     with temporary_folder(entry) as tmp:
         build = tmp / "entry"
         build.mkdir()
+        from safetensors.torch import save_file
+
         # Tied weights share storage; safetensors refuses shared tensors, and we need only one.
         save_file({k: v.contiguous() for k, v in weights.items()}, build / "model.safetensors")
         tokenizer.save(build)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from edgetok.runtimes.backends.base import PRUNE
 from edgetok.runtimes.kv import KVConfig
 
+TORCH_WEIGHTS = ("fp32", "bf16", "int8")  # the torch backend's --weights (named here: no torch to import)
+
 
 @dataclass(frozen=True)
 class LongPrompts:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.fidelity import run_fidelity
@@ -23,7 +22,7 @@ from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, Backen
 from edgetok.runtimes.choice import LongPrompts
 from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.prune import PrunePlan, check_keep
-from edgetok.runtimes.sampling import SamplingParams, sample
+from edgetok.runtimes.sampling import SamplingParams, new_generator, sample
 from edgetok.runtimes.speculation import Drafter, SpeculationParams, SpeculativeSteps, new_drafter
 
 
@@ -191,7 +190,7 @@ class PlainSteps:
     """Decode steps of one token each."""
 
     def __init__(self, backend: Backend, cache, cached_ids: list[int], params: SamplingParams,
-                 seen: torch.Tensor | None, generator: torch.Generator, stats: Stats) -> None:
+                 seen: np.ndarray | None, generator: np.random.Generator, stats: Stats) -> None:
         self.backend, self.cache, self.cached_ids = backend, cache, cached_ids
         self.params, self.seen, self.generator, self.stats = params, seen, generator, stats
 
@@ -201,7 +200,7 @@ class PlainSteps:
         logits = self.backend.forward([token], self.cache)[-1]
         self.cached_ids.append(token)
         self.stats.decode_steps += 1
-        return [sample(torch.from_numpy(logits), self.params, self.seen, self.generator)]
+        return [sample(logits, self.params, self.seen, self.generator)]
 
 
 class Engine:
@@ -309,7 +308,7 @@ class Engine:
         self.backend.end_prefill(self._cache)
         return pruned.logits
 
-    def _steps(self, prompt: list[int], cfg: GenerationConfig, seen: torch.Tensor | None, generator: torch.Generator,
+    def _steps(self, prompt: list[int], cfg: GenerationConfig, seen: np.ndarray | None, generator: np.random.Generator,
                stats: Stats, drafter: Drafter | None) -> PlainSteps | SpeculativeSteps:
         """What runs the decode steps: one token per forward, or drafts verified (--speculate)."""
         if cfg.speculate == "none" and drafter is None:
@@ -339,11 +338,11 @@ class Engine:
             raise EdgetokError(f"the prompt is {len(prompt)} tokens, but the model's context holds {ctx} (with room for 1 new token)")
         stats = Stats(prompt_tokens=len(prompt))
         seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        generator = torch.Generator().manual_seed(seed)
+        generator = new_generator(seed)
         seen = None
         if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros(self.config.vocab_size, dtype=torch.bool)
-            seen[torch.tensor(prompt)] = True
+            seen = np.zeros(self.config.vocab_size, dtype=bool)
+            seen[prompt] = True
 
         t0 = time.perf_counter()
         if cfg.prune_prompt is None:
@@ -362,7 +361,7 @@ class Engine:
         t1 = time.perf_counter()
         chosen: list[int] = []  # tokens chosen but not yet generated (a step may choose several)
         if budget:
-            chosen = [sample(torch.from_numpy(logits), cfg, seen, generator)]  # (shares the array's memory)
+            chosen = [sample(logits, cfg, seen, generator)]
             stats.time_to_first_token_s = time.perf_counter() - t0
         while chosen:
             token = chosen.pop(0)

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.kernels.pruning import kept_count, referenced, select_kept, token_scores
 from edgetok.models.config import ModelConfig
-from edgetok.models.llama import LlamaModel
-from edgetok.runtimes.kv import KVCache
+
+if TYPE_CHECKING:  # the plan is plain data (the engine imports it without torch); the prefill is torch's
+    import torch
+
+    from edgetok.models.llama import LlamaModel
+    from edgetok.runtimes.kv import KVCache
 
 DEFAULT_AFTER_LAYER = 2  # SmolLM2 (30 layers): see BENCHMARKS.md, "Prompt pruning"
 
@@ -68,7 +71,6 @@ class Pruned:
     kept: np.ndarray  # (K,) int64 positions of the tokens layers > after_layer hold, in order
 
 
-@torch.inference_mode()
 def prefill_pruned(
     model: LlamaModel,
     tokens: list[int],
@@ -78,6 +80,17 @@ def prefill_pruned(
     progress: Callable[[int], None] | None = None,
 ) -> Pruned:
     """Run `tokens` into an empty `cache`, pruning after layer plan.after_layer."""
+    import torch
+
+    with torch.inference_mode():
+        return _prefill_pruned(model, tokens, cache, plan, chunk, progress)
+
+
+def _prefill_pruned(model, tokens, cache, plan, chunk, progress) -> Pruned:
+    import torch
+
+    from edgetok.kernels.pruning import kept_count
+
     assert cache.length == 0, "a pruned prefill starts from an empty cache"
     n, last = len(tokens), plan.after_layer
     n_layers = len(model.model.layers)
@@ -121,6 +134,10 @@ def _choose(model: LlamaModel, layer_in: torch.Tensor, ids: torch.Tensor, plan: 
     Queries and keys are recomputed from layer L's input (a small matmul) rather than read from
     the cache, which may hold keys at another precision or in tiers on disk.
     """
+    import torch
+
+    from edgetok.kernels.pruning import referenced, select_kept, token_scores
+
     n = layer_in.shape[1]
     w = min(plan.window, n)
     block = model.model.layers[plan.after_layer]

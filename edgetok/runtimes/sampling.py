@@ -1,10 +1,13 @@
-"""Next-token choice: repetition penalty, then greedy or temperature / top-k / top-p / min-p."""
+"""Next-token choice: repetition penalty, then greedy or temperature / top-k / top-p / min-p.
+
+numpy only: every backend hands the engine float32 numpy logits, and the default engine runs
+without torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass
@@ -16,33 +19,47 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def new_generator(seed: int) -> np.random.Generator:
+    """The random stream one generation samples from (its seed makes it repeatable)."""
+    return np.random.default_rng(seed)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(V,) → probabilities (V,), in the logits' dtype; -inf logits get 0."""
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """CTRL's penalty over the tokens marked in `seen` (V,) bool: shrink positive logits, grow negative."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    big = torch.finfo(logits.dtype).max  # an extreme penalty must not make ±inf (inf - inf is NaN in softmax)
-    return torch.where(seen, penalized.nan_to_num(0.0, big, -big), logits)
+    with np.errstate(over="ignore", invalid="ignore"):  # an extreme penalty overflows: clamped below
+        penalized = np.where(logits > 0, logits / penalty, logits * penalty)
+    big = np.finfo(logits.dtype).max  # an extreme penalty must not make ±inf (inf - inf is NaN in softmax)
+    return np.where(seen, np.nan_to_num(penalized, nan=0.0, posinf=big, neginf=-big), logits)
 
 
-def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     """Temperature-scaled logits (V,) with the tokens outside top-k / top-p / min-p set to -inf."""
     # shifted so the best is 0: a temperature near 0 sends the others to -inf, never inf / inf = NaN
-    logits = (logits - logits.max()) / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max()) / np.asarray(p.temperature, logits.dtype)
+    if p.top_k > 0 and p.top_k < logits.size:
+        kth = np.partition(logits, -p.top_k)[-p.top_k]
+        logits = np.where(logits < kth, -np.inf, logits).astype(logits.dtype)
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep up to and incl. the crossing token
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+        order = np.argsort(-logits, kind="stable")
+        probs = softmax(logits[order])
+        drop = np.empty(logits.shape, bool)
+        drop[order] = np.cumsum(probs) - probs >= p.top_p  # keep up to and incl. the crossing token
+        logits = np.where(drop, -np.inf, logits).astype(logits.dtype)
     if p.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        probs = softmax(logits)
+        logits = np.where(probs < p.min_p * probs.max(), -np.inf, logits).astype(logits.dtype)
     return logits
 
 
 def sample(
-    logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator,
+    logits: np.ndarray, p: SamplingParams, seen: np.ndarray | None, generator: np.random.Generator,
     draft: int | None = None,
 ) -> int:
     """logits (V,) float32 → token id.
@@ -54,11 +71,11 @@ def sample(
     which is the draft when the draft is right."""
     if p.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
-    if p.temperature < torch.finfo(logits.dtype).tiny:  # 0, or a temperature the logits' dtype rounds to 0: greedy
-        return int(torch.argmax(logits))
-    probs = filter_logits(logits, p).softmax(-1)
+    if p.temperature < np.finfo(logits.dtype).tiny:  # 0, or a temperature the logits' dtype rounds to 0: greedy
+        return int(np.argmax(logits))
+    probs = softmax(filter_logits(logits, p)).astype(np.float64)
     if draft is not None:
-        if float(torch.rand((), generator=generator)) < float(probs[draft]):
+        if generator.random() < probs[draft]:
             return draft
-        probs[draft] = 0.0  # (multinomial normalizes)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs[draft] = 0.0
+    return int(generator.choice(probs.size, p=probs / probs.sum()))

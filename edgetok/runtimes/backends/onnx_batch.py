@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from edgetok.models import names
 from edgetok.runtimes.kv import ContiguousCache
@@ -41,8 +40,8 @@ class DecodeBatch:
     def __init__(self, session, config, pruning: bool) -> None:
         self.session, self.config, self.pruning = session, config, pruning
         c = config
-        self.k: list[torch.Tensor] = []  # per layer (R, Hkv, capacity, D): R rows allocated
-        self.v: list[torch.Tensor] = []
+        self.k: list[np.ndarray] = []  # per layer (R, Hkv, capacity, D) float32: R rows allocated
+        self.v: list[np.ndarray] = []
         self.caches: list[ContiguousCache] = []  # row r's sequence
         self.stored = np.zeros((0, c.num_layers), np.int64)  # (R, L) tokens row r holds per layer
         self.joined = np.zeros((0, c.num_layers), np.int64)  # (R, L) of those, what its cache holds
@@ -122,7 +121,7 @@ class DecodeBatch:
         rows = rows or self.k[0].shape[0]
         for bufs in (self.k, self.v):
             for i in range(c.num_layers):
-                new = torch.zeros((rows, c.num_kv_heads, capacity, c.head_dim), dtype=torch.float32)
+                new = np.zeros((rows, c.num_kv_heads, capacity, c.head_dim), dtype=np.float32)
                 if i < len(bufs):
                     old = bufs[i]
                     n = min(old.shape[2], capacity)
@@ -142,10 +141,8 @@ class DecodeBatch:
         bound = _Bound(binding, np.zeros((b, 1), np.int64), np.zeros((b, 1), np.int64), np.zeros((b, layers), np.int64),
                        np.empty((b, 1, c.vocab_size), np.float32))
 
-        def bind(kind: str, name: str, array) -> None:
-            ptr = array.data_ptr() if isinstance(array, torch.Tensor) else array.ctypes.data
-            dtype = np.float32 if isinstance(array, torch.Tensor) else array.dtype
-            getattr(binding, f"bind_{kind}")(name, "cpu", 0, dtype, list(array.shape), ptr)
+        def bind(kind: str, name: str, array: np.ndarray) -> None:
+            getattr(binding, f"bind_{kind}")(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             bound.keep_alive.append(array)
 
         bind("input", names.INPUT_IDS, bound.ids)

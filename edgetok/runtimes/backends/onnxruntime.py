@@ -6,6 +6,8 @@ exact cache; the chunks selected this step for the tiered one), runs the graph o
 the new tokens' K/V and queries back to the cache. With GroupQueryAttention graphs the exact
 cache's buffers are also bound as the present outputs: the graph writes the new K/V into the
 cache in place.
+
+numpy only (no torch) with the exact cache; a budgeted cache computes in torch and imports it.
 """
 
 from __future__ import annotations
@@ -13,21 +15,20 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
 from edgetok.models import names
-from edgetok.models.llama import apply_rope, local_inv_freq, rope_attention_factor, rope_cos_sin
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import BATCH, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
 from edgetok.runtimes.backends.onnx_batch import DecodeBatch
 from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
-from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState, budgeted_cache
+from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState
 from edgetok.runtimes.prune import Pruned, PrunePlan
 
 DECODE_SLACK = 128  # spare cache slots per growth: bounds both the copies and the masked work
@@ -96,12 +97,7 @@ class OnnxBackend:
         batch = {BATCH} if self.in_place and kv is None else set()
         self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch)
         self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None) if batch else None
-        # the graph's RoPE per layer: Gemma 3's sliding layers have their own base (and no scaling)
-        self.inv_freq = torch.tensor(manifest.rope_inv_freq, dtype=torch.float32)
-        local = local_inv_freq(manifest.config)
-        self.inv_freqs = [local if local is not None and manifest.config.window(i) is not None else self.inv_freq
-                          for i in range(manifest.config.num_layers)]
-        self.rope_scale = rope_attention_factor(manifest.config)  # its cos / sin scale (longrope)
+        self.manifest = manifest
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         # Bindings by shape and buffers, the most recently used last: speculative decoding
         # alternates single tokens with drafts of a few lengths, each of which would rebind.
@@ -110,6 +106,11 @@ class OnnxBackend:
     def new_cache(self, kv: KVConfig | None = None):
         c, kv = self.config, kv or self.kv
         if kv is not None:  # float32: what the graph reads, so a view needs no conversion
+            import torch  # (the budgeted caches compute in torch)
+
+            from edgetok.runtimes.kv import budgeted_cache
+
+            torch.set_num_threads(1)  # it only keeps the books: its idle workers would spin against ONNX Runtime's
             return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
 
@@ -118,11 +119,13 @@ class OnnxBackend:
         assert self.prune is not None or prune_keep == 1.0
         self._settle(cache)
         start, n, layers = cache.length, len(tokens), self.config.num_layers
-        # float32 views; the exact cache's are its own (contiguous) buffers: no copy
-        views = [(k.contiguous(), v.contiguous(), length) for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
+        # float32 arrays; the exact cache's are its own (contiguous) buffers: no copy (a budgeted
+        # cache's tensors are shared by np.asarray)
+        views = [(np.ascontiguousarray(k), np.ascontiguousarray(v), length)
+                 for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
         # Room after the valid slots: the graph writes the new K/V there, into the cache itself.
         shared = [self.in_place and k.shape[2] >= length + n for k, _, length in views]
-        key = (n, last, prune_keep < 1.0, tuple((k.data_ptr(), v.data_ptr(), k.shape) for k, v, _ in views), tuple(shared))
+        key = (n, last, prune_keep < 1.0, tuple((k.ctypes.data, v.ctypes.data, k.shape) for k, v, _ in views), tuple(shared))
         bound = self._binding(key, views, shared, n, last, prune_keep < 1.0)
         bound.ids[0] = tokens
         bound.positions[0] = np.arange(start, start + n)
@@ -142,7 +145,7 @@ class OnnxBackend:
             if shared[i]:  # the graph wrote the new K/V into the view's buffers, after its `length` slots
                 cache.advance(i, q, m)
             else:
-                k, v = (torch.from_numpy(out[names.present(kind, i)].numpy()) for kind in names.KV_KINDS)
+                k, v = (out[names.present(kind, i)].numpy() for kind in names.KV_KINDS)
                 if self.in_place:  # gqa's present: the past and the new tokens
                     k, v = k[:, :, length : length + m], v[:, :, length : length + m]
                 cache.append(i, q, k, v)
@@ -170,23 +173,43 @@ class OnnxBackend:
         if self._batch is not None:
             self._batch.release(cache)
 
+    @cached_property
+    def _rope(self) -> tuple:
+        """The graph's RoPE per layer (Gemma 3's sliding layers have their own base, and no
+        scaling): (inverse frequencies per layer, the global ones, the cos / sin scale (longrope))."""
+        import torch
+
+        from edgetok.models.llama import local_inv_freq, rope_attention_factor
+
+        config = self.manifest.config
+        inv_freq = torch.tensor(self.manifest.rope_inv_freq, dtype=torch.float32)
+        local = local_inv_freq(config)
+        per_layer = [local if local is not None and config.window(i) is not None else inv_freq for i in range(config.num_layers)]
+        return per_layer, inv_freq, rope_attention_factor(config)
+
     def _queries(self, bound: _Bound, out: dict, ran: list[int], start: int, n: int, kept: np.ndarray | None,
-                 last: int) -> list[torch.Tensor]:
+                 last: int) -> list:
         """Each layer's queries of its `last` last tokens (1, H, r, D), rotated to their positions:
         the graph's qkv.i hold them before RoPE (its attention rotates them itself). Layers that ran
         on the same tokens rotate together: the n new ones, or (after the prune layer) the kept ones.
-        (A prefill piece has hundreds of tokens; the cache reads a few of their queries.)"""
+        (A prefill piece has hundreds of tokens; the cache reads a few of their queries.) Torch
+        tensors: only a budgeted cache reads queries, and it computes in torch."""
+        import torch
+
+        from edgetok.models.llama import apply_rope, rope_cos_sin
+
+        inv_freqs, global_inv_freq, rope_scale = self._rope
         c = self.config
         hd = c.num_heads * c.head_dim
         qkv = bound.queries if bound.queries is not None else [out[names.qkv(i)].numpy() for i in range(c.num_layers)]
         result: list[torch.Tensor] = [None] * c.num_layers
-        keys = [(r, id(f)) for r, f in zip(ran, self.inv_freqs)]  # layers alike: same tokens, same RoPE
+        keys = [(r, id(f)) for r, f in zip(ran, inv_freqs)]  # layers alike: same tokens, same RoPE
         for key in dict.fromkeys(keys):
             group = [i for i, k in enumerate(keys) if k == key]
-            m, inv_freq = key[0], self.inv_freqs[group[0]]
+            m, inv_freq = key[0], inv_freqs[group[0]]
             r = min(m, last)
             positions = torch.arange(start, start + n) if m == n else start + torch.from_numpy(kept[0])
-            scale = self.rope_scale if inv_freq is self.inv_freq else 1.0
+            scale = rope_scale if inv_freq is global_inv_freq else 1.0
             cos, sin = rope_cos_sin(inv_freq, positions[m - r :], scale)
             q = torch.stack([torch.from_numpy(qkv[i][0, m - r : m, :hd]) for i in group])  # (G, r, H·D): a copy
             q = apply_rope(q.view(len(group), r, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, r, D)
@@ -219,12 +242,10 @@ class OnnxBackend:
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             bound.keep_alive.append(array)
 
-        def bind_out(name: str, array: np.ndarray | torch.Tensor | None) -> np.ndarray | None:
+        def bind_out(name: str, array: np.ndarray | None) -> np.ndarray | None:
             if array is None:
                 binding.bind_output(name)
                 bound.allocated = True
-            elif isinstance(array, torch.Tensor):  # the cache's own buffer
-                binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.data_ptr())
             else:
                 binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             bound.outputs.append(name)
@@ -241,7 +262,7 @@ class OnnxBackend:
         for i, (k, v, _) in enumerate(views):
             for kind, t in zip(names.KV_KINDS, (k, v)):
                 bound.keep_alive.append(t)
-                binding.bind_input(names.past(kind, i), "cpu", 0, np.float32, list(t.shape), t.data_ptr())
+                binding.bind_input(names.past(kind, i), "cpu", 0, np.float32, list(t.shape), t.ctypes.data)
                 bind_out(names.present(kind, i), t if shared[i] else None)
         known = None if pruning else n  # a pruned run's later layers keep a count the graph decides
         bound.logits = bind_out(names.LOGITS, None if known is None else np.empty((1, last, c.vocab_size), np.float32))
@@ -292,8 +313,10 @@ class OnnxBackend:
         cache.state = state
 
 
-def onnx_logits(source: Source, tokens: list[int], threads: int | None = None, chunk: int = 256) -> torch.Tensor:
-    """Logits (T, V) at every position, prefilled in chunks: what parity reports compare."""
+def onnx_logits(source: Source, tokens: list[int], threads: int | None = None, chunk: int = 256):
+    """Logits (T, V) at every position, prefilled in chunks: what parity reports compare (a tensor)."""
+    import torch
+
     backend = OnnxBackend(source, threads=threads)
     cache = backend.new_cache()
     pieces = [tokens[i : i + chunk] for i in range(0, len(tokens), chunk)]

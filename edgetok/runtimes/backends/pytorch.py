@@ -10,6 +10,7 @@ from edgetok.fidelity import weights_effect
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
+from edgetok.runtimes.choice import TORCH_WEIGHTS
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, budgeted_cache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
 
@@ -21,7 +22,7 @@ class TorchBackend:
     capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES})
     prune_after_layer = None  # any layer: the plan's default
 
-    WEIGHTS = ("fp32", "bf16", "int8")
+    WEIGHTS = TORCH_WEIGHTS
 
     def __init__(self, source: Source, weights: str = "fp32", kv: KVConfig | None = None) -> None:
         """weights: fp32 (the reference), bf16, or int8 (weight-only, bf16 activations)."""

@@ -22,8 +22,18 @@ knows which cache it has.
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.contiguous import ContiguousCache
-from edgetok.runtimes.kv.mixed import MixedCache, budgeted_cache
-from edgetok.runtimes.kv.tiered import TieredCache
 
 __all__ = ["KVCache", "AttendingCache", "GraphCache", "KVState", "KVConfig", "ContiguousCache", "TieredCache",
            "MixedCache", "budgeted_cache"]
+
+# The budgeted caches compute in torch: imported on first use, so the exact path runs without it.
+_TORCH_CACHES = {"TieredCache": "edgetok.runtimes.kv.tiered", "MixedCache": "edgetok.runtimes.kv.mixed",
+                 "budgeted_cache": "edgetok.runtimes.kv.mixed"}
+
+
+def __getattr__(name: str):
+    if name in _TORCH_CACHES:
+        import importlib
+
+        return getattr(importlib.import_module(_TORCH_CACHES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

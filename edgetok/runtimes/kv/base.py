@@ -9,27 +9,36 @@ prompt (what the persistent prompt store keeps; mlx-lm's caches save theirs the 
 
 Every cache implements both protocols (a class per policy, as in mlx-lm's models/cache.py): the
 model never probes which cache it has, and a class that lacks a method cannot be instantiated.
+
+Arrays: AttendingCache speaks torch tensors (the torch model's); GraphCache and KVState speak
+numpy, so a graph's backend and the prompt store run without torch. A view may also be a CPU
+tensor (a cache that computes in torch), which `np.asarray` shares without a copy; a cache that
+computes in torch takes append()'s numpy arrays the same way (torch.as_tensor).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
-@dataclass(eq=False)  # (tensors do not compare to one bool)
+@dataclass(eq=False)  # (arrays do not compare to one bool)
 class KVState:
-    """A prompt's K/V as a cache saves and loads it.
+    """A prompt's K/V as a cache saves and loads it, numpy arrays of the cache's kv_dtype.
 
     layers: per layer (k, v), each (Hkv, N, D), the N prompt tokens in order;
     q_obs: per layer the last prompt queries (Hq, ≤W, D) a cache measures its attention with at
     end_prefill, or None for a cache that needs none.
     """
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    q_obs: list[torch.Tensor] | None = None
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    q_obs: list[np.ndarray] | None = None
 
 
 
@@ -65,8 +74,9 @@ class KVCache(ABC):
 
     @property
     @abstractmethod
-    def kv_dtype(self) -> torch.dtype:
-        """The dtype of the K/V attention reads (and of a saved state's tensors)."""
+    def kv_dtype(self) -> np.dtype:
+        """The dtype of the K/V attention reads (and of a saved state's arrays), as numpy names it
+        (float32, or ml_dtypes' bfloat16)."""
 
     @property
     @abstractmethod
@@ -103,17 +113,17 @@ class GraphCache(KVCache):
         budgeted cache selects with them)."""
 
     @abstractmethod
-    def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def view(self, layer: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
         """What the layer's next tokens attend to besides themselves: keys, values (1, Hkv, S, D)
         of which the first P slots hold tokens, and P; at least `reserve` slots after P when the
         buffers are the cache's own (the graph may write the new tokens there)."""
 
     @abstractmethod
-    def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, layer: int, q: np.ndarray | None, k: np.ndarray, v: np.ndarray) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D), which may already sit where view() said
         (then nothing is copied); q (1, Hq, ≥ min(T, queries_read), D): the last tokens' queries."""
 
     @abstractmethod
-    def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:
+    def advance(self, layer: int, q: np.ndarray | None, n: int) -> None:
         """The layer's n new tokens' K/V are already in the buffers of its last view(), right
         after its P slots (the graph wrote them there): store them as append() would."""

@@ -1,13 +1,21 @@
-"""The exact cache: every token's K/V in one growing buffer per layer."""
+"""The exact cache: every token's K/V in one growing buffer per layer.
+
+Its buffers are numpy arrays: a graph (ONNX Runtime) binds them without torch. The torch model's
+`attend` shares them as tensors (kv/arrays.py: no copy).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from edgetok.kernels.attention import attend, causal_mask
+from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ContiguousCache(AttendingCache, GraphCache):
@@ -23,16 +31,17 @@ class ContiguousCache(AttendingCache, GraphCache):
         *,
         batch: int = 1,
         capacity: int = 256,
-        dtype: torch.dtype = torch.float32,
+        dtype=np.float32,
         windows: list[int | None] | None = None,
         growth: float = 0.25,
         slack: int = 256,
     ) -> None:
-        """growth, slack: a full buffer grows to max(needed + slack, capacity · (1 + growth))."""
-        shape = (batch, num_kv_heads, capacity, head_dim)
+        """dtype: of the K/V, numpy's or torch's name for it (float32, bfloat16);
+        growth, slack: a full buffer grows to max(needed + slack, capacity · (1 + growth))."""
+        shape, dtype = (batch, num_kv_heads, capacity, head_dim), numpy_dtype(dtype)
         # Zeros, not garbage: a graph reads whole buffers and masks the spare slots (see view()).
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.growth, self.slack = growth, slack
         self.lengths = [0] * num_layers  # tokens stored per layer
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
@@ -60,18 +69,20 @@ class ContiguousCache(AttendingCache, GraphCache):
         new_cap = max(needed + self.slack, cap + int(cap * self.growth))
         for bufs in (self.k, self.v):
             old = bufs[layer]
-            new = old.new_zeros(old.shape[:2] + (new_cap,) + old.shape[3:])
+            new = np.zeros(old.shape[:2] + (new_cap,) + old.shape[3:], dtype=old.dtype)
             new[:, :, :cap] = old
             bufs[layer] = new
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.append(layer, q, k, v)
+        from edgetok.kernels.attention import attend, causal_mask  # (torch: only a torch model calls this)
+
+        self.append(layer, None, to_numpy(k), to_numpy(v))
         end = self.lengths[layer]
         mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)
-        return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)
+        return attend(q, to_torch(self.k[layer][:, :, :end]), to_torch(self.v[layer][:, :, :end]), mask)
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
-    def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def view(self, layer: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
         """The layer's whole buffers (B, Hkv, capacity, D), with room for `reserve` more tokens, and
         how many leading slots hold tokens: no copy per step; the graph masks the spare slots
         (zeros, so never NaN) or writes the new tokens into them."""
@@ -80,7 +91,7 @@ class ContiguousCache(AttendingCache, GraphCache):
             self._grow(layer, end)
         return self.k[layer], self.v[layer], self.lengths[layer]
 
-    def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, layer: int, q: np.ndarray | None, k: np.ndarray, v: np.ndarray) -> None:
         """Store the new tokens' k, v (B, Hkv, T, D) after the layer's tokens."""
         start, t = self.lengths[layer], k.shape[2]
         end = start + t
@@ -88,11 +99,11 @@ class ContiguousCache(AttendingCache, GraphCache):
             self._grow(layer, end)
         for buf, new in ((self.k[layer], k), (self.v[layer], v)):
             dst = buf[:, :, start:end]
-            if dst.data_ptr() != new.data_ptr():  # a graph bound to view()'s buffers wrote them in place
-                dst.copy_(new)
+            if dst.ctypes.data != new.ctypes.data:  # a graph bound to view()'s buffers wrote them in place
+                dst[...] = new
         self.lengths[layer] = end
 
-    def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:
+    def advance(self, layer: int, q: np.ndarray | None, n: int) -> None:
         """The graph wrote n tokens in place after the layer's tokens (its view is the buffer itself)."""
         assert self.lengths[layer] + n <= self.k[layer].shape[2]
         self.lengths[layer] += n

@@ -26,7 +26,7 @@ class MixedCache(AttendingCache, GraphCache):
         assert full, "a model of sliding layers only has nothing to tier"
         self.full = TieredCache(cfg, len(full), num_heads, num_kv_heads, head_dim, dtype, reads)
         self.slot = {layer: j for j, layer in enumerate(full)}  # a full layer's index in self.full
-        self.sliding = {i: WindowLayer(w, num_kv_heads, head_dim, self.full.kv_dtype)
+        self.sliding = {i: WindowLayer(w, num_kv_heads, head_dim, self.full.dtype)
                         for i, w in enumerate(windows) if w is not None}
 
     # -- KVCache ---------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class MixedCache(AttendingCache, GraphCache):
                                            "tokens_dropped": sum(x.dropped for x in self.sliding.values())}}
 
     @property
-    def kv_dtype(self) -> torch.dtype:
+    def kv_dtype(self):
         return self.full.kv_dtype
 
     @property
@@ -95,8 +95,8 @@ class MixedCache(AttendingCache, GraphCache):
         return self.full.view(self.slot[layer], reserve)
 
     def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
-        if layer in self.sliding:
-            self.sliding[layer].append(k, v)
+        if layer in self.sliding:  # (a graph's backend hands numpy arrays: shared as tensors)
+            self.sliding[layer].append(torch.as_tensor(k), torch.as_tensor(v))
         else:
             self.full.append(self.slot[layer], q, k, v)
 

@@ -21,16 +21,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from edgetok.errors import EdgetokError
 from edgetok.files import remove_stale, temporary_prefix
+from edgetok.runtimes.kv.arrays import numpy_dtype
 from edgetok.runtimes.kv.base import KVState
 
 MAGIC = "edgetok-kv-store"
 FORMAT_VERSION = 1
 SUFFIX = ".kvstore"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")  # the K/V dtypes an entry may hold (kv/arrays.py names them)
 
 
 def token_hash(tokens: list[int]) -> str:
@@ -48,14 +49,16 @@ class Entry:
 
 
 class PromptStore:
-    def __init__(self, folder: Path, fingerprint: str, dtype: torch.dtype, rebuild: bool = False) -> None:
+    def __init__(self, folder: Path, fingerprint: str, dtype: np.dtype, rebuild: bool = False) -> None:
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise EdgetokError(f"cannot use {folder} as a KV store: {e.strerror}") from None
         self.fingerprint = fingerprint
-        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.dtype = numpy_dtype(dtype)
+        self.dtype_name = self.dtype.name
+        assert self.dtype_name in DTYPES, self.dtype_name
         self.rebuild = rebuild
         self.prefix = f"{fingerprint[:16]}-{self.dtype_name}-"
 
@@ -108,8 +111,8 @@ class PromptStore:
         """The state of the entry's first n tokens (every layer's K/V, and the stored observation
         queries); None when the entry was damaged and, with rebuild, removed."""
         header = entry.header
-        dtype = DTYPES[header["dtype"]]
-        size = torch.tensor([], dtype=dtype).element_size()
+        dtype = numpy_dtype(header["dtype"])
+        size = dtype.itemsize
         with self._lock(exclusive=self.rebuild), open(entry.path, "rb") as f:
             f.seek(header["_offset"])
             layers = []
@@ -119,7 +122,7 @@ class PromptStore:
                 if len(data) != count * size or zlib.crc32(data) != crc:
                     self._bad(entry.path, f"layer {i} is truncated or corrupt")
                     return None
-                kv = torch.frombuffer(bytearray(data), dtype=dtype).view(2, *shape)
+                kv = np.frombuffer(bytearray(data), dtype=dtype).reshape(2, *shape)
                 layers.append((kv[0, :, :n], kv[1, :, :n]))
             q_obs = None
             if header.get("q_obs_shapes"):
@@ -131,7 +134,7 @@ class PromptStore:
                     return None
                 q_obs, pos = [], 0
                 for shape, size in zip(header["q_obs_shapes"], sizes):
-                    q_obs.append(torch.frombuffer(bytearray(data[pos : pos + size]), dtype=torch.float32).view(shape))
+                    q_obs.append(np.frombuffer(bytearray(data[pos : pos + size]), dtype=np.float32).reshape(shape))
                     pos += size
         return KVState(layers, q_obs)
 
@@ -139,8 +142,8 @@ class PromptStore:
         """Keep a cache's state (cache.state) as the entry of its prompt `tokens`."""
         layers, q_obs = state.layers, state.q_obs
         name = f"{self.prefix}{token_hash(tokens)[:24]}{SUFFIX}"
-        blobs = [torch.stack([k, v]).to(DTYPES[self.dtype_name]).contiguous().view(torch.uint8).numpy().tobytes() for k, v in layers]
-        queries = b"".join(q.float().contiguous().numpy().tobytes() for q in q_obs or [])
+        blobs = [np.stack([k, v]).astype(self.dtype).tobytes() for k, v in layers]  # (C order)
+        queries = b"".join(np.asarray(q, np.float32).tobytes() for q in q_obs or [])
         header = {
             "magic": MAGIC,
             "version": FORMAT_VERSION,

@@ -23,6 +23,7 @@ import torch
 
 from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.selection import captured_mass, fit_temperature, key_abstracts, select_chunks
+from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.fidelity import Fidelity
@@ -122,23 +123,24 @@ class TieredCache(AttendingCache, GraphCache):
             pass
 
     @property
-    def kv_dtype(self) -> torch.dtype:
-        return self.dtype
+    def kv_dtype(self):
+        return numpy_dtype(self.dtype)
 
     @property
     def state(self) -> KVState:
         """Every layer's prompt K/V (before end_prefill) and its last prompt queries."""
         assert self.layers[0].chunk_size == 0, "save the prompt's state before end_prefill"
         assert not any(self.skipped), "a pruned prompt's K/V is not a prefix anyone can reuse"
-        return KVState([self.storage.layer_kv(layer) for layer in self.layers], [layer.q_obs for layer in self.layers])
+        return KVState([tuple(to_numpy(x) for x in self.storage.layer_kv(layer)) for layer in self.layers],
+                       [None if layer.q_obs is None else to_numpy(layer.q_obs) for layer in self.layers])
 
     @state.setter
     def state(self, state: KVState) -> None:
         """Take stored K/V ((Hkv, N, D) per layer) as this cache's first N prompt tokens."""
         assert self.length == 0
         for i, ((k, v), layer) in enumerate(zip(state.layers, self.layers)):
-            self.storage.add_prompt(layer, k, v)
-            layer.q_obs = state.q_obs[i] if state.q_obs else None
+            self.storage.add_prompt(layer, to_torch(k), to_torch(v))
+            layer.q_obs = to_torch(state.q_obs[i]) if state.q_obs and state.q_obs[i] is not None else None
             # the last query, as a prefill leaves it: a graph's first decode view selects with it
             layer.q_last = None if layer.q_obs is None else layer.q_obs[:, -1]
             self.lengths[i] = k.shape[1]
@@ -334,7 +336,9 @@ class TieredCache(AttendingCache, GraphCache):
         return views
 
     def append(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection."""
+        """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection.
+        (numpy arrays from a graph's backend are shared as tensors.)"""
+        q, k, v = torch.as_tensor(q), torch.as_tensor(k), torch.as_tensor(v)
         assert q.shape[0] == 1, "the tiered cache holds one sequence"
         layer = self.layers[i]
         self.lengths[i] += k.shape[2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
+import numpy as np
 
 from edgetok.runtimes.backends.base import Backend
 from edgetok.runtimes.sampling import SamplingParams, sample
@@ -19,7 +19,7 @@ class SpeculativeSteps:
     in order, up to the first it replaces, and drops the rest from the cache (truncate)."""
 
     def __init__(self, backend: Backend, cache: Any, cached_ids: list[int], drafter: Drafter, draft_max: int,
-                 params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator, stats) -> None:
+                 params: SamplingParams, seen: np.ndarray | None, generator: np.random.Generator, stats) -> None:
         """cached_ids: the engine's record of the tokens the cache holds, kept up to date here;
         stats: the generation's Stats, whose decode and draft counters this fills."""
         self.backend, self.cache, self.cached_ids = backend, cache, cached_ids
@@ -39,7 +39,7 @@ class SpeculativeSteps:
         rows = self.backend.forward(inputs, self.cache, last=len(inputs))  # (1 + k, V)
         chosen = []
         for row, proposed in zip(rows, [*draft, None]):
-            token = sample(torch.from_numpy(row), self.params, self.seen, self.generator, draft=proposed)
+            token = sample(row, self.params, self.seen, self.generator, draft=proposed)
             chosen.append(token)
             if token != proposed:
                 break
