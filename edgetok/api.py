@@ -231,7 +231,10 @@ def load(
     if chosen and kv is None and backend != "llamacpp":
         from edgetok.devices.planner import EXACT_UP_TO, TIERED_BUDGET
 
-        if source.config.max_context > EXACT_UP_TO:
+        if source.config.max_context > EXACT_UP_TO and not _torch_installed():
+            reasons.append(f"the tiered cache (for prompts past {EXACT_UP_TO} tokens) computes in torch, which is not "
+                           "installed (pip install 'edgetok[export]'): every prompt stays exact")
+        elif source.config.max_context > EXACT_UP_TO:
             long_prompts = LongPrompts(EXACT_UP_TO, KVConfig(budget=f"{TIERED_BUDGET:.0%}"))
             reasons.append(f"past {EXACT_UP_TO} prompt tokens the plan's tiered cache decodes faster at a "
                            f"{TIERED_BUDGET:.0%} budget; shorter prompts stay exact")
@@ -249,13 +252,19 @@ def load(
     return Model(source, Engine(engine_backend, source.tokenizer, store_factory, long_prompts), choice)
 
 
+def _torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None  # (finds it without importing it)
+
+
 def _torch_backend(source: Source, weights: str, kv: KVConfig | None, threads: int | None):
     """The reference backend: the one engine that needs torch installed."""
     try:
         import torch
     except ImportError:
-        raise EdgetokError("the torch backend needs torch: pip install 'edgetok[torch]' (or run without --backend torch "
-                           "and --weights: the default engine needs only ONNX Runtime)") from None
+        raise EdgetokError("the torch backend needs torch, which is not installed: pip install 'edgetok[export]' (or run "
+                           "without --backend torch and --weights: the default engine needs only ONNX Runtime)") from None
     from edgetok.runtimes.backends.pytorch import TorchBackend
 
     if threads is not None:

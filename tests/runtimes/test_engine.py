@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.engine import GenerationConfig, StopStringFilter
-from edgetok.runtimes.sampling import SamplingParams, filter_logits, sample
+from edgetok.runtimes.sampling import SamplingParams, filter_logits, new_generator, sample, softmax
 
 PROMPT = "The quick brown fox"
 
@@ -113,10 +114,10 @@ def test_repetition_penalty_changes_greedy_output(tiny):
 
 
 def test_filters():
-    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
-    kept = lambda p: torch.isfinite(filter_logits(logits, p)).nonzero().flatten().tolist()  # noqa: E731
+    logits = np.array([4.0, 3.0, 2.0, 1.0, 0.0], np.float32)
+    kept = lambda p: np.flatnonzero(np.isfinite(filter_logits(logits, p))).tolist()  # noqa: E731
     assert kept(SamplingParams(temperature=1.0, top_k=2)) == [0, 1]
-    probs = logits.softmax(-1)  # 0.64, 0.24, 0.09, ...
+    probs = softmax(logits)  # 0.64, 0.24, 0.09, ...
     assert kept(SamplingParams(temperature=1.0, top_p=0.5)) == [0]
     assert kept(SamplingParams(temperature=1.0, top_p=0.7)) == [0, 1]
     assert kept(SamplingParams(temperature=1.0, min_p=0.3)) == [0, 1]
@@ -125,9 +126,9 @@ def test_filters():
 
 def test_extreme_sampling_values_stay_defined():
     """A temperature near 0 is greedy, and a huge penalty is a huge one: never a NaN distribution."""
-    logits, g = torch.tensor([1.0, 3.0, -2.0, 3.5]), torch.Generator().manual_seed(0)
+    logits, g = np.array([1.0, 3.0, -2.0, 3.5], np.float32), new_generator(0)
     assert sample(logits, SamplingParams(temperature=1e-300), None, g) == 3
-    seen = torch.tensor([False, False, False, True])
+    seen = np.array([False, False, False, True])
     assert sample(logits, SamplingParams(temperature=1.0, repetition_penalty=1e-45), seen, g) == 3
     assert sample(logits, SamplingParams(temperature=1.0, repetition_penalty=1e38), seen, g) != 3
 

@@ -18,7 +18,7 @@ import edgetok
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.engine import GenerationConfig, Result
 from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
-from edgetok.runtimes.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from edgetok.runtimes.sampling import SamplingParams, apply_repetition_penalty, filter_logits, new_generator, sample, softmax
 from edgetok.runtimes.speculation import DraftControl, PromptLookup, TokenRecycling
 from edgetok.runtimes.speculation.control import MISSES_BEFORE_PAUSE, PAUSE_MIN
 
@@ -219,8 +219,8 @@ def attend(cache, seq, tokens: list[int]) -> list[torch.Tensor]:
 
 
 def graph(cache, seq, tokens: list[int], in_place: bool) -> list[list]:
-    """The same through views (as the onnxruntime backend) → per layer the view's token rows."""
-    q, k, v = (x[:, :, tokens] for x in seq)
+    """The same through views (as the onnxruntime backend: numpy arrays) → per layer the view's token rows."""
+    q, k, v = (x[:, :, tokens].numpy() for x in seq)
     t, rows = len(tokens), []
     for i in range(L):
         view_k, view_v, p = cache.view(i, reserve=t)
@@ -281,16 +281,15 @@ def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
 def test_the_accept_rule_draws_from_the_sampling_distribution():
     """sample(draft=d) for a likely, an unlikely and a filtered-out draft: the tokens it returns are
     distributed as plain sampling's (repetition penalty, temperature, top-k, top-p applied alike)."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(60, generator=g) * 2
-    seen = torch.zeros(60, dtype=torch.bool)
+    logits = new_generator(0).standard_normal(60).astype(np.float32) * 2
+    seen = np.zeros(60, dtype=bool)
     seen[:10] = True
     p = SamplingParams(temperature=0.8, top_k=30, top_p=0.95, repetition_penalty=1.3)
-    probs = filter_logits(apply_repetition_penalty(logits, seen, p.repetition_penalty), p).softmax(-1)
+    probs = torch.from_numpy(softmax(filter_logits(apply_repetition_penalty(logits, seen, p.repetition_penalty), p)))
     order = probs.argsort(descending=True)
     n = 20000
     for draft in (int(order[0]), int(order[8]), int(order[-1])):  # the last one is filtered out: p = 0
-        gen = torch.Generator().manual_seed(draft)
+        gen = new_generator(draft)
         counts = torch.bincount(torch.tensor([sample(logits, p, seen, gen, draft=draft) for _ in range(n)]), minlength=60)
         assert chi_square_p(counts.double(), probs.double() * n) > 1e-3, draft
         assert counts[probs == 0].sum() == 0
@@ -307,10 +306,10 @@ def test_speculative_sampling_keeps_the_joint_distribution(tiny):
     vocab, backend = tiny.config.vocab_size, tiny.engine.backend
 
     def step_probs(ids: list[int]) -> torch.Tensor:
-        seen = torch.zeros(vocab, dtype=torch.bool)
-        seen[torch.tensor(ids)] = True
-        logits = torch.from_numpy(backend.forward(ids, backend.new_cache())[-1].copy())
-        return filter_logits(apply_repetition_penalty(logits, seen, params.repetition_penalty), params).softmax(-1).double()
+        seen = np.zeros(vocab, dtype=bool)
+        seen[ids] = True
+        logits = backend.forward(ids, backend.new_cache())[-1].copy()
+        return torch.from_numpy(softmax(filter_logits(apply_repetition_penalty(logits, seen, params.repetition_penalty), params))).double()
 
     joint: dict[tuple, float] = {}
     p1 = step_probs(prompt)

@@ -24,7 +24,7 @@ from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
 from edgetok.models import names
 from edgetok.models.manifest import ONNX_MODEL
-from edgetok.models.sources import Source
+from edgetok.models.sources import Source, require_torch
 from edgetok.runtimes.backends.base import BATCH, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
 from edgetok.runtimes.backends.onnx_batch import DecodeBatch
 from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
@@ -106,6 +106,7 @@ class OnnxBackend:
     def new_cache(self, kv: KVConfig | None = None):
         c, kv = self.config, kv or self.kv
         if kv is not None:  # float32: what the graph reads, so a view needs no conversion
+            require_torch("the tiered KV cache (--kv-budget and the other --kv-* options)")
             import torch  # (the budgeted caches compute in torch)
 
             from edgetok.runtimes.kv import budgeted_cache
@@ -119,8 +120,7 @@ class OnnxBackend:
         assert self.prune is not None or prune_keep == 1.0
         self._settle(cache)
         start, n, layers = cache.length, len(tokens), self.config.num_layers
-        # float32 arrays; the exact cache's are its own (contiguous) buffers: no copy (a budgeted
-        # cache's tensors are shared by np.asarray)
+        # float32 arrays; the exact cache's are its own (contiguous) buffers: no copy
         views = [(np.ascontiguousarray(k), np.ascontiguousarray(v), length)
                  for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
         # Room after the valid slots: the graph writes the new K/V there, into the cache itself.
@@ -192,8 +192,8 @@ class OnnxBackend:
         """Each layer's queries of its `last` last tokens (1, H, r, D), rotated to their positions:
         the graph's qkv.i hold them before RoPE (its attention rotates them itself). Layers that ran
         on the same tokens rotate together: the n new ones, or (after the prune layer) the kept ones.
-        (A prefill piece has hundreds of tokens; the cache reads a few of their queries.) Torch
-        tensors: only a budgeted cache reads queries, and it computes in torch."""
+        (A prefill piece has hundreds of tokens; the cache reads a few of their queries.) Rotated
+        in torch: only a budgeted cache reads queries, and it computes in torch."""
         import torch
 
         from edgetok.models.llama import apply_rope, rope_cos_sin
@@ -202,7 +202,7 @@ class OnnxBackend:
         c = self.config
         hd = c.num_heads * c.head_dim
         qkv = bound.queries if bound.queries is not None else [out[names.qkv(i)].numpy() for i in range(c.num_layers)]
-        result: list[torch.Tensor] = [None] * c.num_layers
+        result: list[np.ndarray] = [None] * c.num_layers
         keys = [(r, id(f)) for r, f in zip(ran, inv_freqs)]  # layers alike: same tokens, same RoPE
         for key in dict.fromkeys(keys):
             group = [i for i, k in enumerate(keys) if k == key]
@@ -214,7 +214,7 @@ class OnnxBackend:
             q = torch.stack([torch.from_numpy(qkv[i][0, m - r : m, :hd]) for i in group])  # (G, r, H·D): a copy
             q = apply_rope(q.view(len(group), r, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # (G, H, r, D)
             for j, i in enumerate(group):
-                result[i] = q[j : j + 1]
+                result[i] = q[j : j + 1].numpy()  # (the cache's protocol speaks numpy)
         return result
 
     def _binding(self, key, views, shared, n: int, last: int, pruning: bool) -> _Bound:

@@ -39,10 +39,12 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def to_torch(a: np.ndarray) -> torch.Tensor:
-    """A numpy array as a tensor over the same memory (strides kept)."""
+def to_torch(a: np.ndarray | None) -> torch.Tensor | None:
+    """A numpy array as a tensor over the same memory (strides kept); None stays None."""
     import torch
 
+    if a is None:
+        return None
     if a.dtype == bfloat16():
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

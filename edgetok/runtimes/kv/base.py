@@ -11,9 +11,8 @@ Every cache implements both protocols (a class per policy, as in mlx-lm's models
 model never probes which cache it has, and a class that lacks a method cannot be instantiated.
 
 Arrays: AttendingCache speaks torch tensors (the torch model's); GraphCache and KVState speak
-numpy, so a graph's backend and the prompt store run without torch. A view may also be a CPU
-tensor (a cache that computes in torch), which `np.asarray` shares without a copy; a cache that
-computes in torch takes append()'s numpy arrays the same way (torch.as_tensor).
+numpy, so a graph's backend and the prompt store run without torch. A cache whose policy computes
+in torch (the tiered cache) shares its tensors with numpy at that edge (kv/arrays.py: no copy).
 """
 
 from __future__ import annotations

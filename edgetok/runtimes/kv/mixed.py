@@ -8,9 +8,11 @@ model and the backends see one cache through the same protocols as any other.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.runtimes.kv.arrays import to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.tiered import TieredCache
@@ -89,18 +91,19 @@ class MixedCache(AttendingCache, GraphCache):
     def queries_read(self) -> int:
         return self.full.queries_read
 
-    def view(self, layer: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def view(self, layer: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
         if layer in self.sliding:
-            return self.sliding[layer].view(reserve)
+            k, v, p = self.sliding[layer].view(reserve)
+            return to_numpy(k), to_numpy(v), p
         return self.full.view(self.slot[layer], reserve)
 
-    def append(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
-        if layer in self.sliding:  # (a graph's backend hands numpy arrays: shared as tensors)
-            self.sliding[layer].append(torch.as_tensor(k), torch.as_tensor(v))
+    def append(self, layer: int, q: np.ndarray | None, k: np.ndarray, v: np.ndarray) -> None:
+        if layer in self.sliding:  # (a graph's numpy arrays, shared as tensors)
+            self.sliding[layer].append(to_torch(k), to_torch(v))
         else:
             self.full.append(self.slot[layer], q, k, v)
 
-    def advance(self, layer: int, q: torch.Tensor | None, n: int) -> None:
+    def advance(self, layer: int, q: np.ndarray | None, n: int) -> None:
         if layer in self.sliding:
             self.sliding[layer].advance(n)
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from edgetok.kernels.attention import attend, causal_mask
@@ -308,19 +309,21 @@ class TieredCache(AttendingCache, GraphCache):
             self._add_abstracts(i, self.storage.seal(layer)[:, None])
 
     # -- GraphCache: a whole-model graph (the ONNX backend), which attends itself -------------------
-    def view(self, i: int, reserve: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def view(self, i: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
         """What layer i's next tokens attend to besides themselves: keys, values (1, Hkv, S, D) of
-        which the first P slots count, and P. Prefill: every stored token. Decode: the chunks each
-        layer's last query selects (consecutive queries are alike), chosen for all layers when
-        layer 0 asks, and the window. In RAM the buffers have room for `reserve` more tokens after
+        which the first P slots count, and P (numpy arrays over the cache's own tensors). Prefill:
+        every stored token. Decode: the chunks each layer's last query selects (consecutive queries
+        are alike), chosen for all layers when layer 0 asks, and the window. In RAM the buffers have room for `reserve` more tokens after
         the P (a graph may write them there)."""
         layer = self.layers[i]
         if layer.chunk_size == 0:
-            return self.storage.prompt_view(layer, reserve)
-        if i == 0:
-            self._begin_step()
-            self._views = self._graph_views(reserve)
-        return self._views[i]
+            k, v, p = self.storage.prompt_view(layer, reserve)
+        else:
+            if i == 0:
+                self._begin_step()
+                self._views = self._graph_views(reserve)
+            k, v, p = self._views[i]
+        return to_numpy(k), to_numpy(v), p
 
     def _graph_views(self, reserve: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """This step's view of every layer, staged: only the chunks that enter a layer's selection
@@ -335,10 +338,11 @@ class TieredCache(AttendingCache, GraphCache):
         self.storage.staged(chosen, kept, self.stages.incoming, attended)
         return views
 
-    def append(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection.
-        (numpy arrays from a graph's backend are shared as tensors.)"""
-        q, k, v = torch.as_tensor(q), torch.as_tensor(k), torch.as_tensor(v)
+    def append(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection."""
+        self._store(i, to_torch(q), to_torch(k), to_torch(v))
+
+    def _store(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         assert q.shape[0] == 1, "the tiered cache holds one sequence"
         layer = self.layers[i]
         self.lengths[i] += k.shape[2]
@@ -356,9 +360,9 @@ class TieredCache(AttendingCache, GraphCache):
         if self._views:  # what this step's query read: the view, then its own tokens
             self._measure(i, q[:, -1], torch.cat([staged_k[0, :, :p].float(), k.float()], 1))
 
-    def advance(self, i: int, q: torch.Tensor, n: int) -> None:
+    def advance(self, i: int, q: np.ndarray, n: int) -> None:
         layer = self.layers[i]
         # prefill: the view was the slab itself (a tiered storage's prompt views have no room)
         k, v, p = self.storage.prompt_view(layer, 0) if layer.chunk_size == 0 else self._views[i]
         assert p + n <= k.shape[2], "advance() past the view's room: append() the new tokens"
-        self.append(i, q, k[:, :, p : p + n], v[:, :, p : p + n])
+        self._store(i, to_torch(q), k[:, :, p : p + n], v[:, :, p : p + n])

@@ -7,11 +7,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from conftest import kv_rows
 
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, GraphCache, KVCache, KVConfig, TieredCache
+from edgetok.runtimes.kv.arrays import to_torch
 
 L, HQ, HKV, D = 2, 4, 2, 16
 PROMPT, PIECE, STEPS = 96, 40, 40  # prompt tokens, prefill piece, decode steps
@@ -95,7 +97,7 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 def tolerance(cache: KVCache) -> float:
-    return 1e-5 if cache.kv_dtype == torch.float32 else 5e-2  # bf16 K/V
+    return 1e-5 if cache.kv_dtype == np.float32 else 5e-2  # bf16 K/V
 
 
 # -- drivers -------------------------------------------------------------------------------------
@@ -114,15 +116,16 @@ def decode(cache, seq, start: int, steps: int = STEPS, drive=attend) -> list[lis
 
 
 def graph(cache: GraphCache, seq, a: int, b: int, in_place: bool = True) -> list[tuple]:
-    """Tokens [a, b) as the onnxruntime backend hands them over: each layer's view, then the new
-    K/V written into the view's room (and advance) when there is room and in_place, else append.
-    → per layer, a copy of the view's P slots: (k, v) (Hkv, P, D)."""
-    q, k, v = seq
+    """Tokens [a, b) as the onnxruntime backend hands them over, numpy arrays: each layer's view,
+    then the new K/V written into the view's room (and advance) when there is room and in_place,
+    else append. → per layer, a copy of the view's P slots: (k, v) (Hkv, P, D) tensors."""
+    q, k, v = (x.numpy() for x in seq)
     t, seen = b - a, []
     for i in range(L):
         view_k, view_v, p = cache.view(i, reserve=t)
+        assert isinstance(view_k, np.ndarray) and isinstance(view_v, np.ndarray)
         assert view_k.shape[2] == view_v.shape[2] >= p
-        seen.append((view_k[0, :, :p].clone(), view_v[0, :, :p].clone()))
+        seen.append((to_torch(view_k[0, :, :p].copy()), to_torch(view_v[0, :, :p].copy())))
         r = min(t, cache.queries_read)
         queries = q[i, None, :, b - r : b] if r else None  # the last queries_read tokens' only
         if in_place and view_k.shape[2] > p:  # the cache's own buffers, with room for the new tokens
@@ -134,9 +137,15 @@ def graph(cache: GraphCache, seq, a: int, b: int, in_place: bool = True) -> list
     return seen
 
 
-def stored(seq, i: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def stored(seq, i: int, n: int, dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer i's first n tokens' K/V as a cache of `dtype` holds them (Hkv, n, D)."""
-    return seq[1][i, :, :n].to(dtype), seq[2][i, :, :n].to(dtype)
+    return tuple(to_torch(x[i, :, :n].numpy().astype(dtype)) for x in seq[1:])
+
+
+def states(state) -> tuple[list, list]:
+    """A KVState's numpy arrays as tensors: (layers, q_obs)."""
+    assert all(isinstance(x, np.ndarray) for kv in state.layers for x in kv)
+    return [tuple(map(to_torch, kv)) for kv in state.layers], [to_torch(q) for q in state.q_obs or []]
 
 
 # -- KVCache -------------------------------------------------------------------------------------
@@ -213,17 +222,18 @@ def test_state_round_trip_through_attend(case, new_cache, seq):
     a = new_cache()
     prefill(a, seq)
     state = a.state
+    layers, q_obs = states(state)
     assert len(state.layers) == L
     assert all(k.shape == v.shape == (HKV, PROMPT, D) and k.dtype == a.kv_dtype for k, v in state.layers)
     if a.queries_read:  # the last queries_read prompt queries, to measure attention with
-        assert all(torch.equal(state.q_obs[i], seq[0][i, :, PROMPT - a.queries_read : PROMPT]) for i in range(L))
+        assert all(torch.equal(q_obs[i], seq[0][i, :, PROMPT - a.queries_read : PROMPT]) for i in range(L))
     b = new_cache()
     b.state = state
     assert b.length == PROMPT
-    for (ka, va), (kb, vb) in zip(state.layers, b.state.layers, strict=True):
+    for (ka, va), (kb, vb) in zip(layers, states(b.state)[0], strict=True):
         assert torch.equal(ka, kb) and torch.equal(va, vb)
     for i in range(L):
-        assert torch.equal(state.layers[i][0], stored(seq, i, PROMPT, a.kv_dtype)[0])
+        assert torch.equal(layers[i][0], stored(seq, i, PROMPT, a.kv_dtype)[0])
     for cache in (a, b):
         cache.end_prefill()
     for x, y in zip(decode(a, seq, PROMPT), decode(b, seq, PROMPT), strict=True):
@@ -277,7 +287,7 @@ def test_both_protocols_store_the_same_prompt(new_cache, seq):
     prefill(by_attend, seq)
     prefill(by_graph, seq, drive=graph)
     x, y = by_attend.state, by_graph.state
-    assert all(torch.equal(ka, kb) and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(x.layers, y.layers, strict=True))
+    (x_layers, x_q), (y_layers, y_q) = states(x), states(y)
+    assert all(torch.equal(ka, kb) and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(x_layers, y_layers, strict=True))
     assert (x.q_obs is None) == (y.q_obs is None)
-    if x.q_obs is not None:
-        assert all(torch.equal(qa, qb) for qa, qb in zip(x.q_obs, y.q_obs, strict=True))
+    assert all(torch.equal(qa, qb) for qa, qb in zip(x_q, y_q, strict=True))

@@ -198,11 +198,11 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
     for start in range(0, n, 100):
         k, v, length = cache.view(0, reserve=100)
         assert length == start
-        new_k, new_v = torch.randn(1, hkv, 100, d, generator=g), torch.randn(1, hkv, 100, d, generator=g)
+        new_k, new_v = torch.randn(1, hkv, 100, d, generator=g).numpy(), torch.randn(1, hkv, 100, d, generator=g).numpy()
         if not tiers:  # the slab itself, with room: the graph writes the new tokens there
             k[:, :, start : start + 100], v[:, :, start : start + 100] = new_k, new_v
             new_k, new_v = k[:, :, start : start + 100], v[:, :, start : start + 100]
-        cache.append(0, torch.randn(1, hq, 100, d, generator=g), new_k, new_v)
+        cache.append(0, torch.randn(1, hq, 100, d, generator=g).numpy(), new_k, new_v)
     cache.end_prefill()
     layer, moved = cache.layers[0], 0
     for _ in range(40):
@@ -223,8 +223,8 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
             want_k, want_v = cache.storage.gather(0, chosen)
         # the same tokens, in another order
         assert p == want_k.shape[1] and kv_rows(k[0, :, :p], v[0, :, :p]) == kv_rows(want_k, want_v)
-        k[:, :, p], v[:, :, p] = torch.randn(hkv, d, generator=g), torch.randn(hkv, d, generator=g)
-        cache.append(0, torch.randn(1, hq, 1, d, generator=g), k[:, :, p : p + 1], v[:, :, p : p + 1])
+        k[:, :, p], v[:, :, p] = torch.randn(hkv, d, generator=g).numpy(), torch.randn(hkv, d, generator=g).numpy()
+        cache.append(0, torch.randn(1, hq, 1, d, generator=g).numpy(), k[:, :, p : p + 1], v[:, :, p : p + 1])
     assert cache.stats()["budget_used"] < 0.5 and moved == 0
     if tiers:
         assert cache.stats()["resident_bytes"]["disk"] > 0
