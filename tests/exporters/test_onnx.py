@@ -118,7 +118,7 @@ def test_pruning_graph_matches_the_torch_path(families, attention):
     for i in range(cfg.num_layers):  # layers ≤ 1 hold every token, the later ones the kept ones
         k = out[f"present_key.{i}"]
         assert k.shape[2] == (n if i <= spec.after_layer else len(kept))
-        np.testing.assert_allclose(k[0], cache.k[i][0, :, : k.shape[2]].numpy(), atol=1e-4)
+        np.testing.assert_allclose(k[0], cache.k[i][0, :, : k.shape[2]], atol=1e-4)
     assert out["qkv.2"].shape == (1, len(kept), (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
 
     # a decode step after it, at position n, over each layer's own past
@@ -305,15 +305,15 @@ class QueryLog(ContiguousCache):
         self.queries = [[] for _ in range(cfg.num_layers)]
 
     def append(self, layer, q, k, v):  # (the torch model's attend() stores through it too)
-        self.queries[layer].append(q[0].clone())
+        self.queries[layer].append(np.array(q[0]))
         super().append(layer, q, k, v)
 
     def advance(self, layer, q, n):
-        self.queries[layer].append(q[0].clone())
+        self.queries[layer].append(np.array(q[0]))
         super().advance(layer, q, n)
 
     def all(self, layer) -> torch.Tensor:
-        return torch.cat(self.queries[layer], 1)
+        return torch.from_numpy(np.concatenate(self.queries[layer], 1))
 
 
 def test_the_cache_gets_the_queries_torch_computes(exported, families):

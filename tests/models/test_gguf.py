@@ -12,7 +12,7 @@ from conftest import make_hf_model, make_tokenizer_files
 from edgetok.errors import EdgetokError
 from edgetok.exporters.gguf import export_gguf
 from edgetok.files import file_sha256
-from edgetok.models import sources
+from edgetok.models import gguf_file, sources
 from edgetok.models.gguf_file import permute_qk, unpermute_qk
 from edgetok.models.llama import LlamaModel
 from edgetok.runtimes.kv import ContiguousCache
@@ -64,7 +64,7 @@ def test_transformers_reads_edgetok_gguf(gguf_pair):
 def test_second_load_reads_the_cache(gguf_pair, monkeypatch):
     _, path = gguf_pair
     first = sources.load_source(str(path))
-    monkeypatch.setattr(sources, "read_gguf", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr(gguf_file, "read_gguf", lambda *a, **k: pytest.fail("converted again"))
     second = sources.load_source(str(path))
     assert second.config == first.config
     assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)

@@ -31,9 +31,11 @@ def numpy_dtype(dtype) -> np.dtype:
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a numpy array over the same memory (strides kept)."""
+    """A CPU tensor as a numpy array over the same memory (strides kept; a cache keeps values, not
+    their autograd history)."""
     import torch
 
+    t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(bfloat16())
     return t.numpy()

@@ -76,7 +76,7 @@ class ContiguousCache(AttendingCache, GraphCache):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from edgetok.kernels.attention import attend, causal_mask  # (torch: only a torch model calls this)
 
-        self.append(layer, None, to_numpy(k), to_numpy(v))
+        self.append(layer, to_numpy(q), to_numpy(k), to_numpy(v))  # (append as the graph protocol has it)
         end = self.lengths[layer]
         mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)
         return attend(q, to_torch(self.k[layer][:, :, :end]), to_torch(self.v[layer][:, :, :end]), mask)
