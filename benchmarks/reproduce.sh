@@ -68,3 +68,6 @@ if want fidelity; then  # seven kinds of text: budgets (25 %, auto) and pruning 
   $PY benchmarks/fidelity.py --kinds legal --contexts 8192 --parts speed --repeat 2 --out benchmarks/results/fidelity.json
   $PY benchmarks/fidelity.py --contexts 4096,8192 --budgets 25%,auto --needle-tokens 18 --out benchmarks/results/fidelity.json
 fi
+if want footprint; then  # the default engine's peak RSS at 1K and time to first token vs llama.cpp (--before DIR: older code)
+  $LOCK $PY benchmarks/footprint.py --rounds 3 --out benchmarks/results/footprint.json
+fi
