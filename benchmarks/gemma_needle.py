@@ -2,7 +2,11 @@
 long contexts: full attention vs the tiered cache at a budget (its full-attention layers budgeted,
 its sliding layers in their windows).
 
-    .venv/bin/python benchmarks/gemma_needle.py --contexts 16384,32768 --depths 0.1,0.5,0.9 --budget 25% --json FILE
+    .venv/bin/python benchmarks/gemma_needle.py --contexts 16384,32768 --depths 0.1,0.5,0.9 --budgets 25%,auto --json FILE
+
+Each (context, depth) cell's rows replace that cell's rows in --json as soon as they are measured, so the
+long grid can run in cells (one lock hold each: `--contexts 32768 --depths 0.5`); the table printed at the
+end is of every row in the file.
 
 A fact is planted at each depth of Paul Graham's essays; the question and an answer prefix end the
 prompt; a hit is the answer's number in the 16-token greedy continuation. Both systems run the
@@ -40,17 +44,19 @@ def main() -> None:
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--contexts", default="16384,32768")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
-    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--budgets", default="25%", help="comma-separated --kv-budget values (25%%, auto)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     model = edgetok.load(args.model)
     tok = model.tokenizer
-    systems = {"full attention": TorchBackend(model.source),
-               f"KV {args.budget}": TorchBackend(model.source, kv=KVConfig(budget=args.budget))}
-    rows = []
+    systems = {"full attention": TorchBackend(model.source)}
+    for budget in args.budgets.split(","):
+        systems[f"KV {budget}"] = TorchBackend(model.source, kv=KVConfig(budget=budget))
+    rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     for context in (int(c) for c in args.contexts.split(",")):
         for depth in (float(d) for d in args.depths.split(",")):
             prompt = needle_text_prompt(tok, context, depth)
+            rows = [r for r in rows if (r["context"], r["depth"]) != (context, depth) or r["system"] not in systems]
             for name, backend in systems.items():  # interleaved: each prompt on both systems in turn
                 start = time.perf_counter()
                 out, _, _, stats = run(backend, prompt, None, 16)
@@ -59,14 +65,16 @@ def main() -> None:
                              "hit": ANSWER in text, "answer": text, "seconds": round(time.perf_counter() - start, 1),
                              "budget_used": stats.get("budget_used")})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    print("| context | depth | " + " | ".join(systems) + " |")
-    print("|---|---|" + "---|" * len(systems))
-    for context in dict.fromkeys(r["context"] for r in rows):
-        for depth in dict.fromkeys(r["depth"] for r in rows):
-            cells = [next(r for r in rows if r["context"] == context and r["depth"] == depth and r["system"] == s) for s in systems]
-            print(f"| {context} | {depth:.0%} | " + " | ".join(f"{'hit' if c['hit'] else 'miss'} ({c['answer'].strip()[:24]!r})"
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1))
+    names = list(dict.fromkeys(r["system"] for r in rows))
+    print("| context | depth | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for context in sorted({r["context"] for r in rows}):
+        for depth in sorted({r["depth"] for r in rows if r["context"] == context}):
+            cells = [next((r for r in rows if (r["context"], r["depth"], r["system"]) == (context, depth, s)), None) for s in names]
+            print(f"| {context} | {depth:.0%} | " + " | ".join("–" if c is None else f"{'hit' if c['hit'] else 'miss'} "
+                                                             f"({c['answer'].strip()[:24]!r}, {c['seconds']} s)"
                                                              for c in cells) + " |")
 
 
