@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="25%", help="comma-separated --kv-budget values (25%%, auto)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    model = edgetok.load(args.model)
+    model = edgetok.load(args.model, backend="torch")  # the fp32 reference (the default engine is an ONNX export)
     tok = model.tokenizer
     systems = {"full attention": TorchBackend(model.source)}
     for budget in args.budgets.split(","):

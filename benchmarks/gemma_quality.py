@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    src = edgetok.load(args.model).source
+    src = load_source(args.model)  # the fp32 reference's source (edgetok.load defaults to an ONNX export)
     samples = {kind: src.tokenizer.encode(text)[: args.tokens] for kind, text in texts().items()}
     reference = {kind: reference_logits(src, tokens) for kind, tokens in samples.items()}
 
