@@ -96,9 +96,18 @@ def test_torch_tiered_cache_keeps_sliding_layers_apart(tiny_gemma_folder):
     assert len(greedy(budgeted)) == 24
 
 
-def test_prune_prompt_is_refused_with_one_sentence(tiny_gemma_folder):
-    r = run_cli("run", tiny_gemma_folder, "-p", PROMPT, "--prune-prompt", "0.5", "--max-new-tokens", "4")
-    assert r.exit_code != 0 and "sliding-window" in r.output
+def test_prune_prompt_runs_and_the_onnx_graph_refuses_it(tiny_gemma_folder, tmp_path):
+    """Pruning runs on the torch backend (the sliding windows count positions:
+    tests/runtimes/test_prune_sliding.py); the ONNX graph's pruning point is not built for sliding
+    layers, and its export says so in one sentence."""
+    r = run_cli("run", tiny_gemma_folder, "-p", PROMPT * 2, "--no-chat", "--prune-prompt", "0.5", "--prune-after-layer", "1",
+                "--max-new-tokens", "4", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["stats"]["prune"]["kept_tokens"] < out["prompt_tokens"] and len(out["tokens"]) == 4
+    r = run_cli("export", tiny_gemma_folder, "--format", "onnx", "--prune-after-layer", "1", "-o", tmp_path / "g")
+    assert r.exit_code != 0 and "sliding window" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "g").exists()
 
 
 # -- the real Gemma 3 270M -------------------------------------------------------------------------
