@@ -197,3 +197,20 @@ def test_llama_cpp_agrees(gemma):
     ours = edgetok_logits(got, ids, len(ids), chunk=256).numpy()
     theirs = np.asarray(llamacpp_logits(gemma.source.path, ids, 2))
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_pruned_prompt_keeps_a_planted_fact(gemma):
+    """4K tokens of the essays with a passphrase at 10 % depth and the question at the end (a base
+    model: plain text), half the prompt pruned after layer 2, a sliding layer: the later layers'
+    windows count the kept tokens' positions, and the answer survives.
+    (benchmarks/gemma_needle.py --prune measures 16K and 32K.)"""
+    tok = gemma.tokenizer
+    body = tok.encode(essay_text(30000), add_special_tokens=False)[:3900]
+    cut = len(body) // 10
+    text = (tok.decode(body[:cut]) + "\nThe secret passphrase for the vault is 'amber falcon 7319'.\n" + tok.decode(body[cut:])
+            + "\n\nQuestion: What is the secret passphrase for the vault?\nAnswer: The secret passphrase for the vault is '")
+    result = gemma.generate(text, chat=False, max_new_tokens=12, temperature=0.0, prune_prompt=0.5)
+    assert result.stats.prune["after_layer"] == 2
+    assert result.stats.prune["kept_tokens"] < 0.55 * result.prompt_tokens
+    assert "7319" in result.text
