@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgetok.exporters.default import default_export
 from edgetok.exporters.verify import compare, reference_logits
 from edgetok.models.sources import load_source
 from edgetok.runtimes.backends.llamacpp import llamacpp_logits
@@ -29,6 +30,7 @@ from edgetok.runtimes.backends.onnxruntime import onnx_logits
 from edgetok.texts import KINDS, corpus
 
 PUBLISHED = "Q4_K_M (the published file)"
+DEFAULT = "the default engine's export"  # exporters/default.py: what `edgetok run gemma3-270m` runs
 EDGETOK = [sys.executable, "-c", "import sys; from edgetok.cli import main; sys.argv[0] = 'edgetok'; main()"]
 EXPORTS = [
     ("gguf", ["--quant", "q8_0"]), ("gguf", ["--quant", "q4_0"]),
@@ -48,17 +50,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here (merged with its rows)")
-    ap.add_argument("--only", default=None, help="comma-separated artifact names (gguf-q8_0, onnx-int4-qdq, published)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated artifact names (gguf-q8_0, onnx-int4-qdq, published, default)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     only = None if args.only is None else set(args.only.split(","))
-    wanted = lambda name: only is None or name in only or (name == PUBLISHED and "published" in only)  # noqa: E731
+    aliases = {PUBLISHED: "published", DEFAULT: "default"}
+    wanted = lambda name: only is None or name in only or aliases.get(name) in only  # noqa: E731
     src = load_source(args.model)  # the fp32 reference's source (edgetok.load defaults to an ONNX export)
     # ~8 characters a token is more than enough text for every kind
     samples = {kind: src.tokenizer.encode(corpus(kind, 8 * args.tokens))[: args.tokens] for kind in KINDS}
     reference = {kind: reference_logits(src, tokens) for kind, tokens in samples.items()}
 
     artifacts: list[tuple[str, Path, float]] = [(PUBLISHED, src.path, 0.0)] if wanted(PUBLISHED) else []
+    if wanted(DEFAULT):  # built once (or found) under $EDGETOK_HOME/exports
+        artifacts.append((DEFAULT, default_export(src, args.threads).path, float("nan")))
     for fmt, options in EXPORTS:
         name = name_of(fmt, options)
         if not wanted(name):
