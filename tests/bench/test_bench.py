@@ -229,9 +229,9 @@ def test_disk_tier_reads_are_recorded_and_tabled(tiny_folder, tmp_path):
     from edgetok.bench import report
     from edgetok.runtimes.kv import KVConfig
 
-    kv = KVConfig(budget="50%", device_mb=0.002, host_mb=0.004, disk_dir=tmp_path / "kv")
+    kv = KVConfig(budget="100%", device_mb=0.002, host_mb=0.004, disk_dir=tmp_path / "kv", chunk_sizes=(8, 16))
     m = edgetok.load(str(tiny_folder), backend="torch", kv=kv)
-    r = m.generate("The quick brown fox jumps over the lazy dog. " * 16, max_new_tokens=8, ignore_eos=True)
+    r = m.generate("The quick brown fox jumps over the lazy dog. " * 16, max_new_tokens=16, ignore_eos=True)
     disk = harness.disk_reads(r.stats.kv)
     assert disk is not None and disk["bytes_read_per_token"]["disk"] > 0
     assert disk["sync_disk_reads"] + disk["prefetch_chunks"] > 0
