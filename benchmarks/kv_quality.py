@@ -43,7 +43,7 @@ def run(backend: TorchBackend, prompt: list[int], follow: list[int] | None, new:
     stats = backend.cache_stats(cache)
     if hasattr(cache, "close"):
         cache.close()
-    return out, torch.stack(rows), elapsed, stats
+    return out, torch.stack([torch.as_tensor(r).reshape(-1) for r in rows]), elapsed, stats
 
 
 def main() -> None:

@@ -61,8 +61,18 @@ if want gemma; then  # Gemma 3 270M: bench at 1K–32K, export quality per forma
   $LOCK $EDGETOK bench gemma3-270m --contexts 1024,8192,16384,32768 --new-tokens 64 --kv-budget 100%,25% \
     --peers llamacpp,transformers --system 'edgetok KV 25% over device/host/disk=--kv-budget 25% --kv-device-mb 8 --kv-host-mb 32 --kv-disk bench-out/gemma-kvdisk' \
     --threads 2 --repeat 1 --out benchmarks/results/gemma3-bench
-  $LOCK $PY benchmarks/gemma_quality.py --out bench-out/gemma --json benchmarks/results/gemma3-quality.json
-  $LOCK $PY benchmarks/gemma_needle.py --contexts 16384,32768 --depths 0.1,0.5,0.9 --budget 25% --json benchmarks/results/gemma3-needle.json
+  $LOCK $EDGETOK bench gemma3-270m --contexts 32768 --new-tokens 64 --kv-budget 100% --peers none \
+    --system 'edgetok KV 25% over device/host/disk=--kv-budget 25% --kv-device-mb 8 --kv-host-mb 32 --kv-disk bench-out/gemma-kvdisk' \
+    --threads 2 --repeat 1 --out benchmarks/results/gemma3-tiers-32k
+  for only in published,gguf-q8_0 gguf-q4_0 onnx-fp16 onnx-int8 onnx-int4 onnx-int8-qdq onnx-int4-qdq default; do  # a lock hold each
+    $LOCK $PY benchmarks/gemma_quality.py --out bench-out/gemma --only $only --json benchmarks/results/gemma3-quality.json
+  done
+  $LOCK $PY benchmarks/gemma_needle.py --contexts 16384 --depths 0.1,0.5,0.9 --budgets 25%,auto --json benchmarks/results/gemma3-needle.json
+  for depth in 0.1 0.5 0.9; do
+    $LOCK $PY benchmarks/gemma_needle.py --contexts 32768 --depths $depth --budgets 25%,auto --json benchmarks/results/gemma3-needle.json
+  done
+  $LOCK $PY benchmarks/gemma_needle.py --contexts 16384,32768 --depths 0.1,0.5,0.9 --budgets 25% --prune 0.5 --no-full --no-budgets \
+    --json benchmarks/results/gemma3-needle.json
 fi
 if want fidelity; then  # seven kinds of text: budgets (25 %, auto) and pruning vs exact runs; pruning's 8K prefill
   $PY benchmarks/fidelity.py --kinds legal --contexts 8192 --parts speed --repeat 2 --out benchmarks/results/fidelity.json

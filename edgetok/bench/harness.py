@@ -163,6 +163,7 @@ def aggregate(systems: list[System], contexts: list[int], outputs: dict[tuple[st
                     "kv_kind": kv.get("kind"),
                     "kv_resident_bytes": kv.get("resident_bytes"),
                     "kv_budget_used": kv.get("budget_used"),
+                    "kv_disk": disk_reads(kv),
                 }
             mine = logits_path(workdir, s, c)
             row["quality"] = None
@@ -170,6 +171,17 @@ def aggregate(systems: list[System], contexts: list[int], outputs: dict[tuple[st
                 row["quality"] = quality(reference, read_logits(mine))
             rows.append(row)
     return rows
+
+
+DISK_KEYS = ("sync_disk_reads", "prefetch_chunks", "disk_wait_s", "prefetch_read_s", "process_read_bytes")
+
+
+def disk_reads(kv: dict) -> dict | None:
+    """A tiered cache's disk-tier reads during decode (runtimes/kv/stats.py's disk_report, and the
+    bytes a step read from each tier), or None without a disk tier."""
+    if "sync_disk_reads" not in kv:
+        return None
+    return {k: kv[k] for k in DISK_KEYS} | {"bytes_read_per_token": kv.get("bytes_read_per_token")}
 
 
 def ratios(rows: list[dict[str, Any]], systems: list[System]) -> list[dict[str, Any]]:

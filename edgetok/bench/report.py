@@ -84,6 +84,22 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def disk_table(results: dict[str, Any]) -> str:
+    """The runs with a disk tier: what decode read from it (empty when none had one)."""
+    rows = [r for r in results["results"] if r.get("kv_disk")]
+    if not rows:
+        return ""
+    lines = ["| context | system | disk reads (sync) | chunks prefetched | disk wait s | prefetch read s "
+             "| bytes/token read (device/host/disk) | process read MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["kv_disk"]
+        per = d["bytes_read_per_token"] or {}
+        io = "–" if d["process_read_bytes"] is None else f"{d['process_read_bytes'] / 1e6:.1f}"
+        lines.append(f"| {r['context']} | {r['system']} | {d['sync_disk_reads']} | {d['prefetch_chunks']} | {d['disk_wait_s']:.3f} "
+                     f"| {d['prefetch_read_s']:.3f} | {'/'.join(str(per.get(t, 0)) for t in ('device', 'host', 'disk'))} | {io} |")
+    return "\n".join(lines)
+
+
 def ratios_table(results: dict[str, Any]) -> str:
     """edgetok ÷ peer: decode at every context, then prefill at every context."""
     contexts = results["settings"]["contexts"]

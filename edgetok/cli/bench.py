@@ -48,4 +48,6 @@ def command(model, contexts, new_tokens, kv_budgets, peers, extra_systems, threa
     click.echo(report.results_table(results))
     if ratios := report.ratios_table(results):
         click.echo("\nedgetok ÷ peer (median tokens/s)\n" + ratios)
+    if disk := report.disk_table(results):
+        click.echo("\nthe disk tier's reads during decode\n" + disk)
     click.echo(f"\nwrote {out / 'results.json'}" + "".join(f", {p}" for p in pngs))

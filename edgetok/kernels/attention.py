@@ -22,6 +22,17 @@ def causal_mask(t: int, s: int, window: int | None = None, device=None) -> torch
     return mask
 
 
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Boolean mask (t, s), True where a query at q_pos (t,) may see a key at k_pos (s,): keys at or
+    before it and, with a window, fewer than `window` positions back. For stored tokens whose
+    positions have gaps (a pruned prompt): a sliding window counts positions, not stored tokens.
+    None when every query sees every key."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return None if bool(mask.all()) else mask
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:

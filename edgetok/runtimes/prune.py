@@ -6,6 +6,11 @@ L; the sinks, the window and the best-scored tokens (a `keep` fraction in all) g
 layers L+1.. at their original positions, so their K/V there is what it would be at those
 positions. Pruned tokens keep their K/V in layers 0..L only. Decoding continues at the full
 prompt length.
+
+Sliding-window layers after L (Gemma 3) store the kept tokens too, and their window counts
+positions, not stored tokens: the cache masks by the kept positions it is given (KVCache.skip).
+Keeping those layers unpruned instead would run every token through them, and the pruned tokens'
+residual stream would then need the full layers too: no saving left.
 """
 
 from __future__ import annotations
@@ -49,9 +54,6 @@ class PrunePlan:
     def checked(keep: float, after_layer: int | None, config: ModelConfig) -> PrunePlan:
         """The plan for this model, or one clear error about the flags."""
         check_keep(keep)
-        if config.sliding_window is not None:
-            # The window is counted in positions; the pruned layers' attention masks count stored tokens.
-            raise EdgetokError("--prune-prompt does not work with sliding-window attention models yet")
         num_layers = config.num_layers
         if num_layers < 2:
             raise EdgetokError("--prune-prompt needs a model with at least 2 layers")
@@ -114,7 +116,7 @@ def _prefill_pruned(model, tokens, cache, plan, chunk, progress) -> Pruned:
     kept = _choose(model, layer_in, ids[0], plan, n_kept)
     del layer_in
     for layer in range(last + 1, n_layers):
-        cache.skip(layer, n - len(kept))
+        cache.skip(layer, n - len(kept), kept)
 
     # Layers L+1.. on the kept tokens only, at their own positions.
     x_kept = layer_out[:, kept]

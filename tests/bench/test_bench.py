@@ -221,3 +221,22 @@ def test_llamacpp_peer_runs_a_gguf_export_and_reports_its_kv(tiny_folder):
     # llama.cpp allocates f16 K/V for its whole window (the model's context) up front.
     c = source.config
     assert result.stats.kv["resident_bytes"] == {"device": c.kv_bytes_per_token(2) * c.max_context}
+
+
+def test_disk_tier_reads_are_recorded_and_tabled(tiny_folder, tmp_path):
+    """A run whose chunks spill to disk: its decode's disk reads go into the bench's row and table;
+    a run without a disk tier has none."""
+    from edgetok.bench import report
+    from edgetok.runtimes.kv import KVConfig
+
+    kv = KVConfig(budget="100%", device_mb=0.002, host_mb=0.004, disk_dir=tmp_path / "kv", chunk_sizes=(8, 16))
+    m = edgetok.load(str(tiny_folder), backend="torch", kv=kv)
+    r = m.generate("The quick brown fox jumps over the lazy dog. " * 16, max_new_tokens=16, ignore_eos=True)
+    disk = harness.disk_reads(r.stats.kv)
+    assert disk is not None and disk["bytes_read_per_token"]["disk"] > 0
+    assert disk["sync_disk_reads"] + disk["prefetch_chunks"] > 0
+    assert harness.disk_reads({"kind": "contiguous", "resident_bytes": {"device": 10}}) is None
+    rows = [{"context": 256, "system": "tiers", "kv_disk": disk}, {"context": 256, "system": "ram", "kv_disk": None}]
+    table = report.disk_table({"results": rows}).splitlines()
+    assert len(table) == 3 and table[2].startswith("| 256 | tiers | ")
+    assert report.disk_table({"results": rows[1:]}) == ""

@@ -96,9 +96,18 @@ def test_torch_tiered_cache_keeps_sliding_layers_apart(tiny_gemma_folder):
     assert len(greedy(budgeted)) == 24
 
 
-def test_prune_prompt_is_refused_with_one_sentence(tiny_gemma_folder):
-    r = run_cli("run", tiny_gemma_folder, "-p", PROMPT, "--prune-prompt", "0.5", "--max-new-tokens", "4")
-    assert r.exit_code != 0 and "sliding-window" in r.output
+def test_prune_prompt_runs_and_the_onnx_graph_refuses_it(tiny_gemma_folder, tmp_path):
+    """Pruning runs on the torch backend (the sliding windows count positions:
+    tests/runtimes/test_prune_sliding.py); the ONNX graph's pruning point is not built for sliding
+    layers, and its export says so in one sentence."""
+    r = run_cli("run", tiny_gemma_folder, "-p", PROMPT * 2, "--no-chat", "--prune-prompt", "0.5", "--prune-after-layer", "1",
+                "--max-new-tokens", "4", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["stats"]["prune"]["kept_tokens"] < out["prompt_tokens"] and len(out["tokens"]) == 4
+    r = run_cli("export", tiny_gemma_folder, "--format", "onnx", "--prune-after-layer", "1", "-o", tmp_path / "g")
+    assert r.exit_code != 0 and "sliding window" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "g").exists()
 
 
 # -- the real Gemma 3 270M -------------------------------------------------------------------------
@@ -188,3 +197,20 @@ def test_llama_cpp_agrees(gemma):
     ours = edgetok_logits(got, ids, len(ids), chunk=256).numpy()
     theirs = np.asarray(llamacpp_logits(gemma.source.path, ids, 2))
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_pruned_prompt_keeps_a_planted_fact(gemma):
+    """4K tokens of the essays with a passphrase at 10 % depth and the question at the end (a base
+    model: plain text), half the prompt pruned after layer 2, a sliding layer: the later layers'
+    windows count the kept tokens' positions, and the answer survives.
+    (benchmarks/gemma_needle.py --prune measures 16K and 32K.)"""
+    tok = gemma.tokenizer
+    body = tok.encode(essay_text(30000), add_special_tokens=False)[:3900]
+    cut = len(body) // 10
+    text = (tok.decode(body[:cut]) + "\nThe secret passphrase for the vault is 'amber falcon 7319'.\n" + tok.decode(body[cut:])
+            + "\n\nQuestion: What is the secret passphrase for the vault?\nAnswer: The secret passphrase for the vault is '")
+    result = gemma.generate(text, chat=False, max_new_tokens=12, temperature=0.0, prune_prompt=0.5)
+    assert result.stats.prune["after_layer"] == 2
+    assert result.stats.prune["kept_tokens"] < 0.55 * result.prompt_tokens
+    assert "7319" in result.text

@@ -144,6 +144,8 @@ class OnnxBackend:
         ran = [n if self.prune is None or i <= self.prune.after_layer else n_kept for i in range(layers)]  # tokens per layer
         queries = self._queries(bound, out, ran, start, n, kept, cache.queries_read) if cache.queries_read else [None] * layers
         for i, ((k, v, length), m, q) in enumerate(zip(views, ran, queries)):
+            if m < n:  # before the kept tokens are stored (a cache places them at these positions)
+                cache.skip(i, n - m, torch.from_numpy(start + kept[0]))
             if shared[i]:  # the graph wrote the new K/V into the view's buffers, after its `length` slots
                 cache.advance(i, q, m)
             else:
@@ -151,8 +153,6 @@ class OnnxBackend:
                 if self.in_place:  # gqa's present: the past and the new tokens
                     k, v = k[:, :, length : length + m], v[:, :, length : length + m]
                 cache.append(i, q, k, v)
-            if m < n:
-                cache.skip(i, n - m)
         return logits[0].copy()  # a copy out: the bound array is the next run's too
 
     def forward_batch(self, tokens: list[int], caches: list[GraphCache]) -> np.ndarray:

@@ -31,13 +31,28 @@ if TYPE_CHECKING:
 class KVState:
     """A prompt's K/V as a cache saves and loads it, numpy arrays of the cache's kv_dtype.
 
-    layers: per layer (k, v), each (Hkv, N, D), the N prompt tokens in order;
+    layers: per layer (k, v), each (Hkv, M, D): the prompt's N tokens in order, or the last M of
+    them (a sliding-window layer keeps only what its window can still see);
     q_obs: per layer the last prompt queries (Hq, ≤W, D) a cache measures its attention with at
-    end_prefill, or None for a cache that needs none.
+    end_prefill, or None for a cache (or a layer) that needs none;
+    starts: per layer the position of its first token (N − M; None: 0 for every layer);
+    windows: per layer its sliding window, or None: a prefix of n tokens then needs its positions
+    from n − window + 1 on (None: every layer holds all N).
     """
 
     layers: list[tuple[np.ndarray, np.ndarray]]
-    q_obs: list[np.ndarray] | None = None
+    q_obs: list[np.ndarray | None] | None = None
+    starts: list[int] | None = None
+    windows: list[int | None] | None = None
+
+    def prefix(self, n: int) -> KVState | None:
+        """The state of the first n tokens, or None when a layer no longer holds what they need."""
+        starts = self.starts or [0] * len(self.layers)
+        windows = self.windows or [None] * len(self.layers)
+        if any(s > (0 if w is None else max(0, n - w + 1)) for s, w in zip(starts, windows)):
+            return None
+        layers = [(k[:, : n - s], v[:, : n - s]) for (k, v), s in zip(self.layers, starts)]
+        return KVState(layers, self.q_obs, self.starts, self.windows)
 
 
 
@@ -51,10 +66,12 @@ class KVCache(ABC):
         tokens that a pruned prefill stored only in the early layers (see `skip`)."""
 
     @abstractmethod
-    def skip(self, layer: int, n: int) -> None:
+    def skip(self, layer: int, n: int, kept: torch.Tensor) -> None:
         """`layer` will never store n of the sequence's positions (prompt tokens pruned after an
-        earlier layer): `length` counts them, the layer's stored tokens do not. Attention in that
-        layer runs over what it stores, in order."""
+        earlier layer): `length` counts them, the layer's stored tokens do not. kept (K,) int64:
+        the positions of the prompt tokens it does store, in order; called before it stores them.
+        Attention in that layer runs over what it stores, in order; a sliding-window layer's
+        window counts positions (kept), not stored tokens."""
 
     @abstractmethod
     def truncate(self, n: int) -> int:

@@ -47,15 +47,30 @@ class ContiguousCache(AttendingCache, GraphCache):
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         # per layer: attention sees the last `window` positions (sliding layers), or None: all of them
         self.windows = windows or [None] * num_layers
+        # per sliding layer of a pruned prompt: the kept positions, which its first stored slots hold
+        # (its window counts positions, not stored tokens); None: slot j holds position j + skipped
+        self.kept: list[torch.Tensor | None] = [None] * num_layers
         self.decode_start: float = math.inf  # the position from which every layer stores every token
 
     @property
     def length(self) -> int:
         return self.lengths[-1] + self.skipped[-1]
 
-    def skip(self, layer: int, n: int) -> None:
-        assert self.windows[layer] is None, "a sliding window counts positions, not stored tokens"
+    def skip(self, layer: int, n: int, kept: torch.Tensor) -> None:
         self.skipped[layer] += n
+        if self.windows[layer] is not None:
+            self.kept[layer] = kept
+
+    def positions(self, layer: int) -> torch.Tensor:
+        """The positions (N,) of the layer's N stored tokens: the kept ones of a pruned prompt, then
+        consecutive ones."""
+        import torch  # (only the torch model's attention asks)
+
+        pos = torch.arange(self.lengths[layer]) + self.skipped[layer]
+        kept = self.kept[layer]
+        if kept is not None:
+            pos[: len(kept)] = kept[: len(pos)]
+        return pos
 
     @property
     def capacity(self) -> int:
@@ -74,11 +89,15 @@ class ContiguousCache(AttendingCache, GraphCache):
             bufs[layer] = new
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from edgetok.kernels.attention import attend, causal_mask  # (torch: only a torch model calls this)
+        from edgetok.kernels.attention import attend, causal_mask, position_mask  # (torch: only a torch model calls this)
 
         self.append(layer, to_numpy(q), to_numpy(k), to_numpy(v))  # (append as the graph protocol has it)
         end = self.lengths[layer]
-        mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)
+        if self.kept[layer] is not None:  # a pruned prompt's sliding layer: its window counts positions
+            pos = self.positions(layer)
+            mask = position_mask(pos[end - k.shape[2] :], pos, self.windows[layer])
+        else:
+            mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)
         return attend(q, to_torch(self.k[layer][:, :, :end]), to_torch(self.v[layer][:, :, :end]), mask)
 
     # -- for a whole-model graph (the ONNX backend), which attends itself --------------------------
@@ -114,6 +133,7 @@ class ContiguousCache(AttendingCache, GraphCache):
             n = 0  # which pruned tokens lie before n differs per layer: start over
         if n == 0:
             self.lengths, self.skipped, self.decode_start = [0] * len(self.lengths), [0] * len(self.skipped), math.inf
+            self.kept = [None] * len(self.kept)
         elif n < self.length:  # every layer stores the dropped tokens, last (a pruned prompt's decode too)
             self.lengths = [m - (self.length - n) for m in self.lengths]
         return n

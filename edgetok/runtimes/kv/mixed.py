@@ -36,10 +36,11 @@ class MixedCache(AttendingCache, GraphCache):
     def length(self) -> int:
         return self.full.length
 
-    def skip(self, layer: int, n: int) -> None:
-        if layer in self.sliding:  # (PrunePlan.checked refuses sliding-window models)
-            raise AssertionError("a sliding window counts positions, not stored tokens")
-        self.full.skip(self.slot[layer], n)
+    def skip(self, layer: int, n: int, kept: torch.Tensor) -> None:
+        if layer in self.sliding:
+            self.sliding[layer].skip(n, kept)
+        else:
+            self.full.skip(self.slot[layer], n, kept)
 
     def truncate(self, n: int) -> int:
         kept = self.full.truncate(n)
@@ -73,12 +74,33 @@ class MixedCache(AttendingCache, GraphCache):
 
     @property
     def state(self) -> KVState:
-        raise EdgetokError("a model with sliding-window layers keeps only their window in a budgeted cache, so its "
-                           "prompt cannot be stored; run it without --kv-* options to store prompts")
+        """The full layers' prompt K/V and observation queries (the tiered cache's state), and each
+        sliding layer's window: the last tokens it holds and the position of the first."""
+        full = self.full.state
+        layers, q_obs, starts, windows = [], [], [], []
+        for i in range(len(self.slot) + len(self.sliding)):
+            if i in self.sliding:
+                layer = self.sliding[i]
+                k, v, start = layer.held()
+                layers.append((k, v))
+                q_obs.append(None)
+                starts.append(start)
+                windows.append(layer.window)
+            else:
+                layers.append(full.layers[self.slot[i]])
+                q_obs.append(full.q_obs[self.slot[i]] if full.q_obs else None)
+                starts.append(0)
+                windows.append(None)
+        return KVState(layers, q_obs, starts, windows)
 
     @state.setter
     def state(self, state: KVState) -> None:
-        raise EdgetokError("a stored prompt cannot be loaded into a budgeted cache with sliding-window layers")
+        starts = state.starts or [0] * len(state.layers)
+        full = sorted(self.slot, key=self.slot.get)
+        self.full.state = KVState([state.layers[i] for i in full],
+                                  [state.q_obs[i] for i in full] if state.q_obs else None)
+        for i, layer in self.sliding.items():
+            layer.load(*state.layers[i], starts[i])
 
     # -- AttendingCache --------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

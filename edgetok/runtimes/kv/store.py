@@ -109,7 +109,8 @@ class PromptStore:
 
     def load(self, entry: Entry, n: int) -> KVState | None:
         """The state of the entry's first n tokens (every layer's K/V, and the stored observation
-        queries); None when the entry was damaged and, with rebuild, removed."""
+        queries); None when the entry was damaged and, with rebuild, removed, or when a sliding
+        layer's stored window no longer reaches back to what the first n tokens need."""
         header = entry.header
         dtype = numpy_dtype(header["dtype"])
         size = dtype.itemsize
@@ -123,10 +124,10 @@ class PromptStore:
                     self._bad(entry.path, f"layer {i} is truncated or corrupt")
                     return None
                 kv = np.frombuffer(bytearray(data), dtype=dtype).reshape(2, *shape)
-                layers.append((kv[0, :, :n], kv[1, :, :n]))
+                layers.append((kv[0], kv[1]))
             q_obs = None
             if header.get("q_obs_shapes"):
-                sizes = [shape[0] * shape[1] * shape[2] * 4 for shape in header["q_obs_shapes"]]
+                sizes = [0 if shape is None else shape[0] * shape[1] * shape[2] * 4 for shape in header["q_obs_shapes"]]
                 data = f.read(sum(sizes))
                 crc = header.get("q_obs_crc32")  # (entries from before it have none: their length is checked)
                 if len(data) != sum(sizes) or (crc is not None and zlib.crc32(data) != crc):
@@ -134,16 +135,17 @@ class PromptStore:
                     return None
                 q_obs, pos = [], 0
                 for shape, size in zip(header["q_obs_shapes"], sizes):
-                    q_obs.append(np.frombuffer(bytearray(data[pos : pos + size]), dtype=np.float32).reshape(shape))
+                    q_obs.append(None if shape is None else
+                                 np.frombuffer(bytearray(data[pos : pos + size]), dtype=np.float32).reshape(shape))
                     pos += size
-        return KVState(layers, q_obs)
+        return KVState(layers, q_obs, header.get("starts"), header.get("windows")).prefix(n)
 
     def save(self, tokens: list[int], state: KVState) -> Path:
         """Keep a cache's state (cache.state) as the entry of its prompt `tokens`."""
         layers, q_obs = state.layers, state.q_obs
         name = f"{self.prefix}{token_hash(tokens)[:24]}{SUFFIX}"
         blobs = [np.stack([k, v]).astype(self.dtype).tobytes() for k, v in layers]  # (C order)
-        queries = b"".join(np.asarray(q, np.float32).tobytes() for q in q_obs or [])
+        queries = b"".join(np.asarray(q, np.float32).tobytes() for q in q_obs or [] if q is not None)
         header = {
             "magic": MAGIC,
             "version": FORMAT_VERSION,
@@ -153,8 +155,10 @@ class PromptStore:
             "token_hash": token_hash(tokens),
             "shapes": [list(k.shape) for k, _ in layers],
             "crc32": [zlib.crc32(b) for b in blobs],
-            "q_obs_shapes": [list(q.shape) for q in q_obs] if q_obs else None,
+            "q_obs_shapes": [None if q is None else list(q.shape) for q in q_obs] if q_obs else None,
             "q_obs_crc32": zlib.crc32(queries) if q_obs else None,
+            "starts": state.starts,  # (sliding layers keep only their window: where each layer's tokens start)
+            "windows": state.windows,
         }
         target = self.folder / name
         with self._lock(exclusive=True):

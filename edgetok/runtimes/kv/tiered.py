@@ -79,7 +79,7 @@ class TieredCache(AttendingCache, GraphCache):
     def length(self) -> int:
         return self.lengths[-1] + self.skipped[-1]
 
-    def skip(self, layer: int, n: int) -> None:
+    def skip(self, layer: int, n: int, kept: torch.Tensor) -> None:  # (no windows: kept's gaps do not matter)
         self.skipped[layer] += n
 
     def truncate(self, n: int) -> int:

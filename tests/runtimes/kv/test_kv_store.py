@@ -116,3 +116,61 @@ def gguf_of_tiny(tiny_folder, tmp_path_factory):
     from edgetok.models.sources import load_source
 
     return export_gguf(load_source(str(tiny_folder)), tmp_path_factory.mktemp("g") / "tiny.gguf", "f16")
+
+
+# -- a budgeted cache with sliding-window layers (Gemma 3): the windows are stored as they are ------
+def test_budgeted_gemma_cache_round_trips_through_the_store(tiny_gemma_folder, tmp_path):
+    """A prompt long enough that the sliding layers (window 8) dropped tokens: stored, then loaded
+    into a fresh cache (all but its last token, as a rerun does), the next logits and the greedy
+    decode after them are identical to the cache that prefilled it."""
+    import torch
+
+    import edgetok
+    from edgetok.runtimes.kv import KVConfig, MixedCache
+    from edgetok.runtimes.kv.store import PromptStore
+
+    model = edgetok.load(str(tiny_gemma_folder), backend="torch", kv=KVConfig(budget="25%", chunk_sizes=(8, 16)))
+    backend = model.engine.backend
+    ids = model.tokenizer.encode(PROMPT * 3)
+    n = len(ids) - 1
+    store = PromptStore(tmp_path, "tiny-gemma", backend.new_cache().kv_dtype)
+
+    def greedy(cache, logits, steps=8) -> tuple[list[int], list[torch.Tensor]]:
+        backend.end_prefill(cache)
+        tokens, rows = [], []
+        for _ in range(steps):
+            rows.append(torch.as_tensor(logits).clone())
+            tokens.append(int(logits.argmax()))
+            logits = backend.forward([tokens[-1]], cache)[-1]
+        return tokens, rows
+
+    first = backend.new_cache()
+    assert isinstance(first, MixedCache)
+    for i in range(0, n, 40):
+        backend.forward(ids[i : min(i + 40, n)], first)
+    state = backend.save_prefix(first)
+    assert max(state.starts) > 0 and min(state.starts) == 0  # windows that dropped tokens, full layers that did not
+    store.save(ids[:n], state)
+    want = greedy(first, backend.forward(ids[n:], first)[-1])
+
+    entry = store.lookup(ids)
+    loaded = store.load(entry, n)
+    second = backend.new_cache()
+    backend.load_prefix(second, loaded)
+    assert second.length == n
+    got = greedy(second, backend.forward(ids[n:], second)[-1])
+    assert got[0] == want[0]
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    assert store.load(entry, 20) is None  # a short prefix: the windows no longer reach back to it
+    first.close()
+    second.close()
+
+
+def test_gemma_budgeted_cache_reruns_from_the_store(tiny_gemma_folder, tmp_path):
+    """The command line's run, twice (the windows that dropped tokens: the test above)."""
+    args = [tiny_gemma_folder, "--backend", "torch", "-p", PROMPT, "--no-chat", "-n", "12", "--kv-store", tmp_path,
+            "--kv-budget", "25%"]
+    first = run_json(*args)
+    second = run_json(*args)
+    assert second["stats"]["store_tokens"] == second["prompt_tokens"] - 1
+    assert second["tokens"] == first["tokens"]

@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import kv_rows
 
-from edgetok.errors import EdgetokError
 from edgetok.runtimes.kv import KVConfig, MixedCache, TieredCache, budgeted_cache
 from edgetok.runtimes.kv.window import ROLLBACK_SLACK
 
@@ -122,10 +121,30 @@ def test_truncate_rolls_back_within_the_slack_else_starts_over(seq):
     assert cache.truncate(10) == 0 and cache.length == 0  # the windows no longer hold position 10's past
 
 
-def test_prompt_state_is_refused():
-    cache = new(budget="100%")
-    with pytest.raises(EdgetokError, match="sliding-window"):
-        _ = cache.state
+def test_prompt_state_holds_the_windows_and_loads_back(seq):
+    """A 200-token prompt (the sliding layers dropped tokens): its state, loaded into a fresh cache,
+    attends to the prompt's next token exactly as the cache that made it; a prefix the windows no
+    longer reach is refused."""
+    q, k, v = seq
+    n = 200
+    first = new(budget="25%")
+    for a in range(0, n, PIECE):
+        run(first, seq, a, min(a + PIECE, n))
+    state = first.state
+    assert state.starts[1] == 0 and state.starts[0] == state.starts[2] > 0  # the windows dropped their oldest
+    assert state.layers[1][0].shape[1] == n and state.layers[0][0].shape[1] == n - state.starts[0]
+    assert state.windows == WINDOWS and state.q_obs[0] is None and state.q_obs[1] is not None
+    assert state.prefix(20) is None
+    second = new(budget="25%")
+    second.state = state
+    assert second.length == n
+    want, got = run(first, seq, n, n + 1), run(second, seq, n, n + 1)
+    for i in range(L):
+        assert torch.equal(got[i], want[i]), i
+        ref = windowed_attention(q[i, None, :, n : n + 1], k[i, None, :, : n + 1], v[i, None, :, : n + 1], WINDOWS[i])
+        assert (got[i] - ref).abs().max() < 2e-2  # (bf16 K/V at a budget)
+    first.close()
+    second.close()
 
 
 def test_one_kind_of_layer_is_one_tiered_cache():
