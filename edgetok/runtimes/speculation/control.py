@@ -7,10 +7,14 @@ reproducible (how much is drafted decides how the seeded generator is drawn from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# Verifying a draft of k tokens costs a forward of k + 1 tokens: on a CPU a little more than one
-# decode step (every weight is read once either way), so a miss is cheap but not free.
+# Verifying a draft of k tokens costs a forward of k + 1 tokens. On the default engine (int4 weights,
+# float activations: ONNX Runtime dequantizes each weight once per forward of several tokens) that is
+# 1.73x a decode step for k = 1 and 1.86x for k = 3 (BENCHMARKS.md, benchmarks/speculative_costs.py):
+# once a step verifies at all, a few more drafted tokens are nearly free, so no draft is shorter
+# than MIN_DRAFT; a miss costs most of a step, so misses pause drafting.
+MIN_DRAFT = 3
 MISSES_BEFORE_PAUSE = 2  # consecutive rounds that accept nothing
 PAUSE_MIN, PAUSE_MAX = 4, 64  # decode steps without drafting; doubles while probes keep missing
 
@@ -18,10 +22,14 @@ PAUSE_MIN, PAUSE_MAX = 4, 64  # decode steps without drafting; doubles while pro
 @dataclass
 class DraftControl:
     draft_max: int
-    length: int = 1  # the next draft's length: it starts small and doubles while whole drafts pass
+    length: int = field(init=False)  # the next draft's length: doubles while whole drafts pass
+    shortest: int = field(init=False)  # MIN_DRAFT, or draft_max if that is less
     paused: int = 0  # decode steps left without drafting
     pause: int = PAUSE_MIN  # the next pause's length
     misses: int = 0  # consecutive rounds that accepted nothing
+
+    def __post_init__(self) -> None:
+        self.length = self.shortest = min(MIN_DRAFT, self.draft_max)
 
     def next_length(self) -> int:
         """Tokens to draft at this decode step (0: decode plainly)."""
@@ -31,8 +39,9 @@ class DraftControl:
         return self.length
 
     def update(self, drafted: int, accepted: int) -> None:
-        """A verified round: grow while whole drafts pass, shrink to just past what passed."""
-        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else accepted + 1
+        """A verified round: grow while whole drafts pass, shrink to just past what passed (never
+        below MIN_DRAFT)."""
+        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else max(self.shortest, accepted + 1)
         if accepted:
             self.misses, self.pause = 0, PAUSE_MIN
             return
