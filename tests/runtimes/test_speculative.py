@@ -441,3 +441,46 @@ def test_smollm2_lookup_is_greedy_exact_and_accepts_quotes(smollm2):
     if spec.tokens != plain.tokens:
         i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
         assert top2_margin(smollm2, smollm2.encode(messages, True) + plain.tokens[:i]) < EPSILON["torch"]
+
+
+@pytest.mark.slow
+def test_smollm2_default_engine_is_greedy_exact_on_three_prompt_sets(capsys):
+    """SmolLM2 on the default engine (int4 weights, float activations: a one-token step and a
+    verification of several tokens run different kernels, which round differently): speculative
+    greedy tokens are plain decoding's on input-grounded, code and chat prompts, or part from them
+    after a near-tie (top-2 margin < ε at the first difference), which is reported with its count."""
+    from pathlib import Path
+
+    from edgetok.texts import essays
+
+    m = edgetok.load("smollm2")
+    assert m.choice.weights.startswith("int4 weights, float activations"), m.choice
+    essay = essays(4000)
+    code = (Path(edgetok.__file__).parent / "runtimes" / "sampling.py").read_text()[:2000]
+    sets = {
+        "input-grounded": [f"Repeat the following text word for word.\n\n{essay[:1200]}",
+                           f"{essay[1200:3200]}\n\nSummarize the text above, quoting its key sentences."],
+        "code": [f"{code}\n\nRewrite the function `filter_logits` above with its argument `p` renamed to `params`.",
+                 "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test."],
+        "chat": ["Write a short story about a lighthouse keeper who finds a strange bottle on the beach.",
+                 "Explain to a ten-year-old how a rainbow forms."],
+    }
+    eps, runs, near_ties, accepted = 0.01, 0, [], 0
+    for set_name, prompts in sets.items():
+        for prompt in prompts:
+            messages = [{"role": "user", "content": prompt}]
+            plain = generate(m, messages, max_new_tokens=64)
+            for speculate in ("lookup", "recycle"):
+                spec = generate(m, messages, speculate=speculate, max_new_tokens=64)
+                runs, accepted = runs + 1, accepted + spec.stats.accepted
+                if spec.tokens == plain.tokens:
+                    continue
+                i = next((j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b), None)
+                assert i is not None, f"{set_name}: one output is a prefix of the other: an EOS moved"
+                margin = top2_margin(m, m.encode(messages, True) + plain.tokens[:i])
+                assert margin < eps, f"{set_name}, {speculate}: token {i} differs at a top-2 margin of {margin:.4f}"
+                near_ties.append((set_name, speculate, i, round(margin, 5)))
+    assert accepted > 0
+    with capsys.disabled():
+        print(f"\n[smollm2, default engine] greedy: {runs - len(near_ties)}/{runs} generations equal plain "
+              f"decoding's; {len(near_ties)} part after a near-tie (ε = {eps}): {near_ties}")
