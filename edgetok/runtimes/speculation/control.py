@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Verifying a draft of k tokens costs a forward of k + 1 tokens. On the default engine (int4 weights,
-# float activations: ONNX Runtime dequantizes each weight once per forward of several tokens) that is
-# 1.73x a decode step for k = 1 and 1.86x for k = 3 (BENCHMARKS.md, benchmarks/speculative_costs.py):
-# once a step verifies at all, a few more drafted tokens are nearly free, so no draft is shorter
-# than MIN_DRAFT; a miss costs most of a step, so misses pause drafting.
-MIN_DRAFT = 3
+# Verifying a draft of k tokens costs a forward of k + 1 tokens: on the default engine 1.64x a
+# decode step for k = 1 and 1.74x for k = 3 (BENCHMARKS.md), so once a step verifies at all a few
+# more drafted tokens are nearly free (no draft is shorter than the backend's min_draft), and a
+# miss costs most of a step (misses pause drafting).
 MISSES_BEFORE_PAUSE = 2  # consecutive rounds that accept nothing
 PAUSE_MIN, PAUSE_MAX = 4, 64  # decode steps without drafting; doubles while probes keep missing
 
@@ -22,14 +20,15 @@ PAUSE_MIN, PAUSE_MAX = 4, 64  # decode steps without drafting; doubles while pro
 @dataclass
 class DraftControl:
     draft_max: int
+    min_draft: int = 1  # the backend's: drafted tokens that cost about what one does
     length: int = field(init=False)  # the next draft's length: doubles while whole drafts pass
-    shortest: int = field(init=False)  # MIN_DRAFT, or draft_max if that is less
+    shortest: int = field(init=False)  # min_draft, or draft_max if that is less
     paused: int = 0  # decode steps left without drafting
     pause: int = PAUSE_MIN  # the next pause's length
     misses: int = 0  # consecutive rounds that accepted nothing
 
     def __post_init__(self) -> None:
-        self.length = self.shortest = min(MIN_DRAFT, self.draft_max)
+        self.length = self.shortest = min(self.min_draft, self.draft_max)
 
     def next_length(self) -> int:
         """Tokens to draft at this decode step (0: decode plainly)."""
@@ -40,7 +39,7 @@ class DraftControl:
 
     def update(self, drafted: int, accepted: int) -> None:
         """A verified round: grow while whole drafts pass, shrink to just past what passed (never
-        below MIN_DRAFT)."""
+        below min_draft)."""
         self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else max(self.shortest, accepted + 1)
         if accepted:
             self.misses, self.pause = 0, PAUSE_MIN
