@@ -401,16 +401,20 @@ def test_draft_length_adapts_and_pauses_after_misses():
     c.update(6, 0)
     assert c.next_length() == MIN_DRAFT  # never shorter: a few more drafted tokens cost little
     for _ in range(MISSES_BEFORE_PAUSE - 1):
-        c.update(c.next_length(), 0)
+        c.update(c.next_length(), 1)  # one accepted token does not pay for a forward that costs ~2 steps
     assert [c.next_length() for _ in range(PAUSE_MIN)] == [0] * PAUSE_MIN
     assert c.next_length() == MIN_DRAFT
+    c.update(MIN_DRAFT, 0)  # backing off: one more miss pauses again, twice as long
+    assert [c.next_length() for _ in range(2 * PAUSE_MIN)] == [0] * (2 * PAUSE_MIN)
+    c.update(c.next_length(), 2)
+    assert c.pause == PAUSE_MIN and not c.backing_off  # a round that pays resets the back-off
     assert DraftControl(2, MIN_DRAFT).next_length() == 2  # draft_max bounds it
-    assert DraftControl(8).next_length() == 1
-    for _ in range(MISSES_BEFORE_PAUSE):
-        c.update(1, 0)
-    assert [c.next_length() for _ in range(2 * PAUSE_MIN)] == [0] * (2 * PAUSE_MIN)  # longer while misses go on
-    c.update(c.next_length(), 1)
-    assert c.pause == PAUSE_MIN  # a hit resets the back-off
+
+    cheap = DraftControl(8)  # a backend whose verifying forward costs about a step: one token pays
+    assert cheap.next_length() == 1
+    cheap.update(1, 1)
+    cheap.update(2, 1)
+    assert cheap.misses == 0 and cheap.next_length() == 2
 
 
 # -- configuration and the command line ----------------------------------------------------------
