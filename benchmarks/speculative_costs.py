@@ -176,7 +176,7 @@ def main() -> None:
     seconds = forward_costs(model, args.context, args.repeat)
     cost = Cost(seconds)
     runs = plain_runs(model, args.new_tokens, args.context)
-    vocab = model.config.vocab_size
+    vocab, min_draft = model.config.vocab_size, model.engine.backend.min_draft
     drafters = {
         "lookup (n 2-4)": lambda: PromptLookup(2, 4),
         "lookup (n 3-4)": lambda: PromptLookup(3, 4),
@@ -184,7 +184,7 @@ def main() -> None:
     }
     report = {
         "model": args.model, "engine": model.choice.weights + " on " + model.choice.backend, "threads": args.threads,
-        "context": args.context,
+        "context": args.context, "min_draft": min_draft,
         "forward_ms": {k: round(s * 1e3, 2) for k, s in seconds.items()},
         "forward_vs_one": {k: round(s / seconds[1], 2) for k, s in seconds.items()},
         "sets": {},
@@ -195,7 +195,8 @@ def main() -> None:
         table: dict = {"generated_tokens": [len(r["tokens"]) for r in rs]}
         for name, make in drafters.items():
             for k in (8, 16, 32):
-                table[f"{name}, draft-max {k}"] = summarize([replay(r, make(), DraftControl(k), cost, vocab) for r in rs], plain_s)
+                table[f"{name}, draft-max {k}"] = summarize(
+                    [replay(r, make(), DraftControl(k, min_draft), cost, vocab) for r in rs], plain_s)
         for branches in (1, 2, 4, 8):
             for k in (8, 16):
                 table[f"lookup tree (n 2-4), {branches} branches, depth {k}, no control"] = summarize(
