@@ -69,6 +69,18 @@ def grounded_prompts(tok, context: int) -> list[str]:
     ]
 
 
+def verbatim_prompts() -> list[str]:
+    """Two tasks whose answer copies its input: the case prompt lookup is for (kept apart from the
+    input-grounded set, whose answers paraphrase)."""
+    essay = essays(6000)
+    code = (REPO / "edgetok" / "runtimes" / "sampling.py").read_text()
+    function = code[code.index("def filter_logits") : code.index("def sample")]
+    return [
+        f"Repeat the following text word for word.\n\n{essay[:1500]}",
+        f"{function}\nRewrite the function above with its argument `p` renamed to `params`. Output the code only.",
+    ]
+
+
 @dataclass
 class Run:
     tokens: list[int]
@@ -199,6 +211,7 @@ def main() -> None:
     ap.add_argument("--draft-max", type=int, default=8, help="drafted tokens per step, every system")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sets", default="input-grounded,open", help="prompt sets: input-grounded, open, verbatim")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
     ap.add_argument("--smoke", action="store_true", help="a quick check: one prompt per set, 24 tokens, edgetok default and llama.cpp")
     ap.add_argument("--out", type=Path, default=None)
@@ -208,7 +221,8 @@ def main() -> None:
 
     runners = systems(args)
     tok = edgetok.load(args.model).tokenizer
-    sets = {"input-grounded": grounded_prompts(tok, args.context), "open": OPEN}
+    sets = {"input-grounded": grounded_prompts(tok, args.context), "open": OPEN, "verbatim": verbatim_prompts()}
+    sets = {name: prompts for name, prompts in sets.items() if name in args.sets.split(",")}
     if args.smoke:
         sets = {name: prompts[:1] for name, prompts in sets.items()}
     ids = {(s, i): tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
