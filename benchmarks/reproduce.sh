@@ -23,8 +23,11 @@ if want onnx; then  # ONNX export: size and parity; decode vs onnxruntime-genai
     --system 'int8 KV 25%=--weights int8 --kv-budget 25%' --onnx int4 --onnx 'int4 --zero-points integer --head-bits 4' \
     --onnx 'int4 --attention standard' --threads 2 --repeat 2 --out benchmarks/results/bench-2t
 fi
-if want spec; then  # speculative decoding: edgetok (ONNX int4, torch) vs transformers' and llama.cpp's lookup decoding
-  $LOCK $PY benchmarks/speculative.py --repeat 3 --threads 2 --out benchmarks/results/speculative.json
+if want spec; then  # speculative decoding: edgetok (the default engine, torch) vs transformers' and llama.cpp's lookup decoding
+  $LOCK $PY benchmarks/speculative_costs.py --out benchmarks/results/speculative_costs.json
+  $LOCK $PY benchmarks/speculative_costs.py --engine torch --out benchmarks/results/speculative_costs_torch.json
+  $LOCK $PY benchmarks/speculative.py --repeat 2 --threads 2 --only default,llama.cpp --out benchmarks/results/speculative.json
+  $LOCK $PY benchmarks/speculative.py --repeat 1 --threads 2 --only torch,transformers --out benchmarks/results/speculative_torch.json
 fi
 if want default; then  # the default engine's activations: agreement with fp32 on four kinds of text, 1K decode vs llama.cpp
   $LOCK $PY benchmarks/default_engine.py --out benchmarks/results/default_engine.json

@@ -7,6 +7,7 @@ lookup decoding (llama-cpp-python's `LlamaPromptLookupDecoding` as the draft mod
     flock /tmp/edgetok-bench.lock .venv/bin/python benchmarks/speculative.py --repeat 3 \\
         --out benchmarks/results/speculative.json
     .venv/bin/python benchmarks/speculative.py --smoke      # ~20 s: does every part run?
+    ... --only default,llama.cpp   (a cell of the run: the systems whose name has one of these)
 
 Every system runs in this process, greedy, on the same chat-templated token ids, with the same
 thread count, and stops at EOS (or --new-tokens). Runs interleave: each round runs every prompt on
@@ -14,7 +15,9 @@ every system in turn, so drift hits all alike; a warm-up run per system comes fi
 tokens/s counts the tokens after the first (EOS included) over the time from the first to the
 last, as each system yields them. Speculative runs also report whether their tokens equal the same
 engine's plain tokens (greedy exactness; quantized kernels may round several positions differently
-from one, so a near-tie can flip).
+from one, so a near-tie can flip). Each speculative generation starts with a cold drafter: the
+rounds repeat the same prompts, which Token Recycling's table (kept between generations) would
+otherwise have memorized.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pathlib import Path
 import torch
 
 import edgetok
-from edgetok.bench.artifacts import gguf_file, hf_folder, onnx_folder
+from edgetok.bench.artifacts import gguf_file, hf_folder
+from edgetok.models.sources import load_source
+from edgetok.runtimes.speculation import new_drafter
 from edgetok.texts import essays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +69,18 @@ def grounded_prompts(tok, context: int) -> list[str]:
     ]
 
 
+def verbatim_prompts() -> list[str]:
+    """Two tasks whose answer copies its input: the case prompt lookup is for (kept apart from the
+    input-grounded set, whose answers paraphrase)."""
+    essay = essays(6000)
+    code = (REPO / "edgetok" / "runtimes" / "sampling.py").read_text()
+    function = code[code.index("def filter_logits") : code.index("def sample")]
+    return [
+        f"Repeat the following text word for word.\n\n{essay[:1500]}",
+        f"{function}\nRewrite the function above with its argument `p` renamed to `params`. Output the code only.",
+    ]
+
+
 @dataclass
 class Run:
     tokens: list[int]
@@ -81,7 +98,8 @@ def edgetok_runner(model: edgetok.Model, speculate: str, draft_max: int, threads
         torch.set_num_threads(threads if torch_threads else 1)  # (edgetok.load sets 1 for the other runtimes)
         model.engine.reset()
         cfg = GenerationConfig(max_new_tokens=n, speculate=speculate, draft_max=draft_max)
-        *_, result = model.engine.generate_ids(ids, cfg)  # text pieces, then the Result
+        drafter = new_drafter(cfg, model.config.vocab_size) if speculate != "none" else None  # cold
+        *_, result = model.engine.generate_ids(ids, cfg, drafter=drafter)  # text pieces, then the Result
         s = result.stats
         extra = {"drafted": s.drafted, "accepted": s.accepted, "mean_accepted_length": round(s.mean_accepted_length, 2)}
         return Run(result.tokens, s.decode_tokens_per_s, extra if speculate != "none" else {})
@@ -149,26 +167,34 @@ def llamacpp_runner(path: Path, lookup: int, threads: int, n_ctx: int) -> Runner
 
 
 def systems(args) -> dict[str, Runner]:
-    """name → runner; a speculative system's plain twin is its name with 'plain' for the method."""
+    """name → runner; a speculative system's plain twin is its name with 'none' for the method.
+    Only the systems --only names are loaded."""
     k, t = args.draft_max, args.threads
-    source = edgetok.load(args.model).source
-    onnx = args.onnx or str(onnx_folder(args.model, source, "int4"))
+    source = load_source(args.model)
+    families = {  # name prefix → the methods and how to make each runner (the model loaded once)
+        "edgetok default": (("none", "lookup", "recycle"), lambda: edgetok.load(args.model, threads=t)),
+        "edgetok torch fp32": (("none", "lookup", "recycle"), lambda: edgetok.load(args.model, backend="torch", threads=t)),
+        "transformers fp32": (("none", "lookup"), lambda: hf_folder(args.model, source)),
+        "llama.cpp": (("none", "lookup"), lambda: gguf_file(args.model, source)),
+    }
+    if args.smoke:
+        families = {name: f for name, f in families.items() if name in ("edgetok default", "llama.cpp")}
+    n_ctx = args.context + args.new_tokens + 64
     out: dict[str, Runner] = {}
-    m = edgetok.load(onnx, threads=t)
-    for method in ("none", "lookup", "recycle"):
-        out[f"edgetok onnx int4 / {method}"] = edgetok_runner(m, method, k, t, torch_threads=False)
-    if not args.smoke:
-        m = edgetok.load(args.model, threads=t)
-        for method in ("none", "lookup", "recycle"):
-            out[f"edgetok torch fp32 / {method}"] = edgetok_runner(m, method, k, t, torch_threads=True)
-        hf = hf_folder(args.model, source)
-        out["transformers fp32 / none"] = transformers_runner(hf, 0, t)
-        out["transformers fp32 / lookup"] = transformers_runner(hf, k, t)
-    gguf = gguf_file(args.model, source)
-    out["llama.cpp / none"] = llamacpp_runner(gguf, 0, t, args.context + args.new_tokens + 64)
-    out["llama.cpp / lookup"] = llamacpp_runner(gguf, k, t, args.context + args.new_tokens + 64)
-    if args.only:
-        out = {name: r for name, r in out.items() if any(o in name for o in args.only.split(","))}
+    for family, (methods, load) in families.items():
+        names = [f"{family} / {method}" for method in methods]
+        names = [n for n in names if not args.only or any(o in n for o in args.only.split(","))]
+        if not names:
+            continue
+        loaded = load()
+        for name in names:
+            method = name.rsplit(" / ", 1)[1]
+            if family.startswith("edgetok"):
+                out[name] = edgetok_runner(loaded, method, k, t, torch_threads="torch" in family)
+            elif family.startswith("transformers"):
+                out[name] = transformers_runner(loaded, k if method == "lookup" else 0, t)
+            else:
+                out[name] = llamacpp_runner(loaded, k if method == "lookup" else 0, t, n_ctx)
     return out
 
 
@@ -180,14 +206,14 @@ def geomean(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--onnx", default=None, metavar="DIR", help="an int4 ONNX export (default: exported once and cached)")
     ap.add_argument("--context", type=int, default=1024, help="tokens of an input-grounded prompt")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--draft-max", type=int, default=8, help="drafted tokens per step, every system")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sets", default="input-grounded,open", help="prompt sets: input-grounded, open, verbatim")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the systems whose name has one")
-    ap.add_argument("--smoke", action="store_true", help="a quick check: one prompt per set, 24 tokens, edgetok onnx and llama.cpp")
+    ap.add_argument("--smoke", action="store_true", help="a quick check: one prompt per set, 24 tokens, edgetok default and llama.cpp")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.smoke:
@@ -195,13 +221,14 @@ def main() -> None:
 
     runners = systems(args)
     tok = edgetok.load(args.model).tokenizer
-    sets = {"input-grounded": grounded_prompts(tok, args.context), "open": OPEN}
+    sets = {"input-grounded": grounded_prompts(tok, args.context), "open": OPEN, "verbatim": verbatim_prompts()}
+    sets = {name: prompts for name, prompts in sets.items() if name in args.sets.split(",")}
     if args.smoke:
         sets = {name: prompts[:1] for name, prompts in sets.items()}
     ids = {(s, i): tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
            for s, prompts in sets.items() for i, p in enumerate(prompts)}
     for run in runners.values():  # warm-up: first-call allocations, thread pools, lazy loading
-        run(ids["open", 0], 8)
+        run(next(iter(ids.values())), 8)
     runs: dict[tuple, list[Run]] = {}
     for round_ in range(args.repeat):
         for key, prompt in ids.items():

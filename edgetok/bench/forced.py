@@ -38,6 +38,7 @@ class TeacherForcing:
         self.capabilities = backend.capabilities - {BATCH}  # one sequence, its steps recorded one by one
         self.prune_after_layer = backend.prune_after_layer
         self.weights_fidelity = backend.weights_fidelity
+        self.min_draft = backend.min_draft
         self.follow = follow
         self.rows: list[np.ndarray] = []  # (V,) float32 each
         self._decoding = False

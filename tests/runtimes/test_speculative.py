@@ -24,7 +24,8 @@ from edgetok.runtimes.speculation.control import MISSES_BEFORE_PAUSE, PAUSE_MIN
 
 # Greedy speculative output may leave plain decoding's only where logits computed for several
 # positions at once round differently from one at a time: at a near-tie of the reference's top two.
-EPSILON = {"torch": 1e-3, "torch-tiered": 1e-3, "onnxruntime": 1e-3, "onnxruntime-tiered": 1e-3, "llamacpp": 0.05}
+EPSILON = {"torch": 1e-3, "torch-tiered": 1e-3, "onnxruntime": 1e-3, "onnxruntime-tiered": 1e-3, "default": 1e-3,
+           "default-tiered": 1e-3, "llamacpp": 0.05}
 
 PROMPT_SETS = {
     "input-grounded": [
@@ -46,8 +47,12 @@ PROMPT_SETS = {
 }
 
 
+EXACT_LOGITS = ("torch", "torch-tiered", "onnxruntime", "onnxruntime-tiered")  # float kernels throughout
+
+
 # -- real components: a tiny random model on every backend ---------------------------------------
-KINDS = ["torch", "torch-tiered", "onnxruntime", "onnxruntime-tiered", "llamacpp"]
+# default: the engine `edgetok run MODEL` picks (int4 weights, float activations, ONNX Runtime)
+KINDS = ["torch", "torch-tiered", "onnxruntime", "onnxruntime-tiered", "default", "default-tiered", "llamacpp"]
 EXACT_TIERED = edgetok.KVConfig(budget="100%", chunk_sizes=(8, 16))  # tiered, every chunk attended: seals often
 
 
@@ -69,6 +74,10 @@ def kind(request, tiny_folder, exported) -> tuple[str, edgetok.Model]:
         return name, edgetok.load(str(tiny_folder), backend="torch", kv=EXACT_TIERED if name.endswith("tiered") else None)
     if name.startswith("onnxruntime"):
         return name, edgetok.load(exported["onnx"], kv=EXACT_TIERED if name.endswith("tiered") else None)
+    if name.startswith("default"):
+        m = edgetok.load(str(tiny_folder), kv=EXACT_TIERED if name.endswith("tiered") else None)
+        assert m.choice.weights.startswith("int4 weights, float activations"), m.choice
+        return name, m
     return name, edgetok.load(exported["gguf"], backend="llamacpp")
 
 
@@ -91,23 +100,26 @@ def top2_margin(m: edgetok.Model, ids: list[int]) -> float:
 @pytest.mark.parametrize("speculate", ["lookup", "recycle"])
 def test_greedy_tokens_equal_plain_decoding(kind, speculate, capsys):
     """On every prompt set, speculative greedy tokens are plain greedy's, except after a near-tie
-    (the reference's top-2 margin below ε at the first difference), which is counted and reported."""
+    (the reference's top-2 margin below ε at the first difference), which is counted and reported.
+    Each prompt runs twice with speculation: Token Recycling's table, kept by the engine, then
+    knows the answer (a random model's drafts are otherwise seldom accepted: nothing is verified)."""
     name, m = kind
     runs = differ = accepted = 0
     for set_name, prompts in PROMPT_SETS.items():
         for prompt in prompts:
             options = dict(max_new_tokens=40, ignore_eos=True)
             plain = generate(m, prompt, **options)
-            spec = generate(m, prompt, speculate=speculate, draft_max=6, lookup_ngram_min=1, **options)
-            runs += 1
-            accepted += spec.stats.accepted
-            assert spec.stats.drafted >= spec.stats.accepted
-            if spec.tokens == plain.tokens:
-                continue
-            i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
-            margin = top2_margin(m, m.encode(prompt, not isinstance(prompt, str)) + plain.tokens[:i])
-            assert margin < EPSILON[name], f"{set_name}: token {i} differs, but the reference's top-2 margin is {margin}"
-            differ += 1
+            for _ in range(2):
+                spec = generate(m, prompt, speculate=speculate, draft_max=6, lookup_ngram_min=1, **options)
+                runs += 1
+                accepted += spec.stats.accepted
+                assert spec.stats.drafted >= spec.stats.accepted
+                if spec.tokens == plain.tokens:
+                    continue
+                i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
+                margin = top2_margin(m, m.encode(prompt, not isinstance(prompt, str)) + plain.tokens[:i])
+                assert margin < EPSILON[name], f"{set_name}: token {i} differs, but the reference's top-2 margin is {margin}"
+                differ += 1
     assert accepted > 0, "no draft was ever accepted: the test shows nothing"
     with capsys.disabled():
         print(f"\n[{name}, {speculate}] greedy: {runs - differ}/{runs} generations equal plain decoding's, "
@@ -153,7 +165,12 @@ def test_an_oracle_draft_is_accepted_whole(kind):
     spec = generate(m, prompt, Scripted(plain.tokens), max_new_tokens=30, ignore_eos=True, draft_max=8)
     assert spec.tokens == plain.tokens
     assert spec.stats.accepted == spec.stats.drafted > 0
-    assert spec.stats.decode_steps == 6  # drafts of 1, 2, 4, 8, 8 accepted (2 + 3 + 5 + 9 + 9 tokens), 1 plain step
+    # whole drafts pass: their length doubles from the backend's min_draft up to 8 (with min_draft
+    # 1: drafts of 1, 2, 4, 8, 8 and a plain step; 3: drafts of 3, 6, 8, 8), bounded by what is left
+    steps, made, length = 0, 1, min(m.engine.backend.min_draft, 8)
+    while made < 30:
+        made, steps, length = made + min(length, 30 - made - 1) + 1, steps + 1, min(8, 2 * length)
+    assert spec.stats.decode_steps == steps
 
 
 def test_random_drafts_are_rejected_and_change_nothing(kind):
@@ -170,7 +187,12 @@ def test_random_drafts_are_rejected_and_change_nothing(kind):
     assert spec.stats.drafted > 0 and spec.stats.accepted == 0
     assert spec.tokens == plain.tokens
     assert m.engine._cached_ids == ids
-    np.testing.assert_allclose(probe(m, more), want, atol=1e-4 if name != "llamacpp" else 0.05)
+    # (llama.cpp quantizes its K/V; the default engine's head takes int8 activations outside its
+    # exact top-16, whose rounding steps turn the ~1e-6 differences of K/V computed several tokens
+    # at a time into ~1e-2: its next tokens, the rescored top, agree)
+    got = probe(m, more)
+    np.testing.assert_allclose(got, want, atol=1e-4 if name in EXACT_LOGITS else 0.05)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 # -- rollback in every cache (random tensors, no model) -------------------------------------------
@@ -366,23 +388,32 @@ def test_token_recycling_follows_the_models_first_candidates():
 
 
 def test_draft_length_adapts_and_pauses_after_misses():
-    c = DraftControl(6)
+    MIN_DRAFT = 3  # a backend whose forwards of 2-4 tokens cost about the same
+    c = DraftControl(13, MIN_DRAFT)
     lengths = []
     for _ in range(4):
         lengths.append(c.next_length())
         c.update(lengths[-1], lengths[-1])
-    assert lengths == [1, 2, 4, 6]  # doubled while whole drafts pass, up to draft_max
-    c.update(6, 2)
-    assert c.next_length() == 3  # just past what passed
-    for _ in range(MISSES_BEFORE_PAUSE):
-        c.update(c.next_length(), 0)
+    assert lengths == [MIN_DRAFT, 2 * MIN_DRAFT, 4 * MIN_DRAFT, 13]  # doubled while whole drafts pass, up to draft_max
+    c.update(13, 5)
+    assert c.next_length() == 6  # just past what passed
+    c.update(6, 0)
+    assert c.next_length() == MIN_DRAFT  # never shorter: a few more drafted tokens cost little
+    for _ in range(MISSES_BEFORE_PAUSE - 1):
+        c.update(c.next_length(), 1)  # one accepted token does not pay for a forward that costs ~2 steps
     assert [c.next_length() for _ in range(PAUSE_MIN)] == [0] * PAUSE_MIN
-    assert c.next_length() == 1
-    for _ in range(MISSES_BEFORE_PAUSE):
-        c.update(1, 0)
-    assert [c.next_length() for _ in range(2 * PAUSE_MIN)] == [0] * (2 * PAUSE_MIN)  # longer while misses go on
-    c.update(c.next_length(), 1)
-    assert c.pause == PAUSE_MIN  # a hit resets the back-off
+    assert c.next_length() == MIN_DRAFT
+    c.update(MIN_DRAFT, 0)  # backing off: one more miss pauses again, twice as long
+    assert [c.next_length() for _ in range(2 * PAUSE_MIN)] == [0] * (2 * PAUSE_MIN)
+    c.update(c.next_length(), 2)
+    assert c.pause == PAUSE_MIN and not c.backing_off  # a round that pays resets the back-off
+    assert DraftControl(2, MIN_DRAFT).next_length() == 2  # draft_max bounds it
+
+    cheap = DraftControl(8)  # a backend whose verifying forward costs about a step: one token pays
+    assert cheap.next_length() == 1
+    cheap.update(1, 1)
+    cheap.update(2, 1)
+    assert cheap.misses == 0 and cheap.next_length() == 2
 
 
 # -- configuration and the command line ----------------------------------------------------------
@@ -420,3 +451,46 @@ def test_smollm2_lookup_is_greedy_exact_and_accepts_quotes(smollm2):
     if spec.tokens != plain.tokens:
         i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
         assert top2_margin(smollm2, smollm2.encode(messages, True) + plain.tokens[:i]) < EPSILON["torch"]
+
+
+@pytest.mark.slow
+def test_smollm2_default_engine_is_greedy_exact_on_three_prompt_sets(capsys):
+    """SmolLM2 on the default engine (int4 weights, float activations: a one-token step and a
+    verification of several tokens run different kernels, which round differently): speculative
+    greedy tokens are plain decoding's on input-grounded, code and chat prompts, or part from them
+    after a near-tie (top-2 margin < ε at the first difference), which is reported with its count."""
+    from pathlib import Path
+
+    from edgetok.texts import essays
+
+    m = edgetok.load("smollm2")
+    assert m.choice.weights.startswith("int4 weights, float activations"), m.choice
+    essay = essays(4000)
+    code = (Path(edgetok.__file__).parent / "runtimes" / "sampling.py").read_text()[:2000]
+    sets = {
+        "input-grounded": [f"Repeat the following text word for word.\n\n{essay[:1200]}",
+                           f"{essay[1200:3200]}\n\nSummarize the text above, quoting its key sentences."],
+        "code": [f"{code}\n\nRewrite the function `filter_logits` above with its argument `p` renamed to `params`.",
+                 "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test."],
+        "chat": ["Write a short story about a lighthouse keeper who finds a strange bottle on the beach.",
+                 "Explain to a ten-year-old how a rainbow forms."],
+    }
+    eps, runs, near_ties, accepted = 0.01, 0, [], 0
+    for set_name, prompts in sets.items():
+        for prompt in prompts:
+            messages = [{"role": "user", "content": prompt}]
+            plain = generate(m, messages, max_new_tokens=64)
+            for speculate in ("lookup", "recycle"):
+                spec = generate(m, messages, speculate=speculate, max_new_tokens=64)
+                runs, accepted = runs + 1, accepted + spec.stats.accepted
+                if spec.tokens == plain.tokens:
+                    continue
+                i = next((j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b), None)
+                assert i is not None, f"{set_name}: one output is a prefix of the other: an EOS moved"
+                margin = top2_margin(m, m.encode(messages, True) + plain.tokens[:i])
+                assert margin < eps, f"{set_name}, {speculate}: token {i} differs at a top-2 margin of {margin:.4f}"
+                near_ties.append((set_name, speculate, i, round(margin, 5)))
+    assert accepted > 0
+    with capsys.disabled():
+        print(f"\n[smollm2, default engine] greedy: {runs - len(near_ties)}/{runs} generations equal plain "
+              f"decoding's; {len(near_ties)} part after a near-tie (ε = {eps}): {near_ties}")

@@ -46,6 +46,9 @@ class Backend(Protocol):
     prune_after_layer: int | None
     # What the weights it runs cost against the fp32 model (edgetok/fidelity.py:weights_effect)
     weights_fidelity: dict
+    # Drafted tokens a verifying forward runs for about the cost of one (--speculate never drafts
+    # fewer once it verifies at all); benchmarks/speculative_costs.py measures the cost curve
+    min_draft: int
 
     def new_cache(self, kv: KVConfig | None = None) -> Any:
         """An empty KV cache for one sequence, in whatever form forward() takes; kv: a tiered

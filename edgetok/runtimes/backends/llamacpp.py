@@ -51,6 +51,7 @@ class LlamaCppBackend:
     name = "llamacpp"
     # llama.cpp's cache is its own: no pruning, no prefix export; it drops any tokens past n_tokens
     capabilities = frozenset({ROLLBACK})
+    min_draft = 1  # (its cost curve is not measured)
     prune_after_layer = None
 
     def __init__(self, source: Source, threads: int | None = None, kv_type: str = "f16", n_ctx: int | None = None) -> None:

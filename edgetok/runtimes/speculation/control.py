@@ -7,21 +7,34 @@ reproducible (how much is drafted decides how the seeded generator is drawn from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# Verifying a draft of k tokens costs a forward of k + 1 tokens: on a CPU a little more than one
-# decode step (every weight is read once either way), so a miss is cheap but not free.
-MISSES_BEFORE_PAUSE = 2  # consecutive rounds that accept nothing
-PAUSE_MIN, PAUSE_MAX = 4, 64  # decode steps without drafting; doubles while probes keep missing
+# Verifying a draft of k tokens costs a forward of k + 1 tokens. On the default engine that is 1.64x
+# a decode step for k = 1 and 1.74x for k = 3 after a 1K-token prompt, 2.4x for k = 3 after a short
+# one (BENCHMARKS.md): once a step verifies at all a few more drafted tokens are nearly free (no
+# draft is shorter than the backend's min_draft), a round pays for itself only when it accepts 2
+# tokens, and a miss costs one to one and a half steps (misses pause drafting, longer each time).
+MISSES_BEFORE_PAUSE = 2  # consecutive rounds that do not pay, before the first pause
+PAUSE_MIN, PAUSE_MAX = 8, 64  # decode steps without drafting; doubles while probes keep missing
 
 
 @dataclass
 class DraftControl:
     draft_max: int
-    length: int = 1  # the next draft's length: it starts small and doubles while whole drafts pass
+    min_draft: int = 1  # the backend's: drafted tokens that cost about what one does
+    length: int = field(init=False)  # the next draft's length: doubles while whole drafts pass
+    shortest: int = field(init=False)  # min_draft, or draft_max if that is less
+    pays: int = field(init=False)  # accepted tokens a round needs to pay for its forward
     paused: int = 0  # decode steps left without drafting
     pause: int = PAUSE_MIN  # the next pause's length
-    misses: int = 0  # consecutive rounds that accepted nothing
+    misses: int = 0  # consecutive rounds that did not pay
+    backing_off: bool = False  # paused since the last round that paid: one more miss pauses again
+
+    def __post_init__(self) -> None:
+        self.length = self.shortest = min(self.min_draft, self.draft_max)
+        # a backend whose verifying forward costs about one step (min_draft 1) is paid by one
+        # accepted token; one whose cheap drafts cost about two steps' forward, by two
+        self.pays = 1 if self.min_draft == 1 else 2
 
     def next_length(self) -> int:
         """Tokens to draft at this decode step (0: decode plainly)."""
@@ -31,11 +44,13 @@ class DraftControl:
         return self.length
 
     def update(self, drafted: int, accepted: int) -> None:
-        """A verified round: grow while whole drafts pass, shrink to just past what passed."""
-        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else accepted + 1
-        if accepted:
-            self.misses, self.pause = 0, PAUSE_MIN
+        """A verified round: grow while whole drafts pass, shrink to just past what passed (never
+        below min_draft); pause after rounds that do not pay."""
+        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else max(self.shortest, accepted + 1)
+        if accepted >= min(self.pays, drafted):
+            self.misses, self.pause, self.backing_off = 0, PAUSE_MIN, False
             return
         self.misses += 1
-        if self.misses >= MISSES_BEFORE_PAUSE:
+        if self.misses >= MISSES_BEFORE_PAUSE or self.backing_off:
             self.paused, self.pause, self.misses = self.pause, min(PAUSE_MAX, 2 * self.pause), 0
+            self.backing_off = True

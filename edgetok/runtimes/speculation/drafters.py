@@ -8,8 +8,10 @@ accept rule treats it as a one-hot proposal):
   or edits its input: summaries, document QA, code);
 - TokenRecycling: a table of the candidate tokens the model itself ranked first after each token
   (Token Recycling, Luo et al.), followed as a chain from the last token. The paper drafts a
-  static tree and verifies it with tree attention; edgetok verifies linear drafts everywhere (the
-  ONNX graph's attention is causal only), so the chain of first candidates is the draft.
+  static tree and verifies it with tree attention; edgetok verifies linear drafts: on the default
+  engine a tree's extra nodes cost more than the tokens they add earn (benchmarks/
+  speculative_costs.py replays lookup trees of 2-8 branches: 0.84-0.96x where the chain gets
+  1.07x; BENCHMARKS.md), so the chain of first candidates is the draft.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ class SpeculativeSteps:
         """cached_ids: the engine's record of the tokens the cache holds, kept up to date here;
         stats: the generation's Stats, whose decode and draft counters this fills."""
         self.backend, self.cache, self.cached_ids = backend, cache, cached_ids
-        self.drafter, self.control = drafter, DraftControl(draft_max)
+        self.drafter, self.control = drafter, DraftControl(draft_max, backend.min_draft)
         self.params, self.seen, self.generator, self.stats = params, seen, generator, stats
         self.known = 0  # generated tokens the drafter has been given
 
