@@ -108,11 +108,12 @@ def load_profile(ref: str, kv_dir: Path | None = None) -> DeviceProfile:
     raise EdgetokError(f"unknown device '{ref}' (choose from local, {names}, or give a profile .json file)")
 
 
-def local_profile(kv_dir: Path | None = None) -> DeviceProfile:
-    """This machine as a profile: the CPU is the device; memory and disk measured (local.detect)."""
+def local_profile(kv_dir: Path | None = None, probe_mb: int = 64) -> DeviceProfile:
+    """This machine as a profile: the CPU is the device; memory and disk measured (local.detect,
+    on a disk probe of probe_mb and memory copies of 4 × that)."""
     from edgetok.devices.local import detect
 
-    d = detect(kv_dir)
+    d = detect(kv_dir, max(probe_mb, 1))
     gb = 1e9
     measured = "measured on this machine by edgetok.devices.local.detect"
     bandwidth = (d.memory_bandwidth_bytes_per_s or 0) / gb

@@ -8,11 +8,16 @@ engine: an int4 ONNX export on ONNX Runtime, with the device profile's execution
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from edgetok.devices.catalog import DeviceProfile
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
+from edgetok.runtimes.backends.providers import PROVIDERS
+from edgetok.runtimes.kv.config import MAX_MB, KVConfig
 
 MB, GB = 1 << 20, 1e9
 # int4 MatMulNBits: 4-bit codes + an fp16 scale and an fp16 zero point per block of 32 weights;
@@ -40,6 +45,9 @@ EXACT_UP_TO = 4096  # longer contexts get the tiered cache: at 8K its 25 % budge
 TIERED_BUDGET = 0.25
 AUTO_BITS_RATIO = 9 / 32  # --kv-bits auto: a quarter of chunks at 16 bits, half at 8, a quarter at 4
 MARGIN = 0.85  # of a memory the plan may fill: the rest is for the OS and other programs
+MAX_THREADS = 4096
+# what `edgetok plan --json` writes beside a plan's fields (a saved plan carries them; reading ignores them)
+PLAN_FILE_EXTRAS = ("model", "run_options")
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,67 @@ class Plan:
     predicted_decode_tokens_per_s: float
     arithmetic: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """A plan read from a file is checked like one the planner made: one sentence per fault."""
+        where = f"the plan for '{self.device}'"
+        if self.engine != "onnxruntime" or self.weights != "int4":
+            raise EdgetokError(f"{where} runs {self.engine} with {self.weights} weights; edgetok plans for "
+                               f"onnxruntime with int4 weights (make the plan again with `edgetok plan`)")
+        if self.execution_provider not in PROVIDERS:
+            raise EdgetokError(f"{where}: execution_provider must be one of {', '.join(PROVIDERS)}, "
+                               f"not {self.execution_provider!r}")
+        for name, low, high in (("context", 1, 1 << 40), ("threads", 1, MAX_THREADS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise EdgetokError(f"{where}: {name} must be a whole number from {low} to {high}, not {value!r}")
+        for name in ("shared_memory", "kv_disk"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgetokError(f"{where}: {name} must be true or false, not {getattr(self, name)!r}")
+        tiers = [self.kv_device_mb, self.kv_host_mb]
+        if tiers.count(None) == 1:
+            raise EdgetokError(f"{where}: kv_device_mb and kv_host_mb are both numbers (tiers) or both null (no tiers)")
+        for name in ("kv_device_mb", "kv_host_mb", "predicted_peak_device_bytes", "predicted_peak_host_bytes",
+                     "predicted_decode_tokens_per_s"):
+            value = getattr(self, name)
+            if value is None and name.startswith("kv_"):
+                continue
+            high = MAX_MB if name.startswith("kv_") else MAX_MB * MB
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and 0 <= value <= high):
+                raise EdgetokError(f"{where}: {name} = {value!r} is absurd: give a number from 0 to {high:g}")
+        if self.kv_disk and self.kv_device_mb is None:
+            raise EdgetokError(f"{where}: kv_disk needs tiers (kv_device_mb and kv_host_mb)")
+        if not isinstance(self.arithmetic, list) or not all(isinstance(line, str) for line in self.arithmetic):
+            raise EdgetokError(f"{where}: arithmetic must be a list of lines of text")
+        try:
+            self.kv_config(Path("."))  # (checks budget and bits; makes nothing)
+        except EdgetokError as e:
+            raise EdgetokError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: object, origin: str) -> Plan:
+        """A plan from JSON (`edgetok plan --json`'s output), or one sentence about what is wrong."""
+        if not isinstance(data, dict):
+            raise EdgetokError(f"{origin} is not a plan: expected the JSON object `edgetok plan --json` prints")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data and n != "arithmetic"]
+        if missing:
+            raise EdgetokError(f"{origin} is missing {', '.join(missing)} (save a plan with `edgetok plan MODEL --json`)")
+        unknown = sorted(set(data) - set(names) - set(PLAN_FILE_EXTRAS))
+        if unknown:
+            raise EdgetokError(f"{origin} has unknown fields {', '.join(map(str, unknown))} (a plan has {', '.join(names)})")
+        return cls(**{n: data[n] for n in names if n in data})
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def kv_config(self, disk_dir: Path) -> KVConfig | None:
+        """The tiered cache this plan sets, or None (exact). disk_dir: where chunks past the host
+        tier go (a tiered plan names one even when it expects none to get there)."""
+        if self.kv_budget == "100%" and self.kv_device_mb is None:
+            return None
+        tiers = {} if self.kv_device_mb is None else {"device_mb": self.kv_device_mb, "host_mb": self.kv_host_mb,
+                                                      "disk_dir": disk_dir}
+        return KVConfig(budget=self.kv_budget, bits=self.kv_bits, **tiers)
 
     def run_options(self) -> list[str]:
         """The `edgetok run` options that apply this plan."""
@@ -73,6 +140,17 @@ class Plan:
             options += ["--kv-bits", self.kv_bits, "--kv-device-mb", f"{self.kv_device_mb:g}",
                         "--kv-host-mb", f"{self.kv_host_mb:g}", "--kv-disk", "DIR"]
         return options
+
+
+def load_plan(path: Path) -> Plan:
+    """A plan saved by `edgetok plan --json` (or --out), or one sentence about what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgetokError(f"{path} does not exist (save a plan with `edgetok plan MODEL --out {path}`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgetokError(f"{path} is not a readable JSON plan ({e})") from None
+    return Plan.from_dict(data, str(path))
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
