@@ -176,7 +176,10 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
                  f"prefill workspace: {workspace / MB:.1f} MB; runtime: {RUNTIME_BASE_BYTES / MB:.0f} MB (host)")
     lines.append(f"usable ({MARGIN:.0%}): device {device_budget / MB:.0f} MB, host {host_budget / MB:.0f} MB after the runtime"
                  + (" (the same memory)" if shared else ""))
-    if host_budget <= 0 or weights + workspace > device_budget:
+    if host_budget <= 0:
+        raise EdgetokError(f"nothing fits on {profile.name}: {MARGIN:.0%} of its {profile.host_memory_gb:g} GB of host memory "
+                           f"does not hold the runtime itself ({RUNTIME_BASE_BYTES / MB:.0f} MB)")
+    if weights + workspace > device_budget:
         raise EdgetokError(f"nothing fits on {profile.name}: the weights ({weights / MB:.0f} MB) and the prefill workspace "
                            f"({workspace / MB:.0f} MB) need more than {device_budget / MB:.0f} MB of device memory, "
                            f"with {RUNTIME_BASE_BYTES / MB:.0f} MB for the runtime on the host")
