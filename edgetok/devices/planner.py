@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgetok.devices.catalog import DeviceProfile
@@ -67,6 +67,8 @@ class Plan:
     predicted_peak_device_bytes: int
     predicted_peak_host_bytes: int
     predicted_decode_tokens_per_s: float
+    # per decode step, the KV bytes read from each tier (device, host, disk): tier_reads()
+    predicted_kv_read_bytes: dict[str, float] = field(default_factory=dict)
     arithmetic: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -98,6 +100,10 @@ class Plan:
                 raise EdgetokError(f"{where}: {name} = {value!r} is absurd: give a number from 0 to {high:g}")
         if self.kv_disk and self.kv_device_mb is None:
             raise EdgetokError(f"{where}: kv_disk needs tiers (kv_device_mb and kv_host_mb)")
+        reads = self.predicted_kv_read_bytes
+        if not isinstance(reads, dict) or not set(reads) <= {"device", "host", "disk"} or not all(
+                isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) and b >= 0 for b in reads.values()):
+            raise EdgetokError(f"{where}: predicted_kv_read_bytes must map device, host and disk to byte counts ≥ 0")
         if not isinstance(self.arithmetic, list) or not all(isinstance(line, str) for line in self.arithmetic):
             raise EdgetokError(f"{where}: arithmetic must be a list of lines of text")
         try:
@@ -111,7 +117,8 @@ class Plan:
         if not isinstance(data, dict):
             raise EdgetokError(f"{origin} is not a plan: expected the JSON object `edgetok plan --json` prints")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n != "arithmetic"]
+        optional = {f.name for f in fields(cls) if f.default_factory is not MISSING}
+        missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise EdgetokError(f"{origin} is missing {', '.join(missing)} (save a plan with `edgetok plan MODEL --json`)")
         unknown = sorted(set(data) - set(names) - set(PLAN_FILE_EXTRAS))
@@ -153,6 +160,27 @@ def load_plan(path: Path) -> Plan:
     return Plan.from_dict(data, str(path))
 
 
+def prefill_workspace(cfg: ModelConfig, context: int, provider: str = "cpu") -> int:
+    """The memory a prefill piece needs beyond weights and KV. The CPU's GroupQueryAttention
+    materializes the piece's attention scores (piece × context × heads, twice: scores and softmax);
+    CUDA's runs flash / memory-efficient attention, so there only the piece's activations count."""
+    piece = min(PREFILL_PIECE, context)
+    if provider == "cuda":
+        return 4 * piece * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    return 2 * piece * context * cfg.num_heads * 4
+
+
+def tier_reads(kv_read: float, kv_full: float, device_kv: float, host_kv: float, disk_kv: float) -> dict[str, float]:
+    """Bytes a decode step reads from each tier. Of the float bytes attended (kv_read), the share
+    the device tier holds (device_kv of kv_full) is read there as floats; the rest is read in its
+    stored form (~AUTO_BITS_RATIO of the floats) from host and disk, in proportion to what each holds."""
+    on_device = kv_read * min(device_kv / kv_full, 1.0) if kv_full else 0.0
+    homes = host_kv + disk_kv
+    stored = (kv_read - on_device) * (AUTO_BITS_RATIO if homes else 1.0)
+    host = stored * host_kv / homes if homes else 0.0
+    return {"device": on_device, "host": host, "disk": stored - host}
+
+
 def weight_bytes(cfg: ModelConfig) -> int:
     """The int4 export's weights: the linears at 4 bits, the embedding (and an untied head) at 8."""
     head = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
@@ -168,7 +196,7 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     lines: list[str] = []
     weights = weight_bytes(cfg)
     kv_full = cfg.kv_bytes_per_token(KV_BYTES_PER_VALUE) * context
-    workspace = 2 * min(PREFILL_PIECE, context) * context * cfg.num_heads * 4  # a prefill piece's attention scores
+    workspace = prefill_workspace(cfg, context, profile.execution_provider)
     shared = profile.kind != "gpu"  # the device's memory is the host's
     device_budget = MARGIN * profile.device_memory_gb * GB
     host_budget = MARGIN * profile.host_memory_gb * GB - RUNTIME_BASE_BYTES
@@ -202,9 +230,8 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     # reads each KV head once per query head of its group.
     reread = cfg.num_heads // cfg.num_kv_heads if profile.kind == "cpu" else 1
     kv_read = budget * kv_full * reread
-    from_device = kv_read * min(device_kv / kv_full, 1.0)
-    from_host = (kv_read - from_device) * (host_kv / (host_kv + disk_kv) if host_kv + disk_kv else 0)
-    from_disk = kv_read - from_device - from_host
+    reads = tier_reads(kv_read, kv_full, device_kv, host_kv, disk_kv)
+    from_device, from_host, from_disk = reads["device"], reads["host"], reads["disk"]
     t_weights = weights / (profile.device_bandwidth_gb_s * GB)
     t_kv = (from_device / (profile.device_bandwidth_gb_s * GB) + from_host / (profile.host_to_device_gb_s * GB)
             + from_disk / (profile.disk_read_gb_s * GB))
@@ -221,7 +248,8 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         t_fixed += t_select
     step = t_weights + t_kv + t_fixed
     lines.append(f"per token: weights {weights / MB:.0f} MB ÷ {profile.device_bandwidth_gb_s:g} GB/s = {1e3 * t_weights:.2f} ms; "
-                 f"KV {kv_read / MB:.0f} MB read ({budget:.0%} × {reread}× per query group) = {1e3 * t_kv:.2f} ms; "
+                 f"KV {kv_read / MB:.0f} MB attended ({budget:.0%} × {reread}× per query group), read as "
+                 f"device {from_device / MB:.0f} + host {from_host / MB:.0f} + disk {from_disk / MB:.0f} MB = {1e3 * t_kv:.2f} ms; "
                  f"{fixed} = {1e3 * t_fixed:.2f} ms → {1e3 * step:.2f} ms")
     peak_device = round(weights + workspace + device_kv)
     peak_host = round(RUNTIME_BASE_BYTES + host_kv + (peak_device if shared else 0))
@@ -231,7 +259,8 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         kv_device_mb=None if host_kv + disk_kv == 0 else round(device_kv / MB, 1),
         kv_host_mb=None if host_kv + disk_kv == 0 else round(host_kv / MB, 1), kv_disk=disk_kv > 0,
         predicted_peak_device_bytes=peak_device, predicted_peak_host_bytes=peak_host,
-        predicted_decode_tokens_per_s=round(1 / step, 2), arithmetic=lines,
+        predicted_decode_tokens_per_s=round(1 / step, 2), predicted_kv_read_bytes={t: round(b) for t, b in reads.items()},
+        arithmetic=lines,
     )
 
 
@@ -260,5 +289,5 @@ def load_estimate(cfg: ModelConfig, weights: int, kv_bytes_per_value: float, con
     kv_bytes_per_value — or kv_bytes when a tiered cache bounds it — and plan()'s workspace."""
     context = cfg.max_context if context is None else context
     kv = round(cfg.kv_bytes_per_token(1) * kv_bytes_per_value * context) if kv_bytes is None else kv_bytes
-    workspace = 2 * min(PREFILL_PIECE, context) * context * cfg.num_heads * 4
+    workspace = prefill_workspace(cfg, context)
     return LoadEstimate(weights, kv, workspace, context=context)
