@@ -30,10 +30,20 @@ KV_BYTES_PER_VALUE = 4  # the graph reads float32 K/V
 # number", edgetok onnx int4): peak RSS at 1K minus weights, KV and prefill workspace ≈ 500 MB (the
 # Python process with ONNX Runtime, torch and the tokenizer loaded).
 RUNTIME_BASE_BYTES = 500 * MB
-# ... and decode at 1K: 17 ms per token, of which the bytes read explain 6; the rest, ~11 ms for
-# 135 M parameters at 2 threads, is compute (int4 dequantization, norms, the head): 81 ps per
-# parameter-thread. Devices other than a CPU are assumed to need 30 µs per layer (kernel launches).
-CPU_COMPUTE_S_PER_PARAM_THREAD = 81e-12 * 2
+# ... and decode, refitted on benchmarks/planner.py's runs of the plans themselves (BENCHMARKS.md,
+# "The planner applied"): at 1K 14.3 ms and at 4K 37.7 ms per token, with the weights' 92 MB at the
+# measured 25.9 GB/s copy bandwidth. The 3K tokens between them cost 23.4 ms: attention reads its K/V
+# at 70 % of the copy bandwidth (CPU_KV_BANDWIDTH_SHARE); what remains at 1K, 2.8 ms for 135 M
+# parameters at 2 threads, is compute (int4 dequantization, norms, the head): 21 ps per
+# parameter-thread. (The first cut's 81 ps, from one 1K row, predicted 1K decode 29 % slow.)
+# Devices other than a CPU are assumed to need 30 µs per layer (kernel launches).
+CPU_COMPUTE_S_PER_PARAM_THREAD = 21e-12 * 2
+CPU_KV_BANDWIDTH_SHARE = 0.70
+# A graph attends to float views of the selected chunks, kept staged between steps (kv/staging.py):
+# a step fetches from the tiers only the chunks entering the selection. Measured at 8K (SmolLM2, 25 %,
+# a 133 MB device tier, the rest on disk): 11.5 MB fetched per step, 13 % of the 90 MB the budget
+# attends — the rest was staged already.
+STAGE_CHURN = 0.13
 ACCELERATOR_S_PER_LAYER = 30e-6
 # ... and decode at 8K with the 25 % budget: 39.7 ms per token, ~14 ms more than bytes and compute
 # explain: selecting and staging chunks (bounds of every chunk, top-k, the slot table) — 1.8 µs per
@@ -230,10 +240,15 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     # reads each KV head once per query head of its group.
     reread = cfg.num_heads // cfg.num_kv_heads if profile.kind == "cpu" else 1
     kv_read = budget * kv_full * reread
-    reads = tier_reads(kv_read, kv_full, device_kv, host_kv, disk_kv)
+    # attention reads the staged views (device memory); with tiers, the chunks entering the selection
+    # are fetched from where they live
+    fetched = STAGE_CHURN * budget * kv_full if host_kv + disk_kv else 0.0
+    reads = tier_reads(fetched, kv_full, device_kv, host_kv, disk_kv)
+    reads["device"] += kv_read
     from_device, from_host, from_disk = reads["device"], reads["host"], reads["disk"]
     t_weights = weights / (profile.device_bandwidth_gb_s * GB)
-    t_kv = (from_device / (profile.device_bandwidth_gb_s * GB) + from_host / (profile.host_to_device_gb_s * GB)
+    kv_bandwidth = profile.device_bandwidth_gb_s * (CPU_KV_BANDWIDTH_SHARE if profile.kind == "cpu" else 1.0)
+    t_kv = (from_device / (kv_bandwidth * GB) + from_host / (profile.host_to_device_gb_s * GB)
             + from_disk / (profile.disk_read_gb_s * GB))
     if profile.kind == "cpu":
         t_fixed = cfg.n_params * CPU_COMPUTE_S_PER_PARAM_THREAD / threads
@@ -248,8 +263,10 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         t_fixed += t_select
     step = t_weights + t_kv + t_fixed
     lines.append(f"per token: weights {weights / MB:.0f} MB ÷ {profile.device_bandwidth_gb_s:g} GB/s = {1e3 * t_weights:.2f} ms; "
-                 f"KV {kv_read / MB:.0f} MB attended ({budget:.0%} × {reread}× per query group), read as "
-                 f"device {from_device / MB:.0f} + host {from_host / MB:.0f} + disk {from_disk / MB:.0f} MB = {1e3 * t_kv:.2f} ms; "
+                 f"KV {kv_read / MB:.0f} MB attended ({budget:.0%} × {reread}× per query group"
+                 + (f", {STAGE_CHURN:.0%} of it fetched into the stage" if fetched else "") + "), read as "
+                 f"device {from_device / MB:.0f} MB at {kv_bandwidth:.3g} GB/s + host {from_host / MB:.0f} + disk "
+                 f"{from_disk / MB:.0f} MB = {1e3 * t_kv:.2f} ms; "
                  f"{fixed} = {1e3 * t_fixed:.2f} ms → {1e3 * step:.2f} ms")
     peak_device = round(weights + workspace + device_kv)
     peak_host = round(RUNTIME_BASE_BYTES + host_kv + (peak_device if shared else 0))
