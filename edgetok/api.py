@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source, load_source
-from edgetok.runtimes.choice import TORCH_WEIGHTS, EngineChoice, LongPrompts, auto_backend
+from edgetok.runtimes.choice import TORCH_WEIGHTS, EngineChoice, LongPrompts, auto_backend, follow_plan
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
 from edgetok.runtimes.kv import KVConfig
 
@@ -148,7 +148,7 @@ def load(
     ref: str | os.PathLike,
     *,
     backend: str | None = None,
-    provider: str = "cpu",
+    provider: str | None = None,
     weights: str = "fp32",
     threads: int | None = None,
     kv_type: str | None = None,
@@ -158,6 +158,7 @@ def load(
     progress: bool = False,
     needs: frozenset[str] = frozenset(),
     max_memory_bytes: int | None = None,
+    plan=None,
 ) -> Model:
     """Load "smollm2", a Hugging Face folder, a .gguf file or an ONNX export folder.
 
@@ -176,6 +177,11 @@ def load(
     max_memory_bytes: refuse (before loading the weights) when the predicted peak memory at the
     model's whole context — weights, KV cache, prefill workspace, runtime (devices/planner.py) —
     exceeds it.
+    plan: "auto" (plan for this machine: `edgetok run`'s default), a plan saved by `edgetok plan
+    --json`, or a devices.planner.Plan — when edgetok chooses the engine, the plan sets its
+    execution provider, threads and the long prompts' KV cache, except what provider, threads and
+    kv set (None: no plan; the default export, exact up to the planner's EXACT_UP_TO tokens).
+    provider: ONNX Runtime's execution provider (default: the plan's, else cpu).
     """
     if not isinstance(ref, (str, os.PathLike)):
         raise EdgetokError(f"a model is named by a string or a path, not {type(ref).__name__}")
@@ -187,11 +193,19 @@ def load(
     if kv is not None and not isinstance(kv, KVConfig):
         raise EdgetokError(f"kv must be an edgetok.KVConfig, not {type(kv).__name__}")
     source = load_source(os.fspath(ref), progress=progress)
-    reasons, artifact, long_prompts = [], None, None
+    reasons, artifact, long_prompts, planned = [], None, None, None
     chosen = backend is None
     if chosen:
         backend, why = auto_backend(source.format, weights, kv_type, frozenset(needs))
         reasons.append(why)
+    if plan is not None and backend == "onnxruntime" and chosen:
+        planned = follow_plan(plan, source.config, provider, threads, kv is not None)
+        provider, threads = planned.provider, planned.threads
+        reasons.append(planned.reason)
+    elif plan is not None:
+        reasons.append(f"the plan is not applied: the options chose the {backend} engine, so the options alone set it")
+    provider = provider or "cpu"
+    if chosen:
         if backend == "onnxruntime" and source.format != "onnx":
             from edgetok.exporters.default import default_export
 
@@ -228,7 +242,9 @@ def load(
         if weights not in TORCH_WEIGHTS:
             raise EdgetokError(f"unknown weights '{weights}' (choose from {', '.join(TORCH_WEIGHTS)})")
         engine_backend = _torch_backend(source, weights, kv, threads)
-    if chosen and kv is None and backend != "llamacpp":
+    if planned is not None:
+        long_prompts = planned.long_prompts
+    elif chosen and kv is None and backend != "llamacpp":
         from edgetok.devices.planner import EXACT_UP_TO, TIERED_BUDGET
 
         if source.config.max_context > EXACT_UP_TO and not _torch_installed():
@@ -241,7 +257,8 @@ def load(
     choice = EngineChoice(
         backend=backend, weights=_weights_words(source, backend, weights),
         kv=long_prompts.describe() if long_prompts else ("tiered at a " + kv.budget + " budget" if kv else "exact"),
-        threads=threads or os.cpu_count() or 1, reasons=reasons, artifact=artifact)
+        threads=threads or os.cpu_count() or 1, reasons=reasons, artifact=artifact,
+        plan=planned.plan.to_dict() if planned is not None else None)
     store_factory = None
     if kv_store is not None:
         from edgetok.runtimes.kv.store import PromptStore

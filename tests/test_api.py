@@ -191,12 +191,13 @@ def test_any_generation_argument_gets_a_result_or_one_sentence(model, prompt, op
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kv=KV, threads=mostly(st.none() | st.integers(1, 2), BAD_INTS), weights=mostly(st.sampled_from(["fp32", "int8", "bf16"]),
        st.sampled_from(["fp64", 8])), backend=mostly(st.sampled_from([None, "torch"]), st.sampled_from(["onnxruntime", "tensorflow"])),
-       memory=mostly(st.none() | st.integers(1, 1 << 36), BAD_INTS))
-def test_any_load_argument_gets_a_model_or_one_sentence(tiny_folder, tmp_path, kv, threads, weights, backend, memory):
+       memory=mostly(st.none() | st.integers(1, 1 << 36), BAD_INTS),
+       plan=mostly(st.sampled_from([None, "auto"]), st.sampled_from(["missing.json", "", 3, ["auto"]])))
+def test_any_load_argument_gets_a_model_or_one_sentence(tiny_folder, tmp_path, kv, threads, weights, backend, memory, plan):
     try:
         config = edgetok.KVConfig(**kv, disk_dir=tmp_path) if kv else None
         model = edgetok.load(str(tiny_folder), kv=config, threads=threads, weights=weights, backend=backend,
-                             max_memory_bytes=memory)
+                             max_memory_bytes=memory, plan=plan)
         result = model.generate(PROMPTS[0] * 4, max_new_tokens=3)
     except EdgetokError as e:
         _one_sentence(e)

@@ -17,10 +17,14 @@ import click
 def command(kv_dir, probe_mb, as_json):
     """This machine (cores, ISA, memory, disk, runtimes' accelerators) and the device profile catalog."""
     from edgetok.devices import catalog, detect
+    from edgetok.devices.catalog import profile_of
 
     local = detect(kv_dir, probe_mb)
+    # this machine as the profile `edgetok plan --device local` plans for (its speeds need the probes)
+    mine = [profile_of(local)] if probe_mb else []
     if as_json:
-        click.echo(json.dumps({"local": local.to_dict(), "catalog": [p.to_dict() for p in catalog()]}, indent=2))
+        click.echo(json.dumps({"local": local.to_dict(), "catalog": [p.to_dict() for p in mine + list(catalog())]},
+                              indent=2))
         return
     gb = 1e9
     speed = local.disk_read_bytes_per_s
@@ -40,6 +44,7 @@ def command(kv_dir, probe_mb, as_json):
     for note in local.notes:
         click.echo(f"note: {note}", err=True)
     click.echo("\ndevice profiles (the catalog plans are made for; `local` is this machine, measured):")
-    for p in catalog():
-        click.echo(f"  {p.name:<22}{p.device_memory_gb:g} GB at {p.device_bandwidth_gb_s:g} GB/s, {p.execution_provider}; "
+    for p in mine + list(catalog()):
+        click.echo(f"  {p.name:<22}{p.device_memory_gb:g} GB at {p.device_bandwidth_gb_s:g} GB/s, disk {p.disk_read_gb_s:g} GB/s, "
+                   f"{p.execution_provider}; "
                    f"{p.description}")

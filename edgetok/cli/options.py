@@ -18,6 +18,7 @@ import click
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.base import PRUNE
 from edgetok.runtimes.backends.providers import PROVIDERS
+from edgetok.runtimes.choice import AUTO_PLAN
 from edgetok.runtimes.engine import GenerationConfig
 from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.speculation import SPECULATE_CHOICES, SpeculationParams
@@ -25,7 +26,7 @@ from edgetok.runtimes.speculation import SPECULATE_CHOICES, SpeculationParams
 GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
                      "stop", "prune_prompt", "prune_after_layer", "speculate", "draft_max", "lookup_ngram_min",
                      "lookup_ngram_max")
-LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild")
+LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild", "plan")
 # KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
 KV_FIELDS = ("budget", "coverage", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached")
 
@@ -46,8 +47,12 @@ def run_options(f):
                      help="default: onnxruntime, on an ONNX export or the model's default export (int4, float "
                           "activations; built once); torch is the exact fp32 reference; llamacpp runs a GGUF through "
                           "llama-cpp-python"),
-        click.option("--provider", type=click.Choice(["auto", *PROVIDERS]),
-                     default="cpu", show_default=True, help="ONNX Runtime execution provider (--backend onnxruntime)"),
+        click.option("--provider", type=click.Choice(["auto", *PROVIDERS]), default=None,
+                     help="ONNX Runtime execution provider (--backend onnxruntime; default: the plan's, else cpu)"),
+        click.option("--plan", default=AUTO_PLAN, show_default=True, metavar="auto|FILE|none",
+                     help="when edgetok chooses the engine: auto plans for this machine (`edgetok plan MODEL`), FILE "
+                          "applies a plan saved by `edgetok plan --json`, none applies no plan; it sets the provider, "
+                          "threads and the long prompts' KV cache (budget, bits, tiers) the options here leave unset"),
         click.option("--weights", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
                      help="torch backend weights: fp32 is the exact reference; int8 is weight-only, bf16 activations"),
         click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
@@ -103,6 +108,8 @@ def run_configs(options: dict[str, Any]) -> RunConfigs:
     """Parsed `run_options` (by field name) → the configs they stand for, checked."""
     generation = GenerationConfig(**{name: options[name] for name in GENERATION_FIELDS})
     load = {name: options[name] for name in LOAD_FIELDS}
+    if load["plan"] == "none":
+        load["plan"] = None
     if generation.prune_prompt is not None:
         load["needs"] = frozenset({PRUNE})  # an engine chosen for this run must be able to prune
     return RunConfigs(generation, load | {"kv": kv_config(options)})

@@ -18,19 +18,25 @@ import click
 @click.option("--kv-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="local: the folder whose disk speed is measured (where --kv-disk will point)")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object")
-def command(model, device, context, threads, kv_dir, as_json):
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also save the plan (its JSON) to this file, whole or not at all: `edgetok run --plan FILE` applies it")
+def command(model, device, context, threads, kv_dir, as_json, out):
     """Choose the engine, weights, KV budget, tiers and KV bits that fit DEVICE, and predict peak memory
     and decode speed; refuse in one sentence when nothing fits."""
     from edgetok.devices import load_profile
     from edgetok.devices.planner import plan
+    from edgetok.files import write_json_atomic
     from edgetok.models.sources import load_source
 
     profile = load_profile(device, kv_dir)
     threads = threads or (os.cpu_count() if device == "local" else 1)
     source = load_source(model, progress=True)
     p = plan(source.config, profile, context, threads)
+    saved = p.to_dict() | {"model": model, "run_options": p.run_options()}
+    if out is not None:
+        write_json_atomic(out, saved)
     if as_json:
-        click.echo(json.dumps(p.to_dict() | {"run_options": p.run_options()}, indent=2))
+        click.echo(json.dumps(saved, indent=2))
         return
     click.echo(f"{model} on {p.device}, {p.context} tokens of context:")
     click.echo(f"  engine {p.engine} ({p.execution_provider}), {p.weights} weights, {p.threads} threads, "
@@ -45,4 +51,4 @@ def command(model, device, context, threads, kv_dir, as_json):
     # The plan runs an int4 ONNX export: `edgetok run` builds a model's default export by itself
     if source.format != "onnx":
         click.echo(f"  (edgetok run builds {model}'s int4 export with float activations on first use, once)")
-    click.echo(f"  run with: edgetok run {model} " + " ".join(p.run_options()))
+    click.echo(f"  run with: edgetok run {model} " + (f"--plan {out}" if out is not None else " ".join(p.run_options())))

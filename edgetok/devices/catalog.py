@@ -12,9 +12,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.providers import PROVIDERS
+
+if TYPE_CHECKING:
+    from edgetok.devices.local import LocalDevice
 
 CATALOG = Path(__file__).with_name("profiles.json")
 KINDS = ("cpu", "gpu", "npu")
@@ -108,11 +112,16 @@ def load_profile(ref: str, kv_dir: Path | None = None) -> DeviceProfile:
     raise EdgetokError(f"unknown device '{ref}' (choose from local, {names}, or give a profile .json file)")
 
 
-def local_profile(kv_dir: Path | None = None) -> DeviceProfile:
-    """This machine as a profile: the CPU is the device; memory and disk measured (local.detect)."""
+def local_profile(kv_dir: Path | None = None, probe_mb: int = 64) -> DeviceProfile:
+    """This machine as a profile: the CPU is the device; memory and disk measured (local.detect,
+    on a disk probe of probe_mb and memory copies of 4 × that)."""
     from edgetok.devices.local import detect
 
-    d = detect(kv_dir)
+    return profile_of(detect(kv_dir, max(probe_mb, 1)))
+
+
+def profile_of(d: LocalDevice) -> DeviceProfile:
+    """A detected machine (its speeds measured) as the profile `local`."""
     gb = 1e9
     measured = "measured on this machine by edgetok.devices.local.detect"
     bandwidth = (d.memory_bandwidth_bytes_per_s or 0) / gb

@@ -8,11 +8,16 @@ engine: an int4 ONNX export on ONNX Runtime, with the device profile's execution
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
 from edgetok.devices.catalog import DeviceProfile
 from edgetok.errors import EdgetokError
 from edgetok.models.config import ModelConfig
+from edgetok.runtimes.backends.providers import PROVIDERS
+from edgetok.runtimes.kv.config import MAX_MB, KVConfig
 
 MB, GB = 1 << 20, 1e9
 # int4 MatMulNBits: 4-bit codes + an fp16 scale and an fp16 zero point per block of 32 weights;
@@ -25,10 +30,20 @@ KV_BYTES_PER_VALUE = 4  # the graph reads float32 K/V
 # number", edgetok onnx int4): peak RSS at 1K minus weights, KV and prefill workspace ≈ 500 MB (the
 # Python process with ONNX Runtime, torch and the tokenizer loaded).
 RUNTIME_BASE_BYTES = 500 * MB
-# ... and decode at 1K: 17 ms per token, of which the bytes read explain 6; the rest, ~11 ms for
-# 135 M parameters at 2 threads, is compute (int4 dequantization, norms, the head): 81 ps per
-# parameter-thread. Devices other than a CPU are assumed to need 30 µs per layer (kernel launches).
-CPU_COMPUTE_S_PER_PARAM_THREAD = 81e-12 * 2
+# ... and decode, refitted on benchmarks/planner.py's runs of the plans themselves (BENCHMARKS.md,
+# "The planner applied"): at 1K 14.3 ms and at 4K 37.7 ms per token, with the weights' 92 MB at the
+# measured 25.9 GB/s copy bandwidth. The 3K tokens between them cost 23.4 ms: attention reads its K/V
+# at 70 % of the copy bandwidth (CPU_KV_BANDWIDTH_SHARE); what remains at 1K, 2.8 ms for 135 M
+# parameters at 2 threads, is compute (int4 dequantization, norms, the head): 21 ps per
+# parameter-thread. (The first cut's 81 ps, from one 1K row, predicted 1K decode 29 % slow.)
+# Devices other than a CPU are assumed to need 30 µs per layer (kernel launches).
+CPU_COMPUTE_S_PER_PARAM_THREAD = 21e-12 * 2
+CPU_KV_BANDWIDTH_SHARE = 0.70
+# A graph attends to float views of the selected chunks, kept staged between steps (kv/staging.py):
+# a step fetches from the tiers only the chunks entering the selection. Measured at 8K (SmolLM2, 25 %,
+# a 133 MB device tier, the rest on disk): 11.5 MB fetched per step, 13 % of the 90 MB the budget
+# attends — the rest was staged already.
+STAGE_CHURN = 0.13
 ACCELERATOR_S_PER_LAYER = 30e-6
 # ... and decode at 8K with the 25 % budget: 39.7 ms per token, ~14 ms more than bytes and compute
 # explain: selecting and staging chunks (bounds of every chunk, top-k, the slot table) — 1.8 µs per
@@ -40,6 +55,9 @@ EXACT_UP_TO = 4096  # longer contexts get the tiered cache: at 8K its 25 % budge
 TIERED_BUDGET = 0.25
 AUTO_BITS_RATIO = 9 / 32  # --kv-bits auto: a quarter of chunks at 16 bits, half at 8, a quarter at 4
 MARGIN = 0.85  # of a memory the plan may fill: the rest is for the OS and other programs
+MAX_THREADS = 4096
+# what `edgetok plan --json` writes beside a plan's fields (a saved plan carries them; reading ignores them)
+PLAN_FILE_EXTRAS = ("model", "run_options")
 
 
 @dataclass(frozen=True)
@@ -59,10 +77,76 @@ class Plan:
     predicted_peak_device_bytes: int
     predicted_peak_host_bytes: int
     predicted_decode_tokens_per_s: float
+    # per decode step, the KV bytes read from each tier (device, host, disk): tier_reads()
+    predicted_kv_read_bytes: dict[str, float] = field(default_factory=dict)
     arithmetic: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """A plan read from a file is checked like one the planner made: one sentence per fault."""
+        where = f"the plan for '{self.device}'"
+        if self.engine != "onnxruntime" or self.weights != "int4":
+            raise EdgetokError(f"{where} runs {self.engine} with {self.weights} weights; edgetok plans for "
+                               f"onnxruntime with int4 weights (make the plan again with `edgetok plan`)")
+        if self.execution_provider not in PROVIDERS:
+            raise EdgetokError(f"{where}: execution_provider must be one of {', '.join(PROVIDERS)}, "
+                               f"not {self.execution_provider!r}")
+        for name, low, high in (("context", 1, 1 << 40), ("threads", 1, MAX_THREADS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise EdgetokError(f"{where}: {name} must be a whole number from {low} to {high}, not {value!r}")
+        for name in ("shared_memory", "kv_disk"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgetokError(f"{where}: {name} must be true or false, not {getattr(self, name)!r}")
+        tiers = [self.kv_device_mb, self.kv_host_mb]
+        if tiers.count(None) == 1:
+            raise EdgetokError(f"{where}: kv_device_mb and kv_host_mb are both numbers (tiers) or both null (no tiers)")
+        for name in ("kv_device_mb", "kv_host_mb", "predicted_peak_device_bytes", "predicted_peak_host_bytes",
+                     "predicted_decode_tokens_per_s"):
+            value = getattr(self, name)
+            if value is None and name.startswith("kv_"):
+                continue
+            high = MAX_MB if name.startswith("kv_") else MAX_MB * MB
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and 0 <= value <= high):
+                raise EdgetokError(f"{where}: {name} = {value!r} is absurd: give a number from 0 to {high:g}")
+        if self.kv_disk and self.kv_device_mb is None:
+            raise EdgetokError(f"{where}: kv_disk needs tiers (kv_device_mb and kv_host_mb)")
+        reads = self.predicted_kv_read_bytes
+        if not isinstance(reads, dict) or not set(reads) <= {"device", "host", "disk"} or not all(
+                isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) and b >= 0 for b in reads.values()):
+            raise EdgetokError(f"{where}: predicted_kv_read_bytes must map device, host and disk to byte counts ≥ 0")
+        if not isinstance(self.arithmetic, list) or not all(isinstance(line, str) for line in self.arithmetic):
+            raise EdgetokError(f"{where}: arithmetic must be a list of lines of text")
+        try:
+            self.kv_config(Path("."))  # (checks budget and bits; makes nothing)
+        except EdgetokError as e:
+            raise EdgetokError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: object, origin: str) -> Plan:
+        """A plan from JSON (`edgetok plan --json`'s output), or one sentence about what is wrong."""
+        if not isinstance(data, dict):
+            raise EdgetokError(f"{origin} is not a plan: expected the JSON object `edgetok plan --json` prints")
+        names = [f.name for f in fields(cls)]
+        optional = {f.name for f in fields(cls) if f.default_factory is not MISSING}
+        missing = [n for n in names if n not in data and n not in optional]
+        if missing:
+            raise EdgetokError(f"{origin} is missing {', '.join(missing)} (save a plan with `edgetok plan MODEL --json`)")
+        unknown = sorted(set(data) - set(names) - set(PLAN_FILE_EXTRAS))
+        if unknown:
+            raise EdgetokError(f"{origin} has unknown fields {', '.join(map(str, unknown))} (a plan has {', '.join(names)})")
+        return cls(**{n: data[n] for n in names if n in data})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def kv_config(self, disk_dir: Path) -> KVConfig | None:
+        """The tiered cache this plan sets, or None (exact). disk_dir: where chunks past the host
+        tier go (a tiered plan names one even when it expects none to get there)."""
+        if self.kv_budget == "100%" and self.kv_device_mb is None:
+            return None
+        tiers = {} if self.kv_device_mb is None else {"device_mb": self.kv_device_mb, "host_mb": self.kv_host_mb,
+                                                      "disk_dir": disk_dir}
+        return KVConfig(budget=self.kv_budget, bits=self.kv_bits, **tiers)
 
     def run_options(self) -> list[str]:
         """The `edgetok run` options that apply this plan."""
@@ -73,6 +157,38 @@ class Plan:
             options += ["--kv-bits", self.kv_bits, "--kv-device-mb", f"{self.kv_device_mb:g}",
                         "--kv-host-mb", f"{self.kv_host_mb:g}", "--kv-disk", "DIR"]
         return options
+
+
+def load_plan(path: Path) -> Plan:
+    """A plan saved by `edgetok plan --json` (or --out), or one sentence about what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgetokError(f"{path} does not exist (save a plan with `edgetok plan MODEL --out {path}`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgetokError(f"{path} is not a readable JSON plan ({e})") from None
+    return Plan.from_dict(data, str(path))
+
+
+def prefill_workspace(cfg: ModelConfig, context: int, provider: str = "cpu") -> int:
+    """The memory a prefill piece needs beyond weights and KV. The CPU's GroupQueryAttention
+    materializes the piece's attention scores (piece × context × heads, twice: scores and softmax);
+    CUDA's runs flash / memory-efficient attention, so there only the piece's activations count."""
+    piece = min(PREFILL_PIECE, context)
+    if provider == "cuda":
+        return 4 * piece * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    return 2 * piece * context * cfg.num_heads * 4
+
+
+def tier_reads(kv_read: float, kv_full: float, device_kv: float, host_kv: float, disk_kv: float) -> dict[str, float]:
+    """Bytes a decode step reads from each tier. Of the float bytes attended (kv_read), the share
+    the device tier holds (device_kv of kv_full) is read there as floats; the rest is read in its
+    stored form (~AUTO_BITS_RATIO of the floats) from host and disk, in proportion to what each holds."""
+    on_device = kv_read * min(device_kv / kv_full, 1.0) if kv_full else 0.0
+    homes = host_kv + disk_kv
+    stored = (kv_read - on_device) * (AUTO_BITS_RATIO if homes else 1.0)
+    host = stored * host_kv / homes if homes else 0.0
+    return {"device": on_device, "host": host, "disk": stored - host}
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
@@ -90,7 +206,7 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     lines: list[str] = []
     weights = weight_bytes(cfg)
     kv_full = cfg.kv_bytes_per_token(KV_BYTES_PER_VALUE) * context
-    workspace = 2 * min(PREFILL_PIECE, context) * context * cfg.num_heads * 4  # a prefill piece's attention scores
+    workspace = prefill_workspace(cfg, context, profile.execution_provider)
     shared = profile.kind != "gpu"  # the device's memory is the host's
     device_budget = MARGIN * profile.device_memory_gb * GB
     host_budget = MARGIN * profile.host_memory_gb * GB - RUNTIME_BASE_BYTES
@@ -98,7 +214,10 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
                  f"prefill workspace: {workspace / MB:.1f} MB; runtime: {RUNTIME_BASE_BYTES / MB:.0f} MB (host)")
     lines.append(f"usable ({MARGIN:.0%}): device {device_budget / MB:.0f} MB, host {host_budget / MB:.0f} MB after the runtime"
                  + (" (the same memory)" if shared else ""))
-    if host_budget <= 0 or weights + workspace > device_budget:
+    if host_budget <= 0:
+        raise EdgetokError(f"nothing fits on {profile.name}: {MARGIN:.0%} of its {profile.host_memory_gb:g} GB of host memory "
+                           f"does not hold the runtime itself ({RUNTIME_BASE_BYTES / MB:.0f} MB)")
+    if weights + workspace > device_budget:
         raise EdgetokError(f"nothing fits on {profile.name}: the weights ({weights / MB:.0f} MB) and the prefill workspace "
                            f"({workspace / MB:.0f} MB) need more than {device_budget / MB:.0f} MB of device memory, "
                            f"with {RUNTIME_BASE_BYTES / MB:.0f} MB for the runtime on the host")
@@ -121,11 +240,15 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     # reads each KV head once per query head of its group.
     reread = cfg.num_heads // cfg.num_kv_heads if profile.kind == "cpu" else 1
     kv_read = budget * kv_full * reread
-    from_device = kv_read * min(device_kv / kv_full, 1.0)
-    from_host = (kv_read - from_device) * (host_kv / (host_kv + disk_kv) if host_kv + disk_kv else 0)
-    from_disk = kv_read - from_device - from_host
+    # attention reads the staged views (device memory); with tiers, the chunks entering the selection
+    # are fetched from where they live
+    fetched = STAGE_CHURN * budget * kv_full if host_kv + disk_kv else 0.0
+    reads = tier_reads(fetched, kv_full, device_kv, host_kv, disk_kv)
+    reads["device"] += kv_read
+    from_device, from_host, from_disk = reads["device"], reads["host"], reads["disk"]
     t_weights = weights / (profile.device_bandwidth_gb_s * GB)
-    t_kv = (from_device / (profile.device_bandwidth_gb_s * GB) + from_host / (profile.host_to_device_gb_s * GB)
+    kv_bandwidth = profile.device_bandwidth_gb_s * (CPU_KV_BANDWIDTH_SHARE if profile.kind == "cpu" else 1.0)
+    t_kv = (from_device / (kv_bandwidth * GB) + from_host / (profile.host_to_device_gb_s * GB)
             + from_disk / (profile.disk_read_gb_s * GB))
     if profile.kind == "cpu":
         t_fixed = cfg.n_params * CPU_COMPUTE_S_PER_PARAM_THREAD / threads
@@ -140,7 +263,10 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         t_fixed += t_select
     step = t_weights + t_kv + t_fixed
     lines.append(f"per token: weights {weights / MB:.0f} MB ÷ {profile.device_bandwidth_gb_s:g} GB/s = {1e3 * t_weights:.2f} ms; "
-                 f"KV {kv_read / MB:.0f} MB read ({budget:.0%} × {reread}× per query group) = {1e3 * t_kv:.2f} ms; "
+                 f"KV {kv_read / MB:.0f} MB attended ({budget:.0%} × {reread}× per query group"
+                 + (f", {STAGE_CHURN:.0%} of it fetched into the stage" if fetched else "") + "), read as "
+                 f"device {from_device / MB:.0f} MB at {kv_bandwidth:.3g} GB/s + host {from_host / MB:.0f} + disk "
+                 f"{from_disk / MB:.0f} MB = {1e3 * t_kv:.2f} ms; "
                  f"{fixed} = {1e3 * t_fixed:.2f} ms → {1e3 * step:.2f} ms")
     peak_device = round(weights + workspace + device_kv)
     peak_host = round(RUNTIME_BASE_BYTES + host_kv + (peak_device if shared else 0))
@@ -150,7 +276,8 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         kv_device_mb=None if host_kv + disk_kv == 0 else round(device_kv / MB, 1),
         kv_host_mb=None if host_kv + disk_kv == 0 else round(host_kv / MB, 1), kv_disk=disk_kv > 0,
         predicted_peak_device_bytes=peak_device, predicted_peak_host_bytes=peak_host,
-        predicted_decode_tokens_per_s=round(1 / step, 2), arithmetic=lines,
+        predicted_decode_tokens_per_s=round(1 / step, 2), predicted_kv_read_bytes={t: round(b) for t, b in reads.items()},
+        arithmetic=lines,
     )
 
 
@@ -179,5 +306,5 @@ def load_estimate(cfg: ModelConfig, weights: int, kv_bytes_per_value: float, con
     kv_bytes_per_value — or kv_bytes when a tiered cache bounds it — and plan()'s workspace."""
     context = cfg.max_context if context is None else context
     kv = round(cfg.kv_bytes_per_token(1) * kv_bytes_per_value * context) if kv_bytes is None else kv_bytes
-    workspace = 2 * min(PREFILL_PIECE, context) * context * cfg.num_heads * 4
+    workspace = prefill_workspace(cfg, context)
     return LoadEstimate(weights, kv, workspace, context=context)

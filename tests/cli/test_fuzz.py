@@ -40,6 +40,7 @@ OPTIONS = {
     "--threads": numbers("1", "2"),
     "--backend": mostly(st.sampled_from(["torch", "llamacpp"]), st.sampled_from(["onnxruntime", "tf"])),
     "--provider": mostly(st.sampled_from(["cpu"]), st.sampled_from(["cuda", "auto", "npu"])),
+    "--plan": mostly(st.sampled_from(["auto", "none"]), st.sampled_from(["missing.json", "", "auto "])),
     "--weights": mostly(st.sampled_from(["fp32", "bf16", "int8"]), st.sampled_from(["int4", "fp64"])),
     "--kv-type": mostly(st.sampled_from(["f16", "q8_0"]), st.sampled_from(["q4_0", "f64"])),
     "--kv-budget": mostly(st.sampled_from(["25%", "50%", "100%", "64", "200", "auto"]), PERCENT | TEXT),

@@ -79,8 +79,11 @@ def test_devices_command(tmp_path):
     r = run_cli("devices", "--kv-dir", tmp_path, "--probe-mb", "2", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["local"]["kv_dir"] == str(tmp_path) and len(out["catalog"]) >= 6
+    assert out["local"]["kv_dir"] == str(tmp_path) and len(out["catalog"]) >= 7
+    local = out["catalog"][0]  # this machine as a profile, its disk's measured read speed in it
+    assert local["name"] == "local" and local["disk_read_gb_s"] == round(out["local"]["disk_read_bytes_per_s"] / 1e9, 3)
     r = run_cli("devices", "--kv-dir", tmp_path, "--probe-mb", "2")
     assert r.exit_code == 0 and "rtx4090" in r.stdout and "onnxruntime" in r.stdout
+    assert "reads " in r.stdout and "\n  local " in r.stdout and "disk " in r.stdout
     r = run_cli("devices", "--kv-dir", tmp_path / "nope")
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "is not a folder" in r.stderr

@@ -75,3 +75,35 @@ def test_plan_command(tiny_folder, tmp_path):
     bad.write_text(json.dumps(profile().to_dict() | {"device_memory_gb": -1}))
     r = run_cli("plan", tiny_folder, "--device", bad)
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "absurd" in r.stderr
+
+
+LLAMA3_8B = ModelConfig.from_hf({
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+})
+
+
+def test_tier_reads_spread_the_attended_bytes_as_the_cache_lies():
+    from edgetok.devices.planner import AUTO_BITS_RATIO, tier_reads
+
+    assert tier_reads(100.0, 400.0, 400.0, 0.0, 0.0) == {"device": 100.0, "host": 0.0, "disk": 0.0}
+    reads = tier_reads(100.0, 400.0, 100.0, 60.0, 30.0)  # a quarter on the device, the rest stored 2:1
+    assert reads["device"] == pytest.approx(25.0)
+    assert reads["host"] + reads["disk"] == pytest.approx(75.0 * AUTO_BITS_RATIO)  # stored forms are read
+    assert reads["host"] == pytest.approx(2 * reads["disk"])
+
+
+def test_an_8b_model_at_long_contexts_plans_tiers_on_the_gpus_and_reads_add_up():
+    for name in ("rtx4090", "rtx4060-laptop"):
+        gpu = next(p for p in catalog() if p.name == name)
+        for context in (32768, 131072):
+            p = plan(LLAMA3_8B, gpu, context)  # CUDA's attention keeps no score matrix: the prefill fits
+            reads = p.predicted_kv_read_bytes
+            assert set(reads) == {"device", "host", "disk"} and reads["device"] > 0
+            assert p.predicted_peak_device_bytes <= 0.85 * gpu.device_memory_gb * 1e9
+            assert (p.kv_device_mb is not None) == (reads["host"] + reads["disk"] > 0)
+    laptop = plan(LLAMA3_8B, next(p for p in catalog() if p.name == "rtx4060-laptop"), 65536)
+    assert laptop.kv_device_mb is not None and laptop.predicted_kv_read_bytes["host"] > 0
+    # the same model on a CPU keeps the score matrix: at 128K it needs more than a Raspberry Pi has
+    with pytest.raises(EdgetokError, match="nothing fits on test"):
+        plan(LLAMA3_8B, profile(), 131072)

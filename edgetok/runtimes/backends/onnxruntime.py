@@ -149,7 +149,7 @@ class OnnxBackend:
         queries = self._queries(bound, out, ran, start, n, kept, cache.queries_read) if cache.queries_read else [None] * layers
         for i, ((k, v, length), m, q) in enumerate(zip(views, ran, queries)):
             if m < n:  # before the kept tokens are stored (a cache places them at these positions)
-                cache.skip(i, n - m, torch.from_numpy(start + kept[0]))
+                cache.skip(i, n - m, start + kept[0])  # (numpy: the graph protocol)
             if shared[i]:  # the graph wrote the new K/V into the view's buffers, after its `length` slots
                 cache.advance(i, q, m)
             else:

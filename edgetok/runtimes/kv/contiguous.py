@@ -69,7 +69,7 @@ class ContiguousCache(AttendingCache, GraphCache):
         pos = torch.arange(self.lengths[layer]) + self.skipped[layer]
         kept = self.kept[layer]
         if kept is not None:
-            pos[: len(kept)] = kept[: len(pos)]
+            pos[: len(kept)] = torch.as_tensor(kept[: len(pos)])
         return pos
 
     @property

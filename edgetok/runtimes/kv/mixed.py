@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgetok.errors import EdgetokError
 from edgetok.runtimes.kv.arrays import to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
