@@ -5,15 +5,18 @@ exporters/pipeline.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.exporters.gguf_types import TensorType, choose_type, encode, qtype, round_trip
+from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
+from edgetok.exporters.gguf_types import TensorType, bits_per_weight, choose_type, encode, qtype, round_trip
 from edgetok.exporters.options import (
     CODE_TYPES,
+    GGUF_LADDER,
     QUANTS,
     GgufOptions,
     check_choice,
@@ -21,6 +24,7 @@ from edgetok.exporters.options import (
     parse_tensor_type,
 )
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
+from edgetok.exporters.sensitivity import Matrix, Rounded, tensor_kl
 from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.checkpoint import stack
 from edgetok.models.config import FULL, SLIDING, ModelConfig
@@ -142,21 +146,42 @@ def measure_sensitivity(
     source: Source, quant: str, tokens: list[int], exclude: set[str] = frozenset(), progress=None
 ) -> dict[str, float]:
     """Mean KL(fp32 ‖ model with only this tensor quantized) over `tokens`, per candidate tensor."""
-    from edgetok.exporters.verify import compare, model_logits
-    from edgetok.models.llama import LlamaModel
+    rounded = Rounded(source, tokens)
+    matrices = [Matrix(n, (n,), rounded.weight(n).numel(), (quant,))
+                for n in sensitivity_candidates(source.config) if n not in exclude]
+    kl = tensor_kl(rounded, matrices, lambda name, w, kind: fake_quantize(w, kind), progress)
+    return {name: by_type[quant] for name, by_type in kl.items()}
 
-    model = LlamaModel.from_state_dict(source.config, source.weights)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    reference = model_logits(model, tokens)
-    result = {}
-    names = [n for n in sensitivity_candidates(source.config) if n not in exclude]
-    for name in progress(names, len(names)) if progress else names:
-        param = params[name]
-        original = param.data
-        param.data = fake_quantize(original, quant)
-        result[name] = compare(reference, model_logits(model, tokens), tokens).kl_mean
-        param.data = original
-    return result
+
+def written_parts(cfg: ModelConfig, name: str) -> tuple[str, ...]:
+    """The HF tensors in the rows of the file's tensor named for `name` (tensor_layout's value)."""
+    fused = stacked_name(cfg, name)
+    return tuple(fused_parts(fused)) if fused is not None else (name,)
+
+
+def allocation_matrices(cfg: ModelConfig, weights: dict[str, torch.Tensor], fixed: dict[str, str]) -> list[Matrix]:
+    """The weight matrices the allocator chooses types for (all but those --tensor-type fixed), by
+    the HF name of their first part, with the types each can take after the type plan's fallbacks."""
+    matrices = []
+    for gg, name in tensor_layout(cfg, weights).items():
+        parts = written_parts(cfg, name)
+        shape = (sum(weights[p].shape[0] for p in parts), *weights[name].shape[1:])
+        if len(shape) != 2 or name in fixed:
+            continue
+        types = tuple(dict.fromkeys(choose_type(gg, shape, kind).type for kind in GGUF_LADDER))
+        matrices.append(Matrix(name, parts, shape[0] * shape[1], types))
+    return matrices
+
+
+def allocate_types(source: Source, options: GgufOptions, fixed: dict[str, str]) -> Allocation:
+    """--quant auto: every matrix's type for --target-bits or --max-kl (exporters/allocate.py)."""
+    rounded = calibration_rounded(source, options)
+    fixed_rounded = {p: fake_quantize(rounded.weight(p), kind)
+                     for name, kind in fixed.items() for p in written_parts(source.config, name)}
+    return allocate(rounded, allocation_matrices(source.config, source.weights, fixed),
+                    lambda name, w, kind: round_trip(w, kind), lambda m, kind: bits_per_weight(kind),
+                    target_bits=options.target_bits, max_kl=options.max_kl, fixed=fixed_rounded,
+                    progress=progress_bar("sensitivity"))
 
 
 def choose_sensitive(kl: dict[str, float], fraction: float = 1 / 8) -> list[str]:
@@ -342,7 +367,11 @@ class GgufExport:
         # checked first: a pattern that finds nothing fails before the slow part
         self.user_types = tensor_type_overrides(self.options.tensor_type, self.written.config, self.written.weights)
         self.overrides = default_overrides(self.written.config, quant)
-        self.sensitivity_kl = None
+        self.sensitivity_kl, self.allocation, self.file_quant = None, None, quant
+        if self.options.allocates:
+            self.allocation = allocate_types(self.written, self.options, self.user_types)
+            self.overrides = dict(self.allocation.types)
+            self.file_quant = Counter(self.overrides.values()).most_common(1)[0][0]  # llama.cpp's file type
         if self.options.keep_sensitive:
             kl = measure_sensitivity(self.written, quant, tokens[:SENSITIVITY_TOKENS], set(self.overrides),
                                      progress_bar("sensitivity"))
@@ -351,13 +380,14 @@ class GgufExport:
 
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
-        plan = write_gguf(self.written, paths[0], o.quant, self.overrides | self.user_types, self.codes)
-        kept = {name: kind for name, kind in self.overrides.items() if name not in self.user_types}
+        plan = write_gguf(self.written, paths[0], self.file_quant, self.overrides | self.user_types, self.codes)
+        kept = {} if self.allocation else {name: kind for name, kind in self.overrides.items() if name not in self.user_types}
         return GgufManifest(source=SourceRecord.of(source, beside=o.output.parent), quant=o.quant,
                             architecture=source.config.arch, method=o.method, quantization=self.quantization,
                             sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=kept,
                             tensor_types=self.user_types or None,
                             type_plan=[t.to_json() for t in plan],
+                            allocation=self.allocation.to_json() if self.allocation else None,
                             size_bytes=paths[0].stat().st_size, sha256=file_sha256(paths[0]))
 
     def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:
