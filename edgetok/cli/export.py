@@ -58,7 +58,7 @@ def _int_or_none(ctx, param, value):
                    "(none by default: decoding is ~10% faster without)")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None,
               help="fail (and write nothing) if the parity report's mean KL exceeds this; with --quant / --weights "
-                   "auto, the allocator's goal too (the cheapest mix meeting it on the calibration text)")
+                   "auto, the allocator's goal instead: the cheapest mix meeting it on the calibration text")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file (gguf) or folder (onnx, hf) to write")
 @click.option("--force", is_flag=True, help="overwrite an existing file")
 @click.option("--keep-sensitive", is_flag=True, help="keep the tensors quantization hurts most at higher precision")
