@@ -65,6 +65,12 @@ def _int_or_none(ctx, param, value):
 @click.option("--tensor-type", multiple=True, metavar="REGEX=TYPE",
               help="GGUF: the weight matrices whose llama.cpp name REGEX finds (e.g. 'attn_v|ffn_down=q8_0') get TYPE; "
                    "repeatable, the first match decides; a REGEX that finds none is an error")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="GGUF: llama.cpp's importance matrix (its GGUF or legacy .dat layout) weighting the K-quant and "
+                   "iq4_nl rounding of the matrices it names")
+@click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="GGUF: also write the importance edgetok calibrates (Σx² of every linear's inputs on --calib) as "
+                   "a llama.cpp imatrix (.dat: the legacy layout, else GGUF), for llama-quantize --imatrix")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="text for the parity report (default: the built-in essays)")
 @click.option("--eval-tokens", type=click.IntRange(min=export_choices.MIN_EVAL_TOKENS), default=None,
@@ -85,8 +91,8 @@ def command(fmt, as_json, **kw):
     if fmt != "onnx" and (kw["attention"] or kw["prune_after_layer"] is not None or kw["zero_points"] != "exact"
                           or kw["head_bits"] != 8 or kw["activations"] != "int8"):
         raise EdgetokError("--attention, --prune-after-layer, --zero-points, --head-bits and --activations apply to --format onnx")
-    if fmt != "gguf" and kw["tensor_type"]:
-        raise EdgetokError("--tensor-type applies to --format gguf")
+    if fmt != "gguf" and (kw["tensor_type"] or kw["imatrix"] or kw["save_imatrix"]):
+        raise EdgetokError("--tensor-type, --imatrix and --save-imatrix apply to --format gguf")
     if fmt == "hf" and kw["target_bits"] is not None:
         raise EdgetokError("--target-bits applies to quantized formats (gguf, onnx), not hf")
     if fmt == "hf":
@@ -167,4 +173,8 @@ def _print_gguf_export(o, manifest) -> None:
     _print_allocation(manifest)
     if manifest.parity_summary is not None:
         click.echo(f"parity vs fp32: {manifest.parity_summary}")
+    if manifest.imatrix is not None:
+        click.echo(f"  rounding weighted by {o.imatrix} ({manifest.imatrix['tensors_weighted']} matrices)")
+    if o.save_imatrix is not None:
+        click.echo(f"imatrix: {o.save_imatrix}")
     click.echo(f"report: {gguf_report_path(o.output)}")

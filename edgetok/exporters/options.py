@@ -102,9 +102,10 @@ class ExportOptions:
         if self.eval_tokens is None:
             object.__setattr__(self, "eval_tokens", self.DEFAULT_EVAL_TOKENS)
         check_choice("--method", self.method, METHODS)
-        if self.method == "rtn" and not self.allocates and (self.calib is not None or self.calib_tokens is not None):
-            raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq, or to the allocator "
-                               "(--target-bits, --max-kl with --quant / --weights auto); rtn needs no calibration")
+        if not self.reads_calibration_text and (self.calib is not None or self.calib_tokens is not None):
+            raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq, to the allocator "
+                               "(--target-bits, --max-kl with --quant / --weights auto) and to --save-imatrix; "
+                               "rtn needs no calibration")
         if self.allocates:
             if (self.target_bits is None) == (self.max_kl is None):
                 raise EdgetokError("the allocator (--quant / --weights auto) needs one goal: --target-bits B or --max-kl X")
@@ -129,6 +130,10 @@ class ExportOptions:
     def reads_eval_text(self) -> bool:
         """Whether the export tokenizes the evaluation text (the parity report needs it)."""
         return self.verify
+
+    @property
+    def reads_calibration_text(self) -> bool:
+        return self.method != "rtn" or self.allocates
 
     @property
     def allocates(self) -> bool:
@@ -219,6 +224,8 @@ class GgufOptions(ExportOptions):
     quant: str | None = None  # None: q8_0, or auto with --target-bits
     keep_sensitive: bool = False
     tensor_type: tuple[str, ...] = ()  # REGEX=TYPE: the matrices whose llama.cpp name REGEX finds get TYPE
+    imatrix: Path | None = None  # llama.cpp's importance matrix: weights the K-quant / iq4_nl rounding
+    save_imatrix: Path | None = None  # where to write the importance edgetok calibrates (.dat: legacy layout)
 
     DEFAULT_EVAL_TOKENS: ClassVar[int] = 512
 
@@ -235,6 +242,14 @@ class GgufOptions(ExportOptions):
                 f"--method {self.method} writes its codes as {' or '.join(CODE_TYPES)} blocks; "
                 f"use --quant {' or --quant '.join(CODE_TYPES)}, or --method rtn for {self.quant}"
             )
+        for name in ("imatrix", "save_imatrix"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.imatrix is not None and self.method != "rtn":
+            raise EdgetokError(f"--imatrix weights round-to-nearest; --method {self.method} weighs errors by its own "
+                               "calibration")
+        if self.save_imatrix is not None and self.save_imatrix.resolve() == self.output.resolve():
+            raise EdgetokError("--save-imatrix needs a file of its own, not --output")
         if self.keep_sensitive and self.allocates:
             raise EdgetokError("--keep-sensitive keeps a few matrices above one --quant; with --quant auto the "
                                "allocator already chooses every matrix's type from its sensitivity")
@@ -249,3 +264,7 @@ class GgufOptions(ExportOptions):
     @property
     def allocates(self) -> bool:
         return self.quant == AUTO
+
+    @property
+    def reads_calibration_text(self) -> bool:
+        return super().reads_calibration_text or self.save_imatrix is not None

@@ -235,6 +235,8 @@ class GgufManifest(_Json):
     type_plan: list[dict[str, str]] | None = field(default=None, metadata=_OPTIONAL)
     # --quant auto: exporters/allocate.py's Allocation (each matrix's type, and why)
     allocation: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
+    # --imatrix: the file whose importance weighted the rounding ({file, sha256, tensors_weighted})
+    imatrix: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
     sha256: str | None = field(default=None, metadata=_OPTIONAL)  # of the GGUF: a loader refuses a file that differs
     parity: Parity | None = field(default=None, metadata=_OPTIONAL)
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)

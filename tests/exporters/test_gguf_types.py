@@ -130,4 +130,4 @@ def test_tensor_type_mistakes_are_one_sentence_and_write_nothing(wide_folder, tm
 
 def test_tensor_type_is_for_gguf(wide_folder, tmp_path):
     r = run_cli("export", wide_folder, "--format", "onnx", "-o", tmp_path / "o", "--tensor-type", "attn_v=q8_0")
-    assert r.exit_code == 1 and "--tensor-type applies to --format gguf" in r.output
+    assert r.exit_code == 1 and "--tensor-type, --imatrix and --save-imatrix apply to --format gguf" in r.output
