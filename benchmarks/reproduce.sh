@@ -38,6 +38,7 @@ fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
 if want gguf-types; then $LOCK $PY benchmarks/gguf_types.py --out bench-out/gguf-types; fi  # q4_k/q5_k/q6_k/iq4_nl vs llama.cpp's quantizer
+if want allocator; then for stage in sensitivity llamacpp edgetok; do $LOCK $PY benchmarks/allocator.py --out bench-out/allocator --stage $stage --targets 4.6,5.0,5.35,6.15,6.55,8.5; done; fi  # size vs KL: the allocator vs llama.cpp's mixes
 if want quant; then
   $PY benchmarks/quant_quality.py --out bench-out/quant --configs 32s,128a,32a --gguf
   $PY benchmarks/quant_quality.py --out bench-out/quant-ablation --configs 32s --methods rotate

@@ -173,6 +173,23 @@ def tiny_gemma_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_folder(tmp_path_factory):
+    """A tiny Llama whose rows are 256 wide (attention, gate/up: K-quants) and 320 (down: a fallback)."""
+    from tokenizers import Tokenizer
+
+    folder = tmp_path_factory.mktemp("wide")
+    make_tokenizer_files(folder)
+    hf = make_hf_model("llama", Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(),
+                       hidden=256, intermediate=320)
+    with torch.no_grad():  # the fixture's 0.15 is large for 256-wide rows: logits would saturate
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(0.3)
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_folder):
     import edgetok
 

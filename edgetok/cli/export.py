@@ -25,11 +25,18 @@ def _int_or_none(ctx, param, value):
 @click.argument("model")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "hf", "onnx"]), required=True,
               help="gguf: llama.cpp's format; onnx: a folder for ONNX Runtime; hf: a Hugging Face folder (fp32)")
-@click.option("--quant", type=click.Choice(export_choices.QUANTS), default="q8_0", show_default=True,
+@click.option("--quant", type=click.Choice(export_choices.QUANTS), default=None,
               help="GGUF tensor type of the weight matrices (a K-quant where rows are whole 256-value blocks, else "
-                   "the nearest 32-value type: the plan is printed and kept in the report)")
-@click.option("--weights", type=click.Choice(export_choices.WEIGHTS), default="int4", show_default=True,
-              help="ONNX weights: int4/int8 as MatMulNBits blocks (or DequantizeLinear with --qdq)")
+                   "the nearest 32-value type: the plan is printed and kept in the report); auto: each matrix's type "
+                   "chosen from its measured sensitivity for --target-bits or --max-kl [default: q8_0, or auto "
+                   "with --target-bits]")
+@click.option("--weights", type=click.Choice(export_choices.WEIGHTS), default=None,
+              help="ONNX weights: int4/int8 as MatMulNBits blocks (or DequantizeLinear with --qdq); auto: each "
+                   "matrix at 4 or 8 bits or float, chosen for --target-bits or --max-kl [default: int4, or auto "
+                   "with --target-bits]")
+@click.option("--target-bits", type=click.FloatRange(min=1, max=32), default=None,
+              help="the allocator's budget: at most this many bits per weight over the weight matrices, each "
+                   "matrix's type chosen from its measured sensitivity (implies --quant / --weights auto)")
 @click.option("--block-size", type=click.Choice([str(b) for b in export_choices.BLOCK_SIZES]), default=None,
               callback=_int_or_none,
               help="ONNX int4/int8: weights per scale along the input (default 32; int8 --qdq: per channel)")
@@ -50,13 +57,20 @@ def _int_or_none(ctx, param, value):
               help="ONNX: the layer after which the graph can prune a prompt, for edgetok run --prune-prompt "
                    "(none by default: decoding is ~10% faster without)")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None,
-              help="fail (and write nothing) if the parity report's mean KL exceeds this")
+              help="fail (and write nothing) if the parity report's mean KL exceeds this; with --quant / --weights "
+                   "auto, the allocator's goal instead: the cheapest mix meeting it on the calibration text")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="the file (gguf) or folder (onnx, hf) to write")
 @click.option("--force", is_flag=True, help="overwrite an existing file")
 @click.option("--keep-sensitive", is_flag=True, help="keep the tensors quantization hurts most at higher precision")
 @click.option("--tensor-type", multiple=True, metavar="REGEX=TYPE",
               help="GGUF: the weight matrices whose llama.cpp name REGEX finds (e.g. 'attn_v|ffn_down=q8_0') get TYPE; "
                    "repeatable, the first match decides; a REGEX that finds none is an error")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="GGUF: llama.cpp's importance matrix (its GGUF or legacy .dat layout) weighting the K-quant and "
+                   "iq4_nl rounding of the matrices it names")
+@click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="GGUF: also write the importance edgetok calibrates (Σx² of every linear's inputs on --calib) as "
+                   "a llama.cpp imatrix (.dat: the legacy layout, else GGUF), for llama-quantize --imatrix")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="text for the parity report (default: the built-in essays)")
 @click.option("--eval-tokens", type=click.IntRange(min=export_choices.MIN_EVAL_TOKENS), default=None,
@@ -66,9 +80,10 @@ def _int_or_none(ctx, param, value):
               help="how weight codes are chosen: rtn rounds to nearest; gptq and rsq (rotated, importance-weighted "
                    "GPTQ) calibrate on text (gguf: --quant q4_0 or q8_0)")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="calibration text for gptq/rsq (default: the built-in essays)")
-@click.option("--calib-tokens", type=click.IntRange(min=512), default=None,
-              help="calibration tokens for gptq/rsq, in sequences of 512 (default 32768)")
+              help="calibration text for gptq/rsq and the allocator (default: the built-in essays)")
+@click.option("--calib-tokens", type=click.IntRange(min=export_choices.MIN_EVAL_TOKENS), default=None,
+              help="calibration tokens: gptq/rsq, in sequences of 512 (default 32768); the allocator "
+                   f"(default {export_choices.ALLOCATION_TOKENS})")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def command(fmt, as_json, **kw):
@@ -76,8 +91,10 @@ def command(fmt, as_json, **kw):
     if fmt != "onnx" and (kw["attention"] or kw["prune_after_layer"] is not None or kw["zero_points"] != "exact"
                           or kw["head_bits"] != 8 or kw["activations"] != "int8"):
         raise EdgetokError("--attention, --prune-after-layer, --zero-points, --head-bits and --activations apply to --format onnx")
-    if fmt != "gguf" and kw["tensor_type"]:
-        raise EdgetokError("--tensor-type applies to --format gguf")
+    if fmt != "gguf" and (kw["tensor_type"] or kw["imatrix"] or kw["save_imatrix"]):
+        raise EdgetokError("--tensor-type, --imatrix and --save-imatrix apply to --format gguf")
+    if fmt == "hf" and kw["target_bits"] is not None:
+        raise EdgetokError("--target-bits applies to quantized formats (gguf, onnx), not hf")
     if fmt == "hf":
         _export_hf(kw)
         return
@@ -122,9 +139,20 @@ def _print_onnx_export(o, manifest) -> None:
     form = "DequantizeLinear (QDQ)" if o.qdq else "MatMulNBits" if o.quantized else "float"
     click.echo(f"wrote {o.output} ({manifest.size_bytes / 1e6:.1f} MB, {o.weights} {o.method}, {form}, "
                f"{manifest.export_seconds:.0f} s)")
+    _print_allocation(manifest)
     if manifest.parity_summary is not None:
         click.echo(f"parity vs fp32: {manifest.parity_summary}")
     click.echo(f"report: {o.output / ONNX_MANIFEST}")
+
+
+def _print_allocation(manifest) -> None:
+    from collections import Counter
+
+    if manifest.allocation is None:
+        return
+    click.echo(manifest.allocation["summary"])
+    counts = Counter(manifest.allocation["types"].values())
+    click.echo("  matrices: " + ", ".join(f"{n} at {kind}" for kind, n in counts.most_common()))
 
 
 def _print_gguf_export(o, manifest) -> None:
@@ -142,6 +170,11 @@ def _print_gguf_export(o, manifest) -> None:
     for name, kind in manifest.kept_at_higher_precision.items():
         kl = (manifest.sensitivity_kl or {}).get(name)
         click.echo(f"  kept at {kind}: {name}" + (f" (KL when quantized alone {kl:.4f})" if kl is not None else " (output projection)"))
+    _print_allocation(manifest)
     if manifest.parity_summary is not None:
         click.echo(f"parity vs fp32: {manifest.parity_summary}")
+    if manifest.imatrix is not None:
+        click.echo(f"  rounding weighted by {o.imatrix} ({manifest.imatrix['tensors_weighted']} matrices)")
+    if o.save_imatrix is not None:
+        click.echo(f"imatrix: {o.save_imatrix}")
     click.echo(f"report: {gguf_report_path(o.output)}")

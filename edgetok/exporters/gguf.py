@@ -5,15 +5,19 @@ exporters/pipeline.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.exporters.gguf_types import TensorType, choose_type, encode, qtype, round_trip
+from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
+from edgetok.exporters.gguf_types import TensorType, bits_per_weight, choose_type, encode, qtype, round_trip
+from edgetok.exporters.imatrix import Imatrix, collect, read_imatrix
 from edgetok.exporters.options import (
     CODE_TYPES,
+    GGUF_LADDER,
     QUANTS,
     GgufOptions,
     check_choice,
@@ -21,6 +25,7 @@ from edgetok.exporters.options import (
     parse_tensor_type,
 )
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
+from edgetok.exporters.sensitivity import Matrix, Rounded, tensor_kl
 from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.checkpoint import stack
 from edgetok.models.config import FULL, SLIDING, ModelConfig
@@ -50,6 +55,8 @@ from edgetok.models.names import (
 from edgetok.models.sources import Source
 from edgetok.models.tokenizer import gguf_tokenizer_fields
 
+IMATRIX_TOKENS, IMATRIX_CHUNK = 8192, 512  # --save-imatrix's default calibration: 16 chunks of 512
+DEFAULT_CALIBRATION_TEXT = "built-in essays (end)"
 SENSITIVITY_TOKENS = 128  # of the evaluation text, per candidate tensor: --keep-sensitive runs the model once each
 
 # GGUFWriter.add_<key>(value of the config field), the architecture's keys in llama.cpp's names
@@ -142,21 +149,72 @@ def measure_sensitivity(
     source: Source, quant: str, tokens: list[int], exclude: set[str] = frozenset(), progress=None
 ) -> dict[str, float]:
     """Mean KL(fp32 ‖ model with only this tensor quantized) over `tokens`, per candidate tensor."""
-    from edgetok.exporters.verify import compare, model_logits
-    from edgetok.models.llama import LlamaModel
+    rounded = Rounded(source, tokens)
+    matrices = [Matrix(n, (n,), rounded.weight(n).numel(), (quant,))
+                for n in sensitivity_candidates(source.config) if n not in exclude]
+    kl = tensor_kl(rounded, matrices, lambda name, w, kind: fake_quantize(w, kind), progress)
+    return {name: by_type[quant] for name, by_type in kl.items()}
 
-    model = LlamaModel.from_state_dict(source.config, source.weights)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    reference = model_logits(model, tokens)
+
+def written_parts(cfg: ModelConfig, name: str) -> tuple[str, ...]:
+    """The HF tensors in the rows of the file's tensor named for `name` (tensor_layout's value)."""
+    fused = stacked_name(cfg, name)
+    return tuple(fused_parts(fused)) if fused is not None else (name,)
+
+
+def allocation_matrices(cfg: ModelConfig, weights: dict[str, torch.Tensor], fixed: dict[str, str]) -> list[Matrix]:
+    """The weight matrices the allocator chooses types for (all but those --tensor-type fixed), by
+    the HF name of their first part, with the types each can take after the type plan's fallbacks."""
+    matrices = []
+    for gg, name in tensor_layout(cfg, weights).items():
+        parts = written_parts(cfg, name)
+        shape = (sum(weights[p].shape[0] for p in parts), *weights[name].shape[1:])
+        if len(shape) != 2 or name in fixed:
+            continue
+        types = tuple(dict.fromkeys(choose_type(gg, shape, kind).type for kind in GGUF_LADDER))
+        matrices.append(Matrix(name, parts, shape[0] * shape[1], types))
+    return matrices
+
+
+def allocate_types(source: Source, options: GgufOptions, fixed: dict[str, str],
+                   importance: dict[str, torch.Tensor]) -> Allocation:
+    """--quant auto: every matrix's type for --target-bits or --max-kl (exporters/allocate.py),
+    each rounded as it will be written (with --imatrix's weights)."""
+    rounded = calibration_rounded(source, options)
+    fixed_rounded = {p: fake_quantize(rounded.weight(p), kind)
+                     for name, kind in fixed.items() for p in written_parts(source.config, name)}
+    return allocate(rounded, allocation_matrices(source.config, source.weights, fixed),
+                    lambda name, w, kind: round_trip(w, kind, importance.get(name)), lambda m, kind: bits_per_weight(kind),
+                    target_bits=options.target_bits, max_kl=options.max_kl, fixed=fixed_rounded,
+                    progress=progress_bar("sensitivity"))
+
+
+def imatrix_importance(imatrix: Imatrix, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """--imatrix's values by the HF name of the matrix they weight (matched by llama.cpp's names)."""
     result = {}
-    names = [n for n in sensitivity_candidates(source.config) if n not in exclude]
-    for name in progress(names, len(names)) if progress else names:
-        param = params[name]
-        original = param.data
-        param.data = fake_quantize(original, quant)
-        result[name] = compare(reference, model_logits(model, tokens), tokens).kl_mean
-        param.data = original
+    for gg, name in tensor_layout(cfg, weights).items():
+        values = imatrix.values(gg)
+        if values is None or weights[name].dim() != 2:
+            continue
+        if values.numel() != weights[name].shape[-1]:
+            raise EdgetokError(f"the imatrix's {gg} has {values.numel()} columns; this model's has "
+                               f"{weights[name].shape[-1]}: it was made for another model")
+        result[name] = values
+    if not result:
+        raise EdgetokError(f"the imatrix names none of this model's weight matrices (it has {', '.join(list(imatrix.sums)[:3])}, …)")
     return result
+
+
+def calibrated_imatrix(source: Source, options: GgufOptions) -> Imatrix:
+    """--save-imatrix: Σ x² of every decoder linear's inputs over the calibration text (the
+    diagonal of GPTQ's Hessian, times n / 2), by llama.cpp's names."""
+    from edgetok.exporters.calibration import calibration_tokens
+    from edgetok.texts import read_text
+
+    text = read_text(options.calib, 0) if options.calib is not None else None
+    tokens = calibration_tokens(source.tokenizer, text, options.calib_tokens or IMATRIX_TOKENS, IMATRIX_CHUNK)
+    names = {hf: gg for gg, hf in tensor_layout(source.config, source.weights).items() if ".layers." in hf}
+    return collect(source, tokens, names, options.calib.name if options.calib else DEFAULT_CALIBRATION_TEXT)
 
 
 def choose_sensitive(kl: dict[str, float], fraction: float = 1 / 8) -> list[str]:
@@ -245,6 +303,7 @@ def export_gguf(
 
 def write_gguf(
     source: Source, path: Path, quant: str = "f16", overrides: dict[str, str] | None = None, quantized: dict | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> list[TensorType]:
     """Write `source` as a GGUF file at `path`; returns the type plan (every tensor's type, and
     why where it is not the one asked for).
@@ -253,6 +312,7 @@ def write_gguf(
     quantized: HF tensor name → QuantizedWeight whose codes are written as `quant` blocks as they
     are (gptq, rsq); the other tensors are quantized here: by llama.cpp's own rounding (gguf-py)
     for the 32-value types, by exporters/kquants.py for the K-quants and iq4_nl.
+    importance: HF tensor name → an imatrix's values (K,) weighting that tensor's rounding.
     """
     import gguf
 
@@ -289,7 +349,7 @@ def write_gguf(
         if cfg.norm_offset and is_norm(name):  # llama.cpp multiplies by the stored weight itself
             w = w + cfg.norm_offset
         planned = choose_type(gg, tuple(w.shape), overrides.get(name, quant))
-        data, dtype = encode(w, planned.type)
+        data, dtype = encode(w, planned.type, (importance or {}).get(name))
         writer.add_tensor(gg, data, raw_dtype=dtype)
         plan.append(planned)
     writer.write_header_to_file()
@@ -327,6 +387,8 @@ class GgufExport:
     def __init__(self, options: GgufOptions) -> None:
         self.options = options
         self.outputs = [options.output, gguf_report_path(options.output)]
+        if options.save_imatrix is not None:
+            self.outputs.append(options.save_imatrix)
 
     def code_grid(self) -> tuple[int, int, dict]:
         """gptq / rsq codes on the grid of a GGUF block type: symmetric, groups of 32, fp16 scales."""
@@ -342,7 +404,15 @@ class GgufExport:
         # checked first: a pattern that finds nothing fails before the slow part
         self.user_types = tensor_type_overrides(self.options.tensor_type, self.written.config, self.written.weights)
         self.overrides = default_overrides(self.written.config, quant)
-        self.sensitivity_kl = None
+        self.sensitivity_kl, self.allocation, self.file_quant = None, None, quant
+        o = self.options
+        self.importance = {} if o.imatrix is None else imatrix_importance(read_imatrix(o.imatrix), self.written.config,
+                                                                           self.written.weights)
+        self.saved_imatrix = None if o.save_imatrix is None else calibrated_imatrix(self.written, o)
+        if self.options.allocates:
+            self.allocation = allocate_types(self.written, self.options, self.user_types, self.importance)
+            self.overrides = dict(self.allocation.types)
+            self.file_quant = Counter(self.overrides.values()).most_common(1)[0][0]  # llama.cpp's file type
         if self.options.keep_sensitive:
             kl = measure_sensitivity(self.written, quant, tokens[:SENSITIVITY_TOKENS], set(self.overrides),
                                      progress_bar("sensitivity"))
@@ -351,13 +421,20 @@ class GgufExport:
 
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
-        plan = write_gguf(self.written, paths[0], o.quant, self.overrides | self.user_types, self.codes)
-        kept = {name: kind for name, kind in self.overrides.items() if name not in self.user_types}
+        plan = write_gguf(self.written, paths[0], self.file_quant, self.overrides | self.user_types, self.codes,
+                          self.importance)
+        if self.saved_imatrix is not None:
+            self.saved_imatrix.write(paths[2])
+        imatrix = None
+        if o.imatrix is not None:
+            imatrix = {"file": o.imatrix.name, "sha256": file_sha256(o.imatrix), "tensors_weighted": len(self.importance)}
+        kept = {} if self.allocation else {name: kind for name, kind in self.overrides.items() if name not in self.user_types}
         return GgufManifest(source=SourceRecord.of(source, beside=o.output.parent), quant=o.quant,
                             architecture=source.config.arch, method=o.method, quantization=self.quantization,
                             sensitivity_kl=self.sensitivity_kl, kept_at_higher_precision=kept,
                             tensor_types=self.user_types or None,
                             type_plan=[t.to_json() for t in plan],
+                            allocation=self.allocation.to_json() if self.allocation else None, imatrix=imatrix,
                             size_bytes=paths[0].stat().st_size, sha256=file_sha256(paths[0]))
 
     def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:

@@ -71,22 +71,24 @@ def choose_type(tensor: str, shape: tuple[int, ...], asked: str) -> TensorType:
     return TensorType(tensor, asked, kind, "; ".join(reasons))
 
 
-def encode(w: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
-    """w (rows already in llama.cpp's order) as `kind` → (array GGUFWriter writes, its GGML type)."""
+def encode(w: torch.Tensor, kind: str, importance: torch.Tensor | None = None) -> tuple[np.ndarray, object]:
+    """w (rows already in llama.cpp's order) as `kind` → (array GGUFWriter writes, its GGML type).
+    importance (K,): an imatrix's values, weighting the K-quants' and iq4_nl's rounding (the other
+    types are rounded by gguf-py, which takes none)."""
     from gguf.quants import quantize
 
     if kind == "f32":
         return w.float().numpy(), qtype(kind)
     if kind in kquants.TYPES:
-        return kquants.quantize_rows(w.reshape(-1, w.shape[-1]), kind), qtype(kind)
+        return kquants.quantize_rows(w.reshape(-1, w.shape[-1]), kind, importance=importance), qtype(kind)
     return quantize(w.float().numpy(), qtype(kind)), qtype(kind)
 
 
-def round_trip(w: torch.Tensor, kind: str) -> torch.Tensor:
+def round_trip(w: torch.Tensor, kind: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     """w after encoding as `kind` and decoding (what llama.cpp computes with)."""
     from gguf.quants import dequantize
 
-    data, gtype = encode(w, kind)
+    data, gtype = encode(w, kind, importance)
     return torch.from_numpy(np.array(dequantize(data, gtype), dtype=np.float32).reshape(w.shape))
 
 

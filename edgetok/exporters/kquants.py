@@ -90,11 +90,26 @@ def _fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20) ->
     return best_s, best_m
 
 
-def _affine_blocks(rows: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
+def _importance_weights(x: torch.Tensor, importance: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """With an importance matrix (K,) per input column (llama.cpp's imatrix values, mean x² of
+    the inputs), each weight's error counts as llama.cpp's quantizers count it:
+    importance · sqrt(σ² + x²), σ² = 2 · the super-block's mean x² (x: (B, …) blocks of rows of
+    width k). None: no importance matrix, the type's own weights."""
+    if importance is None:
+        return None
+    per_row = k // x[0].numel()  # blocks per row
+    imp = importance.float().reshape(per_row, *x.shape[1:]).repeat(x.shape[0] // per_row, *([1] * (x.dim() - 1)))
+    sigma2 = 2 * x.pow(2).flatten(1).mean(-1).view(-1, *([1] * (x.dim() - 1)))
+    return imp * (sigma2 + x * x).sqrt()
+
+
+def _affine_blocks(rows: torch.Tensor, nmax: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """rows (N, K) → per super-block fp16 d, dmin (B,), 6-bit sc, m (B, 8) and codes (B, 8, 32)."""
     x = rows.reshape(-1, 8, 32).float()
     av = x.pow(2).mean((-1, -2), keepdim=True).sqrt()
-    w = av + x.abs()  # llama.cpp's weights for q4_k / q5_k without an importance matrix
+    w = _importance_weights(x, importance, rows.shape[-1])
+    if w is None:
+        w = av + x.abs()  # llama.cpp's weights for q4_k / q5_k without an importance matrix
     s, m = _fit_affine(x, w, nmax)
     best: list[torch.Tensor] | None = None
     for step in _SUPER_STEPS.tolist():  # d and dmin: the 6-bit grid of the sub-block scales and mins
@@ -126,15 +141,15 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], 128)
 
 
-def q4_k(rows: torch.Tensor) -> np.ndarray:
-    d, dmin, sc, m, q = _affine_blocks(rows, 15)
+def q4_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
+    d, dmin, sc, m, q = _affine_blocks(rows, 15, importance)
     body = _nibbles(q.to(torch.uint8).numpy())
     blocks = np.concatenate([_bytes(d), _bytes(dmin), _pack_scales(sc, m), body], axis=-1)
     return blocks.reshape(rows.shape[0], -1)
 
 
-def q5_k(rows: torch.Tensor) -> np.ndarray:
-    d, dmin, sc, m, q = _affine_blocks(rows, 31)
+def q5_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
+    d, dmin, sc, m, q = _affine_blocks(rows, 31, importance)
     q = q.to(torch.uint8).numpy()  # (B, 8, 32)
     high = ((q >> 4) & 1).astype(np.uint8)  # bit j of byte i: sub-block j's code i
     qh = np.zeros((q.shape[0], 32), np.uint8)
@@ -163,9 +178,11 @@ def _fit_symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 9) 
     return torch.where(peak.abs() < _EPS, torch.zeros_like(best_s), best_s)
 
 
-def q6_k(rows: torch.Tensor) -> np.ndarray:
+def q6_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
     x = rows.reshape(-1, 16, 16).float()
-    w = x * x  # llama.cpp's q6_k weights without an importance matrix
+    w = _importance_weights(x, importance, rows.shape[-1])
+    if w is None:
+        w = x * x  # llama.cpp's q6_k weights without an importance matrix
     s = _fit_symmetric(x, w, 32)  # (B, 16)
     peak = s.gather(-1, s.abs().argmax(-1, keepdim=True)).squeeze(-1)  # the signed scale of largest magnitude
     best: list[torch.Tensor] | None = None
@@ -204,13 +221,15 @@ def _nearest(v: torch.Tensor) -> torch.Tensor:
     return _IQ4NL_LOOKUP[bins]
 
 
-def iq4_nl(rows: torch.Tensor, tries: int = 7) -> np.ndarray:
+def iq4_nl(rows: torch.Tensor, importance: torch.Tensor | None = None, tries: int = 7) -> np.ndarray:
     """llama.cpp's quantize_row_iq4_nl_impl: d from the block's peak, codes nearest on the grid,
     d refitted by weighted least squares; of the candidates that put the peak at grid[0] + t or at
     grid[-1] + t, |t| ≤ tries, the best. d is then rounded to fp16 and the codes chosen again."""
     grid = torch.tensor(IQ4NL_GRID, dtype=torch.float32)
     x = rows.reshape(-1, IQ4NL_BLOCK).float()
-    w = x * x
+    w = _importance_weights(x, importance, rows.shape[-1])
+    if w is None:
+        w = x * x
     peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
     safe = torch.where(peak.abs() < _EPS, torch.ones_like(peak), peak)
 
@@ -238,10 +257,12 @@ def iq4_nl(rows: torch.Tensor, tries: int = 7) -> np.ndarray:
 QUANTIZERS = {"q4_k": q4_k, "q5_k": q5_k, "q6_k": q6_k, "iq4_nl": iq4_nl}
 
 
-def quantize_rows(rows: torch.Tensor, kind: str, chunk_rows: int = 4096) -> np.ndarray:
+def quantize_rows(rows: torch.Tensor, kind: str, chunk_rows: int = 4096, importance: torch.Tensor | None = None) -> np.ndarray:
     """rows (N, K), K a multiple of the type's block → GGUF blocks (N, K / block · block bytes),
-    in pieces of rows (memory stays a few times one piece's size)."""
+    in pieces of rows (memory stays a few times one piece's size). importance (K,): an imatrix's
+    values for the rows' inputs, weighting each column's rounding error."""
     assert rows.shape[-1] % BLOCK_VALUES[kind] == 0, (rows.shape, kind)
     rows = rows.float()
     with torch.inference_mode():
-        return np.concatenate([QUANTIZERS[kind](rows[i : i + chunk_rows]) for i in range(0, rows.shape[0], chunk_rows)])
+        return np.concatenate([QUANTIZERS[kind](rows[i : i + chunk_rows], importance)
+                               for i in range(0, rows.shape[0], chunk_rows)])

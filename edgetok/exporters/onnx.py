@@ -16,13 +16,26 @@ import torch
 
 from edgetok.errors import EdgetokError
 from edgetok.exporters import onnx_rewrites as rewrites
+from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
 from edgetok.exporters.hf import write_model_files
 from edgetok.exporters.onnx_graph import PruneSpec, build_decoder, default_prune, graph_inv_freq
-from edgetok.exporters.options import DEFAULT_BLOCK, OnnxOptions
+from edgetok.exporters.options import AUTO, DEFAULT_BLOCK, ONNX_LADDER, QUANTIZED_WEIGHTS, OnnxOptions
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, fit_group_size, rtn
-from edgetok.files import file_sha256
+from edgetok.exporters.sensitivity import Matrix
+from edgetok.files import file_sha256, progress_bar
 from edgetok.models.manifest import ONNX_DATA, ONNX_MANIFEST, ONNX_MODEL, OnnxManifest, SourceRecord
-from edgetok.models.names import HEAD_WEIGHTS, fused_parts, io_names
+from edgetok.models.names import (
+    DOWN_PROJ,
+    EMBEDDING,
+    GATE_UP_FUSED,
+    HEAD_WEIGHTS,
+    LM_HEAD,
+    O_PROJ,
+    QKV_FUSED,
+    fused_parts,
+    io_names,
+    layer,
+)
 from edgetok.models.sources import Source, load_source
 
 HEAD_BLOCK = 32  # the 8-bit embedding / LM head: q8_0's block
@@ -59,6 +72,55 @@ def weight_quantizer(weights: str, block_size: int | None, qdq: bool, zero_point
         return rtn(w, bits, fit_group_size(k, block_size), float_zero=float_zero, scale_dtype=scale_dtype)
 
     return quantize
+
+
+def stored_bits(kind: str, head: bool, block: int) -> float:
+    """Bits per weight of a matrix at `kind` as to_matmul_nbits and to_fp16 store it: the codes,
+    an fp16 scale per block, and per block an fp16 offset (4-bit layers' exact zero points), an
+    8-bit zero point (8-bit layers) or none (the symmetric embedding / head)."""
+    if kind == "fp16":
+        return 16.0
+    bits = 4 if kind == "int4" else 8
+    if head:
+        return bits + 16 / HEAD_BLOCK
+    return bits + (16 + (16 if bits == 4 else 8)) / block
+
+
+def allocation_matrices(cfg, weights: dict[str, torch.Tensor]) -> list[Matrix]:
+    """The graph's weight initializers (a fused linear stacks its parts), each int4, int8 or fp16."""
+    matrices = []
+    units = [EMBEDDING] + ([] if cfg.tie_word_embeddings else [LM_HEAD])
+    units += [layer(i, f"{unit}.weight") for i in range(cfg.num_layers) for unit in (QKV_FUSED, O_PROJ, GATE_UP_FUSED, DOWN_PROJ)]
+    for name in units:
+        parts = tuple(fused_parts(name) or [name])
+        matrices.append(Matrix(name, parts, sum(weights[p].numel() for p in parts), ONNX_LADDER))
+    return matrices
+
+
+def ladder_quantizers(block_size: int) -> dict[str, rewrites.Quantizer]:
+    """--weights auto's quantized types, each as --weights TYPE rounds (the head too at int4)."""
+    return {kind: weight_quantizer(kind, block_size, False, head_bits=4 if kind == "int4" else 8)
+            for kind in QUANTIZED_WEIGHTS if kind != AUTO}
+
+
+def allocated_quantizer(types: dict[str, str], block_size: int) -> rewrites.Quantizer:
+    """--weights auto: each initializer at the type the allocator chose (fp16: left float)."""
+    quantizers = ladder_quantizers(block_size)
+    return lambda name, w: None if types[name] == "fp16" else quantizers[types[name]](name, w)
+
+
+def allocate_types(source: Source, options: OnnxOptions) -> Allocation:
+    """--weights auto: every initializer's type for --target-bits or --max-kl (exporters/allocate.py)."""
+    block = options.block_size
+    matrices = allocation_matrices(source.config, source.weights)
+    quantizers = ladder_quantizers(block)
+
+    def round_trip(name: str, w: torch.Tensor, kind: str) -> torch.Tensor:
+        return w.half().float() if kind == "fp16" else quantizers[kind](name, w).dequantize()
+
+    return allocate(calibration_rounded(source, options), matrices, round_trip,
+                    lambda m, kind: stored_bits(kind, m.name in HEAD_WEIGHTS, block),
+                    target_bits=options.target_bits, max_kl=options.max_kl, progress=progress_bar("sensitivity"))
 
 
 def calibrated_quantizer(qm: QuantizedModel, fallback: rewrites.Quantizer) -> rewrites.Quantizer:
@@ -111,7 +173,13 @@ class OnnxExport:
         float weights, rotated ones for rsq)."""
         o = self.options
         self.config, self.float_weights, self.quantization = source.config, source.weights, {}
-        quantizer = weight_quantizer(o.weights, o.block_size, o.qdq, o.zero_points, o.head_bits) if o.quantized else None
+        self.allocation = allocate_types(source, o) if o.allocates else None
+        if self.allocation is not None:
+            quantizer = allocated_quantizer(self.allocation.types, o.block_size)
+        elif o.quantized:
+            quantizer = weight_quantizer(o.weights, o.block_size, o.qdq, o.zero_points, o.head_bits)
+        else:
+            quantizer = None
         if qm is not None:
             quantizer = calibrated_quantizer(qm, quantizer)
             self.config, self.float_weights, self.quantization = qm.config, qm.reference, qm.info
@@ -166,6 +234,7 @@ class OnnxExport:
             graph_sha256="".join(hashes[f.name][:32] for f in graph),
             sha256=hashes,
             size_bytes=sum(f.stat().st_size for f in graph),
+            allocation=self.allocation.to_json() if self.allocation else None,
         )
         manifest.write(folder / ONNX_MANIFEST)
         return manifest

@@ -30,7 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgetok.exporters.quantize import QuantizedWeight
 
-Quantizer = Callable[[str, torch.Tensor], QuantizedWeight]
+# (initializer name, W (N, K)) → its codes; to_matmul_nbits also takes None: the weight stays float
+Quantizer = Callable[[str, torch.Tensor], QuantizedWeight | None]
 MS_DOMAIN = "com.microsoft"
 
 
@@ -211,10 +212,13 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
     uses = list(_weight_uses(g))
     packed: dict[str, tuple] = {}  # float initializer → (B, scales, zero points, offsets (or None), K, bits)
 
-    def pack(name: str, kind: str) -> tuple:
+    def pack(name: str, kind: str) -> tuple | None:
         if name not in packed:
             w = _nk(kind, g.array(name))
             qw = quantizer(name, w)
+            if qw is None:  # kept float (--weights auto chose it)
+                packed[name] = None
+                return None
             assert qw.bits in (4, 8), qw.bits
             b, scales, zero, offsets = pack_matmul_nbits(qw)
             zero = None if zero is None else g.add_init(f"{name}.zero_points", zero)
@@ -237,6 +241,8 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
     replace: dict[int, list[onnx.NodeProto]] = {}
     order = sorted(uses, key=lambda u: u[2] == "embedding")  # the head first: the embedding reuses it
     for i, n, kind, name in order:
+        if pack(name, kind) is None:
+            continue
         b, scales, zero, offsets, k, bits = pack(name, kind)
         if kind == "embedding":
             _gather_dequantized(g, n.input[1], b, scales, zero, offsets, bits, n.output[0])
@@ -256,8 +262,9 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
             _exact_top(g, x, mm, (b, scales, zero, offsets, bits), exact_top, y)
         replace[i] = g.collect()
     g.rebuild(replace)
-    for name in packed:
-        g.drop_init(name)
+    for name, pack_ in packed.items():
+        if pack_ is not None:
+            g.drop_init(name)
 
 
 # -- QDQ: standard DequantizeLinear -------------------------------------------------------------------

@@ -19,8 +19,11 @@ from edgetok.errors import EdgetokError
 METHODS = ("rtn", "gptq", "rsq")  # how weight codes are chosen (exporters/quantize.py)
 
 # --format onnx
-WEIGHTS = ("fp32", "fp16", "int4", "int8")
-QUANTIZED_WEIGHTS = ("int4", "int8")
+AUTO = "auto"  # --quant / --weights: the allocator chooses each matrix's type (exporters/allocate.py)
+WEIGHTS = ("fp32", "fp16", "int4", "int8", AUTO)
+QUANTIZED_WEIGHTS = ("int4", "int8", AUTO)
+# --weights auto: the types a matrix can take (MatMulNBits 4 or 8 bits, or float stored in fp16)
+ONNX_LADDER = ("int4", "int8", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK = 32
 ATTENTION = ("gqa", "standard")
@@ -33,7 +36,11 @@ DEFAULT_OPSET = QDQ_OPSET
 MIN_OPSET = 18  # the graph's operators
 
 # --format gguf: the 2-D weights' type, named as gguf-py names it in lower case (exporters/gguf.py)
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", AUTO)
+# --quant auto: the types a matrix can take (each falls back as the type plan says where its rows
+# are not whole blocks)
+GGUF_LADDER = ("iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+ALLOCATION_TOKENS = 256  # of the calibration text: the allocator runs the model once per matrix and type
 # --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are.
 CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
 
@@ -80,6 +87,7 @@ class ExportOptions:
     method: str = "rtn"
     calib: Path | None = None  # gptq / rsq calibration text (default: the built-in essays)
     calib_tokens: int | None = None
+    target_bits: float | None = None  # the allocator's budget: bits per weight over the weight matrices
 
     DEFAULT_EVAL_TOKENS: ClassVar[int]
 
@@ -94,8 +102,23 @@ class ExportOptions:
         if self.eval_tokens is None:
             object.__setattr__(self, "eval_tokens", self.DEFAULT_EVAL_TOKENS)
         check_choice("--method", self.method, METHODS)
-        if self.method == "rtn" and (self.calib is not None or self.calib_tokens is not None):
-            raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq; rtn needs no calibration")
+        if not self.reads_calibration_text and (self.calib is not None or self.calib_tokens is not None):
+            raise EdgetokError("--calib and --calib-tokens apply to --method gptq and rsq, to the allocator "
+                               "(--target-bits, --max-kl with --quant / --weights auto) and to --save-imatrix; "
+                               "rtn needs no calibration")
+        if self.allocates:
+            if (self.target_bits is None) == (self.max_kl is None):
+                raise EdgetokError("the allocator (--quant / --weights auto) needs one goal: --target-bits B or --max-kl X")
+            if self.method != "rtn":
+                raise EdgetokError(f"--method {self.method} writes one type; the allocator (--quant / --weights auto) "
+                                   "rounds each matrix to nearest (--method rtn)")
+            if self.calib_tokens is not None and self.calib_tokens < MIN_EVAL_TOKENS:
+                raise EdgetokError(f"--calib-tokens must be at least {MIN_EVAL_TOKENS}, not {self.calib_tokens}")
+        elif self.target_bits is not None:
+            raise EdgetokError("--target-bits is the allocator's budget: use it with --quant auto (gguf) or "
+                               "--weights auto (onnx), or leave --quant / --weights unset")
+        if self.target_bits is not None and not 1 <= self.target_bits <= 32:
+            raise EdgetokError(f"--target-bits must be between 1 and 32 bits per weight, not {self.target_bits}")
         if self.max_kl is not None and not self.verify:
             raise EdgetokError("--max-kl needs the parity report; drop --no-verify")
         if self.eval_tokens < MIN_EVAL_TOKENS:
@@ -107,6 +130,19 @@ class ExportOptions:
     def reads_eval_text(self) -> bool:
         """Whether the export tokenizes the evaluation text (the parity report needs it)."""
         return self.verify
+
+    @property
+    def reads_calibration_text(self) -> bool:
+        return self.method != "rtn" or self.allocates
+
+    @property
+    def allocates(self) -> bool:
+        """Whether the allocator chooses each matrix's type (--quant auto / --weights auto)."""
+        raise NotImplementedError  # the format's type option is "auto"
+
+    @property
+    def allocation_tokens(self) -> int:
+        return self.calib_tokens or ALLOCATION_TOKENS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +159,7 @@ class OnnxOptions(ExportOptions):
     The LM head keeps int8 activations either way: its float kernel is ~9× slower per token.
     """
 
-    weights: str = "int4"
+    weights: str | None = None  # None: int4, or auto with --target-bits
     block_size: int | None = None
     qdq: bool = False  # standard DequantizeLinear + MatMul only (NPU execution providers)
     zero_points: str = "exact"
@@ -136,10 +172,12 @@ class OnnxOptions(ExportOptions):
     DEFAULT_EVAL_TOKENS: ClassVar[int] = 1024
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self.weights is None:
+            object.__setattr__(self, "weights", AUTO if self.target_bits is not None else "int4")
         check_choice("--weights", self.weights, WEIGHTS)
+        super().__post_init__()
         quantized = self.weights in QUANTIZED_WEIGHTS
-        if self.qdq and not quantized:
+        if self.qdq and self.weights not in ("int4", "int8"):
             raise EdgetokError("--qdq applies to --weights int4 or int8")
         if self.block_size is not None and (not quantized or self.block_size not in BLOCK_SIZES):
             raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
@@ -170,6 +208,10 @@ class OnnxOptions(ExportOptions):
     def quantized(self) -> bool:
         return self.weights in QUANTIZED_WEIGHTS
 
+    @property
+    def allocates(self) -> bool:
+        return self.weights == AUTO
+
 
 @dataclass(frozen=True, kw_only=True)
 class GgufOptions(ExportOptions):
@@ -179,15 +221,19 @@ class GgufOptions(ExportOptions):
     keep_sensitive: the tensors quantization hurts most (measured) at a higher type.
     """
 
-    quant: str = "q8_0"
+    quant: str | None = None  # None: q8_0, or auto with --target-bits
     keep_sensitive: bool = False
     tensor_type: tuple[str, ...] = ()  # REGEX=TYPE: the matrices whose llama.cpp name REGEX finds get TYPE
+    imatrix: Path | None = None  # llama.cpp's importance matrix: weights the K-quant / iq4_nl rounding
+    save_imatrix: Path | None = None  # where to write the importance edgetok calibrates (.dat: legacy layout)
 
     DEFAULT_EVAL_TOKENS: ClassVar[int] = 512
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self.quant is None:
+            object.__setattr__(self, "quant", AUTO if self.target_bits is not None else "q8_0")
         check_choice("--quant", self.quant, QUANTS)
+        super().__post_init__()
         object.__setattr__(self, "tensor_type", tuple(self.tensor_type))
         for spec in self.tensor_type:  # the form here; the names when the model is loaded (exporters/gguf.py)
             parse_tensor_type(spec)
@@ -196,6 +242,17 @@ class GgufOptions(ExportOptions):
                 f"--method {self.method} writes its codes as {' or '.join(CODE_TYPES)} blocks; "
                 f"use --quant {' or --quant '.join(CODE_TYPES)}, or --method rtn for {self.quant}"
             )
+        for name in ("imatrix", "save_imatrix"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.imatrix is not None and self.method != "rtn":
+            raise EdgetokError(f"--imatrix weights round-to-nearest; --method {self.method} weighs errors by its own "
+                               "calibration")
+        if self.save_imatrix is not None and self.save_imatrix.resolve() == self.output.resolve():
+            raise EdgetokError("--save-imatrix needs a file of its own, not --output")
+        if self.keep_sensitive and self.allocates:
+            raise EdgetokError("--keep-sensitive keeps a few matrices above one --quant; with --quant auto the "
+                               "allocator already chooses every matrix's type from its sensitivity")
         if self.keep_sensitive and higher_precision(self.quant) is None:
             raise EdgetokError(f"--keep-sensitive needs a quantized --quant (q8_0, q4_*, q5_*, q6_k, iq4_nl), not {self.quant}")
 
@@ -203,3 +260,11 @@ class GgufOptions(ExportOptions):
     def reads_eval_text(self) -> bool:
         """--keep-sensitive measures each tensor's sensitivity on the evaluation text too."""
         return self.verify or self.keep_sensitive
+
+    @property
+    def allocates(self) -> bool:
+        return self.quant == AUTO
+
+    @property
+    def reads_calibration_text(self) -> bool:
+        return super().reads_calibration_text or self.save_imatrix is not None

@@ -201,6 +201,8 @@ class OnnxManifest(_Json):
     parity: Parity | None = field(default=None, metadata=_OPTIONAL)
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)
     export_seconds: float | None = field(default=None, metadata=_OPTIONAL)
+    # --weights auto: exporters/allocate.py's Allocation (each matrix's type, and why)
+    allocation: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
 
     _READERS: ClassVar = {"source": SourceRecord.from_json, "config": ModelConfig.from_dict,
                           "prune": lambda d: PruneSpec(**d), "parity": lambda d: Parity(**d)}
@@ -231,6 +233,10 @@ class GgufManifest(_Json):
     size_bytes: int
     # exporters/gguf_types.py's TensorType rows: each tensor's type, and why where not the asked one
     type_plan: list[dict[str, str]] | None = field(default=None, metadata=_OPTIONAL)
+    # --quant auto: exporters/allocate.py's Allocation (each matrix's type, and why)
+    allocation: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
+    # --imatrix: the file whose importance weighted the rounding ({file, sha256, tensors_weighted})
+    imatrix: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
     sha256: str | None = field(default=None, metadata=_OPTIONAL)  # of the GGUF: a loader refuses a file that differs
     parity: Parity | None = field(default=None, metadata=_OPTIONAL)
     parity_summary: str | None = field(default=None, metadata=_OPTIONAL)

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model, make_tokenizer_files, run_cli
+from conftest import run_cli
 from gguf.quants import dequantize, quantize
 
 import edgetok
@@ -73,23 +73,6 @@ def test_type_plan_says_every_fallback_and_why():
     assert lines[0] == "tensor types: 1 f16, 1 q4_k" and "f16 instead of q4_k for 1 tensors" in lines[1]
 
 
-@pytest.fixture(scope="module")
-def wide_folder(tmp_path_factory):
-    """A tiny Llama whose rows are 256 wide (attention, gate/up: K-quants) and 320 (down: a fallback)."""
-    from tokenizers import Tokenizer
-
-    folder = tmp_path_factory.mktemp("wide")
-    make_tokenizer_files(folder)
-    hf = make_hf_model("llama", Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(),
-                       hidden=256, intermediate=320)
-    with torch.no_grad():  # the fixture's 0.15 is large for 256-wide rows: logits would saturate
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.mul_(0.3)
-    hf.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("kind,fallback", [("q4_k", "iq4_nl"), ("q5_k", "q5_0"), ("q6_k", "q8_0"), ("iq4_nl", None)])
 def test_every_type_written_runs_in_llamacpp(wide_folder, kind, fallback, tmp_path):
     out = tmp_path / f"{kind}.gguf"
@@ -147,4 +130,4 @@ def test_tensor_type_mistakes_are_one_sentence_and_write_nothing(wide_folder, tm
 
 def test_tensor_type_is_for_gguf(wide_folder, tmp_path):
     r = run_cli("export", wide_folder, "--format", "onnx", "-o", tmp_path / "o", "--tensor-type", "attn_v=q8_0")
-    assert r.exit_code == 1 and "--tensor-type applies to --format gguf" in r.output
+    assert r.exit_code == 1 and "--tensor-type, --imatrix and --save-imatrix apply to --format gguf" in r.output

@@ -1,0 +1,189 @@
+"""The bit-budget allocator: each weight matrix's type chosen from its measured sensitivity, for a
+size (--target-bits B: at most B bits per weight over the matrices) or a quality (--max-kl X: the
+mix's KL against fp32 on the calibration text at most X). Shared by both formats: a format says
+which types each matrix can take, what each costs in bits and how it rounds (exporters/gguf.py,
+exporters/onnx.py); the sensitivity is exporters/sensitivity.py's measurement.
+
+The model: a mix's KL is about the sum of its matrices' KLs, each measured alone (HAWQ-style
+additivity). For each matrix, the types on the lower convex hull of (bits, KL) are its ladder (a
+type that costs more and removes less is never taken); every step up a ladder is an upgrade that
+removes some KL for some bits. Upgrades are taken in order of KL removed per bit, steepest first:
+
+- by bits: the longest run of that order that fits the budget. The order does not depend on the
+  budget, so a larger budget takes a longer run of the same upgrades: no matrix gets a smaller
+  type at a higher target.
+- by KL: the shortest run whose predicted KL is under the limit; the mix is then measured whole
+  (additivity is only approximate) and the run lengthened while the measurement exceeds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from edgetok.errors import EdgetokError
+from edgetok.exporters.sensitivity import Matrix, Rounded, RoundTrip, tensor_kl
+
+BitsOf = Callable[[Matrix, str], float]  # a matrix at a type → its bits per weight, as stored
+MAX_KL_ROUNDS = 8  # measurements of the whole mix while --max-kl is not met
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    matrix: str
+    to: str
+    bits: float  # bits the step adds (the matrix's weights × the change in bits per weight)
+    gain: float  # KL the step removes (predicted)
+
+    @property
+    def efficiency(self) -> float:
+        return self.gain / self.bits
+
+
+@dataclass
+class Allocation:
+    """The types chosen, and what they were chosen from: the report keeps it all."""
+
+    types: dict[str, str]  # matrix name → type
+    bits_per_weight: float  # realised, over the allocated matrices
+    predicted_kl: float  # the sum of the chosen types' KLs, each measured alone
+    calibration_kl: float  # the whole mix, measured on the calibration text
+    target_bits: float | None = None
+    max_kl: float | None = None
+    calibration_tokens: int = 0
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)  # matrix → type → KL alone
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary(), "target_bits": self.target_bits, "max_kl": self.max_kl,
+                "bits_per_weight": round(self.bits_per_weight, 4), "predicted_kl": round(self.predicted_kl, 6),
+                "calibration_kl": round(self.calibration_kl, 6), "calibration_tokens": self.calibration_tokens,
+                "types": self.types,
+                "sensitivity": {m: {k: round(v, 6) for k, v in kl.items()} for m, kl in self.sensitivity.items()}}
+
+    def summary(self) -> str:
+        goal = f"--target-bits {self.target_bits:g}" if self.target_bits is not None else f"--max-kl {self.max_kl:g}"
+        return (f"allocated for {goal}: {self.bits_per_weight:.3f} bits per weight, KL on the calibration text "
+                f"{self.calibration_kl:.4f} (predicted from each matrix alone {self.predicted_kl:.4f})")
+
+
+def ladder(m: Matrix, kl: dict[str, float], bits_of: BitsOf) -> list[str]:
+    """m's types on the lower convex hull of (bits per weight, KL), cheapest first, each removing KL."""
+    best: dict[float, str] = {}  # bits → the type of least KL at that size
+    for kind in m.types:
+        b = bits_of(m, kind)
+        if b not in best or kl[kind] < kl[best[b]]:
+            best[b] = kind
+    hull: list[str] = []
+    for b in sorted(best):
+        kind = best[b]
+        if hull and kl[kind] >= kl[hull[-1]]:
+            continue  # costs more, removes nothing
+        # drop the previous point while it lies on or above the line from the one before it to this
+        while len(hull) >= 2:
+            (b0, k0), (b1, k1) = ((bits_of(m, t), kl[t]) for t in hull[-2:])
+            if (k1 - k0) * (b - b0) >= (kl[kind] - k0) * (b1 - b0):
+                hull.pop()
+            else:
+                break
+        hull.append(kind)
+    return hull
+
+
+def upgrades(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf) -> tuple[dict[str, str], list[Upgrade]]:
+    """Every matrix's cheapest type, and every step up the ladders, steepest first (ties: by name)."""
+    start, steps = {}, []
+    for m in matrices:
+        rungs = ladder(m, kl[m.name], bits_of)
+        start[m.name] = rungs[0]
+        for lo, hi in zip(rungs, rungs[1:]):
+            steps.append(Upgrade(m.name, hi, (bits_of(m, hi) - bits_of(m, lo)) * m.size, kl[m.name][lo] - kl[m.name][hi]))
+    steps.sort(key=lambda u: (-u.efficiency, u.matrix, u.bits))
+    return start, steps
+
+
+def _apply(start: dict[str, str], steps: list[Upgrade], n: int) -> dict[str, str]:
+    types = dict(start)
+    for u in steps[:n]:
+        types[u.matrix] = u.to
+    return types
+
+
+def bits_per_weight(matrices: list[Matrix], types: dict[str, str], bits_of: BitsOf) -> float:
+    return sum(bits_of(m, types[m.name]) * m.size for m in matrices) / sum(m.size for m in matrices)
+
+
+def by_bits(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float) -> dict[str, str]:
+    """The types for at most `target` bits per weight over `matrices`."""
+    start, steps = upgrades(matrices, kl, bits_of)
+    total = sum(m.size for m in matrices)
+    used = sum(bits_of(m, start[m.name]) * m.size for m in matrices)
+    if used > target * total + 1e-9:
+        raise EdgetokError(f"--target-bits {target:g} is below the smallest mix of this model's types "
+                           f"({used / total:.3f} bits per weight, every matrix at its smallest type)")
+    n = 0
+    for u in steps:
+        if used + u.bits > target * total + 1e-9:
+            break  # stop at the first that does not fit: a longer budget only lengthens the run
+        used += u.bits
+        n += 1
+    return _apply(start, steps, n)
+
+
+def by_kl(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, max_kl: float,
+          measure: Callable[[dict[str, str]], float]) -> tuple[dict[str, str], float]:
+    """The cheapest run of upgrades whose whole mix measures at most `max_kl` → (types, its KL)."""
+    start, steps = upgrades(matrices, kl, bits_of)
+    predicted = [sum(kl[m.name][start[m.name]] for m in matrices)]
+    for u in steps:
+        predicted.append(predicted[-1] - u.gain)
+    aim, n = max_kl, 0
+    for _ in range(MAX_KL_ROUNDS):
+        n = max(n, next((i for i, p in enumerate(predicted) if p <= aim), len(steps)))
+        types = _apply(start, steps, n)
+        measured = measure(types)
+        if measured <= max_kl:
+            return types, measured
+        if n == len(steps):
+            break
+        aim *= max_kl / measured  # additivity was optimistic by about this much
+        n += 1
+    raise EdgetokError(f"no mix of this model's types meets --max-kl {max_kl:g} on the calibration text "
+                       f"(the closest measured {measured:.4f}); raise it or choose a type with --quant / --weights")
+
+
+def calibration_rounded(source, options) -> Rounded:
+    """The reference model on options.allocation_tokens tokens of the calibration text (--calib;
+    default: the end of the built-in essays, which the parity report never reads)."""
+    from edgetok.exporters.calibration import calibration_tokens
+    from edgetok.texts import read_text
+
+    text = read_text(options.calib, 0) if options.calib is not None else None
+    n = options.allocation_tokens
+    return Rounded(source, calibration_tokens(source.tokenizer, text, n, n)[0].tolist())
+
+
+def allocate(rounded: Rounded, matrices: list[Matrix], round_trip: RoundTrip, bits_of: BitsOf, *,
+             target_bits: float | None = None, max_kl: float | None = None,
+             fixed: dict[str, torch.Tensor] | None = None, progress=None) -> Allocation:
+    """Each of `matrices`' type for --target-bits or --max-kl, measured on `rounded`'s tokens.
+    fixed: HF tensors whose rounding another option decided (--tensor-type): in every measurement."""
+    assert (target_bits is None) != (max_kl is None)
+    fixed = fixed or {}
+    by_name = {m.name: m for m in matrices}
+
+    def measure(types: dict[str, str]) -> float:
+        mix = dict(fixed)
+        for name, kind in types.items():
+            mix |= rounded.rounded(by_name[name], kind, round_trip)
+        return rounded.kl(mix)
+
+    kl = tensor_kl(rounded, matrices, round_trip, progress)
+    if target_bits is not None:
+        types = by_bits(matrices, kl, bits_of, target_bits)
+        measured = measure(types)
+    else:
+        types, measured = by_kl(matrices, kl, bits_of, max_kl, measure)
+    return Allocation(types, bits_per_weight(matrices, types, bits_of), sum(kl[n][t] for n, t in types.items()),
+                      measured, target_bits, max_kl, len(rounded.tokens), kl)

@@ -1,0 +1,201 @@
+"""The bit-budget allocator (exporters/allocate.py): each matrix's type from its measured
+sensitivity, for a size (--target-bits) or a quality (--max-kl), in GGUF and in ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import run_cli
+
+from edgetok.errors import EdgetokError
+from edgetok.exporters.allocate import by_bits, ladder
+from edgetok.exporters.calibration import calibration_tokens
+from edgetok.exporters.gguf_types import bits_per_weight
+from edgetok.exporters.options import GgufOptions, OnnxOptions
+from edgetok.exporters.sensitivity import Matrix
+from edgetok.exporters.verify import compare, model_logits
+from edgetok.models.llama import LlamaModel
+from edgetok.models.manifest import ONNX_MANIFEST
+from edgetok.models.sources import load_source
+
+BITS = {"a": 4.0, "b": 5.0, "c": 6.0, "d": 8.0}
+
+
+def bits_of(m: Matrix, kind: str) -> float:
+    return BITS[kind]
+
+
+def test_ladder_keeps_the_lower_convex_hull():
+    m = Matrix("x", ("x",), 10, tuple(BITS))
+    # b removes less per bit than going straight to c: off the hull; d removes nothing more than c
+    assert ladder(m, {"a": 1.0, "b": 0.9, "c": 0.2, "d": 0.2}, bits_of) == ["a", "c"]
+    assert ladder(m, {"a": 1.0, "b": 0.4, "c": 0.2, "d": 0.1}, bits_of) == ["a", "b", "c", "d"]
+
+
+def test_higher_targets_never_pick_smaller_types():
+    """Random sensitivities, many targets: every matrix's bits only grow with the target, and the
+    realised bits per weight never pass it."""
+    g = np.random.default_rng(0)
+    matrices = [Matrix(f"m{i}", (f"m{i}",), int(g.integers(100, 5000)), tuple(BITS)) for i in range(40)]
+    kl = {}
+    for m in matrices:
+        base = g.uniform(0.01, 1)
+        kl[m.name] = {k: base * np.exp(-g.uniform(0.5, 1.5) * (b - 4)) for k, b in BITS.items()}
+    total = sum(m.size for m in matrices)
+    previous = None
+    for target in np.linspace(4, 8, 33):
+        types = by_bits(matrices, kl, bits_of, float(target))
+        realised = sum(BITS[types[m.name]] * m.size for m in matrices) / total
+        assert realised <= target + 1e-9
+        if previous is not None:
+            assert all(BITS[types[n]] >= BITS[previous[n]] for n in types)
+        previous = types
+    # 8 bits: every matrix at the top of its ladder (the type of least KL)
+    assert all(previous[m.name] == min(kl[m.name], key=kl[m.name].get) for m in matrices)
+    with pytest.raises(EdgetokError, match="below the smallest mix"):
+        by_bits(matrices, kl, bits_of, 3.5)
+
+
+def file_types(path) -> dict[str, tuple[str, int]]:
+    """The GGUF's weight matrices: llama.cpp name → (type, weights)."""
+    reader = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name.lower(), int(np.prod(t.shape))) for t in reader.tensors if len(t.shape) == 2}
+
+
+def test_gguf_target_bits(wide_folder, tmp_path):
+    plans = {}
+    for target in (4.6, 5.6, 7.0):
+        out = tmp_path / f"t{target}.gguf"
+        r = run_cli("export", wide_folder, "--format", "gguf", "--target-bits", target, "--calib-tokens", "64",
+                    "--eval-tokens", "64", "-o", out)
+        assert r.exit_code == 0, r.output
+        assert f"allocated for --target-bits {target:g}" in r.output and "tensor types:" in r.output
+        report = json.loads((tmp_path / f"t{target}.gguf.json").read_text())
+        assert report["quant"] == "auto" and report["parity"]["kl_mean"] < 0.05
+        types = file_types(out)  # what llama.cpp reads, not what the report says
+        realised = sum(bits_per_weight(kind) * n for kind, n in types.values()) / sum(n for _, n in types.values())
+        assert realised <= target and abs(realised - report["allocation"]["bits_per_weight"]) < 1e-4
+        plans[target] = types
+    low, mid, high = plans.values()
+    for name in low:
+        assert bits_per_weight(low[name][0]) <= bits_per_weight(mid[name][0]) <= bits_per_weight(high[name][0])
+    assert len({kind for kind, _ in mid.values()}) > 1  # a mix, not one type
+
+
+def calibration_kl(source, gguf_path, n: int) -> float:
+    """The written file's KL against the fp32 model on the allocator's calibration tokens, in torch
+    from the blocks as gguf-py decodes them (llama.cpp's values)."""
+    tokens = calibration_tokens(source.tokenizer, None, n, n)[0].tolist()
+    back = load_source(str(gguf_path))
+    ref = model_logits(LlamaModel.from_state_dict(source.config, source.weights), tokens)
+    return compare(ref, model_logits(LlamaModel.from_state_dict(back.config, back.weights), tokens), tokens).kl_mean
+
+
+@pytest.mark.parametrize("max_kl", [0.002, 0.0005])
+def test_gguf_max_kl_is_met_on_the_calibration_text(wide_folder, tmp_path, max_kl):
+    out = tmp_path / "k.gguf"
+    # the goal is the calibration text's; the parity report (evaluation text, llama.cpp) is kept as always
+    r = run_cli("export", wide_folder, "--format", "gguf", "--quant", "auto", "--max-kl", max_kl,
+                "--calib-tokens", "64", "--eval-tokens", "64", "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "k.gguf.json").read_text())
+    measured = calibration_kl(load_source(str(wide_folder)), out, 64)
+    assert measured <= max_kl
+    assert abs(measured - report["allocation"]["calibration_kl"]) < 1e-6
+
+
+def test_gguf_max_kl_buys_bits_only_where_needed(wide_folder, tmp_path):
+    loose, tight = tmp_path / "loose.gguf", tmp_path / "tight.gguf"
+    for out, kl in ((loose, 0.01), (tight, 0.0005)):
+        r = run_cli("export", wide_folder, "--format", "gguf", "--quant", "auto", "--max-kl", kl,
+                    "--calib-tokens", "64", "--eval-tokens", "64", "-o", out)
+        assert r.exit_code == 0, r.output
+    size = lambda p: json.loads(p.with_name(p.name + ".json").read_text())["allocation"]["bits_per_weight"]  # noqa: E731
+    assert size(loose) < size(tight)
+
+
+def test_tensor_type_fixes_what_the_allocator_leaves(wide_folder, tmp_path):
+    out = tmp_path / "f.gguf"
+    r = run_cli("export", wide_folder, "--format", "gguf", "--target-bits", "5", "--calib-tokens", "64",
+                "--no-verify", "--tensor-type", "attn_v=q8_0", "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "f.gguf.json").read_text())
+    assert file_types(out)["blk.0.attn_v.weight"][0] == "q8_0"
+    assert "model.layers.0.self_attn.v_proj.weight" not in report["allocation"]["types"]
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: GgufOptions(model="m", output="o.gguf", quant="auto"), "needs one goal"),
+    (lambda: GgufOptions(model="m", output="o.gguf", quant="auto", target_bits=5, max_kl=0.1), "needs one goal"),
+    (lambda: GgufOptions(model="m", output="o.gguf", quant="q4_k", target_bits=5), "use it with --quant auto"),
+    (lambda: GgufOptions(model="m", output="o.gguf", target_bits=5, keep_sensitive=True), "already chooses"),
+    (lambda: GgufOptions(model="m", output="o.gguf", target_bits=5, method="gptq"), "rounds each matrix"),
+    (lambda: OnnxOptions(model="m", output="o", weights="auto", target_bits=5, qdq=True), "--qdq applies"),
+])
+def test_allocator_option_mistakes(make, words):
+    with pytest.raises(EdgetokError, match=words):
+        make()
+
+
+def test_target_bits_implies_auto():
+    assert GgufOptions(model="m", output="o.gguf", target_bits=5).quant == "auto"
+    assert OnnxOptions(model="m", output="o", target_bits=5).weights == "auto"
+    assert GgufOptions(model="m", output="o.gguf").quant == "q8_0"
+    assert OnnxOptions(model="m", output="o").weights == "int4"
+
+
+def test_target_below_every_mix_is_one_sentence(wide_folder, tmp_path):
+    r = run_cli("export", wide_folder, "--format", "gguf", "--target-bits", "3", "--calib-tokens", "64", "-o",
+                tmp_path / "x.gguf")
+    assert r.exit_code == 1 and "below the smallest mix" in r.output and "Traceback" not in r.output, r.output
+    assert not list(tmp_path.iterdir())
+
+
+def onnx_types(folder) -> dict[str, str]:
+    """The graph's weights: initializer → int4 | int8 (MatMulNBits' packed codes) | fp16 (a float matrix)."""
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    hidden = json.loads((folder / ONNX_MANIFEST).read_text())["config"]["hidden_size"]
+    bits = {n.input[1]: a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    types = {}
+    for t in model.graph.initializer:
+        if t.name.endswith(".weight.q"):  # (N, blocks, bytes per block); a Gather-only embedding has K = hidden
+            types[t.name.removesuffix(".q")] = f"int{bits.get(t.name, t.dims[1] * t.dims[2] * 8 // hidden)}"
+        elif t.name.endswith(".weight.fp16") and len(t.dims) == 2:
+            types[t.name.removesuffix(".fp16")] = "fp16"
+    return types
+
+
+def test_onnx_per_tensor_types(tiny_folder, tmp_path):
+    order = {"int4": 0, "int8": 1, "fp16": 2}
+    plans, kls = [], []
+    for target in (5.2, 7.0, 12.0):
+        out = tmp_path / f"o{target}"
+        r = run_cli("export", tiny_folder, "--format", "onnx", "--target-bits", target, "--calib-tokens", "64",
+                    "--eval-tokens", "64", "-o", out)
+        assert r.exit_code == 0, r.output
+        manifest = json.loads((out / ONNX_MANIFEST).read_text())
+        allocation = manifest["allocation"]
+        assert manifest["weights"] == "auto" and allocation["bits_per_weight"] <= target
+        assert onnx_types(out) == allocation["types"]  # the graph holds what the report says
+        plans.append(allocation["types"])
+        kls.append(manifest["parity"]["kl_mean"])  # run by ONNX Runtime on the evaluation text
+    assert kls[2] < kls[0]
+    for lo, hi in zip(plans, plans[1:]):
+        assert all(order[hi[n]] >= order[lo[n]] for n in lo)
+    assert len(set(plans[1].values())) > 1
+
+
+def test_keep_sensitive_still_measures(wide_folder, tmp_path):
+    """--keep-sensitive reads the same measurement (exporters/sensitivity.py)."""
+    out = tmp_path / "s.gguf"
+    r = run_cli("export", wide_folder, "--format", "gguf", "--quant", "q4_k", "--keep-sensitive", "--eval-tokens", "64",
+                "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "s.gguf.json").read_text())
+    assert report["sensitivity_kl"] and all(v >= 0 for v in report["sensitivity_kl"].values())
+    assert torch.tensor(list(report["sensitivity_kl"].values())).max() > 0
