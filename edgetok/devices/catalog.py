@@ -112,12 +112,12 @@ def load_profile(ref: str, kv_dir: Path | None = None) -> DeviceProfile:
     raise EdgetokError(f"unknown device '{ref}' (choose from local, {names}, or give a profile .json file)")
 
 
-def local_profile(kv_dir: Path | None = None, probe_mb: int = 64) -> DeviceProfile:
+def local_profile(kv_dir: Path | None = None, probe_mb: int = 64, accelerators: bool = True) -> DeviceProfile:
     """This machine as a profile: the CPU is the device; memory and disk measured (local.detect,
     on a disk probe of probe_mb and memory copies of 4 × that)."""
     from edgetok.devices.local import detect
 
-    return profile_of(detect(kv_dir, max(probe_mb, 1)))
+    return profile_of(detect(kv_dir, max(probe_mb, 1), accelerators))
 
 
 def profile_of(d: LocalDevice) -> DeviceProfile:

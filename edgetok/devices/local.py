@@ -47,9 +47,10 @@ class LocalDevice:
         return asdict(self)
 
 
-def detect(kv_dir: Path | None = None, probe_mb: int = 64) -> LocalDevice:
+def detect(kv_dir: Path | None = None, probe_mb: int = 64, accelerators: bool = True) -> LocalDevice:
     """This machine, with the sequential read speed of `kv_dir` (default: the temp dir) measured
-    on a file of probe_mb, and the memory bandwidth on arrays of 4 × probe_mb (0: neither measured)."""
+    on a file of probe_mb, and the memory bandwidth on arrays of 4 × probe_mb (0: neither measured).
+    accelerators=False: torch is not asked for its accelerators (asking imports it: ~190 MB)."""
     if probe_mb < 0:
         raise EdgetokError(f"the disk probe size must be ≥ 0 MB, not {probe_mb}")
     kv = Path(kv_dir) if kv_dir is not None else Path(tempfile.gettempdir())
@@ -75,7 +76,7 @@ def detect(kv_dir: Path | None = None, probe_mb: int = 64) -> LocalDevice:
         disk_read_bytes_per_s=speed,
         memory_bandwidth_bytes_per_s=memory_bandwidth(4 * probe_mb) if probe_mb else None,
         onnxruntime_providers=_onnxruntime_providers(),
-        torch_accelerators=_torch_accelerators(),
+        torch_accelerators=_torch_accelerators() if accelerators else (),
         notes=notes,
     )
 

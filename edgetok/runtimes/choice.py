@@ -98,7 +98,8 @@ def follow_plan(plan: str | Plan, cfg: ModelConfig, provider: str | None, thread
     if isinstance(plan, Plan):
         chosen, origin = plan, "the plan given"
     elif plan == AUTO_PLAN:
-        chosen = make_plan(cfg, local_profile(disk, probe_mb=AUTO_PROBE_MB), None, threads or _cores())
+        # (the engine edgetok picks runs on ONNX Runtime: torch is not asked for accelerators, nor imported)
+        chosen = make_plan(cfg, local_profile(disk, probe_mb=AUTO_PROBE_MB, accelerators=False), None, threads or _cores())
         origin = "--plan auto (this machine, measured now)"
     elif isinstance(plan, str | Path):
         chosen, origin = load_plan(Path(plan)), f"--plan {plan}"

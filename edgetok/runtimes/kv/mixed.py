@@ -81,7 +81,7 @@ class MixedCache(AttendingCache, GraphCache):
             if i in self.sliding:
                 layer = self.sliding[i]
                 k, v, start = layer.held()
-                layers.append((k, v))
+                layers.append((to_numpy(k), to_numpy(v)))  # (a saved state is numpy: the graph protocol)
                 q_obs.append(None)
                 starts.append(start)
                 windows.append(layer.window)
@@ -99,7 +99,8 @@ class MixedCache(AttendingCache, GraphCache):
         self.full.state = KVState([state.layers[i] for i in full],
                                   [state.q_obs[i] for i in full] if state.q_obs else None)
         for i, layer in self.sliding.items():
-            layer.load(*state.layers[i], starts[i])
+            k, v = state.layers[i]
+            layer.load(to_torch(k), to_torch(v), starts[i])
 
     # -- AttendingCache --------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
