@@ -264,11 +264,16 @@ def main() -> None:
                 if name.startswith("edgetok") and peer in table:
                     entry[f"vs {peer}"] = round(entry["decode_tokens_per_s"] / table[peer]["decode_tokens_per_s"], 2)
         report["sets"][set_name] = table
+    emit(report, args.out)
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """The report as JSON on stdout, and into `out` when given."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

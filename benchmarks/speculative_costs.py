@@ -21,7 +21,6 @@ cold drafter, as a new conversation would.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import edgetok
 from edgetok.runtimes.speculation import DraftControl, PromptLookup, TokenRecycling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speculative import OPEN, grounded_prompts  # noqa: E402  (the same prompts as the speed benchmark)
+from speculative import OPEN, emit, grounded_prompts  # noqa: E402  (the same prompts as the speed benchmark)
 
 WIDTHS = (1, 2, 4, 8, 16, 32)  # tokens per forward
 
@@ -202,11 +201,7 @@ def main() -> None:
                 table[f"lookup tree (n 2-4), {branches} branches, depth {k}, no control"] = summarize(
                     [replay_tree(r, 2, k, branches, cost) for r in rs], plain_s)
         report["sets"][set_name] = table
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
