@@ -149,7 +149,7 @@ class Bench:
                 "kind": kind, "context": len(prompts.text), "system": name,
                 "greedy_agreement": round((got.argmax(-1) == torch.tensor(ref)).float().mean().item(), 4),
                 "kl_mean": round(kl_mean(ref_rows, got), 5),
-                "budget_used": stats["budget_used"],
+                "budget_used": stats["budget_used"], "summaries_read": stats.get("summaries_read", 0.0),
                 "captured_mass": stats.get("captured_mass"), "captured_mass_min_head": stats.get("captured_mass_min_head"),
                 "coverage_estimated": stats.get("coverage_estimated"),
                 "budget_per_layer": stats["budget_per_layer"], "temperatures": stats.get("coverage_temperatures"),
@@ -237,11 +237,13 @@ def _captured(mass: torch.Tensor, rest: torch.Tensor, chosen: torch.Tensor) -> f
     return ((mass * picked[:, None]).sum(-1) + rest).mean().item()
 
 
-def budget_config(budget: str) -> KVConfig:
-    """'25%', 'auto' or 'auto:0.98' (a coverage target)."""
+def budget_config(system: str) -> KVConfig:
+    """'25%', 'auto' or 'auto:0.98' (a coverage target), each optionally followed by '/on' or '/off'
+    (--kv-summaries; without it, the default)."""
+    budget, _, summaries = system.partition("/")
     if budget.startswith("auto:"):
-        return KVConfig(budget="auto", coverage=float(budget.split(":")[1]))
-    return KVConfig(budget=budget)
+        return KVConfig(budget="auto", coverage=float(budget.split(":")[1]), summaries=summaries or None)
+    return KVConfig(budget=budget, summaries=summaries or None)
 
 
 def report(results: list[dict]) -> str:

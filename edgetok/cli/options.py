@@ -28,7 +28,10 @@ GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                      "lookup_ngram_max")
 LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild", "plan")
 # KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
-KV_FIELDS = ("budget", "coverage", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached")
+KV_FIELDS = ("budget", "coverage", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached",
+             "summaries")
+# KV fields that only tune a tiered cache: alone they do not ask for one
+KV_TUNING = ("prefetch", "prefetch_steps", "summaries")
 
 
 def run_options(f):
@@ -62,6 +65,9 @@ def run_options(f):
                           "auto: per layer and step, as many as --kv-coverage needs"),
         click.option("--kv-coverage", type=float, default=None,
                      help="--kv-budget auto: the share of each head's attention the chunks read should hold (default 0.9)"),
+        click.option("--kv-summaries", type=click.Choice(["on", "off"]), default=None,
+                     help="under a budget, add each chunk attention does not read as one pseudo-token (its mean key "
+                          "and value); default on with the torch backend, off for a graph (onnxruntime)"),
         click.option("--kv-device-mb", type=float, default=None, help="fast-tier budget for float chunk copies"),
         click.option("--kv-host-mb", type=float, default=None, help="RAM budget for stored chunks (needs --kv-disk)"),
         click.option("--kv-disk-dir", "--kv-disk", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -121,7 +127,7 @@ def kv_config(options: dict[str, Any]) -> KVConfig | None:
     if given["prefetch_steps"] is not None and given["disk_dir"] is None:
         # (alone it would switch to the tiered cache for nothing: prefetch reads the disk tier)
         raise EdgetokError("--kv-prefetch-steps applies to the KV disk tier: give --kv-disk DIR too")
-    if all(given[name] in (None, False) for name in KV_FIELDS if name not in ("prefetch", "prefetch_steps")):
+    if all(given[name] in (None, False) for name in KV_FIELDS if name not in KV_TUNING):
         return None
     return KVConfig(**{name: value for name, value in given.items() if value is not None})
 

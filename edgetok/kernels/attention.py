@@ -38,3 +38,18 @@ def attend(
 ) -> torch.Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hq a multiple of Hkv → (B, Hq, T, D)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's attention with its log-sum-exp, float32: q (Hq, T, D), k/v (Hkv, S, D), mask
+    (T, S) or None → out (Hq, T, D) and the log-sum-exp of each query's scaled scores (Hq, T)
+    (what the mixed-bit kernel returns, so a caller can merge more keys into the same softmax)."""
+    hq, t, d = q.shape
+    hkv = k.shape[0]
+    qg = q.float().reshape(hkv, hq // hkv, t, d)  # (Hkv, G, T, D)
+    scores = qg @ k.float().transpose(1, 2)[:, None] / d**0.5  # (Hkv, G, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(-1)  # (Hkv, G, T)
+    out = (scores - lse[..., None]).exp() @ v.float()[:, None]  # (Hkv, G, T, D)
+    return out.reshape(hq, t, d), lse.reshape(hq, t)

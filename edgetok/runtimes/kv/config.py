@@ -11,6 +11,8 @@ from edgetok.errors import EdgetokError
 
 BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
 DEFAULT_COVERAGE = 0.9  # --kv-budget auto's target: see BENCHMARKS.md, "Fidelity on many kinds of text"
+SUMMARIES_CHOICES = ("on", "off")
+DEFAULT_SUMMARIES = "on"  # see BENCHMARKS.md, "Chunk summaries" (issue 21)
 MAX_MB = 2.0**40  # an exabyte: beyond any machine, and a byte count that stays an integer
 
 
@@ -37,6 +39,10 @@ class KVConfig:
     prefetch_steps: int = 3
     disk_uncached: bool = False  # benchmarks: disk reads bypass the page cache (a store larger than RAM)
     chunk_sizes: tuple[int, ...] | None = None  # for concentrated … diffuse layers; None: by tier set-up
+    # A budgeted decode step adds each unread chunk as one pseudo-token (its mean key and value,
+    # kernels/summaries.py): "on" or "off". None: the default where the cache attends itself
+    # (DEFAULT_SUMMARIES); a graph attends over its views itself, so it runs without them.
+    summaries: str | None = None
 
     def __post_init__(self) -> None:
         self.bits = str(self.bits)
@@ -54,7 +60,22 @@ class KVConfig:
             self.coverage = float(self.coverage)
         else:
             self._check_budget()
+        self._check_summaries()
         self._check_placement()
+
+    def _check_summaries(self) -> None:
+        if self.summaries is not None and self.summaries not in SUMMARIES_CHOICES:
+            raise EdgetokError(f"{_name('summaries')} must be one of {', '.join(SUMMARIES_CHOICES)}, not {self.summaries}")
+
+    def summaries_for(self, attends: bool) -> bool:
+        """Whether a cache folds in the summaries of the chunks it does not read. attends: the
+        cache computes attention itself (a graph's views: the graph does)."""
+        if not attends:
+            if self.summaries == "on":
+                raise EdgetokError(f"{_name('summaries')} on needs the torch backend: a graph (onnxruntime) attends over "
+                                   "its views itself and cannot add the unread chunks' summaries")
+            return False
+        return (self.summaries or DEFAULT_SUMMARIES) == "on"
 
     def _check_budget(self) -> None:
         try:

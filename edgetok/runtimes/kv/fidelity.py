@@ -23,6 +23,7 @@ class Fidelity:
     def clear(self) -> None:
         self.attended = [0.0] * self.n  # tokens read, summed over steps
         self.total = [0.0] * self.n  # tokens there were, summed over steps
+        self.pseudo = [0.0] * self.n  # chunk summaries folded in (one pseudo-token per unread chunk), summed over steps
         self.estimated: list[list[float]] = [[] for _ in range(self.n)]  # auto: promised coverage per step
         self.mass: list[list[float]] = [[] for _ in range(self.n)]  # measured, mean over heads, per sample
         self.mass_min: list[float] = []  # the least-covered head of each sampled layer-step
@@ -35,6 +36,10 @@ class Fidelity:
     def count(self, layer: int, attended: int, total: int) -> None:
         self.attended[layer] += attended
         self.total[layer] += total
+
+    def summarized(self, layer: int, chunks: int) -> None:
+        """This step, layer `layer` added `chunks` unread chunks as their summaries."""
+        self.pseudo[layer] += chunks
 
     def promise(self, layer: int, estimated: torch.Tensor) -> None:
         """estimated (): the coverage of the layer's selection by its chunks' bounds, this step
@@ -50,6 +55,8 @@ class Fidelity:
         budgets = [round(a / t, 4) if t else 1.0 for a, t in zip(self.attended, self.total)]
         samples = [m for layer in self.mass for m in layer]
         out = {"budget_per_layer": budgets}
+        if any(self.pseudo):  # what the summaries cost, in the same unit: pseudo-tokens / tokens there were
+            out["summaries_read"] = round(sum(self.pseudo) / max(sum(self.total), 1), 4)
         if any(self.estimated):
             out["coverage_estimated"] = round(_mean([e for layer in self.estimated for e in layer]), 4)
         if samples:

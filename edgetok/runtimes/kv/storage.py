@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from edgetok.kernels import mixed_attention
-from edgetok.kernels.attention import attend, causal_mask
+from edgetok.kernels.attention import attend_lse, causal_mask
 from edgetok.runtimes.kv.codec import decode_many, encode, kernel_row
 from edgetok.runtimes.kv.config import KVConfig
 from edgetok.runtimes.kv.policy import bits_by_importance
@@ -140,29 +140,30 @@ class Storage(ABC):
         """Drop the window's last n tokens (n ≤ window_len: a rolled-back draft)."""
 
     @abstractmethod
-    def seal(self, layer: Layer) -> torch.Tensor:
-        """The oldest chunk_size window tokens become the layer's next chunk: → its keys (Hkv, S, D)."""
+    def seal(self, layer: Layer) -> KV:
+        """The oldest chunk_size window tokens become the layer's next chunk: → its keys and values (Hkv, S, D)."""
 
     def begin_step(self) -> None:
         """A decode step begins (heat decays per step)."""
 
-    def attend(self, i: int, chosen: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def attend(self, i: int, chosen: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A decode step's attention in layer i: q (Hq, T, D) over its chunks `chosen` (sorted ids;
         None: all of them) and its window, whose last T tokens are q's own (causal) → (Hq, T, D)
-        float32, and the tokens attended. The mixed-bit kernel reads every chunk where it lives, at
-        its stored width; without it (not built, or a head size it does not run), float copies are
+        float32, the log-sum-exp of each query's scores (Hq, T) (chunk summaries merge through it),
+        and the tokens attended. The mixed-bit kernel reads every chunk where it lives, at its
+        stored width; without it (not built, or a head size it does not run), float copies are
         gathered (the reference)."""
         if not mixed_attention.supports(self.head_dim):
             self.attention = "reference"
             keys, values = self.gather(i, chosen)
-            out = attend(q[None].to(keys.dtype), keys[None], values[None], causal_mask(q.shape[1], keys.shape[1]))[0]
-            return out.float(), keys.shape[1]
+            out, lse = attend_lse(q, keys, values, causal_mask(q.shape[1], keys.shape[1]))
+            return out, lse, keys.shape[1]
         rows = self.kernel_rows(i, chosen)
         self.attention = mixed_attention.isas()[0]
         # One thread: at SmolLM2's sizes a second one saved nothing, alone or inside the model
         # (BENCHMARKS.md, the mixed-bit attention op), and torch's OpenMP workers hold the other core.
-        out, _ = mixed_attention.attend(q, rows, self.n_kv, threads=1)
-        return out, int(rows[:, mixed_attention.LENGTH].sum())
+        out, lse = mixed_attention.attend(q, rows, self.n_kv, threads=1)
+        return out, lse, int(rows[:, mixed_attention.LENGTH].sum())
 
     @abstractmethod
     def kernel_rows(self, i: int, chosen: torch.Tensor | None) -> np.ndarray:
@@ -259,9 +260,9 @@ class ResidentStorage(Storage):
     def forget_recent(self, layer: SlabLayer, n: int) -> None:
         layer.n -= n  # the slab's rows past n are overwritten by the next append
 
-    def seal(self, layer: SlabLayer) -> torch.Tensor:
+    def seal(self, layer: SlabLayer) -> KV:
         start = layer.n_chunks * layer.chunk_size
-        return layer.slab_k[:, start : start + layer.chunk_size]
+        return layer.slab_k[:, start : start + layer.chunk_size], layer.slab_v[:, start : start + layer.chunk_size]
 
     def gather(self, i: int, chosen: torch.Tensor | None) -> KV:
         layer = self.layers[i]
@@ -433,13 +434,13 @@ class TieredStorage(Storage):
         w = layer.window_k.shape[1] - n
         layer.window_k, layer.window_v = layer.window_k[:, :w], layer.window_v[:, :w]  # (the next append copies)
 
-    def seal(self, layer: HomedLayer) -> torch.Tensor:
+    def seal(self, layer: HomedLayer) -> KV:
         size = layer.chunk_size
         kc, vc = layer.window_k[:, :size].clone(), layer.window_v[:, :size].clone()
         bits = 32 if self.bits == "32" else DECODE_CHUNK_BITS if self.bits == "auto" else int(self.bits)
         layer.keys.append(self._store_chunk(kc, vc, bits, heat=1.0))
         layer.window_k, layer.window_v = layer.window_k[:, size:].clone(), layer.window_v[:, size:].clone()
-        return kc
+        return kc, vc
 
     def begin_step(self) -> None:
         self.store.step += 1

@@ -7,8 +7,10 @@ most (policy.pinned_chunks). Each decode step, per layer, attention reads the si
 recent chunks, the pinned chunks, the not-yet-chunked window, and the chunks whose key abstracts
 (per-chunk min/max of the keys) bound q·k highest — up to the layer's budget, or, with
 --kv-budget auto, as many as cover the target share of every head's estimated attention (the
-bounds' softmax at a temperature fitted to the prompt's measured attention). What the selection
-cost is counted in kv/fidelity.py.
+bounds' softmax at a temperature fitted to the prompt's measured attention). With summaries on
+(the default with the torch backend), each chunk the step does not read joins the same softmax as
+one pseudo-token, its mean key and value (kernels/summaries.py): the unread chunks' contribution,
+estimated. What the selection cost is counted in kv/fidelity.py.
 
 This module is the policy. Where the chunks live is the storage's business (storage.py: every
 token in a float slab in RAM, or chunks in host/disk tiers with float copies cached on device);
@@ -24,6 +26,7 @@ import torch
 
 from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.selection import captured_mass, fit_temperature, key_abstracts, select_chunks
+from edgetok.kernels.summaries import chunk_summaries, fold
 from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
@@ -65,6 +68,10 @@ class TieredCache(AttendingCache, GraphCache):
         # computed from them every step)
         self.abstracts = torch.zeros(num_layers, num_kv_heads, 2 * head_dim, 0)
         self.pinned = torch.zeros(num_layers, 0, dtype=torch.bool)  # (L, capacity): chunks always read (policy.pinned_chunks)
+        # KVConfig.summaries: when on, (L, Hkv, capacity, 2D) float32, each chunk's mean key and
+        # mean value (kernels/summaries.py), resident: 1/8 of bf16 K/V at 16-token chunks
+        self.summarize = cfg.summaries_for(attends=reads == "kernel")
+        self.summaries = torch.zeros(num_layers, num_kv_heads, 0, 2 * head_dim)
         self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
         self._views: list[tuple] = []  # this decode step's view of each layer (a graph's backend)
@@ -105,6 +112,7 @@ class TieredCache(AttendingCache, GraphCache):
         self.storage.reset()
         self.abstracts = torch.zeros(self.abstracts.shape[:3] + (0,))  # (no view: reset runs in __del__ too)
         self.pinned = torch.zeros(len(self.lengths), 0, dtype=torch.bool)
+        self.summaries = torch.zeros(self.summaries.shape[:2] + (0, self.summaries.shape[3]))
         self.n_pinned = [0] * len(self.lengths)
         self.stages.reset()
         self._views = []
@@ -180,11 +188,22 @@ class TieredCache(AttendingCache, GraphCache):
         layer = self.layers[i]
         chosen = self._select(i, q[:, -1])
         self.storage.append(layer, k, v)
-        out, attended = self.storage.attend(i, chosen, q)  # the mixed-bit op: chunks read where they live
+        out, lse, attended = self.storage.attend(i, chosen, q)  # the mixed-bit op: chunks read where they live
+        if chosen is not None and self.summarize:
+            out = self._fold_unread(i, q, out, lse, chosen)
         self._count(i, layer.n_chunks if chosen is None else len(chosen), attended)
         if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
             self._measure(i, q[:, -1], self.storage.gather(i, chosen)[0])
         return out
+
+    def _fold_unread(self, i: int, q, out, lse, chosen: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention out (Hq, T, D) over the chosen chunks and the window (lse (Hq, T)),
+        with every other chunk added as its summary's pseudo-token."""
+        layer = self.layers[i]
+        unread = torch.ones(layer.n_chunks, dtype=torch.bool)
+        unread[chosen] = False
+        self.fidelity.summarized(i, layer.n_chunks - len(chosen))
+        return fold(q, out, lse, self.summaries[i, :, : layer.n_chunks], unread, layer.chunk_size)
 
     def _measure(self, i: int, q: torch.Tensor, attended: torch.Tensor) -> None:
         """At sampled steps, the share of layer i's exact attention (query q (Hq, D)) that the keys
@@ -209,7 +228,8 @@ class TieredCache(AttendingCache, GraphCache):
                 self.temperatures[i] = fit_temperature(q_obs, keys, profile.attention, layer.chunk_size, self.cfg.coverage)
             spreads.append(profile.spread)
             c = keys.shape[1] // layer.chunk_size
-            self._add_abstracts(i, keys[:, : c * layer.chunk_size].reshape(self.n_kv, c, layer.chunk_size, self.head_dim))
+            shape = (self.n_kv, c, layer.chunk_size, self.head_dim)
+            self._add_abstracts(i, keys[:, : c * layer.chunk_size].reshape(shape), values[:, : c * layer.chunk_size].reshape(shape))
             if not self.cfg.full_budget:
                 pins = pinned_chunks(profile.attention, layer.chunk_size, c, self.cfg.sink_tokens)
                 self.pinned[i, pins] = True
@@ -221,9 +241,9 @@ class TieredCache(AttendingCache, GraphCache):
         self.fidelity.clear()
         self.storage.end_prefill()
 
-    def _add_abstracts(self, i: int, chunks: torch.Tensor) -> None:
-        """chunks (Hkv, C, S, D): layer i's next C chunks."""
-        layer, c = self.layers[i], chunks.shape[1]
+    def _add_abstracts(self, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values (Hkv, C, S, D): layer i's next C chunks (their abstracts, and summaries)."""
+        layer, c = self.layers[i], keys.shape[1]
         need = layer.n_chunks + c
         if need > self.abstracts.shape[3]:
             grown = torch.zeros(self.abstracts.shape[:3] + (max(need + 64, need * 5 // 4),))
@@ -232,7 +252,13 @@ class TieredCache(AttendingCache, GraphCache):
             pinned = torch.zeros(self.pinned.shape[0], grown.shape[3], dtype=torch.bool)
             pinned[:, : self.pinned.shape[1]] = self.pinned
             self.pinned = pinned
-        self.abstracts[i, :, :, layer.n_chunks : need] = key_abstracts(chunks)
+            if self.summarize:
+                summaries = torch.zeros(self.summaries.shape[:2] + (grown.shape[3], self.summaries.shape[3]))
+                summaries[:, :, : self.summaries.shape[2]] = self.summaries
+                self.summaries = summaries
+        self.abstracts[i, :, :, layer.n_chunks : need] = key_abstracts(keys)
+        if self.summarize:
+            self.summaries[i, :, layer.n_chunks : need] = chunk_summaries(keys, values)
         layer.n_chunks = need
 
     # -- decode: budgets and selection -----------------------------------------------------------
@@ -306,7 +332,8 @@ class TieredCache(AttendingCache, GraphCache):
         step begins, not when the last one ended: until then a step's tokens can be rolled back."""
         layer = self.layers[i]
         if self.storage.window_len(layer) >= 2 * layer.chunk_size:
-            self._add_abstracts(i, self.storage.seal(layer)[:, None])
+            keys, values = self.storage.seal(layer)
+            self._add_abstracts(i, keys[:, None], values[:, None])
 
     # -- GraphCache: a whole-model graph (the ONNX backend), which attends itself -------------------
     def view(self, i: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray, int]:

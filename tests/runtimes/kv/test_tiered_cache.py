@@ -237,7 +237,7 @@ def test_decode_attends_through_the_mixed_bit_kernel_as_the_reference_would(home
     host and disk homes at 16/8/4 bits, device copies of stored forms) equals the reference —
     the same chunks gathered as float copies, then SDPA — for every layer and step."""
     from edgetok.kernels import mixed_attention
-    from edgetok.kernels.attention import attend, causal_mask
+    from edgetok.kernels.attention import attend, attend_lse, causal_mask
 
     assert mixed_attention.supports(64)
     g = torch.Generator().manual_seed(5)
@@ -258,9 +258,11 @@ def test_decode_attends_through_the_mixed_bit_kernel_as_the_reference_would(home
                 cache._begin_step()
             chosen = cache._select(i, q[0, :, -1])
             cache.storage.append(cache.layers[i], k[0], v[0])
-            out, attended = cache.storage.attend(i, chosen, q[0])
+            out, lse, attended = cache.storage.attend(i, chosen, q[0])
             keys, values = cache.storage.gather(i, chosen)
             ref = attend(q, keys[None], values[None], causal_mask(t, keys.shape[1]))[0]
             assert attended == keys.shape[1]
             assert (out - ref).abs().max() <= 1e-4
+            _, ref_lse = attend_lse(q[0], keys, values, causal_mask(t, keys.shape[1]))  # what summaries merge through
+            assert (lse - ref_lse).abs().max() <= 1e-4
     assert cache.stats()["attention"] == mixed_attention.isas()[0]
