@@ -32,8 +32,8 @@ def fold(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, summaries: torch
 
     q (Hq, T, D) the queries; out (Hq, T, D) float32 and lse (Hq, T) their attention over the
     tokens read exactly and its log-sum-exp (scaled scores); summaries (Hkv, C, 2D) of a layer's
-    chunks (chunk_summaries), each of `size` tokens; unread (C,) bool: the chunks attention did not
-    read, which the summaries stand for → (Hq, T, D) float32."""
+    chunks (chunk_summaries), each of `size` tokens; unread (1 or Hkv, C) bool: the chunks attention
+    did not read (for every KV head, or per head), which the summaries stand for → (Hq, T, D) float32."""
     hkv, c, two_d = summaries.shape
     if not bool(unread.any()):
         return out
@@ -41,7 +41,7 @@ def fold(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, summaries: torch
     qg = q.float().reshape(hkv, hq // hkv * t, d)  # (Hkv, G·T, D): a KV head's query group
     mean_k, mean_v = summaries[..., :d], summaries[..., d:]
     # (every chunk scored, the read ones masked: cheaper than gathering the unread ones' summaries)
-    scores = (qg @ mean_k.transpose(1, 2) / math.sqrt(d) + math.log(size)).masked_fill(~unread, float("-inf"))  # (Hkv, G·T, C)
+    scores = (qg @ mean_k.transpose(1, 2) / math.sqrt(d) + math.log(size)).masked_fill(~unread[:, None], float("-inf"))  # (Hkv, G·T, C)
     lse_u = scores.logsumexp(-1)  # (Hkv, G·T)
     out_u = (scores - lse_u[..., None]).exp() @ mean_v  # (Hkv, G·T, D)
     lse_u, out_u = lse_u.reshape(hq, t), out_u.reshape(hq, t, d)

@@ -108,3 +108,28 @@ def test_referenced_keeps_the_neighbourhood_of_the_question_words():
 def test_referenced_finds_nothing_without_shared_rare_words():
     ids = torch.arange(500) % 50  # every window word is frequent
     assert not referenced(ids, 32, 8, 64).any()
+
+
+def test_per_head_selection_gives_each_head_its_own_chunks():
+    """Two KV heads wanting disjoint chunks: shared, the budget splits between them; per head, each
+    keeps its own best (and the forced sinks / recent chunks)."""
+    c, s, d = 40, 16, 32
+    keys = torch.randn(2, c, s, d, generator=G) * 0.1
+    q = torch.randn(1, 4, d, generator=G)  # heads 0, 1 → KV head 0; heads 2, 3 → KV head 1
+    wants = {0: [5, 6, 7, 8], 1: [20, 21, 22, 23]}
+    for h, ids in wants.items():
+        keys[h, ids] += 3.0 * q[0, 2 * h, None, :]
+    abstracts = key_abstracts(keys)[None]
+    n = torch.tensor([c])
+    args = (abstracts, n, torch.tensor([6]), torch.tensor([1]), torch.tensor([1]))
+    shared, _, _ = select_chunks(q, *args)
+    per_head, valid, estimated = select_chunks(q, *args, per_head=True)
+    assert shared.shape == (1, 6) and per_head.shape == (1, 2, 6) and bool(valid.all())
+    for h, ids in wants.items():
+        assert set(per_head[0, h].tolist()) == {0, 39, *ids}
+        assert not set(ids) <= set(shared[0].tolist()) or not set(wants[1 - h]) <= set(shared[0].tolist())
+    # under a coverage target each head keeps as many as it needs, at least the forced ones
+    chosen, valid, estimated = select_chunks(q, abstracts, n, n, torch.tensor([1]), torch.tensor([1]), 0.9, per_head=True)
+    assert estimated.item() >= 0.9 - 1e-6 and valid.shape[:2] == (1, 2)
+    for h, ids in wants.items():
+        assert set(ids) <= set(chosen[0, h, : int(valid[0, h].sum())].tolist())

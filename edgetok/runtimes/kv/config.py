@@ -12,6 +12,8 @@ from edgetok.errors import EdgetokError
 BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
 DEFAULT_COVERAGE = 0.9  # --kv-budget auto's target: see BENCHMARKS.md, "Fidelity on many kinds of text"
 SUMMARIES_CHOICES = ("on", "off")
+SELECTION_CHOICES = ("layer", "head")
+DEFAULT_SELECTION = "layer"  # see BENCHMARKS.md, "Chunk summaries" (issue 21)
 DEFAULT_SUMMARIES = "on"  # see BENCHMARKS.md, "Chunk summaries" (issue 21)
 MAX_MB = 2.0**40  # an exabyte: beyond any machine, and a byte count that stays an integer
 
@@ -43,6 +45,10 @@ class KVConfig:
     # kernels/summaries.py): "on" or "off". None: the default where the cache attends itself
     # (DEFAULT_SUMMARIES); a graph attends over its views itself, so it runs without them.
     summaries: str | None = None
+    # "layer": one set of chunks per layer, ranked by the head that wants each most; "head": each KV
+    # head reads its own (the chunks in RAM only: a stored chunk holds every head). None: the default
+    # where it can run (DEFAULT_SELECTION), "layer" elsewhere.
+    selection: str | None = None
 
     def __post_init__(self) -> None:
         self.bits = str(self.bits)
@@ -64,8 +70,24 @@ class KVConfig:
         self._check_placement()
 
     def _check_summaries(self) -> None:
+        """--kv-summaries and --kv-selection: their choices, and where per-head selection can run."""
         if self.summaries is not None and self.summaries not in SUMMARIES_CHOICES:
             raise EdgetokError(f"{_name('summaries')} must be one of {', '.join(SUMMARIES_CHOICES)}, not {self.summaries}")
+        if self.selection is not None and self.selection not in SELECTION_CHOICES:
+            raise EdgetokError(f"{_name('selection')} must be one of {', '.join(SELECTION_CHOICES)}, not {self.selection}")
+        if self.selection == "head" and self.needs_homes:
+            raise EdgetokError(f"{_name('selection')} head needs every chunk in RAM at its float width: a stored chunk "
+                               "(--kv-bits, --kv-device-mb, --kv-host-mb) holds all heads together")
+
+    def per_head_for(self, attends: bool) -> bool:
+        """Whether each KV head selects its own chunks. attends: the cache computes attention
+        itself (a graph's views hold one set of chunks per layer)."""
+        if not attends or self.needs_homes:
+            if self.selection == "head":
+                raise EdgetokError(f"{_name('selection')} head needs the torch backend: a graph (onnxruntime) reads one "
+                                   "set of chunks per layer")
+            return False
+        return (self.selection or DEFAULT_SELECTION) == "head"
 
     def summaries_for(self, attends: bool) -> bool:
         """Whether a cache folds in the summaries of the chunks it does not read. attends: the

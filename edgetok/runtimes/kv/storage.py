@@ -146,34 +146,38 @@ class Storage(ABC):
     def begin_step(self) -> None:
         """A decode step begins (heat decays per step)."""
 
-    def attend(self, i: int, chosen: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def attend(self, i: int, chosen: torch.Tensor | None, q: torch.Tensor, head: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A decode step's attention in layer i: q (Hq, T, D) over its chunks `chosen` (sorted ids;
         None: all of them) and its window, whose last T tokens are q's own (causal) → (Hq, T, D)
         float32, the log-sum-exp of each query's scores (Hq, T) (chunk summaries merge through it),
-        and the tokens attended. The mixed-bit kernel reads every chunk where it lives, at its
-        stored width; without it (not built, or a head size it does not run), float copies are
-        gathered (the reference)."""
+        and the tokens attended. head: only that KV head's keys and values, q its query group
+        (per-head selection; ResidentStorage). The mixed-bit kernel reads every chunk where it
+        lives, at its stored width; without it (not built, or a head size it does not run), float
+        copies are gathered (the reference)."""
         if not mixed_attention.supports(self.head_dim):
             self.attention = "reference"
-            keys, values = self.gather(i, chosen)
+            keys, values = self.gather(i, chosen, head)
             out, lse = attend_lse(q, keys, values, causal_mask(q.shape[1], keys.shape[1]))
             return out, lse, keys.shape[1]
-        rows = self.kernel_rows(i, chosen)
+        rows = self.kernel_rows(i, chosen, head)
         self.attention = mixed_attention.isas()[0]
         # One thread: at SmolLM2's sizes a second one saved nothing, alone or inside the model
         # (BENCHMARKS.md, the mixed-bit attention op), and torch's OpenMP workers hold the other core.
-        out, lse = mixed_attention.attend(q, rows, self.n_kv, threads=1)
+        out, lse = mixed_attention.attend(q, rows, self.n_kv if head is None else 1, threads=1)
         return out, lse, int(rows[:, mixed_attention.LENGTH].sum())
 
     @abstractmethod
-    def kernel_rows(self, i: int, chosen: torch.Tensor | None) -> np.ndarray:
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> np.ndarray:
         """The mixed-bit attention op's table for layer i's chunks `chosen` and its window (the
-        last row, causal), pointing at memory this storage keeps alive until the next call."""
+        last row, causal), pointing at memory this storage keeps alive until the next call.
+        head: rows of that KV head only (for a call with one KV head)."""
 
     @abstractmethod
-    def gather(self, i: int, chosen: torch.Tensor | None) -> KV:
+    def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
         """Layer i's chunks `chosen` (sorted ids; None: all of them) then its window, float
-        (Hkv, n, D): what the reference attention reads when the native kernel is not built."""
+        (Hkv, n, D) (head: (1, n, D), that KV head's): what the reference attention reads when the
+        native kernel is not built."""
 
     @abstractmethod
     def stage_source(self, i: int) -> LayerKV:
@@ -264,26 +268,34 @@ class ResidentStorage(Storage):
         start = layer.n_chunks * layer.chunk_size
         return layer.slab_k[:, start : start + layer.chunk_size], layer.slab_v[:, start : start + layer.chunk_size]
 
-    def gather(self, i: int, chosen: torch.Tensor | None) -> KV:
+    def _slabs(self, layer: SlabLayer, head: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The layer's slabs (Hkv, cap, D), or one KV head's (1, cap, D) views, and their heads."""
+        if head is None:
+            return layer.slab_k, layer.slab_v, self.n_kv
+        return layer.slab_k[head : head + 1], layer.slab_v[head : head + 1], 1
+
+    def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
         layer = self.layers[i]
+        slab_k, slab_v, heads = self._slabs(layer, head)
         if chosen is None:
-            self.counters["bytes_device"] += 2 * layer.slab_k[:, : layer.n].nbytes
-            return layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
+            self.counters["bytes_device"] += 2 * slab_k[:, : layer.n].nbytes
+            return slab_k[:, : layer.n], slab_v[:, : layer.n]
         size, start = layer.chunk_size, layer.n_chunks * layer.chunk_size
         idx = torch.cat([(chosen[:, None] * size + torch.arange(size)).flatten(), torch.arange(start, layer.n)])
-        self.counters["bytes_device"] += 2 * len(idx) * self.n_kv * self.head_dim * self.itemsize
-        return layer.slab_k.index_select(1, idx), layer.slab_v.index_select(1, idx)
+        self.counters["bytes_device"] += 2 * len(idx) * heads * self.head_dim * self.itemsize
+        return slab_k.index_select(1, idx), slab_v.index_select(1, idx)
 
-    def kernel_rows(self, i: int, chosen: torch.Tensor | None) -> np.ndarray:
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> np.ndarray:
         """Rows into the slab itself: one per chosen chunk, then the window (every token, when
         all chunks are chosen: one row)."""
         layer = self.layers[i]
+        slab_k, slab_v, heads = self._slabs(layer, head)
         size, start = layer.chunk_size, layer.n_chunks * layer.chunk_size
         if chosen is None:  # the chunks and the window are one run of the slab
             start, chosen = 0, torch.zeros(0, dtype=torch.long)
-        rows = mixed_attention.slab_rows(layer.slab_k, layer.slab_v, chosen * size, size)
-        window = mixed_attention.float_row(layer.slab_k[:, start : layer.n], layer.slab_v[:, start : layer.n], causal=True)
-        self.counters["bytes_device"] += 2 * (len(chosen) * size + layer.n - start) * self.n_kv * self.head_dim * self.itemsize
+        rows = mixed_attention.slab_rows(slab_k, slab_v, chosen * size, size)
+        window = mixed_attention.float_row(slab_k[:, start : layer.n], slab_v[:, start : layer.n], causal=True)
+        self.counters["bytes_device"] += 2 * (len(chosen) * size + layer.n - start) * heads * self.head_dim * self.itemsize
         return np.concatenate([rows, np.array([window], np.int64)])
 
     def stage_source(self, i: int) -> LayerKV:
@@ -458,12 +470,14 @@ class TieredStorage(Storage):
         self.prefetcher.start(nxt, self.layers[nxt])
         return got
 
-    def gather(self, i: int, chosen: torch.Tensor | None) -> KV:
+    def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
+        assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
         layer = self.layers[i]
         kv = self._read_selected(i, chosen, as_float=True)
         return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
 
-    def kernel_rows(self, i: int, chosen: torch.Tensor | None) -> np.ndarray:
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> np.ndarray:
+        assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
         layer = self.layers[i]
         got = self._read_selected(i, chosen, as_float=False)
         self._attending = got  # alive until the next call: the rows point into them

@@ -71,6 +71,7 @@ class TieredCache(AttendingCache, GraphCache):
         # KVConfig.summaries: when on, (L, Hkv, capacity, 2D) float32, each chunk's mean key and
         # mean value (kernels/summaries.py), resident: 1/8 of bf16 K/V at 16-token chunks
         self.summarize = cfg.summaries_for(attends=reads == "kernel")
+        self.per_head = cfg.per_head_for(attends=reads == "kernel")  # each KV head selects its own chunks
         self.summaries = torch.zeros(num_layers, num_kv_heads, 0, 2 * head_dim)
         self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
@@ -188,22 +189,39 @@ class TieredCache(AttendingCache, GraphCache):
         layer = self.layers[i]
         chosen = self._select(i, q[:, -1])
         self.storage.append(layer, k, v)
-        out, lse, attended = self.storage.attend(i, chosen, q)  # the mixed-bit op: chunks read where they live
+        if chosen is None or len(chosen) == 1:  # the mixed-bit op: chunks read where they live
+            out, lse, attended = self.storage.attend(i, None if chosen is None else chosen[0], q)
+        else:  # each KV head its own chunks, with its query group
+            g = q.shape[0] // self.n_kv
+            parts = [self.storage.attend(i, ids, q[h * g : (h + 1) * g], head=h) for h, ids in enumerate(chosen)]
+            out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            attended = sum(p[2] for p in parts) / len(parts)  # tokens per head
         if chosen is not None and self.summarize:
             out = self._fold_unread(i, q, out, lse, chosen)
-        self._count(i, layer.n_chunks if chosen is None else len(chosen), attended)
+        self._count(i, layer.n_chunks if chosen is None else sum(map(len, chosen)) / len(chosen), attended)
         if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
-            self._measure(i, q[:, -1], self.storage.gather(i, chosen)[0])
+            self._measure_read(i, q[:, -1], chosen)
         return out
 
-    def _fold_unread(self, i: int, q, out, lse, chosen: torch.Tensor) -> torch.Tensor:
-        """Layer i's attention out (Hq, T, D) over the chosen chunks and the window (lse (Hq, T)),
-        with every other chunk added as its summary's pseudo-token."""
+    def _fold_unread(self, i: int, q, out, lse, chosen: list[torch.Tensor]) -> torch.Tensor:
+        """Layer i's attention out (Hq, T, D) over the chosen chunks (one id list for all KV heads,
+        or one per head) and the window (lse (Hq, T)), with every other chunk added as its
+        summary's pseudo-token."""
         layer = self.layers[i]
-        unread = torch.ones(layer.n_chunks, dtype=torch.bool)
-        unread[chosen] = False
-        self.fidelity.summarized(i, layer.n_chunks - len(chosen))
+        unread = torch.ones(len(chosen), layer.n_chunks, dtype=torch.bool)  # (1 or Hkv, C)
+        for row, ids in zip(unread, chosen):
+            row[ids] = False
+        self.fidelity.summarized(i, unread.sum().item() / len(chosen))
         return fold(q, out, lse, self.summaries[i, :, : layer.n_chunks], unread, layer.chunk_size)
+
+    def _measure_read(self, i: int, q: torch.Tensor, chosen: list[torch.Tensor] | None) -> None:
+        """At sampled steps, the captured mass of what layer i's step read (_select's chosen)."""
+        if chosen is None or len(chosen) == 1:
+            self._measure(i, q, self.storage.gather(i, None if chosen is None else chosen[0])[0])
+            return
+        keys, g = self.storage.layer_kv(self.layers[i])[0], q.shape[0] // self.n_kv
+        self.fidelity.measured(i, torch.cat([captured_mass(q[h * g : (h + 1) * g], self.storage.gather(i, ids, head=h)[0],
+                                                           keys[h : h + 1]) for h, ids in enumerate(chosen)]))
 
     def _measure(self, i: int, q: torch.Tensor, attended: torch.Tensor) -> None:
         """At sampled steps, the share of layer i's exact attention (query q (Hq, D)) that the keys
@@ -276,16 +294,20 @@ class TieredCache(AttendingCache, GraphCache):
             return c, sinks, recent
         return min(c, max(int((budget - window) // size), sinks + recent + self.n_pinned[i])), sinks, recent
 
-    def _select(self, i: int, q: torch.Tensor) -> torch.Tensor | None:
-        """Chunk indices (sorted) layer i attends to for query q (Hq, D); None = all of them."""
+    def _select(self, i: int, q: torch.Tensor) -> list[torch.Tensor] | None:
+        """Chunk indices (sorted) layer i attends to for query q (Hq, D): one list for all KV heads,
+        or (per-head selection) one per KV head; None = all of them."""
         plan = self._plan(i)
         if plan is None:
             return None
         args = [torch.tensor([x]) for x in (self.layers[i].n_chunks, *plan)]
         chosen, valid, estimated = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args,
-                                                 self.cfg.coverage, self.temperatures[i : i + 1], self.pinned[i : i + 1])
+                                                 self.cfg.coverage, self.temperatures[i : i + 1], self.pinned[i : i + 1],
+                                                 per_head=self.per_head)
         self.fidelity.promise(i, estimated[0])
-        return chosen[0, : int(valid[0].sum())].sort().values
+        if not self.per_head:
+            chosen, valid = chosen[:, None], valid[:, None]  # (1, 1 group, K)
+        return [ids[: int(n)].sort().values for ids, n in zip(chosen[0], valid[0].sum(-1))]
 
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's chunks for this step, chosen at once with each layer's last query:
