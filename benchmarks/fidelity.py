@@ -154,6 +154,7 @@ class Bench:
                 "captured_mass": stats.get("captured_mass"), "captured_mass_min_head": stats.get("captured_mass_min_head"),
                 "coverage_estimated": stats.get("coverage_estimated"),
                 "budget_per_layer": stats["budget_per_layer"], "temperatures": stats.get("coverage_temperatures"),
+                "captured_mass_per_layer": stats.get("captured_mass_per_layer"),
                 "decode_tok_s": round(len(ref) / seconds, 2),
             })
         return rows, state

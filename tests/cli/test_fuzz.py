@@ -49,6 +49,8 @@ OPTIONS = {
     "--kv-host-mb": numbers("0", "0.01", "1"),
     "--kv-bits": mostly(st.sampled_from(["auto", "32", "16", "8", "4", "2"]), st.sampled_from(["3", "x"])),
     "--kv-prefetch-steps": numbers("1", "3"),
+    "--kv-summaries": mostly(st.sampled_from(["on", "off"]), st.sampled_from(["yes", ""])),
+    "--kv-selection": mostly(st.sampled_from(["layer", "head"]), st.sampled_from(["heads", ""])),
     "--prune-prompt": numbers("0.5", "1", "0.1"),
     "--prune-after-layer": numbers("0", "1"),
     "--system": mostly(st.sampled_from(["be brief"]), TEXT),

@@ -3,6 +3,8 @@ decode step's softmax for the chunks it does not read."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_hf_model
@@ -175,3 +177,16 @@ def test_per_head_selection_is_checked():
         KVConfig(budget="25%", selection="head", bits="4")
     with pytest.raises(EdgetokError, match="torch backend"):
         TieredCache(KVConfig(budget="25%", selection="head"), 1, HQ, HKV, D, reads="views")
+
+
+def test_cli_summaries_and_per_head_selection(tiny_folder):
+    from conftest import run_cli
+
+    args = ["run", str(tiny_folder), "-p", "The quick brown fox " * 40, "--no-chat", "-n", "20", "--kv-budget", "25%",
+            "--backend", "torch"]
+    r = run_cli(*args, "--kv-summaries", "on", "--kv-selection", "head", "--json")
+    assert r.exit_code == 0, r.output
+    kv = json.loads(r.stdout)["stats"]["kv"]
+    assert kv["summaries_read"] > 0 and kv["budget_used"] < 0.5
+    r = run_cli(*args, "--kv-selection", "head", "--kv-bits", "4")
+    assert r.exit_code == 1 and "--kv-selection" in r.stderr and "Traceback" not in r.output
