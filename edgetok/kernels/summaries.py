@@ -40,10 +40,11 @@ def fold(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, summaries: torch
     hq, t, d = q.shape
     qg = q.float().reshape(hkv, hq // hkv * t, d)  # (Hkv, G·T, D): a KV head's query group
     mean_k, mean_v = summaries[..., :d], summaries[..., d:]
-    # (every chunk scored, the read ones masked: cheaper than gathering the unread ones' summaries)
-    scores = (qg @ mean_k.transpose(1, 2) / math.sqrt(d) + math.log(size)).masked_fill(~unread[:, None], float("-inf"))  # (Hkv, G·T, C)
-    lse_u = scores.logsumexp(-1)  # (Hkv, G·T)
-    out_u = (scores - lse_u[..., None]).exp() @ mean_v  # (Hkv, G·T, D)
-    lse_u, out_u = lse_u.reshape(hq, t), out_u.reshape(hq, t, d)
-    total = torch.logaddexp(lse, lse_u)  # (Hq, T)
-    return out * (lse - total).exp()[..., None] + out_u * (lse_u - total).exp()[..., None]
+    # (few, fused ops: this runs in every layer of every step; every chunk is scored and the read
+    # ones masked, cheaper than gathering the unread ones' summaries)
+    scores = torch.baddbmm(torch.full((1, 1, 1), math.log(size)), qg, mean_k.transpose(1, 2), alpha=1 / math.sqrt(d))
+    scores = scores.masked_fill(~unread[:, None], float("-inf"))  # (Hkv, G·T, C)
+    lse_u = scores.logsumexp(-1).reshape(hq, t)
+    out_u = (scores.softmax(-1) @ mean_v).reshape(hq, t, d)
+    # the exact part's share of the merged softmax: e^lse / (e^lse + e^lse_u)
+    return torch.lerp(out_u, out, torch.sigmoid(lse - lse_u)[..., None])

@@ -13,8 +13,8 @@ BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
 DEFAULT_COVERAGE = 0.9  # --kv-budget auto's target: see BENCHMARKS.md, "Fidelity on many kinds of text"
 SUMMARIES_CHOICES = ("on", "off")
 SELECTION_CHOICES = ("layer", "head")
-DEFAULT_SELECTION = "layer"  # see BENCHMARKS.md, "Chunk summaries" (issue 21)
-DEFAULT_SUMMARIES = "on"  # see BENCHMARKS.md, "Chunk summaries" (issue 21)
+DEFAULT_SELECTION = "head"  # see BENCHMARKS.md, "Per-head selection and chunk summaries" (issue 21)
+DEFAULT_SUMMARIES = "off"  # see BENCHMARKS.md, "Per-head selection and chunk summaries" (issue 21)
 MAX_MB = 2.0**40  # an exabyte: beyond any machine, and a byte count that stays an integer
 
 

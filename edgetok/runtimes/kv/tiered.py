@@ -157,7 +157,8 @@ class TieredCache(AttendingCache, GraphCache):
 
     def stats(self) -> dict:
         auto = {"coverage": self.cfg.coverage, "coverage_temperatures": [round(t, 2) for t in self.temperatures.tolist()]}
-        return report(self.cfg, self.bits, self.storage) | self.fidelity.report() | (auto if self.cfg.is_auto else {})
+        chosen = {"selection": "head" if self.per_head else "layer", "summaries": "on" if self.summarize else "off"}
+        return report(self.cfg, self.bits, self.storage) | chosen | self.fidelity.report() | (auto if self.cfg.is_auto else {})
 
     # -- AttendingCache --------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -92,11 +92,12 @@ def test_selection_always_keeps_sinks_and_recent_chunks(source):
     layer = cache.layers[1]
     for seed in range(5):
         q = torch.randn(source.config.num_heads, source.config.head_dim, generator=torch.Generator().manual_seed(seed))
-        chosen = cache._select(1, q).tolist()
-        assert 0 in chosen
-        needed_recent = -(-(64 - cache.storage.window_len(layer)) // layer.chunk_size)
-        assert set(range(layer.n_chunks - needed_recent, layer.n_chunks)) <= set(chosen)
-        assert len(chosen) < layer.n_chunks
+        for ids in cache._select(1, q):  # (per KV head)
+            chosen = ids.tolist()
+            assert 0 in chosen
+            needed_recent = -(-(64 - cache.storage.window_len(layer)) // layer.chunk_size)
+            assert set(range(layer.n_chunks - needed_recent, layer.n_chunks)) <= set(chosen)
+            assert len(chosen) < layer.n_chunks
 
 
 def test_low_bit_storage_is_smaller(source, tmp_path):
@@ -194,7 +195,8 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
     g = torch.Generator().manual_seed(0)
     hq, hkv, d, n = 4, 2, 8, 300
     homes = dict(device_mb=0.01, host_mb=0.02, disk_dir=tmp_path, bits="32") if tiers else {}
-    cache = TieredCache(KVConfig(budget="30%", recent_tokens=8, chunk_sizes=(16, 16), **homes), 1, hq, hkv, d, dtype=torch.float32)
+    cache = TieredCache(KVConfig(budget="30%", recent_tokens=8, chunk_sizes=(16, 16), selection="layer", **homes), 1, hq, hkv, d,
+                        dtype=torch.float32)
     for start in range(0, n, 100):
         k, v, length = cache.view(0, reserve=100)
         assert length == start
@@ -209,7 +211,7 @@ def test_graph_views_stage_the_selected_chunks_incrementally(tiers, tmp_path):
         before = cache.stages.slots(0)
         reads = sum(cache.storage.store.read_chunks.values()) if tiers else 0
         k, v, p = cache.view(0, reserve=1)
-        chosen = cache._select(0, layer.q_last)  # what the step's view must hold
+        [chosen] = cache._select(0, layer.q_last)  # what the step's view must hold (one set: a graph's)
         # a chunk staged at the last step and chosen again stays in its slot (no copy)
         after = cache.stages.slots(0)
         moved += sum(1 for s, c in enumerate(before) if c >= 0 and c in after and after[s] != c)
@@ -256,13 +258,17 @@ def test_decode_attends_through_the_mixed_bit_kernel_as_the_reference_would(home
             q, k, v = (torch.randn(1, h, t, d, generator=g) for h in (hq, hkv, hkv))
             if i == 0:
                 cache._begin_step()
-            chosen = cache._select(i, q[0, :, -1])
+            chosen = cache._select(i, q[0, :, -1])  # one set, or in RAM one per KV head
             cache.storage.append(cache.layers[i], k[0], v[0])
-            out, lse, attended = cache.storage.attend(i, chosen, q[0])
-            keys, values = cache.storage.gather(i, chosen)
-            ref = attend(q, keys[None], values[None], causal_mask(t, keys.shape[1]))[0]
-            assert attended == keys.shape[1]
-            assert (out - ref).abs().max() <= 1e-4
-            _, ref_lse = attend_lse(q[0], keys, values, causal_mask(t, keys.shape[1]))  # what summaries merge through
-            assert (lse - ref_lse).abs().max() <= 1e-4
+            group = hq // len(chosen)
+            for h, ids in enumerate(chosen):
+                head = None if len(chosen) == 1 else h
+                qh = q[:, h * group : (h + 1) * group]
+                out, lse, attended = cache.storage.attend(i, ids, qh[0], head=head)
+                keys, values = cache.storage.gather(i, ids, head=head)
+                ref = attend(qh, keys[None], values[None], causal_mask(t, keys.shape[1]))[0]
+                assert attended == keys.shape[1]
+                assert (out - ref).abs().max() <= 1e-4
+                _, ref_lse = attend_lse(qh[0], keys, values, causal_mask(t, keys.shape[1]))  # what summaries merge through
+                assert (lse - ref_lse).abs().max() <= 1e-4
     assert cache.stats()["attention"] == mixed_attention.isas()[0]
