@@ -144,6 +144,17 @@ def make_hf_model(kind: str, vocab_size: int, seed: int = 0, layers: int = 2, ma
     return model
 
 
+def tiny_source(seed: int = 3, layers: int = 4, max_positions: int = 2048):
+    """A tiny random Llama as a Source (no tokenizer: for driving backends with token ids)."""
+    from edgetok.models.config import ModelConfig
+    from edgetok.models.sources import Source
+
+    hf = make_hf_model("llama", vocab_size=300, seed=seed, layers=layers, max_positions=max_positions)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    weights = hf.state_dict()
+    return Source("tiny", None, "hf", cfg, None, lambda: weights)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """An HF folder: tiny random Llama (2 layers), real tokenizer files, sharded safetensors."""

@@ -7,13 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_hf_model
+from conftest import tiny_source
 
 from edgetok.errors import EdgetokError
 from edgetok.kernels.attention import attend_lse
 from edgetok.kernels.summaries import chunk_summaries, fold
-from edgetok.models.config import ModelConfig
-from edgetok.models.sources import Source
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig, TieredCache
 
@@ -92,17 +90,11 @@ def test_summaries_recover_spread_attention(noise):
     assert max(err_on) < (1e-4 if noise == 0 else 0.1 * max(err_off))
 
 
-@pytest.fixture(scope="module")
-def source():
-    hf = make_hf_model("llama", vocab_size=300, seed=3, layers=3, max_positions=2048)
-    cfg = ModelConfig.from_hf(hf.config.to_dict())
-    weights = hf.state_dict()
-    return Source("tiny", None, "hf", cfg, None, lambda: weights)
-
-
-def test_the_kv_store_keeps_summaries(source, tmp_path):
+def test_the_kv_store_keeps_summaries(tmp_path):
     """A prompt saved to the store and loaded into a fresh cache: the same summaries, the same decode."""
     from edgetok.runtimes.kv.store import PromptStore
+
+    source = tiny_source(layers=3)
 
     backend = TorchBackend(source, kv=KVConfig(budget="25%", summaries="on"))
     prompt = torch.randint(0, 300, (600,), generator=torch.Generator().manual_seed(4)).tolist()

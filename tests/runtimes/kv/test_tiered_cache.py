@@ -7,11 +7,9 @@ import os
 
 import pytest
 import torch
-from conftest import kv_rows, make_hf_model, run_cli
+from conftest import kv_rows, run_cli, tiny_source
 
 from edgetok.errors import EdgetokError
-from edgetok.models.config import ModelConfig
-from edgetok.models.sources import Source
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig, TieredCache
 
@@ -19,10 +17,7 @@ from edgetok.runtimes.kv import KVConfig, TieredCache
 @pytest.fixture(scope="module")
 def source():
     """A tiny random Llama (4 layers) with a 2K context; the tokenizer is not needed here."""
-    hf = make_hf_model("llama", vocab_size=300, seed=3, layers=4, max_positions=2048)
-    cfg = ModelConfig.from_hf(hf.config.to_dict())
-    weights = hf.state_dict()
-    return Source("tiny", None, "hf", cfg, None, lambda: weights)
+    return tiny_source()
 
 
 def decode(backend: TorchBackend, prompt: list[int], steps: int, follow: list[int] | None = None):
