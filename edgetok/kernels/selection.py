@@ -103,10 +103,11 @@ def select_chunks(
     Returns chunk ids (L, K), which of them count (L, K) (row l's first keep[l]), and the
     estimated coverage of each layer's selection (L,): the least covered head's share.
 
-    per_head: each KV head ranks the chunks by its own shares and keeps its own (keep[l] each, or
-    under a coverage target as many as it needs): ids and which count are (L, Hkv, K). (Shared,
-    a chunk one head needs displaces one another head needs: on legal text and JSON / CSV the
-    least covered head held 3–4 % of its attention.)
+    per_head: each KV head ranks the chunks by its own shares and keeps its own best, keep[l] each
+    or, under a coverage target, as many as the neediest head needs along its own order (every
+    head the same count: heads left at their own estimated needs read too little, BENCHMARKS.md):
+    ids and which count are (L, Hkv, K). (Shared, a chunk one head needs displaces one another
+    head needs: on legal text and JSON / CSV the least covered head held 3–4 % of its attention.)
     """
     shares = chunk_shares(q, abstracts, counts, temperature)  # (L, Hkv, C)
     col = torch.arange(shares.shape[-1])
@@ -120,8 +121,7 @@ def select_chunks(
     covered = shares.gather(-1, order.expand_as(shares)).cumsum(-1)  # (L, Hkv, C) along each head's order
     keep = keep[:, None].expand(-1, scores.shape[1])  # (L, G)
     if coverage is not None and shares.shape[-1]:  # (no chunk yet: nothing to cover)
-        need = heads_need(covered, coverage)  # (L, Hkv)
-        need = need if per_head else need.amax(-1, keepdim=True)
+        need = heads_need(covered, coverage).amax(-1, keepdim=True)  # (L, 1)
         keep = torch.minimum(torch.maximum(need, forced.sum(-1)[:, None]), keep)
     if shares.shape[-1] == 0:  # no layer has a chunk yet: nothing to miss
         estimated = torch.ones(shares.shape[0])
