@@ -142,7 +142,8 @@ def calibrated_quantizer(qm: QuantizedModel, fallback: rewrites.Quantizer) -> re
 def source_quantizer(source: Source) -> tuple[rewrites.Quantizer, dict]:
     """--weights source: each matrix at its GGUF's own codes (exporters/gguf_codes.py; a fused linear
     stacks its parts on their common grid), and the type plan: which GGUF type became which
-    MatMulNBits width, and the matrices whose type has no MatMulNBits form (rounded again to int8)."""
+    MatMulNBits width, and the matrices whose type has no MatMulNBits form, rounded again to int8
+    with the loss (‖Ŵ − W‖ / ‖W‖)."""
     from edgetok.exporters.gguf_codes import source_codes
 
     if source.format != "gguf":
@@ -156,8 +157,10 @@ def source_quantizer(source: Source) -> tuple[rewrites.Quantizer, dict]:
     def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
         parts = fused_parts(name) or [name]
         if not all(p in codes for p in parts):
-            rounded[name] = "+".join(sorted({types.get(p, "?") for p in parts}))
-            return fallback(name, w)
+            qw = fallback(name, w)
+            error = ((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-30)).item()
+            rounded[name] = {"type": "+".join(sorted({types.get(p, "?") for p in parts})), "relative_error": round(error, 6)}
+            return qw
         qw = QuantizedWeight.cat_rows([codes[p] for p in parts])
         assert qw.shape == tuple(w.shape), (name, qw.shape, w.shape)
         key = f"{'+'.join(sorted({types[p] for p in parts}))} → int{qw.bits}"
