@@ -20,6 +20,7 @@ from edgetok.models import sources
 from edgetok.models.config import FULL, SLIDING, ModelConfig
 from edgetok.models.llama import LlamaModel
 from edgetok.runtimes.kv import KVConfig, MixedCache
+from edgetok.runtimes.kv.contiguous import ContiguousCache
 
 PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n" * 2
 
@@ -85,6 +86,37 @@ def test_onnx_export(tiny_gemma_folder, tmp_path, weights, options):
         # the tiered cache through the graph: sliding layers in their windows, exact at a full budget
         tiered = edgetok.load(str(out), kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
         assert greedy(tiered) == want
+
+
+def test_onnx_exact_cache_keeps_only_the_windows(tiny_gemma_folder, tmp_path):
+    """The ONNX backend's exact cache drops what a sliding layer's window no longer sees: the same
+    logits as a cache keeping everything, through prefill, decode, a rollback and a saved state."""
+    out = tmp_path / "fp32"
+    assert run_cli("export", tiny_gemma_folder, "--format", "onnx", "--weights", "fp32", "--no-verify", "-o", out).exit_code == 0
+    model = edgetok.load(str(out))
+    backend, c = model.engine.backend, model.engine.backend.config
+    keeps_all = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=16)
+    compact = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=16, windows=c.windows,
+                              compact_every=4)
+    compact.ROLLBACK = 2  # (64 by default: the tiny model's window is 8)
+    tokens = model.tokenizer.encode(PROMPT)
+    want, got = backend.forward(tokens[:20], keeps_all), backend.forward(tokens[:20], compact)
+    for step in range(40):
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"step {step}")
+        nxt = [int(want[-1].argmax())]
+        want, got = backend.forward(nxt, keeps_all), backend.forward(nxt, compact)
+    assert compact.starts[0] > 0 and compact.lengths[0] <= 8 - 1 + 2 + 4 + 1 and compact.lengths[5] == keeps_all.lengths[5]
+    assert compact.length == keeps_all.length == 60
+    # a rollback within what the windows keep, then the same token again: the same logits
+    assert compact.truncate(59) == keeps_all.truncate(59) == 59
+    np.testing.assert_allclose(backend.forward(nxt, compact), backend.forward(nxt, keeps_all), atol=1e-4)
+    # a saved state carries each layer's first position
+    again = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, windows=c.windows, compact_every=4)
+    again.state = compact.state
+    assert again.length == 60
+    np.testing.assert_allclose(backend.forward([5], again), backend.forward([5], keeps_all), atol=1e-4)
+    # further back than a sliding layer keeps: start over
+    assert compact.truncate(30) == 0 and compact.length == 0
 
 
 def test_torch_tiered_cache_keeps_sliding_layers_apart(tiny_gemma_folder):
