@@ -119,6 +119,67 @@ def test_onnx_exact_cache_keeps_only_the_windows(tiny_gemma_folder, tmp_path):
     assert compact.truncate(30) == 0 and compact.length == 0
 
 
+# Gemma 3's chat template as Google ships it with the instruction-tuned models (tokenizer_config.json,
+# and the tokenizer.chat_template of their GGUFs). The 270M base model's GGUF carries none: `run`
+# treats its prompts as plain text, as for any model without a template.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+
+def test_gemma_chat_template_renders(tiny_gemma_folder):
+    """An instruction-tuned Gemma 3's template renders as Google's reference does: the system text
+    folded into the first user turn, assistant turns as "model", roles checked in one sentence."""
+    import dataclasses
+
+    tok = dataclasses.replace(sources.load_source(str(tiny_gemma_folder)).tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi! "},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+    assert tok.apply_chat_template(messages) == (
+        f"{tok.bos_token}<start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(EdgetokError, match="roles must alternate"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}])
+
+
 def test_torch_tiered_cache_keeps_sliding_layers_apart(tiny_gemma_folder):
     exact = edgetok.load(str(tiny_gemma_folder), backend="torch")
     tiered = edgetok.load(str(tiny_gemma_folder), backend="torch", kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
