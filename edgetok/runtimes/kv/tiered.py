@@ -7,10 +7,11 @@ most (policy.pinned_chunks). Each decode step, per layer, attention reads the si
 recent chunks, the pinned chunks, the not-yet-chunked window, and the chunks whose key abstracts
 (per-chunk min/max of the keys) bound q·k highest — up to the layer's budget, or, with
 --kv-budget auto, as many as cover the target share of every head's estimated attention (the
-bounds' softmax at a temperature fitted to the prompt's measured attention). With summaries on
-(the default with the torch backend), each chunk the step does not read joins the same softmax as
-one pseudo-token, its mean key and value (kernels/summaries.py): the unread chunks' contribution,
-estimated. What the selection cost is counted in kv/fidelity.py.
+bounds' softmax at a temperature fitted to the prompt's measured attention). When the cache
+attends itself with every chunk in RAM, each KV head selects its own chunks (--kv-selection head,
+the default there). With --kv-summaries on, each chunk the step does not read joins the same
+softmax as one pseudo-token, its mean key and value (kernels/summaries.py): the unread chunks'
+contribution, estimated. What the selection cost is counted in kv/fidelity.py.
 
 This module is the policy. Where the chunks live is the storage's business (storage.py: every
 token in a float slab in RAM, or chunks in host/disk tiers with float copies cached on device);
