@@ -81,6 +81,14 @@ fi
 if want fidelity; then  # seven kinds of text: budgets (25 %, auto) and pruning vs exact runs; pruning's 8K prefill
   $PY benchmarks/fidelity.py --kinds legal --contexts 8192 --parts speed --repeat 2 --out benchmarks/results/fidelity.json
   $PY benchmarks/fidelity.py --contexts 4096,8192 --budgets 25%,auto --needle-tokens 18 --out benchmarks/results/fidelity.json
+  # per-head selection and chunk summaries (BENCHMARKS.md, issue 21's last section)
+  K=legal,structured,dialogue,changelog,code,docs,essays
+  $PY benchmarks/fidelity.py --kinds $K --contexts 4096 --budgets 25%/layer/off,25%/head/off,25%/head/on,auto/head/on \
+    --parts agreement --keeps "" --out benchmarks/results/fidelity_perhead_4k.json
+  $PY benchmarks/fidelity.py --kinds $K --contexts 4096 --budgets 25%,auto --parts agreement,needles --keeps "" \
+    --out benchmarks/results/fidelity_final_4k.json
+  $PY benchmarks/fidelity.py --kinds $K --contexts 8192 --budgets 25%/layer/off,25%,auto --parts agreement --keeps "" \
+    --out benchmarks/results/fidelity_final_8k.json
 fi
 if want footprint; then  # the default engine's peak RSS at 1K and time to first token vs llama.cpp (--before DIR: older code)
   $LOCK $PY benchmarks/footprint.py --rounds 3 --out benchmarks/results/footprint.json
