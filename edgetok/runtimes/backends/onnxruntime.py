@@ -67,6 +67,7 @@ class _Bound:
     positions: np.ndarray  # (1, S) int64
     past_length: np.ndarray  # (1, L) int64
     keep: np.ndarray | None = None  # (1,) float64
+    past_positions: np.ndarray | None = None  # (1, C) int64: the positioned layers' slots (C: their buffers')
     logits: np.ndarray | None = None  # None: ONNX Runtime allocates it
     queries: list[np.ndarray] | None = None
     kept: np.ndarray | None = None
@@ -96,11 +97,15 @@ class OnnxBackend:
         prune = manifest.prune
         self.prune = PrunePlan(1.0, **dataclasses.asdict(prune), referenced_share=0.0) if prune else None
         self.prune_after_layer = prune.after_layer if prune else None
+        # the sliding layers after the pruning point: the graph masks their windows by the positions
+        # of their slots, which all of them share (the kept tokens, then every later one)
+        self.positioned = prune.positioned_layers(self.config.graph_windows) if prune else []
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
         # batched decoding writes every row's K/V in place (gqa) into exact caches' copies
         batch = {BATCH} if self.in_place and kv is None else set()
         self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch)
-        self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None) if batch else None
+        self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None,
+                                  positioned=self.positioned) if batch else None
         self.manifest = manifest
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         # Bindings by shape and buffers, the most recently used last: speculative decoding
@@ -138,6 +143,11 @@ class OnnxBackend:
         bound.past_length[0] = [length for _, _, length in views]
         if bound.keep is not None:
             bound.keep[0] = prune_keep
+        if self.positioned:
+            first = self.positioned[0]
+            p = views[first][2]
+            assert all(views[i][2] == p for i in self.positioned), "the positioned layers hold the same tokens"
+            bound.past_positions[0, :p] = cache.positions(first)
         self.session.run_with_iobinding(bound.binding)
 
         out = dict(zip(bound.outputs, bound.binding.get_outputs())) if bound.allocated else {}
@@ -265,6 +275,9 @@ class OnnxBackend:
         if self.prune is not None:
             bound.keep = np.ones(1, np.float64)
             bind_in(names.PRUNE_KEEP, bound.keep)
+        if self.positioned:  # as wide as the first one's buffer: the key fixes its shape
+            bound.past_positions = np.zeros((1, views[self.positioned[0]][0].shape[2]), np.int64)
+            bind_in(names.PAST_POSITIONS, bound.past_positions)
         for i, (k, v, _) in enumerate(views):
             for kind, t in zip(names.KV_KINDS, (k, v)):
                 bound.keep_alive.append(t)
