@@ -16,7 +16,7 @@ from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import ContiguousCache, KVConfig, MixedCache
 from edgetok.runtimes.prune import PrunePlan
 
-WINDOW = 16  # far shorter than the gaps a 0.3 keep leaves in a 300-token prompt
+WINDOW = 40  # longer than the observation window (32, always kept), shorter than the gaps a 0.3 keep leaves
 AFTER = 1  # the prune layer (sliding); after it sliding 3, 4 and full 2, 5
 N = 300
 PROMPT = [int(t) for t in np.random.default_rng(11).integers(3, 400, N)]

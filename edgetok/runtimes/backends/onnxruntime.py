@@ -122,7 +122,8 @@ class OnnxBackend:
 
             torch.set_num_threads(1)  # it only keeps the books: its idle workers would spin against ONNX Runtime's
             return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
-        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK)
+        # (its windows: a pruned prompt's sliding layers keep the kept positions, which the graph reads)
+        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK, windows=c.windows)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
         """Logits (last, V) of the last `last` tokens (of the kept ones, when prune_keep < 1 prunes)."""
