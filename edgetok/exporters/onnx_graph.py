@@ -10,6 +10,9 @@ Inputs (B = batch, S = new tokens, P = past tokens, L = layers; every axis dynam
     logits_to_keep int64 (1,)      logits for the last N positions only; 0 = every position
     prune_keep     float64 (1,)    fraction of the new tokens the layers after the prune layer run
                                    on (1: all); see "Prompt pruning" below
+    prune_forced   bool (B, S)     new tokens the later layers keep whatever their scores (what the
+                                   window's rare words refer to: kernels/keep.py, computed from
+                                   the ids before the run); all False but in a pruned prefill
     past_positions int64 (B, C)    the positions of the past slots of the sliding-window layers
                                    after the prune layer (C ≥ their past_length); only in a pruning
                                    graph of a model with such layers (Gemma 3), see below
@@ -376,10 +379,10 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         n_f = g.op("Cast", n, to=TensorProto.DOUBLE)
         wanted = g.op("Cast", g.op("Ceil", g.op("Mul", names.PRUNE_KEEP, n_f)), to=TensorProto.INT64)
         count = g.op("Min", n, g.op("Max", wanted, g.op("Add", w, g.const([prune.sinks]))))
-        # the sinks and the window always: score them above everything
+        # the sinks, the window and the forced tokens always: score them above everything
         sink = g.op("Less", key_idx, g.const(prune.sinks))
         in_window = g.op("GreaterOrEqual", key_idx, g.op("Sub", n0, g.op("Squeeze", w, g.const([0]))))
-        forced_idx = g.op("Or", sink, in_window)
+        forced_idx = g.op("Or", g.op("Or", sink, in_window), names.PRUNE_FORCED)  # (B, S)
         forced = g.op("Where", forced_idx, g.const(np.inf, np.float32), got)
         _, best = g.op("TopK", forced, count, axis=-1, largest=1, sorted=1, outputs=2)
         # in order
@@ -447,6 +450,7 @@ def _model(g: GraphBuilder, cfg: ModelConfig, opset: int, gqa: bool, prune: Prun
     ]
     if prune is not None:
         inputs.append(helper.make_tensor_value_info(names.PRUNE_KEEP, TensorProto.DOUBLE, [1]))
+        inputs.append(helper.make_tensor_value_info(names.PRUNE_FORCED, TensorProto.BOOL, ["batch", "sequence"]))
     if positioned:
         inputs.append(helper.make_tensor_value_info(names.PAST_POSITIONS, i64, ["batch", "past_positions"]))
     outputs = [helper.make_tensor_value_info(names.LOGITS, f32, ["batch", "logits_sequence", cfg.vocab_size])]

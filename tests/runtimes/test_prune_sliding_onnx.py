@@ -57,8 +57,7 @@ def reference(folder):
 
 
 def plan(keep: float) -> PrunePlan:
-    # the graph keeps tokens by attention alone: the torch path's referenced tokens off
-    return PrunePlan(keep, AFTER, referenced_share=0.0)
+    return PrunePlan(keep, AFTER)  # (the tokens the window's rare words refer to too, as the CLI's)
 
 
 def decode(backend, cache, logits: np.ndarray, steps: int = STEPS) -> tuple[list[int], np.ndarray]:
@@ -83,7 +82,7 @@ def test_the_export_has_positions_only_where_needed(onnx, exports):
     plain = OnnxBackend(load_source(str(exports[0])))
     inputs = lambda b: {i.name for i in b.session.get_inputs()}  # noqa: E731
     assert onnx.positioned == [3, 4] and "past_positions" in inputs(onnx)
-    assert "past_positions" not in inputs(plain) and onnx.manifest.io["inputs"][5] == "past_positions"
+    assert "past_positions" not in inputs(plain) and onnx.manifest.io["inputs"][4:7] == ["prune_keep", "prune_forced", "past_positions"]
 
 
 def test_keep_all_equals_the_unpruned_export(onnx, exports):
@@ -109,6 +108,8 @@ def test_pruned_onnx_agrees_with_torch(onnx, reference, kv):
     assert isinstance(cache, MixedCache if kv else ContiguousCache)
     got, got_logits, kept, cache = pruned(onnx, 0.3, cache)
     assert kept.tolist() == want_kept.tolist() and len(kept) == 90
+    assert set(np.flatnonzero(plan(0.3).forced(PROMPT))) <= set(kept.tolist())  # (some: the rare words' places)
+    assert plan(0.3).forced(PROMPT).any()
     assert int(np.diff(kept).max()) >= WINDOW  # gaps a window of slots would count as one step
     assert got == want
     assert np.abs(got_logits - want_logits).max() < 1e-4

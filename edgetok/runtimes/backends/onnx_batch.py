@@ -37,10 +37,11 @@ class _Bound:
 class DecodeBatch:
     """The resident rows of one OnnxBackend's batched decoding."""
 
-    def __init__(self, session, config, pruning: bool, positioned: list[int] | None = None) -> None:
-        """positioned: the layers whose slots' positions the graph reads (a pruning point before
-        sliding layers: OnnxBackend.positioned); they all hold the same tokens."""
-        self.session, self.config, self.pruning = session, config, pruning
+    def __init__(self, session, config, pruning: bool, forces: bool = False, positioned: list[int] | None = None) -> None:
+        """forces: the graph takes names.PRUNE_FORCED; positioned: the layers whose slots' positions
+        the graph reads (a pruning point before sliding layers: OnnxBackend.positioned); they all
+        hold the same tokens."""
+        self.session, self.config, self.pruning, self.forces = session, config, pruning, forces
         self.positioned = positioned or []
         c = config
         self.k: list[np.ndarray] = []  # per layer (R, Hkv, capacity, D) float32: R rows allocated
@@ -165,6 +166,8 @@ class DecodeBatch:
         if self.pruning:
             bind("input", names.PRUNE_KEEP, np.ones(1, np.float64))  # one new token: every token kept
             bind("output", names.KEPT, np.empty((b, 1), np.int64))
+        if self.forces:
+            bind("input", names.PRUNE_FORCED, np.zeros((b, 1), bool))
         if self.positioned:
             bind("input", names.PAST_POSITIONS, self.slot_positions[:b])  # (the first B rows: contiguous)
         for i in range(layers):
