@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_hf_model, make_tokenizer_files, run_cli
+from test_prune import decode  # tests/runtimes/test_prune.py
 
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import load_source
@@ -60,22 +61,11 @@ def plan(keep: float) -> PrunePlan:
     return PrunePlan(keep, AFTER)  # (the tokens the window's rare words refer to too, as the CLI's)
 
 
-def decode(backend, cache, logits: np.ndarray, steps: int = STEPS) -> tuple[list[int], np.ndarray]:
-    """Greedy steps after a prefill → tokens, logits (steps, V) (the first row is the prefill's)."""
-    backend.end_prefill(cache)
-    tokens, rows = [], []
-    for _ in range(steps):
-        rows.append(logits)
-        tokens.append(int(logits.argmax()))
-        if len(tokens) < steps:
-            logits = backend.forward([tokens[-1]], cache)[-1]
-    return tokens, np.stack(rows)
-
-
 def pruned(backend, keep: float, cache=None):
+    """→ greedy tokens, logits (STEPS, V) (the first row the prefill's), kept positions, the cache."""
     cache = cache or backend.new_cache()
     out = backend.prefill_pruned(PROMPT, cache, plan(keep), 64)
-    return decode(backend, cache, out.logits) + (out.kept, cache)
+    return decode(backend, cache, torch.from_numpy(out.logits), STEPS) + (out.kept, cache)
 
 
 def test_the_export_has_positions_only_where_needed(onnx, exports):
@@ -92,11 +82,11 @@ def test_keep_all_equals_the_unpruned_export(onnx, exports):
     cache = plain.new_cache()
     for i in range(0, N, 64):
         logits = plain.forward(PROMPT[i : i + 64], cache)[-1]
-    want, want_logits = decode(plain, cache, logits)
+    want, want_logits = decode(plain, cache, torch.from_numpy(logits), STEPS)
     got, got_logits, kept, _ = pruned(onnx, 1.0)
     assert kept.tolist() == list(range(N))
     assert got == want
-    assert np.abs(got_logits - want_logits).max() < 1e-4
+    assert (got_logits - want_logits).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("kv", [None, KV], ids=["exact", "windows"])
@@ -112,7 +102,7 @@ def test_pruned_onnx_agrees_with_torch(onnx, reference, kv):
     assert plan(0.3).forced(PROMPT).any()
     assert int(np.diff(kept).max()) >= WINDOW  # gaps a window of slots would count as one step
     assert got == want
-    assert np.abs(got_logits - want_logits).max() < 1e-4
+    assert (got_logits - want_logits).abs().max() < 1e-4
     if kv:
         sliding = cache.sliding[3]
         assert sliding.gaps and sliding.end == N + STEPS - 1
