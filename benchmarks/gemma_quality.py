@@ -36,6 +36,7 @@ EXPORTS = [
     ("gguf", ["--quant", "q8_0"]), ("gguf", ["--quant", "q4_0"]),
     ("onnx", ["--weights", "fp16"]), ("onnx", ["--weights", "int8"]), ("onnx", ["--weights", "int4"]),
     ("onnx", ["--weights", "int8", "--qdq"]), ("onnx", ["--weights", "int4", "--qdq"]),
+    ("onnx", ["--weights", "source"]), ("onnx", ["--weights", "source", "--activations", "float"]),
 ]
 
 

@@ -292,6 +292,10 @@ def _torch_backend(source: Source, weights: str, kv: KVConfig | None, threads: i
 def _weights_words(source: Source, backend: str, weights: str) -> str:
     if backend == "onnxruntime":
         m = source.manifest
+        if m.weights == "source":  # (exporters/onnx.py: source_quantizer's plan)
+            plan = ", ".join(f"{t} ×{n}" for t, n in (m.quantization or {}).get("plan", {}).items())
+            return (f"the GGUF's own codes ({plan})" + (f", {m.activations} activations in the 4-bit ones" if m.activations
+                                                         else "") + " (ONNX export)")
         return f"{m.weights} weights" + (f", {m.activations} activations" if m.activations else "") + " (ONNX export)"
     if backend == "llamacpp":
         return f"the GGUF's own types ({source.path.name})"

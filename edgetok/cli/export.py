@@ -32,8 +32,9 @@ def _int_or_none(ctx, param, value):
                    "with --target-bits]")
 @click.option("--weights", type=click.Choice(export_choices.WEIGHTS), default=None,
               help="ONNX weights: int4/int8 as MatMulNBits blocks (or DequantizeLinear with --qdq); auto: each "
-                   "matrix at 4 or 8 bits or float, chosen for --target-bits or --max-kl [default: int4, or auto "
-                   "with --target-bits]")
+                   "matrix at 4 or 8 bits or float, chosen for --target-bits or --max-kl; source: a GGUF's own codes, "
+                   "carried without rounding again (4-bit codes at 4 bits, 5-8-bit codes at 8) [default: int4, "
+                   "or auto with --target-bits]")
 @click.option("--target-bits", type=click.FloatRange(min=1, max=32), default=None,
               help="the allocator's budget: at most this many bits per weight over the weight matrices, each "
                    "matrix's type chosen from its measured sensitivity (implies --quant / --weights auto)")

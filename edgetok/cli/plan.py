@@ -48,7 +48,8 @@ def command(model, device, context, threads, kv_dir, as_json, out):
     click.echo(f"  predicted: {peak}; decode {p.predicted_decode_tokens_per_s:g} tok/s")
     for line in p.arithmetic:
         click.echo(f"  · {line}")
-    # The plan runs an int4 ONNX export: `edgetok run` builds a model's default export by itself
+    # The plan runs the default ONNX export: `edgetok run` builds it by itself
     if source.format != "onnx":
-        click.echo(f"  (edgetok run builds {model}'s int4 export with float activations on first use, once)")
+        click.echo(f"  (edgetok run builds {model}'s ONNX export on first use, once: "
+                   f"{'its GGUF codes' if source.format == 'gguf' else 'int4'}, float activations)")
     click.echo(f"  run with: edgetok run {model} " + (f"--plan {out}" if out is not None else " ".join(p.run_options())))

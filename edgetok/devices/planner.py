@@ -26,6 +26,8 @@ MB, GB = 1 << 20, 1e9
 INT4_BYTES_PER_WEIGHT = (4 + 2 * 16 / 32) / 8
 HEAD_BYTES_PER_WEIGHT = (8 + 16 / 32) / 8
 KV_BYTES_PER_VALUE = 4  # the graph reads float32 K/V
+# what a sliding layer holds beyond its window: ContiguousCache.ROLLBACK, and half its compaction period
+WINDOW_SLACK = 64 + 128
 # Measured on the reference machine (2-core Xeon, BENCHMARKS.md "The architecture pass changed no
 # number", edgetok onnx int4): peak RSS at 1K minus weights, KV and prefill workspace ≈ 500 MB (the
 # Python process with ONNX Runtime, torch and the tokenizer loaded).
@@ -197,6 +199,17 @@ def weight_bytes(cfg: ModelConfig) -> int:
     return round((cfg.n_params - head) * INT4_BYTES_PER_WEIGHT + head * HEAD_BYTES_PER_WEIGHT)
 
 
+def kv_layout(cfg: ModelConfig, context: int) -> tuple[int, int]:
+    """Bytes of an fp32 KV cache at `context` tokens: (the sliding layers', the full-attention
+    layers'). A sliding layer holds its window and what the exact cache keeps beyond it (its rollback
+    margin and, on average, half of a compaction period: runtimes/kv/contiguous.py); a full layer
+    holds every token."""
+    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * KV_BYTES_PER_VALUE
+    windows = [w for w in cfg.windows if w is not None and w < cfg.max_context]
+    held = sum(min(context, w + WINDOW_SLACK) for w in windows)
+    return held * per_token, (cfg.num_layers - len(windows)) * context * per_token
+
+
 def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, threads: int | None = None) -> Plan:
     """The plan for `cfg` on `profile` at `context` tokens (default: the model's whole context)."""
     context = cfg.max_context if context is None else context
@@ -205,12 +218,14 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     threads = threads or 1
     lines: list[str] = []
     weights = weight_bytes(cfg)
-    kv_full = cfg.kv_bytes_per_token(KV_BYTES_PER_VALUE) * context
+    kv_windows, kv_global = kv_layout(cfg, context)  # only the full-attention layers are budgeted and tiered
+    kv_full = kv_windows + kv_global
     workspace = prefill_workspace(cfg, context, profile.execution_provider)
     shared = profile.kind != "gpu"  # the device's memory is the host's
     device_budget = MARGIN * profile.device_memory_gb * GB
     host_budget = MARGIN * profile.host_memory_gb * GB - RUNTIME_BASE_BYTES
-    lines.append(f"weights (int4 ONNX): {weights / MB:.1f} MB; KV at {context} tokens (fp32): {kv_full / MB:.1f} MB; "
+    lines.append(f"weights (int4 ONNX): {weights / MB:.1f} MB; KV at {context} tokens (fp32): {kv_full / MB:.1f} MB"
+                 + (f" ({kv_windows / MB:.1f} MB of it the sliding layers' windows)" if kv_windows else "") + "; "
                  f"prefill workspace: {workspace / MB:.1f} MB; runtime: {RUNTIME_BASE_BYTES / MB:.0f} MB (host)")
     lines.append(f"usable ({MARGIN:.0%}): device {device_budget / MB:.0f} MB, host {host_budget / MB:.0f} MB after the runtime"
                  + (" (the same memory)" if shared else ""))
@@ -229,8 +244,8 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         lines.append(f"the whole KV cache fits on the device ({kv_full / MB:.1f} ≤ {room / MB:.0f} MB): no tiers")
     else:
         budget, bits = TIERED_BUDGET, "auto"
-        device_kv = max(room, 0.0)
-        stored = (kv_full - device_kv) * AUTO_BITS_RATIO  # host and disk keep chunks compressed
+        device_kv = max(room - kv_windows, 0.0)  # (the windows stay on the device)
+        stored = (kv_global - device_kv) * AUTO_BITS_RATIO  # host and disk keep chunks compressed
         host_kv = min(stored, max(host_budget - (weights + workspace + device_kv if shared else 0), 0.0))
         disk_kv = stored - host_kv
         lines.append(f"KV does not fit the device ({kv_full / MB:.0f} > {room / MB:.0f} MB): tiered at {budget:.0%}, "
@@ -239,11 +254,11 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     # A decode step reads every weight and the KV it attends to; ONNX Runtime's CPU GroupQueryAttention
     # reads each KV head once per query head of its group.
     reread = cfg.num_heads // cfg.num_kv_heads if profile.kind == "cpu" else 1
-    kv_read = budget * kv_full * reread
+    kv_read = (kv_windows + budget * kv_global) * reread
     # attention reads the staged views (device memory); with tiers, the chunks entering the selection
     # are fetched from where they live
-    fetched = STAGE_CHURN * budget * kv_full if host_kv + disk_kv else 0.0
-    reads = tier_reads(fetched, kv_full, device_kv, host_kv, disk_kv)
+    fetched = STAGE_CHURN * budget * kv_global if host_kv + disk_kv else 0.0
+    reads = tier_reads(fetched, kv_global, device_kv, host_kv, disk_kv)
     reads["device"] += kv_read
     from_device, from_host, from_disk = reads["device"], reads["host"], reads["disk"]
     t_weights = weights / (profile.device_bandwidth_gb_s * GB)
@@ -256,19 +271,21 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     else:
         t_fixed = cfg.num_layers * ACCELERATOR_S_PER_LAYER
         fixed = f"{cfg.num_layers} layers × {ACCELERATOR_S_PER_LAYER * 1e6:.0f} µs (assumed launch overhead)"
-    chunks = cfg.num_layers * context / MEAN_CHUNK if budget < 1 else 0
+    chunks = kv_global / (2 * cfg.num_kv_heads * cfg.head_dim * KV_BYTES_PER_VALUE) / MEAN_CHUNK if budget < 1 else 0
     t_select = chunks * SELECTION_S_PER_CHUNK_THREAD / threads if profile.kind == "cpu" else 0.0
     if chunks:
         fixed += f"; selection {chunks:.0f} chunks × {SELECTION_S_PER_CHUNK_THREAD * 1e6:.1f} µs ÷ {threads} threads"
         t_fixed += t_select
     step = t_weights + t_kv + t_fixed
     lines.append(f"per token: weights {weights / MB:.0f} MB ÷ {profile.device_bandwidth_gb_s:g} GB/s = {1e3 * t_weights:.2f} ms; "
-                 f"KV {kv_read / MB:.0f} MB attended ({budget:.0%} × {reread}× per query group"
+                 f"KV {kv_read / MB:.0f} MB attended ({budget:.0%}"
+                 + (" of the full layers' tokens, the windows whole," if kv_windows else "") + f" × {reread}× per query group"
                  + (f", {STAGE_CHURN:.0%} of it fetched into the stage" if fetched else "") + "), read as "
                  f"device {from_device / MB:.0f} MB at {kv_bandwidth:.3g} GB/s + host {from_host / MB:.0f} + disk "
                  f"{from_disk / MB:.0f} MB = {1e3 * t_kv:.2f} ms; "
                  f"{fixed} = {1e3 * t_fixed:.2f} ms → {1e3 * step:.2f} ms")
-    peak_device = round(weights + workspace + device_kv)
+    tiered = host_kv + disk_kv > 0  # (device_kv is then the full layers' share; the windows stay whole)
+    peak_device = round(weights + workspace + device_kv + (kv_windows if tiered else 0))
     peak_host = round(RUNTIME_BASE_BYTES + host_kv + (peak_device if shared else 0))
     return Plan(
         device=profile.name, context=context, engine="onnxruntime", execution_provider=profile.execution_provider,

@@ -1,9 +1,11 @@
 """The default engine's export: a model that is not an ONNX export is exported once, then run.
 
-`edgetok run smollm2` runs the int4 ONNX export with float activations on ONNX Runtime: on
-SmolLM2 (whose weights are already 4-bit codes) it keeps the fp32 reference's next tokens on every
-kind of text measured, at 0.80× llama.cpp's decode (BENCHMARKS.md); weights not on a 4-bit grid are
-rounded again. It is built on first use into
+`edgetok run MODEL` runs an ONNX export on ONNX Runtime. A GGUF keeps its own codes
+(`--weights source`: 4-bit codes in 4-bit MatMulNBits blocks with float activations, 5–8-bit codes
+in 8-bit blocks with int8 activations, ONNX Runtime's only fast 8-bit kernel), so the export's
+weights are the reference's: rounding a K-quant file's codes again onto a 4-bit grid cost Gemma 3
+270M a quarter of its next tokens (BENCHMARKS.md). A float model (an HF folder) is rounded to int4
+with float activations. It is built on first use into
 $EDGETOK_HOME/exports/, one folder per source, exporter and options (the key hashes all three: new
 weights or a new edgetok build anew). Two processes asking for the same export at once: one
 builds, the other waits on a lock and uses it. An entry that fails its manifest's hashes is rebuilt,
@@ -25,13 +27,14 @@ from pathlib import Path
 
 from edgetok import __version__
 from edgetok.errors import EdgetokError
-from edgetok.exporters.options import OnnxOptions
+from edgetok.exporters.options import SOURCE, OnnxOptions
 from edgetok.files import edgetok_home
 from edgetok.models.sources import Source, load_source, require_torch
 
-# What the default engine runs; the rest of OnnxOptions keeps its defaults.
-DEFAULT_EXPORT = {"weights": "int4", "activations": "float"}
-DESCRIPTION = "int4 weights, float activations (ONNX Runtime)"
+
+def default_options(source: Source) -> dict[str, str]:
+    """What the default engine runs for `source`; the rest of OnnxOptions keeps its defaults."""
+    return {"weights": SOURCE if source.format == "gguf" else "int4", "activations": "float"}
 
 
 def exports_dir() -> Path:
@@ -40,6 +43,7 @@ def exports_dir() -> Path:
 
 EXPORTER_MODULES = ("edgetok.exporters.onnx", "edgetok.exporters.onnx_graph", "edgetok.exporters.onnx_rewrites",
                     "edgetok.exporters.quantize", "edgetok.exporters.options", "edgetok.exporters.pipeline",
+                    "edgetok.exporters.gguf_codes",
                     "edgetok.models.manifest", "edgetok.models.names")
 
 
@@ -52,7 +56,7 @@ def exporter_code() -> str:
 
 def export_folder(source: Source) -> Path:
     """Where `source`'s default export lives: named for a reader, keyed for correctness."""
-    options = asdict(OnnxOptions(model=source.ref, output=Path("."), **DEFAULT_EXPORT))
+    options = asdict(OnnxOptions(model=source.ref, output=Path("."), **default_options(source)))
     basis = {"source": source.fingerprint, "edgetok": __version__, "exporter": exporter_code(),
              "options": {k: v for k, v in options.items() if k not in ("model", "output", "threads")}}
     key = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -74,7 +78,7 @@ def default_export(source: Source, threads: int | None = None, progress: bool = 
 
         if progress:
             print(f"edgetok: building the fast engine's export of {source.ref} (once) into {folder}", file=sys.stderr)
-        export(OnnxOptions(model=str(source.path), output=folder, threads=threads, **DEFAULT_EXPORT))
+        export(OnnxOptions(model=str(source.path), output=folder, threads=threads, **default_options(source)))
         return load_source(str(folder))
 
 

@@ -19,7 +19,7 @@ from edgetok.exporters import onnx_rewrites as rewrites
 from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
 from edgetok.exporters.hf import write_model_files
 from edgetok.exporters.onnx_graph import PruneSpec, build_decoder, default_prune, graph_inv_freq
-from edgetok.exporters.options import AUTO, DEFAULT_BLOCK, ONNX_LADDER, QUANTIZED_WEIGHTS, OnnxOptions
+from edgetok.exporters.options import AUTO, DEFAULT_BLOCK, ONNX_LADDER, QUANTIZED_WEIGHTS, SOURCE, OnnxOptions
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, fit_group_size, rtn
 from edgetok.exporters.sensitivity import Matrix
 from edgetok.files import file_sha256, progress_bar
@@ -100,7 +100,7 @@ def allocation_matrices(cfg, weights: dict[str, torch.Tensor]) -> list[Matrix]:
 def ladder_quantizers(block_size: int) -> dict[str, rewrites.Quantizer]:
     """--weights auto's quantized types, each as --weights TYPE rounds (the head too at int4)."""
     return {kind: weight_quantizer(kind, block_size, False, head_bits=4 if kind == "int4" else 8)
-            for kind in QUANTIZED_WEIGHTS if kind != AUTO}
+            for kind in QUANTIZED_WEIGHTS if kind not in (AUTO, SOURCE)}
 
 
 def allocated_quantizer(types: dict[str, str], block_size: int) -> rewrites.Quantizer:
@@ -137,6 +137,37 @@ def calibrated_quantizer(qm: QuantizedModel, fallback: rewrites.Quantizer) -> re
         return fallback(name, w)
 
     return quantize
+
+
+def source_quantizer(source: Source) -> tuple[rewrites.Quantizer, dict]:
+    """--weights source: each matrix at its GGUF's own codes (exporters/gguf_codes.py; a fused linear
+    stacks its parts on their common grid), and the type plan: which GGUF type became which
+    MatMulNBits width, and the matrices whose type has no MatMulNBits form, rounded again to int8
+    with the loss (‖Ŵ − W‖ / ‖W‖)."""
+    from edgetok.exporters.gguf_codes import source_codes
+
+    if source.format != "gguf":
+        raise EdgetokError(f"--weights source carries a GGUF's own codes, and {source.ref} is not a GGUF file: "
+                           "choose --weights int4, int8 or auto")
+    codes, types = source_codes(source.path, source.config)
+    fallback = weight_quantizer("int8", DEFAULT_BLOCK, qdq=False)
+    plan: dict[str, int] = {}
+    rounded: dict[str, str] = {}
+
+    def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
+        parts = fused_parts(name) or [name]
+        if not all(p in codes for p in parts):
+            qw = fallback(name, w)
+            error = ((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-30)).item()
+            rounded[name] = {"type": "+".join(sorted({types.get(p, "?") for p in parts})), "relative_error": round(error, 6)}
+            return qw
+        qw = QuantizedWeight.cat_rows([codes[p] for p in parts])
+        assert qw.shape == tuple(w.shape), (name, qw.shape, w.shape)
+        key = f"{'+'.join(sorted({types[p] for p in parts}))} → int{qw.bits}"
+        plan[key] = plan.get(key, 0) + 1
+        return qw
+
+    return quantize, {"method": "source codes", "plan": plan, "rounded_again": rounded}
 
 
 def prune_spec(config, after_layer: int | None, attention: str) -> PruneSpec | None:
@@ -186,6 +217,8 @@ class OnnxExport:
         self.allocation = allocate_types(source, o) if o.allocates else None
         if self.allocation is not None:
             quantizer = allocated_quantizer(self.allocation.types, o.block_size)
+        elif o.weights == SOURCE:
+            quantizer, self.quantization = source_quantizer(source)
         elif o.quantized:
             quantizer = weight_quantizer(o.weights, o.block_size, o.qdq, o.zero_points, o.head_bits)
         else:
@@ -204,9 +237,10 @@ class OnnxExport:
             # its float-activation kernels are many times slower on x86 (measured: 3× for 4-bit, 35×
             # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
             # (the head keeps int8 activations: its float kernel is ~9× slower per token)
+            # (--weights source: only its 4-bit matrices; ONNX Runtime has no fast float kernel for 8 bits)
             exact = o.activations == "float"
             rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if exact else frozenset(),
-                                     exact_top=EXACT_TOP if exact else 0)
+                                     exact_top=EXACT_TOP if exact else 0, float_max_bits=4 if o.weights == SOURCE else 8)
             rewrites.to_fp16(self.model)  # the scales and zero points
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:
@@ -230,7 +264,7 @@ class OnnxExport:
             weights=o.weights,
             method=o.method if o.quantized else None,
             quantization=self.quantization,
-            block_size=o.block_size or ("per-channel" if o.quantized else None),
+            block_size=o.block_size or (SOURCE if o.weights == SOURCE else "per-channel" if o.quantized else None),
             zero_points=o.zero_points if o.weights == "int4" and not o.qdq and o.method == "rtn" else None,
             head_bits=o.head_bits if o.weights == "int4" else None,
             activations=o.activations if o.quantized and not o.qdq else None,

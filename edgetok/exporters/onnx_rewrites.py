@@ -194,7 +194,7 @@ INT8_ACTIVATIONS, FLOAT_ACTIVATIONS = 4, 0  # MatMulNBits' accuracy_level
 
 
 def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: frozenset[str] = frozenset(),
-                    exact_top: int = 0) -> None:
+                    exact_top: int = 0, float_max_bits: int = 8) -> None:
     """Every linear, the head and the embedding as block-quantized weights, at the bit width the
     quantizer chose for each (4 or 8), in place.
 
@@ -206,6 +206,7 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
     exact_top k > 0: the head's k highest logits are computed again from float activations and
     the same codes (_exact_top): the near-ties at the top — the next token — come out as the
     reference's, while the head keeps its fast integer kernel (its float kernel is ~9× slower).
+    float_max_bits: matrices of more bits take int8 activations even in float_kinds.
     """
     g = _Graph(model, "nbits")
     g.use_ms_domain()
@@ -254,7 +255,7 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
         inputs = [x, b, scales] + ([] if zero is None else [zero])
         mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets or rescore else [y],
                     K=k, N=g.inits[b].dims[0], bits=bits, block_size=block,
-                    accuracy_level=FLOAT_ACTIVATIONS if kind in float_kinds else INT8_ACTIVATIONS)
+                    accuracy_level=FLOAT_ACTIVATIONS if kind in float_kinds and bits <= float_max_bits else INT8_ACTIVATIONS)
         if offsets is not None:  # + Σx per block · offsets: the block sums are one small MatMul
             sums = g.node("MatMul", [x, block_sums(k, block)])  # (..., blocks)
             mm = g.node("Add", [mm, g.node("MatMul", [sums, offsets])], outputs=[g.fresh(y)] if rescore else [y])

@@ -20,8 +20,9 @@ METHODS = ("rtn", "gptq", "rsq")  # how weight codes are chosen (exporters/quant
 
 # --format onnx
 AUTO = "auto"  # --quant / --weights: the allocator chooses each matrix's type (exporters/allocate.py)
-WEIGHTS = ("fp32", "fp16", "int4", "int8", AUTO)
-QUANTIZED_WEIGHTS = ("int4", "int8", AUTO)
+SOURCE = "source"  # --weights: each matrix keeps a GGUF source's own codes (exporters/gguf_codes.py)
+WEIGHTS = ("fp32", "fp16", "int4", "int8", AUTO, SOURCE)
+QUANTIZED_WEIGHTS = ("int4", "int8", AUTO, SOURCE)
 # --weights auto: the types a matrix can take (MatMulNBits 4 or 8 bits, or float stored in fp16)
 ONNX_LADDER = ("int4", "int8", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -179,6 +180,9 @@ class OnnxOptions(ExportOptions):
         quantized = self.weights in QUANTIZED_WEIGHTS
         if self.qdq and self.weights not in ("int4", "int8"):
             raise EdgetokError("--qdq applies to --weights int4 or int8")
+        if self.weights == SOURCE and (self.qdq or self.block_size is not None or self.method != "rtn"):
+            raise EdgetokError("--weights source carries the GGUF's own blocks and codes: --qdq, --block-size and "
+                               "--method apply to --weights int4 or int8")
         if self.block_size is not None and (not quantized or self.block_size not in BLOCK_SIZES):
             raise EdgetokError(f"--block-size takes one of {', '.join(map(str, BLOCK_SIZES))}, with --weights int4 or int8")
         if self.opset < MIN_OPSET:
@@ -201,7 +205,7 @@ class OnnxOptions(ExportOptions):
             raise EdgetokError("--activations applies to --weights int4 or int8 MatMulNBits (no --qdq)")
         if self.prune_after_layer is not None and self.prune_after_layer < 0:
             raise EdgetokError(f"--prune-after-layer must be 0 or more, not {self.prune_after_layer}")
-        if quantized and self.block_size is None and not (self.qdq and self.weights == "int8"):
+        if quantized and self.weights != SOURCE and self.block_size is None and not (self.qdq and self.weights == "int8"):
             object.__setattr__(self, "block_size", DEFAULT_BLOCK)
 
     @property

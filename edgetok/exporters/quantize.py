@@ -63,12 +63,23 @@ class QuantizedWeight:
         """The output rows `index` (a slice or a permutation): codes, scales and zeros move together."""
         return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.bits, self.group_size)
 
+    def widened(self, bits: int, group_size: int) -> QuantizedWeight:
+        """The same values on a grid with more bits (the codes unchanged) and smaller groups (each
+        group's scale and zero repeated): lossless, so parts of different grids can share one."""
+        assert bits >= self.bits and self.group_size % group_size == 0, (bits, group_size, self)
+        repeat = self.group_size // group_size
+        return QuantizedWeight(self.q, self.scale.repeat_interleave(repeat, 1), self.zero.repeat_interleave(repeat, 1),
+                               bits, group_size)
+
     @staticmethod
     def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
-        a = parts[0]
-        assert all(p.bits == a.bits and p.group_size == a.group_size for p in parts)
+        """Row blocks stacked on their common grid (the most bits, the smallest groups)."""
+        bits, group = max(p.bits for p in parts), min(p.group_size for p in parts)
+        parts = [p.widened(bits, group) for p in parts]
+        if any(p.integer_zero for p in parts) and not all(p.integer_zero for p in parts):
+            parts = [QuantizedWeight(p.q, p.scale, p.zero.float(), bits, group) for p in parts]
         cat = lambda attr: torch.cat([getattr(p, attr) for p in parts])  # noqa: E731
-        return QuantizedWeight(cat("q"), cat("scale"), cat("zero"), a.bits, a.group_size)
+        return QuantizedWeight(cat("q"), cat("scale"), cat("zero"), bits, group)
 
 
 # -- the grid: one (scale, zero) per row and group ------------------------------------------------

@@ -158,16 +158,9 @@ def _gemma3_fields(meta: dict[str, Any], get: Callable, width_per_head: int, hea
     }
 
 
-def read_gguf(path: Path, progress: Callable | None = None):
-    """Read a GGUF → (config, HF-named fp32 weights, metadata, info). Raises EdgetokError on bad files.
-
-    `progress(iterable, total)` wraps the per-tensor loop (a progress bar).
-    """
-    import torch
+def open_gguf(path: Path):
+    """A GGUF file → (gguf-py's reader, its metadata, its ModelConfig). Raises EdgetokError on bad files."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    from edgetok.models.checkpoint import split_fused
 
     if not check_magic(path):
         raise EdgetokError(f"{path} is not a GGUF file (bad magic bytes)")
@@ -179,19 +172,38 @@ def read_gguf(path: Path, progress: Callable | None = None):
     names = {t.name for t in reader.tensors}
     factors = {key: [float(x) for x in t.data] for t in reader.tensors for key, gg in GGUF_ROPE_FACTORS.items()
                if t.name == gg}
-    cfg = config_from_gguf(meta, names, factors)
-    qtypes: dict[str, int] = {}
-    weights: dict[str, torch.Tensor] = {}
+    return reader, meta, config_from_gguf(meta, names, factors)
+
+
+def named_tensors(path: Path, reader, cfg: ModelConfig, progress: Callable | None = None):
+    """(HF name, reader tensor, HF shape) for each of the file's tensors but the RoPE factors (in the
+    config); a tensor llama.cpp stacks (phi3's ffn_up: gate and up) comes under its fused name."""
     items = progress(reader.tensors, len(reader.tensors)) if progress else reader.tensors
     for t in items:
         if t.name in GGUF_ROPE_FACTORS.values():
-            continue  # in the config
+            continue
         name = hf_name(t.name, cfg.sandwich_norms)
-        if name is not None and stacked_name(cfg, name):  # phi3's ffn_up: gate and up, split below
+        if name is not None and stacked_name(cfg, name):
             name = stacked_name(cfg, name)
         if name is None:
             raise EdgetokError(f"{path}: unexpected tensor '{t.name}' for a {cfg.arch} model")
-        shape = tuple(int(d) for d in reversed(t.shape))
+        yield name, t, tuple(int(d) for d in reversed(t.shape))
+
+
+def read_gguf(path: Path, progress: Callable | None = None):
+    """Read a GGUF → (config, HF-named fp32 weights, metadata, info). Raises EdgetokError on bad files.
+
+    `progress(iterable, total)` wraps the per-tensor loop (a progress bar).
+    """
+    import torch
+    from gguf.quants import dequantize
+
+    from edgetok.models.checkpoint import split_fused
+
+    reader, meta, cfg = open_gguf(path)
+    qtypes: dict[str, int] = {}
+    weights: dict[str, torch.Tensor] = {}
+    for name, t, shape in named_tensors(path, reader, cfg, progress):
         try:
             w = dequantize(t.data, t.tensor_type).reshape(shape)
         except Exception as e:

@@ -183,10 +183,10 @@ class OnnxManifest(_Json):
     source: SourceRecord
     architecture: str
     config: ModelConfig  # of the graph's weights (rsq: the rotated model's, head untied)
-    weights: str  # --weights: fp32 | fp16 | int8 | int4
+    weights: str  # --weights: fp32 | fp16 | int8 | int4 | auto | source
     method: str | None  # rtn | gptq | rsq; None for float weights
     quantization: dict[str, Any]  # what quantize_model reports ({} for rtn)
-    block_size: int | str | None  # weights per scale, "per-channel", or None for float weights
+    block_size: int | str | None  # weights per scale, "per-channel", "source" (the GGUF's), or None for float weights
     zero_points: str | None  # int4 MatMulNBits rounded by rtn: "exact" | "integer"
     head_bits: int | None  # int4: the embedding and LM head's bits
     # MatMulNBits' layer activations, "int8" | "float"; None: no MatMulNBits, or made before the field (int8)

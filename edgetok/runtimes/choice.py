@@ -141,5 +141,6 @@ def auto_backend(source_format: str, weights: str, kv_type: str | None, needs: f
         return "llamacpp", f"--kv-type {kv_type} sets llama.cpp's cache"
     if weights != "fp32":
         return "torch", f"--weights {weights} is a precision of the torch backend"
-    return "onnxruntime", ("no engine was named: the default is the model's int4 ONNX export with float activations "
-                           "(built once; on SmolLM2 it keeps the fp32 reference's next tokens at ~3× its decode speed)")
+    return "onnxruntime", ("no engine was named: the default is the model's ONNX export — a GGUF's own codes "
+                           "(--weights source), a float model's at int4 — with float activations (built once; it "
+                           "keeps the fp32 reference's next tokens at ~3× its decode speed)")

@@ -107,3 +107,19 @@ def test_an_8b_model_at_long_contexts_plans_tiers_on_the_gpus_and_reads_add_up()
     # the same model on a CPU keeps the score matrix: at 128K it needs more than a Raspberry Pi has
     with pytest.raises(EdgetokError, match="nothing fits on test"):
         plan(LLAMA3_8B, profile(), 131072)
+
+
+def test_sliding_layers_hold_their_windows():
+    """Gemma 3's sliding layers hold a window (and the cache's slack), not the context: only the
+    full-attention layers grow with it, and only they are budgeted."""
+    from edgetok.devices.planner import WINDOW_SLACK, kv_layout
+    from edgetok.models.config import FULL, SLIDING, ModelConfig
+
+    cfg = ModelConfig(arch="gemma3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=6, num_heads=4,
+                      num_kv_heads=1, head_dim=16, max_context=32768, sliding_window=512,
+                      layer_types=[SLIDING] * 5 + [FULL], rope_local_theta=10000.0, qk_norm=True, sandwich_norms=True,
+                      norm_offset=1.0, hidden_act="gelu_tanh", embed_scale=True, query_pre_attn_scalar=16.0)
+    per_token = 2 * 1 * 16 * 4
+    assert kv_layout(cfg, 32768) == (5 * (512 + WINDOW_SLACK) * per_token, 32768 * per_token)
+    assert kv_layout(cfg, 100) == (5 * 100 * per_token, 100 * per_token)
+    assert kv_layout(SMOLLM2, 4096)[0] == 0

@@ -491,3 +491,21 @@ def test_bench_runs_the_onnx_export_beside_the_reference(tiny_folder, tmp_path):
     assert "--onnx fp32" in res["command"] and "'fp32 --attention standard'" in res["command"]
     r = run_cli("bench", tiny_folder, "--contexts", "64", "-n", "5", "--onnx", "int3", "--peers", "none", "--out", out)
     assert r.exit_code == 1 and "--onnx takes weights" in r.output
+
+
+def test_parity_report_in_pieces_equals_whole():
+    """compare() works `rows` positions at a time (a 262K vocabulary's float64 log-softmax of a whole
+    text is GBs): the same report as in one piece, and as the formulas say."""
+    from edgetok.exporters.verify import compare
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(150, 1000, generator=g) * 3
+    test = ref + torch.randn(150, 1000, generator=g) * 0.3
+    tokens = torch.randint(0, 1000, (150,), generator=g).tolist()
+    pieces, whole = compare(ref, test, tokens, rows=7), compare(ref, test, tokens, rows=150)
+    for field in ("top1_agreement", "max_abs_dlogit", "perplexity_reference", "perplexity", "kl_mean", "kl_max"):
+        assert getattr(pieces, field) == pytest.approx(getattr(whole, field), rel=1e-12), field
+    ref_logp, test_logp = ref.double().log_softmax(-1), test.double().log_softmax(-1)
+    assert whole.kl_mean == pytest.approx((ref_logp.exp() * (ref_logp - test_logp)).sum(-1).mean().item(), rel=1e-12)
+    nll = -ref_logp[:-1].gather(1, torch.tensor(tokens[1:])[:, None]).mean().item()
+    assert whole.perplexity_reference == pytest.approx(float(np.exp(nll)), rel=1e-12)

@@ -20,6 +20,7 @@ from edgetok.models import sources
 from edgetok.models.config import FULL, SLIDING, ModelConfig
 from edgetok.models.llama import LlamaModel
 from edgetok.runtimes.kv import KVConfig, MixedCache
+from edgetok.runtimes.kv.contiguous import ContiguousCache
 
 PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n" * 2
 
@@ -85,6 +86,98 @@ def test_onnx_export(tiny_gemma_folder, tmp_path, weights, options):
         # the tiered cache through the graph: sliding layers in their windows, exact at a full budget
         tiered = edgetok.load(str(out), kv=KVConfig(budget="100%", chunk_sizes=(8, 16)))
         assert greedy(tiered) == want
+
+
+def test_onnx_exact_cache_keeps_only_the_windows(tiny_gemma_folder, tmp_path):
+    """The ONNX backend's exact cache drops what a sliding layer's window no longer sees: the same
+    logits as a cache keeping everything, through prefill, decode, a rollback and a saved state."""
+    out = tmp_path / "fp32"
+    assert run_cli("export", tiny_gemma_folder, "--format", "onnx", "--weights", "fp32", "--no-verify", "-o", out).exit_code == 0
+    model = edgetok.load(str(out))
+    backend, c = model.engine.backend, model.engine.backend.config
+    keeps_all = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=16)
+    compact = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=16, windows=c.windows,
+                              compact_every=4)
+    compact.ROLLBACK = 2  # (64 by default: the tiny model's window is 8)
+    tokens = model.tokenizer.encode(PROMPT)
+    want, got = backend.forward(tokens[:20], keeps_all), backend.forward(tokens[:20], compact)
+    for step in range(40):
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"step {step}")
+        nxt = [int(want[-1].argmax())]
+        want, got = backend.forward(nxt, keeps_all), backend.forward(nxt, compact)
+    assert compact.starts[0] > 0 and compact.lengths[0] <= 8 - 1 + 2 + 4 + 1 and compact.lengths[5] == keeps_all.lengths[5]
+    assert compact.length == keeps_all.length == 60
+    # a rollback within what the windows keep, then the same token again: the same logits
+    assert compact.truncate(59) == keeps_all.truncate(59) == 59
+    np.testing.assert_allclose(backend.forward(nxt, compact), backend.forward(nxt, keeps_all), atol=1e-4)
+    # a saved state carries each layer's first position
+    again = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, windows=c.windows, compact_every=4)
+    again.state = compact.state
+    assert again.length == 60
+    np.testing.assert_allclose(backend.forward([5], again), backend.forward([5], keeps_all), atol=1e-4)
+    # further back than a sliding layer keeps: start over
+    assert compact.truncate(30) == 0 and compact.length == 0
+
+
+# Gemma 3's chat template as Google ships it with the instruction-tuned models (tokenizer_config.json,
+# and the tokenizer.chat_template of their GGUFs). The 270M base model's GGUF carries none: `run`
+# treats its prompts as plain text, as for any model without a template.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+
+def test_gemma_chat_template_renders(tiny_gemma_folder):
+    """An instruction-tuned Gemma 3's template renders as Google's reference does: the system text
+    folded into the first user turn, assistant turns as "model", roles checked in one sentence."""
+    import dataclasses
+
+    tok = dataclasses.replace(sources.load_source(str(tiny_gemma_folder)).tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi! "},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+    assert tok.apply_chat_template(messages) == (
+        f"{tok.bos_token}<start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(EdgetokError, match="roles must alternate"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}])
 
 
 def test_torch_tiered_cache_keeps_sliding_layers_apart(tiny_gemma_folder):

@@ -126,8 +126,11 @@ class OnnxBackend:
 
             torch.set_num_threads(1)  # it only keeps the books: its idle workers would spin against ONNX Runtime's
             return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
-        # (its windows: a pruned prompt's sliding layers keep the kept positions, which the graph reads)
-        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK, windows=c.windows)
+        # sliding layers keep only what their window sees: the graph's attention reads the slots it is
+        # given (ONNX Runtime's GroupQueryAttention reads them all, local_window_size or not); a pruned
+        # prompt's later sliding layers keep the kept positions instead, which the graph reads
+        return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK,
+                               windows=c.windows, compact_every=2 * DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0,
                 forced: np.ndarray | None = None) -> np.ndarray:

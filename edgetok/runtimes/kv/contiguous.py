@@ -22,6 +22,7 @@ class ContiguousCache(AttendingCache, GraphCache):
     """Full attention over all stored tokens. Capacity grows by a quarter as needed (amortized O(1) append)."""
 
     queries_read = 0  # append() ignores q: a graph's backend need not hand its queries over
+    ROLLBACK = 64  # tokens a compacted sliding layer keeps beyond its window (more than a draft)
 
     def __init__(
         self,
@@ -35,15 +36,21 @@ class ContiguousCache(AttendingCache, GraphCache):
         windows: list[int | None] | None = None,
         growth: float = 0.25,
         slack: int = 256,
+        compact_every: int | None = None,
     ) -> None:
         """dtype: of the K/V, numpy's or torch's name for it (float32, bfloat16);
-        growth, slack: a full buffer grows to max(needed + slack, capacity · (1 + growth))."""
+        growth, slack: a full buffer grows to max(needed + slack, capacity · (1 + growth));
+        compact_every: a sliding layer drops the tokens its window no longer sees once it holds this
+        many more than it keeps (a graph's cache: its attention then reads about a window of slots,
+        not the whole context, and the buffer stays that small); None: every layer keeps every token."""
         shape, dtype = (batch, num_kv_heads, capacity, head_dim), numpy_dtype(dtype)
         # Zeros, not garbage: a graph reads whole buffers and masks the spare slots (see view()).
         self.k = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.v = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.growth, self.slack = growth, slack
         self.lengths = [0] * num_layers  # tokens stored per layer
+        self.starts = [0] * num_layers  # the position slot 0 holds (> 0 once a sliding layer dropped tokens)
+        self.compact_every = compact_every
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         # per layer: attention sees the last `window` positions (sliding layers), or None: all of them
         self.windows = windows or [None] * num_layers
@@ -55,7 +62,7 @@ class ContiguousCache(AttendingCache, GraphCache):
 
     @property
     def length(self) -> int:
-        return self.lengths[-1] + self.skipped[-1]
+        return self.starts[-1] + self.lengths[-1] + self.skipped[-1]
 
     def skip(self, layer: int, n: int, kept: torch.Tensor) -> None:
         self.skipped[layer] += n
@@ -65,7 +72,7 @@ class ContiguousCache(AttendingCache, GraphCache):
     def positions(self, layer: int) -> np.ndarray:
         """The positions (N,) of the layer's N stored tokens: the kept ones of a pruned prompt, then
         consecutive ones."""
-        pos = np.arange(self.lengths[layer], dtype=np.int64) + self.skipped[layer]
+        pos = np.arange(self.lengths[layer], dtype=np.int64) + self.skipped[layer] + self.starts[layer]
         kept = self.kept[layer]
         if kept is not None:
             pos[: len(kept)] = np.asarray(kept[: len(pos)])
@@ -104,10 +111,32 @@ class ContiguousCache(AttendingCache, GraphCache):
         """The layer's whole buffers (B, Hkv, capacity, D), with room for `reserve` more tokens, and
         how many leading slots hold tokens: no copy per step; the graph masks the spare slots
         (zeros, so never NaN) or writes the new tokens into them."""
+        self._compact(layer)
         end = self.lengths[layer] + reserve
         if end > self.k[layer].shape[2]:
             self._grow(layer, end)
         return self.k[layer], self.v[layer], self.lengths[layer]
+
+    def _compact(self, layer: int) -> None:
+        """A sliding layer holding compact_every tokens more than it keeps moves the kept ones to the
+        front (one copy per compact_every tokens) and, if its buffer is far larger than that (after a
+        long prefill), gives the rest back. It keeps its window and ROLLBACK more (speculative
+        decoding's rejected drafts are rolled back without a new prefill)."""
+        window, n = self.windows[layer], self.lengths[layer]
+        if self.compact_every is None or window is None or self.skipped[layer] or self.kept[layer] is not None:
+            return
+        keep = window - 1 + self.ROLLBACK
+        if n <= keep + self.compact_every:
+            return
+        drop, cap = n - keep, self.k[layer].shape[2]
+        size = keep + self.compact_every + self.slack
+        for bufs in (self.k, self.v):
+            old = bufs[layer]
+            if cap > 2 * size:
+                bufs[layer] = np.zeros(old.shape[:2] + (size,) + old.shape[3:], dtype=old.dtype)
+            bufs[layer][:, :, :keep] = old[:, :, drop:n]  # (numpy copies overlapping ranges safely)
+        self.starts[layer] += drop
+        self.lengths[layer] = keep
 
     def append(self, layer: int, q: np.ndarray | None, k: np.ndarray, v: np.ndarray) -> None:
         """Store the new tokens' k, v (B, Hkv, T, D) after the layer's tokens."""
@@ -130,9 +159,12 @@ class ContiguousCache(AttendingCache, GraphCache):
         assert 0 <= n <= self.length, (n, self.length)
         if any(self.skipped) and n < self.decode_start:
             n = 0  # which pruned tokens lie before n differs per layer: start over
+        behind = [s for s, w in zip(self.starts, self.windows) if s and s > max(0, n - w + 1)]
+        if behind:
+            n = 0  # a sliding layer dropped tokens position n's window needs: start over
         if n == 0:
             self.lengths, self.skipped, self.decode_start = [0] * len(self.lengths), [0] * len(self.skipped), math.inf
-            self.kept = [None] * len(self.kept)
+            self.kept, self.starts = [None] * len(self.kept), [0] * len(self.starts)
         elif n < self.length:  # every layer stores the dropped tokens, last (a pruned prompt's decode too)
             self.lengths = [m - (self.length - n) for m in self.lengths]
         return n
@@ -146,12 +178,16 @@ class ContiguousCache(AttendingCache, GraphCache):
     def state(self) -> KVState:
         """Every layer's K/V (Hkv, N, D) as views, and no observation queries."""
         assert not any(self.skipped), "a pruned prompt's K/V is not a prefix anyone can reuse"
-        return KVState([(self.k[i][0, :, : self.lengths[i]], self.v[i][0, :, : self.lengths[i]]) for i in range(len(self.k))])
+        layers = [(self.k[i][0, :, : self.lengths[i]], self.v[i][0, :, : self.lengths[i]]) for i in range(len(self.k))]
+        if not any(self.starts):
+            return KVState(layers)
+        return KVState(layers, starts=list(self.starts), windows=list(self.windows))
 
     @state.setter
     def state(self, state: KVState) -> None:
         """Take stored K/V ((Hkv, N, D) per layer) as this cache's first N tokens."""
         assert self.length == 0
+        self.starts = list(state.starts or [0] * len(self.k))
         for i, (k, v) in enumerate(state.layers):
             n = k.shape[1]
             if n > self.k[i].shape[2]:
