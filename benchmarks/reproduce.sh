@@ -77,6 +77,11 @@ if want gemma; then  # Gemma 3 270M: bench at 1K–32K, export quality per forma
   done
   $LOCK $PY benchmarks/gemma_needle.py --contexts 16384,32768 --depths 0.1,0.5,0.9 --budgets 25% --prune 0.5 --no-full --no-budgets \
     --json benchmarks/results/gemma3-needle.json
+  # pruning inside the ONNX graph (the script takes the lock per prompt itself)
+  $LOCK $EDGETOK export gemma3-270m --format onnx --weights int8 --no-verify --force -o bench-out/gemma3-int8
+  $LOCK $EDGETOK export gemma3-270m --format onnx --weights int8 --prune-after-layer 2 --no-verify --force -o bench-out/gemma3-int8-prune
+  $PY benchmarks/gemma_prune_onnx.py --plain bench-out/gemma3-int8 --pruning bench-out/gemma3-int8-prune --contexts 8192 \
+    --depths 0.1,0.5,0.9 --keep 0.5 --json benchmarks/results/gemma3-prune-onnx.json
 fi
 if want fidelity; then  # seven kinds of text: budgets (25 %, auto) and pruning vs exact runs; pruning's 8K prefill
   $PY benchmarks/fidelity.py --kinds legal --contexts 8192 --parts speed --repeat 2 --out benchmarks/results/fidelity.json

@@ -170,17 +170,27 @@ def source_quantizer(source: Source) -> tuple[rewrites.Quantizer, dict]:
     return quantize, {"method": "source codes", "plan": plan, "rounded_again": rounded}
 
 
-def prune_spec(config, after_layer: int | None) -> PruneSpec | None:
+def prune_spec(config, after_layer: int | None, attention: str) -> PruneSpec | None:
     """The graph's pruning point: none unless asked for (it slows decoding down: the layers from
     it on rotate their queries and keys outside GroupQueryAttention)."""
     if after_layer is None:
         return None
     spec = default_prune(config)
     if spec is None:
-        raise EdgetokError("this model cannot prune prompts (it needs 2 layers or more and no sliding window)")
+        raise EdgetokError("this model cannot prune prompts (it needs 2 layers or more)")
     if not 0 <= after_layer <= config.num_layers - 2:
         raise EdgetokError(f"--prune-after-layer must be between 0 and {config.num_layers - 2} for this model, not {after_layer}")
-    return replace(spec, after_layer=after_layer)
+    spec = replace(spec, after_layer=after_layer)
+    # sliding layers after the pruning point mask by the kept tokens' positions (onnx_graph.py)
+    windows = config.graph_windows
+    positioned = {windows[i] for i in spec.positioned_layers(windows)}
+    if positioned and attention != "gqa":
+        raise EdgetokError("a pruning point before sliding-window layers needs --attention gqa "
+                           "(their windows count the kept tokens' positions through GroupQueryAttention's bias)")
+    if len(positioned) > 1:
+        raise EdgetokError(f"this model cannot prune prompts in ONNX after layer {after_layer}: "
+                           f"its later sliding layers have different windows ({sorted(positioned)})")
+    return spec
 
 
 class OnnxExport:
@@ -216,7 +226,7 @@ class OnnxExport:
         if qm is not None:
             quantizer = calibrated_quantizer(qm, quantizer)
             self.config, self.float_weights, self.quantization = qm.config, qm.reference, qm.info
-        self.prune = prune_spec(self.config, o.prune_after_layer)
+        self.prune = prune_spec(self.config, o.prune_after_layer, o.attention)
         self.model = build_decoder(self.config, self.float_weights, o.opset, o.attention, self.prune)
         if o.weights == "fp16":
             rewrites.to_fp16(self.model)
@@ -262,7 +272,8 @@ class OnnxExport:
             opset=o.opset,
             attention=o.attention,
             prune=self.prune,
-            io=io_names(source.config.num_layers, self.prune is not None),
+            io=io_names(source.config.num_layers, self.prune is not None,
+                        bool(self.prune and self.prune.positioned_layers(self.config.graph_windows))),
             rope_inv_freq=graph_inv_freq(self.config, self.float_weights).tolist(),
             files={"model": ONNX_MODEL, "data": ONNX_DATA},
             graph_sha256="".join(hashes[f.name][:32] for f in graph),

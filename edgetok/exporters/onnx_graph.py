@@ -10,6 +10,12 @@ Inputs (B = batch, S = new tokens, P = past tokens, L = layers; every axis dynam
     logits_to_keep int64 (1,)      logits for the last N positions only; 0 = every position
     prune_keep     float64 (1,)    fraction of the new tokens the layers after the prune layer run
                                    on (1: all); see "Prompt pruning" below
+    prune_forced   bool (B, S)     new tokens the later layers keep whatever their scores (what the
+                                   window's rare words refer to: kernels/keep.py, computed from
+                                   the ids before the run); all False but in a pruned prefill
+    past_positions int64 (B, C)    the positions of the past slots of the sliding-window layers
+                                   after the prune layer (C ≥ their past_length); only in a pruning
+                                   graph of a model with such layers (Gemma 3), see below
     past_key.i / past_value.i   float32 (B, Hkv, P, D), per layer, any P (0 included), keys after RoPE
 Outputs:
     logits                     float32 (B, N or S', V)
@@ -38,6 +44,17 @@ the sinks, the window and the best tokens — a prune_keep fraction — go on th
 at their own positions (kernels/pruning.py, op for op). S' = the kept count in layers after the
 prune layer (qkv.i, present of those layers, logits); with prune_keep = 1 or S = 1 every token
 is kept, in order. The later layers' past_length must count only what they stored.
+
+A sliding-window layer after the prune layer holds the kept tokens at their own positions, with
+gaps, so its window counts positions, not cache slots: new token s sees slot j only if
+position(s) − position(j) < window. GroupQueryAttention's local_window_size counts slots, a
+superset of that (positions grow by at least one a slot), so those layers keep it and add an
+attention_bias (B, 1, S', T) built from the slots' positions: past_positions for the past slots,
+the kept tokens' positions for the new ones. Why a bias: GroupQueryAttention keeps its fused kernel
+and its in-place cache writes, and the bias is one (S', T) table per run, shared by every such layer
+(they all hold the same tokens: the kept ones, then every later one); its position_ids input only
+rotates, and the "standard" attention's masked MatMul + Softmax materializes every head's scores.
+After the prompt plus a window of decode steps, positions and slots mask alike again.
 
 Each linear is a MatMul with an initializer (K, N) that the weight rewrites (onnx_rewrites.py)
 replace. The LM head is a Gemm with transB over the (V, hidden) matrix, which a tied embedding
@@ -94,7 +111,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def default_prune(cfg: ModelConfig) -> PruneSpec | None:
     """The pruning point of `edgetok export` (the runtime's defaults); None for 1-layer models."""
-    if cfg.num_layers < 2 or (cfg.sliding_window is not None and cfg.sliding_window < cfg.max_context):
+    if cfg.num_layers < 2:
         return None
     plan = PrunePlan(keep=1.0, after_layer=min(DEFAULT_AFTER_LAYER, cfg.num_layers - 2))
     return PruneSpec(plan.after_layer, plan.sinks, plan.window, plan.pool)
@@ -109,22 +126,18 @@ def graph_inv_freq(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> torch.
     return inv_freq.float()
 
 
-def graph_windows(cfg: ModelConfig) -> list[int | None]:
-    """Each layer's sliding window as the graph applies it (None: a window as long as the context
-    is no window)."""
-    return [w if w is not None and w < cfg.max_context else None for w in cfg.windows]
-
-
 def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int = DEFAULT_OPSET,
                   attention: str = "gqa", prune: PruneSpec | None = None) -> onnx.ModelProto:
     """The fp32 decoder graph of a Llama-family model (HF-named weights)."""
-    windows = graph_windows(cfg)
+    windows = cfg.graph_windows
     assert opset >= MIN_OPSET and attention in ATTENTION, (opset, attention)  # OnnxOptions checks them
     assert prune is None or 0 <= prune.after_layer <= cfg.num_layers - 2, prune
     g = GraphBuilder()
     H, Hkv, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     G = H // Hkv
     gqa = attention == "gqa"
+    positioned = [] if prune is None else prune.positioned_layers(windows)  # their windows count positions
+    assert not positioned or (gqa and len({windows[i] for i in positioned}) == 1), "exporters/onnx.py refuses these"
 
     def tensor(name: str) -> np.ndarray:
         parts = names.fused_parts(name)
@@ -242,6 +255,25 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         far = g.op("GreaterOrEqual", g.op("Sub", g.op("Add", length, rows), slots), g.const(windows[i]))  # (B, n, P)
         return g.op("Unsqueeze", g.op("Tile", g.op("Where", far, neg_f, zero_f), g.const([1, G, 1])), g.const([1]))
 
+    def position_bias(t: dict[str, str]) -> str:
+        """The additive mask (B, 1, n, T) of the sliding layers after the prune layer: slot j is
+        hidden from new token s when it lies a window or more of positions before it. Columns:
+        the first such layer's T slots (every such layer holds the same ones), past slots then the
+        new tokens, each at its own position (past_positions, then t's positions)."""
+        first, w = positioned[0], windows[positioned[0]]
+        past_len = g.op("Gather", names.PAST_LENGTH, g.const([first]), axis=1)  # (B, 1)
+        total = g.op("Cast", g.op("Squeeze", t["totals"][first], g.const([0])), to=TensorProto.INT64)  # () T
+        width = g.op("Shape", names.PAST_POSITIONS, start=1, end=2)  # (1,) C
+        slots = g.op("Unsqueeze", g.op("Range", g.const(0), total, g.const(1)), g.const([0]))  # (1, T)
+        # slot j: past_positions[j] if j < past_length, else new token j − past_length (at C + that in
+        # the concatenation); rows of a batch shorter than T point anywhere valid (their slots ≥ their
+        # own total are GroupQueryAttention's to ignore)
+        index = g.op("Where", g.op("Less", slots, past_len), slots, g.op("Add", g.op("Sub", slots, past_len), width))
+        index = g.op("Min", index, g.op("Sub", g.op("Add", width, t["n"]), g.const(1)))  # (B, T)
+        keys = g.op("GatherElements", g.op("Concat", names.PAST_POSITIONS, t["positions"], axis=1), index, axis=1)
+        back = g.op("Sub", g.op("Unsqueeze", t["positions"], g.const([2])), g.op("Unsqueeze", keys, g.const([1])))  # (B, n, T)
+        return g.op("Unsqueeze", g.op("Where", g.op("Less", back, g.const(w)), zero_f, neg_f), g.const([1]))
+
     def rope(x: str, t: dict[str, str], local: bool = False) -> str:
         """x (B, S, heads, D); local: the sliding layers' own RoPE (Gemma 3)."""
         key = "local." if local else ""
@@ -312,8 +344,9 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         qk = g.op("RotaryEmbedding", qk, t["positions"], cos_cache, sin_cache, domain=MS_DOMAIN,
                   num_heads=H + Hkv, interleaved=0)
         q, k = g.op("Split", qk, g.const([H * D, Hkv * D]), axis=-1, outputs=[f"rotated_query.{i}", g.fresh("k")])
+        bias = [t["position_bias"]] if i in positioned else []  # (causal by slot: positions grow with slots)
         o = g.op("GroupQueryAttention", q, k, v, names.past("key", i), names.past("value", i), seqlens, total,
-                 outputs=outputs, do_rotary=0, **attrs)[0]
+                 "", "", "", *bias, outputs=outputs, do_rotary=0, **attrs)[0]
         return o, k
 
     def new_keys(k: str) -> str:
@@ -346,10 +379,10 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         n_f = g.op("Cast", n, to=TensorProto.DOUBLE)
         wanted = g.op("Cast", g.op("Ceil", g.op("Mul", names.PRUNE_KEEP, n_f)), to=TensorProto.INT64)
         count = g.op("Min", n, g.op("Max", wanted, g.op("Add", w, g.const([prune.sinks]))))
-        # the sinks and the window always: score them above everything
+        # the sinks, the window and the forced tokens always: score them above everything
         sink = g.op("Less", key_idx, g.const(prune.sinks))
         in_window = g.op("GreaterOrEqual", key_idx, g.op("Sub", n0, g.op("Squeeze", w, g.const([0]))))
-        forced_idx = g.op("Or", sink, in_window)
+        forced_idx = g.op("Or", g.op("Or", sink, in_window), names.PRUNE_FORCED)  # (B, S)
         forced = g.op("Where", forced_idx, g.const(np.inf, np.float32), got)
         _, best = g.op("TopK", forced, count, axis=-1, largest=1, sorted=1, outputs=2)
         # in order
@@ -358,7 +391,10 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
         rows = g.op("Expand", column, g.op("Concat", g.op("Shape", kept), g.const([cfg.hidden_size]), axis=0))
         x = g.op("GatherElements", x, rows, axis=1)
         positions = g.op("GatherElements", t["positions"], kept, axis=1)
-        return x, tokens(positions, count)
+        later = tokens(positions, count)
+        if positioned:
+            later["position_bias"] = position_bias(later)
+        return x, later
 
     # -- the layers ---------------------------------------------------------------------------------
     embed = g.weight(names.EMBEDDING, _np(weights[names.EMBEDDING]))
@@ -399,10 +435,11 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], opset: int
     out_shape = g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([cfg.vocab_size]), axis=0)
     g.op("Reshape", logits, out_shape, outputs=[names.LOGITS])
 
-    return _model(g, cfg, opset, gqa, prune)
+    return _model(g, cfg, opset, gqa, prune, bool(positioned))
 
 
-def _model(g: GraphBuilder, cfg: ModelConfig, opset: int, gqa: bool, prune: PruneSpec | None) -> onnx.ModelProto:
+def _model(g: GraphBuilder, cfg: ModelConfig, opset: int, gqa: bool, prune: PruneSpec | None,
+           positioned: bool) -> onnx.ModelProto:
     H, Hkv, D, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
@@ -413,6 +450,9 @@ def _model(g: GraphBuilder, cfg: ModelConfig, opset: int, gqa: bool, prune: Prun
     ]
     if prune is not None:
         inputs.append(helper.make_tensor_value_info(names.PRUNE_KEEP, TensorProto.DOUBLE, [1]))
+        inputs.append(helper.make_tensor_value_info(names.PRUNE_FORCED, TensorProto.BOOL, ["batch", "sequence"]))
+    if positioned:
+        inputs.append(helper.make_tensor_value_info(names.PAST_POSITIONS, i64, ["batch", "past_positions"]))
     outputs = [helper.make_tensor_value_info(names.LOGITS, f32, ["batch", "logits_sequence", cfg.vocab_size])]
     for i in range(L):
         new = "sequence" if prune is None or i <= prune.after_layer else "kept_sequence"

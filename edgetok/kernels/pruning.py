@@ -12,7 +12,8 @@ point at: the tokens around the densest matches of the window's rare token ids i
 
 Pure functions of tensors, no model or cache: an ONNX graph rewrite mirrors the attention scoring
 op for op (MatMul, Softmax with a causal mask, ReduceMean, ReduceMax, MaxPool, TopK); the keyword
-matches are the torch path's only (not in the exported graph yet).
+matches depend on the token ids alone (kernels/keep.py, numpy): the ONNX path computes them before
+its graph runs and hands them in (names.PRUNE_FORCED).
 """
 
 from __future__ import annotations
@@ -52,48 +53,6 @@ def token_scores(q: torch.Tensor, keys: torch.Tensor, pool: int = 1) -> torch.Te
     return received(window_attention(q, keys), pool)
 
 
-def kept_count(n: int, keep: float, sinks: int, window: int) -> int:
-    """How many of n tokens a `keep` fraction keeps: never fewer than the sinks and the window."""
-    return min(n, max(math.ceil(keep * n), sinks + window))
-
-
-RARE = 0.01  # a window token counts as a keyword if at most this share of the prompt's tokens are it
-
-
-def referenced(ids: torch.Tensor, window: int, radius: int, quota: int) -> torch.Tensor:
-    """ids (N,) the prompt's token ids → (N,) bool: the tokens within ±radius of where the
-    observation window's (the last `window` ids') rare tokens occur densest before it.
-
-    Each window token id that occurs earlier, but in at most RARE of the prompt, is a keyword
-    weighted by its inverse frequency (log N / count); a token's density is the weight of keyword
-    occurrences within ±radius of it. The densest places, those at least half as dense as the
-    densest, are marked with their ±radius neighbourhoods — at most `quota` tokens (the densest
-    first)."""
-    n = ids.shape[0]
-    body = ids[: max(n - window, 0)]
-    if body.numel() == 0 or window == 0:
-        return torch.zeros(n, dtype=torch.bool)
-    counts = torch.bincount(body, minlength=int(ids.max()) + 1).float()  # (V,)
-    weight = torch.zeros_like(counts)
-    wanted = ids[n - window :].unique()
-    c = counts[wanted]
-    rare = (c > 0) & (c <= max(1.0, RARE * body.numel()))
-    weight[wanted[rare]] = (body.numel() / c[rare]).log()
-    match = weight[body]  # (N - window,)
-    width = 2 * radius + 1
-    density = F.avg_pool1d(match[None, None], width, stride=1, padding=radius, count_include_pad=True)[0, 0] * width
-    if not bool((density > 0).any()):
-        return torch.zeros(n, dtype=torch.bool)
-    centres = density >= 0.5 * density.max()
-    if int(centres.sum()) > quota:  # too many: the densest quota of them
-        centres = torch.zeros_like(centres).scatter(0, density.topk(quota).indices, True)
-    spans = F.max_pool1d(centres.float()[None, None], width, stride=1, padding=radius)[0, 0] > 0
-    if int(spans.sum()) > quota:
-        order = torch.sort(density.masked_fill(~spans, float("-inf")), descending=True, stable=True).indices
-        spans = torch.zeros_like(spans).scatter(0, order[:quota], True)
-    return torch.cat([spans, torch.zeros(n - body.numel(), dtype=torch.bool)])
-
-
 def select_kept(scores: torch.Tensor, count: int, sinks: int, window: int, keep: torch.Tensor | None = None) -> torch.Tensor:
     """scores (N,) → the indices (count,) of the kept tokens in order: the first `sinks`, the last
     `window`, the tokens `keep` (N,) marks (at most count - sinks - window of them), and the
@@ -102,7 +61,7 @@ def select_kept(scores: torch.Tensor, count: int, sinks: int, window: int, keep:
     n = scores.shape[0]
     forced = scores.clone()
     if keep is not None:
-        forced[keep] = float("inf")
+        forced[torch.as_tensor(keep)] = float("inf")
     forced[: min(sinks, n)] = float("inf")
     forced[max(n - window, 0) :] = float("inf")
     best = torch.sort(forced, descending=True, stable=True).indices[: min(count, n)]

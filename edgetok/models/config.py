@@ -94,6 +94,12 @@ class ModelConfig:
         """Every layer's window (see window())."""
         return [self.window(i) for i in range(self.num_layers)]
 
+    @property
+    def graph_windows(self) -> list[int | None]:
+        """Each layer's sliding window as a graph applies it (None: a window as long as the context
+        is no window)."""
+        return [w if w is not None and w < self.max_context else None for w in self.windows]
+
     def rope_theta_of(self, layer: int) -> float:
         """The RoPE base of `layer`: Gemma 3's sliding layers have their own."""
         if self.rope_local_theta is not None and self.window(layer) is not None:

@@ -138,6 +138,12 @@ class PruneSpec:
     window: int
     pool: int
 
+    def positioned_layers(self, windows: list[int | None]) -> list[int]:
+        """The sliding-window layers after the pruning point (windows: ModelConfig.graph_windows):
+        they hold a pruned prompt's kept tokens, whose positions have gaps, so their windows count
+        positions, which the graph reads (names.PAST_POSITIONS)."""
+        return [i for i, w in enumerate(windows) if i > self.after_layer and w is not None]
+
 
 def portable_path(path: Path, beside: Path) -> str:
     """`path` as a report shared with others may show it: relative to the folder `beside` when it is

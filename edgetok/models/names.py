@@ -122,8 +122,11 @@ POSITION_IDS = "position_ids"
 PAST_LENGTH = "past_length"
 LOGITS_TO_KEEP = "logits_to_keep"
 PRUNE_KEEP = "prune_keep"  # only in graphs that can prune a prompt
+PRUNE_FORCED = "prune_forced"  # only in graphs that can prune a prompt (from edgetok 0.1's Gemma pass on)
 LOGITS = "logits"
 KEPT = "kept"  # only in graphs that can prune a prompt
+# only in graphs that prune a model with sliding-window layers after the pruning point
+PAST_POSITIONS = "past_positions"
 KV_KINDS = ("key", "value")
 
 
@@ -142,10 +145,12 @@ def qkv(i: int) -> str:
     return f"qkv.{i}"
 
 
-def io_names(num_layers: int, prune: bool) -> dict[str, list[str]]:
-    """The graph's inputs and outputs in order, as the ONNX manifest records them."""
+def io_names(num_layers: int, prune: bool, positions: bool = False) -> dict[str, list[str]]:
+    """The graph's inputs and outputs in order, as the ONNX manifest records them; positions: the
+    graph reads PAST_POSITIONS (a pruning point before sliding-window layers)."""
     kv = lambda name: [name(kind, i) for i in range(num_layers) for kind in KV_KINDS]  # noqa: E731
     return {
-        "inputs": [INPUT_IDS, POSITION_IDS, PAST_LENGTH, LOGITS_TO_KEEP, *([PRUNE_KEEP] if prune else []), *kv(past)],
+        "inputs": [INPUT_IDS, POSITION_IDS, PAST_LENGTH, LOGITS_TO_KEEP, *([PRUNE_KEEP, PRUNE_FORCED] if prune else []),
+                   *([PAST_POSITIONS] if positions else []), *kv(past)],
         "outputs": [LOGITS, *kv(present), *(qkv(i) for i in range(num_layers)), *([KEPT] if prune else [])],
     }

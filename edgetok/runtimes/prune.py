@@ -46,7 +46,7 @@ class PrunePlan:
     window: int = 32  # the last tokens: the observation window, always kept
     pool: int = 7  # a token scores the best of its ±pool/2 neighbours (keeps a fact's words together)
     # Tokens within ±radius of the densest matches of the window's rare words are kept whatever the
-    # attention says, up to this share of the kept tokens (kernels/pruning.referenced)
+    # attention says, up to this share of the kept tokens (kernels/keep.referenced)
     radius: int = 24
     referenced_share: float = 0.125
 
@@ -65,6 +65,16 @@ class PrunePlan:
                 f"({num_layers} layers; at least one layer must come after it), not {after_layer}"
             )
         return PrunePlan(keep, after_layer)
+
+    def forced(self, ids) -> np.ndarray:
+        """ids (N,) the prompt's token ids → (N,) bool: the tokens kept whatever the attention says
+        (besides the sinks and the window): what the window's rare words refer to."""
+        from edgetok.kernels.keep import kept_count, referenced
+
+        n = len(ids)
+        w = min(self.window, n)
+        quota = int((kept_count(n, self.keep, self.sinks, w) - self.sinks - w) * self.referenced_share)
+        return referenced(ids, w, self.radius, quota)
 
 
 @dataclass
@@ -91,7 +101,7 @@ def prefill_pruned(
 def _prefill_pruned(model, tokens, cache, plan, chunk, progress) -> Pruned:
     import torch
 
-    from edgetok.kernels.pruning import kept_count
+    from edgetok.kernels.keep import kept_count
 
     assert cache.length == 0, "a pruned prefill starts from an empty cache"
     n, last = len(tokens), plan.after_layer
@@ -138,7 +148,7 @@ def _choose(model: LlamaModel, layer_in: torch.Tensor, ids: torch.Tensor, plan: 
     """
     import torch
 
-    from edgetok.kernels.pruning import referenced, select_kept, token_scores
+    from edgetok.kernels.pruning import select_kept, token_scores
 
     n = layer_in.shape[1]
     w = min(plan.window, n)
@@ -148,8 +158,7 @@ def _choose(model: LlamaModel, layer_in: torch.Tensor, ids: torch.Tensor, plan: 
     q, _, _ = block.self_attn.project(h[:, -w:], cos[-w:], sin[-w:])  # (1, Hq, W, D)
     _, k, _ = block.self_attn.project(h, cos, sin)  # (1, Hkv, N, D)
     scores = token_scores(q[0], k[0], plan.pool)
-    quota = int((count - plan.sinks - w) * plan.referenced_share)
-    return select_kept(scores, count, plan.sinks, w, referenced(ids, w, plan.radius, quota))
+    return select_kept(scores, count, plan.sinks, w, torch.from_numpy(plan.forced(ids.numpy())))
 
 
 class _Progress:

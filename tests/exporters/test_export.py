@@ -29,7 +29,7 @@ from edgetok.models.manifest import (
 )
 
 ONNX_BAD = [
-    (dict(weights="int3"), "unknown --weights 'int3' (choose from fp32, fp16, int4, int8, auto)"),
+    (dict(weights="int3"), "unknown --weights 'int3' (choose from fp32, fp16, int4, int8, auto, source)"),
     (dict(weights="fp32", qdq=True), "--qdq applies to --weights int4 or int8"),
     (dict(block_size=48), "--block-size takes one of 16, 32, 64, 128, 256"),
     (dict(weights="fp16", block_size=32), "--block-size takes one of"),

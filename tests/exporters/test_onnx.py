@@ -53,6 +53,7 @@ def run_graph(sess, cfg, tokens: list[int], chunks: list[int], spare: int = 0) -
                  "past_length": np.full((1, cfg.num_layers), start), "logits_to_keep": np.array([0])}
         if "prune_keep" in {i.name for i in sess.get_inputs()}:
             feeds["prune_keep"] = np.array([1.0])  # keep every token: the plain decoder
+            feeds["prune_forced"] = np.zeros((1, n), bool)
         for i, (k, v) in enumerate(past):
             pad = np.full((1, cfg.num_kv_heads, spare, cfg.head_dim), 7.0, np.float32)  # junk the mask hides
             feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = np.concatenate([k, pad], 2), np.concatenate([v, pad], 2)
@@ -98,16 +99,20 @@ def test_pruning_graph_matches_the_torch_path(families, attention):
     cfg = src.config
     spec = PruneSpec(after_layer=1, sinks=3, window=8, pool=3)
     sess = session(build_decoder(cfg, src.weights, attention=attention, prune=spec))
-    tokens = [int(t) for t in np.random.default_rng(1).integers(3, 400, 90)]
+    tokens = [int(t) for t in np.random.default_rng(1).integers(3, 399, 90)]
+    tokens[30] = tokens[86] = 399  # a rare word the window names: its place is kept whatever the scores
     n, keep = len(tokens), 0.3
 
     model = LlamaModel.from_state_dict(cfg, src.weights)
     cache = ContiguousCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    want = prefill_pruned(model, tokens, cache, PrunePlan(keep, spec.after_layer, spec.sinks, spec.window, spec.pool), chunk=32)
+    plan = PrunePlan(keep, spec.after_layer, spec.sinks, spec.window, spec.pool)
+    want = prefill_pruned(model, tokens, cache, plan, chunk=32)
+    forced = plan.forced(tokens)  # what the window's rare words refer to: kept by both
+    assert forced.any() and set(np.flatnonzero(forced)) <= set(want.kept.tolist())
 
     empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     feeds = {"input_ids": np.array([tokens]), "position_ids": np.arange(n)[None], "past_length": np.zeros((1, cfg.num_layers), np.int64),
-             "logits_to_keep": np.array([1]), "prune_keep": np.array([keep])}
+             "logits_to_keep": np.array([1]), "prune_keep": np.array([keep]), "prune_forced": forced[None]}
     feeds |= {f"past_{kind}.{i}": empty for i in range(cfg.num_layers) for kind in ("key", "value")}
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     kept = out["kept"][0]
@@ -125,7 +130,7 @@ def test_pruning_graph_matches_the_torch_path(families, attention):
     logits = model(torch.tensor([[5]]), cache, positions=torch.tensor([n]))[0, -1]
     lengths = [n if i <= spec.after_layer else len(kept) for i in range(cfg.num_layers)]
     feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[n]]), "past_length": np.array([lengths]),
-             "logits_to_keep": np.array([1]), "prune_keep": np.array([keep])}
+             "logits_to_keep": np.array([1]), "prune_keep": np.array([keep]), "prune_forced": np.zeros((1, 1), bool)}
     feeds |= {f"past_{kind}.{i}": out[f"present_{kind}.{i}"] for i in range(cfg.num_layers) for kind in ("key", "value")}
     step = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     assert step["kept"].tolist() == [[0]]
@@ -331,9 +336,8 @@ def test_the_cache_gets_the_queries_torch_computes(exported, families):
     backend.forward(tokens[40:41], got)
     for i in range(src.config.num_layers):
         assert torch.allclose(got.all(i), want.all(i), atol=1e-4)
-    # the export's pruning point; the graph keeps tokens by attention alone (the torch path may add
-    # the ones the window's rare words refer to: referenced_share)
-    plan = PrunePlan(0.5, after_layer=1, referenced_share=0.0)
+    # the export's pruning point; the graph keeps what the window's rare words refer to, as torch does
+    plan = PrunePlan(0.5, after_layer=1)
     want, got = QueryLog(src.config), QueryLog(src.config)
     with torch.inference_mode():
         kept = prefill_pruned(model, tokens, want, plan, chunk=64).kept

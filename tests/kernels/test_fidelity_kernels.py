@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from edgetok.kernels.pruning import referenced, select_kept, window_attention
+from edgetok.kernels.keep import referenced
+from edgetok.kernels.pruning import select_kept, window_attention
 from edgetok.kernels.selection import (
     TEMPERATURES,
     captured_mass,

@@ -12,7 +12,8 @@ import torch
 from conftest import make_hf_model, run_cli
 
 from edgetok.errors import EdgetokError
-from edgetok.kernels.pruning import kept_count, select_kept, token_scores, window_attention
+from edgetok.kernels.keep import kept_count
+from edgetok.kernels.pruning import select_kept, token_scores, window_attention
 from edgetok.models.config import ModelConfig
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.pytorch import TorchBackend

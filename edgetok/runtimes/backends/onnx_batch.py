@@ -37,11 +37,16 @@ class _Bound:
 class DecodeBatch:
     """The resident rows of one OnnxBackend's batched decoding."""
 
-    def __init__(self, session, config, pruning: bool) -> None:
-        self.session, self.config, self.pruning = session, config, pruning
+    def __init__(self, session, config, pruning: bool, forces: bool = False, positioned: list[int] | None = None) -> None:
+        """forces: the graph takes names.PRUNE_FORCED; positioned: the layers whose slots' positions
+        the graph reads (a pruning point before sliding layers: OnnxBackend.positioned); they all
+        hold the same tokens."""
+        self.session, self.config, self.pruning, self.forces = session, config, pruning, forces
+        self.positioned = positioned or []
         c = config
         self.k: list[np.ndarray] = []  # per layer (R, Hkv, capacity, D) float32: R rows allocated
         self.v: list[np.ndarray] = []
+        self.slot_positions = np.zeros((0, 0), np.int64)  # (R, capacity): the positioned layers' slots
         self.caches: list[ContiguousCache] = []  # row r's sequence
         self.stored = np.zeros((0, c.num_layers), np.int64)  # (R, L) tokens row r holds per layer
         self.joined = np.zeros((0, c.num_layers), np.int64)  # (R, L) of those, what its cache holds
@@ -67,6 +72,8 @@ class DecodeBatch:
         bound.positions[:, 0] = self.positions
         bound.past_length[:] = self.stored
         self.session.run_with_iobinding(bound.binding)
+        if self.positioned:  # each row's new token now holds its next slot
+            self.slot_positions[np.arange(b), self.stored[:, self.positioned[0]]] = self.positions
         self.stored += 1
         self.positions += 1
         return bound.logits[rows, 0].copy()  # (a copy: the bound array is the next step's too)
@@ -86,6 +93,7 @@ class DecodeBatch:
                 n = int(self.stored[last, i])
                 self.k[i][r, :, :n] = self.k[i][last, :, :n]
                 self.v[i][r, :, :n] = self.v[i][last, :, :n]
+            self.slot_positions[r] = self.slot_positions[last]
             self.caches[r] = self.caches[last]
             for table in (self.stored, self.joined, self.positions):
                 table[r] = table[last]
@@ -109,6 +117,9 @@ class DecodeBatch:
         for i, (k, v, n) in enumerate(views):
             self.k[i][r, :, :n] = k[0, :, :n]
             self.v[i][r, :, :n] = v[0, :, :n]
+        if self.positioned:
+            first = self.positioned[0]
+            self.slot_positions[r, : lengths[first]] = cache.positions(first)
         self.caches.append(cache)
         self.stored = np.vstack([self.stored, lengths[None]])
         self.joined = np.vstack([self.joined, lengths[None]])
@@ -129,6 +140,9 @@ class DecodeBatch:
                     bufs[i] = new
                 else:
                     bufs.append(new)
+        old = self.slot_positions
+        self.slot_positions = np.zeros((rows, capacity), np.int64)
+        self.slot_positions[: old.shape[0], : min(old.shape[1], capacity)] = old[:, :capacity]
         self._bindings.clear()  # they point into the old buffers
 
     def _binding(self, b: int) -> _Bound:
@@ -152,6 +166,10 @@ class DecodeBatch:
         if self.pruning:
             bind("input", names.PRUNE_KEEP, np.ones(1, np.float64))  # one new token: every token kept
             bind("output", names.KEPT, np.empty((b, 1), np.int64))
+        if self.forces:
+            bind("input", names.PRUNE_FORCED, np.zeros((b, 1), bool))
+        if self.positioned:
+            bind("input", names.PAST_POSITIONS, self.slot_positions[:b])  # (the first B rows: contiguous)
         for i in range(layers):
             for kind, bufs in zip(names.KV_KINDS, (self.k, self.v)):
                 rows = bufs[i][:b]  # (B, Hkv, capacity, D): the first B rows, contiguous

@@ -67,6 +67,8 @@ class _Bound:
     positions: np.ndarray  # (1, S) int64
     past_length: np.ndarray  # (1, L) int64
     keep: np.ndarray | None = None  # (1,) float64
+    forced: np.ndarray | None = None  # (1, S) bool
+    past_positions: np.ndarray | None = None  # (1, C) int64: the positioned layers' slots (C: their buffers')
     logits: np.ndarray | None = None  # None: ONNX Runtime allocates it
     queries: list[np.ndarray] | None = None
     kept: np.ndarray | None = None
@@ -94,13 +96,20 @@ class OnnxBackend:
         manifest = source.manifest
         self.in_place = manifest.attention == "gqa"
         prune = manifest.prune
-        self.prune = PrunePlan(1.0, **dataclasses.asdict(prune), referenced_share=0.0) if prune else None
+        self.prune = PrunePlan(1.0, **dataclasses.asdict(prune)) if prune else None
+        # whether the graph takes the tokens kept whatever their scores (exports before it score by
+        # attention alone)
+        self.forces = names.PRUNE_FORCED in {i.name for i in self.session.get_inputs()}
         self.prune_after_layer = prune.after_layer if prune else None
+        # the sliding layers after the pruning point: the graph masks their windows by the positions
+        # of their slots, which all of them share (the kept tokens, then every later one)
+        self.positioned = prune.positioned_layers(self.config.graph_windows) if prune else []
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
         # batched decoding writes every row's K/V in place (gqa) into exact caches' copies
         batch = {BATCH} if self.in_place and kv is None else set()
         self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch)
-        self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None) if batch else None
+        self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None, forces=self.forces,
+                                  positioned=self.positioned) if batch else None
         self.manifest = manifest
         self._kept: np.ndarray | None = None  # which prompt tokens the last run's later layers kept
         # Bindings by shape and buffers, the most recently used last: speculative decoding
@@ -118,12 +127,15 @@ class OnnxBackend:
             torch.set_num_threads(1)  # it only keeps the books: its idle workers would spin against ONNX Runtime's
             return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
         # sliding layers keep only what their window sees: the graph's attention reads the slots it is
-        # given (ONNX Runtime's GroupQueryAttention reads them all, local_window_size or not)
+        # given (ONNX Runtime's GroupQueryAttention reads them all, local_window_size or not); a pruned
+        # prompt's later sliding layers keep the kept positions instead, which the graph reads
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, growth=0.0, slack=DECODE_SLACK,
                                windows=c.windows, compact_every=2 * DECODE_SLACK)
 
-    def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0) -> np.ndarray:
-        """Logits (last, V) of the last `last` tokens (of the kept ones, when prune_keep < 1 prunes)."""
+    def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0,
+                forced: np.ndarray | None = None) -> np.ndarray:
+        """Logits (last, V) of the last `last` tokens (of the kept ones, when prune_keep < 1 prunes;
+        forced (S,) bool: tokens kept whatever their scores)."""
         assert self.prune is not None or prune_keep == 1.0
         self._settle(cache)
         start, n, layers = cache.length, len(tokens), self.config.num_layers
@@ -141,6 +153,13 @@ class OnnxBackend:
         bound.past_length[0] = [length for _, _, length in views]
         if bound.keep is not None:
             bound.keep[0] = prune_keep
+        if bound.forced is not None:
+            bound.forced[0] = False if forced is None else forced
+        if self.positioned:
+            first = self.positioned[0]
+            p = views[first][2]
+            assert all(views[i][2] == p for i in self.positioned), "the positioned layers hold the same tokens"
+            bound.past_positions[0, :p] = cache.positions(first)
         self.session.run_with_iobinding(bound.binding)
 
         out = dict(zip(bound.outputs, bound.binding.get_outputs())) if bound.allocated else {}
@@ -268,6 +287,12 @@ class OnnxBackend:
         if self.prune is not None:
             bound.keep = np.ones(1, np.float64)
             bind_in(names.PRUNE_KEEP, bound.keep)
+        if self.forces:
+            bound.forced = np.zeros((1, n), bool)
+            bind_in(names.PRUNE_FORCED, bound.forced)
+        if self.positioned:  # as wide as the first one's buffer: the key fixes its shape
+            bound.past_positions = np.zeros((1, views[self.positioned[0]][0].shape[2]), np.int64)
+            bind_in(names.PAST_POSITIONS, bound.past_positions)
         for i, (k, v, _) in enumerate(views):
             for kind, t in zip(names.KV_KINDS, (k, v)):
                 bound.keep_alive.append(t)
@@ -298,14 +323,15 @@ class OnnxBackend:
         if self.prune is None:
             raise EdgetokError("this ONNX export has no pruning point; "
                                "export it again with --prune-after-layer L to run --prune-prompt on it")
-        # (the graph scores by attention alone: the torch path's referenced tokens are not in it)
-        if dataclasses.replace(plan, keep=1.0, referenced_share=0.0) != self.prune:
+        if dataclasses.replace(plan, keep=1.0, referenced_share=self.prune.referenced_share) != self.prune:
             raise EdgetokError(
                 f"this ONNX export prunes after layer {self.prune.after_layer}; pass --prune-after-layer "
                 f"{self.prune.after_layer} or export again with --prune-after-layer {plan.after_layer}"
             )
         assert cache.length == 0, "a pruned prefill starts from an empty cache"
-        logits = self.forward(prompt, cache, prune_keep=plan.keep)
+        # what the window's words refer to, kept as the torch path keeps it (an export before
+        # PRUNE_FORCED scores by attention alone)
+        logits = self.forward(prompt, cache, prune_keep=plan.keep, forced=plan.forced(prompt) if self.forces else None)
         if progress:
             progress(len(prompt))
         return Pruned(logits[-1], self._kept.copy())

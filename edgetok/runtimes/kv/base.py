@@ -135,6 +135,12 @@ class GraphCache(KVCache):
         buffers are the cache's own (the graph may write the new tokens there)."""
 
     @abstractmethod
+    def positions(self, layer: int) -> np.ndarray:
+        """The positions (P,) int64 of the P tokens the layer's last view() holds, in slot order:
+        consecutive, unless a pruned prompt left the layer its kept tokens (gaps) — what a graph
+        masks a sliding window by."""
+
+    @abstractmethod
     def append(self, layer: int, q: np.ndarray | None, k: np.ndarray, v: np.ndarray) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D), which may already sit where view() said
         (then nothing is copied); q (1, Hq, ≥ min(T, queries_read), D): the last tokens' queries."""

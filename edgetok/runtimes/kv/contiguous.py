@@ -54,9 +54,10 @@ class ContiguousCache(AttendingCache, GraphCache):
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         # per layer: attention sees the last `window` positions (sliding layers), or None: all of them
         self.windows = windows or [None] * num_layers
-        # per sliding layer of a pruned prompt: the kept positions, which its first stored slots hold
-        # (its window counts positions, not stored tokens); None: slot j holds position j + skipped
-        self.kept: list[torch.Tensor | None] = [None] * num_layers
+        # per sliding layer of a pruned prompt: the kept positions (numpy or torch: whichever model
+        # ran), which its first stored slots hold (its window counts positions, not stored tokens);
+        # None: slot j holds position j + skipped
+        self.kept: list[np.ndarray | torch.Tensor | None] = [None] * num_layers
         self.decode_start: float = math.inf  # the position from which every layer stores every token
 
     @property
@@ -68,15 +69,13 @@ class ContiguousCache(AttendingCache, GraphCache):
         if self.windows[layer] is not None:
             self.kept[layer] = kept
 
-    def positions(self, layer: int) -> torch.Tensor:
+    def positions(self, layer: int) -> np.ndarray:
         """The positions (N,) of the layer's N stored tokens: the kept ones of a pruned prompt, then
         consecutive ones."""
-        import torch  # (only the torch model's attention asks)
-
-        pos = torch.arange(self.lengths[layer]) + self.skipped[layer] + self.starts[layer]
+        pos = np.arange(self.lengths[layer], dtype=np.int64) + self.skipped[layer] + self.starts[layer]
         kept = self.kept[layer]
         if kept is not None:
-            pos[: len(kept)] = torch.as_tensor(kept[: len(pos)])
+            pos[: len(kept)] = np.asarray(kept[: len(pos)])
         return pos
 
     @property
@@ -101,7 +100,7 @@ class ContiguousCache(AttendingCache, GraphCache):
         self.append(layer, to_numpy(q), to_numpy(k), to_numpy(v))  # (append as the graph protocol has it)
         end = self.lengths[layer]
         if self.kept[layer] is not None:  # a pruned prompt's sliding layer: its window counts positions
-            pos = self.positions(layer)
+            pos = to_torch(self.positions(layer))
             mask = position_mask(pos[end - k.shape[2] :], pos, self.windows[layer])
         else:
             mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)

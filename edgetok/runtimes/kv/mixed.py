@@ -119,6 +119,11 @@ class MixedCache(AttendingCache, GraphCache):
             return to_numpy(k), to_numpy(v), p
         return self.full.view(self.slot[layer], reserve)
 
+    def positions(self, layer: int) -> np.ndarray:
+        if layer in self.sliding:
+            return to_numpy(self.sliding[layer].positions())
+        return self.full.positions(self.slot[layer])
+
     def append(self, layer: int, q: np.ndarray | None, k: np.ndarray, v: np.ndarray) -> None:
         if layer in self.sliding:  # (a graph's numpy arrays, shared as tensors)
             self.sliding[layer].append(to_torch(k), to_torch(v))

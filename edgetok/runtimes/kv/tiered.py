@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from edgetok.errors import EdgetokError
 from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.selection import captured_mass, fit_temperature, key_abstracts, select_chunks
 from edgetok.kernels.summaries import chunk_summaries, fold
@@ -388,6 +389,12 @@ class TieredCache(AttendingCache, GraphCache):
             attended += p
         self.storage.staged(chosen, kept, self.stages.incoming, attended)
         return views
+
+    def positions(self, i: int) -> np.ndarray:
+        """(A graph asks only for sliding layers' positions: a model with full layers keeps its
+        sliding ones in windows, MixedCache; a model of sliding layers only tiers them all.)"""
+        raise EdgetokError("the tiered KV cache does not track its tokens' positions: a model whose every layer "
+                           "slides cannot run a prompt-pruning ONNX export with --kv-budget; run it without")
 
     def append(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Store the new tokens' k, v (1, Hkv, T, D); their queries q (1, Hq, T, D) steer selection."""

@@ -63,7 +63,7 @@ class WindowLayer:
 
     def skip(self, n: int, kept: torch.Tensor) -> None:
         """n positions from `end` on are never stored; the next tokens stored are at `kept` (K,)."""
-        self.planned = kept.to(torch.int64)
+        self.planned = torch.as_tensor(kept, dtype=torch.int64)  # (a graph's backend hands numpy)
         self.end += n
         self.gaps = True
 
@@ -76,6 +76,10 @@ class WindowLayer:
         self.pos[self.n + take : self.n + t] = torch.arange(self.end, self.end + t - take)
         self.end += t - take
         self.n += t
+
+    def positions(self) -> torch.Tensor:
+        """The positions (n,) of the tokens held, in slot order."""
+        return self.pos[: self.n]
 
     def view(self, reserve: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The buffers with room for `reserve` more tokens after the n held."""
@@ -102,7 +106,7 @@ class WindowLayer:
         self.append(k, v)
         t = k.shape[2]
         if self.gaps:  # a pruned prompt's kept tokens: the window counts positions
-            pos = self.pos[: self.n]
+            pos = self.positions()
             mask = position_mask(pos[self.n - t :], pos, self.window)
         else:
             mask = causal_mask(t, self.n, self.window, device=q.device)
