@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source, load_source
+from edgetok.runtimes.backends.base import CACHE_ATTENTION
 from edgetok.runtimes.choice import TORCH_WEIGHTS, EngineChoice, LongPrompts, auto_backend, follow_plan
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
 from edgetok.runtimes.kv import KVConfig
@@ -196,6 +197,8 @@ def load(
     reasons, artifact, long_prompts, planned = [], None, None, None
     chosen = backend is None
     if chosen:
+        if kv is not None and kv.asks_cache_attention:
+            needs = frozenset(needs) | {CACHE_ATTENTION}
         backend, why = auto_backend(source.format, weights, kv_type, frozenset(needs))
         reasons.append(why)
     if plan is not None and backend == "onnxruntime" and chosen:

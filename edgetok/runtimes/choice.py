@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgetok.errors import EdgetokError
-from edgetok.runtimes.backends.base import PRUNE
+from edgetok.runtimes.backends.base import CACHE_ATTENTION, PRUNE
 from edgetok.runtimes.kv import KVConfig
 
 TORCH_WEIGHTS = ("fp32", "bf16", "int8")  # the torch backend's --weights (named here: no torch to import)
@@ -137,6 +137,9 @@ def auto_backend(source_format: str, weights: str, kv_type: str | None, needs: f
     if PRUNE in needs:
         return "torch", ("prompt pruning runs on the torch backend here: the default export has no pruning point "
                          "(it decodes ~10% faster without; export with --prune-after-layer for a fast pruning engine)")
+    if CACHE_ATTENTION in needs:
+        return "torch", ("per-head chunk selection and chunk summaries (--kv-selection head, --kv-summaries on) run "
+                         "on the torch backend: a graph attends over one set of chunks per layer itself")
     if kv_type is not None:
         return "llamacpp", f"--kv-type {kv_type} sets llama.cpp's cache"
     if weights != "fp32":

@@ -33,6 +33,7 @@ PREFIX_STATE = "prefix_state"
 ROLLBACK = "rollback"
 SEQUENCES = "sequences"
 BATCH = "batch"
+CACHE_ATTENTION = "cache_attention"  # the KV cache computes attention itself (per-head selection, summaries)
 
 Progress = Callable[[int], None]  # called with the number of prompt tokens just run
 

@@ -9,7 +9,7 @@ from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.runtimes.backends.base import PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
+from edgetok.runtimes.backends.base import CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
 from edgetok.runtimes.choice import TORCH_WEIGHTS
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, budgeted_cache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
@@ -19,7 +19,7 @@ class TorchBackend:
     name = "torch"
     # no BATCH: a server runs its sequences' steps in turn (padding several caches' K/V per step
     # would copy them every step)
-    capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES})
+    capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, CACHE_ATTENTION})
     prune_after_layer = None  # any layer: the plan's default
     min_draft = 1  # a forward of 2 tokens costs 1.04x one, of 4 1.54x (SmolLM2 fp32, 2 threads)
 

@@ -79,6 +79,11 @@ class KVConfig:
             raise EdgetokError(f"{_name('selection')} head needs every chunk in RAM at its float width: a stored chunk "
                                "(--kv-bits, --kv-device-mb, --kv-host-mb) holds all heads together")
 
+    @property
+    def asks_cache_attention(self) -> bool:
+        """Whether an option asks for what only a cache that computes attention does."""
+        return self.summaries == "on" or self.selection == "head"
+
     def per_head_for(self, attends: bool) -> bool:
         """Whether each KV head selects its own chunks. attends: the cache computes attention
         itself (a graph's views hold one set of chunks per layer)."""
