@@ -29,6 +29,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgetok.exporters.quantize import QuantizedWeight
+from edgetok.kernels import ort_ops
 
 # (initializer name, W (N, K)) → its codes; to_matmul_nbits also takes None: the weight stays float
 Quantizer = Callable[[str, torch.Tensor], QuantizedWeight | None]
@@ -80,9 +81,9 @@ class _Graph:
         out, self._pending = self._pending, []
         return out
 
-    def use_ms_domain(self) -> None:
-        if not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
-            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    def use_domain(self, domain: str) -> None:
+        if not any(o.domain == domain for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def _exact_top(g: _Graph, x: str, logits: str, weights: tuple, k: int, out: str) -> None:
@@ -207,11 +208,14 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
     the same codes (_exact_top): the near-ties at the top — the next token — come out as the
     reference's, while the head keeps its fast integer kernel (its float kernel is ~9× slower).
     float_max_bits: matrices of more bits take int8 activations even in float_kinds.
+    The 4-bit linears in float_kinds become edgetok's MatMulQ4 (kernels/ort_ops.py) when their
+    blocks suit it: the same codes, float32 arithmetic at about the int8 kernel's speed.
     """
     g = _Graph(model, "nbits")
-    g.use_ms_domain()
+    g.use_domain(MS_DOMAIN)
     uses = list(_weight_uses(g))
     packed: dict[str, tuple] = {}  # float initializer → (B, scales, zero points, offsets (or None), K, bits)
+    q4_offsets: dict[str, np.ndarray | str] = {}  # float initializer → MatMulQ4's (blocks, N) offsets
 
     def pack(name: str, kind: str) -> tuple | None:
         if name not in packed:
@@ -222,11 +226,21 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
                 return None
             assert qw.bits in (4, 8), qw.bits
             b, scales, zero, offsets = pack_matmul_nbits(qw)
+            if offsets is None and qw.bits == 4:  # integer zero points z (8 when symmetric) as offsets −scale·z
+                z = qw.zero.numpy().astype(np.float32) if not qw.symmetric else np.float32(8)
+                q4_offsets[name] = np.ascontiguousarray(-(scales * z).T)
             zero = None if zero is None else g.add_init(f"{name}.zero_points", zero)
             offsets = None if offsets is None else g.add_init(f"{name}.offsets", np.ascontiguousarray(offsets.T))
             packed[name] = (g.add_init(f"{name}.q", b), g.add_init(f"{name}.scales", scales), zero, offsets,
                             w.shape[1], qw.bits)
+            if offsets is not None:
+                q4_offsets[name] = offsets
         return packed[name]
+
+    def offsets_q4(name: str) -> str:
+        if isinstance(q4_offsets[name], np.ndarray):
+            q4_offsets[name] = g.add_init(f"{name}.q4_offsets", q4_offsets[name])
+        return q4_offsets[name]
 
     summers: dict[tuple[int, int], str] = {}
 
@@ -252,6 +266,12 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
         block = g.inits[b].dims[2] * 8 // bits
         x, y = n.input[0], n.output[0]
         rescore = exact_top > 0 and kind == "head" and kind not in float_kinds
+        if kind in float_kinds and bits == 4 and block % ort_ops.Q4_BLOCK_MULTIPLE == 0 and not rescore:
+            g.use_domain(ort_ops.DOMAIN)
+            g.node(ort_ops.MATMUL_Q4, [x, b, scales, offsets_q4(name)], domain=ort_ops.DOMAIN, outputs=[y],
+                   K=k, N=g.inits[b].dims[0], block_size=block)
+            replace[i] = g.collect()
+            continue
         inputs = [x, b, scales] + ([] if zero is None else [zero])
         mm = g.node("MatMulNBits", inputs, domain=MS_DOMAIN, outputs=[g.fresh(y)] if offsets or rescore else [y],
                     K=k, N=g.inits[b].dims[0], bits=bits, block_size=block,

@@ -16,6 +16,7 @@ from edgetok.exporters import onnx_rewrites as rw
 from edgetok.exporters.onnx_graph import PruneSpec, build_decoder, default_prune
 from edgetok.exporters.quantize import rtn
 from edgetok.exporters.verify import model_logits
+from edgetok.kernels import ort_ops
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import load_source
 from edgetok.runtimes.kv import ContiguousCache
@@ -37,6 +38,7 @@ def families(tmp_path_factory):
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    ort_ops.register(opts)
     opts.add_session_config_entry("session.disable_quant_qdq", "1")  # as the backend does on CPU
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
@@ -158,7 +160,9 @@ def test_matmul_nbits_rewrite_computes_its_dequantized_weights(families):
     model = build_decoder(src.config, src.weights)
     rw.to_matmul_nbits(model, quantizer, frozenset({"linear", "head"}))  # float activations: exact arithmetic
     floats = {t.name for t in model.graph.initializer if t.name.endswith(".weight")}
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * 3 + 1  # qkv, o, gate_up, down per layer, and the head
+    # float activations at 4 bits: edgetok's MatMulQ4 (qkv, o, gate_up, down per layer); the 8-bit head: MatMulNBits
+    assert sum(n.op_type == ort_ops.MATMUL_Q4 for n in model.graph.node) == 4 * 3
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 1
     assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & floats]
     # fractional zero points: codes at zero point 0, plus each block's offset times its input sum
     assert sum(t.name.endswith(".offsets") for t in model.graph.initializer) == 4 * 3

@@ -22,6 +22,7 @@ import numpy as np
 
 from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
+from edgetok.kernels import ort_ops
 from edgetok.models import names
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source, require_torch
@@ -43,6 +44,7 @@ def open_session(model_file: Path, provider: str = "cpu", threads: int | None = 
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    ort_ops.register(opts)  # edgetok's own operators (MatMulQ4), for the exports that use them
     name = choose_provider(provider)
     if name == PROVIDERS["cpu"][0]:
         # QDQ graphs are for NPUs; on CPU, dequantize their weights once at load: exact float math
@@ -54,6 +56,7 @@ def open_session(model_file: Path, provider: str = "cpu", threads: int | None = 
     except EdgetokError:
         raise
     except Exception as e:  # onnxruntime raises its own types for unreadable or invalid graphs
+        ort_ops.check_loadable(e)
         raise EdgetokError(f"onnxruntime cannot load {model_file}: {str(e).splitlines()[0]}") from None
 
 

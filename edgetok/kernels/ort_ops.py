@@ -1,0 +1,44 @@
+"""edgetok's ONNX Runtime operators (q4_matmul.cpp, built into a shared library with the package):
+the names a graph uses for them, and how a session gets them.
+
+MatMulQ4 (domain ai.edgetok): a 4-bit block-quantized linear with float activations — MatMulNBits'
+weight layout, offsets per block (w = scale·q + offset), float32 arithmetic. Exports use it for the
+linears that keep float activations (the default engine's), where ONNX Runtime's own float path
+is ~2× slower than its int8 one and fractional minima cost two more nodes per linear.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+from edgetok.errors import EdgetokError
+
+DOMAIN = "ai.edgetok"
+MATMUL_Q4 = "MatMulQ4"
+Q4_BLOCK_MULTIPLE = 32  # the op's loops read 32 codes at a time
+_LIBRARY = "edgetok.kernels._ort_ops"
+
+
+@cache
+def library_path() -> Path | None:
+    """The built library (None when this install has no compiled kernels)."""
+    spec = importlib.util.find_spec(_LIBRARY)  # found, not imported: it is ONNX Runtime's library, not Python's
+    return Path(spec.origin) if spec and spec.origin else None
+
+
+def register(options) -> None:
+    """Make edgetok's operators available to sessions made with these onnxruntime.SessionOptions."""
+    path = library_path()
+    if path is not None:
+        options.register_custom_ops_library(str(path))
+
+
+def check_loadable(error: Exception) -> None:
+    """Turn ONNX Runtime's complaint about a missing edgetok operator into a sentence."""
+    if DOMAIN in str(error) or MATMUL_Q4 in str(error):
+        raise EdgetokError(
+            "this export uses edgetok's compiled ONNX Runtime operators, which this install lacks "
+            "(reinstall edgetok from source so its kernels build: pip install -e .)"
+        ) from None

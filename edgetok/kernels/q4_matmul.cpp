@@ -1,0 +1,234 @@
+// edgetok's ONNX Runtime operators: a shared library that ONNX Runtime loads
+// (SessionOptions.register_custom_ops_library) for graphs that use the domain "ai.edgetok".
+//
+// MatMulQ4 (domain ai.edgetok): Y (..., N) = A (..., K) · Wᵀ, with W (N, K) 4-bit block-quantized
+// in MatMulNBits' layout — B (N, K/block, block/2) uint8, scales (N, K/block) float, offsets
+// (K/block, N) float: w = scale·q + offset. Attributes K, N, block_size (a multiple of 32).
+//
+// Why: ONNX Runtime's MatMulNBits multiplies float activations on a path ~2x slower than its int8
+// one, and with fractional minima (q4_1, the K-quants) the offsets need two more nodes per linear.
+// This op reads each weight once for all rows of A and multiplies in float32: the reference's
+// arithmetic at the int8 path's speed (edgetok's default engine keeps the fp32 reference's answers).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "ort_abi.h"
+
+namespace {
+
+struct Q4Problem {
+    int64_t m, k, n, block;
+    const uint8_t* b;
+    const float* scales;
+    const float* offsets;
+};
+
+}  // namespace
+
+#define EDGETOK_ISA 0
+namespace scalar {
+#include "q4_matmul_body.h"
+}
+#undef EDGETOK_ISA
+
+#ifndef EDGETOK_PORTABLE_ONLY  // x86-64: the same loops for AVX2 and AVX-512, chosen at load
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define EDGETOK_ISA 2
+namespace avx2 {
+#include "q4_matmul_body.h"
+}
+#undef EDGETOK_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#define EDGETOK_ISA 512
+namespace avx512 {
+#include "q4_matmul_body.h"
+}
+#undef EDGETOK_ISA
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+constexpr const char* DOMAIN = "ai.edgetok";
+constexpr int64_t TILE = 16;    // columns per task, a few rows
+constexpr int64_t FEW_ROWS = 6;  // up to this many rows, read the codes directly; more: dequantize a tile for a GEMM
+
+struct Isa {
+    const char* name;
+    void (*permute)(const float*, float*, int64_t, int64_t);
+    void (*tile)(const Q4Problem&, const float*, float*, int64_t, int64_t);
+    void (*gemm_tile)(const Q4Problem&, const float*, float*, float*, int64_t, int64_t);
+    int64_t gemm_columns;  // columns per GEMM tile
+};
+
+// The widest instruction set this CPU has; EDGETOK_Q4_ISA=avx2|scalar asks for a narrower one (tests).
+Isa choose_isa() {
+    const Isa portable{"scalar", scalar::permute, scalar::tile, scalar::gemm_tile, scalar::TILE_N};
+    const char* asked = std::getenv("EDGETOK_Q4_ISA");
+    auto allowed = [&](const char* name) { return !asked || !*asked || std::strcmp(asked, name) == 0; };
+#ifndef EDGETOK_PORTABLE_ONLY
+    __builtin_cpu_init();
+    bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (allowed("avx512") && has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return {"avx512", avx512::permute, avx512::tile, avx512::gemm_tile, avx512::TILE_N};
+    if (allowed("avx2") && has_avx2) return {"avx2", avx2::permute, avx2::tile, avx2::gemm_tile, avx2::TILE_N};
+#endif
+    return portable;
+}
+
+const OrtApi* g_api = nullptr;
+Isa g_isa;
+
+struct Q4Kernel {
+    int64_t k, n, block;
+};
+
+struct Job {
+    const Q4Problem* problem;
+    const float* xp;
+    float* y;
+};
+
+void run_tile(void* user, size_t i) {
+    const Job& job = *static_cast<const Job*>(user);
+    int64_t n0 = int64_t(i) * TILE, n1 = n0 + TILE < job.problem->n ? n0 + TILE : job.problem->n;
+    g_isa.tile(*job.problem, job.xp, job.y, n0, n1);
+}
+
+void run_gemm_tile(void* user, size_t i) {
+    const Job& job = *static_cast<const Job*>(user);
+    const int64_t cols = g_isa.gemm_columns, n = job.problem->n;
+    int64_t n0 = int64_t(i) * cols, n1 = n0 + cols < n ? n0 + cols : n;
+    thread_local std::vector<float> wt;  // the tile's weights, dequantized: per worker thread
+    wt.resize(size_t(job.problem->k * cols));
+    g_isa.gemm_tile(*job.problem, job.xp, wt.data(), job.y, n0, n1);
+}
+
+#define RETURN_IF_ERROR(expr)            \
+    do {                                 \
+        if (OrtStatus* s_ = (expr)) return s_; \
+    } while (0)
+
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+    OrtFunctions ort(api);
+    int64_t k = 0, n = 0, block = 0;
+    RETURN_IF_ERROR(ort.attribute(info, "K", &k));
+    RETURN_IF_ERROR(ort.attribute(info, "N", &n));
+    RETURN_IF_ERROR(ort.attribute(info, "block_size", &block));
+    if (k <= 0 || n <= 0 || block <= 0 || block % 32 != 0 || k % block != 0)
+        return ort.status(ORT_INVALID_ARGUMENT, "MatMulQ4: K must be a positive multiple of block_size, itself a multiple of 32");
+    *out = new (std::nothrow) Q4Kernel{k, n, block};
+    return *out ? nullptr : ort.status(ORT_FAIL, "MatMulQ4: out of memory");
+}
+
+OrtStatus* compute(void* kernel, OrtKernelContext* context) {
+    const Q4Kernel& kern = *static_cast<const Q4Kernel*>(kernel);
+    OrtFunctions ort(g_api);
+    const OrtValue* inputs[4];
+    for (size_t i = 0; i < 4; ++i) RETURN_IF_ERROR(ort.input(context, i, &inputs[i]));
+
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    RETURN_IF_ERROR(ort.shape_info(inputs[0], &info));
+    size_t rank = 0;
+    OrtStatus* status = ort.rank(info, &rank);
+    std::vector<int64_t> dims(rank);
+    if (!status) status = ort.dims(info, dims.data(), rank);
+    ort.release(info);
+    if (status) return status;
+    if (rank == 0 || dims[rank - 1] != kern.k)
+        return ort.status(ORT_INVALID_ARGUMENT, "MatMulQ4: A's last dimension must be K");
+
+    Q4Problem p{1, kern.k, kern.n, kern.block, nullptr, nullptr, nullptr};
+    for (size_t i = 0; i + 1 < rank; ++i) p.m *= dims[i];
+    void* data[4];
+    for (size_t i = 0; i < 4; ++i) RETURN_IF_ERROR(ort.data(inputs[i], &data[i]));
+    p.b = static_cast<const uint8_t*>(data[1]);
+    p.scales = static_cast<const float*>(data[2]);
+    p.offsets = static_cast<const float*>(data[3]);
+
+    dims[rank - 1] = kern.n;
+    OrtValue* output = nullptr;
+    RETURN_IF_ERROR(ort.output(context, 0, dims.data(), rank, &output));
+    void* y = nullptr;
+    RETURN_IF_ERROR(ort.data(output, &y));
+    if (p.m == 0) return nullptr;
+
+    // the permuted rows: per calling thread (one session may run on several threads at once)
+    thread_local std::vector<float> xp;
+    xp.resize(size_t(p.m * p.k));
+    g_isa.permute(static_cast<const float*>(data[0]), xp.data(), p.m, p.k);
+    Job job{&p, xp.data(), static_cast<float*>(y)};
+    if (p.m > FEW_ROWS)
+        return ort.parallel_for(context, run_gemm_tile, size_t((p.n + g_isa.gemm_columns - 1) / g_isa.gemm_columns), &job);
+    return ort.parallel_for(context, run_tile, size_t((p.n + TILE - 1) / TILE), &job);
+}
+
+void compute_v1(void* kernel, OrtKernelContext* context) { (void)compute(kernel, context); }
+void* create_kernel_v1(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+    void* kernel = nullptr;
+    (void)create_kernel(op, api, info, &kernel);
+    return kernel;
+}
+void destroy(void* kernel) { delete static_cast<Q4Kernel*>(kernel); }
+
+OrtCustomOp make_matmul_q4() {
+    OrtCustomOp op{};
+    op.version = ORT_CUSTOM_OP_VERSION;
+    op.CreateKernel = create_kernel_v1;
+    op.GetName = [](const OrtCustomOp*) { return "MatMulQ4"; };
+    op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+    op.GetInputType = [](const OrtCustomOp*, size_t i) { return i == 1 ? ORT_ELEMENT_UINT8 : ORT_ELEMENT_FLOAT; };
+    op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+    op.GetOutputType = [](const OrtCustomOp*, size_t) { return ORT_ELEMENT_FLOAT; };
+    op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    op.KernelCompute = compute_v1;
+    op.KernelDestroy = destroy;
+    op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
+    op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
+    op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return ORT_MEM_DEFAULT; };
+    op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    op.CreateKernelV2 = create_kernel;
+    op.KernelComputeV2 = compute;
+    return op;
+}
+
+const OrtCustomOp g_matmul_q4 = make_matmul_q4();
+
+}  // namespace
+
+extern "C" {
+
+// ONNX Runtime's entry point for a custom-op library.
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+    const OrtApi* api = base->GetApi(ORT_API_VERSION_NEEDED);
+    if (!api) return nullptr;  // an ONNX Runtime older than 1.17: it cannot run these graphs, and says so at load
+    g_api = api;
+    g_isa = choose_isa();
+    OrtFunctions ort(api);
+    OrtCustomOpDomain* domain = nullptr;
+    RETURN_IF_ERROR(ort.create_domain(DOMAIN, &domain));
+    RETURN_IF_ERROR(ort.domain_add(domain, &g_matmul_q4));
+    return ort.add_domain(options, domain);
+}
+
+// Which loops this library runs on this CPU (for --verbose and the tests).
+__attribute__((visibility("default"))) const char* edgetok_q4_isa() {
+    if (!g_isa.name) g_isa = choose_isa();
+    return g_isa.name;
+}
+
+}  // extern "C"
