@@ -61,7 +61,7 @@ namespace {
 
 constexpr const char* DOMAIN = "ai.edgetok";
 constexpr int64_t TILE = 16;    // columns per task, a few rows
-constexpr int64_t FEW_ROWS = 6;  // up to this many rows, read the codes directly; more: dequantize a tile for a GEMM
+constexpr int64_t FEW_ROWS = 12;  // up to this many rows, read the codes directly; more: dequantize a tile for a GEMM
 
 struct Isa {
     const char* name;
@@ -96,7 +96,7 @@ struct Q4Kernel {
 
 struct Job {
     const Q4Problem* problem;
-    const float* xp;
+    const float* xp;  // the rows, permuted (few rows) or as they are (a GEMM)
     float* y;
 };
 
@@ -164,13 +164,16 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     RETURN_IF_ERROR(ort.data(output, &y));
     if (p.m == 0) return nullptr;
 
+    const float* x = static_cast<const float*>(data[0]);
+    if (p.m > FEW_ROWS) {
+        Job job{&p, x, static_cast<float*>(y)};
+        return ort.parallel_for(context, run_gemm_tile, size_t((p.n + g_isa.gemm_columns - 1) / g_isa.gemm_columns), &job);
+    }
     // the permuted rows: per calling thread (one session may run on several threads at once)
     thread_local std::vector<float> xp;
     xp.resize(size_t(p.m * p.k));
-    g_isa.permute(static_cast<const float*>(data[0]), xp.data(), p.m, p.k);
+    g_isa.permute(x, xp.data(), p.m, p.k);
     Job job{&p, xp.data(), static_cast<float*>(y)};
-    if (p.m > FEW_ROWS)
-        return ort.parallel_for(context, run_gemm_tile, size_t((p.n + g_isa.gemm_columns - 1) / g_isa.gemm_columns), &job);
     return ort.parallel_for(context, run_tile, size_t((p.n + TILE - 1) / TILE), &job);
 }
 

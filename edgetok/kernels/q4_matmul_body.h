@@ -167,57 +167,72 @@ void columns(const Q4Problem& p, const float* xp, float* y, int64_t n0, int64_t 
     }
 }
 
-// Many rows (a prefill): a tile's weights are dequantized once into W-wide vectors (in the
-// permuted order x is read in) and multiplied as a float GEMM, 4 rows × 4 columns of sums at a time.
-constexpr int64_t TILE_N = 32;
+// Many rows (a prefill): a tile of TILE_N columns is dequantized once, transposed to (K, TILE_N),
+// and multiplied as a float GEMM: each k adds w[k, tile] · x[r, k] to GEMM_ROWS rows' sums, the
+// x values broadcast from memory (x in its own order: no permute).
+constexpr int64_t TILE_N = 2 * W;
+constexpr int GEMM_ROWS = W == 16 ? 12 : 6;  // 2 vectors of sums per row in registers, with room for w and x
 
+// wt (K, TILE_N): one block of k at a time across the tile's columns, so the transposed stores
+// land in a few KB that stay in L1
 inline void dequantize(const Q4Problem& p, int64_t n0, int64_t n1, float* wt) {
     const int64_t blocks = p.k / p.block, groups = p.block / GROUP, stride = p.k / 2;
-    for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* b = p.b + n * stride;
-        float* w = wt + (n - n0) * p.k;
-        for (int64_t blk = 0; blk < blocks; ++blk) {
+    alignas(64) float w[GROUP];
+    for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int64_t c = 0; c < TILE_N; ++c) {
+            const int64_t n = n0 + c;
+            float* to = wt + blk * p.block * TILE_N + c;
+            if (n >= n1) {  // a short last tile: zero columns
+                for (int64_t k = 0; k < p.block; ++k) to[k * TILE_N] = 0.f;
+                continue;
+            }
             const Table t(p.scales[n * blocks + blk], p.offsets[blk * p.n + n]);
-            for (int64_t g = 0; g < groups; ++g, b += W, w += GROUP) {
+            const uint8_t* b = p.b + n * stride + blk * p.block / 2;
+            for (int64_t g = 0; g < groups; ++g, b += W, to += GROUP * TILE_N) {
                 V even, odd;
                 weights(b, t, even, odd);
                 store(w, even);
                 store(w + W, odd);
+                for (int j = 0; j < W; ++j) {
+                    to[(2 * j) * TILE_N] = w[j];
+                    to[(2 * j + 1) * TILE_N] = w[W + j];
+                }
             }
         }
-    }
-}
-
-template <int R, int C>
-void gemm_block(int64_t k, int64_t ldy, const float* xp, const float* wt, float* y) {
-    V acc[R][C];
-    for (auto& r : acc)
-        for (auto& a : r) a = zero();
-    for (int64_t i = 0; i < k; i += W) {
-        V w[C];
-        for (int c = 0; c < C; ++c) w[c] = load(wt + c * k + i);
-        for (int r = 0; r < R; ++r) {
-            const V x = load(xp + r * k + i);
-            for (int c = 0; c < C; ++c) acc[r][c] = fmadd(w[c], x, acc[r][c]);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) y[r * ldy + c] = sum(acc[r][c]);
 }
 
 template <int R>
-void gemm_rows(const Q4Problem& p, const float* xp, const float* wt, float* y, int64_t columns) {
-    int64_t c = 0;
-    for (; c + 4 <= columns; c += 4) gemm_block<R, 4>(p.k, p.n, xp, wt + c * p.k, y + c);
-    for (; c < columns; ++c) gemm_block<R, 1>(p.k, p.n, xp, wt + c * p.k, y + c);
+void gemm_rows(const Q4Problem& p, const float* x, const float* wt, float* y, int64_t columns) {
+    V acc[R][2];
+    for (auto& r : acc) r[0] = r[1] = zero();
+    for (int64_t k = 0; k < p.k; ++k) {
+        const V w0 = load(wt + k * TILE_N), w1 = load(wt + k * TILE_N + W);
+        for (int r = 0; r < R; ++r) {
+            const V xr = broadcast(x + r * p.k + k);
+            acc[r][0] = fmadd(w0, xr, acc[r][0]);
+            acc[r][1] = fmadd(w1, xr, acc[r][1]);
+        }
+    }
+    alignas(64) float out[TILE_N];
+    for (int r = 0; r < R; ++r) {
+        if (columns == TILE_N) {
+            store(y + r * p.n, acc[r][0]);
+            store(y + r * p.n + W, acc[r][1]);
+            continue;
+        }
+        store(out, acc[r][0]);
+        store(out + W, acc[r][1]);
+        for (int64_t c = 0; c < columns; ++c) y[r * p.n + c] = out[c];
+    }
 }
 
-// wt: room for TILE_N columns of K weights
-inline void gemm_tile(const Q4Problem& p, const float* xp, float* wt, float* y, int64_t n0, int64_t n1) {
+// wt: room for K × TILE_N floats
+inline void gemm_tile(const Q4Problem& p, const float* x, float* wt, float* y, int64_t n0, int64_t n1) {
     dequantize(p, n0, n1, wt);
     int64_t r = 0;
-    for (; r + 4 <= p.m; r += 4) gemm_rows<4>(p, xp + r * p.k, wt, y + r * p.n + n0, n1 - n0);
-    for (; r < p.m; ++r) gemm_rows<1>(p, xp + r * p.k, wt, y + r * p.n + n0, n1 - n0);
+    for (; r + GEMM_ROWS <= p.m; r += GEMM_ROWS) gemm_rows<GEMM_ROWS>(p, x + r * p.k, wt, y + r * p.n + n0, n1 - n0);
+    for (; r + 4 <= p.m; r += 4) gemm_rows<4>(p, x + r * p.k, wt, y + r * p.n + n0, n1 - n0);
+    for (; r < p.m; ++r) gemm_rows<1>(p, x + r * p.k, wt, y + r * p.n + n0, n1 - n0);
 }
 
 // One task: the columns [n0, n1) for every row, four rows at a time (a tile of weights stays in
