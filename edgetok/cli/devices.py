@@ -36,7 +36,8 @@ def command(kv_dir, probe_mb, as_json):
                    + (f", copy {bandwidth / gb:.1f} GB/s" if bandwidth else "")),
         ("kv dir", f"{local.kv_dir}: {local.disk_free_bytes / gb:.1f} GB free"
                    + (f", reads {speed / gb:.2f} GB/s" if speed else "")),
-        ("onnxruntime", ", ".join(local.onnxruntime_providers)),
+        ("onnxruntime", ", ".join(local.onnxruntime_providers)
+                        + f"; edgetok's operators: {local.edgetok_kernels or 'not built'}"),
         ("torch", ", ".join(local.torch_accelerators) or "CPU only"),
     ]
     for name, value in rows:

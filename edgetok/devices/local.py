@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from edgetok.errors import EdgetokError
+from edgetok.kernels import ort_ops
 
 # The instruction-set features edgetok's kernels and its runtimes' kernels care about.
 ISA_FEATURES = ("sse4_2", "fma", "f16c", "avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
@@ -41,6 +42,7 @@ class LocalDevice:
     memory_bandwidth_bytes_per_s: float | None  # measured (a large copy: bytes read + written per second)
     onnxruntime_providers: tuple[str, ...]
     torch_accelerators: tuple[str, ...]
+    edgetok_kernels: str | None  # the loops edgetok's compiled ONNX Runtime operators run here (None: not built)
     notes: list[str] = field(default_factory=list)  # what could not be measured, and why
 
     def to_dict(self) -> dict:
@@ -77,6 +79,7 @@ def detect(kv_dir: Path | None = None, probe_mb: int = 64, accelerators: bool = 
         memory_bandwidth_bytes_per_s=memory_bandwidth(4 * probe_mb) if probe_mb else None,
         onnxruntime_providers=_onnxruntime_providers(),
         torch_accelerators=_torch_accelerators() if accelerators else (),
+        edgetok_kernels=ort_ops.isa(),
         notes=notes,
     )
 

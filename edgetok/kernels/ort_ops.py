@@ -28,6 +28,18 @@ def library_path() -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
+def isa() -> str | None:
+    """The loops MatMulQ4 runs on this CPU (avx512, avx2 or scalar); None without the library."""
+    path = library_path()
+    if path is None:
+        return None
+    import ctypes
+
+    chosen = ctypes.CDLL(str(path)).edgetok_q4_isa
+    chosen.restype = ctypes.c_char_p
+    return chosen().decode()
+
+
 def register(options) -> None:
     """Make edgetok's operators available to sessions made with these onnxruntime.SessionOptions."""
     path = library_path()

@@ -19,6 +19,9 @@ def test_detect_reads_this_machine_and_measures_its_disk(tmp_path):
     assert d.disk_free_bytes > 0 and d.kv_dir == str(tmp_path)
     assert d.disk_read_bytes_per_s > 1e6 and d.memory_bandwidth_bytes_per_s > 1e8  # any disk, any RAM
     assert "CPUExecutionProvider" in d.onnxruntime_providers
+    # the loops MatMulQ4 chose: the widest the CPU has (make install builds the library)
+    widest = "avx512" if "avx512f" in d.isa else "avx2" if {"avx2", "fma"} <= set(d.isa) else "scalar"
+    assert d.edgetok_kernels == widest
     assert list(tmp_path.iterdir()) == []  # the probe file is gone
     assert detect(tmp_path, probe_mb=0).disk_read_bytes_per_s is None
 
