@@ -1,5 +1,5 @@
 """Serving throughput: aggregate decode tokens/s and request latency at 1, 2, 4 and 8 concurrent
-clients, `edgetok serve` (the int4 ONNX export, continuous batching) vs llama-cpp-python's own
+clients, `edgetok serve MODEL` (the default engine: its export, continuous batching) vs llama-cpp-python's own
 server (`python -m llama_cpp.server`) on the model's GGUF, both with 2 threads, both through the
 official openai client.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import openai
 
-from edgetok.bench.artifacts import gguf_file, onnx_folder
+from edgetok.bench.artifacts import gguf_file
 from edgetok.models.sources import load_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,14 +128,14 @@ def main() -> None:
         args.clients, args.requests, args.max_tokens, args.repeat = "1,2", 1, 16, 1
     levels = [int(x) for x in args.clients.split(",")]
     source = load_source(args.model)
-    onnx, gguf = onnx_folder(args.model, source, "int4"), gguf_file(args.model, source)
+    gguf = gguf_file(args.model, source)
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
-    edgetok_cmd = [sys.executable, "-c", "from edgetok.cli import main; main()", "serve", str(onnx), "--threads",
+    edgetok_cmd = [sys.executable, "-c", "from edgetok.cli import main; main()", "serve", args.model, "--threads",
                    str(args.threads), "--max-sequences", str(max(levels)), "--max-queue", "64", "--alias", args.model]
     llama_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
                  "--n_threads_batch", str(args.threads), "--n_ctx", "2048", "--model_alias", args.model, "--host", "127.0.0.1"]
     eos = source.tokenizer.eos_ids
-    peers = [Peer("edgetok serve (onnx int4, batched)", edgetok_cmd, logs / "edgetok-serve-bench.log", {"ignore_eos": True})]
+    peers = [Peer("edgetok serve (default engine, batched)", edgetok_cmd, logs / "edgetok-serve-bench.log", {"ignore_eos": True})]
     try:
         peers.append(Peer("llama-cpp-python server (gguf)", llama_cmd, logs / "llamacpp-server-bench.log",
                           {"logit_bias": {str(t): -100 for t in eos}}))
@@ -169,7 +169,7 @@ def main() -> None:
     ratios = {c: round(next(r["tokens_per_s"] for r in rows if r["clients"] == c and r["system"] == peers[0].name)
                        / next(r["tokens_per_s"] for r in rows if r["clients"] == c and r["system"] == peers[1].name), 2)
               for c in levels}
-    report = {"goal": GOAL, "model": args.model, "onnx": str(onnx), "gguf": str(gguf), "threads": args.threads,
+    report = {"goal": GOAL, "model": args.model, "edgetok": "edgetok serve MODEL", "gguf": str(gguf), "threads": args.threads,
               "requests_per_client": args.requests, "max_tokens": args.max_tokens, "rounds": args.repeat,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "shared": True},
               "rows": rows, "edgetok_vs_llamacpp": ratios}

@@ -14,7 +14,9 @@ import onnx
 import pytest
 
 import edgetok
+from edgetok.errors import EdgetokError
 from edgetok.exporters.default import default_export, export_folder
+from edgetok.kernels import ort_ops
 from edgetok.models.sources import load_source
 from edgetok.runtimes.choice import LongPrompts
 from edgetok.runtimes.engine import Engine
@@ -39,11 +41,12 @@ def test_the_default_engine_is_the_export_and_decodes_as_float_activations_would
     assert Path(model.choice.artifact).parent == fresh_home / "exports"
     manifest = model.source.manifest
     assert (manifest.weights, manifest.activations) == ("int4", "float")
-    # the layers' MatMulNBits take float activations (level 0), the head int8 (level 4)
+    # the layers' linears take float activations (edgetok's MatMulQ4), the head int8 (MatMulNBits level 4)
     graph = onnx.load(str(Path(model.choice.artifact) / "model.onnx"), load_external_data=False).graph
     levels = {n.input[1].split(".weight")[0].split(".")[-1]: a.i for n in graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
-    assert levels.pop("lm_head") == 4 and set(levels.values()) == {0}
+    assert levels == {"lm_head": 4}
+    assert sum(n.op_type == ort_ops.MATMUL_Q4 for n in graph.node) == 4 * model.config.num_layers  # qkv, o, gate_up, down
     # The same graph with float activations in the head too (ONNX Runtime's slow kernel): the head's
     # rescored top logits make the fast graph's greedy tokens those of the all-float one.
     graph = onnx.load(str(Path(model.choice.artifact) / "model.onnx"), load_external_data=False)
@@ -65,6 +68,17 @@ def test_the_default_engine_is_the_export_and_decodes_as_float_activations_would
     assert (a.argmax(-1) == b.argmax(-1)).all()
     np.testing.assert_allclose(a.max(-1), b.max(-1), atol=1e-4)  # the top logit itself is the float one
     assert np.abs(a - b).max() > 1e-3  # (the rest is the int8 kernel's: the test sees a difference)
+
+
+def test_per_head_selection_or_summaries_run_on_the_torch_backend(tiny_folder, fresh_home):
+    """Only a cache that computes attention itself selects per KV head or folds in summaries: asked
+    for without an engine named, they choose the torch backend, and the reason says so."""
+    for kv in (KVConfig(budget="25%", summaries="on"), KVConfig(budget="25%", selection="head")):
+        model = edgetok.load(str(tiny_folder), kv=kv)
+        assert model.choice.backend == "torch" and "torch backend" in model.choice.reasons[0]
+    assert edgetok.load(str(tiny_folder), kv=KVConfig(budget="25%")).choice.backend == "onnxruntime"
+    with pytest.raises(EdgetokError, match="needs the torch backend"):
+        edgetok.load(str(default_export(load_source(str(tiny_folder))).path), kv=KVConfig(budget="25%", summaries="on"))
 
 
 def test_the_export_is_built_once_and_a_damaged_one_is_rebuilt(tiny_folder, fresh_home):
