@@ -87,10 +87,9 @@ class OnnxBackend:
         assert source.format == "onnx", source.format
         self.config = source.config
         self.weights_fidelity = weights_effect(source, "as stored")
-        # Float activations into MatMulNBits: ONNX Runtime dequantizes each weight once per forward
-        # of several tokens, so a forward of 2 tokens costs 1.64x one and of 4 only 1.74x (SmolLM2's
-        # default export, 2 threads): a verifying forward takes 3 drafted tokens for the price of 1
-        self.min_draft = 3 if source.manifest.activations == "float" else 1
+        # a forward of 2 tokens costs 1.15x one, of 4 1.38x, of 8 2.06x (SmolLM2's default export on
+        # MatMulQ4, 2 threads; benchmarks/results/speculative_costs.json): one drafted token pays
+        self.min_draft = 1
         self.kv = kv
         self.session = open_session(source.path / ONNX_MODEL, provider, threads)
         self.provider = self.session.get_providers()[0]
