@@ -9,6 +9,7 @@
 // one, and with fractional minima (q4_1, the K-quants) the offsets need two more nodes per linear.
 // This op reads each weight once for all rows of A and multiplies in float32: the reference's
 // arithmetic at the int8 path's speed (edgetok's default engine keeps the fp32 reference's answers).
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -71,9 +72,14 @@ struct Isa {
     int64_t gemm_columns;  // columns per GEMM tile
 };
 
+const Isa PORTABLE{"scalar", scalar::permute, scalar::tile, scalar::gemm_tile, scalar::TILE_N};
+#ifndef EDGETOK_PORTABLE_ONLY
+const Isa AVX2{"avx2", avx2::permute, avx2::tile, avx2::gemm_tile, avx2::TILE_N};
+const Isa AVX512{"avx512", avx512::permute, avx512::tile, avx512::gemm_tile, avx512::TILE_N};
+#endif
+
 // The widest instruction set this CPU has; EDGETOK_Q4_ISA=avx2|scalar asks for a narrower one (tests).
-Isa choose_isa() {
-    const Isa portable{"scalar", scalar::permute, scalar::tile, scalar::gemm_tile, scalar::TILE_N};
+const Isa* choose_isa() {
     const char* asked = std::getenv("EDGETOK_Q4_ISA");
     auto allowed = [&](const char* name) { return !asked || !*asked || std::strcmp(asked, name) == 0; };
 #ifndef EDGETOK_PORTABLE_ONLY
@@ -81,20 +87,22 @@ Isa choose_isa() {
     bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (allowed("avx512") && has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return {"avx512", avx512::permute, avx512::tile, avx512::gemm_tile, avx512::TILE_N};
-    if (allowed("avx2") && has_avx2) return {"avx2", avx2::permute, avx2::tile, avx2::gemm_tile, avx2::TILE_N};
+        return &AVX512;
+    if (allowed("avx2") && has_avx2) return &AVX2;
 #endif
-    return portable;
+    return &PORTABLE;
 }
 
 const OrtApi* g_api = nullptr;
-Isa g_isa;
+// chosen when a session registers the library (sessions may compute meanwhile: one atomic pointer)
+std::atomic<const Isa*> g_isa{nullptr};
 
 struct Q4Kernel {
     int64_t k, n, block;
 };
 
 struct Job {
+    const Isa* isa;
     const Q4Problem* problem;
     const float* xp;  // the rows, permuted (few rows) or as they are (a GEMM)
     float* y;
@@ -103,16 +111,16 @@ struct Job {
 void run_tile(void* user, size_t i) {
     const Job& job = *static_cast<const Job*>(user);
     int64_t n0 = int64_t(i) * TILE, n1 = n0 + TILE < job.problem->n ? n0 + TILE : job.problem->n;
-    g_isa.tile(*job.problem, job.xp, job.y, n0, n1);
+    job.isa->tile(*job.problem, job.xp, job.y, n0, n1);
 }
 
 void run_gemm_tile(void* user, size_t i) {
     const Job& job = *static_cast<const Job*>(user);
-    const int64_t cols = g_isa.gemm_columns, n = job.problem->n;
+    const int64_t cols = job.isa->gemm_columns, n = job.problem->n;
     int64_t n0 = int64_t(i) * cols, n1 = n0 + cols < n ? n0 + cols : n;
     thread_local std::vector<float> wt;  // the tile's weights, dequantized: per worker thread
     wt.resize(size_t(job.problem->k * cols));
-    g_isa.gemm_tile(*job.problem, job.xp, wt.data(), job.y, n0, n1);
+    job.isa->gemm_tile(*job.problem, job.xp, wt.data(), job.y, n0, n1);
 }
 
 #define RETURN_IF_ERROR(expr)            \
@@ -165,15 +173,16 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     if (p.m == 0) return nullptr;
 
     const float* x = static_cast<const float*>(data[0]);
+    const Isa* isa = g_isa.load(std::memory_order_acquire);
     if (p.m > FEW_ROWS) {
-        Job job{&p, x, static_cast<float*>(y)};
-        return ort.parallel_for(context, run_gemm_tile, size_t((p.n + g_isa.gemm_columns - 1) / g_isa.gemm_columns), &job);
+        Job job{isa, &p, x, static_cast<float*>(y)};
+        return ort.parallel_for(context, run_gemm_tile, size_t((p.n + isa->gemm_columns - 1) / isa->gemm_columns), &job);
     }
     // the permuted rows: per calling thread (one session may run on several threads at once)
     thread_local std::vector<float> xp;
     xp.resize(size_t(p.m * p.k));
-    g_isa.permute(x, xp.data(), p.m, p.k);
-    Job job{&p, xp.data(), static_cast<float*>(y)};
+    isa->permute(x, xp.data(), p.m, p.k);
+    Job job{isa, &p, xp.data(), static_cast<float*>(y)};
     return ort.parallel_for(context, run_tile, size_t((p.n + TILE - 1) / TILE), &job);
 }
 
@@ -220,7 +229,7 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     const OrtApi* api = base->GetApi(ORT_API_VERSION_NEEDED);
     if (!api) return nullptr;  // an ONNX Runtime older than 1.17: it cannot run these graphs, and says so at load
     g_api = api;
-    g_isa = choose_isa();
+    g_isa.store(choose_isa(), std::memory_order_release);
     OrtFunctions ort(api);
     OrtCustomOpDomain* domain = nullptr;
     RETURN_IF_ERROR(ort.create_domain(DOMAIN, &domain));
@@ -230,8 +239,8 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
 
 // Which loops this library runs on this CPU (for --verbose and the tests).
 __attribute__((visibility("default"))) const char* edgetok_q4_isa() {
-    if (!g_isa.name) g_isa = choose_isa();
-    return g_isa.name;
+    const Isa* isa = g_isa.load(std::memory_order_acquire);
+    return (isa ? isa : choose_isa())->name;
 }
 
 }  // extern "C"

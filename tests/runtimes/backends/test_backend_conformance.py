@@ -16,7 +16,8 @@ from conftest import run_cli
 
 import edgetok
 from edgetok.errors import EdgetokError
-from edgetok.runtimes.backends.base import BATCH, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
+from edgetok.runtimes.backends.base import BATCH, CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
+from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.prune import PrunePlan
 
 
@@ -138,7 +139,14 @@ def test_the_engine_reuses_a_prompt_prefix_with_the_same_tokens(case):
 def test_capabilities_are_declared_and_honest(case, tmp_path):
     prompt = case.prompt
     backend = case.backend
-    assert isinstance(backend.capabilities, frozenset) and backend.capabilities <= {PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, BATCH}
+    assert isinstance(backend.capabilities, frozenset)
+    assert backend.capabilities <= {PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, BATCH, CACHE_ATTENTION}
+    if CACHE_ATTENTION in backend.capabilities:  # its caches fold in the unread chunks' summaries
+        tiered = backend.new_cache(KVConfig(budget="50%", summaries="on"))
+        assert backend.forward(prompt[:40], tiered, last=1).shape == (1, backend.config.vocab_size)
+    elif backend.name == "onnxruntime":
+        with pytest.raises(EdgetokError, match="torch backend"):
+            backend.new_cache(KVConfig(budget="50%", summaries="on"))
     cache, _ = prefill(backend, prompt[:40])
     if PREFIX_STATE in backend.capabilities:
         state = backend.save_prefix(cache)
