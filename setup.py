@@ -24,10 +24,10 @@ setup(
         # a library ONNX Runtime loads (kernels/ort_ops.py), not a Python module: no Python API
         Extension(
             "edgetok.kernels._ort_ops",
-            sources=["edgetok/kernels/q4_matmul.cpp"],
+            sources=["edgetok/kernels/ort_ops.cpp", "edgetok/kernels/q4_matmul.cpp", "edgetok/kernels/attention_op.cpp"],
             depends=["edgetok/kernels/q4_matmul_body.h", "edgetok/kernels/ort_abi.h"],
             language="c++",
-            extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
+            extra_compile_args=["-std=c++17", "-O3", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden",
                                 # GCC flags its own AVX-512 intrinsics ("__Y may be used uninitialized")
                                 "-Wno-maybe-uninitialized"]
             + ([] if x86 else ["-DEDGETOK_PORTABLE_ONLY"]),

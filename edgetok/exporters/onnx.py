@@ -242,6 +242,8 @@ class OnnxExport:
             rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if exact else frozenset(),
                                      exact_top=EXACT_TOP if exact else 0, float_max_bits=4 if o.weights == SOURCE else 8)
             rewrites.to_fp16(self.model)  # the scales and zero points
+            if exact:  # the default engine's recipe: edgetok's own kernels where they are faster
+                rewrites.to_edgetok_attention(self.model)
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:
         """The folder, with its manifest: the parity report loads it as a model."""

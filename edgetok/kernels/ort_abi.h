@@ -21,6 +21,8 @@ struct OrtCustomOpDomain;
 struct OrtKernelInfo;
 struct OrtKernelContext;
 struct OrtTensorTypeAndShapeInfo;
+struct OrtOpAttr;
+struct OrtOp;
 
 enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
 
@@ -28,7 +30,11 @@ enum OrtTensorElementType {  // ONNXTensorElementDataType: the ONNX TensorProto 
   ORT_ELEMENT_UNDEFINED = 0,
   ORT_ELEMENT_FLOAT = 1,
   ORT_ELEMENT_UINT8 = 2,
+  ORT_ELEMENT_INT32 = 6,
+  ORT_ELEMENT_INT64 = 7,
 };
+
+enum OrtOpAttrType { ORT_OP_ATTR_INT = 1, ORT_OP_ATTR_FLOAT = 3 };
 
 enum OrtCharacteristic { ORT_INPUT_OUTPUT_REQUIRED = 0 };  // OrtCustomOpInputOutputCharacteristic
 enum OrtMemoryType { ORT_MEM_DEFAULT = 0 };                 // OrtMemType
@@ -37,6 +43,7 @@ enum OrtMemoryType { ORT_MEM_DEFAULT = 0 };                 // OrtMemType
 namespace ort_slot {
 constexpr size_t CreateStatus = 0;
 constexpr size_t GetErrorMessage = 2;
+constexpr size_t KernelInfoGetAttribute_float = 85;
 constexpr size_t CreateCustomOpDomain = 26;
 constexpr size_t CustomOpDomain_Add = 27;
 constexpr size_t AddCustomOpDomain = 28;
@@ -47,7 +54,13 @@ constexpr size_t GetTensorTypeAndShape = 65;
 constexpr size_t KernelInfoGetAttribute_int64 = 86;
 constexpr size_t KernelContext_GetInput = 90;
 constexpr size_t KernelContext_GetOutput = 91;
+constexpr size_t ReleaseStatus = 93;
 constexpr size_t ReleaseTensorTypeAndShapeInfo = 99;
+constexpr size_t CreateOpAttr = 211;
+constexpr size_t ReleaseOpAttr = 212;
+constexpr size_t CreateOp = 213;
+constexpr size_t InvokeOp = 214;
+constexpr size_t ReleaseOp = 215;
 constexpr size_t KernelContext_ParallelFor = 274;
 }  // namespace ort_slot
 
@@ -87,6 +100,11 @@ constexpr uint32_t ORT_CUSTOM_OP_VERSION = 16;
 
 }  // extern "C"
 
+// The operators of the library (each file defines its own), for RegisterCustomOps (ort_ops.cpp).
+const OrtCustomOp* edgetok_matmul_q4_op(const OrtApi* api);
+const OrtCustomOp* edgetok_attention_op(const OrtApi* api);
+const char* edgetok_matmul_q4_isa();
+
 // Typed access to the slots used: one place that says what each slot's function takes.
 struct OrtFunctions {
   explicit OrtFunctions(const OrtApi* api) : table(reinterpret_cast<void* const*>(api)) {}
@@ -118,6 +136,10 @@ struct OrtFunctions {
   void release(OrtTensorTypeAndShapeInfo* info) const {
     call<void (*)(OrtTensorTypeAndShapeInfo*)>(ort_slot::ReleaseTensorTypeAndShapeInfo)(info);
   }
+  void release(OrtStatus* status) const { call<void (*)(OrtStatus*)>(ort_slot::ReleaseStatus)(status); }
+  OrtStatus* attribute(const OrtKernelInfo* info, const char* name, float* out) const {
+    return call<OrtStatus* (*)(const OrtKernelInfo*, const char*, float*)>(ort_slot::KernelInfoGetAttribute_float)(info, name, out);
+  }
   OrtStatus* attribute(const OrtKernelInfo* info, const char* name, int64_t* out) const {
     return call<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(ort_slot::KernelInfoGetAttribute_int64)(info, name, out);
   }
@@ -128,6 +150,25 @@ struct OrtFunctions {
     return call<OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(ort_slot::KernelContext_GetOutput)(
         context, index, dims, n, out);
   }
+  // one of ONNX Runtime's own operators, run from inside a kernel (edgetok's ops hand it the cases
+  // they do not specialize)
+  OrtStatus* create_attr(const char* name, const void* data, int len, OrtOpAttrType type, OrtOpAttr** out) const {
+    return call<OrtStatus* (*)(const char*, const void*, int, OrtOpAttrType, OrtOpAttr**)>(ort_slot::CreateOpAttr)(name, data, len, type, out);
+  }
+  void release(OrtOpAttr* attr) const { call<void (*)(OrtOpAttr*)>(ort_slot::ReleaseOpAttr)(attr); }
+  OrtStatus* create_op(const OrtKernelInfo* info, const char* name, const char* domain, int version, const char** constraint_names,
+                       const OrtTensorElementType* constraint_types, int constraints, const OrtOpAttr* const* attrs, int n_attrs,
+                       int inputs, int outputs, OrtOp** out) const {
+    return call<OrtStatus* (*)(const OrtKernelInfo*, const char*, const char*, int, const char**, const OrtTensorElementType*, int,
+                               const OrtOpAttr* const*, int, int, int, OrtOp**)>(ort_slot::CreateOp)(
+        info, name, domain, version, constraint_names, constraint_types, constraints, attrs, n_attrs, inputs, outputs, out);
+  }
+  OrtStatus* invoke(const OrtKernelContext* context, const OrtOp* op, const OrtValue* const* inputs, int n_inputs,
+                    OrtValue* const* outputs, int n_outputs) const {
+    return call<OrtStatus* (*)(const OrtKernelContext*, const OrtOp*, const OrtValue* const*, int, OrtValue* const*, int)>(
+        ort_slot::InvokeOp)(context, op, inputs, n_inputs, outputs, n_outputs);
+  }
+  void release(OrtOp* op) const { call<void (*)(OrtOp*)>(ort_slot::ReleaseOp)(op); }
   // fn(user, i) for i in [0, total) on the session's intra-op threads (this one included)
   OrtStatus* parallel_for(const OrtKernelContext* context, void (*fn)(void*, size_t), size_t total, void* user) const {
     return call<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(

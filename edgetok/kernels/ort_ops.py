@@ -5,6 +5,11 @@ MatMulQ4 (domain ai.edgetok): a 4-bit block-quantized linear with float activati
 weight layout, offsets per block (w = scale·q + offset), float32 arithmetic. Exports use it for the
 linears that keep float activations (the default engine's), where ONNX Runtime's own float path
 is ~2× slower than its int8 one and fractional minima cost two more nodes per linear.
+
+GroupQueryAttention (domain ai.edgetok): com.microsoft's GroupQueryAttention in the packed,
+rotating form edgetok's graphs use, with the same inputs and outputs; a decode step reads each KV
+head's cache once for its query group, in chunks over the session's threads; more than 16 new
+tokens (a prefill) run ONNX Runtime's own kernel from inside.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from edgetok.errors import EdgetokError
 
 DOMAIN = "ai.edgetok"
 MATMUL_Q4 = "MatMulQ4"
+ATTENTION = "GroupQueryAttention"  # com.microsoft's, packed and rotating; decode steps edgetok's own
 Q4_BLOCK_MULTIPLE = 32  # the op's loops read 32 codes at a time
 _LIBRARY = "edgetok.kernels._ort_ops"
 

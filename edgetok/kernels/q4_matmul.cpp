@@ -1,6 +1,3 @@
-// edgetok's ONNX Runtime operators: a shared library that ONNX Runtime loads
-// (SessionOptions.register_custom_ops_library) for graphs that use the domain "ai.edgetok".
-//
 // MatMulQ4 (domain ai.edgetok): Y (..., N) = A (..., K) · Wᵀ, with W (N, K) 4-bit block-quantized
 // in MatMulNBits' layout — B (N, K/block, block/2) uint8, scales (N, K/block) float, offsets
 // (K/block, N) float: w = scale·q + offset. Attributes K, N, block_size (a multiple of 32).
@@ -60,7 +57,6 @@ namespace avx512 {
 
 namespace {
 
-constexpr const char* DOMAIN = "ai.edgetok";
 constexpr int64_t TILE = 16;    // columns per task, a few rows
 constexpr int64_t FEW_ROWS = 12;  // up to this many rows, read the codes directly; more: dequantize a tile for a GEMM
 
@@ -222,25 +218,13 @@ const OrtCustomOp g_matmul_q4 = make_matmul_q4();
 
 }  // namespace
 
-extern "C" {
-
-// ONNX Runtime's entry point for a custom-op library.
-__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
-    const OrtApi* api = base->GetApi(ORT_API_VERSION_NEEDED);
-    if (!api) return nullptr;  // an ONNX Runtime older than 1.17: it cannot run these graphs, and says so at load
+const OrtCustomOp* edgetok_matmul_q4_op(const OrtApi* api) {
     g_api = api;
     g_isa.store(choose_isa(), std::memory_order_release);
-    OrtFunctions ort(api);
-    OrtCustomOpDomain* domain = nullptr;
-    RETURN_IF_ERROR(ort.create_domain(DOMAIN, &domain));
-    RETURN_IF_ERROR(ort.domain_add(domain, &g_matmul_q4));
-    return ort.add_domain(options, domain);
+    return &g_matmul_q4;
 }
 
-// Which loops this library runs on this CPU (for --verbose and the tests).
-__attribute__((visibility("default"))) const char* edgetok_q4_isa() {
+const char* edgetok_matmul_q4_isa() {
     const Isa* isa = g_isa.load(std::memory_order_acquire);
     return (isa ? isa : choose_isa())->name;
 }
-
-}  // extern "C"

@@ -96,3 +96,75 @@ def test_a_session_without_the_library_is_one_sentence():
         q4_session(packed, scales, offsets, 64, 8, 32, register=False)
     with pytest.raises(EdgetokError, match="compiled ONNX Runtime operators"):
         ort_ops.check_loadable(e.value)
+
+
+def attention_session(domain: str, heads: int, kv_heads: int, d: int, window: int, scale: float, positions: int = 2048):
+    """One GroupQueryAttention node, packed q/k/v rotated inside: ONNX Runtime's (domain
+    com.microsoft) or edgetok's (ai.edgetok: the same inputs without the two empty ones)."""
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [None, None, (heads + 2 * kv_heads) * d]),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, [None, kv_heads, None, d]),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, [None, kv_heads, None, d]),
+              helper.make_tensor_value_info("seqlens", TensorProto.INT32, [None, 1]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("positions", TensorProto.INT64, [None, None])]
+    angles = np.arange(positions)[:, None] / (10000 ** (np.arange(0, d, 2) / d))[None]
+    tables = [helper.make_tensor(name, TensorProto.FLOAT, angles.shape, f(angles).astype(np.float32).tobytes(), raw=True)
+              for name, f in (("cos", np.cos), ("sin", np.sin))]
+    attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=scale) | ({"local_window_size": window} if window else {})
+    names = ["qkv", "past_key", "past_value", "seqlens", "total", "cos", "sin", "positions"]
+    if domain == "com.microsoft":
+        node = helper.make_node("GroupQueryAttention", [names[0], "", "", *names[1:]], ["out", "key", "value"], domain=domain,
+                                do_rotary=1, rotary_interleaved=0, **attrs)
+    else:
+        node = helper.make_node(ort_ops.ATTENTION, names, ["out", "key", "value"], domain=ort_ops.DOMAIN, **attrs)
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "key", "value")]
+    model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs, tables),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
+                                             helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.log_severity_level = 3
+    ort_ops.register(opts)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "window", "new", "pasts", "slots"), [
+    (9, 3, 64, 0, 1, [700], 800),      # one decode step, chunks over the threads
+    (9, 3, 64, 0, 1, [1500], 1500),    # no room in the past: present is a larger new buffer
+    (9, 3, 64, 0, 5, [300], 305),      # a few drafted tokens, causal among themselves
+    (4, 1, 256, 0, 1, [20, 9], 30),    # two sequences of different lengths (batched decode), Gemma's head size
+    (9, 3, 64, 0, 3, [0, 0], 0),       # the first tokens, no past
+    (8, 4, 32, 16, 7, [40], 60),       # a sliding window
+    (9, 3, 64, 0, 40, [100], 140),     # a prefill: ONNX Runtime's kernel, called from inside
+])
+def test_attention_equals_onnxruntimes(heads, kv_heads, d, window, new, pasts, slots):
+    """edgetok's GroupQueryAttention = com.microsoft's on the same inputs: the output and the present
+    K/V (rotated keys at their slots), unbound and bound in place to the past buffers."""
+    rng = np.random.default_rng(heads + new + slots)
+    scale = 1 / np.sqrt(d) if not window else 0.3
+    theirs, ours = (attention_session(domain, heads, kv_heads, d, window, scale) for domain in ("com.microsoft", ort_ops.DOMAIN))
+    b = len(pasts)
+    feeds = {"qkv": rng.standard_normal((b, new, (heads + 2 * kv_heads) * d)).astype(np.float32),
+             "past_key": rng.standard_normal((b, kv_heads, slots, d)).astype(np.float32),
+             "past_value": rng.standard_normal((b, kv_heads, slots, d)).astype(np.float32),
+             "seqlens": np.array([[p + new - 1] for p in pasts], np.int32), "total": np.array([max(pasts) + new], np.int32),
+             "positions": np.array([[p + s for s in range(new)] for p in pasts], np.int64)}
+    want, got = theirs.run(None, feeds), ours.run(None, feeds)
+    assert [w.shape for w in want] == [g.shape for g in got]
+    for row, past in enumerate(pasts):
+        used = past + new  # (slots past a row's own length are nobody's: ONNX Runtime leaves them as they were)
+        np.testing.assert_allclose(got[0][row], want[0][row], atol=2e-6)
+        for i in (1, 2):
+            np.testing.assert_allclose(got[i][row, :, :used], want[i][row, :, :used], atol=2e-6)
+    if max(pasts) + new <= slots:  # in place: present bound to the past's own memory, as the backend binds it
+        binding, past = ours.io_binding(), {k: v.copy() for k, v in feeds.items()}
+        for name, array in past.items():
+            binding.bind_cpu_input(name, array)
+        out = np.empty_like(want[0])
+        binding.bind_output("out", "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        for name, output in (("past_key", "key"), ("past_value", "value")):
+            binding.bind_output(output, "cpu", 0, np.float32, past[name].shape, past[name].ctypes.data)
+        ours.run_with_iobinding(binding)
+        np.testing.assert_allclose(out, want[0], atol=2e-6)
+        for row, p in enumerate(pasts):
+            np.testing.assert_allclose(past["past_key"][row, :, :p + new], want[1][row, :, :p + new], atol=2e-6)

@@ -47,6 +47,8 @@ def test_the_default_engine_is_the_export_and_decodes_as_float_activations_would
               for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {"lm_head": 4}
     assert sum(n.op_type == ort_ops.MATMUL_Q4 for n in graph.node) == 4 * model.config.num_layers  # qkv, o, gate_up, down
+    # and every layer's attention is edgetok's (decode steps read each KV head's cache once per group)
+    assert [n.domain for n in graph.node if n.op_type == ort_ops.ATTENTION] == [ort_ops.DOMAIN] * model.config.num_layers
     # The same graph with float activations in the head too (ONNX Runtime's slow kernel): the head's
     # rescored top logits make the fast graph's greedy tokens those of the all-float one.
     graph = onnx.load(str(Path(model.choice.artifact) / "model.onnx"), load_external_data=False)

@@ -1,0 +1,380 @@
+// GroupQueryAttention (domain ai.edgetok): the decoder graph's attention with its KV cache, as ONNX
+// Runtime's com.microsoft GroupQueryAttention computes it for edgetok's packed graphs — the same
+// inputs, outputs and arithmetic (float32), written for one decode step's access pattern.
+//
+// Inputs: qkv (B, S, (H + 2·Hkv)·D) packed, past_key / past_value (B, Hkv, P, D), seqlens_k (B, 1)
+// int32 (past + new − 1 per row), total_sequence_length (1,) int32, cos_cache / sin_cache
+// (positions, D/2), position_ids (B, S) int64. Outputs: attention (B, S, H·D), present_key /
+// present_value (B, Hkv, max(P, total), D): the past with the new tokens' K/V (rotated keys) at
+// slots past..past+S−1. Bound to the past's own memory (the backend does), the new K/V land in place.
+// Attributes: num_heads H, kv_num_heads Hkv, scale (0: 1/√D), local_window_size (−1: none; else
+// new token at slot t sees slots t−w+1..t).
+//
+// Why: ONNX Runtime's kernel reads SmolLM2's fp32 cache at ~7.5 GB/s at 4K (attention is then the
+// decode step's largest cost); here each KV head's slots are read once for its whole query group,
+// in chunks spread over the session's threads, with the chunks' softmax partials merged.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "ort_abi.h"
+
+namespace {
+
+struct Attention {
+    int64_t b, s, h, hkv, d, past, out_t;  // out_t: present's slots
+    float scale;
+    int64_t window;                        // ≤ 0: none
+    const float* qkv;
+    const int32_t* seqlens;                // (B,)
+    const float* cos;
+    const float* sin;
+    const int64_t* positions;              // (B, S)
+    float* key;                            // present (B, Hkv, out_t, D)
+    float* value;
+    float* out;                            // (B, S, H·D)
+    std::vector<float>* q;                 // rotated queries (B, S, H, D)
+};
+
+constexpr int64_t CHUNK = 512;      // slots per task when one step's few queries need the threads
+constexpr int64_t FEW_TOKENS = 16;  // more new tokens than this (a prefill): ONNX Runtime's own kernel
+
+// x (D) rotated at position pos: half-split pairs (i, i + D/2), as GroupQueryAttention with
+// rotary_interleaved = 0
+inline void rotate(const float* x, float* to, const float* cos, const float* sin, int64_t d) {
+    const int64_t half = d / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        to[i] = a * cos[i] - b * sin[i];
+        to[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < d; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
+// row b's past length (tokens before this run's)
+inline int64_t past_of(const Attention& a, int64_t b) { return int64_t(a.seqlens[b]) + 1 - a.s; }
+
+// Step 1, one task per (row, new token): rotate the queries into a.q, write the rotated key and the
+// value at their slot
+void place(const Attention& a, int64_t bs) {
+    const int64_t b = bs / a.s, s = bs % a.s, d = a.d, g = a.h / a.hkv;
+    (void)g;
+    const int64_t pos = a.positions[b * a.s + s], slot = past_of(a, b) + s;
+    const float* row = a.qkv + (b * a.s + s) * (a.h + 2 * a.hkv) * d;
+    const float *cos = a.cos + pos * (d / 2), *sin = a.sin + pos * (d / 2);
+    for (int64_t h = 0; h < a.h; ++h) rotate(row + h * d, a.q->data() + ((b * a.s + s) * a.h + h) * d, cos, sin, d);
+    for (int64_t k = 0; k < a.hkv; ++k) {
+        const int64_t at = ((b * a.hkv + k) * a.out_t + slot) * d;
+        rotate(row + (a.h + k) * d, a.key + at, cos, sin, d);
+        std::memcpy(a.value + at, row + (a.h + a.hkv + k) * d, size_t(d) * sizeof(float));
+    }
+}
+
+// The softmax partial of one query group over slots [lo, hi): its max, sum of exponentials and
+// weighted values, per query head of the group (G = H / Hkv)
+struct Partial {
+    float* acc;  // (G, D)
+    float* max;  // (G,)
+    float* sum;  // (G,)
+};
+
+void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int64_t hi, Partial part,
+            std::vector<float>& scores) {
+    const int64_t d = a.d, g = a.h / a.hkv, n = hi - lo;
+    const float* q = a.q->data() + ((b * a.s + s) * a.h + k * g) * d;  // the group's G queries
+    const float* keys = a.key + ((b * a.hkv + k) * a.out_t + lo) * d;
+    const float* values = a.value + ((b * a.hkv + k) * a.out_t + lo) * d;
+    scores.resize(size_t(g * std::max<int64_t>(n, 1)));
+    for (int64_t j = 0; j < n; ++j)  // each key read once for the group
+        for (int64_t i = 0; i < g; ++i) scores[i * n + j] = dot(q + i * d, keys + j * d, d) * a.scale;
+    for (int64_t i = 0; i < g; ++i) {
+        float* row = scores.data() + i * n;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - m));
+        part.max[i] = m;
+        part.sum[i] = total;
+        std::fill(part.acc + i * d, part.acc + (i + 1) * d, 0.f);
+    }
+    for (int64_t j = 0; j < n; ++j) {  // each value read once for the group
+        const float* v = values + j * d;
+        for (int64_t i = 0; i < g; ++i) {
+            const float p = scores[i * n + j];
+            float* acc = part.acc + i * d;
+#pragma omp simd
+            for (int64_t e = 0; e < d; ++e) acc[e] += p * v[e];
+        }
+    }
+}
+
+// The slots new token s of row b attends: [lo, hi)
+inline void visible(const Attention& a, int64_t b, int64_t s, int64_t& lo, int64_t& hi) {
+    hi = past_of(a, b) + s + 1;
+    lo = a.window > 0 ? std::max<int64_t>(0, hi - a.window) : 0;
+}
+
+struct Job {
+    const Attention* a;
+    int64_t chunks;             // per (row, KV head, new token)
+    std::vector<float>* parts;  // per task: G·D sums, G maxima, G sums
+};
+
+void run_place(void* user, size_t i) {
+    const Job& job = *static_cast<const Job*>(user);
+    place(*job.a, int64_t(i));
+}
+
+void run_attend(void* user, size_t i) {
+    const Job& job = *static_cast<const Job*>(user);
+    const Attention& a = *job.a;
+    const int64_t g = a.h / a.hkv, c = int64_t(i) % job.chunks, rest = int64_t(i) / job.chunks;
+    const int64_t s = rest % a.s, k = (rest / a.s) % a.hkv, b = rest / (a.s * a.hkv);
+    int64_t lo, hi;
+    visible(a, b, s, lo, hi);
+    const int64_t span = (hi - lo + job.chunks - 1) / job.chunks;
+    const int64_t from = std::min(hi, lo + c * span), to = std::min(hi, from + span);
+    float* base = job.parts->data() + int64_t(i) * g * (a.d + 2);
+    Partial part{base, base + g * a.d, base + g * a.d + g};
+    thread_local std::vector<float> scores;
+    if (from >= to) {  // an empty chunk: nothing to add
+        for (int64_t e = 0; e < g; ++e) part.max[e] = -INFINITY, part.sum[e] = 0.f;
+        std::fill(part.acc, part.acc + g * a.d, 0.f);
+        return;
+    }
+    attend(a, b, k, s, from, to, part, scores);
+}
+
+// Each (row, KV head, new token)'s chunks merged: the output is Σ e^(m_c − m) acc_c / Σ e^(m_c − m) sum_c
+void merge(const Job& job) {
+    const Attention& a = *job.a;
+    const int64_t g = a.h / a.hkv, d = a.d, per = g * (d + 2);
+    for (int64_t b = 0; b < a.b; ++b)
+        for (int64_t k = 0; k < a.hkv; ++k)
+            for (int64_t s = 0; s < a.s; ++s) {
+                const float* first = job.parts->data() + ((b * a.hkv + k) * a.s + s) * job.chunks * per;
+                for (int64_t i = 0; i < g; ++i) {
+                    float m = -INFINITY;
+                    for (int64_t c = 0; c < job.chunks; ++c) m = std::max(m, first[c * per + g * d + i]);
+                    float* o = a.out + ((b * a.s + s) * a.h + k * g + i) * d;
+                    std::fill(o, o + d, 0.f);
+                    float total = 0.f;
+                    for (int64_t c = 0; c < job.chunks; ++c) {
+                        const float* part = first + c * per;
+                        const float w = part[g * d + g + i] > 0.f ? std::exp(part[g * d + i] - m) : 0.f;
+                        total += w * part[g * d + g + i];
+#pragma omp simd
+                        for (int64_t e = 0; e < d; ++e) o[e] += w * part[i * d + e];
+                    }
+                    const float inv = 1.f / total;
+#pragma omp simd
+                    for (int64_t e = 0; e < d; ++e) o[e] *= inv;
+                }
+            }
+}
+
+const OrtApi* g_api = nullptr;
+
+struct Kernel {
+    int64_t h, hkv, window;
+    float scale;
+    OrtOp* onnxruntime = nullptr;  // ONNX Runtime's own GroupQueryAttention: prefill runs there
+    ~Kernel() {
+        if (onnxruntime) OrtFunctions(g_api).release(onnxruntime);
+    }
+};
+
+// ONNX Runtime's com.microsoft GroupQueryAttention with these attributes, rotating (do_rotary)
+OrtStatus* create_onnxruntime_op(const OrtFunctions& ort, const OrtKernelInfo* info, Kernel& k) {
+    const int64_t one = 1, zero = 0;
+    struct Attr {
+        const char* name;
+        const void* data;
+        OrtOpAttrType type;
+    };
+    std::vector<Attr> wanted = {{"num_heads", &k.h, ORT_OP_ATTR_INT}, {"kv_num_heads", &k.hkv, ORT_OP_ATTR_INT},
+                                {"do_rotary", &one, ORT_OP_ATTR_INT}, {"rotary_interleaved", &zero, ORT_OP_ATTR_INT}};
+    if (k.scale != 0.f) wanted.push_back({"scale", &k.scale, ORT_OP_ATTR_FLOAT});
+    if (k.window > 0) wanted.push_back({"local_window_size", &k.window, ORT_OP_ATTR_INT});
+    std::vector<OrtOpAttr*> attrs;
+    OrtStatus* status = nullptr;
+    for (const Attr& a : wanted) {
+        OrtOpAttr* attr = nullptr;
+        if ((status = ort.create_attr(a.name, a.data, 1, a.type, &attr))) break;
+        attrs.push_back(attr);
+    }
+    if (!status) {
+        const char* names[] = {"T", "M"};
+        const OrtTensorElementType types[] = {ORT_ELEMENT_FLOAT, ORT_ELEMENT_INT32};
+        status = ort.create_op(info, "GroupQueryAttention", "com.microsoft", 1, names, types, 2, attrs.data(), int(attrs.size()),
+                               10, 3, &k.onnxruntime);
+    }
+    for (OrtOpAttr* attr : attrs) ort.release(attr);
+    return status;
+}
+
+#define RETURN_IF_ERROR(expr)                  \
+    do {                                       \
+        if (OrtStatus* s_ = (expr)) return s_; \
+    } while (0)
+
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+    OrtFunctions ort(api);
+    int64_t h = 0, hkv = 0, window = -1;
+    float scale = 0.f;
+    RETURN_IF_ERROR(ort.attribute(info, "num_heads", &h));
+    RETURN_IF_ERROR(ort.attribute(info, "kv_num_heads", &hkv));
+    if (OrtStatus* missing = ort.attribute(info, "local_window_size", &window)) ort.release(missing), window = -1;
+    if (OrtStatus* missing = ort.attribute(info, "scale", &scale)) ort.release(missing), scale = 0.f;
+    if (h <= 0 || hkv <= 0 || h % hkv != 0)
+        return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: num_heads must be a positive multiple of kv_num_heads");
+    Kernel* kernel = new (std::nothrow) Kernel{h, hkv, window, scale};
+    if (!kernel) return ort.status(ORT_FAIL, "GroupQueryAttention: out of memory");
+    if (OrtStatus* status = create_onnxruntime_op(ort, info, *kernel)) {
+        delete kernel;
+        return status;
+    }
+    *out = kernel;
+    return nullptr;
+}
+
+OrtStatus* shape(const OrtFunctions& ort, const OrtValue* value, std::vector<int64_t>& dims) {
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    RETURN_IF_ERROR(ort.shape_info(value, &info));
+    size_t rank = 0;
+    OrtStatus* status = ort.rank(info, &rank);
+    dims.assign(rank, 0);
+    if (!status) status = ort.dims(info, dims.data(), rank);
+    ort.release(info);
+    return status;
+}
+
+OrtStatus* compute(void* kernel, OrtKernelContext* context) {
+    const Kernel& kern = *static_cast<const Kernel*>(kernel);
+    OrtFunctions ort(g_api);
+    const OrtValue* in[8];
+    for (size_t i = 0; i < 8; ++i) RETURN_IF_ERROR(ort.input(context, i, &in[i]));
+    std::vector<int64_t> qkv_dims, past_dims;
+    RETURN_IF_ERROR(shape(ort, in[0], qkv_dims));
+    RETURN_IF_ERROR(shape(ort, in[1], past_dims));
+    if (qkv_dims.size() != 3 || past_dims.size() != 4 || past_dims[1] != kern.hkv)
+        return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: qkv must be (B, S, width) and the past (B, kv heads, slots, D)");
+    void* data[8];
+    for (size_t i = 0; i < 8; ++i) RETURN_IF_ERROR(ort.data(in[i], &data[i]));
+    Attention a{};
+    a.b = qkv_dims[0], a.s = qkv_dims[1], a.h = kern.h, a.hkv = kern.hkv, a.d = past_dims[3], a.past = past_dims[2];
+    if (qkv_dims[2] != (a.h + 2 * a.hkv) * a.d)
+        return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: qkv's width must be (num_heads + 2·kv_num_heads)·head size");
+    const int64_t total = *static_cast<const int32_t*>(data[4]);
+    a.out_t = std::max(a.past, total);
+    a.scale = kern.scale != 0.f ? kern.scale : 1.f / std::sqrt(float(a.d));
+    a.window = kern.window;
+    a.qkv = static_cast<const float*>(data[0]);
+    a.seqlens = static_cast<const int32_t*>(data[3]);
+    a.cos = static_cast<const float*>(data[5]);
+    a.sin = static_cast<const float*>(data[6]);
+    a.positions = static_cast<const int64_t*>(data[7]);
+    for (int64_t b = 0; b < a.b; ++b)
+        if (past_of(a, b) < 0 || past_of(a, b) + a.s > a.out_t)
+            return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: seqlens_k does not fit the past and total lengths");
+    std::vector<int64_t> table_dims;
+    RETURN_IF_ERROR(shape(ort, in[5], table_dims));
+    if (table_dims.size() != 2 || table_dims[1] * 2 != a.d)
+        return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: cos_cache must be (positions, head size / 2)");
+    for (int64_t i = 0; i < a.b * a.s; ++i)
+        if (a.positions[i] < 0 || a.positions[i] >= table_dims[0])
+            return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: a position is outside the rotary tables");
+
+    const int64_t out_dims[3] = {a.b, a.s, a.h * a.d}, kv_dims[4] = {a.b, a.hkv, a.out_t, a.d};
+    OrtValue *out = nullptr, *key = nullptr, *value = nullptr;
+    RETURN_IF_ERROR(ort.output(context, 0, out_dims, 3, &out));
+    RETURN_IF_ERROR(ort.output(context, 1, kv_dims, 4, &key));
+    RETURN_IF_ERROR(ort.output(context, 2, kv_dims, 4, &value));
+    void *o = nullptr, *k = nullptr, *v = nullptr;
+    RETURN_IF_ERROR(ort.data(out, &o));
+    RETURN_IF_ERROR(ort.data(key, &k));
+    RETURN_IF_ERROR(ort.data(value, &v));
+    a.out = static_cast<float*>(o), a.key = static_cast<float*>(k), a.value = static_cast<float*>(v);
+    if (a.s > FEW_TOKENS) {  // a prefill: ONNX Runtime's kernel (its GEMMs), on the same inputs and outputs
+        const OrtValue* inputs[10] = {in[0], nullptr, nullptr, in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
+        OrtValue* outputs[3] = {out, key, value};
+        return ort.invoke(context, kern.onnxruntime, inputs, 10, outputs, 3);
+    }
+    // present is the past's memory when the caller bound it so; otherwise the past is copied in
+    for (int which = 0; which < 2; ++which) {
+        const float* past = static_cast<const float*>(data[1 + which]);
+        float* present = which == 0 ? a.key : a.value;
+        if (present == past || a.past == 0) continue;
+        for (int64_t r = 0; r < a.b * a.hkv; ++r)
+            std::memcpy(present + r * a.out_t * a.d, past + r * a.past * a.d, size_t(a.past * a.d) * sizeof(float));
+    }
+    if (a.b * a.s == 0) return nullptr;
+
+    thread_local std::vector<float> queries, parts;
+    queries.resize(size_t(a.b * a.s * a.h * a.d));
+    a.q = &queries;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
+    // few new tokens (decode): split each query group's slots into chunks for the threads
+    const int64_t chunks = a.s >= 4 ? 1 : std::max<int64_t>(1, (longest + CHUNK - 1) / CHUNK);
+    const int64_t tasks = a.b * a.hkv * a.s * chunks;
+    parts.resize(size_t(tasks * (a.h / a.hkv) * (a.d + 2)));
+    Job job{&a, chunks, &parts};
+    RETURN_IF_ERROR(ort.parallel_for(context, run_place, size_t(a.b * a.s), &job));
+    RETURN_IF_ERROR(ort.parallel_for(context, run_attend, size_t(tasks), &job));
+    merge(job);
+    return nullptr;
+}
+
+void compute_v1(void* kernel, OrtKernelContext* context) { (void)compute(kernel, context); }
+void* create_kernel_v1(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+    void* kernel = nullptr;
+    (void)create_kernel(op, api, info, &kernel);
+    return kernel;
+}
+
+OrtCustomOp make_op() {
+    OrtCustomOp op{};
+    op.version = ORT_CUSTOM_OP_VERSION;
+    op.CreateKernel = create_kernel_v1;
+    op.GetName = [](const OrtCustomOp*) { return "GroupQueryAttention"; };
+    op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+    op.GetInputType = [](const OrtCustomOp*, size_t i) {
+        return i == 3 || i == 4 ? ORT_ELEMENT_INT32 : i == 7 ? ORT_ELEMENT_INT64 : ORT_ELEMENT_FLOAT;
+    };
+    op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 8; };
+    op.GetOutputType = [](const OrtCustomOp*, size_t) { return ORT_ELEMENT_FLOAT; };
+    op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+    op.KernelCompute = compute_v1;
+    op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+    op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
+    op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
+    op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return ORT_MEM_DEFAULT; };
+    op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    op.CreateKernelV2 = create_kernel;
+    op.KernelComputeV2 = compute;
+    return op;
+}
+
+const OrtCustomOp g_op = make_op();
+
+}  // namespace
+
+// For the library's registration (q4_matmul.cpp's RegisterCustomOps).
+const OrtCustomOp* edgetok_attention_op(const OrtApi* api) {
+    g_api = api;
+    return &g_op;
+}
