@@ -54,6 +54,25 @@ inline void rotate(const float* x, float* to, const float* cos, const float* sin
     }
 }
 
+// e^x for x ≤ 0 (scores minus their maximum), vectorizable: 2^n · p(r), x = n·ln 2 + r, |r| ≤ ln 2 / 2,
+// p Cephes' degree-6 polynomial for expf (within 2 ulp of std::exp; below e^-87 it is 0)
+inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = (int32_t(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 inline float dot(const float* a, const float* b, int64_t d) {
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -102,7 +121,8 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
         float m = -INFINITY;
         for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
         float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - m));
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < n; ++j) total += (row[j] = exp_nonpositive(row[j] - m));
         part.max[i] = m;
         part.sum[i] = total;
         std::fill(part.acc + i * d, part.acc + (i + 1) * d, 0.f);
@@ -330,7 +350,10 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     const int64_t tasks = a.b * a.hkv * a.s * chunks;
     parts.resize(size_t(tasks * (a.h / a.hkv) * (a.d + 2)));
     Job job{&a, chunks, &parts};
-    RETURN_IF_ERROR(ort.parallel_for(context, run_place, size_t(a.b * a.s), &job));
+    if (a.b * a.s <= 2)  // a decode step or two: not worth waking the threads
+        for (int64_t i = 0; i < a.b * a.s; ++i) place(a, i);
+    else
+        RETURN_IF_ERROR(ort.parallel_for(context, run_place, size_t(a.b * a.s), &job));
     RETURN_IF_ERROR(ort.parallel_for(context, run_attend, size_t(tasks), &job));
     merge(job);
     return nullptr;
