@@ -40,7 +40,8 @@ struct Attention {
 };
 
 constexpr int64_t CHUNK = 512;      // slots per task when one step's few queries need the threads
-constexpr int64_t FEW_TOKENS = 16;  // more new tokens than this (a prefill): ONNX Runtime's own kernel
+constexpr int64_t FEW_TOKENS = 16;    // more new tokens than this (a prefill): ONNX Runtime's own kernel
+constexpr int64_t LONG_CACHE = 2048;  // fewer slots than this: ONNX Runtime's own kernel too (measured even at 1K)
 
 // x (D) rotated at position pos: half-split pairs (i, i + D/2), as GroupQueryAttention with
 // rotary_interleaved = 0
@@ -325,7 +326,11 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     RETURN_IF_ERROR(ort.data(key, &k));
     RETURN_IF_ERROR(ort.data(value, &v));
     a.out = static_cast<float*>(o), a.key = static_cast<float*>(k), a.value = static_cast<float*>(v);
-    if (a.s > FEW_TOKENS) {  // a prefill: ONNX Runtime's kernel (its GEMMs), on the same inputs and outputs
+    int64_t longest = 0;
+    for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
+    // a prefill, or a short cache: ONNX Runtime's kernel (its GEMMs; at 1K slots it is as fast), on the
+    // same inputs and outputs
+    if (a.s > FEW_TOKENS || longest < LONG_CACHE) {
         const OrtValue* inputs[10] = {in[0], nullptr, nullptr, in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
         OrtValue* outputs[3] = {out, key, value};
         return ort.invoke(context, kern.onnxruntime, inputs, 10, outputs, 3);
@@ -343,8 +348,6 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     thread_local std::vector<float> queries, parts;
     queries.resize(size_t(a.b * a.s * a.h * a.d));
     a.q = &queries;
-    int64_t longest = 0;
-    for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
     // few new tokens (decode): split each query group's slots into chunks for the threads
     const int64_t chunks = a.s >= 4 ? 1 : std::max<int64_t>(1, (longest + CHUNK - 1) / CHUNK);
     const int64_t tasks = a.b * a.hkv * a.s * chunks;

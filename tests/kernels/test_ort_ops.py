@@ -98,7 +98,7 @@ def test_a_session_without_the_library_is_one_sentence():
         ort_ops.check_loadable(e.value)
 
 
-def attention_session(domain: str, heads: int, kv_heads: int, d: int, window: int, scale: float, positions: int = 2048):
+def attention_session(domain: str, heads: int, kv_heads: int, d: int, window: int, scale: float, positions: int = 4096):
     """One GroupQueryAttention node, packed q/k/v rotated inside: ONNX Runtime's (domain
     com.microsoft) or edgetok's (ai.edgetok: the same inputs without the two empty ones)."""
     inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [None, None, (heads + 2 * kv_heads) * d]),
@@ -129,12 +129,13 @@ def attention_session(domain: str, heads: int, kv_heads: int, d: int, window: in
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "d", "window", "new", "pasts", "slots"), [
-    (9, 3, 64, 0, 1, [700], 800),      # one decode step, chunks over the threads
-    (9, 3, 64, 0, 1, [1500], 1500),    # no room in the past: present is a larger new buffer
-    (9, 3, 64, 0, 5, [300], 305),      # a few drafted tokens, causal among themselves
-    (4, 1, 256, 0, 1, [20, 9], 30),    # two sequences of different lengths (batched decode), Gemma's head size
+    (9, 3, 64, 0, 1, [2700], 2800),    # one decode step, chunks over the threads
+    (9, 3, 64, 0, 1, [700], 800),      # a short cache: ONNX Runtime's kernel, called from inside
+    (9, 3, 64, 0, 1, [2500], 2500),    # no room in the past: present is a larger new buffer
+    (9, 3, 64, 0, 5, [2300], 2305),    # a few drafted tokens, causal among themselves
+    (4, 1, 256, 0, 1, [2100, 2090], 2110),  # two sequences of different lengths (batched decode), Gemma's head size
     (9, 3, 64, 0, 3, [0, 0], 0),       # the first tokens, no past
-    (8, 4, 32, 16, 7, [40], 60),       # a sliding window
+    (8, 4, 32, 16, 7, [2040], 2060),   # a sliding window
     (9, 3, 64, 0, 40, [100], 140),     # a prefill: ONNX Runtime's kernel, called from inside
 ])
 def test_attention_equals_onnxruntimes(heads, kv_heads, d, window, new, pasts, slots):
