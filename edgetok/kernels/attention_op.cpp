@@ -41,7 +41,8 @@ struct Attention {
 
 constexpr int64_t CHUNK = 512;      // slots per task when one step's few queries need the threads
 constexpr int64_t FEW_TOKENS = 16;    // more new tokens than this (a prefill): ONNX Runtime's own kernel
-constexpr int64_t LONG_CACHE = 2048;  // fewer slots than this: ONNX Runtime's own kernel too (measured even at 1K)
+constexpr int64_t PREFETCH_ROWS = 16;  // K/V rows requested ahead of the one read
+constexpr int64_t LONG_CACHE = 512;  // fewer slots than this: ONNX Runtime's own kernel too (as fast there)
 
 // x (D) rotated at position pos: half-split pairs (i, i + D/2), as GroupQueryAttention with
 // rotary_interleaved = 0
@@ -115,8 +116,11 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
     const float* keys = a.key + ((b * a.hkv + k) * a.out_t + lo) * d;
     const float* values = a.value + ((b * a.hkv + k) * a.out_t + lo) * d;
     scores.resize(size_t(g * std::max<int64_t>(n, 1)));
-    for (int64_t j = 0; j < n; ++j)  // each key read once for the group
+    for (int64_t j = 0; j < n; ++j) {  // each key read once for the group
+        // the rows a few ahead, requested now: one step's attention is a stream through memory
+        for (int64_t line = 0; line < d; line += 16) __builtin_prefetch(keys + (j + PREFETCH_ROWS) * d + line);
         for (int64_t i = 0; i < g; ++i) scores[i * n + j] = dot(q + i * d, keys + j * d, d) * a.scale;
+    }
     for (int64_t i = 0; i < g; ++i) {
         float* row = scores.data() + i * n;
         float m = -INFINITY;
@@ -130,6 +134,7 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
     }
     for (int64_t j = 0; j < n; ++j) {  // each value read once for the group
         const float* v = values + j * d;
+        for (int64_t line = 0; line < d; line += 16) __builtin_prefetch(v + PREFETCH_ROWS * d + line);
         for (int64_t i = 0; i < g; ++i) {
             const float p = scores[i * n + j];
             float* acc = part.acc + i * d;
@@ -328,7 +333,7 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     a.out = static_cast<float*>(o), a.key = static_cast<float*>(k), a.value = static_cast<float*>(v);
     int64_t longest = 0;
     for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
-    // a prefill, or a short cache: ONNX Runtime's kernel (its GEMMs; at 1K slots it is as fast), on the
+    // a prefill, or a short cache: ONNX Runtime's kernel (its GEMMs; under 512 slots as fast), on the
     // same inputs and outputs
     if (a.s > FEW_TOKENS || longest < LONG_CACHE) {
         const OrtValue* inputs[10] = {in[0], nullptr, nullptr, in[1], in[2], in[3], in[4], in[5], in[6], in[7]};

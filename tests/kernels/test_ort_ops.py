@@ -129,8 +129,9 @@ def attention_session(domain: str, heads: int, kv_heads: int, d: int, window: in
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "d", "window", "new", "pasts", "slots"), [
-    (9, 3, 64, 0, 1, [2700], 2800),    # one decode step, chunks over the threads
-    (9, 3, 64, 0, 1, [700], 800),      # a short cache: ONNX Runtime's kernel, called from inside
+    (9, 3, 64, 0, 1, [2700], 2800),    # one decode step, in chunks over the threads
+    (9, 3, 64, 0, 1, [700], 800),      # a 1K cache
+    (9, 3, 64, 0, 1, [300], 400),      # a short cache: ONNX Runtime's kernel, called from inside
     (9, 3, 64, 0, 1, [2500], 2500),    # no room in the past: present is a larger new buffer
     (9, 3, 64, 0, 5, [2300], 2305),    # a few drafted tokens, causal among themselves
     (4, 1, 256, 0, 1, [2100, 2090], 2110),  # two sequences of different lengths (batched decode), Gemma's head size
