@@ -22,6 +22,12 @@
 
 #include "ort_abi.h"
 
+// x86-64: the loops for AVX2 + FMA (every x86 CPU since 2013); the library registers this op only
+// where the CPU has them (edgetok_attention_op), and graphs ask for it only where it is registered
+#ifndef EDGETOK_PORTABLE_ONLY
+#pragma GCC target("avx2,fma")
+#endif
+
 namespace {
 
 struct Attention {
@@ -406,6 +412,10 @@ const OrtCustomOp g_op = make_op();
 
 // For the library's registration (q4_matmul.cpp's RegisterCustomOps).
 const OrtCustomOp* edgetok_attention_op(const OrtApi* api) {
+#ifndef EDGETOK_PORTABLE_ONLY
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return nullptr;
+#endif
     g_api = api;
     return &g_op;
 }

@@ -15,7 +15,8 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     OrtCustomOpDomain* domain = nullptr;
     if (OrtStatus* s = ort.create_domain("ai.edgetok", &domain)) return s;
     for (const OrtCustomOp* op : {edgetok_matmul_q4_op(api), edgetok_attention_op(api)})
-        if (OrtStatus* s = ort.domain_add(domain, op)) return s;
+        if (op)  // (an operator this CPU cannot run is not offered)
+            if (OrtStatus* s = ort.domain_add(domain, op)) return s;
     return ort.add_domain(options, domain);
 }
 
