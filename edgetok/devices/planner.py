@@ -53,7 +53,9 @@ ACCELERATOR_S_PER_LAYER = 30e-6
 SELECTION_S_PER_CHUNK_THREAD = 1.8e-6 * 2
 MEAN_CHUNK = 32
 PREFILL_PIECE = 512  # prompt tokens per graph run (GenerationConfig.prefill_chunk)
-EXACT_UP_TO = 4096  # longer contexts get the tiered cache: at 8K its 25 % budget decodes faster
+# longer contexts get the tiered cache. With edgetok's attention op, an 8K exact cache decodes faster than
+# the 25 % tiered one (SmolLM2 30.5 vs 27.3 tok/s, Gemma 3 47.7 vs 42.1; BENCHMARKS.md, session 5)
+EXACT_UP_TO = 8192
 TIERED_BUDGET = 0.25
 AUTO_BITS_RATIO = 9 / 32  # --kv-bits auto: a quarter of chunks at 16 bits, half at 8, a quarter at 4
 MARGIN = 0.85  # of a memory the plan may fill: the rest is for the OS and other programs

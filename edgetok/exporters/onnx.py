@@ -23,6 +23,7 @@ from edgetok.exporters.options import AUTO, DEFAULT_BLOCK, ONNX_LADDER, QUANTIZE
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, fit_group_size, rtn
 from edgetok.exporters.sensitivity import Matrix
 from edgetok.files import file_sha256, progress_bar
+from edgetok.kernels import ort_ops
 from edgetok.models.manifest import ONNX_DATA, ONNX_MANIFEST, ONNX_MODEL, OnnxManifest, SourceRecord
 from edgetok.models.names import (
     DOWN_PROJ,
@@ -242,7 +243,7 @@ class OnnxExport:
             rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if exact else frozenset(),
                                      exact_top=EXACT_TOP if exact else 0, float_max_bits=4 if o.weights == SOURCE else 8)
             rewrites.to_fp16(self.model)  # the scales and zero points
-            if exact:  # the default engine's recipe: edgetok's own kernels where they are faster
+            if exact and ort_ops.attention_available():  # the default engine's recipe: edgetok's own kernels
                 rewrites.to_edgetok_attention(self.model)
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:

@@ -46,6 +46,12 @@ def isa() -> str | None:
     return chosen().decode()
 
 
+def attention_available() -> bool:
+    """Whether this machine runs edgetok's GroupQueryAttention: its loops need AVX2 + FMA on x86 (the
+    library offers the op only then), so exports made here use it only then."""
+    return isa() in ("avx2", "avx512")
+
+
 def register(options) -> None:
     """Make edgetok's operators available to sessions made with these onnxruntime.SessionOptions."""
     path = library_path()

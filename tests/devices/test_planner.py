@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from conftest import run_cli
@@ -34,9 +35,10 @@ def test_short_contexts_stay_exact_long_ones_get_the_budget():
     short = plan(SMOLLM2, profile(), 1024, threads=2)
     assert (short.kv_budget, short.kv_device_mb, short.engine, short.weights) == ("100%", None, "onnxruntime", "int4")
     assert short.run_options() == ["--provider", "cpu", "--threads", "2"]
-    long = plan(SMOLLM2, profile(), 8192, threads=2)
+    assert plan(SMOLLM2, profile(), 8192, threads=2).kv_budget == "100%"  # exact up to EXACT_UP_TO
+    long = plan(replace(SMOLLM2, max_context=32768), profile(), 16384, threads=2)
     assert long.kv_budget == "25%" and long.kv_device_mb is None and "--kv-budget" in long.run_options()
-    assert 8192 > EXACT_UP_TO
+    assert 16384 > EXACT_UP_TO >= 8192
     assert long.predicted_peak_host_bytes > short.predicted_peak_host_bytes > RUNTIME_BASE_BYTES
     assert long.arithmetic and all(isinstance(line, str) for line in long.arithmetic)
 
