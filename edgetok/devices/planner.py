@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgetok.devices.catalog import DeviceProfile
 from edgetok.errors import EdgetokError
+from edgetok.kernels import ort_ops
 from edgetok.models.config import ModelConfig
 from edgetok.runtimes.backends.providers import PROVIDERS
 from edgetok.runtimes.kv.config import MAX_MB, KVConfig
@@ -28,18 +29,21 @@ HEAD_BYTES_PER_WEIGHT = (8 + 16 / 32) / 8
 KV_BYTES_PER_VALUE = 4  # the graph reads float32 K/V
 # what a sliding layer holds beyond its window: ContiguousCache.ROLLBACK, and half its compaction period
 WINDOW_SLACK = 64 + 128
-# Measured on the reference machine (2-core Xeon, BENCHMARKS.md "The architecture pass changed no
-# number", edgetok onnx int4): peak RSS at 1K minus weights, KV and prefill workspace ≈ 500 MB (the
-# Python process with ONNX Runtime, torch and the tokenizer loaded).
-RUNTIME_BASE_BYTES = 500 * MB
+# Measured on the reference machine (2-core Xeon): peak RSS minus weights, KV and prefill workspace.
+# Session 5 refit (benchmarks/planner.py on the default engine: no torch on the run path, MatMulQ4
+# reading its weights where they are, no pre-packed copy): ≈ 400 MB (it was 500 with torch loaded).
+RUNTIME_BASE_BYTES = 400 * MB
 # ... and decode, refitted on benchmarks/planner.py's runs of the plans themselves (BENCHMARKS.md,
 # "The planner applied"): at 1K 14.3 ms and at 4K 37.7 ms per token, with the weights' 92 MB at the
 # measured 25.9 GB/s copy bandwidth. The 3K tokens between them cost 23.4 ms: attention reads its K/V
 # at 70 % of the copy bandwidth (CPU_KV_BANDWIDTH_SHARE); what remains at 1K, 2.8 ms for 135 M
 # parameters at 2 threads, is compute (int4 dequantization, norms, the head): 21 ps per
 # parameter-thread. (The first cut's 81 ps, from one 1K row, predicted 1K decode 29 % slow.)
+# Session 5 refit, edgetok's operators (MatMulQ4, its attention reading each KV head once per query
+# group): at 1K 11.75 ms per token = weights 3.91 ms + KV 2.6 ms + 5.24 ms for 135 M parameters at 2
+# threads: 78 ps per parameter-thread (float32 arithmetic where the int8 kernels took less).
 # Devices other than a CPU are assumed to need 30 µs per layer (kernel launches).
-CPU_COMPUTE_S_PER_PARAM_THREAD = 21e-12 * 2
+CPU_COMPUTE_S_PER_PARAM_THREAD = 78e-12
 CPU_KV_BANDWIDTH_SHARE = 0.70
 # A graph attends to float views of the selected chunks, kept staged between steps (kv/staging.py):
 # a step fetches from the tiers only the chunks entering the selection. Measured at 8K (SmolLM2, 25 %,
@@ -253,9 +257,10 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
         lines.append(f"KV does not fit the device ({kv_full / MB:.0f} > {room / MB:.0f} MB): tiered at {budget:.0%}, "
                      f"device {device_kv / MB:.0f} MB of float chunks, host {host_kv / MB:.0f} MB and disk {disk_kv / MB:.0f} MB "
                      f"of chunks at ~{32 * AUTO_BITS_RATIO:.0f} bits")
-    # A decode step reads every weight and the KV it attends to; ONNX Runtime's CPU GroupQueryAttention
-    # reads each KV head once per query head of its group.
-    reread = cfg.num_heads // cfg.num_kv_heads if profile.kind == "cpu" else 1
+    # A decode step reads every weight and the KV it attends to, each KV head once for its query group
+    # (edgetok's attention; ONNX Runtime's CPU GroupQueryAttention read it once per query head, the
+    # default engine's before session 5 — and still where a CPU lacks AVX2)
+    reread = 1 if profile.kind != "cpu" or ort_ops.attention_available() else cfg.num_heads // cfg.num_kv_heads
     kv_read = (kv_windows + budget * kv_global) * reread
     # attention reads the staged views (device memory); with tiers, the chunks entering the selection
     # are fetched from where they live
