@@ -255,17 +255,12 @@ OrtStatus* create_onnxruntime_op(const OrtFunctions& ort, const OrtKernelInfo* i
     return status;
 }
 
-#define RETURN_IF_ERROR(expr)                  \
-    do {                                       \
-        if (OrtStatus* s_ = (expr)) return s_; \
-    } while (0)
-
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
     OrtFunctions ort(api);
     int64_t h = 0, hkv = 0, window = -1;
     float scale = 0.f;
-    RETURN_IF_ERROR(ort.attribute(info, "num_heads", &h));
-    RETURN_IF_ERROR(ort.attribute(info, "kv_num_heads", &hkv));
+    ORT_RETURN_IF_ERROR(ort.attribute(info, "num_heads", &h));
+    ORT_RETURN_IF_ERROR(ort.attribute(info, "kv_num_heads", &hkv));
     if (OrtStatus* missing = ort.attribute(info, "local_window_size", &window)) ort.release(missing), window = -1;
     if (OrtStatus* missing = ort.attribute(info, "scale", &scale)) ort.release(missing), scale = 0.f;
     if (h <= 0 || hkv <= 0 || h % hkv != 0)
@@ -282,7 +277,7 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelI
 
 OrtStatus* shape(const OrtFunctions& ort, const OrtValue* value, std::vector<int64_t>& dims) {
     OrtTensorTypeAndShapeInfo* info = nullptr;
-    RETURN_IF_ERROR(ort.shape_info(value, &info));
+    ORT_RETURN_IF_ERROR(ort.shape_info(value, &info));
     size_t rank = 0;
     OrtStatus* status = ort.rank(info, &rank);
     dims.assign(rank, 0);
@@ -295,14 +290,14 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     const Kernel& kern = *static_cast<const Kernel*>(kernel);
     OrtFunctions ort(g_api);
     const OrtValue* in[8];
-    for (size_t i = 0; i < 8; ++i) RETURN_IF_ERROR(ort.input(context, i, &in[i]));
+    for (size_t i = 0; i < 8; ++i) ORT_RETURN_IF_ERROR(ort.input(context, i, &in[i]));
     std::vector<int64_t> qkv_dims, past_dims;
-    RETURN_IF_ERROR(shape(ort, in[0], qkv_dims));
-    RETURN_IF_ERROR(shape(ort, in[1], past_dims));
+    ORT_RETURN_IF_ERROR(shape(ort, in[0], qkv_dims));
+    ORT_RETURN_IF_ERROR(shape(ort, in[1], past_dims));
     if (qkv_dims.size() != 3 || past_dims.size() != 4 || past_dims[1] != kern.hkv)
         return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: qkv must be (B, S, width) and the past (B, kv heads, slots, D)");
     void* data[8];
-    for (size_t i = 0; i < 8; ++i) RETURN_IF_ERROR(ort.data(in[i], &data[i]));
+    for (size_t i = 0; i < 8; ++i) ORT_RETURN_IF_ERROR(ort.data(in[i], &data[i]));
     Attention a{};
     a.b = qkv_dims[0], a.s = qkv_dims[1], a.h = kern.h, a.hkv = kern.hkv, a.d = past_dims[3], a.past = past_dims[2];
     if (qkv_dims[2] != (a.h + 2 * a.hkv) * a.d)
@@ -320,7 +315,7 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
         if (past_of(a, b) < 0 || past_of(a, b) + a.s > a.out_t)
             return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: seqlens_k does not fit the past and total lengths");
     std::vector<int64_t> table_dims;
-    RETURN_IF_ERROR(shape(ort, in[5], table_dims));
+    ORT_RETURN_IF_ERROR(shape(ort, in[5], table_dims));
     if (table_dims.size() != 2 || table_dims[1] * 2 != a.d)
         return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: cos_cache must be (positions, head size / 2)");
     for (int64_t i = 0; i < a.b * a.s; ++i)
@@ -329,13 +324,13 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
 
     const int64_t out_dims[3] = {a.b, a.s, a.h * a.d}, kv_dims[4] = {a.b, a.hkv, a.out_t, a.d};
     OrtValue *out = nullptr, *key = nullptr, *value = nullptr;
-    RETURN_IF_ERROR(ort.output(context, 0, out_dims, 3, &out));
-    RETURN_IF_ERROR(ort.output(context, 1, kv_dims, 4, &key));
-    RETURN_IF_ERROR(ort.output(context, 2, kv_dims, 4, &value));
+    ORT_RETURN_IF_ERROR(ort.output(context, 0, out_dims, 3, &out));
+    ORT_RETURN_IF_ERROR(ort.output(context, 1, kv_dims, 4, &key));
+    ORT_RETURN_IF_ERROR(ort.output(context, 2, kv_dims, 4, &value));
     void *o = nullptr, *k = nullptr, *v = nullptr;
-    RETURN_IF_ERROR(ort.data(out, &o));
-    RETURN_IF_ERROR(ort.data(key, &k));
-    RETURN_IF_ERROR(ort.data(value, &v));
+    ORT_RETURN_IF_ERROR(ort.data(out, &o));
+    ORT_RETURN_IF_ERROR(ort.data(key, &k));
+    ORT_RETURN_IF_ERROR(ort.data(value, &v));
     a.out = static_cast<float*>(o), a.key = static_cast<float*>(k), a.value = static_cast<float*>(v);
     int64_t longest = 0;
     for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
@@ -367,46 +362,19 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     if (a.b * a.s <= 2)  // a decode step or two: not worth waking the threads
         for (int64_t i = 0; i < a.b * a.s; ++i) place(a, i);
     else
-        RETURN_IF_ERROR(ort.parallel_for(context, run_place, size_t(a.b * a.s), &job));
-    RETURN_IF_ERROR(ort.parallel_for(context, run_attend, size_t(tasks), &job));
+        ORT_RETURN_IF_ERROR(ort.parallel_for(context, run_place, size_t(a.b * a.s), &job));
+    ORT_RETURN_IF_ERROR(ort.parallel_for(context, run_attend, size_t(tasks), &job));
     merge(job);
     return nullptr;
 }
 
-void compute_v1(void* kernel, OrtKernelContext* context) { (void)compute(kernel, context); }
-void* create_kernel_v1(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
-    void* kernel = nullptr;
-    (void)create_kernel(op, api, info, &kernel);
-    return kernel;
-}
+void destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
-OrtCustomOp make_op() {
-    OrtCustomOp op{};
-    op.version = ORT_CUSTOM_OP_VERSION;
-    op.CreateKernel = create_kernel_v1;
-    op.GetName = [](const OrtCustomOp*) { return "GroupQueryAttention"; };
-    op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
-    op.GetInputType = [](const OrtCustomOp*, size_t i) {
+const OrtCustomOp g_op = cpu_op<create_kernel, compute, destroy>(
+    [](const OrtCustomOp*) { return "GroupQueryAttention"; }, [](const OrtCustomOp*, size_t i) {
         return i == 3 || i == 4 ? ORT_ELEMENT_INT32 : i == 7 ? ORT_ELEMENT_INT64 : ORT_ELEMENT_FLOAT;
-    };
-    op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 8; };
-    op.GetOutputType = [](const OrtCustomOp*, size_t) { return ORT_ELEMENT_FLOAT; };
-    op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
-    op.KernelCompute = compute_v1;
-    op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-    op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
-    op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
-    op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return ORT_MEM_DEFAULT; };
-    op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    op.CreateKernelV2 = create_kernel;
-    op.KernelComputeV2 = compute;
-    return op;
-}
-
-const OrtCustomOp g_op = make_op();
+    },
+    [](const OrtCustomOp*) -> size_t { return 8; }, [](const OrtCustomOp*) -> size_t { return 3; });
 
 }  // namespace
 

@@ -180,3 +180,41 @@ struct OrtFunctions {
   F call(size_t slot) const { return reinterpret_cast<F>(table[slot]); }
   void* const* table;
 };
+
+#define ORT_RETURN_IF_ERROR(expr)              \
+  do {                                         \
+    if (OrtStatus* s_ = (expr)) return s_;     \
+  } while (0)
+
+// An OrtCustomOp for a CPU kernel with float outputs: Create / Compute (the status-returning forms of
+// version 16) do the work, the older void forms wrap them; every input and output required.
+template <OrtStatus* (*Create)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**),
+          OrtStatus* (*Compute)(void*, OrtKernelContext*), void (*Destroy)(void*)>
+OrtCustomOp cpu_op(const char* (*name)(const OrtCustomOp*), OrtTensorElementType (*input_type)(const OrtCustomOp*, size_t),
+                   size_t (*inputs)(const OrtCustomOp*), size_t (*outputs)(const OrtCustomOp*)) {
+  OrtCustomOp op{};
+  op.version = ORT_CUSTOM_OP_VERSION;
+  op.CreateKernel = [](const OrtCustomOp* o, const OrtApi* api, const OrtKernelInfo* info) -> void* {
+    void* kernel = nullptr;
+    (void)Create(o, api, info, &kernel);
+    return kernel;
+  };
+  op.GetName = name;
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = inputs;
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ORT_ELEMENT_FLOAT; };
+  op.GetOutputTypeCount = outputs;
+  op.KernelCompute = [](void* kernel, OrtKernelContext* context) { (void)Compute(kernel, context); };
+  op.KernelDestroy = Destroy;
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return ORT_MEM_DEFAULT; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = Create;
+  op.KernelComputeV2 = Compute;
+  return op;
+}

@@ -119,17 +119,12 @@ void run_gemm_tile(void* user, size_t i) {
     job.isa->gemm_tile(*job.problem, job.xp, wt.data(), job.y, n0, n1);
 }
 
-#define RETURN_IF_ERROR(expr)            \
-    do {                                 \
-        if (OrtStatus* s_ = (expr)) return s_; \
-    } while (0)
-
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
     OrtFunctions ort(api);
     int64_t k = 0, n = 0, block = 0;
-    RETURN_IF_ERROR(ort.attribute(info, "K", &k));
-    RETURN_IF_ERROR(ort.attribute(info, "N", &n));
-    RETURN_IF_ERROR(ort.attribute(info, "block_size", &block));
+    ORT_RETURN_IF_ERROR(ort.attribute(info, "K", &k));
+    ORT_RETURN_IF_ERROR(ort.attribute(info, "N", &n));
+    ORT_RETURN_IF_ERROR(ort.attribute(info, "block_size", &block));
     if (k <= 0 || n <= 0 || block <= 0 || block % 32 != 0 || k % block != 0)
         return ort.status(ORT_INVALID_ARGUMENT, "MatMulQ4: K must be a positive multiple of block_size, itself a multiple of 32");
     *out = new (std::nothrow) Q4Kernel{k, n, block};
@@ -140,10 +135,10 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     const Q4Kernel& kern = *static_cast<const Q4Kernel*>(kernel);
     OrtFunctions ort(g_api);
     const OrtValue* inputs[4];
-    for (size_t i = 0; i < 4; ++i) RETURN_IF_ERROR(ort.input(context, i, &inputs[i]));
+    for (size_t i = 0; i < 4; ++i) ORT_RETURN_IF_ERROR(ort.input(context, i, &inputs[i]));
 
     OrtTensorTypeAndShapeInfo* info = nullptr;
-    RETURN_IF_ERROR(ort.shape_info(inputs[0], &info));
+    ORT_RETURN_IF_ERROR(ort.shape_info(inputs[0], &info));
     size_t rank = 0;
     OrtStatus* status = ort.rank(info, &rank);
     std::vector<int64_t> dims(rank);
@@ -156,16 +151,16 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     Q4Problem p{1, kern.k, kern.n, kern.block, nullptr, nullptr, nullptr};
     for (size_t i = 0; i + 1 < rank; ++i) p.m *= dims[i];
     void* data[4];
-    for (size_t i = 0; i < 4; ++i) RETURN_IF_ERROR(ort.data(inputs[i], &data[i]));
+    for (size_t i = 0; i < 4; ++i) ORT_RETURN_IF_ERROR(ort.data(inputs[i], &data[i]));
     p.b = static_cast<const uint8_t*>(data[1]);
     p.scales = static_cast<const float*>(data[2]);
     p.offsets = static_cast<const float*>(data[3]);
 
     dims[rank - 1] = kern.n;
     OrtValue* output = nullptr;
-    RETURN_IF_ERROR(ort.output(context, 0, dims.data(), rank, &output));
+    ORT_RETURN_IF_ERROR(ort.output(context, 0, dims.data(), rank, &output));
     void* y = nullptr;
-    RETURN_IF_ERROR(ort.data(output, &y));
+    ORT_RETURN_IF_ERROR(ort.data(output, &y));
     if (p.m == 0) return nullptr;
 
     const float* x = static_cast<const float*>(data[0]);
@@ -182,39 +177,11 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     return ort.parallel_for(context, run_tile, size_t((p.n + TILE - 1) / TILE), &job);
 }
 
-void compute_v1(void* kernel, OrtKernelContext* context) { (void)compute(kernel, context); }
-void* create_kernel_v1(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
-    void* kernel = nullptr;
-    (void)create_kernel(op, api, info, &kernel);
-    return kernel;
-}
 void destroy(void* kernel) { delete static_cast<Q4Kernel*>(kernel); }
 
-OrtCustomOp make_matmul_q4() {
-    OrtCustomOp op{};
-    op.version = ORT_CUSTOM_OP_VERSION;
-    op.CreateKernel = create_kernel_v1;
-    op.GetName = [](const OrtCustomOp*) { return "MatMulQ4"; };
-    op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
-    op.GetInputType = [](const OrtCustomOp*, size_t i) { return i == 1 ? ORT_ELEMENT_UINT8 : ORT_ELEMENT_FLOAT; };
-    op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
-    op.GetOutputType = [](const OrtCustomOp*, size_t) { return ORT_ELEMENT_FLOAT; };
-    op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-    op.KernelCompute = compute_v1;
-    op.KernelDestroy = destroy;
-    op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
-    op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_INPUT_OUTPUT_REQUIRED; };
-    op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return ORT_MEM_DEFAULT; };
-    op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    op.CreateKernelV2 = create_kernel;
-    op.KernelComputeV2 = compute;
-    return op;
-}
-
-const OrtCustomOp g_matmul_q4 = make_matmul_q4();
+const OrtCustomOp g_matmul_q4 = cpu_op<create_kernel, compute, destroy>(
+    [](const OrtCustomOp*) { return "MatMulQ4"; }, [](const OrtCustomOp*, size_t i) { return i == 1 ? ORT_ELEMENT_UINT8 : ORT_ELEMENT_FLOAT; },
+    [](const OrtCustomOp*) -> size_t { return 4; }, [](const OrtCustomOp*) -> size_t { return 1; });
 
 }  // namespace
 
