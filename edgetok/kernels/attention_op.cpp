@@ -94,8 +94,7 @@ inline int64_t past_of(const Attention& a, int64_t b) { return int64_t(a.seqlens
 // Step 1, one task per (row, new token): rotate the queries into a.q, write the rotated key and the
 // value at their slot
 void place(const Attention& a, int64_t bs) {
-    const int64_t b = bs / a.s, s = bs % a.s, d = a.d, g = a.h / a.hkv;
-    (void)g;
+    const int64_t b = bs / a.s, s = bs % a.s, d = a.d;
     const int64_t pos = a.positions[b * a.s + s], slot = past_of(a, b) + s;
     const float* row = a.qkv + (b * a.s + s) * (a.h + 2 * a.hkv) * d;
     const float *cos = a.cos + pos * (d / 2), *sin = a.sin + pos * (d / 2);
