@@ -191,7 +191,6 @@ const OrtCustomOp* edgetok_matmul_q4_op(const OrtApi* api) {
     return &g_matmul_q4;
 }
 
-const char* edgetok_matmul_q4_isa() {
-    const Isa* isa = g_isa.load(std::memory_order_acquire);
-    return (isa ? isa : choose_isa())->name;
-}
+// what this CPU (and EDGETOK_Q4_ISA) chooses now, not what the last session registered with: the
+// exporter and the planner ask it, and must not depend on which test or session ran before
+const char* edgetok_matmul_q4_isa() { return choose_isa()->name; }
