@@ -36,7 +36,7 @@ NEW_TOKENS = 64
 THREADS = 2
 # The synthetic profile: this machine's speeds, with memory that holds the runtime, the weights and
 # the prefill workspace at 8K, but only part of the whole fp32 KV cache (360 MB for SmolLM2 at 8K)
-SYNTHETIC_GB = 1.25
+SYNTHETIC_GB = 1.0
 
 
 def measure(model: str, plan_file: Path, ids_file: Path) -> dict:

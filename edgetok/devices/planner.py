@@ -33,6 +33,9 @@ WINDOW_SLACK = 64 + 128
 # Session 5 refit (benchmarks/planner.py on the default engine: no torch on the run path, MatMulQ4
 # reading its weights where they are, no pre-packed copy): ≈ 400 MB (it was 500 with torch loaded).
 RUNTIME_BASE_BYTES = 400 * MB
+# A budgeted cache's policy computes in torch, which the exact engine never imports: its RSS on import
+# (numpy + onnxruntime 45 MB → 237 MB with torch, session 6).
+TORCH_BYTES = 190 * MB
 # ... and decode, refitted on benchmarks/planner.py's runs of the plans themselves (BENCHMARKS.md,
 # "The planner applied"): at 1K 14.3 ms and at 4K 37.7 ms per token, with the weights' 92 MB at the
 # measured 25.9 GB/s copy bandwidth. The 3K tokens between them cost 23.4 ms: attention reads its K/V
@@ -45,16 +48,23 @@ RUNTIME_BASE_BYTES = 400 * MB
 # Devices other than a CPU are assumed to need 30 µs per layer (kernel launches).
 CPU_COMPUTE_S_PER_PARAM_THREAD = 78e-12
 CPU_KV_BANDWIDTH_SHARE = 0.70
-# A graph attends to float views of the selected chunks, kept staged between steps (kv/staging.py):
-# a step fetches from the tiers only the chunks entering the selection. Measured at 8K (SmolLM2, 25 %,
-# a 133 MB device tier, the rest on disk): 11.5 MB fetched per step, 13 % of the 90 MB the budget
-# attends — the rest was staged already.
+# Where edgetok's attention operator runs (a CPU with AVX2 + FMA), the graph hands each layer's
+# attention to the tiered cache, which reads the selected chunks where they live, at their stored
+# widths (the device tier caches stored forms). Elsewhere a graph attends to float views of the
+# selected chunks, kept staged between steps (kv/staging.py): a step fetches from the tiers only the
+# chunks entering the selection — measured at 8K (SmolLM2, 25 %, a 133 MB device tier, the rest on
+# disk): 11.5 MB fetched per step, 13 % of the 90 MB the budget attends — and the stage holds the
+# selection in float beside the tiers.
 STAGE_CHURN = 0.13
 ACCELERATOR_S_PER_LAYER = 30e-6
 # ... and decode at 8K with the 25 % budget: 39.7 ms per token, ~14 ms more than bytes and compute
 # explain: selecting and staging chunks (bounds of every chunk, top-k, the slot table) — 1.8 µs per
 # chunk per step at 2 threads, with the in-RAM cache's chunks of 32 tokens on average.
 SELECTION_S_PER_CHUNK_THREAD = 1.8e-6 * 2
+# ... and, where the cache attends over tiers (through), the bookkeeping of each attended chunk read
+# from a tier (lookup, heat, admission: Python, one thread): 4.5 µs, fitted on benchmarks/planner.py's
+# synthetic row (session 6: 40.4 ms per token measured, 31.4 predicted without it, 1920 chunks read).
+TIER_S_PER_CHUNK = 4.5e-6
 MEAN_CHUNK = 32
 PREFILL_PIECE = 512  # prompt tokens per graph run (GenerationConfig.prefill_chunk)
 # longer contexts get the tiered cache. With edgetok's attention op, an 8K exact cache decodes faster than
@@ -178,23 +188,32 @@ def load_plan(path: Path) -> Plan:
     return Plan.from_dict(data, str(path))
 
 
-def prefill_workspace(cfg: ModelConfig, context: int, provider: str = "cpu") -> int:
+def prefill_workspace(cfg: ModelConfig, context: int, provider: str = "cpu", through: bool = False) -> int:
     """The memory a prefill piece needs beyond weights and KV. The CPU's GroupQueryAttention
     materializes the piece's attention scores (piece × context × heads, twice: scores and softmax);
-    CUDA's runs flash / memory-efficient attention, so there only the piece's activations count."""
+    CUDA's runs flash / memory-efficient attention, so there only the piece's activations count.
+    through: the graph hands attention to the tiered cache, which attends one layer at a time over
+    bf16 K/V (--kv-bits auto): one layer's bf16 scores."""
     piece = min(PREFILL_PIECE, context)
     if provider == "cuda":
         return 4 * piece * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    if through:
+        return piece * context * cfg.num_heads * 2
     return 2 * piece * context * cfg.num_heads * 4
 
 
-def tier_reads(kv_read: float, kv_full: float, device_kv: float, host_kv: float, disk_kv: float) -> dict[str, float]:
+def tier_reads(kv_read: float, kv_full: float, device_kv: float, host_kv: float, disk_kv: float,
+               device_stored: bool = False) -> dict[str, float]:
     """Bytes a decode step reads from each tier. Of the float bytes attended (kv_read), the share
-    the device tier holds (device_kv of kv_full) is read there as floats; the rest is read in its
-    stored form (~AUTO_BITS_RATIO of the floats) from host and disk, in proportion to what each holds."""
-    on_device = kv_read * min(device_kv / kv_full, 1.0) if kv_full else 0.0
+    the device tier holds (device_kv of kv_full: float copies, or with device_stored the stored forms,
+    ~AUTO_BITS_RATIO of the floats each) is read there; the rest is read in its stored form from host
+    and disk, in proportion to what each holds."""
     homes = host_kv + disk_kv
-    stored = (kv_read - on_device) * (AUTO_BITS_RATIO if homes else 1.0)
+    ratio = AUTO_BITS_RATIO if homes else 1.0
+    held = kv_full * (ratio if device_stored else 1.0)  # what the device tier would need for all of it
+    share = min(device_kv / held, 1.0) if held else 0.0
+    on_device = kv_read * share * (ratio if device_stored else 1.0)
+    stored = kv_read * (1.0 - share) * ratio
     host = stored * host_kv / homes if homes else 0.0
     return {"device": on_device, "host": host, "disk": stored - host}
 
@@ -244,29 +263,56 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
                            f"with {RUNTIME_BASE_BYTES / MB:.0f} MB for the runtime on the host")
 
     budget = 1.0 if context <= EXACT_UP_TO else TIERED_BUDGET
+    # edgetok's attention operator hands each layer to the tiered cache (CPUs with AVX2 + FMA)
+    through = profile.kind == "cpu" and ort_ops.attention_available()
     room = device_budget - weights - workspace - (RUNTIME_BASE_BYTES if shared else 0)
-    if kv_full <= room:
+    torch_bytes = 0
+    if kv_full <= room - (TORCH_BYTES if shared and budget < 1 else 0):
         device_kv, host_kv, disk_kv, bits = kv_full, 0.0, 0.0, "32"  # in RAM a budgeted cache keeps floats too
         lines.append(f"the whole KV cache fits on the device ({kv_full / MB:.1f} ≤ {room / MB:.0f} MB): no tiers")
     else:
         budget, bits = TIERED_BUDGET, "auto"
-        device_kv = max(room - kv_windows, 0.0)  # (the windows stay on the device)
-        stored = (kv_global - device_kv) * AUTO_BITS_RATIO  # host and disk keep chunks compressed
-        host_kv = min(stored, max(host_budget - (weights + workspace + device_kv if shared else 0), 0.0))
+        if through:
+            # The cache attends a layer at a time (no graph materializes scores), reading chunks at
+            # their stored widths where they live; on a CPU a device tier would be a second copy of
+            # host homes in the same RAM: chunks live in RAM up to what fits, the rest on disk.
+            room += workspace
+            workspace = prefill_workspace(cfg, context, profile.execution_provider, through=True)
+            room -= workspace
+            device_kv = 0.0
+            stored = kv_global * AUTO_BITS_RATIO
+            host_kv = min(stored, max(room - TORCH_BYTES - kv_windows, 0.0))
+        else:
+            # (the windows stay on the device; a graph's views stage the selection in float beside
+            # the tiers, in host memory: where that is the device's, it takes room there)
+            stage = budget * kv_global if shared else 0.0
+            device_kv = max(room - (TORCH_BYTES if shared else 0) - kv_windows - stage, 0.0)
+            stored = (kv_global - device_kv) * AUTO_BITS_RATIO  # host and disk keep chunks compressed
+            host_kv = min(stored, max(host_budget - TORCH_BYTES - (weights + workspace + device_kv if shared else 0), 0.0))
         disk_kv = stored - host_kv
         lines.append(f"KV does not fit the device ({kv_full / MB:.0f} > {room / MB:.0f} MB): tiered at {budget:.0%}, "
-                     f"device {device_kv / MB:.0f} MB of float chunks, host {host_kv / MB:.0f} MB and disk {disk_kv / MB:.0f} MB "
-                     f"of chunks at ~{32 * AUTO_BITS_RATIO:.0f} bits")
+                     + (f"prefill workspace {workspace / MB:.1f} MB (the cache attends, a layer at a time), "
+                        if through else f"device {device_kv / MB:.0f} MB of float chunks, ")
+                     + f"host {host_kv / MB:.0f} MB and disk {disk_kv / MB:.0f} MB of chunks at ~{32 * AUTO_BITS_RATIO:.0f} bits")
+    if budget < 1:
+        torch_bytes = TORCH_BYTES
+        lines.append(f"the budgeted cache computes in torch: {TORCH_BYTES / MB:.0f} MB more runtime (host)")
     # A decode step reads every weight and the KV it attends to, each KV head once for its query group
     # (edgetok's attention; ONNX Runtime's CPU GroupQueryAttention read it once per query head, the
     # default engine's before session 5 — and still where a CPU lacks AVX2)
     reread = 1 if profile.kind != "cpu" or ort_ops.attention_available() else cfg.num_heads // cfg.num_kv_heads
     kv_read = (kv_windows + budget * kv_global) * reread
-    # attention reads the staged views (device memory); with tiers, the chunks entering the selection
-    # are fetched from where they live
-    fetched = STAGE_CHURN * budget * kv_global if host_kv + disk_kv else 0.0
-    reads = tier_reads(fetched, kv_global, device_kv, host_kv, disk_kv)
-    reads["device"] += kv_read
+    tiers = host_kv + disk_kv > 0
+    if through and tiers:  # the cache's attention reads the selection where it lives, at its stored widths
+        reads = tier_reads(budget * kv_global * reread, kv_global, device_kv, host_kv, disk_kv, device_stored=True)
+        reads["device"] += kv_windows * reread
+        kv_read = sum(reads.values())
+    else:
+        # attention reads the staged views (device memory); with tiers, the chunks entering the
+        # selection are fetched from where they live
+        fetched = STAGE_CHURN * budget * kv_global if tiers else 0.0
+        reads = tier_reads(fetched, kv_global, device_kv, host_kv, disk_kv)
+        reads["device"] += kv_read
     from_device, from_host, from_disk = reads["device"], reads["host"], reads["disk"]
     t_weights = weights / (profile.device_bandwidth_gb_s * GB)
     kv_bandwidth = profile.device_bandwidth_gb_s * (CPU_KV_BANDWIDTH_SHARE if profile.kind == "cpu" else 1.0)
@@ -283,17 +329,21 @@ def plan(cfg: ModelConfig, profile: DeviceProfile, context: int | None = None, t
     if chunks:
         fixed += f"; selection {chunks:.0f} chunks × {SELECTION_S_PER_CHUNK_THREAD * 1e6:.1f} µs ÷ {threads} threads"
         t_fixed += t_select
+    if through and tiers and profile.kind == "cpu":
+        fixed += f"; tier reads {budget * chunks:.0f} chunks × {TIER_S_PER_CHUNK * 1e6:.1f} µs"
+        t_fixed += budget * chunks * TIER_S_PER_CHUNK
     step = t_weights + t_kv + t_fixed
     lines.append(f"per token: weights {weights / MB:.0f} MB ÷ {profile.device_bandwidth_gb_s:g} GB/s = {1e3 * t_weights:.2f} ms; "
                  f"KV {kv_read / MB:.0f} MB attended ({budget:.0%}"
                  + (" of the full layers' tokens, the windows whole," if kv_windows else "") + f" × {reread}× per query group"
-                 + (f", {STAGE_CHURN:.0%} of it fetched into the stage" if fetched else "") + "), read as "
+                 + ((", at the chunks' stored widths" if through else f", {STAGE_CHURN:.0%} of it fetched into the stage")
+                    if tiers else "") + "), read as "
                  f"device {from_device / MB:.0f} MB at {kv_bandwidth:.3g} GB/s + host {from_host / MB:.0f} + disk "
                  f"{from_disk / MB:.0f} MB = {1e3 * t_kv:.2f} ms; "
                  f"{fixed} = {1e3 * t_fixed:.2f} ms → {1e3 * step:.2f} ms")
-    tiered = host_kv + disk_kv > 0  # (device_kv is then the full layers' share; the windows stay whole)
-    peak_device = round(weights + workspace + device_kv + (kv_windows if tiered else 0))
-    peak_host = round(RUNTIME_BASE_BYTES + host_kv + (peak_device if shared else 0))
+    stage = budget * kv_global if tiers and not through else 0.0  # (device_kv: the full layers' share)
+    peak_device = round(weights + workspace + device_kv + (kv_windows if tiers else 0) + (stage if shared else 0))
+    peak_host = round(RUNTIME_BASE_BYTES + torch_bytes + host_kv + (peak_device if shared else stage))
     return Plan(
         device=profile.name, context=context, engine="onnxruntime", execution_provider=profile.execution_provider,
         weights="int4", threads=threads, kv_budget=f"{budget:.0%}", kv_bits=bits, shared_memory=shared,

@@ -251,6 +251,7 @@ class OnnxExport:
         (folder,) = paths
         o = self.options
         folder.mkdir()
+        edgetok_ops = sorted({node.op_type for node in self.model.graph.node if node.domain == ort_ops.DOMAIN})
         onnx.save_model(self.model, folder / ONNX_MODEL, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=ONNX_DATA, size_threshold=1024)
         self.model = None  # the graph's copy of the weights: free it before the parity report
@@ -274,6 +275,7 @@ class OnnxExport:
             qdq=o.qdq,
             opset=o.opset,
             attention=o.attention,
+            edgetok_ops=edgetok_ops,
             prune=self.prune,
             io=io_names(source.config.num_layers, self.prune is not None,
                         bool(self.prune and self.prune.positioned_layers(self.config.graph_windows))),

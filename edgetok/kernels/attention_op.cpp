@@ -13,6 +13,14 @@
 // Why: ONNX Runtime's kernel reads SmolLM2's fp32 cache at ~7.5 GB/s at 4K (attention is then the
 // decode step's largest cost); here each KV head's slots are read once for its whole query group,
 // in chunks spread over the session's threads, with the chunks' softmax partials merged.
+//
+// Attending through the caller (edgetok_attend_through): while a thread has set a hook, the op on
+// that thread rotates the new tokens' queries and keys, writes the new K/V to present (past is
+// empty then), and hands them to the hook, which attends over the caller's own cache (a tiered
+// cache: chunks at their stored widths, fetched from host or disk for this layer only) and writes
+// the output. A whole-model graph then never holds every layer's past at once. The hook is per
+// thread because ONNX Runtime runs a graph's nodes on the thread that called Run (sequential
+// execution); the layer index counts the op's calls since the hook was set.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -214,6 +222,18 @@ void merge(const Job& job) {
             }
 }
 
+// The caller's attention: layer, q (S, H, D) rotated, k / v (Hkv, S, D) the new tokens' (rotated
+// keys), S, the scale, out (S, H·D) → 0, or non-zero when it failed (the caller keeps the reason)
+using AttendHook = int (*)(void* user, int64_t layer, const float* q, const float* k, const float* v, int64_t s,
+                           float scale, float* out);
+
+struct Through {
+    AttendHook hook = nullptr;
+    void* user = nullptr;
+    int64_t calls = 0;  // the op's calls since the hook was set: the layer of the next one
+};
+thread_local Through g_through;
+
 const OrtApi* g_api = nullptr;
 
 struct Kernel {
@@ -331,6 +351,23 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     ORT_RETURN_IF_ERROR(ort.data(key, &k));
     ORT_RETURN_IF_ERROR(ort.data(value, &v));
     a.out = static_cast<float*>(o), a.key = static_cast<float*>(k), a.value = static_cast<float*>(v);
+    if (g_through.hook) {
+        if (a.b != 1 || a.past != 0)
+            return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: attending through the caller takes one "
+                                                    "sequence and no past (the caller's cache holds it)");
+        thread_local std::vector<float> rotated;
+        rotated.resize(size_t(a.s * a.h * a.d));
+        a.q = &rotated;
+        Job job{&a, 1, nullptr};
+        if (a.s <= 2)
+            for (int64_t i = 0; i < a.s; ++i) place(a, i);
+        else
+            ORT_RETURN_IF_ERROR(ort.parallel_for(context, run_place, size_t(a.s), &job));
+        const int64_t layer = g_through.calls++;
+        if (g_through.hook(g_through.user, layer, rotated.data(), a.key, a.value, a.s, a.scale, a.out) != 0)
+            return ort.status(ORT_FAIL, "GroupQueryAttention: the caller's attention failed");
+        return nullptr;
+    }
     int64_t longest = 0;
     for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
     // a prefill, or a short cache: ONNX Runtime's kernel (its GEMMs; under 512 slots as fast), on the
@@ -376,6 +413,13 @@ const OrtCustomOp g_op = cpu_op<create_kernel, compute, destroy>(
     [](const OrtCustomOp*) -> size_t { return 8; }, [](const OrtCustomOp*) -> size_t { return 3; });
 
 }  // namespace
+
+// Set (hook non-null) or clear this thread's hook; → the op's calls since it was last set.
+extern "C" __attribute__((visibility("default"))) int64_t edgetok_attend_through(AttendHook hook, void* user) {
+    const int64_t calls = g_through.calls;
+    g_through = Through{hook, user, 0};
+    return calls;
+}
 
 // For the library's registration (q4_matmul.cpp's RegisterCustomOps).
 const OrtCustomOp* edgetok_attention_op(const OrtApi* api) {

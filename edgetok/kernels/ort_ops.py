@@ -14,7 +14,10 @@ tokens (a prefill) run ONNX Runtime's own kernel from inside.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -36,12 +39,9 @@ def library_path() -> Path | None:
 
 def isa() -> str | None:
     """The loops MatMulQ4 runs on this CPU (avx512, avx2 or scalar); None without the library."""
-    path = library_path()
-    if path is None:
+    if library_path() is None:
         return None
-    import ctypes
-
-    chosen = ctypes.CDLL(str(path)).edgetok_q4_isa
+    chosen = _library().edgetok_q4_isa
     chosen.restype = ctypes.c_char_p
     return chosen().decode()
 
@@ -50,6 +50,36 @@ def attention_available() -> bool:
     """Whether this machine runs edgetok's GroupQueryAttention: its loops need AVX2 + FMA on x86 (the
     library offers the op only then), so exports made here use it only then."""
     return isa() in ("avx2", "avx512")
+
+
+# The hook edgetok's GroupQueryAttention calls while attending through the caller (attention_op.cpp):
+# (user, layer, q (S, H, D), k, v (Hkv, S, D), S, scale, out (S, H·D)) → 0, or 1 on failure
+ATTEND_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p)
+
+
+@contextmanager
+def attending_through(hook) -> Iterator[Callable[[], int]]:
+    """While inside, edgetok's GroupQueryAttention on this thread attends through `hook` (an
+    ATTEND_HOOK), layer by layer, instead of over its past inputs (then empty). Yields a function
+    that says how many of the op's calls it has seen."""
+    through = _library().edgetok_attend_through
+    through.restype, through.argtypes = ctypes.c_int64, [ATTEND_HOOK, ctypes.c_void_p]
+    through(hook, None)
+    try:
+        yield lambda: through(hook, None)  # (reading the count starts it again, as the next run wants)
+    finally:
+        through(ATTEND_HOOK(), None)
+
+
+@cache
+def _library() -> ctypes.CDLL:
+    """The library, as this process loaded it (ONNX Runtime's sessions load the same file: one copy)."""
+    path = library_path()
+    if path is None:
+        raise EdgetokError("edgetok's compiled ONNX Runtime operators are not built: reinstall edgetok from source "
+                           "(pip install -e .)")
+    return ctypes.CDLL(str(path))
 
 
 def register(options) -> None:

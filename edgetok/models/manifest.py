@@ -195,6 +195,8 @@ class OnnxManifest(_Json):
     opset: int
     graph_version: int = ONNX_GRAPH_VERSION
     attention: str  # "gqa" | "standard"
+    # edgetok's own operators in the graph (domain ai.edgetok: MatMulQ4, GroupQueryAttention); None: made before the field
+    edgetok_ops: list[str] | None = field(default=None, metadata=_OPTIONAL)
     prune: PruneSpec | None  # None: the graph cannot prune a prompt
     io: dict[str, list[str]]  # names.io_names: {"inputs": [...], "outputs": [...]}
     rope_inv_freq: list[float]  # the graph's RoPE frequencies; the runtime rotates qkv.i with them

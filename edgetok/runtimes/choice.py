@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgetok.errors import EdgetokError
+from edgetok.kernels import ort_ops
 from edgetok.runtimes.backends.base import CACHE_ATTENTION, PRUNE
 from edgetok.runtimes.kv import KVConfig
 
@@ -137,9 +138,10 @@ def auto_backend(source_format: str, weights: str, kv_type: str | None, needs: f
     if PRUNE in needs:
         return "torch", ("prompt pruning runs on the torch backend here: the default export has no pruning point "
                          "(it decodes ~10% faster without; export with --prune-after-layer for a fast pruning engine)")
-    if CACHE_ATTENTION in needs:
+    if CACHE_ATTENTION in needs and not ort_ops.attention_available():
         return "torch", ("per-head chunk selection and chunk summaries (--kv-selection head, --kv-summaries on) run "
-                         "on the torch backend: a graph attends over one set of chunks per layer itself")
+                         "on the torch backend here: the default export hands each layer's attention to the cache "
+                         "through edgetok's attention operator, which needs a CPU with AVX2 and FMA")
     if kv_type is not None:
         return "llamacpp", f"--kv-type {kv_type} sets llama.cpp's cache"
     if weights != "fp32":

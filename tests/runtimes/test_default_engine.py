@@ -72,16 +72,20 @@ def test_the_default_engine_is_the_export_and_decodes_as_float_activations_would
     assert np.abs(a - b).max() > 1e-3  # (the rest is the int8 kernel's: the test sees a difference)
 
 
-def test_per_head_selection_or_summaries_run_on_the_torch_backend(tiny_folder, fresh_home):
-    """Only a cache that computes attention itself selects per KV head or folds in summaries: asked
-    for without an engine named, they choose the torch backend, and the reason says so."""
-    for kv in (KVConfig(budget="25%", summaries="on"), KVConfig(budget="25%", selection="head")):
+def test_per_head_selection_and_summaries_run_on_the_default_engine(tiny_folder, fresh_home):
+    """A cache that computes attention itself (per-KV-head selection, summaries) is what the default
+    export's attention operator hands each layer to: they stay on ONNX Runtime where the CPU runs
+    that operator, and choose the torch backend, saying why, where it does not."""
+    for kv, asked in ((KVConfig(budget="25%", summaries="on"), ("summaries", "on")),
+                      (KVConfig(budget="25%", selection="head"), ("selection", "head"))):
         model = edgetok.load(str(tiny_folder), kv=kv)
-        assert model.choice.backend == "torch" and "torch backend" in model.choice.reasons[0]
+        if ort_ops.attention_available():
+            assert model.choice.backend == "onnxruntime" and model.engine.backend.attends_through
+            long = " ".join([PROMPT] * 20)  # past the exact cache's length: the tiered cache runs
+            assert model.generate(long, max_new_tokens=2).stats.kv[asked[0]] == asked[1]
+        else:
+            assert model.choice.backend == "torch" and "torch backend" in model.choice.reasons[0]
     assert edgetok.load(str(tiny_folder), kv=KVConfig(budget="25%")).choice.backend == "onnxruntime"
-    export = edgetok.load(str(default_export(load_source(str(tiny_folder))).path), kv=KVConfig(budget="25%", summaries="on"))
-    with pytest.raises(EdgetokError, match="needs the torch backend"):  # an export: ONNX Runtime or nothing
-        export.generate(PROMPT, max_new_tokens=2)
 
 
 def test_the_export_is_built_once_and_a_damaged_one_is_rebuilt(tiny_folder, fresh_home):

@@ -7,12 +7,20 @@ the new tokens' K/V and queries back to the cache. With GroupQueryAttention grap
 cache's buffers are also bound as the present outputs: the graph writes the new K/V into the
 cache in place.
 
+A budgeted cache with a graph whose attention is edgetok's own operator is attended through
+instead: the graph gets no past, and each layer's attention op hands its rotated queries and new
+K/V to the cache (kernels/attention_op.cpp, ort_ops.attending_through), which attends as it does
+for the torch model — chunks read at their stored widths, fetched from the tiers for that layer
+only — so no layer's past is staged as float for the whole graph, in prefill or decode.
+
 numpy only (no torch) with the exact cache; a budgeted cache computes in torch and imports it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,7 +34,7 @@ from edgetok.kernels import ort_ops
 from edgetok.models import names
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source, require_torch
-from edgetok.runtimes.backends.base import BATCH, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
+from edgetok.runtimes.backends.base import BATCH, CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
 from edgetok.runtimes.backends.onnx_batch import DecodeBatch
 from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
 from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState
@@ -107,9 +115,17 @@ class OnnxBackend:
         # of their slots, which all of them share (the kept tokens, then every later one)
         self.positioned = prune.positioned_layers(self.config.graph_windows) if prune else []
         # an export prunes only if it was built with a pruning point (--prune-after-layer)
+        # a budgeted cache attends itself, layer by layer, where the graph's attention is edgetok's
+        # operator (it hands each layer's attention over); a pruning graph's later layers run on
+        # the kept tokens, which that hand-over does not place: it reads views
+        self.attends_through = ort_ops.ATTENTION in (manifest.edgetok_ops or ()) and prune is None
         # batched decoding writes every row's K/V in place (gqa) into exact caches' copies
         batch = {BATCH} if self.in_place and kv is None else set()
-        self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch)
+        self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch
+                                      | ({CACHE_ATTENTION} if self.attends_through else set()))
+        self._hook = ort_ops.ATTEND_HOOK(self._attend)  # (kept: the library holds only its address)
+        self._through: tuple = (None, None)  # while a graph runs: the cache attended through, and its failure
+        self._no_past = np.zeros((1, self.config.num_kv_heads, 0, self.config.head_dim), np.float32)
         self._batch = DecodeBatch(self.session, self.config, pruning=prune is not None, forces=self.forces,
                                   positioned=self.positioned) if batch else None
         self.manifest = manifest
@@ -126,7 +142,9 @@ class OnnxBackend:
 
             from edgetok.runtimes.kv import budgeted_cache
 
-            torch.set_num_threads(1)  # it only keeps the books: its idle workers would spin against ONNX Runtime's
+            torch.set_num_threads(1)  # its idle workers would spin against ONNX Runtime's
+            if self.attends_through:  # attention in the cache: its storage dtype (bf16 when approximate), stored forms
+                return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, reads="through")
             return budgeted_cache(kv, c.windows, c.num_heads, c.num_kv_heads, c.head_dim, dtype=torch.float32, reads="views")
         # sliding layers keep only what their window sees: the graph's attention reads the slots it is
         # given (ONNX Runtime's GroupQueryAttention reads them all, local_window_size or not); a pruned
@@ -140,6 +158,8 @@ class OnnxBackend:
         forced (S,) bool: tokens kept whatever their scores)."""
         assert self.prune is not None or prune_keep == 1.0
         self._settle(cache)
+        if self.attends_through and not isinstance(cache, ContiguousCache):
+            return self._forward_through(tokens, cache, last)
         start, n, layers = cache.length, len(tokens), self.config.num_layers
         # float32 arrays; the exact cache's are its own (contiguous) buffers: no copy
         views = [(np.ascontiguousarray(k), np.ascontiguousarray(v), length)
@@ -182,6 +202,52 @@ class OnnxBackend:
                     k, v = k[:, :, length : length + m], v[:, :, length : length + m]
                 cache.append(i, q, k, v)
         return logits[0].copy()  # a copy out: the bound array is the next run's too
+
+    def _forward_through(self, tokens: list[int], cache, last: int) -> np.ndarray:
+        """Logits (last, V): the graph runs without a past, its attention op handing each layer's
+        attention to the cache (_attend)."""
+        c, n = self.config, len(tokens)
+        views = [(self._no_past, self._no_past, 0)] * c.num_layers
+        bound = self._binding((n, last, "through", ((self._no_past.ctypes.data,) * 2,)), views, [False] * c.num_layers,
+                              n, last, pruning=False, reads=False)
+        bound.ids[0] = tokens
+        bound.positions[0] = np.arange(cache.length, cache.length + n)
+        self._through = (cache, None)
+        try:
+            with ort_ops.attending_through(self._hook) as calls:
+                try:
+                    self.session.run_with_iobinding(bound.binding)
+                except Exception:
+                    failure = self._through[1]
+                    if failure is not None:
+                        raise failure from None
+                    raise
+                ran = calls()
+        finally:
+            self._through = (None, None)
+        assert ran == c.num_layers, f"the graph's attention ran {ran} times for {c.num_layers} layers"
+        return bound.logits[0].copy()
+
+    def _attend(self, _user, layer: int, q: int, k: int, v: int, s: int, scale: float, out: int) -> int:
+        """The attention op's hand-over (ort_ops.ATTEND_HOOK): layer's rotated queries q (S, H, D),
+        new keys and values k, v (Hkv, S, D) → out (S, H·D) from the cache. The op's buffers are
+        reused by the next layer: the cache gets copies. → 0, or 1 with the failure kept."""
+        import torch
+
+        cache, _ = self._through
+        try:
+            c = self.config
+            hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+            queries = torch.from_numpy(_floats(q, (s, hq, d))).transpose(0, 1).contiguous()[None]  # (1, Hq, S, D)
+            if abs(scale * math.sqrt(d) - 1.0) > 1e-6:  # the cache's attention scales by 1/√D
+                queries *= scale * math.sqrt(d)
+            keys, values = (torch.from_numpy(_floats(x, (hkv, s, d)).copy())[None] for x in (k, v))
+            attended = cache.attend(layer, queries, keys, values)  # (1, Hq, S, D)
+            _floats(out, (s, hq * d))[:] = attended[0].transpose(0, 1).reshape(s, hq * d).float().numpy()
+            return 0
+        except BaseException as e:  # (nothing may cross back into ONNX Runtime's C++)
+            self._through = (cache, e)
+            return 1
 
     def forward_batch(self, tokens: list[int], caches: list[GraphCache]) -> np.ndarray:
         """(B, V): one graph run over the sequences' rows (onnx_batch.py); their K/V stays resident
@@ -357,6 +423,11 @@ class OnnxBackend:
     def load_prefix(self, cache: GraphCache, state: KVState) -> None:
         self._settle(cache)
         cache.state = state
+
+
+def _floats(address: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 array of `shape` at a C address (memory someone else keeps alive)."""
+    return np.ctypeslib.as_array((ctypes.c_float * math.prod(shape)).from_address(address)).reshape(shape)
 
 
 def onnx_logits(source: Source, tokens: list[int], threads: int | None = None, chunk: int = 256):

@@ -43,6 +43,14 @@ DECODE_CHUNK_BITS = 8  # chunks sealed during decode, under --kv-bits auto
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+def put(slab_k: torch.Tensor, slab_v: torch.Tensor, at: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v (Hkv, T, D) into the slabs' slots at..at+T, unless a graph wrote them there already."""
+    for slab, new in ((slab_k, k), (slab_v, v)):
+        dst = slab[:, at : at + new.shape[1]]
+        if dst.data_ptr() != new.data_ptr():
+            dst.copy_(new)
+
+
 @dataclass
 class Layer:
     """What the cache fitted to a layer's attention at end_prefill, and what selects its chunks."""
@@ -67,10 +75,14 @@ class SlabLayer(Layer):
 
 @dataclass
 class HomedLayer(Layer):
-    """Tiered: chunk ids in the TierStore (while prefilling, one provisional block per piece),
-    and the window of recent tokens in float."""
+    """Tiered: chunk ids in the TierStore, and the window of recent tokens in float. While
+    prefilling, the prompt is one provisional block per piece in the TierStore (attend(): a layer
+    at a time reads it), or, for a graph, a float slab the graph reads and writes in place."""
 
     keys: list[int] = field(default_factory=list)
+    prompt_k: torch.Tensor | None = None  # (Hkv, capacity, D): a graph's prompt, until cut()
+    prompt_v: torch.Tensor | None = None
+    prompt_n: int = 0
     window_k: torch.Tensor | None = None  # (Hkv, w, D)
     window_v: torch.Tensor | None = None
     last_keys: list[int] | None = None  # the chunks read at the previous step: predicts the next ones
@@ -91,6 +103,22 @@ class Storage(ABC):
     @abstractmethod
     def new_layer(self) -> Layer:
         """An empty layer record."""
+
+    def grown(self, k: torch.Tensor | None, v: torch.Tensor | None, n: int, needed: int, unit: int = 1) -> KV:
+        """Slabs (Hkv, capacity, D) holding the first n tokens of k, v (None: none yet) with room
+        for `needed` tokens: k, v themselves when they have it, else new ones a quarter larger
+        (capacity a multiple of `unit`)."""
+        if k is not None and needed <= k.shape[1]:
+            return k, v
+        cap = max(256, needed + 256, needed * 5 // 4)
+        cap = -(-cap // unit) * unit
+        shape = (self.n_kv, cap, self.head_dim)
+        # Zeros, not garbage: a graph reads the whole slab in prefill and masks the spare slots
+        # (a NaN there would survive the mask).
+        new_k, new_v = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        if n:
+            new_k[:, :n], new_v[:, :n] = k[:, :n], v[:, :n]
+        return new_k, new_v
 
     def reset(self) -> None:
         """Forget every token."""
@@ -218,27 +246,12 @@ class ResidentStorage(Storage):
         return SlabLayer()
 
     def _grow(self, layer: SlabLayer, needed: int) -> None:
-        """Room in the slab for `needed` tokens (a quarter more each time it grows)."""
-        if layer.slab_k is not None and needed <= layer.slab_k.shape[1]:
-            return
-        cap = max(256, needed + 256, needed * 5 // 4)
-        cap = -(-cap // self.unit) * self.unit
-        shape = (self.n_kv, cap, self.head_dim)
-        # Zeros, not garbage: a graph reads the whole slab in prefill and masks the spare slots
-        # (a NaN there would survive the mask).
-        new_k, new_v = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
-        if layer.n:
-            new_k[:, : layer.n], new_v[:, : layer.n] = layer.slab_k[:, : layer.n], layer.slab_v[:, : layer.n]
-        layer.slab_k, layer.slab_v = new_k, new_v
+        layer.slab_k, layer.slab_v = self.grown(layer.slab_k, layer.slab_v, layer.n, needed, self.unit)
 
     def append(self, layer: SlabLayer, k: torch.Tensor, v: torch.Tensor) -> None:
-        t = k.shape[1]
-        self._grow(layer, layer.n + t)
-        for slab, new in ((layer.slab_k, k), (layer.slab_v, v)):
-            dst = slab[:, layer.n : layer.n + t]
-            if dst.data_ptr() != new.data_ptr():  # a graph may have written them in place
-                dst.copy_(new)
-        layer.n += t
+        self._grow(layer, layer.n + k.shape[1])
+        put(layer.slab_k, layer.slab_v, layer.n, k, v)
+        layer.n += k.shape[1]
 
     def add_prompt(self, layer: SlabLayer, k: torch.Tensor, v: torch.Tensor) -> None:
         self.append(layer, k, v)  # prompt and decoded tokens alike: into the slab
@@ -385,10 +398,19 @@ class TieredStorage(Storage):
 
     # -- the prompt --------------------------------------------------------------------------------
     def add_prompt(self, layer: HomedLayer, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.forms or layer.prompt_k is not None:  # a graph's: into the prompt slab (where it may have written them)
+            layer.prompt_k, layer.prompt_v = self.grown(layer.prompt_k, layer.prompt_v, layer.prompt_n,
+                                                        layer.prompt_n + k.shape[1])
+            put(layer.prompt_k, layer.prompt_v, layer.prompt_n, k, v)
+            layer.prompt_n += k.shape[1]
+            return
         # provisional, exact: one block per piece, until cut() makes chunks of the whole prompt
         layer.keys.append(self._store_chunk(k.to(self.dtype), v.to(self.dtype), 32, heat=0.0))
 
     def prefill(self, layer: HomedLayer, k: torch.Tensor, v: torch.Tensor) -> KV:
+        if layer.prompt_k is not None:  # (a graph's prompt slab: exact, in place)
+            self.add_prompt(layer, k, v)
+            return self.layer_kv(layer)
         past = self.layer_kv(layer) if layer.keys else None  # before this piece is stored
         k, v = k.to(self.dtype), v.to(self.dtype)
         self.add_prompt(layer, k, v)
@@ -400,18 +422,26 @@ class TieredStorage(Storage):
         return decode_many(got, self.dtype) if self.forms and got else got
 
     def layer_kv(self, layer: HomedLayer) -> KV:
+        if layer.prompt_k is not None:
+            return layer.prompt_k[:, : layer.prompt_n], layer.prompt_v[:, : layer.prompt_n]
         parts = self.fetch_float(layer.keys) if layer.keys else []
         if layer.window_k is not None:
             parts.append((layer.window_k, layer.window_v))
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
     def prompt_view(self, layer: HomedLayer, reserve: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A copy, exactly the stored tokens (no room: a graph appends its new tokens)."""
-        if not layer.keys:
-            empty = torch.zeros(self.n_kv, 0, self.head_dim, dtype=self.dtype)
-            return empty[None], empty[None], 0
-        keys, values = self.layer_kv(layer)
-        return keys[None], values[None], keys.shape[1]
+        """The prompt slab itself, with room for `reserve` more tokens (the graph writes them
+        there): a whole-model graph reads every layer's prompt at once, so the prompt is in RAM
+        in float while it prefills (the plan counts it); copies of it would double that."""
+        if layer.prompt_k is None and layer.keys:  # prefilled by attend() so far: its blocks become the slab
+            keys, values = self.layer_kv(layer)
+            for key in layer.keys:
+                self.store.drop(key)
+            layer.keys, layer.prompt_n = [], keys.shape[1]
+            layer.prompt_k, layer.prompt_v = self.grown(keys, values, keys.shape[1], keys.shape[1] + reserve)
+        layer.prompt_k, layer.prompt_v = self.grown(layer.prompt_k, layer.prompt_v, layer.prompt_n,
+                                                    layer.prompt_n + reserve)
+        return layer.prompt_k[None], layer.prompt_v[None], layer.prompt_n
 
     def cut(self, layer: HomedLayer, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
         """Chunks stored at a bit width by their importance (sinks stay sharp under auto)."""
@@ -427,6 +457,8 @@ class TieredStorage(Storage):
             b = 16 if (j * size < self.sink_tokens and self.bits == "auto") else bits[j]
             layer.keys.append(self._store_chunk(keys[:, sl], values[:, sl], b, heat=imp[j] * 10))
         layer.window_k, layer.window_v = keys[:, c * size :].clone(), values[:, c * size :].clone()
+        layer.prompt_k = layer.prompt_v = None  # (keys and values were its views: freed with the caller's)
+        layer.prompt_n = 0
 
     def end_prefill(self) -> None:
         self.store.read_bytes.clear()
@@ -513,7 +545,9 @@ class TieredStorage(Storage):
         return {tier: self.store.read_bytes[tier] for tier in (DEVICE, HOST, DISK)}
 
     def resident_bytes(self) -> dict[str, int]:
-        return {tier: self.store.used[tier] for tier in (DEVICE, HOST, DISK)}
+        held = {tier: self.store.used[tier] for tier in (DEVICE, HOST, DISK)}
+        held[DEVICE] += sum(2 * layer.prompt_k[:, : layer.prompt_n].nbytes for layer in self.layers if layer.prompt_k is not None)
+        return held
 
     def disk_stats(self) -> dict:
         return {} if self.store.disk is None else disk_report(self.counters, self.store.disk.uncached)

@@ -50,9 +50,15 @@ class TieredCache(AttendingCache, GraphCache):
         dtype: torch.dtype | None = None, reads: str = "kernel",
     ) -> None:
         """dtype: of the K/V attention reads (default: bf16 when approximate, float32 when exact);
-        reads: what mostly drives it, so what its device tier caches — "kernel" (attend(): the
-        mixed-bit kernel reads stored forms) or "views" (a graph: float copies to stage)."""
-        assert reads in ("kernel", "views"), reads
+        reads: what drives it, so what its device tier caches — "kernel" (attend(): the mixed-bit
+        kernel reads stored forms), "views" (a graph: float copies to stage), or "through" (a
+        graph that hands each layer's attention to attend(): stored forms, and every layer's
+        chunks selected at once when the first layer's arrive, each with its last query — the
+        hand-over costs a call per layer, a selection per layer would cost as much again)."""
+        assert reads in ("kernel", "views", "through"), reads
+        attends = reads != "views"
+        self.selects_ahead = reads == "through"
+        self._chosen: list = []  # selects_ahead: this step's chunks, per layer
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
         self.lengths = [0] * num_layers  # tokens stored per layer
@@ -63,7 +69,7 @@ class TieredCache(AttendingCache, GraphCache):
         self.dtype = dtype or (torch.float32 if self.bits == "32" else torch.bfloat16)
         self.counters = Counters()
         common = (num_layers, num_kv_heads, head_dim, self.dtype, self.counters)
-        self.storage: Storage = (TieredStorage(*common, cfg, self.bits, reads_forms=reads == "kernel") if cfg.needs_homes
+        self.storage: Storage = (TieredStorage(*common, cfg, self.bits, reads_forms=attends) if cfg.needs_homes
                                  else ResidentStorage(*common, unit=math.lcm(*cfg.chunk_sizes)))
         self.layers: list[Layer] = self.storage.layers  # (the storage's records: one list)
         # (L, Hkv, 2D, capacity): per layer, the max then min keys of each chunk, float32 (bounds are
@@ -72,8 +78,8 @@ class TieredCache(AttendingCache, GraphCache):
         self.pinned = torch.zeros(num_layers, 0, dtype=torch.bool)  # (L, capacity): chunks always read (policy.pinned_chunks)
         # KVConfig.summaries: when on, (L, Hkv, capacity, 2D) float32, each chunk's mean key and
         # mean value (kernels/summaries.py), resident: 1/8 of bf16 K/V at 16-token chunks
-        self.summarize = cfg.summaries_for(attends=reads == "kernel")
-        self.per_head = cfg.per_head_for(attends=reads == "kernel")  # each KV head selects its own chunks
+        self.summarize = cfg.summaries_for(attends=attends)
+        self.per_head = cfg.per_head_for(attends=attends)  # each KV head selects its own chunks
         self.summaries = torch.zeros(num_layers, num_kv_heads, 0, 2 * head_dim)
         self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
@@ -170,6 +176,7 @@ class TieredCache(AttendingCache, GraphCache):
         if self.layers[layer].chunk_size == 0:  # prefill: exact
             keys, values = self.storage.prefill(self.layers[layer], k, v)
             self._observe(self.layers[layer], q)
+            self.layers[layer].q_last, self.layers[layer].q_tail = q[:, -1], q
             out = self._attend(q, keys, values, k.shape[1])
         else:
             out = self._attend_decode(layer, q, k, v)
@@ -187,10 +194,13 @@ class TieredCache(AttendingCache, GraphCache):
         layer.q_obs = q[:, -w:] if layer.q_obs is None else torch.cat([layer.q_obs, q], 1)[:, -w:]
 
     def _attend_decode(self, i: int, q, k, v) -> torch.Tensor:
+        layer = self.layers[i]
         if i == 0:
             self._begin_step()
-        layer = self.layers[i]
-        chosen = self._select(i, q[:, -1])
+            if self.selects_ahead:  # every layer's chunks now, with each layer's last query
+                self._chosen = self._select_layers(slice(None), torch.stack([x.q_last for x in self.layers]))
+        chosen = self._chosen[i] if self.selects_ahead else self._select(i, q[:, -1])
+        layer.q_last, layer.q_tail = q[:, -1], q  # (the next step's selection ahead, or a rollback's)
         self.storage.append(layer, k, v)
         if chosen is None or len(chosen) == 1:  # the mixed-bit op: chunks read where they live
             out, lse, attended = self.storage.attend(i, None if chosen is None else chosen[0], q)
@@ -300,17 +310,30 @@ class TieredCache(AttendingCache, GraphCache):
     def _select(self, i: int, q: torch.Tensor) -> list[torch.Tensor] | None:
         """Chunk indices (sorted) layer i attends to for query q (Hq, D): one list for all KV heads,
         or (per-head selection) one per KV head; None = all of them."""
-        plan = self._plan(i)
-        if plan is None:
-            return None
-        args = [torch.tensor([x]) for x in (self.layers[i].n_chunks, *plan)]
-        chosen, valid, estimated = select_chunks(q[None], self.abstracts[i : i + 1, :, :, : self.layers[i].n_chunks], *args,
-                                                 self.cfg.coverage, self.temperatures[i : i + 1], self.pinned[i : i + 1],
+        return self._select_layers(slice(i, i + 1), q[None])[0]
+
+    def _select_layers(self, layers: slice, q: torch.Tensor) -> list[list[torch.Tensor] | None]:
+        """_select for a run of layers at once, q (L, Hq, D) their queries: one batched selection."""
+        ids = range(len(self.layers))[layers]
+        plans = [self._plan(i) for i in ids]
+        if all(plan is None for plan in plans):
+            return [None] * len(ids)
+        counts = [self.layers[i].n_chunks for i in ids]
+        rows = [(c, c, 0, 0) if plan is None else (c, *plan) for c, plan in zip(counts, plans)]
+        counts_t, keep, sinks, recent = torch.tensor(rows).T
+        chosen, valid, estimated = select_chunks(q, self.abstracts[layers, :, :, : max(counts)], counts_t, keep, sinks, recent,
+                                                 self.cfg.coverage, self.temperatures[layers], self.pinned[layers],
                                                  per_head=self.per_head)
-        self.fidelity.promise(i, estimated[0])
         if not self.per_head:
-            chosen, valid = chosen[:, None], valid[:, None]  # (1, 1 group, K)
-        return [ids[: int(n)].sort().values for ids, n in zip(chosen[0], valid[0].sum(-1))]
+            chosen, valid = chosen[:, None], valid[:, None]  # (L, 1 group, K)
+        out = []
+        for j, (i, plan) in enumerate(zip(ids, plans)):
+            if plan is None:
+                out.append(None)
+                continue
+            self.fidelity.promise(i, estimated[j])
+            out.append([group[: int(n)].sort().values for group, n in zip(chosen[j], valid[j].sum(-1))])
+        return out
 
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's chunks for this step, chosen at once with each layer's last query:
@@ -420,7 +443,7 @@ class TieredCache(AttendingCache, GraphCache):
 
     def advance(self, i: int, q: np.ndarray, n: int) -> None:
         layer = self.layers[i]
-        # prefill: the view was the slab itself (a tiered storage's prompt views have no room)
+        # prefill: the view was the prompt's slab, the new tokens written after its P
         k, v, p = self.storage.prompt_view(layer, 0) if layer.chunk_size == 0 else self._views[i]
         assert p + n <= k.shape[2], "advance() past the view's room: append() the new tokens"
         self._store(i, to_torch(q), k[:, :, p : p + n], v[:, :, p : p + n])

@@ -1,0 +1,118 @@
+"""A budgeted cache attended through edgetok's attention operator: the graph runs without a past and
+each layer's attention op hands its queries and new K/V to the cache (attention_op.cpp's hook,
+OnnxBackend._forward_through). Exact at a full budget, on every tier; the cache's own failures
+come back as they were raised."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+import edgetok
+from edgetok.errors import EdgetokError
+from edgetok.kernels import mixed_attention, ort_ops
+
+pytestmark = pytest.mark.skipif(not ort_ops.attention_available(), reason="edgetok's attention operator needs AVX2 + FMA")
+
+PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+OPTIONS = dict(max_new_tokens=12, prefill_chunk=24)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_folder, tiny_gemma_folder, tmp_path_factory) -> dict:
+    """The default engine's recipe (int4, float activations: MatMulQ4 and edgetok's attention)."""
+    out = {}
+    for name, folder in (("llama", tiny_folder), ("gemma", tiny_gemma_folder)):
+        out[name] = tmp_path_factory.mktemp(f"through-{name}") / "q4"
+        r = run_cli("export", folder, "--format", "onnx", "--weights", "int4", "--activations", "float", "--no-verify",
+                    "-o", out[name])
+        assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_a_full_budget_through_the_operator_is_the_exact_cache(exports, family, tmp_path):
+    want = edgetok.load(str(exports[family])).generate(PROMPT, **OPTIONS).tokens
+    for kv in (edgetok.KVConfig(budget="100%", chunk_sizes=(4, 8)),
+               edgetok.KVConfig(budget="100%", chunk_sizes=(4, 8), device_mb=0.01, host_mb=0.01, disk_dir=tmp_path,
+                                bits="32")):
+        model = edgetok.load(str(exports[family]), kv=kv)
+        backend = model.engine.backend
+        assert backend.attends_through
+        result = model.generate(PROMPT, **OPTIONS)
+        assert result.tokens == want
+        assert result.stats.kv["attention"] in mixed_attention.isas()  # the mixed-bit kernel ran in the cache
+
+
+def test_a_small_budget_selects_and_reads_stored_widths(exports, tmp_path):
+    kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), device_mb=0.01, host_mb=0.01,
+                          disk_dir=tmp_path, bits="auto")
+    result = edgetok.load(str(exports["llama"]), kv=kv).generate(PROMPT, **OPTIONS)
+    stats = result.stats.kv
+    assert 0 < stats["budget_used"] < 0.6 and stats["decode_steps"] == OPTIONS["max_new_tokens"] - 1
+    assert stats["bytes_read_per_token"]["disk"] > 0  # chunks came from the disk tier, layer by layer
+
+
+def test_summaries_and_per_head_selection_run_on_the_graph(exports):
+    """What needed the torch backend (the cache computing attention) runs on ONNX Runtime now."""
+    kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), selection="head", summaries="on")
+    model = edgetok.load(str(exports["llama"]), kv=kv)
+    assert model.choice.backend == "onnxruntime"
+    stats = model.generate(PROMPT, **OPTIONS).stats.kv
+    assert stats["selection"] == "head" and stats["summaries"] == "on"
+
+
+class Failing(Exception):
+    pass
+
+
+def test_the_caches_failure_comes_back_as_raised(exports):
+    model = edgetok.load(str(exports["llama"]), kv=edgetok.KVConfig(budget="100%", chunk_sizes=(4, 8)))
+    backend = model.engine.backend
+    cache = backend.new_cache()
+
+    def attend(layer, q, k, v):
+        raise Failing(f"layer {layer}")
+
+    cache.attend = attend
+    with pytest.raises(Failing, match="layer 0"):
+        backend.forward([5, 6, 7], cache)
+    fresh = backend.new_cache()  # the hook is cleared: the next run is whole again
+    assert np.isfinite(backend.forward([5, 6, 7], fresh)).all()
+
+
+def test_the_hook_counts_layers_and_a_refusal_fails_the_run(exports):
+    calls = []
+
+    @ort_ops.ATTEND_HOOK
+    def hook(_user, layer, q, k, v, s, scale, out):
+        calls.append((layer, s))
+        return 1  # refuse: the run fails
+
+    backend = edgetok.load(str(exports["llama"])).engine.backend
+    with ort_ops.attending_through(hook) as count:
+        with pytest.raises(Exception, match="caller's attention failed"):
+            backend.session.run(None, _feeds(backend, 3))
+        assert count() == 1 and calls == [(0, 3)]
+    assert np.isfinite(backend.session.run(None, _feeds(backend, 3))[0]).all()  # outside: the op attends itself
+
+
+def _feeds(backend, n: int) -> dict:
+    c = backend.config
+    empty = np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32)
+    feeds = {"input_ids": np.arange(5, 5 + n)[None], "position_ids": np.arange(n)[None],
+             "past_length": np.zeros((1, c.num_layers), np.int64), "logits_to_keep": np.array([1])}
+    for i in range(c.num_layers):
+        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = empty
+    return feeds
+
+
+def test_an_export_without_the_operator_reads_views(tiny_folder, tmp_path):
+    out = tmp_path / "int8"
+    r = run_cli("export", tiny_folder, "--format", "onnx", "--weights", "int8", "--no-verify", "-o", out)
+    assert r.exit_code == 0, r.output
+    model = edgetok.load(str(out), kv=edgetok.KVConfig(budget="100%", chunk_sizes=(4, 8)))
+    assert not model.engine.backend.attends_through
+    with pytest.raises(EdgetokError, match="torch backend"):
+        edgetok.load(str(out), kv=edgetok.KVConfig(budget="25%", summaries="on")).generate(PROMPT, **OPTIONS)
