@@ -14,7 +14,6 @@ import onnx
 import pytest
 
 import edgetok
-from edgetok.errors import EdgetokError
 from edgetok.exporters.default import default_export, export_folder
 from edgetok.kernels import ort_ops
 from edgetok.models.sources import load_source
