@@ -89,9 +89,12 @@ def genai_config(cfg: ModelConfig, tokenizer) -> dict:
     default, the cache shared between past and present (GroupQueryAttention writes in place)."""
     eos = cfg.eos_token_ids or list(tokenizer.eos_ids)
     pad = eos[0] if eos else 0
+    bos = next((b for b in (cfg.bos_token_id, tokenizer.bos_id) if b is not None), None)
     return {
         "model": {
-            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else pad,
+            # an integer, always: onnxruntime-genai's config reader wants one, and a model without a
+            # BOS token gets none either way (the tokenizer files decide what encoding adds)
+            "bos_token_id": pad if bos is None else bos,
             "context_length": cfg.max_context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
