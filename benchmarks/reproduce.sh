@@ -23,6 +23,7 @@ if want onnx; then  # ONNX export: size and parity; decode vs onnxruntime-genai
     --system 'int8 KV 25%=--weights int8 --kv-budget 25%' --onnx int4 --onnx 'int4 --zero-points integer --head-bits 4' \
     --onnx 'int4 --attention standard' --threads 2 --repeat 2 --out benchmarks/results/bench-2t
 fi
+if want genai; then $PY benchmarks/genai_agreement.py; fi  # --genai folders in onnxruntime-genai: greedy agreement, parity
 if want spec; then  # speculative decoding: edgetok (the default engine, torch) vs transformers' and llama.cpp's lookup decoding
   $LOCK $PY benchmarks/speculative_costs.py --out benchmarks/results/speculative_costs.json
   $LOCK $PY benchmarks/speculative_costs.py --engine torch --out benchmarks/results/speculative_costs_torch.json

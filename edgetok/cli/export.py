@@ -57,6 +57,10 @@ def _int_or_none(ctx, param, value):
 @click.option("--prune-after-layer", type=click.IntRange(min=0), default=None,
               help="ONNX: the layer after which the graph can prune a prompt, for edgetok run --prune-prompt "
                    "(none by default: decoding is ~10% faster without)")
+@click.option("--genai", is_flag=True,
+              help="ONNX: a folder onnxruntime-genai runs (onnxruntime_genai.Model(folder)): its KV inputs and outputs, "
+                   "genai_config.json and the tokenizer files, standard and com.microsoft operators only; edgetok "
+                   "runs the same export made without --genai")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None,
               help="fail (and write nothing) if the parity report's mean KL exceeds this; with --quant / --weights "
                    "auto, the allocator's goal instead: the cheapest mix meeting it on the calibration text")
@@ -90,8 +94,9 @@ def _int_or_none(ctx, param, value):
 def command(fmt, as_json, **kw):
     """Export MODEL to a compressed artifact, with a parity report against the fp32 reference."""
     if fmt != "onnx" and (kw["attention"] or kw["prune_after_layer"] is not None or kw["zero_points"] != "exact"
-                          or kw["head_bits"] != 8 or kw["activations"] != "int8"):
-        raise EdgetokError("--attention, --prune-after-layer, --zero-points, --head-bits and --activations apply to --format onnx")
+                          or kw["head_bits"] != 8 or kw["activations"] != "int8" or kw["genai"]):
+        raise EdgetokError("--attention, --prune-after-layer, --zero-points, --head-bits, --activations and --genai "
+                           "apply to --format onnx")
     if fmt != "gguf" and (kw["tensor_type"] or kw["imatrix"] or kw["save_imatrix"]):
         raise EdgetokError("--tensor-type, --imatrix and --save-imatrix apply to --format gguf")
     if fmt == "hf" and kw["target_bits"] is not None:
@@ -144,6 +149,8 @@ def _print_onnx_export(o, manifest) -> None:
     if manifest.parity_summary is not None:
         click.echo(f"parity vs fp32: {manifest.parity_summary}")
     click.echo(f"report: {o.output / ONNX_MANIFEST}")
+    if o.genai:
+        click.echo(f"runs in onnxruntime-genai: onnxruntime_genai.Model('{o.output}')")
 
 
 def _print_allocation(manifest) -> None:

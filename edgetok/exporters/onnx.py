@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.exporters import genai
 from edgetok.exporters import onnx_rewrites as rewrites
 from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
 from edgetok.exporters.hf import write_model_files
@@ -34,6 +35,7 @@ from edgetok.models.names import (
     O_PROJ,
     QKV_FUSED,
     fused_parts,
+    genai_io_names,
     io_names,
     layer,
 )
@@ -204,6 +206,8 @@ class OnnxExport:
     def __init__(self, options: OnnxOptions) -> None:
         self.options = options
         self.outputs = [options.output]
+        if options.genai:
+            self.runtime = genai.runtime()
 
     def code_grid(self) -> tuple[int, int, dict]:
         o = self.options
@@ -239,12 +243,16 @@ class OnnxExport:
             # for 8-bit). --qdq graphs run in float on CPU (see runtimes/backends/onnxruntime.py).
             # (the head keeps int8 activations: its float kernel is ~9× slower per token)
             # (--weights source: only its 4-bit matrices; ONNX Runtime has no fast float kernel for 8 bits)
+            # (--genai: onnxruntime-genai cannot load edgetok's operators; exporters/genai.py says why)
             exact = o.activations == "float"
             rewrites.to_matmul_nbits(self.model, quantizer, frozenset({"linear"}) if exact else frozenset(),
-                                     exact_top=EXACT_TOP if exact else 0, float_max_bits=4 if o.weights == SOURCE else 8)
+                                     exact_top=EXACT_TOP if exact else 0, float_max_bits=4 if o.weights == SOURCE else 8,
+                                     edgetok_ops=not o.genai)
             rewrites.to_fp16(self.model)  # the scales and zero points
-            if exact and ort_ops.attention_available():  # the default engine's recipe: edgetok's own kernels
+            if exact and not o.genai and ort_ops.attention_available():  # the default engine's recipe: edgetok's own kernels
                 rewrites.to_edgetok_attention(self.model)
+        if o.genai:
+            genai.to_genai_interface(self.model, self.config)
 
     def write(self, source: Source, paths: list[Path]) -> OnnxManifest:
         """The folder, with its manifest: the parity report loads it as a model."""
@@ -257,6 +265,8 @@ class OnnxExport:
         self.model = None  # the graph's copy of the weights: free it before the parity report
         source.tokenizer.save(folder)
         write_model_files(source, folder)
+        if o.genai:
+            genai.write_genai_config(folder, self.config, source.tokenizer)
         for f in folder.iterdir():
             f.chmod(0o644)  # onnx writes external data private
         graph = [folder / ONNX_MODEL, folder / ONNX_DATA]
@@ -277,8 +287,10 @@ class OnnxExport:
             attention=o.attention,
             edgetok_ops=edgetok_ops,
             prune=self.prune,
-            io=io_names(source.config.num_layers, self.prune is not None,
-                        bool(self.prune and self.prune.positioned_layers(self.config.graph_windows))),
+            io=genai_io_names(source.config.num_layers) if o.genai else
+            io_names(source.config.num_layers, self.prune is not None,
+                     bool(self.prune and self.prune.positioned_layers(self.config.graph_windows))),
+            genai=o.genai or None,
             rope_inv_freq=graph_inv_freq(self.config, self.float_weights).tolist(),
             files={"model": ONNX_MODEL, "data": ONNX_DATA},
             graph_sha256="".join(hashes[f.name][:32] for f in graph),
@@ -290,6 +302,8 @@ class OnnxExport:
         return manifest
 
     def logits(self, paths: list[Path], tokens: list[int]) -> torch.Tensor:
+        if self.options.genai:  # the parity report measures what onnxruntime-genai runs
+            return genai.genai_logits(paths[0], tokens, self.options.threads)
         from edgetok.runtimes.backends.onnxruntime import onnx_logits
 
         return onnx_logits(load_source(str(paths[0])), tokens, self.options.threads)

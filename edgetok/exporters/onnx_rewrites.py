@@ -195,7 +195,7 @@ INT8_ACTIVATIONS, FLOAT_ACTIVATIONS = 4, 0  # MatMulNBits' accuracy_level
 
 
 def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: frozenset[str] = frozenset(),
-                    exact_top: int = 0, float_max_bits: int = 8) -> None:
+                    exact_top: int = 0, float_max_bits: int = 8, edgetok_ops: bool = True) -> None:
     """Every linear, the head and the embedding as block-quantized weights, at the bit width the
     quantizer chose for each (4 or 8), in place.
 
@@ -209,7 +209,8 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
     reference's, while the head keeps its fast integer kernel (its float kernel is ~9× slower).
     float_max_bits: matrices of more bits take int8 activations even in float_kinds.
     The 4-bit linears in float_kinds become edgetok's MatMulQ4 (kernels/ort_ops.py) when their
-    blocks suit it: the same codes, float32 arithmetic at about the int8 kernel's speed.
+    blocks suit it: the same codes, float32 arithmetic at about the int8 kernel's speed; with
+    edgetok_ops False (a graph for runtimes without edgetok's library) they stay MatMulNBits.
     """
     g = _Graph(model, "nbits")
     g.use_domain(MS_DOMAIN)
@@ -266,7 +267,7 @@ def to_matmul_nbits(model: onnx.ModelProto, quantizer: Quantizer, float_kinds: f
         block = g.inits[b].dims[2] * 8 // bits
         x, y = n.input[0], n.output[0]
         rescore = exact_top > 0 and kind == "head" and kind not in float_kinds
-        if kind in float_kinds and bits == 4 and block % ort_ops.Q4_BLOCK_MULTIPLE == 0 and not rescore:
+        if edgetok_ops and kind in float_kinds and bits == 4 and block % ort_ops.Q4_BLOCK_MULTIPLE == 0 and not rescore:
             g.use_domain(ort_ops.DOMAIN)
             g.node(ort_ops.MATMUL_Q4, [x, b, scales, offsets_q4(name)], domain=ort_ops.DOMAIN, outputs=[y],
                    K=k, N=g.inits[b].dims[0], block_size=block)

@@ -158,6 +158,8 @@ class OnnxOptions(ExportOptions):
     kernels quantize each block of activations: fastest) or float (the fp32 reference's next
     tokens kept on ≥ 98 % of positions of every text measured, ~15 % slower decode; BENCHMARKS.md).
     The LM head keeps int8 activations either way: its float kernel is ~9× slower per token.
+    genai: the folder is for onnxruntime-genai (exporters/genai.py): its inputs and outputs, its
+    genai_config.json, standard and com.microsoft operators only.
     """
 
     weights: str | None = None  # None: int4, or auto with --target-bits
@@ -169,6 +171,7 @@ class OnnxOptions(ExportOptions):
     opset: int = DEFAULT_OPSET
     attention: str | None = None
     prune_after_layer: int | None = None
+    genai: bool = False
 
     DEFAULT_EVAL_TOKENS: ClassVar[int] = 1024
 
@@ -205,6 +208,15 @@ class OnnxOptions(ExportOptions):
             raise EdgetokError("--activations applies to --weights int4 or int8 MatMulNBits (no --qdq)")
         if self.prune_after_layer is not None and self.prune_after_layer < 0:
             raise EdgetokError(f"--prune-after-layer must be 0 or more, not {self.prune_after_layer}")
+        if self.genai:
+            # onnxruntime-genai drives only what its cache feeds: one KV buffer per layer that
+            # GroupQueryAttention writes in place, no pruning inputs
+            if self.attention != "gqa":
+                raise EdgetokError("--genai graphs keep onnxruntime-genai's KV cache in GroupQueryAttention: "
+                                   "drop --qdq and --attention standard")
+            if self.prune_after_layer is not None:
+                raise EdgetokError("--genai graphs cannot prune prompts (onnxruntime-genai feeds no pruning inputs): "
+                                   "drop --prune-after-layer")
         if quantized and self.weights != SOURCE and self.block_size is None and not (self.qdq and self.weights == "int8"):
             object.__setattr__(self, "block_size", DEFAULT_BLOCK)
 

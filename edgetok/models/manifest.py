@@ -211,6 +211,9 @@ class OnnxManifest(_Json):
     export_seconds: float | None = field(default=None, metadata=_OPTIONAL)
     # --weights auto: exporters/allocate.py's Allocation (each matrix's type, and why)
     allocation: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
+    # --genai: the graph has onnxruntime-genai's inputs and outputs (exporters/genai.py) and runs
+    # there, not on edgetok's onnxruntime backend; None: edgetok's own
+    genai: bool | None = field(default=None, metadata=_OPTIONAL)
 
     _READERS: ClassVar = {"source": SourceRecord.from_json, "config": ModelConfig.from_dict,
                           "prune": lambda d: PruneSpec(**d), "parity": lambda d: Parity(**d)}

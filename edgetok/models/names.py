@@ -154,3 +154,28 @@ def io_names(num_layers: int, prune: bool, positions: bool = False) -> dict[str,
                    *([PAST_POSITIONS] if positions else []), *kv(past)],
         "outputs": [LOGITS, *kv(present), *(qkv(i) for i in range(num_layers)), *([KEPT] if prune else [])],
     }
+
+
+# -- onnxruntime-genai's names for the same graph (edgetok export --genai; exporters/genai.py) ------------
+# As onnxruntime-genai's model builder names them: genai_config.json's decoder inputs / outputs say
+# so too, but other tools (and genai's defaults) expect these.
+GENAI_ATTENTION_MASK = "attention_mask"  # int64 (B, past + new): 1 for every token the model sees
+GENAI_PAST_PATTERN = {"key": "past_key_values.%d.key", "value": "past_key_values.%d.value"}
+GENAI_PRESENT_PATTERN = {"key": "present.%d.key", "value": "present.%d.value"}
+
+
+def genai_past(kind: str, i: int) -> str:
+    """Layer i's past keys or values under onnxruntime-genai's name: past_key_values.3.key."""
+    return GENAI_PAST_PATTERN[kind] % i
+
+
+def genai_present(kind: str, i: int) -> str:
+    """Layer i's keys or values after the call, under onnxruntime-genai's name: present.3.value."""
+    return GENAI_PRESENT_PATTERN[kind] % i
+
+
+def genai_io_names(num_layers: int) -> dict[str, list[str]]:
+    """A --genai graph's inputs and outputs in order, as its manifest records them."""
+    kv = lambda name: [name(kind, i) for i in range(num_layers) for kind in KV_KINDS]  # noqa: E731
+    return {"inputs": [INPUT_IDS, GENAI_ATTENTION_MASK, POSITION_IDS, *kv(genai_past)],
+            "outputs": [LOGITS, *kv(genai_present)]}

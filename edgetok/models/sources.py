@@ -220,8 +220,9 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
     info = {k: raw[k] for k in ("weights", "block_size", "qdq", "opset", "method", "attention", "prune", "rope_inv_freq")}
     form = "QDQ" if info["qdq"] else "MatMulNBits" if info["method"] else "float"
     block = f"block {info['block_size']}" if info["block_size"] else None
+    runs_in = "for onnxruntime-genai" if manifest.genai else None  # (--genai: not edgetok's backend)
     info["dtypes"] = [", ".join(x for x in (f"{info['weights']} {info['method'] or ''}".strip(), block, form,
-                                            f"opset {info['opset']}") if x)]
+                                            f"opset {info['opset']}", runs_in) if x)]
     info |= {"format": "onnx", "sha256": raw["graph_sha256"], "source": raw["source"],
              "size_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
     return Source(ref, folder, "onnx", manifest.config, Tokenizer.load(folder), no_weights, info, manifest)

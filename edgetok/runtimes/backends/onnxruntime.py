@@ -93,6 +93,9 @@ class OnnxBackend:
 
     def __init__(self, source: Source, provider: str = "cpu", threads: int | None = None, kv: KVConfig | None = None) -> None:
         assert source.format == "onnx", source.format
+        if source.manifest.genai:
+            raise EdgetokError(f"{source.path} was exported with --genai for onnxruntime-genai "
+                               "(onnxruntime_genai.Model(folder)); edgetok runs the same export made without --genai")
         self.config = source.config
         self.weights_fidelity = weights_effect(source, "as stored")
         # a forward of 2 tokens costs 1.15x one, of 4 1.38x, of 8 2.06x (SmolLM2's default export on
