@@ -129,7 +129,7 @@ class DecodeBatch:
         """New buffers (rows, Hkv, capacity, D), the rows' tokens copied over; zeros elsewhere (the
         graph reads whole buffers and masks the spare slots: zeros are never NaN)."""
         c = self.config
-        rows = rows or self.k[0].shape[0]
+        rows = max(rows or 0, self.k[0].shape[0] if self.k else 0)  # (never fewer: rows may hold sequences)
         for bufs in (self.k, self.v):
             for i in range(c.num_layers):
                 new = np.zeros((rows, c.num_kv_heads, capacity, c.head_dim), dtype=np.float32)

@@ -84,3 +84,17 @@ def test_a_batch_of_one_and_growth_past_the_buffers(onnx_model):
         single = backend.forward([token_b], b)[-1]
         np.testing.assert_allclose(row, single, atol=1e-4, rtol=0)
         token_a = token_b = int(np.argmax(single))
+
+
+def test_a_long_sequence_joining_a_smaller_batch_keeps_the_rows(onnx_model):
+    """Rows were allocated for four sequences; two remain, and a sequence longer than the buffers
+    joins: the buffers grow in length without losing rows (they once shrank to 2·rows in use)."""
+    backend = onnx_model.engine.backend
+    vocab = backend.config.vocab_size
+    short = [prefilled(backend, ids(6, seed, vocab)) for seed in range(4)]
+    backend.forward_batch([t for _, t in short], [c for c, _ in short])  # four rows
+    backend.forward_batch([t for _, t in short[:1]], [c for c, _ in short[:1]])  # three leave
+    long_cache, long_token = prefilled(backend, ids(150, 7, vocab))  # past the batch's capacity
+    want = backend.forward([long_token], prefilled(backend, ids(150, 7, vocab))[0])[-1]
+    rows = backend.forward_batch([short[0][1], long_token], [short[0][0], long_cache])
+    np.testing.assert_allclose(rows[1], want, atol=1e-4, rtol=0)
