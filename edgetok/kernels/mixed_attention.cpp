@@ -285,6 +285,82 @@ PyObject* py_isas(PyObject*, PyObject*) {
     return names;
 }
 
+}  // namespace
+
+// A graph's decode step attended from tables the caller prepared (edgetok's GroupQueryAttention
+// hook, kernels/attention_op.cpp; ort_ops.ATTEND_HOOK's signature): for each layer, the selected
+// chunks and the window as table rows — one table for all KV heads, or one per KV head (per-head
+// selection, rows pointing at that head) — to which the new tokens' own K/V (the operator's
+// present) is added as the causal row. No Python runs between the layers.
+//
+// `user` is an int64 descriptor: [layers, n_kv, head_dim, vgroup, threads, isa (0 best, 1 avx2,
+// 2 scalar), query heads per KV head, the new tokens' bits (32, or 16: rounded to bfloat16 as the
+// cache stores them, so attention reads what a later step will), then per layer: groups (1 or n_kv), the address of its
+// (groups, 2) array of (table address, rows), the address of its float32 (Hq, D) buffer for the
+// step's last query] (mixed_attention.py: StepTables).
+extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables(void* user, int64_t layer, const float* q,
+                                                                              const float* k, const float* v, int64_t s,
+                                                                              float scale, float* out) {
+    const int64_t* desc = static_cast<const int64_t*>(user);
+    const int64_t layers = desc[0], n_kv = desc[1], d = desc[2], vgroup = desc[3], threads = desc[4], g = desc[6];
+    const int64_t own_bits = desc[7];
+    if (layer < 0 || layer >= layers || s <= 0) return 1;
+    const Isa* isa = desc[5] == 0 ? find_isa("auto") : find_isa(desc[5] == 1 ? "avx2" : "scalar");
+    if (!isa) return 1;
+    const int64_t* entry = desc + 8 + 3 * layer;
+    const int64_t groups = entry[0];
+    const int64_t* tables = reinterpret_cast<const int64_t*>(entry[1]);
+    float* q_last = reinterpret_cast<float*>(entry[2]);
+    if (groups != 1 && groups != n_kv) return 1;
+    const int64_t hq = g * n_kv;
+    thread_local std::vector<float> qt, ot, lse;
+    thread_local std::vector<int64_t> table;
+    qt.resize(size_t(hq * s * d));
+    ot.resize(size_t(hq * s * d));
+    lse.resize(size_t(hq * s));
+    for (int64_t t = 0; t < s; ++t)  // (S, H, D) → (H, S, D): each KV head's query rows together
+        for (int64_t h = 0; h < hq; ++h) std::memcpy(&qt[(h * s + t) * d], q + (t * hq + h) * d, sizeof(float) * d);
+    for (int64_t h = 0; h < hq; ++h) std::memcpy(q_last + h * d, &qt[(h * s + s - 1) * d], sizeof(float) * d);
+    const int64_t heads = n_kv / groups;  // KV heads per table
+    thread_local std::vector<uint16_t> own_k, own_v;
+    const void *k_own = k, *v_own = v;
+    if (own_bits == 16) {  // round to nearest even, as torch's float → bfloat16
+        own_k.resize(size_t(n_kv * s * d));
+        own_v.resize(size_t(n_kv * s * d));
+        for (int64_t i = 0; i < n_kv * s * d; ++i) {
+            uint32_t a, b;
+            std::memcpy(&a, k + i, 4);
+            std::memcpy(&b, v + i, 4);
+            own_k[size_t(i)] = uint16_t((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
+            own_v[size_t(i)] = uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+        }
+        k_own = own_k.data(), v_own = own_v.data();
+    }
+    const int64_t own_size = own_bits / 8;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+        const int64_t* rows = reinterpret_cast<const int64_t*>(tables[2 * grp]);
+        const int64_t n = tables[2 * grp + 1];
+        table.assign(rows, rows + n * N_FIELDS);
+        const int64_t first = grp * heads;  // the group's first KV head
+        const int64_t offset = first * s * d * own_size;  // bytes
+        const int64_t own[N_FIELDS] = {own_bits, s, reinterpret_cast<int64_t>(k_own) + offset, reinterpret_cast<int64_t>(v_own) + offset,
+                                       0, 0, 0, 0, s * d, d, 1};
+        table.insert(table.end(), own, own + N_FIELDS);
+        Problem p{};
+        p.q = qt.data() + first * g * s * d;
+        p.table = table.data();
+        p.n_chunks = n + 1;
+        p.n_kv = int(heads), p.rows = int(g * s), p.t = int(s), p.d = int(d), p.vgroup = int(vgroup);
+        p.scale = scale;
+        attend(p, *isa, int(threads), ot.data() + first * g * s * d, lse.data() + first * g * s);
+    }
+    for (int64_t t = 0; t < s; ++t)  // (H, S, D) → (S, H·D)
+        for (int64_t h = 0; h < hq; ++h) std::memcpy(out + (t * hq + h) * d, &ot[(h * s + t) * d], sizeof(float) * d);
+    return 0;
+}
+
+namespace {
+
 PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS,
      "attend(q, out, lse, table, n_kv, rows, t, head_dim, vgroup, scale, threads, isa): the mixed-bit attention op."},

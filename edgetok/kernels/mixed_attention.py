@@ -94,3 +94,44 @@ def attend(q: torch.Tensor, table: np.ndarray, n_kv: int, threads: int = 1, isa:
     _native.attend(q.detach().float().contiguous().numpy(), out, lse, np.ascontiguousarray(table, np.int64), n_kv,
                    hq // n_kv * t, t, d, value_group(d), 1.0 / math.sqrt(d), threads, isa)
     return torch.from_numpy(out), torch.from_numpy(lse)
+
+
+class StepTables:
+    """A graph's decode step attended natively (mixed_attention.cpp's edgetok_attend_from_tables, the
+    hook edgetok's GroupQueryAttention calls; ort_ops.attending_through): every layer's table, made
+    before the graph runs, and the descriptor the hook reads. The operator adds each layer's new
+    tokens as the causal row and writes the step's last query into q_last (Hq, D) per layer. The
+    tables' memory (and what their rows point at) must stay alive until the step ends."""
+
+    HEADER = 8  # layers, n_kv, head_dim, vgroup, threads, isa, query heads per KV head, the new tokens' bits
+
+    def __init__(self, layers: int, n_kv: int, n_heads: int, head_dim: int, dtype: torch.dtype, threads: int = 1) -> None:
+        """dtype: the cache's: the new tokens are read as it will store them (bf16 rounded)."""
+        self.q_last = np.zeros((layers, n_heads, head_dim), np.float32)
+        self.desc = np.zeros(self.HEADER + 3 * layers, np.int64)
+        self.desc[: self.HEADER] = (layers, n_kv, head_dim, value_group(head_dim), threads, 0, n_heads // n_kv,
+                                    FLOAT_BITS[dtype])
+        self._alive: list[np.ndarray] = []
+
+    def set(self, layer: int, tables: list[np.ndarray]) -> None:
+        """Layer's table: one for all KV heads, or one per KV head (rows pointing at that head)."""
+        tables = [np.ascontiguousarray(t, np.int64) for t in tables]
+        groups = np.array([[t.ctypes.data, len(t)] for t in tables], np.int64)
+        self._alive += [groups, *tables]
+        at = self.HEADER + 3 * layer
+        self.desc[at : at + 3] = (len(tables), groups.ctypes.data, self.q_last[layer].ctypes.data)
+
+    @property
+    def user(self) -> int:
+        return self.desc.ctypes.data
+
+
+def tables_hook() -> int:
+    """The address of the native hook (edgetok_attend_from_tables) an ATTEND_HOOK can be cast from."""
+    import ctypes
+
+    if _native is None:
+        raise EdgetokError("edgetok's native attention kernel is not built: run `pip install -e .` (or `make install`) "
+                           "in edgetok's folder")
+    return ctypes.cast(ctypes.CDLL(_native.__file__).edgetok_attend_from_tables, ctypes.c_void_p).value
+

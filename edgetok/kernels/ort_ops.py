@@ -59,15 +59,18 @@ ATTEND_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ct
 
 
 @contextmanager
-def attending_through(hook) -> Iterator[Callable[[], int]]:
+def attending_through(hook, user: int | None = None) -> Iterator[Callable[[], int]]:
     """While inside, edgetok's GroupQueryAttention on this thread attends through `hook` (an
-    ATTEND_HOOK), layer by layer, instead of over its past inputs (then empty). Yields a function
-    that says how many of the op's calls it has seen."""
+    ATTEND_HOOK, or the address of a native one), which gets `user` first, layer by layer, instead
+    of over its past inputs (then empty). Yields a function that says how many of the op's calls it
+    has seen."""
+    if isinstance(hook, int):
+        hook = ctypes.cast(hook, ATTEND_HOOK)
     through = _library().edgetok_attend_through
     through.restype, through.argtypes = ctypes.c_int64, [ATTEND_HOOK, ctypes.c_void_p]
-    through(hook, None)
+    through(hook, user)
     try:
-        yield lambda: through(hook, None)  # (reading the count starts it again, as the next run wants)
+        yield lambda: through(hook, user)  # (reading the count starts it again, as the next run wants)
     finally:
         through(ATTEND_HOOK(), None)
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
-from edgetok.kernels import ort_ops
+from edgetok.kernels import mixed_attention, ort_ops
 from edgetok.models import names
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source, require_torch
@@ -215,9 +215,12 @@ class OnnxBackend:
                               n, last, pruning=False, reads=False)
         bound.ids[0] = tokens
         bound.positions[0] = np.arange(cache.length, cache.length + n)
+        # a decode step's tables, made now: the op then attends natively, no Python between layers
+        tables = cache.step_tables(n)
+        hook, user = (self._hook, None) if tables is None else (mixed_attention.tables_hook(), tables.user)
         self._through = (cache, None)
         try:
-            with ort_ops.attending_through(self._hook) as calls:
+            with ort_ops.attending_through(hook, user) as calls:
                 try:
                     self.session.run_with_iobinding(bound.binding)
                 except Exception:
@@ -229,6 +232,10 @@ class OnnxBackend:
         finally:
             self._through = (None, None)
         assert ran == c.num_layers, f"the graph's attention ran {ran} times for {c.num_layers} layers"
+        if tables is not None:
+            out = dict(zip(bound.outputs, bound.binding.get_outputs()))
+            new = [[out[names.present(kind, i)].numpy() for i in range(c.num_layers)] for kind in names.KV_KINDS]
+            cache.end_step_tables(tables, *new)
         return bound.logits[0].copy()
 
     def _attend(self, _user, layer: int, q: int, k: int, v: int, s: int, scale: float, out: int) -> int:

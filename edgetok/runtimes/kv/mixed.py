@@ -108,6 +108,10 @@ class MixedCache(AttendingCache, GraphCache):
             return self.sliding[layer].attend(q, k, v)
         return self.full.attend(self.slot[layer], q, k, v)
 
+    def step_tables(self, t: int) -> None:
+        """(TieredCache.step_tables: the sliding layers' windows attend per layer, through attend())"""
+        return None
+
     # -- GraphCache ------------------------------------------------------------------------------
     @property
     def queries_read(self) -> int:

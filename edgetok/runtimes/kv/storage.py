@@ -196,10 +196,12 @@ class Storage(ABC):
         return out, lse, int(rows[:, mixed_attention.LENGTH].sum())
 
     @abstractmethod
-    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> np.ndarray:
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None,
+                    causal: bool = True) -> np.ndarray:
         """The mixed-bit attention op's table for layer i's chunks `chosen` and its window (the
-        last row, causal), pointing at memory this storage keeps alive until the next call.
-        head: rows of that KV head only (for a call with one KV head)."""
+        last row: causal, its last tokens the queries' own; causal=False: the step's own tokens
+        come in another row, a graph's), pointing at memory this storage keeps alive until the
+        next step begins. head: rows of that KV head only (for a call with one KV head)."""
 
     @abstractmethod
     def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
@@ -298,7 +300,8 @@ class ResidentStorage(Storage):
         self.counters["bytes_device"] += 2 * len(idx) * heads * self.head_dim * self.itemsize
         return slab_k.index_select(1, idx), slab_v.index_select(1, idx)
 
-    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> np.ndarray:
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None,
+                    causal: bool = True) -> np.ndarray:
         """Rows into the slab itself: one per chosen chunk, then the window (every token, when
         all chunks are chosen: one row)."""
         layer = self.layers[i]
@@ -307,7 +310,7 @@ class ResidentStorage(Storage):
         if chosen is None:  # the chunks and the window are one run of the slab
             start, chosen = 0, torch.zeros(0, dtype=torch.long)
         rows = mixed_attention.slab_rows(slab_k, slab_v, chosen * size, size)
-        window = mixed_attention.float_row(slab_k[:, start : layer.n], slab_v[:, start : layer.n], causal=True)
+        window = mixed_attention.float_row(slab_k[:, start : layer.n], slab_v[:, start : layer.n], causal=causal)
         self.counters["bytes_device"] += 2 * (len(chosen) * size + layer.n - start) * heads * self.head_dim * self.itemsize
         return np.concatenate([rows, np.array([window], np.int64)])
 
@@ -348,7 +351,7 @@ class TieredStorage(Storage):
         return_large_buffers()
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_steps, counters, enabled=cfg.prefetch)
         self._next_key = 0
-        self._attending: list = []  # what the last kernel_rows() pointed at
+        self._attending: list = []  # what this step's kernel_rows() pointed at
 
     def new_layer(self) -> HomedLayer:
         return HomedLayer()
@@ -431,8 +434,9 @@ class TieredStorage(Storage):
 
     def prompt_view(self, layer: HomedLayer, reserve: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The prompt slab itself, with room for `reserve` more tokens (the graph writes them
-        there): a whole-model graph reads every layer's prompt at once, so the prompt is in RAM
-        in float while it prefills (the plan counts it); copies of it would double that."""
+        there): a graph that reads views reads every layer's prompt at once, so the prompt is in
+        RAM in float while it prefills (tiers bound its decode only; copies would double it). A
+        graph that attends through the cache (TieredCache(reads="through")) never asks."""
         if layer.prompt_k is None and layer.keys:  # prefilled by attend() so far: its blocks become the slab
             keys, values = self.layer_kv(layer)
             for key in layer.keys:
@@ -488,6 +492,7 @@ class TieredStorage(Storage):
 
     def begin_step(self) -> None:
         self.store.step += 1
+        self._attending = []  # (the last step's reads: what its kernel rows pointed at)
 
     def _read_selected(self, i: int, chosen: torch.Tensor | None, as_float: bool) -> list:
         """Layer i's chunks `chosen` as the device tier holds them (or float); the prefetch thread
@@ -508,13 +513,14 @@ class TieredStorage(Storage):
         kv = self._read_selected(i, chosen, as_float=True)
         return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
 
-    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> np.ndarray:
+    def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None,
+                    causal: bool = True) -> np.ndarray:
         assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
         layer = self.layers[i]
         got = self._read_selected(i, chosen, as_float=False)
-        self._attending = got  # alive until the next call: the rows point into them
+        self._attending.append(got)  # alive until the next step: the rows point into them
         rows = [kernel_row(*form) for form in got] if self.forms else [mixed_attention.float_row(k, v) for k, v in got]
-        rows.append(mixed_attention.float_row(layer.window_k, layer.window_v, causal=True))
+        rows.append(mixed_attention.float_row(layer.window_k, layer.window_v, causal=causal))
         return np.array(rows, np.int64)
 
     def stage_source(self, i: int) -> LayerKV:

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.kernels import mixed_attention
 from edgetok.kernels.attention import attend, causal_mask
+from edgetok.kernels.mixed_attention import StepTables
 from edgetok.kernels.selection import captured_mass, fit_temperature, key_abstracts, select_chunks
 from edgetok.kernels.summaries import chunk_summaries, fold
 from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
@@ -382,6 +384,41 @@ class TieredCache(AttendingCache, GraphCache):
         if self.storage.window_len(layer) >= 2 * layer.chunk_size:
             keys, values = self.storage.seal(layer)
             self._add_abstracts(i, keys[:, None], values[:, None])
+
+    # -- a graph attending through the cache natively (reads="through") ---------------------------
+    def step_tables(self, t: int) -> StepTables | None:
+        """A graph's decode step of t tokens attended from tables, no Python between its layers
+        (mixed_attention.StepTables): every layer's chunks selected now with its last query, read
+        where they live, as the mixed-bit op's rows (the window included, the step's own tokens
+        not: the operator adds them). None: this step needs attend() per layer (prefill, a draft
+        being verified, chunk summaries, a head size the native kernel does not run)."""
+        if (t != 1 or not self.selects_ahead or self.summarize or self.layers[0].chunk_size == 0
+                or not mixed_attention.supports(self.head_dim)):
+            return None
+        self._begin_step()
+        self._chosen = self._select_layers(slice(None), torch.stack([x.q_last for x in self.layers]))
+        tables = StepTables(len(self.layers), self.n_kv, self.n_heads, self.head_dim, self.dtype)
+        self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
+        for i, groups in enumerate(self._chosen):
+            if groups is None or len(groups) == 1:
+                tables.set(i, [self.storage.kernel_rows(i, None if groups is None else groups[0], causal=False)])
+            else:
+                tables.set(i, [self.storage.kernel_rows(i, ids, head=h, causal=False) for h, ids in enumerate(groups)])
+        return tables
+
+    def end_step_tables(self, tables: StepTables, k: list[np.ndarray], v: list[np.ndarray]) -> None:
+        """The step step_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D) join its
+        window, its last query selects next step's chunks."""
+        for i, layer in enumerate(self.layers):
+            self.lengths[i] += 1
+            self.storage.append(layer, to_torch(k[i])[0], to_torch(v[i])[0])
+            q = torch.from_numpy(tables.q_last[i].copy())  # (Hq, D)
+            layer.q_last, layer.q_tail = q, q[:, None]
+            chosen = self._chosen[i]
+            chunks = layer.n_chunks if chosen is None else sum(map(len, chosen)) / len(chosen)  # (per KV head)
+            self._count(i, chunks, chunks * layer.chunk_size + self.storage.window_len(layer))
+            if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
+                self._measure_read(i, q, chosen)
 
     # -- GraphCache: a whole-model graph (the ONNX backend), which attends itself -------------------
     def view(self, i: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray, int]:

@@ -116,3 +116,25 @@ def test_an_export_without_the_operator_reads_views(tiny_folder, tmp_path):
     assert not model.engine.backend.attends_through
     with pytest.raises(EdgetokError, match="torch backend"):
         edgetok.load(str(out), kv=edgetok.KVConfig(budget="25%", summaries="on")).generate(PROMPT, **OPTIONS)
+
+
+@pytest.mark.parametrize("selection", ["layer", "head"])
+def test_native_tables_attend_as_the_cache_does_layer_by_layer(exports, selection):
+    """A decode step's tables, made before the graph runs and attended by the native hook, give the
+    logits the cache's own attend() gives layer by layer (the hook in Python), selection shared by
+    a layer's heads or each KV head its own."""
+    kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), selection=selection)
+    backend = edgetok.load(str(exports["llama"]), kv=kv).engine.backend
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, backend.config.vocab_size, 90)]
+    native, python = backend.new_cache(), backend.new_cache()
+    python.step_tables = lambda t: None  # every step through attend(), layer by layer
+    for cache in (native, python):
+        for i in range(0, len(ids), 30):
+            backend.forward(ids[i : i + 30], cache)
+        backend.end_prefill(cache)
+    token = 5
+    for _ in range(6):
+        a, b = backend.forward([token], native)[-1], backend.forward([token], python)[-1]
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+        token = int(np.argmax(b))
+    assert native.stats()["budget_used"] == python.stats()["budget_used"] < 1
