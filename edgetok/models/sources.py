@@ -264,7 +264,7 @@ def _load_optimum_folder(ref: str, folder: Path) -> Source:
     info = {
         "format": OPTIMUM,
         "name": folder.name,
-        "dtypes": ["optimum's ONNX export (past_key_values / present)"],
+        "dtypes": ["ONNX, optimum's inputs and outputs"],
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files],
     }
