@@ -206,7 +206,7 @@ def optimum_layout(export: Path, hf: Path, out: Path) -> Path:
     and returns its outputs (every new token's logits; present.N.key / value, the past with the new
     K/V after it), beside the HF folder's config.json and tokenizer files (no edgetok.json). Its
     past length is attention_mask's ones before the new tokens: the spare slots the backend masks
-    follow them (a real optimum graph masks any slot; tests/bench/test_optimum.py runs one)."""
+    follow them (a real optimum graph masks any slot; tests/bench/test_optimum_peer.py runs one)."""
     import shutil
 
     import onnx

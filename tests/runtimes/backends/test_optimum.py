@@ -1,7 +1,7 @@
 """optimum's ONNX exports on edgetok's onnxruntime backend (runtimes/backends/optimum.py).
 
 The graph here is the tiny Llama in optimum's layout built without optimum (conftest.optimum_layout);
-tests/bench/test_optimum.py runs SmolLM2's real optimum export against optimum's own runtime.
+tests/bench/test_optimum_peer.py runs SmolLM2's real optimum export against optimum's own runtime.
 """
 
 from __future__ import annotations
