@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgetok.errors import EdgetokError
-from edgetok.models.sources import Source, load_source
+from edgetok.models.sources import ONNX_FORMATS, OPTIMUM, Source, load_source
 from edgetok.runtimes.backends.base import CACHE_ATTENTION
 from edgetok.runtimes.choice import TORCH_WEIGHTS, EngineChoice, LongPrompts, auto_backend, follow_plan
 from edgetok.runtimes.engine import Engine, GenerationConfig, Result, Stream
@@ -201,7 +201,9 @@ def load(
             needs = frozenset(needs) | {CACHE_ATTENTION}
         backend, why = auto_backend(source.format, weights, kv_type, frozenset(needs))
         reasons.append(why)
-    if plan is not None and backend == "onnxruntime" and chosen:
+    if plan is not None and source.format == OPTIMUM:
+        reasons.append("the plan is not applied: an optimum export runs with the exact KV cache only")
+    elif plan is not None and backend == "onnxruntime" and chosen:
         planned = follow_plan(plan, source.config, provider, threads, kv is not None)
         provider, threads = planned.provider, planned.threads
         reasons.append(planned.reason)
@@ -209,7 +211,7 @@ def load(
         reasons.append(f"the plan is not applied: the options chose the {backend} engine, so the options alone set it")
     provider = provider or "cpu"
     if chosen:
-        if backend == "onnxruntime" and source.format != "onnx":
+        if backend == "onnxruntime" and source.format not in ONNX_FORMATS:
             from edgetok.exporters.default import default_export
 
             source = default_export(source, threads, progress)
@@ -219,10 +221,11 @@ def load(
     if backend != "onnxruntime" and provider != "cpu":
         raise EdgetokError(f"--provider chooses ONNX Runtime's execution provider (--backend onnxruntime); "
                            f"the {backend} backend runs on the CPU")
-    if (backend == "onnxruntime") != (source.format == "onnx"):
-        if source.format == "onnx":
+    if (backend == "onnxruntime") != (source.format in ONNX_FORMATS):
+        if source.format in ONNX_FORMATS:
             raise EdgetokError(f"{source.path} is an ONNX export: it runs on --backend onnxruntime")
-        raise EdgetokError("--backend onnxruntime runs an ONNX folder made by `edgetok export --format onnx`")
+        raise EdgetokError("--backend onnxruntime runs an ONNX folder made by `edgetok export --format onnx` "
+                           "(or by `optimum-cli export onnx --task text-generation-with-past`)")
     if backend != "torch" and "torch" in sys.modules:  # (the default engine never imports it)
         # torch only keeps the books here; its idle OpenMP workers would spin against the runtime's
         # own threads for the same cores
@@ -232,7 +235,12 @@ def load(
 
         if kv_type is not None or weights != "fp32":
             raise EdgetokError("an ONNX export carries its own weights; --weights and --kv-type do not apply to it")
-        engine_backend = OnnxBackend(source, provider=provider, threads=threads, kv=kv)
+        if source.format == OPTIMUM:
+            from edgetok.runtimes.backends.optimum import OptimumBackend
+
+            engine_backend = OptimumBackend(source, provider=provider, threads=threads, kv=kv)
+        else:
+            engine_backend = OnnxBackend(source, provider=provider, threads=threads, kv=kv)
     elif backend == "llamacpp":
         from edgetok.runtimes.backends.llamacpp import LlamaCppBackend
 
@@ -247,7 +255,7 @@ def load(
         engine_backend = _torch_backend(source, weights, kv, threads)
     if planned is not None:
         long_prompts = planned.long_prompts
-    elif chosen and kv is None and backend != "llamacpp":
+    elif chosen and kv is None and backend != "llamacpp" and source.format != OPTIMUM:
         from edgetok.devices.planner import EXACT_UP_TO, TIERED_BUDGET
 
         if source.config.max_context > EXACT_UP_TO and not _torch_installed():
@@ -293,6 +301,8 @@ def _torch_backend(source: Source, weights: str, kv: KVConfig | None, threads: i
 
 
 def _weights_words(source: Source, backend: str, weights: str) -> str:
+    if source.format == OPTIMUM:
+        return "the weights optimum exported (ONNX)"
     if backend == "onnxruntime":
         m = source.manifest
         if m.weights == "source":  # (exporters/onnx.py: source_quantizer's plan)
@@ -313,7 +323,7 @@ def _check_memory(source: Source, backend: str, weights: str, kv: KVConfig | Non
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise EdgetokError(f"max_memory_bytes must be a whole number of bytes > 0, not {limit!r}")
     cfg = source.config
-    if source.format in ("onnx", "gguf"):  # the files are what the runtime holds (mapped or read)
+    if source.format in (*ONNX_FORMATS, "gguf"):  # the files are what the runtime holds (mapped or read)
         files = [source.path] if source.path.is_file() else [p for p in source.path.rglob("*") if p.is_file()]
         held = sum(p.stat().st_size for p in files)
     else:

@@ -30,6 +30,8 @@ def weights_effect(source: Any, runtime_weights: str) -> dict:
     if source.format == "onnx" and source.manifest is not None:
         out["stored"] = source.manifest.weights
         parity = source.manifest.parity
+    elif source.format == "optimum":  # (no manifest: no parity report)
+        out["stored"] = "as optimum exported them"
     elif source.format == "gguf":
         types = source.info.get("tensor_types", {})  # GGUF tensor type → count
         out["stored"] = ", ".join(f"{t} ×{n}" for t, n in sorted(types.items(), key=lambda x: -x[1])) or "gguf"

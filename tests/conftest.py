@@ -200,6 +200,70 @@ def wide_folder(tmp_path_factory):
     return folder
 
 
+def optimum_layout(export: Path, hf: Path, out: Path) -> Path:
+    """optimum's form of edgetok's `--attention standard` export, built without optimum: the graph
+    takes optimum's inputs (input_ids, attention_mask, position_ids, past_key_values.N.key / value)
+    and returns its outputs (every new token's logits; present.N.key / value, the past with the new
+    K/V after it), beside the HF folder's config.json and tokenizer files (no edgetok.json). Its
+    past length is attention_mask's ones before the new tokens: the spare slots the backend masks
+    follow them (a real optimum graph masks any slot; tests/bench/test_optimum_peer.py runs one)."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgetok.models import names
+
+    model = onnx.load(str(export / "model.onnx"))
+    g = model.graph
+    layers = sum(1 for i in g.input if i.name.startswith("past_key."))
+    renamed = {names.past(kind, i): names.genai_past(kind, i) for i in range(layers) for kind in names.KV_KINDS}
+    for node in g.node:
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+    inputs = [i for i in g.input if i.name not in (names.PAST_LENGTH, names.LOGITS_TO_KEEP)]
+    for i in inputs:
+        i.name = renamed.get(i.name, i.name)
+    inputs.insert(1, helper.make_tensor_value_info(names.GENAI_ATTENTION_MASK, TensorProto.INT64, ["batch", "total"]))
+    const = lambda name, values: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+    head = [  # edgetok's past_length (1, L) and logits_to_keep from optimum's inputs
+        helper.make_node("Shape", [names.INPUT_IDS], ["opt/shape"]),
+        const("opt/one", [1]), const("opt/two", [2]), const("opt/1x1", [1, 1]), const("opt/1xL", [1, layers]),
+        helper.make_node("Slice", ["opt/shape", "opt/one", "opt/two"], [names.LOGITS_TO_KEEP]),  # every new token's
+        helper.make_node("ReduceSum", [names.GENAI_ATTENTION_MASK], ["opt/held"], keepdims=1),  # (1, 1)
+        helper.make_node("Reshape", [names.LOGITS_TO_KEEP, "opt/1x1"], ["opt/new"]),
+        helper.make_node("Sub", ["opt/held", "opt/new"], ["opt/past"]),
+        helper.make_node("Expand", ["opt/past", "opt/1xL"], [names.PAST_LENGTH]),
+    ]
+    tail = [helper.make_node("Concat", [names.genai_past(kind, i), names.present(kind, i)], [names.genai_present(kind, i)], axis=2)
+            for i in range(layers) for kind in names.KV_KINDS]
+    nodes = head + list(g.node) + tail
+    del g.node[:]
+    g.node.extend(nodes)
+    outputs = [next(o for o in g.output if o.name == names.LOGITS)]
+    outputs += [helper.make_tensor_value_info(names.genai_present(kind, i), TensorProto.FLOAT, None)
+                for i in range(layers) for kind in names.KV_KINDS]
+    del g.input[:], g.output[:]
+    g.input.extend(inputs)
+    g.output.extend(outputs)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out / "model.onnx"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (hf / name).is_file():
+            shutil.copy(hf / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_optimum_folder(tiny_folder, tmp_path_factory) -> Path:
+    """The tiny Llama in optimum's layout (optimum_layout), from its fp32 standard-attention export."""
+    root = tmp_path_factory.mktemp("tiny-optimum")
+    r = run_cli("export", tiny_folder, "--format", "onnx", "--weights", "fp32", "--attention", "standard",
+                "--no-verify", "-o", root / "edgetok")
+    assert r.exit_code == 0, r.output
+    return optimum_layout(root / "edgetok", tiny_folder, root / "optimum")
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_folder):
     import edgetok

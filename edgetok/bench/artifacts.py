@@ -1,9 +1,10 @@
 """The model files peers run, built once from the bench's model and cached.
 
 Under $EDGETOK_HOME/bench/<model fingerprint>/ (as sources.py caches converted GGUFs): the HF
-folder (`edgetok export MODEL --format hf`, for transformers and the ONNX model builder), the
-model builder's int4 output for onnxruntime-genai (keyed by its version), and a GGUF for
-llama.cpp when the model is not one already. A second bench reuses them.
+folder (`edgetok export MODEL --format hf`, for transformers, the ONNX model builder and optimum),
+the model builder's int4 output for onnxruntime-genai, optimum's fp32 ONNX export (each keyed by
+its tool's version), and a GGUF for llama.cpp when the model is not one already. A second bench
+reuses them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgetok.bench import optimum_env
 from edgetok.errors import EdgetokError
 from edgetok.files import temporary_folder
 from edgetok.models.sources import Source, edgetok_home
@@ -85,5 +87,20 @@ def ortgenai_folder(model: str, source: Source) -> Path:
     with temporary_folder(out) as tmp:  # (a killed bench's temporaries go with the next build)
         _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp / "model"),
               "-p", "int4", "-e", "cpu", "-c", str(tmp / "hf-cache")], f"the onnxruntime-genai model of {model}")
+        (tmp / "model").rename(out)
+    return out
+
+
+def optimum_folder(model: str, source: Source) -> Path:
+    """optimum's own export of the HF folder, fp32 (`python -m optimum.exporters.onnx --task
+    text-generation-with-past`), run in optimum-onnx's environment (optimum_env.py), built beside
+    the entry and renamed into place."""
+    out = cache_dir(source) / f"optimum-{optimum_env.version()}-fp32"
+    if (out / "model.onnx").is_file():
+        return out
+    hf = hf_folder(model, source)
+    with temporary_folder(out) as tmp:
+        _run([str(optimum_env.python()), "-m", "optimum.exporters.onnx", "--model", str(hf), "--task",
+              "text-generation-with-past", str(tmp / "model")], f"optimum's ONNX export of {model}")
         (tmp / "model").rename(out)
     return out

@@ -3,6 +3,8 @@
     python -m edgetok.bench.peers transformers HF_DIR --prompt-ids IDS.json -n N --threads T
                                   [--follow IDS.json] [--logits-out FILE.npy]
     python -m edgetok.bench.peers ortgenai MODEL_DIR ...   (onnxruntime-genai's model builder output)
+    .venv-optimum/bin/python -m edgetok.bench.peers optimum MODEL_DIR ...   (optimum's ONNX export, run in
+                                                                          optimum-onnx's own environment)
 
 Each prints the JSON fields of `edgetok run --json`, timed as edgetok's engine times itself:
 prefill is one call with the whole prompt (as each library's own generate does), the first token
@@ -95,6 +97,34 @@ def ortgenai_stepper(folder: Path, threads: int, max_length: int):
     return step, kv_stats
 
 
+def optimum_stepper(folder: Path, threads: int):
+    """optimum's ORTModelForCausalLM on its own export, on the CPU (its default there: no IO binding),
+    fed as its generate feeds it: an attention_mask over every token, the new tokens' positions, and
+    the past it returned."""
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    torch.set_num_threads(threads)  # (torch only holds the inputs and the past between steps)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    model = ORTModelForCausalLM.from_pretrained(folder, session_options=opts, provider="CPUExecutionProvider")
+    state = {"past": None, "length": 0}
+
+    def step(tokens: list[int]) -> np.ndarray:
+        start, end = state["length"], state["length"] + len(tokens)
+        out = model(input_ids=torch.tensor([tokens]), attention_mask=torch.ones((1, end), dtype=torch.long),
+                    position_ids=torch.arange(start, end)[None], past_key_values=state["past"], use_cache=True)
+        state["past"], state["length"] = out.past_key_values, end
+        return out.logits[0, -1].numpy()
+
+    def kv_stats() -> dict:
+        resident = sum(t.nbytes for layer in state["past"] for t in layer)
+        return {"kind": "optimum past_key_values (fp32)", "resident_bytes": {"device": resident}}
+
+    return step, kv_stats
+
+
 def ortgenai_kv_bytes(folder: Path, max_length: int) -> int:
     """The generator's K/V buffers: with past_present_share_buffer they hold max_length tokens."""
     import onnx
@@ -111,7 +141,7 @@ def ortgenai_kv_bytes(folder: Path, max_length: int) -> int:
 
 
 @click.command()
-@click.argument("peer", type=click.Choice(["transformers", "ortgenai"]))
+@click.argument("peer", type=click.Choice(["transformers", "ortgenai", "optimum"]))
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), required=True)
@@ -127,6 +157,8 @@ def main(peer, folder, prompt_ids, max_new_tokens, threads, follow, logits_out) 
         sys.exit(1)
     if peer == "transformers":
         step, kv_stats = transformers_stepper(folder, threads)
+    elif peer == "optimum":
+        step, kv_stats = optimum_stepper(folder, threads)
     else:
         step, kv_stats = ortgenai_stepper(folder, threads, len(prompt) + max_new_tokens)
     tokens, rows, stats = timed_decode(step, prompt, max_new_tokens, follow_ids)

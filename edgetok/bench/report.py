@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from edgetok.bench import optimum_env
 from edgetok.files import write_json_atomic
 
 PACKAGES = ("edgetok", "torch", "llama_cpp_python", "onnxruntime", "onnxruntime-genai", "transformers", "numpy")
@@ -37,6 +38,7 @@ def versions() -> dict[str, str | None]:
             out[p] = version(p)
         except PackageNotFoundError:
             out[p] = None
+    out["optimum-onnx"] = optimum_env.found_version()  # (in its own environment)
     return out
 
 

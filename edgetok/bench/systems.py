@@ -3,7 +3,8 @@
 An edgetok system is a list of `edgetok run` options on a model, run by edgetok.bench.forced (so a
 new backend, e.g. `--backend onnxruntime` on an exported ONNX folder, is one more System). A peer
 is another runtime on the same model: llama.cpp is `--backend llamacpp` on the matching GGUF;
-transformers and onnxruntime-genai run in edgetok.bench.peers.
+transformers and onnxruntime-genai run in edgetok.bench.peers, and so does optimum, under the
+interpreter of its own environment (optimum_env.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetok.bench import artifacts
+from edgetok.bench import artifacts, optimum_env
 from edgetok.errors import EdgetokError
 from edgetok.models.sources import Source
 from edgetok.runtimes.kv import KVConfig
@@ -27,18 +28,19 @@ TORCH = ("--backend", "torch")
 @dataclass(frozen=True)
 class System:
     name: str  # in tables, plots and results.json
-    runner: str  # "edgetok" (`edgetok run` options) | "transformers" | "ortgenai"
+    runner: str  # "edgetok" (`edgetok run` options) | "transformers" | "ortgenai" | "optimum"
     model: str  # a model reference for edgetok systems; the peer's model folder otherwise
     options: tuple[str, ...] = ()  # `edgetok run` options
     budget: str | None = None  # the --kv-budget of a budget sweep system
     peer: str | None = None  # the key in PEERS; None for edgetok's own systems
+    python: str | None = None  # the interpreter of a peer with an environment of its own; None: this one
 
     def command(self, prompt_ids: Path, new_tokens: int, threads: int,
                 follow: Path | None = None, logits_out: Path | None = None) -> list[str]:
         if self.runner == "edgetok":
             cmd = [sys.executable, "-m", "edgetok.bench.forced", self.model, *self.options]
         else:
-            cmd = [sys.executable, "-m", "edgetok.bench.peers", self.runner, self.model]
+            cmd = [self.python or sys.executable, "-m", "edgetok.bench.peers", self.runner, self.model]
         cmd += ["--prompt-ids", str(prompt_ids), "-n", str(new_tokens), "--threads", str(threads)]
         if follow is not None:
             cmd += ["--follow", str(follow)]
@@ -50,19 +52,27 @@ class System:
 @dataclass(frozen=True)
 class Peer:
     label: str
-    module: str  # what must be importable
+    module: str  # what must be importable (in its own environment, for a peer with one)
     install: str  # the command that installs it
+    own_env: bool = False  # runs under optimum_env's interpreter, not this one
 
 
 PEERS = {
     "llamacpp": Peer("llama.cpp", "llama_cpp", "make install (it builds llama-cpp-python with the flags this machine needs)"),
     "ortgenai": Peer("onnxruntime-genai", "onnxruntime_genai", "pip install 'edgetok[peers]'"),
     "transformers": Peer("transformers", "transformers", "pip install transformers"),
+    "optimum": Peer("optimum-onnx", "optimum.onnxruntime", optimum_env.MAKE_TARGET, own_env=True),
 }
 
 
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def available(key: str) -> bool:
+    """Whether the peer can run: its module here, or its own environment built."""
+    peer = PEERS[key]
+    return optimum_env.ready() if peer.own_env else installed(peer.module)
 
 
 def parse_peers(text: str) -> list[str]:
@@ -96,8 +106,8 @@ def edgetok_systems(model: str, budgets: list[str], extra: list[str]) -> list[Sy
 
 def skipped_peers(peers: list[str]) -> dict[str, str]:
     """Peers that are not installed → the sentence that says how to install them."""
-    return {PEERS[k].label: f"{PEERS[k].label} is not installed; run: {PEERS[k].install}"
-            for k in peers if not installed(PEERS[k].module)}
+    return {PEERS[k].label: optimum_env.missing() if PEERS[k].own_env else f"{PEERS[k].label} is not installed; run: {PEERS[k].install}"
+            for k in peers if not available(k)}
 
 
 def onnx_systems(model: str, source: Source, weights: list[str], budgets: list[str]) -> list[System]:
@@ -118,13 +128,16 @@ def peer_systems(model: str, source: Source, peers: list[str]) -> list[System]:
     systems = []
     for key in peers:
         peer = PEERS[key]
-        if not installed(peer.module):
+        if not available(key):
             continue
         if key == "llamacpp":
             gguf = artifacts.gguf_file(model, source)
             systems.append(System(peer.label, "edgetok", str(gguf), ("--backend", "llamacpp"), peer=key))
         elif key == "transformers":
             systems.append(System(f"{peer.label} fp32", "transformers", str(artifacts.hf_folder(model, source)), peer=key))
+        elif key == "optimum":
+            systems.append(System(f"{peer.label} fp32", "optimum", str(artifacts.optimum_folder(model, source)), peer=key,
+                                  python=str(optimum_env.python())))
         else:
             systems.append(System(f"{peer.label} int4", "ortgenai", str(artifacts.ortgenai_folder(model, source)), peer=key))
     return systems

@@ -15,7 +15,8 @@ import click
 @click.option("--kv-budget", "kv_budgets", default="100%,25%", show_default=True,
               help="edgetok's tiered KV budgets to sweep (100% is the exact run)")
 @click.option("--peers", default="llamacpp,ortgenai,transformers", show_default=True,
-              help="other runtimes on the same model, or none")
+              help="other runtimes on the same model (llamacpp, ortgenai, transformers, optimum: `make optimum-env` "
+                   "builds its environment), or none")
 @click.option("--system", "extra_systems", multiple=True, metavar="NAME=OPTIONS",
               help="one more edgetok system: `edgetok run` options, e.g. 'int8=--weights int8 --kv-budget 25%'")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of every system (default: all cores)")

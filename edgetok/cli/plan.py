@@ -26,7 +26,7 @@ def command(model, device, context, threads, kv_dir, as_json, out):
     from edgetok.devices import load_profile
     from edgetok.devices.planner import plan
     from edgetok.files import write_json_atomic
-    from edgetok.models.sources import load_source
+    from edgetok.models.sources import OPTIMUM, load_source
 
     profile = load_profile(device, kv_dir)
     threads = threads or (os.cpu_count() if device == "local" else 1)
@@ -49,7 +49,10 @@ def command(model, device, context, threads, kv_dir, as_json, out):
     for line in p.arithmetic:
         click.echo(f"  · {line}")
     # The plan runs the default ONNX export: `edgetok run` builds it by itself
-    if source.format != "onnx":
+    if source.format == OPTIMUM:
+        click.echo("  (an optimum export runs as optimum wrote it, with the exact KV cache: edgetok run does not apply "
+                   "this plan to it)")
+    elif source.format != "onnx":
         click.echo(f"  (edgetok run builds {model}'s ONNX export on first use, once: "
                    f"{'its GGUF codes' if source.format == 'gguf' else 'int4'}, float activations)")
     click.echo(f"  run with: edgetok run {model} " + (f"--plan {out}" if out is not None else " ".join(p.run_options())))

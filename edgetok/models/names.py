@@ -5,7 +5,7 @@
   the ONNX graph fuses, which read and write the residual stream.
 - llama.cpp's tensor names ↔ HF's.
 - The ONNX decoder graph's inputs and outputs (exporters/onnx_graph.py builds them; the
-  onnxruntime backend binds them).
+  onnxruntime backend binds them), and the names of onnxruntime-genai's and optimum's graphs.
 
 A plain module (no torch, no onnx): the runtime imports it without the exporters.
 """
@@ -179,3 +179,10 @@ def genai_io_names(num_layers: int) -> dict[str, list[str]]:
     kv = lambda name: [name(kind, i) for i in range(num_layers) for kind in KV_KINDS]  # noqa: E731
     return {"inputs": [INPUT_IDS, GENAI_ATTENTION_MASK, POSITION_IDS, *kv(genai_past)],
             "outputs": [LOGITS, *kv(genai_present)]}
+
+
+# -- optimum's decoder graph (optimum-cli export onnx --task text-generation-with-past) ----------------
+# Both follow transformers' past_key_values, so optimum's graph has the --genai graph's names: inputs
+# input_ids, attention_mask, position_ids, past_key_values.N.key / value; outputs logits and
+# present.N.key / value. Its presents are the past with the new tokens after it (B, Hkv, P + T, D).
+optimum_io_names = genai_io_names

@@ -39,6 +39,9 @@ from edgetok.version import __version__
 if TYPE_CHECKING:  # weights are torch tensors, loaded on use: an ONNX export's run never needs them
     import torch
 
+OPTIMUM = "optimum"  # the format of an optimum ONNX export (no edgetok manifest)
+ONNX_FORMATS = ("onnx", OPTIMUM)  # the folders ONNX Runtime runs: edgetok's exports and optimum's
+
 TORCH_MISSING = ("{what} needs torch, which is not installed: pip install 'edgetok[export]' "
                  "(the default engine runs an ONNX export without it, once the export is built)")
 
@@ -76,7 +79,7 @@ class Source:
 
     ref: str
     path: Path
-    format: str  # "gguf" | "hf" | "onnx"
+    format: str  # "gguf" | "hf" | "onnx" (edgetok's export) | "optimum" (optimum's ONNX export)
     config: ModelConfig
     tokenizer: Tokenizer
     load_weights: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
@@ -138,6 +141,8 @@ def load_source(ref: str, progress: bool = False) -> Source:
     path = resolve_path(ref)
     if path.is_dir() and (path / ONNX_MANIFEST).is_file():
         return _load_onnx_folder(ref, path)
+    if path.is_dir() and (path / ONNX_MODEL).is_file():  # an ONNX graph without edgetok's manifest: optimum's
+        return _load_optimum_folder(ref, path)
     if path.is_dir():
         return _load_hf_folder(ref, path)
     if check_magic(path):
@@ -152,17 +157,29 @@ def load_source(ref: str, progress: bool = False) -> Source:
 
 
 # -- Hugging Face folders -------------------------------------------------------------------------
-def _load_hf_folder(ref: str, folder: Path) -> Source:
+def _hf_config(folder: Path) -> ModelConfig:
+    """The model's config from config.json, with generation_config.json's EOS ids added."""
     if not (folder / "config.json").is_file():
         raise EdgetokError(f"{folder} has no config.json: not a Hugging Face model folder")
-    hf_cfg = read_json(folder / "config.json")
-    cfg = ModelConfig.from_hf(hf_cfg)
+    cfg = ModelConfig.from_hf(read_json(folder / "config.json"))
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
         eos = read_json(gen_path).get("eos_token_id")
         for e in [eos] if isinstance(eos, int) else eos or []:
             if e not in cfg.eos_token_ids:
                 cfg.eos_token_ids.append(e)
+    return cfg
+
+
+def _hf_tokenizer(folder: Path, cfg: ModelConfig) -> Tokenizer:
+    """tokenizer.json and its config; the config's EOS ids become the tokenizer's (the union of both)."""
+    tokenizer = tokenizer_from_hf_folder(folder, cfg.eos_token_ids, cfg.bos_token_id)
+    cfg.eos_token_ids = tokenizer.eos_ids
+    return tokenizer
+
+
+def _load_hf_folder(ref: str, folder: Path) -> Source:
+    cfg = _hf_config(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted({folder / f for f in read_json(index)["weight_map"].values()})
@@ -189,8 +206,7 @@ def _load_hf_folder(ref: str, folder: Path) -> Source:
             weights.update(load_file(f))
         return split_fused(weights, cfg)  # Phi-3's stacked q/k/v and gate/up → one tensor per linear
 
-    tokenizer = tokenizer_from_hf_folder(folder, cfg.eos_token_ids, cfg.bos_token_id)
-    cfg.eos_token_ids = tokenizer.eos_ids
+    tokenizer = _hf_tokenizer(folder, cfg)
     info = {
         "format": "hf",
         "name": folder.name,
@@ -211,9 +227,6 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
             raise EdgetokError(f"{folder} has no {name}: the export is incomplete; export it again")
         integrity.check(folder / name, recorded, folder / ONNX_MANIFEST)
 
-    def no_weights() -> dict[str, torch.Tensor]:
-        raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
-
     # info: the manifest's JSON values, as the backend and `inspect` have always read them
     # (new code reads Source.manifest)
     raw = manifest.to_json()
@@ -225,7 +238,37 @@ def _load_onnx_folder(ref: str, folder: Path) -> Source:
                                             f"opset {info['opset']}", runs_in) if x)]
     info |= {"format": "onnx", "sha256": raw["graph_sha256"], "source": raw["source"],
              "size_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
-    return Source(ref, folder, "onnx", manifest.config, Tokenizer.load(folder), no_weights, info, manifest)
+    return Source(ref, folder, "onnx", manifest.config, Tokenizer.load(folder), _no_weights(folder), info, manifest)
+
+
+def _no_weights(folder: Path) -> Callable[[], dict[str, torch.Tensor]]:
+    """An ONNX folder's weights live in its graph: only ONNX Runtime reads them."""
+    def no_weights() -> dict[str, torch.Tensor]:
+        raise EdgetokError(f"{folder} is an ONNX export: it runs on --backend onnxruntime only")
+
+    return no_weights
+
+
+# -- optimum's ONNX exports (optimum-cli export onnx --task text-generation-with-past) -------------
+def _load_optimum_folder(ref: str, folder: Path) -> Source:
+    """model.onnx (its weights inside, or beside it in model.onnx_data) with the HF model's config.json
+    and tokenizer files, as optimum writes them. No manifest, so nothing to check hashes against; the
+    backend that opens the graph checks its inputs and outputs (runtimes/backends/optimum.py)."""
+    if not (folder / "config.json").is_file():
+        raise EdgetokError(f"{folder} holds {ONNX_MODEL} without edgetok's manifest ({ONNX_MANIFEST}) or a config.json: "
+                           "edgetok runs its own ONNX exports (edgetok export --format onnx) and optimum's "
+                           "(optimum-cli export onnx --task text-generation-with-past)")
+    cfg = _hf_config(folder)
+    tokenizer = _hf_tokenizer(folder, cfg)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.startswith(ONNX_MODEL))  # model.onnx[_data]
+    info = {
+        "format": OPTIMUM,
+        "name": folder.name,
+        "dtypes": ["ONNX, optimum's inputs and outputs"],
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files],
+    }
+    return Source(ref, folder, OPTIMUM, cfg, tokenizer, _no_weights(folder), info)
 
 
 def _recorded_hashes(manifest: OnnxManifest) -> dict[str, str]:

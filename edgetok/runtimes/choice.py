@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from edgetok.errors import EdgetokError
 from edgetok.kernels import ort_ops
+from edgetok.models.sources import ONNX_FORMATS
 from edgetok.runtimes.backends.base import CACHE_ATTENTION, PRUNE
 from edgetok.runtimes.kv import KVConfig
 
@@ -133,7 +134,7 @@ def _cores() -> int:
 
 def auto_backend(source_format: str, weights: str, kv_type: str | None, needs: frozenset[str]) -> tuple[str, str]:
     """(backend, why) when the user named none; needs: capabilities the run uses (backends/base.py)."""
-    if source_format == "onnx":
+    if source_format in ONNX_FORMATS:
         return "onnxruntime", "an ONNX export runs on ONNX Runtime"
     if PRUNE in needs:
         return "torch", ("prompt pruning runs on the torch backend here: the default export has no pruning point "

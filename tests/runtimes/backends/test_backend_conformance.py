@@ -50,17 +50,19 @@ def exports(tiny_folder, tmp_path_factory):
     return {"onnx": onnx, "gguf": gguf}
 
 
-KINDS = ["torch", "torch-tiered", "onnxruntime", "onnxruntime-tiered", "llamacpp"]
+KINDS = ["torch", "torch-tiered", "onnxruntime", "onnxruntime-tiered", "optimum", "llamacpp"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def case(request, tiny_folder, exports) -> Case:
+def case(request, tiny_folder, exports, tiny_optimum_folder) -> Case:
     exact = edgetok.KVConfig(budget="100%", chunk_sizes=(8, 16))  # tiered, but every chunk attended
     reference = edgetok.load(str(tiny_folder), backend="torch")
     if request.param == "torch":
         return Case(request.param, reference, reference, 0.0)
     if request.param == "torch-tiered":
         return Case(request.param, edgetok.load(str(tiny_folder), backend="torch", kv=exact), reference, 1e-4)
+    if request.param == "optimum":  # optimum's layout of the fp32 export (conftest.optimum_layout)
+        return Case(request.param, edgetok.load(str(tiny_optimum_folder)), reference, 1e-3)
     if request.param.startswith("onnxruntime"):
         kv = exact if request.param.endswith("tiered") else None
         return Case(request.param, edgetok.load(str(exports["onnx"]), kv=kv), reference, 1e-3)
