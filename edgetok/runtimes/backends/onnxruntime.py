@@ -30,7 +30,7 @@ import numpy as np
 
 from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
-from edgetok.kernels import mixed_attention, ort_ops
+from edgetok.kernels import ort_ops
 from edgetok.models import names
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source, require_torch
@@ -215,6 +215,8 @@ class OnnxBackend:
                               n, last, pruning=False, reads=False)
         bound.ids[0] = tokens
         bound.positions[0] = np.arange(cache.length, cache.length + n)
+        from edgetok.kernels import mixed_attention  # (torch's: a budgeted cache has imported it)
+
         # a decode step's tables, made now: the op then attends natively, no Python between layers
         tables = cache.step_tables(n)
         hook, user = (self._hook, None) if tables is None else (mixed_attention.tables_hook(), tables.user)
