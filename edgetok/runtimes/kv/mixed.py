@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgetok.kernels.mixed_attention import StepTables
 from edgetok.runtimes.kv.arrays import to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import KVConfig
@@ -108,9 +109,23 @@ class MixedCache(AttendingCache, GraphCache):
             return self.sliding[layer].attend(q, k, v)
         return self.full.attend(self.slot[layer], q, k, v)
 
-    def step_tables(self, t: int) -> None:
-        """(TieredCache.step_tables: the sliding layers' windows attend per layer, through attend())"""
-        return None
+    def step_tables(self, t: int) -> StepTables | None:
+        """TieredCache.step_tables for every layer: the full layers' tables from the tiered cache,
+        each sliding layer's window as one row (a pruned prompt's windows mask by position: those
+        steps attend per layer)."""
+        if not self.full.tables_apply(t) or any(window.gaps for window in self.sliding.values()):
+            return None
+        tables = StepTables(len(self.slot) + len(self.sliding), self.full.n_kv, self.full.n_heads, self.full.head_dim,
+                            self.full.dtype)
+        self.full.fill_tables(tables, sorted(self.slot, key=self.slot.get))
+        for i, window in self.sliding.items():
+            tables.set(i, [window.table_row()])
+        return tables
+
+    def end_step_tables(self, tables: StepTables, k: list[np.ndarray], v: list[np.ndarray]) -> None:
+        self.full.end_step_tables(tables, k, v)
+        for i, window in self.sliding.items():
+            window.append(to_torch(k[i]), to_torch(v[i]))
 
     # -- GraphCache ------------------------------------------------------------------------------
     @property

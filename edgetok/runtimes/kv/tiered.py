@@ -61,6 +61,7 @@ class TieredCache(AttendingCache, GraphCache):
         attends = reads != "views"
         self.selects_ahead = reads == "through"
         self._chosen: list = []  # selects_ahead: this step's chunks, per layer
+        self._at: list[int] = []  # fill_tables: the step's layer of each of this cache's layers
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
         self.lengths = [0] * num_layers  # tokens stored per layer
@@ -392,33 +393,44 @@ class TieredCache(AttendingCache, GraphCache):
         where they live, as the mixed-bit op's rows (the window included, the step's own tokens
         not: the operator adds them). None: this step needs attend() per layer (prefill, a draft
         being verified, chunk summaries, a head size the native kernel does not run)."""
-        if (t != 1 or not self.selects_ahead or self.summarize or self.layers[0].chunk_size == 0
-                or not mixed_attention.supports(self.head_dim)):
+        if not self.tables_apply(t):
             return None
-        self._begin_step()
-        self._chosen = self._select_layers(slice(None), torch.stack([x.q_last for x in self.layers]))
         tables = StepTables(len(self.layers), self.n_kv, self.n_heads, self.head_dim, self.dtype)
-        self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
-        for i, groups in enumerate(self._chosen):
-            if groups is None or len(groups) == 1:
-                tables.set(i, [self.storage.kernel_rows(i, None if groups is None else groups[0], causal=False)])
-            else:
-                tables.set(i, [self.storage.kernel_rows(i, ids, head=h, causal=False) for h, ids in enumerate(groups)])
+        self.fill_tables(tables, list(range(len(self.layers))))
         return tables
 
+    def tables_apply(self, t: int) -> bool:
+        """Whether a step of t tokens can be attended from tables (step_tables)."""
+        return (t == 1 and self.selects_ahead and not self.summarize and self.layers[0].chunk_size > 0
+                and mixed_attention.supports(self.head_dim))
+
+    def fill_tables(self, tables: StepTables, at: list[int]) -> None:
+        """step_tables' work, this cache's layer j being the step's layer at[j] (a MixedCache's
+        full-attention layers among its sliding ones)."""
+        self._begin_step()
+        self._chosen = self._select_layers(slice(None), torch.stack([x.q_last for x in self.layers]))
+        self._at = at
+        self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
+        for j, groups in enumerate(self._chosen):
+            if groups is None or len(groups) == 1:
+                tables.set(at[j], [self.storage.kernel_rows(j, None if groups is None else groups[0], causal=False)])
+            else:
+                tables.set(at[j], [self.storage.kernel_rows(j, ids, head=h, causal=False) for h, ids in enumerate(groups)])
+
     def end_step_tables(self, tables: StepTables, k: list[np.ndarray], v: list[np.ndarray]) -> None:
-        """The step step_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D) join its
-        window, its last query selects next step's chunks."""
-        for i, layer in enumerate(self.layers):
-            self.lengths[i] += 1
+        """The step fill_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D), listed
+        by the step's layers, join its window; its last query selects next step's chunks."""
+        for j, layer in enumerate(self.layers):
+            i = self._at[j]
+            self.lengths[j] += 1
             self.storage.append(layer, to_torch(k[i])[0], to_torch(v[i])[0])
             q = torch.from_numpy(tables.q_last[i].copy())  # (Hq, D)
             layer.q_last, layer.q_tail = q, q[:, None]
-            chosen = self._chosen[i]
+            chosen = self._chosen[j]
             chunks = layer.n_chunks if chosen is None else sum(map(len, chosen)) / len(chosen)  # (per KV head)
-            self._count(i, chunks, chunks * layer.chunk_size + self.storage.window_len(layer))
+            self._count(j, chunks, chunks * layer.chunk_size + self.storage.window_len(layer))
             if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
-                self._measure_read(i, q, chosen)
+                self._measure_read(j, q, chosen)
 
     # -- GraphCache: a whole-model graph (the ONNX backend), which attends itself -------------------
     def view(self, i: int, reserve: int = 0) -> tuple[np.ndarray, np.ndarray, int]:

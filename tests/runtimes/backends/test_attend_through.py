@@ -138,3 +138,28 @@ def test_native_tables_attend_as_the_cache_does_layer_by_layer(exports, selectio
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
         token = int(np.argmax(b))
     assert native.stats()["budget_used"] == python.stats()["budget_used"] < 1
+
+
+def test_gemmas_windows_and_tiers_attend_natively_as_layer_by_layer(exports):
+    """Gemma 3's sliding layers (their windows, one row each) and full layers (the tiered cache's
+    tables) in one native step give the logits of attend() layer by layer."""
+    # (float32 K/V: the windows' own attend() computes in the storage dtype, bf16 under --kv-bits
+    # auto, where the native op keeps float32 queries and sums)
+    kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), selection="layer", bits="32")
+    backend = edgetok.load(str(exports["gemma"]), kv=kv).engine.backend
+    ids = [int(i) for i in np.random.default_rng(2).integers(3, backend.config.vocab_size, 60)]
+    native, python = backend.new_cache(), backend.new_cache()
+    python.step_tables = lambda t: None
+    for cache in (native, python):
+        for i in range(0, len(ids), 20):
+            backend.forward(ids[i : i + 20], cache)
+        backend.end_prefill(cache)
+    made = []
+    step_tables = native.step_tables
+    native.step_tables = lambda t: made.append(step_tables(t)) or made[-1]
+    token = 5
+    for _ in range(12):  # past the 8-token window
+        a, b = backend.forward([token], native)[-1], backend.forward([token], python)[-1]
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+        token = int(np.argmax(b))
+    assert len(made) == 12 and all(t is not None for t in made)  # every step from tables
