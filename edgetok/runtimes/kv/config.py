@@ -87,10 +87,15 @@ class KVConfig:
     def per_head_for(self, attends: bool) -> bool:
         """Whether each KV head selects its own chunks. attends: the cache computes attention
         itself (a graph's views hold one set of chunks per layer)."""
+        if not attends and self.selection == "head":
+            raise EdgetokError(f"{_name('selection')} head needs a cache that computes attention (the torch backend, or "
+                               "the default export with edgetok's attention operator): this graph reads one set of "
+                               "chunks per layer")
+        if self.needs_homes and self.selection == "head":
+            raise EdgetokError(f"{_name('selection')} head reads each KV head's chunks in RAM: with tier budgets "
+                               "(--kv-device-mb / --kv-host-mb / --kv-disk) a stored chunk holds every head, so they "
+                               "share one selection (--kv-selection layer)")
         if not attends or self.needs_homes:
-            if self.selection == "head":
-                raise EdgetokError(f"{_name('selection')} head needs the torch backend: a graph (onnxruntime) reads one "
-                                   "set of chunks per layer")
             return False
         return (self.selection or DEFAULT_SELECTION) == "head"
 
@@ -99,7 +104,8 @@ class KVConfig:
         cache computes attention itself (a graph's views: the graph does)."""
         if not attends:
             if self.summaries == "on":
-                raise EdgetokError(f"{_name('summaries')} on needs the torch backend: a graph (onnxruntime) attends over "
+                raise EdgetokError(f"{_name('summaries')} on needs a cache that computes attention (the torch backend, "
+                                   "or the default export with edgetok's attention operator): this graph attends over "
                                    "its views itself and cannot add the unread chunks' summaries")
             return False
         return (self.summaries or DEFAULT_SUMMARIES) == "on"
