@@ -320,7 +320,10 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
     lse.resize(size_t(hq * s));
     for (int64_t t = 0; t < s; ++t)  // (S, H, D) → (H, S, D): each KV head's query rows together
         for (int64_t h = 0; h < hq; ++h) std::memcpy(&qt[(h * s + t) * d], q + (t * hq + h) * d, sizeof(float) * d);
-    for (int64_t h = 0; h < hq; ++h) std::memcpy(q_last + h * d, &qt[(h * s + s - 1) * d], sizeof(float) * d);
+    // the last query as the cache keeps it: scaled to attend at 1/√D, as attend() would have it
+    const float to_cache = scale * std::sqrt(float(d));
+    for (int64_t h = 0; h < hq; ++h)
+        for (int64_t i = 0; i < d; ++i) q_last[h * d + i] = qt[(h * s + s - 1) * d + i] * to_cache;
     const int64_t heads = n_kv / groups;  // KV heads per table
     thread_local std::vector<uint16_t> own_k, own_v;
     const void *k_own = k, *v_own = v;
