@@ -45,8 +45,10 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--methods", default="rtn,gptq,rsq", help="also: rotate (rsq without the token importance)")
-    ap.add_argument("--configs", default="32a,128a,32s,128s", help="group size + a(symmetric) or s(ymmetric)")
-    ap.add_argument("--gguf", action="store_true", help="also write q4_0 GGUFs of the 32s codes and run them in llama.cpp")
+    ap.add_argument("--configs", default="32a,128a,32s,128s",
+                    help="group size + a(symmetric), s(ymmetric: ±absmax) or q (q4_0's own grid: signed scales)")
+    ap.add_argument("--gguf", action="store_true",
+                    help="also write q4_0 GGUFs of the 32s / 32q codes and run them in llama.cpp")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -58,19 +60,22 @@ def main() -> None:
 
     rows = []
     for config in args.configs.split(","):
-        group, symmetric = int(config[:-1]), config[-1] == "s"
+        group, kind = int(config[:-1]), config[-1]
+        symmetric, signed = kind in "sq", kind == "q"
         for method in args.methods.split(","):
             start = time.perf_counter()
             qm = quantize_model(src, 4, group, "rsq" if method == "rotate" else method, None, args.calib_tokens,
-                                symmetric=symmetric, scale_dtype=torch.float16, importance=method != "rotate")
+                                symmetric=symmetric, scale_dtype=torch.float16, signed_scale=signed,
+                                importance=method != "rotate")
             seconds = time.perf_counter() - start
             model = LlamaModel.from_state_dict(qm.config, qm.dequantized())
             report = compare(reference, model_logits(model, tokens), tokens)
-            row = {"config": f"int4 g{group} {'sym' if symmetric else 'asym'}", "method": method,
+            label = "q4_0 grid" if signed else "sym" if symmetric else "asym"
+            row = {"config": f"int4 g{group} {label}", "method": method,
                    "group_sizes": qm.info["group_sizes"], "seconds": round(seconds, 1),
                    "linears_mb": round(linears_bytes(qm) / 1e6, 2), **report.to_dict()}
-            if args.gguf and config == "32s":
-                row["gguf"] = gguf_row(src, qm, tokens, args.out / f"smollm2-q4_0-{method}.gguf")
+            if args.gguf and config in ("32s", "32q"):
+                row["gguf"] = gguf_row(src, qm, tokens, args.out / f"smollm2-q4_0-{config}-{method}.gguf")
             rows.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "results.json").write_text(json.dumps(rows, indent=2))
@@ -107,7 +112,8 @@ def print_tables(rows: list[dict], reference_ppl: float, eval_tokens: int) -> No
         print("|---|---|---|---|---|")
         for r in gguf:
             g = r["gguf"]
-            print(f"| {r['method']} | {g['size_mb']:.1f} | {g['perplexity']:.3f} | {g['top1_agreement']:.1%} | {g['kl_mean']:.4f} |")
+            print(f"| {r['config']}, {r['method']} | {g['size_mb']:.1f} | {g['perplexity']:.3f} | "
+                  f"{g['top1_agreement']:.1%} | {g['kl_mean']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -391,9 +391,10 @@ class GgufExport:
             self.outputs.append(options.save_imatrix)
 
     def code_grid(self) -> tuple[int, int, dict]:
-        """gptq / rsq codes on the grid of a GGUF block type: symmetric, groups of 32, fp16 scales."""
+        """gptq / rsq codes on the grid of a GGUF block type: symmetric, groups of 32, fp16 scales —
+        q4_0's own (signed scales: the largest weight of each block exact, 16 levels), q8_0's ±absmax."""
         bits, group = CODE_TYPES[self.options.quant]
-        return bits, group, {"symmetric": True, "scale_dtype": torch.float16}
+        return bits, group, {"symmetric": True, "scale_dtype": torch.float16, "signed_scale": self.options.quant == "q4_0"}
 
     def prepare(self, source: Source, qm: QuantizedModel | None, tokens: list[int]) -> None:
         """What is written (gptq / rsq: the codes, and the float weights they approximate, for the

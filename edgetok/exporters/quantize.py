@@ -98,23 +98,36 @@ def fit_group_size(k: int, group_size: int) -> int:
 
 def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """Scales as the artifact stores them (fp16 in GGUF blocks), so the codes are chosen on the grid
-    the runtime will use; kept ≥ the dtype's smallest positive value (no division by zero)."""
+    the runtime will use; kept ≥ the dtype's smallest positive value in magnitude (no division by
+    zero; a signed scale keeps its sign)."""
     if scale_dtype == torch.float32:
         return scale
     tiny = torch.finfo(scale_dtype).smallest_normal
-    return scale.clamp_min(tiny).to(scale_dtype).float()
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    return (sign * scale.abs().clamp_min(tiny)).to(scale_dtype).float()
 
 
-def grid(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float32, float_zero: bool = False):
+def grid(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float32, float_zero: bool = False,
+         signed_scale: bool = False):
     """w (..., G) → scale, zero (...): asymmetric min/max with 0 representable, or ±absmax
     spanning all 2^bits levels around zero = 2^(bits-1) (as GPTQ's quantizer does).
 
     float_zero: asymmetric groups keep their exact min as a fractional zero point (float32), so
     min and max are both on the grid (q4_1's min offsets; ONNX Runtime's MatMulNBits takes them).
+    signed_scale (symmetric): llama.cpp's q4_0 grid — scale = the group's largest-magnitude weight ÷
+    −2^(bits−1), negative when that weight is positive: it sits exactly on code 0 and the other side
+    reaches 2^(bits−1)−1 steps, all 2^bits levels used and nothing clipped on the large side (the
+    ±absmax grid above clips its largest positive weight by half a step).
     """
     levels = (1 << bits) - 1
     w = w.float()
-    if symmetric:
+    if signed_scale:
+        assert symmetric and bits < 8, "llama.cpp's signed scales are q4_0's (symmetric, 4 bits)"
+        extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))[..., 0]
+        scale = _round_scale(extreme / -(1 << (bits - 1)), scale_dtype)
+        scale = torch.where(scale == 0, torch.full_like(scale, 1e-12), scale)
+        zero = torch.full_like(scale, 1 << (bits - 1), dtype=torch.uint8)
+    elif symmetric:
         # int8: ±absmax at ±127, as q8_0 (and ONNX Runtime's quantizer) do; fewer bits: ±absmax
         # spans all levels (GPTQ)
         top = 127 if bits == 8 else levels / 2
@@ -138,7 +151,7 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
 
 def rtn(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, scale_dtype: torch.dtype = torch.float32,
-    float_zero: bool = False,
+    float_zero: bool = False, signed_scale: bool = False,
 ) -> QuantizedWeight:
     """Round to nearest: per group, asymmetric min/max (or symmetric absmax) scaling. w: (N, K)."""
     assert bits in (2, 3, 4, 8), bits
@@ -146,7 +159,7 @@ def rtn(
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide the input width {k}")
     g = w.float().reshape(n, k // group_size, group_size)
-    scale, zero = grid(g, bits, symmetric, scale_dtype, float_zero)
+    scale, zero = grid(g, bits, symmetric, scale_dtype, float_zero, signed_scale)
     q = _codes(g, scale[..., None], zero[..., None], bits)
     return QuantizedWeight(q.reshape(n, k), scale.float(), zero, bits, group_size)
 
@@ -175,6 +188,7 @@ def gptq(
     block_size: int = 128,
     act_order: bool = False,
     scale_dtype: torch.dtype = torch.float32,
+    signed_scale: bool = False,
 ) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022) on w (N, K) with hessian (K, K) ∝ Σ xᵀx of the layer's inputs.
 
@@ -192,10 +206,11 @@ def gptq(
     a plain QuantizedWeight in the original column order.
     """
     with _one_thread():
-        return _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_order, scale_dtype)
+        return _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_order, scale_dtype, signed_scale)
 
 
-def _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_order, scale_dtype) -> QuantizedWeight:
+def _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_order, scale_dtype,
+          signed_scale=False) -> QuantizedWeight:
     assert bits in (2, 3, 4, 8), bits
     n, k = w.shape
     if k % group_size:
@@ -211,7 +226,7 @@ def _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_ord
     scale = torch.empty(n, n_groups)
     zero = torch.empty(n, n_groups, dtype=torch.uint8)
     if act_order:  # static groups, from the weights before any update
-        scale, zero = grid(W.view(n, n_groups, group_size), bits, symmetric, scale_dtype)
+        scale, zero = grid(W.view(n, n_groups, group_size), bits, symmetric, scale_dtype, signed_scale=signed_scale)
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -233,7 +248,7 @@ def _gptq(w, hessian, bits, group_size, symmetric, percdamp, block_size, act_ord
             g = int(group_of[col])
             if not act_order and col % group_size == 0:
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size]  # this group, as updated so far
-                scale[:, g], zero[:, g] = grid(ahead, bits, symmetric, scale_dtype)
+                scale[:, g], zero[:, g] = grid(ahead, bits, symmetric, scale_dtype, signed_scale=signed_scale)
             s, z = scale[:, g], zero[:, g].float()
             x = W1[:, i]
             q = _codes(x, s, z, bits)
@@ -300,6 +315,7 @@ def quantize_model(
     act_order: bool = False,
     percdamp: float = 0.01,
     scale_dtype: torch.dtype = torch.float16,
+    signed_scale: bool = False,
     seq_len: int | None = None,
     r_max: float = 10.0,
     importance: bool = True,
@@ -310,7 +326,8 @@ def quantize_model(
     group_size is fitted per linear (`fit_group_size`). Calibration (gptq, rsq) reads
     calib_tokens tokens of calib_text, or of the end of the built-in essays when it is None.
     scale_dtype: the precision the artifact stores scales in (fp16 for GGUF blocks, MatMulNBits
-    and QDQ); scales are rounded to it before the codes are chosen.
+    and QDQ); scales are rounded to it before the codes are chosen. signed_scale: llama.cpp's
+    q4_0 grid (`grid`).
     importance: rsq weights tokens by attention received (r_max: the weight range [1, r_max]);
     False leaves only the rotation (an ablation).
     """
@@ -325,6 +342,8 @@ def quantize_model(
         weights.pop(LM_HEAD, None)
     rotated = method == "rsq"
     info: dict[str, Any] = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric}
+    if signed_scale:
+        info["grid"] = "llama.cpp's q4_0: the largest-magnitude weight ÷ −8 (signed scales)"
     if rotated:
         from edgetok.exporters.rotation import rotate
 
@@ -336,7 +355,7 @@ def quantize_model(
     groups = {n: fit_group_size(weights[n].shape[1], group_size) for n in names}
     start = time.perf_counter()
     if method == "rtn":
-        codes = {n: rtn(weights[n], bits, groups[n], symmetric, scale_dtype) for n in names}
+        codes = {n: rtn(weights[n], bits, groups[n], symmetric, scale_dtype, signed_scale=signed_scale) for n in names}
     else:
         seq_len = seq_len or calibration.SEQ_LEN
         tokens = calibration.calibration_tokens(source.tokenizer, calib_text, calib_tokens or calibration.DEFAULT_TOKENS, seq_len)
@@ -344,7 +363,8 @@ def quantize_model(
 
         def quantize(w: torch.Tensor, h: torch.Tensor) -> QuantizedWeight:
             g = fit_group_size(w.shape[1], group_size)
-            return gptq(w, h, bits, g, symmetric, percdamp=percdamp, act_order=act_order, scale_dtype=scale_dtype)
+            return gptq(w, h, bits, g, symmetric, percdamp=percdamp, act_order=act_order, scale_dtype=scale_dtype,
+                        signed_scale=signed_scale)
 
         weighted = rotated and importance
         codes = calibration.calibrate(model, tokens, quantize, weighted=weighted, r_max=r_max, progress=progress)

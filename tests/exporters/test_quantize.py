@@ -91,6 +91,37 @@ def test_gguf_blocks_dequantize_exactly(quant, bits):
         np.testing.assert_array_equal(got.reshape(w.shape), qw.dequantize().numpy())
 
 
+def test_q4_0s_own_grid_is_llama_cpps_rounding():
+    """signed_scale: round to nearest on it writes llama.cpp's q4_0 scales (gguf-py's port of its
+    quantizer: each block's largest-magnitude weight over −8, negative ones included) and its codes
+    but where llama.cpp rounds with the unrounded scale and stores it in fp16 — we round on the fp16
+    scale stored, one step apart in a few codes, never farther from the weight; GPTQ on that grid keeps
+    its blocks there and beats it on the layer's output."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w, x = correlated_layer(k=256)
+    ours = rtn(w, 4, 32, True, torch.float16, signed_scale=True)
+    assert (ours.scale < 0).any() and (ours.scale > 0).any()
+    mine = gguf_blocks(ours, "q4_0").reshape(-1, 18)
+    theirs = quantize(w.numpy(), GGMLQuantizationType.Q4_0).reshape(-1, 18)
+    np.testing.assert_array_equal(mine[:, :2], theirs[:, :2])  # the fp16 scales
+    codes = [np.concatenate([b[:, 2:] & 15, b[:, 2:] >> 4], 1).astype(int) for b in (mine, theirs)]
+    assert np.abs(codes[0] - codes[1]).max() <= 1 and (codes[0] != codes[1]).mean() < 0.005
+    kind = GGMLQuantizationType.Q4_0
+    ours_err = np.abs(dequantize(mine.reshape(w.shape[0], -1), kind).reshape(w.shape) - w.numpy())
+    their_err = np.abs(dequantize(theirs.reshape(w.shape[0], -1), kind).reshape(w.shape) - w.numpy())
+    assert (ours_err <= their_err + 1e-7).all()
+    calib, held_out = x[:1536], x[1536:]
+    h = 2 * calib.T @ calib / len(calib)
+    q = gptq(w, h, 4, 32, True, scale_dtype=torch.float16, signed_scale=True)
+    blocks = gguf_blocks(q, "q4_0")
+    np.testing.assert_array_equal(dequantize(blocks, GGMLQuantizationType.Q4_0).reshape(w.shape), q.dequantize().numpy())
+    assert layer_error(w, q, held_out) < 0.8 * layer_error(w, ours, held_out)
+    # and its 16 levels fit better than the ±absmax grid's 15 on the same layer, by round to nearest
+    assert layer_error(w, ours, held_out) < layer_error(w, rtn(w, 4, 32, True, torch.float16), held_out)
+
+
 def test_gguf_blocks_refuse_codes_that_do_not_fit():
     w, _ = correlated_layer()
     with pytest.raises(ValueError, match="symmetric"):
