@@ -5,7 +5,8 @@
 Stages (each one lock hold; results accumulate in OUT/results.json):
 
 - sensitivity: the allocator's measurement, once: KL of the model with one matrix at one type,
-  for every matrix and type (exporters/sensitivity.py, on the calibration text's 256 tokens),
+  for every matrix and type (exporters/sensitivity.py, on the calibration text's 256 tokens, or
+  `--calib-tokens`),
   saved to OUT/sensitivity.json; and edgetok's calibrated imatrix (OUT/imatrix.gguf, 8192 tokens
   of the calibration text), which llama.cpp's "+ imatrix" mixes use.
 - llamacpp: llama.cpp's quantizer (llama_model_quantize) makes Q4_0, Q4_K_M, Q5_K_M and Q8_0 from
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--stage", choices=("sensitivity", "llamacpp", "edgetok", "table"), required=True)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="sensitivity: calibration tokens per KL run (default: export's 256); the imatrix keeps its 8192")
     ap.add_argument("--targets", default="4.6,4.9,5.3,5.7,6.5,8.5")
     ap.add_argument("--mixes", default=",".join(MIXES))
     args = ap.parse_args()
@@ -74,10 +77,13 @@ def main() -> None:
     if args.stage == "sensitivity":
         start = time.perf_counter()
         options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8)
-        kl = tensor_kl(calibration_rounded(src, options), matrices, lambda name, w, kind: round_trip(w, kind),
+        sensitivity_options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8,
+                                          calib_tokens=args.calib_tokens)
+        kl = tensor_kl(calibration_rounded(src, sensitivity_options), matrices, lambda name, w, kind: round_trip(w, kind),
                        progress_bar("sensitivity"))
         (args.out / "sensitivity.json").write_text(json.dumps(kl, indent=1))
-        print(f"sensitivity: {sum(len(v) for v in kl.values())} runs in {time.perf_counter() - start:.0f} s")
+        print(f"sensitivity: {sum(len(v) for v in kl.values())} runs on {sensitivity_options.allocation_tokens} tokens "
+              f"in {time.perf_counter() - start:.0f} s")
         start = time.perf_counter()
         calibrated_imatrix(src, options).write(args.out / "imatrix.gguf")
         print(f"imatrix: {time.perf_counter() - start:.0f} s")
