@@ -135,6 +135,8 @@ def attention_session(domain: str, heads: int, kv_heads: int, d: int, window: in
     (9, 3, 64, 0, 1, [2500], 2500),    # no room in the past: present is a larger new buffer
     (9, 3, 64, 0, 5, [2300], 2305),    # a few drafted tokens, causal among themselves
     (4, 1, 256, 0, 1, [2100, 2090], 2110),  # two sequences of different lengths (batched decode), Gemma's head size
+    (9, 3, 64, 0, 1, [120, 37, 250, 5], 300),  # a batch of short caches (served clients): edgetok's loops too
+    (8, 4, 32, 16, 1, [100, 30], 120),  # short batched caches in a sliding window
     (9, 3, 64, 0, 3, [0, 0], 0),       # the first tokens, no past
     (8, 4, 32, 16, 7, [2040], 2060),   # a sliding window
     (9, 3, 64, 0, 40, [100], 140),     # a prefill: ONNX Runtime's kernel, called from inside
