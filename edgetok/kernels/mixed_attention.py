@@ -9,6 +9,7 @@ mixed_attention.cpp by the package build): table rows that point at a chunk's me
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -126,8 +127,10 @@ class StepTables:
         return self.desc.ctypes.data
 
 
+@functools.cache
 def tables_hook() -> int:
-    """The address of the native hook (edgetok_attend_from_tables) an ATTEND_HOOK can be cast from."""
+    """The address of the native hook (edgetok_attend_from_tables) an ATTEND_HOOK can be cast from
+    (looked up once: every decode step asks)."""
     import ctypes
 
     if _native is None:

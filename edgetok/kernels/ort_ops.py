@@ -67,7 +67,6 @@ def attending_through(hook, user: int | None = None) -> Iterator[Callable[[], in
     if isinstance(hook, int):
         hook = ctypes.cast(hook, ATTEND_HOOK)
     through = _library().edgetok_attend_through
-    through.restype, through.argtypes = ctypes.c_int64, [ATTEND_HOOK, ctypes.c_void_p]
     through(hook, user)
     try:
         yield lambda: through(hook, user)  # (reading the count starts it again, as the next run wants)
@@ -82,7 +81,11 @@ def _library() -> ctypes.CDLL:
     if path is None:
         raise EdgetokError("edgetok's compiled ONNX Runtime operators are not built: reinstall edgetok from source "
                            "(pip install -e .)")
-    return ctypes.CDLL(str(path))
+    library = ctypes.CDLL(str(path))
+    # (declared once: attending_through runs every forward)
+    library.edgetok_attend_through.restype = ctypes.c_int64
+    library.edgetok_attend_through.argtypes = [ATTEND_HOOK, ctypes.c_void_p]
+    return library
 
 
 def register(options) -> None:

@@ -200,8 +200,8 @@ class TieredCache(AttendingCache, GraphCache):
         layer = self.layers[i]
         if i == 0:
             self._begin_step()
-            if self.selects_ahead:  # every layer's chunks now, with each layer's last query
-                self._chosen = self._select_layers(slice(None), torch.stack([x.q_last for x in self.layers]))
+            if self.selects_ahead:
+                self._select_ahead()
         chosen = self._chosen[i] if self.selects_ahead else self._select(i, q[:, -1])
         layer.q_last, layer.q_tail = q[:, -1], q  # (the next step's selection ahead, or a rollback's)
         self.storage.append(layer, k, v)
@@ -214,7 +214,7 @@ class TieredCache(AttendingCache, GraphCache):
             attended = sum(p[2] for p in parts) / len(parts)  # tokens per head
         if chosen is not None and self.summarize:
             out = self._fold_unread(i, q, out, lse, chosen)
-        self._count(i, layer.n_chunks if chosen is None else sum(map(len, chosen)) / len(chosen), attended)
+        self._count(i, self._chunks_read(i, chosen), attended)
         if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
             self._measure_read(i, q[:, -1], chosen)
         return out
@@ -315,6 +315,14 @@ class TieredCache(AttendingCache, GraphCache):
         or (per-head selection) one per KV head; None = all of them."""
         return self._select_layers(slice(i, i + 1), q[None])[0]
 
+    def _select_ahead(self) -> None:
+        """Every layer's chunks for this step at once, each with its last query (selects_ahead)."""
+        self._chosen = self._select_layers(slice(None), torch.stack([x.q_last for x in self.layers]))
+
+    def _chunks_read(self, i: int, chosen: list[torch.Tensor] | None) -> float:
+        """How many of layer i's chunks a step with this selection reads, per KV head."""
+        return self.layers[i].n_chunks if chosen is None else sum(map(len, chosen)) / len(chosen)
+
     def _select_layers(self, layers: slice, q: torch.Tensor) -> list[list[torch.Tensor] | None]:
         """_select for a run of layers at once, q (L, Hq, D) their queries: one batched selection."""
         ids = range(len(self.layers))[layers]
@@ -408,7 +416,7 @@ class TieredCache(AttendingCache, GraphCache):
         """step_tables' work, this cache's layer j being the step's layer at[j] (a MixedCache's
         full-attention layers among its sliding ones)."""
         self._begin_step()
-        self._chosen = self._select_layers(slice(None), torch.stack([x.q_last for x in self.layers]))
+        self._select_ahead()
         self._at = at
         self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
         for j, groups in enumerate(self._chosen):
@@ -427,7 +435,7 @@ class TieredCache(AttendingCache, GraphCache):
             q = torch.from_numpy(tables.q_last[i].copy())  # (Hq, D)
             layer.q_last, layer.q_tail = q, q[:, None]
             chosen = self._chosen[j]
-            chunks = layer.n_chunks if chosen is None else sum(map(len, chosen)) / len(chosen)  # (per KV head)
+            chunks = self._chunks_read(j, chosen)
             self._count(j, chunks, chunks * layer.chunk_size + self.storage.window_len(layer))
             if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
                 self._measure_read(j, q, chosen)
