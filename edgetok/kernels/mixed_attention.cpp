@@ -32,6 +32,7 @@ enum Field { F_BITS, F_LENGTH, F_K, F_V, F_K_SCALE, F_K_ZERO, F_V_SCALE, F_V_ZER
 constexpr int TILE = 256;  // tokens scored at a time (a chunk longer than this is read in tiles)
 constexpr int MAX_D = 512;  // head_dim: a multiple of 16 up to this
 constexpr int MAX_NV = MAX_D / 16;
+constexpr int BOUNDS_BLOCK = 128;  // chunk_shares' columns per block
 
 struct Problem {
     const float* q;        // (Hkv, R, D): R = G·T rows per KV head, row r = query head g = r / T, token t = r % T
@@ -72,10 +73,12 @@ namespace avx512 {
 namespace {
 
 using ItemFn = void (*)(const Problem&, int, int64_t, int64_t, float*, float*, float*, float*);
+using SharesFn = void (*)(const float*, int, int, int, const float*, int64_t, int64_t, float, float*, float*);
 
 struct Isa {
     const char* name;
     ItemFn run;
+    SharesFn shares;
     bool supported;
 };
 
@@ -83,15 +86,15 @@ Isa isas[3];
 
 void detect_isas() {
 #ifdef EDGETOK_PORTABLE_ONLY
-    isas[0] = isas[1] = {"none", scalar::run_item, false};
+    isas[0] = isas[1] = {"none", scalar::run_item, scalar::chunk_shares, false};
 #else
     __builtin_cpu_init();
-    isas[0] = {"avx512", avx512::run_item,
+    isas[0] = {"avx512", avx512::run_item, avx512::chunk_shares,
                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")};
-    isas[1] = {"avx2", avx2::run_item, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
+    isas[1] = {"avx2", avx2::run_item, avx2::chunk_shares, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
 #endif
-    isas[2] = {"scalar", scalar::run_item, true};
+    isas[2] = {"scalar", scalar::run_item, scalar::chunk_shares, true};
 }
 
 const Isa* find_isa(const char* name) {
@@ -216,6 +219,92 @@ void attend(const Problem& p, const Isa& isa, int threads, float* out, float* ls
     }
 }
 
+// -- chunk selection (kernels/selection.py: select_chunks, for one layer; that is its oracle) ------
+
+struct Selection {
+    const float* q;          // (Hq, D): the query as the cache keeps it (attention at 1/√D)
+    const float* abstracts;  // (Hkv, 2D, stride): each chunk's max keys, then its min keys
+    const uint8_t* pinned;   // (count,) or null: chunks always read
+    int64_t stride, count, keep, sinks, recent;
+    int n_kv, g, d;
+    float temperature, coverage;  // coverage ≤ 0: keep exactly `keep` chunks
+    bool per_head;                // each KV head ranks and keeps its own chunks
+};
+
+// The chunks to read: ids (groups, row) with row ≥ count, of which each group's first n[group]
+// count, ascending (groups = Hkv per head, else 1). Returns the estimated coverage: the least covered head's share
+// of the bounds' softmax. Ties rank the lower id first (torch's stable sort).
+float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row, int64_t* n) {
+    const int64_t c = s.count, hkv = s.n_kv, groups = s.per_head ? hkv : 1;
+    if (c == 0) {
+        for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
+        return 1.0f;
+    }
+    thread_local std::vector<float> shares, scores, scratch, tied;
+    thread_local std::vector<int64_t> order;
+    shares.resize(size_t(hkv * c));
+    scores.resize(size_t(groups * c));
+    scratch.resize(size_t(s.g * BOUNDS_BLOCK));
+    order.resize(size_t(c));
+    isa.shares(s.q, s.n_kv, s.g, s.d, s.abstracts, s.stride, c, 1.0f / (std::sqrt(float(s.d)) * s.temperature), shares.data(),
+               scratch.data());
+    auto forced = [&](int64_t i) { return i < s.sinks || i >= c - s.recent || (s.pinned && s.pinned[i]); };
+    int64_t n_forced = 0;
+    for (int64_t i = 0; i < c; ++i) n_forced += forced(i);
+    for (int64_t grp = 0; grp < groups; ++grp) {  // scores: a head's shares, or the max over heads
+        float* sc = scores.data() + grp * c;
+        for (int64_t i = 0; i < c; ++i) {
+            float best = shares[size_t(grp * c + i)];
+            if (!s.per_head)
+                for (int64_t h = 1; h < hkv; ++h) best = std::max(best, shares[size_t(h * c + i)]);
+            sc[i] = forced(i) ? INFINITY : best;
+        }
+    }
+    int64_t keep = std::min(s.keep, c);
+    const bool auto_keep = s.coverage > 0.0f;
+    if (auto_keep) {  // as many as cover `coverage` of every head's shares along its group's order
+        int64_t need = 1;
+        for (int64_t grp = 0; grp < groups; ++grp) {
+            const float* sc = scores.data() + grp * c;
+            for (int64_t i = 0; i < c; ++i) order[size_t(i)] = i;
+            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sc[a] > sc[b]; });
+            for (int64_t h = s.per_head ? grp : 0; h < (s.per_head ? grp + 1 : hkv); ++h) {
+                const float* x = shares.data() + h * c;
+                float covered = 0.0f;
+                int64_t below = 0;
+                for (int64_t j = 0; j < c; ++j) below += (covered += x[order[size_t(j)]]) < s.coverage;
+                need = std::max(need, std::min(below, c - 1) + 1);
+            }
+        }
+        keep = std::min(std::max(need, n_forced), keep);
+    }
+    float estimated = INFINITY;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+        const float* sc = scores.data() + grp * c;
+        int64_t* out = ids + grp * row;
+        // the k best, ascending: the k-th best score is the threshold; of the chunks tied at it, the lowest ids
+        const int64_t k = std::max<int64_t>(keep, 1);  // (keep 0 reads nothing; its estimate is the best chunk's)
+        float threshold = -INFINITY;
+        if (k < c) {
+            tied.assign(sc, sc + c);
+            std::nth_element(tied.begin(), tied.begin() + (k - 1), tied.end(), std::greater<float>());
+            threshold = tied[size_t(k - 1)];
+        }
+        int64_t above = 0;
+        for (int64_t i = 0; i < c; ++i) above += sc[i] > threshold;
+        for (int64_t i = 0, taken = 0, ties = k - above; i < c && taken < k; ++i)
+            if (sc[i] > threshold || (sc[i] == threshold && ties-- > 0)) out[taken++] = i;
+        n[grp] = keep;
+        for (int64_t h = s.per_head ? grp : 0; h < (s.per_head ? grp + 1 : hkv); ++h) {
+            const float* x = shares.data() + h * c;
+            float covered = 0.0f;
+            for (int64_t j = 0; j < k; ++j) covered += x[out[j]];
+            estimated = std::min(estimated, covered);
+        }
+    }
+    return estimated;
+}
+
 bool check(bool ok, const char* message) {
     if (!ok) PyErr_SetString(PyExc_ValueError, message);
     return ok;
@@ -274,6 +363,54 @@ PyObject* py_attend(PyObject*, PyObject* args) {
     return result;
 }
 
+PyObject* py_select(PyObject*, PyObject* args) {
+    Py_buffer q, abstracts, pinned, plans, temperatures, ids, n, estimated;
+    int n_kv, g, d, per_head;
+    long long stride;
+    float coverage;
+    const char* isa_name;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*w*w*iiiLfps", &q, &abstracts, &pinned, &plans, &temperatures, &ids, &n, &estimated,
+                          &n_kv, &g, &d, &stride, &coverage, &per_head, &isa_name))
+        return nullptr;
+    PyObject* result = nullptr;
+    const Isa* isa = find_isa(isa_name);
+    const int64_t layers = plans.len / (4 * 8), groups = per_head ? n_kv : 1;
+    const int64_t row = layers ? ids.len / (8 * layers * groups) : 0;
+    const int64_t layer_floats = int64_t(n_kv) * 2 * d * stride;
+    bool ok = isa != nullptr || check(false, "no such instruction set here");
+    ok = ok && check(n_kv > 0 && g > 0 && d > 0 && stride >= 0, "n_kv, g, d must be positive") &&
+         check(plans.len == layers * 4 * 8, "plans must be int64 (L, 4): count, keep, sinks, recent") &&
+         check(q.len == layers * n_kv * g * d * 4, "q must be float32 (L, Hq, D)") &&
+         check(abstracts.len >= layers * layer_floats * 4, "abstracts must be float32 (L, Hkv, 2D, stride)") &&
+         check(pinned.len == 0 || pinned.len >= layers * stride, "pinned must be bool (L, stride), or empty") &&
+         check(temperatures.len == layers * 4 && estimated.len == layers * 4, "temperatures and estimated are float32 (L,)") &&
+         check(n.len == layers * groups * 8 && ids.len == layers * groups * row * 8, "ids (L, groups, row) and n (L, groups) are int64");
+    const int64_t* plan = static_cast<const int64_t*>(plans.buf);
+    for (int64_t l = 0; ok && l < layers; ++l)
+        ok = check(plan[4 * l] >= 0 && plan[4 * l] <= std::min<int64_t>(stride, row), "a layer's chunk count must fit its abstracts and ids");
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        for (int64_t l = 0; l < layers; ++l) {
+            const int64_t* p = plan + 4 * l;
+            if (p[1] < 0) continue;  // (a layer that reads every chunk: nothing to select)
+            Selection s{};
+            s.q = static_cast<const float*>(q.buf) + l * n_kv * g * d;
+            s.abstracts = static_cast<const float*>(abstracts.buf) + l * layer_floats;
+            s.pinned = pinned.len ? static_cast<const uint8_t*>(pinned.buf) + l * stride : nullptr;
+            s.stride = stride, s.count = p[0], s.keep = p[1], s.sinks = p[2], s.recent = p[3];
+            s.n_kv = n_kv, s.g = g, s.d = d;
+            s.temperature = static_cast<const float*>(temperatures.buf)[l], s.coverage = coverage;
+            s.per_head = per_head;
+            static_cast<float*>(estimated.buf)[l] =
+                select_layer(s, *isa, static_cast<int64_t*>(ids.buf) + l * groups * row, row, static_cast<int64_t*>(n.buf) + l * groups);
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    for (Py_buffer* b : {&q, &abstracts, &pinned, &plans, &temperatures, &ids, &n, &estimated}) PyBuffer_Release(b);
+    return result;
+}
+
 PyObject* py_isas(PyObject*, PyObject*) {
     PyObject* names = PyList_New(0);
     for (const Isa& isa : isas) {
@@ -287,17 +424,130 @@ PyObject* py_isas(PyObject*, PyObject*) {
 
 }  // namespace
 
-// A graph's decode step attended from tables the caller prepared (edgetok's GroupQueryAttention
-// hook, kernels/attention_op.cpp; ort_ops.ATTEND_HOOK's signature): for each layer, the selected
-// chunks and the window as table rows — one table for all KV heads, or one per KV head (per-head
-// selection, rows pointing at that head) — to which the new tokens' own K/V (the operator's
-// present) is added as the causal row. No Python runs between the layers.
+namespace {
+
+// bfloat16 as torch rounds float32 to it (to nearest, ties to even)
+inline uint16_t to_bf16(float x) {
+    uint32_t a;
+    std::memcpy(&a, &x, 4);
+    return uint16_t((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
+}
+
+// A float row (mixed_attention.md): `length` tokens from `k`, `v` (token stride D), heads `head_stride` apart.
+void float_row(int64_t* row, int64_t bits, int64_t length, int64_t k, int64_t v, int64_t head_stride, int64_t d, bool causal) {
+    const int64_t r[N_FIELDS] = {bits, length, k, v, 0, 0, 0, 0, head_stride, d, causal};
+    std::memcpy(row, r, sizeof(r));
+}
+
+// One layer of a step (attend_from_tables): the attention of the KV heads first..first+heads-1 over
+// `table` (n rows), their query rows at qt → ot, lse.
+void attend_rows(const std::vector<int64_t>& table, int64_t first, int64_t heads, int64_t g, int64_t s, int64_t d,
+                 int64_t vgroup, float scale, const Isa& isa, int threads, const float* qt, float* ot, float* lse) {
+    Problem p{};
+    p.q = qt + first * g * s * d;
+    p.table = table.data();
+    p.n_chunks = int64_t(table.size()) / N_FIELDS;
+    p.n_kv = int(heads), p.rows = int(g * s), p.t = int(s), p.d = int(d), p.vgroup = int(vgroup);
+    p.scale = scale;
+    attend(p, isa, threads, ot + first * g * s * d, lse + first * g * s);
+}
+
+// Slab mode (a layer whose K/V lives in float slabs in RAM, storage.py's ResidentStorage): the
+// layer's record, int64, fields in this order (mixed_attention.py: SLAB_FIELDS).
+enum SlabField { S_K, S_V, S_HEAD_STRIDE, S_N, S_CHUNK_SIZE, S_N_CHUNKS, S_ABSTRACTS, S_STRIDE, S_PINNED, S_KEEP, S_SINKS,
+                 S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, N_SLAB_FIELDS };
+// Its float32 io row (mixed_attention.py: IO_FIELDS): in, the selection's temperature and coverage
+// target (≤ 0: keep exactly `keep`); out, the estimated coverage, the chunks and the tokens read per
+// KV head, then (sampled steps) each query head's captured mass (Hq of them).
+enum IoField { IO_TEMPERATURE, IO_COVERAGE, IO_ESTIMATED, IO_CHUNKS, IO_TOKENS, N_IO_FIELDS };
+
+// The new tokens stored at the slab's end, then the layer's chunks selected with its last query
+// (select_layer: the step's own, not the last step's) and attended in place, with the window and
+// the new tokens as the causal row; at sampled steps the captured mass too (the selection's
+// log-sum-exp against the whole slab's).
+int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int64_t s, int64_t d, int64_t vgroup,
+                int64_t bits, int threads, float scale, const float* q_last, const float* qt, const float* k, const float* v,
+                float* ot, float* lse) {
+    const int64_t size = bits / 8, hs = rec[S_HEAD_STRIDE], n = rec[S_N], cs = rec[S_CHUNK_SIZE], chunks = rec[S_N_CHUNKS];
+    char* slab_k = reinterpret_cast<char*>(rec[S_K]);
+    char* slab_v = reinterpret_cast<char*>(rec[S_V]);
+    float* io = reinterpret_cast<float*>(rec[S_IO]);
+    if (!slab_k || !slab_v || !io || (bits != 16 && bits != 32) || cs <= 0 || chunks * cs > n) return 1;
+    for (int64_t h = 0; h < n_kv; ++h)  // the new tokens, as the cache stores them (the caller made room)
+        for (int64_t t = 0; t < s; ++t) {
+            const int64_t at = (h * hs + (n + t) * d) * size;
+            const float *src_k = k + (h * s + t) * d, *src_v = v + (h * s + t) * d;
+            if (bits == 32) {
+                std::memcpy(slab_k + at, src_k, 4 * d);
+                std::memcpy(slab_v + at, src_v, 4 * d);
+            } else {
+                uint16_t *dk = reinterpret_cast<uint16_t*>(slab_k + at), *dv = reinterpret_cast<uint16_t*>(slab_v + at);
+                for (int64_t i = 0; i < d; ++i) dk[i] = to_bf16(src_k[i]), dv[i] = to_bf16(src_v[i]);
+            }
+        }
+    const int64_t total = n + s, ks = reinterpret_cast<int64_t>(slab_k), vs = reinterpret_cast<int64_t>(slab_v);
+    thread_local std::vector<int64_t> table, ids, counts;
+    const bool every = rec[S_KEEP] < 0 || chunks == 0;  // (a budget that covers the layer)
+    const int64_t groups = !every && rec[S_PER_HEAD] ? n_kv : 1;
+    const int64_t heads = n_kv / groups, window = chunks * cs;
+    float estimated = 1.0f;
+    if (!every) {
+        Selection sel{};
+        sel.q = q_last;
+        sel.abstracts = reinterpret_cast<const float*>(rec[S_ABSTRACTS]);
+        sel.pinned = reinterpret_cast<const uint8_t*>(rec[S_PINNED]);
+        sel.stride = rec[S_STRIDE], sel.count = chunks, sel.keep = rec[S_KEEP], sel.sinks = rec[S_SINKS], sel.recent = rec[S_RECENT];
+        sel.n_kv = int(n_kv), sel.g = int(g), sel.d = int(d);
+        sel.temperature = io[IO_TEMPERATURE], sel.coverage = io[IO_COVERAGE];
+        sel.per_head = groups > 1;
+        ids.resize(size_t(groups * chunks));
+        counts.resize(size_t(groups));
+        estimated = select_layer(sel, isa, ids.data(), chunks, counts.data());
+    }
+    int64_t read = 0;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+        const int64_t first = grp * heads, off = first * hs * size;  // the group's first KV head
+        const int64_t m = every ? 0 : counts[size_t(grp)];
+        table.resize(size_t((m + 1) * N_FIELDS));
+        for (int64_t j = 0; j < m; ++j) {
+            const int64_t at = ids[size_t(grp * chunks + j)] * cs * d * size + off;
+            float_row(&table[size_t(j * N_FIELDS)], bits, cs, ks + at, vs + at, hs, d, false);
+        }
+        const int64_t from = every ? 0 : window, at = from * d * size + off;
+        float_row(&table[size_t(m * N_FIELDS)], bits, total - from, ks + at, vs + at, hs, d, true);
+        attend_rows(table, first, heads, g, s, d, vgroup, scale, isa, threads, qt, ot, lse);
+        read += every ? chunks : m;
+    }
+    io[IO_ESTIMATED] = estimated;
+    io[IO_CHUNKS] = float(read) / float(groups);
+    io[IO_TOKENS] = every ? float(total) : float(read) / float(groups) * float(cs) + float(total - window);
+    if (rec[S_SAMPLED]) {  // every query head's captured mass: its selection's share of the whole slab's softmax
+        thread_local std::vector<float> ot_all, lse_all;
+        ot_all.resize(size_t(n_kv * g * s * d));
+        lse_all.resize(size_t(n_kv * g * s));
+        table.resize(N_FIELDS);
+        float_row(table.data(), bits, total, ks, vs, hs, d, true);
+        attend_rows(table, 0, n_kv, g, s, d, vgroup, scale, isa, threads, qt, ot_all.data(), lse_all.data());
+        for (int64_t h = 0; h < n_kv * g; ++h)  // (the last token's row)
+            io[N_IO_FIELDS + h] = std::exp(lse[h * s + s - 1] - lse_all[size_t(h * s + s - 1)]);
+    }
+    return 0;
+}
+
+}  // namespace
+
+// A graph's decode step attended natively (edgetok's GroupQueryAttention hook, kernels/attention_op.cpp;
+// ort_ops.ATTEND_HOOK's signature), with no Python between the layers. Per layer, either
+//  - tables the caller prepared: the selected chunks and the window as table rows — one table for all
+//    KV heads, or one per KV head (per-head selection, rows pointing at that head) — to which the
+//    new tokens' own K/V (the operator's present) is added as the causal row; or
+//  - a slab (attend_slab): the layer's selection made here, with the step's own query.
 //
 // `user` is an int64 descriptor: [layers, n_kv, head_dim, vgroup, threads, isa (0 best, 1 avx2,
 // 2 scalar), query heads per KV head, the new tokens' bits (32, or 16: rounded to bfloat16 as the
-// cache stores them, so attention reads what a later step will), then per layer: groups (1 or n_kv), the address of its
-// (groups, 2) array of (table address, rows), the address of its float32 (Hq, D) buffer for the
-// step's last query] (mixed_attention.py: StepTables).
+// cache stores them, so attention reads what a later step will), then per layer: groups (1 or n_kv;
+// 0: a slab), the address of its (groups, 2) array of (table address, rows) or of its slab record,
+// the address of its float32 (Hq, D) buffer for the step's last query] (mixed_attention.py: StepTables).
 extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables(void* user, int64_t layer, const float* q,
                                                                               const float* k, const float* v, int64_t s,
                                                                               float scale, float* out) {
@@ -309,12 +559,10 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
     if (!isa) return 1;
     const int64_t* entry = desc + 8 + 3 * layer;
     const int64_t groups = entry[0];
-    const int64_t* tables = reinterpret_cast<const int64_t*>(entry[1]);
     float* q_last = reinterpret_cast<float*>(entry[2]);
-    if (groups != 1 && groups != n_kv) return 1;
+    if (groups != 0 && groups != 1 && groups != n_kv) return 1;
     const int64_t hq = g * n_kv;
     thread_local std::vector<float> qt, ot, lse;
-    thread_local std::vector<int64_t> table;
     qt.resize(size_t(hq * s * d));
     ot.resize(size_t(hq * s * d));
     lse.resize(size_t(hq * s));
@@ -324,38 +572,34 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
     const float to_cache = scale * std::sqrt(float(d));
     for (int64_t h = 0; h < hq; ++h)
         for (int64_t i = 0; i < d; ++i) q_last[h * d + i] = qt[(h * s + s - 1) * d + i] * to_cache;
-    const int64_t heads = n_kv / groups;  // KV heads per table
-    thread_local std::vector<uint16_t> own_k, own_v;
-    const void *k_own = k, *v_own = v;
-    if (own_bits == 16) {  // round to nearest even, as torch's float → bfloat16
-        own_k.resize(size_t(n_kv * s * d));
-        own_v.resize(size_t(n_kv * s * d));
-        for (int64_t i = 0; i < n_kv * s * d; ++i) {
-            uint32_t a, b;
-            std::memcpy(&a, k + i, 4);
-            std::memcpy(&b, v + i, 4);
-            own_k[size_t(i)] = uint16_t((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
-            own_v[size_t(i)] = uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    if (groups == 0) {
+        const int64_t* rec = reinterpret_cast<const int64_t*>(entry[1]);
+        if (attend_slab(rec, *isa, n_kv, g, s, d, vgroup, own_bits, int(threads), scale, q_last, qt.data(), k, v, ot.data(), lse.data()))
+            return 1;
+    } else {
+        const int64_t* tables = reinterpret_cast<const int64_t*>(entry[1]);
+        const int64_t heads = n_kv / groups;  // KV heads per table
+        thread_local std::vector<uint16_t> own_k, own_v;
+        thread_local std::vector<int64_t> table;
+        const void *k_own = k, *v_own = v;
+        if (own_bits == 16) {  // as the cache will store them
+            own_k.resize(size_t(n_kv * s * d));
+            own_v.resize(size_t(n_kv * s * d));
+            for (int64_t i = 0; i < n_kv * s * d; ++i) own_k[size_t(i)] = to_bf16(k[i]), own_v[size_t(i)] = to_bf16(v[i]);
+            k_own = own_k.data(), v_own = own_v.data();
         }
-        k_own = own_k.data(), v_own = own_v.data();
-    }
-    const int64_t own_size = own_bits / 8;
-    for (int64_t grp = 0; grp < groups; ++grp) {
-        const int64_t* rows = reinterpret_cast<const int64_t*>(tables[2 * grp]);
-        const int64_t n = tables[2 * grp + 1];
-        table.assign(rows, rows + n * N_FIELDS);
-        const int64_t first = grp * heads;  // the group's first KV head
-        const int64_t offset = first * s * d * own_size;  // bytes
-        const int64_t own[N_FIELDS] = {own_bits, s, reinterpret_cast<int64_t>(k_own) + offset, reinterpret_cast<int64_t>(v_own) + offset,
-                                       0, 0, 0, 0, s * d, d, 1};
-        table.insert(table.end(), own, own + N_FIELDS);
-        Problem p{};
-        p.q = qt.data() + first * g * s * d;
-        p.table = table.data();
-        p.n_chunks = n + 1;
-        p.n_kv = int(heads), p.rows = int(g * s), p.t = int(s), p.d = int(d), p.vgroup = int(vgroup);
-        p.scale = scale;
-        attend(p, *isa, int(threads), ot.data() + first * g * s * d, lse.data() + first * g * s);
+        const int64_t own_size = own_bits / 8;
+        for (int64_t grp = 0; grp < groups; ++grp) {
+            const int64_t* rows = reinterpret_cast<const int64_t*>(tables[2 * grp]);
+            const int64_t n = tables[2 * grp + 1];
+            table.assign(rows, rows + n * N_FIELDS);
+            const int64_t first = grp * heads;  // the group's first KV head
+            const int64_t offset = first * s * d * own_size;  // bytes
+            table.resize(size_t((n + 1) * N_FIELDS));
+            float_row(&table[size_t(n * N_FIELDS)], own_bits, s, reinterpret_cast<int64_t>(k_own) + offset,
+                      reinterpret_cast<int64_t>(v_own) + offset, s * d, d, true);
+            attend_rows(table, first, heads, g, s, d, vgroup, scale, *isa, int(threads), qt.data(), ot.data(), lse.data());
+        }
     }
     for (int64_t t = 0; t < s; ++t)  // (H, S, D) → (S, H·D)
         for (int64_t h = 0; h < hq; ++h) std::memcpy(out + (t * hq + h) * d, &ot[(h * s + t) * d], sizeof(float) * d);
@@ -367,6 +611,9 @@ namespace {
 PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS,
      "attend(q, out, lse, table, n_kv, rows, t, head_dim, vgroup, scale, threads, isa): the mixed-bit attention op."},
+    {"select", py_select, METH_VARARGS,
+     "select(q, abstracts, pinned, plans, temperatures, ids, n, estimated, n_kv, g, d, stride, coverage, per_head, isa): "
+     "every layer's chunks (selection.select_chunks)."},
     {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU can run, best first ('auto' picks the first)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -26,6 +26,12 @@ except ImportError:  # not built: runs fall back to the reference (the cache's s
 FIELDS = ("bits", "length", "k", "v", "k_scale", "k_zero", "v_scale", "v_zero", "head_stride", "token_stride", "causal")
 BITS, LENGTH, K, V, K_SCALE, K_ZERO, V_SCALE, V_ZERO, HEAD_STRIDE, TOKEN_STRIDE, CAUSAL = range(len(FIELDS))
 FLOAT_BITS = {torch.float32: 32, torch.bfloat16: 16}
+# A slab layer's record in a StepTables step (int64; mixed_attention.cpp's SlabField, in order), and its
+# float32 io row: the selection's temperature and coverage target in, what it read out, then each
+# query head's captured mass at sampled steps.
+SLAB_FIELDS = ("k", "v", "head_stride", "n", "chunk_size", "n_chunks", "abstracts", "stride", "pinned", "keep", "sinks",
+               "recent", "per_head", "sampled", "io")
+IO_FIELDS = ("temperature", "coverage", "estimated", "chunks", "tokens")
 
 
 def available() -> bool:
@@ -97,21 +103,50 @@ def attend(q: torch.Tensor, table: np.ndarray, n_kv: int, threads: int = 1, isa:
     return torch.from_numpy(out), torch.from_numpy(lse)
 
 
+def select(q: torch.Tensor, abstracts: torch.Tensor, pinned: torch.Tensor | None, plans: torch.Tensor,
+           temperatures: torch.Tensor, coverage: float | None, per_head: bool, isa: str = "auto",
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """selection.select_chunks natively (that is its oracle), one pass over each layer's abstracts.
+
+    q (L, Hq, D); abstracts (L, Hkv, 2D, stride) float32, contiguous, of which layer l's first
+    plans[l, 0] columns are its chunks; pinned (L, stride) bool or None; plans (L, 4) int64: count,
+    keep, sinks, recent (keep -1: the layer reads every chunk, nothing selected); temperatures (L,).
+    → ids (L, groups, C), n (L, groups): each group's first n chunk ids count, ascending (groups:
+    Hkv per head, else 1); estimated (L,) coverage, as select_chunks'."""
+    layers, hkv, two_d, stride = abstracts.shape
+    hq, d = q.shape[1], two_d // 2
+    groups = hkv if per_head else 1
+    row = max(1, int(plans[:, 0].max())) if layers else 1
+    ids, n = np.zeros((layers, groups, row), np.int64), np.zeros((layers, groups), np.int64)
+    estimated = np.ones(layers, np.float32)
+    assert abstracts.dtype == torch.float32 and abstracts.is_contiguous()
+    no_pins = np.zeros(0, np.uint8)
+    _native.select(q.detach().float().contiguous().numpy(), abstracts.numpy(),
+                   no_pins if pinned is None else pinned.contiguous().numpy().view(np.uint8),
+                   np.ascontiguousarray(plans.numpy(), np.int64), temperatures.float().contiguous().numpy(), ids, n, estimated,
+                   hkv, hq // hkv, d, stride, 0.0 if coverage is None else coverage, per_head, isa)
+    return ids, n, estimated
+
+
 class StepTables:
     """A graph's decode step attended natively (mixed_attention.cpp's edgetok_attend_from_tables, the
-    hook edgetok's GroupQueryAttention calls; ort_ops.attending_through): every layer's table, made
-    before the graph runs, and the descriptor the hook reads. The operator adds each layer's new
-    tokens as the causal row and writes the step's last query into q_last (Hq, D) per layer. The
-    tables' memory (and what their rows point at) must stay alive until the step ends."""
+    hook edgetok's GroupQueryAttention calls; ort_ops.attending_through): per layer, either a table
+    made before the graph runs (`set`: the operator adds the layer's new tokens as the causal row),
+    or a slab (`set_slab`: the hook stores the new tokens in it, selects the layer's chunks with the
+    step's own query and reads them in place). The hook writes each layer's last query into q_last
+    (Hq, D). The tables' memory (and what their rows point at) must stay alive until the step ends."""
 
     HEADER = 8  # layers, n_kv, head_dim, vgroup, threads, isa, query heads per KV head, the new tokens' bits
 
     def __init__(self, layers: int, n_kv: int, n_heads: int, head_dim: int, dtype: torch.dtype, threads: int = 1) -> None:
-        """dtype: the cache's: the new tokens are read as it will store them (bf16 rounded)."""
+        """dtype: the cache's: the new tokens are read (and stored, in a slab) as it stores them (bf16 rounded)."""
         self.q_last = np.zeros((layers, n_heads, head_dim), np.float32)
         self.desc = np.zeros(self.HEADER + 3 * layers, np.int64)
         self.desc[: self.HEADER] = (layers, n_kv, head_dim, value_group(head_dim), threads, 0, n_heads // n_kv,
                                     FLOAT_BITS[dtype])
+        self.slabs = np.zeros((layers, len(SLAB_FIELDS)), np.int64)
+        self.io = np.zeros((layers, len(IO_FIELDS) + n_heads), np.float32)  # (+ each query head's captured mass)
+        self.dtype = dtype
         self._alive: list[np.ndarray] = []
 
     def set(self, layer: int, tables: list[np.ndarray]) -> None:
@@ -121,6 +156,32 @@ class StepTables:
         self._alive += [groups, *tables]
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (len(tables), groups.ctypes.data, self.q_last[layer].ctypes.data)
+
+    def set_slab(self, layer: int, slab_k: torch.Tensor, slab_v: torch.Tensor, n: int, chunk_size: int, n_chunks: int,
+                 abstracts: torch.Tensor, pinned: torch.Tensor, plan: tuple[int, int, int] | None, temperature: float,
+                 coverage: float | None, per_head: bool, sampled: bool) -> None:
+        """Layer's K/V in float slabs (Hkv, capacity, D) of the cache's dtype, n tokens stored and room for
+        the step's; its first n_chunks chunks of chunk_size tokens are selected from, with their
+        abstracts (Hkv, 2D, stride) and pinned (stride,) (selection.select_chunks' inputs for one layer)
+        by plan (keep, sinks, recent; None: read them all); sampled: measure the captured mass."""
+        assert slab_k.dtype == slab_v.dtype == self.dtype and slab_k.stride() == slab_v.stride() and slab_k.stride(2) == 1
+        assert abstracts.dtype == torch.float32 and abstracts.is_contiguous() and pinned.is_contiguous()
+        assert slab_k.shape[1] >= n + 1, "the slab needs room for the step's token"
+        keep, sinks, recent = plan if plan is not None else (-1, 0, 0)
+        self.io[layer, :2] = temperature, 0.0 if coverage is None else coverage
+        self.slabs[layer] = (slab_k.data_ptr(), slab_v.data_ptr(), slab_k.stride(0), n, chunk_size, n_chunks,
+                             abstracts.data_ptr(), abstracts.shape[-1], pinned.data_ptr(), keep, sinks, recent,
+                             int(per_head), int(sampled), self.io[layer].ctypes.data)
+        at = self.HEADER + 3 * layer
+        self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.q_last[layer].ctypes.data)
+
+    def read(self, layer: int, field: str) -> float:
+        """What the hook reported for a slab layer (IO_FIELDS)."""
+        return float(self.io[layer, IO_FIELDS.index(field)])
+
+    def captured_mass(self, layer: int) -> np.ndarray:
+        """(Hq,) a sampled slab layer's captured mass per query head."""
+        return self.io[layer, len(IO_FIELDS) :]
 
     @property
     def user(self) -> int:

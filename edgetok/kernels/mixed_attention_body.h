@@ -390,3 +390,53 @@ static void run_item(const Problem& p, int head, int64_t c0, int64_t c1, float* 
         default: return run_item_nv<0>(p, head, c0, c1, m, l, out, scratch);
     }
 }
+
+// Chunk selection's shares (kernels/selection.py: chunk_shares) for one layer: out (Hkv, count) =
+// per KV head, the softmax over chunks, at scale `inv` (1 / (√D · temperature)), of each chunk's
+// bound: the max over the head's G queries of Σ_d q⁺_d·M_d,c + q⁻_d·m_d,c. q (Hkv·G, D); abstracts
+// (Hkv, 2D, stride): each chunk's max keys, then its min keys. Columns go in blocks whose
+// accumulators (G, BOUNDS_BLOCK) stay in L1 while every query of the group reads the block: after
+// the K/V itself the abstracts are a step's largest read. scratch: G·BOUNDS_BLOCK floats.
+static void chunk_shares(const float* q, int n_kv, int g, int d, const float* abstracts, int64_t stride, int64_t count,
+                         float inv, float* out, float* scratch) {
+    for (int h = 0; h < n_kv; ++h) {
+        const float* ab = abstracts + int64_t(h) * 2 * d * stride;
+        const float* qh = q + int64_t(h) * g * d;
+        float* o = out + int64_t(h) * count;
+        for (int64_t c0 = 0; c0 < count; c0 += BOUNDS_BLOCK) {
+            const int w = int(count - c0 < BOUNDS_BLOCK ? count - c0 : BOUNDS_BLOCK);
+            for (int i = 0; i < g * BOUNDS_BLOCK; ++i) scratch[i] = 0.0f;
+            for (int dd = 0; dd < d; ++dd) {
+                const float* hi = ab + int64_t(dd) * stride + c0;
+                const float* lo = ab + int64_t(d + dd) * stride + c0;
+                for (int gi = 0; gi < g; ++gi) {
+                    const float x = qh[gi * d + dd];
+                    const float up = x > 0.0f ? x : 0.0f, down = x < 0.0f ? x : 0.0f;
+                    float* acc = scratch + gi * BOUNDS_BLOCK;
+                    int c = 0;
+                    for (; c + 16 <= w; c += 16) {
+                        vf* a = reinterpret_cast<vf*>(acc + c);
+                        *a += *reinterpret_cast<const vf*>(hi + c) * up + *reinterpret_cast<const vf*>(lo + c) * down;
+                    }
+                    for (; c < w; ++c) acc[c] += hi[c] * up + lo[c] * down;
+                }
+            }
+            for (int c = 0; c < w; ++c) {
+                float best = scratch[c];
+                for (int gi = 1; gi < g; ++gi) best = scratch[gi * BOUNDS_BLOCK + c] > best ? scratch[gi * BOUNDS_BLOCK + c] : best;
+                o[c0 + c] = best * inv;
+            }
+        }
+        float big = -INFINITY, total = 0.0f;
+        for (int64_t c = 0; c < count; ++c) big = o[c] > big ? o[c] : big;
+        int64_t c = 0;
+        for (; c + 16 <= count; c += 16) {
+            vf* x = reinterpret_cast<vf*>(o + c);
+            *x = vexp(*x - big);
+            total += hsum(*x);
+        }
+        for (; c < count; ++c) total += (o[c] = exp1(o[c] - big));
+        const float scale = 1.0f / total;
+        for (c = 0; c < count; ++c) o[c] *= scale;
+    }
+}

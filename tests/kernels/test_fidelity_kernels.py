@@ -3,8 +3,13 @@ because the window's words refer to it."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from edgetok.kernels import mixed_attention
 from edgetok.kernels.keep import referenced
 from edgetok.kernels.pruning import select_kept, window_attention
 from edgetok.kernels.selection import (
@@ -134,3 +139,55 @@ def test_per_head_selection_gives_each_head_its_own_chunks():
     assert estimated.item() >= 0.9 - 1e-6 and valid.shape[:2] == (1, 2)
     for h, ids in wants.items():
         assert set(ids) <= set(chosen[0, h, : int(valid[0, h].sum())].tolist())
+
+
+@st.composite
+def _selection_problem(draw):
+    """A batch of layers' chunk abstracts with plans as the tiered cache makes them (sinks + recent
+    + pinned ≤ keep ≤ count, or a coverage target), head sizes and groups the models use."""
+    hkv, g, d = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 3, 8])), draw(st.sampled_from([16, 64, 128]))
+    layers = draw(st.integers(1, 4))
+    counts = [draw(st.integers(1, 150)) for _ in range(layers)]
+    stride = max(counts) + draw(st.integers(0, 20))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(layers, hkv, stride, 4, d, generator=gen)
+    abstracts = torch.stack([key_abstracts(k) for k in keys]).contiguous()  # (L, Hkv, 2D, stride)
+    q = torch.randn(layers, hkv * g, d, generator=gen) * draw(st.sampled_from([0.3, 1.0, 3.0]))
+    pinned = (torch.rand(layers, stride, generator=gen) < draw(st.sampled_from([0.0, 0.05]))) & (
+        torch.arange(stride) < torch.tensor(counts)[:, None])
+    plans = []
+    for c, pins in zip(counts, pinned):
+        sinks, recent = draw(st.integers(0, min(2, c))), draw(st.integers(0, min(3, c)))
+        forced = int(((torch.arange(c) < sinks) | (torch.arange(c) >= c - recent) | pins[:c]).sum())
+        plans.append((c, draw(st.integers(max(1, forced), c)), sinks, recent))
+    coverage = draw(st.sampled_from([None, 0.5, 0.9, 0.99]))
+    temperatures = torch.tensor([draw(st.sampled_from(TEMPERATURES)) for _ in range(layers)])
+    return q, abstracts, pinned, torch.tensor(plans), temperatures, coverage, draw(st.booleans())
+
+
+@pytest.mark.skipif(not mixed_attention.available(), reason="the native kernel is not built")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=_selection_problem(), isa=st.sampled_from(mixed_attention.isas() or ["scalar"]))
+def test_native_selection_equals_the_reference(problem, isa):
+    """mixed_attention.select (one native pass per layer) chooses select_chunks' chunks, with its
+    coverage estimate: shared or per head, fixed keep or a coverage target, pinned chunks, odd counts."""
+    q, abstracts, pinned, plans, temperatures, coverage, per_head = problem
+    counts, keep, sinks, recent = plans.T
+    want, valid, estimated = select_chunks(q, abstracts[..., : int(counts.max())], counts, keep, sinks, recent, coverage,
+                                           temperatures, pinned, per_head=per_head)
+    ids, n, got_estimated = mixed_attention.select(q, abstracts, pinned, plans, temperatures, coverage, per_head, isa)
+    if not per_head:
+        want, valid = want[:, None], valid[:, None]
+    for layer in range(len(plans)):
+        for group in range(want.shape[1]):
+            assert ids[layer, group, : n[layer, group]].tolist() == sorted(want[layer, group][valid[layer, group]].tolist())
+    np.testing.assert_allclose(got_estimated, estimated.numpy(), atol=2e-5)
+
+
+@pytest.mark.skipif(not mixed_attention.available(), reason="the native kernel is not built")
+def test_native_selection_skips_layers_that_read_everything():
+    abstracts = torch.randn(2, 1, 32, 10)
+    plans = torch.tensor([[10, -1, 0, 0], [0, 3, 0, 0]])  # every chunk read; no chunk yet
+    ids, n, estimated = mixed_attention.select(torch.randn(2, 3, 16), abstracts, None, plans, torch.ones(2), None, False)
+    assert n.tolist() == [[0], [0]] and estimated.tolist() == [1.0, 1.0]

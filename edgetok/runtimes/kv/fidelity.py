@@ -10,6 +10,7 @@ measure it: reading every chunk back from host or disk would cost what the budge
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASS_EVERY = 16  # decode steps between exact measurements (one costs about a full-attention step)
@@ -41,15 +42,15 @@ class Fidelity:
         """This step, layer `layer` added `chunks` unread chunks as their summaries."""
         self.pseudo[layer] += chunks
 
-    def promise(self, layer: int, estimated: torch.Tensor) -> None:
-        """estimated (): the coverage of the layer's selection by its chunks' bounds, this step
+    def promise(self, layer: int, estimated: torch.Tensor | float) -> None:
+        """estimated (a float or a 0-d tensor): the coverage of the layer's selection by its chunks' bounds, this step
         (calibrated by the fitted temperature under --kv-budget auto; at temperature 1 otherwise)."""
-        self.estimated[layer].append(estimated.item())
+        self.estimated[layer].append(float(estimated))
 
-    def measured(self, layer: int, per_head: torch.Tensor) -> None:
+    def measured(self, layer: int, per_head: torch.Tensor | np.ndarray) -> None:
         """per_head (Hq,): the captured mass of each query head this step."""
-        self.mass[layer].append(per_head.mean().item())
-        self.mass_min.append(per_head.min().item())
+        self.mass[layer].append(float(per_head.mean()))
+        self.mass_min.append(float(per_head.min()))
 
     def report(self) -> dict:
         budgets = [round(a / t, 4) if t else 1.0 for a, t in zip(self.attended, self.total)]

@@ -203,6 +203,15 @@ class Storage(ABC):
         come in another row, a graph's), pointing at memory this storage keeps alive until the
         next step begins. head: rows of that KV head only (for a call with one KV head)."""
 
+    def slab(self, layer: Layer, room: int) -> KV | None:
+        """The layer's float slabs (Hkv, capacity, D) with room for `room` more tokens, when every
+        token of it lives in one (a native step then reads and writes them in place); None here."""
+        return None
+
+    def slab_written(self, layer: Layer, n: int, read: float) -> None:
+        """A native step stored n tokens at the end of the layer's slab and read `read` tokens per KV head."""
+        raise NotImplementedError(f"{type(self).__name__} has no slabs")
+
     @abstractmethod
     def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
         """Layer i's chunks `chosen` (sorted ids; None: all of them) then its window, float
@@ -257,6 +266,14 @@ class ResidentStorage(Storage):
 
     def add_prompt(self, layer: SlabLayer, k: torch.Tensor, v: torch.Tensor) -> None:
         self.append(layer, k, v)  # prompt and decoded tokens alike: into the slab
+
+    def slab(self, layer: SlabLayer, room: int) -> KV:
+        self._grow(layer, layer.n + room)
+        return layer.slab_k, layer.slab_v
+
+    def slab_written(self, layer: SlabLayer, n: int, read: float) -> None:
+        layer.n += n
+        self.counters["bytes_device"] += int(2 * read * self.n_kv * self.head_dim * self.itemsize)
 
     def prefill(self, layer: SlabLayer, k: torch.Tensor, v: torch.Tensor) -> KV:
         self.append(layer, k, v)

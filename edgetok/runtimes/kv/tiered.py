@@ -329,21 +329,28 @@ class TieredCache(AttendingCache, GraphCache):
         plans = [self._plan(i) for i in ids]
         if all(plan is None for plan in plans):
             return [None] * len(ids)
-        counts = [self.layers[i].n_chunks for i in ids]
-        rows = [(c, c, 0, 0) if plan is None else (c, *plan) for c, plan in zip(counts, plans)]
-        counts_t, keep, sinks, recent = torch.tensor(rows).T
-        chosen, valid, estimated = select_chunks(q, self.abstracts[layers, :, :, : max(counts)], counts_t, keep, sinks, recent,
-                                                 self.cfg.coverage, self.temperatures[layers], self.pinned[layers],
-                                                 per_head=self.per_head)
-        if not self.per_head:
-            chosen, valid = chosen[:, None], valid[:, None]  # (L, 1 group, K)
+        if mixed_attention.available():  # (selection.select_chunks is its oracle)
+            rows = torch.tensor([(self.layers[i].n_chunks, *(plan or (-1, 0, 0))) for i, plan in zip(ids, plans)])
+            chosen, n, estimated = mixed_attention.select(q, self.abstracts[layers], self.pinned[layers], rows,
+                                                          self.temperatures[layers], self.cfg.coverage, self.per_head)
+            groups = [[torch.from_numpy(row[: int(k)]) for row, k in zip(chosen[j], n[j])] for j in range(len(ids))]
+        else:
+            counts = [self.layers[i].n_chunks for i in ids]
+            rows = [(c, c, 0, 0) if plan is None else (c, *plan) for c, plan in zip(counts, plans)]
+            counts_t, keep, sinks, recent = torch.tensor(rows).T
+            chosen, valid, estimated = select_chunks(q, self.abstracts[layers, :, :, : max(counts)], counts_t, keep, sinks,
+                                                     recent, self.cfg.coverage, self.temperatures[layers], self.pinned[layers],
+                                                     per_head=self.per_head)
+            if not self.per_head:
+                chosen, valid = chosen[:, None], valid[:, None]  # (L, 1 group, K)
+            groups = [[group[: int(k)].sort().values for group, k in zip(chosen[j], valid[j].sum(-1))] for j in range(len(ids))]
         out = []
         for j, (i, plan) in enumerate(zip(ids, plans)):
             if plan is None:
                 out.append(None)
                 continue
             self.fidelity.promise(i, estimated[j])
-            out.append([group[: int(n)].sort().values for group, n in zip(chosen[j], valid[j].sum(-1))])
+            out.append(groups[j])
         return out
 
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,11 +421,23 @@ class TieredCache(AttendingCache, GraphCache):
 
     def fill_tables(self, tables: StepTables, at: list[int]) -> None:
         """step_tables' work, this cache's layer j being the step's layer at[j] (a MixedCache's
-        full-attention layers among its sliding ones)."""
+        full-attention layers among its sliding ones). Layers in slabs (in RAM) are selected inside
+        the step, each with its own query, and read in place; tiered ones get their tables now,
+        every layer's chunks selected with its last query."""
         self._begin_step()
-        self._select_ahead()
         self._at = at
         self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
+        slabs = [self.storage.slab(layer, 1) for layer in self.layers]
+        if slabs[0] is not None:
+            self._chosen = []
+            sampled = Fidelity.sampled(self.counters["steps"])
+            for j, (layer, (k, v)) in enumerate(zip(self.layers, slabs)):
+                plan = self._plan(j)
+                self._chosen.append(plan)  # (end_step_tables: which layers selected)
+                tables.set_slab(at[j], k, v, layer.n, layer.chunk_size, layer.n_chunks, self.abstracts[j], self.pinned[j], plan,
+                                float(self.temperatures[j]), self.cfg.coverage, self.per_head, sampled)
+            return
+        self._select_ahead()
         for j, groups in enumerate(self._chosen):
             if groups is None or len(groups) == 1:
                 tables.set(at[j], [self.storage.kernel_rows(j, None if groups is None else groups[0], causal=False)])
@@ -427,17 +446,28 @@ class TieredCache(AttendingCache, GraphCache):
 
     def end_step_tables(self, tables: StepTables, k: list[np.ndarray], v: list[np.ndarray]) -> None:
         """The step fill_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D), listed
-        by the step's layers, join its window; its last query selects next step's chunks."""
+        by the step's layers, join its window (a slab has them already); its last query selects
+        next step's chunks."""
+        in_slabs = tables.slabs[self._at[0], 0] != 0
+        sampled = not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"])
         for j, layer in enumerate(self.layers):
             i = self._at[j]
             self.lengths[j] += 1
-            self.storage.append(layer, to_torch(k[i])[0], to_torch(v[i])[0])
             q = torch.from_numpy(tables.q_last[i].copy())  # (Hq, D)
             layer.q_last, layer.q_tail = q, q[:, None]
+            if in_slabs:
+                self.storage.slab_written(layer, 1, tables.read(i, "tokens"))
+                if self._chosen[j] is not None:  # (the plan: this layer selected)
+                    self.fidelity.promise(j, tables.read(i, "estimated"))
+                self._count(j, tables.read(i, "chunks"), tables.read(i, "tokens"))
+                if sampled:
+                    self.fidelity.measured(j, tables.captured_mass(i))
+                continue
+            self.storage.append(layer, to_torch(k[i])[0], to_torch(v[i])[0])
             chosen = self._chosen[j]
             chunks = self._chunks_read(j, chosen)
             self._count(j, chunks, chunks * layer.chunk_size + self.storage.window_len(layer))
-            if not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"]):
+            if sampled:
                 self._measure_read(j, q, chosen)
 
     # -- GraphCache: a whole-model graph (the ONNX backend), which attends itself -------------------

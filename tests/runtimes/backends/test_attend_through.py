@@ -119,15 +119,49 @@ def test_an_export_without_the_operator_reads_views(tiny_folder, tmp_path):
 
 
 @pytest.mark.parametrize("selection", ["layer", "head"])
-def test_native_tables_attend_as_the_cache_does_layer_by_layer(exports, selection):
-    """A decode step's tables, made before the graph runs and attended by the native hook, give the
-    logits the cache's own attend() gives layer by layer (the hook in Python), selection shared by
-    a layer's heads or each KV head its own."""
-    kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), selection=selection)
+@pytest.mark.parametrize("budget", ["25%", "auto"])
+def test_a_native_step_attends_as_the_cache_does_layer_by_layer(exports, selection, budget):
+    """A decode step attended by the native hook — each layer's K/V in its slab, its chunks selected
+    there with the step's own query — gives the logits, the budgets, the coverage estimates and the
+    captured mass of the cache's own attend() layer by layer (the hook in Python, selecting with
+    the same query), selection shared by a layer's heads or each KV head its own."""
+    kv = edgetok.KVConfig(budget=budget, recent_tokens=8, chunk_sizes=(4, 8), selection=selection)
     backend = edgetok.load(str(exports["llama"]), kv=kv).engine.backend
     ids = [int(i) for i in np.random.default_rng(1).integers(3, backend.config.vocab_size, 90)]
     native, python = backend.new_cache(), backend.new_cache()
-    python.step_tables = lambda t: None  # every step through attend(), layer by layer
+    python.step_tables = lambda t: None  # every step through attend(), layer by layer,
+    python.selects_ahead = False  # each layer selecting with its own query
+    made = []
+    step_tables = native.step_tables
+    native.step_tables = lambda t: made.append(step_tables(t)) or made[-1]
+    for cache in (native, python):
+        for i in range(0, len(ids), 30):
+            backend.forward(ids[i : i + 30], cache)
+        backend.end_prefill(cache)
+    token = 5
+    for _ in range(18):  # (two sampled steps: the 1st and the 17th)
+        a, b = backend.forward([token], native)[-1], backend.forward([token], python)[-1]
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+        token = int(np.argmax(b))
+    steps = [t for t in made if t is not None]  # (prefill pieces have none)
+    assert len(steps) == 18 and all((t.slabs[:, 0] != 0).all() for t in steps)  # every layer in its slab
+    ours, theirs = native.stats(), python.stats()
+    assert ours["budget_per_layer"] == theirs["budget_per_layer"] and ours["budget_used"] < 1
+    assert ours["captured_mass_samples"] == theirs["captured_mass_samples"] == 2 * backend.config.num_layers
+    assert abs(ours["captured_mass"] - theirs["captured_mass"]) < 1e-4
+    assert abs(ours["captured_mass_min_head"] - theirs["captured_mass_min_head"]) < 1e-4
+    assert abs(ours["coverage_estimated"] - theirs["coverage_estimated"]) < 1e-4
+
+
+def test_tiered_tables_attend_as_the_cache_does_layer_by_layer(exports, tmp_path):
+    """Chunks in host and disk tiers: their tables are made before the step, each layer's chunks
+    selected with its last query, as attend() selects layer by layer ahead."""
+    kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), device_mb=0.01, host_mb=0.01,
+                          disk_dir=tmp_path, bits="32")
+    backend = edgetok.load(str(exports["llama"]), kv=kv).engine.backend
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, backend.config.vocab_size, 90)]
+    native, python = backend.new_cache(), backend.new_cache()
+    python.step_tables = lambda t: None
     for cache in (native, python):
         for i in range(0, len(ids), 30):
             backend.forward(ids[i : i + 30], cache)
