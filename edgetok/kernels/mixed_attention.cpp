@@ -32,7 +32,6 @@ enum Field { F_BITS, F_LENGTH, F_K, F_V, F_K_SCALE, F_K_ZERO, F_V_SCALE, F_V_ZER
 constexpr int TILE = 256;  // tokens scored at a time (a chunk longer than this is read in tiles)
 constexpr int MAX_D = 512;  // head_dim: a multiple of 16 up to this
 constexpr int MAX_NV = MAX_D / 16;
-constexpr int BOUNDS_BLOCK = 128;  // chunk_shares' columns per block
 
 struct Problem {
     const float* q;        // (Hkv, R, D): R = G·T rows per KV head, row r = query head g = r / T, token t = r % T
@@ -73,7 +72,7 @@ namespace avx512 {
 namespace {
 
 using ItemFn = void (*)(const Problem&, int, int64_t, int64_t, float*, float*, float*, float*);
-using SharesFn = void (*)(const float*, int, int, int, const float*, int64_t, int64_t, float, float*, float*);
+using SharesFn = void (*)(const float*, int, int, int, const uint16_t*, int64_t, int64_t, float, float*, float*);
 
 struct Isa {
     const char* name;
@@ -223,7 +222,7 @@ void attend(const Problem& p, const Isa& isa, int threads, float* out, float* ls
 
 struct Selection {
     const float* q;          // (Hq, D): the query as the cache keeps it (attention at 1/√D)
-    const float* abstracts;  // (Hkv, 2D, stride): each chunk's max keys, then its min keys
+    const uint16_t* abstracts;  // (Hkv, 2D, stride) bf16: each chunk's max keys, then its min keys
     const uint8_t* pinned;   // (count,) or null: chunks always read
     int64_t stride, count, keep, sinks, recent;
     int n_kv, g, d;
@@ -244,7 +243,7 @@ float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row
     thread_local std::vector<int64_t> order;
     shares.resize(size_t(hkv * c));
     scores.resize(size_t(groups * c));
-    scratch.resize(size_t(s.g * BOUNDS_BLOCK));
+    scratch.resize(size_t(2 * s.g * s.d));
     order.resize(size_t(c));
     isa.shares(s.q, s.n_kv, s.g, s.d, s.abstracts, s.stride, c, 1.0f / (std::sqrt(float(s.d)) * s.temperature), shares.data(),
                scratch.data());
@@ -376,12 +375,12 @@ PyObject* py_select(PyObject*, PyObject* args) {
     const Isa* isa = find_isa(isa_name);
     const int64_t layers = plans.len / (4 * 8), groups = per_head ? n_kv : 1;
     const int64_t row = layers ? ids.len / (8 * layers * groups) : 0;
-    const int64_t layer_floats = int64_t(n_kv) * 2 * d * stride;
+    const int64_t layer_values = int64_t(n_kv) * 2 * d * stride;
     bool ok = isa != nullptr || check(false, "no such instruction set here");
     ok = ok && check(n_kv > 0 && g > 0 && d > 0 && stride >= 0, "n_kv, g, d must be positive") &&
          check(plans.len == layers * 4 * 8, "plans must be int64 (L, 4): count, keep, sinks, recent") &&
          check(q.len == layers * n_kv * g * d * 4, "q must be float32 (L, Hq, D)") &&
-         check(abstracts.len >= layers * layer_floats * 4, "abstracts must be float32 (L, Hkv, 2D, stride)") &&
+         check(abstracts.len >= layers * layer_values * 2, "abstracts must be bf16 (L, Hkv, 2D, stride)") &&
          check(pinned.len == 0 || pinned.len >= layers * stride, "pinned must be bool (L, stride), or empty") &&
          check(temperatures.len == layers * 4 && estimated.len == layers * 4, "temperatures and estimated are float32 (L,)") &&
          check(n.len == layers * groups * 8 && ids.len == layers * groups * row * 8, "ids (L, groups, row) and n (L, groups) are int64");
@@ -395,7 +394,7 @@ PyObject* py_select(PyObject*, PyObject* args) {
             if (p[1] < 0) continue;  // (a layer that reads every chunk: nothing to select)
             Selection s{};
             s.q = static_cast<const float*>(q.buf) + l * n_kv * g * d;
-            s.abstracts = static_cast<const float*>(abstracts.buf) + l * layer_floats;
+            s.abstracts = static_cast<const uint16_t*>(abstracts.buf) + l * layer_values;
             s.pinned = pinned.len ? static_cast<const uint8_t*>(pinned.buf) + l * stride : nullptr;
             s.stride = stride, s.count = p[0], s.keep = p[1], s.sinks = p[2], s.recent = p[3];
             s.n_kv = n_kv, s.g = g, s.d = d;
@@ -494,7 +493,7 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
     if (!every) {
         Selection sel{};
         sel.q = q_last;
-        sel.abstracts = reinterpret_cast<const float*>(rec[S_ABSTRACTS]);
+        sel.abstracts = reinterpret_cast<const uint16_t*>(rec[S_ABSTRACTS]);
         sel.pinned = reinterpret_cast<const uint8_t*>(rec[S_PINNED]);
         sel.stride = rec[S_STRIDE], sel.count = chunks, sel.keep = rec[S_KEEP], sel.sinks = rec[S_SINKS], sel.recent = rec[S_RECENT];
         sel.n_kv = int(n_kv), sel.g = int(g), sel.d = int(d);

@@ -108,7 +108,7 @@ def select(q: torch.Tensor, abstracts: torch.Tensor, pinned: torch.Tensor | None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """selection.select_chunks natively (that is its oracle), one pass over each layer's abstracts.
 
-    q (L, Hq, D); abstracts (L, Hkv, 2D, stride) float32, contiguous, of which layer l's first
+    q (L, Hq, D); abstracts (L, Hkv, 2D, stride) bf16 (selection.stored_abstracts), contiguous, of which layer l's first
     plans[l, 0] columns are its chunks; pinned (L, stride) bool or None; plans (L, 4) int64: count,
     keep, sinks, recent (keep -1: the layer reads every chunk, nothing selected); temperatures (L,).
     → ids (L, groups, C), n (L, groups): each group's first n chunk ids count, ascending (groups:
@@ -119,9 +119,9 @@ def select(q: torch.Tensor, abstracts: torch.Tensor, pinned: torch.Tensor | None
     row = max(1, int(plans[:, 0].max())) if layers else 1
     ids, n = np.zeros((layers, groups, row), np.int64), np.zeros((layers, groups), np.int64)
     estimated = np.ones(layers, np.float32)
-    assert abstracts.dtype == torch.float32 and abstracts.is_contiguous()
+    assert abstracts.dtype == torch.bfloat16 and abstracts.is_contiguous()
     no_pins = np.zeros(0, np.uint8)
-    _native.select(q.detach().float().contiguous().numpy(), abstracts.numpy(),
+    _native.select(q.detach().float().contiguous().numpy(), abstracts.view(torch.int16).numpy(),
                    no_pins if pinned is None else pinned.contiguous().numpy().view(np.uint8),
                    np.ascontiguousarray(plans.numpy(), np.int64), temperatures.float().contiguous().numpy(), ids, n, estimated,
                    hkv, hq // hkv, d, stride, 0.0 if coverage is None else coverage, per_head, isa)
@@ -147,6 +147,7 @@ class StepTables:
         self.slabs = np.zeros((layers, len(SLAB_FIELDS)), np.int64)
         self.io = np.zeros((layers, len(IO_FIELDS) + n_heads), np.float32)  # (+ each query head's captured mass)
         self.dtype = dtype
+        self.from_tables = False  # a layer was `set`: its new tokens join the cache after the run (the op's present)
         self._alive: list[np.ndarray] = []
 
     def set(self, layer: int, tables: list[np.ndarray]) -> None:
@@ -154,6 +155,7 @@ class StepTables:
         tables = [np.ascontiguousarray(t, np.int64) for t in tables]
         groups = np.array([[t.ctypes.data, len(t)] for t in tables], np.int64)
         self._alive += [groups, *tables]
+        self.from_tables = True
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (len(tables), groups.ctypes.data, self.q_last[layer].ctypes.data)
 
@@ -165,7 +167,7 @@ class StepTables:
         abstracts (Hkv, 2D, stride) and pinned (stride,) (selection.select_chunks' inputs for one layer)
         by plan (keep, sinks, recent; None: read them all); sampled: measure the captured mass."""
         assert slab_k.dtype == slab_v.dtype == self.dtype and slab_k.stride() == slab_v.stride() and slab_k.stride(2) == 1
-        assert abstracts.dtype == torch.float32 and abstracts.is_contiguous() and pinned.is_contiguous()
+        assert abstracts.dtype == torch.bfloat16 and abstracts.is_contiguous() and pinned.is_contiguous()
         assert slab_k.shape[1] >= n + 1, "the slab needs room for the step's token"
         keep, sinks, recent = plan if plan is not None else (-1, 0, 0)
         self.io[layer, :2] = temperature, 0.0 if coverage is None else coverage

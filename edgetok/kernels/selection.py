@@ -21,6 +21,18 @@ def key_abstracts(k: torch.Tensor) -> torch.Tensor:
     return torch.cat([k.amax(2), k.amin(2)], -1).transpose(1, 2).contiguous()
 
 
+def stored_abstracts(k: torch.Tensor) -> torch.Tensor:
+    """key_abstracts as a cache keeps them: bfloat16, the maxima rounded up and the minima down, so
+    the bounds stay upper bounds. Half the bytes of float32: after the K/V itself they are a decode
+    step's largest read (every chunk's, every step)."""
+    a = key_abstracts(k.float())
+    d = a.shape[-2] // 2
+    bits = a.view(torch.int32)
+    cut = (bits & 0xFFFF) != 0  # not exact in bf16: its top 16 bits round toward zero
+    away = torch.cat([a[..., :d, :] > 0, a[..., d:, :] < 0], -2) & cut  # max up (+), min down (−): away from zero
+    return ((bits >> 16) + away.int()).to(torch.int16).view(torch.bfloat16)
+
+
 def chunk_upper_bounds(q: torch.Tensor, abstracts: torch.Tensor) -> torch.Tensor:
     """q (..., Hq, D); abstracts (..., Hkv, 2D, C) → (..., Hkv, C) bounds of q·k / sqrt(D), max
     over the query heads that share each KV head."""

@@ -16,11 +16,13 @@ from edgetok.kernels.selection import (
     TEMPERATURES,
     captured_mass,
     chunk_shares,
+    chunk_upper_bounds,
     coverage_achieved,
     coverage_keep,
     fit_temperature,
     key_abstracts,
     select_chunks,
+    stored_abstracts,
 )
 
 G = torch.Generator().manual_seed(0)
@@ -152,7 +154,7 @@ def _selection_problem(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(layers, hkv, stride, 4, d, generator=gen)
-    abstracts = torch.stack([key_abstracts(k) for k in keys]).contiguous()  # (L, Hkv, 2D, stride)
+    abstracts = torch.stack([stored_abstracts(k) for k in keys]).contiguous()  # (L, Hkv, 2D, stride)
     q = torch.randn(layers, hkv * g, d, generator=gen) * draw(st.sampled_from([0.3, 1.0, 3.0]))
     pinned = (torch.rand(layers, stride, generator=gen) < draw(st.sampled_from([0.0, 0.05]))) & (
         torch.arange(stride) < torch.tensor(counts)[:, None])
@@ -187,7 +189,21 @@ def test_native_selection_equals_the_reference(problem, isa):
 
 @pytest.mark.skipif(not mixed_attention.available(), reason="the native kernel is not built")
 def test_native_selection_skips_layers_that_read_everything():
-    abstracts = torch.randn(2, 1, 32, 10)
+    abstracts = torch.randn(2, 1, 32, 10).bfloat16()
     plans = torch.tensor([[10, -1, 0, 0], [0, 3, 0, 0]])  # every chunk read; no chunk yet
     ids, n, estimated = mixed_attention.select(torch.randn(2, 3, 16), abstracts, None, plans, torch.ones(2), None, False)
     assert n.tolist() == [[0], [0]] and estimated.tolist() == [1.0, 1.0]
+
+
+def test_stored_abstracts_round_outward_so_bounds_stay_bounds():
+    """bf16 abstracts (half the bytes): the maxima rounded up and the minima down, by at most one
+    bf16 step, so q·k ≤ the bound still holds for every key of the chunk."""
+    k = torch.randn(3, 20, 16, 64, generator=G) * 3
+    exact, stored = key_abstracts(k), stored_abstracts(k).float()
+    hi, lo = slice(0, 64), slice(64, 128)
+    assert (stored[:, hi] >= exact[:, hi]).all() and (stored[:, lo] <= exact[:, lo]).all()
+    assert ((stored - exact).abs() <= exact.abs() * 2**-7).all()  # within one bf16 step
+    q = torch.randn(9, 64, generator=G)
+    bounds = chunk_upper_bounds(q, stored_abstracts(k))  # (Hkv, C)
+    scores = (q.view(3, 3, 1, 1, 64) * k[:, None]).sum(-1).amax(-1).amax(1) / 8.0  # (Hkv, C) the best key's
+    assert (bounds >= scores - 1e-5).all()

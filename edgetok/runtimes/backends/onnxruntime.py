@@ -235,8 +235,10 @@ class OnnxBackend:
             self._through = (None, None)
         assert ran == c.num_layers, f"the graph's attention ran {ran} times for {c.num_layers} layers"
         if tables is not None:
-            out = dict(zip(bound.outputs, bound.binding.get_outputs()))
-            new = [[out[names.present(kind, i)].numpy() for i in range(c.num_layers)] for kind in names.KV_KINDS]
+            new = [[], []]  # (slabs hold theirs already: no outputs fetched)
+            if tables.from_tables:
+                out = dict(zip(bound.outputs, bound.binding.get_outputs()))
+                new = [[out[names.present(kind, i)].numpy() for i in range(c.num_layers)] for kind in names.KV_KINDS]
             cache.end_step_tables(tables, *new)
         return bound.logits[0].copy()
 

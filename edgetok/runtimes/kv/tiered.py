@@ -29,7 +29,7 @@ from edgetok.errors import EdgetokError
 from edgetok.kernels import mixed_attention
 from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.mixed_attention import StepTables
-from edgetok.kernels.selection import captured_mass, fit_temperature, key_abstracts, select_chunks
+from edgetok.kernels.selection import captured_mass, fit_temperature, select_chunks, stored_abstracts
 from edgetok.kernels.summaries import chunk_summaries, fold
 from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
@@ -75,9 +75,9 @@ class TieredCache(AttendingCache, GraphCache):
         self.storage: Storage = (TieredStorage(*common, cfg, self.bits, reads_forms=attends) if cfg.needs_homes
                                  else ResidentStorage(*common, unit=math.lcm(*cfg.chunk_sizes)))
         self.layers: list[Layer] = self.storage.layers  # (the storage's records: one list)
-        # (L, Hkv, 2D, capacity): per layer, the max then min keys of each chunk, float32 (bounds are
-        # computed from them every step)
-        self.abstracts = torch.zeros(num_layers, num_kv_heads, 2 * head_dim, 0)
+        # (L, Hkv, 2D, capacity): per layer, the max then min keys of each chunk, bf16 rounded outward
+        # (selection.stored_abstracts; bounds are computed from them every step)
+        self.abstracts = torch.zeros(num_layers, num_kv_heads, 2 * head_dim, 0, dtype=torch.bfloat16)
         self.pinned = torch.zeros(num_layers, 0, dtype=torch.bool)  # (L, capacity): chunks always read (policy.pinned_chunks)
         # KVConfig.summaries: when on, (L, Hkv, capacity, 2D) float32, each chunk's mean key and
         # mean value (kernels/summaries.py), resident: 1/8 of bf16 K/V at 16-token chunks
@@ -122,7 +122,7 @@ class TieredCache(AttendingCache, GraphCache):
 
     def reset(self) -> None:
         self.storage.reset()
-        self.abstracts = torch.zeros(self.abstracts.shape[:3] + (0,))  # (no view: reset runs in __del__ too)
+        self.abstracts = torch.zeros(self.abstracts.shape[:3] + (0,), dtype=torch.bfloat16)  # (no view: reset runs in __del__ too)
         self.pinned = torch.zeros(len(self.lengths), 0, dtype=torch.bool)
         self.summaries = torch.zeros(self.summaries.shape[:2] + (0, self.summaries.shape[3]))
         self.n_pinned = [0] * len(self.lengths)
@@ -280,7 +280,7 @@ class TieredCache(AttendingCache, GraphCache):
         layer, c = self.layers[i], keys.shape[1]
         need = layer.n_chunks + c
         if need > self.abstracts.shape[3]:
-            grown = torch.zeros(self.abstracts.shape[:3] + (max(need + 64, need * 5 // 4),))
+            grown = torch.zeros(self.abstracts.shape[:3] + (max(need + 64, need * 5 // 4),), dtype=torch.bfloat16)
             grown[..., : self.abstracts.shape[3]] = self.abstracts
             self.abstracts = grown
             pinned = torch.zeros(self.pinned.shape[0], grown.shape[3], dtype=torch.bool)
@@ -290,7 +290,7 @@ class TieredCache(AttendingCache, GraphCache):
                 summaries = torch.zeros(self.summaries.shape[:2] + (grown.shape[3], self.summaries.shape[3]))
                 summaries[:, :, : self.summaries.shape[2]] = self.summaries
                 self.summaries = summaries
-        self.abstracts[i, :, :, layer.n_chunks : need] = key_abstracts(keys)
+        self.abstracts[i, :, :, layer.n_chunks : need] = stored_abstracts(keys)
         if self.summarize:
             self.summaries[i, :, layer.n_chunks : need] = chunk_summaries(keys, values)
         layer.n_chunks = need
@@ -446,8 +446,8 @@ class TieredCache(AttendingCache, GraphCache):
 
     def end_step_tables(self, tables: StepTables, k: list[np.ndarray], v: list[np.ndarray]) -> None:
         """The step fill_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D), listed
-        by the step's layers, join its window (a slab has them already); its last query selects
-        next step's chunks."""
+        by the step's layers, join its window (a slab has them already: k, v are then empty);
+        its last query selects next step's chunks."""
         in_slabs = tables.slabs[self._at[0], 0] != 0
         sampled = not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"])
         for j, layer in enumerate(self.layers):
