@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -457,8 +458,13 @@ enum SlabField { S_K, S_V, S_HEAD_STRIDE, S_N, S_CHUNK_SIZE, S_N_CHUNKS, S_ABSTR
                  S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, N_SLAB_FIELDS };
 // Its float32 io row (mixed_attention.py: IO_FIELDS): in, the selection's temperature and coverage
 // target (≤ 0: keep exactly `keep`); out, the estimated coverage, the chunks and the tokens read per
-// KV head, then (sampled steps) each query head's captured mass (Hq of them).
-enum IoField { IO_TEMPERATURE, IO_COVERAGE, IO_ESTIMATED, IO_CHUNKS, IO_TOKENS, N_IO_FIELDS };
+// KV head, the microseconds spent selecting, attending and measuring, then (sampled steps) each
+// query head's captured mass (Hq of them).
+enum IoField { IO_TEMPERATURE, IO_COVERAGE, IO_ESTIMATED, IO_CHUNKS, IO_TOKENS, IO_SELECT_US, IO_ATTEND_US, IO_MEASURE_US, N_IO_FIELDS };
+
+inline float since_us(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<float, std::micro>(std::chrono::steady_clock::now() - t0).count();
+}
 
 // The new tokens stored at the slab's end, then the layer's chunks selected with its last query
 // (select_layer: the step's own, not the last step's) and attended in place, with the window and
@@ -490,6 +496,7 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
     const int64_t groups = !every && rec[S_PER_HEAD] ? n_kv : 1;
     const int64_t heads = n_kv / groups, window = chunks * cs;
     float estimated = 1.0f;
+    auto t0 = std::chrono::steady_clock::now();
     if (!every) {
         Selection sel{};
         sel.q = q_last;
@@ -503,6 +510,8 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
         counts.resize(size_t(groups));
         estimated = select_layer(sel, isa, ids.data(), chunks, counts.data());
     }
+    io[IO_SELECT_US] = since_us(t0);
+    t0 = std::chrono::steady_clock::now();
     int64_t read = 0;
     for (int64_t grp = 0; grp < groups; ++grp) {
         const int64_t first = grp * heads, off = first * hs * size;  // the group's first KV head
@@ -517,10 +526,13 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
         attend_rows(table, first, heads, g, s, d, vgroup, scale, isa, threads, qt, ot, lse);
         read += every ? chunks : m;
     }
+    io[IO_ATTEND_US] = since_us(t0);
     io[IO_ESTIMATED] = estimated;
     io[IO_CHUNKS] = float(read) / float(groups);
     io[IO_TOKENS] = every ? float(total) : float(read) / float(groups) * float(cs) + float(total - window);
+    io[IO_MEASURE_US] = 0.0f;
     if (rec[S_SAMPLED]) {  // every query head's captured mass: its selection's share of the whole slab's softmax
+        t0 = std::chrono::steady_clock::now();
         thread_local std::vector<float> ot_all, lse_all;
         ot_all.resize(size_t(n_kv * g * s * d));
         lse_all.resize(size_t(n_kv * g * s));
@@ -529,6 +541,7 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
         attend_rows(table, 0, n_kv, g, s, d, vgroup, scale, isa, threads, qt, ot_all.data(), lse_all.data());
         for (int64_t h = 0; h < n_kv * g; ++h)  // (the last token's row)
             io[N_IO_FIELDS + h] = std::exp(lse[h * s + s - 1] - lse_all[size_t(h * s + s - 1)]);
+        io[IO_MEASURE_US] = since_us(t0);
     }
     return 0;
 }

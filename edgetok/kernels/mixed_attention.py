@@ -27,11 +27,11 @@ FIELDS = ("bits", "length", "k", "v", "k_scale", "k_zero", "v_scale", "v_zero", 
 BITS, LENGTH, K, V, K_SCALE, K_ZERO, V_SCALE, V_ZERO, HEAD_STRIDE, TOKEN_STRIDE, CAUSAL = range(len(FIELDS))
 FLOAT_BITS = {torch.float32: 32, torch.bfloat16: 16}
 # A slab layer's record in a StepTables step (int64; mixed_attention.cpp's SlabField, in order), and its
-# float32 io row: the selection's temperature and coverage target in, what it read out, then each
-# query head's captured mass at sampled steps.
+# float32 io row: the selection's temperature and coverage target in; out, what it read and the
+# microseconds its parts took, then each query head's captured mass at sampled steps.
 SLAB_FIELDS = ("k", "v", "head_stride", "n", "chunk_size", "n_chunks", "abstracts", "stride", "pinned", "keep", "sinks",
                "recent", "per_head", "sampled", "io")
-IO_FIELDS = ("temperature", "coverage", "estimated", "chunks", "tokens")
+IO_FIELDS = ("temperature", "coverage", "estimated", "chunks", "tokens", "select_us", "attend_us", "measure_us")
 
 
 def available() -> bool:

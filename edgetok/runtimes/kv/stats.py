@@ -46,6 +46,9 @@ def report(cfg: KVConfig, bits: str, storage: Storage) -> dict:
         "sync_reads": c["sync_reads"],
         **storage.disk_stats(),
         "resident_bytes": storage.resident_bytes(),
+        # a graph's native decode steps over slabs (mixed_attention.cpp: attend_slab): where their time went
+        **({"native_ms_per_step": {part: round(c[f"native_{part}_s"] / steps * 1e3, 3) for part in ("select", "attend", "measure")}}
+           if c["native_attend_s"] else {}),
         "chunk_sizes": [layer.chunk_size for layer in layers],
         "layer_spread": [round(layer.spread, 3) for layer in layers],
     }

@@ -457,6 +457,8 @@ class TieredCache(AttendingCache, GraphCache):
             layer.q_last, layer.q_tail = q, q[:, None]
             if in_slabs:
                 self.storage.slab_written(layer, 1, tables.read(i, "tokens"))
+                for part in ("select", "attend", "measure"):  # (seconds, in the counters: stats() reports them)
+                    self.counters[f"native_{part}_s"] += tables.read(i, f"{part}_us") * 1e-6
                 if self._chosen[j] is not None:  # (the plan: this layer selected)
                     self.fidelity.promise(j, tables.read(i, "estimated"))
                 self._count(j, tables.read(i, "chunks"), tables.read(i, "tokens"))
