@@ -233,6 +233,7 @@ struct Through {
     AttendHook hook = nullptr;
     void* user = nullptr;
     int64_t calls = 0;  // the op's calls since the hook was set: the layer of the next one
+    const OrtKernelContext* context = nullptr;  // while the hook runs: the op's (its intra-op threads)
 };
 thread_local Through g_through;
 
@@ -366,8 +367,10 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
         else
             ORT_RETURN_IF_ERROR(ort.parallel_for(context, run_place, size_t(a.s), &job));
         const int64_t layer = g_through.calls++;
-        if (g_through.hook(g_through.user, layer, rotated.data(), a.key, a.value, a.s, a.scale, a.out) != 0)
-            return ort.status(ORT_FAIL, "GroupQueryAttention: the caller's attention failed");
+        g_through.context = context;  // (edgetok_hook_parallel_for)
+        const int failed = g_through.hook(g_through.user, layer, rotated.data(), a.key, a.value, a.s, a.scale, a.out);
+        g_through.context = nullptr;
+        if (failed) return ort.status(ORT_FAIL, "GroupQueryAttention: the caller's attention failed");
         return nullptr;
     }
     int64_t longest = 0;
@@ -421,6 +424,22 @@ extern "C" __attribute__((visibility("default"))) int64_t edgetok_attend_through
     const int64_t calls = g_through.calls;
     g_through = Through{hook, user, 0};
     return calls;
+}
+
+// For a hook's own parallel work: fn(user, i) for i in [0, n) on the session's intra-op threads (the
+// op's, idle while the hook runs) when called from inside a hook, else in turn on this thread.
+// → 0, or 1 when ONNX Runtime refused.
+extern "C" __attribute__((visibility("default"))) int edgetok_hook_parallel_for(void (*fn)(void*, size_t), size_t n,
+                                                                               void* user) {
+    if (g_through.context == nullptr || g_api == nullptr || n <= 1) {
+        for (size_t i = 0; i < n; ++i) fn(user, i);
+        return 0;
+    }
+    const OrtFunctions ort(g_api);
+    OrtStatus* status = ort.parallel_for(g_through.context, fn, n, user);
+    if (status == nullptr) return 0;
+    ort.release(status);
+    return 1;
 }
 
 // For the library's registration (q4_matmul.cpp's RegisterCustomOps).

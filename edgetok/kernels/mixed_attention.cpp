@@ -168,8 +168,13 @@ Pool* pool = nullptr;  // leaked on purpose: its threads may outlive any static 
 
 void forget_pool_in_child() { pool = nullptr; }  // a forked child has none of the parent's threads
 
-// out (Hkv, R, D), lse (Hkv, R): the attention of every row over every chunk.
-void attend(const Problem& p, const Isa& isa, int threads, float* out, float* lse) {
+// Another runtime's threads: fn(user, i) for i in [0, n) (edgetok's GroupQueryAttention lends its
+// session's, kernels/attention_op.cpp: edgetok_hook_parallel_for) → 0, or non-zero when refused.
+using ParallelFor = int (*)(void (*)(void*, size_t), size_t, void*);
+
+// out (Hkv, R, D), lse (Hkv, R): the attention of every row over every chunk. Items run on
+// `parallel_for` when given (threads: how many it has), else on the pool.
+void attend(const Problem& p, const Isa& isa, int threads, float* out, float* lse, ParallelFor parallel_for = nullptr) {
     const int rows = p.rows, d = p.d;
     // Items: each KV head's chunks split into `parts` runs, enough for every thread to have work.
     int64_t parts = std::max<int64_t>(1, std::min<int64_t>(p.n_chunks, (2 * threads + p.n_kv - 1) / p.n_kv));
@@ -187,7 +192,10 @@ void attend(const Problem& p, const Isa& isa, int threads, float* out, float* ls
         float* m = partial.data() + part_floats * i;
         isa.run(p, head, c0, c1, m, m + rows, m + 2 * rows, scratch.data() + scratch_floats * i);
     };
-    if (threads > 1 && items > 1) {
+    auto each = [](void* f, size_t i) { (*static_cast<decltype(item)*>(f))(int(i)); };
+    const bool lent = parallel_for != nullptr && items > 1 && parallel_for(each, size_t(items), &item) == 0;
+    if (lent) {
+    } else if (threads > 1 && items > 1) {
         if (pool == nullptr) pool = new Pool();
         pool->run(items, threads, item);
     } else {
@@ -442,14 +450,15 @@ void float_row(int64_t* row, int64_t bits, int64_t length, int64_t k, int64_t v,
 // One layer of a step (attend_from_tables): the attention of the KV heads first..first+heads-1 over
 // `table` (n rows), their query rows at qt → ot, lse.
 void attend_rows(const std::vector<int64_t>& table, int64_t first, int64_t heads, int64_t g, int64_t s, int64_t d,
-                 int64_t vgroup, float scale, const Isa& isa, int threads, const float* qt, float* ot, float* lse) {
+                 int64_t vgroup, float scale, const Isa& isa, int threads, ParallelFor parallel_for, const float* qt, float* ot,
+                 float* lse) {
     Problem p{};
     p.q = qt + first * g * s * d;
     p.table = table.data();
     p.n_chunks = int64_t(table.size()) / N_FIELDS;
     p.n_kv = int(heads), p.rows = int(g * s), p.t = int(s), p.d = int(d), p.vgroup = int(vgroup);
     p.scale = scale;
-    attend(p, isa, threads, ot + first * g * s * d, lse + first * g * s);
+    attend(p, isa, threads, ot + first * g * s * d, lse + first * g * s, parallel_for);
 }
 
 // Slab mode (a layer whose K/V lives in float slabs in RAM, storage.py's ResidentStorage): the
@@ -471,7 +480,7 @@ inline float since_us(std::chrono::steady_clock::time_point t0) {
 // the new tokens as the causal row; at sampled steps the captured mass too (the selection's
 // log-sum-exp against the whole slab's).
 int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int64_t s, int64_t d, int64_t vgroup,
-                int64_t bits, int threads, float scale, const float* q_last, const float* qt, const float* k, const float* v,
+                int64_t bits, int threads, ParallelFor parallel_for, float scale, const float* q_last, const float* qt, const float* k, const float* v,
                 float* ot, float* lse) {
     const int64_t size = bits / 8, hs = rec[S_HEAD_STRIDE], n = rec[S_N], cs = rec[S_CHUNK_SIZE], chunks = rec[S_N_CHUNKS];
     char* slab_k = reinterpret_cast<char*>(rec[S_K]);
@@ -523,7 +532,7 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
         }
         const int64_t from = every ? 0 : window, at = from * d * size + off;
         float_row(&table[size_t(m * N_FIELDS)], bits, total - from, ks + at, vs + at, hs, d, true);
-        attend_rows(table, first, heads, g, s, d, vgroup, scale, isa, threads, qt, ot, lse);
+        attend_rows(table, first, heads, g, s, d, vgroup, scale, isa, threads, parallel_for, qt, ot, lse);
         read += every ? chunks : m;
     }
     io[IO_ATTEND_US] = since_us(t0);
@@ -538,7 +547,7 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
         lse_all.resize(size_t(n_kv * g * s));
         table.resize(N_FIELDS);
         float_row(table.data(), bits, total, ks, vs, hs, d, true);
-        attend_rows(table, 0, n_kv, g, s, d, vgroup, scale, isa, threads, qt, ot_all.data(), lse_all.data());
+        attend_rows(table, 0, n_kv, g, s, d, vgroup, scale, isa, threads, parallel_for, qt, ot_all.data(), lse_all.data());
         for (int64_t h = 0; h < n_kv * g; ++h)  // (the last token's row)
             io[N_IO_FIELDS + h] = std::exp(lse[h * s + s - 1] - lse_all[size_t(h * s + s - 1)]);
         io[IO_MEASURE_US] = since_us(t0);
@@ -557,7 +566,8 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
 //
 // `user` is an int64 descriptor: [layers, n_kv, head_dim, vgroup, threads, isa (0 best, 1 avx2,
 // 2 scalar), query heads per KV head, the new tokens' bits (32, or 16: rounded to bfloat16 as the
-// cache stores them, so attention reads what a later step will), then per layer: groups (1 or n_kv;
+// cache stores them, so attention reads what a later step will), the address of a ParallelFor to
+// run the op's items on (0: this extension's pool, `threads` wide), then per layer: groups (1 or n_kv;
 // 0: a slab), the address of its (groups, 2) array of (table address, rows) or of its slab record,
 // the address of its float32 (Hq, D) buffer for the step's last query] (mixed_attention.py: StepTables).
 extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables(void* user, int64_t layer, const float* q,
@@ -566,10 +576,11 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
     const int64_t* desc = static_cast<const int64_t*>(user);
     const int64_t layers = desc[0], n_kv = desc[1], d = desc[2], vgroup = desc[3], threads = desc[4], g = desc[6];
     const int64_t own_bits = desc[7];
+    const ParallelFor parallel_for = reinterpret_cast<ParallelFor>(desc[8]);
     if (layer < 0 || layer >= layers || s <= 0) return 1;
     const Isa* isa = desc[5] == 0 ? find_isa("auto") : find_isa(desc[5] == 1 ? "avx2" : "scalar");
     if (!isa) return 1;
-    const int64_t* entry = desc + 8 + 3 * layer;
+    const int64_t* entry = desc + 9 + 3 * layer;
     const int64_t groups = entry[0];
     float* q_last = reinterpret_cast<float*>(entry[2]);
     if (groups != 0 && groups != 1 && groups != n_kv) return 1;
@@ -586,7 +597,7 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
         for (int64_t i = 0; i < d; ++i) q_last[h * d + i] = qt[(h * s + s - 1) * d + i] * to_cache;
     if (groups == 0) {
         const int64_t* rec = reinterpret_cast<const int64_t*>(entry[1]);
-        if (attend_slab(rec, *isa, n_kv, g, s, d, vgroup, own_bits, int(threads), scale, q_last, qt.data(), k, v, ot.data(), lse.data()))
+        if (attend_slab(rec, *isa, n_kv, g, s, d, vgroup, own_bits, int(threads), parallel_for, scale, q_last, qt.data(), k, v, ot.data(), lse.data()))
             return 1;
     } else {
         const int64_t* tables = reinterpret_cast<const int64_t*>(entry[1]);
@@ -610,7 +621,8 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
             table.resize(size_t((n + 1) * N_FIELDS));
             float_row(&table[size_t(n * N_FIELDS)], own_bits, s, reinterpret_cast<int64_t>(k_own) + offset,
                       reinterpret_cast<int64_t>(v_own) + offset, s * d, d, true);
-            attend_rows(table, first, heads, g, s, d, vgroup, scale, *isa, int(threads), qt.data(), ot.data(), lse.data());
+            attend_rows(table, first, heads, g, s, d, vgroup, scale, *isa, int(threads), parallel_for, qt.data(), ot.data(),
+                        lse.data());
         }
     }
     for (int64_t t = 0; t < s; ++t)  // (H, S, D) → (S, H·D)

@@ -136,14 +136,15 @@ class StepTables:
     step's own query and reads them in place). The hook writes each layer's last query into q_last
     (Hq, D). The tables' memory (and what their rows point at) must stay alive until the step ends."""
 
-    HEADER = 8  # layers, n_kv, head_dim, vgroup, threads, isa, query heads per KV head, the new tokens' bits
+    # layers, n_kv, head_dim, vgroup, threads, isa, query heads per KV head, the new tokens' bits, parallel_for
+    HEADER = 9
 
     def __init__(self, layers: int, n_kv: int, n_heads: int, head_dim: int, dtype: torch.dtype, threads: int = 1) -> None:
         """dtype: the cache's: the new tokens are read (and stored, in a slab) as it stores them (bf16 rounded)."""
         self.q_last = np.zeros((layers, n_heads, head_dim), np.float32)
         self.desc = np.zeros(self.HEADER + 3 * layers, np.int64)
         self.desc[: self.HEADER] = (layers, n_kv, head_dim, value_group(head_dim), threads, 0, n_heads // n_kv,
-                                    FLOAT_BITS[dtype])
+                                    FLOAT_BITS[dtype], 0)
         self.slabs = np.zeros((layers, len(SLAB_FIELDS)), np.int64)
         self.io = np.zeros((layers, len(IO_FIELDS) + n_heads), np.float32)  # (+ each query head's captured mass)
         self.dtype = dtype
@@ -176,6 +177,12 @@ class StepTables:
                              int(per_head), int(sampled), self.io[layer].ctypes.data)
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.q_last[layer].ctypes.data)
+
+    def run_on(self, threads: int, parallel_for: int) -> None:
+        """Attend on another runtime's `threads` threads: parallel_for, the address of a C function
+        `int (void (*fn)(void*, size_t), size_t n, void* user)` (ort_ops.hook_parallel_for: the
+        graph's own intra-op threads, idle while the hook runs)."""
+        self.desc[4], self.desc[8] = threads, parallel_for
 
     def read(self, layer: int, field: str) -> float:
         """What the hook reported for a slab layer (IO_FIELDS)."""

@@ -75,6 +75,13 @@ def attending_through(hook, user: int | None = None) -> Iterator[Callable[[], in
 
 
 @cache
+def hook_parallel_for() -> int:
+    """The address of edgetok_hook_parallel_for: inside a hook, the attention op's intra-op threads
+    run a native hook's items (mixed_attention.StepTables.run_on)."""
+    return ctypes.cast(_library().edgetok_hook_parallel_for, ctypes.c_void_p).value
+
+
+@cache
 def _library() -> ctypes.CDLL:
     """The library, as this process loaded it (ONNX Runtime's sessions load the same file: one copy)."""
     path = library_path()

@@ -172,3 +172,14 @@ def test_attention_equals_onnxruntimes(heads, kv_heads, d, window, new, pasts, s
         np.testing.assert_allclose(out, want[0], atol=2e-6)
         for row, p in enumerate(pasts):
             np.testing.assert_allclose(past["past_key"][row, :, :p + new], want[1][row, :, :p + new], atol=2e-6)
+
+
+def test_a_hooks_parallel_for_runs_every_item_outside_a_hook_too():
+    """edgetok_hook_parallel_for lends the op's threads inside a hook; elsewhere it runs the items in turn."""
+    import ctypes
+
+    item = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)
+    seen = []
+    run = ctypes.CFUNCTYPE(ctypes.c_int, item, ctypes.c_size_t, ctypes.c_void_p)(ort_ops.hook_parallel_for())
+    assert run(item(lambda _user, i: seen.append(i)), 5, None) == 0
+    assert seen == [0, 1, 2, 3, 4]

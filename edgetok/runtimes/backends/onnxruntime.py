@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -103,6 +104,7 @@ class OnnxBackend:
         self.min_draft = 1
         self.kv = kv
         self.session = open_session(source.path / ONNX_MODEL, provider, threads)
+        self.threads = threads or len(os.sched_getaffinity(0))  # (ONNX Runtime's default: one per core)
         self.provider = self.session.get_providers()[0]
         # gqa: present_key.i is the past buffer with the new tokens written in (in place when bound
         # to the past's memory); standard: the new tokens' K/V only
@@ -219,6 +221,8 @@ class OnnxBackend:
 
         # a decode step's tables, made now: the op then attends natively, no Python between layers
         tables = cache.step_tables(n)
+        if tables is not None:  # the graph's intra-op threads, idle while a layer's hook runs, attend
+            tables.run_on(self.threads, ort_ops.hook_parallel_for())
         hook, user = (self._hook, None) if tables is None else (mixed_attention.tables_hook(), tables.user)
         self._through = (cache, None)
         try:
