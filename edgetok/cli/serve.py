@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
 from pathlib import Path
 
 import click
@@ -10,6 +11,8 @@ import click
 from edgetok.cli.console import utf8
 from edgetok.cli.options import load_model, run_configs, run_options
 from edgetok.errors import EdgetokError
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +79,10 @@ def command(model, host, port, api_key, api_key_file, max_sequences, max_queue, 
     app = create_app(config, load, on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5))
+    # Every token passes between threads (a request's engine, the scheduler, the HTTP loop) that
+    # take the GIL in turn: at Python's default switch interval (5 ms) a thread woken by a finished
+    # step may wait that long behind one running Python. The server owns its process: its setting.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     server.run()
     if failure:
         raise failure[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -128,6 +129,36 @@ def select(q: torch.Tensor, abstracts: torch.Tensor, pinned: torch.Tensor | None
     return ids, n, estimated
 
 
+@dataclass(frozen=True)
+class SlabStep:
+    """One layer of a native decode step over float slabs (StepTables.set_slab): the slabs (Hkv,
+    capacity, D), n tokens stored and room for the step's; the first n_chunks chunks of chunk_size
+    tokens, selected from by selection.select_chunks' inputs for one layer — abstracts (Hkv, 2D,
+    stride) bf16, pinned (stride,), plan (keep, sinks, recent; None: read them all), the temperature
+    and coverage target, per-head; sampled: measure the captured mass this step."""
+
+    slab_k: torch.Tensor
+    slab_v: torch.Tensor
+    n: int
+    chunk_size: int
+    n_chunks: int
+    abstracts: torch.Tensor
+    pinned: torch.Tensor
+    plan: tuple[int, int, int] | None
+    temperature: float
+    coverage: float | None
+    per_head: bool
+    sampled: bool
+
+    def __post_init__(self) -> None:
+        k, v = self.slab_k, self.slab_v
+        assert k.dtype == v.dtype and k.stride() == v.stride() and k.stride(2) == 1, "slabs: (Hkv, capacity, D), alike"
+        assert k.shape[1] >= self.n + 1, "the slab needs room for the step's token"
+        assert 0 <= self.n_chunks * self.chunk_size <= self.n and self.chunk_size > 0
+        assert self.abstracts.dtype == torch.bfloat16 and self.abstracts.is_contiguous() and self.pinned.is_contiguous()
+        assert self.abstracts.shape[-1] >= self.n_chunks and self.pinned.shape[-1] >= self.n_chunks
+
+
 class StepTables:
     """A graph's decode step attended natively (mixed_attention.cpp's edgetok_attend_from_tables, the
     hook edgetok's GroupQueryAttention calls; ort_ops.attending_through): per layer, either a table
@@ -160,21 +191,14 @@ class StepTables:
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (len(tables), groups.ctypes.data, self.q_last[layer].ctypes.data)
 
-    def set_slab(self, layer: int, slab_k: torch.Tensor, slab_v: torch.Tensor, n: int, chunk_size: int, n_chunks: int,
-                 abstracts: torch.Tensor, pinned: torch.Tensor, plan: tuple[int, int, int] | None, temperature: float,
-                 coverage: float | None, per_head: bool, sampled: bool) -> None:
-        """Layer's K/V in float slabs (Hkv, capacity, D) of the cache's dtype, n tokens stored and room for
-        the step's; its first n_chunks chunks of chunk_size tokens are selected from, with their
-        abstracts (Hkv, 2D, stride) and pinned (stride,) (selection.select_chunks' inputs for one layer)
-        by plan (keep, sinks, recent; None: read them all); sampled: measure the captured mass."""
-        assert slab_k.dtype == slab_v.dtype == self.dtype and slab_k.stride() == slab_v.stride() and slab_k.stride(2) == 1
-        assert abstracts.dtype == torch.bfloat16 and abstracts.is_contiguous() and pinned.is_contiguous()
-        assert slab_k.shape[1] >= n + 1, "the slab needs room for the step's token"
-        keep, sinks, recent = plan if plan is not None else (-1, 0, 0)
-        self.io[layer, :2] = temperature, 0.0 if coverage is None else coverage
-        self.slabs[layer] = (slab_k.data_ptr(), slab_v.data_ptr(), slab_k.stride(0), n, chunk_size, n_chunks,
-                             abstracts.data_ptr(), abstracts.shape[-1], pinned.data_ptr(), keep, sinks, recent,
-                             int(per_head), int(sampled), self.io[layer].ctypes.data)
+    def set_slab(self, layer: int, slab: SlabStep) -> None:
+        """Layer's K/V in float slabs, its chunks selected inside the step (SlabStep)."""
+        assert slab.slab_k.dtype == self.dtype, "the slab holds the cache's dtype, as the new tokens are stored"
+        keep, sinks, recent = slab.plan if slab.plan is not None else (-1, 0, 0)
+        self.io[layer, :2] = slab.temperature, 0.0 if slab.coverage is None else slab.coverage
+        self.slabs[layer] = (slab.slab_k.data_ptr(), slab.slab_v.data_ptr(), slab.slab_k.stride(0), slab.n, slab.chunk_size,
+                             slab.n_chunks, slab.abstracts.data_ptr(), slab.abstracts.shape[-1], slab.pinned.data_ptr(),
+                             keep, sinks, recent, int(slab.per_head), int(slab.sampled), self.io[layer].ctypes.data)
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.q_last[layer].ctypes.data)
 

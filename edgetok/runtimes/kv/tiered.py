@@ -28,7 +28,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.kernels import mixed_attention
 from edgetok.kernels.attention import attend, causal_mask
-from edgetok.kernels.mixed_attention import StepTables
+from edgetok.kernels.mixed_attention import SlabStep, StepTables
 from edgetok.kernels.selection import captured_mass, fit_temperature, select_chunks, stored_abstracts
 from edgetok.kernels.summaries import chunk_summaries, fold
 from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
@@ -434,8 +434,8 @@ class TieredCache(AttendingCache, GraphCache):
             for j, (layer, (k, v)) in enumerate(zip(self.layers, slabs)):
                 plan = self._plan(j)
                 self._chosen.append(plan)  # (end_step_tables: which layers selected)
-                tables.set_slab(at[j], k, v, layer.n, layer.chunk_size, layer.n_chunks, self.abstracts[j], self.pinned[j], plan,
-                                float(self.temperatures[j]), self.cfg.coverage, self.per_head, sampled)
+                tables.set_slab(at[j], SlabStep(k, v, layer.n, layer.chunk_size, layer.n_chunks, self.abstracts[j], self.pinned[j],
+                                                plan, float(self.temperatures[j]), self.cfg.coverage, self.per_head, sampled))
             return
         self._select_ahead()
         for j, groups in enumerate(self._chosen):
