@@ -242,20 +242,28 @@ struct Selection {
 // The chunks to read: ids (groups, row) with row ≥ count, of which each group's first n[group]
 // count, ascending (groups = Hkv per head, else 1). Returns the estimated coverage: the least covered head's share
 // of the bounds' softmax. Ties rank the lower id first (torch's stable sort).
-float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row, int64_t* n) {
+float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row, int64_t* n, ParallelFor parallel_for = nullptr) {
     const int64_t c = s.count, hkv = s.n_kv, groups = s.per_head ? hkv : 1;
     if (c == 0) {
         for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
         return 1.0f;
     }
-    thread_local std::vector<float> shares, scores, scratch, tied;
+    thread_local std::vector<float> shares, scores, tied;
     thread_local std::vector<int64_t> order;
     shares.resize(size_t(hkv * c));
     scores.resize(size_t(groups * c));
-    scratch.resize(size_t(2 * s.g * s.d));
     order.resize(size_t(c));
-    isa.shares(s.q, s.n_kv, s.g, s.d, s.abstracts, s.stride, c, 1.0f / (std::sqrt(float(s.d)) * s.temperature), shares.data(),
-               scratch.data());
+    // each KV head's shares (the pass over the abstracts: most of the work), on the lent threads if any
+    float* out = shares.data();
+    auto head = [&](size_t h) {
+        thread_local std::vector<float> scratch;
+        scratch.resize(size_t(2 * s.g * s.d));
+        isa.shares(s.q + int64_t(h) * s.g * s.d, 1, s.g, s.d, s.abstracts + int64_t(h) * 2 * s.d * s.stride, s.stride, c,
+                   1.0f / (std::sqrt(float(s.d)) * s.temperature), out + int64_t(h) * c, scratch.data());
+    };
+    auto each = [](void* f, size_t h) { (*static_cast<decltype(head)*>(f))(h); };
+    if (parallel_for == nullptr || hkv == 1 || parallel_for(each, size_t(hkv), &head) != 0)
+        for (int64_t h = 0; h < hkv; ++h) head(size_t(h));
     auto forced = [&](int64_t i) { return i < s.sinks || i >= c - s.recent || (s.pinned && s.pinned[i]); };
     int64_t n_forced = 0;
     for (int64_t i = 0; i < c; ++i) n_forced += forced(i);
@@ -517,7 +525,7 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
         sel.per_head = groups > 1;
         ids.resize(size_t(groups * chunks));
         counts.resize(size_t(groups));
-        estimated = select_layer(sel, isa, ids.data(), chunks, counts.data());
+        estimated = select_layer(sel, isa, ids.data(), chunks, counts.data(), parallel_for);
     }
     io[IO_SELECT_US] = since_us(t0);
     t0 = std::chrono::steady_clock::now();
