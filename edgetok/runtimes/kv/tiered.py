@@ -61,6 +61,8 @@ class TieredCache(AttendingCache, GraphCache):
         attends = reads != "views"
         self.selects_ahead = reads == "through"
         self._chosen: list = []  # selects_ahead: this step's chunks, per layer
+        self._in_slabs = False  # fill_tables: this step's layers attend in their slabs (selected inside the step)
+        self._selecting: list[bool] = []  # ... and which of them select (the others read every chunk)
         self._at: list[int] = []  # fill_tables: the step's layer of each of this cache's layers
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -428,12 +430,12 @@ class TieredCache(AttendingCache, GraphCache):
         self._at = at
         self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
         slabs = [self.storage.slab(layer, 1) for layer in self.layers]
-        if slabs[0] is not None:
-            self._chosen = []
+        self._in_slabs = slabs[0] is not None
+        if self._in_slabs:
             sampled = Fidelity.sampled(self.counters["steps"])
-            for j, (layer, (k, v)) in enumerate(zip(self.layers, slabs)):
-                plan = self._plan(j)
-                self._chosen.append(plan)  # (end_step_tables: which layers selected)
+            plans = [self._plan(j) for j in range(len(self.layers))]
+            self._selecting = [plan is not None for plan in plans]  # (end_step_tables: which layers promised a coverage)
+            for j, (layer, (k, v), plan) in enumerate(zip(self.layers, slabs, plans)):
                 tables.set_slab(at[j], SlabStep(k, v, layer.n, layer.chunk_size, layer.n_chunks, self.abstracts[j], self.pinned[j],
                                                 plan, float(self.temperatures[j]), self.cfg.coverage, self.per_head, sampled))
             return
@@ -448,18 +450,17 @@ class TieredCache(AttendingCache, GraphCache):
         """The step fill_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D), listed
         by the step's layers, join its window (a slab has them already: k, v are then empty);
         its last query selects next step's chunks."""
-        in_slabs = tables.slabs[self._at[0], 0] != 0
         sampled = not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"])
         for j, layer in enumerate(self.layers):
             i = self._at[j]
             self.lengths[j] += 1
             q = torch.from_numpy(tables.q_last[i].copy())  # (Hq, D)
             layer.q_last, layer.q_tail = q, q[:, None]
-            if in_slabs:
+            if self._in_slabs:
                 self.storage.slab_written(layer, 1, tables.read(i, "tokens"))
                 for part in ("select", "attend", "measure"):  # (seconds, in the counters: stats() reports them)
                     self.counters[f"native_{part}_s"] += tables.read(i, f"{part}_us") * 1e-6
-                if self._chosen[j] is not None:  # (the plan: this layer selected)
+                if self._selecting[j]:
                     self.fidelity.promise(j, tables.read(i, "estimated"))
                 self._count(j, tables.read(i, "chunks"), tables.read(i, "tokens"))
                 if sampled:
