@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.exporters import kquants
 from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
 from edgetok.exporters.gguf_types import TensorType, bits_per_weight, choose_type, encode, qtype, round_trip
 from edgetok.exporters.imatrix import Imatrix, collect, read_imatrix
@@ -236,8 +237,9 @@ def gguf_blocks(qw, quant: str) -> np.ndarray:
     """A symmetric QuantizedWeight (N, K) → GGUF blocks (N, K/32 · block bytes) uint8, exactly.
 
     q4_0 block: fp16 d, then 16 bytes whose low nibbles are codes 0..15 of the block and high
-    nibbles codes 16..31; value = (code − 8) · d. q8_0 block: fp16 d, then 32 int8 = code − 128;
-    value = int8 · d. (gguf-py's gguf.quants dequantizes these layouts.)
+    nibbles codes 16..31; value = (code − 8) · d. q5_0: fp16 d, 4 bytes of the codes' 5th bits (bit
+    j: code j's), then the low nibbles as q4_0's; value = (code − 16) · d. q8_0 block: fp16 d, then
+    32 int8 = code − 128; value = int8 · d. (gguf-py's gguf.quants dequantizes these layouts.)
     """
     bits, group = CODE_TYPES[quant]
     n, k = qw.shape
@@ -249,11 +251,24 @@ def gguf_blocks(qw, quant: str) -> np.ndarray:
         raise ValueError("the scales are not fp16 values: quantize with scale_dtype=torch.float16")
     d = d.numpy().view(np.uint8).reshape(n, k // group, 2)
     codes = qw.q.numpy().reshape(n, k // group, group)
-    if quant == "q4_0":
-        body = codes[..., : group // 2] | (codes[..., group // 2 :] << np.uint8(4))
-    else:
+    if quant == "q8_0":
         body = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    else:
+        low = codes & np.uint8(15)
+        body = low[..., : group // 2] | (low[..., group // 2 :] << np.uint8(4))
+        if quant == "q5_0":
+            high = np.packbits(codes >> np.uint8(4), axis=-1, bitorder="little")  # (n, blocks, 4)
+            body = np.concatenate([high, body], axis=-1)
     return np.concatenate([d, body], axis=-1).reshape(n, -1)
+
+
+def code_blocks(codes: QuantizedWeight | kquants.Blocks) -> tuple[np.ndarray, str]:
+    """gptq / rsq codes → (the blocks written, their type): a K-quant's or iq4_nl's blocks as they
+    are, a group grid's as the CODE_TYPES type of its bits."""
+    if isinstance(codes, kquants.Blocks):
+        return codes.data, codes.kind
+    kind = next(t for t, (bits, group) in CODE_TYPES.items() if (bits, group) == (codes.bits, codes.group_size))
+    return gguf_blocks(codes, kind), kind
 
 
 def tensor_layout(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -309,9 +324,10 @@ def write_gguf(
     why where it is not the one asked for).
 
     overrides: HF tensor name → --quant name for tensors that get another type (--keep-sensitive).
-    quantized: HF tensor name → QuantizedWeight whose codes are written as `quant` blocks as they
-    are (gptq, rsq); the other tensors are quantized here: by llama.cpp's own rounding (gguf-py)
-    for the 32-value types, by exporters/kquants.py for the K-quants and iq4_nl.
+    quantized: HF tensor name → gptq / rsq codes (a QuantizedWeight or kquants.Blocks) on the grid of
+    the type the plan gives the tensor, written as they are (`code_blocks`); the other tensors are
+    quantized here: by llama.cpp's own rounding (gguf-py) for the 32-value types, by
+    exporters/kquants.py for the K-quants and iq4_nl.
     importance: HF tensor name → an imatrix's values (K,) weighting that tensor's rounding.
     """
     import gguf
@@ -335,13 +351,17 @@ def write_gguf(
         if fused is not None:  # one tensor for all its parts (phi3's ffn_up: gate, then up)
             tensor = stack(weights, fused)
             parts = [quantized.get(p) for p in fused_parts(fused)] if quantized else [None]
-            codes = QuantizedWeight.cat_rows(parts) if all(q is not None for q in parts) else None
+            codes = type(parts[0]).cat_rows(parts) if all(q is not None for q in parts) else None
         heads = permuted_heads(name, cfg)
         if codes is not None and name not in overrides:
             if heads is not None:  # the same row order as permute_qk gives the float weight
                 codes = codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
-            writer.add_tensor(gg, gguf_blocks(codes, quant), raw_dtype=qtype(quant))
-            plan.append(TensorType(gg, quant, quant))
+            data, kind = code_blocks(codes)
+            planned = choose_type(gg, codes.shape, quant)
+            if planned.type != kind:  # a caller's own plan (quantize_model's gguf_type) chose another type
+                planned = TensorType(gg, quant, kind, f"its gptq / rsq codes were chosen on {kind}'s grid")
+            writer.add_tensor(gg, data, raw_dtype=qtype(kind))
+            plan.append(planned)
             continue
         w = tensor.float()
         if heads is not None:
@@ -390,11 +410,11 @@ class GgufExport:
         if options.save_imatrix is not None:
             self.outputs.append(options.save_imatrix)
 
-    def code_grid(self) -> tuple[int, int, dict]:
-        """gptq / rsq codes on the grid of a GGUF block type: symmetric, groups of 32, fp16 scales —
-        q4_0's own (signed scales: the largest weight of each block exact, 16 levels), q8_0's ±absmax."""
-        bits, group = CODE_TYPES[self.options.quant]
-        return bits, group, {"symmetric": True, "scale_dtype": torch.float16, "signed_scale": self.options.quant == "q4_0"}
+    def code_grid(self) -> dict:
+        """gptq / rsq codes on the grid of the GGUF type the type plan gives each linear (its
+        fallback where its rows are not whole blocks of --quant): quantize.gptq_as."""
+        quant = self.options.quant
+        return {"gguf_type": lambda name, shape: choose_type(name, shape, quant).type}
 
     def prepare(self, source: Source, qm: QuantizedModel | None, tokens: list[int]) -> None:
         """What is written (gptq / rsq: the codes, and the float weights they approximate, for the

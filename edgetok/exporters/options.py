@@ -42,8 +42,10 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", 
 # are not whole blocks)
 GGUF_LADDER = ("iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
 ALLOCATION_TOKENS = 256  # of the calibration text: the allocator runs the model once per matrix and type
-# --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are.
-CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
+# --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are, on
+# a group grid (exporters/quantize.py's gptq); the K-quants and iq4_nl: on the grid exporters/kquants.py fits.
+CODE_TYPES = {"q4_0": (4, 32), "q5_0": (5, 32), "q8_0": (8, 32)}
+GPTQ_QUANTS = (*CODE_TYPES, "q4_k", "q5_k", "q6_k", "iq4_nl")  # the types gptq / rsq write (with their fallbacks)
 
 MIN_EVAL_TOKENS = 16  # fewer make a parity report of noise
 
@@ -233,7 +235,7 @@ class OnnxOptions(ExportOptions):
 class GgufOptions(ExportOptions):
     """`edgetok export --format gguf`: a file llama.cpp runs, and its report beside it.
 
-    quant: the 2-D weights' type (gptq / rsq write q4_0 or q8_0 codes as they are).
+    quant: the 2-D weights' type (gptq / rsq write their codes on its grid: GPTQ_QUANTS).
     keep_sensitive: the tensors quantization hurts most (measured) at a higher type.
     """
 
@@ -253,10 +255,10 @@ class GgufOptions(ExportOptions):
         object.__setattr__(self, "tensor_type", tuple(self.tensor_type))
         for spec in self.tensor_type:  # the form here; the names when the model is loaded (exporters/gguf.py)
             parse_tensor_type(spec)
-        if self.method != "rtn" and self.quant not in CODE_TYPES:
+        if self.method != "rtn" and self.quant not in GPTQ_QUANTS:
             raise EdgetokError(
-                f"--method {self.method} writes its codes as {' or '.join(CODE_TYPES)} blocks; "
-                f"use --quant {' or --quant '.join(CODE_TYPES)}, or --method rtn for {self.quant}"
+                f"--method {self.method} writes its codes on the grid of {', '.join(GPTQ_QUANTS)}; "
+                f"use one of them as --quant, or --method rtn for {self.quant}"
             )
         for name in ("imatrix", "save_imatrix"):
             if getattr(self, name) is not None:
