@@ -33,7 +33,8 @@ SEQ_LEN = 512
 DEFAULT_TOKENS = 32768  # 64 sequences of 512
 
 # (the HF name of the first linear, weight (N, K) of the linears in one step that share a grid,
-# stacked by rows; Hessian (K, K)) → codes (QuantizedWeight or kquants.Blocks: `rows`, `dequantize`)
+# stacked by rows; Hessian (K, K)) → codes (QuantizedWeight or kquants.Blocks: `rows`, `dequantize`),
+# or None to leave them float
 QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], Any]
 
 
@@ -127,8 +128,9 @@ def calibrate(
     """Quantize every decoder linear of `model` (float32) on tokens (S, T), layer by layer.
 
     The model's linears are replaced by their dequantized weights as they are quantized (so
-    later steps see the quantized outputs); returns HF name → codes. The linears of one step
-    (one input) are quantized together, stacked, where grid_of(HF name) says they share a grid.
+    later steps see the quantized outputs); returns HF name → codes (quantize returning None: a
+    linear left float, not in the result). The linears of one step (one input) are quantized
+    together, stacked, where grid_of(HF name) says they share a grid.
     """
     s, t = tokens.shape
     rope = model.rope(torch.arange(t), torch.float32)  # per layer kind, with the family's cos / sin scale
@@ -146,6 +148,8 @@ def calibrate(
             run = list(run)
             linears = [block.get_submodule(n) for n in run]
             qw = quantize(full[run[0]], torch.cat([lin.weight for lin in linears]), h)
+            if qw is None:  # not quantized here: these linears stay float
+                continue
             start = 0
             for name, lin in zip(run, linears):
                 n = lin.weight.shape[0]

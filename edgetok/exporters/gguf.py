@@ -358,8 +358,8 @@ def write_gguf(
                 codes = codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
             data, kind = code_blocks(codes)
             planned = choose_type(gg, codes.shape, quant)
-            if planned.type != kind:  # a caller's own plan (quantize_model's gguf_type) chose another type
-                planned = TensorType(gg, quant, kind, f"its gptq / rsq codes were chosen on {kind}'s grid")
+            if planned.type != kind:  # chosen for this tensor (the allocator, --tensor-type): asked as such
+                planned = choose_type(gg, codes.shape, kind)
             writer.add_tensor(gg, data, raw_dtype=qtype(kind))
             plan.append(planned)
             continue
@@ -410,40 +410,52 @@ class GgufExport:
         if options.save_imatrix is not None:
             self.outputs.append(options.save_imatrix)
 
-    def code_grid(self) -> dict:
-        """gptq / rsq codes on the grid of the GGUF type the type plan gives each linear (its
-        fallback where its rows are not whole blocks of --quant): quantize.gptq_as."""
-        quant = self.options.quant
-        return {"gguf_type": lambda name, shape: choose_type(name, shape, quant).type}
+    def code_grid(self, source: Source) -> dict:
+        """gptq / rsq codes on the grid of the GGUF type each linear will be written as (quantize.gptq_as):
+        --tensor-type's, the allocator's (chosen here, before calibration, from the source's
+        sensitivity to round to nearest — for rsq, the unrotated model's), or --quant's, with the type
+        plan's fallback where rows are not whole blocks. A type with no gptq grid is left to the writer."""
+        o = self.options
+        chosen = tensor_type_overrides(o.tensor_type, source.config, source.weights)
+        if o.allocates:
+            self.allocation = allocate_types(source, o, chosen, {})
+            chosen = self.allocation.types | chosen
+        by_part = {p: kind for name, kind in chosen.items() for p in written_parts(source.config, name)}
+        return {"gguf_type": lambda name, shape: choose_type(name, shape, by_part.get(name, o.quant)).type}
 
     def prepare(self, source: Source, qm: QuantizedModel | None, tokens: list[int]) -> None:
         """What is written (gptq / rsq: the codes, and the float weights they approximate, for the
         rest and for --keep-sensitive) and each tensor's type."""
         quant = self.options.quant
         self.written = source if qm is None else quantized_source(source, qm)
-        self.codes, self.quantization = (None, None) if qm is None else (qm.quantized(), qm.info)
+        self.codes, self.quantization = ({}, None) if qm is None else (qm.quantized(), qm.info)
         # checked first: a pattern that finds nothing fails before the slow part
         self.user_types = tensor_type_overrides(self.options.tensor_type, self.written.config, self.written.weights)
         self.overrides = default_overrides(self.written.config, quant)
-        self.sensitivity_kl, self.allocation, self.file_quant = None, None, quant
+        self.sensitivity_kl, self.file_quant, self.raised = None, quant, set()
+        self.allocation = getattr(self, "allocation", None)  # code_grid's, when gptq / rsq calibrated on it
         o = self.options
         self.importance = {} if o.imatrix is None else imatrix_importance(read_imatrix(o.imatrix), self.written.config,
                                                                            self.written.weights)
         self.saved_imatrix = None if o.save_imatrix is None else calibrated_imatrix(self.written, o)
         if self.options.allocates:
-            self.allocation = allocate_types(self.written, self.options, self.user_types, self.importance)
+            if self.allocation is None:
+                self.allocation = allocate_types(self.written, self.options, self.user_types, self.importance)
             self.overrides = dict(self.allocation.types)
             self.file_quant = Counter(self.overrides.values()).most_common(1)[0][0]  # llama.cpp's file type
         if self.options.keep_sensitive:
             kl = measure_sensitivity(self.written, quant, tokens[:SENSITIVITY_TOKENS], set(self.overrides),
                                      progress_bar("sensitivity"))
-            self.overrides |= {name: higher_precision(quant) for name in choose_sensitive(kl)}
+            self.raised = set(choose_sensitive(kl))
+            self.overrides |= dict.fromkeys(self.raised, higher_precision(quant))
             self.sensitivity_kl = {k: round(v, 6) for k, v in sorted(kl.items(), key=lambda kv: -kv[1])}
 
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
-        plan = write_gguf(self.written, paths[0], self.file_quant, self.overrides | self.user_types, self.codes,
-                          self.importance)
+        # gptq / rsq codes sit on the allocator's and --tensor-type's types already (code_grid): written as
+        # they are, but for the matrices --keep-sensitive raised after calibration
+        types = {n: kind for n, kind in (self.overrides | self.user_types).items() if n not in self.codes or n in self.raised}
+        plan = write_gguf(self.written, paths[0], self.file_quant, types, self.codes, self.importance)
         if self.saved_imatrix is not None:
             self.saved_imatrix.write(paths[2])
         imatrix = None

@@ -209,7 +209,7 @@ class OnnxExport:
         if options.genai:
             self.runtime = genai.runtime()
 
-    def code_grid(self) -> dict:
+    def code_grid(self, source: Source) -> dict:
         o = self.options
         return {"bits": 4 if o.weights == "int4" else 8, "group_size": o.block_size or DEFAULT_BLOCK,
                 "scale_dtype": torch.float32 if o.qdq else torch.float16}

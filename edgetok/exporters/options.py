@@ -112,9 +112,6 @@ class ExportOptions:
         if self.allocates:
             if (self.target_bits is None) == (self.max_kl is None):
                 raise EdgetokError("the allocator (--quant / --weights auto) needs one goal: --target-bits B or --max-kl X")
-            if self.method != "rtn":
-                raise EdgetokError(f"--method {self.method} writes one type; the allocator (--quant / --weights auto) "
-                                   "rounds each matrix to nearest (--method rtn)")
             if self.calib_tokens is not None and self.calib_tokens < MIN_EVAL_TOKENS:
                 raise EdgetokError(f"--calib-tokens must be at least {MIN_EVAL_TOKENS}, not {self.calib_tokens}")
         elif self.target_bits is not None:
@@ -145,7 +142,8 @@ class ExportOptions:
 
     @property
     def allocation_tokens(self) -> int:
-        return self.calib_tokens or ALLOCATION_TOKENS
+        """Calibration tokens per KL run of the allocator (--calib-tokens is gptq / rsq's when they run)."""
+        return self.calib_tokens if self.calib_tokens and self.method == "rtn" else ALLOCATION_TOKENS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,8 +192,9 @@ class OnnxOptions(ExportOptions):
             raise EdgetokError(f"--opset {self.opset} is too old: the graph needs opset {MIN_OPSET} or newer")
         if self.qdq and self.opset < QDQ_OPSET:
             raise EdgetokError(f"--qdq needs --opset {QDQ_OPSET} or newer (blocked and int4 DequantizeLinear), not {self.opset}")
-        if self.method != "rtn" and not quantized:
-            raise EdgetokError(f"--method {self.method} applies to --weights int4 or int8")
+        if self.method != "rtn" and self.weights not in ("int4", "int8"):
+            raise EdgetokError(f"--method {self.method} applies to --weights int4 or int8 (the allocator, --weights auto, "
+                               "rounds each matrix to nearest)")
         if self.attention is None:
             object.__setattr__(self, "attention", "standard" if self.qdq else "gqa")
         check_choice("--attention", self.attention, ATTENTION)
@@ -255,7 +254,7 @@ class GgufOptions(ExportOptions):
         object.__setattr__(self, "tensor_type", tuple(self.tensor_type))
         for spec in self.tensor_type:  # the form here; the names when the model is loaded (exporters/gguf.py)
             parse_tensor_type(spec)
-        if self.method != "rtn" and self.quant not in GPTQ_QUANTS:
+        if self.method != "rtn" and not self.allocates and self.quant not in GPTQ_QUANTS:
             raise EdgetokError(
                 f"--method {self.method} writes its codes on the grid of {', '.join(GPTQ_QUANTS)}; "
                 f"use one of them as --quant, or --method rtn for {self.quant}"

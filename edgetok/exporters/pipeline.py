@@ -32,7 +32,7 @@ class FormatExport(Protocol):
     marker: str | None  # the outputs are folders holding this file, or None: files (files.refuse_existing)
     runtime: str  # what runs the artifact for the parity report
 
-    def code_grid(self) -> dict:
+    def code_grid(self, source: Source) -> dict:
         """gptq / rsq: quantize_model's grid keywords (bits and group_size, or gguf_type; the rest)."""
 
     def prepare(self, source: Source, qm, tokens: list[int]) -> None:
@@ -55,7 +55,7 @@ def export(options: OnnxOptions | GgufOptions) -> Manifest:
     started = time.perf_counter()
     source = load_source(options.model, progress=True)
     tokens = evaluation_tokens(source, options) if options.reads_eval_text else []
-    qm = None if options.method == "rtn" else calibrate(source, options, fmt.code_grid())
+    qm = None if options.method == "rtn" else calibrate(source, options, fmt.code_grid(source))
     fmt.prepare(source, qm, tokens)
     with staged(fmt.outputs, options.force, fmt.marker) as paths:
         manifest = fmt.write(source, paths)

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import torch
 
-from edgetok.errors import EdgetokError
 from edgetok.exporters import kquants
 from edgetok.exporters.options import CODE_TYPES, METHODS
 from edgetok.models.names import LINEARS, LM_HEAD, layer
@@ -387,7 +386,8 @@ def quantize_model(
     q4_0 grid (`grid`).
     gguf_type (gptq, rsq): a linear's HF name and shape → the GGUF type it is written as (the type
     plan's); its codes are chosen on that type's own grid (`gptq_as`), and bits, group_size,
-    symmetric, scale_dtype and signed_scale are not read.
+    symmetric, scale_dtype and signed_scale are not read. A linear whose type has no such grid
+    (f16, q4_1, …) stays float, for the writer to round.
     importance: rsq weights tokens by attention received (r_max: the weight range [1, r_max]);
     False leaves only the rotation (an ablation).
     """
@@ -417,10 +417,6 @@ def quantize_model(
         info["untied_head"] = not untied_before and not cfg.tie_word_embeddings
     names = [layer(i, f"{lin}.weight") for i in range(cfg.num_layers) for lin in LINEARS]
     kinds = {} if gguf_type is None else {n: gguf_type(n, tuple(weights[n].shape)) for n in names}
-    for name, kind in kinds.items():
-        if kind not in CODE_TYPES and kind not in kquants.TYPES:
-            raise EdgetokError(f"--method {method} writes codes on a block type's grid; {name} is written as {kind} "
-                               f"(its rows of {weights[name].shape[1]} values are not whole blocks)")
     groups = {n: fit_group_size(weights[n].shape[1], group_size) for n in names}
     start = time.perf_counter()
     if method == "rtn":
@@ -430,9 +426,10 @@ def quantize_model(
         tokens = calibration.calibration_tokens(source.tokenizer, calib_text, calib_tokens or calibration.DEFAULT_TOKENS, seq_len)
         model = LlamaModel.from_state_dict(cfg, {k: v.clone() for k, v in weights.items()})
 
-        def quantize(name: str, w: torch.Tensor, h: torch.Tensor) -> QuantizedWeight | kquants.Blocks:
-            if kinds:
-                return gptq_as(w, h, kinds[name], percdamp=percdamp, act_order=act_order)
+        def quantize(name: str, w: torch.Tensor, h: torch.Tensor) -> QuantizedWeight | kquants.Blocks | None:
+            if kinds:  # a type with no gptq grid (f16, q4_1, …): left float, for the writer to round
+                gridded = kinds[name] in CODE_TYPES or kinds[name] in kquants.TYPES
+                return gptq_as(w, h, kinds[name], percdamp=percdamp, act_order=act_order) if gridded else None
             g = fit_group_size(w.shape[1], group_size)
             return gptq(w, h, bits, g, symmetric, percdamp=percdamp, act_order=act_order, scale_dtype=scale_dtype,
                         signed_scale=signed_scale)
@@ -446,7 +443,7 @@ def quantize_model(
         info["importance"] = f"AttnCon, sqrt-normalized, range [1, {r_max}]" if weighted else None
     info["seconds"] = round(time.perf_counter() - start, 1)
     if kinds:
-        info["grids"] = {kind: sum(k == kind for k in kinds.values()) for kind in sorted(set(kinds.values()))}
+        info["grids"] = {kind: sum(kinds[n] == kind for n in codes) for kind in sorted({kinds[n] for n in codes})}
     else:
         info["group_sizes"] = sorted(set(groups.values()))
     out: dict[str, QuantizedWeight | kquants.Blocks | torch.Tensor] = dict(weights)

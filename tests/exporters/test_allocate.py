@@ -15,7 +15,7 @@ from conftest import run_cli
 from edgetok.errors import EdgetokError
 from edgetok.exporters.allocate import by_bits, by_kl, ladder, upgrades
 from edgetok.exporters.calibration import calibration_tokens
-from edgetok.exporters.gguf_types import bits_per_weight
+from edgetok.exporters.gguf_types import bits_per_weight, round_trip
 from edgetok.exporters.options import GgufOptions, OnnxOptions
 from edgetok.exporters.sensitivity import Matrix
 from edgetok.exporters.verify import compare, model_logits
@@ -178,12 +178,33 @@ def test_tensor_type_fixes_what_the_allocator_leaves(wide_folder, tmp_path):
     assert "model.layers.0.self_attn.v_proj.weight" not in report["allocation"]["types"]
 
 
+def test_gptq_codes_on_the_allocators_types(wide_folder, tmp_path):
+    """--target-bits with --method gptq: the allocator chooses each matrix's type first, GPTQ rounds
+    each linear onto its type's grid, and the file holds those codes at those types."""
+    out = tmp_path / "g.gguf"
+    r = run_cli("export", wide_folder, "--format", "gguf", "--target-bits", "5.6", "--method", "gptq",
+                "--calib-tokens", "1024", "--eval-tokens", "64", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    allocated, types = report["allocation"]["types"], file_types(out)
+    grids = report["quantization"]["grids"]
+    assert sum(grids.values()) == 7 * 2 and len(grids) > 1  # every decoder linear, on more than one type
+    plan = {t["tensor"]: t for t in report["type_plan"]}
+    assert types["blk.0.attn_q.weight"][0] == allocated["model.layers.0.self_attn.q_proj.weight"]
+    assert all(types[t][0] == plan[t]["type"] for t in types)
+    assert report["parity"]["kl_mean"] < 0.05
+    # the codes are GPTQ's, not the writer's rounding to nearest at the same type
+    back, source = load_source(str(out)).weights, load_source(str(wide_folder)).weights
+    gridded = [n for n, kind in allocated.items() if ".layers." in n and kind in grids]
+    assert gridded and all(not torch.equal(back[n], round_trip(source[n], allocated[n])) for n in gridded)
+
+
 @pytest.mark.parametrize("make,words", [
     (lambda: GgufOptions(model="m", output="o.gguf", quant="auto"), "needs one goal"),
     (lambda: GgufOptions(model="m", output="o.gguf", quant="auto", target_bits=5, max_kl=0.1), "needs one goal"),
     (lambda: GgufOptions(model="m", output="o.gguf", quant="q4_k", target_bits=5), "use it with --quant auto"),
     (lambda: GgufOptions(model="m", output="o.gguf", target_bits=5, keep_sensitive=True), "already chooses"),
-    (lambda: GgufOptions(model="m", output="o.gguf", target_bits=5, method="gptq"), "rounds each matrix"),
+    (lambda: OnnxOptions(model="m", output="o", target_bits=5, method="gptq"), "rounds each matrix to nearest"),
     (lambda: OnnxOptions(model="m", output="o", weights="auto", target_bits=5, qdq=True), "--qdq applies"),
 ])
 def test_allocator_option_mistakes(make, words):
