@@ -83,7 +83,8 @@ def _int_or_none(ctx, param, value):
 @click.option("--verify/--no-verify", default=True, show_default=True, help="measure the parity report")
 @click.option("--method", type=click.Choice(export_choices.METHODS), default="rtn", show_default=True,
               help="how weight codes are chosen: rtn rounds to nearest; gptq and rsq (rotated, importance-weighted "
-                   "GPTQ) calibrate on text (gguf: --quant q4_0 or q8_0)")
+                   "GPTQ) calibrate on text (gguf: their codes on the grid of --quant q4_0, q5_0, q8_0, q4_k, q5_k, q6_k or "
+                   "iq4_nl)")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="calibration text for gptq/rsq and the allocator (default: the built-in essays)")
 @click.option("--calib-tokens", type=click.IntRange(min=export_choices.MIN_EVAL_TOKENS), default=None,

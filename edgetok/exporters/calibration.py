@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import groupby
+from typing import Any
 
 import torch
 
@@ -30,8 +32,10 @@ from edgetok.texts import essays
 SEQ_LEN = 512
 DEFAULT_TOKENS = 32768  # 64 sequences of 512
 
-# (weight (N, K) of the linears in one step, stacked by rows; Hessian (K, K)) → codes
-QuantizeFn = Callable[[torch.Tensor, torch.Tensor], "QuantizedWeight"]  # noqa: F821
+# (the HF name of the first linear, weight (N, K) of the linears in one step that share a grid,
+# stacked by rows; Hessian (K, K)) → codes (QuantizedWeight or kquants.Blocks: `rows`, `dequantize`),
+# or None to leave them float
+QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], Any]
 
 
 def calibration_tokens(tokenizer: Tokenizer, text: str | None, n_tokens: int, seq_len: int = SEQ_LEN) -> torch.Tensor:
@@ -119,32 +123,40 @@ def calibrate(
     r_max: float = 10.0,
     batch: int = 8,
     progress=None,
-) -> dict[str, QuantizedWeight]:  # noqa: F821
+    grid_of: Callable[[str], Any] = lambda name: None,
+) -> dict[str, Any]:
     """Quantize every decoder linear of `model` (float32) on tokens (S, T), layer by layer.
 
     The model's linears are replaced by their dequantized weights as they are quantized (so
-    later steps see the quantized outputs); returns HF name → QuantizedWeight.
+    later steps see the quantized outputs); returns HF name → codes (quantize returning None: a
+    linear left float, not in the result). The linears of one step (one input) are quantized
+    together, stacked, where grid_of(HF name) says they share a grid.
     """
-    from edgetok.exporters.quantize import QuantizedWeight
-
     s, t = tokens.shape
     rope = model.rope(torch.arange(t), torch.float32)  # per layer kind, with the family's cos / sin scale
     batches = [slice(i, min(i + batch, s)) for i in range(0, s, batch)]
     x = torch.cat([model.embed(tokens[b]).float() for b in batches])  # (S, T, hidden)
     layers = list(enumerate(model.model.layers))
-    result: dict[str, QuantizedWeight] = {}
+    result: dict[str, Any] = {}
 
     def quantize_step(i: int, block, names: tuple[str, ...], hessian: _Hessian) -> None:
-        """The linears `names` of layer i (one input, so one Hessian), stacked by rows."""
-        linears = [block.get_submodule(n) for n in names]
-        sizes = [lin.weight.shape[0] for lin in linears]
-        qw = quantize(torch.cat([lin.weight for lin in linears]), hessian.value())
-        start = 0
-        for name, lin, n in zip(names, linears, sizes):
-            part = qw.rows(slice(start, start + n))
-            start += n
-            result[layer(i, f"{name}.weight")] = part
-            lin.weight.data = part.dequantize()
+        """The linears `names` of layer i (one input, so one Hessian), stacked by rows in runs
+        that share a grid (GPTQ rounds each row on its own: stacking only saves loop turns)."""
+        h = hessian.value()
+        full = {n: layer(i, f"{n}.weight") for n in names}
+        for _, run in groupby(names, key=lambda n: grid_of(full[n])):
+            run = list(run)
+            linears = [block.get_submodule(n) for n in run]
+            qw = quantize(full[run[0]], torch.cat([lin.weight for lin in linears]), h)
+            if qw is None:  # not quantized here: these linears stay float
+                continue
+            start = 0
+            for name, lin in zip(run, linears):
+                n = lin.weight.shape[0]
+                part = qw.rows(slice(start, start + n))
+                start += n
+                result[full[name]] = part
+                lin.weight.data = part.dequantize()
 
     for i, block in progress(layers, len(layers)) if progress else layers:
         attn, mlp = block.self_attn, block.mlp

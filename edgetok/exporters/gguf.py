@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.exporters import kquants
 from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
 from edgetok.exporters.gguf_types import TensorType, bits_per_weight, choose_type, encode, qtype, round_trip
 from edgetok.exporters.imatrix import Imatrix, collect, read_imatrix
@@ -236,8 +237,9 @@ def gguf_blocks(qw, quant: str) -> np.ndarray:
     """A symmetric QuantizedWeight (N, K) → GGUF blocks (N, K/32 · block bytes) uint8, exactly.
 
     q4_0 block: fp16 d, then 16 bytes whose low nibbles are codes 0..15 of the block and high
-    nibbles codes 16..31; value = (code − 8) · d. q8_0 block: fp16 d, then 32 int8 = code − 128;
-    value = int8 · d. (gguf-py's gguf.quants dequantizes these layouts.)
+    nibbles codes 16..31; value = (code − 8) · d. q5_0: fp16 d, 4 bytes of the codes' 5th bits (bit
+    j: code j's), then the low nibbles as q4_0's; value = (code − 16) · d. q8_0 block: fp16 d, then
+    32 int8 = code − 128; value = int8 · d. (gguf-py's gguf.quants dequantizes these layouts.)
     """
     bits, group = CODE_TYPES[quant]
     n, k = qw.shape
@@ -249,11 +251,24 @@ def gguf_blocks(qw, quant: str) -> np.ndarray:
         raise ValueError("the scales are not fp16 values: quantize with scale_dtype=torch.float16")
     d = d.numpy().view(np.uint8).reshape(n, k // group, 2)
     codes = qw.q.numpy().reshape(n, k // group, group)
-    if quant == "q4_0":
-        body = codes[..., : group // 2] | (codes[..., group // 2 :] << np.uint8(4))
-    else:
+    if quant == "q8_0":
         body = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    else:
+        low = codes & np.uint8(15)
+        body = low[..., : group // 2] | (low[..., group // 2 :] << np.uint8(4))
+        if quant == "q5_0":
+            high = np.packbits(codes >> np.uint8(4), axis=-1, bitorder="little")  # (n, blocks, 4)
+            body = np.concatenate([high, body], axis=-1)
     return np.concatenate([d, body], axis=-1).reshape(n, -1)
+
+
+def code_blocks(codes: QuantizedWeight | kquants.Blocks) -> tuple[np.ndarray, str]:
+    """gptq / rsq codes → (the blocks written, their type): a K-quant's or iq4_nl's blocks as they
+    are, a group grid's as the CODE_TYPES type of its bits."""
+    if isinstance(codes, kquants.Blocks):
+        return codes.data, codes.kind
+    kind = next(t for t, (bits, group) in CODE_TYPES.items() if (bits, group) == (codes.bits, codes.group_size))
+    return gguf_blocks(codes, kind), kind
 
 
 def tensor_layout(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -309,9 +324,10 @@ def write_gguf(
     why where it is not the one asked for).
 
     overrides: HF tensor name → --quant name for tensors that get another type (--keep-sensitive).
-    quantized: HF tensor name → QuantizedWeight whose codes are written as `quant` blocks as they
-    are (gptq, rsq); the other tensors are quantized here: by llama.cpp's own rounding (gguf-py)
-    for the 32-value types, by exporters/kquants.py for the K-quants and iq4_nl.
+    quantized: HF tensor name → gptq / rsq codes (a QuantizedWeight or kquants.Blocks) on the grid of
+    the type the plan gives the tensor, written as they are (`code_blocks`); the other tensors are
+    quantized here: by llama.cpp's own rounding (gguf-py) for the 32-value types, by
+    exporters/kquants.py for the K-quants and iq4_nl.
     importance: HF tensor name → an imatrix's values (K,) weighting that tensor's rounding.
     """
     import gguf
@@ -335,13 +351,17 @@ def write_gguf(
         if fused is not None:  # one tensor for all its parts (phi3's ffn_up: gate, then up)
             tensor = stack(weights, fused)
             parts = [quantized.get(p) for p in fused_parts(fused)] if quantized else [None]
-            codes = QuantizedWeight.cat_rows(parts) if all(q is not None for q in parts) else None
+            codes = type(parts[0]).cat_rows(parts) if all(q is not None for q in parts) else None
         heads = permuted_heads(name, cfg)
         if codes is not None and name not in overrides:
             if heads is not None:  # the same row order as permute_qk gives the float weight
                 codes = codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
-            writer.add_tensor(gg, gguf_blocks(codes, quant), raw_dtype=qtype(quant))
-            plan.append(TensorType(gg, quant, quant))
+            data, kind = code_blocks(codes)
+            planned = choose_type(gg, codes.shape, quant)
+            if planned.type != kind:  # chosen for this tensor (the allocator, --tensor-type): asked as such
+                planned = choose_type(gg, codes.shape, kind)
+            writer.add_tensor(gg, data, raw_dtype=qtype(kind))
+            plan.append(planned)
             continue
         w = tensor.float()
         if heads is not None:
@@ -390,40 +410,52 @@ class GgufExport:
         if options.save_imatrix is not None:
             self.outputs.append(options.save_imatrix)
 
-    def code_grid(self) -> tuple[int, int, dict]:
-        """gptq / rsq codes on the grid of a GGUF block type: symmetric, groups of 32, fp16 scales —
-        q4_0's own (signed scales: the largest weight of each block exact, 16 levels), q8_0's ±absmax."""
-        bits, group = CODE_TYPES[self.options.quant]
-        return bits, group, {"symmetric": True, "scale_dtype": torch.float16, "signed_scale": self.options.quant == "q4_0"}
+    def code_grid(self, source: Source) -> dict:
+        """gptq / rsq codes on the grid of the GGUF type each linear will be written as (quantize.gptq_as):
+        --tensor-type's, the allocator's (chosen here, before calibration, from the source's
+        sensitivity to round to nearest — for rsq, the unrotated model's), or --quant's, with the type
+        plan's fallback where rows are not whole blocks. A type with no gptq grid is left to the writer."""
+        o = self.options
+        chosen = tensor_type_overrides(o.tensor_type, source.config, source.weights)
+        if o.allocates:
+            self.allocation = allocate_types(source, o, chosen, {})
+            chosen = self.allocation.types | chosen
+        by_part = {p: kind for name, kind in chosen.items() for p in written_parts(source.config, name)}
+        return {"gguf_type": lambda name, shape: choose_type(name, shape, by_part.get(name, o.quant)).type}
 
     def prepare(self, source: Source, qm: QuantizedModel | None, tokens: list[int]) -> None:
         """What is written (gptq / rsq: the codes, and the float weights they approximate, for the
         rest and for --keep-sensitive) and each tensor's type."""
         quant = self.options.quant
         self.written = source if qm is None else quantized_source(source, qm)
-        self.codes, self.quantization = (None, None) if qm is None else (qm.quantized(), qm.info)
+        self.codes, self.quantization = ({}, None) if qm is None else (qm.quantized(), qm.info)
         # checked first: a pattern that finds nothing fails before the slow part
         self.user_types = tensor_type_overrides(self.options.tensor_type, self.written.config, self.written.weights)
         self.overrides = default_overrides(self.written.config, quant)
-        self.sensitivity_kl, self.allocation, self.file_quant = None, None, quant
+        self.sensitivity_kl, self.file_quant, self.raised = None, quant, set()
+        self.allocation = getattr(self, "allocation", None)  # code_grid's, when gptq / rsq calibrated on it
         o = self.options
         self.importance = {} if o.imatrix is None else imatrix_importance(read_imatrix(o.imatrix), self.written.config,
                                                                            self.written.weights)
         self.saved_imatrix = None if o.save_imatrix is None else calibrated_imatrix(self.written, o)
         if self.options.allocates:
-            self.allocation = allocate_types(self.written, self.options, self.user_types, self.importance)
+            if self.allocation is None:
+                self.allocation = allocate_types(self.written, self.options, self.user_types, self.importance)
             self.overrides = dict(self.allocation.types)
             self.file_quant = Counter(self.overrides.values()).most_common(1)[0][0]  # llama.cpp's file type
         if self.options.keep_sensitive:
             kl = measure_sensitivity(self.written, quant, tokens[:SENSITIVITY_TOKENS], set(self.overrides),
                                      progress_bar("sensitivity"))
-            self.overrides |= {name: higher_precision(quant) for name in choose_sensitive(kl)}
+            self.raised = set(choose_sensitive(kl))
+            self.overrides |= dict.fromkeys(self.raised, higher_precision(quant))
             self.sensitivity_kl = {k: round(v, 6) for k, v in sorted(kl.items(), key=lambda kv: -kv[1])}
 
     def write(self, source: Source, paths: list[Path]) -> GgufManifest:
         o = self.options
-        plan = write_gguf(self.written, paths[0], self.file_quant, self.overrides | self.user_types, self.codes,
-                          self.importance)
+        # gptq / rsq codes sit on the allocator's and --tensor-type's types already (code_grid): written as
+        # they are, but for the matrices --keep-sensitive raised after calibration
+        types = {n: kind for n, kind in (self.overrides | self.user_types).items() if n not in self.codes or n in self.raised}
+        plan = write_gguf(self.written, paths[0], self.file_quant, types, self.codes, self.importance)
         if self.saved_imatrix is not None:
             self.saved_imatrix.write(paths[2])
         imatrix = None

@@ -20,10 +20,18 @@ sub-block scale; iq4_nl tries the block's peak near both ends of its asymmetric 
 the codes for the fp16 scale it writes. (On SmolLM2 the q4_k / q5_k tensors come out with a third
 less squared error than llama.cpp's: BENCHMARKS.md.)
 
-All functions take float32 rows (N, K) as torch tensors and return uint8 numpy arrays (N, bytes).
+Choosing the codes is two steps, so GPTQ can take the second: `fit` fixes the grid from the weights
+(what each block stores besides its codes: the scales, mins and super-block scales, as these
+searches choose them) and a `Grid` rounds codes onto it — to nearest for every column at once
+(`quantize_rows`), or one column at a time with GPTQ's error feedback (exporters/quantize.py);
+`Grid.blocks` packs the codes as llama.cpp reads them.
+
+Functions take float32 rows (N, K) as torch tensors; blocks are uint8 numpy arrays (N, bytes).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +41,9 @@ IQ4NL_BLOCK = 32
 IQ4NL_GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 BLOCK_VALUES = {"q4_k": QK_K, "q5_k": QK_K, "q6_k": QK_K, "iq4_nl": IQ4NL_BLOCK}
 TYPES = tuple(BLOCK_VALUES)
+GROUP = {"q4_k": 32, "q5_k": 32, "q6_k": 16, "iq4_nl": IQ4NL_BLOCK}  # values sharing one scale (and min)
+# the values a code stands for, in units of its group's scale: code i is LEVELS[kind][i]
+LEVELS = {"q4_k": tuple(range(16)), "q5_k": tuple(range(32)), "q6_k": tuple(range(-32, 32)), "iq4_nl": IQ4NL_GRID}
 _EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a block this close to zero is written as zeros
 _SUPER_STEPS = torch.linspace(-0.03, 0.03, 7)  # relative changes of d / dmin tried per super-block (0: llama.cpp's choice)
 
@@ -103,8 +114,8 @@ def _importance_weights(x: torch.Tensor, importance: torch.Tensor | None, k: int
     return imp * (sigma2 + x * x).sqrt()
 
 
-def _affine_blocks(rows: torch.Tensor, nmax: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """rows (N, K) → per super-block fp16 d, dmin (B,), 6-bit sc, m (B, 8) and codes (B, 8, 32)."""
+def _affine_grid(rows: torch.Tensor, nmax: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """rows (N, K) → per super-block fp16 d, dmin (B,) and 6-bit sc, m (B, 8)."""
     x = rows.reshape(-1, 8, 32).float()
     av = x.pow(2).mean((-1, -2), keepdim=True).sqrt()
     w = _importance_weights(x, importance, rows.shape[-1])
@@ -121,8 +132,8 @@ def _affine_blocks(rows: torch.Tensor, nmax: int, importance: torch.Tensor | Non
         q = ((x + offset[..., None]) / scale.clamp_min(_EPS)[..., None]).round().clamp(0, nmax)
         q = torch.where(scale[..., None] > 0, q, torch.zeros_like(q))
         err = (w * (scale[..., None] * q - offset[..., None] - x) ** 2).sum((-1, -2))
-        best = _keep_better(best, [d, dmin, sc, mq, q, err])
-    return tuple(best[:5])
+        best = _keep_better(best, [d, dmin, sc, mq, err])
+    return tuple(best[:4])
 
 
 def _pack_scales(sc: torch.Tensor, m: torch.Tensor) -> np.ndarray:
@@ -141,22 +152,19 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], 128)
 
 
-def q4_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
-    d, dmin, sc, m, q = _affine_blocks(rows, 15, importance)
-    body = _nibbles(q.to(torch.uint8).numpy())
-    blocks = np.concatenate([_bytes(d), _bytes(dmin), _pack_scales(sc, m), body], axis=-1)
-    return blocks.reshape(rows.shape[0], -1)
+def _pack_q4_k(stored: tuple[torch.Tensor, ...], q: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m = stored
+    return np.concatenate([_bytes(d), _bytes(dmin), _pack_scales(sc, m), _nibbles(q.reshape(-1, 8, 32))], axis=-1)
 
 
-def q5_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
-    d, dmin, sc, m, q = _affine_blocks(rows, 31, importance)
-    q = q.to(torch.uint8).numpy()  # (B, 8, 32)
+def _pack_q5_k(stored: tuple[torch.Tensor, ...], q: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m = stored
+    q = q.reshape(-1, 8, 32)
     high = ((q >> 4) & 1).astype(np.uint8)  # bit j of byte i: sub-block j's code i
     qh = np.zeros((q.shape[0], 32), np.uint8)
     for j in range(8):
         qh |= high[:, j] << j
-    blocks = np.concatenate([_bytes(d), _bytes(dmin), _pack_scales(sc, m), qh, _nibbles(q & 0x0F)], axis=-1)
-    return blocks.reshape(rows.shape[0], -1)
+    return np.concatenate([_bytes(d), _bytes(dmin), _pack_scales(sc, m), qh, _nibbles(q & 0x0F)], axis=-1)
 
 
 # -- q6_k: symmetric sub-blocks of 16 --------------------------------------------------------------------
@@ -178,7 +186,8 @@ def _fit_symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 9) 
     return torch.where(peak.abs() < _EPS, torch.zeros_like(best_s), best_s)
 
 
-def q6_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
+def _q6_k_grid(rows: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """rows (N, K) → per super-block fp16 d (B,) and int8 sub-block scales sc (B, 16)."""
     x = rows.reshape(-1, 16, 16).float()
     w = _importance_weights(x, importance, rows.shape[-1])
     if w is None:
@@ -193,15 +202,18 @@ def q6_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarr
         q = (x / torch.where(scale == 0, torch.ones_like(scale), scale)[..., None]).round().clamp(-32, 31)
         q = torch.where(scale[..., None] == 0, torch.zeros_like(q), q)
         err = (w * (scale[..., None] * q - x) ** 2).sum((-1, -2))
-        best = _keep_better(best, [d, sc, q, err])
-    d, sc, q = best[:3]
-    u = (q.reshape(-1, 2, 128) + 32).to(torch.uint8).numpy()  # (B, half, 128)
+        best = _keep_better(best, [d, sc, err])
+    return tuple(best[:2])
+
+
+def _pack_q6_k(stored: tuple[torch.Tensor, ...], q: np.ndarray) -> np.ndarray:
+    d, sc = stored
+    u = q.reshape(-1, 2, 128)  # (B, half, 128): codes 0..63, the level + 32
     ql = (u[:, :, :64] & 0x0F) | ((u[:, :, 64:] & 0x0F) << 4)  # (B, 2, 64)
     hi = (u >> 4).reshape(-1, 2, 4, 32)
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # (B, 2, 32)
     scales = sc.to(torch.int8).numpy().view(np.uint8)
-    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales, _bytes(d)], axis=-1)
-    return blocks.reshape(rows.shape[0], -1)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales, _bytes(d)], axis=-1)
 
 
 # -- iq4_nl: a non-uniform grid -------------------------------------------------------------------------
@@ -221,10 +233,10 @@ def _nearest(v: torch.Tensor) -> torch.Tensor:
     return _IQ4NL_LOOKUP[bins]
 
 
-def iq4_nl(rows: torch.Tensor, importance: torch.Tensor | None = None, tries: int = 7) -> np.ndarray:
+def _iq4_nl_grid(rows: torch.Tensor, importance: torch.Tensor | None = None, tries: int = 7) -> tuple[torch.Tensor, ...]:
     """llama.cpp's quantize_row_iq4_nl_impl: d from the block's peak, codes nearest on the grid,
     d refitted by weighted least squares; of the candidates that put the peak at grid[0] + t or at
-    grid[-1] + t, |t| ≤ tries, the best. d is then rounded to fp16 and the codes chosen again."""
+    grid[-1] + t, |t| ≤ tries, the best; rounded to the fp16 it is written as → (d (B,),)."""
     grid = torch.tensor(IQ4NL_GRID, dtype=torch.float32)
     x = rows.reshape(-1, IQ4NL_BLOCK).float()
     w = _importance_weights(x, importance, rows.shape[-1])
@@ -247,22 +259,157 @@ def iq4_nl(rows: torch.Tensor, importance: torch.Tensor | None = None, tries: in
             d, gain = fit((end + t) / safe)
             better = gain > best_gain
             best_d, best_gain = torch.where(better, d, best_d), torch.where(better, gain, best_gain)
-    d = _fp16(torch.where(peak.abs() < _EPS, torch.zeros_like(best_d), best_d))
-    idx = _nearest(x / torch.where(d == 0, torch.ones_like(d), d)[:, None])
-    idx = torch.where(d[:, None] == 0, torch.full_like(idx, 8), idx).to(torch.uint8).numpy()  # grid[8] = 1: d 0 → 0
-    body = idx[:, :16] | (idx[:, 16:] << 4)
-    return np.concatenate([_bytes(d), body], axis=-1).reshape(rows.shape[0], -1)
+    return (_fp16(torch.where(peak.abs() < _EPS, torch.zeros_like(best_d), best_d)),)
 
 
-QUANTIZERS = {"q4_k": q4_k, "q5_k": q5_k, "q6_k": q6_k, "iq4_nl": iq4_nl}
+def _pack_iq4_nl(stored: tuple[torch.Tensor, ...], idx: np.ndarray) -> np.ndarray:
+    idx = idx.reshape(-1, IQ4NL_BLOCK)
+    return np.concatenate([_bytes(stored[0]), idx[:, :16] | (idx[:, 16:] << 4)], axis=-1)
+
+
+# -- the grid of a matrix, and its codes ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """A matrix's grid in one of these types, fitted from its weights: what its blocks store besides
+    the codes (`stored`, per super-block or block, in row order), and each group's scale and offset
+    as llama.cpp computes them — a code stands for scale · LEVELS[kind][code] − offset."""
+
+    kind: str
+    stored: tuple[torch.Tensor, ...]  # q4_k / q5_k: d, dmin (B,), sc, m (B, 8); q6_k: d (B,), sc (B, 16); iq4_nl: d (B,)
+    scale: torch.Tensor  # (N, K / GROUP[kind]) float32
+    offset: torch.Tensor  # (N, K / GROUP[kind]) float32, 0 for the symmetric types
+
+    def __post_init__(self) -> None:
+        if self.kind not in TYPES:
+            raise ValueError(f"no grid for {self.kind} (the grids are {', '.join(TYPES)})")
+        if self.scale.shape != self.offset.shape or self.scale.dim() != 2:
+            raise ValueError(f"scale {tuple(self.scale.shape)} and offset {tuple(self.offset.shape)} must be one (N, groups)")
+        blocks = self.scale.numel() * GROUP[self.kind] // BLOCK_VALUES[self.kind]
+        if any(t.shape[0] != blocks for t in self.stored):
+            raise ValueError(f"{self.kind}'s stored block parameters are not one per block of the grid ({blocks})")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scale.shape[0], self.scale.shape[1] * GROUP[self.kind]
+
+    def round(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x to the nearest level of its group (scale, offset broadcast with x) → (codes uint8, the
+        values they stand for, computed as gguf-py's dequantization computes them). A group whose
+        scale is 0 holds the level nearest 0, as llama.cpp writes it."""
+        levels = _LEVELS[self.kind]
+        v = (x + offset) / torch.where(scale == 0, torch.ones_like(scale), scale)
+        if self.kind == "iq4_nl":
+            code = _nearest(v)
+        else:
+            code = (v.round().clamp(levels[0].item(), levels[-1].item()) - levels[0]).long()
+        code = torch.where(scale == 0, torch.full_like(code, _ZERO_CODE[self.kind]), code)
+        return code.to(torch.uint8), _value(self.kind, code, scale, offset)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, K) on this grid → the values they stand for (N, K)."""
+        n, k = codes.shape
+        g = codes.long().reshape(n, -1, GROUP[self.kind])
+        return _value(self.kind, g, self.scale[..., None], self.offset[..., None]).reshape(n, k)
+
+    def nearest(self, w: torch.Tensor) -> torch.Tensor:
+        """Every weight of w (N, K) rounded to nearest → codes (N, K)."""
+        n, k = w.shape
+        g = w.float().reshape(n, -1, GROUP[self.kind])
+        return self.round(g, self.scale[..., None], self.offset[..., None])[0].reshape(n, k)
+
+    def column(self, col: int, x: torch.Tensor, ahead=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column `col` of the matrix, x (N,), rounded on this fixed grid (GPTQ's Rounding; `ahead`,
+        the columns still to come, is for grids fitted as they go and not read here)."""
+        g = col // GROUP[self.kind]
+        return self.round(x, self.scale[:, g], self.offset[:, g])
+
+    def blocks(self, codes: torch.Tensor) -> Blocks:
+        """codes (N, K) on this grid → the matrix's blocks as llama.cpp reads them."""
+        n = self.scale.shape[0]
+        data = _PACKERS[self.kind](self.stored, codes.to(torch.uint8).numpy())
+        return Blocks(self.kind, data.reshape(n, -1))
+
+
+def _value(kind: str, code: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """scale · level − offset in float32, in gguf-py's order of operations (its dequantization is
+    llama.cpp's values to the bit), so GPTQ's errors are those of the values llama.cpp reads."""
+    return scale * _LEVELS[kind][code.long()] - offset
+
+
+_LEVELS = {kind: torch.tensor(levels, dtype=torch.float32) for kind, levels in LEVELS.items()}
+_ZERO_CODE = {kind: min(range(len(levels)), key=lambda i, lv=levels: abs(lv[i])) for kind, levels in LEVELS.items()}
+_PACKERS = {"q4_k": _pack_q4_k, "q5_k": _pack_q5_k, "q6_k": _pack_q6_k, "iq4_nl": _pack_iq4_nl}
+
+
+def fit(rows: torch.Tensor, kind: str, importance: torch.Tensor | None = None) -> Grid:
+    """The grid llama.cpp's quantizer (as searched here) would choose for rows (N, K), K a multiple of
+    the type's block; importance (K,): an imatrix's values (or a Hessian's diagonal) per input."""
+    assert rows.shape[-1] % BLOCK_VALUES[kind] == 0, (rows.shape, kind)
+    n = rows.shape[0]
+    rows = rows.float()
+    if kind in ("q4_k", "q5_k"):
+        d, dmin, sc, m = stored = _affine_grid(rows, 15 if kind == "q4_k" else 31, importance)
+        scale, offset = (d[:, None] * sc).reshape(n, -1), (dmin[:, None] * m).reshape(n, -1)
+    elif kind == "q6_k":
+        d, sc = stored = _q6_k_grid(rows, importance)
+        scale = (d[:, None] * sc).reshape(n, -1)
+        offset = torch.zeros_like(scale)
+    else:
+        stored = _iq4_nl_grid(rows, importance)
+        scale = stored[0].reshape(n, -1)
+        offset = torch.zeros_like(scale)
+    return Grid(kind, stored, scale, offset)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A matrix as blocks of one of these types, as written: row r's blocks are data[r]."""
+
+    kind: str
+    data: np.ndarray  # (N, K / BLOCK_VALUES[kind] · the block's bytes) uint8
+
+    def __post_init__(self) -> None:
+        if self.kind not in TYPES or self.data.dtype != np.uint8 or self.data.ndim != 2:
+            raise ValueError(f"blocks are (rows, bytes) uint8 of one of {', '.join(TYPES)}, "
+                             f"not {self.data.dtype} {self.data.shape} of {self.kind}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        import gguf
+
+        values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.kind.upper()]]
+        return self.data.shape[0], self.data.shape[1] // size * values
+
+    def rows(self, index: torch.Tensor | slice) -> Blocks:
+        """The rows `index` (a slice or a permutation), each with its own blocks."""
+        return Blocks(self.kind, self.data[index if isinstance(index, slice) else np.asarray(index)])
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) float32, as gguf-py decodes the blocks (llama.cpp's values)."""
+        import gguf
+        from gguf.quants import dequantize
+
+        values = dequantize(self.data, gguf.GGMLQuantizationType[self.kind.upper()])
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
+
+    @staticmethod
+    def cat_rows(parts: list[Blocks]) -> Blocks:
+        """Row blocks of one type stacked."""
+        kinds = {p.kind for p in parts}
+        if len(kinds) != 1:
+            raise ValueError(f"stacked rows must share one type, not {', '.join(sorted(kinds))}")
+        return Blocks(parts[0].kind, np.concatenate([p.data for p in parts]))
 
 
 def quantize_rows(rows: torch.Tensor, kind: str, chunk_rows: int = 4096, importance: torch.Tensor | None = None) -> np.ndarray:
     """rows (N, K), K a multiple of the type's block → GGUF blocks (N, K / block · block bytes),
-    in pieces of rows (memory stays a few times one piece's size). importance (K,): an imatrix's
-    values for the rows' inputs, weighting each column's rounding error."""
-    assert rows.shape[-1] % BLOCK_VALUES[kind] == 0, (rows.shape, kind)
+    rounded to nearest, in pieces of rows (memory stays a few times one piece's size). importance
+    (K,): an imatrix's values for the rows' inputs, weighting each column's rounding error."""
     rows = rows.float()
+
+    def piece(w: torch.Tensor) -> np.ndarray:
+        grid = fit(w, kind, importance)
+        return grid.blocks(grid.nearest(w)).data
+
     with torch.inference_mode():
-        return np.concatenate([QUANTIZERS[kind](rows[i : i + chunk_rows], importance)
-                               for i in range(0, rows.shape[0], chunk_rows)])
+        return np.concatenate([piece(rows[i : i + chunk_rows]) for i in range(0, rows.shape[0], chunk_rows)])

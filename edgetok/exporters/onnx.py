@@ -209,10 +209,10 @@ class OnnxExport:
         if options.genai:
             self.runtime = genai.runtime()
 
-    def code_grid(self) -> tuple[int, int, dict]:
+    def code_grid(self, source: Source) -> dict:
         o = self.options
-        return (4 if o.weights == "int4" else 8, o.block_size or DEFAULT_BLOCK,
-                {"scale_dtype": torch.float32 if o.qdq else torch.float16})
+        return {"bits": 4 if o.weights == "int4" else 8, "group_size": o.block_size or DEFAULT_BLOCK,
+                "scale_dtype": torch.float32 if o.qdq else torch.float16}
 
     def prepare(self, source: Source, qm: QuantizedModel | None, tokens: list[int]) -> None:
         """The graph, its weights rewritten as the options say (gptq / rsq: from qm's codes and

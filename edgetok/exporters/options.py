@@ -42,8 +42,10 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", 
 # are not whole blocks)
 GGUF_LADDER = ("iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
 ALLOCATION_TOKENS = 256  # of the calibration text: the allocator runs the model once per matrix and type
-# --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are.
-CODE_TYPES = {"q4_0": (4, 32), "q8_0": (8, 32)}
+# --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are, on
+# a group grid (exporters/quantize.py's gptq); the K-quants and iq4_nl: on the grid exporters/kquants.py fits.
+CODE_TYPES = {"q4_0": (4, 32), "q5_0": (5, 32), "q8_0": (8, 32)}
+GPTQ_QUANTS = (*CODE_TYPES, "q4_k", "q5_k", "q6_k", "iq4_nl")  # the types gptq / rsq write (with their fallbacks)
 
 MIN_EVAL_TOKENS = 16  # fewer make a parity report of noise
 
@@ -110,9 +112,6 @@ class ExportOptions:
         if self.allocates:
             if (self.target_bits is None) == (self.max_kl is None):
                 raise EdgetokError("the allocator (--quant / --weights auto) needs one goal: --target-bits B or --max-kl X")
-            if self.method != "rtn":
-                raise EdgetokError(f"--method {self.method} writes one type; the allocator (--quant / --weights auto) "
-                                   "rounds each matrix to nearest (--method rtn)")
             if self.calib_tokens is not None and self.calib_tokens < MIN_EVAL_TOKENS:
                 raise EdgetokError(f"--calib-tokens must be at least {MIN_EVAL_TOKENS}, not {self.calib_tokens}")
         elif self.target_bits is not None:
@@ -143,7 +142,8 @@ class ExportOptions:
 
     @property
     def allocation_tokens(self) -> int:
-        return self.calib_tokens or ALLOCATION_TOKENS
+        """Calibration tokens per KL run of the allocator (--calib-tokens is gptq / rsq's when they run)."""
+        return self.calib_tokens if self.calib_tokens and self.method == "rtn" else ALLOCATION_TOKENS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,8 +192,9 @@ class OnnxOptions(ExportOptions):
             raise EdgetokError(f"--opset {self.opset} is too old: the graph needs opset {MIN_OPSET} or newer")
         if self.qdq and self.opset < QDQ_OPSET:
             raise EdgetokError(f"--qdq needs --opset {QDQ_OPSET} or newer (blocked and int4 DequantizeLinear), not {self.opset}")
-        if self.method != "rtn" and not quantized:
-            raise EdgetokError(f"--method {self.method} applies to --weights int4 or int8")
+        if self.method != "rtn" and self.weights not in ("int4", "int8"):
+            raise EdgetokError(f"--method {self.method} applies to --weights int4 or int8 (the allocator, --weights auto, "
+                               "rounds each matrix to nearest)")
         if self.attention is None:
             object.__setattr__(self, "attention", "standard" if self.qdq else "gqa")
         check_choice("--attention", self.attention, ATTENTION)
@@ -233,7 +234,7 @@ class OnnxOptions(ExportOptions):
 class GgufOptions(ExportOptions):
     """`edgetok export --format gguf`: a file llama.cpp runs, and its report beside it.
 
-    quant: the 2-D weights' type (gptq / rsq write q4_0 or q8_0 codes as they are).
+    quant: the 2-D weights' type (gptq / rsq write their codes on its grid: GPTQ_QUANTS).
     keep_sensitive: the tensors quantization hurts most (measured) at a higher type.
     """
 
@@ -253,10 +254,10 @@ class GgufOptions(ExportOptions):
         object.__setattr__(self, "tensor_type", tuple(self.tensor_type))
         for spec in self.tensor_type:  # the form here; the names when the model is loaded (exporters/gguf.py)
             parse_tensor_type(spec)
-        if self.method != "rtn" and self.quant not in CODE_TYPES:
+        if self.method != "rtn" and not self.allocates and self.quant not in GPTQ_QUANTS:
             raise EdgetokError(
-                f"--method {self.method} writes its codes as {' or '.join(CODE_TYPES)} blocks; "
-                f"use --quant {' or --quant '.join(CODE_TYPES)}, or --method rtn for {self.quant}"
+                f"--method {self.method} writes its codes on the grid of {', '.join(GPTQ_QUANTS)}; "
+                f"use one of them as --quant, or --method rtn for {self.quant}"
             )
         for name in ("imatrix", "save_imatrix"):
             if getattr(self, name) is not None:

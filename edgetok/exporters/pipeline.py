@@ -32,8 +32,8 @@ class FormatExport(Protocol):
     marker: str | None  # the outputs are folders holding this file, or None: files (files.refuse_existing)
     runtime: str  # what runs the artifact for the parity report
 
-    def code_grid(self) -> tuple[int, int, dict]:
-        """gptq / rsq: the codes' bits, group size and quantize_model's grid options."""
+    def code_grid(self, source: Source) -> dict:
+        """gptq / rsq: quantize_model's grid keywords (bits and group_size, or gguf_type; the rest)."""
 
     def prepare(self, source: Source, qm, tokens: list[int]) -> None:
         """Quantize: everything up to the bytes (qm: gptq / rsq codes, None for rtn)."""
@@ -55,7 +55,7 @@ def export(options: OnnxOptions | GgufOptions) -> Manifest:
     started = time.perf_counter()
     source = load_source(options.model, progress=True)
     tokens = evaluation_tokens(source, options) if options.reads_eval_text else []
-    qm = None if options.method == "rtn" else calibrate(source, options, *fmt.code_grid())
+    qm = None if options.method == "rtn" else calibrate(source, options, fmt.code_grid(source))
     fmt.prepare(source, qm, tokens)
     with staged(fmt.outputs, options.force, fmt.marker) as paths:
         manifest = fmt.write(source, paths)
@@ -87,13 +87,13 @@ def evaluation_tokens(source: Source, options: ExportOptions) -> list[int]:
     return tokens
 
 
-def calibrate(source: Source, options: ExportOptions, bits: int, group_size: int, grid: dict):
+def calibrate(source: Source, options: ExportOptions, grid: dict):
     """gptq / rsq codes of the decoder linears, calibrated on options.calib (default: built-in)."""
     from edgetok.exporters.quantize import quantize_model
 
     text = read_text(options.calib, 0) if options.calib is not None else None
-    return quantize_model(source, bits, group_size, options.method, text, options.calib_tokens,
-                          progress_bar(f"{options.method} calibration"), **grid)
+    return quantize_model(source, method=options.method, calib_text=text, calib_tokens=options.calib_tokens,
+                          progress=progress_bar(f"{options.method} calibration"), **grid)
 
 
 def parity(source: Source, logits: torch.Tensor, tokens: list[int], options: ExportOptions,

@@ -13,9 +13,9 @@ import torch
 from conftest import run_cli
 
 from edgetok.errors import EdgetokError
-from edgetok.exporters.allocate import by_bits, ladder
+from edgetok.exporters.allocate import by_bits, by_kl, ladder, upgrades
 from edgetok.exporters.calibration import calibration_tokens
-from edgetok.exporters.gguf_types import bits_per_weight
+from edgetok.exporters.gguf_types import bits_per_weight, round_trip
 from edgetok.exporters.options import GgufOptions, OnnxOptions
 from edgetok.exporters.sensitivity import Matrix
 from edgetok.exporters.verify import compare, model_logits
@@ -37,28 +37,77 @@ def test_ladder_keeps_the_lower_convex_hull():
     assert ladder(m, {"a": 1.0, "b": 0.4, "c": 0.2, "d": 0.1}, bits_of) == ["a", "b", "c", "d"]
 
 
-def test_higher_targets_never_pick_smaller_types():
-    """Random sensitivities, many targets: every matrix's bits only grow with the target, and the
-    realised bits per weight never pass it."""
-    g = np.random.default_rng(0)
-    matrices = [Matrix(f"m{i}", (f"m{i}",), int(g.integers(100, 5000)), tuple(BITS)) for i in range(40)]
+def random_sensitivities(seed: int = 0, count: int = 40):
+    g = np.random.default_rng(seed)
+    matrices = [Matrix(f"m{i}", (f"m{i}",), int(g.integers(100, 5000)), tuple(BITS)) for i in range(count)]
     kl = {}
     for m in matrices:
         base = g.uniform(0.01, 1)
         kl[m.name] = {k: base * np.exp(-g.uniform(0.5, 1.5) * (b - 4)) for k, b in BITS.items()}
+    return matrices, kl
+
+
+def prefix_rule(matrices, kl, target: float) -> dict[str, str]:
+    """The rule by_bits replaced: the steepest upgrades in order, stopping at the first that does not fit."""
+    start, steps = upgrades(matrices, kl, bits_of)
+    types, left = dict(start), target * sum(m.size for m in matrices) - sum(BITS[start[m.name]] * m.size for m in matrices)
+    for u in steps:
+        if u.bits > left + 1e-9:
+            break
+        types[u.matrix], left = u.to, left - u.bits
+    return types
+
+
+def test_a_step_that_does_not_fit_leaves_the_cheaper_ones_after_it():
+    """One large matrix's upgrade is the steepest but does not fit: the small matrices' upgrades
+    after it still do (stopping there left 1.6 of the 2 spare bits per weight unused)."""
+    big, small = Matrix("big", ("big",), 800, ("a", "d")), [Matrix(f"s{i}", (f"s{i}",), 100, ("a", "b", "c")) for i in range(2)]
+    kl = {"big": {"a": 10.0, "d": 0.0}}  # 3200 bits, 0.0031 KL per bit
+    kl |= {m.name: {"a": 0.2, "b": 0.05, "c": 0.0} for m in small}  # 0.0015 then 0.0005 per bit: 100 bits each
+    matrices = [big, *small]
+    types = by_bits(matrices, kl, bits_of, 6.0)  # 2 bits per weight over the 1000 weights: 2000 bits to spend
+    assert types == {"big": "a", "s0": "c", "s1": "c"}
+    assert prefix_rule(matrices, kl, 6.0) == {"big": "a", "s0": "a", "s1": "a"}
+    # a ladder is climbed in order: with room for one rung of each small matrix, no second rung
+    assert by_bits(matrices, kl, bits_of, 4.2) == {"big": "a", "s0": "b", "s1": "b"}
+
+
+def test_allocation_fills_the_budget():
+    """Random sensitivities, many targets: the realised bits never pass the target, no matrix's next
+    rung would still fit, and the predicted KL is never above the old rule's (whose upgrades it keeps)."""
+    matrices, kl = random_sensitivities()
     total = sum(m.size for m in matrices)
-    previous = None
+    start, steps = upgrades(matrices, kl, bits_of)
     for target in np.linspace(4, 8, 33):
         types = by_bits(matrices, kl, bits_of, float(target))
-        realised = sum(BITS[types[m.name]] * m.size for m in matrices) / total
-        assert realised <= target + 1e-9
-        if previous is not None:
-            assert all(BITS[types[n]] >= BITS[previous[n]] for n in types)
-        previous = types
+        used = sum(BITS[types[m.name]] * m.size for m in matrices)
+        assert used <= target * total + 1e-9
+        assert all(used + u.bits > target * total for u in steps if types[u.matrix] == u.below)
+        old = prefix_rule(matrices, kl, float(target))
+        assert all(BITS[types[n]] >= BITS[old[n]] for n in types)
+        assert sum(kl[n][t] for n, t in types.items()) <= sum(kl[n][t] for n, t in old.items()) + 1e-12
     # 8 bits: every matrix at the top of its ladder (the type of least KL)
-    assert all(previous[m.name] == min(kl[m.name], key=kl[m.name].get) for m in matrices)
+    assert all(types[m.name] == min(kl[m.name], key=kl[m.name].get) for m in matrices)
     with pytest.raises(EdgetokError, match="below the smallest mix"):
         by_bits(matrices, kl, bits_of, 3.5)
+
+
+def test_max_kl_takes_the_least_budget_whose_mix_meets_it():
+    """by_kl chooses as by_bits does: its mix is by_bits' at the bits it uses, predicted under the
+    limit when the prediction holds, and a smaller budget's mix is not; a measurement over the limit
+    buys more bits."""
+    matrices, kl = random_sensitivities(1)
+    total = sum(m.size for m in matrices)
+    predicted = lambda types: sum(kl[n][t] for n, t in types.items())  # noqa: E731
+    limit = predicted(by_bits(matrices, kl, bits_of, 5.3))
+    types, measured = by_kl(matrices, kl, bits_of, limit, predicted)
+    bits = sum(BITS[types[m.name]] * m.size for m in matrices) / total
+    assert measured <= limit and bits <= 5.3 + 1e-9 and by_bits(matrices, kl, bits_of, bits) == types
+    assert predicted(by_bits(matrices, kl, bits_of, bits - 0.01)) > limit
+    pessimistic, seen = (lambda t: 1.5 * predicted(t)), []  # additivity optimistic by half
+    types, measured = by_kl(matrices, kl, bits_of, limit, lambda t: seen.append(t) or pessimistic(t))
+    assert measured <= limit and len(seen) > 1
+    assert sum(BITS[types[m.name]] * m.size for m in matrices) / total > bits
 
 
 def file_types(path) -> dict[str, tuple[str, int]]:
@@ -129,12 +178,33 @@ def test_tensor_type_fixes_what_the_allocator_leaves(wide_folder, tmp_path):
     assert "model.layers.0.self_attn.v_proj.weight" not in report["allocation"]["types"]
 
 
+def test_gptq_codes_on_the_allocators_types(wide_folder, tmp_path):
+    """--target-bits with --method gptq: the allocator chooses each matrix's type first, GPTQ rounds
+    each linear onto its type's grid, and the file holds those codes at those types."""
+    out = tmp_path / "g.gguf"
+    r = run_cli("export", wide_folder, "--format", "gguf", "--target-bits", "5.6", "--method", "gptq",
+                "--calib-tokens", "1024", "--eval-tokens", "64", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    allocated, types = report["allocation"]["types"], file_types(out)
+    grids = report["quantization"]["grids"]
+    assert sum(grids.values()) == 7 * 2 and len(grids) > 1  # every decoder linear, on more than one type
+    plan = {t["tensor"]: t for t in report["type_plan"]}
+    assert types["blk.0.attn_q.weight"][0] == allocated["model.layers.0.self_attn.q_proj.weight"]
+    assert all(types[t][0] == plan[t]["type"] for t in types)
+    assert report["parity"]["kl_mean"] < 0.05
+    # the codes are GPTQ's, not the writer's rounding to nearest at the same type
+    back, source = load_source(str(out)).weights, load_source(str(wide_folder)).weights
+    gridded = [n for n, kind in allocated.items() if ".layers." in n and kind in grids]
+    assert gridded and all(not torch.equal(back[n], round_trip(source[n], allocated[n])) for n in gridded)
+
+
 @pytest.mark.parametrize("make,words", [
     (lambda: GgufOptions(model="m", output="o.gguf", quant="auto"), "needs one goal"),
     (lambda: GgufOptions(model="m", output="o.gguf", quant="auto", target_bits=5, max_kl=0.1), "needs one goal"),
     (lambda: GgufOptions(model="m", output="o.gguf", quant="q4_k", target_bits=5), "use it with --quant auto"),
     (lambda: GgufOptions(model="m", output="o.gguf", target_bits=5, keep_sensitive=True), "already chooses"),
-    (lambda: GgufOptions(model="m", output="o.gguf", target_bits=5, method="gptq"), "rounds each matrix"),
+    (lambda: OnnxOptions(model="m", output="o", target_bits=5, method="gptq"), "rounds each matrix to nearest"),
     (lambda: OnnxOptions(model="m", output="o", weights="auto", target_bits=5, qdq=True), "--qdq applies"),
 ])
 def test_allocator_option_mistakes(make, words):

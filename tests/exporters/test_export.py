@@ -51,7 +51,7 @@ ONNX_BAD = [
 ]
 GGUF_BAD = [
     (dict(quant="q3_k"), "unknown --quant 'q3_k'"),
-    (dict(quant="q4_1", method="gptq"), "--method gptq writes its codes as q4_0 or q8_0 blocks"),
+    (dict(quant="q4_1", method="gptq"), "--method gptq writes its codes on the grid of"),
     (dict(quant="f16", keep_sensitive=True), "--keep-sensitive needs a quantized --quant"),
     (dict(calib="calib.txt"), "rtn needs no calibration"),
     (dict(max_kl=1.0, verify=False), "--max-kl needs the parity report"),
