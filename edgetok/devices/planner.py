@@ -57,10 +57,11 @@ CPU_KV_BANDWIDTH_SHARE = 0.70
 # selection in float beside the tiers.
 STAGE_CHURN = 0.13
 ACCELERATOR_S_PER_LAYER = 30e-6
-# ... and decode at 8K with the 25 % budget: 39.7 ms per token, ~14 ms more than bytes and compute
-# explain: selecting and staging chunks (bounds of every chunk, top-k, the slot table) — 1.8 µs per
-# chunk per step at 2 threads, with the in-RAM cache's chunks of 32 tokens on average.
-SELECTION_S_PER_CHUNK_THREAD = 1.8e-6 * 2
+# ... and selecting chunks (bounds of every chunk, top-k): session 7's native selection, measured
+# inside the default engine's step at 8K with the 25 % budget (benchmarks/attention_costs.py
+# --backend onnxruntime): 3.0 ms per token for 7,680 chunks of 32 tokens on average at 2 threads
+# (it was 1.8 µs per chunk at 2 threads in torch, session 5). Not yet checked by benchmarks/planner.py.
+SELECTION_S_PER_CHUNK_THREAD = 0.39e-6 * 2
 # ... and, where the cache attends over tiers (through), the bookkeeping of each attended chunk read
 # from a tier (lookup, heat, admission: Python, one thread): 4.5 µs, fitted on benchmarks/planner.py's
 # synthetic row (session 6: 40.4 ms per token measured, 31.4 predicted without it, 1920 chunks read).
