@@ -194,11 +194,10 @@ void attend(const Problem& p, const Isa& isa, int threads, float* out, float* ls
     };
     auto each = [](void* f, size_t i) { (*static_cast<decltype(item)*>(f))(int(i)); };
     const bool lent = parallel_for != nullptr && items > 1 && parallel_for(each, size_t(items), &item) == 0;
-    if (lent) {
-    } else if (threads > 1 && items > 1) {
+    if (!lent && threads > 1 && items > 1) {
         if (pool == nullptr) pool = new Pool();
         pool->run(items, threads, item);
-    } else {
+    } else if (!lent) {
         for (int i = 0; i < items; ++i) item(i);
     }
     // Merge each head's parts: o = Σ_p e^{m_p - M} acc_p / Σ_p e^{m_p - M} l_p.
