@@ -104,7 +104,7 @@ class OnnxBackend:
         self.min_draft = 1
         self.kv = kv
         self.session = open_session(source.path / ONNX_MODEL, provider, threads)
-        self.threads = threads or len(os.sched_getaffinity(0))  # (ONNX Runtime's default: one per core)
+        self.threads = threads or os.cpu_count() or 1  # (ONNX Runtime's default: one per core; as api.load counts)
         self.provider = self.session.get_providers()[0]
         # gqa: present_key.i is the past buffer with the new tokens written in (in place when bound
         # to the past's memory); standard: the new tokens' K/V only

@@ -356,20 +356,16 @@ class TieredCache(AttendingCache, GraphCache):
         return out
 
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's chunks for this step, chosen at once with each layer's last query:
-        chunk ids (L, K) and which of them count (L, K) (a layer whose budget covers all of its
-        chunks keeps them all)."""
-        plans = [self._plan(i) for i in range(len(self.layers))]
-        counts = [layer.n_chunks for layer in self.layers]
-        rows = [(c, c, 0, 0) if plan is None else (c, *plan) for c, plan in zip(counts, plans)]
-        counts_t, keep, sinks, recent = torch.tensor(rows).T
-        q = torch.stack([layer.q_last for layer in self.layers])  # (L, Hq, D)
-        chosen, valid, estimated = select_chunks(q, self.abstracts[:, :, :, : max(counts)], counts_t, keep, sinks, recent,
-                                                 self.cfg.coverage, self.temperatures, self.pinned)
-        for i, plan in enumerate(plans):
-            if plan is not None:
-                self.fidelity.promise(i, estimated[i])
-        return chosen, valid
+        """Every layer's chunks for this step, chosen at once with each layer's last query (a
+        graph's views: one set per layer): chunk ids (L, K) and which of them count (L, K) (a
+        layer whose budget covers all of its chunks keeps them all)."""
+        chosen = self._select_layers(slice(None), torch.stack([layer.q_last for layer in self.layers]))  # (L, Hq, D)
+        ids = [torch.arange(layer.n_chunks) if groups is None else groups[0] for layer, groups in zip(self.layers, chosen)]
+        k = max((len(row) for row in ids), default=0)
+        out, valid = torch.zeros(len(ids), k, dtype=torch.long), torch.zeros(len(ids), k, dtype=torch.bool)
+        for row, layer_ids in enumerate(ids):
+            out[row, : len(layer_ids)], valid[row, : len(layer_ids)] = layer_ids, True
+        return out, valid
 
     def _step_budgets(self) -> None:
         """Per-layer budgets for this step: the average budget spread by the layers' shares

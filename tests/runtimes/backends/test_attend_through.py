@@ -118,6 +118,39 @@ def test_an_export_without_the_operator_reads_views(tiny_folder, tmp_path):
         edgetok.load(str(out), kv=edgetok.KVConfig(budget="25%", summaries="on")).generate(PROMPT, **OPTIONS)
 
 
+def _prefilled_pair(backend, seed: int, n: int, piece: int, *, own_query: bool = False) -> tuple:
+    """Two caches prefilled with the same n random tokens: `native` (its decode steps from tables,
+    recording each StepTables in native.made) and `python` (every step through attend(), layer by
+    layer; own_query: each layer selecting with its own query, not ahead with its last)."""
+    ids = [int(i) for i in np.random.default_rng(seed).integers(3, backend.config.vocab_size, n)]
+    native, python = backend.new_cache(), backend.new_cache()
+    python.step_tables = lambda t: None
+    if own_query:
+        tiered = getattr(python, "full", python)  # (a MixedCache's full layers are its tiered cache)
+        tiered.selects_ahead = False
+    made, step_tables = [], native.step_tables
+    native.step_tables = lambda t: made.append(step_tables(t)) or made[-1]
+    native.made = made
+    for cache in (native, python):
+        for i in range(0, len(ids), piece):
+            backend.forward(ids[i : i + piece], cache)
+        backend.end_prefill(cache)
+    return native, python
+
+
+def _decode_alike(backend, native, python, steps: int) -> list:
+    """Greedy decode steps on both caches, their logits equal within 2e-4; → the native steps' tables."""
+    token = 5
+    for _ in range(steps):
+        a, b = backend.forward([token], native)[-1], backend.forward([token], python)[-1]
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+        token = int(np.argmax(b))
+    made = [t for t in native.made if t is not None]  # (prefill pieces have none)
+    assert len(made) == steps  # every decode step from tables
+    return made
+
+
+
 @pytest.mark.parametrize("selection", ["layer", "head"])
 @pytest.mark.parametrize("budget", ["25%", "auto"])
 def test_a_native_step_attends_as_the_cache_does_layer_by_layer(exports, selection, budget):
@@ -127,24 +160,9 @@ def test_a_native_step_attends_as_the_cache_does_layer_by_layer(exports, selecti
     the same query), selection shared by a layer's heads or each KV head its own."""
     kv = edgetok.KVConfig(budget=budget, recent_tokens=8, chunk_sizes=(4, 8), selection=selection)
     backend = edgetok.load(str(exports["llama"]), kv=kv).engine.backend
-    ids = [int(i) for i in np.random.default_rng(1).integers(3, backend.config.vocab_size, 90)]
-    native, python = backend.new_cache(), backend.new_cache()
-    python.step_tables = lambda t: None  # every step through attend(), layer by layer,
-    python.selects_ahead = False  # each layer selecting with its own query
-    made = []
-    step_tables = native.step_tables
-    native.step_tables = lambda t: made.append(step_tables(t)) or made[-1]
-    for cache in (native, python):
-        for i in range(0, len(ids), 30):
-            backend.forward(ids[i : i + 30], cache)
-        backend.end_prefill(cache)
-    token = 5
-    for _ in range(18):  # (two sampled steps: the 1st and the 17th)
-        a, b = backend.forward([token], native)[-1], backend.forward([token], python)[-1]
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
-        token = int(np.argmax(b))
-    steps = [t for t in made if t is not None]  # (prefill pieces have none)
-    assert len(steps) == 18 and all((t.slabs[:, 0] != 0).all() for t in steps)  # every layer in its slab
+    native, python = _prefilled_pair(backend, seed=1, n=90, piece=30, own_query=True)
+    made = _decode_alike(backend, native, python, 18)  # (two sampled steps: the 1st and the 17th)
+    assert all((t.slabs[:, 0] != 0).all() and not t.from_tables for t in made)  # every layer in its slab
     ours, theirs = native.stats(), python.stats()
     assert ours["budget_per_layer"] == theirs["budget_per_layer"] and ours["budget_used"] < 1
     assert ours["captured_mass_samples"] == theirs["captured_mass_samples"] == 2 * backend.config.num_layers
@@ -161,18 +179,9 @@ def test_tiered_tables_attend_as_the_cache_does_layer_by_layer(exports, tmp_path
     kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), device_mb=0.01, host_mb=0.01,
                           disk_dir=tmp_path, bits="32")
     backend = edgetok.load(str(exports["llama"]), kv=kv).engine.backend
-    ids = [int(i) for i in np.random.default_rng(1).integers(3, backend.config.vocab_size, 90)]
-    native, python = backend.new_cache(), backend.new_cache()
-    python.step_tables = lambda t: None
-    for cache in (native, python):
-        for i in range(0, len(ids), 30):
-            backend.forward(ids[i : i + 30], cache)
-        backend.end_prefill(cache)
-    token = 5
-    for _ in range(6):
-        a, b = backend.forward([token], native)[-1], backend.forward([token], python)[-1]
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
-        token = int(np.argmax(b))
+    native, python = _prefilled_pair(backend, seed=1, n=90, piece=30)
+    made = _decode_alike(backend, native, python, 6)
+    assert all(t.from_tables and not t.slabs.any() for t in made)  # tables made before each run, no slab
     assert native.stats()["budget_used"] == python.stats()["budget_used"] < 1
 
 
@@ -183,19 +192,7 @@ def test_gemmas_windows_and_tiers_attend_natively_as_layer_by_layer(exports):
     # auto, where the native op keeps float32 queries and sums)
     kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), selection="layer", bits="32")
     backend = edgetok.load(str(exports["gemma"]), kv=kv).engine.backend
-    ids = [int(i) for i in np.random.default_rng(2).integers(3, backend.config.vocab_size, 60)]
-    native, python = backend.new_cache(), backend.new_cache()
-    python.step_tables = lambda t: None
-    for cache in (native, python):
-        for i in range(0, len(ids), 20):
-            backend.forward(ids[i : i + 20], cache)
-        backend.end_prefill(cache)
-    made = []
-    step_tables = native.step_tables
-    native.step_tables = lambda t: made.append(step_tables(t)) or made[-1]
-    token = 5
-    for _ in range(12):  # past the 8-token window
-        a, b = backend.forward([token], native)[-1], backend.forward([token], python)[-1]
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
-        token = int(np.argmax(b))
-    assert len(made) == 12 and all(t is not None for t in made)  # every step from tables
+    native, python = _prefilled_pair(backend, seed=2, n=60, piece=20, own_query=True)
+    made = _decode_alike(backend, native, python, 12)  # past the 8-token window
+    full = sorted(native.slot)  # the full layers: in their slabs; the sliding ones: a table row each
+    assert all(t.from_tables and (t.slabs[full, 0] != 0).all() for t in made)
