@@ -143,6 +143,6 @@ def load_model(ref: str, configs: RunConfigs):
     model = edgetok.load(ref, **configs.load, progress=True)
     # The command owns its process and what loading made lives as long as it: frozen, the cyclic
     # collector stops walking those objects (torch's, ONNX Runtime's) again and again while tokens
-    # are decoded (measured: 4 % of a decode step at 8K). (A library call leaves the host's GC alone.)
+    # are decoded (4 % of a decode step at 8K in one perf profile). (A library call leaves the host's GC alone.)
     gc.freeze()
     return model
