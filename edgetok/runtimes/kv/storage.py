@@ -203,6 +203,14 @@ class Storage(ABC):
         come in another row, a graph's), pointing at memory this storage keeps alive until the
         next step begins. head: rows of that KV head only (for a call with one KV head)."""
 
+    def step_rows(self, chosen: list[list[torch.Tensor] | None]) -> list[list[np.ndarray]]:
+        """A graph's decode step's tables, every layer's at once (the step's own tokens come in
+        another row): chosen[i], layer i's selection, one id list per KV head group (None: every
+        chunk) → per layer, one table per group (kernel_rows)."""
+        return [[self.kernel_rows(i, None, causal=False)] if groups is None else
+                [self.kernel_rows(i, ids, head=None if len(groups) == 1 else h, causal=False) for h, ids in enumerate(groups)]
+                for i, groups in enumerate(chosen)]
+
     def slab(self, layer: Layer, room: int) -> KV | None:
         """The layer's float slabs (Hkv, capacity, D) with room for `room` more tokens, when every
         token of it lives in one (a native step then reads and writes them in place); None here."""
@@ -364,7 +372,8 @@ class TieredStorage(Storage):
         # The device tier holds what attention reads: stored forms for the kernel, float for a graph.
         self.forms = reads_forms
         decompress = None if reads_forms else functools.partial(decode_many, dtype=dtype)
-        self.store = TierStore(device, host, cfg.disk_dir, decompress, disk_uncached=cfg.disk_uncached)
+        self.store = TierStore(device, host, cfg.disk_dir, decompress, disk_uncached=cfg.disk_uncached,
+                               describe=(lambda form: kernel_row(*form)) if reads_forms else None)
         return_large_buffers()
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_steps, counters, enabled=cfg.prefetch)
         self._next_key = 0
@@ -394,6 +403,11 @@ class TieredStorage(Storage):
     def fetch(self, keys: list[int], prefetched: dict | None = None) -> list:
         """What the device tier holds of `keys` (stored forms, or float K/V: see reads_forms),
         counting where each came from; chunks read from below may move up."""
+        return self._fetch(keys, prefetched)[0]
+
+    def _fetch(self, keys: list[int], prefetched: dict | None) -> tuple[list, list]:
+        """fetch(), and the kernel's row of each form read (reads_forms; else empty), taken
+        before the device tier changes (its memo lives as long as the form stays)."""
         prefetched = prefetched or {}
         tiers = [self.store.tier_of(k) for k in keys]
         missing = [k for k, t in zip(keys, tiers) if t != DEVICE and k not in prefetched]
@@ -410,11 +424,12 @@ class TieredStorage(Storage):
         self.counters["prefetch_hits"] += len(keys) - len(missing) - tiers.count(DEVICE)
         self.store.account(keys, tiers)
         out = [self.store.device[key] if tier == DEVICE else loaded[key] for key, tier in zip(keys, tiers)]
+        rows = [self.store.described(*read) for read in zip(keys, tiers, out)] if self.forms else []
         # Admission compares heats before this read counts, so this layer's chunks do not look
         # hotter than the other layers' just because they were read last.
         self.store.put_device({key: loaded[key] for key, tier in zip(keys, tiers) if tier != DEVICE})
         self.store.touch(keys)
-        return out
+        return out, rows
 
     # -- the prompt --------------------------------------------------------------------------------
     def add_prompt(self, layer: HomedLayer, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -511,34 +526,62 @@ class TieredStorage(Storage):
         self.store.step += 1
         self._attending = []  # (the last step's reads: what its kernel rows pointed at)
 
-    def _read_selected(self, i: int, chosen: torch.Tensor | None, as_float: bool) -> list:
-        """Layer i's chunks `chosen` as the device tier holds them (or float); the prefetch thread
-        then reads the next layer's likely chunks while layer i computes."""
+    def _read_selected(self, i: int, chosen: torch.Tensor | None, as_float: bool) -> tuple[list, list]:
+        """Layer i's chunks `chosen` as the device tier holds them (or float), and their kernel
+        rows (stored forms read); the prefetch thread then reads the next layer's likely chunks
+        while layer i computes."""
         layer = self.layers[i]
         keys = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
         self.prefetcher.note_selected(keys)
         prefetched = self.prefetcher.take(i, keys)
-        got = self.fetch_float(keys, prefetched) if as_float else self.fetch(keys, prefetched)
+        got, rows = (self.fetch_float(keys, prefetched), []) if as_float else self._fetch(keys, prefetched)
         layer.last_keys = keys
         nxt = (i + 1) % len(self.layers)
         self.prefetcher.start(nxt, self.layers[nxt])
-        return got
+        return got, rows
 
     def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
         assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
         layer = self.layers[i]
-        kv = self._read_selected(i, chosen, as_float=True)
+        kv, _ = self._read_selected(i, chosen, as_float=True)
         return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
 
     def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None,
                     causal: bool = True) -> np.ndarray:
         assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
         layer = self.layers[i]
-        got = self._read_selected(i, chosen, as_float=False)
+        got, rows = self._read_selected(i, chosen, as_float=False)
         self._attending.append(got)  # alive until the next step: the rows point into them
-        rows = [kernel_row(*form) for form in got] if self.forms else [mixed_attention.float_row(k, v) for k, v in got]
+        if not self.forms:
+            rows = [mixed_attention.float_row(k, v) for k, v in got]
         rows.append(mixed_attention.float_row(layer.window_k, layer.window_v, causal=causal))
         return np.array(rows, np.int64)
+
+    def step_rows(self, chosen: list[list[torch.Tensor] | None]) -> list[list[np.ndarray]]:
+        """Every layer's chunks read at once, as one read of the tiers (admission to the device
+        tier ranks the whole step's reads by heat); then each layer's likely on-disk chunks for
+        the next step are read while the graph runs (no layer computes now to hide a read behind)."""
+        if not self.forms:
+            return super().step_rows(chosen)
+        assert all(groups is None or len(groups) == 1 for groups in chosen), "a stored chunk holds every head"
+        selected, prefetched = [], {}
+        for i, (layer, groups) in enumerate(zip(self.layers, chosen)):
+            keys = layer.keys if groups is None else [layer.keys[c] for c in groups[0].tolist()]
+            prefetched.update(self.prefetcher.take(i, keys))
+            layer.last_keys = keys
+            selected.append(keys)
+        every = [key for keys in selected for key in keys]
+        self.prefetcher.note_selected(every)
+        got, rows = self._fetch(every, prefetched)
+        self._attending.append(got)  # alive until the next step: the rows point into them
+        tables, at = [], 0
+        for layer, keys in zip(self.layers, selected):
+            window = mixed_attention.float_row(layer.window_k, layer.window_v)
+            tables.append([np.array(rows[at : at + len(keys)] + [window], np.int64)])
+            at += len(keys)
+        for i, layer in enumerate(self.layers):
+            self.prefetcher.start(i, layer, next_step=True)
+        return tables
 
     def stage_source(self, i: int) -> LayerKV:
         layer = self.layers[i]

@@ -436,11 +436,8 @@ class TieredCache(AttendingCache, GraphCache):
                                                 plan, float(self.temperatures[j]), self.cfg.coverage, self.per_head, sampled))
             return
         self._select_ahead()
-        for j, groups in enumerate(self._chosen):
-            if groups is None or len(groups) == 1:
-                tables.set(at[j], [self.storage.kernel_rows(j, None if groups is None else groups[0], causal=False)])
-            else:
-                tables.set(at[j], [self.storage.kernel_rows(j, ids, head=h, causal=False) for h, ids in enumerate(groups)])
+        for j, rows in enumerate(self.storage.step_rows(self._chosen)):
+            tables.set(at[j], rows)
 
     def end_step_tables(self, tables: StepTables, k: list[np.ndarray], v: list[np.ndarray]) -> None:
         """The step fill_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D), listed

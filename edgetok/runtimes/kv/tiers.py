@@ -53,9 +53,13 @@ class TierStore:
         disk_dir: Path | None,
         decompress: Callable[[list[Form]], list[KV]] | None,
         disk_uncached: bool = False,
+        describe: Callable[[Form], object] | None = None,
     ) -> None:
         """decompress: batched, stored forms → float K/V for the device tier; None: the device tier
-        caches stored forms (what the mixed-bit attention kernel reads)."""
+        caches stored forms (what the mixed-bit attention kernel reads). describe: what a reader
+        needs of a stored form (the kernel's table row, pointing into it), kept beside a device
+        entry or a host home, from its first read until it leaves: a chunk read at every step is
+        not described again (described())."""
         self.budget = {DEVICE: device_bytes, HOST: host_bytes}
         self.used = Counter({DEVICE: 0, HOST: 0, DISK: 0})
         self.decompress = decompress
@@ -63,6 +67,8 @@ class TierStore:
         self.homes: dict[int, Home] = {}
         self.device: dict[int, KV | Form] = {}
         self.device_size: dict[int, int] = {}
+        self.describe = describe
+        self._described = {DEVICE: {}, HOST: {}}  # tier → chunk key → describe()'s answer
         # Heat per chunk key (keys are small increasing ints): value and the step it was last set.
         self._heat_value = np.zeros(1024)
         self._heat_step = np.zeros(1024, dtype=np.int64)
@@ -116,6 +122,7 @@ class TierStore:
         home.offset, home.layout = self.disk.write(home.tensors)
         self.used[HOST] -= home.size
         home.tier, home.tensors = DISK, None
+        self._described[HOST].pop(key, None)
         self.used[DISK] += home.size
 
     def _make_room(self, tier: str, size: int, heat: float) -> None:
@@ -158,7 +165,19 @@ class TierStore:
 
     def _evict_device(self, key: int) -> None:
         del self.device[key]
+        self._described[DEVICE].pop(key, None)
         self.used[DEVICE] -= self.device_size.pop(key)
+
+    def described(self, key: int, tier: str, form: Form) -> object:
+        """describe(form) for chunk `key`, read as `form` from `tier` (what tier_of() said before
+        the read, its placement unchanged since): remembered while the form stays in RAM there."""
+        if tier == DISK:  # (a fresh buffer each read)
+            return self.describe(form)
+        memo = self._described[tier]
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = self.describe(form)
+        return got
 
     # -- reads -----------------------------------------------------------------------------------
     def decompress_loaded(self, loaded: dict[int, Form]) -> dict[int, KV | Form]:
@@ -195,6 +214,7 @@ class TierStore:
         home = self.homes.pop(key, None)
         if home is not None:
             self.used[home.tier] -= home.size
+            self._described[HOST].pop(key, None)
 
     def close(self) -> None:
         if self.disk is not None:
