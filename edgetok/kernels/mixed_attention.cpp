@@ -40,6 +40,7 @@ struct Problem {
     int64_t n_chunks;
     int n_kv, rows, t, d, vgroup;
     float scale;
+    bool scores_only;  // the log-sum-exps alone: no value is read, out stays unwritten
 };
 
 }  // namespace
@@ -458,8 +459,9 @@ void float_row(int64_t* row, int64_t bits, int64_t length, int64_t k, int64_t v,
 // `table` (n rows), their query rows at qt → ot, lse.
 void attend_rows(const std::vector<int64_t>& table, int64_t first, int64_t heads, int64_t g, int64_t s, int64_t d,
                  int64_t vgroup, float scale, const Isa& isa, int threads, ParallelFor parallel_for, const float* qt, float* ot,
-                 float* lse) {
+                 float* lse, bool scores_only = false) {
     Problem p{};
+    p.scores_only = scores_only;
     p.q = qt + first * g * s * d;
     p.table = table.data();
     p.n_chunks = int64_t(table.size()) / N_FIELDS;
@@ -549,14 +551,31 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
     io[IO_MEASURE_US] = 0.0f;
     if (rec[S_SAMPLED]) {  // every query head's captured mass: its selection's share of the whole slab's softmax
         t0 = std::chrono::steady_clock::now();
-        thread_local std::vector<float> ot_all, lse_all;
-        ot_all.resize(size_t(n_kv * g * s * d));
-        lse_all.resize(size_t(n_kv * g * s));
-        table.resize(N_FIELDS);
-        float_row(table.data(), bits, total, ks, vs, hs, d, true);
-        attend_rows(table, 0, n_kv, g, s, d, vgroup, scale, isa, threads, parallel_for, qt, ot_all.data(), lse_all.data());
-        for (int64_t h = 0; h < n_kv * g; ++h)  // (the last token's row)
-            io[N_IO_FIELDS + h] = std::exp(lse[h * s + s - 1] - lse_all[size_t(h * s + s - 1)]);
+        // exp(lse_read − lse_all) = 1 / (1 + exp(lse_rest − lse_read)), lse_rest over the chunks not
+        // read: their keys' scores alone (no value, no chunk read twice)
+        for (int64_t h = 0; h < n_kv * g; ++h) io[N_IO_FIELDS + h] = 1.0f;
+        thread_local std::vector<float> ot_rest, lse_rest;
+        thread_local std::vector<uint8_t> read_mark;
+        lse_rest.resize(size_t(n_kv * g * s));
+        ot_rest.resize(size_t(n_kv * g * s * d));
+        for (int64_t grp = 0; grp < groups && !every; ++grp) {
+            const int64_t first = grp * heads, off = first * hs * size, m = counts[size_t(grp)];
+            read_mark.assign(size_t(chunks), 0);
+            for (int64_t j = 0; j < m; ++j) read_mark[size_t(ids[size_t(grp * chunks + j)])] = 1;
+            table.clear();
+            for (int64_t c = 0; c < chunks; ++c) {
+                if (read_mark[size_t(c)]) continue;
+                const int64_t at = c * cs * d * size + off;
+                table.resize(table.size() + N_FIELDS);
+                float_row(&table[table.size() - N_FIELDS], bits, cs, ks + at, vs + at, hs, d, false);
+            }
+            if (table.empty()) continue;
+            attend_rows(table, first, heads, g, s, d, vgroup, scale, isa, threads, parallel_for, qt, ot_rest.data(), lse_rest.data(), true);
+            for (int64_t h = first * g; h < (first + heads) * g; ++h) {  // (the last token's row)
+                const size_t r = size_t(h * s + s - 1);
+                io[N_IO_FIELDS + h] = 1.0f / (1.0f + std::exp(lse_rest[r] - lse[r]));
+            }
+        }
         io[IO_MEASURE_US] = since_us(t0);
     }
     return 0;

@@ -376,7 +376,7 @@ static void run_item_nv(const Problem& p, int head, int64_t c0, int64_t c1, floa
                 }
                 l[r] += sum;
             }
-            tile_values<NV>(p, ch, head, t0, n, w);
+            if (!p.scores_only) tile_values<NV>(p, ch, head, t0, n, w);
         }
     }
     std::memcpy(out, w.acc, sizeof(float) * size_t(rows) * d);
