@@ -85,6 +85,7 @@ class HomedLayer(Layer):
     prompt_n: int = 0
     window_k: torch.Tensor | None = None  # (Hkv, w, D)
     window_v: torch.Tensor | None = None
+    window_room: KV | None = None  # (Hkv, capacity, D) each, whose first w tokens the window views: appends copy in
     last_keys: list[int] | None = None  # the chunks read at the previous step: predicts the next ones
 
 
@@ -493,6 +494,7 @@ class TieredStorage(Storage):
             b = 16 if (j * size < self.sink_tokens and self.bits == "auto") else bits[j]
             layer.keys.append(self._store_chunk(keys[:, sl], values[:, sl], b, heat=imp[j] * 10))
         layer.window_k, layer.window_v = keys[:, c * size :].clone(), values[:, c * size :].clone()
+        layer.window_room = None
         layer.prompt_k = layer.prompt_v = None  # (keys and values were its views: freed with the caller's)
         layer.prompt_n = 0
 
@@ -504,15 +506,18 @@ class TieredStorage(Storage):
 
     # -- decode ----------------------------------------------------------------------------------
     def append(self, layer: HomedLayer, k: torch.Tensor, v: torch.Tensor) -> None:
-        k, v = k.to(self.dtype), v.to(self.dtype)
-        layer.window_k, layer.window_v = torch.cat([layer.window_k, k], 1), torch.cat([layer.window_v, v], 1)
+        w, n = layer.window_k.shape[1], k.shape[1]
+        room_k, room_v = self.grown(*(layer.window_room or (layer.window_k, layer.window_v)), w, w + n)
+        put(room_k, room_v, w, k, v)  # (converting to the storage dtype)
+        layer.window_room = room_k, room_v
+        layer.window_k, layer.window_v = room_k[:, : w + n], room_v[:, : w + n]
 
     def window_len(self, layer: HomedLayer) -> int:
         return layer.window_k.shape[1]
 
     def forget_recent(self, layer: HomedLayer, n: int) -> None:
         w = layer.window_k.shape[1] - n
-        layer.window_k, layer.window_v = layer.window_k[:, :w], layer.window_v[:, :w]  # (the next append copies)
+        layer.window_k, layer.window_v = layer.window_k[:, :w], layer.window_v[:, :w]  # (the next append writes over them)
 
     def seal(self, layer: HomedLayer) -> KV:
         size = layer.chunk_size
@@ -520,6 +525,7 @@ class TieredStorage(Storage):
         bits = 32 if self.bits == "32" else DECODE_CHUNK_BITS if self.bits == "auto" else int(self.bits)
         layer.keys.append(self._store_chunk(kc, vc, bits, heat=1.0))
         layer.window_k, layer.window_v = layer.window_k[:, size:].clone(), layer.window_v[:, size:].clone()
+        layer.window_room = None  # (the next append makes room again)
         return kc, vc
 
     def begin_step(self) -> None:

@@ -170,7 +170,8 @@ def test_a_native_step_attends_as_the_cache_does_layer_by_layer(exports, selecti
     assert abs(ours["captured_mass_min_head"] - theirs["captured_mass_min_head"]) < 1e-4
     assert abs(ours["coverage_estimated"] - theirs["coverage_estimated"]) < 1e-4
     spent = ours["native_ms_per_step"]  # where the native steps' time went
-    assert spent["attend"] > 0 and spent["select"] > 0 and spent["measure"] > 0 and "native_ms_per_step" not in theirs
+    # (measuring scores only the unread chunks: at these sizes it may round to 0 ms)
+    assert spent["attend"] > 0 and spent["select"] > 0 and spent["measure"] >= 0 and "native_ms_per_step" not in theirs
 
 
 def test_tiered_tables_attend_as_the_cache_does_layer_by_layer(exports, tmp_path):
