@@ -74,12 +74,14 @@ namespace avx512 {
 namespace {
 
 using ItemFn = void (*)(const Problem&, int, int64_t, int64_t, float*, float*, float*, float*);
-using SharesFn = void (*)(const float*, int, int, int, const uint16_t*, int64_t, int64_t, float, float*, float*);
+using BoundsFn = void (*)(const float*, int, int, const uint16_t*, int64_t, int64_t, int64_t, float, float*, float*);
+using SoftmaxFn = void (*)(float*, int64_t);
 
 struct Isa {
     const char* name;
     ItemFn run;
-    SharesFn shares;
+    BoundsFn bounds;
+    SoftmaxFn softmax;
     bool supported;
 };
 
@@ -87,15 +89,15 @@ Isa isas[3];
 
 void detect_isas() {
 #ifdef EDGETOK_PORTABLE_ONLY
-    isas[0] = isas[1] = {"none", scalar::run_item, scalar::chunk_shares, false};
+    isas[0] = isas[1] = {"none", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, false};
 #else
     __builtin_cpu_init();
-    isas[0] = {"avx512", avx512::run_item, avx512::chunk_shares,
+    isas[0] = {"avx512", avx512::run_item, avx512::chunk_bounds, avx512::chunk_softmax,
                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")};
-    isas[1] = {"avx2", avx2::run_item, avx2::chunk_shares, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
+    isas[1] = {"avx2", avx2::run_item, avx2::chunk_bounds, avx2::chunk_softmax, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
 #endif
-    isas[2] = {"scalar", scalar::run_item, scalar::chunk_shares, true};
+    isas[2] = {"scalar", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, true};
 }
 
 const Isa* find_isa(const char* name) {
@@ -255,15 +257,22 @@ float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row
     order.resize(size_t(c));
     // each KV head's shares (the pass over the abstracts: most of the work), on the lent threads if any
     float* out = shares.data();
-    auto head = [&](size_t h) {
+    // Items: each head's chunks in two runs of whole 32-chunk blocks, so that a few heads spread
+    // evenly over the threads (3 heads on 2 threads: 6 items, not 2 + 1); split alike on one thread
+    const int64_t blocks = (c + 31) / 32, parts = std::min<int64_t>(2, blocks);
+    auto bound = [&](size_t i) {
+        const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
+        const int64_t c0 = std::min(c, blocks * part / parts * 32), c1 = std::min(c, blocks * (part + 1) / parts * 32);
         thread_local std::vector<float> scratch;
         scratch.resize(size_t(2 * s.g * s.d));
-        isa.shares(s.q + int64_t(h) * s.g * s.d, 1, s.g, s.d, s.abstracts + int64_t(h) * 2 * s.d * s.stride, s.stride, c,
-                   1.0f / (std::sqrt(float(s.d)) * s.temperature), out + int64_t(h) * c, scratch.data());
+        isa.bounds(s.q + h * s.g * s.d, s.g, s.d, s.abstracts + h * 2 * s.d * s.stride, s.stride, c0, c1,
+                   1.0f / (std::sqrt(float(s.d)) * s.temperature), out + h * c, scratch.data());
     };
-    auto each = [](void* f, size_t h) { (*static_cast<decltype(head)*>(f))(h); };
-    if (parallel_for == nullptr || hkv == 1 || parallel_for(each, size_t(hkv), &head) != 0)
-        for (int64_t h = 0; h < hkv; ++h) head(size_t(h));
+    auto each = [](void* f, size_t i) { (*static_cast<decltype(bound)*>(f))(i); };
+    const size_t items = size_t(hkv * parts);
+    if (parallel_for == nullptr || items == 1 || parallel_for(each, items, &bound) != 0)
+        for (size_t i = 0; i < items; ++i) bound(i);
+    for (int64_t h = 0; h < hkv; ++h) isa.softmax(out + h * c, c);
     auto forced = [&](int64_t i) { return i < s.sinks || i >= c - s.recent || (s.pinned && s.pinned[i]); };
     int64_t n_forced = 0;
     for (int64_t i = 0; i < c; ++i) n_forced += forced(i);

@@ -391,11 +391,12 @@ static void run_item(const Problem& p, int head, int64_t c0, int64_t c1, float* 
     }
 }
 
-// Chunk selection's shares (kernels/selection.py: chunk_shares) for one layer: out (Hkv, count) =
-// per KV head, the softmax over chunks, at scale `inv` (1 / (√D · temperature)), of each chunk's
-// bound: the max over the head's G queries of Σ_d q⁺_d·M_d,c + q⁻_d·m_d,c. q (Hkv·G, D); abstracts
-// (Hkv, 2D, stride) bf16: each chunk's max keys, then its min keys (after the K/V itself, a step's
-// largest read). scratch: 2·G·D floats.
+// Chunk selection's shares (kernels/selection.py: chunk_shares) for one KV head of a layer, in two
+// steps so a head's chunks can be bounded in parts on several threads: chunk_bounds gives chunks
+// [c0, c1) their bound at scale `inv` (1 / (√D · temperature)), the max over the head's G queries of
+// Σ_d q⁺_d·M_d,c + q⁻_d·m_d,c; chunk_softmax turns a head's bounds into its softmax over its chunks.
+// q (G, D); ab (2D, stride) bf16: each chunk's max keys, then its min keys (after the K/V itself,
+// a step's largest read). scratch: 2·G·D floats.
 static inline float bf16_1(uint16_t x) {
     const uint32_t bits = uint32_t(x) << 16;
     float f;
@@ -403,60 +404,59 @@ static inline float bf16_1(uint16_t x) {
     return f;
 }
 
-static void chunk_shares(const float* q, int n_kv, int g, int d, const uint16_t* abstracts, int64_t stride, int64_t count,
-                         float inv, float* out, float* scratch) {
+static void chunk_bounds(const float* q, int g, int d, const uint16_t* ab, int64_t stride, int64_t c0, int64_t c1, float inv,
+                         float* o, float* scratch) {
     float* up = scratch;          // (G, D) q⁺
     float* down = scratch + g * d;  // (G, D) q⁻
-    for (int h = 0; h < n_kv; ++h) {
-        const uint16_t* ab = abstracts + int64_t(h) * 2 * d * stride;
-        const float* qh = q + int64_t(h) * g * d;
-        float* o = out + int64_t(h) * count;
-        for (int i = 0; i < g * d; ++i) up[i] = qh[i] > 0.0f ? qh[i] : 0.0f, down[i] = qh[i] < 0.0f ? qh[i] : 0.0f;
-        // 32 chunks (one cache line of each abstract row) at a time, for up to 4 queries of the
-        // group in registers: each line is read once per 4 queries
-        int64_t c = 0;
-        for (; c + 32 <= count; c += 32) {
-            vf best0 = splat(-INFINITY), best1 = splat(-INFINITY);
-            for (int g0 = 0; g0 < g; g0 += 4) {
-                const int n = g - g0 < 4 ? g - g0 : 4;
-                vf a[4][2] = {};
-                for (int dd = 0; dd < d; ++dd) {
-                    const uint16_t* hi = ab + int64_t(dd) * stride + c;
-                    const uint16_t* lo = ab + int64_t(d + dd) * stride + c;
-                    const vf h0 = bf16x16(hi), h1 = bf16x16(hi + 16), l0 = bf16x16(lo), l1 = bf16x16(lo + 16);
-                    for (int j = 0; j < n; ++j) {
-                        const float u = up[(g0 + j) * d + dd], w = down[(g0 + j) * d + dd];
-                        a[j][0] += h0 * u + l0 * w;
-                        a[j][1] += h1 * u + l1 * w;
-                    }
-                }
+    for (int i = 0; i < g * d; ++i) up[i] = q[i] > 0.0f ? q[i] : 0.0f, down[i] = q[i] < 0.0f ? q[i] : 0.0f;
+    // 32 chunks (one cache line of each abstract row) at a time, for up to 4 queries of the
+    // group in registers: each line is read once per 4 queries
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) {
+        vf best0 = splat(-INFINITY), best1 = splat(-INFINITY);
+        for (int g0 = 0; g0 < g; g0 += 4) {
+            const int n = g - g0 < 4 ? g - g0 : 4;
+            vf a[4][2] = {};
+            for (int dd = 0; dd < d; ++dd) {
+                const uint16_t* hi = ab + int64_t(dd) * stride + c;
+                const uint16_t* lo = ab + int64_t(d + dd) * stride + c;
+                const vf h0 = bf16x16(hi), h1 = bf16x16(hi + 16), l0 = bf16x16(lo), l1 = bf16x16(lo + 16);
                 for (int j = 0; j < n; ++j) {
-                    best0 = a[j][0] > best0 ? a[j][0] : best0;
-                    best1 = a[j][1] > best1 ? a[j][1] : best1;
+                    const float u = up[(g0 + j) * d + dd], w = down[(g0 + j) * d + dd];
+                    a[j][0] += h0 * u + l0 * w;
+                    a[j][1] += h1 * u + l1 * w;
                 }
             }
-            *reinterpret_cast<vf*>(o + c) = best0 * inv;
-            *reinterpret_cast<vf*>(o + c + 16) = best1 * inv;
-        }
-        for (; c < count; ++c) {  // the last few chunks
-            float best = -INFINITY;
-            for (int gi = 0; gi < g; ++gi) {
-                float acc = 0.0f;
-                for (int dd = 0; dd < d; ++dd)
-                    acc += bf16_1(ab[int64_t(dd) * stride + c]) * up[gi * d + dd] + bf16_1(ab[int64_t(d + dd) * stride + c]) * down[gi * d + dd];
-                best = acc > best ? acc : best;
+            for (int j = 0; j < n; ++j) {
+                best0 = a[j][0] > best0 ? a[j][0] : best0;
+                best1 = a[j][1] > best1 ? a[j][1] : best1;
             }
-            o[c] = best * inv;
         }
-        float big = -INFINITY, total = 0.0f;  // the head's softmax over its chunks
-        for (c = 0; c < count; ++c) big = o[c] > big ? o[c] : big;
-        for (c = 0; c + 16 <= count; c += 16) {
-            vf* x = reinterpret_cast<vf*>(o + c);
-            *x = vexp(*x - big);
-            total += hsum(*x);
-        }
-        for (; c < count; ++c) total += (o[c] = exp1(o[c] - big));
-        const float scale = 1.0f / total;
-        for (c = 0; c < count; ++c) o[c] *= scale;
+        *reinterpret_cast<vf*>(o + c) = best0 * inv;
+        *reinterpret_cast<vf*>(o + c + 16) = best1 * inv;
     }
+    for (; c < c1; ++c) {  // the last few chunks
+        float best = -INFINITY;
+        for (int gi = 0; gi < g; ++gi) {
+            float acc = 0.0f;
+            for (int dd = 0; dd < d; ++dd)
+                acc += bf16_1(ab[int64_t(dd) * stride + c]) * up[gi * d + dd] + bf16_1(ab[int64_t(d + dd) * stride + c]) * down[gi * d + dd];
+            best = acc > best ? acc : best;
+        }
+        o[c] = best * inv;
+    }
+}
+
+static void chunk_softmax(float* o, int64_t count) {
+    float big = -INFINITY, total = 0.0f;
+    int64_t c = 0;
+    for (c = 0; c < count; ++c) big = o[c] > big ? o[c] : big;
+    for (c = 0; c + 16 <= count; c += 16) {
+        vf* x = reinterpret_cast<vf*>(o + c);
+        *x = vexp(*x - big);
+        total += hsum(*x);
+    }
+    for (; c < count; ++c) total += (o[c] = exp1(o[c] - big));
+    const float scale = 1.0f / total;
+    for (c = 0; c < count; ++c) o[c] *= scale;
 }
