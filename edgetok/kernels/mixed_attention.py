@@ -208,9 +208,9 @@ class StepTables:
         graph's own intra-op threads, idle while the hook runs)."""
         self.desc[4], self.desc[8] = threads, parallel_for
 
-    def read(self, layer: int, field: str) -> float:
-        """What the hook reported for a slab layer (IO_FIELDS)."""
-        return float(self.io[layer, IO_FIELDS.index(field)])
+    def read_layers(self, layers: list[int], field: str) -> np.ndarray:
+        """What the hook reported for these slab layers (IO_FIELDS), float32 (len(layers),)."""
+        return self.io[layers, IO_FIELDS.index(field)]
 
     def captured_mass(self, layer: int) -> np.ndarray:
         """(Hq,) a sampled slab layer's captured mass per query head."""

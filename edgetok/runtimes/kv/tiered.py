@@ -431,9 +431,10 @@ class TieredCache(AttendingCache, GraphCache):
             sampled = Fidelity.sampled(self.counters["steps"])
             plans = [self._plan(j) for j in range(len(self.layers))]
             self._selecting = [plan is not None for plan in plans]  # (end_step_tables: which layers promised a coverage)
-            for j, (layer, (k, v), plan) in enumerate(zip(self.layers, slabs, plans)):
-                tables.set_slab(at[j], SlabStep(k, v, layer.n, layer.chunk_size, layer.n_chunks, self.abstracts[j], self.pinned[j],
-                                                plan, float(self.temperatures[j]), self.cfg.coverage, self.per_head, sampled))
+            layers = zip(self.layers, slabs, plans, self.abstracts.unbind(0), self.pinned.unbind(0), self.temperatures.tolist())
+            for j, (layer, (k, v), plan, abstracts, pinned, temperature) in enumerate(layers):
+                tables.set_slab(at[j], SlabStep(k, v, layer.n, layer.chunk_size, layer.n_chunks, abstracts, pinned, plan,
+                                                temperature, self.cfg.coverage, self.per_head, sampled))
             return
         self._select_ahead()
         for j, rows in enumerate(self.storage.step_rows(self._chosen)):
@@ -444,22 +445,25 @@ class TieredCache(AttendingCache, GraphCache):
         by the step's layers, join its window (a slab has them already: k, v are then empty);
         its last query selects next step's chunks."""
         sampled = not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"])
+        at = self._at
+        q_last = torch.from_numpy(tables.q_last[at])  # (L, Hq, D): a copy (the step's buffers are reused)
+        if self._in_slabs:
+            tokens, chunks, estimated = (tables.read_layers(at, field).tolist() for field in ("tokens", "chunks", "estimated"))
+            for part in ("select", "attend", "measure"):  # (seconds, in the counters: stats() reports them)
+                self.counters[f"native_{part}_s"] += float(tables.read_layers(at, f"{part}_us").sum()) * 1e-6
         for j, layer in enumerate(self.layers):
-            i = self._at[j]
             self.lengths[j] += 1
-            q = torch.from_numpy(tables.q_last[i].copy())  # (Hq, D)
+            q = q_last[j]  # (Hq, D)
             layer.q_last, layer.q_tail = q, q[:, None]
             if self._in_slabs:
-                self.storage.slab_written(layer, 1, tables.read(i, "tokens"))
-                for part in ("select", "attend", "measure"):  # (seconds, in the counters: stats() reports them)
-                    self.counters[f"native_{part}_s"] += tables.read(i, f"{part}_us") * 1e-6
+                self.storage.slab_written(layer, 1, tokens[j])
                 if self._selecting[j]:
-                    self.fidelity.promise(j, tables.read(i, "estimated"))
-                self._count(j, tables.read(i, "chunks"), tables.read(i, "tokens"))
+                    self.fidelity.promise(j, estimated[j])
+                self._count(j, chunks[j], tokens[j])
                 if sampled:
-                    self.fidelity.measured(j, tables.captured_mass(i))
+                    self.fidelity.measured(j, tables.captured_mass(at[j]))
                 continue
-            self.storage.append(layer, to_torch(k[i])[0], to_torch(v[i])[0])
+            self.storage.append(layer, to_torch(k[at[j]])[0], to_torch(v[at[j]])[0])
             chosen = self._chosen[j]
             chunks = self._chunks_read(j, chosen)
             self._count(j, chunks, chunks * layer.chunk_size + self.storage.window_len(layer))
