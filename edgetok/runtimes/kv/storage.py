@@ -7,7 +7,8 @@ chunks are and which of them attention reads; a storage keeps the tokens and han
   host RAM or on disk (tiers.py), stored at a bit width chosen by its importance (codec.py); the
   device tier caches copies of the chunks attention reads (their stored forms for the mixed-bit
   kernel, float for a graph's views); a thread reads layer i+1's likely chunks from disk while
-  layer i computes (prefetch.py). The tokens after the last chunk (the window) stay in float.
+  layer i computes, or, for a graph's step, the next step's while the graph runs (prefetch.py).
+  The tokens after the last chunk (the window) stay in float.
 
 A decode step's attention (`attend`) runs the mixed-bit attention op (kernels/mixed_attention.py)
 over table rows that point at the chunks where they are: no float copy of the selection is made.
