@@ -411,8 +411,7 @@ static void chunk_bounds(const float* q, int g, int d, const uint16_t* ab, int64
     for (int i = 0; i < g * d; ++i) up[i] = q[i] > 0.0f ? q[i] : 0.0f, down[i] = q[i] < 0.0f ? q[i] : 0.0f;
     // 32 chunks (one cache line of each abstract row) at a time, for up to 4 queries of the
     // group in registers: each line is read once per 4 queries
-    int64_t c = c0;
-    for (; c + 32 <= c1; c += 32) {
+    auto block = [&](int64_t c, float* dst) {
         vf best0 = splat(-INFINITY), best1 = splat(-INFINITY);
         for (int g0 = 0; g0 < g; g0 += 4) {
             const int n = g - g0 < 4 ? g - g0 : 4;
@@ -432,10 +431,18 @@ static void chunk_bounds(const float* q, int g, int d, const uint16_t* ab, int64
                 best1 = a[j][1] > best1 ? a[j][1] : best1;
             }
         }
-        *reinterpret_cast<vf*>(o + c) = best0 * inv;
-        *reinterpret_cast<vf*>(o + c + 16) = best1 * inv;
+        *reinterpret_cast<vf*>(dst) = best0 * inv;
+        *reinterpret_cast<vf*>(dst + 16) = best1 * inv;
+    };
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) block(c, o + c);
+    if (c < c1 && c + 32 <= stride) {  // the last few chunks, as a block whose spare columns the rows have (their bounds unused)
+        float last[32];
+        block(c, last);
+        for (int64_t i = c; i < c1; ++i) o[i] = last[i - c];
+        return;
     }
-    for (; c < c1; ++c) {  // the last few chunks
+    for (; c < c1; ++c) {  // (or one at a time, where the rows end first)
         float best = -INFINITY;
         for (int gi = 0; gi < g; ++gi) {
             float acc = 0.0f;
