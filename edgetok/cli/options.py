@@ -78,7 +78,8 @@ def run_options(f):
         click.option("--kv-bits", type=click.Choice(["auto", "32", "16", "8", "4", "2"]), default=None,
                      help="stored chunk precision; auto picks by importance (exact at 100%)"),
         click.option("--kv-prefetch/--no-kv-prefetch", default=True, show_default=True,
-                     help="read the next layer's chunks from host/disk while the current one computes"),
+                     help="read likely chunks from disk in the background: the next layer's while one computes "
+                          "(torch), the next step's while the graph runs (onnxruntime)"),
         click.option("--kv-prefetch-steps", type=click.IntRange(min=1), default=None,
                      help="prefetch the on-disk chunks a layer selected in its last N steps (default 3)"),
         click.option("--kv-disk-uncached", is_flag=True,
