@@ -18,6 +18,8 @@ inline V add(V a, V b) { return _mm512_add_ps(a, b); }
 inline void store(float* p, V a) { _mm512_storeu_ps(p, a); }
 inline float sum(V a) { return _mm512_reduce_add_ps(a); }
 inline V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+// Keeps v in a register: the compiler would otherwise fold its load into every FMA that reads it
+inline void pin(V& v) { asm volatile("" : "+v"(v)); }
 // A block's 16 possible weights, scale·q + offset for q = 0..15: a code is an index into them.
 struct Table {
     V w;
@@ -47,6 +49,7 @@ inline float sum(V a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 inline V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline void pin(V& v) { asm volatile("" : "+v"(v)); }
 struct Table {  // AVX2 has no 16-entry permute: the scale and offset, applied after converting
     V scale, offset;
     Table(float s, float o) : scale(_mm256_set1_ps(s)), offset(_mm256_set1_ps(o)) {}
@@ -89,6 +92,7 @@ inline float sum(V a) {
     return s;
 }
 inline V broadcast(const float* p) { return splat(*p); }
+inline void pin(V&) {}
 struct Table {
     float scale, offset;
     Table(float s, float o) : scale(s), offset(o) {}
@@ -135,13 +139,20 @@ void columns(const Q4Problem& p, const float* xp, float* y, int64_t n0, int64_t 
                                 {p.scales[(n + 1) * blocks + blk], p.offsets[blk * p.n + n + 1]}};
             for (int64_t g = 0; g < groups; ++g) {
                 const float* xg = xp + (blk * groups + g) * GROUP;
+                V even[2], odd[2];
                 for (int c = 0; c < 2; ++c) {
-                    V even, odd;
-                    weights(b[c], t[c], even, odd);
+                    weights(b[c], t[c], even[c], odd[c]);
                     b[c] += W;
-                    for (int r = 0; r < R; ++r) {
-                        acc[c][r][0] = fmadd(even, load(xg + r * p.k), acc[c][r][0]);
-                        acc[c][r][1] = fmadd(odd, load(xg + r * p.k + W), acc[c][r][1]);
+                }
+                // each row's inputs loaded once for both columns: with a load folded into every
+                // FMA, a few rows were bound by loads, not FMAs (4 rows 1.4x slower on Zen 4)
+                for (int r = 0; r < R; ++r) {
+                    V xe = load(xg + r * p.k), xo = load(xg + r * p.k + W);
+                    pin(xe);
+                    pin(xo);
+                    for (int c = 0; c < 2; ++c) {
+                        acc[c][r][0] = fmadd(even[c], xe, acc[c][r][0]);
+                        acc[c][r][1] = fmadd(odd[c], xo, acc[c][r][1]);
                     }
                 }
             }
