@@ -15,7 +15,7 @@ setup(
         Extension(
             "edgetok.kernels._mixed_attention",
             sources=["edgetok/kernels/mixed_attention.cpp"],
-            depends=["edgetok/kernels/mixed_attention_body.h"],
+            depends=["edgetok/kernels/mixed_attention_body.h", "edgetok/kernels/mixed_attention_problem.h"],
             language="c++",
             extra_compile_args=["-std=c++17", "-O3", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno"]
             + ([] if x86 else ["-DEDGETOK_PORTABLE_ONLY"]),

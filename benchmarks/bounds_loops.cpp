@@ -15,20 +15,7 @@
 #include <cstring>
 #include <vector>
 
-namespace {  // what mixed_attention.cpp defines before including the loops
-enum Field { F_BITS, F_LENGTH, F_K, F_V, F_K_SCALE, F_K_ZERO, F_V_SCALE, F_V_ZERO, F_HEAD_STRIDE, F_TOKEN_STRIDE, F_CAUSAL, N_FIELDS };
-constexpr int TILE = 256;
-constexpr int MAX_D = 512;
-constexpr int MAX_NV = MAX_D / 16;
-struct Problem {
-    const float* q;
-    const int64_t* table;
-    int64_t n_chunks;
-    int n_kv, rows, t, d, vgroup;
-    float scale;
-    bool scores_only;
-};
-}  // namespace
+#include "../edgetok/kernels/mixed_attention_problem.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")

@@ -11,20 +11,9 @@
 #include <cstdlib>
 #include <vector>
 
-struct Q4Problem {  // as q4_matmul.cpp defines it
-    int64_t m, k, n, block;
-    const uint8_t* b;
-    const float* scales;
-    const float* offsets;
-};
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#define EDGETOK_ISA 512
-namespace avx512 {
-#include "../edgetok/kernels/q4_matmul_body.h"
-}
-#pragma GCC pop_options
+// the operator's own source: its loops, compiled per instruction set (namespace avx512), and its
+// Q4Problem; the ONNX Runtime parts are compiled but not called
+#include "../edgetok/kernels/q4_matmul.cpp"
 
 int main() {
     const int64_t k = 576, n = 65536, block = 32, tile = 16;

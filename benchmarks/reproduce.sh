@@ -36,6 +36,11 @@ fi
 if want serve; then  # edgetok serve (ONNX int4, batched) vs llama-cpp-python's server at 1/2/4/8 clients
   $LOCK $PY benchmarks/serve.py --repeat 2 --threads 2 --out benchmarks/results/serve.json
 fi
+if want loops; then  # the kernels' inner loops alone, one thread: MatMulQ4's few rows, selection's bounds (session 9)
+  g++ -O3 -std=c++17 -ffp-contract=fast -o /tmp/q4_loops benchmarks/q4_loops.cpp && $LOCK /tmp/q4_loops
+  g++ -O3 -std=c++17 -fopenmp-simd -ffp-contract=fast -fno-math-errno -Wno-aggressive-loop-optimizations \
+    -o /tmp/bounds_loops benchmarks/bounds_loops.cpp && $LOCK /tmp/bounds_loops
+fi
 if want decode; then $LOCK $PY benchmarks/decode_vs_transformers.py --context 1024 --new-tokens 64 --repeat 3; fi
 if want gguf; then $PY benchmarks/gguf_quality.py --out bench-out/gguf; fi
 if want gguf-types; then $LOCK $PY benchmarks/gguf_types.py --out bench-out/gguf-types; fi  # q4_k/q5_k/q6_k/iq4_nl vs llama.cpp's quantizer

@@ -27,23 +27,7 @@
 #include <thread>
 #include <vector>
 
-namespace {
-
-enum Field { F_BITS, F_LENGTH, F_K, F_V, F_K_SCALE, F_K_ZERO, F_V_SCALE, F_V_ZERO, F_HEAD_STRIDE, F_TOKEN_STRIDE, F_CAUSAL, N_FIELDS };
-constexpr int TILE = 256;  // tokens scored at a time (a chunk longer than this is read in tiles)
-constexpr int MAX_D = 512;  // head_dim: a multiple of 16 up to this
-constexpr int MAX_NV = MAX_D / 16;
-
-struct Problem {
-    const float* q;        // (Hkv, R, D): R = G·T rows per KV head, row r = query head g = r / T, token t = r % T
-    const int64_t* table;  // (n_chunks, N_FIELDS)
-    int64_t n_chunks;
-    int n_kv, rows, t, d, vgroup;
-    float scale;
-    bool scores_only;  // the log-sum-exps alone: no value is read, out stays unwritten
-};
-
-}  // namespace
+#include "mixed_attention_problem.h"
 
 #define EDGETOK_ISA 0
 namespace scalar {
