@@ -33,7 +33,7 @@ import torch
 from benchmarks.gguf_types import texts, weight_bits
 from edgetok.exporters.allocate import by_bits, calibration_rounded
 from edgetok.exporters.gguf import allocation_matrices, calibrated_imatrix, write_gguf
-from edgetok.exporters.gguf_types import bits_per_weight, round_trip
+from edgetok.exporters.gguf_types import bits_per_weight, input_rounding, round_trip
 from edgetok.exporters.imatrix import read_imatrix
 from edgetok.exporters.llamacpp_quantize import quantize_with_llamacpp
 from edgetok.exporters.options import GgufOptions
@@ -44,7 +44,7 @@ from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import load_source
 from edgetok.runtimes.backends.llamacpp import llamacpp_logits
 
-MIXES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0")
+MIXES = ("Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q8_0")
 
 
 def measure(out: Path, samples: dict, reference: dict, threads: int) -> dict:
@@ -79,7 +79,7 @@ def main() -> None:
         options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8)
         sensitivity_options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8,
                                           calib_tokens=args.calib_tokens)
-        kl = tensor_kl(calibration_rounded(src, sensitivity_options), matrices, lambda name, w, kind: round_trip(w, kind),
+        kl = tensor_kl(calibration_rounded(src, sensitivity_options, input_rounding), matrices, lambda name, w, kind: round_trip(w, kind),
                        progress_bar("sensitivity"))
         (args.out / "sensitivity.json").write_text(json.dumps(kl, indent=1))
         print(f"sensitivity: {sum(len(v) for v in kl.values())} runs on {sensitivity_options.allocation_tokens} tokens "

@@ -26,10 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from edgetok.errors import EdgetokError
-from edgetok.exporters.sensitivity import Matrix, Rounded, RoundTrip, tensor_kl
+from edgetok.exporters.sensitivity import InputRounding, Matrix, Mix, Rounded, RoundTrip, tensor_kl
 
 BitsOf = Callable[[Matrix, str], float]  # a matrix at a type → its bits per weight, as stored
 MAX_KL_ROUNDS = 8  # measurements of the whole mix while --max-kl is not met
@@ -184,28 +182,29 @@ def by_kl(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: Bits
                        f"(the closest measured {measured:.4f}); raise it or choose a type with --quant / --weights")
 
 
-def calibration_rounded(source, options) -> Rounded:
+def calibration_rounded(source, options, inputs: InputRounding | None = None) -> Rounded:
     """The reference model on options.allocation_tokens tokens of the calibration text (--calib;
-    default: the end of the built-in essays, which the parity report never reads)."""
+    default: the end of the built-in essays, which the parity report never reads); `inputs`: how
+    the format's runtime rounds its matrices' inputs."""
     from edgetok.exporters.calibration import calibration_tokens
     from edgetok.texts import read_text
 
     text = read_text(options.calib, 0) if options.calib is not None else None
     n = options.allocation_tokens
-    return Rounded(source, calibration_tokens(source.tokenizer, text, n, n)[0].tolist())
+    return Rounded(source, calibration_tokens(source.tokenizer, text, n, n)[0].tolist(), inputs)
 
 
 def allocate(rounded: Rounded, matrices: list[Matrix], round_trip: RoundTrip, bits_of: BitsOf, *,
              target_bits: float | None = None, max_kl: float | None = None,
-             fixed: dict[str, torch.Tensor] | None = None, progress=None) -> Allocation:
+             fixed: Mix | None = None, progress=None) -> Allocation:
     """Each of `matrices`' type for --target-bits or --max-kl, measured on `rounded`'s tokens.
     fixed: HF tensors whose rounding another option decided (--tensor-type): in every measurement."""
     assert (target_bits is None) != (max_kl is None)
-    fixed = fixed or {}
+    fixed = fixed or Mix()
     by_name = {m.name: m for m in matrices}
 
     def measure(types: dict[str, str]) -> float:
-        mix = dict(fixed)
+        mix = fixed
         for name, kind in types.items():
             mix |= rounded.rounded(by_name[name], kind, round_trip)
         return rounded.kl(mix)

@@ -14,7 +14,15 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.exporters import kquants
 from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
-from edgetok.exporters.gguf_types import TensorType, bits_per_weight, choose_type, encode, qtype, round_trip
+from edgetok.exporters.gguf_types import (
+    TensorType,
+    bits_per_weight,
+    choose_type,
+    encode,
+    input_rounding,
+    qtype,
+    round_trip,
+)
 from edgetok.exporters.imatrix import Imatrix, collect, read_imatrix
 from edgetok.exporters.options import (
     CODE_TYPES,
@@ -26,7 +34,7 @@ from edgetok.exporters.options import (
     parse_tensor_type,
 )
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
-from edgetok.exporters.sensitivity import Matrix, Rounded, tensor_kl
+from edgetok.exporters.sensitivity import Matrix, Mix, Rounded, tensor_kl
 from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.checkpoint import stack
 from edgetok.models.config import FULL, SLIDING, ModelConfig
@@ -140,21 +148,20 @@ def sensitivity_candidates(cfg: ModelConfig) -> list[str]:
     return names
 
 
-def fake_quantize(w: torch.Tensor, quant: str) -> torch.Tensor:
-    """w after a round trip through the GGUF type `quant` gives it (its fallback where its rows do
-    not fit `quant`'s blocks): what llama.cpp will compute with."""
-    return round_trip(w, choose_type("", tuple(w.shape), quant).type)
+def written_type(w: torch.Tensor, quant: str) -> str:
+    """The GGUF type `quant` gives w: its fallback where w's rows do not fit `quant`'s blocks."""
+    return choose_type("", tuple(w.shape), quant).type
 
 
 def measure_sensitivity(
     source: Source, quant: str, tokens: list[int], exclude: set[str] = frozenset(), progress=None
 ) -> dict[str, float]:
     """Mean KL(fp32 ‖ model with only this tensor quantized) over `tokens`, per candidate tensor."""
-    rounded = Rounded(source, tokens)
-    matrices = [Matrix(n, (n,), rounded.weight(n).numel(), (quant,))
+    rounded = Rounded(source, tokens, input_rounding)
+    matrices = [Matrix(n, (n,), rounded.weight(n).numel(), (written_type(rounded.weight(n), quant),))
                 for n in sensitivity_candidates(source.config) if n not in exclude]
-    kl = tensor_kl(rounded, matrices, lambda name, w, kind: fake_quantize(w, kind), progress)
-    return {name: by_type[quant] for name, by_type in kl.items()}
+    kl = tensor_kl(rounded, matrices, lambda name, w, kind: round_trip(w, kind), progress)
+    return {name: next(iter(by_type.values())) for name, by_type in kl.items()}
 
 
 def written_parts(cfg: ModelConfig, name: str) -> tuple[str, ...]:
@@ -181,9 +188,9 @@ def allocate_types(source: Source, options: GgufOptions, fixed: dict[str, str],
                    importance: dict[str, torch.Tensor]) -> Allocation:
     """--quant auto: every matrix's type for --target-bits or --max-kl (exporters/allocate.py),
     each rounded as it will be written (with --imatrix's weights)."""
-    rounded = calibration_rounded(source, options)
-    fixed_rounded = {p: fake_quantize(rounded.weight(p), kind)
-                     for name, kind in fixed.items() for p in written_parts(source.config, name)}
+    rounded = calibration_rounded(source, options, input_rounding)
+    parts = {p: written_type(rounded.weight(p), kind) for name, kind in fixed.items() for p in written_parts(source.config, name)}
+    fixed_rounded = Mix({p: round_trip(rounded.weight(p), kind) for p, kind in parts.items()}, parts)
     return allocate(rounded, allocation_matrices(source.config, source.weights, fixed),
                     lambda name, w, kind: round_trip(w, kind, importance.get(name)), lambda m, kind: bits_per_weight(kind),
                     target_bits=options.target_bits, max_kl=options.max_kl, fixed=fixed_rounded,

@@ -92,6 +92,39 @@ def round_trip(w: torch.Tensor, kind: str, importance: torch.Tensor | None = Non
     return torch.from_numpy(np.array(dequantize(data, gtype), dtype=np.float32).reshape(w.shape))
 
 
+# llama.cpp's CPU matmul multiplies a stored type by its input rounded to the type's partner
+# (ggml-cpu's vec_dot_type): 8-bit codes in blocks of 32 with an f16 scale (q8_0; q8_1 adds the
+# block's sum, for the types with a minimum), in blocks of 256 with a float scale (q8_K, the
+# K-quants'), or the input as f16 / bf16; f32 takes it as it is. The partner's rounding is part of
+# what a type costs: a K-quant's 256-value blocks of a GeGLU's heavy-tailed output round it
+# coarsely (Gemma 3's ffn_down at its own q4_k / q6_k doubled the file's KL against q8_0).
+INPUT_PARTNER = {"q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1",
+                 "q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k", "f16": "f16", "bf16": "bf16"}
+INPUT_BLOCK = {"q8_0": 32, "q8_1": 32, "q8_k": 256}
+
+
+def input_rounding(kind: str):
+    """How llama.cpp rounds the input of a matrix stored as `kind` (None: it does not)."""
+    partner = INPUT_PARTNER.get(kind)
+    if partner is None:
+        return None
+    if partner in ("f16", "bf16"):
+        dtype = torch.float16 if partner == "f16" else torch.bfloat16
+        return lambda x: x.to(dtype).to(x.dtype)
+    block, scale = INPUT_BLOCK[partner], torch.float32 if partner == "q8_k" else torch.float16
+    return lambda x: round_to_int8_blocks(x, block, scale)
+
+
+def round_to_int8_blocks(x: torch.Tensor, block: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """x's last axis in blocks of `block`, each as 8-bit codes times the block's largest magnitude
+    / 127 (stored as `scale_dtype`), as ggml's quantize_row_q8_0 / _q8_K round it."""
+    blocks = x.float().reshape(-1, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inverse)
+    return (codes * (amax / 127).to(scale_dtype).float()).reshape(x.shape).to(x.dtype)
+
+
 def plan_summary(plan: list[TensorType]) -> list[str]:
     """Lines for people: the count of each type, then each kind of fallback with a few tensors."""
     counts = Counter(t.type for t in plan)

@@ -40,7 +40,9 @@ MIN_OPSET = 18  # the graph's operators
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", AUTO)
 # --quant auto: the types a matrix can take (each falls back as the type plan says where its rows
 # are not whole blocks)
-GGUF_LADDER = ("iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+# (q4_0 is left out: iq4_nl has its size and a better grid; q4_1 / q5_1 take a source's own grid,
+# SmolLM2's published file is q4_1; f16 rounds its input to f16, not to 8 bits)
+GGUF_LADDER = ("iq4_nl", "q4_k", "q4_1", "q5_0", "q5_k", "q5_1", "q6_k", "q8_0", "f16")
 ALLOCATION_TOKENS = 256  # of the calibration text: the allocator runs the model once per matrix and type
 # --quant → (bits, group size) of the codes gptq / rsq write as that type's blocks as they are, on
 # a group grid (exporters/quantize.py's gptq); the K-quants and iq4_nl: on the grid exporters/kquants.py fits.

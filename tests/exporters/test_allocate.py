@@ -15,11 +15,10 @@ from conftest import run_cli
 from edgetok.errors import EdgetokError
 from edgetok.exporters.allocate import by_bits, by_kl, ladder, upgrades
 from edgetok.exporters.calibration import calibration_tokens
-from edgetok.exporters.gguf_types import bits_per_weight, round_trip
+from edgetok.exporters.gguf import tensor_layout
+from edgetok.exporters.gguf_types import bits_per_weight, input_rounding, round_trip
 from edgetok.exporters.options import GgufOptions, OnnxOptions
-from edgetok.exporters.sensitivity import Matrix
-from edgetok.exporters.verify import compare, model_logits
-from edgetok.models.llama import LlamaModel
+from edgetok.exporters.sensitivity import Matrix, Mix, Rounded
 from edgetok.models.manifest import ONNX_MANIFEST
 from edgetok.models.sources import load_source
 
@@ -138,11 +137,13 @@ def test_gguf_target_bits(wide_folder, tmp_path):
 
 def calibration_kl(source, gguf_path, n: int) -> float:
     """The written file's KL against the fp32 model on the allocator's calibration tokens, in torch
-    from the blocks as gguf-py decodes them (llama.cpp's values)."""
+    from the blocks as gguf-py decodes them (llama.cpp's values), each matrix's input rounded as
+    llama.cpp rounds it for the matrix's type (test_gguf_types checks that model against llama.cpp)."""
     tokens = calibration_tokens(source.tokenizer, None, n, n)[0].tolist()
     back = load_source(str(gguf_path))
-    ref = model_logits(LlamaModel.from_state_dict(source.config, source.weights), tokens)
-    return compare(ref, model_logits(LlamaModel.from_state_dict(back.config, back.weights), tokens), tokens).kl_mean
+    kinds = {gg: kind for gg, (kind, _) in file_types(gguf_path).items()}
+    matrices = {hf: kinds[gg] for gg, hf in tensor_layout(back.config, back.weights).items() if gg in kinds}
+    return Rounded(source, tokens, input_rounding).kl(Mix({hf: back.weights[hf] for hf in matrices}, matrices))
 
 
 @pytest.mark.parametrize("max_kl", [0.002, 0.0005])
