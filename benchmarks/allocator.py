@@ -4,12 +4,12 @@
 
 Stages (each one lock hold; results accumulate in OUT/results.json):
 
-- sensitivity: the allocator's measurement, once: KL of the model with one matrix at one type,
-  for every matrix and type (exporters/sensitivity.py, on the calibration text's 256 tokens, or
-  `--calib-tokens`),
-  saved to OUT/sensitivity.json; and edgetok's calibrated imatrix (OUT/imatrix.gguf, 8192 tokens
-  of the calibration text), which llama.cpp's "+ imatrix" mixes use.
-- llamacpp: llama.cpp's quantizer (llama_model_quantize) makes Q4_0, Q4_K_M, Q5_K_M and Q8_0 from
+- sensitivity: the allocator's measurement, once: KL of the model with one matrix at one type
+  (its input rounded as llama.cpp rounds it for that type), for every matrix and type
+  (exporters/sensitivity.py, on the calibration text's 256 tokens, or `--calib-tokens`), saved to
+  OUT/sensitivity.json; and edgetok's calibrated imatrix (OUT/imatrix.gguf, 8192 tokens of the
+  calibration text), which llama.cpp's "+ imatrix" mixes use.
+- llamacpp: llama.cpp's quantizer (llama_model_quantize) makes Q4_0, Q4_1, Q4_K_M, Q5_K_M and Q8_0 from
   the model's f32 GGUF, each without and with edgetok's imatrix.
 - edgetok: `--targets` bits per weight: the allocator's types from the saved sensitivity
   (exporters/allocate.py's by_bits, as `edgetok export --target-bits` chooses them), written by
@@ -18,7 +18,8 @@ Stages (each one lock hold; results accumulate in OUT/results.json):
 Every file runs in llama.cpp on four kinds of text (prose, Python source, legal text, Markdown),
 `--tokens` each (benchmarks/gguf_types.py's texts; the calibration text, the end of the essays,
 is none of them); the reference is edgetok's fp32 torch model of the source. Reported: file size,
-bits per weight over the 2-D weights, KL per kind and its mean.
+bits per weight over the 2-D weights, KL per kind and its mean; `--stage table` prints them and
+plots OUT/size_vs_kl-MODEL.png.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def main() -> None:
         for r in sorted(rows, key=lambda r: (r["model"], r["bits_per_weight"])):
             print(f"| {r['model']} | {r['file']} | {r['size_bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | "
                   f"{r['kl_mean']:.4f} | " + " | ".join(f"{v:.4f}" for v in r["per_text"].values()) + " |")
+        from edgetok.bench.plots import size_vs_kl
+
+        for model in sorted({r["model"] for r in rows}):
+            print(size_vs_kl([r for r in rows if r["model"] == model], f"{model}: size against KL, llama.cpp runs every file",
+                             args.out / f"size_vs_kl-{model}.png"))
         return
 
     samples = texts(src.tokenizer, args.tokens)

@@ -89,3 +89,31 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [decode_vs_context(results, out / "decode_vs_context.png"), decode_vs_budget(results, out / "decode_vs_budget.png")]
     return [p for p in paths if p is not None]
+
+
+def size_vs_kl(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """KL against fp32 (log) by bits per weight: edgetok's allocator as a line over its targets,
+    each llama.cpp mix a point (hollow with an imatrix), the mix's name beside it."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ours = sorted((r for r in rows if r["file"].startswith("edgetok")), key=lambda r: r["bits_per_weight"])
+    ax.plot([r["bits_per_weight"] for r in ours], [r["kl_mean"] for r in ours], "o-", label="edgetok --target-bits")
+    for imatrix in (False, True):
+        theirs = [r for r in rows if r["file"].startswith("llama.cpp") and r["file"].endswith("imatrix") == imatrix]
+        ax.plot([r["bits_per_weight"] for r in theirs], [r["kl_mean"] for r in theirs], "s", linestyle="none",
+                color="tab:red", fillstyle="none" if imatrix else "full",
+                label="llama.cpp's mixes" + (" + imatrix" if imatrix else ""))
+        if not imatrix:
+            for r in theirs:
+                ax.annotate(r["file"].split()[1], (r["bits_per_weight"], r["kl_mean"]), textcoords="offset points",
+                            xytext=(5, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (2-D weights)")
+    ax.set_ylabel("KL against fp32, mean of four kinds of text")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
