@@ -179,6 +179,28 @@ def test_tensor_type_fixes_what_the_allocator_leaves(wide_folder, tmp_path):
     assert "model.layers.0.self_attn.v_proj.weight" not in report["allocation"]["types"]
 
 
+def test_a_model_on_q4_1s_grid_gets_q4_1_back_exactly(wide_folder, tmp_path):
+    """Weights that already sit on q4_1's grid (SmolLM2's published file is q4_1) cost nothing
+    there: at 5 bits the allocator gives every matrix q4_1, and the file holds the source's weights."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "on-grid"
+    hf = AutoModelForCausalLM.from_pretrained(wide_folder)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.copy_(round_trip(p.detach(), "q4_1"))
+    hf.save_pretrained(folder)
+    for f in wide_folder.glob("tokenizer*"):
+        (folder / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "q.gguf"
+    r = run_cli("export", folder, "--format", "gguf", "--target-bits", "5", "--calib-tokens", "64", "--no-verify", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert {kind for kind, _ in file_types(out).values()} == {"q4_1"}
+    source, back = load_source(str(folder)).weights, load_source(str(out)).weights
+    assert all(torch.equal(back[n], w) for n, w in source.items() if w.dim() == 2)
+
+
 def test_gptq_codes_on_the_allocators_types(wide_folder, tmp_path):
     """--target-bits with --method gptq: the allocator chooses each matrix's type first, GPTQ rounds
     each linear onto its type's grid, and the file holds those codes at those types."""
