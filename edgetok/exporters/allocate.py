@@ -129,14 +129,38 @@ def _start(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: Bit
     return start, steps, sum(bits_of(m, start[m.name]) * m.size for m in matrices)
 
 
+def greedy_by_bits(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float) -> dict[str, str]:
+    """The upgrades steepest first, each taken while it fits at most `target` bits per weight."""
+    start, steps, budget = _budget(matrices, kl, bits_of, target)
+    return _fill(start, steps, budget)[0]
+
+
 def by_bits(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float) -> dict[str, str]:
-    """The types for at most `target` bits per weight over `matrices`."""
+    """The types for at most `target` bits per weight over `matrices`: the greedy fill, or a fill
+    after one rung taken first where that is predicted lower. Greedy by KL per bit can spend the
+    budget on many small steps and leave out one large step worth more (Gemma 3's embedding, 63 % of
+    the weights: q5_1 → q8_0 halves the predicted KL at Q4_K_M's size)."""
+    start, steps, budget = _budget(matrices, kl, bits_of, target)
+    best = _fill(start, steps, budget)[0]
+    by_name = {m.name: m for m in matrices}
+    for u in steps:
+        m = by_name[u.matrix]
+        first = (bits_of(m, u.to) - bits_of(m, start[m.name])) * m.size
+        if first <= budget + 1e-9:
+            types = _fill(start | {m.name: u.to}, steps, budget - first)[0]
+            if _predicted(kl, types) < _predicted(kl, best):
+                best = types
+    return best
+
+
+def _budget(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float):
+    """→ (every matrix's cheapest type, the upgrades steepest first, the bits `target` leaves for them)."""
     start, steps, used = _start(matrices, kl, bits_of)
     total = sum(m.size for m in matrices)
     if used > target * total + 1e-9:
         raise EdgetokError(f"--target-bits {target:g} is below the smallest mix of this model's types "
                            f"({used / total:.3f} bits per weight, every matrix at its smallest type)")
-    return _fill(start, steps, target * total - used)[0]
+    return start, steps, target * total - used
 
 
 def _predicted(kl: dict[str, dict[str, float]], types: dict[str, str]) -> float:
@@ -162,7 +186,8 @@ def _least_budget(start: dict[str, str], steps: list[Upgrade], kl: dict[str, dic
 
 def by_kl(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, max_kl: float,
           measure: Callable[[dict[str, str]], float]) -> tuple[dict[str, str], float]:
-    """The cheapest mix, chosen as by_bits chooses one, whose whole measures at most `max_kl` →
+    """The cheapest mix, chosen as greedy_by_bits chooses one (by_bits' rung-first tries, inside a
+    bisection, would cost a fill per step per probe), whose whole measures at most `max_kl` →
     (types, its KL)."""
     start, steps, _ = _start(matrices, kl, bits_of)
     everything = sum(u.bits for u in steps)

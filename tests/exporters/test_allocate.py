@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli
 
 from edgetok.errors import EdgetokError
-from edgetok.exporters.allocate import by_bits, by_kl, ladder, upgrades
+from edgetok.exporters.allocate import by_bits, by_kl, greedy_by_bits, ladder, upgrades
 from edgetok.exporters.calibration import calibration_tokens
 from edgetok.exporters.gguf import tensor_layout
 from edgetok.exporters.gguf_types import bits_per_weight, input_rounding, round_trip
@@ -82,27 +82,40 @@ def test_allocation_fills_the_budget():
         used = sum(BITS[types[m.name]] * m.size for m in matrices)
         assert used <= target * total + 1e-9
         assert all(used + u.bits > target * total for u in steps if types[u.matrix] == u.below)
-        old = prefix_rule(matrices, kl, float(target))
-        assert all(BITS[types[n]] >= BITS[old[n]] for n in types)
-        assert sum(kl[n][t] for n, t in types.items()) <= sum(kl[n][t] for n, t in old.items()) + 1e-12
+        old, greedy = prefix_rule(matrices, kl, float(target)), greedy_by_bits(matrices, kl, bits_of, float(target))
+        assert all(BITS[greedy[n]] >= BITS[old[n]] for n in types)
+        predicted = sum(kl[n][t] for n, t in types.items())
+        assert predicted <= sum(kl[n][t] for n, t in greedy.items()) <= sum(kl[n][t] for n, t in old.items()) + 1e-12
     # 8 bits: every matrix at the top of its ladder (the type of least KL)
     assert all(types[m.name] == min(kl[m.name], key=kl[m.name].get) for m in matrices)
     with pytest.raises(EdgetokError, match="below the smallest mix"):
         by_bits(matrices, kl, bits_of, 3.5)
 
 
+def test_one_large_step_worth_more_than_the_small_ones_is_taken():
+    """A big matrix whose one step removes most of the KL, less steeply than small steps that fill
+    the budget first: greedy by KL per bit leaves it out, by_bits takes it."""
+    big = Matrix("big", ("big",), 6000, ("a", "d"))
+    small = [Matrix(f"s{i}", (f"s{i}",), 1000, ("a", "b")) for i in range(4)]
+    kl = {"big": {"a": 1.0, "d": 0.0}} | {m.name: {"a": 0.1, "b": 0.0} for m in small}
+    target = (6000 * 4 + 4000 * 4 + 6000 * 4) / 10000  # room for the big step alone, or the small ones
+    greedy = greedy_by_bits([big, *small], kl, bits_of, target)
+    assert greedy["big"] == "a" and all(greedy[m.name] == "b" for m in small)
+    assert by_bits([big, *small], kl, bits_of, target)["big"] == "d"
+
+
 def test_max_kl_takes_the_least_budget_whose_mix_meets_it():
-    """by_kl chooses as by_bits does: its mix is by_bits' at the bits it uses, predicted under the
+    """by_kl chooses as greedy_by_bits does: its mix is by_bits' at the bits it uses, predicted under the
     limit when the prediction holds, and a smaller budget's mix is not; a measurement over the limit
     buys more bits."""
     matrices, kl = random_sensitivities(1)
     total = sum(m.size for m in matrices)
     predicted = lambda types: sum(kl[n][t] for n, t in types.items())  # noqa: E731
-    limit = predicted(by_bits(matrices, kl, bits_of, 5.3))
+    limit = predicted(greedy_by_bits(matrices, kl, bits_of, 5.3))
     types, measured = by_kl(matrices, kl, bits_of, limit, predicted)
     bits = sum(BITS[types[m.name]] * m.size for m in matrices) / total
-    assert measured <= limit and bits <= 5.3 + 1e-9 and by_bits(matrices, kl, bits_of, bits) == types
-    assert predicted(by_bits(matrices, kl, bits_of, bits - 0.01)) > limit
+    assert measured <= limit and bits <= 5.3 + 1e-9 and greedy_by_bits(matrices, kl, bits_of, bits) == types
+    assert predicted(greedy_by_bits(matrices, kl, bits_of, bits - 0.01)) > limit
     pessimistic, seen = (lambda t: 1.5 * predicted(t)), []  # additivity optimistic by half
     types, measured = by_kl(matrices, kl, bits_of, limit, lambda t: seen.append(t) or pessimistic(t))
     assert measured <= limit and len(seen) > 1
