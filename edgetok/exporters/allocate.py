@@ -16,7 +16,10 @@ removes some KL for some bits. Upgrades are taken in order of KL removed per bit
   embedding: q5_0 → q8_0 is 1.88 bits per weight of the whole model). The mix takes every upgrade
   the longest fitting run takes, and more: its predicted KL is never higher. (A larger budget can
   now give some matrix a smaller type: a large step that starts to fit can crowd out small ones.)
-- by KL: the smallest budget whose mix, chosen as by bits, is predicted under the limit; the mix is
+  The fill is also run after each rung of each ladder taken first, and the mix predicted lowest
+  is kept: greedy can spend the budget on small steps that together remove less than one large
+  step they crowd out.
+- by KL: the smallest budget whose mix, chosen by the greedy fill, is predicted under the limit; the mix is
   then measured whole (additivity is only approximate) and the budget raised while the
   measurement exceeds it.
 """
