@@ -11,9 +11,11 @@ Stages (each one lock hold; results accumulate in OUT/results.json):
   calibration text), which llama.cpp's "+ imatrix" mixes use.
 - llamacpp: llama.cpp's quantizer (llama_model_quantize) makes Q4_0, Q4_1, Q4_K_M, Q5_K_M and Q8_0 from
   the model's f32 GGUF, each without and with edgetok's imatrix.
-- edgetok: `--targets` bits per weight: the allocator's types from the saved sensitivity
-  (exporters/allocate.py's by_bits, as `edgetok export --target-bits` chooses them), written by
-  edgetok's GGUF writer.
+- edgetok: `--targets` bits per weight: the allocator's types from the saved sensitivity, as
+  `edgetok export --target-bits` chooses them (exporters/gguf.py's allocate_types: the mixes
+  predicted lowest and the source's own types measured whole on the calibration text, as many
+  `--calib-tokens` as the sensitivity took), written by edgetok's GGUF writer, which keeps the
+  source's blocks where a matrix keeps its source's type.
 
 Every file runs in llama.cpp on four kinds of text (prose, Python source, legal text, Markdown),
 `--tokens` each (benchmarks/gguf_types.py's texts; the calibration text, the end of the essays,
@@ -32,9 +34,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.gguf_types import texts, weight_bits
-from edgetok.exporters.allocate import by_bits, calibration_rounded
-from edgetok.exporters.gguf import allocation_matrices, calibrated_imatrix, write_gguf
-from edgetok.exporters.gguf_types import bits_per_weight, input_rounding, round_trip
+from edgetok.exporters.allocate import calibration_rounded
+from edgetok.exporters.gguf import allocate_types, allocation_matrices, calibrated_imatrix, write_gguf, writer_round_trip
+from edgetok.exporters.gguf_codes import source_blocks
+from edgetok.exporters.gguf_types import input_rounding
 from edgetok.exporters.imatrix import read_imatrix
 from edgetok.exporters.llamacpp_quantize import quantize_with_llamacpp
 from edgetok.exporters.options import GgufOptions
@@ -64,7 +67,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-tokens", type=int, default=None,
-                    help="sensitivity: calibration tokens per KL run (default: export's 256); the imatrix keeps its 8192")
+                    help="sensitivity, edgetok: calibration tokens per KL run (default: export's 256; give both stages the same); "
+                         "the imatrix keeps its 8192")
     ap.add_argument("--targets", default="4.6,4.9,5.3,5.7,6.5,8.5")
     ap.add_argument("--mixes", default=",".join(MIXES))
     args = ap.parse_args()
@@ -75,12 +79,13 @@ def main() -> None:
 
     src = load_source(args.model)
     matrices = allocation_matrices(src.config, src.weights, {})
+    stored = source_blocks(src.path, src.config)  # kept where a matrix keeps its type, as the export keeps them
     if args.stage == "sensitivity":
         start = time.perf_counter()
         options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8)
         sensitivity_options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8,
                                           calib_tokens=args.calib_tokens)
-        kl = tensor_kl(calibration_rounded(src, sensitivity_options, input_rounding), matrices, lambda name, w, kind: round_trip(w, kind),
+        kl = tensor_kl(calibration_rounded(src, sensitivity_options, input_rounding), matrices, writer_round_trip({}, stored),
                        progress_bar("sensitivity"))
         (args.out / "sensitivity.json").write_text(json.dumps(kl, indent=1))
         print(f"sensitivity: {sum(len(v) for v in kl.values())} runs on {sensitivity_options.allocation_tokens} tokens "
@@ -106,7 +111,7 @@ def main() -> None:
     model = LlamaModel.from_state_dict(src.config, src.weights)
     reference = {kind: model_logits(model, ids) for kind, ids in samples.items()}
     del model
-    made = []
+    made, chose = [], {}
     if args.stage == "llamacpp":
         f32 = args.out / "source-f32.gguf"
         if not f32.exists():
@@ -121,15 +126,20 @@ def main() -> None:
     else:
         kl = json.loads((args.out / "sensitivity.json").read_text())
         for target in map(float, args.targets.split(",")):
-            types = by_bits(matrices, kl, lambda m, kind: bits_per_weight(kind), target)
+            options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=target, calib_tokens=args.calib_tokens)
+            allocation = allocate_types(src, options, {}, {}, stored, sensitivity=kl)
+            chosen = min(allocation.tried, key=lambda t: t.calibration_kl)
             out = args.out / f"edgetok-{target:g}.gguf"
-            write_gguf(src, out, max(set(types.values()), key=list(types.values()).count), types)
+            types = allocation.types
+            write_gguf(src, out, max(set(types.values()), key=list(types.values()).count), types, stored=stored)
             made.append((f"edgetok --target-bits {target:g}", out))
+            chose[made[-1][0]] = {"chosen": chosen.origin, "calibration_kl": round(allocation.calibration_kl, 6),
+                                  "tried": [t.to_json() for t in allocation.tried]}
     for name, out in made:
-        row = {"model": args.model, "file": name, **measure(out, samples, reference, args.threads)}
+        row = {"model": args.model, "file": name, **measure(out, samples, reference, args.threads), **chose.get(name, {})}
         rows = [r for r in rows if (r["model"], r["file"]) != (args.model, name)] + [row]
         results_path.write_text(json.dumps(rows, indent=2))
-        print(json.dumps({k: v for k, v in row.items() if k != "per_text"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("per_text", "tried")}), flush=True)
         out.unlink()  # the files are large; the numbers are kept
 
 

@@ -16,9 +16,10 @@ removes some KL for some bits. Upgrades are taken in order of KL removed per bit
   embedding: q5_0 → q8_0 is 1.88 bits per weight of the whole model). The mix takes every upgrade
   the longest fitting run takes, and more: its predicted KL is never higher. (A larger budget can
   now give some matrix a smaller type: a large step that starts to fit can crowd out small ones.)
-  The fill is also run after each rung of each ladder taken first, and the mix predicted lowest
-  is kept: greedy can spend the budget on small steps that together remove less than one large
-  step they crowd out.
+  The fill is also run after each rung of each ladder taken first: greedy can spend the budget
+  on small steps that together remove less than one large step they crowd out. The mixes predicted
+  lowest, and those the format suggests (a GGUF source's own types), are measured whole on the
+  calibration text; the lowest measured is kept.
 - by KL: the smallest budget whose mix, chosen by the greedy fill, is predicted under the limit; the mix is
   then measured whole (additivity is only approximate) and the budget raised while the
   measurement exceeds it.
@@ -34,6 +35,10 @@ from edgetok.exporters.sensitivity import InputRounding, Matrix, Mix, Rounded, R
 
 BitsOf = Callable[[Matrix, str], float]  # a matrix at a type → its bits per weight, as stored
 MAX_KL_ROUNDS = 8  # measurements of the whole mix while --max-kl is not met
+# --target-bits: the mixes predicted lowest that are measured whole, the lowest measured kept. The
+# sum of KLs alone is a rough guide near the top: on Gemma 3 at Q4_K_M's size, two mixes predicted
+# 0.0424 and 0.0429 measured 0.0088 and 0.0065 in llama.cpp.
+WHOLE_MIXES = 4
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,22 @@ class Upgrade:
         return self.gain / self.bits
 
 
+@dataclass(frozen=True)
+class Tried:
+    """A mix measured whole for --target-bits: where it came from ("predicted": of the lowest
+    predicted; or the name the format gave it), its size and its KL predicted and measured."""
+
+    origin: str
+    bits_per_weight: float
+    predicted_kl: float
+    calibration_kl: float
+    types: dict[str, str] = field(repr=False)
+
+    def to_json(self) -> dict:
+        return {"origin": self.origin, "bits_per_weight": round(self.bits_per_weight, 4),
+                "predicted_kl": round(self.predicted_kl, 6), "calibration_kl": round(self.calibration_kl, 6)}
+
+
 @dataclass
 class Allocation:
     """The types chosen, and what they were chosen from: the report keeps it all."""
@@ -61,12 +82,13 @@ class Allocation:
     max_kl: float | None = None
     calibration_tokens: int = 0
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)  # matrix → type → KL alone
+    tried: list[Tried] = field(default_factory=list)  # --target-bits: the mixes measured whole, the lowest kept
 
     def to_json(self) -> dict:
         return {"summary": self.summary(), "target_bits": self.target_bits, "max_kl": self.max_kl,
                 "bits_per_weight": round(self.bits_per_weight, 4), "predicted_kl": round(self.predicted_kl, 6),
                 "calibration_kl": round(self.calibration_kl, 6), "calibration_tokens": self.calibration_tokens,
-                "types": self.types,
+                "tried": [t.to_json() for t in self.tried], "types": self.types,
                 "sensitivity": {m: {k: round(v, 6) for k, v in kl.items()} for m, kl in self.sensitivity.items()}}
 
     def summary(self) -> str:
@@ -138,22 +160,29 @@ def greedy_by_bits(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits
     return _fill(start, steps, budget)[0]
 
 
-def by_bits(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float) -> dict[str, str]:
-    """The types for at most `target` bits per weight over `matrices`: the greedy fill, or a fill
-    after one rung taken first where that is predicted lower. Greedy by KL per bit can spend the
-    budget on many small steps and leave out one large step worth more (Gemma 3's embedding, 63 % of
-    the weights: q5_1 → q8_0 halves the predicted KL at Q4_K_M's size)."""
+def candidates(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float) -> list[dict[str, str]]:
+    """Mixes of at most `target` bits per weight over `matrices`, predicted lowest first, no two
+    alike: the greedy fill, and a fill after each rung taken first. Greedy by KL per bit can spend
+    the budget on many small steps and leave out one large step worth more (Gemma 3's embedding,
+    63 % of the weights: q5_1 → q8_0 halves the predicted KL at Q4_K_M's size)."""
     start, steps, budget = _budget(matrices, kl, bits_of, target)
-    best = _fill(start, steps, budget)[0]
+    mixes = {}
     by_name = {m.name: m for m in matrices}
-    for u in steps:
-        m = by_name[u.matrix]
-        first = (bits_of(m, u.to) - bits_of(m, start[m.name])) * m.size
-        if first <= budget + 1e-9:
-            types = _fill(start | {m.name: u.to}, steps, budget - first)[0]
-            if _predicted(kl, types) < _predicted(kl, best):
-                best = types
-    return best
+    for first in (None, *steps):
+        types, left = start, budget
+        if first is not None:
+            m = by_name[first.matrix]
+            left -= (bits_of(m, first.to) - bits_of(m, start[m.name])) * m.size
+            types = start | {m.name: first.to}
+        if left >= -1e-9:
+            mix = _fill(types, steps, left)[0]
+            mixes.setdefault(tuple(sorted(mix.items())), mix)
+    return sorted(mixes.values(), key=lambda t: _predicted(kl, t))  # stable: the greedy fill first among equals
+
+
+def by_bits(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float) -> dict[str, str]:
+    """The mix of at most `target` bits per weight predicted lowest (of `candidates`)."""
+    return candidates(matrices, kl, bits_of, target)[0]
 
 
 def _budget(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: BitsOf, target: float):
@@ -223,25 +252,36 @@ def calibration_rounded(source, options, inputs: InputRounding | None = None) ->
 
 
 def allocate(rounded: Rounded, matrices: list[Matrix], round_trip: RoundTrip, bits_of: BitsOf, *,
-             target_bits: float | None = None, max_kl: float | None = None,
-             fixed: Mix | None = None, progress=None) -> Allocation:
+             target_bits: float | None = None, max_kl: float | None = None, fixed: Mix | None = None,
+             suggested: dict[str, dict[str, str]] | None = None, sensitivity: dict[str, dict[str, float]] | None = None,
+             progress=None) -> Allocation:
     """Each of `matrices`' type for --target-bits or --max-kl, measured on `rounded`'s tokens.
-    fixed: HF tensors whose rounding another option decided (--tensor-type): in every measurement."""
+    fixed: HF tensors whose rounding another option decided (--tensor-type): in every measurement.
+    suggested: named mixes the format offers (a GGUF source's own types), measured with the
+    allocator's own where they fit --target-bits. sensitivity: tensor_kl's result, when measured before."""
     assert (target_bits is None) != (max_kl is None)
     fixed = fixed or Mix()
     by_name = {m.name: m for m in matrices}
+    pieces: dict[tuple[str, str], Mix] = {}  # (matrix, type) → its rounding: the mixes share most
 
     def measure(types: dict[str, str]) -> float:
         mix = fixed
         for name, kind in types.items():
-            mix |= rounded.rounded(by_name[name], kind, round_trip)
+            if (name, kind) not in pieces:
+                pieces[name, kind] = rounded.rounded(by_name[name], kind, round_trip)
+            mix |= pieces[name, kind]
         return rounded.kl(mix)
 
-    kl = tensor_kl(rounded, matrices, round_trip, progress)
+    kl = sensitivity if sensitivity is not None else tensor_kl(rounded, matrices, round_trip, progress)
+    tried = []
     if target_bits is not None:
-        types = by_bits(matrices, kl, bits_of, target_bits)
-        measured = measure(types)
+        offered = [("predicted", t) for t in candidates(matrices, kl, bits_of, target_bits)[:WHOLE_MIXES]]
+        offered += [(name, t) for name, t in (suggested or {}).items()
+                    if bits_per_weight(matrices, t, bits_of) <= target_bits + 1e-9]
+        tried = [Tried(origin, bits_per_weight(matrices, t, bits_of), _predicted(kl, t), measure(t), t) for origin, t in offered]
+        best = min(tried, key=lambda c: c.calibration_kl)
+        types, measured = best.types, best.calibration_kl
     else:
         types, measured = by_kl(matrices, kl, bits_of, max_kl, measure)
     return Allocation(types, bits_per_weight(matrices, types, bits_of), _predicted(kl, types),
-                      measured, target_bits, max_kl, len(rounded.tokens), kl)
+                      measured, target_bits, max_kl, len(rounded.tokens), kl, tried)

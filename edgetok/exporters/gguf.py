@@ -6,6 +6,7 @@ exporters/pipeline.py).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from edgetok.errors import EdgetokError
 from edgetok.exporters import kquants
 from edgetok.exporters.allocate import Allocation, allocate, calibration_rounded
+from edgetok.exporters.gguf_codes import source_blocks
 from edgetok.exporters.gguf_types import (
     TensorType,
     bits_per_weight,
@@ -184,17 +186,36 @@ def allocation_matrices(cfg: ModelConfig, weights: dict[str, torch.Tensor], fixe
     return matrices
 
 
-def allocate_types(source: Source, options: GgufOptions, fixed: dict[str, str],
-                   importance: dict[str, torch.Tensor]) -> Allocation:
+def allocate_types(source: Source, options: GgufOptions, fixed: dict[str, str], importance: dict[str, torch.Tensor],
+                   stored: dict[str, kquants.Blocks] | None = None,
+                   sensitivity: dict[str, dict[str, float]] | None = None) -> Allocation:
     """--quant auto: every matrix's type for --target-bits or --max-kl (exporters/allocate.py),
-    each rounded as it will be written (with --imatrix's weights)."""
+    each rounded as it will be written (with --imatrix's weights; at a GGUF source's own type, with
+    its `stored` blocks, which also offer the source's mix). sensitivity: measured before, as this
+    measures it (benchmarks/allocator.py)."""
+    stored = stored or {}
     rounded = calibration_rounded(source, options, input_rounding)
     parts = {p: written_type(rounded.weight(p), kind) for name, kind in fixed.items() for p in written_parts(source.config, name)}
     fixed_rounded = Mix({p: round_trip(rounded.weight(p), kind) for p, kind in parts.items()}, parts)
-    return allocate(rounded, allocation_matrices(source.config, source.weights, fixed),
-                    lambda name, w, kind: round_trip(w, kind, importance.get(name)), lambda m, kind: bits_per_weight(kind),
+    matrices = allocation_matrices(source.config, source.weights, fixed)
+    own = {m.name: stored[m.parts[0]].kind for m in matrices if all(p in stored for p in m.parts)}
+    own_mix = len(own) == len(matrices) and all(kind in m.types for m, kind in zip(matrices, own.values()))
+    return allocate(rounded, matrices, writer_round_trip(importance, stored), lambda m, kind: bits_per_weight(kind),
                     target_bits=options.target_bits, max_kl=options.max_kl, fixed=fixed_rounded,
+                    suggested={"the source's own types": own} if own_mix else None, sensitivity=sensitivity,
                     progress=progress_bar("sensitivity"))
+
+
+def writer_round_trip(importance: dict[str, torch.Tensor], stored: dict[str, kquants.Blocks]):
+    """A matrix as write_gguf writes it at a type: a GGUF source's own values at the type its
+    `stored` blocks have (written as they are), else rounded as encode rounds it (with --imatrix's
+    weights)."""
+
+    def rounded(name: str, w: torch.Tensor, kind: str) -> torch.Tensor:
+        held = stored.get(name)
+        return w if held is not None and held.kind == kind else round_trip(w, kind, importance.get(name))
+
+    return rounded
 
 
 def imatrix_importance(imatrix: Imatrix, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -325,7 +346,7 @@ def export_gguf(
 
 def write_gguf(
     source: Source, path: Path, quant: str = "f16", overrides: dict[str, str] | None = None, quantized: dict | None = None,
-    importance: dict[str, torch.Tensor] | None = None,
+    importance: dict[str, torch.Tensor] | None = None, stored: dict[str, kquants.Blocks] | None = None,
 ) -> list[TensorType]:
     """Write `source` as a GGUF file at `path`; returns the type plan (every tensor's type, and
     why where it is not the one asked for).
@@ -336,6 +357,9 @@ def write_gguf(
     quantized here: by llama.cpp's own rounding (gguf-py) for the 32-value types, by
     exporters/kquants.py for the K-quants and iq4_nl.
     importance: HF tensor name → an imatrix's values (K,) weighting that tensor's rounding.
+    stored: HF tensor name → a GGUF source's own blocks (gguf_codes.source_blocks): a tensor the
+    plan gives their type is written with them, as llama.cpp's quantizer keeps a tensor already at
+    the type asked (its weights are those blocks' values: rounding them again could only move a code).
     """
     import gguf
 
@@ -361,9 +385,7 @@ def write_gguf(
             codes = type(parts[0]).cat_rows(parts) if all(q is not None for q in parts) else None
         heads = permuted_heads(name, cfg)
         if codes is not None and name not in overrides:
-            if heads is not None:  # the same row order as permute_qk gives the float weight
-                codes = codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
-            data, kind = code_blocks(codes)
+            data, kind = code_blocks(_file_rows(codes, heads))
             planned = choose_type(gg, codes.shape, quant)
             if planned.type != kind:  # chosen for this tensor (the allocator, --tensor-type): asked as such
                 planned = choose_type(gg, codes.shape, kind)
@@ -376,14 +398,24 @@ def write_gguf(
         if cfg.norm_offset and is_norm(name):  # llama.cpp multiplies by the stored weight itself
             w = w + cfg.norm_offset
         planned = choose_type(gg, tuple(w.shape), overrides.get(name, quant))
-        data, dtype = encode(w, planned.type, (importance or {}).get(name))
-        writer.add_tensor(gg, data, raw_dtype=dtype)
+        held = [(stored or {}).get(p) for p in written_parts(cfg, name)]
+        if all(b is not None and b.kind == planned.type for b in held):
+            writer.add_tensor(gg, _file_rows(kquants.Blocks.cat_rows(held), heads).data, raw_dtype=qtype(planned.type))
+            planned = replace(planned, kept=True)
+        else:
+            data, dtype = encode(w, planned.type, (importance or {}).get(name))
+            writer.add_tensor(gg, data, raw_dtype=dtype)
         plan.append(planned)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return plan
+
+
+def _file_rows(codes, heads: int | None):
+    """Codes in the HF row order → in the file's (q/k: the order permute_qk gives the float weight)."""
+    return codes if heads is None else codes.rows(torch.from_numpy(permute_qk(np.arange(codes.shape[0]), heads)))
 
 
 def _add_field(writer, key: str, value) -> None:
@@ -436,6 +468,8 @@ class GgufExport:
         quant = self.options.quant
         self.written = source if qm is None else quantized_source(source, qm)
         self.codes, self.quantization = ({}, None) if qm is None else (qm.quantized(), qm.info)
+        # a GGUF source's blocks, kept where a tensor keeps its type (gptq / rsq write their own codes)
+        self.stored = source_blocks(source.path, source.config) if qm is None and source.format == "gguf" else {}
         # checked first: a pattern that finds nothing fails before the slow part
         self.user_types = tensor_type_overrides(self.options.tensor_type, self.written.config, self.written.weights)
         self.overrides = default_overrides(self.written.config, quant)
@@ -447,7 +481,7 @@ class GgufExport:
         self.saved_imatrix = None if o.save_imatrix is None else calibrated_imatrix(self.written, o)
         if self.options.allocates:
             if self.allocation is None:
-                self.allocation = allocate_types(self.written, self.options, self.user_types, self.importance)
+                self.allocation = allocate_types(self.written, self.options, self.user_types, self.importance, self.stored)
             self.overrides = dict(self.allocation.types)
             self.file_quant = Counter(self.overrides.values()).most_common(1)[0][0]  # llama.cpp's file type
         if self.options.keep_sensitive:
@@ -462,7 +496,7 @@ class GgufExport:
         # gptq / rsq codes sit on the allocator's and --tensor-type's types already (code_grid): written as
         # they are, but for the matrices --keep-sensitive raised after calibration
         types = {n: kind for n, kind in (self.overrides | self.user_types).items() if n not in self.codes or n in self.raised}
-        plan = write_gguf(self.written, paths[0], self.file_quant, types, self.codes, self.importance)
+        plan = write_gguf(self.written, paths[0], self.file_quant, types, self.codes, self.importance, self.stored)
         if self.saved_imatrix is not None:
             self.saved_imatrix.write(paths[2])
         imatrix = None

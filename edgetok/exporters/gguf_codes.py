@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from edgetok.exporters.kquants import Blocks
 from edgetok.exporters.quantize import QuantizedWeight
 from edgetok.models.checkpoint import part_rows
 from edgetok.models.config import ModelConfig
@@ -145,18 +146,34 @@ def source_codes(path: Path, cfg: ModelConfig) -> tuple[dict[str, QuantizedWeigh
     for name, t, shape in named_tensors(path, reader, cfg):
         if len(shape) != 2:
             continue
-        parts = fused_parts(name) or [name]
-        types |= dict.fromkeys(parts, t.tensor_type.name)
+        types |= dict.fromkeys(fused_parts(name) or [name], t.tensor_type.name)
         qw = decode(t.data, t.tensor_type, shape)
-        if qw is None:
-            continue
-        heads = permuted_heads(name, cfg)
-        if heads is not None:  # the rows' order, as read_gguf's unpermute_qk puts the values
-            qw = qw.rows(torch.from_numpy(unpermute_qk(np.arange(shape[0]), heads).copy()))
-        if len(parts) > 1:
-            fused = next(f for f in FUSED if f".{f}." in name)
-            bounds = np.cumsum([0, *part_rows(cfg, fused)])
-            codes |= {p: qw.rows(slice(a, b)) for p, a, b in zip(parts, bounds[:-1], bounds[1:])}
-        else:
-            codes[name] = qw
+        if qw is not None:
+            codes |= _hf_rows(name, cfg, shape, qw)
     return codes, types
+
+
+def source_blocks(path: Path, cfg: ModelConfig) -> dict[str, Blocks]:
+    """The GGUF's block-quantized 2-D weights as they are stored, HF-named as source_codes names
+    them: a GGUF written again keeps them where it gives a tensor its source's type (decoding and
+    rounding again can move a code: a q6_k or q4_k fit recovers all but a few blocks)."""
+    reader, _, _ = open_gguf(path)
+    blocks = {}
+    for name, t, shape in named_tensors(path, reader, cfg):
+        if len(shape) == 2 and t.tensor_type.name not in ("F32", "F16", "BF16"):
+            blocks |= _hf_rows(name, cfg, shape, Blocks(t.tensor_type.name.lower(), np.asarray(t.data).reshape(shape[0], -1)))
+    return blocks
+
+
+def _hf_rows(name: str, cfg: ModelConfig, shape: tuple[int, int], stored: QuantizedWeight | Blocks) -> dict:
+    """A file tensor's rows (anything with `rows`) → HF name → its rows in the HF order: q/k rows
+    unpermuted (as read_gguf's unpermute_qk puts the values), a stacked tensor split into its parts."""
+    heads = permuted_heads(name, cfg)
+    if heads is not None:
+        stored = stored.rows(torch.from_numpy(unpermute_qk(np.arange(shape[0]), heads).copy()))
+    parts = fused_parts(name) or [name]
+    if len(parts) == 1:
+        return {name: stored}
+    fused = next(f for f in FUSED if f".{f}." in name)
+    bounds = np.cumsum([0, *part_rows(cfg, fused)])
+    return {p: stored.rows(slice(a, b)) for p, a, b in zip(parts, bounds[:-1], bounds[1:])}

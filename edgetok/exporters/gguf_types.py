@@ -45,12 +45,14 @@ def bits_per_weight(kind: str) -> float:
 @dataclass(frozen=True)
 class TensorType:
     """One row of the type plan: a tensor (llama.cpp's name), the type it was to get and the one
-    it gets, and why they differ ("" when they do not)."""
+    it gets, and why they differ ("" when they do not); kept: written with a GGUF source's own
+    blocks (the source stores it at that type)."""
 
     tensor: str
     asked: str
     type: str
     why: str = ""
+    kept: bool = False
 
     def to_json(self) -> dict[str, str]:
         return asdict(self)
@@ -136,4 +138,7 @@ def plan_summary(plan: list[TensorType]) -> list[str]:
     for (asked, kind, why), tensors in groups.items():
         shown = ", ".join(tensors[:3]) + (", …" if len(tensors) > 3 else "")
         lines.append(f"  {kind} instead of {asked} for {len(tensors)} tensors ({why}): {shown}")
+    kept = sum(t.kept for t in plan)
+    if kept:
+        lines.append(f"  {kept} tensors keep the source's own blocks (already at their type: no rounding)")
     return lines

@@ -363,14 +363,19 @@ def fit(rows: torch.Tensor, kind: str, importance: torch.Tensor | None = None) -
 
 @dataclass(frozen=True)
 class Blocks:
-    """A matrix as blocks of one of these types, as written: row r's blocks are data[r]."""
+    """A matrix as blocks of one GGUF block type, as written: row r's blocks are data[r]. The
+    types here, as a Grid packs them, or any block type a GGUF source stores (written again as
+    they are: exporters/gguf_codes.source_blocks)."""
 
-    kind: str
-    data: np.ndarray  # (N, K / BLOCK_VALUES[kind] · the block's bytes) uint8
+    kind: str  # a GGUF type's name in lower case
+    data: np.ndarray  # (N, K / the type's block values · the block's bytes) uint8
 
     def __post_init__(self) -> None:
-        if self.kind not in TYPES or self.data.dtype != np.uint8 or self.data.ndim != 2:
-            raise ValueError(f"blocks are (rows, bytes) uint8 of one of {', '.join(TYPES)}, "
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType.__members__.get(self.kind.upper())
+        if qtype is None or gguf.GGML_QUANT_SIZES[qtype][0] == 1 or self.data.dtype != np.uint8 or self.data.ndim != 2:
+            raise ValueError(f"blocks are (rows, bytes) uint8 of a GGUF block type, "
                              f"not {self.data.dtype} {self.data.shape} of {self.kind}")
 
     @property

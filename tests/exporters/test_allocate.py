@@ -13,10 +13,11 @@ import torch
 from conftest import run_cli
 
 from edgetok.errors import EdgetokError
-from edgetok.exporters.allocate import by_bits, by_kl, greedy_by_bits, ladder, upgrades
+from edgetok.exporters.allocate import by_bits, by_kl, candidates, greedy_by_bits, ladder, upgrades
 from edgetok.exporters.calibration import calibration_tokens
 from edgetok.exporters.gguf import tensor_layout
 from edgetok.exporters.gguf_types import bits_per_weight, input_rounding, round_trip
+from edgetok.exporters.llamacpp_quantize import quantize_with_llamacpp
 from edgetok.exporters.options import GgufOptions, OnnxOptions
 from edgetok.exporters.sensitivity import Matrix, Mix, Rounded
 from edgetok.models.manifest import ONNX_MANIFEST
@@ -102,6 +103,17 @@ def test_one_large_step_worth_more_than_the_small_ones_is_taken():
     greedy = greedy_by_bits([big, *small], kl, bits_of, target)
     assert greedy["big"] == "a" and all(greedy[m.name] == "b" for m in small)
     assert by_bits([big, *small], kl, bits_of, target)["big"] == "d"
+
+
+def test_candidates_fit_the_budget_differ_and_come_lowest_predicted_first():
+    matrices, kl = random_sensitivities(2)
+    total = sum(m.size for m in matrices)
+    mixes = candidates(matrices, kl, bits_of, 5.3)
+    predicted = [sum(kl[n][t] for n, t in types.items()) for types in mixes]
+    assert len(mixes) > 1 and mixes[0] == by_bits(matrices, kl, bits_of, 5.3) and predicted == sorted(predicted)
+    assert len({tuple(sorted(t.items())) for t in mixes}) == len(mixes)
+    assert all(sum(BITS[t[m.name]] * m.size for m in matrices) <= 5.3 * total + 1e-6 for t in mixes)
+    assert greedy_by_bits(matrices, kl, bits_of, 5.3) in mixes
 
 
 def test_max_kl_takes_the_least_budget_whose_mix_meets_it():
@@ -212,6 +224,28 @@ def test_a_model_on_q4_1s_grid_gets_q4_1_back_exactly(wide_folder, tmp_path):
     assert {kind for kind, _ in file_types(out).values()} == {"q4_1"}
     source, back = load_source(str(folder)).weights, load_source(str(out)).weights
     assert all(torch.equal(back[n], w) for n, w in source.items() if w.dim() == 2)
+
+
+def test_a_gguf_sources_own_types_are_measured_with_the_predicted_mixes(wide_folder, tmp_path):
+    """--target-bits from llama.cpp's Q4_K_M: the mixes predicted lowest and the source's own types
+    (they fit) are each measured whole on the calibration text, and the lowest measured is written;
+    the tensors at their source's type keep its blocks."""
+    f32, source, out = tmp_path / "m.f32.gguf", tmp_path / "m.q4_k_m.gguf", tmp_path / "auto.gguf"
+    assert run_cli("export", wide_folder, "--format", "gguf", "--quant", "f32", "--no-verify", "-o", f32).exit_code == 0
+    quantize_with_llamacpp(f32, source, "Q4_K_M")
+    own = file_types(source)
+    bits = sum(bits_per_weight(kind) * n for kind, n in own.values()) / sum(n for _, n in own.values())
+    r = run_cli("export", source, "--format", "gguf", "--target-bits", f"{bits + 1e-3:.4f}", "--calib-tokens", "64",
+                "--no-verify", "-o", out)
+    assert r.exit_code == 0, r.output
+    allocation = json.loads((tmp_path / "auto.gguf.json").read_text())["allocation"]
+    tried = {t["origin"]: t for t in allocation["tried"]}
+    assert set(tried) == {"predicted", "the source's own types"}
+    assert tried["the source's own types"]["bits_per_weight"] == pytest.approx(bits, abs=1e-3)
+    assert allocation["calibration_kl"] == min(t["calibration_kl"] for t in allocation["tried"])
+    written = file_types(out)
+    kept = {t["tensor"] for t in json.loads((tmp_path / "auto.gguf.json").read_text())["type_plan"] if t["kept"]}
+    assert kept == {n for n in written if written[n][0] == own[n][0]} and kept
 
 
 def test_gptq_codes_on_the_allocators_types(wide_folder, tmp_path):

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from edgetok.exporters import onnx_rewrites as rw
 from edgetok.exporters.gguf_codes import DECODERS, source_codes
+from edgetok.exporters.llamacpp_quantize import quantize_with_llamacpp
 from edgetok.exporters.quantize import QuantizedWeight
 from edgetok.kernels import ort_ops
 from edgetok.models.names import layer
@@ -136,3 +137,29 @@ def test_weights_source_needs_a_gguf(wide_folder, gguf_of, tmp_path):
     r = run_cli("export", gguf_of("q4_k"), "--format", "onnx", "--weights", "source", "--block-size", "64",
                 "-o", tmp_path / "b")
     assert r.exit_code != 0 and "--weights source carries" in r.output and not (tmp_path / "b").exists()
+
+
+def test_a_gguf_written_again_keeps_its_sources_blocks(wide_folder, tmp_path):
+    """GGUF to GGUF: a tensor the plan gives its source's type is written with the source's own
+    blocks, byte for byte (q/k rows permuted back as they came), as llama.cpp's quantizer keeps a
+    tensor already at the type asked; the report marks them. The source is llama.cpp's Q4_K_M, whose
+    codes rounding their values again need not recover."""
+    import gguf
+
+    f32, source, out = tmp_path / "m.f32.gguf", tmp_path / "m.q4_k_m.gguf", tmp_path / "again.gguf"
+    assert run_cli("export", wide_folder, "--format", "gguf", "--quant", "f32", "--no-verify", "-o", f32).exit_code == 0
+    quantize_with_llamacpp(f32, source, "Q4_K_M")
+    r = run_cli("export", source, "--format", "gguf", "--quant", "q4_k", "--eval-tokens", "64", "-o", out)
+    assert r.exit_code == 0, r.output
+
+    def matrices(path):
+        return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors
+                if len(t.shape) == 2}
+
+    before, after = matrices(source), matrices(out)
+    same = {n for n in before if before[n][0] == after[n][0]}
+    assert {"blk.0.attn_q.weight", "blk.0.attn_k.weight"} <= same  # permuted rows, q4_k in both
+    assert all(before[n][1] == after[n][1] for n in same)
+    report = json.loads((tmp_path / "again.gguf.json").read_text())
+    assert {t["tensor"] for t in report["type_plan"] if t["kept"]} == same
+    assert report["parity"]["kl_mean"] < 0.05  # the q6_k tensors are rounded to q4_k
