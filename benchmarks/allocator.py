@@ -85,7 +85,7 @@ def main() -> None:
         options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8)
         sensitivity_options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=8,
                                           calib_tokens=args.calib_tokens)
-        kl = tensor_kl(calibration_rounded(src, sensitivity_options, input_rounding), matrices, writer_round_trip({}, stored),
+        kl = tensor_kl(calibration_rounded(src, sensitivity_options, input_rounding)[0], matrices, writer_round_trip({}, stored),
                        progress_bar("sensitivity"))
         (args.out / "sensitivity.json").write_text(json.dumps(kl, indent=1))
         print(f"sensitivity: {sum(len(v) for v in kl.values())} runs on {sensitivity_options.allocation_tokens} tokens "

@@ -39,6 +39,11 @@ MAX_KL_ROUNDS = 8  # measurements of the whole mix while --max-kl is not met
 # sum of KLs alone is a rough guide near the top: on Gemma 3 at Q4_K_M's size, two mixes predicted
 # 0.0424 and 0.0429 measured 0.0088 and 0.0065 in llama.cpp.
 WHOLE_MIXES = 4
+# ... on this many tokens of the calibration text (where it and the model's context have them),
+# more than the sensitivity's: a few runs, not one per matrix and type. On 256 tokens SmolLM2's
+# candidates at Q4_1's size ranked against the four held-out texts (the source's own types last
+# by 24 %); on 1024 and 4096 they ranked as the held-out texts do.
+WHOLE_MIX_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ class Allocation:
     calibration_kl: float  # the whole mix, measured on the calibration text
     target_bits: float | None = None
     max_kl: float | None = None
-    calibration_tokens: int = 0
+    calibration_tokens: int = 0  # of the whole mix's measurement
+    sensitivity_tokens: int = 0
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)  # matrix → type → KL alone
     tried: list[Tried] = field(default_factory=list)  # --target-bits: the mixes measured whole, the lowest kept
 
@@ -88,6 +94,7 @@ class Allocation:
         return {"summary": self.summary(), "target_bits": self.target_bits, "max_kl": self.max_kl,
                 "bits_per_weight": round(self.bits_per_weight, 4), "predicted_kl": round(self.predicted_kl, 6),
                 "calibration_kl": round(self.calibration_kl, 6), "calibration_tokens": self.calibration_tokens,
+                "sensitivity_tokens": self.sensitivity_tokens,
                 "tried": [t.to_json() for t in self.tried], "types": self.types,
                 "sensitivity": {m: {k: round(v, 6) for k, v in kl.items()} for m, kl in self.sensitivity.items()}}
 
@@ -239,27 +246,35 @@ def by_kl(matrices: list[Matrix], kl: dict[str, dict[str, float]], bits_of: Bits
                        f"(the closest measured {measured:.4f}); raise it or choose a type with --quant / --weights")
 
 
-def calibration_rounded(source, options, inputs: InputRounding | None = None) -> Rounded:
-    """The reference model on options.allocation_tokens tokens of the calibration text (--calib;
-    default: the end of the built-in essays, which the parity report never reads); `inputs`: how
-    the format's runtime rounds its matrices' inputs."""
+def calibration_rounded(source, options, inputs: InputRounding | None = None) -> tuple[Rounded, Rounded]:
+    """The reference model on the calibration text (--calib; default: the end of the built-in
+    essays, which the parity report never reads) → (on options.allocation_tokens tokens, for the
+    sensitivity; on WHOLE_MIX_TOKENS or as many as the text and the model's context hold, for the
+    mixes measured whole). `inputs`: how the format's runtime rounds its matrices' inputs."""
     from edgetok.exporters.calibration import calibration_tokens
     from edgetok.texts import read_text
 
     text = read_text(options.calib, 0) if options.calib is not None else None
     n = options.allocation_tokens
-    return Rounded(source, calibration_tokens(source.tokenizer, text, n, n)[0].tolist(), inputs)
+    rounded = Rounded(source, calibration_tokens(source.tokenizer, text, n, n)[0].tolist(), inputs)
+    held = len(source.tokenizer.encode(text)) if text is not None else WHOLE_MIX_TOKENS
+    whole = min(WHOLE_MIX_TOKENS, held, source.config.max_context)
+    if whole <= n:
+        return rounded, rounded
+    return rounded, rounded.on(calibration_tokens(source.tokenizer, text, whole, whole)[0].tolist())
 
 
-def allocate(rounded: Rounded, matrices: list[Matrix], round_trip: RoundTrip, bits_of: BitsOf, *,
+def allocate(rounded: tuple[Rounded, Rounded], matrices: list[Matrix], round_trip: RoundTrip, bits_of: BitsOf, *,
              target_bits: float | None = None, max_kl: float | None = None, fixed: Mix | None = None,
              suggested: dict[str, dict[str, str]] | None = None, sensitivity: dict[str, dict[str, float]] | None = None,
              progress=None) -> Allocation:
-    """Each of `matrices`' type for --target-bits or --max-kl, measured on `rounded`'s tokens.
+    """Each of `matrices`' type for --target-bits or --max-kl: the sensitivity measured on
+    rounded[0]'s tokens, the mixes measured whole on rounded[1]'s (calibration_rounded's pair).
     fixed: HF tensors whose rounding another option decided (--tensor-type): in every measurement.
     suggested: named mixes the format offers (a GGUF source's own types), measured with the
     allocator's own where they fit --target-bits. sensitivity: tensor_kl's result, when measured before."""
     assert (target_bits is None) != (max_kl is None)
+    rounded, judge = rounded
     fixed = fixed or Mix()
     by_name = {m.name: m for m in matrices}
     pieces: dict[tuple[str, str], Mix] = {}  # (matrix, type) → its rounding: the mixes share most
@@ -270,7 +285,7 @@ def allocate(rounded: Rounded, matrices: list[Matrix], round_trip: RoundTrip, bi
             if (name, kind) not in pieces:
                 pieces[name, kind] = rounded.rounded(by_name[name], kind, round_trip)
             mix |= pieces[name, kind]
-        return rounded.kl(mix)
+        return judge.kl(mix)
 
     kl = sensitivity if sensitivity is not None else tensor_kl(rounded, matrices, round_trip, progress)
     tried = []
@@ -284,4 +299,4 @@ def allocate(rounded: Rounded, matrices: list[Matrix], round_trip: RoundTrip, bi
     else:
         types, measured = by_kl(matrices, kl, bits_of, max_kl, measure)
     return Allocation(types, bits_per_weight(matrices, types, bits_of), _predicted(kl, types),
-                      measured, target_bits, max_kl, len(rounded.tokens), kl, tried)
+                      measured, target_bits, max_kl, len(judge.tokens), len(rounded.tokens), kl, tried)

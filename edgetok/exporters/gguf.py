@@ -195,8 +195,9 @@ def allocate_types(source: Source, options: GgufOptions, fixed: dict[str, str], 
     measures it (benchmarks/allocator.py)."""
     stored = stored or {}
     rounded = calibration_rounded(source, options, input_rounding)
-    parts = {p: written_type(rounded.weight(p), kind) for name, kind in fixed.items() for p in written_parts(source.config, name)}
-    fixed_rounded = Mix({p: round_trip(rounded.weight(p), kind) for p, kind in parts.items()}, parts)
+    weight = rounded[0].weight
+    parts = {p: written_type(weight(p), kind) for name, kind in fixed.items() for p in written_parts(source.config, name)}
+    fixed_rounded = Mix({p: round_trip(weight(p), kind) for p, kind in parts.items()}, parts)
     matrices = allocation_matrices(source.config, source.weights, fixed)
     own = {m.name: stored[m.parts[0]].kind for m in matrices if all(p in stored for p in m.parts)}
     own_mix = len(own) == len(matrices) and all(kind in m.types for m, kind in zip(matrices, own.values()))

@@ -7,6 +7,7 @@ quantized matrix's input to 8-bit blocks, whose size depends on the matrix's typ
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,6 +69,14 @@ class Rounded:
             if isinstance(module, torch.nn.Linear):
                 self.linears.setdefault(id(module.weight), []).append(module)
         self.reference = model_logits(self.model, tokens)
+
+    def on(self, tokens: list[int]) -> Rounded:
+        """The same model (its matrices shared) on other tokens, with their own reference logits."""
+        from edgetok.exporters.verify import model_logits
+
+        other = copy.copy(self)
+        other.tokens, other.reference = tokens, model_logits(self.model, tokens)
+        return other
 
     def weight(self, name: str) -> torch.Tensor:
         return self.params[name].data

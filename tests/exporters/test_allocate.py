@@ -178,10 +178,12 @@ def test_gguf_max_kl_is_met_on_the_calibration_text(wide_folder, tmp_path, max_k
     r = run_cli("export", wide_folder, "--format", "gguf", "--quant", "auto", "--max-kl", max_kl,
                 "--calib-tokens", "64", "--eval-tokens", "64", "-o", out)
     assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "k.gguf.json").read_text())
-    measured = calibration_kl(load_source(str(wide_folder)), out, 64)
+    allocation = json.loads((tmp_path / "k.gguf.json").read_text())["allocation"]
+    # the sensitivity on --calib-tokens, the mix measured whole on as many tokens as the model's context holds
+    assert (allocation["sensitivity_tokens"], allocation["calibration_tokens"]) == (64, 256)
+    measured = calibration_kl(load_source(str(wide_folder)), out, 256)
     assert measured <= max_kl
-    assert abs(measured - report["allocation"]["calibration_kl"]) < 1e-6
+    assert abs(measured - allocation["calibration_kl"]) < 1e-6
 
 
 def test_gguf_max_kl_buys_bits_only_where_needed(wide_folder, tmp_path):
