@@ -128,12 +128,11 @@ def main() -> None:
         for target in map(float, args.targets.split(",")):
             options = GgufOptions(model=args.model, output=args.out / "x.gguf", target_bits=target, calib_tokens=args.calib_tokens)
             allocation = allocate_types(src, options, {}, {}, stored, sensitivity=kl)
-            chosen = min(allocation.tried, key=lambda t: t.calibration_kl)
             out = args.out / f"edgetok-{target:g}.gguf"
             types = allocation.types
             write_gguf(src, out, max(set(types.values()), key=list(types.values()).count), types, stored=stored)
             made.append((f"edgetok --target-bits {target:g}", out))
-            chose[made[-1][0]] = {"chosen": chosen.origin, "calibration_kl": round(allocation.calibration_kl, 6),
+            chose[made[-1][0]] = {"chosen": allocation.chosen, "calibration_kl": round(allocation.calibration_kl, 6),
                                   "tried": [t.to_json() for t in allocation.tried]}
     for name, out in made:
         row = {"model": args.model, "file": name, **measure(out, samples, reference, args.threads), **chose.get(name, {})}

@@ -95,11 +95,18 @@ class Allocation:
                 "bits_per_weight": round(self.bits_per_weight, 4), "predicted_kl": round(self.predicted_kl, 6),
                 "calibration_kl": round(self.calibration_kl, 6), "calibration_tokens": self.calibration_tokens,
                 "sensitivity_tokens": self.sensitivity_tokens,
-                "tried": [t.to_json() for t in self.tried], "types": self.types,
+                "tried": [t.to_json() for t in self.tried], "chosen": self.chosen, "types": self.types,
                 "sensitivity": {m: {k: round(v, 6) for k, v in kl.items()} for m, kl in self.sensitivity.items()}}
+
+    @property
+    def chosen(self) -> str | None:
+        """Where the written mix came from (Tried.origin), when mixes were tried."""
+        return next((t.origin for t in self.tried if t.types == self.types), None)
 
     def summary(self) -> str:
         goal = f"--target-bits {self.target_bits:g}" if self.target_bits is not None else f"--max-kl {self.max_kl:g}"
+        if self.chosen not in (None, "predicted"):
+            goal += f", {self.chosen} measured lowest"
         return (f"allocated for {goal}: {self.bits_per_weight:.3f} bits per weight, KL on the calibration text "
                 f"{self.calibration_kl:.4f} (predicted from each matrix alone {self.predicted_kl:.4f})")
 

@@ -245,6 +245,8 @@ def test_a_gguf_sources_own_types_are_measured_with_the_predicted_mixes(wide_fol
     assert set(tried) == {"predicted", "the source's own types"}
     assert tried["the source's own types"]["bits_per_weight"] == pytest.approx(bits, abs=1e-3)
     assert allocation["calibration_kl"] == min(t["calibration_kl"] for t in allocation["tried"])
+    assert any(t["origin"] == allocation["chosen"] and t["calibration_kl"] == allocation["calibration_kl"]
+               for t in allocation["tried"])
     written = file_types(out)
     kept = {t["tensor"] for t in json.loads((tmp_path / "auto.gguf.json").read_text())["type_plan"] if t["kept"]}
     assert kept == {n for n in written if written[n][0] == own[n][0]} and kept
