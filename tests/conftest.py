@@ -200,6 +200,19 @@ def wide_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def llamacpp_q4_k_m(wide_folder, tmp_path_factory) -> Path:
+    """llama.cpp's Q4_K_M of the wide model, made by its own quantizer from edgetok's f32 GGUF: a
+    GGUF source whose codes edgetok's rounding did not choose."""
+    from edgetok.exporters.llamacpp_quantize import quantize_with_llamacpp
+
+    folder = tmp_path_factory.mktemp("llamacpp")
+    f32 = folder / "m.f32.gguf"
+    r = run_cli("export", wide_folder, "--format", "gguf", "--quant", "f32", "--no-verify", "-o", f32)
+    assert r.exit_code == 0, r.output
+    return quantize_with_llamacpp(f32, folder / "m.q4_k_m.gguf", "Q4_K_M")
+
+
 def optimum_layout(export: Path, hf: Path, out: Path) -> Path:
     """optimum's form of edgetok's `--attention standard` export, built without optimum: the graph
     takes optimum's inputs (input_ids, attention_mask, position_ids, past_key_values.N.key / value)

@@ -41,8 +41,9 @@ MAX_KL_ROUNDS = 8  # measurements of the whole mix while --max-kl is not met
 WHOLE_MIXES = 4
 # ... on this many tokens of the calibration text (where it and the model's context have them),
 # more than the sensitivity's: a few runs, not one per matrix and type. On 256 tokens SmolLM2's
-# candidates at Q4_1's size ranked against the four held-out texts (the source's own types last
-# by 24 %); on 1024 and 4096 they ranked as the held-out texts do.
+# candidates at Q4_1's size put the source's own types last (by 24 %), and the mix written lost
+# to them on four held-out texts (0.003663 against 0.003633); on 1024 and 4096 tokens the source's
+# own types came first (one model, one point: BENCHMARKS.md, session 11).
 WHOLE_MIX_TOKENS = 1024
 
 
@@ -271,17 +272,17 @@ def calibration_rounded(source, options, inputs: InputRounding | None = None) ->
     return rounded, rounded.on(calibration_tokens(source.tokenizer, text, whole, whole)[0].tolist())
 
 
-def allocate(rounded: tuple[Rounded, Rounded], matrices: list[Matrix], round_trip: RoundTrip, bits_of: BitsOf, *,
+def allocate(calibration: tuple[Rounded, Rounded], matrices: list[Matrix], round_trip: RoundTrip, bits_of: BitsOf, *,
              target_bits: float | None = None, max_kl: float | None = None, fixed: Mix | None = None,
              suggested: dict[str, dict[str, str]] | None = None, sensitivity: dict[str, dict[str, float]] | None = None,
              progress=None) -> Allocation:
     """Each of `matrices`' type for --target-bits or --max-kl: the sensitivity measured on
-    rounded[0]'s tokens, the mixes measured whole on rounded[1]'s (calibration_rounded's pair).
+    calibration[0]'s tokens, the mixes measured whole on calibration[1]'s (calibration_rounded's pair).
     fixed: HF tensors whose rounding another option decided (--tensor-type): in every measurement.
     suggested: named mixes the format offers (a GGUF source's own types), measured with the
     allocator's own where they fit --target-bits. sensitivity: tensor_kl's result, when measured before."""
     assert (target_bits is None) != (max_kl is None)
-    rounded, judge = rounded
+    rounded, judge = calibration
     fixed = fixed or Mix()
     by_name = {m.name: m for m in matrices}
     pieces: dict[tuple[str, str], Mix] = {}  # (matrix, type) → its rounding: the mixes share most

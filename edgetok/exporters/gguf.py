@@ -36,7 +36,7 @@ from edgetok.exporters.options import (
     parse_tensor_type,
 )
 from edgetok.exporters.quantize import QuantizedModel, QuantizedWeight, quantized_source
-from edgetok.exporters.sensitivity import Matrix, Mix, Rounded, tensor_kl
+from edgetok.exporters.sensitivity import Matrix, Mix, Rounded, RoundTrip, tensor_kl
 from edgetok.files import file_sha256, progress_bar, staged
 from edgetok.models.checkpoint import stack
 from edgetok.models.config import FULL, SLIDING, ModelConfig
@@ -156,13 +156,15 @@ def written_type(w: torch.Tensor, quant: str) -> str:
 
 
 def measure_sensitivity(
-    source: Source, quant: str, tokens: list[int], exclude: set[str] = frozenset(), progress=None
+    source: Source, quant: str, tokens: list[int], exclude: set[str] = frozenset(), progress=None,
+    writes: RoundTrip | None = None,
 ) -> dict[str, float]:
-    """Mean KL(fp32 ‖ model with only this tensor quantized) over `tokens`, per candidate tensor."""
+    """Mean KL(fp32 ‖ model with only this tensor quantized) over `tokens`, per candidate tensor,
+    each rounded as `writes` (writer_round_trip's; default: rounded again, no imatrix)."""
     rounded = Rounded(source, tokens, input_rounding)
     matrices = [Matrix(n, (n,), rounded.weight(n).numel(), (written_type(rounded.weight(n), quant),))
                 for n in sensitivity_candidates(source.config) if n not in exclude]
-    kl = tensor_kl(rounded, matrices, lambda name, w, kind: round_trip(w, kind), progress)
+    kl = tensor_kl(rounded, matrices, writes or writer_round_trip({}, {}), progress)
     return {name: next(iter(by_type.values())) for name, by_type in kl.items()}
 
 
@@ -194,17 +196,18 @@ def allocate_types(source: Source, options: GgufOptions, fixed: dict[str, str], 
     its `stored` blocks, which also offer the source's mix). sensitivity: measured before, as this
     measures it (benchmarks/allocator.py)."""
     stored = stored or {}
-    rounded = calibration_rounded(source, options, input_rounding)
-    weight = rounded[0].weight
+    writes = writer_round_trip(importance, stored)
+    calibration = calibration_rounded(source, options, input_rounding)
+    weight = calibration[0].weight
     parts = {p: written_type(weight(p), kind) for name, kind in fixed.items() for p in written_parts(source.config, name)}
-    fixed_rounded = Mix({p: round_trip(weight(p), kind) for p, kind in parts.items()}, parts)
+    fixed_rounded = Mix({p: writes(p, weight(p), kind) for p, kind in parts.items()}, parts)
     matrices = allocation_matrices(source.config, source.weights, fixed)
-    own = {m.name: stored[m.parts[0]].kind for m in matrices if all(p in stored for p in m.parts)}
-    own_mix = len(own) == len(matrices) and all(kind in m.types for m, kind in zip(matrices, own.values()))
-    return allocate(rounded, matrices, writer_round_trip(importance, stored), lambda m, kind: bits_per_weight(kind),
+    # the source's mix, where every matrix's stored type is one it can take
+    own = {m.name: stored[m.parts[0]].kind for m in matrices if m.parts[0] in stored and stored[m.parts[0]].kind in m.types}
+    return allocate(calibration, matrices, writes, lambda m, kind: bits_per_weight(kind),
                     target_bits=options.target_bits, max_kl=options.max_kl, fixed=fixed_rounded,
-                    suggested={"the source's own types": own} if own_mix else None, sensitivity=sensitivity,
-                    progress=progress_bar("sensitivity"))
+                    suggested={"the source's own types": own} if len(own) == len(matrices) else None,
+                    sensitivity=sensitivity, progress=progress_bar("sensitivity"))
 
 
 def writer_round_trip(importance: dict[str, torch.Tensor], stored: dict[str, kquants.Blocks]):
@@ -487,7 +490,7 @@ class GgufExport:
             self.file_quant = Counter(self.overrides.values()).most_common(1)[0][0]  # llama.cpp's file type
         if self.options.keep_sensitive:
             kl = measure_sensitivity(self.written, quant, tokens[:SENSITIVITY_TOKENS], set(self.overrides),
-                                     progress_bar("sensitivity"))
+                                     progress_bar("sensitivity"), writer_round_trip(self.importance, self.stored))
             self.raised = set(choose_sensitive(kl))
             self.overrides |= dict.fromkeys(self.raised, higher_precision(quant))
             self.sensitivity_kl = {k: round(v, 6) for k, v in sorted(kl.items(), key=lambda kv: -kv[1])}

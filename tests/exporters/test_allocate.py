@@ -17,7 +17,6 @@ from edgetok.exporters.allocate import by_bits, by_kl, candidates, greedy_by_bit
 from edgetok.exporters.calibration import calibration_tokens
 from edgetok.exporters.gguf import tensor_layout
 from edgetok.exporters.gguf_types import bits_per_weight, input_rounding, round_trip
-from edgetok.exporters.llamacpp_quantize import quantize_with_llamacpp
 from edgetok.exporters.options import GgufOptions, OnnxOptions
 from edgetok.exporters.sensitivity import Matrix, Mix, Rounded
 from edgetok.models.manifest import ONNX_MANIFEST
@@ -228,13 +227,11 @@ def test_a_model_on_q4_1s_grid_gets_q4_1_back_exactly(wide_folder, tmp_path):
     assert all(torch.equal(back[n], w) for n, w in source.items() if w.dim() == 2)
 
 
-def test_a_gguf_sources_own_types_are_measured_with_the_predicted_mixes(wide_folder, tmp_path):
+def test_a_gguf_sources_own_types_are_measured_with_the_predicted_mixes(llamacpp_q4_k_m, tmp_path):
     """--target-bits from llama.cpp's Q4_K_M: the mixes predicted lowest and the source's own types
     (they fit) are each measured whole on the calibration text, and the lowest measured is written;
     the tensors at their source's type keep its blocks."""
-    f32, source, out = tmp_path / "m.f32.gguf", tmp_path / "m.q4_k_m.gguf", tmp_path / "auto.gguf"
-    assert run_cli("export", wide_folder, "--format", "gguf", "--quant", "f32", "--no-verify", "-o", f32).exit_code == 0
-    quantize_with_llamacpp(f32, source, "Q4_K_M")
+    source, out = llamacpp_q4_k_m, tmp_path / "auto.gguf"
     own = file_types(source)
     bits = sum(bits_per_weight(kind) * n for kind, n in own.values()) / sum(n for _, n in own.values())
     r = run_cli("export", source, "--format", "gguf", "--target-bits", f"{bits + 1e-3:.4f}", "--calib-tokens", "64",

@@ -16,8 +16,8 @@ from conftest import run_cli
 from onnx import numpy_helper
 
 from edgetok.exporters import onnx_rewrites as rw
-from edgetok.exporters.gguf_codes import DECODERS, source_codes
-from edgetok.exporters.llamacpp_quantize import quantize_with_llamacpp
+from edgetok.exporters.gguf import writer_round_trip
+from edgetok.exporters.gguf_codes import DECODERS, source_blocks, source_codes
 from edgetok.exporters.quantize import QuantizedWeight
 from edgetok.kernels import ort_ops
 from edgetok.models.names import layer
@@ -139,27 +139,41 @@ def test_weights_source_needs_a_gguf(wide_folder, gguf_of, tmp_path):
     assert r.exit_code != 0 and "--weights source carries" in r.output and not (tmp_path / "b").exists()
 
 
-def test_a_gguf_written_again_keeps_its_sources_blocks(wide_folder, tmp_path):
+def test_a_gguf_written_again_keeps_its_sources_blocks(llamacpp_q4_k_m, tmp_path):
     """GGUF to GGUF: a tensor the plan gives its source's type is written with the source's own
     blocks, byte for byte (q/k rows permuted back as they came), as llama.cpp's quantizer keeps a
     tensor already at the type asked; the report marks them. The source is llama.cpp's Q4_K_M, whose
     codes rounding their values again need not recover."""
     import gguf
 
-    f32, source, out = tmp_path / "m.f32.gguf", tmp_path / "m.q4_k_m.gguf", tmp_path / "again.gguf"
-    assert run_cli("export", wide_folder, "--format", "gguf", "--quant", "f32", "--no-verify", "-o", f32).exit_code == 0
-    quantize_with_llamacpp(f32, source, "Q4_K_M")
-    r = run_cli("export", source, "--format", "gguf", "--quant", "q4_k", "--eval-tokens", "64", "-o", out)
+    out = tmp_path / "again.gguf"
+    r = run_cli("export", llamacpp_q4_k_m, "--format", "gguf", "--quant", "q4_k", "--eval-tokens", "64", "-o", out)
     assert r.exit_code == 0, r.output
 
     def matrices(path):
         return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors
                 if len(t.shape) == 2}
 
-    before, after = matrices(source), matrices(out)
+    before, after = matrices(llamacpp_q4_k_m), matrices(out)
     same = {n for n in before if before[n][0] == after[n][0]}
     assert {"blk.0.attn_q.weight", "blk.0.attn_k.weight"} <= same  # permuted rows, q4_k in both
     assert all(before[n][1] == after[n][1] for n in same)
     report = json.loads((tmp_path / "again.gguf.json").read_text())
     assert {t["tensor"] for t in report["type_plan"] if t["kept"]} == same
     assert report["parity"]["kl_mean"] < 0.05  # the q6_k tensors are rounded to q4_k
+
+
+def test_the_allocator_sees_a_kept_tensor_as_the_sources_values(llamacpp_q4_k_m):
+    """The source's blocks, HF-named with q/k rows unpermuted, decode to the weights edgetok reads;
+    at its stored type the writer's round trip is those values exactly, at another it rounds."""
+    source = load_source(str(llamacpp_q4_k_m))
+    stored = source_blocks(llamacpp_q4_k_m, source.config)
+    matrices = {n for n, w in source.weights.items() if w.dim() == 2}
+    assert set(stored) == matrices and {b.kind for b in stored.values()} >= {"q4_k", "q6_k"}
+    writes = writer_round_trip({}, stored)
+    for name, blocks in stored.items():
+        w = source.weights[name]
+        assert torch.equal(blocks.dequantize(), w), name
+        assert torch.equal(writes(name, w, blocks.kind), w), name
+    name = next(n for n, b in stored.items() if b.kind == "q4_k")
+    assert not torch.equal(writes(name, source.weights[name], "iq4_nl"), source.weights[name])
