@@ -48,7 +48,7 @@ from edgetok.kernels.pruning import window_attention
 from edgetok.kernels.selection import chunk_shares, key_abstracts
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig, KVState
-from edgetok.runtimes.kv.config import SELECTION_CHOICES, SUMMARIES_CHOICES
+from edgetok.runtimes.kv.config import SCORING_CHOICES, SELECTION_CHOICES, SUMMARIES_CHOICES
 from edgetok.runtimes.prune import PrunePlan
 from edgetok.texts import KINDS, corpus
 
@@ -241,13 +241,16 @@ def _captured(mass: torch.Tensor, rest: torch.Tensor, chosen: torch.Tensor) -> f
 
 def budget_config(system: str) -> KVConfig:
     """'25%', 'auto' or 'auto:0.98' (a coverage target), each optionally followed by '/on' or '/off'
-    (--kv-summaries) and '/layer' or '/head' (--kv-selection); without them, the defaults."""
+    (--kv-summaries), '/layer' or '/head' (--kv-selection) and '/tokens' or '/bounds'
+    (--kv-scoring); without them, the defaults."""
     budget, *knobs = system.split("/")
     summaries = next((k for k in knobs if k in SUMMARIES_CHOICES), None)
     selection = next((k for k in knobs if k in SELECTION_CHOICES), None)
+    scoring = next((k for k in knobs if k in SCORING_CHOICES), None)
     if budget.startswith("auto:"):
-        return KVConfig(budget="auto", coverage=float(budget.split(":")[1]), summaries=summaries, selection=selection)
-    return KVConfig(budget=budget, summaries=summaries, selection=selection)
+        return KVConfig(budget="auto", coverage=float(budget.split(":")[1]), summaries=summaries, selection=selection,
+                        scoring=scoring)
+    return KVConfig(budget=budget, summaries=summaries, selection=selection, scoring=scoring)
 
 
 def report(results: list[dict]) -> str:

@@ -73,7 +73,9 @@ def run_fidelity(weights: dict, kv: dict, prune: dict, prompt_tokens: int) -> di
         if "captured_mass" in kv:
             budget["captured_mass"] = kv["captured_mass"]  # measured at sampled steps
         elif "coverage_estimated" in kv:
-            budget["captured_mass_estimated"] = kv["coverage_estimated"]  # by the chunks' bounds
+            budget["captured_mass_estimated"] = kv["coverage_estimated"]  # by the selection's own scores
+        if "scoring" in kv:
+            budget["scoring"] = kv["scoring"]
         budget["exact"] = kv["budget"] == "100%"
         out["kv_budget"] = budget
         bits = kv["storage_bits"]

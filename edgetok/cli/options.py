@@ -29,9 +29,9 @@ GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
 LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild", "plan")
 # KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
 KV_FIELDS = ("budget", "coverage", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached",
-             "summaries", "selection")
+             "summaries", "selection", "scoring")
 # KV fields that only tune a tiered cache: alone they do not ask for one
-KV_TUNING = ("prefetch", "prefetch_steps", "summaries", "selection")
+KV_TUNING = ("prefetch", "prefetch_steps", "summaries", "selection", "scoring")
 
 
 def run_options(f):
@@ -64,13 +64,17 @@ def run_options(f):
                      help="tokens each layer attends to: a count (2048) or a share of the context (25%); 100% is exact; "
                           "auto: per layer and step, as many as --kv-coverage needs"),
         click.option("--kv-coverage", type=float, default=None,
-                     help="--kv-budget auto: the share of each head's attention the chunks read should hold (default 0.9)"),
+                     help="--kv-budget auto: the share of each head's attention the chunks read should hold (default 0.95)"),
         click.option("--kv-summaries", type=click.Choice(["on", "off"]), default=None,
                      help="under a budget, add each chunk attention does not read as one pseudo-token (its mean key "
-                          "and value); default on with the torch backend, off for a graph (onnxruntime)"),
+                          "and value); default off"),
         click.option("--kv-selection", type=click.Choice(["layer", "head"]), default=None,
                      help="under a budget, one set of chunks per layer, or each KV head its own (chunks in RAM, "
                           "torch backend)"),
+        click.option("--kv-scoring", type=click.Choice(["tokens", "bounds"]), default=None,
+                     help="under a budget, rank chunks by their tokens' scores on the query's largest channels (chunks "
+                          "in RAM) or by each chunk's bound from its keys' min / max; default tokens where the chunks "
+                          "are in RAM and the cache selects in Python, bounds in tiers and the native decode step"),
         click.option("--kv-device-mb", type=float, default=None, help="fast-tier budget for float chunk copies"),
         click.option("--kv-host-mb", type=float, default=None, help="RAM budget for stored chunks (needs --kv-disk)"),
         click.option("--kv-disk-dir", "--kv-disk", type=click.Path(file_okay=False, path_type=Path), default=None,

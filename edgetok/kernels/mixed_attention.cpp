@@ -60,12 +60,15 @@ namespace {
 using ItemFn = void (*)(const Problem&, int, int64_t, int64_t, float*, float*, float*, float*);
 using BoundsFn = void (*)(const float*, int, int, const uint16_t*, int64_t, int64_t, int64_t, float, float*, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
+using MassesFn = void (*)(const float*, const int32_t*, int, int, const uint16_t*, int64_t, int64_t, const float*, int64_t,
+                          int64_t, float*, float*, float*);
 
 struct Isa {
     const char* name;
     ItemFn run;
     BoundsFn bounds;
     SoftmaxFn softmax;
+    MassesFn masses;
     bool supported;
 };
 
@@ -73,15 +76,15 @@ Isa isas[3];
 
 void detect_isas() {
 #ifdef EDGETOK_PORTABLE_ONLY
-    isas[0] = isas[1] = {"none", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, false};
+    isas[0] = isas[1] = {"none", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, scalar::token_masses, false};
 #else
     __builtin_cpu_init();
-    isas[0] = {"avx512", avx512::run_item, avx512::chunk_bounds, avx512::chunk_softmax,
+    isas[0] = {"avx512", avx512::run_item, avx512::chunk_bounds, avx512::chunk_softmax, avx512::token_masses,
                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")};
-    isas[1] = {"avx2", avx2::run_item, avx2::chunk_bounds, avx2::chunk_softmax, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
+    isas[1] = {"avx2", avx2::run_item, avx2::chunk_bounds, avx2::chunk_softmax, avx2::token_masses, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
 #endif
-    isas[2] = {"scalar", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, true};
+    isas[2] = {"scalar", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, scalar::token_masses, true};
 }
 
 const Isa* find_isa(const char* name) {
@@ -420,6 +423,136 @@ PyObject* py_select(PyObject*, PyObject* args) {
     return result;
 }
 
+// Chunk selection by token scores (kernels/token_scores.py: token_masses then select_by_masses,
+// its oracle) for one layer. keys (Hkv, head_stride) bf16, each head's first n rows of D; the
+// first count × size tokens in chunks, the rest the window. Each KV head picks the R channels
+// where its group's |q| sums largest and estimates every token's logit on them (SparQ's scale);
+// each query head's softmax gives its mass per chunk. A group (a KV head, or the whole layer)
+// ranks chunks by the most any of its query heads puts there (forced ones first) and reads keep,
+// or under a coverage target as many as its neediest query head needs (the window counts), from
+// max(forced, least) up to keep. → ids (groups, row) ascending, n (groups); the least covered
+// query head's estimated share.
+struct TokenSelection {
+    const float* q;            // (Hq, D)
+    const uint16_t* keys;      // (Hkv, head_stride) bf16
+    const uint8_t* pinned;     // (count,) or null
+    int64_t head_stride, n, count, size, keep, sinks, recent, least;
+    int n_kv, g, d, channels;
+    float coverage;            // ≤ 0: read exactly keep
+    bool per_head;
+};
+
+float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, int64_t row, int64_t* n) {
+    const int64_t c = s.count, hkv = s.n_kv, g = s.g, groups = s.per_head ? hkv : 1, heads = hkv * g / groups;
+    const int np = std::max(1, std::min(s.channels, s.d) / 2), r = 2 * np;
+    thread_local std::vector<float> masses, window, scratch, q_r, scale, rank, covered, weight;
+    thread_local std::vector<int32_t> pairs;
+    thread_local std::vector<int64_t> order;
+    masses.resize(size_t(hkv * g * std::max<int64_t>(c, 1)));
+    window.resize(size_t(hkv * g));
+    scratch.resize(size_t(g * s.n));
+    q_r.resize(size_t(g * r));
+    scale.resize(size_t(g));
+    weight.resize(size_t(s.d / 2));
+    pairs.resize(size_t(s.d / 2));
+    for (int64_t h = 0; h < hkv; ++h) {
+        const float* qh = s.q + h * g * s.d;
+        std::fill(weight.begin(), weight.end(), 0.0f);
+        for (int64_t j = 0; j < g; ++j)
+            for (int dd = 0; dd < s.d; ++dd) weight[size_t(dd / 2)] += std::fabs(qh[j * s.d + dd]);
+        for (int i = 0; i < s.d / 2; ++i) pairs[size_t(i)] = i;
+        std::partial_sort(pairs.begin(), pairs.begin() + np, pairs.end(), [&](int32_t a, int32_t b) {
+            return weight[size_t(a)] > weight[size_t(b)] || (weight[size_t(a)] == weight[size_t(b)] && a < b);
+        });
+        for (int64_t j = 0; j < g; ++j) {
+            float all = 0.0f, kept = 0.0f;
+            for (int dd = 0; dd < s.d; ++dd) all += std::fabs(qh[j * s.d + dd]);
+            for (int i = 0; i < np; ++i)
+                for (int e = 0; e < 2; ++e) kept += std::fabs(q_r[size_t(j * r + 2 * i + e)] = qh[j * s.d + 2 * pairs[size_t(i)] + e]);
+            scale[size_t(j)] = 1.0f / std::sqrt(float(s.d) * std::max(all > 0.0f ? kept / all : 1.0f, 1e-6f));
+        }
+        isa.masses(q_r.data(), pairs.data(), int(g), np, s.keys + h * s.head_stride, s.d, s.n, scale.data(), c, s.size,
+                   masses.data() + h * g * c, window.data() + h * g, scratch.data());
+    }
+    if (c == 0) {
+        for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
+        return 1.0f;
+    }
+    auto forced = [&](int64_t i) { return i < s.sinks || i >= c - s.recent || (s.pinned && s.pinned[i]); };
+    int64_t n_forced = 0;
+    for (int64_t i = 0; i < c; ++i) n_forced += forced(i);
+    rank.resize(size_t(c));
+    order.resize(size_t(c));
+    covered.resize(size_t(heads * c));
+    float estimated = INFINITY;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+        const float* m = masses.data() + grp * heads * c;  // (heads, C): the group's query heads
+        for (int64_t i = 0; i < c; ++i) {
+            float best = -INFINITY;
+            for (int64_t j = 0; j < heads; ++j) best = std::max(best, m[j * c + i]);
+            rank[size_t(i)] = forced(i) ? INFINITY : best;
+            order[size_t(i)] = i;
+        }
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rank[size_t(a)] > rank[size_t(b)]; });
+        int64_t need = 1;
+        for (int64_t j = 0; j < heads; ++j) {
+            float sum = window[size_t(grp * heads + j)];
+            int64_t below = 0;
+            for (int64_t i = 0; i < c; ++i) {
+                covered[size_t(j * c + i)] = (sum += m[j * c + order[size_t(i)]]);
+                below += sum < s.coverage;
+            }
+            need = std::max(need, std::min(below, c - 1) + 1);
+        }
+        int64_t k = std::min(s.keep, c);
+        if (s.coverage > 0.0f) k = std::min(std::max(need, std::max(n_forced, s.least)), k);
+        k = std::max<int64_t>(1, std::min(k, c));
+        for (int64_t j = 0; j < heads; ++j) estimated = std::min(estimated, covered[size_t(j * c + k - 1)]);
+        int64_t* out = ids + grp * row;
+        std::copy(order.begin(), order.begin() + k, out);
+        std::sort(out, out + k);
+        n[grp] = k;
+    }
+    return estimated;
+}
+
+PyObject* py_select_tokens(PyObject*, PyObject* args) {
+    Py_buffer q, keys, pinned, ids, n;
+    long long head_stride, tokens, count, size, keep, sinks, recent, least;
+    int n_kv, g, d, channels, per_head;
+    float coverage;
+    const char* isa_name;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*LLLLLLLLiiiifps", &q, &keys, &pinned, &ids, &n, &head_stride, &tokens, &count, &size,
+                          &keep, &sinks, &recent, &least, &n_kv, &g, &d, &channels, &coverage, &per_head, &isa_name))
+        return nullptr;
+    PyObject* result = nullptr;
+    const Isa* isa = find_isa(isa_name);
+    const int64_t groups = per_head ? n_kv : 1;
+    bool ok = isa != nullptr || check(false, "no such instruction set here");
+    ok = ok && check(n_kv > 0 && g > 0 && g <= 16 && d > 0 && d % 2 == 0 && channels > 1, "n_kv, g (at most 16), channels (at least 2) must be positive, d even") &&
+         check(size > 0 && count >= 0 && count * size <= tokens && tokens <= head_stride / d, "chunks must fit the tokens, the tokens a head's rows") &&
+         check(q.len == int64_t(n_kv) * g * d * 4, "q must be float32 (Hq, D)") &&
+         check(keys.len >= (n_kv - 1) * head_stride * 2 + tokens * d * 2, "keys must be bf16 (Hkv, head_stride)") &&
+         check(pinned.len == 0 || pinned.len >= count, "pinned must be bool (≥ count,), or empty") &&
+         check(n.len == groups * 8 && ids.len >= groups * std::max<int64_t>(count, 1) * 8, "ids (groups, ≥ count) and n (groups,) are int64") &&
+         check(sinks >= 0 && recent >= 0 && sinks <= count && recent <= count && keep >= 0, "sinks and recent must be chunk counts");
+    if (ok) {
+        TokenSelection s{};
+        s.q = static_cast<const float*>(q.buf), s.keys = static_cast<const uint16_t*>(keys.buf);
+        s.pinned = pinned.len ? static_cast<const uint8_t*>(pinned.buf) : nullptr;
+        s.head_stride = head_stride, s.n = tokens, s.count = count, s.size = size, s.keep = keep, s.sinks = sinks, s.recent = recent;
+        s.least = least, s.n_kv = n_kv, s.g = g, s.d = d, s.channels = channels, s.coverage = coverage, s.per_head = per_head;
+        const int64_t row = ids.len / (8 * groups);
+        float estimated = 1.0f;
+        Py_BEGIN_ALLOW_THREADS
+        estimated = select_by_tokens(s, *isa, static_cast<int64_t*>(ids.buf), row, static_cast<int64_t*>(n.buf));
+        Py_END_ALLOW_THREADS
+        result = PyFloat_FromDouble(estimated);
+    }
+    for (Py_buffer* b : {&q, &keys, &pinned, &ids, &n}) PyBuffer_Release(b);
+    return result;
+}
+
 PyObject* py_isas(PyObject*, PyObject*) {
     PyObject* names = PyList_New(0);
     for (const Isa& isa : isas) {
@@ -657,6 +790,9 @@ PyMethodDef methods[] = {
     {"select", py_select, METH_VARARGS,
      "select(q, abstracts, pinned, plans, temperatures, ids, n, estimated, n_kv, g, d, stride, coverage, per_head, isa): "
      "every layer's chunks (selection.select_chunks)."},
+    {"select_tokens", py_select_tokens, METH_VARARGS,
+     "select_tokens(q, keys, pinned, ids, n, head_stride, tokens, count, size, keep, sinks, recent, least, n_kv, g, d, "
+     "channels, coverage, per_head, isa): one layer's chunks by token scores (token_scores.select_by_masses) → estimated."},
     {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU can run, best first ('auto' picks the first)."},
     {nullptr, nullptr, 0, nullptr},
 };

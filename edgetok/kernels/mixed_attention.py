@@ -232,3 +232,21 @@ def tables_hook() -> int:
                            "in edgetok's folder")
     return ctypes.cast(ctypes.CDLL(_native.__file__).edgetok_attend_from_tables, ctypes.c_void_p).value
 
+
+
+def select_tokens(q: torch.Tensor, slab: torch.Tensor, tokens: int, count: int, size: int, pinned: torch.Tensor,
+                  keep: int, sinks: int, recent: int, least: int, coverage: float | None, per_head: bool, channels: int,
+                  isa: str = "auto") -> tuple[list[torch.Tensor], float]:
+    """token_scores.token_masses then select_by_masses natively (they are its oracle), for one
+    layer: q (Hq, D); slab (Hkv, capacity, D) bf16, contiguous, whose first `tokens` rows per
+    head are the layer's keys, the first count × size of them in chunks; pinned (≥ count,) bool.
+    → each group's chunk ids (ascending; groups: Hkv per head, else 1), the estimated coverage."""
+    hkv, capacity, d = slab.shape
+    assert slab.dtype == torch.bfloat16 and slab.is_contiguous()
+    groups = hkv if per_head else 1
+    ids, n = np.zeros((groups, max(count, 1)), np.int64), np.zeros(groups, np.int64)
+    estimated = _native.select_tokens(q.detach().float().contiguous().numpy(), slab.view(torch.int16).numpy(),
+                                      pinned[:count].contiguous().numpy().view(np.uint8), ids, n, capacity * d, tokens, count,
+                                      size, keep, sinks, recent, least, hkv, q.shape[0] // hkv, d, channels,
+                                      0.0 if coverage is None else coverage, per_head, isa)
+    return [torch.from_numpy(row[:k]) for row, k in zip(ids, n)], estimated

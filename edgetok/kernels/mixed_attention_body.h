@@ -482,3 +482,134 @@ static void chunk_softmax(float* o, int64_t count) {
     const float scale = 1.0f / total;
     for (c = 0; c < count; ++c) o[c] *= scale;
 }
+
+// Token scores (kernels/token_scores.py, its oracle) for one KV head: each of the first n tokens'
+// logit estimated on P pairs of its D channels (2p, 2p + 1: one 32-bit load), q_R·k_R times each
+// query's scale, then each query's softmax over the n tokens summed per chunk. q_r (G, 2P) the
+// group's queries on the channels of `pairs` (P), in pair order; keys (n, D) bf16, the head's rows;
+// scale (G,). → masses (G, chunks) and window (G,) (the tokens after the last chunk). scratch: G·n floats.
+// 16 tokens' channel pair at p, p + stride, …: one gather of the 32-bit words (p 4-byte aligned,
+// stride even) → the even channel's values, the odd channel's.
+static inline void bf16_pair_column(const uint16_t* p, int64_t stride, vf& even, vf& odd) {
+#if EDGETOK_ISA == 512
+    const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(int(stride / 2)));
+    const __m512i w = _mm512_i32gather_epi32(at, reinterpret_cast<const int*>(p), 4);
+    even = (vf)_mm512_slli_epi32(w, 16), odd = (vf)_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u)));
+#elif EDGETOK_ISA == 2
+    const int* base = reinterpret_cast<const int*>(p);
+    const int s = int(stride / 2);
+    const __m256i at = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(s));
+    const __m256i a = _mm256_i32gather_epi32(base, at, 4), b = _mm256_i32gather_epi32(base + 8 * s, at, 4);
+    const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
+    typedef float v8 __attribute__((vector_size(32)));
+    const v8 ea = (v8)_mm256_slli_epi32(a, 16), eb = (v8)_mm256_slli_epi32(b, 16);
+    const v8 oa = (v8)_mm256_and_si256(a, high), ob = (v8)_mm256_and_si256(b, high);
+    even = __builtin_shufflevector(ea, eb, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    odd = __builtin_shufflevector(oa, ob, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    for (int j = 0; j < 16; ++j) even[j] = bf16_1(p[j * stride]), odd[j] = bf16_1(p[j * stride + 1]);
+#endif
+}
+
+
+// 16 tokens' vectors of partial sums → one vector of their totals, lane t token t (four rounds of
+// pairing lanes: no horizontal sum per token).
+static inline vf sum16(const vf* a) {
+    vf b[8], c[4], e[2];
+    for (int i = 0; i < 8; ++i)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)
+        e[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// At D = 64 a token row is 32 channel pairs, two 16-lane words: one two-source permute picks up to
+// 16 pairs (vpermt2d with AVX-512), and the scores of 16 tokens are summed across lanes together
+// (sum16): 3.5x the gathers' speed on Zen 4.
+static inline void pair_scores64(const float* q_r, const int32_t* pairs, int g, int np, const uint16_t* rows, const float* scale,
+                                 vf* out) {
+    vu idx;
+    for (int i = 0; i < 16; ++i) idx[i] = uint32_t(pairs[i < np ? i : 0]);
+    vf qe[16], qo[16];
+    for (int j = 0; j < g; ++j)
+        for (int i = 0; i < 16; ++i) qe[j][i] = i < np ? q_r[j * 2 * np + 2 * i] : 0.0f, qo[j][i] = i < np ? q_r[j * 2 * np + 2 * i + 1] : 0.0f;
+    vf part[16][16];  // [query][token]
+    for (int t = 0; t < 16; ++t) {
+        const vu lo = *reinterpret_cast<const vu*>(rows + t * 64), hi = *reinterpret_cast<const vu*>(rows + t * 64 + 32);
+        const vu sel = __builtin_shuffle(lo, hi, idx);
+        const vf even = (vf)(sel << 16), odd = (vf)(sel & 0xffff0000u);
+        for (int j = 0; j < g; ++j) part[j][t] = even * qe[j] + odd * qo[j];
+    }
+    for (int j = 0; j < g; ++j) out[j] = sum16(part[j]) * scale[j];
+}
+
+static void token_masses(const float* q_r, const int32_t* pairs, int g, int np, const uint16_t* keys, int64_t d, int64_t n,
+                         const float* scale, int64_t chunks, int64_t size, float* masses, float* window, float* scratch) {
+    const int r = 2 * np;
+    vf big[16];
+    for (int j = 0; j < g; ++j) big[j] = splat(-INFINITY);
+    int64_t t = 0;
+    for (; d == 64 && np <= 16 && t + 16 <= n; t += 16) {
+        vf x[16];
+        pair_scores64(q_r, pairs, g, np, keys + t * d, scale, x);
+        for (int j = 0; j < g; ++j) {
+            *reinterpret_cast<vf*>(scratch + j * n + t) = x[j];
+            big[j] = x[j] > big[j] ? x[j] : big[j];
+        }
+    }
+    for (; t + 16 <= n; t += 16) {  // (other head sizes: each pair a gather)
+        const uint16_t* rows = keys + t * d;
+        for (int g0 = 0; g0 < g; g0 += 4) {
+            const int m = g - g0 < 4 ? g - g0 : 4;
+            vf a[4] = {};
+            for (int i = 0; i < np; ++i) {
+                vf even, odd;
+                bf16_pair_column(rows + 2 * pairs[i], d, even, odd);
+                for (int j = 0; j < m; ++j) a[j] += even * q_r[(g0 + j) * r + 2 * i] + odd * q_r[(g0 + j) * r + 2 * i + 1];
+            }
+            for (int j = 0; j < m; ++j) {
+                const vf x = a[j] * scale[g0 + j];
+                *reinterpret_cast<vf*>(scratch + (g0 + j) * n + t) = x;
+                big[g0 + j] = x > big[g0 + j] ? x : big[g0 + j];
+            }
+        }
+    }
+    for (int j = 0; j < g; ++j) {
+        float top = hmax(big[j]);
+        for (int64_t u = t; u < n; ++u) {  // the last tokens, one at a time
+            float acc = 0.0f;
+            for (int i = 0; i < np; ++i)
+                acc += bf16_1(keys[u * d + 2 * pairs[i]]) * q_r[j * r + 2 * i] + bf16_1(keys[u * d + 2 * pairs[i] + 1]) * q_r[j * r + 2 * i + 1];
+            scratch[j * n + u] = acc * scale[j];
+            top = scratch[j * n + u] > top ? scratch[j * n + u] : top;
+        }
+        const float* x = scratch + j * n;
+        float total = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) {  // exp and sum per chunk in one pass
+            const float* xc = x + c * size;
+            float sum = 0.0f;
+            int64_t k = 0;
+            if (size % 16 == 0) {
+                vf acc = {};
+                for (; k < size; k += 16) acc += vexp(*reinterpret_cast<const vf*>(xc + k) - top);
+                sum = hsum(acc);
+            }
+            for (; k < size; ++k) sum += exp1(xc[k] - top);
+            masses[j * chunks + c] = sum;
+            total += sum;
+        }
+        float rest = 0.0f;
+        for (int64_t k = chunks * size; k < n; ++k) rest += exp1(x[k] - top);
+        total += rest;
+        const float inv = 1.0f / total;
+        for (int64_t c = 0; c < chunks; ++c) masses[j * chunks + c] *= inv;
+        window[j] = rest * inv;
+    }
+}

@@ -10,9 +10,15 @@ from pathlib import Path
 from edgetok.errors import EdgetokError
 
 BITS_CHOICES = ("auto", "32", "16", "8", "4", "2")
-DEFAULT_COVERAGE = 0.9  # --kv-budget auto's target: see BENCHMARKS.md, "Fidelity on many kinds of text"
+DEFAULT_COVERAGE = 0.95  # --kv-budget auto's target: see BENCHMARKS.md, "Token scores" (issue 21)
 SUMMARIES_CHOICES = ("on", "off")
 SELECTION_CHOICES = ("layer", "head")
+SCORING_CHOICES = ("tokens", "bounds")
+# --kv-budget auto under token scores: every layer reads at least its share (policy.layer_shares)
+# of this much of the context, and more where the scores say its coverage target needs it (a
+# coverage target alone spent the budget on the near-uniform first layers and starved the rest:
+# BENCHMARKS.md, "Token scores").
+AUTO_FLOOR = 0.2
 DEFAULT_SELECTION = "head"  # see BENCHMARKS.md, "Per-head selection and chunk summaries" (issue 21)
 DEFAULT_SUMMARIES = "off"  # see BENCHMARKS.md, "Per-head selection and chunk summaries" (issue 21)
 MAX_MB = 2.0**40  # an exabyte: beyond any machine, and a byte count that stays an integer
@@ -49,6 +55,11 @@ class KVConfig:
     # head reads its own (the chunks in RAM only: a stored chunk holds every head). None: the default
     # where it can run (DEFAULT_SELECTION), "layer" elsewhere.
     selection: str | None = None
+    # How decode ranks the chunks: "tokens" (each token's score on the query's largest channels,
+    # summed per chunk: kernels/token_scores.py; the chunks in RAM) or "bounds" (each chunk's
+    # upper bound from its keys' min / max: kernels/selection.py). None: tokens where the chunks
+    # are in RAM and Python selects; bounds where they live in tiers or a native step selects.
+    scoring: str | None = None
 
     def __post_init__(self) -> None:
         self.bits = str(self.bits)
@@ -75,6 +86,11 @@ class KVConfig:
             raise EdgetokError(f"{_name('summaries')} must be one of {', '.join(SUMMARIES_CHOICES)}, not {self.summaries}")
         if self.selection is not None and self.selection not in SELECTION_CHOICES:
             raise EdgetokError(f"{_name('selection')} must be one of {', '.join(SELECTION_CHOICES)}, not {self.selection}")
+        if self.scoring is not None and self.scoring not in SCORING_CHOICES:
+            raise EdgetokError(f"{_name('scoring')} must be one of {', '.join(SCORING_CHOICES)}, not {self.scoring}")
+        if self.scoring == "tokens" and self.needs_homes:
+            raise EdgetokError(f"{_name('scoring')} tokens scores every key in RAM at its float width: with "
+                               "--kv-bits, --kv-device-mb or --kv-host-mb chunks live in tiers; use --kv-scoring bounds")
         if self.selection == "head" and self.needs_homes:
             raise EdgetokError(f"{_name('selection')} head needs every chunk in RAM at its float width: a stored chunk "
                                "(--kv-bits, --kv-device-mb, --kv-host-mb) holds all heads together")
@@ -98,6 +114,14 @@ class KVConfig:
         if not attends or self.needs_homes:
             return False
         return (self.selection or DEFAULT_SELECTION) == "head"
+
+    def scores_tokens(self, native_step: bool) -> bool:
+        """Whether decode ranks chunks by token scores (--kv-scoring). native_step: a graph's
+        decode step selects inside the native kernel, from the bounds, unless tokens are asked
+        for (then each layer's attention comes back to Python: slower)."""
+        if self.needs_homes or self.scoring == "bounds":
+            return False
+        return self.scoring == "tokens" or not native_step
 
     def summaries_for(self, attends: bool) -> bool:
         """Whether a cache folds in the summaries of the chunks it does not read. attends: the

@@ -31,9 +31,10 @@ from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.mixed_attention import SlabStep, StepTables
 from edgetok.kernels.selection import captured_mass, fit_temperature, select_chunks, stored_abstracts
 from edgetok.kernels.summaries import chunk_summaries, fold
+from edgetok.kernels.token_scores import CHANNELS, forced_chunks, select_by_masses, token_masses
 from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
-from edgetok.runtimes.kv.config import KVConfig
+from edgetok.runtimes.kv.config import AUTO_FLOOR, KVConfig
 from edgetok.runtimes.kv.fidelity import Fidelity
 from edgetok.runtimes.kv.policy import allocate, attention_profile, chunk_size_for, layer_shares, pinned_chunks
 from edgetok.runtimes.kv.staging import Stages
@@ -85,6 +86,7 @@ class TieredCache(AttendingCache, GraphCache):
         # mean value (kernels/summaries.py), resident: 1/8 of bf16 K/V at 16-token chunks
         self.summarize = cfg.summaries_for(attends=attends)
         self.per_head = cfg.per_head_for(attends=attends)  # each KV head selects its own chunks
+        self.scores_tokens = cfg.scores_tokens(native_step=self.selects_ahead)  # (else by the chunks' bounds)
         self.summaries = torch.zeros(num_layers, num_kv_heads, 0, 2 * head_dim)
         self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
@@ -169,8 +171,10 @@ class TieredCache(AttendingCache, GraphCache):
             self.lengths[i] = k.shape[1]
 
     def stats(self) -> dict:
-        auto = {"coverage": self.cfg.coverage, "coverage_temperatures": [round(t, 2) for t in self.temperatures.tolist()]}
-        chosen = {"selection": "head" if self.per_head else "layer", "summaries": "on" if self.summarize else "off"}
+        auto = {"coverage": self.cfg.coverage} | ({"auto_floor": AUTO_FLOOR} if self.scores_tokens else
+                                                 {"coverage_temperatures": [round(t, 2) for t in self.temperatures.tolist()]})
+        chosen = {"selection": "head" if self.per_head else "layer", "summaries": "on" if self.summarize else "off",
+                  "scoring": "tokens" if self.scores_tokens else "bounds"}
         return report(self.cfg, self.bits, self.storage) | chosen | self.fidelity.report() | (auto if self.cfg.is_auto else {})
 
     # -- AttendingCache --------------------------------------------------------------------------
@@ -260,7 +264,7 @@ class TieredCache(AttendingCache, GraphCache):
             profile = attention_profile(q_obs, keys.float())
             layer.spread, layer.q_obs = profile.spread, None
             layer.chunk_size = chunk_size_for(profile.spread, self.cfg.chunk_sizes)
-            if self.cfg.is_auto:  # (a fixed budget ranks and estimates at temperature 1, unfitted)
+            if self.cfg.is_auto and not self.scores_tokens:  # (a fixed budget ranks and estimates at temperature 1, unfitted)
                 self.temperatures[i] = fit_temperature(q_obs, keys, profile.attention, layer.chunk_size, self.cfg.coverage)
             spreads.append(profile.spread)
             c = keys.shape[1] // layer.chunk_size
@@ -331,6 +335,8 @@ class TieredCache(AttendingCache, GraphCache):
         plans = [self._plan(i) for i in ids]
         if all(plan is None for plan in plans):
             return [None] * len(ids)
+        if self.scores_tokens:
+            return [None if plan is None else self._select_by_tokens(i, query, plan) for i, query, plan in zip(ids, q, plans)]
         if mixed_attention.available():  # (selection.select_chunks is its oracle)
             rows = torch.tensor([(self.layers[i].n_chunks, *(plan or (-1, 0, 0))) for i, plan in zip(ids, plans)])
             chosen, n, estimated = mixed_attention.select(q, self.abstracts[layers], self.pinned[layers], rows,
@@ -355,6 +361,24 @@ class TieredCache(AttendingCache, GraphCache):
             out.append(groups[j])
         return out
 
+    def _select_by_tokens(self, i: int, q: torch.Tensor, plan: tuple[int, int, int]) -> list[torch.Tensor]:
+        """Layer i's chunks for query q (Hq, D), ranked by its tokens' estimated scores
+        (kernels/token_scores.py): one id list per KV head, or one for the layer."""
+        layer, (keep, sinks, recent) = self.layers[i], plan
+        least = int((self.budgets[i] - self.storage.window_len(layer)) // layer.chunk_size) if self.cfg.is_auto else 0
+        slab = self.storage.slab(layer, 0)
+        if (mixed_attention.available() and slab is not None and slab[0].dtype == torch.bfloat16
+                and self.n_heads // self.n_kv <= 16):  # (token_scores is its oracle)
+            chosen, estimated = mixed_attention.select_tokens(q, slab[0], layer.n, layer.n_chunks, layer.chunk_size, self.pinned[i],
+                                                              keep, sinks, recent, least, self.cfg.coverage, self.per_head, CHANNELS)
+        else:
+            masses, window = token_masses(q, self.storage.layer_kv(layer)[0], layer.n_chunks, layer.chunk_size)
+            forced = forced_chunks(layer.n_chunks, sinks, recent, self.pinned[i])
+            picked = select_by_masses(masses, window, forced, keep, self.cfg.coverage, self.per_head, least)
+            chosen, estimated = picked.chosen, picked.estimated
+        self.fidelity.promise(i, estimated)
+        return chosen
+
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's chunks for this step, chosen at once with each layer's last query (a
         graph's views: one set per layer): chunk ids (L, K) and which of them count (L, K) (a
@@ -370,10 +394,11 @@ class TieredCache(AttendingCache, GraphCache):
     def _step_budgets(self) -> None:
         """Per-layer budgets for this step: the average budget spread by the layers' shares
         (--kv-budget auto: none; the selection sizes itself)."""
-        if self.cfg.is_auto:
+        if self.cfg.is_auto and not self.scores_tokens:
             return
         total = [layer.n_chunks * layer.chunk_size + self.storage.window_len(layer) for layer in self.layers]
-        self.budgets = allocate([layer.share for layer in self.layers], self.cfg.budget_tokens(self.length), total)
+        average = round(AUTO_FLOOR * self.length) if self.cfg.is_auto else self.cfg.budget_tokens(self.length)
+        self.budgets = allocate([layer.share for layer in self.layers], average, total)
 
     def _begin_step(self) -> None:
         for i in range(len(self.layers)):  # the last step's tokens are verified now (see truncate)
@@ -414,7 +439,7 @@ class TieredCache(AttendingCache, GraphCache):
 
     def tables_apply(self, t: int) -> bool:
         """Whether a step of t tokens can be attended from tables (step_tables)."""
-        return (t == 1 and self.selects_ahead and not self.summarize and self.layers[0].chunk_size > 0
+        return (t == 1 and self.selects_ahead and not self.summarize and not self.scores_tokens and self.layers[0].chunk_size > 0
                 and mixed_attention.supports(self.head_dim))
 
     def fill_tables(self, tables: StepTables, at: list[int]) -> None:

@@ -14,6 +14,7 @@ from edgetok.models.config import ModelConfig
 from edgetok.models.sources import Source
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig
+from edgetok.runtimes.kv.config import AUTO_FLOOR, DEFAULT_COVERAGE
 from edgetok.runtimes.kv.fidelity import MASS_EVERY
 
 
@@ -42,12 +43,15 @@ def run(source, kv: KVConfig | None, follow: list[int] | None = None):
     return tokens, torch.stack(rows), backend.cache_stats(cache)
 
 
-def test_a_higher_coverage_reads_more_and_captures_more(source):
+@pytest.mark.parametrize("scoring", ["tokens", "bounds"])
+def test_a_higher_coverage_reads_more_and_captures_more(source, scoring):
     want, want_logits, _ = run(source, None)
     got = {}
     for coverage in (0.5, 0.8, 0.97):
-        _, logits, stats = run(source, KVConfig(budget="auto", coverage=coverage), follow=want)
-        assert stats["coverage"] == coverage and len(stats["coverage_temperatures"]) == 4
+        _, logits, stats = run(source, KVConfig(budget="auto", coverage=coverage, scoring=scoring), follow=want)
+        assert stats["coverage"] == coverage and stats["scoring"] == scoring
+        # bounds rank at a temperature fitted per layer; token scores estimate shares themselves, above a floor
+        assert len(stats["coverage_temperatures"]) == 4 if scoring == "bounds" else stats["auto_floor"] == AUTO_FLOOR
         assert stats["coverage_estimated"] >= coverage - 1e-3  # each selection meets its target by its estimate
         assert len(stats["budget_per_layer"]) == 4 and all(0 < b <= 1 for b in stats["budget_per_layer"])
         assert stats["captured_mass_samples"] == 2 * 4  # steps 1 and 1 + MASS_EVERY, every layer
@@ -73,7 +77,7 @@ def test_tiers_do_not_read_everything_back_to_measure(source, tmp_path):
 
 
 def test_coverage_checks():
-    assert KVConfig(budget="auto").coverage == 0.9
+    assert KVConfig(budget="auto").coverage == DEFAULT_COVERAGE
     for bad in (dict(budget="auto", coverage=1.0), dict(budget="auto", coverage=0), dict(budget="auto", coverage=float("nan")),
                 dict(budget="auto", coverage="0.9"), dict(budget="25%", coverage=0.9)):
         with pytest.raises(EdgetokError, match="coverage"):

@@ -1,0 +1,80 @@
+"""Chunk selection from every token's estimated score (after SparQ Attention), not the chunks' bounds.
+
+A chunk's bound (kernels/selection.py) adds, channel by channel, the largest product the chunk's
+keys could give: with 64 channels and 16 tokens it is far above any token's real score, and the
+ranking it gives misses much of what a head attends to. On legal text at 4K with a 25 % budget the
+bound ranking left a mean KL of 0.086 where an oracle that ranks the same chunks by the exact
+attention left 0.008 (JSON / CSV: 0.127 against 0.0007; BENCHMARKS.md, "Token scores").
+
+So each KV head estimates every token's logit from the R channels where its query group is
+largest (Σ_g |q_g,d|): q_R·k_R, divided by √(D · ‖q_R‖₁ / ‖q‖₁) rather than √D (SparQ's
+correction: the channels left out would have spread the scores), and a softmax over all tokens
+gives each chunk's share of each query head's attention, and the window's. The keys are the cache's
+own (bf16, in RAM): no copy, and R of D channels of each computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHANNELS = 24  # R: of D = 64, 16 kept the KL within 2.4× the exact ranking's; 8 lost 3–7× (BENCHMARKS.md)
+
+
+def token_masses(q: torch.Tensor, keys: torch.Tensor, chunks: int, chunk_size: int,
+                 channels: int = CHANNELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (Hq, D) a step's queries; keys (Hkv, N, D) every key of the layer, the first chunks ×
+    chunk_size in chunks, the rest the window → each query head's estimated attention mass per
+    chunk (Hkv, G, C) and in the window (Hkv, G); G = Hq / Hkv."""
+    hkv, n, d = keys.shape
+    qg = q.reshape(hkv, -1, d).float()  # (Hkv, G, D)
+    pairs = qg.abs().sum(1).reshape(hkv, -1, 2).sum(-1).topk(min(channels, d) // 2, -1).indices  # (Hkv, R/2)
+    picked = torch.stack([2 * pairs, 2 * pairs + 1], -1).flatten(1)  # (Hkv, R): channel pairs, one 32-bit load each
+    q_r = qg.gather(-1, picked[:, None].expand(-1, qg.shape[1], -1))  # (Hkv, G, R)
+    k_r = keys.gather(-1, picked[:, None].expand(-1, n, -1)).float()  # (Hkv, N, R)
+    kept = q_r.abs().sum(-1, keepdim=True) / qg.abs().sum(-1, keepdim=True).clamp(min=1e-30)  # (Hkv, G, 1)
+    p = (q_r @ k_r.transpose(1, 2) / (d * kept.clamp(min=1e-6)).sqrt()).softmax(-1)  # (Hkv, G, N)
+    cut = chunks * chunk_size
+    return p[..., :cut].reshape(hkv, qg.shape[1], chunks, chunk_size).sum(-1), p[..., cut:].sum(-1)
+
+
+@dataclass
+class Selected:
+    chosen: list[torch.Tensor]  # per group (every KV head, or one for the layer): chunk ids, ascending
+    estimated: float  # the least covered query head's estimated attention held by its group's chunks and the window
+
+
+def select_by_masses(masses: torch.Tensor, window: torch.Tensor, forced: torch.Tensor, keep: int,
+                     coverage: float | None, per_head: bool, least: int = 0) -> Selected:
+    """One layer's chunks: masses (Hkv, G, C), window (Hkv, G) from token_masses; forced (C,)
+    bool (sinks, recent, pinned: always read); keep the chunks each group reads at most (a fixed
+    budget reads that many). With a coverage target (--kv-budget auto) each group reads, along its
+    order, as many as its neediest query head needs for that share of its estimated attention
+    (the window counts), from the forced ones up to keep. Groups: each KV head (per_head, ranked by
+    the query head of its group that wants a chunk most), or one for the layer (ranked by the
+    query head of any group that wants it most)."""
+    hkv, g, c = masses.shape
+    groups = hkv if per_head else 1
+    if c == 0:  # no chunk yet: nothing to miss
+        return Selected([torch.zeros(0, dtype=torch.long)] * groups, 1.0)
+    m = masses.reshape(groups, hkv * g // groups, c)  # (groups, query heads in it, C)
+    rank = m.amax(1).masked_fill(forced, float("inf"))  # (groups, C)
+    order = rank.argsort(dim=-1, descending=True, stable=True)
+    covered = window.reshape(groups, -1, 1) + m.gather(-1, order[:, None].expand_as(m)).cumsum(-1)  # (groups, heads, C)
+    n = torch.full((groups,), keep)
+    if coverage is not None:
+        need = ((covered < coverage).sum(-1) + 1).clamp(max=c).amax(-1)  # (groups,)
+        n = need.clamp(min=max(int(forced.sum()), least), max=keep)
+    n = n.clamp(min=1, max=c)
+    estimated = covered.gather(-1, (n - 1)[:, None, None].expand(-1, m.shape[1], 1)).amin().item()
+    return Selected([order[i, : int(n[i])].sort().values for i in range(groups)], estimated)
+
+
+def forced_chunks(count: int, sinks: int, recent: int, pinned: torch.Tensor) -> torch.Tensor:
+    """(count,) bool: the first `sinks` chunks, the last `recent` and those `pinned` marks."""
+    forced = pinned[:count].clone()
+    forced[:sinks] = True
+    forced[count - recent :] = True  # (recent 0: an empty slice)
+    return forced
+

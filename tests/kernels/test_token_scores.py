@@ -1,0 +1,124 @@
+"""Chunk selection by token scores (kernels/token_scores.py) and its native twin
+(mixed_attention.select_tokens)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgetok.kernels import mixed_attention
+from edgetok.kernels.selection import captured_mass
+from edgetok.kernels.token_scores import CHANNELS, forced_chunks, select_by_masses, token_masses
+from edgetok.runtimes.kv import KVConfig, TieredCache
+
+
+def test_with_every_channel_the_masses_are_the_exact_attention():
+    """Scored on all D channels the estimate is the softmax itself: each chunk's mass is the sum of
+    its tokens' attention, the window's the rest, per query head."""
+    g = torch.Generator().manual_seed(0)
+    hkv, group, d, n, size = 2, 3, 32, 200, 16
+    q, keys = torch.randn(hkv * group, d, generator=g), torch.randn(hkv, n, d, generator=g)
+    masses, window = token_masses(q, keys, n // size, size, channels=d)
+    p = (q.reshape(hkv, group, d) @ keys.transpose(1, 2) / math.sqrt(d)).softmax(-1)  # (Hkv, G, N)
+    cut = n // size * size
+    torch.testing.assert_close(masses, p[..., :cut].reshape(hkv, group, -1, size).sum(-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(window, p[..., cut:].sum(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_a_fixed_budget_reads_the_forced_chunks_then_the_most_wanted():
+    masses = torch.tensor([[[0.05, 0.30, 0.02, 0.10, 0.01, 0.02], [0.01, 0.02, 0.40, 0.03, 0.01, 0.03]]])  # (1, 2, 6)
+    forced = forced_chunks(6, sinks=1, recent=1, pinned=torch.zeros(6, dtype=torch.bool))
+    picked = select_by_masses(masses, torch.full((1, 2), 0.5), forced, keep=4, coverage=None, per_head=True)
+    # chunks 0 and 5 forced; then 2 (0.40 for the second query head) and 1 (0.30 for the first)
+    assert picked.chosen[0].tolist() == [0, 1, 2, 5]
+    assert picked.estimated == pytest.approx(min(0.5 + 0.05 + 0.30 + 0.02 + 0.02, 0.5 + 0.01 + 0.02 + 0.40 + 0.03))
+
+
+def test_coverage_reads_the_fewest_chunks_that_hold_the_target_for_every_query_head():
+    masses = torch.tensor([[[0.4, 0.3, 0.1, 0.05], [0.1, 0.1, 0.6, 0.05]]])  # (1, 2, 4): window 0.15 and 0.05
+    window, none = torch.tensor([[0.15, 0.05]]), torch.zeros(4, dtype=torch.bool)
+    # order by the group's most wanting head: 2 (0.6), 0 (0.4), 1 (0.3), 3
+    picked = select_by_masses(masses, window, none, keep=4, coverage=0.8, per_head=False)
+    assert picked.chosen[0].tolist() == [0, 1, 2]  # head 1: 0.05 + 0.6 + 0.1 + 0.1 = 0.85; head 0 then 0.95
+    assert picked.estimated == pytest.approx(0.85)
+    floor = select_by_masses(masses, window, none, keep=4, coverage=0.5, per_head=False, least=3)
+    assert len(floor.chosen[0]) == 3  # one chunk would do; the floor reads three
+
+
+@st.composite
+def _problem(draw):
+    hkv, g, d = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 3, 4])), draw(st.sampled_from([64, 128, 256]))
+    size = draw(st.sampled_from([16, 32, 64]))
+    n = draw(st.integers(1, 40 * size))
+    capacity = n + draw(st.integers(0, 40))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    slab = (torch.randn(hkv, capacity, d, generator=gen) * torch.rand(d, generator=gen) * 3).bfloat16()
+    q = torch.randn(hkv * g, d, generator=gen) * draw(st.sampled_from([0.3, 1.0, 3.0]))
+    count = n // size
+    pinned = torch.rand(count + 3, generator=gen) < draw(st.sampled_from([0.0, 0.1]))
+    sinks, recent = draw(st.integers(0, min(1, count))), draw(st.integers(0, min(3, count)))
+    keep = draw(st.integers(1, max(count, 1)))
+    coverage = draw(st.sampled_from([None, 0.5, 0.9, 0.99]))
+    least = draw(st.integers(0, keep)) if coverage else 0
+    return q, slab, n, count, size, pinned, keep, sinks, recent, least, coverage, draw(st.booleans())
+
+
+@pytest.mark.skipif(not mixed_attention.available(), reason="the native kernel is not built")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=_problem(), isa=st.sampled_from(mixed_attention.isas() or ["scalar"]))
+def test_native_token_selection_equals_the_reference(problem, isa):
+    """select_tokens chooses token_masses + select_by_masses' chunks, with their estimate: head
+    sizes 64 (permuted pairs) and others (gathered), shared or per head, fixed or covered, floors."""
+    q, slab, n, count, size, pinned, keep, sinks, recent, least, coverage, per_head = problem
+    masses, window = token_masses(q, slab[:, :n], count, size)
+    want = select_by_masses(masses, window, forced_chunks(count, sinks, recent, pinned), keep, coverage, per_head, least)
+    got, estimated = mixed_attention.select_tokens(q, slab, n, count, size, pinned, keep, sinks, recent, least, coverage,
+                                                   per_head, CHANNELS, isa)
+    if count == 0:
+        assert all(len(ids) == 0 for ids in got)
+        return
+    assert [ids.tolist() for ids in got] == [ids.tolist() for ids in want.chosen]
+    assert estimated == pytest.approx(want.estimated, abs=2e-5)
+
+
+def test_token_scores_find_the_tokens_that_loose_bounds_hide():
+    """A query on 16 channels and noisy keys: every chunk's bound is the sum of its channels'
+    extremes (different tokens' each), so a chunk holding one token that matches the query bounds
+    no higher than the rest. The tokens' scores find the nine such tokens; at the same budget the
+    token-scored cache captures far more of the attention than the bound-ranked one."""
+    g = torch.Generator().manual_seed(4)
+    hkv, hq, d, n = 1, 3, 64, 1024
+    keys, values = torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g)
+    sign = torch.randn(16, generator=g).sign()
+    q = 0.1 * torch.randn(hq, d, generator=g)
+    q[:, :16] += 2 * sign
+    for t in range(40, 900, 96):  # nine tokens the query wants (logit ≈ 6), in nine chunks
+        keys[0, t, :16] = 1.5 * sign
+    mass = {}
+    for scoring in ("tokens", "bounds"):
+        cache = TieredCache(KVConfig(budget="320", chunk_sizes=(16,), recent_tokens=16, scoring=scoring), 1, hq, hkv, d)
+        prompt_queries = torch.randn(1, hq, n, d, generator=torch.Generator().manual_seed(5))  # (pins: not these tokens)
+        cache.attend(0, prompt_queries, keys[None], values[None])
+        cache.end_prefill()
+        cache.attend(0, q[None, :, None], torch.randn(1, hkv, 1, d, generator=g), torch.randn(1, hkv, 1, d, generator=g))
+        chosen = cache._select(0, q)
+        assert cache.stats()["scoring"] == scoring
+        mass[scoring] = captured_mass(q, cache.storage.gather(0, chosen[0])[0], cache.storage.layer_kv(cache.layers[0])[0].float())
+    assert mass["tokens"].min() > 0.6 and mass["tokens"].mean() > mass["bounds"].mean() + 0.2, mass
+
+
+def test_token_scoring_is_checked():
+    from edgetok.errors import EdgetokError
+
+    with pytest.raises(EdgetokError, match="--kv-scoring"):
+        KVConfig(budget="25%", scoring="exact")
+    with pytest.raises(EdgetokError, match="in RAM"):
+        KVConfig(budget="25%", scoring="tokens", bits="4")
+    assert not KVConfig(budget="25%", bits="4").scores_tokens(native_step=False)  # tiers: bounds
+    assert KVConfig(budget="25%").scores_tokens(native_step=False)  # in RAM, selected in Python: tokens
+    assert not KVConfig(budget="25%").scores_tokens(native_step=True)  # the native decode step: bounds
+    assert KVConfig(budget="25%", scoring="tokens").scores_tokens(native_step=True)  # unless asked for
