@@ -599,7 +599,7 @@ void attend_rows(const std::vector<int64_t>& table, int64_t first, int64_t heads
 // Slab mode (a layer whose K/V lives in float slabs in RAM, storage.py's ResidentStorage): the
 // layer's record, int64, fields in this order (mixed_attention.py: SLAB_FIELDS).
 enum SlabField { S_K, S_V, S_HEAD_STRIDE, S_N, S_CHUNK_SIZE, S_N_CHUNKS, S_ABSTRACTS, S_STRIDE, S_PINNED, S_KEEP, S_SINKS,
-                 S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, N_SLAB_FIELDS };
+                 S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, S_CHANNELS, S_LEAST, N_SLAB_FIELDS };
 // Its float32 io row (mixed_attention.py: IO_FIELDS): in, the selection's temperature and coverage
 // target (≤ 0: keep exactly `keep`); out, the estimated coverage, the chunks and the tokens read per
 // KV head, the microseconds spent selecting, attending and measuring, then (sampled steps) each
@@ -641,7 +641,17 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
     const int64_t heads = n_kv / groups, window = chunks * cs;
     float estimated = 1.0f;
     auto t0 = std::chrono::steady_clock::now();
-    if (!every) {
+    if (!every && rec[S_CHANNELS] > 0 && bits == 16 && g <= 16) {  // by token scores (select_by_tokens)
+        TokenSelection ts{};
+        ts.q = q_last, ts.keys = reinterpret_cast<const uint16_t*>(slab_k);
+        ts.pinned = reinterpret_cast<const uint8_t*>(rec[S_PINNED]);
+        ts.head_stride = hs, ts.n = n, ts.count = chunks, ts.size = cs, ts.keep = rec[S_KEEP], ts.sinks = rec[S_SINKS];
+        ts.recent = rec[S_RECENT], ts.least = rec[S_LEAST], ts.n_kv = int(n_kv), ts.g = int(g), ts.d = int(d);
+        ts.channels = int(rec[S_CHANNELS]), ts.coverage = io[IO_COVERAGE], ts.per_head = groups > 1;
+        ids.resize(size_t(groups * chunks));
+        counts.resize(size_t(groups));
+        estimated = select_by_tokens(ts, isa, ids.data(), chunks, counts.data());
+    } else if (!every) {
         Selection sel{};
         sel.q = q_last;
         sel.abstracts = reinterpret_cast<const uint16_t*>(rec[S_ABSTRACTS]);

@@ -31,7 +31,7 @@ FLOAT_BITS = {torch.float32: 32, torch.bfloat16: 16}
 # float32 io row: the selection's temperature and coverage target in; out, what it read and the
 # microseconds its parts took, then each query head's captured mass at sampled steps.
 SLAB_FIELDS = ("k", "v", "head_stride", "n", "chunk_size", "n_chunks", "abstracts", "stride", "pinned", "keep", "sinks",
-               "recent", "per_head", "sampled", "io")
+               "recent", "per_head", "sampled", "io", "channels", "least")
 IO_FIELDS = ("temperature", "coverage", "estimated", "chunks", "tokens", "select_us", "attend_us", "measure_us")
 
 
@@ -135,7 +135,9 @@ class SlabStep:
     capacity, D), n tokens stored and room for the step's; the first n_chunks chunks of chunk_size
     tokens, selected from by selection.select_chunks' inputs for one layer — abstracts (Hkv, 2D,
     stride) bf16, pinned (stride,), plan (keep, sinks, recent; None: read them all), the temperature
-    and coverage target, per-head; sampled: measure the captured mass this step."""
+    and coverage target, per-head; sampled: measure the captured mass this step. channels > 0:
+    rank by token scores on that many channels (token_scores.py; bf16 slabs) instead of the
+    abstracts' bounds, reading at least `least` chunks under a coverage target."""
 
     slab_k: torch.Tensor
     slab_v: torch.Tensor
@@ -149,9 +151,12 @@ class SlabStep:
     coverage: float | None
     per_head: bool
     sampled: bool
+    channels: int = 0
+    least: int = 0
 
     def __post_init__(self) -> None:
         k, v = self.slab_k, self.slab_v
+        assert self.channels == 0 or (k.dtype == torch.bfloat16 and self.channels >= 2), "token scores read bf16 slabs"
         assert k.dtype == v.dtype and k.stride() == v.stride() and k.stride(2) == 1, "slabs: (Hkv, capacity, D), alike"
         assert k.shape[1] >= self.n + 1, "the slab needs room for the step's token"
         assert 0 <= self.n_chunks * self.chunk_size <= self.n and self.chunk_size > 0
@@ -198,7 +203,8 @@ class StepTables:
         self.io[layer, :2] = slab.temperature, 0.0 if slab.coverage is None else slab.coverage
         self.slabs[layer] = (slab.slab_k.data_ptr(), slab.slab_v.data_ptr(), slab.slab_k.stride(0), slab.n, slab.chunk_size,
                              slab.n_chunks, slab.abstracts.data_ptr(), slab.abstracts.shape[-1], slab.pinned.data_ptr(),
-                             keep, sinks, recent, int(slab.per_head), int(slab.sampled), self.io[layer].ctypes.data)
+                             keep, sinks, recent, int(slab.per_head), int(slab.sampled), self.io[layer].ctypes.data,
+                             slab.channels, slab.least)
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.q_last[layer].ctypes.data)
 

@@ -118,7 +118,5 @@ def test_token_scoring_is_checked():
         KVConfig(budget="25%", scoring="exact")
     with pytest.raises(EdgetokError, match="in RAM"):
         KVConfig(budget="25%", scoring="tokens", bits="4")
-    assert not KVConfig(budget="25%", bits="4").scores_tokens(native_step=False)  # tiers: bounds
-    assert KVConfig(budget="25%").scores_tokens(native_step=False)  # in RAM, selected in Python: tokens
-    assert not KVConfig(budget="25%").scores_tokens(native_step=True)  # the native decode step: bounds
-    assert KVConfig(budget="25%", scoring="tokens").scores_tokens(native_step=True)  # unless asked for
+    assert not KVConfig(budget="25%", bits="4").scores_tokens  # tiers: bounds
+    assert KVConfig(budget="25%").scores_tokens and not KVConfig(budget="25%", scoring="bounds").scores_tokens

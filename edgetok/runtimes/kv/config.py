@@ -56,9 +56,9 @@ class KVConfig:
     # where it can run (DEFAULT_SELECTION), "layer" elsewhere.
     selection: str | None = None
     # How decode ranks the chunks: "tokens" (each token's score on the query's largest channels,
-    # summed per chunk: kernels/token_scores.py; the chunks in RAM) or "bounds" (each chunk's
-    # upper bound from its keys' min / max: kernels/selection.py). None: tokens where the chunks
-    # are in RAM and Python selects; bounds where they live in tiers or a native step selects.
+    # summed per chunk: kernels/token_scores.py; every key in RAM) or "bounds" (each chunk's upper
+    # bound from its keys' min / max: kernels/selection.py). None: tokens where every key is in RAM,
+    # bounds where chunks live in tiers.
     scoring: str | None = None
 
     def __post_init__(self) -> None:
@@ -115,13 +115,10 @@ class KVConfig:
             return False
         return (self.selection or DEFAULT_SELECTION) == "head"
 
-    def scores_tokens(self, native_step: bool) -> bool:
-        """Whether decode ranks chunks by token scores (--kv-scoring). native_step: a graph's
-        decode step selects inside the native kernel, from the bounds, unless tokens are asked
-        for (then each layer's attention comes back to Python: slower)."""
-        if self.needs_homes or self.scoring == "bounds":
-            return False
-        return self.scoring == "tokens" or not native_step
+    @property
+    def scores_tokens(self) -> bool:
+        """Whether decode ranks chunks by token scores (--kv-scoring): wherever every key is in RAM."""
+        return not self.needs_homes and self.scoring != "bounds"
 
     def summaries_for(self, attends: bool) -> bool:
         """Whether a cache folds in the summaries of the chunks it does not read. attends: the

@@ -86,7 +86,8 @@ class TieredCache(AttendingCache, GraphCache):
         # mean value (kernels/summaries.py), resident: 1/8 of bf16 K/V at 16-token chunks
         self.summarize = cfg.summaries_for(attends=attends)
         self.per_head = cfg.per_head_for(attends=attends)  # each KV head selects its own chunks
-        self.scores_tokens = cfg.scores_tokens(native_step=self.selects_ahead)  # (else by the chunks' bounds)
+        # (else by the chunks' bounds; a graph's native step scores bf16 slabs only: exact float32 ones rank by bounds)
+        self.scores_tokens = cfg.scores_tokens and (self.dtype == torch.bfloat16 or not self.selects_ahead)
         self.summaries = torch.zeros(num_layers, num_kv_heads, 0, 2 * head_dim)
         self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
@@ -365,7 +366,7 @@ class TieredCache(AttendingCache, GraphCache):
         """Layer i's chunks for query q (Hq, D), ranked by its tokens' estimated scores
         (kernels/token_scores.py): one id list per KV head, or one for the layer."""
         layer, (keep, sinks, recent) = self.layers[i], plan
-        least = int((self.budgets[i] - self.storage.window_len(layer)) // layer.chunk_size) if self.cfg.is_auto else 0
+        least = self._least(i)
         slab = self.storage.slab(layer, 0)
         if (mixed_attention.available() and slab is not None and slab[0].dtype == torch.bfloat16
                 and self.n_heads // self.n_kv <= 16):  # (token_scores is its oracle)
@@ -378,6 +379,13 @@ class TieredCache(AttendingCache, GraphCache):
             chosen, estimated = picked.chosen, picked.estimated
         self.fidelity.promise(i, estimated)
         return chosen
+
+    def _least(self, i: int) -> int:
+        """--kv-budget auto with token scores: the chunks layer i reads at least (its share of AUTO_FLOOR)."""
+        if not (self.cfg.is_auto and self.scores_tokens and self.budgets):
+            return 0
+        layer = self.layers[i]
+        return max(0, int((self.budgets[i] - self.storage.window_len(layer)) // layer.chunk_size)) if layer.chunk_size else 0
 
     def _select_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's chunks for this step, chosen at once with each layer's last query (a
@@ -439,7 +447,7 @@ class TieredCache(AttendingCache, GraphCache):
 
     def tables_apply(self, t: int) -> bool:
         """Whether a step of t tokens can be attended from tables (step_tables)."""
-        return (t == 1 and self.selects_ahead and not self.summarize and not self.scores_tokens and self.layers[0].chunk_size > 0
+        return (t == 1 and self.selects_ahead and not self.summarize and self.layers[0].chunk_size > 0
                 and mixed_attention.supports(self.head_dim))
 
     def fill_tables(self, tables: StepTables, at: list[int]) -> None:
@@ -458,8 +466,9 @@ class TieredCache(AttendingCache, GraphCache):
             self._selecting = [plan is not None for plan in plans]  # (end_step_tables: which layers promised a coverage)
             layers = zip(self.layers, slabs, plans, self.abstracts.unbind(0), self.pinned.unbind(0), self.temperatures.tolist())
             for j, (layer, (k, v), plan, abstracts, pinned, temperature) in enumerate(layers):
+                channels = CHANNELS if self.scores_tokens else 0
                 tables.set_slab(at[j], SlabStep(k, v, layer.n, layer.chunk_size, layer.n_chunks, abstracts, pinned, plan,
-                                                temperature, self.cfg.coverage, self.per_head, sampled))
+                                                temperature, self.cfg.coverage, self.per_head, sampled, channels, self._least(j)))
             return
         self._select_ahead()
         for j, rows in enumerate(self.storage.step_rows(self._chosen)):
