@@ -26,6 +26,7 @@ def test_a_budget_reports_its_captured_mass_and_pruning_its_kept_share(tiny_fold
     f = fidelity(tiny_folder, "--kv-budget", "auto", "--kv-coverage", "0.8")
     assert f["kv_budget"]["budget"] == "auto" and f["kv_budget"]["coverage_target"] == 0.8
     assert 0 < f["kv_budget"]["captured_mass"] <= 1 and not f["kv_budget"]["exact"]
+    assert f["kv_budget"]["scoring"] == "tokens"  # every key in RAM: chunks ranked by their tokens' scores
     assert f["kv_bits"] == {"stored": "auto", "exact": False, "attention_reads": "bf16"}
     f = fidelity(tiny_folder, "--prune-prompt", "0.5")
     assert 0.45 < f["pruning"]["kept_fraction"] < 0.65 and f["pruning"]["after_layer"] >= 0
@@ -34,8 +35,10 @@ def test_a_budget_reports_its_captured_mass_and_pruning_its_kept_share(tiny_fold
 
 
 def test_tiers_report_the_selections_estimate():
-    kv = {"kind": "tiered", "budget": "25%", "budget_used": 0.26, "storage_bits": "8", "coverage_estimated": 0.93}
+    kv = {"kind": "tiered", "budget": "25%", "budget_used": 0.26, "storage_bits": "8", "coverage_estimated": 0.93,
+          "scoring": "bounds"}
     f = run_fidelity({"exact": True}, kv, {}, 100)
     assert f["kv_budget"]["captured_mass_estimated"] == 0.93 and f["kv_bits"]["stored"] == "8"
+    assert f["kv_budget"]["scoring"] == "bounds"
     f = run_fidelity({"exact": True}, {"kind": "llama.cpp (q8_0)"}, {}, 100)
     assert f["kv_bits"] == {"type": "q8_0", "exact": False}

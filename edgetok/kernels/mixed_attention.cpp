@@ -60,15 +60,17 @@ namespace {
 using ItemFn = void (*)(const Problem&, int, int64_t, int64_t, float*, float*, float*, float*);
 using BoundsFn = void (*)(const float*, int, int, const uint16_t*, int64_t, int64_t, int64_t, float, float*, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
-using MassesFn = void (*)(const float*, const int32_t*, int, int, const uint16_t*, int64_t, int64_t, const float*, int64_t,
-                          int64_t, float*, float*, float*);
+using ScoresFn = void (*)(const float*, const int32_t*, int, int, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
+                          const float*, float*, float*);
+using ExpsFn = void (*)(const float*, int, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, float*);
 
 struct Isa {
     const char* name;
     ItemFn run;
     BoundsFn bounds;
     SoftmaxFn softmax;
-    MassesFn masses;
+    ScoresFn scores;
+    ExpsFn exps;
     bool supported;
 };
 
@@ -76,15 +78,15 @@ Isa isas[3];
 
 void detect_isas() {
 #ifdef EDGETOK_PORTABLE_ONLY
-    isas[0] = isas[1] = {"none", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, scalar::token_masses, false};
+    isas[0] = isas[1] = {"none", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, scalar::token_scores, scalar::chunk_exps, false};
 #else
     __builtin_cpu_init();
-    isas[0] = {"avx512", avx512::run_item, avx512::chunk_bounds, avx512::chunk_softmax, avx512::token_masses,
+    isas[0] = {"avx512", avx512::run_item, avx512::chunk_bounds, avx512::chunk_softmax, avx512::token_scores, avx512::chunk_exps,
                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")};
-    isas[1] = {"avx2", avx2::run_item, avx2::chunk_bounds, avx2::chunk_softmax, avx2::token_masses, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
+    isas[1] = {"avx2", avx2::run_item, avx2::chunk_bounds, avx2::chunk_softmax, avx2::token_scores, avx2::chunk_exps, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")};
 #endif
-    isas[2] = {"scalar", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, scalar::token_masses, true};
+    isas[2] = {"scalar", scalar::run_item, scalar::chunk_bounds, scalar::chunk_softmax, scalar::token_scores, scalar::chunk_exps, true};
 }
 
 const Isa* find_isa(const char* name) {
@@ -442,37 +444,82 @@ struct TokenSelection {
     bool per_head;
 };
 
-float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, int64_t row, int64_t* n) {
+// f(0 .. items-1) on the lent threads (parallel_for), or here.
+template <typename F>
+void run_items(size_t items, F& f, ParallelFor parallel_for) {
+    auto each = [](void* fn, size_t i) { (*static_cast<F*>(fn))(i); };
+    if (parallel_for == nullptr || items == 1 || parallel_for(each, items, &f) != 0)
+        for (size_t i = 0; i < items; ++i) f(i);
+}
+
+float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, int64_t row, int64_t* n,
+                       ParallelFor parallel_for = nullptr) {
     const int64_t c = s.count, hkv = s.n_kv, g = s.g, groups = s.per_head ? hkv : 1, heads = hkv * g / groups;
     const int np = std::max(1, std::min(s.channels, s.d) / 2), r = 2 * np;
-    thread_local std::vector<float> masses, window, scratch, q_r, scale, rank, covered, weight;
+    thread_local std::vector<float> masses, window, scratch, q_r, scale, rank, covered, weight, top;
     thread_local std::vector<int32_t> pairs;
     thread_local std::vector<int64_t> order;
     masses.resize(size_t(hkv * g * std::max<int64_t>(c, 1)));
     window.resize(size_t(hkv * g));
-    scratch.resize(size_t(g * s.n));
-    q_r.resize(size_t(g * r));
-    scale.resize(size_t(g));
     weight.resize(size_t(s.d / 2));
-    pairs.resize(size_t(s.d / 2));
-    for (int64_t h = 0; h < hkv; ++h) {
+    pairs.resize(size_t(hkv * (s.d / 2)));
+    q_r.resize(size_t(hkv * g * r));
+    scale.resize(size_t(hkv * g));
+    scratch.resize(size_t(hkv * g * s.n));
+    for (int64_t h = 0; h < hkv; ++h) {  // each KV head's channel pairs and its queries on them
         const float* qh = s.q + h * g * s.d;
+        int32_t* ph = pairs.data() + h * (s.d / 2);
         std::fill(weight.begin(), weight.end(), 0.0f);
         for (int64_t j = 0; j < g; ++j)
             for (int dd = 0; dd < s.d; ++dd) weight[size_t(dd / 2)] += std::fabs(qh[j * s.d + dd]);
-        for (int i = 0; i < s.d / 2; ++i) pairs[size_t(i)] = i;
-        std::partial_sort(pairs.begin(), pairs.begin() + np, pairs.end(), [&](int32_t a, int32_t b) {
+        for (int i = 0; i < s.d / 2; ++i) ph[i] = i;
+        std::partial_sort(ph, ph + np, ph + s.d / 2, [&](int32_t a, int32_t b) {
             return weight[size_t(a)] > weight[size_t(b)] || (weight[size_t(a)] == weight[size_t(b)] && a < b);
         });
         for (int64_t j = 0; j < g; ++j) {
             float all = 0.0f, kept = 0.0f;
+            float* qr = q_r.data() + (h * g + j) * r;
             for (int dd = 0; dd < s.d; ++dd) all += std::fabs(qh[j * s.d + dd]);
             for (int i = 0; i < np; ++i)
-                for (int e = 0; e < 2; ++e) kept += std::fabs(q_r[size_t(j * r + 2 * i + e)] = qh[j * s.d + 2 * pairs[size_t(i)] + e]);
-            scale[size_t(j)] = 1.0f / std::sqrt(float(s.d) * std::max(all > 0.0f ? kept / all : 1.0f, 1e-6f));
+                for (int e = 0; e < 2; ++e) kept += std::fabs(qr[2 * i + e] = qh[j * s.d + 2 * ph[i] + e]);
+            scale[size_t(h * g + j)] = 1.0f / std::sqrt(float(s.d) * std::max(all > 0.0f ? kept / all : 1.0f, 1e-6f));
         }
-        isa.masses(q_r.data(), pairs.data(), int(g), np, s.keys + h * s.head_stride, s.d, s.n, scale.data(), c, s.size,
-                   masses.data() + h * g * c, window.data() + h * g, scratch.data());
+    }
+    // Items: each head's tokens in two runs of whole chunks (3 heads on 2 threads: 6 items, not 2 + 1):
+    // its scores and their maxima, then, once a head's maximum is known, its chunks' exponentials.
+    const int64_t parts = c >= 2 ? 2 : 1;
+    auto chunk_at = [&](int64_t part) { return c * part / parts; };
+    top.assign(size_t(hkv * parts * g), -INFINITY);
+    // (the items may run on other threads: they see this thread's buffers through these pointers)
+    const float *qr = q_r.data(), *sc = scale.data();
+    const int32_t* pr = pairs.data();
+    float *scr = scratch.data(), *tp = top.data(), *ms = masses.data(), *wn = window.data();
+    auto score = [&](size_t i) {
+        const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
+        const int64_t t0 = chunk_at(part) * s.size, t1 = part + 1 == parts ? s.n : chunk_at(part + 1) * s.size;
+        isa.scores(qr + h * g * r, pr + h * (s.d / 2), int(g), np, s.keys + h * s.head_stride, s.d, s.n, t0, t1, sc + h * g,
+                   scr + h * g * s.n, tp + (h * parts + part) * g);
+    };
+    auto exps = [&](size_t i) {
+        const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
+        float best[16];
+        for (int64_t j = 0; j < g; ++j) {
+            best[j] = -INFINITY;
+            for (int64_t q = 0; q < parts; ++q) best[j] = std::max(best[j], tp[(h * parts + q) * g + j]);
+        }
+        isa.exps(scr + h * g * s.n, int(g), s.n, best, c, s.size, chunk_at(part), chunk_at(part + 1), ms + h * g * c,
+                 part + 1 == parts ? wn + h * g : nullptr);
+    };
+    const size_t items = size_t(hkv * parts);
+    run_items(items, score, parallel_for);
+    run_items(items, exps, parallel_for);
+    for (int64_t hj = 0; hj < hkv * g; ++hj) {  // each query head's softmax: its exponentials over their sum
+        float* m = masses.data() + hj * c;
+        float total = window[size_t(hj)];
+        for (int64_t i = 0; i < c; ++i) total += m[i];
+        const float inv = 1.0f / total;
+        for (int64_t i = 0; i < c; ++i) m[i] *= inv;
+        window[size_t(hj)] *= inv;
     }
     if (c == 0) {
         for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
@@ -650,7 +697,7 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
         ts.channels = int(rec[S_CHANNELS]), ts.coverage = io[IO_COVERAGE], ts.per_head = groups > 1;
         ids.resize(size_t(groups * chunks));
         counts.resize(size_t(groups));
-        estimated = select_by_tokens(ts, isa, ids.data(), chunks, counts.data());
+        estimated = select_by_tokens(ts, isa, ids.data(), chunks, counts.data(), parallel_for);
     } else if (!every) {
         Selection sel{};
         sel.q = q_last;

@@ -532,14 +532,9 @@ static inline vf sum16(const vf* a) {
 
 // At D = 64 a token row is 32 channel pairs, two 16-lane words: one two-source permute picks up to
 // 16 pairs (vpermt2d with AVX-512), and the scores of 16 tokens are summed across lanes together
-// (sum16): 3.5x the gathers' speed on Zen 4.
-static inline void pair_scores64(const float* q_r, const int32_t* pairs, int g, int np, const uint16_t* rows, const float* scale,
-                                 vf* out) {
-    vu idx;
-    for (int i = 0; i < 16; ++i) idx[i] = uint32_t(pairs[i < np ? i : 0]);
-    vf qe[16], qo[16];
-    for (int j = 0; j < g; ++j)
-        for (int i = 0; i < 16; ++i) qe[j][i] = i < np ? q_r[j * 2 * np + 2 * i] : 0.0f, qo[j][i] = i < np ? q_r[j * 2 * np + 2 * i + 1] : 0.0f;
+// (sum16). idx: the pairs (padded); qe, qo (G,): each query on the pairs' even and odd channels (0 in padding).
+static inline void pair_block64(const vu& idx, const vf* qe, const vf* qo, int g, const uint16_t* rows, const float* scale,
+                                vf* out) {
     vf part[16][16];  // [query][token]
     for (int t = 0; t < 16; ++t) {
         const vu lo = *reinterpret_cast<const vu*>(rows + t * 64), hi = *reinterpret_cast<const vu*>(rows + t * 64 + 32);
@@ -550,21 +545,28 @@ static inline void pair_scores64(const float* q_r, const int32_t* pairs, int g, 
     for (int j = 0; j < g; ++j) out[j] = sum16(part[j]) * scale[j];
 }
 
-static void token_masses(const float* q_r, const int32_t* pairs, int g, int np, const uint16_t* keys, int64_t d, int64_t n,
-                         const float* scale, int64_t chunks, int64_t size, float* masses, float* window, float* scratch) {
+// Tokens [t0, t1) of a head's n (t0 a multiple of 16): their logits into scratch (G, n), and each
+// query's largest into top (G,).
+static void token_scores(const float* q_r, const int32_t* pairs, int g, int np, const uint16_t* keys, int64_t d, int64_t n,
+                         int64_t t0, int64_t t1, const float* scale, float* scratch, float* top) {
     const int r = 2 * np;
     vf big[16];
     for (int j = 0; j < g; ++j) big[j] = splat(-INFINITY);
-    int64_t t = 0;
-    for (; d == 64 && np <= 16 && t + 16 <= n; t += 16) {
+    int64_t t = t0;
+    vu idx;
+    vf qe[16], qo[16];
+    for (int i = 0; i < 16; ++i) idx[i] = uint32_t(pairs[i < np ? i : 0]);
+    for (int j = 0; j < g; ++j)
+        for (int i = 0; i < 16; ++i) qe[j][i] = i < np ? q_r[j * r + 2 * i] : 0.0f, qo[j][i] = i < np ? q_r[j * r + 2 * i + 1] : 0.0f;
+    for (; d == 64 && np <= 16 && t + 16 <= t1; t += 16) {
         vf x[16];
-        pair_scores64(q_r, pairs, g, np, keys + t * d, scale, x);
+        pair_block64(idx, qe, qo, g, keys + t * d, scale, x);
         for (int j = 0; j < g; ++j) {
             *reinterpret_cast<vf*>(scratch + j * n + t) = x[j];
             big[j] = x[j] > big[j] ? x[j] : big[j];
         }
     }
-    for (; t + 16 <= n; t += 16) {  // (other head sizes: each pair a gather)
+    for (; t + 16 <= t1; t += 16) {  // (other head sizes: each pair a gather)
         const uint16_t* rows = keys + t * d;
         for (int g0 = 0; g0 < g; g0 += 4) {
             const int m = g - g0 < 4 ? g - g0 : 4;
@@ -582,34 +584,41 @@ static void token_masses(const float* q_r, const int32_t* pairs, int g, int np, 
         }
     }
     for (int j = 0; j < g; ++j) {
-        float top = hmax(big[j]);
-        for (int64_t u = t; u < n; ++u) {  // the last tokens, one at a time
+        float best = hmax(big[j]);
+        for (int64_t u = t; u < t1; ++u) {  // the last tokens, one at a time
             float acc = 0.0f;
             for (int i = 0; i < np; ++i)
                 acc += bf16_1(keys[u * d + 2 * pairs[i]]) * q_r[j * r + 2 * i] + bf16_1(keys[u * d + 2 * pairs[i] + 1]) * q_r[j * r + 2 * i + 1];
             scratch[j * n + u] = acc * scale[j];
-            top = scratch[j * n + u] > top ? scratch[j * n + u] : top;
+            best = scratch[j * n + u] > best ? scratch[j * n + u] : best;
         }
+        top[j] = best;
+    }
+}
+
+// Chunks [c0, c1) of the head's `chunks` (of `size` tokens): each query's Σ exp(logit − top) per
+// chunk into masses (G, chunks), unnormalized; with window non-null the tokens after the last
+// chunk too, into window (G,).
+static void chunk_exps(const float* scratch, int g, int64_t n, const float* top, int64_t chunks, int64_t size, int64_t c0,
+                       int64_t c1, float* masses, float* window) {
+    for (int j = 0; j < g; ++j) {
         const float* x = scratch + j * n;
-        float total = 0.0f;
-        for (int64_t c = 0; c < chunks; ++c) {  // exp and sum per chunk in one pass
+        for (int64_t c = c0; c < c1; ++c) {
             const float* xc = x + c * size;
-            float sum = 0.0f;
+            vf acc = {};
             int64_t k = 0;
-            if (size % 16 == 0) {
-                vf acc = {};
-                for (; k < size; k += 16) acc += vexp(*reinterpret_cast<const vf*>(xc + k) - top);
-                sum = hsum(acc);
-            }
-            for (; k < size; ++k) sum += exp1(xc[k] - top);
+            for (; k + 16 <= size; k += 16) acc += vexp(*reinterpret_cast<const vf*>(xc + k) - top[j]);
+            float sum = hsum(acc);
+            for (; k < size; ++k) sum += exp1(xc[k] - top[j]);
             masses[j * chunks + c] = sum;
-            total += sum;
         }
-        float rest = 0.0f;
-        for (int64_t k = chunks * size; k < n; ++k) rest += exp1(x[k] - top);
-        total += rest;
-        const float inv = 1.0f / total;
-        for (int64_t c = 0; c < chunks; ++c) masses[j * chunks + c] *= inv;
-        window[j] = rest * inv;
+        if (window) {
+            vf acc = {};
+            int64_t k = chunks * size;
+            for (; k + 16 <= n; k += 16) acc += vexp(*reinterpret_cast<const vf*>(x + k) - top[j]);
+            float rest = hsum(acc);
+            for (; k < n; ++k) rest += exp1(x[k] - top[j]);
+            window[j] = rest;
+        }
     }
 }

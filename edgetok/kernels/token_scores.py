@@ -7,10 +7,11 @@ bound ranking left a mean KL of 0.086 where an oracle that ranks the same chunks
 attention left 0.008 (JSON / CSV: 0.127 against 0.0007; BENCHMARKS.md, "Token scores").
 
 So each KV head estimates every token's logit from the R channels where its query group is
-largest (Σ_g |q_g,d|): q_R·k_R, divided by √(D · ‖q_R‖₁ / ‖q‖₁) rather than √D (SparQ's
-correction: the channels left out would have spread the scores), and a softmax over all tokens
-gives each chunk's share of each query head's attention, and the window's. The keys are the cache's
-own (bf16, in RAM): no copy, and R of D channels of each computed.
+largest (Σ_g |q_g,d|), taken as R/2 adjacent pairs (2p, 2p + 1: one 32-bit load per token and pair
+natively): q_R·k_R, divided by √(D · ‖q_R‖₁ / ‖q‖₁) rather than √D (SparQ's correction: the
+channels left out would have spread the scores), and a softmax over all tokens gives each chunk's
+share of each query head's attention, and the window's. The keys are the cache's own (bf16, in
+RAM): no copy, and R of D channels of each computed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-CHANNELS = 24  # R: of D = 64, 16 kept the KL within 2.4× the exact ranking's; 8 lost 3–7× (BENCHMARKS.md)
+# R, as 12 pairs. At 4K and a 25 % budget (legal / JSON-CSV / dialogue) the KL was 0.017 / 0.0014 /
+# 0.016 with 12 pairs, 0.024 / 0.0049 / 0.022 with 8, against 0.0078 / 0.0007 / 0.0068 ranking by the
+# exact attention and 0.086 / 0.127 / 0.071 by bounds (BENCHMARKS.md, "Token scores").
+CHANNELS = 24
 
 
 def token_masses(q: torch.Tensor, keys: torch.Tensor, chunks: int, chunk_size: int,
@@ -51,7 +55,7 @@ def select_by_masses(masses: torch.Tensor, window: torch.Tensor, forced: torch.T
     bool (sinks, recent, pinned: always read); keep the chunks each group reads at most (a fixed
     budget reads that many). With a coverage target (--kv-budget auto) each group reads, along its
     order, as many as its neediest query head needs for that share of its estimated attention
-    (the window counts), from the forced ones up to keep. Groups: each KV head (per_head, ranked by
+    (the window counts), from the forced ones (and `least`: auto's floor) up to keep. Groups: each KV head (per_head, ranked by
     the query head of its group that wants a chunk most), or one for the layer (ranked by the
     query head of any group that wants it most)."""
     hkv, g, c = masses.shape

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -120,3 +121,15 @@ def test_token_scoring_is_checked():
         KVConfig(budget="25%", scoring="tokens", bits="4")
     assert not KVConfig(budget="25%", bits="4").scores_tokens  # tiers: bounds
     assert KVConfig(budget="25%").scores_tokens and not KVConfig(budget="25%", scoring="bounds").scores_tokens
+
+
+def test_cli_scoring(tiny_folder):
+    from conftest import run_cli
+
+    args = ["run", str(tiny_folder), "-p", "The quick brown fox " * 40, "--no-chat", "-n", "12", "--kv-budget", "25%", "--json"]
+    for scoring in ("bounds", "tokens"):
+        r = run_cli(*args, "--kv-scoring", scoring)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["stats"]["kv"]["scoring"] == scoring
+    r = run_cli(*args, "--kv-scoring", "tokens", "--kv-bits", "4")
+    assert r.exit_code == 1 and "--kv-scoring" in r.stderr and "Traceback" not in r.output
