@@ -72,9 +72,9 @@ def run_options(f):
                      help="under a budget, one set of chunks per layer, or each KV head its own (chunks in RAM, "
                           "torch backend)"),
         click.option("--kv-scoring", type=click.Choice(["tokens", "bounds"]), default=None,
-                     help="under a budget, rank chunks by their tokens' scores on the query's largest channels (chunks "
-                          "in RAM) or by each chunk's bound from its keys' min / max; default tokens where the chunks "
-                          "are in RAM and the cache selects in Python, bounds in tiers and the native decode step"),
+                     help="under a budget, rank chunks by their tokens' scores on the query's largest channels (every "
+                          "key in RAM) or by each chunk's bound from its keys' min / max; default tokens in RAM, bounds "
+                          "over tiers (--kv-bits, --kv-device-mb, --kv-host-mb)"),
         click.option("--kv-device-mb", type=float, default=None, help="fast-tier budget for float chunk copies"),
         click.option("--kv-host-mb", type=float, default=None, help="RAM budget for stored chunks (needs --kv-disk)"),
         click.option("--kv-disk-dir", "--kv-disk", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -455,11 +455,15 @@ void run_items(size_t items, F& f, ParallelFor parallel_for) {
 float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, int64_t row, int64_t* n,
                        ParallelFor parallel_for = nullptr) {
     const int64_t c = s.count, hkv = s.n_kv, g = s.g, groups = s.per_head ? hkv : 1, heads = hkv * g / groups;
+    if (c == 0) {  // no chunk yet: nothing to score or miss
+        for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
+        return 1.0f;
+    }
     const int np = std::max(1, std::min(s.channels, s.d) / 2), r = 2 * np;
     thread_local std::vector<float> masses, window, scratch, q_r, scale, rank, covered, weight, top;
     thread_local std::vector<int32_t> pairs;
     thread_local std::vector<int64_t> order;
-    masses.resize(size_t(hkv * g * std::max<int64_t>(c, 1)));
+    masses.resize(size_t(hkv * g * c));
     window.resize(size_t(hkv * g));
     weight.resize(size_t(s.d / 2));
     pairs.resize(size_t(hkv * (s.d / 2)));
@@ -487,7 +491,7 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
     }
     // Items: each head's tokens in two runs of whole chunks (3 heads on 2 threads: 6 items, not 2 + 1):
     // its scores and their maxima, then, once a head's maximum is known, its chunks' exponentials.
-    const int64_t parts = c >= 2 ? 2 : 1;
+    const int64_t parts = c >= 2 ? 2 : 1;  // (c ≥ 1 here)
     auto chunk_at = [&](int64_t part) { return c * part / parts; };
     top.assign(size_t(hkv * parts * g), -INFINITY);
     // (the items may run on other threads: they see this thread's buffers through these pointers)
@@ -520,10 +524,6 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
         const float inv = 1.0f / total;
         for (int64_t i = 0; i < c; ++i) m[i] *= inv;
         window[size_t(hj)] *= inv;
-    }
-    if (c == 0) {
-        for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
-        return 1.0f;
     }
     auto forced = [&](int64_t i) { return i < s.sinks || i >= c - s.recent || (s.pinned && s.pinned[i]); };
     int64_t n_forced = 0;

@@ -401,7 +401,8 @@ class TieredCache(AttendingCache, GraphCache):
 
     def _step_budgets(self) -> None:
         """Per-layer budgets for this step: the average budget spread by the layers' shares
-        (--kv-budget auto: none; the selection sizes itself)."""
+        (--kv-budget auto: under token scores the floor, AUTO_FLOOR of the context, that each layer
+        reads at least; under bounds none, the selection sizes itself)."""
         if self.cfg.is_auto and not self.scores_tokens:
             return
         total = [layer.n_chunks * layer.chunk_size + self.storage.window_len(layer) for layer in self.layers]

@@ -92,3 +92,15 @@ def test_cli_auto_budget(tiny_folder):
     assert kv["budget"] == "auto" and kv["coverage"] == 0.8 and "budget_per_layer" in kv
     r = run_cli("run", str(tiny_folder), "-p", "hi", "--kv-coverage", "0.8")
     assert r.exit_code == 1 and "--kv-budget auto" in r.stderr
+
+
+def test_token_scored_auto_reads_at_least_its_floor(source, monkeypatch):
+    """Under token scores a tiny coverage target is met by a few chunks; every layer still reads
+    its share of AUTO_FLOOR of the context, so the budget used is about the floor (and is less
+    without it)."""
+    kv = dict(budget="auto", coverage=0.05, recent_tokens=16, chunk_sizes=(16,))  # (few forced chunks)
+    _, _, floored = run(source, KVConfig(**kv))
+    assert floored["budget_used"] >= AUTO_FLOOR - 0.02
+    monkeypatch.setattr("edgetok.runtimes.kv.tiered.AUTO_FLOOR", 0.0)
+    _, _, bare = run(source, KVConfig(**kv))
+    assert bare["budget_used"] < floored["budget_used"] - 0.05
