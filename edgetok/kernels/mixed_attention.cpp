@@ -60,8 +60,8 @@ namespace {
 using ItemFn = void (*)(const Problem&, int, int64_t, int64_t, float*, float*, float*, float*);
 using BoundsFn = void (*)(const float*, int, int, const uint16_t*, int64_t, int64_t, int64_t, float, float*, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
-using ScoresFn = void (*)(const float*, const int32_t*, int, int, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
-                          const float*, float*, float*);
+using ScoresFn = void (*)(const float*, const float*, const int32_t*, int, int, const int8_t*, int64_t, const uint16_t*,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
 using ExpsFn = void (*)(const float*, int, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, float*);
 
 struct Isa {
@@ -425,9 +425,10 @@ PyObject* py_select(PyObject*, PyObject* args) {
     return result;
 }
 
-// Chunk selection by token scores (kernels/token_scores.py: token_masses then select_by_masses,
-// its oracle) for one layer. keys (Hkv, head_stride) bf16, each head's first n rows of D; the
-// first count × size tokens in chunks, the rest the window. Each KV head picks the R channels
+// Chunk selection by token scores (kernels/token_scores.py: token_masses over sketched_keys, then
+// select_by_masses, its oracle) for one layer. The first count × size tokens in chunks, read from
+// the sketch (Hkv, D, sketch_stride) int8 with its scales (Hkv, D); the rest, the window, from the
+// keys (Hkv, head_stride) bf16, each head's first n rows of D. Each KV head picks the R channels
 // where its group's |q| sums largest and estimates every token's logit on them (SparQ's scale);
 // each query head's softmax gives its mass per chunk. A group (a KV head, or the whole layer)
 // ranks chunks by the most any of its query heads puts there (forced ones first) and reads keep,
@@ -436,9 +437,11 @@ PyObject* py_select(PyObject*, PyObject* args) {
 // query head's estimated share.
 struct TokenSelection {
     const float* q;            // (Hq, D)
-    const uint16_t* keys;      // (Hkv, head_stride) bf16
+    const uint16_t* keys;      // (Hkv, head_stride) bf16: the window's
+    const int8_t* sketch;      // (Hkv, D, sketch_stride) int8: the chunks' (token_scores.sketch_codes)
+    const float* sketch_scale; // (Hkv, D)
     const uint8_t* pinned;     // (count,) or null
-    int64_t head_stride, n, count, size, keep, sinks, recent, least;
+    int64_t head_stride, sketch_stride, n, count, size, keep, sinks, recent, least;
     int n_kv, g, d, channels;
     float coverage;            // ≤ 0: read exactly keep
     bool per_head;
@@ -459,34 +462,37 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
         for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
         return 1.0f;
     }
-    const int np = std::max(1, std::min(s.channels, s.d) / 2), r = 2 * np;
-    thread_local std::vector<float> masses, window, scratch, q_r, scale, rank, covered, weight, top;
-    thread_local std::vector<int32_t> pairs;
+    const int r = std::max(1, std::min(s.channels, s.d));
+    thread_local std::vector<float> masses, window, scratch, qs, qk, rank, covered, weight, top;
+    thread_local std::vector<int32_t> picked;
     thread_local std::vector<int64_t> order;
     masses.resize(size_t(hkv * g * c));
     window.resize(size_t(hkv * g));
-    weight.resize(size_t(s.d / 2));
-    pairs.resize(size_t(hkv * (s.d / 2)));
-    q_r.resize(size_t(hkv * g * r));
-    scale.resize(size_t(hkv * g));
+    weight.resize(size_t(s.d));
+    picked.resize(size_t(hkv * s.d));
+    qs.resize(size_t(hkv * g * r));
+    qk.resize(size_t(hkv * g * r));
     scratch.resize(size_t(hkv * g * s.n));
-    for (int64_t h = 0; h < hkv; ++h) {  // each KV head's channel pairs and its queries on them
+    for (int64_t h = 0; h < hkv; ++h) {  // each KV head's channels and its queries on them
         const float* qh = s.q + h * g * s.d;
-        int32_t* ph = pairs.data() + h * (s.d / 2);
+        const float* step = s.sketch_scale + h * s.d;
+        int32_t* ph = picked.data() + h * s.d;
         std::fill(weight.begin(), weight.end(), 0.0f);
         for (int64_t j = 0; j < g; ++j)
-            for (int dd = 0; dd < s.d; ++dd) weight[size_t(dd / 2)] += std::fabs(qh[j * s.d + dd]);
-        for (int i = 0; i < s.d / 2; ++i) ph[i] = i;
-        std::partial_sort(ph, ph + np, ph + s.d / 2, [&](int32_t a, int32_t b) {
+            for (int dd = 0; dd < s.d; ++dd) weight[size_t(dd)] += std::fabs(qh[j * s.d + dd]);
+        for (int i = 0; i < s.d; ++i) ph[i] = i;
+        std::partial_sort(ph, ph + r, ph + s.d, [&](int32_t a, int32_t b) {
             return weight[size_t(a)] > weight[size_t(b)] || (weight[size_t(a)] == weight[size_t(b)] && a < b);
         });
         for (int64_t j = 0; j < g; ++j) {
             float all = 0.0f, kept = 0.0f;
-            float* qr = q_r.data() + (h * g + j) * r;
             for (int dd = 0; dd < s.d; ++dd) all += std::fabs(qh[j * s.d + dd]);
-            for (int i = 0; i < np; ++i)
-                for (int e = 0; e < 2; ++e) kept += std::fabs(qr[2 * i + e] = qh[j * s.d + 2 * ph[i] + e]);
-            scale[size_t(h * g + j)] = 1.0f / std::sqrt(float(s.d) * std::max(all > 0.0f ? kept / all : 1.0f, 1e-6f));
+            for (int i = 0; i < r; ++i) kept += std::fabs(qh[j * s.d + ph[i]]);
+            const float sparq = 1.0f / std::sqrt(float(s.d) * std::max(all > 0.0f ? kept / all : 1.0f, 1e-6f));
+            for (int i = 0; i < r; ++i) {
+                qk[size_t((h * g + j) * r + i)] = qh[j * s.d + ph[i]] * sparq;
+                qs[size_t((h * g + j) * r + i)] = qh[j * s.d + ph[i]] * sparq * step[ph[i]];
+            }
         }
     }
     // Items: each head's tokens in two runs of whole chunks (3 heads on 2 threads: 6 items, not 2 + 1):
@@ -495,14 +501,15 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
     auto chunk_at = [&](int64_t part) { return c * part / parts; };
     top.assign(size_t(hkv * parts * g), -INFINITY);
     // (the items may run on other threads: they see this thread's buffers through these pointers)
-    const float *qr = q_r.data(), *sc = scale.data();
-    const int32_t* pr = pairs.data();
+    const float *qsp = qs.data(), *qkp = qk.data();
+    const int32_t* pp = picked.data();
     float *scr = scratch.data(), *tp = top.data(), *ms = masses.data(), *wn = window.data();
     auto score = [&](size_t i) {
         const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
         const int64_t t0 = chunk_at(part) * s.size, t1 = part + 1 == parts ? s.n : chunk_at(part + 1) * s.size;
-        isa.scores(qr + h * g * r, pr + h * (s.d / 2), int(g), np, s.keys + h * s.head_stride, s.d, s.n, t0, t1, sc + h * g,
-                   scr + h * g * s.n, tp + (h * parts + part) * g);
+        isa.scores(qsp + h * g * r, qkp + h * g * r, pp + h * s.d, int(g), r, s.sketch + h * s.d * s.sketch_stride,
+                   s.sketch_stride, s.keys + h * s.head_stride, s.d, s.n, c * s.size, t0, t1, scr + h * g * s.n,
+                   tp + (h * parts + part) * g);
     };
     auto exps = [&](size_t i) {
         const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
@@ -564,28 +571,34 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
 }
 
 PyObject* py_select_tokens(PyObject*, PyObject* args) {
-    Py_buffer q, keys, pinned, ids, n;
-    long long head_stride, tokens, count, size, keep, sinks, recent, least;
+    Py_buffer q, keys, sketch, sketch_scale, pinned, ids, n;
+    long long head_stride, sketch_stride, tokens, count, size, keep, sinks, recent, least;
     int n_kv, g, d, channels, per_head;
     float coverage;
     const char* isa_name;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*LLLLLLLLiiiifps", &q, &keys, &pinned, &ids, &n, &head_stride, &tokens, &count, &size,
-                          &keep, &sinks, &recent, &least, &n_kv, &g, &d, &channels, &coverage, &per_head, &isa_name))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*w*LLLLLLLLLiiiifps", &q, &keys, &sketch, &sketch_scale, &pinned, &ids, &n,
+                          &head_stride, &sketch_stride, &tokens, &count, &size, &keep, &sinks, &recent, &least, &n_kv, &g, &d,
+                          &channels, &coverage, &per_head, &isa_name))
         return nullptr;
     PyObject* result = nullptr;
     const Isa* isa = find_isa(isa_name);
     const int64_t groups = per_head ? n_kv : 1;
     bool ok = isa != nullptr || check(false, "no such instruction set here");
-    ok = ok && check(n_kv > 0 && g > 0 && g <= 16 && d > 0 && d % 2 == 0 && channels > 1, "n_kv, g (at most 16), channels (at least 2) must be positive, d even") &&
+    ok = ok && check(n_kv > 0 && g > 0 && g <= 16 && d > 0 && channels > 0, "n_kv, g (at most 16), d and channels must be positive") &&
          check(size > 0 && count >= 0 && count * size <= tokens && tokens <= head_stride / d, "chunks must fit the tokens, the tokens a head's rows") &&
          check(q.len == int64_t(n_kv) * g * d * 4, "q must be float32 (Hq, D)") &&
          check(keys.len >= (n_kv - 1) * head_stride * 2 + tokens * d * 2, "keys must be bf16 (Hkv, head_stride)") &&
+         check(sketch_stride >= count * size && sketch.len >= int64_t(n_kv) * d * sketch_stride,
+               "the sketch must be int8 (Hkv, D, ≥ count × size)") &&
+         check(sketch_scale.len == int64_t(n_kv) * d * 4, "the sketch's scales must be float32 (Hkv, D)") &&
          check(pinned.len == 0 || pinned.len >= count, "pinned must be bool (≥ count,), or empty") &&
          check(n.len == groups * 8 && ids.len >= groups * std::max<int64_t>(count, 1) * 8, "ids (groups, ≥ count) and n (groups,) are int64") &&
          check(sinks >= 0 && recent >= 0 && sinks <= count && recent <= count && keep >= 0, "sinks and recent must be chunk counts");
     if (ok) {
         TokenSelection s{};
         s.q = static_cast<const float*>(q.buf), s.keys = static_cast<const uint16_t*>(keys.buf);
+        s.sketch = static_cast<const int8_t*>(sketch.buf), s.sketch_scale = static_cast<const float*>(sketch_scale.buf);
+        s.sketch_stride = sketch_stride;
         s.pinned = pinned.len ? static_cast<const uint8_t*>(pinned.buf) : nullptr;
         s.head_stride = head_stride, s.n = tokens, s.count = count, s.size = size, s.keep = keep, s.sinks = sinks, s.recent = recent;
         s.least = least, s.n_kv = n_kv, s.g = g, s.d = d, s.channels = channels, s.coverage = coverage, s.per_head = per_head;
@@ -596,7 +609,7 @@ PyObject* py_select_tokens(PyObject*, PyObject* args) {
         Py_END_ALLOW_THREADS
         result = PyFloat_FromDouble(estimated);
     }
-    for (Py_buffer* b : {&q, &keys, &pinned, &ids, &n}) PyBuffer_Release(b);
+    for (Py_buffer* b : {&q, &keys, &sketch, &sketch_scale, &pinned, &ids, &n}) PyBuffer_Release(b);
     return result;
 }
 
@@ -646,7 +659,8 @@ void attend_rows(const std::vector<int64_t>& table, int64_t first, int64_t heads
 // Slab mode (a layer whose K/V lives in float slabs in RAM, storage.py's ResidentStorage): the
 // layer's record, int64, fields in this order (mixed_attention.py: SLAB_FIELDS).
 enum SlabField { S_K, S_V, S_HEAD_STRIDE, S_N, S_CHUNK_SIZE, S_N_CHUNKS, S_ABSTRACTS, S_STRIDE, S_PINNED, S_KEEP, S_SINKS,
-                 S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, S_CHANNELS, S_LEAST, N_SLAB_FIELDS };
+                 S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, S_CHANNELS, S_LEAST, S_SKETCH, S_SKETCH_STRIDE, S_SKETCH_SCALE,
+                 N_SLAB_FIELDS };
 // Its float32 io row (mixed_attention.py: IO_FIELDS): in, the selection's temperature and coverage
 // target (≤ 0: keep exactly `keep`); out, the estimated coverage, the chunks and the tokens read per
 // KV head, the microseconds spent selecting, attending and measuring, then (sampled steps) each
@@ -688,9 +702,11 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
     const int64_t heads = n_kv / groups, window = chunks * cs;
     float estimated = 1.0f;
     auto t0 = std::chrono::steady_clock::now();
-    if (!every && rec[S_CHANNELS] > 0 && bits == 16 && g <= 16) {  // by token scores (select_by_tokens)
+    if (!every && rec[S_CHANNELS] > 0 && rec[S_SKETCH] && bits == 16 && g <= 16) {  // by token scores (select_by_tokens)
         TokenSelection ts{};
         ts.q = q_last, ts.keys = reinterpret_cast<const uint16_t*>(slab_k);
+        ts.sketch = reinterpret_cast<const int8_t*>(rec[S_SKETCH]), ts.sketch_stride = rec[S_SKETCH_STRIDE];
+        ts.sketch_scale = reinterpret_cast<const float*>(rec[S_SKETCH_SCALE]);
         ts.pinned = reinterpret_cast<const uint8_t*>(rec[S_PINNED]);
         ts.head_stride = hs, ts.n = n, ts.count = chunks, ts.size = cs, ts.keep = rec[S_KEEP], ts.sinks = rec[S_SINKS];
         ts.recent = rec[S_RECENT], ts.least = rec[S_LEAST], ts.n_kv = int(n_kv), ts.g = int(g), ts.d = int(d);
@@ -848,8 +864,9 @@ PyMethodDef methods[] = {
      "select(q, abstracts, pinned, plans, temperatures, ids, n, estimated, n_kv, g, d, stride, coverage, per_head, isa): "
      "every layer's chunks (selection.select_chunks)."},
     {"select_tokens", py_select_tokens, METH_VARARGS,
-     "select_tokens(q, keys, pinned, ids, n, head_stride, tokens, count, size, keep, sinks, recent, least, n_kv, g, d, "
-     "channels, coverage, per_head, isa): one layer's chunks by token scores (token_scores.select_by_masses) → estimated."},
+     "select_tokens(q, keys, sketch, sketch_scale, pinned, ids, n, head_stride, sketch_stride, tokens, count, size, keep, "
+     "sinks, recent, least, n_kv, g, d, channels, coverage, per_head, isa): one layer's chunks by token scores "
+     "(token_scores.select_by_masses) → estimated."},
     {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU can run, best first ('auto' picks the first)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from edgetok.errors import EdgetokError
+from edgetok.kernels.token_scores import KeySketch
 
 try:
     from edgetok.kernels import _mixed_attention as _native
@@ -31,7 +32,7 @@ FLOAT_BITS = {torch.float32: 32, torch.bfloat16: 16}
 # float32 io row: the selection's temperature and coverage target in; out, what it read and the
 # microseconds its parts took, then each query head's captured mass at sampled steps.
 SLAB_FIELDS = ("k", "v", "head_stride", "n", "chunk_size", "n_chunks", "abstracts", "stride", "pinned", "keep", "sinks",
-               "recent", "per_head", "sampled", "io", "channels", "least")
+               "recent", "per_head", "sampled", "io", "channels", "least", "sketch", "sketch_stride", "sketch_scale")
 IO_FIELDS = ("temperature", "coverage", "estimated", "chunks", "tokens", "select_us", "attend_us", "measure_us")
 
 
@@ -136,8 +137,9 @@ class SlabStep:
     tokens, selected from by selection.select_chunks' inputs for one layer — abstracts (Hkv, 2D,
     stride) bf16, pinned (stride,), plan (keep, sinks, recent; None: read them all), the temperature
     and coverage target, per-head; sampled: measure the captured mass this step. channels > 0:
-    rank by token scores on that many channels (token_scores.py; bf16 slabs) instead of the
-    abstracts' bounds, reading at least `least` chunks under a coverage target."""
+    rank by token scores on that many channels (token_scores.py: the chunks' keys from `sketch`,
+    the window's from the bf16 slab) instead of the abstracts' bounds, reading at least `least`
+    chunks under a coverage target."""
 
     slab_k: torch.Tensor
     slab_v: torch.Tensor
@@ -153,10 +155,12 @@ class SlabStep:
     sampled: bool
     channels: int = 0
     least: int = 0
+    sketch: KeySketch | None = None
 
     def __post_init__(self) -> None:
         k, v = self.slab_k, self.slab_v
-        assert self.channels == 0 or (k.dtype == torch.bfloat16 and self.channels >= 2), "token scores read bf16 slabs"
+        assert self.channels == 0 or (k.dtype == torch.bfloat16 and self.sketch is not None
+                                      and self.sketch.n == self.n_chunks * self.chunk_size), "token scores: bf16 slabs, a sketch of the chunks"
         assert k.dtype == v.dtype and k.stride() == v.stride() and k.stride(2) == 1, "slabs: (Hkv, capacity, D), alike"
         assert k.shape[1] >= self.n + 1, "the slab needs room for the step's token"
         assert 0 <= self.n_chunks * self.chunk_size <= self.n and self.chunk_size > 0
@@ -204,7 +208,7 @@ class StepTables:
         self.slabs[layer] = (slab.slab_k.data_ptr(), slab.slab_v.data_ptr(), slab.slab_k.stride(0), slab.n, slab.chunk_size,
                              slab.n_chunks, slab.abstracts.data_ptr(), slab.abstracts.shape[-1], slab.pinned.data_ptr(),
                              keep, sinks, recent, int(slab.per_head), int(slab.sampled), self.io[layer].ctypes.data,
-                             slab.channels, slab.least)
+                             slab.channels, slab.least, *_sketch_fields(slab.sketch if slab.channels else None))
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.q_last[layer].ctypes.data)
 
@@ -240,19 +244,31 @@ def tables_hook() -> int:
 
 
 
-def select_tokens(q: torch.Tensor, slab: torch.Tensor, tokens: int, count: int, size: int, pinned: torch.Tensor,
-                  keep: int, sinks: int, recent: int, least: int, coverage: float | None, per_head: bool, channels: int,
-                  isa: str = "auto") -> tuple[list[torch.Tensor], float]:
-    """token_scores.token_masses then select_by_masses natively (they are its oracle), for one
-    layer: q (Hq, D); slab (Hkv, capacity, D) bf16, contiguous, whose first `tokens` rows per
-    head are the layer's keys, the first count × size of them in chunks; pinned (≥ count,) bool.
+def _sketch_fields(sketch: KeySketch | None) -> tuple[int, int, int]:
+    """A slab record's sketch, sketch_stride and sketch_scale (0: none)."""
+    if sketch is None or sketch.scale is None:
+        return 0, 0, 0
+    assert sketch.codes.is_contiguous() and sketch.scale.dtype == torch.float32 and sketch.scale.is_contiguous()
+    return sketch.codes.data_ptr(), sketch.codes.shape[2], sketch.scale.data_ptr()
+
+
+def select_tokens(q: torch.Tensor, slab: torch.Tensor, sketch: KeySketch, tokens: int, count: int, size: int,
+                  pinned: torch.Tensor, keep: int, sinks: int, recent: int, least: int, coverage: float | None, per_head: bool,
+                  channels: int, isa: str = "auto") -> tuple[list[torch.Tensor], float]:
+    """token_scores.token_masses over the sketch's keys then select_by_masses natively (they are
+    its oracle), for one layer: q (Hq, D); slab (Hkv, capacity, D) bf16, contiguous, whose first
+    `tokens` rows per head are the layer's keys, the first count × size of them in chunks, which
+    `sketch` holds (the window is read from the slab); pinned (≥ count,) bool.
     → each group's chunk ids (ascending; groups: Hkv per head, else 1), the estimated coverage."""
     hkv, capacity, d = slab.shape
-    assert slab.dtype == torch.bfloat16 and slab.is_contiguous()
+    assert slab.dtype == torch.bfloat16 and slab.is_contiguous() and sketch.n == count * size
     groups = hkv if per_head else 1
     ids, n = np.zeros((groups, max(count, 1)), np.int64), np.zeros(groups, np.int64)
+    scale = sketch.scale if sketch.scale is not None else torch.ones(hkv, d)
+    codes = sketch.codes if sketch.codes.shape[0] else torch.zeros(hkv, d, 0, dtype=torch.int8)
     estimated = _native.select_tokens(q.detach().float().contiguous().numpy(), slab.view(torch.int16).numpy(),
-                                      pinned[:count].contiguous().numpy().view(np.uint8), ids, n, capacity * d, tokens, count,
-                                      size, keep, sinks, recent, least, hkv, q.shape[0] // hkv, d, channels,
-                                      0.0 if coverage is None else coverage, per_head, isa)
+                                      codes.contiguous().numpy(), scale.float().contiguous().numpy(),
+                                      pinned[:count].contiguous().numpy().view(np.uint8), ids, n, capacity * d,
+                                      codes.shape[2], tokens, count, size, keep, sinks, recent, least, hkv, q.shape[0] // hkv,
+                                      d, channels, 0.0 if coverage is None else coverage, per_head, isa)
     return [torch.from_numpy(row[:k]) for row, k in zip(ids, n)], estimated

@@ -483,114 +483,95 @@ static void chunk_softmax(float* o, int64_t count) {
     for (c = 0; c < count; ++c) o[c] *= scale;
 }
 
-// Token scores (kernels/token_scores.py, its oracle) for one KV head: each of the first n tokens'
-// logit estimated on P pairs of its D channels (2p, 2p + 1: one 32-bit load), q_R·k_R times each
-// query's scale, then each query's softmax over the n tokens summed per chunk. q_r (G, 2P) the
-// group's queries on the channels of `pairs` (P), in pair order; keys (n, D) bf16, the head's rows;
-// scale (G,). → masses (G, chunks) and window (G,) (the tokens after the last chunk). scratch: G·n floats.
-// 16 tokens' channel pair at p, p + stride, …: one gather of the 32-bit words (p 4-byte aligned,
-// stride even) → the even channel's values, the odd channel's.
-static inline void bf16_pair_column(const uint16_t* p, int64_t stride, vf& even, vf& odd) {
+// Token scores (kernels/token_scores.py, its oracle) for one KV head: each token's logit estimated
+// on R of its D channels. The chunks' tokens from the sketch — int8 codes, channel-major (D, stride):
+// a channel's codes over the tokens are one row — so 16 tokens of a channel are one 16-byte load
+// and each query's 16 scores build up lane by lane, no sum across lanes; the tokens after the
+// chunks (the window) from the bf16 keys (n, D). qs (G, R): each query on the channels `picked`,
+// already times the channel's sketch scale and the query's SparQ scale; qk (G, R) the same without
+// the sketch scale (for the window). → tokens [t0, t1)'s logits into scratch (G, n), each query's
+// largest into top (G,).
+static inline vf int8x16(const int8_t* p) {
 #if EDGETOK_ISA == 512
-    const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(int(stride / 2)));
-    const __m512i w = _mm512_i32gather_epi32(at, reinterpret_cast<const int*>(p), 4);
-    even = (vf)_mm512_slli_epi32(w, 16), odd = (vf)_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u)));
-#elif EDGETOK_ISA == 2
-    const int* base = reinterpret_cast<const int*>(p);
-    const int s = int(stride / 2);
-    const __m256i at = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(s));
-    const __m256i a = _mm256_i32gather_epi32(base, at, 4), b = _mm256_i32gather_epi32(base + 8 * s, at, 4);
-    const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
-    typedef float v8 __attribute__((vector_size(32)));
-    const v8 ea = (v8)_mm256_slli_epi32(a, 16), eb = (v8)_mm256_slli_epi32(b, 16);
-    const v8 oa = (v8)_mm256_and_si256(a, high), ob = (v8)_mm256_and_si256(b, high);
-    even = __builtin_shufflevector(ea, eb, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    odd = __builtin_shufflevector(oa, ob, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
-    for (int j = 0; j < 16; ++j) even[j] = bf16_1(p[j * stride]), odd[j] = bf16_1(p[j * stride + 1]);
+    typedef int8_t vc16 __attribute__((vector_size(16), aligned(1)));
+    return __builtin_convertvector(*reinterpret_cast<const vc16*>(p), vf);
 #endif
 }
 
-
-// 16 tokens' vectors of partial sums → one vector of their totals, lane t token t (four rounds of
-// pairing lanes: no horizontal sum per token).
-static inline vf sum16(const vf* a) {
-    vf b[8], c[4], e[2];
-    for (int i = 0; i < 8; ++i)
-        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; ++i)
-        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; ++i)
-        e[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// At D = 64 a token row is 32 channel pairs, two 16-lane words: one two-source permute picks up to
-// 16 pairs (vpermt2d with AVX-512), and the scores of 16 tokens are summed across lanes together
-// (sum16). idx: the pairs (padded); qe, qo (G,): each query on the pairs' even and odd channels (0 in padding).
-static inline void pair_block64(const vu& idx, const vf* qe, const vf* qo, int g, const uint16_t* rows, const float* scale,
-                                vf* out) {
-    vf part[16][16];  // [query][token]
-    for (int t = 0; t < 16; ++t) {
-        const vu lo = *reinterpret_cast<const vu*>(rows + t * 64), hi = *reinterpret_cast<const vu*>(rows + t * 64 + 32);
-        const vu sel = __builtin_shuffle(lo, hi, idx);
-        const vf even = (vf)(sel << 16), odd = (vf)(sel & 0xffff0000u);
-        for (int j = 0; j < g; ++j) part[j][t] = even * qe[j] + odd * qo[j];
-    }
-    for (int j = 0; j < g; ++j) out[j] = sum16(part[j]) * scale[j];
-}
-
-// Tokens [t0, t1) of a head's n (t0 a multiple of 16): their logits into scratch (G, n), and each
-// query's largest into top (G,).
-static void token_scores(const float* q_r, const int32_t* pairs, int g, int np, const uint16_t* keys, int64_t d, int64_t n,
-                         int64_t t0, int64_t t1, const float* scale, float* scratch, float* top) {
-    const int r = 2 * np;
+static void token_scores(const float* qs, const float* qk, const int32_t* picked, int g, int r, const int8_t* sketch,
+                         int64_t sketch_stride, const uint16_t* keys, int64_t d, int64_t n, int64_t sketched, int64_t t0,
+                         int64_t t1, float* scratch, float* top) {
     vf big[16];
     for (int j = 0; j < g; ++j) big[j] = splat(-INFINITY);
+    const int64_t s1 = t1 < sketched ? t1 : sketched;
     int64_t t = t0;
-    vu idx;
-    vf qe[16], qo[16];
-    for (int i = 0; i < 16; ++i) idx[i] = uint32_t(pairs[i < np ? i : 0]);
-    for (int j = 0; j < g; ++j)
-        for (int i = 0; i < 16; ++i) qe[j][i] = i < np ? q_r[j * r + 2 * i] : 0.0f, qo[j][i] = i < np ? q_r[j * r + 2 * i + 1] : 0.0f;
-    for (; d == 64 && np <= 16 && t + 16 <= t1; t += 16) {
-        vf x[16];
-        pair_block64(idx, qe, qo, g, keys + t * d, scale, x);
+#if EDGETOK_ISA == 512
+    // Blocks of 64 tokens (a cache line of each channel's row) for 4 queries at a time: 16 accumulators
+    // in registers. (AVX2's 16 ymm hold 8 such vectors at most: it takes 16 tokens and one query.)
+    enum { TB = 4, QB = 4 };
+    for (; t + 16 * TB <= s1; t += 16 * TB)
+        for (int g0 = 0; g0 < g; g0 += QB) {
+            const int m = g - g0 < QB ? g - g0 : QB;
+            vf a[QB][TB] = {};
+            for (int i = 0; i < r; ++i) {
+                const int8_t* row = sketch + int64_t(picked[i]) * sketch_stride + t;
+                vf x[TB];
+                for (int b = 0; b < TB; ++b) x[b] = int8x16(row + 16 * b);
+                for (int j = 0; j < m; ++j) {
+                    const float w = qs[(g0 + j) * r + i];
+                    for (int b = 0; b < TB; ++b) a[j][b] += x[b] * w;
+                }
+            }
+            for (int j = 0; j < m; ++j)
+                for (int b = 0; b < TB; ++b) {
+                    *reinterpret_cast<vf*>(scratch + (g0 + j) * n + t + 16 * b) = a[j][b];
+                    big[g0 + j] = a[j][b] > big[g0 + j] ? a[j][b] : big[g0 + j];
+                }
+        }
+#elif EDGETOK_ISA == 2
+    // 16 tokens for one query at a time, in two ymm accumulators (GCC lowers the 16-lane int8 → float
+    // conversion of the vector extensions to scalar code for AVX2: intrinsics here)
+    __m256 top_lo[16], top_hi[16];
+    for (int j = 0; j < g; ++j) top_lo[j] = top_hi[j] = _mm256_set1_ps(-INFINITY);
+    for (; t + 16 <= s1; t += 16)
         for (int j = 0; j < g; ++j) {
-            *reinterpret_cast<vf*>(scratch + j * n + t) = x[j];
-            big[j] = x[j] > big[j] ? x[j] : big[j];
-        }
-    }
-    for (; t + 16 <= t1; t += 16) {  // (other head sizes: each pair a gather)
-        const uint16_t* rows = keys + t * d;
-        for (int g0 = 0; g0 < g; g0 += 4) {
-            const int m = g - g0 < 4 ? g - g0 : 4;
-            vf a[4] = {};
-            for (int i = 0; i < np; ++i) {
-                vf even, odd;
-                bf16_pair_column(rows + 2 * pairs[i], d, even, odd);
-                for (int j = 0; j < m; ++j) a[j] += even * q_r[(g0 + j) * r + 2 * i] + odd * q_r[(g0 + j) * r + 2 * i + 1];
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            for (int i = 0; i < r; ++i) {
+                const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sketch + int64_t(picked[i]) * sketch_stride + t));
+                const __m256 w = _mm256_set1_ps(qs[j * r + i]);
+                lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)), w, lo);
+                hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(x, 8))), w, hi);
             }
-            for (int j = 0; j < m; ++j) {
-                const vf x = a[j] * scale[g0 + j];
-                *reinterpret_cast<vf*>(scratch + (g0 + j) * n + t) = x;
-                big[g0 + j] = x > big[g0 + j] ? x : big[g0 + j];
-            }
+            _mm256_storeu_ps(scratch + j * n + t, lo);
+            _mm256_storeu_ps(scratch + j * n + t + 8, hi);
+            top_lo[j] = _mm256_max_ps(top_lo[j], lo), top_hi[j] = _mm256_max_ps(top_hi[j], hi);
         }
+    for (int j = 0; j < g; ++j) {
+        float both[16];
+        _mm256_storeu_ps(both, top_lo[j]);
+        _mm256_storeu_ps(both + 8, top_hi[j]);
+        std::memcpy(&big[j], both, sizeof(both));
     }
+#endif
+    for (; t + 16 <= s1; t += 16)
+        for (int j = 0; j < g; ++j) {
+            vf a = {};
+            for (int i = 0; i < r; ++i) a += int8x16(sketch + int64_t(picked[i]) * sketch_stride + t) * qs[j * r + i];
+            *reinterpret_cast<vf*>(scratch + j * n + t) = a;
+            big[j] = a > big[j] ? a : big[j];
+        }
     for (int j = 0; j < g; ++j) {
         float best = hmax(big[j]);
-        for (int64_t u = t; u < t1; ++u) {  // the last tokens, one at a time
+        for (int64_t u = t; u < t1; ++u) {  // one at a time: the sketch's last tokens, then the window's
             float acc = 0.0f;
-            for (int i = 0; i < np; ++i)
-                acc += bf16_1(keys[u * d + 2 * pairs[i]]) * q_r[j * r + 2 * i] + bf16_1(keys[u * d + 2 * pairs[i] + 1]) * q_r[j * r + 2 * i + 1];
-            scratch[j * n + u] = acc * scale[j];
-            best = scratch[j * n + u] > best ? scratch[j * n + u] : best;
+            if (u < sketched)
+                for (int i = 0; i < r; ++i) acc += float(sketch[int64_t(picked[i]) * sketch_stride + u]) * qs[j * r + i];
+            else
+                for (int i = 0; i < r; ++i) acc += bf16_1(keys[u * d + picked[i]]) * qk[j * r + i];
+            scratch[j * n + u] = acc;
+            best = acc > best ? acc : best;
         }
         top[j] = best;
     }

@@ -7,11 +7,16 @@ bound ranking left a mean KL of 0.086 where an oracle that ranks the same chunks
 attention left 0.008 (JSON / CSV: 0.127 against 0.0007; BENCHMARKS.md, "Token scores").
 
 So each KV head estimates every token's logit from the R channels where its query group is
-largest (Σ_g |q_g,d|), taken as R/2 adjacent pairs (2p, 2p + 1: one 32-bit load per token and pair
-natively): q_R·k_R, divided by √(D · ‖q_R‖₁ / ‖q‖₁) rather than √D (SparQ's correction: the
-channels left out would have spread the scores), and a softmax over all tokens gives each chunk's
-share of each query head's attention, and the window's. The keys are the cache's own (bf16, in
-RAM): no copy, and R of D channels of each computed.
+largest (Σ_g |q_g,d|): q_R·k_R, divided by √(D · ‖q_R‖₁ / ‖q‖₁) rather than √D (SparQ's
+correction: the channels left out would have spread the scores), and a softmax over all tokens
+gives each chunk's share of each query head's attention, and the window's.
+
+The chunks' keys are read from a sketch (Double Sparsity's "label cache", all channels kept):
+int8, channel-major — each KV head's channel a row over the tokens, one scale per (head,
+channel) — so the R channels' rows are R/D of the keys at a quarter of their bytes (bf16): at 8K
+the cache's scoring read 3 MB per layer from the keys, 0.6 MB from the sketch. It costs a quarter
+of the keys' bf16 bytes (an eighth of the K/V) beside them. The window (the unsealed tail) is read
+from the keys themselves.
 """
 
 from __future__ import annotations
@@ -20,10 +25,63 @@ from dataclasses import dataclass
 
 import torch
 
-# R, as 12 pairs. At 4K and a 25 % budget (legal / JSON-CSV / dialogue) the KL was 0.017 / 0.0014 /
-# 0.016 with 12 pairs, 0.024 / 0.0049 / 0.022 with 8, against 0.0078 / 0.0007 / 0.0068 ranking by the
-# exact attention and 0.086 / 0.127 / 0.071 by bounds (BENCHMARKS.md, "Token scores").
+# R. At 4K and a 25 % budget (legal / JSON-CSV / dialogue) the KL was 0.009 / 0.0011 / 0.011 with the
+# 24 largest channels (bf16 keys), 0.018 / 0.0021 / 0.013 with 16 (alike with int8 keys), against 0.0078 /
+# 0.0007 / 0.0068 ranking by the exact attention and 0.086 / 0.127 / 0.071 by bounds (BENCHMARKS.md, "Token scores").
 CHANNELS = 24
+SKETCH_LEVELS = 127  # int8 codes in [-127, 127]: code = round(key / scale), scale = the channel's |max| / 127
+
+
+def sketch_scale(keys: torch.Tensor) -> torch.Tensor:
+    """keys (Hkv, N, D) → (Hkv, D) float32: each channel's step, from the largest |key| it has
+    (keys stored later are clamped to it: an outlier's estimate saturates, its own chunk's rank
+    with it, and nothing else moves)."""
+    return (keys.float().abs().amax(1) / SKETCH_LEVELS).clamp(min=1e-8)
+
+
+def sketch_codes(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """keys (Hkv, N, D), scale (Hkv, D) → int8 codes (Hkv, D, N): channel-major."""
+    codes = (keys.float() / scale[:, None]).round().clamp(-SKETCH_LEVELS, SKETCH_LEVELS)
+    return codes.to(torch.int8).transpose(1, 2)
+
+
+class KeySketch:
+    """One layer's key sketch: codes (Hkv, D, capacity) int8, channel-major, of which the first n
+    tokens are written (the layer's sealed chunks, in order), and the scale (Hkv, D) fixed by the
+    first keys added (the prompt's)."""
+
+    def __init__(self) -> None:
+        self.codes = torch.zeros(0, 0, 0, dtype=torch.int8)
+        self.scale: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, keys: torch.Tensor) -> None:
+        """keys (Hkv, M, D): the next M tokens' keys (a sealed chunk, or the prompt's chunks)."""
+        if keys.shape[1] == 0:  # (a prompt shorter than a chunk: the first sealed chunk sets the scale)
+            return
+        if self.scale is None:
+            self.scale = sketch_scale(keys)
+        hkv, m, d = keys.shape
+        need = self.n + m
+        if need > self.codes.shape[2]:  # room for a quarter more (a chunk at a time would copy every step)
+            grown = torch.zeros(hkv, d, max(need + 64, need * 5 // 4), dtype=torch.int8)
+            if self.n:
+                grown[:, :, : self.n] = self.codes[:, :, : self.n]
+            self.codes = grown
+        self.codes[:, :, self.n : need] = sketch_codes(keys, self.scale)
+        self.n = need
+
+    def keys(self, window: torch.Tensor) -> torch.Tensor:
+        """What the scores read (token_masses' keys): the sketch's keys, then the window's own keys
+        (Hkv, W, D) → (Hkv, n + W, D) float32."""
+        if self.scale is None:
+            return window.float()
+        return torch.cat([self.codes[:, :, : self.n].float().transpose(1, 2) * self.scale[:, None],
+                          window.float()], 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + (0 if self.scale is None else self.scale.numel() * 4)
 
 
 def token_masses(q: torch.Tensor, keys: torch.Tensor, chunks: int, chunk_size: int,
@@ -33,14 +91,19 @@ def token_masses(q: torch.Tensor, keys: torch.Tensor, chunks: int, chunk_size: i
     chunk (Hkv, G, C) and in the window (Hkv, G); G = Hq / Hkv."""
     hkv, n, d = keys.shape
     qg = q.reshape(hkv, -1, d).float()  # (Hkv, G, D)
-    pairs = qg.abs().sum(1).reshape(hkv, -1, 2).sum(-1).topk(min(channels, d) // 2, -1).indices  # (Hkv, R/2)
-    picked = torch.stack([2 * pairs, 2 * pairs + 1], -1).flatten(1)  # (Hkv, R): channel pairs, one 32-bit load each
+    picked = top_channels(qg, channels)  # (Hkv, R)
     q_r = qg.gather(-1, picked[:, None].expand(-1, qg.shape[1], -1))  # (Hkv, G, R)
     k_r = keys.gather(-1, picked[:, None].expand(-1, n, -1)).float()  # (Hkv, N, R)
     kept = q_r.abs().sum(-1, keepdim=True) / qg.abs().sum(-1, keepdim=True).clamp(min=1e-30)  # (Hkv, G, 1)
     p = (q_r @ k_r.transpose(1, 2) / (d * kept.clamp(min=1e-6)).sqrt()).softmax(-1)  # (Hkv, G, N)
     cut = chunks * chunk_size
     return p[..., :cut].reshape(hkv, qg.shape[1], chunks, chunk_size).sum(-1), p[..., cut:].sum(-1)
+
+
+def top_channels(qg: torch.Tensor, channels: int) -> torch.Tensor:
+    """qg (Hkv, G, D) → (Hkv, R): the R channels where each group's Σ|q| is largest (ties: the lower)."""
+    weight = qg.abs().sum(1)  # (Hkv, D)
+    return torch.sort(weight, dim=-1, descending=True, stable=True).indices[:, : min(channels, qg.shape[-1])]
 
 
 @dataclass

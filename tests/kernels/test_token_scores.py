@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edgetok.kernels import mixed_attention
 from edgetok.kernels.selection import captured_mass
-from edgetok.kernels.token_scores import CHANNELS, forced_chunks, select_by_masses, token_masses
+from edgetok.kernels.token_scores import CHANNELS, KeySketch, forced_chunks, select_by_masses, token_masses
 from edgetok.runtimes.kv import KVConfig, TieredCache
 
 
@@ -72,13 +72,18 @@ def _problem(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=_problem(), isa=st.sampled_from(mixed_attention.isas() or ["scalar"]))
 def test_native_token_selection_equals_the_reference(problem, isa):
-    """select_tokens chooses token_masses + select_by_masses' chunks, with their estimate: head
-    sizes 64 (permuted pairs) and others (gathered), shared or per head, fixed or covered, floors."""
+    """select_tokens chooses token_masses + select_by_masses' chunks over the sketch's keys and the
+    window's, with their estimate: head sizes 64 to 256, 64-token blocks and their remainders,
+    shared or per head, fixed or covered, floors."""
     q, slab, n, count, size, pinned, keep, sinks, recent, least, coverage, per_head = problem
-    masses, window = token_masses(q, slab[:, :n], count, size)
+    sketch = KeySketch()
+    if count:
+        sketch.add(slab[:, : count * size // 2 + 1])  # (a scale the later keys may exceed: they clamp)
+        sketch.add(slab[:, count * size // 2 + 1 : count * size])
+    masses, window = token_masses(q, sketch.keys(slab[:, count * size : n]), count, size)
     want = select_by_masses(masses, window, forced_chunks(count, sinks, recent, pinned), keep, coverage, per_head, least)
-    got, estimated = mixed_attention.select_tokens(q, slab, n, count, size, pinned, keep, sinks, recent, least, coverage,
-                                                   per_head, CHANNELS, isa)
+    got, estimated = mixed_attention.select_tokens(q, slab, sketch, n, count, size, pinned, keep, sinks, recent, least,
+                                                   coverage, per_head, CHANNELS, isa)
     if count == 0:
         assert all(len(ids) == 0 for ids in got)
         return

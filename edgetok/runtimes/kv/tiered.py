@@ -31,7 +31,7 @@ from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.mixed_attention import SlabStep, StepTables
 from edgetok.kernels.selection import captured_mass, fit_temperature, select_chunks, stored_abstracts
 from edgetok.kernels.summaries import chunk_summaries, fold
-from edgetok.kernels.token_scores import CHANNELS, forced_chunks, select_by_masses, token_masses
+from edgetok.kernels.token_scores import CHANNELS, KeySketch, forced_chunks, select_by_masses, token_masses
 from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import AUTO_FLOOR, KVConfig
@@ -88,6 +88,8 @@ class TieredCache(AttendingCache, GraphCache):
         self.per_head = cfg.per_head_for(attends=attends)  # each KV head selects its own chunks
         # (else by the chunks' bounds; a graph's native step scores bf16 slabs only: exact float32 ones rank by bounds)
         self.scores_tokens = cfg.scores_tokens and (self.dtype == torch.bfloat16 or not self.selects_ahead)
+        # token scores: per layer, its chunks' keys as int8, channel-major (token_scores.KeySketch), written as chunks seal
+        self.sketches = [KeySketch() for _ in range(num_layers)]
         self.summaries = torch.zeros(num_layers, num_kv_heads, 0, 2 * head_dim)
         self.n_pinned = [0] * num_layers
         self.stages = Stages(num_layers, num_kv_heads, head_dim, self.dtype)  # a graph's resident views
@@ -131,6 +133,7 @@ class TieredCache(AttendingCache, GraphCache):
         self.pinned = torch.zeros(len(self.lengths), 0, dtype=torch.bool)
         self.summaries = torch.zeros(self.summaries.shape[:2] + (0, self.summaries.shape[3]))
         self.n_pinned = [0] * len(self.lengths)
+        self.sketches = [KeySketch() for _ in self.lengths]
         self.stages.reset()
         self._views = []
         self.lengths = [0] * len(self.lengths)
@@ -176,6 +179,8 @@ class TieredCache(AttendingCache, GraphCache):
                                                  {"coverage_temperatures": [round(t, 2) for t in self.temperatures.tolist()]})
         chosen = {"selection": "head" if self.per_head else "layer", "summaries": "on" if self.summarize else "off",
                   "scoring": "tokens" if self.scores_tokens else "bounds"}
+        if self.scores_tokens:  # (beside the K/V: what ranking by token scores costs in memory)
+            chosen["sketch_mb"] = round(sum(s.nbytes for s in self.sketches) / 2**20, 2)
         return report(self.cfg, self.bits, self.storage) | chosen | self.fidelity.report() | (auto if self.cfg.is_auto else {})
 
     # -- AttendingCache --------------------------------------------------------------------------
@@ -300,6 +305,8 @@ class TieredCache(AttendingCache, GraphCache):
         self.abstracts[i, :, :, layer.n_chunks : need] = stored_abstracts(keys)
         if self.summarize:
             self.summaries[i, :, layer.n_chunks : need] = chunk_summaries(keys, values)
+        if self.scores_tokens:
+            self.sketches[i].add(keys.flatten(1, 2))
         layer.n_chunks = need
 
     # -- decode: budgets and selection -----------------------------------------------------------
@@ -368,12 +375,15 @@ class TieredCache(AttendingCache, GraphCache):
         layer, (keep, sinks, recent) = self.layers[i], plan
         least = self._least(i)
         slab = self.storage.slab(layer, 0)
+        sketch = self.sketches[i]
         if (mixed_attention.available() and slab is not None and slab[0].dtype == torch.bfloat16
                 and self.n_heads // self.n_kv <= 16):  # (token_scores is its oracle)
-            chosen, estimated = mixed_attention.select_tokens(q, slab[0], layer.n, layer.n_chunks, layer.chunk_size, self.pinned[i],
-                                                              keep, sinks, recent, least, self.cfg.coverage, self.per_head, CHANNELS)
+            chosen, estimated = mixed_attention.select_tokens(q, slab[0], sketch, layer.n, layer.n_chunks, layer.chunk_size,
+                                                              self.pinned[i], keep, sinks, recent, least, self.cfg.coverage,
+                                                              self.per_head, CHANNELS)
         else:
-            masses, window = token_masses(q, self.storage.layer_kv(layer)[0], layer.n_chunks, layer.chunk_size)
+            window = self.storage.layer_kv(layer)[0][:, sketch.n :]
+            masses, window = token_masses(q, sketch.keys(window), layer.n_chunks, layer.chunk_size)
             forced = forced_chunks(layer.n_chunks, sinks, recent, self.pinned[i])
             picked = select_by_masses(masses, window, forced, keep, self.cfg.coverage, self.per_head, least)
             chosen, estimated = picked.chosen, picked.estimated
@@ -469,7 +479,8 @@ class TieredCache(AttendingCache, GraphCache):
             for j, (layer, (k, v), plan, abstracts, pinned, temperature) in enumerate(layers):
                 channels = CHANNELS if self.scores_tokens else 0
                 tables.set_slab(at[j], SlabStep(k, v, layer.n, layer.chunk_size, layer.n_chunks, abstracts, pinned, plan,
-                                                temperature, self.cfg.coverage, self.per_head, sampled, channels, self._least(j)))
+                                                temperature, self.cfg.coverage, self.per_head, sampled, channels, self._least(j),
+                                                self.sketches[j]))
             return
         self._select_ahead()
         for j, rows in enumerate(self.storage.step_rows(self._chosen)):
