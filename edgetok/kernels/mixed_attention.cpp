@@ -60,8 +60,8 @@ namespace {
 using ItemFn = void (*)(const Problem&, int, int64_t, int64_t, float*, float*, float*, float*);
 using BoundsFn = void (*)(const float*, int, int, const uint16_t*, int64_t, int64_t, int64_t, float, float*, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
-using ScoresFn = void (*)(const float*, const float*, const int32_t*, int, int, const int8_t*, int64_t, const uint16_t*,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
+using ScoresFn = void (*)(const float*, const float*, const float*, const int32_t*, int, int, const uint8_t*, int64_t,
+                          const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
 using ExpsFn = void (*)(const float*, int, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, float*);
 
 struct Isa {
@@ -427,7 +427,7 @@ PyObject* py_select(PyObject*, PyObject* args) {
 
 // Chunk selection by token scores (kernels/token_scores.py: token_masses over sketched_keys, then
 // select_by_masses, its oracle) for one layer. The first count × size tokens in chunks, read from
-// the sketch (Hkv, D, sketch_stride) int8 with its scales (Hkv, D); the rest, the window, from the
+// the sketch (Hkv, D, sketch_stride) packed 4-bit codes with their lows and steps (Hkv, D); the rest, the window, from the
 // keys (Hkv, head_stride) bf16, each head's first n rows of D. Each KV head picks the R channels
 // where its group's |q| sums largest and estimates every token's logit on them (SparQ's scale);
 // each query head's softmax gives its mass per chunk. A group (a KV head, or the whole layer)
@@ -438,8 +438,9 @@ PyObject* py_select(PyObject*, PyObject* args) {
 struct TokenSelection {
     const float* q;            // (Hq, D)
     const uint16_t* keys;      // (Hkv, head_stride) bf16: the window's
-    const int8_t* sketch;      // (Hkv, D, sketch_stride) int8: the chunks' (token_scores.sketch_codes)
-    const float* sketch_scale; // (Hkv, D)
+    const uint8_t* sketch;     // (Hkv, D, sketch_stride bytes): the chunks' 4-bit codes (token_scores.KeySketch)
+    const float* sketch_low;   // (Hkv, D)
+    const float* sketch_step;  // (Hkv, D)
     const uint8_t* pinned;     // (count,) or null
     int64_t head_stride, sketch_stride, n, count, size, keep, sinks, recent, least;
     int n_kv, g, d, channels;
@@ -463,7 +464,7 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
         return 1.0f;
     }
     const int r = std::max(1, std::min(s.channels, s.d));
-    thread_local std::vector<float> masses, window, scratch, qs, qk, rank, covered, weight, top;
+    thread_local std::vector<float> masses, window, scratch, qs, qk, bias, rank, covered, weight, top;
     thread_local std::vector<int32_t> picked;
     thread_local std::vector<int64_t> order;
     masses.resize(size_t(hkv * g * c));
@@ -472,10 +473,11 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
     picked.resize(size_t(hkv * s.d));
     qs.resize(size_t(hkv * g * r));
     qk.resize(size_t(hkv * g * r));
+    bias.resize(size_t(hkv * g));
     scratch.resize(size_t(hkv * g * s.n));
     for (int64_t h = 0; h < hkv; ++h) {  // each KV head's channels and its queries on them
         const float* qh = s.q + h * g * s.d;
-        const float* step = s.sketch_scale + h * s.d;
+        const float *low = s.sketch_low + h * s.d, *step = s.sketch_step + h * s.d;
         int32_t* ph = picked.data() + h * s.d;
         std::fill(weight.begin(), weight.end(), 0.0f);
         for (int64_t j = 0; j < g; ++j)
@@ -489,10 +491,13 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
             for (int dd = 0; dd < s.d; ++dd) all += std::fabs(qh[j * s.d + dd]);
             for (int i = 0; i < r; ++i) kept += std::fabs(qh[j * s.d + ph[i]]);
             const float sparq = 1.0f / std::sqrt(float(s.d) * std::max(all > 0.0f ? kept / all : 1.0f, 1e-6f));
+            float b = 0.0f;
             for (int i = 0; i < r; ++i) {
                 qk[size_t((h * g + j) * r + i)] = qh[j * s.d + ph[i]] * sparq;
                 qs[size_t((h * g + j) * r + i)] = qh[j * s.d + ph[i]] * sparq * step[ph[i]];
+                b += qh[j * s.d + ph[i]] * sparq * low[ph[i]];
             }
+            bias[size_t(h * g + j)] = b;
         }
     }
     // Items: each head's tokens in two runs of whole chunks (3 heads on 2 threads: 6 items, not 2 + 1):
@@ -501,13 +506,15 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
     auto chunk_at = [&](int64_t part) { return c * part / parts; };
     top.assign(size_t(hkv * parts * g), -INFINITY);
     // (the items may run on other threads: they see this thread's buffers through these pointers)
-    const float *qsp = qs.data(), *qkp = qk.data();
+    const float *qsp = qs.data(), *qkp = qk.data(), *bp = bias.data();
     const int32_t* pp = picked.data();
     float *scr = scratch.data(), *tp = top.data(), *ms = masses.data(), *wn = window.data();
     auto score = [&](size_t i) {
         const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
-        const int64_t t0 = chunk_at(part) * s.size, t1 = part + 1 == parts ? s.n : chunk_at(part + 1) * s.size;
-        isa.scores(qsp + h * g * r, qkp + h * g * r, pp + h * s.d, int(g), r, s.sketch + h * s.d * s.sketch_stride,
+        // (split at a multiple of 16 tokens: a sketch byte holds two tokens, and whole blocks go faster)
+        const int64_t t0 = (c * s.size * part / parts) & ~int64_t(15);
+        const int64_t t1 = part + 1 == parts ? s.n : (c * s.size * (part + 1) / parts) & ~int64_t(15);
+        isa.scores(qsp + h * g * r, bp + h * g, qkp + h * g * r, pp + h * s.d, int(g), r, s.sketch + h * s.d * s.sketch_stride,
                    s.sketch_stride, s.keys + h * s.head_stride, s.d, s.n, c * s.size, t0, t1, scr + h * g * s.n,
                    tp + (h * parts + part) * g);
     };
@@ -571,12 +578,12 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
 }
 
 PyObject* py_select_tokens(PyObject*, PyObject* args) {
-    Py_buffer q, keys, sketch, sketch_scale, pinned, ids, n;
+    Py_buffer q, keys, sketch, sketch_low, sketch_step, pinned, ids, n;
     long long head_stride, sketch_stride, tokens, count, size, keep, sinks, recent, least;
     int n_kv, g, d, channels, per_head;
     float coverage;
     const char* isa_name;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*w*LLLLLLLLLiiiifps", &q, &keys, &sketch, &sketch_scale, &pinned, &ids, &n,
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*w*w*LLLLLLLLLiiiifps", &q, &keys, &sketch, &sketch_low, &sketch_step, &pinned, &ids, &n,
                           &head_stride, &sketch_stride, &tokens, &count, &size, &keep, &sinks, &recent, &least, &n_kv, &g, &d,
                           &channels, &coverage, &per_head, &isa_name))
         return nullptr;
@@ -588,16 +595,18 @@ PyObject* py_select_tokens(PyObject*, PyObject* args) {
          check(size > 0 && count >= 0 && count * size <= tokens && tokens <= head_stride / d, "chunks must fit the tokens, the tokens a head's rows") &&
          check(q.len == int64_t(n_kv) * g * d * 4, "q must be float32 (Hq, D)") &&
          check(keys.len >= (n_kv - 1) * head_stride * 2 + tokens * d * 2, "keys must be bf16 (Hkv, head_stride)") &&
-         check(sketch_stride >= count * size && sketch.len >= int64_t(n_kv) * d * sketch_stride,
-               "the sketch must be int8 (Hkv, D, ≥ count × size)") &&
-         check(sketch_scale.len == int64_t(n_kv) * d * 4, "the sketch's scales must be float32 (Hkv, D)") &&
+         check(2 * sketch_stride >= count * size && sketch.len >= int64_t(n_kv) * d * sketch_stride,
+               "the sketch must be uint8 (Hkv, D, ≥ count × size / 2)") &&
+         check(sketch_low.len == int64_t(n_kv) * d * 4 && sketch_step.len == sketch_low.len,
+               "the sketch's lows and steps must be float32 (Hkv, D)") &&
          check(pinned.len == 0 || pinned.len >= count, "pinned must be bool (≥ count,), or empty") &&
          check(n.len == groups * 8 && ids.len >= groups * std::max<int64_t>(count, 1) * 8, "ids (groups, ≥ count) and n (groups,) are int64") &&
          check(sinks >= 0 && recent >= 0 && sinks <= count && recent <= count && keep >= 0, "sinks and recent must be chunk counts");
     if (ok) {
         TokenSelection s{};
         s.q = static_cast<const float*>(q.buf), s.keys = static_cast<const uint16_t*>(keys.buf);
-        s.sketch = static_cast<const int8_t*>(sketch.buf), s.sketch_scale = static_cast<const float*>(sketch_scale.buf);
+        s.sketch = static_cast<const uint8_t*>(sketch.buf), s.sketch_low = static_cast<const float*>(sketch_low.buf);
+        s.sketch_step = static_cast<const float*>(sketch_step.buf);
         s.sketch_stride = sketch_stride;
         s.pinned = pinned.len ? static_cast<const uint8_t*>(pinned.buf) : nullptr;
         s.head_stride = head_stride, s.n = tokens, s.count = count, s.size = size, s.keep = keep, s.sinks = sinks, s.recent = recent;
@@ -609,7 +618,7 @@ PyObject* py_select_tokens(PyObject*, PyObject* args) {
         Py_END_ALLOW_THREADS
         result = PyFloat_FromDouble(estimated);
     }
-    for (Py_buffer* b : {&q, &keys, &sketch, &sketch_scale, &pinned, &ids, &n}) PyBuffer_Release(b);
+    for (Py_buffer* b : {&q, &keys, &sketch, &sketch_low, &sketch_step, &pinned, &ids, &n}) PyBuffer_Release(b);
     return result;
 }
 
@@ -659,7 +668,7 @@ void attend_rows(const std::vector<int64_t>& table, int64_t first, int64_t heads
 // Slab mode (a layer whose K/V lives in float slabs in RAM, storage.py's ResidentStorage): the
 // layer's record, int64, fields in this order (mixed_attention.py: SLAB_FIELDS).
 enum SlabField { S_K, S_V, S_HEAD_STRIDE, S_N, S_CHUNK_SIZE, S_N_CHUNKS, S_ABSTRACTS, S_STRIDE, S_PINNED, S_KEEP, S_SINKS,
-                 S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, S_CHANNELS, S_LEAST, S_SKETCH, S_SKETCH_STRIDE, S_SKETCH_SCALE,
+                 S_RECENT, S_PER_HEAD, S_SAMPLED, S_IO, S_CHANNELS, S_LEAST, S_SKETCH, S_SKETCH_STRIDE, S_SKETCH_LOW, S_SKETCH_STEP,
                  N_SLAB_FIELDS };
 // Its float32 io row (mixed_attention.py: IO_FIELDS): in, the selection's temperature and coverage
 // target (≤ 0: keep exactly `keep`); out, the estimated coverage, the chunks and the tokens read per
@@ -705,8 +714,9 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
     if (!every && rec[S_CHANNELS] > 0 && rec[S_SKETCH] && bits == 16 && g <= 16) {  // by token scores (select_by_tokens)
         TokenSelection ts{};
         ts.q = q_last, ts.keys = reinterpret_cast<const uint16_t*>(slab_k);
-        ts.sketch = reinterpret_cast<const int8_t*>(rec[S_SKETCH]), ts.sketch_stride = rec[S_SKETCH_STRIDE];
-        ts.sketch_scale = reinterpret_cast<const float*>(rec[S_SKETCH_SCALE]);
+        ts.sketch = reinterpret_cast<const uint8_t*>(rec[S_SKETCH]), ts.sketch_stride = rec[S_SKETCH_STRIDE];
+        ts.sketch_low = reinterpret_cast<const float*>(rec[S_SKETCH_LOW]);
+        ts.sketch_step = reinterpret_cast<const float*>(rec[S_SKETCH_STEP]);
         ts.pinned = reinterpret_cast<const uint8_t*>(rec[S_PINNED]);
         ts.head_stride = hs, ts.n = n, ts.count = chunks, ts.size = cs, ts.keep = rec[S_KEEP], ts.sinks = rec[S_SINKS];
         ts.recent = rec[S_RECENT], ts.least = rec[S_LEAST], ts.n_kv = int(n_kv), ts.g = int(g), ts.d = int(d);
@@ -864,7 +874,7 @@ PyMethodDef methods[] = {
      "select(q, abstracts, pinned, plans, temperatures, ids, n, estimated, n_kv, g, d, stride, coverage, per_head, isa): "
      "every layer's chunks (selection.select_chunks)."},
     {"select_tokens", py_select_tokens, METH_VARARGS,
-     "select_tokens(q, keys, sketch, sketch_scale, pinned, ids, n, head_stride, sketch_stride, tokens, count, size, keep, "
+     "select_tokens(q, keys, sketch, sketch_low, sketch_step, pinned, ids, n, head_stride, sketch_stride, tokens, count, size, keep, "
      "sinks, recent, least, n_kv, g, d, channels, coverage, per_head, isa): one layer's chunks by token scores "
      "(token_scores.select_by_masses) → estimated."},
     {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU can run, best first ('auto' picks the first)."},

@@ -32,7 +32,8 @@ FLOAT_BITS = {torch.float32: 32, torch.bfloat16: 16}
 # float32 io row: the selection's temperature and coverage target in; out, what it read and the
 # microseconds its parts took, then each query head's captured mass at sampled steps.
 SLAB_FIELDS = ("k", "v", "head_stride", "n", "chunk_size", "n_chunks", "abstracts", "stride", "pinned", "keep", "sinks",
-               "recent", "per_head", "sampled", "io", "channels", "least", "sketch", "sketch_stride", "sketch_scale")
+               "recent", "per_head", "sampled", "io", "channels", "least", "sketch", "sketch_stride", "sketch_low",
+               "sketch_step")
 IO_FIELDS = ("temperature", "coverage", "estimated", "chunks", "tokens", "select_us", "attend_us", "measure_us")
 
 
@@ -244,12 +245,12 @@ def tables_hook() -> int:
 
 
 
-def _sketch_fields(sketch: KeySketch | None) -> tuple[int, int, int]:
-    """A slab record's sketch, sketch_stride and sketch_scale (0: none)."""
-    if sketch is None or sketch.scale is None:
-        return 0, 0, 0
-    assert sketch.codes.is_contiguous() and sketch.scale.dtype == torch.float32 and sketch.scale.is_contiguous()
-    return sketch.codes.data_ptr(), sketch.codes.shape[2], sketch.scale.data_ptr()
+def _sketch_fields(sketch: KeySketch | None) -> tuple[int, int, int, int]:
+    """A slab record's sketch, sketch_stride, sketch_low and sketch_step (0: none)."""
+    if sketch is None or sketch.low is None:
+        return 0, 0, 0, 0
+    assert sketch.packed.is_contiguous() and sketch.low.is_contiguous() and sketch.step.is_contiguous()
+    return sketch.packed.data_ptr(), sketch.packed.shape[2], sketch.low.data_ptr(), sketch.step.data_ptr()
 
 
 def select_tokens(q: torch.Tensor, slab: torch.Tensor, sketch: KeySketch, tokens: int, count: int, size: int,
@@ -264,11 +265,11 @@ def select_tokens(q: torch.Tensor, slab: torch.Tensor, sketch: KeySketch, tokens
     assert slab.dtype == torch.bfloat16 and slab.is_contiguous() and sketch.n == count * size
     groups = hkv if per_head else 1
     ids, n = np.zeros((groups, max(count, 1)), np.int64), np.zeros(groups, np.int64)
-    scale = sketch.scale if sketch.scale is not None else torch.ones(hkv, d)
-    codes = sketch.codes if sketch.codes.shape[0] else torch.zeros(hkv, d, 0, dtype=torch.int8)
+    low, step = (sketch.low, sketch.step) if sketch.low is not None else (torch.zeros(hkv, d), torch.ones(hkv, d))
+    packed = sketch.packed if sketch.packed.shape[0] else torch.zeros(hkv, d, 0, dtype=torch.uint8)
     estimated = _native.select_tokens(q.detach().float().contiguous().numpy(), slab.view(torch.int16).numpy(),
-                                      codes.contiguous().numpy(), scale.float().contiguous().numpy(),
-                                      pinned[:count].contiguous().numpy().view(np.uint8), ids, n, capacity * d,
-                                      codes.shape[2], tokens, count, size, keep, sinks, recent, least, hkv, q.shape[0] // hkv,
+                                      packed.contiguous().numpy(), low.float().contiguous().numpy(),
+                                      step.float().contiguous().numpy(), pinned[:count].contiguous().numpy().view(np.uint8),
+                                      ids, n, capacity * d, packed.shape[2], tokens, count, size, keep, sinks, recent, least, hkv, q.shape[0] // hkv,
                                       d, channels, 0.0 if coverage is None else coverage, per_head, isa)
     return [torch.from_numpy(row[:k]) for row, k in zip(ids, n)], estimated

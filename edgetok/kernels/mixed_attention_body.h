@@ -484,41 +484,48 @@ static void chunk_softmax(float* o, int64_t count) {
 }
 
 // Token scores (kernels/token_scores.py, its oracle) for one KV head: each token's logit estimated
-// on R of its D channels. The chunks' tokens from the sketch — int8 codes, channel-major (D, stride):
-// a channel's codes over the tokens are one row — so 16 tokens of a channel are one 16-byte load
-// and each query's 16 scores build up lane by lane, no sum across lanes; the tokens after the
-// chunks (the window) from the bf16 keys (n, D). qs (G, R): each query on the channels `picked`,
-// already times the channel's sketch scale and the query's SparQ scale; qk (G, R) the same without
-// the sketch scale (for the window). → tokens [t0, t1)'s logits into scratch (G, n), each query's
-// largest into top (G,).
-static inline vf int8x16(const int8_t* p) {
+// on R of its D channels. The chunks' tokens from the sketch — 4-bit codes, channel-major (D rows
+// of sketch_stride bytes, token 2j in byte j's low half) — so 16 tokens of a channel are one 8-byte
+// load and each query's 16 scores build up lane by lane, no sum across lanes; the tokens after
+// the chunks (the window) from the bf16 keys (n, D). qs (G, R): each query on the channels `picked`,
+// times the channel's step and the query's SparQ scale; bias (G,): the queries on the channels'
+// lows (what every sketched token adds); qk (G, R) the queries with the SparQ scale only (for the
+// window). Tokens [t0, t1) (t0 even) → their logits into scratch (G, n), each query's largest into top (G,).
+static inline vf nibbles16(const uint8_t* p) {  // 16 tokens' codes from 8 bytes, as floats
 #if EDGETOK_ISA == 512
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), low = _mm_set1_epi8(15);
+    const __m128i t = _mm_unpacklo_epi8(_mm_and_si128(x, low), _mm_and_si128(_mm_srli_epi16(x, 4), low));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(t));
 #else
-    typedef int8_t vc16 __attribute__((vector_size(16), aligned(1)));
-    return __builtin_convertvector(*reinterpret_cast<const vc16*>(p), vf);
+    vf out;
+    for (int i = 0; i < 16; ++i) out[i] = float((p[i / 2] >> (4 * (i % 2))) & 15);
+    return out;
 #endif
 }
 
-static void token_scores(const float* qs, const float* qk, const int32_t* picked, int g, int r, const int8_t* sketch,
-                         int64_t sketch_stride, const uint16_t* keys, int64_t d, int64_t n, int64_t sketched, int64_t t0,
-                         int64_t t1, float* scratch, float* top) {
+static inline float nibble1(const uint8_t* row, int64_t u) { return float((row[u / 2] >> (4 * (u % 2))) & 15); }
+
+static void token_scores(const float* qs, const float* bias, const float* qk, const int32_t* picked, int g, int r,
+                         const uint8_t* sketch, int64_t sketch_stride, const uint16_t* keys, int64_t d, int64_t n,
+                         int64_t sketched, int64_t t0, int64_t t1, float* scratch, float* top) {
     vf big[16];
     for (int j = 0; j < g; ++j) big[j] = splat(-INFINITY);
     const int64_t s1 = t1 < sketched ? t1 : sketched;
     int64_t t = t0;
 #if EDGETOK_ISA == 512
-    // Blocks of 64 tokens (a cache line of each channel's row) for 4 queries at a time: 16 accumulators
+    // Blocks of 64 tokens (32 bytes of each channel's row) for 4 queries at a time: 16 accumulators
     // in registers. (AVX2's 16 ymm hold 8 such vectors at most: it takes 16 tokens and one query.)
     enum { TB = 4, QB = 4 };
     for (; t + 16 * TB <= s1; t += 16 * TB)
         for (int g0 = 0; g0 < g; g0 += QB) {
             const int m = g - g0 < QB ? g - g0 : QB;
-            vf a[QB][TB] = {};
+            vf a[QB][TB];
+            for (int j = 0; j < m; ++j)
+                for (int b = 0; b < TB; ++b) a[j][b] = splat(bias[g0 + j]);
             for (int i = 0; i < r; ++i) {
-                const int8_t* row = sketch + int64_t(picked[i]) * sketch_stride + t;
+                const uint8_t* row = sketch + int64_t(picked[i]) * sketch_stride + t / 2;
                 vf x[TB];
-                for (int b = 0; b < TB; ++b) x[b] = int8x16(row + 16 * b);
+                for (int b = 0; b < TB; ++b) x[b] = nibbles16(row + 8 * b);
                 for (int j = 0; j < m; ++j) {
                     const float w = qs[(g0 + j) * r + i];
                     for (int b = 0; b < TB; ++b) a[j][b] += x[b] * w;
@@ -531,18 +538,20 @@ static void token_scores(const float* qs, const float* qk, const int32_t* picked
                 }
         }
 #elif EDGETOK_ISA == 2
-    // 16 tokens for one query at a time, in two ymm accumulators (GCC lowers the 16-lane int8 → float
-    // conversion of the vector extensions to scalar code for AVX2: intrinsics here)
+    // 16 tokens for one query at a time, in two ymm accumulators (GCC lowers 16-lane byte → float
+    // conversions of the vector extensions to scalar code for AVX2: intrinsics here)
     __m256 top_lo[16], top_hi[16];
     for (int j = 0; j < g; ++j) top_lo[j] = top_hi[j] = _mm256_set1_ps(-INFINITY);
+    const __m128i low = _mm_set1_epi8(15);
     for (; t + 16 <= s1; t += 16)
         for (int j = 0; j < g; ++j) {
-            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            __m256 lo = _mm256_set1_ps(bias[j]), hi = lo;
             for (int i = 0; i < r; ++i) {
-                const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sketch + int64_t(picked[i]) * sketch_stride + t));
+                const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sketch + int64_t(picked[i]) * sketch_stride + t / 2));
+                const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(x, low), _mm_and_si128(_mm_srli_epi16(x, 4), low));
                 const __m256 w = _mm256_set1_ps(qs[j * r + i]);
-                lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)), w, lo);
-                hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(x, 8))), w, hi);
+                lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), w, lo);
+                hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), w, hi);
             }
             _mm256_storeu_ps(scratch + j * n + t, lo);
             _mm256_storeu_ps(scratch + j * n + t + 8, hi);
@@ -557,8 +566,8 @@ static void token_scores(const float* qs, const float* qk, const int32_t* picked
 #endif
     for (; t + 16 <= s1; t += 16)
         for (int j = 0; j < g; ++j) {
-            vf a = {};
-            for (int i = 0; i < r; ++i) a += int8x16(sketch + int64_t(picked[i]) * sketch_stride + t) * qs[j * r + i];
+            vf a = splat(bias[j]);
+            for (int i = 0; i < r; ++i) a += nibbles16(sketch + int64_t(picked[i]) * sketch_stride + t / 2) * qs[j * r + i];
             *reinterpret_cast<vf*>(scratch + j * n + t) = a;
             big[j] = a > big[j] ? a : big[j];
         }
@@ -566,10 +575,12 @@ static void token_scores(const float* qs, const float* qk, const int32_t* picked
         float best = hmax(big[j]);
         for (int64_t u = t; u < t1; ++u) {  // one at a time: the sketch's last tokens, then the window's
             float acc = 0.0f;
-            if (u < sketched)
-                for (int i = 0; i < r; ++i) acc += float(sketch[int64_t(picked[i]) * sketch_stride + u]) * qs[j * r + i];
-            else
+            if (u < sketched) {
+                acc = bias[j];
+                for (int i = 0; i < r; ++i) acc += nibble1(sketch + int64_t(picked[i]) * sketch_stride, u) * qs[j * r + i];
+            } else {
                 for (int i = 0; i < r; ++i) acc += bf16_1(keys[u * d + picked[i]]) * qk[j * r + i];
+            }
             scratch[j * n + u] = acc;
             best = acc > best ? acc : best;
         }

@@ -11,12 +11,12 @@ largest (Σ_g |q_g,d|): q_R·k_R, divided by √(D · ‖q_R‖₁ / ‖q‖₁)
 correction: the channels left out would have spread the scores), and a softmax over all tokens
 gives each chunk's share of each query head's attention, and the window's.
 
-The chunks' keys are read from a sketch (Double Sparsity's "label cache", all channels kept):
-int8, channel-major — each KV head's channel a row over the tokens, one scale per (head,
-channel) — so the R channels' rows are R/D of the keys at a quarter of their bytes (bf16): at 8K
-the cache's scoring read 3 MB per layer from the keys, 0.6 MB from the sketch. It costs a quarter
-of the keys' bf16 bytes (an eighth of the K/V) beside them. The window (the unsealed tail) is read
-from the keys themselves.
+The chunks' keys are read from a sketch (after Double Sparsity's "label cache", every channel
+kept): 4-bit codes per (KV head, channel) range (KIVI's per-channel keys), channel-major — each
+channel's codes a row over the tokens — so the R channels' rows are R/D of the keys at a quarter
+of their bytes (bf16): at 8K and R = 24 the scoring reads 0.3 MB per layer from the sketch where
+it read 3.1 MB from the keys. It costs an eighth of the K/V's bf16 bytes beside them. The window
+(the unsealed tail) is read from the keys themselves.
 """
 
 from __future__ import annotations
@@ -29,59 +29,74 @@ import torch
 # 24 largest channels (bf16 keys), 0.018 / 0.0021 / 0.013 with 16 (alike with int8 keys), against 0.0078 /
 # 0.0007 / 0.0068 ranking by the exact attention and 0.086 / 0.127 / 0.071 by bounds (BENCHMARKS.md, "Token scores").
 CHANNELS = 24
-SKETCH_LEVELS = 127  # int8 codes in [-127, 127]: code = round(key / scale), scale = the channel's |max| / 127
+SKETCH_LEVELS = 15  # 4-bit codes: key ≈ low + code · step, per (KV head, channel), KIVI's per-channel keys
 
 
-def sketch_scale(keys: torch.Tensor) -> torch.Tensor:
-    """keys (Hkv, N, D) → (Hkv, D) float32: each channel's step, from the largest |key| it has
-    (keys stored later are clamped to it: an outlier's estimate saturates, its own chunk's rank
-    with it, and nothing else moves)."""
-    return (keys.float().abs().amax(1) / SKETCH_LEVELS).clamp(min=1e-8)
+def sketch_range(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys (Hkv, N, D) → low, step (Hkv, D) float32: each channel's smallest key and the step that
+    spans its largest (keys stored later are clamped to the range: an outlier's estimate saturates,
+    its own chunk's rank with it, and nothing else moves). Per channel because key channels sit at
+    offsets of their own: a shared zero would spend most of the 16 levels on no key."""
+    low, high = keys.float().amin(1), keys.float().amax(1)
+    return low, ((high - low) / SKETCH_LEVELS).clamp(min=1e-8)
 
 
-def sketch_codes(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """keys (Hkv, N, D), scale (Hkv, D) → int8 codes (Hkv, D, N): channel-major."""
-    codes = (keys.float() / scale[:, None]).round().clamp(-SKETCH_LEVELS, SKETCH_LEVELS)
-    return codes.to(torch.int8).transpose(1, 2)
+def sketch_codes(keys: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """keys (Hkv, N, D) → uint8 codes in [0, 15] (Hkv, D, N): channel-major."""
+    codes = ((keys.float() - low[:, None]) / step[:, None]).round().clamp(0, SKETCH_LEVELS)
+    return codes.to(torch.uint8).transpose(1, 2)
 
 
 class KeySketch:
-    """One layer's key sketch: codes (Hkv, D, capacity) int8, channel-major, of which the first n
-    tokens are written (the layer's sealed chunks, in order), and the scale (Hkv, D) fixed by the
-    first keys added (the prompt's)."""
+    """One layer's key sketch: per KV head and channel, its tokens' 4-bit codes in a row (packed
+    two tokens a byte, token 2j in byte j's low half: (Hkv, D, capacity bytes) uint8), of which the
+    first n tokens are written (the layer's sealed chunks, in order); low and step (Hkv, D) fixed
+    by the first keys added (the prompt's)."""
 
     def __init__(self) -> None:
-        self.codes = torch.zeros(0, 0, 0, dtype=torch.int8)
-        self.scale: torch.Tensor | None = None
+        self.packed = torch.zeros(0, 0, 0, dtype=torch.uint8)
+        self.low: torch.Tensor | None = None
+        self.step: torch.Tensor | None = None
         self.n = 0
 
     def add(self, keys: torch.Tensor) -> None:
         """keys (Hkv, M, D): the next M tokens' keys (a sealed chunk, or the prompt's chunks)."""
-        if keys.shape[1] == 0:  # (a prompt shorter than a chunk: the first sealed chunk sets the scale)
+        if keys.shape[1] == 0:  # (a prompt shorter than a chunk: the first sealed chunk sets the range)
             return
-        if self.scale is None:
-            self.scale = sketch_scale(keys)
+        if self.low is None:
+            self.low, self.step = sketch_range(keys)
         hkv, m, d = keys.shape
-        need = self.n + m
-        if need > self.codes.shape[2]:  # room for a quarter more (a chunk at a time would copy every step)
-            grown = torch.zeros(hkv, d, max(need + 64, need * 5 // 4), dtype=torch.int8)
+        codes = sketch_codes(keys, self.low, self.step)  # (Hkv, D, M)
+        start = self.n - self.n % 2  # an odd n shares its last byte with the first new token
+        if self.n % 2:
+            codes = torch.cat([self.codes()[:, :, -1:], codes], 2)
+        if codes.shape[2] % 2:
+            codes = torch.cat([codes, torch.zeros_like(codes[:, :, :1])], 2)
+        need = (self.n + m + 1) // 2
+        if need > self.packed.shape[2]:  # room for a quarter more (a chunk at a time would copy every step)
+            grown = torch.zeros(hkv, d, max(need + 32, need * 5 // 4), dtype=torch.uint8)
             if self.n:
-                grown[:, :, : self.n] = self.codes[:, :, : self.n]
-            self.codes = grown
-        self.codes[:, :, self.n : need] = sketch_codes(keys, self.scale)
-        self.n = need
+                grown[:, :, : (self.n + 1) // 2] = self.packed[:, :, : (self.n + 1) // 2]
+            self.packed = grown
+        self.packed[:, :, start // 2 : need] = codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)
+        self.n += m
+
+    def codes(self) -> torch.Tensor:
+        """(Hkv, D, n) uint8: the written tokens' codes, unpacked."""
+        both = self.packed[:, :, : (self.n + 1) // 2]
+        return torch.stack([both & 15, both >> 4], -1).flatten(2)[:, :, : self.n]
 
     def keys(self, window: torch.Tensor) -> torch.Tensor:
         """What the scores read (token_masses' keys): the sketch's keys, then the window's own keys
         (Hkv, W, D) → (Hkv, n + W, D) float32."""
-        if self.scale is None:
+        if self.low is None:
             return window.float()
-        return torch.cat([self.codes[:, :, : self.n].float().transpose(1, 2) * self.scale[:, None],
-                          window.float()], 1)
+        sketched = self.low[:, None] + self.codes().float().transpose(1, 2) * self.step[:, None]
+        return torch.cat([sketched, window.float()], 1)
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + (0 if self.scale is None else self.scale.numel() * 4)
+        return self.packed.numel() + (0 if self.low is None else 2 * self.low.numel() * 4)
 
 
 def token_masses(q: torch.Tensor, keys: torch.Tensor, chunks: int, chunk_size: int,
