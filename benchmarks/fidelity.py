@@ -35,6 +35,7 @@ bf16 K/V itself; the difference is not what this measures.) Each (kind, context)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -128,7 +129,10 @@ class Bench:
         self.exact = self.model.engine.backend  # the contiguous cache: pruned prefills
         self.full = self._tiered(KVConfig(budget="100%"))
         self.budgets = {b: self._tiered(budget_config(b)) for b in args.budgets.split(",")}
-        self.plans = [PrunePlan.checked(float(k), 2, self.model.config) for k in args.keeps.split(",") if k]
+        pools = [int(p) for p in args.prune_pools.split(",")] if args.prune_pools else [None]
+        self.plans = [plan if pool is None else dataclasses.replace(plan, pool=pool)
+                      for plan in (PrunePlan.checked(float(k), 2, self.model.config) for k in args.keeps.split(",") if k)
+                      for pool in pools]
         del source
 
     def _tiered(self, kv: KVConfig) -> TorchBackend:
@@ -176,10 +180,13 @@ class Bench:
                 cache = self.exact.new_cache()
                 pruned = self.exact.prefill_pruned(tokens, cache, plan, PIECE)
                 self.exact.end_prefill(cache)
-                found[f"prune {plan.keep}"] = self._found(
+                found[self._plan_name(plan)] = self._found(
                     decode(self.exact, cache, torch.from_numpy(pruned.logits), self.args.needle_tokens)[0])
             rows.append({"kind": kind, "context": len(tokens), "needle_depth": depth, "found": found})
         return rows
+
+    def _plan_name(self, plan: PrunePlan) -> str:
+        return f"prune {plan.keep}" + (f" pool {plan.pool}" if self.args.prune_pools else "")
 
     def _found(self, tokens: list[int]) -> bool:
         return ANSWER in self.model.tokenizer.decode(tokens)
@@ -196,7 +203,7 @@ class Bench:
                     prefill(self.exact, cache, tokens)
                 else:
                     self.exact.prefill_pruned(tokens, cache, plan, PIECE)
-                times.setdefault("none" if plan is None else f"prune {plan.keep}", []).append(
+                times.setdefault("none" if plan is None else self._plan_name(plan), []).append(
                     (time.perf_counter() - t, time.process_time() - cpu))
                 del cache
         base = times["none"]
@@ -282,6 +289,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,8192")
     ap.add_argument("--budgets", default="25%,auto", help="fixed shares and auto (auto:C sets --kv-coverage C)")
     ap.add_argument("--keeps", default="0.5", help="--prune-prompt KEEP values for the needles (empty: none)")
+    ap.add_argument("--prune-pools", default="", help="pooling widths to try with each KEEP (PrunePlan.pool; empty: its default)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--needle-tokens", type=int, default=20)
     ap.add_argument("--needle-depths", default="0.1,0.5,0.9")

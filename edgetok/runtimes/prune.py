@@ -44,7 +44,10 @@ class PrunePlan:
     after_layer: int  # the last layer that sees every prompt token
     sinks: int = 4  # the first tokens, always kept (attention sinks)
     window: int = 32  # the last tokens: the observation window, always kept
-    pool: int = 7  # a token scores the best of its ±pool/2 neighbours (keeps a fact's words together)
+    # A token scores the best of its ±pool/2 neighbours (keeps a fact's words together). 11 rather than
+    # 7: over 42 needle prompts (7 kinds, 4K and 8K, 3 depths) it found every needle 7 found, and two
+    # more; 15 and 21 lost others (BENCHMARKS.md, "Prompt pruning's pooling width").
+    pool: int = 11
     # Tokens within ±radius of the densest matches of the window's rare words are kept whatever the
     # attention says, up to this share of the kept tokens (kernels/keep.referenced)
     radius: int = 24

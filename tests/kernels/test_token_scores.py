@@ -50,6 +50,42 @@ def test_coverage_reads_the_fewest_chunks_that_hold_the_target_for_every_query_h
     assert len(floor.chosen[0]) == 3  # one chunk would do; the floor reads three
 
 
+def test_the_sketch_packs_any_run_of_tokens_and_reads_back_within_half_a_step():
+    """Keys added in runs of odd lengths pack two tokens a byte across the runs' seams; read back, a
+    key within the first run's range is within half a step of itself, one beyond it is clamped."""
+    from edgetok.kernels.token_scores import sketch_codes
+
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 53, 8, generator=g) + torch.linspace(-3, 5, 8)  # channels at offsets of their own
+    keys[:, 40:] *= 3  # later keys beyond the range the first run fixed
+    sketch = KeySketch()
+    for lo, hi in ((0, 7), (7, 8), (8, 29), (29, 40), (40, 53)):
+        sketch.add(keys[:, lo:hi])
+    assert sketch.n == 53 and torch.equal(sketch.codes(), sketch_codes(keys, sketch.low, sketch.step))
+    back = sketch.keys(keys[:, :0])
+    inside = (keys[:, :7] - back[:, :7]).abs()
+    assert (inside <= sketch.step[:, None] / 2 + 1e-5).all()
+    low, high = sketch.low[:, None], sketch.low[:, None] + 15 * sketch.step[:, None]
+    torch.testing.assert_close(back, torch.minimum(torch.maximum(back, low), high))  # clamped to the range
+    assert sketch.packed.shape[2] * 2 >= 53 and sketch.nbytes < keys.numel()  # half a byte a key (and the range)
+
+
+def test_the_cache_keeps_a_sketch_an_eighth_of_its_bf16_kv():
+    g = torch.Generator().manual_seed(2)
+    hq, hkv, d, n = 6, 2, 64, 2048
+    cache = TieredCache(KVConfig(budget="25%", chunk_sizes=(16,)), 2, hq, hkv, d)
+    for layer in range(2):
+        cache.attend(layer, torch.randn(1, hq, n, d, generator=g), torch.randn(1, hkv, n, d, generator=g),
+                     torch.randn(1, hkv, n, d, generator=g))
+    cache.end_prefill()
+    kv_mb = 2 * 2 * hkv * n * d * 2 / 2**20  # layers × (K, V) × bf16
+    assert cache.stats()["scoring"] == "tokens"
+    assert kv_mb / 8 <= cache.stats()["sketch_mb"] <= kv_mb / 8 * 1.3  # (+ room to grow)
+    assert all(s.n == layer.n_chunks * layer.chunk_size for s, layer in zip(cache.sketches, cache.layers))
+    cache_b = TieredCache(KVConfig(budget="25%", scoring="bounds"), 1, hq, hkv, d)
+    assert "sketch_mb" not in cache_b.stats()
+
+
 @st.composite
 def _problem(draw):
     hkv, g, d = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 3, 4])), draw(st.sampled_from([64, 128, 256]))
