@@ -425,10 +425,10 @@ PyObject* py_select(PyObject*, PyObject* args) {
     return result;
 }
 
-// Chunk selection by token scores (kernels/token_scores.py: token_masses over sketched_keys, then
-// select_by_masses, its oracle) for one layer. The first count × size tokens in chunks, read from
-// the sketch (Hkv, D, sketch_stride) packed 4-bit codes with their lows and steps (Hkv, D); the rest, the window, from the
-// keys (Hkv, head_stride) bf16, each head's first n rows of D. Each KV head picks the R channels
+// Chunk selection by token scores (kernels/token_scores.py: token_masses over KeySketch.keys, then
+// select_by_masses, its oracle) for one layer. The first count × size tokens are in chunks, read
+// from the sketch (Hkv, D, sketch_stride bytes: packed 4-bit codes) with its lows and steps (Hkv, D);
+// the rest, the window, from the keys (Hkv, head_stride) bf16, each head's first n rows of D. Each KV head picks the R channels
 // where its group's |q| sums largest and estimates every token's logit on them (SparQ's scale);
 // each query head's softmax gives its mass per chunk. A group (a KV head, or the whole layer)
 // ranks chunks by the most any of its query heads puts there (forced ones first) and reads keep,
@@ -500,8 +500,8 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
             bias[size_t(h * g + j)] = b;
         }
     }
-    // Items: each head's tokens in two runs of whole chunks (3 heads on 2 threads: 6 items, not 2 + 1):
-    // its scores and their maxima, then, once a head's maximum is known, its chunks' exponentials.
+    // Items: each head's tokens in two runs (3 heads on 2 threads: 6 items, not 2 + 1): its scores and
+    // their maxima, then, once a head's maximum is known, its chunks' exponentials (runs of whole chunks).
     const int64_t parts = c >= 2 ? 2 : 1;  // (c ≥ 1 here)
     auto chunk_at = [&](int64_t part) { return c * part / parts; };
     top.assign(size_t(hkv * parts * g), -INFINITY);

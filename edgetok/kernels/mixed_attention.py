@@ -160,8 +160,8 @@ class SlabStep:
 
     def __post_init__(self) -> None:
         k, v = self.slab_k, self.slab_v
-        assert self.channels == 0 or (k.dtype == torch.bfloat16 and self.sketch is not None
-                                      and self.sketch.n == self.n_chunks * self.chunk_size), "token scores: bf16 slabs, a sketch of the chunks"
+        sketched = self.sketch is not None and self.sketch.n == self.n_chunks * self.chunk_size
+        assert self.channels == 0 or (k.dtype == torch.bfloat16 and sketched), "token scores: bf16 slabs, a sketch of the chunks"
         assert k.dtype == v.dtype and k.stride() == v.stride() and k.stride(2) == 1, "slabs: (Hkv, capacity, D), alike"
         assert k.shape[1] >= self.n + 1, "the slab needs room for the step's token"
         assert 0 <= self.n_chunks * self.chunk_size <= self.n and self.chunk_size > 0
@@ -270,6 +270,6 @@ def select_tokens(q: torch.Tensor, slab: torch.Tensor, sketch: KeySketch, tokens
     estimated = _native.select_tokens(q.detach().float().contiguous().numpy(), slab.view(torch.int16).numpy(),
                                       packed.contiguous().numpy(), low.float().contiguous().numpy(),
                                       step.float().contiguous().numpy(), pinned[:count].contiguous().numpy().view(np.uint8),
-                                      ids, n, capacity * d, packed.shape[2], tokens, count, size, keep, sinks, recent, least, hkv, q.shape[0] // hkv,
-                                      d, channels, 0.0 if coverage is None else coverage, per_head, isa)
+                                      ids, n, capacity * d, packed.shape[2], tokens, count, size, keep, sinks, recent, least, hkv,
+                                      q.shape[0] // hkv, d, channels, 0.0 if coverage is None else coverage, per_head, isa)
     return [torch.from_numpy(row[:k]) for row, k in zip(ids, n)], estimated
