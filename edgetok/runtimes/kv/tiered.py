@@ -88,7 +88,7 @@ class TieredCache(AttendingCache, GraphCache):
         self.per_head = cfg.per_head_for(attends=attends)  # each KV head selects its own chunks
         # (else by the chunks' bounds; a graph's native step scores bf16 slabs only: exact float32 ones rank by bounds)
         self.scores_tokens = cfg.scores_tokens and (self.dtype == torch.bfloat16 or not self.selects_ahead)
-        # token scores: per layer, its chunks' keys as int8, channel-major (token_scores.KeySketch), written as chunks seal
+        # token scores: per layer, its chunks' keys as 4-bit codes, channel-major (token_scores.KeySketch), written as chunks seal
         self.sketches = [KeySketch() for _ in range(num_layers)]
         self.summaries = torch.zeros(num_layers, num_kv_heads, 0, 2 * head_dim)
         self.n_pinned = [0] * num_layers
