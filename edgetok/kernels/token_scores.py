@@ -68,8 +68,8 @@ class KeySketch:
         hkv, m, d = keys.shape
         codes = sketch_codes(keys, self.low, self.step)  # (Hkv, D, M)
         start = self.n - self.n % 2  # an odd n shares its last byte with the first new token
-        if self.n % 2:
-            codes = torch.cat([self.codes()[:, :, -1:], codes], 2)
+        if self.n % 2:  # (its code is that byte's low half: no need to unpack the rest)
+            codes = torch.cat([self.packed[:, :, start // 2 : start // 2 + 1] & 15, codes], 2)
         if codes.shape[2] % 2:
             codes = torch.cat([codes, torch.zeros_like(codes[:, :, :1])], 2)
         need = (self.n + m + 1) // 2
