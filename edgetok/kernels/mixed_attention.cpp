@@ -22,6 +22,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -164,6 +165,44 @@ void forget_pool_in_child() { pool = nullptr; }  // a forked child has none of t
 // session's, kernels/attention_op.cpp: edgetok_hook_parallel_for) → 0, or non-zero when refused.
 using ParallelFor = int (*)(void (*)(void*, size_t), size_t, void*);
 
+// Chunks best first (descending score, ties to the lower index: a stable sort's order), found
+// only as far as asked: a selection reads a fifth of a layer's chunks or so, and sorting all of
+// them cost it more than scoring them. take(k) puts the k best first, in no order (what a
+// selection reads anyway need not be ordered); past them, [i] sorts as far as it is read. Each
+// score and its index are one integer key (the score's bits made to order as floats do).
+class BestFirst {
+  public:
+    void reset(const float* scores, int64_t c) {
+        keys_.resize(size_t(c));
+        for (int64_t i = 0; i < c; ++i) {
+            uint32_t bits;
+            std::memcpy(&bits, &scores[i], 4);
+            bits ^= bits >> 31 ? 0xFFFFFFFFu : 0x80000000u;           // ascending as the floats
+            keys_[size_t(i)] = uint64_t(~bits) << 32 | uint64_t(i);  // descending score, then ascending index
+        }
+        ordered_ = 0;
+    }
+    void take(int64_t k) {  // (at most once, first)
+        k = std::min<int64_t>(k, int64_t(keys_.size()));
+        if (k > 0 && k < int64_t(keys_.size())) std::nth_element(keys_.begin(), keys_.begin() + k, keys_.end());
+        ordered_ = std::max<int64_t>(k, 0);
+    }
+    int64_t operator[](int64_t i) {  // the i-th best chunk (i ≥ take's k), or one of take's
+        if (i >= ordered_) sort_to(std::max(i + 1, 2 * ordered_));
+        return int64_t(keys_[size_t(i)] & 0xFFFFFFFFu);
+    }
+
+  private:
+    void sort_to(int64_t k) {
+        const auto first = keys_.begin() + ordered_, end = keys_.begin() + std::min<int64_t>(k, int64_t(keys_.size()));
+        if (end < keys_.end()) std::nth_element(first, end, keys_.end());
+        std::sort(first, end);
+        ordered_ = end - keys_.begin();
+    }
+    std::vector<uint64_t> keys_;
+    int64_t ordered_ = 0;
+};
+
 // out (Hkv, R, D), lse (Hkv, R): the attention of every row over every chunk. Items run on
 // `parallel_for` when given (threads: how many it has), else on the pool.
 void attend(const Problem& p, const Isa& isa, int threads, float* out, float* lse, ParallelFor parallel_for = nullptr) {
@@ -240,10 +279,9 @@ float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row
         return 1.0f;
     }
     thread_local std::vector<float> shares, scores, tied;
-    thread_local std::vector<int64_t> order;
+    thread_local BestFirst order;
     shares.resize(size_t(hkv * c));
     scores.resize(size_t(groups * c));
-    order.resize(size_t(c));
     // each KV head's shares (the pass over the abstracts: most of the work), on the lent threads if any
     float* out = shares.data();
     // Items: each head's chunks in two runs of whole 32-chunk blocks, so that a few heads spread
@@ -278,15 +316,13 @@ float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row
     const bool auto_keep = s.coverage > 0.0f;
     if (auto_keep) {  // as many as cover `coverage` of every head's shares along its group's order
         int64_t need = 1;
-        for (int64_t grp = 0; grp < groups; ++grp) {
-            const float* sc = scores.data() + grp * c;
-            for (int64_t i = 0; i < c; ++i) order[size_t(i)] = i;
-            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sc[a] > sc[b]; });
+        for (int64_t grp = 0; grp < groups; ++grp) {  // (past keep, the order cannot change keep)
+            order.reset(scores.data() + grp * c, c);
             for (int64_t h = s.per_head ? grp : 0; h < (s.per_head ? grp + 1 : hkv); ++h) {
                 const float* x = shares.data() + h * c;
                 float covered = 0.0f;
                 int64_t below = 0;
-                for (int64_t j = 0; j < c; ++j) below += (covered += x[order[size_t(j)]]) < s.coverage;
+                while (below < keep && (covered += x[order[below]]) < s.coverage) ++below;
                 need = std::max(need, std::min(below, c - 1) + 1);
             }
         }
@@ -464,9 +500,8 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
         return 1.0f;
     }
     const int r = std::max(1, std::min(s.channels, s.d));
-    thread_local std::vector<float> masses, window, scratch, qs, qk, bias, rank, covered, weight, top;
+    thread_local std::vector<float> masses, window, scratch, qs, qk, bias, weight, top, lowest;
     thread_local std::vector<int32_t> picked;
-    thread_local std::vector<int64_t> order;
     masses.resize(size_t(hkv * g * c));
     window.resize(size_t(hkv * g));
     weight.resize(size_t(s.d));
@@ -500,81 +535,92 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
             bias[size_t(h * g + j)] = b;
         }
     }
-    // Items: each head's tokens in two runs (3 heads on 2 threads: 6 items, not 2 + 1): its scores and
-    // their maxima, then, once a head's maximum is known, its chunks' exponentials (runs of whole chunks).
+    // Items, on the lent threads: first each KV head's chunks in two runs (3 heads on 2 threads: 6
+    // items, not 2 + 1), their tokens' scores and each chunk's exponentials against the run's own
+    // maximum; then each group's softmax (the runs brought to the head's maximum) and ranking.
     const int64_t parts = c >= 2 ? 2 : 1;  // (c ≥ 1 here)
-    auto chunk_at = [&](int64_t part) { return c * part / parts; };
+    // runs split where a chunk starts on a multiple of 16 tokens (a sketch byte holds two tokens,
+    // and whole blocks go faster); the last one has the window's tokens too
+    const int64_t align = 16 / std::gcd<int64_t>(s.size, 16);
+    auto chunk_at = [&](int64_t part) { return part == parts ? c : c * part / parts / align * align; };
     top.assign(size_t(hkv * parts * g), -INFINITY);
-    // (the items may run on other threads: they see this thread's buffers through these pointers)
-    const float *qsp = qs.data(), *qkp = qk.data(), *bp = bias.data();
-    const int32_t* pp = picked.data();
-    float *scr = scratch.data(), *tp = top.data(), *ms = masses.data(), *wn = window.data();
-    auto score = [&](size_t i) {
-        const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
-        // (split at a multiple of 16 tokens: a sketch byte holds two tokens, and whole blocks go faster)
-        const int64_t t0 = (c * s.size * part / parts) & ~int64_t(15);
-        const int64_t t1 = part + 1 == parts ? s.n : (c * s.size * (part + 1) / parts) & ~int64_t(15);
-        isa.scores(qsp + h * g * r, bp + h * g, qkp + h * g * r, pp + h * s.d, int(g), r, s.sketch + h * s.d * s.sketch_stride,
-                   s.sketch_stride, s.keys + h * s.head_stride, s.d, s.n, c * s.size, t0, t1, scr + h * g * s.n,
-                   tp + (h * parts + part) * g);
-    };
-    auto exps = [&](size_t i) {
-        const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts;
-        float best[16];
-        for (int64_t j = 0; j < g; ++j) {
-            best[j] = -INFINITY;
-            for (int64_t q = 0; q < parts; ++q) best[j] = std::max(best[j], tp[(h * parts + q) * g + j]);
-        }
-        isa.exps(scr + h * g * s.n, int(g), s.n, best, c, s.size, chunk_at(part), chunk_at(part + 1), ms + h * g * c,
-                 part + 1 == parts ? wn + h * g : nullptr);
-    };
-    const size_t items = size_t(hkv * parts);
-    run_items(items, score, parallel_for);
-    run_items(items, exps, parallel_for);
-    for (int64_t hj = 0; hj < hkv * g; ++hj) {  // each query head's softmax: its exponentials over their sum
-        float* m = masses.data() + hj * c;
-        float total = window[size_t(hj)];
-        for (int64_t i = 0; i < c; ++i) total += m[i];
-        const float inv = 1.0f / total;
-        for (int64_t i = 0; i < c; ++i) m[i] *= inv;
-        window[size_t(hj)] *= inv;
-    }
     auto forced = [&](int64_t i) { return i < s.sinks || i >= c - s.recent || (s.pinned && s.pinned[i]); };
     int64_t n_forced = 0;
     for (int64_t i = 0; i < c; ++i) n_forced += forced(i);
-    rank.resize(size_t(c));
-    order.resize(size_t(c));
-    covered.resize(size_t(heads * c));
-    float estimated = INFINITY;
-    for (int64_t grp = 0; grp < groups; ++grp) {
-        const float* m = masses.data() + grp * heads * c;  // (heads, C): the group's query heads
+    lowest.assign(size_t(groups), INFINITY);  // each group's least covered query head
+    // (the items may run on other threads: they see this thread's buffers through these pointers)
+    const float *qsp = qs.data(), *qkp = qk.data(), *bp = bias.data();
+    const int32_t* pp = picked.data();
+    float *scr = scratch.data(), *tp = top.data(), *ms = masses.data(), *wn = window.data(), *lp = lowest.data();
+    auto score = [&](size_t i) {
+        const int64_t h = int64_t(i) / parts, part = int64_t(i) % parts, c0 = chunk_at(part), c1 = chunk_at(part + 1);
+        const int64_t t1 = part + 1 == parts ? s.n : c1 * s.size;
+        float* top_run = tp + (h * parts + part) * g;
+        isa.scores(qsp + h * g * r, bp + h * g, qkp + h * g * r, pp + h * s.d, int(g), r, s.sketch + h * s.d * s.sketch_stride,
+                   s.sketch_stride, s.keys + h * s.head_stride, s.d, s.n, c * s.size, c0 * s.size, t1, scr + h * g * s.n, top_run);
+        isa.exps(scr + h * g * s.n, int(g), s.n, top_run, c, s.size, c0, c1, ms + h * g * c, part + 1 == parts ? wn + h * g : nullptr);
+    };
+    auto rank_group = [&](size_t grp_) {
+        const int64_t grp = int64_t(grp_);
+        float* m = ms + grp * heads * c;  // (heads, C): the group's query heads
+        float* w = wn + grp * heads;
+        for (int64_t j = 0; j < heads; ++j) {  // each query head's softmax: its exponentials over their sum
+            const int64_t hj = grp * heads + j, h = hj / g;
+            float best = -INFINITY;
+            for (int64_t part = 0; part < parts; ++part) best = std::max(best, tp[(h * parts + part) * g + hj % g]);
+            float total = 0.0f;
+            for (int64_t part = 0; part < parts; ++part) {  // (a run's exponentials are against its own maximum)
+                const float run = tp[(h * parts + part) * g + hj % g], to = run == best ? 1.0f : std::exp(run - best);
+                for (int64_t i = chunk_at(part); i < chunk_at(part + 1); ++i) total += (m[j * c + i] *= to);
+                if (part + 1 == parts) total += (w[j] *= to);
+            }
+            const float inv = 1.0f / total;
+            for (int64_t i = 0; i < c; ++i) m[j * c + i] *= inv;
+            w[j] *= inv;
+        }
+        thread_local std::vector<float> rank;
+        thread_local std::vector<uint8_t> marks;
+        thread_local BestFirst order;
+        rank.resize(size_t(c));
         for (int64_t i = 0; i < c; ++i) {
             float best = -INFINITY;
             for (int64_t j = 0; j < heads; ++j) best = std::max(best, m[j * c + i]);
             rank[size_t(i)] = forced(i) ? INFINITY : best;
-            order[size_t(i)] = i;
         }
-        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rank[size_t(a)] > rank[size_t(b)]; });
-        int64_t need = 1;
-        for (int64_t j = 0; j < heads; ++j) {
-            float sum = window[size_t(grp * heads + j)];
-            int64_t below = 0;
-            for (int64_t i = 0; i < c; ++i) {
-                covered[size_t(j * c + i)] = (sum += m[j * c + order[size_t(i)]]);
-                below += sum < s.coverage;
+        order.reset(rank.data(), c);
+        const int64_t most = std::max<int64_t>(1, std::min(s.keep, c));  // (past keep the order cannot change what is read)
+        int64_t k = most;
+        if (s.coverage > 0.0f) {  // each query head's coverage along the order, as far as it takes
+            const int64_t first = std::min(most, std::max(n_forced, s.least));  // (read anyway)
+            order.take(first);
+            int64_t need = 1;
+            for (int64_t j = 0; j < heads; ++j) {
+                float sum = w[j];
+                for (int64_t i = 0; i < first; ++i) sum += m[j * c + order[i]];
+                if (sum >= s.coverage) continue;  // (it needs `first` or fewer)
+                int64_t below = first;  // positions whose running sum is short of the target
+                while (below < most && (sum += m[j * c + order[below]]) < s.coverage) ++below;
+                need = std::max(need, std::min(below, c - 1) + 1);
             }
-            need = std::max(need, std::min(below, c - 1) + 1);
+            k = std::min(std::max(need, first), k);
+        } else {
+            order.take(k);
         }
-        int64_t k = std::min(s.keep, c);
-        if (s.coverage > 0.0f) k = std::min(std::max(need, std::max(n_forced, s.least)), k);
-        k = std::max<int64_t>(1, std::min(k, c));
-        for (int64_t j = 0; j < heads; ++j) estimated = std::min(estimated, covered[size_t(j * c + k - 1)]);
+        for (int64_t j = 0; j < heads; ++j) {
+            float sum = w[j];
+            for (int64_t i = 0; i < k; ++i) sum += m[j * c + order[i]];
+            lp[grp] = std::min(lp[grp], sum);
+        }
+        marks.assign(size_t(c), 0);  // the ids ascending
+        for (int64_t i = 0; i < k; ++i) marks[size_t(order[i])] = 1;
         int64_t* out = ids + grp * row;
-        std::copy(order.begin(), order.begin() + k, out);
-        std::sort(out, out + k);
+        for (int64_t i = 0, taken = 0; i < c; ++i)
+            if (marks[size_t(i)]) out[taken++] = i;
         n[grp] = k;
-    }
-    return estimated;
+    };
+    run_items(size_t(hkv * parts), score, parallel_for);
+    run_items(size_t(groups), rank_group, parallel_for);
+    return *std::min_element(lowest.begin(), lowest.end());
 }
 
 PyObject* py_select_tokens(PyObject*, PyObject* args) {
