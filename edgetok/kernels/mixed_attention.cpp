@@ -502,6 +502,7 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
     const int r = std::max(1, std::min(s.channels, s.d));
     thread_local std::vector<float> masses, window, scratch, qs, qk, bias, weight, top, lowest;
     thread_local std::vector<int32_t> picked;
+    thread_local BestFirst channels;
     masses.resize(size_t(hkv * g * c));
     window.resize(size_t(hkv * g));
     weight.resize(size_t(s.d));
@@ -517,10 +518,8 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
         std::fill(weight.begin(), weight.end(), 0.0f);
         for (int64_t j = 0; j < g; ++j)
             for (int dd = 0; dd < s.d; ++dd) weight[size_t(dd)] += std::fabs(qh[j * s.d + dd]);
-        for (int i = 0; i < s.d; ++i) ph[i] = i;
-        std::partial_sort(ph, ph + r, ph + s.d, [&](int32_t a, int32_t b) {
-            return weight[size_t(a)] > weight[size_t(b)] || (weight[size_t(a)] == weight[size_t(b)] && a < b);
-        });
+        channels.reset(weight.data(), s.d);  // the R largest, largest first
+        for (int i = 0; i < r; ++i) ph[i] = int32_t(channels[i]);
         for (int64_t j = 0; j < g; ++j) {
             float all = 0.0f, kept = 0.0f;
             for (int dd = 0; dd < s.d; ++dd) all += std::fabs(qh[j * s.d + dd]);

@@ -503,7 +503,46 @@ static inline vf nibbles16(const uint8_t* p) {  // 16 tokens' codes from 8 bytes
 #endif
 }
 
+#if EDGETOK_ISA == 512
+// 64 tokens' codes from 32 bytes, as four vectors of 16 (one load and one unpack for the four)
+static inline void nibbles64(const uint8_t* p, vf x[4]) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), low = _mm256_set1_epi8(15);
+    const __m256i even = _mm256_and_si256(b, low), odd = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+    // (unpacking works within 128-bit lanes: tokens 0-15 | 32-47, and 16-31 | 48-63)
+    const __m256i first = _mm256_unpacklo_epi8(even, odd), second = _mm256_unpackhi_epi8(even, odd);
+    x[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(first)));
+    x[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(second)));
+    x[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(first, 1)));
+    x[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(second, 1)));
+}
+#endif
+
 static inline float nibble1(const uint8_t* row, int64_t u) { return float((row[u / 2] >> (4 * (u % 2))) & 15); }
+
+#if EDGETOK_ISA == 512
+// M queries' scores of 64 tokens (32 bytes of each channel's row): 4·M accumulators in registers.
+// (AVX2's 16 ymm hold 8 such vectors at most: it takes 16 tokens and one query.)
+template <int M>
+static inline void scores64(const float* qs, const float* bias, const int32_t* picked, int r, const uint8_t* rows,
+                            int64_t stride, float* out, int64_t n, vf* big) {
+    vf a[M][4];
+    for (int j = 0; j < M; ++j)
+        for (int b = 0; b < 4; ++b) a[j][b] = splat(bias[j]);
+    for (int i = 0; i < r; ++i) {
+        vf x[4];
+        nibbles64(rows + int64_t(picked[i]) * stride, x);
+        for (int j = 0; j < M; ++j) {
+            const float w = qs[j * r + i];
+            for (int b = 0; b < 4; ++b) a[j][b] += x[b] * w;
+        }
+    }
+    for (int j = 0; j < M; ++j)
+        for (int b = 0; b < 4; ++b) {
+            *reinterpret_cast<vf*>(out + j * n + 16 * b) = a[j][b];
+            big[j] = a[j][b] > big[j] ? a[j][b] : big[j];
+        }
+}
+#endif
 
 static void token_scores(const float* qs, const float* bias, const float* qk, const int32_t* picked, int g, int r,
                          const uint8_t* sketch, int64_t sketch_stride, const uint16_t* keys, int64_t d, int64_t n,
@@ -515,27 +554,15 @@ static void token_scores(const float* qs, const float* bias, const float* qk, co
 #if EDGETOK_ISA == 512
     // Blocks of 64 tokens (32 bytes of each channel's row) for 4 queries at a time: 16 accumulators
     // in registers. (AVX2's 16 ymm hold 8 such vectors at most: it takes 16 tokens and one query.)
-    enum { TB = 4, QB = 4 };
-    for (; t + 16 * TB <= s1; t += 16 * TB)
-        for (int g0 = 0; g0 < g; g0 += QB) {
-            const int m = g - g0 < QB ? g - g0 : QB;
-            vf a[QB][TB];
-            for (int j = 0; j < m; ++j)
-                for (int b = 0; b < TB; ++b) a[j][b] = splat(bias[g0 + j]);
-            for (int i = 0; i < r; ++i) {
-                const uint8_t* row = sketch + int64_t(picked[i]) * sketch_stride + t / 2;
-                vf x[TB];
-                for (int b = 0; b < TB; ++b) x[b] = nibbles16(row + 8 * b);
-                for (int j = 0; j < m; ++j) {
-                    const float w = qs[(g0 + j) * r + i];
-                    for (int b = 0; b < TB; ++b) a[j][b] += x[b] * w;
-                }
+    for (; t + 64 <= s1; t += 64)
+        for (int g0 = 0; g0 < g; g0 += 4) {
+            const uint8_t* rows = sketch + t / 2;
+            switch (g - g0) {  // (a count known when compiled: no branch per channel, every accumulator in a register)
+                case 1: scores64<1>(qs + g0 * r, bias + g0, picked, r, rows, sketch_stride, scratch + g0 * n + t, n, big + g0); break;
+                case 2: scores64<2>(qs + g0 * r, bias + g0, picked, r, rows, sketch_stride, scratch + g0 * n + t, n, big + g0); break;
+                case 3: scores64<3>(qs + g0 * r, bias + g0, picked, r, rows, sketch_stride, scratch + g0 * n + t, n, big + g0); break;
+                default: scores64<4>(qs + g0 * r, bias + g0, picked, r, rows, sketch_stride, scratch + g0 * n + t, n, big + g0);
             }
-            for (int j = 0; j < m; ++j)
-                for (int b = 0; b < TB; ++b) {
-                    *reinterpret_cast<vf*>(scratch + (g0 + j) * n + t + 16 * b) = a[j][b];
-                    big[g0 + j] = a[j][b] > big[g0 + j] ? a[j][b] : big[g0 + j];
-                }
         }
 #elif EDGETOK_ISA == 2
     // 16 tokens for one query at a time, in two ymm accumulators (GCC lowers 16-lane byte → float
