@@ -22,9 +22,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <functional>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <vector>
 
