@@ -188,17 +188,18 @@ class BestFirst {
         ordered_ = std::max<int64_t>(k, 0);
     }
     int64_t operator[](int64_t i) {  // the i-th best chunk (i ≥ take's k), or one of take's
-        if (i >= ordered_) sort_to(std::max(i + 1, 2 * ordered_));
+        if (i >= ordered_) sort_to(std::max({i + 1, 2 * ordered_, int64_t(32)}));  // (a few rounds of partitioning, not one a read)
         return int64_t(keys_[size_t(i)] & 0xFFFFFFFFu);
     }
-
-  private:
-    void sort_to(int64_t k) {
+    void sort_to(int64_t k) {  // the first k in order (past take's)
         const auto first = keys_.begin() + ordered_, end = keys_.begin() + std::min<int64_t>(k, int64_t(keys_.size()));
+        if (end <= first) return;
         if (end < keys_.end()) std::nth_element(first, end, keys_.end());
         std::sort(first, end);
         ordered_ = end - keys_.begin();
     }
+
+  private:
     std::vector<uint64_t> keys_;
     int64_t ordered_ = 0;
 };
@@ -519,6 +520,7 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
         for (int64_t j = 0; j < g; ++j)
             for (int dd = 0; dd < s.d; ++dd) weight[size_t(dd)] += std::fabs(qh[j * s.d + dd]);
         channels.reset(weight.data(), s.d);  // the R largest, largest first
+        channels.sort_to(r);
         for (int i = 0; i < r; ++i) ph[i] = int32_t(channels[i]);
         for (int64_t j = 0; j < g; ++j) {
             float all = 0.0f, kept = 0.0f;
