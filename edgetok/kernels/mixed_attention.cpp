@@ -168,8 +168,10 @@ using ParallelFor = int (*)(void (*)(void*, size_t), size_t, void*);
 // Chunks best first (descending score, ties to the lower index: a stable sort's order), found
 // only as far as asked: a selection reads a fifth of a layer's chunks or so, and sorting all of
 // them cost it more than scoring them. take(k) puts the k best first, in no order (what a
-// selection reads anyway need not be ordered); past them, [i] sorts as far as it is read. Each
-// score and its index are one integer key (the score's bits made to order as floats do).
+// selection reads anyway need not be ordered); past them, [i] sorts as far as it is read;
+// ascending() hands the first k over by id. Each score and its index are one integer key (the
+// score's bits made to order as floats do). Both selections (by bounds, by token scores) and the
+// channel choice rank with it.
 class BestFirst {
   public:
     void reset(const float* scores, int64_t c) {
@@ -191,6 +193,12 @@ class BestFirst {
         if (i >= ordered_) sort_to(std::max({i + 1, 2 * ordered_, int64_t(32)}));  // (a few rounds of partitioning, not one a read)
         return int64_t(keys_[size_t(i)] & 0xFFFFFFFFu);
     }
+    void ascending(int64_t k, int64_t* out) {  // the first k (taken or read) by id
+        marks_.assign(keys_.size(), 0);
+        for (int64_t i = 0; i < k; ++i) marks_[keys_[size_t(i)] & 0xFFFFFFFFu] = 1;
+        for (size_t i = 0, taken = 0; i < marks_.size(); ++i)
+            if (marks_[i]) out[taken++] = int64_t(i);
+    }
     void sort_to(int64_t k) {  // the first k in order (past take's)
         const auto first = keys_.begin() + ordered_, end = keys_.begin() + std::min<int64_t>(k, int64_t(keys_.size()));
         if (end <= first) return;
@@ -201,6 +209,7 @@ class BestFirst {
 
   private:
     std::vector<uint64_t> keys_;
+    std::vector<uint8_t> marks_;
     int64_t ordered_ = 0;
 };
 
@@ -279,7 +288,7 @@ float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row
         for (int64_t grp = 0; grp < groups; ++grp) n[grp] = 0;
         return 1.0f;
     }
-    thread_local std::vector<float> shares, scores, tied;
+    thread_local std::vector<float> shares, scores;
     thread_local BestFirst order;
     shares.resize(size_t(hkv * c));
     scores.resize(size_t(groups * c));
@@ -333,18 +342,10 @@ float select_layer(const Selection& s, const Isa& isa, int64_t* ids, int64_t row
     for (int64_t grp = 0; grp < groups; ++grp) {
         const float* sc = scores.data() + grp * c;
         int64_t* out = ids + grp * row;
-        // the k best, ascending: the k-th best score is the threshold; of the chunks tied at it, the lowest ids
         const int64_t k = std::max<int64_t>(keep, 1);  // (keep 0 reads nothing; its estimate is the best chunk's)
-        float threshold = -INFINITY;
-        if (k < c) {
-            tied.assign(sc, sc + c);
-            std::nth_element(tied.begin(), tied.begin() + (k - 1), tied.end(), std::greater<float>());
-            threshold = tied[size_t(k - 1)];
-        }
-        int64_t above = 0;
-        for (int64_t i = 0; i < c; ++i) above += sc[i] > threshold;
-        for (int64_t i = 0, taken = 0, ties = k - above; i < c && taken < k; ++i)
-            if (sc[i] > threshold || (sc[i] == threshold && ties-- > 0)) out[taken++] = i;
+        order.reset(sc, c);
+        order.take(k);
+        order.ascending(k, out);
         n[grp] = keep;
         for (int64_t h = s.per_head ? grp : 0; h < (s.per_head ? grp + 1 : hkv); ++h) {
             const float* x = shares.data() + h * c;
@@ -572,7 +573,7 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
             float total = 0.0f;
             for (int64_t part = 0; part < parts; ++part) {  // (a run's exponentials are against its own maximum)
                 const float run = tp[(h * parts + part) * g + hj % g], to = run == best ? 1.0f : std::exp(run - best);
-                for (int64_t i = chunk_at(part); i < chunk_at(part + 1); ++i) total += (m[j * c + i] *= to);
+                for (int64_t i = chunk_at(part), end = chunk_at(part + 1); i < end; ++i) total += (m[j * c + i] *= to);
                 if (part + 1 == parts) total += (w[j] *= to);
             }
             const float inv = 1.0f / total;
@@ -580,7 +581,6 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
             w[j] *= inv;
         }
         thread_local std::vector<float> rank;
-        thread_local std::vector<uint8_t> marks;
         thread_local BestFirst order;
         rank.resize(size_t(c));
         for (int64_t i = 0; i < c; ++i) {
@@ -612,11 +612,7 @@ float select_by_tokens(const TokenSelection& s, const Isa& isa, int64_t* ids, in
             for (int64_t i = 0; i < k; ++i) sum += m[j * c + order[i]];
             lp[grp] = std::min(lp[grp], sum);
         }
-        marks.assign(size_t(c), 0);  // the ids ascending
-        for (int64_t i = 0; i < k; ++i) marks[size_t(order[i])] = 1;
-        int64_t* out = ids + grp * row;
-        for (int64_t i = 0, taken = 0; i < c; ++i)
-            if (marks[size_t(i)]) out[taken++] = i;
+        order.ascending(k, ids + grp * row);
         n[grp] = k;
     };
     run_items(size_t(hkv * parts), score, parallel_for);

@@ -127,6 +127,30 @@ def test_native_token_selection_equals_the_reference(problem, isa):
     assert estimated == pytest.approx(want.estimated, abs=2e-5)
 
 
+@pytest.mark.skipif(not mixed_attention.available(), reason="the native kernel is not built")
+@pytest.mark.parametrize("keep, coverage, least", [(150, None, 0), (600, 0.99, 0), (600, 0.9, 120)])
+def test_native_token_selection_of_a_long_layer_equals_the_reference(keep, coverage, least):
+    """600 chunks (the property test's layers have 40 at most): the ranking sorts past what it reads
+    anyway in several rounds, as far as a coverage walk goes; still the reference's chunks."""
+    g = torch.Generator().manual_seed(3)
+    hkv, group, d, size, count = 3, 3, 64, 16, 600
+    n = count * size + 21
+    slab = (torch.randn(hkv, n + 5, d, generator=g) * torch.rand(d, generator=g) * 3).bfloat16()
+    q = torch.randn(hkv * group, d, generator=g) * 0.5  # (spread attention: a long walk)
+    pinned = torch.zeros(count, dtype=torch.bool)
+    pinned[[17, 300]] = True
+    sketch = KeySketch()
+    sketch.add(slab[:, : count * size])
+    masses, window = token_masses(q, sketch.keys(slab[:, count * size : n]), count, size)
+    for per_head in (False, True):
+        want = select_by_masses(masses, window, forced_chunks(count, 1, 2, pinned), keep, coverage, per_head, least)
+        got, estimated = mixed_attention.select_tokens(q, slab, sketch, n, count, size, pinned, keep, 1, 2, least, coverage,
+                                                       per_head, CHANNELS)
+        assert [ids.tolist() for ids in got] == [ids.tolist() for ids in want.chosen]
+        assert estimated == pytest.approx(want.estimated, abs=2e-5)
+        assert max(len(ids) for ids in got) > 64  # (past the first rounds of sorting)
+
+
 def test_token_scores_find_the_tokens_that_loose_bounds_hide():
     """A query on 16 channels and noisy keys: every chunk's bound is the sum of its channels'
     extremes (different tokens' each), so a chunk holding one token that matches the query bounds
