@@ -13,11 +13,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from edgetok.runtimes.kv.stats import Counters
-from edgetok.runtimes.kv.tiers import DISK, TierStore
+from edgetok.runtimes.kv.tiers import AT_DISK, TierStore
 
 if TYPE_CHECKING:
     from edgetok.runtimes.kv.storage import HomedLayer
+
+
+NEVER = -(1 << 40)  # selected_at of a chunk never selected
 
 
 class Prefetcher:
@@ -27,25 +32,35 @@ class Prefetcher:
         self.store, self.steps, self.counters = store, steps, counters
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch") if enabled else None
         self.pending: dict[int, Future] = {}  # layer → its read in flight
-        self.selected_at: dict[int, int] = {}  # chunk key → the last decode step that selected it
+        self.selected_at = np.full(1024, NEVER, np.int64)  # chunk key → the last decode step that selected it
 
-    def note_selected(self, keys: list[int]) -> None:
+    def note_selected(self, keys: np.ndarray) -> None:
         """These chunks were selected at this step (what prefetch predicts from)."""
-        if self.pool is not None:
-            step = self.counters["steps"]
-            self.selected_at.update((k, step) for k in keys)
+        if self.pool is not None and len(keys):
+            self._cover(int(keys.max()))
+            self.selected_at[keys] = self.counters["steps"]
 
-    def start(self, i: int, layer: HomedLayer, exclude: set[int] = frozenset(), next_step: bool = False) -> None:
+    def _cover(self, key: int) -> None:
+        """Room in selected_at for `key`."""
+        if key >= len(self.selected_at):
+            grow = max(key + 1, 2 * len(self.selected_at)) - len(self.selected_at)
+            self.selected_at = np.concatenate([self.selected_at, np.full(grow, NEVER, np.int64)])
+
+    def start(self, i: int, layer: HomedLayer, exclude: np.ndarray | None = None, next_step: bool = False) -> None:
         """Read the on-disk chunks layer i selected in its last `steps` steps (host and device
         chunks need no early read, nor `exclude`d ones). next_step: the layer's next read is at
         the next step (layer 0's is, and a graph's)."""
         if self.pool is None or layer.last_keys is None or i in self.pending:
             return
         step = self.counters["steps"] + (next_step or i == 0)
-        since = step - self.steps
-        at = self.selected_at
-        wanted = [k for k in layer.keys
-                  if at.get(k, since - 1) >= since and k not in exclude and self.store.tier_of(k) == DISK]
+        keys = layer.keys
+        if not len(keys):
+            return
+        self._cover(int(keys.max()))
+        lately = (self.selected_at[keys] >= step - self.steps) & (self.store.where[keys] == AT_DISK)
+        if exclude is not None:
+            lately &= ~np.isin(keys, exclude)
+        wanted = keys[lately].tolist()
         if wanted:
             self.pending[i] = self.pool.submit(self._read, wanted)
 
@@ -55,7 +70,7 @@ class Prefetcher:
         loaded = self.store.load_homes(keys)
         return loaded, time.perf_counter() - t0
 
-    def take(self, i: int, keys: list[int]) -> dict:
+    def take(self, i: int, keys: np.ndarray) -> dict:
         """What the prefetch thread read for layer i, of `keys` (waiting for it if unfinished)."""
         fut = self.pending.pop(i, None)
         if fut is None:
@@ -66,11 +81,12 @@ class Prefetcher:
         c["prefetch_wait_s"] += time.perf_counter() - t0  # the read did not finish behind layer i-1's compute
         c["prefetch_read_s"] += read_s
         c["prefetch_chunks"] += len(loaded)
-        wanted = set(keys)
-        used = {k: kv for k, kv in loaded.items() if k in wanted}
-        c["prefetch_unused"] += len(loaded) - len(used)
-        c["prefetch_unused_bytes"] += sum(t.nbytes for k, (ts, _) in loaded.items() if k not in wanted for t in ts.values())
-        return used
+        read = np.fromiter(loaded, np.int64, len(loaded))
+        wanted = np.isin(read, keys)
+        unused = read[~wanted]
+        c["prefetch_unused"] += len(unused)
+        c["prefetch_unused_bytes"] += int(self.store.read_size[unused].sum())  # (a disk home's size, as read)
+        return {k: loaded[k] for k in read[wanted].tolist()}
 
     def reset(self) -> None:
         """Cancel or finish every read in flight, and forget the selection history."""
@@ -81,7 +97,7 @@ class Prefetcher:
             except Exception:
                 pass
         self.pending.clear()
-        self.selected_at.clear()
+        self.selected_at[:] = NEVER
 
     def close(self) -> None:
         self.reset()

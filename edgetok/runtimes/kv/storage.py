@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ from edgetok.runtimes.kv.policy import bits_by_importance
 from edgetok.runtimes.kv.prefetch import Prefetcher
 from edgetok.runtimes.kv.staging import LayerKV, slab_chunks
 from edgetok.runtimes.kv.stats import Counters, disk_report
-from edgetok.runtimes.kv.tiers import DEVICE, DISK, HOST, TierStore
+from edgetok.runtimes.kv.tiers import AT_DEVICE, AT_DISK, AT_HOST, DEVICE, DISK, HOST, ROW, TierStore
 from edgetok.runtimes.memory import return_large_buffers, trim_heap
 
 MB = 1 << 20
@@ -80,14 +81,17 @@ class HomedLayer(Layer):
     prefilling, the prompt is one provisional block per piece in the TierStore (attend(): a layer
     at a time reads it), or, for a graph, a float slab the graph reads and writes in place."""
 
-    keys: list[int] = field(default_factory=list)
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # chunk keys, in token order
     prompt_k: torch.Tensor | None = None  # (Hkv, capacity, D): a graph's prompt, until cut()
     prompt_v: torch.Tensor | None = None
     prompt_n: int = 0
     window_k: torch.Tensor | None = None  # (Hkv, w, D)
     window_v: torch.Tensor | None = None
     window_room: KV | None = None  # (Hkv, capacity, D) each, whose first w tokens the window views: appends copy in
-    last_keys: list[int] | None = None  # the chunks read at the previous step: predicts the next ones
+    last_keys: np.ndarray | None = None  # the chunks read at the previous step: predicts the next ones
+
+    def add_key(self, key: int) -> None:
+        self.keys = np.append(self.keys, np.int64(key))
 
 
 class Storage(ABC):
@@ -387,9 +391,10 @@ class TieredStorage(Storage):
     def reset(self) -> None:
         self.prefetcher.reset()
         for layer in self.layers:
-            for key in layer.keys:
+            for key in layer.keys.tolist():
                 self.store.drop(key)
         self._attending = []
+        self.store.release()
         super().reset()
 
     def close(self) -> None:
@@ -402,36 +407,68 @@ class TieredStorage(Storage):
         self.store.add(self._next_key, tensors, meta, heat)
         return self._next_key
 
-    def fetch(self, keys: list[int], prefetched: dict | None = None) -> list:
+    def fetch(self, keys: np.ndarray, prefetched: dict | None = None) -> list:
         """What the device tier holds of `keys` (stored forms, or float K/V: see reads_forms),
         counting where each came from; chunks read from below may move up."""
-        return self._fetch(keys, prefetched)[0]
+        at, loaded = self._read(keys, prefetched)
+        read = self._reader(loaded)
+        out = [read(key, tier) for key, tier in zip(keys.tolist(), at.tolist())]
+        self._admit(keys, at, read)
+        return out
 
-    def _fetch(self, keys: list[int], prefetched: dict | None) -> tuple[list, list]:
-        """fetch(), and the kernel's row of each form read (reads_forms; else empty), taken
-        before the device tier changes (its memo lives as long as the form stays)."""
-        prefetched = prefetched or {}
-        tiers = [self.store.tier_of(k) for k in keys]
-        missing = [k for k, t in zip(keys, tiers) if t != DEVICE and k not in prefetched]
-        from_disk = sum(1 for k, t in zip(keys, tiers) if t == DISK and k not in prefetched)
-        loaded = dict(prefetched)
+    def fetch_rows(self, keys: np.ndarray, prefetched: dict | None = None) -> np.ndarray:
+        """fetch() as the kernel's table rows (reads_forms), the forms they point at kept alive
+        until the next step."""
+        self.store.hold()
+        at, loaded = self._read(keys, prefetched)
+        self._attending.append(loaded)  # alive until the next step: the rows point into them
+        read = self._reader(loaded)
+        rows = self.store.rows(keys, at, read)
+        self._admit(keys, at, read)
+        return rows
+
+    def _read(self, keys: np.ndarray, prefetched: dict | None) -> tuple[np.ndarray, dict]:
+        """Where each of `keys` is read from (TierStore.where, before the read), and what was
+        loaded: disk payloads (read now unless prefetched), and, for float copies, every chunk
+        from below decompressed. Host homes are in RAM already: stored forms are used as they
+        are (_reader), nothing is done per host chunk unless asked."""
+        at = self.store.where[keys]
+        loaded = dict(prefetched or {})
+        below = at != AT_DEVICE
+        if loaded:
+            below &= ~np.isin(keys, np.fromiter(loaded, np.int64, len(loaded)))
+        from_disk = below & (at == AT_DISK)
+        missing = keys[from_disk if self.forms else below].tolist()
         if missing:
             t0 = time.perf_counter()
             loaded.update(self.store.load_homes(missing))
-            if from_disk:  # the main thread waits for the disk (host homes are a dict lookup)
+            if from_disk.any():  # the main thread waits for the disk (host homes are a dict lookup)
                 self.counters["sync_read_s"] += time.perf_counter() - t0
         loaded = self.store.decompress_loaded(loaded)
-        self.counters["sync_reads"] += len(missing)
-        self.counters["sync_disk_reads"] += from_disk
-        self.counters["prefetch_hits"] += len(keys) - len(missing) - tiers.count(DEVICE)
-        self.store.account(keys, tiers)
-        out = [self.store.device[key] if tier == DEVICE else loaded[key] for key, tier in zip(keys, tiers)]
-        rows = [self.store.described(*read) for read in zip(keys, tiers, out)] if self.forms else []
-        # Admission compares heats before this read counts, so this layer's chunks do not look
-        # hotter than the other layers' just because they were read last.
-        self.store.put_device({key: loaded[key] for key, tier in zip(keys, tiers) if tier != DEVICE})
+        self.counters["sync_reads"] += int(np.count_nonzero(below))
+        self.counters["sync_disk_reads"] += int(np.count_nonzero(from_disk))
+        self.counters["prefetch_hits"] += len(keys) - int(np.count_nonzero(below)) - int(np.count_nonzero(at == AT_DEVICE))
+        self.store.account(keys, at)
+        return at, loaded
+
+    def _reader(self, loaded: dict) -> Callable[[int, int], object]:
+        """What a read got of chunk `key` from tier `tier` (AT_*), `loaded` by _read."""
+        device, host_form = self.store.device, self.store.host_form
+
+        def read(key: int, tier: int) -> object:
+            if tier == AT_DEVICE:
+                return device[key]
+            got = loaded.get(key)
+            return host_form(key) if got is None else got
+        return read
+
+    def _admit(self, keys: np.ndarray, at: np.ndarray, read: Callable[[int, int], object]) -> None:
+        """A read's chunks from below offered to the device tier, then warmed. Admission compares
+        heats before this read counts, so this layer's chunks do not look hotter than the other
+        layers' just because they were read last."""
+        below = at != AT_DEVICE
+        self.store.put_device(keys[below].tolist(), lambda key: read(key, AT_HOST))  # (any tier below the device's)
         self.store.touch(keys)
-        return out, rows
 
     # -- the prompt --------------------------------------------------------------------------------
     def add_prompt(self, layer: HomedLayer, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -442,18 +479,18 @@ class TieredStorage(Storage):
             layer.prompt_n += k.shape[1]
             return
         # provisional, exact: one block per piece, until cut() makes chunks of the whole prompt
-        layer.keys.append(self._store_chunk(k.to(self.dtype), v.to(self.dtype), 32, heat=0.0))
+        layer.add_key(self._store_chunk(k.to(self.dtype), v.to(self.dtype), 32, heat=0.0))
 
     def prefill(self, layer: HomedLayer, k: torch.Tensor, v: torch.Tensor) -> KV:
         if layer.prompt_k is not None:  # (a graph's prompt slab: exact, in place)
             self.add_prompt(layer, k, v)
             return self.layer_kv(layer)
-        past = self.layer_kv(layer) if layer.keys else None  # before this piece is stored
+        past = self.layer_kv(layer) if len(layer.keys) else None  # before this piece is stored
         k, v = k.to(self.dtype), v.to(self.dtype)
         self.add_prompt(layer, k, v)
         return (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
 
-    def fetch_float(self, keys: list[int], prefetched: dict | None = None) -> list[KV]:
+    def fetch_float(self, keys: np.ndarray, prefetched: dict | None = None) -> list[KV]:
         """Float K/V (Hkv, S, D) of `keys` in the storage dtype."""
         got = self.fetch(keys, prefetched)
         return decode_many(got, self.dtype) if self.forms and got else got
@@ -461,7 +498,7 @@ class TieredStorage(Storage):
     def layer_kv(self, layer: HomedLayer) -> KV:
         if layer.prompt_k is not None:
             return layer.prompt_k[:, : layer.prompt_n], layer.prompt_v[:, : layer.prompt_n]
-        parts = self.fetch_float(layer.keys) if layer.keys else []
+        parts = self.fetch_float(layer.keys) if len(layer.keys) else []
         if layer.window_k is not None:
             parts.append((layer.window_k, layer.window_v))
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
@@ -471,11 +508,11 @@ class TieredStorage(Storage):
         there): a graph that reads views reads every layer's prompt at once, so the prompt is in
         RAM in float while it prefills (tiers bound its decode only; copies would double it). A
         graph that attends through the cache (TieredCache(reads="through")) never asks."""
-        if layer.prompt_k is None and layer.keys:  # prefilled by attend() so far: its blocks become the slab
+        if layer.prompt_k is None and len(layer.keys):  # prefilled by attend() so far: its blocks become the slab
             keys, values = self.layer_kv(layer)
-            for key in layer.keys:
+            for key in layer.keys.tolist():
                 self.store.drop(key)
-            layer.keys, layer.prompt_n = [], keys.shape[1]
+            layer.keys, layer.prompt_n = np.zeros(0, np.int64), keys.shape[1]
             layer.prompt_k, layer.prompt_v = self.grown(keys, values, keys.shape[1], keys.shape[1] + reserve)
         layer.prompt_k, layer.prompt_v = self.grown(layer.prompt_k, layer.prompt_v, layer.prompt_n,
                                                     layer.prompt_n + reserve)
@@ -485,15 +522,16 @@ class TieredStorage(Storage):
         """Chunks stored at a bit width by their importance (sinks stay sharp under auto)."""
         size = layer.chunk_size
         c = keys.shape[1] // size
-        for key in layer.keys:  # the provisional prefill blocks
+        for key in layer.keys.tolist():  # the provisional prefill blocks
             self.store.drop(key)
         imp = importance[: c * size].view(c, size).sum(1).tolist()
         bits = [32] * c if self.bits == "32" else bits_by_importance(imp, self.bits)
-        layer.keys = []
+        chunks = []
         for j in range(c):
             sl = slice(j * size, (j + 1) * size)
             b = 16 if (j * size < self.sink_tokens and self.bits == "auto") else bits[j]
-            layer.keys.append(self._store_chunk(keys[:, sl], values[:, sl], b, heat=imp[j] * 10))
+            chunks.append(self._store_chunk(keys[:, sl], values[:, sl], b, heat=imp[j] * 10))
+        layer.keys = np.array(chunks, np.int64)
         layer.window_k, layer.window_v = keys[:, c * size :].clone(), values[:, c * size :].clone()
         layer.window_room = None
         layer.prompt_k = layer.prompt_v = None  # (keys and values were its views: freed with the caller's)
@@ -524,7 +562,7 @@ class TieredStorage(Storage):
         size = layer.chunk_size
         kc, vc = layer.window_k[:, :size].clone(), layer.window_v[:, :size].clone()
         bits = 32 if self.bits == "32" else DECODE_CHUNK_BITS if self.bits == "auto" else int(self.bits)
-        layer.keys.append(self._store_chunk(kc, vc, bits, heat=1.0))
+        layer.add_key(self._store_chunk(kc, vc, bits, heat=1.0))
         layer.window_k, layer.window_v = layer.window_k[:, size:].clone(), layer.window_v[:, size:].clone()
         layer.window_room = None  # (the next append makes room again)
         return kc, vc
@@ -532,37 +570,39 @@ class TieredStorage(Storage):
     def begin_step(self) -> None:
         self.store.step += 1
         self._attending = []  # (the last step's reads: what its kernel rows pointed at)
+        self.store.release()
 
-    def _read_selected(self, i: int, chosen: torch.Tensor | None, as_float: bool) -> tuple[list, list]:
-        """Layer i's chunks `chosen` as the device tier holds them (or float), and their kernel
-        rows (stored forms read); the prefetch thread then reads the next layer's likely chunks
-        while layer i computes."""
+    def _selected(self, i: int, chosen: torch.Tensor | None) -> tuple[np.ndarray, dict]:
+        """Layer i's chunk keys `chosen` (None: all), noted as read now, and what the prefetch
+        thread read of them; then it reads the next layer's likely chunks while layer i computes."""
         layer = self.layers[i]
-        keys = layer.keys if chosen is None else [layer.keys[c] for c in chosen.tolist()]
+        keys = layer.keys if chosen is None else layer.keys[chosen.numpy()]
         self.prefetcher.note_selected(keys)
         prefetched = self.prefetcher.take(i, keys)
-        got, rows = (self.fetch_float(keys, prefetched), []) if as_float else self._fetch(keys, prefetched)
         layer.last_keys = keys
         nxt = (i + 1) % len(self.layers)
         self.prefetcher.start(nxt, self.layers[nxt])
-        return got, rows
+        return keys, prefetched
 
     def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
         assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
         layer = self.layers[i]
-        kv, _ = self._read_selected(i, chosen, as_float=True)
+        kv = self.fetch_float(*self._selected(i, chosen))
         return (torch.cat([c[0] for c in kv] + [layer.window_k], 1), torch.cat([c[1] for c in kv] + [layer.window_v], 1))
 
     def kernel_rows(self, i: int, chosen: torch.Tensor | None, head: int | None = None,
                     causal: bool = True) -> np.ndarray:
         assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
         layer = self.layers[i]
-        got, rows = self._read_selected(i, chosen, as_float=False)
-        self._attending.append(got)  # alive until the next step: the rows point into them
-        if not self.forms:
-            rows = [mixed_attention.float_row(k, v) for k, v in got]
-        rows.append(mixed_attention.float_row(layer.window_k, layer.window_v, causal=causal))
-        return np.array(rows, np.int64)
+        keys, prefetched = self._selected(i, chosen)
+        if self.forms:
+            rows = self.fetch_rows(keys, prefetched)
+        else:  # (the device tier holds float copies)
+            got = self.fetch(keys, prefetched)
+            self._attending.append(got)  # alive until the next step: the rows point into them
+            rows = np.array([mixed_attention.float_row(k, v) for k, v in got], np.int64).reshape(-1, ROW)
+        window = mixed_attention.float_row(layer.window_k, layer.window_v, causal=causal)
+        return np.concatenate([rows, np.array([window], np.int64)])
 
     def step_rows(self, chosen: list[list[torch.Tensor] | None]) -> list[list[np.ndarray]]:
         """Every layer's chunks read at once, as one read of the tiers (admission to the device
@@ -573,18 +613,17 @@ class TieredStorage(Storage):
         assert all(groups is None or len(groups) == 1 for groups in chosen), "a stored chunk holds every head"
         selected, prefetched = [], {}
         for i, (layer, groups) in enumerate(zip(self.layers, chosen)):
-            keys = layer.keys if groups is None else [layer.keys[c] for c in groups[0].tolist()]
+            keys = layer.keys if groups is None else layer.keys[groups[0].numpy()]
             prefetched.update(self.prefetcher.take(i, keys))
             layer.last_keys = keys
             selected.append(keys)
-        every = [key for keys in selected for key in keys]
+        every = np.concatenate(selected)
         self.prefetcher.note_selected(every)
-        got, rows = self._fetch(every, prefetched)
-        self._attending.append(got)  # alive until the next step: the rows point into them
+        rows = self.fetch_rows(every, prefetched)
         tables, at = [], 0
         for layer, keys in zip(self.layers, selected):
-            window = mixed_attention.float_row(layer.window_k, layer.window_v)
-            tables.append([np.array(rows[at : at + len(keys)] + [window], np.int64)])
+            window = np.array([mixed_attention.float_row(layer.window_k, layer.window_v)], np.int64)
+            tables.append([np.concatenate([rows[at : at + len(keys)], window])])
             at += len(keys)
         for i, layer in enumerate(self.layers):
             self.prefetcher.start(i, layer, next_step=True)
@@ -596,7 +635,7 @@ class TieredStorage(Storage):
 
     def _chunk_rows(self, i: int, ids: torch.Tensor) -> KV:
         """Layer i's chunks `ids` from the tiers: K, V (Hkv, n, S·D)."""
-        keys = [self.layers[i].keys[c] for c in ids.tolist()]
+        keys = self.layers[i].keys[ids.numpy()]
         kv = self.fetch_float(keys, self.prefetcher.take(i, keys))
         return tuple(torch.stack([t[j] for t in kv], 1).view(self.n_kv, len(keys), -1) for j in (0, 1))
 
@@ -606,12 +645,12 @@ class TieredStorage(Storage):
         the graph runs, the on-disk chunks the layers selected lately but hold no more."""
         for i, (row, n, incoming) in enumerate(zip(chosen.tolist(), kept, fetched)):
             layer = self.layers[i]
-            selected = [layer.keys[c] for c in row[:n]]
-            came = {layer.keys[c] for c in incoming.tolist()}
-            self.store.touch([k for k in selected if k not in came])
+            selected = layer.keys[row[:n]]
+            came = layer.keys[incoming.numpy()]
+            self.store.touch(selected[~np.isin(selected, came)])
             self.prefetcher.note_selected(selected)
             layer.last_keys = selected
-            self.prefetcher.start(i, layer, exclude=set(selected), next_step=True)
+            self.prefetcher.start(i, layer, exclude=selected, next_step=True)
 
     # -- reporting -------------------------------------------------------------------------------
     def bytes_read(self) -> dict[str, int]:

@@ -7,6 +7,10 @@ within its byte budget: float copies for a graph's views, or the stored forms th
 mixed-bit attention kernel (which reads chunks at their stored width, so a copy there costs what
 the chunk's home does, and a disk chunk is read once). Heat (selections, decayed per step) decides what stays up:
 a hot chunk displaces the coldest one above it, a cold one moves down.
+
+What a decode step asks of every chunk it reads (where it is, what reading it costs, its kernel
+row, its heat) is kept in arrays indexed by the chunk's key (keys are small increasing ints), so
+a step's few hundred reads are looked up in one numpy operation each, not one Python call each.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgetok.kernels import mixed_attention
 from edgetok.runtimes.kv.codec import Tensors
 from edgetok.runtimes.kv.disk import DiskFile
 
 DEVICE, HOST, DISK = "device", "host", "disk"
+TIERS = (DEVICE, HOST, DISK)  # TierStore.where's codes are indices into it
+AT_DEVICE, AT_HOST, AT_DISK, NOWHERE = 0, 1, 2, -1
+ROW = len(mixed_attention.FIELDS)  # a kernel table row's fields
 DECAY = 0.9  # heat kept per step
 ADMIT_MARGIN = 1.0  # a chunk displaces a resident only if hotter by this much (no churn between equals)
 
@@ -53,13 +61,12 @@ class TierStore:
         disk_dir: Path | None,
         decompress: Callable[[list[Form]], list[KV]] | None,
         disk_uncached: bool = False,
-        describe: Callable[[Form], object] | None = None,
+        describe: Callable[[Form], list[int]] | None = None,
     ) -> None:
         """decompress: batched, stored forms → float K/V for the device tier; None: the device tier
-        caches stored forms (what the mixed-bit attention kernel reads). describe: what a reader
-        needs of a stored form (the kernel's table row, pointing into it), kept beside a device
-        entry or a host home, from its first read until it leaves: a chunk read at every step is
-        not described again (described())."""
+        caches stored forms (what the mixed-bit attention kernel reads). describe: a stored form's
+        kernel table row (pointing into it), remembered while the form stays where it was read
+        (rows()): a chunk read at every step is not described again."""
         self.budget = {DEVICE: device_bytes, HOST: host_bytes}
         self.used = Counter({DEVICE: 0, HOST: 0, DISK: 0})
         self.decompress = decompress
@@ -68,14 +75,52 @@ class TierStore:
         self.device: dict[int, KV | Form] = {}
         self.device_size: dict[int, int] = {}
         self.describe = describe
-        self._described = {DEVICE: {}, HOST: {}}  # tier → chunk key → describe()'s answer
-        # Heat per chunk key (keys are small increasing ints): value and the step it was last set.
+        # Per chunk key: the tier a read finds it in (AT_*), the bytes that read costs, its kernel
+        # row while known, its heat (the value and the step it was last set).
+        self.where = np.full(1024, NOWHERE, np.int8)
+        self.read_size = np.zeros(1024, np.int64)
+        self._rows = np.zeros((1024, ROW), np.int64)
+        self._row_known = np.zeros(1024, bool)
         self._heat_value = np.zeros(1024)
         self._heat_step = np.zeros(1024, dtype=np.int64)
+        # While a step's table points into forms (hold()), those that leave RAM (evicted, moved
+        # to disk, dropped) are kept until release().
+        self._released: list | None = None
         self.step = 0
         self.lock = threading.RLock()  # placement changes vs the prefetch thread's reads
         self.read_bytes = Counter()  # tier → bytes read, cumulative
         self.read_chunks = Counter()
+
+    def _grow(self, key: int) -> None:
+        """Room in the per-key arrays for `key`."""
+        n = len(self.where)
+        if key < n:
+            return
+        grow = max(key + 1, 2 * n) - n
+        self.where = np.concatenate([self.where, np.full(grow, NOWHERE, np.int8)])
+        self.read_size = np.concatenate([self.read_size, np.zeros(grow, np.int64)])
+        self._rows = np.concatenate([self._rows, np.zeros((grow, ROW), np.int64)])
+        self._row_known = np.concatenate([self._row_known, np.zeros(grow, bool)])
+        self._heat_value = np.concatenate([self._heat_value, np.zeros(grow)])
+        self._heat_step = np.concatenate([self._heat_step, np.zeros(grow, np.int64)])
+
+    def _place(self, key: int, at: int, size: int) -> None:
+        """Chunk `key` is now read from tier `at` (AT_*) at `size` bytes: its remembered row, if
+        any, pointed at the form it had before."""
+        self.where[key], self.read_size[key], self._row_known[key] = at, size, False
+
+    def hold(self) -> None:
+        """Kernel rows are being taken: keep every form that leaves RAM until release()."""
+        if self._released is None:
+            self._released = []
+
+    def release(self) -> None:
+        """The rows taken since hold() are no longer read: the forms that left RAM may go."""
+        self._released = None
+
+    def _let_go(self, form: object) -> None:
+        if self._released is not None and form is not None:
+            self._released.append(form)
 
     # -- heat ------------------------------------------------------------------------------------
     def heats(self, keys) -> np.ndarray:
@@ -83,14 +128,11 @@ class TierStore:
         return self._heat_value[k] * DECAY ** (self.step - self._heat_step[k])
 
     def set_heat(self, key: int, heat: float) -> None:
-        if key >= len(self._heat_value):
-            grow = max(key + 1, 2 * len(self._heat_value))
-            self._heat_value = np.concatenate([self._heat_value, np.zeros(grow - len(self._heat_value))])
-            self._heat_step = np.concatenate([self._heat_step, np.zeros(grow - len(self._heat_step), dtype=np.int64)])
+        self._grow(key)
         self._heat_value[key], self._heat_step[key] = heat, self.step
 
-    def touch(self, keys: list[int]) -> None:
-        if keys:
+    def touch(self, keys: np.ndarray) -> None:
+        if len(keys):
             k = np.asarray(keys, dtype=np.int64)
             self._heat_value[k] = self.heats(k) + 1.0
             self._heat_step[k] = self.step
@@ -109,6 +151,7 @@ class TierStore:
         self.set_heat(key, heat)
         home = Home(HOST, nbytes(tensors), meta, tensors=tensors)
         self.homes[key] = home
+        self._place(key, AT_HOST, home.size)
         if not self._room(HOST, home.size):
             self._make_room(HOST, home.size, heat)
         self.used[HOST] += home.size
@@ -121,8 +164,10 @@ class TierStore:
         assert home.tier == HOST
         home.offset, home.layout = self.disk.write(home.tensors)
         self.used[HOST] -= home.size
+        self._let_go(home.tensors)
         home.tier, home.tensors = DISK, None
-        self._described[HOST].pop(key, None)
+        if key not in self.device:
+            self._place(key, AT_DISK, home.size)
         self.used[DISK] += home.size
 
     def _make_room(self, tier: str, size: int, heat: float) -> None:
@@ -130,22 +175,25 @@ class TierStore:
         assert tier == HOST
         if self.disk is None:
             return
-        residents = [k for k, h in self.homes.items() if h.tier == HOST]
+        residents = [k for k in np.flatnonzero(self.where == AT_HOST).tolist() if self.homes[k].tier == HOST]
+        residents += [k for k in np.flatnonzero(self.where == AT_DEVICE).tolist() if self.homes[k].tier == HOST]
+        residents.sort()  # (key order: ties between equal heats go as before)
         heats = self.heats(residents)
         for j in np.argsort(heats, kind="stable"):
             if self._room(tier, size) or heats[j] >= heat:
                 break
             self._to_disk(residents[j])
 
-    def put_device(self, items: dict[int, KV | Form]) -> None:
-        """Offer float copies to the device tier, hottest first; each may displace a colder resident."""
-        if not items:
+    def put_device(self, offers: list[int], entry: Callable[[int], KV | Form]) -> None:
+        """Offer chunks to the device tier, hottest first; each may displace a colder resident.
+        entry(key): what the tier would hold of it (asked only of the chunks considered)."""
+        if not offers:
             return
-        offers = list(items)
         offer_heat = self.heats(offers)
         residents, resident_heat, r = None, None, 0  # coldest first, computed once per batch
         for j in np.argsort(-offer_heat, kind="stable"):
-            key, kv = offers[j], items[offers[j]]
+            key = offers[j]
+            kv = entry(key)
             size = nbytes(kv[0]) if self.decompress is None else kv[0].nbytes + kv[1].nbytes
             if not self._room(DEVICE, size):
                 if residents is None:
@@ -161,23 +209,27 @@ class TierStore:
             kv = _own(kv, self.decompress is None)
             self.device[key] = kv
             self.device_size[key] = size
+            self._place(key, AT_DEVICE, size)
             self.used[DEVICE] += size
 
     def _evict_device(self, key: int) -> None:
-        del self.device[key]
-        self._described[DEVICE].pop(key, None)
+        self._let_go(self.device.pop(key))
         self.used[DEVICE] -= self.device_size.pop(key)
+        home = self.homes.get(key)
+        if home is not None:
+            self._place(key, TIERS.index(home.tier), home.size)
 
-    def described(self, key: int, tier: str, form: Form) -> object:
-        """describe(form) for chunk `key`, read as `form` from `tier` (what tier_of() said before
-        the read, its placement unchanged since): remembered while the form stays in RAM there."""
-        if tier == DISK:  # (a fresh buffer each read)
-            return self.describe(form)
-        memo = self._described[tier]
-        got = memo.get(key)
-        if got is None:
-            got = memo[key] = self.describe(form)
-        return got
+    def rows(self, keys: np.ndarray, at: np.ndarray, form: Callable[[int, int], Form]) -> np.ndarray:
+        """The kernel rows (len(keys), ROW) of chunks `keys`, read from tiers `at` (where[keys]
+        before the read; placement unchanged since) as form(key, tier) has them. Rows of forms
+        that stay in RAM are remembered until the chunk moves."""
+        out = self._rows[keys]
+        for j in np.flatnonzero(~self._row_known[keys]).tolist():
+            key, tier = int(keys[j]), int(at[j])
+            out[j] = row = self.describe(form(key, tier))
+            if tier != AT_DISK:  # (a disk read is a fresh buffer each time)
+                self._rows[key], self._row_known[key] = row, True
+        return out
 
     # -- reads -----------------------------------------------------------------------------------
     def decompress_loaded(self, loaded: dict[int, Form]) -> dict[int, KV | Form]:
@@ -185,6 +237,11 @@ class TierStore:
         if self.decompress is None or not loaded:
             return dict(loaded)
         return dict(zip(loaded, self.decompress(list(loaded.values()))))
+
+    def host_form(self, key: int) -> Form:
+        """Chunk `key`'s stored form in its host home."""
+        home = self.homes[key]
+        return home.tensors, home.meta
 
     def load_homes(self, keys: list[int]) -> dict[int, Form]:
         """The stored forms of `keys`: host tensors as they are, disk payloads read. I/O only, no
@@ -196,13 +253,17 @@ class TierStore:
         from_disk = iter(self.disk.read_many(on_disk)) if on_disk else iter(())
         return {k: (tensors if tier == HOST else next(from_disk), meta) for k, (tier, tensors, _, _, _, meta) in zip(keys, where)}
 
-    def account(self, keys: list[int], tiers: list[str]) -> None:
-        for key, tier in zip(keys, tiers):
-            self.read_bytes[tier] += self.device_size[key] if tier == DEVICE else self.homes[key].size
-            self.read_chunks[tier] += 1
+    def account(self, keys: np.ndarray, at: np.ndarray) -> None:
+        """Count reads of `keys` from tiers `at` (where[keys] before the read)."""
+        counts = np.bincount(at, minlength=3)
+        sizes = np.bincount(at, weights=self.read_size[keys], minlength=3)
+        for tier, n, size in zip(TIERS, counts.tolist(), sizes.tolist()):
+            if n:
+                self.read_bytes[tier] += int(size)
+                self.read_chunks[tier] += n
 
     def tier_of(self, key: int) -> str:
-        return DEVICE if key in self.device else self.homes[key].tier
+        return TIERS[self.where[key]]
 
     def drop(self, key: int) -> None:
         with self.lock:
@@ -214,7 +275,8 @@ class TierStore:
         home = self.homes.pop(key, None)
         if home is not None:
             self.used[home.tier] -= home.size
-            self._described[HOST].pop(key, None)
+            self._let_go(home.tensors)
+        self._place(key, NOWHERE, 0)
 
     def close(self) -> None:
         if self.disk is not None:
