@@ -37,12 +37,14 @@ def systems(disk: str, budget: str) -> dict[str, list[str]]:
         return ["--kv-prefetch-steps", str(n)]
 
     return {
-        "page cache, no prefetch": tiers + ["--no-kv-prefetch"],
-        "page cache, prefetch last 8 steps' chunks": tiers + steps(8),
-        "uncached, no prefetch": tiers + ["--kv-disk-uncached", "--no-kv-prefetch"],
-        "uncached, prefetch last step's chunks": tiers + ["--kv-disk-uncached"] + steps(1),
-        "uncached, prefetch last 3 steps' chunks": tiers + ["--kv-disk-uncached"] + steps(3),
-        "uncached, prefetch last 8 steps' chunks": tiers + ["--kv-disk-uncached"] + steps(8),
+        "page cache, no prefetch": tiers + ["--kv-prefetch", "off"],
+        "page cache, prefetch last 8 steps' chunks": tiers + ["--kv-prefetch", "on"] + steps(8),
+        "page cache, prefetch auto": tiers + ["--kv-prefetch", "auto"],
+        "uncached, no prefetch": tiers + ["--kv-disk-uncached", "--kv-prefetch", "off"],
+        "uncached, prefetch last step's chunks": tiers + ["--kv-disk-uncached", "--kv-prefetch", "on"] + steps(1),
+        "uncached, prefetch last 3 steps' chunks": tiers + ["--kv-disk-uncached", "--kv-prefetch", "on"] + steps(3),
+        "uncached, prefetch last 8 steps' chunks": tiers + ["--kv-disk-uncached", "--kv-prefetch", "on"] + steps(8),
+        "uncached, prefetch auto": tiers + ["--kv-disk-uncached", "--kv-prefetch", "auto"],
     }
 
 

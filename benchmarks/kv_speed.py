@@ -36,7 +36,7 @@ def systems(disk: str, budget: str, onnx: list[str]) -> dict[str, list[str]]:
         f"edgetok tiered {budget} (RAM)": ["smollm2", "--kv-budget", budget],
         f"edgetok tiered {budget} (RAM), int8 weights": ["smollm2", "--kv-budget", budget, "--weights", "int8"],
         f"edgetok tiered {budget} (16 MB device, 64 MB host, disk)": ["smollm2", *tiers],
-        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk), no prefetch": ["smollm2", *tiers, "--no-kv-prefetch"],
+        f"edgetok tiered {budget} (16 MB device, 64 MB host, disk), no prefetch": ["smollm2", *tiers, "--kv-prefetch", "off"],
     }
     for folder in onnx:  # an ONNX export, on the onnxruntime backend
         name = f"edgetok onnx {Path(folder).name}"

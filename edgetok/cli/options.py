@@ -81,9 +81,10 @@ def run_options(f):
                      help="folder for chunks beyond the host budget"),
         click.option("--kv-bits", type=click.Choice(["auto", "32", "16", "8", "4", "2"]), default=None,
                      help="stored chunk precision; auto picks by importance (exact at 100%)"),
-        click.option("--kv-prefetch/--no-kv-prefetch", default=True, show_default=True,
+        click.option("--kv-prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="read likely chunks from disk in the background: the next layer's while one computes "
-                          "(torch), the next step's while the graph runs (onnxruntime)"),
+                          "(torch), the next step's while the graph runs (onnxruntime); auto does while disk reads "
+                          "wait for the device, not while the file sits in the page cache"),
         click.option("--kv-prefetch-steps", type=click.IntRange(min=1), default=None,
                      help="prefetch the on-disk chunks a layer selected in its last N steps (default 3)"),
         click.option("--kv-disk-uncached", is_flag=True,

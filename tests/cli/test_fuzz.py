@@ -48,6 +48,7 @@ OPTIONS = {
     "--kv-device-mb": numbers("0", "0.01", "1"),
     "--kv-host-mb": numbers("0", "0.01", "1"),
     "--kv-bits": mostly(st.sampled_from(["auto", "32", "16", "8", "4", "2"]), st.sampled_from(["3", "x"])),
+    "--kv-prefetch": mostly(st.sampled_from(["auto", "on", "off"]), st.sampled_from(["yes", ""])),
     "--kv-prefetch-steps": numbers("1", "3"),
     "--kv-summaries": mostly(st.sampled_from(["on", "off"]), st.sampled_from(["yes", ""])),
     "--kv-selection": mostly(st.sampled_from(["layer", "head"]), st.sampled_from(["heads", ""])),
@@ -59,7 +60,7 @@ OPTIONS = {
     "--lookup-ngram-min": numbers("1", "2"),
     "--lookup-ngram-max": numbers("2", "4"),
 }
-FLAGS = ["--kv-disk", "--kv-store", "--kv-store-rebuild", "--no-kv-prefetch", "--kv-disk-uncached", "--json", "--no-chat", "--chat", "-v"]
+FLAGS = ["--kv-disk", "--kv-store", "--kv-store-rebuild", "--kv-disk-uncached", "--json", "--no-chat", "--chat", "-v"]
 PROMPT_TEXT = st.one_of(st.sampled_from(["The quick brown fox", "Émile paid 12,345 €", "fox " * 30, "def f(x):\n  return x"]),
                         st.text(max_size=30).filter(str.strip))
 # how the prompt arrives: -p text (a lone surrogate is what Python makes of argv bytes that are not

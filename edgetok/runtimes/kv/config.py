@@ -14,6 +14,7 @@ DEFAULT_COVERAGE = 0.95  # --kv-budget auto's target: see BENCHMARKS.md, "Token 
 SUMMARIES_CHOICES = ("on", "off")
 SELECTION_CHOICES = ("layer", "head")
 SCORING_CHOICES = ("tokens", "bounds")
+PREFETCH_CHOICES = ("auto", "on", "off")
 # --kv-budget auto under token scores: every layer reads at least its share (policy.layer_shares)
 # of this much of the context, and more where the scores say its coverage target needs it (a
 # coverage target alone spent the budget on the near-uniform first layers and starved the rest:
@@ -37,7 +38,9 @@ class KVConfig:
     sink_tokens: int = 4  # the first tokens, always attended (attention sinks)
     recent_tokens: int = 64  # the last tokens, always attended
     observation_window: int = 32  # last prompt queries that measure each layer's attention skew
-    prefetch: bool = True  # read layer i+1's chunks from host/disk while layer i computes
+    # Read chunks from disk ahead of use (prefetch.py): auto = while the model thread's disk reads
+    # wait for the device (not when the file sits in the page cache); on = always; off = never.
+    prefetch: str = "auto"
     # Prefetch reads a layer's on-disk chunks that it selected in any of its last prefetch_steps
     # steps. The chunks left on disk are the ones at the margin of the selection, which come and go.
     # At 8K (SmolLM2, 25 %, 16 MB device + 64 MB host, disk reads past the page cache;
@@ -147,6 +150,8 @@ class KVConfig:
             v = getattr(self, name)
             if v is not None and not (_is_number(v) and 0 <= v <= MAX_MB):  # (NaN fails both)
                 raise EdgetokError(f"{_name(name)} must be a number of MB from 0 to {MAX_MB:.0e}, not {v}")
+        if self.prefetch not in PREFETCH_CHOICES:
+            raise EdgetokError(f"{_name('prefetch')} must be one of {', '.join(PREFETCH_CHOICES)}, not {self.prefetch!r}")
         if not (_is_number(self.prefetch_steps) and isinstance(self.prefetch_steps, int)) or self.prefetch_steps < 1:
             raise EdgetokError(f"{_name('prefetch_steps')} must be a whole number ≥ 1 (the past steps whose selections prefetch reads), "
                                f"not {self.prefetch_steps}")

@@ -4,7 +4,14 @@ computes the layer before it (or, for a graph, while the graph runs).
 Consecutive queries are alike, so selections change little from step to step, and the chunks left
 on disk are the ones at the margin of the selection, which come and go: the thread reads the
 on-disk chunks a layer selected in any of its last `KVConfig.prefetch_steps` steps. It only reads
-(no arithmetic), so it does not compete with the model for cores; the model thread decompresses.
+(no arithmetic); the model thread decompresses.
+
+It pays only when a read waits for the storage device. A read from the page cache is a copy plus
+Python, work the thread would only move onto the cores the model computes on, and the model
+then waits for the interpreter lock instead of the disk (BENCHMARKS.md: 8K over tiers, 19.2–19.4
+ms a token without prefetch against 20.4–21.4 with it, the file in the page cache). So the
+model thread times its own disk reads: while most of their time is CPU, not waiting, prefetch
+pauses (its history is still kept), and it resumes when reads wait again.
 """
 
 from __future__ import annotations
@@ -23,15 +30,20 @@ if TYPE_CHECKING:
 
 
 NEVER = -(1 << 40)  # selected_at of a chunk never selected
+# Prefetch runs while this share of a synchronous disk read's time is waiting (not the model
+# thread's CPU), averaged over reads; two thresholds, so that it does not flip on every step.
+WAITING_ON, WAITING_OFF = 0.5, 0.3
 
 
 class Prefetcher:
-    def __init__(self, store: TierStore, steps: int, counters: Counters, enabled: bool = True) -> None:
-        """steps: how many past steps' selections predict a layer's next one; disabled: every read
-        is synchronous (and no history is kept)."""
-        self.store, self.steps, self.counters = store, steps, counters
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch") if enabled else None
+    def __init__(self, store: TierStore, steps: int, counters: Counters, mode: str = "auto") -> None:
+        """steps: how many past steps' selections predict a layer's next one; mode (KVConfig.prefetch):
+        auto, on, or off (every read is synchronous, and no history is kept)."""
+        self.store, self.steps, self.counters, self.mode = store, steps, counters, mode
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetok-kv-prefetch") if mode != "off" else None
         self.pending: dict[int, Future] = {}  # layer → its read in flight
+        self.waiting = 1.0  # of the model thread's disk reads' time (its running average): on at first
+        self.active = mode != "off"
         self.selected_at = np.full(1024, NEVER, np.int64)  # chunk key → the last decode step that selected it
 
     def note_selected(self, keys: np.ndarray) -> None:
@@ -50,7 +62,7 @@ class Prefetcher:
         """Read the on-disk chunks layer i selected in its last `steps` steps (host and device
         chunks need no early read, nor `exclude`d ones). next_step: the layer's next read is at
         the next step (layer 0's is, and a graph's)."""
-        if self.pool is None or layer.last_keys is None or i in self.pending:
+        if not self.active or layer.last_keys is None or i in self.pending:
             return
         step = self.counters["steps"] + (next_step or i == 0)
         keys = layer.keys
@@ -63,6 +75,25 @@ class Prefetcher:
         wanted = keys[lately].tolist()
         if wanted:
             self.pending[i] = self.pool.submit(self._read, wanted)
+
+    def read_now(self, keys: list[int]) -> dict:
+        """The stored forms of `keys` read on the model thread (some on disk): the read's time
+        counts as waited for, and what share of it was waiting decides whether prefetch runs."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        loaded = self.store.load_homes(keys)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        self.counters["sync_read_s"] += wall
+        self.observe(wall, cpu)
+        return loaded
+
+    def observe(self, wall_s: float, cpu_s: float) -> None:
+        """A synchronous disk read took wall_s seconds, cpu_s of them the model thread's CPU: under
+        auto, prefetch pauses or resumes by the average share of such reads' time spent waiting."""
+        if self.mode != "auto" or wall_s <= 0:
+            return
+        self.waiting = 0.8 * self.waiting + 0.2 * max(0.0, 1.0 - cpu_s / wall_s)
+        self.active = self.waiting >= (WAITING_OFF if self.active else WAITING_ON)
+        self.counters["prefetch_paused_reads"] += not self.active
 
     def _read(self, keys: list[int]) -> tuple[dict, float]:
         """On the prefetch thread: the stored forms of `keys`, and the seconds the read took."""
@@ -81,12 +112,12 @@ class Prefetcher:
         c["prefetch_wait_s"] += time.perf_counter() - t0  # the read did not finish behind layer i-1's compute
         c["prefetch_read_s"] += read_s
         c["prefetch_chunks"] += len(loaded)
-        read = np.fromiter(loaded, np.int64, len(loaded))
-        wanted = np.isin(read, keys)
-        unused = read[~wanted]
+        wanted = set(keys.tolist())
+        used = {k: form for k, form in loaded.items() if k in wanted}
+        unused = [k for k in loaded if k not in wanted]
         c["prefetch_unused"] += len(unused)
         c["prefetch_unused_bytes"] += int(self.store.read_size[unused].sum())  # (a disk home's size, as read)
-        return {k: loaded[k] for k in read[wanted].tolist()}
+        return used
 
     def reset(self) -> None:
         """Cancel or finish every read in flight, and forget the selection history."""

@@ -74,6 +74,7 @@ def disk_report(c: Counters, uncached: bool) -> dict:
         "prefetch_chunks": c["prefetch_chunks"],
         "prefetch_unused": c["prefetch_unused"],
         "prefetch_unused_bytes": c["prefetch_unused_bytes"],
+        "prefetch_paused_reads": c["prefetch_paused_reads"],  # synchronous disk reads after which prefetch was paused
         "process_read_bytes": None if io is None or c.io_start is None else io - c.io_start,
     }
 

@@ -15,9 +15,11 @@ from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.kv.disk import DiskFile
+from edgetok.runtimes.kv.prefetch import Prefetcher
+from edgetok.runtimes.kv.stats import Counters
 
 DISK_STATS = ("disk_uncached", "disk_wait_s", "sync_read_s", "prefetch_wait_s", "prefetch_read_s", "sync_disk_reads",
-              "prefetch_chunks", "prefetch_unused", "prefetch_unused_bytes", "process_read_bytes")
+              "prefetch_chunks", "prefetch_unused", "prefetch_unused_bytes", "prefetch_paused_reads", "process_read_bytes")
 
 
 def tiers(tmp_path: Path, **kw) -> KVConfig:
@@ -42,7 +44,7 @@ def process_read_bytes() -> int | None:
         return None
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("prefetch", ["on", "off"])
 def test_uncached_reads_are_exact(source, tmp_path, prefetch):  # noqa: F811
     """The same tokens and bit-identical logits as the page-cache path, and as full attention."""
     want, want_logits, _ = decode(TorchBackend(source), PROMPT, 30)
@@ -62,7 +64,7 @@ def test_uncached_reads_are_exact(source, tmp_path, prefetch):  # noqa: F811
 
 
 def test_disk_stats_with_prefetch(source, tmp_path):  # noqa: F811
-    _, _, cache = decode(TorchBackend(source, kv=tiers(tmp_path, disk_uncached=True)), PROMPT, 20)
+    _, _, cache = decode(TorchBackend(source, kv=tiers(tmp_path, disk_uncached=True, prefetch="on")), PROMPT, 20)
     s = cache.stats()
     assert set(DISK_STATS) <= set(s)
     assert s["decode_steps"] == 20
@@ -78,7 +80,7 @@ def test_disk_stats_with_prefetch(source, tmp_path):  # noqa: F811
 
 
 def test_disk_stats_without_prefetch(source, tmp_path):  # noqa: F811
-    _, _, cache = decode(TorchBackend(source, kv=tiers(tmp_path, prefetch=False)), PROMPT, 10)
+    _, _, cache = decode(TorchBackend(source, kv=tiers(tmp_path, prefetch="off")), PROMPT, 10)
     s = cache.stats()
     assert s["disk_uncached"] is False
     assert s["prefetch_hits"] == s["prefetch_chunks"] == s["prefetch_read_s"] == s["prefetch_wait_s"] == 0
@@ -159,3 +161,35 @@ def test_cli_prefetch_steps_need_the_disk_tier(tiny_folder, tmp_path):
     r = run_cli("run", str(tiny_folder), "-p", "hi", "-n", "1", "--no-chat", "--json", "--kv-prefetch-steps", "8",
                 "--kv-budget", "50%", "--kv-host-mb", "0.01", "--kv-disk", tmp_path)
     assert r.exit_code == 0, r.output
+
+
+def test_auto_prefetch_pauses_while_disk_reads_are_cpu_work_and_resumes_when_they_wait(tmp_path):
+    """--kv-prefetch auto: reads out of the page cache (the model thread's CPU the whole time) pause
+    the prefetch thread; reads that wait for the device resume it, not on one such read (the average
+    has two thresholds) but on a few; on and off never change."""
+    counters = Counters()
+    auto = Prefetcher(None, 3, counters, mode="auto")
+    assert auto.active  # until reads say otherwise
+    for _ in range(10):
+        auto.observe(1e-4, 0.95e-4)  # a copy out of the page cache
+    assert not auto.active and counters["prefetch_paused_reads"] > 0
+    auto.observe(5e-3, 1e-4)  # one read that waited
+    assert not auto.active
+    for _ in range(5):
+        auto.observe(5e-3, 1e-4)
+    assert auto.active
+    on, off = Prefetcher(None, 3, Counters(), mode="on"), Prefetcher(None, 3, Counters(), mode="off")
+    for _ in range(10):
+        on.observe(1e-4, 1e-4)
+        off.observe(5e-3, 0.0)
+    assert on.active and not off.active
+    for p in (auto, on, off):
+        p.close()
+
+
+def test_auto_prefetch_gives_the_same_tokens(source, tmp_path):  # noqa: F811
+    want, want_logits, _ = decode(TorchBackend(source, kv=tiers(tmp_path / "on", prefetch="on")), PROMPT, 20)
+    got, logits, cache = decode(TorchBackend(source, kv=tiers(tmp_path / "auto")), PROMPT, 20)
+    assert got == want and torch.equal(logits, want_logits)
+    assert cache.stats()["sync_disk_reads"] > 0
+    cache.close()

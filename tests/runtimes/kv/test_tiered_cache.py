@@ -54,7 +54,7 @@ def test_full_budget_equals_full_attention(source, tmp_path):
 
 
 def test_tiers_keep_their_budgets_and_read_from_disk(source, tmp_path):
-    kv = KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path)
+    kv = KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path, prefetch="on")
     _, _, cache = decode(TorchBackend(source, kv=kv), PROMPT, 40)
     stats = cache.stats()
     assert stats["resident_bytes"]["device"] <= 0.05 * 2**20
@@ -165,7 +165,7 @@ def test_smollm2_quarter_budget_agrees_with_full_attention(smollm2):
 
 
 def test_without_prefetch_every_read_is_synchronous(source, tmp_path):
-    kv = KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path, prefetch=False)
+    kv = KVConfig(budget="100%", device_mb=0.05, host_mb=0.1, disk_dir=tmp_path, prefetch="off")
     _, _, cache = decode(TorchBackend(source, kv=kv), PROMPT, 20)
     stats = cache.stats()
     assert stats["prefetch_hits"] == 0 and stats["sync_reads"] > 0
