@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgetok.kernels import mixed_attention
 from edgetok.kernels.quant import dequantize, dequantize_stack, quantize
 from edgetok.kernels.selection import chunk_upper_bounds, chunk_upper_bounds_reference, key_abstracts
-from edgetok.runtimes.kv.codec import decode_many, encode
+from edgetok.runtimes.kv.codec import ALIGN, Packed, decode_many, encode, kernel_row
 from edgetok.runtimes.kv.policy import allocate, attention_profile, bits_by_importance, chunk_size_for
 
 
@@ -86,3 +87,21 @@ def test_bits_by_importance_quarters():
     assert sorted(bits) == [4, 4, 8, 8, 8, 8, 16, 16]
     assert bits[7] == 16 and bits[0] == 4
     assert bits_by_importance([1, 2], "8") == [8, 8]
+
+
+def test_a_packed_forms_kernel_row_is_its_tensors_row():
+    """kernel_row makes a stored form's row from the packed buffer's addresses alone: the same row
+    as the tensors' own (each tensor aligned in the one buffer, views made on demand)."""
+    k, v = torch.randn(3, 16, 64), torch.randn(3, 16, 64)
+    for bits in (32, 16, 8, 4, 2):
+        packed, meta = encode(k, v, bits)
+        assert packed.buffer.is_contiguous() and packed.nbytes == packed.layout.size
+        assert all(packed[name].data_ptr() % ALIGN == packed.buffer.data_ptr() % ALIGN for name in packed)
+        if bits in (32, 16):
+            want = mixed_attention.float_row(packed["k"], packed["v"])
+        else:
+            want = mixed_attention.quantized_row(bits, 16, *(packed[name] for name in ("kc", "ks", "kz", "vc", "vs", "vz")))
+        assert kernel_row(packed, meta) == want
+        assert packed.owned() is packed  # its own buffer: nothing to copy
+        inside = Packed(torch.cat([packed.buffer, packed.buffer])[: packed.nbytes], packed.layout)
+        assert inside.owned() is not inside and torch.equal(inside.owned().buffer, packed.buffer)

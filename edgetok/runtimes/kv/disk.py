@@ -10,18 +10,7 @@ from pathlib import Path
 import torch
 
 from edgetok.errors import EdgetokError
-from edgetok.runtimes.kv.codec import Tensors
-
-
-def _tensors_from(buf: bytearray, pos: int, layout) -> Tensors:
-    out = {}
-    for name, dtype, shape in layout:
-        count = 1
-        for d in shape:
-            count *= d
-        out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=pos).view(shape)
-        pos += out[name].nbytes
-    return out
+from edgetok.runtimes.kv.codec import Layout, Packed
 
 
 class DiskFile:
@@ -53,23 +42,25 @@ class DiskFile:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead into the page cache
         self._dirty = False  # written since the last flush (dirty pages cannot be dropped)
 
-    def write(self, tensors: Tensors) -> tuple[int, list]:
-        data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+    def write(self, tensors: Packed) -> int:
+        """Append a packed form: → its offset in the file."""
+        data = tensors.buffer.numpy()
         try:
             written = os.pwrite(self.fd, data, self.end)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise EdgetokError(f"the KV disk tier is full ({self.path.parent}); free space or raise --kv-host-mb") from None
             raise EdgetokError(f"the KV disk tier could not write to {self.path.parent}: {e.strerror}") from None
-        if written != len(data):  # a full disk may take part of a write before ENOSPC
-            raise EdgetokError(f"the KV disk tier took {written} of {len(data)} bytes ({self.path}): the disk is full "
+        if written != data.nbytes:  # a full disk may take part of a write before ENOSPC
+            raise EdgetokError(f"the KV disk tier took {written} of {data.nbytes} bytes ({self.path}): the disk is full "
                                "or failing; free space or raise --kv-host-mb")
         self._dirty = True
-        offset, self.end = self.end, self.end + len(data)
-        return offset, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+        offset, self.end = self.end, self.end + data.nbytes
+        return offset
 
-    def read_many(self, items: list[tuple[int, int, list]]) -> list[Tensors]:
-        """Payloads at (offset, size, layout), in order; neighbours on disk are read in one call."""
+    def read_many(self, items: list[tuple[int, Layout]]) -> list[Packed]:
+        """Packed forms at (offset, layout), in order; neighbours on disk are read in one call, into
+        one buffer their forms view."""
         order = sorted(range(len(items)), key=lambda i: items[i][0])
         out: list = [None] * len(items)
         run: list[int] = []
@@ -78,17 +69,18 @@ class DiskFile:
             os.fdatasync(self.fd)
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         for i in order + [None]:
-            if run and (i is None or items[i][0] != items[run[-1]][0] + items[run[-1]][1]):
+            if run and (i is None or items[i][0] != items[run[-1]][0] + items[run[-1]][1].size):
                 start = items[run[0]][0]
-                buf = bytearray(items[run[-1]][0] + items[run[-1]][1] - start)
-                got = os.preadv(self.fd, [buf], start)
-                if got != len(buf):
-                    raise EdgetokError(f"the KV disk tier read {got} of {len(buf)} bytes at offset {start} of {self.path}: "
+                buf = torch.empty(items[run[-1]][0] + items[run[-1]][1].size - start, dtype=torch.uint8)
+                got = os.preadv(self.fd, [buf.numpy()], start)
+                if got != buf.numel():
+                    raise EdgetokError(f"the KV disk tier read {got} of {buf.numel()} bytes at offset {start} of {self.path}: "
                                        "was the file truncated?")
                 if self.uncached:
-                    os.posix_fadvise(self.fd, start, len(buf), os.POSIX_FADV_DONTNEED)
+                    os.posix_fadvise(self.fd, start, buf.numel(), os.POSIX_FADV_DONTNEED)
                 for j in run:
-                    out[j] = _tensors_from(buf, items[j][0] - start, items[j][2])
+                    at, layout = items[j][0] - start, items[j][1]
+                    out[j] = Packed(buf[at : at + layout.size], layout)
                 run = []
             if i is not None:
                 run.append(i)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgetok.kernels import mixed_attention
-from edgetok.runtimes.kv.codec import Tensors
+from edgetok.runtimes.kv.codec import Layout, Packed
 from edgetok.runtimes.kv.disk import DiskFile
 
 DEVICE, HOST, DISK = "device", "host", "disk"
@@ -36,11 +36,7 @@ DECAY = 0.9  # heat kept per step
 ADMIT_MARGIN = 1.0  # a chunk displaces a resident only if hotter by this much (no churn between equals)
 
 KV = tuple[torch.Tensor, torch.Tensor]  # float K, V: (Hkv, S, D) each
-Form = tuple[Tensors, object]  # a stored form: its tensors and meta (codec.py)
-
-
-def nbytes(tensors: Tensors) -> int:
-    return sum(t.nbytes for t in tensors.values())
+Form = tuple[Packed, object]  # a stored form: its tensors and meta (codec.py)
 
 
 @dataclass
@@ -48,8 +44,8 @@ class Home:
     tier: str  # HOST | DISK
     size: int  # bytes
     meta: object  # what decompress() needs besides the tensors (bits, shapes)
-    tensors: Tensors | None = None  # in host RAM
-    layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)  # on disk
+    tensors: Packed | None = None  # in host RAM
+    layout: Layout | None = None  # on disk
     offset: int = 0
 
 
@@ -142,14 +138,14 @@ class TierStore:
         budget = self.budget[tier]
         return budget is None or self.used[tier] + size <= budget
 
-    def add(self, key: int, tensors: Tensors, meta: object, heat: float = 0.0) -> None:
+    def add(self, key: int, tensors: Packed, meta: object, heat: float = 0.0) -> None:
         """Give a new chunk its home: host RAM if the budget allows (displacing colder homes to disk)."""
         with self.lock:
             self._add(key, tensors, meta, heat)
 
-    def _add(self, key: int, tensors: Tensors, meta: object, heat: float) -> None:
+    def _add(self, key: int, tensors: Packed, meta: object, heat: float) -> None:
         self.set_heat(key, heat)
-        home = Home(HOST, nbytes(tensors), meta, tensors=tensors)
+        home = Home(HOST, tensors.nbytes, meta, tensors=tensors)
         self.homes[key] = home
         self._place(key, AT_HOST, home.size)
         if not self._room(HOST, home.size):
@@ -162,7 +158,7 @@ class TierStore:
         """A host home moves to the disk file."""
         home = self.homes[key]
         assert home.tier == HOST
-        home.offset, home.layout = self.disk.write(home.tensors)
+        home.offset, home.layout = self.disk.write(home.tensors), home.tensors.layout
         self.used[HOST] -= home.size
         self._let_go(home.tensors)
         home.tier, home.tensors = DISK, None
@@ -194,7 +190,7 @@ class TierStore:
         for j in np.argsort(-offer_heat, kind="stable"):
             key = offers[j]
             kv = entry(key)
-            size = nbytes(kv[0]) if self.decompress is None else kv[0].nbytes + kv[1].nbytes
+            size = kv[0].nbytes if self.decompress is None else kv[0].nbytes + kv[1].nbytes
             if not self._room(DEVICE, size):
                 if residents is None:
                     residents = list(self.device)
@@ -249,7 +245,7 @@ class TierStore:
         with self.lock:  # a snapshot: disk offsets never change once written
             homes = [self.homes[k] for k in keys]
             where = [(h.tier, h.tensors, h.offset, h.size, h.layout, h.meta) for h in homes]
-        on_disk = [(offset, size, layout) for tier, _, offset, size, layout, _ in where if tier == DISK]
+        on_disk = [(offset, layout) for tier, _, offset, _, layout, _ in where if tier == DISK]
         from_disk = iter(self.disk.read_many(on_disk)) if on_disk else iter(())
         return {k: (tensors if tier == HOST else next(from_disk), meta) for k, (tier, tensors, _, _, _, meta) in zip(keys, where)}
 
@@ -287,9 +283,8 @@ class TierStore:
 def _own(entry: KV | Form, form: bool) -> KV | Form:
     """A device tier entry that holds only its own chunk: a view into a larger buffer (a batch
     decompressed together, or a run of chunks read from disk at once) would keep all of it alive."""
-    tensors = list(entry[0].values()) if form else list(entry)
-    if all(t.untyped_storage().nbytes() == t.nbytes for t in tensors):
-        return entry
     if form:
-        return {name: t.clone() for name, t in entry[0].items()}, entry[1]
+        return entry[0].owned(), entry[1]
+    if all(t.untyped_storage().nbytes() == t.nbytes for t in entry):
+        return entry
     return entry[0].clone(), entry[1].clone()

@@ -14,6 +14,7 @@ from test_tiered_cache import PROMPT, decode, source  # noqa: F401  (the tiny 4-
 from edgetok.errors import EdgetokError
 from edgetok.runtimes.backends.pytorch import TorchBackend
 from edgetok.runtimes.kv import KVConfig
+from edgetok.runtimes.kv.codec import Packed
 from edgetok.runtimes.kv.disk import DiskFile
 from edgetok.runtimes.kv.prefetch import Prefetcher
 from edgetok.runtimes.kv.stats import Counters
@@ -111,17 +112,17 @@ def test_prefetch_steps_widen_the_prediction(source, tmp_path):  # noqa: F811
 
 def test_uncached_disk_file_reads_the_device(tmp_path):
     disk = DiskFile(tmp_path, uncached=True)
-    payloads = [{"k": torch.randn(3, 256, 64), "v": torch.randn(3, 256, 64)} for _ in range(8)]
-    placed = [(*disk.write(p), sum(t.nbytes for t in p.values())) for p in payloads]
+    payloads = [Packed.of({"k": torch.randn(3, 256, 64), "v": torch.randn(3, 256, 64)}) for _ in range(8)]
+    items = [(disk.write(p), p.layout) for p in payloads]
     before = process_read_bytes()
-    items = [(offset, size, layout) for offset, layout, size in placed]
     for _ in range(2):  # the second read finds nothing cached either
         got = disk.read_many(items[::-1])[::-1]
         for p, g in zip(payloads, got):
             assert torch.equal(p["k"], g["k"]) and torch.equal(p["v"], g["v"])
+            assert g.buffer.untyped_storage().nbytes() > g.nbytes  # neighbours came in one read, one buffer
     after = process_read_bytes()
     if before is not None and not on_tmpfs(tmp_path):
-        assert after - before >= 2 * sum(size for _, size, _ in items) * 0.9
+        assert after - before >= 2 * sum(p.nbytes for p in payloads) * 0.9
     disk.close()
     assert list(tmp_path.iterdir()) == []
 
@@ -129,12 +130,11 @@ def test_uncached_disk_file_reads_the_device(tmp_path):
 def test_short_disk_writes_and_reads_are_errors(tmp_path, monkeypatch):
     """A disk that takes part of a write, or a file cut short under the cache: a sentence, not an assert."""
     disk = DiskFile(tmp_path)
-    payload = {"k": torch.randn(2, 16, 8), "v": torch.randn(2, 16, 8)}
-    offset, layout = disk.write(payload)
-    size = sum(t.nbytes for t in payload.values())
-    os.ftruncate(disk.fd, size - 1)
+    payload = Packed.of({"k": torch.randn(2, 16, 8), "v": torch.randn(2, 16, 8)})
+    offset = disk.write(payload)
+    os.ftruncate(disk.fd, payload.nbytes - 1)
     with pytest.raises(EdgetokError, match="truncated"):
-        disk.read_many([(offset, size, layout)])
+        disk.read_many([(offset, payload.layout)])
     monkeypatch.setattr(os, "pwrite", lambda fd, data, at: len(data) // 2)
     with pytest.raises(EdgetokError, match="disk is full"):
         disk.write(payload)
