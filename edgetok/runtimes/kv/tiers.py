@@ -241,7 +241,8 @@ class TierStore:
 
     def load_homes(self, keys: list[int]) -> dict[int, Form]:
         """The stored forms of `keys`: host tensors as they are, disk payloads read. I/O only, no
-        arithmetic, so the prefetch thread calling it does not compete with the model for cores."""
+        arithmetic (the prefetch thread calls it too; a page-cache read is still CPU work:
+        prefetch.py)."""
         with self.lock:  # a snapshot: disk offsets never change once written
             homes = [self.homes[k] for k in keys]
             where = [(h.tier, h.tensors, h.offset, h.size, h.layout, h.meta) for h in homes]
