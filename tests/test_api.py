@@ -165,6 +165,7 @@ KV = st.fixed_dictionaries({}, optional={
     "bits": mostly(st.sampled_from(["auto", "32", "16", "8", "4", "2"]), st.sampled_from(["3", 8, None])),
     "coverage": mostly(st.none() | st.floats(0.01, 0.99), st.one_of(st.sampled_from([0, 1, 1.5, "0.9", True]), BAD_FLOATS)),
     "prefetch": mostly(st.sampled_from(["auto", "on", "off"]), st.sampled_from([True, "yes", None])),
+    "op_provider": mostly(st.none(), st.sampled_from(["CPUExecutionProvider", "QNNExecutionProvider", "", 3])),
     "prefetch_steps": mostly(st.integers(1, 8), BAD_INTS),
 })
 

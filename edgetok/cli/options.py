@@ -29,7 +29,7 @@ GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
 LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild", "plan")
 # KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
 KV_FIELDS = ("budget", "coverage", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached",
-             "summaries", "selection", "scoring")
+             "summaries", "selection", "scoring", "op_provider")
 # KV fields that only tune a tiered cache: alone they do not ask for one
 KV_TUNING = ("prefetch", "prefetch_steps", "summaries", "selection", "scoring")
 
@@ -85,6 +85,9 @@ def run_options(f):
                      help="read likely chunks from disk in the background: the next layer's while one computes "
                           "(torch), the next step's while the graph runs (onnxruntime); auto does while disk reads "
                           "wait for the device, not while the file sits in the page cache"),
+        click.option("--kv-op-provider", default=None, metavar="PROVIDER",
+                     help="run the mixed-bit attention op as its ONNX form of standard operators on this onnxruntime "
+                          "execution provider (an NPU's), not the native kernel; chunks in tiers only"),
         click.option("--kv-prefetch-steps", type=click.IntRange(min=1), default=None,
                      help="prefetch the on-disk chunks a layer selected in its last N steps (default 3)"),
         click.option("--kv-disk-uncached", is_flag=True,

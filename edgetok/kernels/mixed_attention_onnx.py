@@ -199,3 +199,29 @@ def run(session, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
               else ort.OrtValue.ortvalue_from_numpy(x) for name, x in feeds.items()}
     out, lse = session.run_with_ort_values(["out", "lse"], values)
     return out.numpy(), lse.numpy()
+
+
+class Runner:
+    """The op's ONNX form run on one ONNX Runtime execution provider, for a cache that attends
+    through it instead of the native kernel (KVConfig.op_provider): one session per shape of
+    model, made when first needed."""
+
+    def __init__(self, provider: str, threads: int = 1) -> None:
+        self.provider, self.threads = provider, threads
+        self._sessions: dict[tuple[int, int, int, int], object] = {}
+
+    def attend(self, q: torch.Tensor, forms: list[tuple[dict, tuple]], window_k: torch.Tensor, window_v: torch.Tensor,
+               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (Hq, T, D) over the stored forms' chunks (chunk_size tokens each) and the window
+        (Hkv, W, D), its last T tokens q's own → out (Hq, T, D), lse (Hq, T), float32."""
+        import onnxruntime as ort
+
+        shape = (window_k.shape[0], q.shape[0], q.shape[2], chunk_size)
+        session = self._sessions.get(shape)
+        if session is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            session = self._sessions[shape] = ort.InferenceSession(model(*shape).SerializeToString(), options,
+                                                                   providers=[self.provider])
+        out, lse = run(session, feeds(q, forms, window_k, window_v, chunk_size))
+        return torch.from_numpy(out), torch.from_numpy(lse)

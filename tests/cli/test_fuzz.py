@@ -49,6 +49,7 @@ OPTIONS = {
     "--kv-host-mb": numbers("0", "0.01", "1"),
     "--kv-bits": mostly(st.sampled_from(["auto", "32", "16", "8", "4", "2"]), st.sampled_from(["3", "x"])),
     "--kv-prefetch": mostly(st.sampled_from(["auto", "on", "off"]), st.sampled_from(["yes", ""])),
+    "--kv-op-provider": mostly(st.sampled_from(["CPUExecutionProvider"]), st.sampled_from(["QNNExecutionProvider", ""])),
     "--kv-prefetch-steps": numbers("1", "3"),
     "--kv-summaries": mostly(st.sampled_from(["on", "off"]), st.sampled_from(["yes", ""])),
     "--kv-selection": mostly(st.sampled_from(["layer", "head"]), st.sampled_from(["heads", ""])),

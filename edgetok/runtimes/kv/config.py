@@ -49,6 +49,10 @@ class KVConfig:
     # without prefetch): 8 steps read 2.9 MB per token in vain and came late more often.
     prefetch_steps: int = 3
     disk_uncached: bool = False  # benchmarks: disk reads bypass the page cache (a store larger than RAM)
+    # The mixed-bit attention op run as its ONNX form of standard operators
+    # (kernels/mixed_attention_onnx.py) on this ONNX Runtime execution provider — an NPU's, say —
+    # instead of the native kernel: the chunks in tiers are handed to it as stored. None: native.
+    op_provider: str | None = None
     chunk_sizes: tuple[int, ...] | None = None  # for concentrated … diffuse layers; None: by tier set-up
     # A budgeted decode step adds each unread chunk as one pseudo-token (its mean key and value,
     # kernels/summaries.py): "on" or "off". None: the default where the cache attends itself
@@ -159,6 +163,8 @@ class KVConfig:
             raise EdgetokError(f"{_name('host_mb')} needs {_name('disk_dir')}: chunks beyond the host budget go to disk")
         if self.disk_uncached and self.disk_dir is None:
             raise EdgetokError(f"{_name('disk_uncached')} needs {_name('disk_dir')}: it changes how the disk tier is read")
+        if self.op_provider is not None:
+            self._check_op_provider()
         if self.disk_dir is not None:
             if not isinstance(self.disk_dir, (str, os.PathLike)):
                 raise EdgetokError(f"{_name('disk_dir')} must be a folder's path, not {self.disk_dir!r}")
@@ -168,6 +174,16 @@ class KVConfig:
             # are read, decoded and bookkept one by one every step: there, fewer and larger ones
             # (bigger sequential reads, as LeoAM does for its lower tiers) pay off.
             self.chunk_sizes = (128, 192, 256) if self.needs_homes else (16, 32, 64)
+
+    def _check_op_provider(self) -> None:
+        import onnxruntime as ort
+
+        if not self.needs_homes:
+            raise EdgetokError(f"{_name('op_provider')} hands the op chunks as the tiers store them: give tier budgets "
+                               f"({_name('device_mb')}, {_name('host_mb')} or {_name('disk_dir')}) too")
+        if self.op_provider not in ort.get_available_providers():
+            raise EdgetokError(f"{_name('op_provider')} {self.op_provider!r} is not an execution provider of this "
+                               f"onnxruntime (it has {', '.join(ort.get_available_providers())})")
 
     @property
     def is_auto(self) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from edgetok.errors import EdgetokError
 from edgetok.kernels import mixed_attention
 from edgetok.kernels.attention import attend_lse, causal_mask
 from edgetok.runtimes.kv.codec import decode_many, encode, kernel_row
@@ -381,6 +382,14 @@ class TieredStorage(Storage):
                                describe=(lambda form: kernel_row(*form)) if reads_forms else None)
         return_large_buffers()
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_steps, counters, mode=cfg.prefetch)
+        if cfg.op_provider is not None and not reads_forms:
+            raise EdgetokError("--kv-op-provider (KVConfig.op_provider) runs the cache's own attention; this graph attends "
+                               "over views itself: run the torch backend or the default export")
+        self.op = None
+        if cfg.op_provider is not None:
+            from edgetok.kernels.mixed_attention_onnx import Runner  # (onnx: only for this)
+
+            self.op = Runner(cfg.op_provider)
         self._next_key = 0
         self._attending: list = []  # what this step's kernel_rows() pointed at
 
@@ -581,6 +590,19 @@ class TieredStorage(Storage):
         nxt = (i + 1) % len(self.layers)
         self.prefetcher.start(nxt, self.layers[nxt])
         return keys, prefetched
+
+    def attend(self, i: int, chosen: torch.Tensor | None, q: torch.Tensor, head: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Storage.attend, or, with KVConfig.op_provider, the op's ONNX form on that execution
+        provider over the stored forms as read (its reference is the same native call)."""
+        if self.op is None:
+            return super().attend(i, chosen, q, head)
+        assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"
+        layer = self.layers[i]
+        forms = self.fetch(*self._selected(i, chosen))
+        out, lse = self.op.attend(q, forms, layer.window_k, layer.window_v, layer.chunk_size)
+        self.attention = f"onnx ({self.op.provider})"
+        return out, lse, len(forms) * layer.chunk_size + layer.window_k.shape[1]
 
     def gather(self, i: int, chosen: torch.Tensor | None, head: int | None = None) -> KV:
         assert head is None, "a stored chunk holds every head (KVConfig refuses per-head selection with tiers)"

@@ -459,7 +459,7 @@ class TieredCache(AttendingCache, GraphCache):
     def tables_apply(self, t: int) -> bool:
         """Whether a step of t tokens can be attended from tables (step_tables)."""
         return (t == 1 and self.selects_ahead and not self.summarize and self.layers[0].chunk_size > 0
-                and mixed_attention.supports(self.head_dim))
+                and mixed_attention.supports(self.head_dim) and self.cfg.op_provider is None)
 
     def fill_tables(self, tables: StepTables, at: list[int]) -> None:
         """step_tables' work, this cache's layer j being the step's layer at[j] (a MixedCache's

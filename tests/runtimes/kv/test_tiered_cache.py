@@ -267,3 +267,26 @@ def test_decode_attends_through_the_mixed_bit_kernel_as_the_reference_would(home
                 _, ref_lse = attend_lse(qh[0], keys, values, causal_mask(t, keys.shape[1]))  # what summaries merge through
                 assert (lse - ref_lse).abs().max() <= 1e-4
     assert cache.stats()["attention"] == mixed_attention.isas()[0]
+
+
+@pytest.mark.parametrize("budget", ["100%", "40%"])
+def test_the_ops_standard_operator_form_on_an_execution_provider_attends_as_the_native_kernel(source, tmp_path, budget):
+    """--kv-op-provider: the tiers hand the op's ONNX form (kernels/mixed_attention_onnx.py, what an
+    NPU's provider gets) the chunks as stored, instead of the native kernel: the same tokens and
+    logits within float32 rounding, at a full budget (exact) and a partial one (same selection)."""
+    tiers = dict(budget=budget, device_mb=0.05, host_mb=0.1, disk_dir=tmp_path)
+    want, want_logits, native = decode(TorchBackend(source, kv=KVConfig(**tiers)), PROMPT, 24)
+    got, logits, cache = decode(TorchBackend(source, kv=KVConfig(**tiers, op_provider="CPUExecutionProvider")), PROMPT, 24)
+    assert got == want
+    assert (logits - want_logits).abs().max() < 1e-4
+    assert cache.stats()["attention"] == "onnx (CPUExecutionProvider)" and native.stats()["attention"] != cache.stats()["attention"]
+    assert cache.stats()["bytes_read_per_token"]["disk"] > 0  # chunks came from every tier, as stored
+    for c in (cache, native):
+        c.close()
+
+
+def test_an_op_provider_needs_tiers_and_a_provider_onnxruntime_has(tmp_path):
+    with pytest.raises(EdgetokError, match="tier budgets"):
+        KVConfig(budget="25%", op_provider="CPUExecutionProvider")
+    with pytest.raises(EdgetokError, match="not an execution provider"):
+        KVConfig(budget="25%", device_mb=1, op_provider="NoSuchExecutionProvider")
