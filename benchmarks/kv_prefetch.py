@@ -4,6 +4,8 @@ cache (reads are memcpys) and read past it (`--kv-disk-uncached`: each read goes
 device, as for a cache larger than RAM).
 
     flock /tmp/edgetok-bench.lock .venv/bin/python benchmarks/kv_prefetch.py --context 8000 --new-tokens 64 --repeat 3 --threads 1
+    flock /tmp/edgetok-bench.lock .venv/bin/python benchmarks/kv_prefetch.py --context 8000 --new-tokens 64 --repeat 2 --threads 2 \
+        --only "no prefetch,last 3 steps,auto" --out benchmarks/results/kv_prefetch_auto.json   # (session 15: --kv-prefetch auto)
 
 Every system is a separate `edgetok run ... --json` process on the same real-text prompt (no chat
 template), greedy, rounds interleaved (A B C … A B C …). Per decoded token it reports: the model
@@ -38,6 +40,7 @@ def systems(disk: str, budget: str) -> dict[str, list[str]]:
 
     return {
         "page cache, no prefetch": tiers + ["--kv-prefetch", "off"],
+        "page cache, prefetch last 3 steps' chunks": tiers + ["--kv-prefetch", "on"] + steps(3),
         "page cache, prefetch last 8 steps' chunks": tiers + ["--kv-prefetch", "on"] + steps(8),
         "page cache, prefetch auto": tiers + ["--kv-prefetch", "auto"],
         "uncached, no prefetch": tiers + ["--kv-disk-uncached", "--kv-prefetch", "off"],
