@@ -13,6 +13,8 @@ onnxruntime (the default engine, slabs in RAM): the native step times its own pa
 graph's run (stats' native_ms_per_step: selection, attention, the sampled captured-mass measurement);
 "weights and the rest" is the run's remaining time (MatMulQ4 reads every weight, the other
 operators); "python" is the step's time outside the run (the cache's bookkeeping, sampling).
+onnxruntime with --tiers: every layer's chunks are selected and read from the tiers before the run
+(selection, tier_read: the reads and their table rows); the run holds the weights and the op's KV read.
 The bandwidth floor of each part is its bytes over the bandwidth a large copy reaches
 (edgetok/devices/local.py).
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 from edgetok import api
 from edgetok.devices.local import memory_bandwidth
 from edgetok.runtimes.kv import KVConfig, TieredCache
-from edgetok.runtimes.kv.storage import Storage
+from edgetok.runtimes.kv.storage import Storage, TieredStorage
 from edgetok.texts import essays
 
 SPENT = Counter()
@@ -85,6 +87,11 @@ def measure(model, context: int, new_tokens: int) -> dict:
                      "captured_mass_measurement": native["measure"],
                      "python": round(total - run, 3)}
         per_token["weights_and_rest"] = round(run - native["select"] - native["attend"] - native["measure"], 3)
+    elif "graph_run" in per_token:  # the default engine over tiers: chunks selected and read before the run
+        run = per_token.pop("graph_run")
+        per_token = {"selection": per_token.get("selection_ahead", 0.0), "tier_read": per_token.get("tier_read", 0.0),
+                     "weights_and_kv_read_in_run": run}
+        per_token["python"] = round(total - sum(per_token.values()), 3)
     else:
         per_token.pop("graph_run", None)
         per_token["weights_and_rest"] = round(total - sum(per_token.values()), 3)
@@ -108,6 +115,8 @@ def main() -> None:
     timed(Storage, "attend", "kv_read_attention")
     timed(TieredCache, "_select", "selection")
     timed(TieredCache, "_begin_step", "step_start")
+    timed(TieredCache, "_select_ahead", "selection_ahead")  # (over tiers, the default engine: before the run)
+    timed(TieredStorage, "step_rows", "tier_read")
     bandwidth = memory_bandwidth(256)
     tiers = dict(device_mb=16, host_mb=64, disk_dir=Path(tempfile.mkdtemp())) if args.tiers else {}
     model = api.load("smollm2", backend="torch" if args.backend == "torch" else None,  # (None: the default engine)
