@@ -58,12 +58,20 @@ def value_group(head_dim: int) -> int:
     return head_dim if head_dim <= 64 else 64
 
 
+def row(bits: int, length: int, k: int, v: int, k_scale: int = 0, k_zero: int = 0, v_scale: int = 0, v_zero: int = 0,
+        head_stride: int = 0, token_stride: int = 0, causal: bool = False) -> list[int]:
+    """A table row (FIELDS) from addresses: what float_row and quantized_row make of tensors, for a
+    caller that has only a buffer's address and its layout (codec.kernel_row)."""
+    return [bits, length, k, v, k_scale, k_zero, v_scale, v_zero, head_stride, token_stride, int(causal)]
+
+
 def float_row(k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> list[int]:
     """A row for float K/V (Hkv, S, D), float32 or bf16, channels contiguous, k and v strided alike.
     causal: the last T tokens are the queries' own (the window during a decode step)."""
     assert k.dtype == v.dtype and k.dtype in FLOAT_BITS, (k.dtype, v.dtype)
     assert k.stride() == v.stride() and k.stride(2) == 1, (k.stride(), v.stride())
-    return [FLOAT_BITS[k.dtype], k.shape[1], k.data_ptr(), v.data_ptr(), 0, 0, 0, 0, k.stride(0), k.stride(1), int(causal)]
+    return row(FLOAT_BITS[k.dtype], k.shape[1], k.data_ptr(), v.data_ptr(), head_stride=k.stride(0), token_stride=k.stride(1),
+               causal=causal)
 
 
 def slab_rows(slab_k: torch.Tensor, slab_v: torch.Tensor, starts: torch.Tensor, length: int) -> np.ndarray:
@@ -87,7 +95,7 @@ def quantized_row(bits: int, length: int, kc: torch.Tensor, ks: torch.Tensor, kz
     with fp16 scale / zero (Hkv, S, D/vgroup) per token and channel group."""
     tensors = (kc, ks, kz, vc, vs, vz)
     assert all(t.is_contiguous() for t in tensors) and ks.dtype == torch.float16
-    return [bits, length, kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), kz.data_ptr(), vs.data_ptr(), vz.data_ptr(), 0, 0, 0]
+    return row(bits, length, kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), kz.data_ptr(), vs.data_ptr(), vz.data_ptr())
 
 
 def attend(q: torch.Tensor, table: np.ndarray, n_kv: int, threads: int = 1, isa: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

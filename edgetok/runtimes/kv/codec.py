@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgetok.kernels import mixed_attention
 from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.quant import QTensor, dequantize_stack, quantize
 
@@ -85,8 +86,6 @@ class Packed(Mapping):
         return Packed(self.buffer.clone(), self.layout)
 
 
-Tensors = Packed  # a stored form's tensors
-
 
 def encode(k: torch.Tensor, v: torch.Tensor, bits: int) -> tuple[Packed, tuple]:
     """k, v (Hkv, S, D) → (tensors to store, meta). Keys are quantized along their tokens (one scale
@@ -103,7 +102,7 @@ def encode(k: torch.Tensor, v: torch.Tensor, bits: int) -> tuple[Packed, tuple]:
 
 
 def decode_many(
-    items: list[tuple[Tensors, tuple]], dtype: torch.dtype = torch.float32
+    items: list[tuple[Packed, tuple]], dtype: torch.dtype = torch.float32
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Stored forms → (k, v) in `dtype`, batching chunks of the same form into one dequantization."""
     out: list = [None] * len(items)
@@ -136,13 +135,12 @@ def kernel_row(tensors: Packed, meta: tuple) -> list[int]:
     base, at = tensors.buffer.data_ptr(), tensors.layout.offsets
     if meta[0] in (32, 16):
         _, _, (_, s, d), _ = tensors.layout.parts[0]
-        return [meta[0], s, base + at["k"], base + at["v"], 0, 0, 0, 0, s * d, d, 0]
+        return mixed_attention.row(meta[0], s, base + at["k"], base + at["v"], head_stride=s * d, token_stride=d)
     bits, _, kshape, _, _ = meta
-    return [bits, kshape[-1], base + at["kc"], base + at["vc"], base + at["ks"], base + at["kz"], base + at["vs"],
-            base + at["vz"], 0, 0, 0]
+    return mixed_attention.row(bits, kshape[-1], *(base + at[name] for name in ("kc", "vc", "ks", "kz", "vs", "vz")))
 
 
-def attend_reference(q: torch.Tensor, forms: list[tuple[Tensors, tuple]], window_k: torch.Tensor, window_v: torch.Tensor) -> torch.Tensor:
+def attend_reference(q: torch.Tensor, forms: list[tuple[Packed, tuple]], window_k: torch.Tensor, window_v: torch.Tensor) -> torch.Tensor:
     """The mixed-bit attention op's oracle, in plain torch: q (Hq, T, D) over the stored forms'
     chunks then the window (Hkv, W ≥ T, D), whose last T tokens are the queries' own (causal) →
     (Hq, T, D) float32. Dequantizes everything to float32 first: what the kernel must not do."""

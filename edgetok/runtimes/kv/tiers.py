@@ -171,9 +171,7 @@ class TierStore:
         assert tier == HOST
         if self.disk is None:
             return
-        residents = [k for k in np.flatnonzero(self.where == AT_HOST).tolist() if self.homes[k].tier == HOST]
-        residents += [k for k in np.flatnonzero(self.where == AT_DEVICE).tolist() if self.homes[k].tier == HOST]
-        residents.sort()  # (key order: ties between equal heats go as before)
+        residents = [k for k, h in self.homes.items() if h.tier == HOST]
         heats = self.heats(residents)
         for j in np.argsort(heats, kind="stable"):
             if self._room(tier, size) or heats[j] >= heat:

@@ -45,6 +45,20 @@ def test_a_full_budget_through_the_operator_is_the_exact_cache(exports, family, 
         assert result.stats.kv["attention"] in mixed_attention.isas()  # the mixed-bit kernel ran in the cache
 
 
+def test_the_ops_onnx_form_on_a_provider_attends_through_the_operator_exactly(exports, tmp_path):
+    """--kv-op-provider on the default engine: its attention op hands each layer to the cache, which
+    runs the op's standard-operator form on the provider over chunks read from every tier."""
+    want = edgetok.load(str(exports["llama"])).generate(PROMPT, **OPTIONS).tokens
+    kv = edgetok.KVConfig(budget="100%", chunk_sizes=(4, 8), device_mb=0.01, host_mb=0.01, disk_dir=tmp_path, bits="32",
+                          op_provider="CPUExecutionProvider")
+    model = edgetok.load(str(exports["llama"]), kv=kv)
+    assert model.engine.backend.attends_through
+    result = model.generate(PROMPT, **OPTIONS)
+    assert result.tokens == want
+    assert result.stats.kv["attention"] == "onnx (CPUExecutionProvider)"
+    assert result.stats.kv["bytes_read_per_token"]["disk"] > 0
+
+
 def test_a_small_budget_selects_and_reads_stored_widths(exports, tmp_path):
     kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), device_mb=0.01, host_mb=0.01,
                           disk_dir=tmp_path, bits="auto")

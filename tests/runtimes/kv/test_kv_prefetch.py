@@ -193,4 +193,5 @@ def test_auto_prefetch_gives_the_same_tokens(source, tmp_path):  # noqa: F811
     got, logits, cache = decode(TorchBackend(source, kv=tiers(tmp_path / "auto")), PROMPT, 20)
     assert got == want and torch.equal(logits, want_logits)
     assert cache.stats()["sync_disk_reads"] > 0
+    assert cache.storage.prefetcher.waiting < 1.0  # the model thread's disk reads were timed and judged
     cache.close()
