@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/fidelity.py --kinds all --contexts 4096,8192 --budgets 25%,auto \
         --new-tokens 64 --out benchmarks/results/fidelity.json
 
-SmolLM2-135M-Instruct, fp32 torch backend. For each kind of text (edgetok/texts.py names each
-source) and context:
+SmolLM2-135M-Instruct (or --model), fp32 torch backend. For each kind of text (edgetok/texts.py
+names each source) and context:
 
-- agreement: the prompt is the chat template's head and then the text (about `context` tokens).
+- agreement: the prompt is the chat template's head and then the text (about `context` tokens; a
+  base model such as gemma3-270m: BOS and the text, and its needle prompts end "Question: …" and
+  "Answer: The secret passphrase for the vault is '").
   Full attention (the tiered cache at 100 %: float32, exact) generates `--new-tokens` greedily;
   each budgeted cache is fed the same tokens (teacher forcing) and we count how often its argmax
   agrees, the mean KL(full ‖ budgeted), the budget it used (tokens read / tokens there were), the
@@ -58,6 +60,7 @@ QUESTION = "What is the secret passphrase for the vault?"
 ANSWER = "7319"
 PIECE = 512  # prefill tokens per forward, as the engine's default
 SENTINEL = "SENTINEL"
+BASE_ANSWER = "Answer: The secret passphrase for the vault is '"  # a base model's prompt ends with it
 
 
 
@@ -66,12 +69,17 @@ class Prompts:
 
     def __init__(self, model: edgetok.Model, kind: str, context: int) -> None:
         tok = model.tokenizer
-        ids = model.encode([{"role": "user", "content": SENTINEL}], chat=True)
-        mark = tok.encode(SENTINEL, add_special_tokens=False)
-        at = next(i for i in range(len(ids)) if ids[i : i + len(mark)] == mark)
-        self.head, self.tail = ids[:at], ids[at + len(mark) :]  # the template around the user's text
         self.needle = tok.encode("\n" + NEEDLE + "\n", add_special_tokens=False)
-        self.question = tok.encode("\n\n" + QUESTION, add_special_tokens=False)
+        if tok.chat_template:
+            ids = model.encode([{"role": "user", "content": SENTINEL}], chat=True)
+            mark = tok.encode(SENTINEL, add_special_tokens=False)
+            at = next(i for i in range(len(ids)) if ids[i : i + len(mark)] == mark)
+            self.head, self.tail = ids[:at], ids[at + len(mark) :]  # the template around the user's text
+            self.question = tok.encode("\n\n" + QUESTION, add_special_tokens=False)
+        else:  # a base model: plain text, the question and an answer's start (as gemma_needle.py asks)
+            self.head = tok.encode("")  # its BOS
+            self.question = tok.encode(f"\n\nQuestion: {QUESTION}\n", add_special_tokens=False)
+            self.tail = tok.encode(BASE_ANSWER, add_special_tokens=False)
         room = context - len(self.head) - len(self.needle) - len(self.question) - len(self.tail)
         self.body = tok.encode(corpus(kind, context * 8), add_special_tokens=False)[:room]
         self.text = self.head + self.body  # the agreement prompt
@@ -87,11 +95,6 @@ def prefill(backend: TorchBackend, cache, tokens: list[int]):
     for i in range(0, len(tokens), PIECE):
         logits = backend.forward(tokens[i : i + PIECE], cache)
     return torch.from_numpy(logits[-1])
-
-
-def prefix_state(state: KVState, n: int) -> KVState:
-    """The first n tokens of a saved prompt (its K/V are causal: a prefix's own)."""
-    return KVState([(k[:, :n], v[:, :n]) for k, v in state.layers], None)
 
 
 def decode(backend: TorchBackend, cache, logits: torch.Tensor, steps: int, follow: list[int] | None = None):
@@ -124,14 +127,14 @@ def kl_mean(ref: torch.Tensor, got: torch.Tensor) -> float:
 class Bench:
     def __init__(self, args) -> None:
         self.args = args
-        self.model = edgetok.load("smollm2", backend="torch", threads=args.threads)
+        self.model = edgetok.load(args.model, backend="torch", threads=args.threads)
         source = self.model.source
         self.exact = self.model.engine.backend  # the contiguous cache: pruned prefills
         self.full = self._tiered(KVConfig(budget="100%"))
         self.budgets = {b: self._tiered(budget_config(b)) for b in args.budgets.split(",")}
         pools = [int(p) for p in args.prune_pools.split(",")] if args.prune_pools else [None]
         self.plans = [plan if pool is None else dataclasses.replace(plan, pool=pool)
-                      for plan in (PrunePlan.checked(float(k), 2, self.model.config) for k in args.keeps.split(",") if k)
+                      for plan in (PrunePlan.checked(float(k), None, self.model.config) for k in args.keeps.split(",") if k)
                       for pool in pools]
         del source
 
@@ -168,8 +171,10 @@ class Bench:
         for depth in map(float, self.args.needle_depths.split(",")):
             tokens, shared = prompts.needle_prompt(depth)
             cache = self.full.new_cache()
-            cache.state = prefix_state(state, shared)
-            logits = prefill(self.full, cache, tokens[shared:])
+            prefix = state.prefix(shared)  # None where a sliding layer no longer holds what the needle's tokens see
+            if prefix is not None:
+                cache.state = dataclasses.replace(prefix, q_obs=None)  # the needle prompt's own end measures them
+            logits = prefill(self.full, cache, tokens[0 if prefix is None else shared :])
             needle_state = cache.state
             self.full.end_prefill(cache)
             found = {"full": self._found(decode(self.full, cache, logits, self.args.needle_tokens)[0])}
@@ -285,6 +290,7 @@ def report(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--report", type=Path, default=None, help="print the tables of this results file and stop")
+    ap.add_argument("--model", default="smollm2", help="a model name or file (a base model gets plain-text prompts)")
     ap.add_argument("--kinds", default="all", help=f"comma-separated, of {', '.join(KINDS)}; or all")
     ap.add_argument("--contexts", default="4096,8192")
     ap.add_argument("--budgets", default="25%,auto", help="fixed shares and auto (auto:C sets --kv-coverage C)")

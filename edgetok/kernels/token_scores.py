@@ -29,6 +29,13 @@ import torch
 # 24 largest channels (bf16 keys), 0.018 / 0.0021 / 0.013 with 16 (alike with int8 keys), against 0.0078 /
 # 0.0007 / 0.0068 ranking by the exact attention and 0.086 / 0.127 / 0.071 by bounds (BENCHMARKS.md, "Token scores").
 CHANNELS = 24
+
+
+def channels_for(head_dim: int) -> int:
+    """R for heads of head_dim channels: 24 at 64 (above); a wider head, half its channels. Gemma 3's
+    256-channel global layers at 8K and a fixed 25 % left a KL of 0.0148 / 0.0101 / 0.0067 on legal text
+    with 24 / 96 / 128 channels (BENCHMARKS.md, "Gemma 3 at 16K and 32K"): 24 of 256 rank poorly."""
+    return CHANNELS if head_dim <= 64 else head_dim // 2
 SKETCH_LEVELS = 15  # 4-bit codes: key ≈ low + code · step, per (KV head, channel), KIVI's per-channel keys
 
 
@@ -100,13 +107,13 @@ class KeySketch:
 
 
 def token_masses(q: torch.Tensor, keys: torch.Tensor, chunks: int, chunk_size: int,
-                 channels: int = CHANNELS) -> tuple[torch.Tensor, torch.Tensor]:
+                 channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (Hq, D) a step's queries; keys (Hkv, N, D) every key of the layer, the first chunks ×
     chunk_size in chunks, the rest the window → each query head's estimated attention mass per
-    chunk (Hkv, G, C) and in the window (Hkv, G); G = Hq / Hkv."""
+    chunk (Hkv, G, C) and in the window (Hkv, G); G = Hq / Hkv. channels: R (None: channels_for(D))."""
     hkv, n, d = keys.shape
     qg = q.reshape(hkv, -1, d).float()  # (Hkv, G, D)
-    picked = top_channels(qg, channels)  # (Hkv, R)
+    picked = top_channels(qg, channels_for(d) if channels is None else channels)  # (Hkv, R)
     q_r = qg.gather(-1, picked[:, None].expand(-1, qg.shape[1], -1))  # (Hkv, G, R)
     k_r = keys.gather(-1, picked[:, None].expand(-1, n, -1)).float()  # (Hkv, N, R)
     kept = q_r.abs().sum(-1, keepdim=True) / qg.abs().sum(-1, keepdim=True).clamp(min=1e-30)  # (Hkv, G, 1)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edgetok.kernels import mixed_attention
 from edgetok.kernels.selection import captured_mass
-from edgetok.kernels.token_scores import CHANNELS, KeySketch, forced_chunks, select_by_masses, token_masses
+from edgetok.kernels.token_scores import KeySketch, channels_for, forced_chunks, select_by_masses, token_masses
 from edgetok.runtimes.kv import KVConfig, TieredCache
 
 
@@ -119,7 +119,7 @@ def test_native_token_selection_equals_the_reference(problem, isa):
     masses, window = token_masses(q, sketch.keys(slab[:, count * size : n]), count, size)
     want = select_by_masses(masses, window, forced_chunks(count, sinks, recent, pinned), keep, coverage, per_head, least)
     got, estimated = mixed_attention.select_tokens(q, slab, sketch, n, count, size, pinned, keep, sinks, recent, least,
-                                                   coverage, per_head, CHANNELS, isa)
+                                                   coverage, per_head, channels_for(q.shape[-1]), isa)
     if count == 0:
         assert all(len(ids) == 0 for ids in got)
         return
@@ -145,7 +145,7 @@ def test_native_token_selection_of_a_long_layer_equals_the_reference(keep, cover
     for per_head in (False, True):
         want = select_by_masses(masses, window, forced_chunks(count, 1, 2, pinned), keep, coverage, per_head, least)
         got, estimated = mixed_attention.select_tokens(q, slab, sketch, n, count, size, pinned, keep, 1, 2, least, coverage,
-                                                       per_head, CHANNELS)
+                                                       per_head, channels_for(d))
         assert [ids.tolist() for ids in got] == [ids.tolist() for ids in want.chosen]
         assert estimated == pytest.approx(want.estimated, abs=2e-5)
         assert max(len(ids) for ids in got) > 64  # (past the first rounds of sorting)

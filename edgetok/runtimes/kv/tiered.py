@@ -31,7 +31,7 @@ from edgetok.kernels.attention import attend, causal_mask
 from edgetok.kernels.mixed_attention import SlabStep, StepTables
 from edgetok.kernels.selection import captured_mass, fit_temperature, select_chunks, stored_abstracts
 from edgetok.kernels.summaries import chunk_summaries, fold
-from edgetok.kernels.token_scores import CHANNELS, KeySketch, forced_chunks, select_by_masses, token_masses
+from edgetok.kernels.token_scores import KeySketch, channels_for, forced_chunks, select_by_masses, token_masses
 from edgetok.runtimes.kv.arrays import numpy_dtype, to_numpy, to_torch
 from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 from edgetok.runtimes.kv.config import AUTO_FLOOR, KVConfig
@@ -67,6 +67,7 @@ class TieredCache(AttendingCache, GraphCache):
         self._at: list[int] = []  # fill_tables: the step's layer of each of this cache's layers
         self.cfg = cfg
         self.n_heads, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.channels = channels_for(head_dim)  # R: the channels token scores read
         self.lengths = [0] * num_layers  # tokens stored per layer
         self.skipped = [0] * num_layers  # positions a layer never stores (pruned prompt tokens)
         self.bits = cfg.storage_bits()
@@ -380,10 +381,10 @@ class TieredCache(AttendingCache, GraphCache):
                 and self.n_heads // self.n_kv <= 16):  # (token_scores is its oracle)
             chosen, estimated = mixed_attention.select_tokens(q, slab[0], sketch, layer.n, layer.n_chunks, layer.chunk_size,
                                                               self.pinned[i], keep, sinks, recent, least, self.cfg.coverage,
-                                                              self.per_head, CHANNELS)
+                                                              self.per_head, self.channels)
         else:
             window = self.storage.layer_kv(layer)[0][:, sketch.n :]
-            masses, window = token_masses(q, sketch.keys(window), layer.n_chunks, layer.chunk_size)
+            masses, window = token_masses(q, sketch.keys(window), layer.n_chunks, layer.chunk_size, self.channels)
             forced = forced_chunks(layer.n_chunks, sinks, recent, self.pinned[i])
             picked = select_by_masses(masses, window, forced, keep, self.cfg.coverage, self.per_head, least)
             chosen, estimated = picked.chosen, picked.estimated
@@ -477,7 +478,7 @@ class TieredCache(AttendingCache, GraphCache):
             self._selecting = [plan is not None for plan in plans]  # (end_step_tables: which layers promised a coverage)
             layers = zip(self.layers, slabs, plans, self.abstracts.unbind(0), self.pinned.unbind(0), self.temperatures.tolist())
             for j, (layer, (k, v), plan, abstracts, pinned, temperature) in enumerate(layers):
-                channels = CHANNELS if self.scores_tokens else 0
+                channels = self.channels if self.scores_tokens else 0
                 tables.set_slab(at[j], SlabStep(k, v, layer.n, layer.chunk_size, layer.n_chunks, abstracts, pinned, plan,
                                                 temperature, self.cfg.coverage, self.per_head, sampled, channels, self._least(j),
                                                 self.sketches[j]))
