@@ -70,7 +70,11 @@ def _essays() -> Iterator[str]:
     return _files(sorted(root.glob("*.txt")))
 
 
-LICENSES = ("Apache-2.0", "MPL-2.0", "GPL-3", "LGPL-2.1", "GFDL-1.3", "Artistic")
+# New sources go at the end of a kind: a prompt reads a kind's documents in order and stops when it
+# has enough, so the 4K / 8K prompts stay what they were; the later ones give a long-context model
+# (Gemma 3 at 32K) text that does not repeat.
+LICENSES = ("Apache-2.0", "MPL-2.0", "GPL-3", "LGPL-2.1", "GFDL-1.3", "Artistic",
+            "GPL-2", "MPL-1.1", "GFDL-1.2", "LGPL-3", "CC0-1.0", "GPL-1", "BSD")
 
 
 def _legal() -> Iterator[str]:
@@ -90,7 +94,10 @@ def _code() -> Iterator[str]:
 # Debian's changelogs of packages every image of this OS has (the newest release first in each).
 CHANGELOGS = ("apt/changelog.gz", "dpkg/changelog.gz", "bash/changelog.Debian.gz", "coreutils/changelog.Debian.gz",
               "tar/changelog.Debian.gz", "gzip/changelog.Debian.gz", "sed/changelog.Debian.gz",
-              "base-files/changelog.gz", "grep/changelog.Debian.gz", "findutils/changelog.Debian.gz")
+              "base-files/changelog.gz", "grep/changelog.Debian.gz", "findutils/changelog.Debian.gz",
+              "util-linux/changelog.Debian.gz", "libc6/changelog.Debian.gz", "e2fsprogs/changelog.Debian.gz",
+              "debianutils/changelog.Debian.gz", "perl-base/changelog.Debian.gz", "mawk/changelog.Debian.gz",
+              "ncurses-base/changelog.Debian.gz", "login/changelog.Debian.gz")
 
 
 def _changelogs() -> Iterator[str]:
@@ -99,7 +106,8 @@ def _changelogs() -> Iterator[str]:
 
 # Installed distributions whose long description is their README (technical documentation).
 READMES = ("torch", "transformers", "fastapi", "accelerate", "huggingface_hub", "onnx", "tokenizers", "numpy",
-           "onnxruntime", "matplotlib", "gguf", "jinja2", "click", "hypothesis")
+           "onnxruntime", "matplotlib", "gguf", "jinja2", "click", "hypothesis",
+           "openai", "llama_cpp_python", "pydantic", "tqdm", "sse-starlette", "uvicorn", "starlette")
 
 
 def _docs() -> Iterator[str]:
