@@ -60,14 +60,14 @@ QUESTION = "What is the secret passphrase for the vault?"
 ANSWER = "7319"
 PIECE = 512  # prefill tokens per forward, as the engine's default
 SENTINEL = "SENTINEL"
-BASE_ANSWER = "Answer: The secret passphrase for the vault is '"  # a base model's prompt ends with it
+ANSWER_START = "The secret passphrase for the vault is '"  # a base model's needle prompt ends "Answer: " and it
 
 
 
 class Prompts:
     """Token ids of one kind's prompts: the chat head, the text, and the needle's pieces."""
 
-    def __init__(self, model: edgetok.Model, kind: str, context: int) -> None:
+    def __init__(self, model: edgetok.Model, kind: str, context: int, answer_start: bool = False) -> None:
         tok = model.tokenizer
         self.needle = tok.encode("\n" + NEEDLE + "\n", add_special_tokens=False)
         if tok.chat_template:
@@ -75,11 +75,13 @@ class Prompts:
             mark = tok.encode(SENTINEL, add_special_tokens=False)
             at = next(i for i in range(len(ids)) if ids[i : i + len(mark)] == mark)
             self.head, self.tail = ids[:at], ids[at + len(mark) :]  # the template around the user's text
+            if answer_start:  # the assistant's turn begins with the answer's first words
+                self.tail = self.tail + tok.encode(ANSWER_START, add_special_tokens=False)
             self.question = tok.encode("\n\n" + QUESTION, add_special_tokens=False)
         else:  # a base model: plain text, the question and an answer's start (as gemma_needle.py asks)
             self.head = tok.encode("")  # its BOS
             self.question = tok.encode(f"\n\nQuestion: {QUESTION}\n", add_special_tokens=False)
-            self.tail = tok.encode(BASE_ANSWER, add_special_tokens=False)
+            self.tail = tok.encode("Answer: " + ANSWER_START, add_special_tokens=False)
         room = context - len(self.head) - len(self.needle) - len(self.question) - len(self.tail)
         self.body = tok.encode(corpus(kind, context * 8), add_special_tokens=False)[:room]
         self.text = self.head + self.body  # the agreement prompt
@@ -299,6 +301,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--needle-tokens", type=int, default=20)
     ap.add_argument("--needle-depths", default="0.1,0.5,0.9")
+    ap.add_argument("--answer-start", action="store_true",
+                    help="a chat model's needle prompts also begin the answer (the assistant's turn starts with "
+                         "ANSWER_START, as a base model's prompt does): retrieval, not whether it chooses to answer")
     ap.add_argument("--parts", default="agreement,selection,needles")
     ap.add_argument("--repeat", type=int, default=2, help="speed: interleaved rounds")
     ap.add_argument("--threads", type=int, default=2)
@@ -325,7 +330,7 @@ def main() -> None:
                 if "speed" in parts:
                     emit(bench.speed(kind, context))
                 if "agreement" in parts or "needles" in parts or "selection" in parts:
-                    prompts = Prompts(bench.model, kind, context)
+                    prompts = Prompts(bench.model, kind, context, args.answer_start)
                     rows, state = bench.agreement(kind, prompts)
                     if "agreement" in parts:
                         emit(rows)
