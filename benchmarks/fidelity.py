@@ -17,7 +17,8 @@ names each source) and context:
 - needles: the same text with "The secret passphrase for the vault is 'amber falcon 7319'."
   planted at 10 / 50 / 90 % depth and the question at the end (chat template); 20 greedy tokens
   per system; found = "7319" in them. Systems: full attention, each budget, and --prune-prompt
-  KEEP after layer 2 (exact cache).
+  KEEP after the default layer (exact cache). --answer-start begins the assistant's answer too
+  (ANSWER_START): whether the fact survived, not whether a small chat model chooses to answer.
 
 The exact prefill is shared: every budgeted cache starts from the full run's prompt K/V and last
 queries (KVState; cast to the cache's bf16), so one prefill serves all of them, and a needle prompt
