@@ -61,7 +61,8 @@ QUESTION = "What is the secret passphrase for the vault?"
 ANSWER = "7319"
 PIECE = 512  # prefill tokens per forward, as the engine's default
 SENTINEL = "SENTINEL"
-ANSWER_START = "The secret passphrase for the vault is '"  # a base model's needle prompt ends "Answer: " and it
+# The answer's first words: a base model's needle prompt ends "Answer: " and them; a chat model's with --answer-start
+ANSWER_START = "The secret passphrase for the vault is '"
 
 
 

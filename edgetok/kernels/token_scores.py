@@ -29,6 +29,7 @@ import torch
 # 24 largest channels (bf16 keys), 0.018 / 0.0021 / 0.013 with 16 (alike with int8 keys), against 0.0078 /
 # 0.0007 / 0.0068 ranking by the exact attention and 0.086 / 0.127 / 0.071 by bounds (BENCHMARKS.md, "Token scores").
 CHANNELS = 24
+SKETCH_LEVELS = 15  # 4-bit codes: key ≈ low + code · step, per (KV head, channel), KIVI's per-channel keys
 
 
 def channels_for(head_dim: int) -> int:
@@ -36,7 +37,6 @@ def channels_for(head_dim: int) -> int:
     256-channel global layers at 8K and a fixed 25 % left a KL of 0.0148 / 0.0101 / 0.0067 on legal text
     with 24 / 96 / 128 channels (BENCHMARKS.md, "Gemma 3 at 16K and 32K"): 24 of 256 rank poorly."""
     return CHANNELS if head_dim <= 64 else head_dim // 2
-SKETCH_LEVELS = 15  # 4-bit codes: key ≈ low + code · step, per (KV head, channel), KIVI's per-channel keys
 
 
 def sketch_range(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,3 +198,32 @@ def test_cli_scoring(tiny_folder):
         assert json.loads(r.stdout)["stats"]["kv"]["scoring"] == scoring
     r = run_cli(*args, "--kv-scoring", "tokens", "--kv-bits", "4")
     assert r.exit_code == 1 and "--kv-scoring" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_wide_head_scores_on_more_channels():
+    """A 256-channel head whose query leans on 96 channels a little each (Gemma 3's global layers are
+    256 wide): nine tokens match it on all 96. Scored on 24 channels they hide among the noise; the
+    cache scores a wide head on half its channels and captures far more of the attention."""
+    g = torch.Generator().manual_seed(6)
+    hkv, hq, d, n = 1, 4, 256, 1024
+    keys, values = torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g)
+    sign = torch.randn(96, generator=g).sign()
+    q = 0.05 * torch.randn(hq, d, generator=g)
+    q[:, :96] += 2.0 * sign
+    for t in range(40, 900, 96):  # nine wanted tokens, in nine chunks
+        keys[0, t, :96] = 0.4 * sign
+    step_k, step_v = torch.randn(1, hkv, 1, d, generator=g), torch.randn(1, hkv, 1, d, generator=g)
+    mass = {}
+    for channels in (None, 24):
+        cache = TieredCache(KVConfig(budget="320", chunk_sizes=(16,), recent_tokens=16), 1, hq, hkv, d)
+        if channels is not None:
+            cache.channels = channels  # what the cache read before heads were sized
+        prompt_queries = torch.randn(1, hq, n, d, generator=torch.Generator().manual_seed(5))
+        cache.attend(0, prompt_queries, keys[None], values[None])
+        cache.end_prefill()
+        cache.attend(0, q[None, :, None], step_k, step_v)
+        chosen = cache._select(0, q)
+        kv = cache.storage.layer_kv(cache.layers[0])[0].float()
+        mass[channels] = captured_mass(q, cache.storage.gather(0, chosen[0])[0], kv).mean()
+    assert channels_for(d) == 128 and channels_for(64) == 24
+    assert mass[None] > mass[24] + 0.1, mass
