@@ -24,16 +24,18 @@ from edgetok.errors import EdgetokError
 @click.option("--verbose", "-v", is_flag=True, help="print speed and memory to stderr")
 def command(model, prompt, prompt_file, chat, system, as_json, verbose, **kw):
     """Generate text from MODEL: "smollm2", a Hugging Face folder, a .gguf file or an ONNX export folder."""
+    if system is not None and chat is False:  # (refused before a model loads)
+        raise EdgetokError("--system needs chat mode")
     text = read_prompt(prompt, prompt_file)
     configs = run_configs(kw)
     cfg, m = configs.generation, load_model(model, configs)
-    if verbose:
-        print_choice(m.choice)
     use_chat = m.has_chat_template if chat is None else chat
     if use_chat and not m.has_chat_template:
         raise EdgetokError(f"{model} has no chat template; drop --chat")
     if system is not None and not use_chat:
         raise EdgetokError("--system needs chat mode")
+    if verbose:  # (after the refusals: a refused run prints its one sentence alone)
+        print_choice(m.choice)
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
     ids = m.encode(messages if use_chat else text, chat=use_chat)
     with prefill_bar(len(ids)) as bar:

@@ -70,6 +70,8 @@ def test_user_errors(tiny_folder, tmp_path):
     assert_user_error(run_cli("inspect", bad), "damaged GGUF")
     assert_user_error(run_cli("run", tiny_folder, "-p", "fox " * 400, "--no-chat"), "context holds 256")
     assert_user_error(run_cli("run", tiny_folder, "-p", "   "), "empty")
+    # -v's engine report comes after the refusals: a refused run says one sentence (found by test_fuzz)
+    assert_user_error(run_cli("run", tiny_folder, "-p", "fox", "--no-chat", "--system", "be brief", "-v"), "--system")
     assert run_cli("run", tiny_folder, "-f", tmp_path / "nope.txt").exit_code == 2  # click's own usage error
 
 
