@@ -30,6 +30,10 @@
 
 #include "ort_abi.h"
 
+#ifndef EDGETOK_PORTABLE_ONLY
+#include <immintrin.h>
+#endif
+
 // x86-64: the loops for AVX2 + FMA (every x86 CPU since 2013); the library registers this op only
 // where the CPU has them (edgetok_attention_op), and graphs ask for it only where it is registered
 #ifndef EDGETOK_PORTABLE_ONLY
@@ -53,9 +57,13 @@ struct Attention {
     std::vector<float>* q;                 // rotated queries (B, S, H, D)
 };
 
-constexpr int64_t CHUNK = 512;      // slots per task when one step's few queries need the threads
+// Slots per task, at fixed boundaries (multiples of CHUNK): a token's sums are then made in the same
+// order whether it is decoded alone or verified among a draft's tokens, so a draft's logits are the
+// plain step's bit for bit (greedy speculation stays exact)
+constexpr int64_t CHUNK = 512;
 constexpr int64_t FEW_TOKENS = 16;    // more new tokens than this (a prefill): ONNX Runtime's own kernel
-constexpr int64_t PREFETCH_ROWS = 16;  // K/V rows requested ahead of the one read
+constexpr int64_t PREFETCH_ROWS = 16;  // K rows requested ahead of the ones read
+constexpr int64_t WEIGH_ROWS = 64;     // value rows per pass of the weighted sums (16 KB at D = 64)
 // fewer slots than this, one sequence: ONNX Runtime's own kernel too (as fast there); a batch of short
 // caches (served clients) stays here: ONNX Runtime's per-row work made a 4-row step 2.4× one, 2.0× here
 constexpr int64_t LONG_CACHE = 512;
@@ -72,30 +80,109 @@ inline void rotate(const float* x, float* to, const float* cos, const float* sin
     }
 }
 
-// e^x for x ≤ 0 (scores minus their maximum), vectorizable: 2^n · p(r), x = n·ln 2 + r, |r| ≤ ln 2 / 2,
+// 8 floats: one AVX2 register under this file's target (GCC's vector extension: portable builds too)
+using F8 = float __attribute__((vector_size(32)));
+inline F8 load8(const float* p) {
+    F8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store8(float* p, F8 v) { std::memcpy(p, &v, sizeof v); }
+// ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))
+inline float lanes_sum(F8 v) {
+#ifndef EDGETOK_PORTABLE_ONLY
+    const __m256 x = reinterpret_cast<__m256>(v);
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+#else
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+#endif
+}
+
+using I8 = int32_t __attribute__((vector_size(32)));
+
+// e^x for x ≤ 0 (scores minus their maximum), 8 at a time: 2^n · p(r), x = n·ln 2 + r, |r| ≤ ln 2 / 2,
 // p Cephes' degree-6 polynomial for expf (within 2 ulp of std::exp; below e^-87 it is 0)
-inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+inline F8 exp_nonpositive(F8 x) {
+    const F8 floor = F8{} - 87.0f, round = F8{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+    x = x < floor ? floor : x;
+    const F8 n = (x * 1.44269504088896341f + round) - round;
+    const F8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    F8 p = F8{} + 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits = (int32_t(n) + 127) << 23;
-    float scale;
+    const I8 bits = (__builtin_convertvector(n, I8) + 127) << 23;
+    F8 scale;
     std::memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < d; ++i) sum += a[i] * b[i];
-    return sum;
+// A query's scores over n slots → their e^(score − max) in place, the max and Σ: every n summed
+// alike (8 lanes, across them, then the last n mod 8 in turn), a short tail through the same loop
+inline void exponentiate(float* row, int64_t n, float& max, float& total) {
+    const int64_t body = n - n % 8;
+    F8 m8 = F8{} - INFINITY;
+    for (int64_t j = 0; j < body; j += 8) {
+        const F8 x = load8(row + j);
+        m8 = x > m8 ? x : m8;
+    }
+    float m = std::max(std::max(std::max(m8[0], m8[1]), std::max(m8[2], m8[3])),
+                       std::max(std::max(m8[4], m8[5]), std::max(m8[6], m8[7])));
+    for (int64_t j = body; j < n; ++j) m = std::max(m, row[j]);
+    F8 sums = {};
+    for (int64_t j = 0; j < body; j += 8) {
+        const F8 e = exp_nonpositive(load8(row + j) - m);
+        store8(row + j, e);
+        sums += e;
+    }
+    float sum = lanes_sum(sums);
+    if (body < n) {
+        float tail[8] = {};
+        std::copy(row + body, row + n, tail);
+        const F8 e = exp_nonpositive(load8(tail) - m);
+        for (int64_t j = body; j < n; ++j) sum += (row[j] = e[j - body]);
+    }
+    max = m, total = sum;
+}
+
+// q · key for R key rows D apart, R sums in flight (one alone waits on its own FMA's latency). Each
+// is summed alike whatever R is (8 lanes over D, then across them, then D mod 8 in turn), so a
+// score does not depend on how many were computed together.
+template <int R>
+inline void dots(const float* q, const float* keys, int64_t d, float* out) {
+    F8 acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = F8{};
+    int64_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+        const F8 x = load8(q + e);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r] += x * load8(keys + r * d + e);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+        float sum = lanes_sum(acc[r]);
+        for (int64_t t = e; t < d; ++t) sum += q[t] * keys[r * d + t];
+        out[r] = sum;
+    }
+}
+
+// acc[e] += Σ_j p[j] · values[j, e] for 8·V of a row's D columns from e0, rows j in turn: each column's
+// sum in registers over the rows (in memory it would wait on a store and a load per row)
+template <int V>
+inline void weigh(const float* p, const float* values, int64_t n, int64_t d, int64_t e0, float* acc) {
+    F8 sums[V];
+    for (int u = 0; u < V; ++u) sums[u] = load8(acc + e0 + 8 * u);
+    for (int64_t j = 0; j < n; ++j) {
+        const F8 w = F8{} + p[j];
+        for (int u = 0; u < V; ++u) sums[u] += w * load8(values + j * d + e0 + 8 * u);
+    }
+    for (int u = 0; u < V; ++u) store8(acc + e0 + 8 * u, sums[u]);
 }
 
 // row b's past length (tokens before this run's)
@@ -131,30 +218,38 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
     const float* keys = a.key + ((b * a.hkv + k) * a.out_t + lo) * d;
     const float* values = a.value + ((b * a.hkv + k) * a.out_t + lo) * d;
     scores.resize(size_t(g * std::max<int64_t>(n, 1)));
-    for (int64_t j = 0; j < n; ++j) {  // each key read once for the group
+    float four[4];
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {  // each key read once for the group
         // the rows a few ahead, requested now: one step's attention is a stream through memory
-        for (int64_t line = 0; line < d; line += 16) __builtin_prefetch(keys + (j + PREFETCH_ROWS) * d + line);
-        for (int64_t i = 0; i < g; ++i) scores[i * n + j] = dot(q + i * d, keys + j * d, d) * a.scale;
+        for (int64_t line = 0; line < 4 * d; line += 16) __builtin_prefetch(keys + (j + PREFETCH_ROWS) * d + line);
+        for (int64_t i = 0; i < g; ++i) {
+            dots<4>(q + i * d, keys + j * d, d, four);
+            for (int r = 0; r < 4; ++r) scores[i * n + j + r] = four[r] * a.scale;
+        }
     }
+    for (; j < n; ++j)
+        for (int64_t i = 0; i < g; ++i) {
+            dots<1>(q + i * d, keys + j * d, d, four);
+            scores[i * n + j] = four[0] * a.scale;
+        }
     for (int64_t i = 0; i < g; ++i) {
-        float* row = scores.data() + i * n;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < n; ++j) total += (row[j] = exp_nonpositive(row[j] - m));
-        part.max[i] = m;
-        part.sum[i] = total;
+        exponentiate(scores.data() + i * n, n, part.max[i], part.sum[i]);
         std::fill(part.acc + i * d, part.acc + (i + 1) * d, 0.f);
     }
-    for (int64_t j = 0; j < n; ++j) {  // each value read once for the group
-        const float* v = values + j * d;
-        for (int64_t line = 0; line < d; line += 16) __builtin_prefetch(v + PREFETCH_ROWS * d + line);
+    // the values in passes of WEIGH_ROWS rows, which stay in the L1 cache while the group's queries
+    // pass over them
+    for (int64_t j0 = 0; j0 < n; j0 += WEIGH_ROWS) {
+        const int64_t rows = std::min(WEIGH_ROWS, n - j0);
         for (int64_t i = 0; i < g; ++i) {
-            const float p = scores[i * n + j];
+            const float* p = scores.data() + i * n + j0;
+            const float* v = values + j0 * d;
             float* acc = part.acc + i * d;
-#pragma omp simd
-            for (int64_t e = 0; e < d; ++e) acc[e] += p * v[e];
+            int64_t e = 0;
+            for (; e + 64 <= d; e += 64) weigh<8>(p, v, rows, d, e, acc);
+            for (; e + 8 <= d; e += 8) weigh<1>(p, v, rows, d, e, acc);
+            for (; e < d; ++e)
+                for (int64_t r = 0; r < rows; ++r) acc[e] += p[r] * v[r * d + e];
         }
     }
 }
@@ -167,8 +262,8 @@ inline void visible(const Attention& a, int64_t b, int64_t s, int64_t& lo, int64
 
 struct Job {
     const Attention* a;
-    int64_t chunks;             // per (row, KV head, new token)
-    std::vector<float>* parts;  // per task: G·D sums, G maxima, G sums
+    int64_t chunks;             // per (row, KV head): tasks over CHUNK-slot spans of the visible slots
+    std::vector<float>* parts;  // per (row, KV head, new token, chunk): G·D sums, G maxima, G sums
 };
 
 void run_place(void* user, size_t i) {
@@ -176,24 +271,39 @@ void run_place(void* user, size_t i) {
     place(*job.a, int64_t(i));
 }
 
+// The first chunk (a multiple of CHUNK) a row's new tokens see, and how many they span
+inline void chunks_of(const Attention& a, int64_t b, int64_t& first, int64_t& count) {
+    int64_t lo, hi, last_lo, last_hi;
+    visible(a, b, 0, lo, hi);
+    visible(a, b, a.s - 1, last_lo, last_hi);
+    first = lo / CHUNK;
+    count = (last_hi - 1) / CHUNK - first + 1;
+}
+
+// One task: a (row, KV head)'s chunk of slots for every new token; its K/V rows are read from
+// memory once for all of them (a draft's verification reads the cache once, not once per token)
 void run_attend(void* user, size_t i) {
     const Job& job = *static_cast<const Job*>(user);
     const Attention& a = *job.a;
-    const int64_t g = a.h / a.hkv, c = int64_t(i) % job.chunks, rest = int64_t(i) / job.chunks;
-    const int64_t s = rest % a.s, k = (rest / a.s) % a.hkv, b = rest / (a.s * a.hkv);
-    int64_t lo, hi;
-    visible(a, b, s, lo, hi);
-    const int64_t span = (hi - lo + job.chunks - 1) / job.chunks;
-    const int64_t from = std::min(hi, lo + c * span), to = std::min(hi, from + span);
-    float* base = job.parts->data() + int64_t(i) * g * (a.d + 2);
-    Partial part{base, base + g * a.d, base + g * a.d + g};
+    const int64_t g = a.h / a.hkv, per = g * (a.d + 2), c = int64_t(i) % job.chunks, rest = int64_t(i) / job.chunks;
+    const int64_t k = rest % a.hkv, b = rest / a.hkv;
+    int64_t first, count;
+    chunks_of(a, b, first, count);
+    const int64_t from = (first + c) * CHUNK, to = from + CHUNK;
     thread_local std::vector<float> scores;
-    if (from >= to) {  // an empty chunk: nothing to add
-        for (int64_t e = 0; e < g; ++e) part.max[e] = -INFINITY, part.sum[e] = 0.f;
-        std::fill(part.acc, part.acc + g * a.d, 0.f);
-        return;
+    for (int64_t s = 0; s < a.s; ++s) {
+        int64_t lo, hi;
+        visible(a, b, s, lo, hi);
+        lo = std::max(lo, from), hi = std::min(hi, to);
+        float* base = job.parts->data() + (((b * a.hkv + k) * a.s + s) * job.chunks + c) * per;
+        Partial part{base, base + g * a.d, base + g * a.d + g};
+        if (c >= count || lo >= hi) {  // an empty chunk: nothing to add
+            for (int64_t e = 0; e < g; ++e) part.max[e] = -INFINITY, part.sum[e] = 0.f;
+            std::fill(part.acc, part.acc + g * a.d, 0.f);
+            continue;
+        }
+        attend(a, b, k, s, lo, hi, part, scores);
     }
-    attend(a, b, k, s, from, to, part, scores);
 }
 
 // Each (row, KV head, new token)'s chunks merged: the output is Σ e^(m_c − m) acc_c / Σ e^(m_c − m) sum_c
@@ -395,10 +505,15 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
     thread_local std::vector<float> queries, parts;
     queries.resize(size_t(a.b * a.s * a.h * a.d));
     a.q = &queries;
-    // few new tokens (decode): split each query group's slots into chunks for the threads
-    const int64_t chunks = a.s >= 4 ? 1 : std::max<int64_t>(1, (longest + CHUNK - 1) / CHUNK);
-    const int64_t tasks = a.b * a.hkv * a.s * chunks;
-    parts.resize(size_t(tasks * (a.h / a.hkv) * (a.d + 2)));
+    // few new tokens (decode, a draft): each query group's slots in chunks for the threads
+    int64_t chunks = 1;
+    for (int64_t b = 0; b < a.b; ++b) {
+        int64_t first, count;
+        chunks_of(a, b, first, count);
+        chunks = std::max(chunks, count);
+    }
+    const int64_t tasks = a.b * a.hkv * chunks;
+    parts.resize(size_t(tasks * a.s * (a.h / a.hkv) * (a.d + 2)));
     Job job{&a, chunks, &parts};
     if (a.b * a.s <= 2)  // a decode step or two: not worth waking the threads
         for (int64_t i = 0; i < a.b * a.s; ++i) place(a, i);
