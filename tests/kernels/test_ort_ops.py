@@ -174,6 +174,32 @@ def test_attention_equals_onnxruntimes(heads, kv_heads, d, window, new, pasts, s
             np.testing.assert_allclose(past["past_key"][row, :, :p + new], want[1][row, :, :p + new], atol=2e-6)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "window", "new", "past"), [
+    (9, 3, 64, 0, 9, 1020),     # SmolLM2: a draft of 8 after a 1K prompt, across a 512-slot chunk boundary
+    (4, 1, 256, 0, 5, 2100),    # Gemma 3's head size
+    (4, 1, 256, 512, 7, 2100),  # its sliding layers
+    (9, 3, 36, 0, 3, 700),      # a head size that is no multiple of 8
+])
+def test_a_drafts_attention_is_the_one_token_steps_bit_for_bit(heads, kv_heads, d, window, new, past):
+    """Verifying a draft of `new` tokens in one call gives each token the output a decode step of
+    that token alone gives: equal, not close (what keeps greedy speculation exact)."""
+    rng = np.random.default_rng(new + past)
+    session = attention_session(ort_ops.DOMAIN, heads, kv_heads, d, window, 1 / np.sqrt(d))
+    qkv = rng.standard_normal((1, new, (heads + 2 * kv_heads) * d)).astype(np.float32)
+    cache = {name: rng.standard_normal((1, kv_heads, past + new, d)).astype(np.float32) for name in ("past_key", "past_value")}
+
+    def run(first: int, count: int, kv: dict) -> list[np.ndarray]:
+        return session.run(None, {"qkv": qkv[:, first : first + count], **kv,
+                                  "seqlens": np.array([[past + first + count - 1]], np.int32),
+                                  "total": np.array([past + first + count], np.int32),
+                                  "positions": np.arange(past + first, past + first + count)[None]})
+
+    draft, key, value = run(0, new, cache)
+    for s in range(new):  # each token alone, after the tokens before it (their K/V as the draft wrote them)
+        alone = run(s, 1, {"past_key": key.copy(), "past_value": value.copy()})[0]
+        np.testing.assert_array_equal(alone[0, 0], draft[0, s])
+
+
 def test_a_hooks_parallel_for_runs_every_item_outside_a_hook_too():
     """edgetok_hook_parallel_for lends the op's threads inside a hook; elsewhere it runs the items in turn."""
     import ctypes
