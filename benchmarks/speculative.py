@@ -1,5 +1,5 @@
 """Decode speed with and without speculative decoding, on input-grounded prompts (a ~1K-token
-document or source file to summarize, quote or edit) and open chat prompts: edgetok's engine
+essay, source file, license, changelog, README or JSON document to summarize, quote, copy or edit) and open chat prompts: edgetok's engine
 (the ONNX int4 export, and torch fp32) with --speculate none | lookup | recycle, transformers'
 prompt-lookup generation (`generate(..., prompt_lookup_num_tokens=K)`, fp32) and llama.cpp's
 lookup decoding (llama-cpp-python's `LlamaPromptLookupDecoding` as the draft model, on the GGUF).
@@ -40,7 +40,7 @@ import edgetok
 from edgetok.bench.artifacts import gguf_file, hf_folder
 from edgetok.models.sources import load_source
 from edgetok.runtimes.speculation import new_drafter
-from edgetok.texts import essays
+from edgetok.texts import corpus, essays
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = "≥ 1.8× plain decode on input-grounded prompts, ≥ 0.95× on open chat, ≥ 1.5× llama.cpp's decode at 1K (input-grounded)"
@@ -53,8 +53,10 @@ OPEN = [
 
 
 def grounded_prompts(tok, context: int) -> list[str]:
-    """Three tasks over a document of about `context` tokens with the instruction: summarize and
-    quote an essay, answer from it, and edit a source file."""
+    """Seven tasks over a document of about `context` tokens with the instruction: summarize and
+    quote an essay, answer from it, edit a source file (the first three, since session 2), and
+    quote a license, list a changelog's entries, extract a README's commands, copy JSON records
+    (session 17: five kinds of document, not only essays and one Python file)."""
     doc_budget = context - 60  # the template and the instruction
 
     def cut(text: str) -> str:
@@ -66,6 +68,12 @@ def grounded_prompts(tok, context: int) -> list[str]:
         f"{cut(essay)}\n\nSummarize the essay above in one paragraph, quoting its key sentences word for word.",
         f"{cut(essay[len(essay) // 2 :])}\n\nAccording to the text above, what does the author argue? Answer with quotes from the text.",
         f"{cut(code)}\n\nRewrite the code above with the function `sample` renamed to `choose_token`. Output the code only.",
+        f"{cut(corpus('legal', context * 8))}\n\nWhat does the license above require of someone who redistributes the "
+        "work? Quote the sentences that say so, word for word.",
+        f"{cut(corpus('changelog', context * 8))}\n\nList the changes of the first version in the changelog above, one "
+        "per line, in the changelog's own words.",
+        f"{cut(corpus('docs', context * 8))}\n\nCopy the installation commands from the document above, exactly as written.",
+        f"{cut(corpus('structured', context * 8))}\n\nOutput the first two entries of the JSON above, unchanged.",
     ]
 
 

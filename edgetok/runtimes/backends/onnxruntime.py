@@ -99,8 +99,8 @@ class OnnxBackend:
                                "(onnxruntime_genai.Model(folder)); edgetok runs the same export made without --genai")
         self.config = source.config
         self.weights_fidelity = weights_effect(source, "as stored")
-        # a forward of 2 tokens costs 1.15x one, of 4 1.38x, of 8 2.06x (SmolLM2's default export on
-        # MatMulQ4, 2 threads; benchmarks/results/speculative_costs.json): one drafted token pays
+        # a forward of 2 tokens costs 1.18x one, of 4 1.54x, of 8 2.45x (SmolLM2's default export after
+        # a 1K prompt, 2 threads; benchmarks/results/speculative_costs_session17.json): one drafted token pays
         self.min_draft = 1
         self.kv = kv
         self.session = open_session(source.path / ONNX_MODEL, provider, threads)

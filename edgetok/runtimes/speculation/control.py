@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Verifying a draft of k tokens costs a forward of k + 1 tokens. On the default engine that is 1.64x
-# a decode step for k = 1 and 1.74x for k = 3 after a 1K-token prompt, 2.4x for k = 3 after a short
-# one (BENCHMARKS.md): once a step verifies at all a few more drafted tokens are nearly free (no
-# draft is shorter than the backend's min_draft), a round pays for itself only when it accepts 2
-# tokens, and a miss costs one to one and a half steps (misses pause drafting, longer each time).
+# Verifying a draft of k tokens costs a forward of k + 1 tokens. On the default engine that is 1.18x
+# a decode step for k = 1, 1.54x for k = 3 and 2.45x for k = 7 after a 1K-token prompt (session 17,
+# BENCHMARKS.md): one accepted token pays for a round, and a miss costs a fifth of a step to one and
+# a half steps (misses pause drafting, longer each time). A backend whose cheapest draft costs about
+# two steps sets min_draft above 1: its drafts are never shorter, and a round must accept 2 tokens.
 MISSES_BEFORE_PAUSE = 2  # consecutive rounds that do not pay, before the first pause
 PAUSE_MIN, PAUSE_MAX = 8, 64  # decode steps without drafting; doubles while probes keep missing
 
