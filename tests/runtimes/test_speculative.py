@@ -20,7 +20,7 @@ from edgetok.runtimes.engine import GenerationConfig, Result
 from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
 from edgetok.runtimes.sampling import SamplingParams, apply_repetition_penalty, filter_logits, new_generator, sample, softmax
 from edgetok.runtimes.speculation import DraftControl, PromptLookup, TokenRecycling
-from edgetok.runtimes.speculation.control import MISSES_BEFORE_PAUSE, PAUSE_MIN
+from edgetok.runtimes.speculation.control import MISSES_BEFORE_PAUSE, PAUSE_MAX, PAUSE_MIN
 
 # Greedy speculative output may leave plain decoding's only where logits computed for several
 # positions at once round differently from one at a time: at a near-tie of the reference's top two.
@@ -414,6 +414,18 @@ def test_draft_length_adapts_and_pauses_after_misses():
     cheap.update(1, 1)
     cheap.update(2, 1)
     assert cheap.misses == 0 and cheap.next_length() == 2
+
+
+def test_drafts_that_always_miss_are_probed_rarely():
+    """Text the drafter never guesses (open chat for lookup) pays for one probe per PAUSE_MAX steps
+    once the pauses have grown: a probe that misses costs a fifth of a step on the default engine."""
+    c, probes = DraftControl(8), []
+    for step in range(2000):
+        if k := c.next_length():
+            probes.append(step)
+            c.update(k, 0)
+    assert len(probes) <= 2000 / PAUSE_MAX + 10  # (the first misses, before the pauses have grown)
+    assert all(b - a - 1 == PAUSE_MAX for a, b in zip(probes[10:], probes[11:]))  # steps between probes
 
 
 # -- configuration and the command line ----------------------------------------------------------

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 # a half steps (misses pause drafting, longer each time). A backend whose cheapest draft costs about
 # two steps sets min_draft above 1: its drafts are never shorter, and a round must accept 2 tokens.
 MISSES_BEFORE_PAUSE = 2  # consecutive rounds that do not pay, before the first pause
-PAUSE_MIN, PAUSE_MAX = 8, 64  # decode steps without drafting; doubles while probes keep missing
+# Decode steps without drafting; doubles while probes keep missing. A probe that misses costs the
+# default engine 0.18 of a step (session 17; 0.64 before): a pause of 16 keeps text that never
+# matches within 1 % of plain decoding, and shorter pauses find the next quotable stretch sooner
+# (replayed on the benchmark's ten prompts: lookup as before, recycle 1.06x → 1.10x on input-grounded
+# prompts and 1.00x → 1.06x on open chat; benchmarks/speculative_costs.py, BENCHMARKS.md).
+PAUSE_MIN, PAUSE_MAX = 2, 16
 
 
 @dataclass
