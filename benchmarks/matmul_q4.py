@@ -61,13 +61,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=60, help="576→1536→576 pairs in the chain (60: 53 MB of codes)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, comma-separated (a draft of k: k + 1)")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help="which of: " + ", ".join(KERNELS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/matmul_q4.json"))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    sessions = {k: chain(k, args.pairs, args.threads, rng) for k in KERNELS}
+    sessions = {k: chain(k, args.pairs, args.threads, rng) for k in args.kernels.split(",")}
     nodes = 2 * args.pairs
     results = {}
-    for rows in ROWS:
+    for rows in map(int, args.rows.split(",")):
         a = rng.standard_normal((1, rows, HIDDEN)).astype(np.float32)
         reps = 20 if rows <= 8 else 3
         for kernel, session in sessions.items():  # interleaved: each row count runs every kernel

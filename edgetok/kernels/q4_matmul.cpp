@@ -58,7 +58,7 @@ namespace avx512 {
 namespace {
 
 constexpr int64_t TILE = 16;    // columns per task, a few rows
-constexpr int64_t FEW_ROWS = 12;  // up to this many rows, read the codes directly; more: dequantize a tile for a GEMM
+constexpr int64_t FEW_ROWS = 32;  // up to this many rows (a draft of up to 31 tokens), read the codes directly; more: dequantize a tile for a GEMM
 
 struct Isa {
     const char* name;

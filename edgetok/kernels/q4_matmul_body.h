@@ -246,15 +246,26 @@ inline void gemm_tile(const Q4Problem& p, const float* x, float* wt, float* y, i
     for (; r < p.m; ++r) gemm_rows<1>(p, x + r * p.k, wt, y + r * p.n + n0, n1 - n0);
 }
 
-// One task: the columns [n0, n1) for every row, four rows at a time (a tile of weights stays in
-// the L1 cache while the rows pass over it).
+// Rows per pass over a task's columns: each pass unpacks the codes again, so a few rows are split
+// into as few passes as the registers allow (2 columns · R rows · 2 sums, the codes' and the inputs'
+// vectors: R = 6 fills AVX-512's 32; AVX2's 16 hold R = 2, and spill a little at 4)
+constexpr int64_t PASS_ROWS = W == 16 ? 6 : 4;
+
+// One task: the columns [n0, n1) for every row, in passes of as even a number of rows as fits (9
+// rows: 5 + 4, not 4 + 4 + 1; a tile of codes stays in the L1 cache while the passes go over it).
 inline void tile(const Q4Problem& p, const float* xp, float* y, int64_t n0, int64_t n1) {
-    int64_t r = 0;
-    for (; r + 4 <= p.m; r += 4) columns<4>(p, xp + r * p.k, y + r * p.n, n0, n1);
-    switch (p.m - r) {
-        case 3: columns<3>(p, xp + r * p.k, y + r * p.n, n0, n1); break;
-        case 2: columns<2>(p, xp + r * p.k, y + r * p.n, n0, n1); break;
-        case 1: columns<1>(p, xp + r * p.k, y + r * p.n, n0, n1); break;
-        default: break;
+    for (int64_t r = 0; r < p.m;) {
+        const int64_t left = p.m - r, passes = (left + PASS_ROWS - 1) / PASS_ROWS, rows = (left + passes - 1) / passes;
+        const float* x = xp + r * p.k;
+        float* out = y + r * p.n;
+        switch (rows) {
+            case 6: columns<6>(p, x, out, n0, n1); break;
+            case 5: columns<5>(p, x, out, n0, n1); break;
+            case 4: columns<4>(p, x, out, n0, n1); break;
+            case 3: columns<3>(p, x, out, n0, n1); break;
+            case 2: columns<2>(p, x, out, n0, n1); break;
+            default: columns<1>(p, x, out, n0, n1); break;
+        }
+        r += rows;
     }
 }

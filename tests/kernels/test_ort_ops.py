@@ -68,6 +68,21 @@ def test_matmul_q4_equals_its_dequantized_weights(monkeypatch, isa, k, n, block)
         assert np.abs(y - want).max() <= 2e-6 * np.abs(want).max(), (rows, np.abs(y - want).max())
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_matmul_q4_rows_are_each_rows_alone_bit_for_bit(monkeypatch, isa):
+    """A row's result does not depend on the rows beside it, up to the GEMM's threshold (a draft of
+    up to 31 tokens): each of m rows equals that row run alone — equal, not close (what keeps greedy
+    speculation exact on the default engine)."""
+    monkeypatch.setenv("EDGETOK_Q4_ISA", isa)
+    rng = np.random.default_rng(7)
+    packed, scales, offsets = q4_weights(rng, 1536, 576, 32)
+    session = q4_session(packed, scales, offsets, 576, 1536, 32)
+    a = rng.standard_normal((1, 32, 576)).astype(np.float32)
+    alone = np.concatenate([session.run(None, {"A": a[:, r : r + 1]})[0] for r in range(32)], axis=1)
+    for rows in (2, 5, 7, 9, 13, 32):
+        np.testing.assert_array_equal(session.run(None, {"A": a[:, :rows]})[0], alone[:, :rows])
+
+
 def test_matmul_q4_takes_an_empty_batch_and_one_thread():
     rng = np.random.default_rng(0)
     packed, scales, offsets = q4_weights(rng, 40, 64, 32)
