@@ -25,10 +25,12 @@ if want onnx; then  # ONNX export: size and parity; decode vs onnxruntime-genai
 fi
 if want genai; then $PY benchmarks/genai_agreement.py; fi  # --genai folders in onnxruntime-genai: greedy agreement, parity
 if want spec; then  # speculative decoding: edgetok (the default engine, torch) vs transformers' and llama.cpp's lookup decoding
-  $LOCK $PY benchmarks/speculative_costs.py --out benchmarks/results/speculative_costs.json
+  $LOCK $PY benchmarks/speculative_costs.py --out benchmarks/results/speculative_costs_session17.json
   $LOCK $PY benchmarks/speculative_costs.py --engine torch --out benchmarks/results/speculative_costs_torch.json
-  $LOCK $PY benchmarks/speculative.py --repeat 2 --threads 2 --only default,llama.cpp --out benchmarks/results/speculative.json
-  $LOCK $PY benchmarks/speculative.py --repeat 1 --threads 2 --only torch,transformers --out benchmarks/results/speculative_torch.json
+  $LOCK $PY benchmarks/speculative.py --repeat 2 --threads 2 --only default,llama.cpp --sets input-grounded,open,verbatim \
+    --out benchmarks/results/speculative_session17.json
+  $LOCK $PY benchmarks/speculative.py --repeat 1 --threads 2 --only torch,transformers --sets input-grounded,open \
+    --out benchmarks/results/speculative_torch_session17.json
 fi
 if want default; then  # the default engine's activations: agreement with fp32 on four kinds of text, 1K decode vs llama.cpp
   $LOCK $PY benchmarks/default_engine.py --out benchmarks/results/default_engine.json
