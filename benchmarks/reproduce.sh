@@ -26,7 +26,7 @@ fi
 if want genai; then $PY benchmarks/genai_agreement.py; fi  # --genai folders in onnxruntime-genai: greedy agreement, parity
 if want spec; then  # speculative decoding: edgetok (the default engine, torch) vs transformers' and llama.cpp's lookup decoding
   $LOCK $PY benchmarks/speculative_costs.py --out benchmarks/results/speculative_costs_session17.json
-  $LOCK $PY benchmarks/speculative_costs.py --engine torch --out benchmarks/results/speculative_costs_torch.json
+  $LOCK $PY benchmarks/speculative_costs.py --engine torch --out benchmarks/results/speculative_costs_torch_session17.json
   $LOCK $PY benchmarks/speculative.py --repeat 2 --threads 2 --only default,llama.cpp --sets input-grounded,open,verbatim \
     --out benchmarks/results/speculative_session17.json
   $LOCK $PY benchmarks/speculative.py --repeat 1 --threads 2 --only torch,transformers --sets input-grounded,open \
