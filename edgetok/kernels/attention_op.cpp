@@ -105,7 +105,7 @@ inline float lanes_sum(F8 v) {
 using I8 = int32_t __attribute__((vector_size(32)));
 
 // e^x for x ≤ 0 (scores minus their maximum), 8 at a time: 2^n · p(r), x = n·ln 2 + r, |r| ≤ ln 2 / 2,
-// p Cephes' degree-6 polynomial for expf (within 2 ulp of std::exp; below e^-87 it is 0)
+// p Cephes' degree-6 polynomial for expf (within 2 ulp of std::exp; below −87 it is e^−87 ≈ 1.6e−38)
 inline F8 exp_nonpositive(F8 x) {
     const F8 floor = F8{} - 87.0f, round = F8{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
     x = x < floor ? floor : x;
