@@ -99,7 +99,7 @@ class OnnxBackend:
                                "(onnxruntime_genai.Model(folder)); edgetok runs the same export made without --genai")
         self.config = source.config
         self.weights_fidelity = weights_effect(source, "as stored")
-        # a forward of 2 tokens costs 1.18x one, of 4 1.54x, of 8 2.45x (SmolLM2's default export after
+        # a forward of 2 tokens costs 1.20x one, of 4 1.62x, of 8 2.66x (SmolLM2's default export after
         # a 1K prompt, 2 threads; benchmarks/results/speculative_costs_session17.json): one drafted token pays
         self.min_draft = 1
         self.kv = kv

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Verifying a draft of k tokens costs a forward of k + 1 tokens. On the default engine that is 1.18x
-# a decode step for k = 1, 1.54x for k = 3 and 2.45x for k = 7 after a 1K-token prompt (session 17,
+# Verifying a draft of k tokens costs a forward of k + 1 tokens. On the default engine that is 1.20x
+# a decode step for k = 1, 1.62x for k = 3 and 2.66x for k = 7 after a 1K-token prompt (session 17,
 # BENCHMARKS.md): one accepted token pays for a round, and a miss costs a fifth of a step to one and
 # a half steps (misses pause drafting, longer each time). A backend whose cheapest draft costs about
 # two steps sets min_draft above 1: its drafts are never shorter, and a round must accept 2 tokens.
