@@ -377,7 +377,8 @@ bool check_table(const Problem& p) {
             if (!check(ch[F_K_SCALE] && ch[F_K_ZERO] && ch[F_V_SCALE] && ch[F_V_ZERO], "a quantized chunk needs its scales and zeros")) return false;
             if (!check(!ch[F_CAUSAL], "only a float chunk (the window) can hold the queries' own tokens")) return false;
         }
-        if (ch[F_CAUSAL] && !check(len >= p.t, "the causal chunk holds the queries' own tokens: at least T of them")) return false;
+        if (ch[F_CAUSAL] > 0 && !check(len >= p.t, "the causal chunk holds the queries' own tokens: at least T of them")) return false;
+        if (ch[F_CAUSAL] < 0 && !check(-ch[F_CAUSAL] > p.t, "a sliding window must be wider than the query tokens")) return false;
     }
     return true;
 }
@@ -845,9 +846,9 @@ int attend_slab(const int64_t* rec, const Isa& isa, int64_t n_kv, int64_t g, int
 // `user` is an int64 descriptor: [layers, n_kv, head_dim, vgroup, threads, isa (0 best, 1 avx2,
 // 2 scalar), query heads per KV head, the new tokens' bits (32, or 16: rounded to bfloat16 as the
 // cache stores them, so attention reads what a later step will), the address of a ParallelFor to
-// run the op's items on (0: this extension's pool, `threads` wide), then per layer: groups (1 or n_kv;
-// 0: a slab), the address of its (groups, 2) array of (table address, rows) or of its slab record,
-// the address of its float32 (Hq, D) buffer for the step's last query] (mixed_attention.py: StepTables).
+// run the op's items on (0: this extension's pool, `threads` wide), the step's tokens (T), then per layer: groups (1 or n_kv; 0: a slab), the address of its (groups, 2) array of (table
+// address, rows) or of its slab record, the address of its float32 (T, Hq, D) buffer for the step's
+// queries (a draft's, for the cache's rollback; the last selects)] (mixed_attention.py: StepTables).
 extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables(void* user, int64_t layer, const float* q,
                                                                               const float* k, const float* v, int64_t s,
                                                                               float scale, float* out) {
@@ -855,12 +856,12 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
     const int64_t layers = desc[0], n_kv = desc[1], d = desc[2], vgroup = desc[3], threads = desc[4], g = desc[6];
     const int64_t own_bits = desc[7];
     const ParallelFor parallel_for = reinterpret_cast<ParallelFor>(desc[8]);
-    if (layer < 0 || layer >= layers || s <= 0) return 1;
+    if (layer < 0 || layer >= layers || s <= 0 || s != desc[9]) return 1;
     const Isa* isa = desc[5] == 0 ? find_isa("auto") : find_isa(desc[5] == 1 ? "avx2" : "scalar");
     if (!isa) return 1;
-    const int64_t* entry = desc + 9 + 3 * layer;
+    const int64_t* entry = desc + 10 + 3 * layer;
     const int64_t groups = entry[0];
-    float* q_last = reinterpret_cast<float*>(entry[2]);
+    float* queries = reinterpret_cast<float*>(entry[2]);
     if (groups != 0 && groups != 1 && groups != n_kv) return 1;
     const int64_t hq = g * n_kv;
     thread_local std::vector<float> qt, ot, lse;
@@ -869,10 +870,12 @@ extern "C" __attribute__((visibility("default"))) int edgetok_attend_from_tables
     lse.resize(size_t(hq * s));
     for (int64_t t = 0; t < s; ++t)  // (S, H, D) → (H, S, D): each KV head's query rows together
         for (int64_t h = 0; h < hq; ++h) std::memcpy(&qt[(h * s + t) * d], q + (t * hq + h) * d, sizeof(float) * d);
-    // the last query as the cache keeps it: scaled to attend at 1/√D, as attend() would have it
+    // the queries as the cache keeps them: scaled to attend at 1/√D, as attend() would have them
     const float to_cache = scale * std::sqrt(float(d));
-    for (int64_t h = 0; h < hq; ++h)
-        for (int64_t i = 0; i < d; ++i) q_last[h * d + i] = qt[(h * s + s - 1) * d + i] * to_cache;
+    for (int64_t t = 0; t < s; ++t)
+        for (int64_t h = 0; h < hq; ++h)
+            for (int64_t i = 0; i < d; ++i) queries[(t * hq + h) * d + i] = qt[(h * s + t) * d + i] * to_cache;
+    const float* q_last = queries + (s - 1) * hq * d;
     if (groups == 0) {
         const int64_t* rec = reinterpret_cast<const int64_t*>(entry[1]);
         if (attend_slab(rec, *isa, n_kv, g, s, d, vgroup, own_bits, int(threads), parallel_for, scale, q_last, qt.data(), k, v, ot.data(), lse.data()))

@@ -59,19 +59,22 @@ def value_group(head_dim: int) -> int:
 
 
 def row(bits: int, length: int, k: int, v: int, k_scale: int = 0, k_zero: int = 0, v_scale: int = 0, v_zero: int = 0,
-        head_stride: int = 0, token_stride: int = 0, causal: bool = False) -> list[int]:
+        head_stride: int = 0, token_stride: int = 0, causal: bool = False, slides: int = 0) -> list[int]:
     """A table row (FIELDS) from addresses: what float_row and quantized_row make of tensors, for a
-    caller that has only a buffer's address and its layout (codec.kernel_row)."""
-    return [bits, length, k, v, k_scale, k_zero, v_scale, v_zero, head_stride, token_stride, int(causal)]
+    caller that has only a buffer's address and its layout (codec.kernel_row). slides: see float_row."""
+    assert not (causal and slides)
+    return [bits, length, k, v, k_scale, k_zero, v_scale, v_zero, head_stride, token_stride, -slides if slides else int(causal)]
 
 
-def float_row(k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> list[int]:
+def float_row(k: torch.Tensor, v: torch.Tensor, causal: bool = False, slides: int = 0) -> list[int]:
     """A row for float K/V (Hkv, S, D), float32 or bf16, channels contiguous, k and v strided alike.
-    causal: the last T tokens are the queries' own (the window during a decode step)."""
+    causal: the last T tokens are the queries' own (the window during a decode step). slides: the
+    width W of the sliding window whose past these tokens are: query token t of T sees them from
+    S + t − (W − 1) on (a draft's later tokens have slid past the oldest; 0: it sees them all)."""
     assert k.dtype == v.dtype and k.dtype in FLOAT_BITS, (k.dtype, v.dtype)
     assert k.stride() == v.stride() and k.stride(2) == 1, (k.stride(), v.stride())
     return row(FLOAT_BITS[k.dtype], k.shape[1], k.data_ptr(), v.data_ptr(), head_stride=k.stride(0), token_stride=k.stride(1),
-               causal=causal)
+               causal=causal, slides=slides)
 
 
 def slab_rows(slab_k: torch.Tensor, slab_v: torch.Tensor, starts: torch.Tensor, length: int) -> np.ndarray:
@@ -182,18 +185,22 @@ class StepTables:
     hook edgetok's GroupQueryAttention calls; ort_ops.attending_through): per layer, either a table
     made before the graph runs (`set`: the operator adds the layer's new tokens as the causal row),
     or a slab (`set_slab`: the hook stores the new tokens in it, selects the layer's chunks with the
-    step's own query and reads them in place). The hook writes each layer's last query into q_last
-    (Hq, D). The tables' memory (and what their rows point at) must stay alive until the step ends."""
+    step's last query and reads them in place). A step runs `tokens` tokens (more than one: a draft
+    being verified, whose later tokens see a sliding window's past slide); the hook writes each
+    layer's queries into `queries` (T, Hq, D). The tables' memory (and what their rows point at) must
+    stay alive until the step ends."""
 
-    # layers, n_kv, head_dim, vgroup, threads, isa, query heads per KV head, the new tokens' bits, parallel_for
-    HEADER = 9
+    # layers, n_kv, head_dim, vgroup, threads, isa, query heads per KV head, the new tokens' bits, parallel_for,
+    # the step's tokens
+    HEADER = 10
 
-    def __init__(self, layers: int, n_kv: int, n_heads: int, head_dim: int, dtype: torch.dtype, threads: int = 1) -> None:
+    def __init__(self, layers: int, n_kv: int, n_heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 1,
+                 threads: int = 1) -> None:
         """dtype: the cache's: the new tokens are read (and stored, in a slab) as it stores them (bf16 rounded)."""
-        self.q_last = np.zeros((layers, n_heads, head_dim), np.float32)
+        self.queries = np.zeros((layers, tokens, n_heads, head_dim), np.float32)
         self.desc = np.zeros(self.HEADER + 3 * layers, np.int64)
         self.desc[: self.HEADER] = (layers, n_kv, head_dim, value_group(head_dim), threads, 0, n_heads // n_kv,
-                                    FLOAT_BITS[dtype], 0)
+                                    FLOAT_BITS[dtype], 0, tokens)
         self.slabs = np.zeros((layers, len(SLAB_FIELDS)), np.int64)
         self.io = np.zeros((layers, len(IO_FIELDS) + n_heads), np.float32)  # (+ each query head's captured mass)
         self.dtype = dtype
@@ -207,7 +214,7 @@ class StepTables:
         self._alive += [groups, *tables]
         self.from_tables = True
         at = self.HEADER + 3 * layer
-        self.desc[at : at + 3] = (len(tables), groups.ctypes.data, self.q_last[layer].ctypes.data)
+        self.desc[at : at + 3] = (len(tables), groups.ctypes.data, self.queries[layer].ctypes.data)
 
     def set_slab(self, layer: int, slab: SlabStep) -> None:
         """Layer's K/V in float slabs, its chunks selected inside the step (SlabStep)."""
@@ -219,7 +226,7 @@ class StepTables:
                              keep, sinks, recent, int(slab.per_head), int(slab.sampled), self.io[layer].ctypes.data,
                              slab.channels, slab.least, *_sketch_fields(slab.sketch if slab.channels else None))
         at = self.HEADER + 3 * layer
-        self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.q_last[layer].ctypes.data)
+        self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.queries[layer].ctypes.data)
 
     def run_on(self, threads: int, parallel_for: int) -> None:
         """Attend on another runtime's `threads` threads: parallel_for, the address of a C function

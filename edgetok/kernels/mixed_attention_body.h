@@ -347,9 +347,12 @@ static void run_item_nv(const Problem& p, int head, int64_t c0, int64_t c1, floa
             tile_scores<NV>(p, ch, head, t0, n, w.q, w);
             for (int r = 0; r < rows; ++r) {
                 float* sr = w.s + r * TILE;
-                if (ch[F_CAUSAL]) {  // the chunk's last T tokens are the queries': row r is token r % T of them
+                if (ch[F_CAUSAL] > 0) {  // the chunk's last T tokens are the queries': row r is token r % T of them
                     const int64_t visible = len - p.t + (r % p.t) + 1;  // tokens [0, visible) of the chunk
                     for (int j = int(std::max<int64_t>(0, visible - t0)); j < n; ++j) sr[j] = -INFINITY;
+                } else if (ch[F_CAUSAL] < 0) {  // a sliding window's past: tokens [first, len) of the chunk
+                    const int64_t first = len + (r % p.t) - (-ch[F_CAUSAL] - 1);
+                    for (int j = 0; j < int(std::min<int64_t>(n, first - t0)); ++j) sr[j] = -INFINITY;
                 }
                 float mx = -INFINITY;
                 int j = 0;

@@ -116,8 +116,8 @@ class MixedCache(AttendingCache, GraphCache):
         if not self.full.tables_apply(t) or any(window.gaps for window in self.sliding.values()):
             return None
         tables = StepTables(len(self.slot) + len(self.sliding), self.full.n_kv, self.full.n_heads, self.full.head_dim,
-                            self.full.dtype)
-        self.full.fill_tables(tables, sorted(self.slot, key=self.slot.get))
+                            self.full.dtype, t)
+        self.full.fill_tables(tables, sorted(self.slot, key=self.slot.get), t)
         for i, window in self.sliding.items():
             tables.set(i, [window.table_row()])
         return tables

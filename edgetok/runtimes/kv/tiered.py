@@ -42,6 +42,9 @@ from edgetok.runtimes.kv.stats import Counters, report
 from edgetok.runtimes.kv.storage import Layer, ResidentStorage, Storage, TieredStorage
 
 
+STEP_TOKENS = 16  # the most tokens a native step attends: a decode step, or a draft of up to 15 being verified
+
+
 class TieredCache(AttendingCache, GraphCache):
     @property
     def queries_read(self) -> int:
@@ -446,31 +449,31 @@ class TieredCache(AttendingCache, GraphCache):
 
     # -- a graph attending through the cache natively (reads="through") ---------------------------
     def step_tables(self, t: int) -> StepTables | None:
-        """A graph's decode step of t tokens attended from tables, no Python between its layers
-        (mixed_attention.StepTables): every layer's chunks selected now with its last query, read
-        where they live, as the mixed-bit op's rows (the window included, the step's own tokens
-        not: the operator adds them). None: this step needs attend() per layer (prefill, a draft
-        being verified, chunk summaries, a head size the native kernel does not run)."""
+        """A graph's decode step of t tokens (a draft being verified: more than one) attended from
+        tables, no Python between its layers (mixed_attention.StepTables): every layer's chunks
+        selected now with its last query, read where they live, as the mixed-bit op's rows (the
+        window included, the step's own tokens not: the operator adds them). None: this step needs
+        attend() per layer (prefill, chunk summaries, a head size the native kernel does not run)."""
         if not self.tables_apply(t):
             return None
-        tables = StepTables(len(self.layers), self.n_kv, self.n_heads, self.head_dim, self.dtype)
-        self.fill_tables(tables, list(range(len(self.layers))))
+        tables = StepTables(len(self.layers), self.n_kv, self.n_heads, self.head_dim, self.dtype, t)
+        self.fill_tables(tables, list(range(len(self.layers))), t)
         return tables
 
     def tables_apply(self, t: int) -> bool:
         """Whether a step of t tokens can be attended from tables (step_tables)."""
-        return (t == 1 and self.selects_ahead and not self.summarize and self.layers[0].chunk_size > 0
+        return (1 <= t <= STEP_TOKENS and self.selects_ahead and not self.summarize and self.layers[0].chunk_size > 0
                 and mixed_attention.supports(self.head_dim) and self.cfg.op_provider is None)
 
-    def fill_tables(self, tables: StepTables, at: list[int]) -> None:
-        """step_tables' work, this cache's layer j being the step's layer at[j] (a MixedCache's
-        full-attention layers among its sliding ones). Layers in slabs (in RAM) are selected inside
-        the step, each with its own query, and read in place; tiered ones get their tables now,
-        every layer's chunks selected with its last query."""
+    def fill_tables(self, tables: StepTables, at: list[int], t: int) -> None:
+        """step_tables' work for t tokens, this cache's layer j being the step's layer at[j] (a
+        MixedCache's full-attention layers among its sliding ones). Layers in slabs (in RAM) are
+        selected inside the step, each with its own last query, and read in place; tiered ones get
+        their tables now, every layer's chunks selected with its last query."""
         self._begin_step()
-        self._at = at
+        self._at, self._step_tokens = at, t
         self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
-        slabs = [self.storage.slab(layer, 1) for layer in self.layers]
+        slabs = [self.storage.slab(layer, t) for layer in self.layers]
         self._in_slabs = slabs[0] is not None
         if self._in_slabs:
             sampled = Fidelity.sampled(self.counters["steps"])
@@ -488,22 +491,22 @@ class TieredCache(AttendingCache, GraphCache):
             tables.set(at[j], rows)
 
     def end_step_tables(self, tables: StepTables, k: list[np.ndarray], v: list[np.ndarray]) -> None:
-        """The step fill_tables() prepared ran: each layer's new tokens k, v (1, Hkv, 1, D), listed
+        """The step fill_tables() prepared ran: each layer's new tokens k, v (1, Hkv, T, D), listed
         by the step's layers, join its window (a slab has them already: k, v are then empty);
-        its last query selects next step's chunks."""
+        its last query selects next step's chunks (its queries: a rollback's)."""
         sampled = not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"])
-        at = self._at
-        q_last = torch.from_numpy(tables.q_last[at])  # (L, Hq, D): a copy (the step's buffers are reused)
+        at, t = self._at, self._step_tokens
+        queries = torch.from_numpy(tables.queries[at]).transpose(1, 2)  # (L, Hq, T, D): a copy (the step's buffers are reused)
         if self._in_slabs:
             tokens, chunks, estimated = (tables.read_layers(at, field).tolist() for field in ("tokens", "chunks", "estimated"))
             for part in ("select", "attend", "measure"):  # (seconds, in the counters: stats() reports them)
                 self.counters[f"native_{part}_s"] += float(tables.read_layers(at, f"{part}_us").sum()) * 1e-6
         for j, layer in enumerate(self.layers):
-            self.lengths[j] += 1
-            q = q_last[j]  # (Hq, D)
-            layer.q_last, layer.q_tail = q, q[:, None]
+            self.lengths[j] += t
+            q = queries[j, :, -1]  # (Hq, D)
+            layer.q_last, layer.q_tail = q, queries[j]
             if self._in_slabs:
-                self.storage.slab_written(layer, 1, tokens[j])
+                self.storage.slab_written(layer, t, tokens[j])
                 if self._selecting[j]:
                     self.fidelity.promise(j, estimated[j])
                 self._count(j, chunks[j], tokens[j])

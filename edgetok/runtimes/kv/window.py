@@ -103,12 +103,13 @@ class WindowLayer:
         self._place(t)
 
     def table_row(self) -> np.ndarray:
-        """The mixed-bit op's row (1, fields) for what the next token sees besides itself: the last
-        window − 1 tokens held (a graph's decode step from tables; no gaps)."""
+        """The mixed-bit op's row (1, fields) for what the step's tokens see besides themselves: the
+        last window − 1 tokens held, sliding (a draft's later tokens see fewer of them; a graph's
+        decode step from tables; no gaps)."""
         from edgetok.kernels.mixed_attention import float_row
 
         lo = max(0, self.n - (self.window - 1))
-        return np.array([float_row(self.k[0, :, lo : self.n], self.v[0, :, lo : self.n])], np.int64)
+        return np.array([float_row(self.k[0, :, lo : self.n], self.v[0, :, lo : self.n], slides=self.window)], np.int64)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (1, Hkv, T, D); q (1, Hq, T, D) over the window of each → (1, Hq, T, D)."""

@@ -165,6 +165,41 @@ def _decode_alike(backend, native, python, steps: int) -> list:
 
 
 
+def _drafts_alike(backend, native, python, rounds: int, t: int = 4) -> list:
+    """Drafts of t − 1 tokens verified on both caches (one forward of t tokens each), their t rows of
+    logits equal within 2e-4, then all but the first two tokens rolled back (a rejected draft); →
+    the native steps' tables."""
+    rng, token = np.random.default_rng(3), 5
+    for _ in range(rounds):
+        tokens = [token, *(int(i) for i in rng.integers(3, backend.config.vocab_size, t - 1))]
+        a, b = backend.forward(tokens, native, last=t), backend.forward(tokens, python, last=t)
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+        kept = native.length - (t - 2)
+        assert backend.truncate(native, kept) == backend.truncate(python, kept) == kept
+        token = int(np.argmax(b[1]))
+    made = [m for m in native.made if m is not None and m.queries.shape[1] == t]
+    assert len(made) == rounds  # every draft from tables
+    return made
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("own_query", [True, False])
+def test_a_draft_verified_natively_attends_as_the_cache_does_layer_by_layer(exports, tmp_path, family, own_query):
+    """A draft's tokens in one native step — slabs selected with the step's last query (own_query),
+    or tables selected ahead with the last step's (tiers in host and disk) — give the logits of
+    attend() layer by layer, Gemma's sliding windows sliding for the draft's later tokens; rolling
+    the rejected tokens back leaves both caches alike for the next draft and the next step."""
+    tiers = {} if own_query else dict(device_mb=0.01, host_mb=0.01, disk_dir=tmp_path)
+    kv = edgetok.KVConfig(budget="25%", recent_tokens=8, chunk_sizes=(4, 8), selection="layer", bits="32", **tiers)
+    backend = edgetok.load(str(exports[family]), kv=kv).engine.backend
+    native, python = _prefilled_pair(backend, seed=4, n=60, piece=20, own_query=own_query)
+    made = _drafts_alike(backend, native, python, 6)  # (Gemma's 8-token window: the drafts slide past it)
+    # slabs take the new tokens inside the step; tables (the tiers', Gemma's windows) after it
+    assert all(m.from_tables == (not own_query or family == "gemma") for m in made)
+    native.made.clear()
+    _decode_alike(backend, native, python, 3)
+
+
 @pytest.mark.parametrize("selection", ["layer", "head"])
 @pytest.mark.parametrize("budget", ["25%", "auto"])
 def test_a_native_step_attends_as_the_cache_does_layer_by_layer(exports, selection, budget):
