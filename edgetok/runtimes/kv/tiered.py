@@ -41,7 +41,6 @@ from edgetok.runtimes.kv.staging import Stages
 from edgetok.runtimes.kv.stats import Counters, report
 from edgetok.runtimes.kv.storage import Layer, ResidentStorage, Storage, TieredStorage
 
-
 STEP_TOKENS = 16  # the most tokens a native step attends: a decode step, or a draft of up to 15 being verified
 
 
