@@ -151,29 +151,43 @@ def test_native_token_selection_of_a_long_layer_equals_the_reference(keep, cover
         assert max(len(ids) for ids in got) > 64  # (past the first rounds of sorting)
 
 
+def _planted(seed: int, hq: int, d: int, channels: int, noise: float, lean: float, match: float):
+    """Noisy keys and values (1, 1024, d), nine tokens in nine chunks matching the query's sign on its
+    first `channels` channels (match · sign), and the query (hq, d): noise plus lean · sign there."""
+    g = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(1, 1024, d, generator=g), torch.randn(1, 1024, d, generator=g)
+    sign = torch.randn(channels, generator=g).sign()
+    q = noise * torch.randn(hq, d, generator=g)
+    q[:, :channels] += lean * sign
+    for t in range(40, 900, 96):  # nine tokens the query wants, in nine chunks
+        keys[0, t, :channels] = match * sign
+    step = [torch.randn(1, 1, 1, d, generator=g) for _ in range(2)]  # the decode step's own key and value
+    return keys, values, q, step
+
+
+def _captured_mass(cache: TieredCache, keys, values, q, step) -> torch.Tensor:
+    """Prefill the one-layer cache with keys/values, decode one step with q: each query head's
+    attention mass that the cache's selection for q reads."""
+    hq, n, d = q.shape[0], keys.shape[1], keys.shape[2]
+    prompt_queries = torch.randn(1, hq, n, d, generator=torch.Generator().manual_seed(5))  # (pins: not the planted tokens)
+    cache.attend(0, prompt_queries, keys[None], values[None])
+    cache.end_prefill()
+    cache.attend(0, q[None, :, None], *step)
+    chosen = cache._select(0, q)
+    return captured_mass(q, cache.storage.gather(0, chosen[0])[0], cache.storage.layer_kv(cache.layers[0])[0].float())
+
+
 def test_token_scores_find_the_tokens_that_loose_bounds_hide():
     """A query on 16 channels and noisy keys: every chunk's bound is the sum of its channels'
     extremes (different tokens' each), so a chunk holding one token that matches the query bounds
     no higher than the rest. The tokens' scores find the nine such tokens; at the same budget the
     token-scored cache captures far more of the attention than the bound-ranked one."""
-    g = torch.Generator().manual_seed(4)
-    hkv, hq, d, n = 1, 3, 64, 1024
-    keys, values = torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g)
-    sign = torch.randn(16, generator=g).sign()
-    q = 0.1 * torch.randn(hq, d, generator=g)
-    q[:, :16] += 2 * sign
-    for t in range(40, 900, 96):  # nine tokens the query wants (logit ≈ 6), in nine chunks
-        keys[0, t, :16] = 1.5 * sign
+    keys, values, q, step = _planted(4, hq=3, d=64, channels=16, noise=0.1, lean=2.0, match=1.5)  # (logit ≈ 6)
     mass = {}
     for scoring in ("tokens", "bounds"):
-        cache = TieredCache(KVConfig(budget="320", chunk_sizes=(16,), recent_tokens=16, scoring=scoring), 1, hq, hkv, d)
-        prompt_queries = torch.randn(1, hq, n, d, generator=torch.Generator().manual_seed(5))  # (pins: not these tokens)
-        cache.attend(0, prompt_queries, keys[None], values[None])
-        cache.end_prefill()
-        cache.attend(0, q[None, :, None], torch.randn(1, hkv, 1, d, generator=g), torch.randn(1, hkv, 1, d, generator=g))
-        chosen = cache._select(0, q)
+        cache = TieredCache(KVConfig(budget="320", chunk_sizes=(16,), recent_tokens=16, scoring=scoring), 1, 3, 1, 64)
+        mass[scoring] = _captured_mass(cache, keys, values, q, step)
         assert cache.stats()["scoring"] == scoring
-        mass[scoring] = captured_mass(q, cache.storage.gather(0, chosen[0])[0], cache.storage.layer_kv(cache.layers[0])[0].float())
     assert mass["tokens"].min() > 0.6 and mass["tokens"].mean() > mass["bounds"].mean() + 0.2, mass
 
 
@@ -204,26 +218,12 @@ def test_a_wide_head_scores_on_more_channels():
     """A 256-channel head whose query leans on 96 channels a little each (Gemma 3's global layers are
     256 wide): nine tokens match it on all 96. Scored on 24 channels they hide among the noise; the
     cache scores a wide head on half its channels and captures far more of the attention."""
-    g = torch.Generator().manual_seed(6)
-    hkv, hq, d, n = 1, 4, 256, 1024
-    keys, values = torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g)
-    sign = torch.randn(96, generator=g).sign()
-    q = 0.05 * torch.randn(hq, d, generator=g)
-    q[:, :96] += 2.0 * sign
-    for t in range(40, 900, 96):  # nine wanted tokens, in nine chunks
-        keys[0, t, :96] = 0.4 * sign
-    step_k, step_v = torch.randn(1, hkv, 1, d, generator=g), torch.randn(1, hkv, 1, d, generator=g)
+    keys, values, q, step = _planted(6, hq=4, d=256, channels=96, noise=0.05, lean=2.0, match=0.4)
     mass = {}
     for channels in (None, 24):
-        cache = TieredCache(KVConfig(budget="320", chunk_sizes=(16,), recent_tokens=16), 1, hq, hkv, d)
+        cache = TieredCache(KVConfig(budget="320", chunk_sizes=(16,), recent_tokens=16), 1, 4, 1, 256)
         if channels is not None:
             cache.channels = channels  # what the cache read before heads were sized
-        prompt_queries = torch.randn(1, hq, n, d, generator=torch.Generator().manual_seed(5))
-        cache.attend(0, prompt_queries, keys[None], values[None])
-        cache.end_prefill()
-        cache.attend(0, q[None, :, None], step_k, step_v)
-        chosen = cache._select(0, q)
-        kv = cache.storage.layer_kv(cache.layers[0])[0].float()
-        mass[channels] = captured_mass(q, cache.storage.gather(0, chosen[0])[0], kv).mean()
-    assert channels_for(d) == 128 and channels_for(64) == 24
+        mass[channels] = _captured_mass(cache, keys, values, q, step).mean()
+    assert channels_for(256) == 128 and channels_for(64) == 24
     assert mass[None] > mass[24] + 0.1, mass
