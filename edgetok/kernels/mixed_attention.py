@@ -228,6 +228,11 @@ class StepTables:
         at = self.HEADER + 3 * layer
         self.desc[at : at + 3] = (0, self.slabs[layer].ctypes.data, self.queries[layer].ctypes.data)
 
+    @property
+    def tokens(self) -> int:
+        """The step's tokens (T)."""
+        return self.queries.shape[1]
+
     def run_on(self, threads: int, parallel_for: int) -> None:
         """Attend on another runtime's `threads` threads: parallel_for, the address of a C function
         `int (void (*fn)(void*, size_t), size_t n, void* user)` (ort_ops.hook_parallel_for: the

@@ -117,7 +117,7 @@ class MixedCache(AttendingCache, GraphCache):
             return None
         tables = StepTables(len(self.slot) + len(self.sliding), self.full.n_kv, self.full.n_heads, self.full.head_dim,
                             self.full.dtype, t)
-        self.full.fill_tables(tables, sorted(self.slot, key=self.slot.get), t)
+        self.full.fill_tables(tables, sorted(self.slot, key=self.slot.get))
         for i, window in self.sliding.items():
             tables.set(i, [window.table_row()])
         return tables

@@ -456,7 +456,7 @@ class TieredCache(AttendingCache, GraphCache):
         if not self.tables_apply(t):
             return None
         tables = StepTables(len(self.layers), self.n_kv, self.n_heads, self.head_dim, self.dtype, t)
-        self.fill_tables(tables, list(range(len(self.layers))), t)
+        self.fill_tables(tables, list(range(len(self.layers))))
         return tables
 
     def tables_apply(self, t: int) -> bool:
@@ -464,15 +464,15 @@ class TieredCache(AttendingCache, GraphCache):
         return (1 <= t <= STEP_TOKENS and self.selects_ahead and not self.summarize and self.layers[0].chunk_size > 0
                 and mixed_attention.supports(self.head_dim) and self.cfg.op_provider is None)
 
-    def fill_tables(self, tables: StepTables, at: list[int], t: int) -> None:
-        """step_tables' work for t tokens, this cache's layer j being the step's layer at[j] (a
+    def fill_tables(self, tables: StepTables, at: list[int]) -> None:
+        """step_tables' work for the step's tokens, this cache's layer j being the step's layer at[j] (a
         MixedCache's full-attention layers among its sliding ones). Layers in slabs (in RAM) are
         selected inside the step, each with its own last query, and read in place; tiered ones get
         their tables now, every layer's chunks selected with its last query."""
         self._begin_step()
-        self._at, self._step_tokens = at, t
+        self._at = at
         self.storage.attention = mixed_attention.isas()[0]  # (what stats() reports ran)
-        slabs = [self.storage.slab(layer, t) for layer in self.layers]
+        slabs = [self.storage.slab(layer, tables.tokens) for layer in self.layers]
         self._in_slabs = slabs[0] is not None
         if self._in_slabs:
             sampled = Fidelity.sampled(self.counters["steps"])
@@ -494,7 +494,7 @@ class TieredCache(AttendingCache, GraphCache):
         by the step's layers, join its window (a slab has them already: k, v are then empty);
         its last query selects next step's chunks (its queries: a rollback's)."""
         sampled = not self.cfg.needs_homes and Fidelity.sampled(self.counters["steps"])
-        at, t = self._at, self._step_tokens
+        at, t = self._at, tables.tokens
         queries = torch.from_numpy(tables.queries[at]).transpose(1, 2)  # (L, Hq, T, D): a copy (the step's buffers are reused)
         if self._in_slabs:
             tokens, chunks, estimated = (tables.read_layers(at, field).tolist() for field in ("tokens", "chunks", "estimated"))

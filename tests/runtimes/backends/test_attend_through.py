@@ -177,7 +177,7 @@ def _drafts_alike(backend, native, python, rounds: int, t: int = 4) -> list:
         kept = native.length - (t - 2)
         assert backend.truncate(native, kept) == backend.truncate(python, kept) == kept
         token = int(np.argmax(b[1]))
-    made = [m for m in native.made if m is not None and m.queries.shape[1] == t]
+    made = [m for m in native.made if m is not None and m.tokens == t]
     assert len(made) == rounds  # every draft from tables
     return made
 
