@@ -25,7 +25,7 @@ from edgetok.runtimes.speculation import SPECULATE_CHOICES, SpeculationParams
 
 GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
                      "stop", "prune_prompt", "prune_after_layer", "speculate", "draft_max", "lookup_ngram_min",
-                     "lookup_ngram_max")
+                     "lookup_ngram_max", "draft_width")
 LOAD_FIELDS = ("backend", "provider", "weights", "threads", "kv_type", "kv_store", "kv_store_rebuild", "plan")
 # KVConfig fields with a flag; given any of them (but prefetch, which has a default), the tiered cache is used
 KV_FIELDS = ("budget", "coverage", "device_mb", "host_mb", "disk_dir", "bits", "prefetch", "prefetch_steps", "disk_uncached",
@@ -106,6 +106,11 @@ def run_options(f):
                           "greedy output is unchanged"),
         click.option("--draft-max", type=click.IntRange(min=1), default=SpeculationParams.draft_max, show_default=True,
                      metavar="K", help="tokens drafted per step at most (fewer while drafts miss)"),
+        click.option("--draft-width", type=click.IntRange(min=1), default=SpeculationParams.draft_width, show_default=True,
+                     metavar="W", help="children per drafted token at most: 1 drafts a chain; more draft a tree "
+                                       "(recycle: each token's top-W candidates, K·W nodes) verified with tree attention "
+                                       "where the backend and KV cache allow it (the exact cache, no sliding windows), "
+                                       "a chain elsewhere"),
         click.option("--lookup-ngram-min", type=click.IntRange(min=1), default=SpeculationParams.lookup_ngram_min,
                      show_default=True, help="--speculate lookup: the shortest n-gram it matches"),
         click.option("--lookup-ngram-max", type=click.IntRange(min=1), default=SpeculationParams.lookup_ngram_max,

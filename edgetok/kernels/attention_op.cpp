@@ -21,6 +21,11 @@
 // the output. A whole-model graph then never holds every layer's past at once. The hook is per
 // thread because ONNX Runtime runs a graph's nodes on the thread that called Run (sequential
 // execution); the layer index counts the op's calls since the hook was set.
+//
+// A draft tree (edgetok_draft_tree, per thread as the hook): while one is set, new token s sees the
+// past and only the new tokens its row of the tree's visibility names (itself and its ancestors), at
+// the positions position_ids gives (the root's plus its depth) — speculative decoding verifies
+// several branches of guesses in one forward.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -55,6 +60,7 @@ struct Attention {
     float* value;
     float* out;                            // (B, S, H·D)
     std::vector<float>* q;                 // rotated queries (B, S, H, D)
+    const uint32_t* sees;                  // (S,) a draft tree's: bit j of token s set where s sees new token j; null: causal
 };
 
 // Slots per task, at fixed boundaries (multiples of CHUNK): a token's sums are then made in the same
@@ -235,10 +241,31 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
             dots<1>(q + i * d, keys + j * d, d, some);
             scores[i * n + j] = some[0] * a.scale;
         }
+    // a draft tree: the new tokens off this token's branch are not seen (their weights made 0 below)
+    const int64_t past = past_of(a, b), first_new = std::max(lo, past);
+    bool any_seen = true;
+    if (a.sees) {
+        any_seen = first_new > lo;
+        for (int64_t slot = first_new; slot < hi; ++slot) {
+            const bool seen = (a.sees[s] >> (slot - past)) & 1u;
+            any_seen |= seen;
+            if (!seen)
+                for (int64_t i = 0; i < g; ++i) scores[i * n + slot - lo] = -INFINITY;
+        }
+    }
+    if (!any_seen) {  // a chunk of other branches' tokens only: nothing to add
+        for (int64_t i = 0; i < g; ++i) part.max[i] = -INFINITY, part.sum[i] = 0.f;
+        std::fill(part.acc, part.acc + g * d, 0.f);
+        return;
+    }
     for (int64_t i = 0; i < g; ++i) {
         exponentiate(scores.data() + i * n, n, part.max[i], part.sum[i]);
         std::fill(part.acc + i * d, part.acc + (i + 1) * d, 0.f);
     }
+    if (a.sees)  // (e^−87 where a score was −∞: exactly 0 instead; the sums, ≥ 1, do not hold its trace)
+        for (int64_t slot = first_new; slot < hi; ++slot)
+            if (!((a.sees[s] >> (slot - past)) & 1u))
+                for (int64_t i = 0; i < g; ++i) scores[i * n + slot - lo] = 0.f;
     // the values in passes of WEIGH_ROWS rows, which stay in the L1 cache while the group's queries
     // pass over them
     for (int64_t j0 = 0; j0 < n; j0 += WEIGH_ROWS) {
@@ -348,6 +375,9 @@ struct Through {
     const OrtKernelContext* context = nullptr;  // while the hook runs: the op's (its intra-op threads)
 };
 thread_local Through g_through;
+
+// This thread's draft tree (edgetok_draft_tree): per new token, the new tokens it sees; empty: none
+thread_local std::vector<uint32_t> g_tree;
 
 const OrtApi* g_api = nullptr;
 
@@ -485,11 +515,17 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
         if (failed) return ort.status(ORT_FAIL, "GroupQueryAttention: the caller's attention failed");
         return nullptr;
     }
+    if (!g_tree.empty()) {
+        if (a.b != 1 || a.s != int64_t(g_tree.size()) || a.window > 0)
+            return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: a draft tree runs as one sequence of its nodes, "
+                                                    "in layers without a sliding window");
+        a.sees = g_tree.data();
+    }
     int64_t longest = 0;
     for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
     // a prefill, or one short cache: ONNX Runtime's kernel (its GEMMs; under 512 slots as fast), on
-    // the same inputs and outputs
-    if (a.s > FEW_TOKENS || (longest < LONG_CACHE && a.b == 1)) {
+    // the same inputs and outputs (a draft tree: here, which masks its branches)
+    if (a.s > FEW_TOKENS || (longest < LONG_CACHE && a.b == 1 && !a.sees)) {
         const OrtValue* inputs[10] = {in[0], nullptr, nullptr, in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
         OrtValue* outputs[3] = {out, key, value};
         return ort.invoke(context, kern.onnxruntime, inputs, 10, outputs, 3);
@@ -541,6 +577,17 @@ extern "C" __attribute__((visibility("default"))) int64_t edgetok_attend_through
     const int64_t calls = g_through.calls;
     g_through = Through{hook, user, 0};
     return calls;
+}
+
+// Set (n > 0: visible (n, n) bool, row s the new tokens token s sees) or clear (n = 0) this thread's
+// draft tree. → 0, or 1 when n is more than a tree may have.
+extern "C" __attribute__((visibility("default"))) int edgetok_draft_tree(const uint8_t* visible, int64_t n) {
+    if (n < 0 || n > FEW_TOKENS) return 1;
+    g_tree.assign(size_t(n), 0u);
+    for (int64_t s = 0; s < n; ++s)
+        for (int64_t j = 0; j < n; ++j)
+            if (visible[s * n + j]) g_tree[size_t(s)] |= 1u << j;
+    return 0;
 }
 
 // For a hook's own parallel work: fn(user, i) for i in [0, n) on the session's intra-op threads (the

@@ -74,6 +74,23 @@ def attending_through(hook, user: int | None = None) -> Iterator[Callable[[], in
         through(ATTEND_HOOK(), None)
 
 
+@contextmanager
+def draft_tree(visible) -> Iterator[None]:
+    """While inside, edgetok's GroupQueryAttention on this thread runs a draft tree: new token s sees
+    the past and the new tokens marked in row s of `visible` (N, N) bool (itself and its ancestors),
+    not every earlier one (speculative decoding's tree attention; position_ids place the nodes)."""
+    import numpy as np
+
+    visible = np.ascontiguousarray(visible, dtype=np.uint8)
+    library = _library()
+    if library.edgetok_draft_tree(visible.ctypes.data, len(visible)):
+        raise ValueError(f"a draft tree of {len(visible)} nodes is more than the attention op takes in one forward")
+    try:
+        yield
+    finally:
+        library.edgetok_draft_tree(None, 0)
+
+
 @cache
 def hook_parallel_for() -> int:
     """The address of edgetok_hook_parallel_for: inside a hook, the attention op's intra-op threads
@@ -92,6 +109,8 @@ def _library() -> ctypes.CDLL:
     # (declared once: attending_through runs every forward)
     library.edgetok_attend_through.restype = ctypes.c_int64
     library.edgetok_attend_through.argtypes = [ATTEND_HOOK, ctypes.c_void_p]
+    library.edgetok_draft_tree.restype = ctypes.c_int
+    library.edgetok_draft_tree.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     return library
 
 

@@ -324,12 +324,13 @@ class Engine:
         if ROLLBACK not in self.backend.capabilities:
             raise EdgetokError(f"--speculate needs a backend that can drop rejected draft tokens; {self.backend.name} cannot")
         if drafter is None:
-            key = (cfg.speculate, cfg.lookup_ngram_min, cfg.lookup_ngram_max)
+            key = (cfg.speculate, cfg.lookup_ngram_min, cfg.lookup_ngram_max, cfg.draft_width)
             if key not in self._drafters:
                 self._drafters[key] = new_drafter(cfg, self.config.vocab_size)
             drafter = self._drafters[key]
         drafter.start(prompt)
-        return SpeculativeSteps(self.backend, self._cache, self._cached_ids, drafter, cfg.draft_max, cfg, seen, generator, stats)
+        return SpeculativeSteps(self.backend, self._cache, self._cached_ids, drafter, cfg.draft_max, cfg.draft_width, cfg, seen,
+                                generator, stats)
 
     def generate_ids(
         self, prompt: list[int], cfg: GenerationConfig, progress: Callable[[int], None] | None = None,

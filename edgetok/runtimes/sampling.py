@@ -5,6 +5,7 @@ without torch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,22 +61,26 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 
 def sample(
     logits: np.ndarray, p: SamplingParams, seen: np.ndarray | None, generator: np.random.Generator,
-    draft: int | None = None,
+    drafts: Sequence[int] = (),
 ) -> int:
     """logits (V,) float32 → token id.
 
-    draft: a drafted token to accept or replace (speculative decoding); the result is distributed
-    exactly as without it. A deterministic drafter proposes with q = one-hot(draft), so speculative
-    sampling's rule accepts it with probability min(1, p(draft) / q(draft)) = p(draft) and else
-    draws from the residual max(p − q, 0), normalized: p without the draft. Greedy: the argmax,
-    which is the draft when the draft is right."""
+    drafts: drafted tokens to accept or replace (speculative decoding: one in a chain, a node's
+    children in a tree); the result is distributed exactly as without them. A deterministic drafter
+    proposes with q = one-hot(draft), so speculative sampling's rule accepts a draft with probability
+    min(1, p(draft) / q(draft)) = p(draft) and else draws from the residual max(p − q, 0), normalized:
+    p without the draft. Several drafts are tried in turn on the residual each leaves (SpecInfer's
+    multi-draft rule): the token comes out distributed as p either way. Greedy: the argmax, which is a
+    draft when a draft is right."""
     if p.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
     if p.temperature < np.finfo(logits.dtype).tiny:  # 0, or a temperature the logits' dtype rounds to 0: greedy
         return int(np.argmax(logits))
     probs = softmax(filter_logits(logits, p)).astype(np.float64)
-    if draft is not None:
-        if generator.random() < probs[draft]:
+    left = 1.0  # the residual's mass
+    for draft in drafts:
+        if generator.random() * left < probs[draft]:
             return draft
+        left -= probs[draft]
         probs[draft] = 0.0
     return int(generator.choice(probs.size, p=probs / probs.sum()))

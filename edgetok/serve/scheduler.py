@@ -212,6 +212,14 @@ class ScheduledBackend:
     def forward_batch(self, tokens: list[int], caches: list) -> np.ndarray:
         raise EdgetokError("a scheduled engine decodes one sequence; the scheduler batches them")
 
+    def forward_tree(self, tree, cache) -> np.ndarray:
+        if self.cancelled():
+            raise Cancelled()
+        return self.scheduler.call("forward_tree", cache, tree, cache)
+
+    def keep_branch(self, cache, tree, branch: list[int]) -> None:
+        self.scheduler.call("keep_branch", cache, cache, tree, branch)
+
     def truncate(self, cache, n: int) -> int:
         return self.scheduler.call("truncate", cache, cache, n)
 

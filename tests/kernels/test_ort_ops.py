@@ -215,6 +215,42 @@ def test_a_drafts_attention_is_the_one_token_steps_bit_for_bit(heads, kv_heads, 
         np.testing.assert_array_equal(alone[0, 0], draft[0, s])
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "past"), [
+    (9, 3, 64, 1020),  # SmolLM2: the tree's slots across a 512-slot chunk boundary
+    (9, 3, 64, 40),    # a short cache (a chain would run ONNX Runtime's kernel, which has no tree)
+    (4, 1, 256, 600),  # Gemma 3's head size
+])
+def test_a_draft_trees_nodes_attend_as_their_branches_would(heads, kv_heads, d, past):
+    """Under ort_ops.draft_tree, node i at position past + depth(i) attends to the past and its own
+    ancestors: its output is the one it gets as the last token of its branch run as a chain (the
+    branch's K/V at consecutive slots); the tree's K/V land at slots past … past + N − 1."""
+    from edgetok.runtimes.speculation import DraftTree
+
+    tree = DraftTree(tuple(range(12)), (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 7, 10))  # depths up to 5, three-way splits
+    n, rng = len(tree.tokens), np.random.default_rng(past)
+    session = attention_session(ort_ops.DOMAIN, heads, kv_heads, d, 0, 1 / np.sqrt(d))
+    qkv = rng.standard_normal((1, n, (heads + 2 * kv_heads) * d)).astype(np.float32)
+    cache = {name: rng.standard_normal((1, kv_heads, past + n, d)).astype(np.float32) for name in ("past_key", "past_value")}
+
+    def run(rows: list[int], positions: np.ndarray, kv: dict) -> list[np.ndarray]:
+        return session.run(None, {"qkv": qkv[:, rows], **{k: v.copy() for k, v in kv.items()},
+                                  "seqlens": np.array([[past + len(rows) - 1]], np.int32),
+                                  "total": np.array([past + len(rows)], np.int32), "positions": positions[None]})
+
+    with ort_ops.draft_tree(tree.visible):
+        out, key, value = run(list(range(n)), past + tree.depths, cache)
+    for node in range(n):
+        branch = tree.branch(node)
+        alone, chain_key, _ = run(branch, np.arange(past, past + len(branch)), cache)
+        np.testing.assert_allclose(out[0, node], alone[0, -1], rtol=1e-5, atol=1e-6)
+        # (a short chain runs ONNX Runtime's kernel, whose rotation rounds its own way)
+        np.testing.assert_allclose(key[0, :, past + node], chain_key[0, :, past + len(branch) - 1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(key[0, :, :past], cache["past_key"][0, :, :past])
+    with pytest.raises(ValueError, match="more than"):
+        with ort_ops.draft_tree(np.eye(17, dtype=bool)):
+            pass
+
+
 def test_a_hooks_parallel_for_runs_every_item_outside_a_hook_too():
     """edgetok_hook_parallel_for lends the op's threads inside a hook; elsewhere it runs the items in turn."""
     import ctypes

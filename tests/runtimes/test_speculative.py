@@ -19,7 +19,8 @@ from edgetok.errors import EdgetokError
 from edgetok.runtimes.engine import GenerationConfig, Result
 from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
 from edgetok.runtimes.sampling import SamplingParams, apply_repetition_penalty, filter_logits, new_generator, sample, softmax
-from edgetok.runtimes.speculation import DraftControl, PromptLookup, TokenRecycling
+from edgetok.runtimes.backends.base import TREE
+from edgetok.runtimes.speculation import DraftControl, DraftTree, PromptLookup, TokenRecycling
 from edgetok.runtimes.speculation.control import MISSES_BEFORE_PAUSE, PAUSE_MAX, PAUSE_MIN
 
 # Greedy speculative output may leave plain decoding's only where logits computed for several
@@ -97,12 +98,13 @@ def top2_margin(m: edgetok.Model, ids: list[int]) -> float:
 
 
 # -- greedy exactness --------------------------------------------------------------------------------
-@pytest.mark.parametrize("speculate", ["lookup", "recycle"])
-def test_greedy_tokens_equal_plain_decoding(kind, speculate, capsys):
+@pytest.mark.parametrize("speculate, width", [("lookup", 1), ("recycle", 1), ("recycle", 3)])
+def test_greedy_tokens_equal_plain_decoding(kind, speculate, width, capsys):
     """On every prompt set, speculative greedy tokens are plain greedy's, except after a near-tie
     (the reference's top-2 margin below ε at the first difference), which is counted and reported.
     Each prompt runs twice with speculation: Token Recycling's table, kept by the engine, then
-    knows the answer (a random model's drafts are otherwise seldom accepted: nothing is verified)."""
+    knows the answer (a random model's drafts are otherwise seldom accepted: nothing is verified).
+    Width 3: trees of the top-3 candidates where the backend and cache verify trees, chains elsewhere."""
     name, m = kind
     runs = differ = accepted = 0
     for set_name, prompts in PROMPT_SETS.items():
@@ -110,7 +112,7 @@ def test_greedy_tokens_equal_plain_decoding(kind, speculate, capsys):
             options = dict(max_new_tokens=40, ignore_eos=True)
             plain = generate(m, prompt, **options)
             for _ in range(2):
-                spec = generate(m, prompt, speculate=speculate, draft_max=6, lookup_ngram_min=1, **options)
+                spec = generate(m, prompt, speculate=speculate, draft_max=6, draft_width=width, lookup_ngram_min=1, **options)
                 runs += 1
                 accepted += spec.stats.accepted
                 assert spec.stats.drafted >= spec.stats.accepted
@@ -122,7 +124,7 @@ def test_greedy_tokens_equal_plain_decoding(kind, speculate, capsys):
                 differ += 1
     assert accepted > 0, "no draft was ever accepted: the test shows nothing"
     with capsys.disabled():
-        print(f"\n[{name}, {speculate}] greedy: {runs - differ}/{runs} generations equal plain decoding's, "
+        print(f"\n[{name}, {speculate}, width {width}] greedy: {runs - differ}/{runs} generations equal plain decoding's, "
               f"{differ} differ after a near-tie (ε = {EPSILON[name]})")
 
 
@@ -149,6 +151,19 @@ class Scripted:
         g = torch.Generator().manual_seed(self.known)
         return [int((t + torch.randint(1, self.vocab, (), generator=g)) % self.vocab) for t in nxt]  # ≠ the truth
 
+    def propose_tree(self, k: int, width: int) -> DraftTree:
+        """The proposal as a tree's branch, each of its tokens after a wrong sibling (width ≥ 2): an
+        oracle's branch is then not the tree's first nodes."""
+        right, root = self.propose(k // 2), self.truth[self.known - 1]
+        tokens, parents, parent = [root], [-1], 0
+        for depth, (token, true) in enumerate(zip(right, self.truth[self.known :])):
+            sibling = (token + 1 + depth) % self.vocab  # (≠ token: vocab > depth + 2)
+            sibling = (sibling + 1) % self.vocab if sibling == true else sibling  # never the truth
+            tokens += [sibling, token]
+            parents += [parent, parent]
+            parent = len(tokens) - 1
+        return DraftTree(tuple(tokens), tuple(parents))
+
     def learn(self, inputs: list[int], rows: np.ndarray) -> None:
         pass
 
@@ -173,9 +188,64 @@ def test_an_oracle_draft_is_accepted_whole(kind):
     assert spec.stats.decode_steps == steps
 
 
-def test_random_drafts_are_rejected_and_change_nothing(kind):
-    """Every draft is wrong: nothing is accepted, the tokens are plain decoding's, and the cache
-    then holds what plain decoding's holds (the next tokens' logits agree)."""
+def test_an_oracle_branch_of_a_tree_is_accepted_whole(kind):
+    """Drafted as trees, the true continuation is one branch, each of its tokens beside a wrong one:
+    the true branch is accepted to its end, the tokens are plain decoding's, and the cache then holds
+    what plain decoding's holds (backends and caches that verify no trees draft chains instead)."""
+    name, m = kind
+    prompt, more = PROMPT_SETS["input-grounded"][0], m.encode(" over the lazy dog", chat=False)
+    plain = generate(m, prompt, max_new_tokens=30, ignore_eos=True)
+    want = probe(m, more)
+    oracle = Scripted(plain.tokens, vocab=m.config.vocab_size)
+    spec = generate(m, prompt, oracle, max_new_tokens=30, ignore_eos=True, draft_max=8, draft_width=2)
+    assert spec.tokens == plain.tokens
+    trees = TREE in m.engine.backend.capabilities and m.engine._cache.takes_trees
+    assert trees == (name in ("torch", "default")), name  # (the fp32 export has ONNX Runtime's attention)
+    if trees:  # half of every tree is the wrong siblings
+        assert spec.stats.accepted > 0 and spec.stats.drafted == 2 * spec.stats.accepted
+    else:
+        assert spec.stats.accepted == spec.stats.drafted > 0
+    got = probe(m, more)
+    np.testing.assert_allclose(got, want, atol=1e-4 if name in EXACT_LOGITS else 0.05)
+
+
+def test_a_trees_nodes_get_their_branches_logits_and_the_kept_branch_is_the_chain(kind):
+    """forward_tree: each node's logits are those of its branch run as a chain after the same prompt;
+    after keep_branch the cache is the chain's (the next token's logits agree)."""
+    name, m = kind
+    backend = m.engine.backend
+    prompt = m.encode(PROMPT_SETS["code"][1], chat=False)
+
+    def prefilled():
+        cache = backend.new_cache()
+        backend.forward(prompt, cache)
+        backend.end_prefill(cache)
+        return cache
+
+    cache = prefilled()
+    if TREE not in backend.capabilities or not cache.takes_trees:
+        pytest.skip(f"{name} drafts chains")
+    tree = DraftTree((11, 12, 13, 14, 15, 16, 17, 12), (-1, 0, 0, 1, 1, 3, 2, 6))  # (a token twice, on two branches)
+    rows = backend.forward_tree(tree, cache)
+    atol = 1e-4 if name in EXACT_LOGITS else 0.05
+    for node in (3, 4, 5, 7):
+        branch = tree.branch(node)
+        chain = backend.forward([tree.tokens[i] for i in branch], prefilled(), last=len(branch))
+        np.testing.assert_allclose(rows[branch], chain, atol=atol)
+        assert (rows[branch].argmax(-1) == chain.argmax(-1)).all()
+    branch = tree.branch(7)  # 11 → 13 → 17 → 12
+    backend.keep_branch(cache, tree, branch)
+    assert cache.length == len(prompt) + len(branch)
+    chain = prefilled()
+    backend.forward([tree.tokens[i] for i in branch], chain, last=len(branch))
+    np.testing.assert_allclose(backend.forward([20, 21], cache, last=2), backend.forward([20, 21], chain, last=2), atol=atol)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_random_drafts_are_rejected_and_change_nothing(kind, width):
+    """Every draft is wrong (chains, or trees where they are verified): nothing is accepted, the
+    tokens are plain decoding's, and the cache then holds what plain decoding's holds (the next
+    tokens' logits agree)."""
     name, m = kind
     prompt = PROMPT_SETS["code"][0]
     more = m.encode(" return a * b", chat=False)
@@ -183,7 +253,7 @@ def test_random_drafts_are_rejected_and_change_nothing(kind):
     want = probe(m, more)
     ids = list(m.engine._cached_ids)
     wrong = Scripted(plain.tokens, wrong=True, vocab=m.config.vocab_size)
-    spec = generate(m, prompt, wrong, max_new_tokens=30, ignore_eos=True, draft_max=4)
+    spec = generate(m, prompt, wrong, max_new_tokens=30, ignore_eos=True, draft_max=4, draft_width=width)
     assert spec.stats.drafted > 0 and spec.stats.accepted == 0
     assert spec.tokens == plain.tokens
     assert m.engine._cached_ids == ids
@@ -310,10 +380,11 @@ def test_the_accept_rule_draws_from_the_sampling_distribution():
     probs = torch.from_numpy(softmax(filter_logits(apply_repetition_penalty(logits, seen, p.repetition_penalty), p)))
     order = probs.argsort(descending=True)
     n = 20000
-    for draft in (int(order[0]), int(order[8]), int(order[-1])):  # the last one is filtered out: p = 0
-        gen = new_generator(draft)
-        counts = torch.bincount(torch.tensor([sample(logits, p, seen, gen, draft=draft) for _ in range(n)]), minlength=60)
-        assert chi_square_p(counts.double(), probs.double() * n) > 1e-3, draft
+    likely, unlikely, out = int(order[0]), int(order[8]), int(order[-1])  # (out is filtered out: p = 0)
+    for drafts in ([likely], [unlikely], [out], [unlikely, likely], [out, unlikely, likely]):  # one, or a tree's siblings
+        gen = new_generator(drafts[0])
+        counts = torch.bincount(torch.tensor([sample(logits, p, seen, gen, drafts=drafts) for _ in range(n)]), minlength=60)
+        assert chi_square_p(counts.double(), probs.double() * n) > 1e-3, drafts
         assert counts[probs == 0].sum() == 0
 
 
@@ -382,9 +453,45 @@ def test_token_recycling_follows_the_models_first_candidates():
     d.learn([3, 4], rows)
     assert d.propose(5) == [4, 1, 2, 3, 4]
     d.start([1, 7])  # a new prompt seeds only what the model has not said: 1 → 2 stays
-    assert d.propose(3) == [] and d.next[1] == 2
+    assert d.propose(3) == [] and d.next[1, 0] == 2
     d.extend([1])
     assert d.propose(2) == [2, 3]
+
+
+def test_token_recycling_grows_its_tree_where_candidates_hold():
+    """A table of top-2 candidates: the tree's nodes go to the likeliest paths by how often each rank
+    turned out to be the model's next choice — a chain of first candidates while they hold, branches
+    at the root once second candidates hold more often."""
+    d = TokenRecycling(10, width=2)
+    d.start([1, 2])
+    tokens = list(range(10))
+    firsts, seconds = np.zeros((10, 10), np.float32), np.zeros((10, 10), np.float32)
+    for t in tokens:  # after t the model ranks t + 1 first and t + 5 second, or the other way round
+        firsts[t, (t + 1) % 10], firsts[t, (t + 5) % 10] = 2, 1
+        seconds[t, (t + 5) % 10], seconds[t, (t + 1) % 10] = 2, 1
+    for _ in range(20):
+        d.learn(tokens, firsts)
+    d.extend([1])
+    tree = d.propose_tree(4, 2)
+    assert tree.tokens == (1, 2, 3, 4, 5) and tree.is_chain  # first candidates hold: 1 → 2 → 3 → 4 → 5
+    for _ in range(30):  # each time, the model's choice is the table's second candidate
+        d.learn(tokens, seconds)
+        d.learn(tokens, firsts)
+    tree = d.propose_tree(4, 2)
+    assert len(tree.tokens) == 5 and not tree.is_chain
+    assert {tree.tokens[c] for c in tree.children(0)} == {2, 6}  # both of the root's candidates
+
+
+def test_a_draft_tree_knows_its_shape():
+    tree = DraftTree((5, 6, 7, 8, 9), (-1, 0, 0, 1, 3))  # 5 → {6 → 8 → 9, 7}
+    assert tree.depths.tolist() == [0, 1, 1, 2, 3] and tree.drafted == 4 and not tree.is_chain
+    assert tree.children(0) == [1, 2] and tree.branch(4) == [0, 1, 3, 4]
+    assert tree.visible.astype(int).tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0],
+                                                 [1, 1, 0, 1, 1]]
+    assert DraftTree.chain(5, [6, 7]).is_chain
+    for tokens, parents in [((5, 6), (-1, 1)), ((5, 6, 6), (-1, 0, 0)), ((5,), (0,)), (tuple(range(17)), tuple(range(-1, 16)))]:
+        with pytest.raises(ValueError):
+            DraftTree(tokens, parents)
 
 
 def test_draft_length_adapts_and_pauses_after_misses():
@@ -432,6 +539,7 @@ def test_drafts_that_always_miss_are_probed_rarely():
 @pytest.mark.parametrize("options, flag", [
     (dict(speculate="medusa"), "--speculate"),
     (dict(speculate="lookup", draft_max=0), "--draft-max"),
+    (dict(speculate="recycle", draft_width=0), "--draft-width"),
     (dict(speculate="lookup", lookup_ngram_min=3, lookup_ngram_max=2), "--lookup-ngram-min"),
 ])
 def test_bad_settings_are_one_sentence(options, flag):

@@ -15,12 +15,15 @@ What only some backends can do is declared as data in `capabilities`, never prob
   keep several sequences; llama.cpp's backend has one context, and a new cache resets it.
 - BATCH: `forward_batch` runs one token for each of several sequences in one forward, reading
   the weights once (`edgetok serve`'s continuous batching); without it a server runs them in turn.
+- TREE: `forward_tree` verifies a draft tree in one forward (tree attention) on a cache whose
+  `takes_trees` is true (the exact cache of a model without sliding windows), and `keep_branch`
+  keeps one of its branches; elsewhere speculative decoding drafts chains.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,11 +31,15 @@ from edgetok.models.config import ModelConfig
 from edgetok.runtimes.kv import KVConfig, KVState
 from edgetok.runtimes.prune import Pruned, PrunePlan
 
+if TYPE_CHECKING:  # (speculation's steps import this protocol)
+    from edgetok.runtimes.speculation.tree import DraftTree
+
 PRUNE = "prune"
 PREFIX_STATE = "prefix_state"
 ROLLBACK = "rollback"
 SEQUENCES = "sequences"
 BATCH = "batch"
+TREE = "tree"
 CACHE_ATTENTION = "cache_attention"  # the KV cache computes attention itself (per-head selection, summaries)
 
 Progress = Callable[[int], None]  # called with the number of prompt tokens just run
@@ -65,6 +72,15 @@ class Backend(Protocol):
         """BATCH: token b after what caches[b] holds, for every b, in one forward → the logits of
         each, (B, V) float32; the same as forward([tokens[b]], caches[b]) for each b (distinct
         caches, each after its end_prefill)."""
+        ...
+
+    def forward_tree(self, tree: DraftTree, cache: Any) -> np.ndarray:
+        """TREE: the tree's nodes after what `cache` holds (cache.takes_trees), node i at position
+        length + depth(i), seeing the cache and its own ancestors → the logits of every node (N, V)."""
+        ...
+
+    def keep_branch(self, cache: Any, tree: DraftTree, branch: list[int]) -> None:
+        """TREE: after forward_tree(tree, cache): keep the nodes of `branch` (root first), forget the rest."""
         ...
 
     def truncate(self, cache: Any, n: int) -> int:

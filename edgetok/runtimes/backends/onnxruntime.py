@@ -35,11 +35,12 @@ from edgetok.kernels import ort_ops
 from edgetok.models import names
 from edgetok.models.manifest import ONNX_MODEL
 from edgetok.models.sources import Source, require_torch
-from edgetok.runtimes.backends.base import BATCH, CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
+from edgetok.runtimes.backends.base import BATCH, CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, TREE
 from edgetok.runtimes.backends.onnx_batch import DecodeBatch
 from edgetok.runtimes.backends.providers import PROVIDERS, choose_provider
 from edgetok.runtimes.kv import ContiguousCache, GraphCache, KVConfig, KVState
 from edgetok.runtimes.prune import Pruned, PrunePlan
+from edgetok.runtimes.speculation.tree import DraftTree
 
 DECODE_SLACK = 128  # spare cache slots per growth: bounds both the copies and the masked work
 BINDINGS_KEPT = 12  # one token and every draft length up to 11 tokens (each holds its logits: ≈ 0.2 MB per row); a rebind costs ~1 ms
@@ -126,7 +127,9 @@ class OnnxBackend:
         self.attends_through = ort_ops.ATTENTION in (manifest.edgetok_ops or ()) and prune is None
         # batched decoding writes every row's K/V in place (gqa) into exact caches' copies
         batch = {BATCH} if self.in_place and kv is None else set()
-        self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch
+        # edgetok's attention op masks a draft tree's branches (ort_ops.draft_tree), over the exact cache
+        tree = {TREE} if self.in_place and ort_ops.ATTENTION in (manifest.edgetok_ops or ()) and prune is None else set()
+        self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch | tree
                                       | ({CACHE_ATTENTION} if self.attends_through else set()))
         self._hook = ort_ops.ATTEND_HOOK(self._attend)  # (kept: the library holds only its address)
         self._through: tuple = (None, None)  # while a graph runs: the cache attended through, and its failure
@@ -158,9 +161,9 @@ class OnnxBackend:
                                windows=c.windows, compact_every=2 * DECODE_SLACK)
 
     def forward(self, tokens: list[int], cache: GraphCache, last: int = 1, prune_keep: float = 1.0,
-                forced: np.ndarray | None = None) -> np.ndarray:
+                forced: np.ndarray | None = None, tree: DraftTree | None = None) -> np.ndarray:
         """Logits (last, V) of the last `last` tokens (of the kept ones, when prune_keep < 1 prunes;
-        forced (S,) bool: tokens kept whatever their scores)."""
+        forced (S,) bool: tokens kept whatever their scores; tree: the tokens are its nodes)."""
         assert self.prune is not None or prune_keep == 1.0
         self._settle(cache)
         if self.attends_through and not isinstance(cache, ContiguousCache):
@@ -176,7 +179,7 @@ class OnnxBackend:
                reads)
         bound = self._binding(key, views, shared, n, last, prune_keep < 1.0, reads)
         bound.ids[0] = tokens
-        bound.positions[0] = np.arange(start, start + n)
+        bound.positions[0] = np.arange(start, start + n) if tree is None else start + tree.depths
         bound.past_length[0] = [length for _, _, length in views]
         if bound.keep is not None:
             bound.keep[0] = prune_keep
@@ -187,7 +190,12 @@ class OnnxBackend:
             p = views[first][2]
             assert all(views[i][2] == p for i in self.positioned), "the positioned layers hold the same tokens"
             bound.past_positions[0, :p] = cache.positions(first)
-        self.session.run_with_iobinding(bound.binding)
+        if tree is None:
+            self.session.run_with_iobinding(bound.binding)
+        else:
+            assert all(shared), "a draft tree's K/V is written in place"
+            with ort_ops.draft_tree(tree.visible):
+                self.session.run_with_iobinding(bound.binding)
 
         out = dict(zip(bound.outputs, bound.binding.get_outputs())) if bound.allocated else {}
         logits = bound.logits if bound.logits is not None else out[names.LOGITS].numpy()
@@ -207,6 +215,14 @@ class OnnxBackend:
                     k, v = k[:, :, length : length + m], v[:, :, length : length + m]
                 cache.append(i, q, k, v)
         return logits[0].copy()  # a copy out: the bound array is the next run's too
+
+    def forward_tree(self, tree: DraftTree, cache: GraphCache) -> np.ndarray:
+        assert TREE in self.capabilities and cache.takes_trees, "a draft tree runs through edgetok's attention op and the exact cache"
+        return self.forward(list(tree.tokens), cache, last=len(tree.tokens), tree=tree)
+
+    def keep_branch(self, cache: GraphCache, tree: DraftTree, branch: list[int]) -> None:
+        self._settle(cache)
+        cache.keep_branch(cache.length - len(tree.tokens), branch)
 
     def _forward_through(self, tokens: list[int], cache, last: int) -> np.ndarray:
         """Logits (last, V): the graph runs without a past, its attention op handing each layer's

@@ -9,17 +9,18 @@ from edgetok.errors import EdgetokError
 from edgetok.fidelity import weights_effect
 from edgetok.models.llama import LlamaModel
 from edgetok.models.sources import Source
-from edgetok.runtimes.backends.base import CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, Progress
+from edgetok.runtimes.backends.base import CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, TREE, Progress
 from edgetok.runtimes.choice import TORCH_WEIGHTS
 from edgetok.runtimes.kv import AttendingCache, ContiguousCache, KVConfig, KVState, budgeted_cache
 from edgetok.runtimes.prune import Pruned, PrunePlan, prefill_pruned
+from edgetok.runtimes.speculation.tree import DraftTree
 
 
 class TorchBackend:
     name = "torch"
     # no BATCH: a server runs its sequences' steps in turn (padding several caches' K/V per step
     # would copy them every step)
-    capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, CACHE_ATTENTION})
+    capabilities = frozenset({PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, CACHE_ATTENTION, TREE})
     prune_after_layer = None  # any layer: the plan's default
     min_draft = 1  # a forward of 2 tokens costs 1.04x one, of 4 1.54x (SmolLM2 fp32, 2 threads)
 
@@ -46,6 +47,19 @@ class TorchBackend:
     def forward(self, tokens: list[int], cache: AttendingCache, last: int = 1) -> np.ndarray:
         """(last, V) float32: the model's logits, shared with numpy (no copy)."""
         return self.model(torch.tensor([tokens]), cache, last=last)[0].numpy()
+
+    @torch.inference_mode()
+    def forward_tree(self, tree: DraftTree, cache: AttendingCache) -> np.ndarray:
+        assert cache.takes_trees, "a draft tree runs through a cache that takes trees"
+        positions = torch.from_numpy(cache.length + tree.depths)
+        cache.tree = tree.visible
+        try:
+            return self.model(torch.tensor([tree.tokens]), cache, positions=positions, last=None)[0].numpy()
+        finally:
+            cache.tree = None
+
+    def keep_branch(self, cache: AttendingCache, tree: DraftTree, branch: list[int]) -> None:
+        cache.keep_branch(cache.length - len(tree.tokens), branch)
 
     def forward_batch(self, tokens: list[int], caches: list[AttendingCache]) -> np.ndarray:
         raise EdgetokError("the torch backend runs one sequence per forward; batched decoding needs an ONNX export")

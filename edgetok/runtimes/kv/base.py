@@ -59,6 +59,16 @@ class KVState:
 class KVCache(ABC):
     """What every cache does, whichever model drives it."""
 
+    # Whether a draft tree's nodes can run through this cache in one forward (speculative decoding's
+    # tree attention: Backend.forward_tree), each seeing the cache and its own ancestors; one that can
+    # says so and implements keep_branch. Elsewhere drafts are chains.
+    takes_trees = False
+
+    def keep_branch(self, start: int, kept: list[int]) -> None:
+        """A draft tree's nodes went in from position `start`: keep those at offsets `kept`
+        (ascending, the root's 0 first) as positions start, start + 1, …, and forget the others."""
+        raise TypeError(f"{type(self).__name__} takes no draft trees (takes_trees is False)")
+
     @property
     @abstractmethod
     def length(self) -> int:

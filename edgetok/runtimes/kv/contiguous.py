@@ -23,6 +23,9 @@ class ContiguousCache(AttendingCache, GraphCache):
 
     queries_read = 0  # append() ignores q: a graph's backend need not hand its queries over
     ROLLBACK = 64  # tokens a compacted sliding layer keeps beyond its window (more than a draft)
+    # While a draft tree runs through the torch model (TorchBackend.forward_tree): which of the new
+    # tokens each new token sees (T, T) bool; None: each sees those before it
+    tree: np.ndarray | None = None
 
     def __init__(
         self,
@@ -79,6 +82,19 @@ class ContiguousCache(AttendingCache, GraphCache):
         return pos
 
     @property
+    def takes_trees(self) -> bool:
+        """Every layer attends fully: a sliding window counts positions, which a tree's branches share."""
+        return all(w is None for w in self.windows) and not any(self.skipped)
+
+    def keep_branch(self, start: int, kept: list[int]) -> None:
+        assert self.takes_trees and start + kept[-1] < self.length, (start, kept, self.length)
+        at = start + np.asarray(kept)
+        for bufs in (self.k, self.v):
+            for buf in bufs:
+                buf[:, :, start : start + len(kept)] = buf[:, :, at]  # (the fancy index copies first)
+        self.lengths = [start + len(kept)] * len(self.lengths)
+
+    @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
@@ -95,6 +111,8 @@ class ContiguousCache(AttendingCache, GraphCache):
             bufs[layer] = new
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        import torch
+
         from edgetok.kernels.attention import attend, causal_mask, position_mask  # (torch: only a torch model calls this)
 
         self.append(layer, to_numpy(q), to_numpy(k), to_numpy(v))  # (append as the graph protocol has it)
@@ -102,6 +120,10 @@ class ContiguousCache(AttendingCache, GraphCache):
         if self.kept[layer] is not None:  # a pruned prompt's sliding layer: its window counts positions
             pos = to_torch(self.positions(layer))
             mask = position_mask(pos[end - k.shape[2] :], pos, self.windows[layer])
+        elif self.tree is not None:  # a draft tree's nodes: the past, and their own ancestors
+            t = k.shape[2]
+            mask = torch.ones(t, end, dtype=torch.bool)
+            mask[:, end - t :] = torch.from_numpy(self.tree)
         else:
             mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)
         return attend(q, to_torch(self.k[layer][:, :, :end]), to_torch(self.v[layer][:, :, :end]), mask)

@@ -4,6 +4,7 @@ Greedy output is the plain decoding's; sampled output keeps its distribution.
 
     config.py    SpeculationParams: the GenerationConfig fields and their checks
     drafters.py  PromptLookup, TokenRecycling: one class per drafter, one small protocol
+    tree.py      DraftTree: a draft with branches (node i's token and parent; depths, visibility)
     control.py   DraftControl: how much to draft next (less, or nothing for a while, when drafts miss)
     steps.py     SpeculativeSteps: one decode step — draft, verify, accept, roll back
 """
@@ -12,9 +13,10 @@ from edgetok.runtimes.speculation.config import SPECULATE_CHOICES, SpeculationPa
 from edgetok.runtimes.speculation.control import DraftControl
 from edgetok.runtimes.speculation.drafters import Drafter, PromptLookup, TokenRecycling
 from edgetok.runtimes.speculation.steps import SpeculativeSteps
+from edgetok.runtimes.speculation.tree import DraftTree
 
 __all__ = ["SPECULATE_CHOICES", "SpeculationParams", "DraftControl", "Drafter", "PromptLookup", "TokenRecycling",
-           "SpeculativeSteps", "new_drafter"]
+           "SpeculativeSteps", "DraftTree", "new_drafter"]
 
 
 def new_drafter(params: SpeculationParams, vocab_size: int) -> Drafter:
@@ -22,4 +24,4 @@ def new_drafter(params: SpeculationParams, vocab_size: int) -> Drafter:
     if params.speculate == "lookup":
         return PromptLookup(params.lookup_ngram_min, params.lookup_ngram_max)
     assert params.speculate == "recycle", params.speculate
-    return TokenRecycling(vocab_size)
+    return TokenRecycling(vocab_size, params.draft_width)

@@ -6,19 +6,25 @@ accept rule treats it as a one-hot proposal):
 - PromptLookup: the longest recent n-gram that already occurred in the prompt or the output,
   and the tokens that followed it then (prompt lookup decoding; pays off when the output quotes
   or edits its input: summaries, document QA, code);
-- TokenRecycling: a table of the candidate tokens the model itself ranked first after each token
-  (Token Recycling, Luo et al.), followed as a chain from the last token. The paper drafts a
-  static tree and verifies it with tree attention; edgetok verifies linear drafts: on the default
-  engine a tree's extra nodes cost more than the tokens they add earn (benchmarks/
-  speculative_costs.py replays lookup trees of 2-8 branches: 0.84-0.96x where the chain gets
-  1.07x; BENCHMARKS.md), so the chain of first candidates is the draft.
+- TokenRecycling: a table of the candidate tokens the model itself ranked highest after each
+  token (Token Recycling, Luo et al.): followed as a chain of first candidates from the last token,
+  or, with --draft-width W > 1, grown into a tree of the top-W candidates (the paper's static tree,
+  verified with tree attention), its nodes spent where the branches are likeliest to hold.
+
+A drafter proposes a chain (`propose`) or a tree (`propose_tree`); the steps ask for a tree only
+where the backend and cache verify trees. Lookup's tree is its chain: its other matches rarely hold
+the answer (benchmarks/speculative_costs.py replays lookup trees of 2-8 branches: their extra
+nodes cost more than they earn; BENCHMARKS.md, session 17).
 """
 
 from __future__ import annotations
 
+import heapq
 from typing import Protocol
 
 import numpy as np
+
+from edgetok.runtimes.speculation.tree import MAX_NODES, DraftTree
 
 
 class Drafter(Protocol):
@@ -31,8 +37,13 @@ class Drafter(Protocol):
     def propose(self, k: int) -> list[int]:
         """≤ k tokens likely to follow the sequence (none: no guess worth verifying)."""
 
+    def propose_tree(self, k: int, width: int) -> DraftTree:
+        """A tree of ≤ k drafted tokens after the sequence's last (the root), each with ≤ width
+        children (the root alone: no guess worth verifying)."""
+
     def learn(self, inputs: list[int], rows: np.ndarray) -> None:
-        """The model's logits rows (T, V) after each of `inputs` (T tokens), just computed."""
+        """The model's logits rows (T, V) after each of `inputs` (T tokens: a chain, or a tree's nodes),
+        just computed."""
 
 
 class PromptLookup:
@@ -72,26 +83,38 @@ class PromptLookup:
                 return seq[end : end + k]  # (may run into the suffix itself: a repetition)
         return []
 
+    def propose_tree(self, k: int, width: int) -> DraftTree:
+        return DraftTree.chain(self.tokens[-1], self.propose(min(k, MAX_NODES - 1)))
+
     def learn(self, inputs: list[int], rows: np.ndarray) -> None:
         pass  # drafts come from the text alone
 
 
 class TokenRecycling:
-    """An adjacency table (V,) of the token the model ranked first after each token, the last
-    time it ran on that token; -1 where it has not yet. The table outlives a sequence (the engine
-    keeps the drafter): what the model said after a token in one answer often holds in the next.
+    """An adjacency table (V, W) of the W tokens the model ranked highest after each token, best
+    first, the last time it ran on that token; -1 where it has not yet. The table outlives a
+    sequence (the engine keeps the drafter): what the model said after a token in one answer often
+    holds in the next.
 
-    Before the model has run on a token, the token that followed it in the prompt stands in (the
-    table's rows fill as decoding goes; a cold table would draft nothing for a while)."""
+    Before the model has run on a token, the token that followed it in the prompt stands in as its
+    first candidate (the table's rows fill as decoding goes; a cold table would draft nothing for a
+    while).
 
-    def __init__(self, vocab_size: int) -> None:
-        self.next = np.full(vocab_size, -1, dtype=np.int64)  # (V,): 8 bytes per token
+    A tree's shape follows how often a candidate of each rank turned out to be the model's next
+    choice (counted as rows arrive): its nodes go to the likeliest paths first, a product of those
+    rates along each path, so a table whose first candidates usually hold grows a deep chain, and
+    one whose second candidates often hold branches near the root."""
+
+    def __init__(self, vocab_size: int, width: int = 1) -> None:
+        self.next = np.full((vocab_size, width), -1, dtype=np.int32)  # (V, W): 4·W bytes per token
         self.last = -1  # the sequence's last token
+        self.tries = 0  # rows that arrived for a token whose candidates were known
+        self.hits = np.zeros(width, np.int64)  # (W,): … whose rank-r candidate was the row's argmax
 
     def start(self, prompt: list[int]) -> None:
         ids = np.asarray(prompt, dtype=np.int64)
-        cold = self.next[ids[:-1]] < 0
-        self.next[ids[:-1][cold]] = ids[1:][cold]  # (the last of a repeated pair wins: fine for a seed)
+        cold = self.next[ids[:-1], 0] < 0
+        self.next[ids[:-1][cold], 0] = ids[1:][cold]  # (the last of a repeated pair wins: fine for a seed)
         self.last = prompt[-1]
 
     def extend(self, tokens: list[int]) -> None:
@@ -101,16 +124,45 @@ class TokenRecycling:
     def propose(self, k: int) -> list[int]:
         draft, token = [], self.last
         for _ in range(k):
-            token = int(self.next[token])
+            token = int(self.next[token, 0])
             if token < 0:
                 break
             draft.append(token)
         return draft
 
+    def propose_tree(self, k: int, width: int) -> DraftTree:
+        width = min(width, self.next.shape[1])
+        rates = (self.hits[:width] + 1) / (self.tries + 2)  # a rank's candidate is the next choice (Laplace)
+        tokens, parents = [self.last], [-1]
+        # best first by the path's probability: (−probability, order, parent node, rank)
+        frontier = [(-rates[r], r, 0, r) for r in range(width)]
+        order = width
+        while frontier and len(tokens) <= min(k, MAX_NODES - 1):
+            chance, _, parent, rank = heapq.heappop(frontier)
+            token = int(self.next[tokens[parent], rank])
+            if token < 0 or any(t == token and p == parent for t, p in zip(tokens, parents)):
+                continue
+            tokens.append(token)
+            parents.append(parent)
+            for r in range(width):
+                heapq.heappush(frontier, (chance * rates[r], order, len(tokens) - 1, r))
+                order += 1
+        return DraftTree(tuple(tokens), tuple(parents))
+
     def learn(self, inputs: list[int], rows: np.ndarray) -> None:
         # every row counts, those after a rejected token too: a token's likely successor seldom
         # depends on how the model got to it (the paper recycles the whole tree's candidates)
-        self.next[np.asarray(inputs)] = rows.argmax(-1)
+        ids, width = np.asarray(inputs), self.next.shape[1]
+        best = rows.argmax(-1)
+        if width == 1:
+            ranked = best[:, None]
+        else:  # the top W of each row, best first
+            top = np.argpartition(rows, -width, axis=-1)[:, -width:]
+            ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(rows, top, -1), axis=-1), -1)
+        known = self.next[ids, 0] >= 0
+        self.tries += int(known.sum())
+        self.hits += (self.next[ids[known]] == best[known, None]).sum(0)
+        self.next[ids] = ranked
 
 
 DRAFTERS = ("lookup", "recycle")
