@@ -16,10 +16,10 @@ from conftest import kv_rows, run_cli
 
 import edgetok
 from edgetok.errors import EdgetokError
+from edgetok.runtimes.backends.base import TREE
 from edgetok.runtimes.engine import GenerationConfig, Result
 from edgetok.runtimes.kv import ContiguousCache, KVCache, KVConfig, TieredCache
 from edgetok.runtimes.sampling import SamplingParams, apply_repetition_penalty, filter_logits, new_generator, sample, softmax
-from edgetok.runtimes.backends.base import TREE
 from edgetok.runtimes.speculation import DraftControl, DraftTree, PromptLookup, TokenRecycling
 from edgetok.runtimes.speculation.control import MISSES_BEFORE_PAUSE, PAUSE_MAX, PAUSE_MIN
 
