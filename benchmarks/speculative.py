@@ -1,6 +1,7 @@
 """Decode speed with and without speculative decoding, on input-grounded prompts (a ~1K-token
 essay, source file, license, changelog, README or JSON document to summarize, quote, copy or edit) and open chat prompts: edgetok's engine
-(the ONNX int4 export, and torch fp32) with --speculate none | lookup | recycle, transformers'
+(the ONNX int4 export, and torch fp32) with --speculate none | lookup | recycle (chains, and trees of
+the top-W candidates: "recycle wW", --widths), transformers'
 prompt-lookup generation (`generate(..., prompt_lookup_num_tokens=K)`, fp32) and llama.cpp's
 lookup decoding (llama-cpp-python's `LlamaPromptLookupDecoding` as the draft model, on the GGUF).
 
@@ -99,13 +100,16 @@ class Run:
 Runner = Callable[[list[int], int], Run]
 
 
-def edgetok_runner(model: edgetok.Model, speculate: str, draft_max: int, threads: int, torch_threads: bool) -> Runner:
+def edgetok_runner(model: edgetok.Model, method: str, draft_max: int, threads: int, torch_threads: bool) -> Runner:
+    """method: none, lookup, recycle, or "recycle wW" (a tree of each token's top-W candidates)."""
     from edgetok.runtimes.engine import GenerationConfig
+
+    speculate, _, width = method.partition(" w")
 
     def run(ids: list[int], n: int) -> Run:
         torch.set_num_threads(threads if torch_threads else 1)  # (edgetok.load sets 1 for the other runtimes)
         model.engine.reset()
-        cfg = GenerationConfig(max_new_tokens=n, speculate=speculate, draft_max=draft_max)
+        cfg = GenerationConfig(max_new_tokens=n, speculate=speculate, draft_max=draft_max, draft_width=int(width or 1))
         drafter = new_drafter(cfg, model.config.vocab_size) if speculate != "none" else None  # cold
         *_, result = model.engine.generate_ids(ids, cfg, drafter=drafter)  # text pieces, then the Result
         s = result.stats
@@ -179,9 +183,10 @@ def systems(args) -> dict[str, Runner]:
     Only the systems --only names are loaded."""
     k, t = args.draft_max, args.threads
     source = load_source(args.model)
+    ours = ("none", "lookup", "recycle", *(f"recycle w{w}" for w in map(int, args.widths.split(",")) if w > 1))
     families = {  # name prefix → the methods and how to make each runner (the model loaded once)
-        "edgetok default": (("none", "lookup", "recycle"), lambda: edgetok.load(args.model, threads=t)),
-        "edgetok torch fp32": (("none", "lookup", "recycle"), lambda: edgetok.load(args.model, backend="torch", threads=t)),
+        "edgetok default": (ours, lambda: edgetok.load(args.model, threads=t)),
+        "edgetok torch fp32": (ours, lambda: edgetok.load(args.model, backend="torch", threads=t)),
         "transformers fp32": (("none", "lookup"), lambda: hf_folder(args.model, source)),
         "llama.cpp": (("none", "lookup"), lambda: gguf_file(args.model, source)),
     }
@@ -217,6 +222,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help="tokens of an input-grounded prompt")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--draft-max", type=int, default=8, help="drafted tokens per step, every system")
+    ap.add_argument("--widths", default="2,3", help="edgetok's recycle trees: the top-W candidates per token (--draft-width)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sets", default="input-grounded,open", help="prompt sets: input-grounded, open, verbatim")

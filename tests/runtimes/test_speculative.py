@@ -137,12 +137,14 @@ class Scripted:
     wrong: bool = False
     vocab: int = 0
     known: int = 0  # generated tokens so far
+    last: int = -1  # the sequence's last token (a tree's root)
 
     def start(self, prompt: list[int]) -> None:
-        self.known = 0
+        self.known, self.last = 0, prompt[-1]
 
     def extend(self, tokens: list[int]) -> None:
         self.known += len(tokens)
+        self.last = tokens[-1] if tokens else self.last
 
     def propose(self, k: int) -> list[int]:
         nxt = self.truth[self.known : self.known + k]
@@ -154,8 +156,8 @@ class Scripted:
     def propose_tree(self, k: int, width: int) -> DraftTree:
         """The proposal as a tree's branch, each of its tokens after a wrong sibling (width ≥ 2): an
         oracle's branch is then not the tree's first nodes."""
-        right, root = self.propose(k // 2), self.truth[self.known - 1]
-        tokens, parents, parent = [root], [-1], 0
+        right = self.propose(k // 2)
+        tokens, parents, parent = [self.last], [-1], 0
         for depth, (token, true) in enumerate(zip(right, self.truth[self.known :])):
             sibling = (token + 1 + depth) % self.vocab  # (≠ token: vocab > depth + 2)
             sibling = (sibling + 1) % self.vocab if sibling == true else sibling  # never the truth
@@ -388,13 +390,17 @@ def test_the_accept_rule_draws_from_the_sampling_distribution():
         assert counts[probs == 0].sum() == 0
 
 
-def test_speculative_sampling_keeps_the_joint_distribution(tiny):
+@pytest.mark.parametrize("width", [1, 2])
+def test_speculative_sampling_keeps_the_joint_distribution(tiny, width):
     """Three tokens sampled with a draft verified after the first (accepted or replaced, the third
     then drawn from the bonus row with the draft counted as seen) are distributed as the model's
-    own joint distribution, computed exactly."""
+    own joint distribution, computed exactly. Width 2: four tokens, the draft after the first a tree
+    of two nodes, the true token beside a sibling tried first (the multi-draft rule over a node's
+    children)."""
     p = dict(temperature=1.0, top_k=3, repetition_penalty=1.5)
+    new = 3 if width == 1 else 4
     prompt = tiny.tokenizer.encode("The quick brown fox")
-    greedy = generate(tiny, "The quick brown fox", max_new_tokens=3, ignore_eos=True).tokens
+    greedy = generate(tiny, "The quick brown fox", max_new_tokens=new, ignore_eos=True).tokens
     params = SamplingParams(**p)
     vocab, backend = tiny.config.vocab_size, tiny.engine.backend
 
@@ -405,20 +411,23 @@ def test_speculative_sampling_keeps_the_joint_distribution(tiny):
         return torch.from_numpy(softmax(filter_logits(apply_repetition_penalty(logits, seen, params.repetition_penalty), params))).double()
 
     joint: dict[tuple, float] = {}
-    p1 = step_probs(prompt)
-    for a in p1.nonzero().flatten().tolist():
-        p2 = step_probs(prompt + [a])
-        for b in p2.nonzero().flatten().tolist():
-            p3 = step_probs(prompt + [a, b])
-            for c in p3.nonzero().flatten().tolist():
-                joint[a, b, c] = float(p1[a] * p2[b] * p3[c])
+
+    def fill(tokens: tuple, chance: float) -> None:
+        if len(tokens) == new:
+            joint[tokens] = chance
+            return
+        probs = step_probs(prompt + list(tokens))
+        for t in probs.nonzero().flatten().tolist():
+            fill((*tokens, t), chance * float(probs[t]))
+
+    fill((), 1.0)
     cells = {key: i for i, key in enumerate(joint)}
     counts = torch.zeros(len(cells), dtype=torch.float64)
     n = 1500
     drafted = accepted = 0
     for seed in range(n):
-        draft = Scripted([greedy[0], greedy[1], greedy[2]])
-        r = generate(tiny, "The quick brown fox", draft, max_new_tokens=3, ignore_eos=True, seed=seed, **p)
+        draft = Scripted(greedy, vocab=vocab)
+        r = generate(tiny, "The quick brown fox", draft, max_new_tokens=new, ignore_eos=True, seed=seed, draft_width=width, **p)
         counts[cells[tuple(r.tokens)]] += 1
         drafted, accepted = drafted + r.stats.drafted, accepted + r.stats.accepted
     assert drafted > 0 and 0 < accepted < drafted  # both of the rule's branches ran
@@ -600,16 +609,16 @@ def test_smollm2_default_engine_is_greedy_exact_on_three_prompt_sets(capsys):
         for prompt in prompts:
             messages = [{"role": "user", "content": prompt}]
             plain = generate(m, messages, max_new_tokens=64)
-            for speculate in ("lookup", "recycle"):
-                spec = generate(m, messages, speculate=speculate, max_new_tokens=64)
+            for speculate, width in (("lookup", 1), ("recycle", 1), ("recycle", 2)):  # (width 2: trees)
+                spec = generate(m, messages, speculate=speculate, draft_width=width, max_new_tokens=64)
                 runs, accepted = runs + 1, accepted + spec.stats.accepted
                 if spec.tokens == plain.tokens:
                     continue
                 i = next((j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b), None)
                 assert i is not None, f"{set_name}: one output is a prefix of the other: an EOS moved"
                 margin = top2_margin(m, m.encode(messages, True) + plain.tokens[:i])
-                assert margin < eps, f"{set_name}, {speculate}: token {i} differs at a top-2 margin of {margin:.4f}"
-                near_ties.append((set_name, speculate, i, round(margin, 5)))
+                assert margin < eps, f"{set_name}, {speculate} w{width}: token {i} differs at a top-2 margin of {margin:.4f}"
+                near_ties.append((set_name, speculate, width, i, round(margin, 5)))
     assert accepted > 0
     with capsys.disabled():
         print(f"\n[smollm2, default engine] greedy: {runs - len(near_ties)}/{runs} generations equal plain "

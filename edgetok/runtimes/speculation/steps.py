@@ -40,6 +40,7 @@ class SpeculativeSteps:
         k = min(self.control.next_length(), room - 1)
         if self.width > 1 and k > 0:
             tree = self.drafter.propose_tree(min(k * self.width, room - 1, MAX_NODES - 1), self.width)
+            assert tree.tokens[0] == out_ids[-1], "a drafter's tree grows from the sequence's last token"
         else:
             tree = DraftTree.chain(out_ids[-1], self.drafter.propose(k) if k > 0 else [])
         t0 = time.perf_counter()
