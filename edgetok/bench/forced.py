@@ -21,7 +21,7 @@ import numpy as np
 from edgetok.bench.record import read_ids, result_json, write_logits
 from edgetok.cli.options import load_model, run_configs, run_options
 from edgetok.errors import EdgetokError
-from edgetok.runtimes.backends.base import BATCH, Backend
+from edgetok.runtimes.backends.base import BATCH, TREE, Backend
 
 
 class TeacherForcing:
@@ -35,10 +35,10 @@ class TeacherForcing:
     def __init__(self, backend: Backend, follow: list[int] | None) -> None:
         self.inner = backend
         self.name, self.config = backend.name, backend.config
-        self.capabilities = backend.capabilities - {BATCH}  # one sequence, its steps recorded one by one
+        self.capabilities = backend.capabilities - {BATCH, TREE}  # one sequence, its steps recorded one by one
         self.prune_after_layer = backend.prune_after_layer
         self.weights_fidelity = backend.weights_fidelity
-        self.min_draft = backend.min_draft
+        self.min_draft, self.node_cost = backend.min_draft, backend.node_cost
         self.follow = follow
         self.rows: list[np.ndarray] = []  # (V,) float32 each
         self._decoding = False

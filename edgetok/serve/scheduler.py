@@ -197,7 +197,7 @@ class ScheduledBackend:
         self.scheduler = scheduler
         self.name, self.config, self.capabilities = inner.name, inner.config, inner.capabilities
         self.prune_after_layer, self.weights_fidelity = inner.prune_after_layer, inner.weights_fidelity
-        self.min_draft = inner.min_draft
+        self.min_draft, self.node_cost = inner.min_draft, inner.node_cost
         self.cancelled: Callable[[], bool] = lambda: False
 
     def new_cache(self, kv=None):

@@ -153,7 +153,7 @@ class Scripted:
         g = torch.Generator().manual_seed(self.known)
         return [int((t + torch.randint(1, self.vocab, (), generator=g)) % self.vocab) for t in nxt]  # ≠ the truth
 
-    def propose_tree(self, k: int, width: int) -> DraftTree:
+    def propose_tree(self, k: int, width: int, floor: float) -> DraftTree:
         """The proposal as a tree's branch, each of its tokens after a wrong sibling (width ≥ 2): an
         oracle's branch is then not the tree's first nodes."""
         right = self.propose(k // 2)
@@ -470,7 +470,7 @@ def test_token_recycling_follows_the_models_first_candidates():
 def test_token_recycling_grows_its_tree_where_candidates_hold():
     """A table of top-2 candidates: the tree's nodes go to the likeliest paths by how often each rank
     turned out to be the model's next choice — a chain of first candidates while they hold, branches
-    at the root once second candidates hold more often."""
+    at the root once second candidates hold more often — and none to a path less likely than the floor."""
     d = TokenRecycling(10, width=2)
     d.start([1, 2])
     tokens = list(range(10))
@@ -481,14 +481,17 @@ def test_token_recycling_grows_its_tree_where_candidates_hold():
     for _ in range(20):
         d.learn(tokens, firsts)
     d.extend([1])
-    tree = d.propose_tree(4, 2)
+    tree = d.propose_tree(4, 2, 0.0)
     assert tree.tokens == (1, 2, 3, 4, 5) and tree.is_chain  # first candidates hold: 1 → 2 → 3 → 4 → 5
-    for _ in range(30):  # each time, the model's choice is the table's second candidate
+    for _ in range(10):  # each time, the model's choice is the table's second candidate
         d.learn(tokens, seconds)
         d.learn(tokens, firsts)
-    tree = d.propose_tree(4, 2)
+    tree = d.propose_tree(4, 2, 0.0)
     assert len(tree.tokens) == 5 and not tree.is_chain
     assert {tree.tokens[c] for c in tree.children(0)} == {2, 6}  # both of the root's candidates
+    # the rates now ≈ 0.49 (first) and 0.51 (second): at a floor of 0.3 the root's two candidates only
+    tree = d.propose_tree(4, 2, 0.3)
+    assert tree.drafted == 2 and tree.children(0) == [1, 2]
 
 
 def test_a_draft_tree_knows_its_shape():

@@ -57,6 +57,9 @@ class Backend(Protocol):
     # Drafted tokens a verifying forward runs for about the cost of one (--speculate never drafts
     # fewer once it verifies at all); benchmarks/speculative_costs.py measures the cost curve
     min_draft: int
+    # TREE: a verifying forward's cost per drafted token, in decode steps: a draft tree takes a node
+    # only where its chance of being accepted is at least this (benchmarks/speculative_costs.py)
+    node_cost: float
 
     def new_cache(self, kv: KVConfig | None = None) -> Any:
         """An empty KV cache for one sequence, in whatever form forward() takes; kv: a tiered

@@ -52,6 +52,7 @@ class LlamaCppBackend:
     # llama.cpp's cache is its own: no pruning, no prefix export; it drops any tokens past n_tokens
     capabilities = frozenset({ROLLBACK})
     min_draft = 1  # (its cost curve is not measured)
+    node_cost = 1.0  # (no TREE)
     prune_after_layer = None
 
     def __init__(self, source: Source, threads: int | None = None, kv_type: str = "f16", n_ctx: int | None = None) -> None:

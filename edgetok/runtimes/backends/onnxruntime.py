@@ -103,6 +103,7 @@ class OnnxBackend:
         # a forward of 2 tokens costs 1.20x one, of 4 1.62x, of 8 2.66x (SmolLM2's default export after
         # a 1K prompt, 2 threads; benchmarks/results/speculative_costs_session17.json): one drafted token pays
         self.min_draft = 1
+        self.node_cost = 0.2  # (8 tokens 2.66x one: each drafted token about a fifth of a step)
         self.kv = kv
         self.session = open_session(source.path / ONNX_MODEL, provider, threads)
         self.threads = threads or os.cpu_count() or 1  # (ONNX Runtime's default: one per core; as api.load counts)

@@ -38,6 +38,7 @@ class OptimumBackend:
     capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES})
     prune_after_layer = None
     min_draft = 1  # (its cost curve is not measured)
+    node_cost = 1.0  # (no TREE)
 
     def __init__(self, source: Source, provider: str = "cpu", threads: int | None = None, kv: KVConfig | None = None) -> None:
         assert source.format == OPTIMUM, source.format

@@ -39,7 +39,7 @@ class SpeculativeSteps:
         self.known = len(out_ids)
         k = min(self.control.next_length(), room - 1)
         if self.width > 1 and k > 0:
-            tree = self.drafter.propose_tree(min(k * self.width, room - 1, MAX_NODES - 1), self.width)
+            tree = self.drafter.propose_tree(min(k * self.width, room - 1, MAX_NODES - 1), self.width, self.backend.node_cost)
             assert tree.tokens[0] == out_ids[-1], "a drafter's tree grows from the sequence's last token"
         else:
             tree = DraftTree.chain(out_ids[-1], self.drafter.propose(k) if k > 0 else [])
