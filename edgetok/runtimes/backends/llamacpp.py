@@ -99,6 +99,13 @@ class LlamaCppBackend:
     def forward_batch(self, tokens: list[int], caches: list) -> np.ndarray:
         raise EdgetokError("the llama.cpp backend keeps one sequence; batched decoding needs an ONNX export")
 
+    def forward_tree(self, tree, cache) -> np.ndarray:
+        raise EdgetokError("draft trees (--draft-width above 1) need the torch backend or the default engine; "
+                           "llama.cpp verifies chains")
+
+    def keep_branch(self, cache, tree, branch: list[int]) -> None:
+        self.forward_tree(tree, cache)
+
     def truncate(self, cache, n: int) -> int:
         cache.n_tokens = n
         return n

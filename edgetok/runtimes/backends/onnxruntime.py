@@ -218,7 +218,11 @@ class OnnxBackend:
         return logits[0].copy()  # a copy out: the bound array is the next run's too
 
     def forward_tree(self, tree: DraftTree, cache: GraphCache) -> np.ndarray:
-        assert TREE in self.capabilities and cache.takes_trees, "a draft tree runs through edgetok's attention op and the exact cache"
+        if TREE not in self.capabilities:
+            raise EdgetokError("draft trees (--draft-width above 1) need edgetok's attention operator, which this "
+                               "export does not use (the default engine's export does); it verifies chains")
+        if not cache.takes_trees:
+            raise EdgetokError(cache.NO_TREES)
         return self.forward(list(tree.tokens), cache, last=len(tree.tokens), tree=tree)
 
     def keep_branch(self, cache: GraphCache, tree: DraftTree, branch: list[int]) -> None:

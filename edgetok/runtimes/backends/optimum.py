@@ -126,6 +126,13 @@ class OptimumBackend:
         raise EdgetokError("batched decoding needs edgetok's own ONNX export (edgetok export --format onnx); "
                            "an optimum export decodes one sequence per forward")
 
+    def forward_tree(self, tree, cache) -> np.ndarray:
+        raise EdgetokError("draft trees (--draft-width above 1) need the torch backend or the default engine; "
+                           "an optimum export verifies chains")
+
+    def keep_branch(self, cache, tree, branch: list[int]) -> None:
+        self.forward_tree(tree, cache)
+
     def prefill_pruned(self, tokens, cache, plan, chunk, progress=None):
         raise EdgetokError("--prune-prompt needs the torch backend or an ONNX export made by edgetok with "
                            "--prune-after-layer L; an optimum export has no pruning point")

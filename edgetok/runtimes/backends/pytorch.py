@@ -51,7 +51,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def forward_tree(self, tree: DraftTree, cache: AttendingCache) -> np.ndarray:
-        assert cache.takes_trees, "a draft tree runs through a cache that takes trees"
+        if not cache.takes_trees:
+            raise EdgetokError(cache.NO_TREES)
         positions = torch.from_numpy(cache.length + tree.depths)
         cache.tree = tree.visible
         try:

@@ -16,9 +16,10 @@ from conftest import run_cli
 
 import edgetok
 from edgetok.errors import EdgetokError
-from edgetok.runtimes.backends.base import BATCH, CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES
+from edgetok.runtimes.backends.base import BATCH, CACHE_ATTENTION, PREFIX_STATE, PRUNE, ROLLBACK, SEQUENCES, TREE
 from edgetok.runtimes.kv import KVConfig
 from edgetok.runtimes.prune import PrunePlan
+from edgetok.runtimes.speculation import DraftTree
 
 
 @dataclass
@@ -142,7 +143,7 @@ def test_capabilities_are_declared_and_honest(case, tmp_path):
     prompt = case.prompt
     backend = case.backend
     assert isinstance(backend.capabilities, frozenset)
-    assert backend.capabilities <= {PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, BATCH, CACHE_ATTENTION}
+    assert backend.capabilities <= {PRUNE, PREFIX_STATE, ROLLBACK, SEQUENCES, BATCH, CACHE_ATTENTION, TREE}
     if CACHE_ATTENTION in backend.capabilities:  # its caches fold in the unread chunks' summaries
         tiered = backend.new_cache(KVConfig(budget="50%", summaries="on"))
         assert backend.forward(prompt[:40], tiered, last=1).shape == (1, backend.config.vocab_size)
@@ -178,3 +179,15 @@ def test_capabilities_are_declared_and_honest(case, tmp_path):
     if BATCH not in backend.capabilities:
         with pytest.raises(EdgetokError, match="batch"):
             backend.forward_batch([prompt[41]], [cache])
+    # TREE: a draft tree's branches get their chains' logits, where the cache takes trees
+    tree = DraftTree((prompt[40], prompt[41], prompt[50], prompt[42]), (-1, 0, 0, 1))  # two branches
+    tree_cache, chain_cache = (prefill(backend, prompt[:40])[0] for _ in range(2))
+    for c in (tree_cache, chain_cache):
+        backend.end_prefill(c)
+    if TREE in backend.capabilities and tree_cache.takes_trees:
+        rows = backend.forward_tree(tree, tree_cache)
+        chain = backend.forward([prompt[40], prompt[41], prompt[42]], chain_cache, last=3)
+        np.testing.assert_allclose(rows[[0, 1, 3]], chain, atol=1e-4)
+    else:
+        with pytest.raises(EdgetokError, match="--draft-width"):
+            backend.forward_tree(tree, tree_cache)
