@@ -65,6 +65,8 @@ class Sequences:
         self.prompt_tokens = 0  # counters for /metrics
         self.completion_tokens = 0
         self.reused_tokens = 0
+        self.drafted_tokens = 0  # --speculate: tokens drafted and verified, and of those accepted
+        self.accepted_tokens = 0
 
     @property
     def max_sequences(self) -> int:
@@ -128,6 +130,8 @@ class Sequences:
                     self.prompt_tokens += piece.prompt_tokens
                     self.reused_tokens += piece.stats.reused_prompt_tokens
                     self.completion_tokens += len(piece.tokens)
+                    self.drafted_tokens += piece.stats.drafted
+                    self.accepted_tokens += piece.stats.accepted
                 request.emit(piece)
         except BaseException as e:  # Cancelled, an EdgetokError, a bug: the request hears of it
             if not isinstance(e, (Cancelled, EdgetokError)):

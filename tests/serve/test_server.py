@@ -323,3 +323,31 @@ def test_the_openai_client_example_talks_to_the_server(server, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert f"model: {ALIAS}" in p.stdout and "streamed: " in p.stdout and "second turn: " in p.stdout
+
+
+def test_a_speculating_server_answers_as_plain_decoding(tiny_onnx, tmp_path):
+    """`edgetok serve HF-FOLDER --speculate recycle --draft-width 2`: the default engine verifies draft
+    trees through the server's scheduler, three requests at once; at temperature 0 each answer is
+    `edgetok run`'s without speculation."""
+    prompts = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "The quick brown fox", "Émile paid 12,345 €"]
+    want = []
+    for prompt in prompts:
+        r = run_cli("run", tiny_onnx["hf"], "-p", prompt, "--json", "-n", 24, "--no-chat")
+        assert r.exit_code == 0, r.output
+        want.append(json.loads(r.stdout)["text"])
+    s = Server(tiny_onnx["hf"], "--alias", ALIAS, "--speculate", "recycle", "--draft-width", 2, "--draft-max", 4, "--max-sequences", 4,
+               "--metrics", log=tmp_path / "server.log")
+    try:
+        got: list = [None] * len(prompts)
+
+        def ask(i: int) -> None:
+            status, _, body = request(s.port, "POST", "/v1/completions", {
+                "model": ALIAS, "prompt": prompts[i], "max_tokens": 24, "temperature": 0})
+            got[i] = json.loads(body)["choices"][0]["text"] if status == 200 else body
+
+        for _ in range(2):  # the second round: Token Recycling's table (kept by each engine) knows the answers
+            in_threads(ask, len(prompts), timeout=120)
+            assert got == want
+        assert s.metric("accepted_tokens_total") > 0 and s.metric("drafted_tokens_total") > s.metric("accepted_tokens_total")
+    finally:
+        assert s.stop() in (0, 143)
