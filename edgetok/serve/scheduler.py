@@ -179,8 +179,10 @@ class Scheduler:
             with self._cond:
                 if job.method == "end_prefill":
                     self._decoding.add(id(job.cache))
-                elif job.method in ("truncate", "load_prefix", "prefill_pruned"):
+                elif job.method in ("load_prefix", "prefill_pruned"):
                     self._decoding.discard(id(job.cache))
+                # (a truncate keeps a decoding sequence in the batch: in decode it drops a rejected
+                # draft; a truncate before a new prefill comes after the last generation's idle())
         except BaseException as e:
             job.error = e
         job.done.set()
