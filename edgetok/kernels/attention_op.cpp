@@ -24,8 +24,8 @@
 //
 // A draft tree (edgetok_draft_tree, per thread as the hook): while one is set, new token s sees the
 // past and only the new tokens its row of the tree's visibility names (itself and its ancestors), at
-// the positions position_ids gives (the root's plus its depth) — speculative decoding verifies
-// several branches of guesses in one forward.
+// the positions position_ids gives (the root's plus its depth; a sliding window counts back from
+// there) — speculative decoding verifies several branches of guesses in one forward.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -61,6 +61,7 @@ struct Attention {
     float* out;                            // (B, S, H·D)
     std::vector<float>* q;                 // rotated queries (B, S, H, D)
     const uint32_t* sees;                  // (S,) a draft tree's: bit j of token s set where s sees new token j; null: causal
+    const int64_t* depths;                 // (S,) a draft tree's: token s sits at the past's end + depths[s]
 };
 
 // Slots per task, at fixed boundaries (multiples of CHUNK): a token's sums are then made in the same
@@ -196,6 +197,11 @@ inline void weigh(const float* p, const float* values, int64_t n, int64_t d, int
 // row b's past length (tokens before this run's)
 inline int64_t past_of(const Attention& a, int64_t b) { return int64_t(a.seqlens[b]) + 1 - a.s; }
 
+// A draft tree's token s sees new token j: an ancestor (or itself) within its window by depth
+inline bool sees_new(const Attention& a, int64_t s, int64_t j) {
+    return ((a.sees[s] >> j) & 1u) && (a.window <= 0 || a.depths[j] > a.depths[s] - a.window);
+}
+
 // Step 1, one task per (row, new token): rotate the queries into a.q, write the rotated key and the
 // value at their slot
 void place(const Attention& a, int64_t bs) {
@@ -241,13 +247,14 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
             dots<1>(q + i * d, keys + j * d, d, some);
             scores[i * n + j] = some[0] * a.scale;
         }
-    // a draft tree: the new tokens off this token's branch are not seen (their weights made 0 below)
+    // a draft tree: the new tokens off this token's branch, or out of its window by depth, are not
+    // seen (their weights made 0 below)
     const int64_t past = past_of(a, b), first_new = std::max(lo, past);
     bool any_seen = true;
     if (a.sees) {
         any_seen = first_new > lo;
         for (int64_t slot = first_new; slot < hi; ++slot) {
-            const bool seen = (a.sees[s] >> (slot - past)) & 1u;
+            const bool seen = sees_new(a, s, slot - past);
             any_seen |= seen;
             if (!seen)
                 for (int64_t i = 0; i < g; ++i) scores[i * n + slot - lo] = -INFINITY;
@@ -264,7 +271,7 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
     }
     if (a.sees)  // (e^−87 where a score was −∞: exactly 0 instead; the sums, ≥ 1, do not hold its trace)
         for (int64_t slot = first_new; slot < hi; ++slot)
-            if (!((a.sees[s] >> (slot - past)) & 1u))
+            if (!sees_new(a, s, slot - past))
                 for (int64_t i = 0; i < g; ++i) scores[i * n + slot - lo] = 0.f;
     // the values in passes of WEIGH_ROWS rows, which stay in the L1 cache while the group's queries
     // pass over them
@@ -283,10 +290,12 @@ void attend(const Attention& a, int64_t b, int64_t k, int64_t s, int64_t lo, int
     }
 }
 
-// The slots new token s of row b attends: [lo, hi)
+// The slots new token s of row b attends: [lo, hi) (a draft tree's node sits at the past's end plus its
+// depth: a sliding window counts back from there; its branch's slots are masked in attend)
 inline void visible(const Attention& a, int64_t b, int64_t s, int64_t& lo, int64_t& hi) {
     hi = past_of(a, b) + s + 1;
-    lo = a.window > 0 ? std::max<int64_t>(0, hi - a.window) : 0;
+    const int64_t at = a.depths ? past_of(a, b) + a.depths[s] + 1 : hi;
+    lo = a.window > 0 ? std::max<int64_t>(0, at - a.window) : 0;
 }
 
 struct Job {
@@ -376,8 +385,10 @@ struct Through {
 };
 thread_local Through g_through;
 
-// This thread's draft tree (edgetok_draft_tree): per new token, the new tokens it sees; empty: none
+// This thread's draft tree (edgetok_draft_tree): per new token, the new tokens it sees, and its depth
+// (its ancestors: the tokens it sees but itself); empty: none
 thread_local std::vector<uint32_t> g_tree;
+thread_local std::vector<int64_t> g_depths;
 
 const OrtApi* g_api = nullptr;
 
@@ -516,10 +527,9 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
         return nullptr;
     }
     if (!g_tree.empty()) {
-        if (a.b != 1 || a.s != int64_t(g_tree.size()) || a.window > 0)
-            return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: a draft tree runs as one sequence of its nodes, "
-                                                    "in layers without a sliding window");
-        a.sees = g_tree.data();
+        if (a.b != 1 || a.s != int64_t(g_tree.size()))
+            return ort.status(ORT_INVALID_ARGUMENT, "GroupQueryAttention: a draft tree runs as one sequence of its nodes");
+        a.sees = g_tree.data(), a.depths = g_depths.data();
     }
     int64_t longest = 0;
     for (int64_t b = 0; b < a.b; ++b) longest = std::max(longest, past_of(a, b) + a.s);
@@ -584,9 +594,10 @@ extern "C" __attribute__((visibility("default"))) int64_t edgetok_attend_through
 extern "C" __attribute__((visibility("default"))) int edgetok_draft_tree(const uint8_t* visible, int64_t n) {
     if (n < 0 || n > FEW_TOKENS) return 1;
     g_tree.assign(size_t(n), 0u);
+    g_depths.assign(size_t(n), -1);
     for (int64_t s = 0; s < n; ++s)
         for (int64_t j = 0; j < n; ++j)
-            if (visible[s * n + j]) g_tree[size_t(s)] |= 1u << j;
+            if (visible[s * n + j]) g_tree[size_t(s)] |= 1u << j, ++g_depths[size_t(s)];
     return 0;
 }
 

@@ -215,20 +215,22 @@ def test_a_drafts_attention_is_the_one_token_steps_bit_for_bit(heads, kv_heads, 
         np.testing.assert_array_equal(alone[0, 0], draft[0, s])
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "d", "past"), [
-    (9, 3, 64, 1020),  # SmolLM2: the tree's slots across a 512-slot chunk boundary
-    (9, 3, 64, 40),    # a short cache (a chain would run ONNX Runtime's kernel, which has no tree)
-    (4, 1, 256, 600),  # Gemma 3's head size
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "window", "past"), [
+    (9, 3, 64, 0, 1020),   # SmolLM2: the tree's slots across a 512-slot chunk boundary
+    (9, 3, 64, 0, 40),     # a short cache (a chain would run ONNX Runtime's kernel, which has no tree)
+    (4, 1, 256, 0, 600),   # Gemma 3's head size
+    (4, 1, 256, 512, 600),  # its sliding layers: each node's window counts back from its own position
+    (8, 4, 32, 3, 1020),   # a window shorter than the tree is deep: ancestors fall out of it
 ])
-def test_a_draft_trees_nodes_attend_as_their_branches_would(heads, kv_heads, d, past):
+def test_a_draft_trees_nodes_attend_as_their_branches_would(heads, kv_heads, d, window, past):
     """Under ort_ops.draft_tree, node i at position past + depth(i) attends to the past and its own
-    ancestors: its output is the one it gets as the last token of its branch run as a chain (the
-    branch's K/V at consecutive slots); the tree's K/V land at slots past … past + N − 1."""
+    ancestors (within its window): its output is the one it gets as the last token of its branch run
+    as a chain (the branch's K/V at consecutive slots); the tree's K/V land at slots past … past + N − 1."""
     from edgetok.runtimes.speculation import DraftTree
 
     tree = DraftTree(tuple(range(12)), (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 7, 10))  # depths up to 5, three-way splits
     n, rng = len(tree.tokens), np.random.default_rng(past)
-    session = attention_session(ort_ops.DOMAIN, heads, kv_heads, d, 0, 1 / np.sqrt(d))
+    session = attention_session(ort_ops.DOMAIN, heads, kv_heads, d, window, 1 / np.sqrt(d))
     qkv = rng.standard_normal((1, n, (heads + 2 * kv_heads) * d)).astype(np.float32)
     cache = {name: rng.standard_normal((1, kv_heads, past + n, d)).astype(np.float32) for name in ("past_key", "past_value")}
 

@@ -106,6 +106,16 @@ def test_greedy_tokens_equal_plain_decoding(kind, speculate, width, capsys):
     knows the answer (a random model's drafts are otherwise seldom accepted: nothing is verified).
     Width 3: trees of the top-3 candidates where the backend and cache verify trees, chains elsewhere."""
     name, m = kind
+    _greedy_equals_plain(m, name, EPSILON[name], speculate, width, capsys)
+
+
+def test_greedy_trees_on_sliding_windows_equal_plain_decoding(gemma, capsys):
+    """Tiny Gemma 3 (windows of 8 tokens, prompts longer): recycle trees give plain greedy's tokens."""
+    name = f"gemma {gemma.engine.backend.name}"
+    _greedy_equals_plain(gemma, name, 1e-3, "recycle", 3, capsys)
+
+
+def _greedy_equals_plain(m: edgetok.Model, name: str, eps: float, speculate: str, width: int, capsys) -> None:
     runs = differ = accepted = 0
     for set_name, prompts in PROMPT_SETS.items():
         for prompt in prompts:
@@ -120,12 +130,12 @@ def test_greedy_tokens_equal_plain_decoding(kind, speculate, width, capsys):
                     continue
                 i = next(j for j, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b)
                 margin = top2_margin(m, m.encode(prompt, not isinstance(prompt, str)) + plain.tokens[:i])
-                assert margin < EPSILON[name], f"{set_name}: token {i} differs, but the reference's top-2 margin is {margin}"
+                assert margin < eps, f"{set_name}: token {i} differs, but the reference's top-2 margin is {margin}"
                 differ += 1
     assert accepted > 0, "no draft was ever accepted: the test shows nothing"
     with capsys.disabled():
         print(f"\n[{name}, {speculate}, width {width}] greedy: {runs - differ}/{runs} generations equal plain decoding's, "
-              f"{differ} differ after a near-tie (ε = {EPSILON[name]})")
+              f"{differ} differ after a near-tie (ε = {eps})")
 
 
 # -- oracle and random drafts ------------------------------------------------------------------------
@@ -215,6 +225,23 @@ def test_a_trees_nodes_get_their_branches_logits_and_the_kept_branch_is_the_chai
     """forward_tree: each node's logits are those of its branch run as a chain after the same prompt;
     after keep_branch the cache is the chain's (the next token's logits agree)."""
     name, m = kind
+    _check_tree_against_chains(m, atol=1e-4 if name in EXACT_LOGITS else 0.05)
+
+
+@pytest.fixture(scope="module", params=["torch", "default"])
+def gemma(request, tiny_gemma_folder) -> edgetok.Model:
+    """Tiny Gemma 3 (sliding windows of 8 tokens) on the torch backend and the default engine."""
+    return edgetok.load(str(tiny_gemma_folder), **({"backend": "torch"} if request.param == "torch" else {}))
+
+
+def test_a_trees_nodes_see_their_sliding_windows_from_their_own_positions(gemma):
+    """Gemma 3's sliding layers: a node's window counts back from its own position (root + depth), so
+    its logits are still its branch's as a chain; the prompt is longer than the window."""
+    assert TREE in gemma.engine.backend.capabilities
+    _check_tree_against_chains(gemma, atol=1e-4 if gemma.engine.backend.name == "torch" else 0.05)
+
+
+def _check_tree_against_chains(m: edgetok.Model, atol: float) -> None:
     backend = m.engine.backend
     prompt = m.encode(PROMPT_SETS["code"][1], chat=False)
 
@@ -226,10 +253,9 @@ def test_a_trees_nodes_get_their_branches_logits_and_the_kept_branch_is_the_chai
 
     cache = prefilled()
     if TREE not in backend.capabilities or not cache.takes_trees:
-        pytest.skip(f"{name} drafts chains")
+        pytest.skip(f"{backend.name} drafts chains here")
     tree = DraftTree((11, 12, 13, 14, 15, 16, 17, 12), (-1, 0, 0, 1, 1, 3, 2, 6))  # (a token twice, on two branches)
     rows = backend.forward_tree(tree, cache)
-    atol = 1e-4 if name in EXACT_LOGITS else 0.05
     for node in (3, 4, 5, 7):
         branch = tree.branch(node)
         chain = backend.forward([tree.tokens[i] for i in branch], prefilled(), last=len(branch))
@@ -241,6 +267,30 @@ def test_a_trees_nodes_get_their_branches_logits_and_the_kept_branch_is_the_chai
     chain = prefilled()
     backend.forward([tree.tokens[i] for i in branch], chain, last=len(branch))
     np.testing.assert_allclose(backend.forward([20, 21], cache, last=2), backend.forward([20, 21], chain, last=2), atol=atol)
+
+
+def test_keep_branch_moves_every_layers_slots_in_a_compacted_cache():
+    """A graph's cache whose sliding layer has dropped the tokens its window no longer sees (slot 0 is
+    not position 0 there): keep_branch moves each layer's tree slots by that layer's own offset."""
+    rng = np.random.default_rng(0)
+    cache = ContiguousCache(2, 1, 4, windows=[None, 4], compact_every=8, slack=4)
+    for _ in range(100):  # one token at a time, as decode appends; view() compacts the sliding layer (past 4 − 1 + 64 + 8)
+        for layer in range(2):
+            cache.view(layer, reserve=1)
+            kv = rng.standard_normal((2, 1, 1, 1, 4)).astype(np.float32)
+            cache.append(layer, None, kv[0], kv[1])
+    assert cache.starts[1] > 0 and cache.starts[0] == 0
+    start = cache.length
+    tree = rng.standard_normal((2, 2, 1, 1, 5, 4)).astype(np.float32)  # per layer, K and V of five nodes
+    for layer in range(2):
+        cache.append(layer, None, tree[layer, 0], tree[layer, 1])
+    cache.keep_branch(start, [0, 2, 4])
+    assert cache.length == start + 3
+    for layer in range(2):
+        slot = start - cache.starts[layer]
+        assert cache.lengths[layer] == slot + 3
+        np.testing.assert_array_equal(cache.k[layer][:, :, slot : slot + 3], tree[layer, 0][:, :, [0, 2, 4]])
+        np.testing.assert_array_equal(cache.v[layer][:, :, slot : slot + 3], tree[layer, 1][:, :, [0, 2, 4]])
 
 
 @pytest.mark.parametrize("width", [1, 2])

@@ -54,7 +54,7 @@ class TorchBackend:
         if not cache.takes_trees:
             raise EdgetokError(cache.NO_TREES)
         positions = torch.from_numpy(cache.length + tree.depths)
-        cache.tree = tree.visible
+        cache.tree = tree
         try:
             return self.model(torch.tensor([tree.tokens]), cache, positions=positions, last=None)[0].numpy()
         finally:

@@ -63,8 +63,8 @@ class KVCache(ABC):
     # tree attention: Backend.forward_tree), each seeing the cache and its own ancestors; one that can
     # says so and implements keep_branch. Elsewhere drafts are chains.
     takes_trees = False
-    NO_TREES = ("--draft-width above 1 verifies draft trees only through the exact KV cache of a model "
-                "without sliding windows; this run drafts chains")
+    NO_TREES = ("--draft-width above 1 verifies draft trees only through the exact KV cache (not the tiered "
+                "one, nor a pruned prompt's); this run drafts chains")
 
     def keep_branch(self, start: int, kept: list[int]) -> None:
         """A draft tree's nodes went in from position `start`: keep those at offsets `kept`

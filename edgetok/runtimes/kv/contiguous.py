@@ -17,15 +17,17 @@ from edgetok.runtimes.kv.base import AttendingCache, GraphCache, KVState
 if TYPE_CHECKING:
     import torch
 
+    from edgetok.runtimes.speculation.tree import DraftTree
+
 
 class ContiguousCache(AttendingCache, GraphCache):
     """Full attention over all stored tokens. Capacity grows by a quarter as needed (amortized O(1) append)."""
 
     queries_read = 0  # append() ignores q: a graph's backend need not hand its queries over
     ROLLBACK = 64  # tokens a compacted sliding layer keeps beyond its window (more than a draft)
-    # While a draft tree runs through the torch model (TorchBackend.forward_tree): which of the new
-    # tokens each new token sees (T, T) bool; None: each sees those before it
-    tree: np.ndarray | None = None
+    # While a draft tree runs through the torch model (TorchBackend.forward_tree): its nodes are the new
+    # tokens (each sees its ancestors, at position root + depth); None: each sees those before it
+    tree: DraftTree | None = None
 
     def __init__(
         self,
@@ -83,16 +85,18 @@ class ContiguousCache(AttendingCache, GraphCache):
 
     @property
     def takes_trees(self) -> bool:
-        """Every layer attends fully: a sliding window counts positions, which a tree's branches share."""
-        return all(w is None for w in self.windows) and not any(self.skipped)
+        """Every layer stores every token at consecutive positions (not a pruned prompt, whose gaps a
+        sliding window would have to count around a tree's shared positions)."""
+        return not any(self.skipped)
 
     def keep_branch(self, start: int, kept: list[int]) -> None:
         assert self.takes_trees and start + kept[-1] < self.length, (start, kept, self.length)
-        at = start + np.asarray(kept)
-        for bufs in (self.k, self.v):
-            for buf in bufs:
-                buf[:, :, start : start + len(kept)] = buf[:, :, at]  # (the fancy index copies first)
-        self.lengths = [start + len(kept)] * len(self.lengths)
+        for i, first in enumerate(self.starts):  # (a compacted sliding layer's slot 0 holds position `first`)
+            slot = start - first
+            at = slot + np.asarray(kept)
+            for buf in (self.k[i], self.v[i]):
+                buf[:, :, slot : slot + len(kept)] = buf[:, :, at]  # (the fancy index copies first)
+            self.lengths[i] = slot + len(kept)
 
     @property
     def capacity(self) -> int:
@@ -120,10 +124,16 @@ class ContiguousCache(AttendingCache, GraphCache):
         if self.kept[layer] is not None:  # a pruned prompt's sliding layer: its window counts positions
             pos = to_torch(self.positions(layer))
             mask = position_mask(pos[end - k.shape[2] :], pos, self.windows[layer])
-        elif self.tree is not None:  # a draft tree's nodes: the past, and their own ancestors
-            t = k.shape[2]
+        elif self.tree is not None:  # a draft tree's nodes: the past (a window's, from each node's position), their ancestors
+            t, window = k.shape[2], self.windows[layer]
             mask = torch.ones(t, end, dtype=torch.bool)
-            mask[:, end - t :] = torch.from_numpy(self.tree)
+            mask[:, end - t :] = torch.from_numpy(self.tree.visible)
+            if window is not None:
+                stored = torch.from_numpy(self.positions(layer))  # (end,): the root's position at end − t
+                depths = torch.from_numpy(self.tree.depths)
+                at = stored[end - t] + depths  # (t,) the nodes' positions
+                mask[:, : end - t] = stored[None, : end - t] > at[:, None] - window
+                mask[:, end - t :] &= depths[None, :] > depths[:, None] - window
         else:
             mask = causal_mask(k.shape[2], end, self.windows[layer], device=q.device)
         return attend(q, to_torch(self.k[layer][:, :, :end]), to_torch(self.v[layer][:, :, :end]), mask)
