@@ -109,7 +109,7 @@ def run_options(f):
         click.option("--draft-width", type=click.IntRange(min=1), default=SpeculationParams.draft_width, show_default=True,
                      metavar="W", help="children per drafted token at most: 1 drafts a chain; more draft a tree "
                                        "(recycle: each token's top-W candidates, K·W nodes) verified with tree attention "
-                                       "where the backend and KV cache allow it (the exact cache, no sliding windows), "
+                                       "where the backend and KV cache allow it (torch or the default engine, the exact cache), "
                                        "a chain elsewhere"),
         click.option("--lookup-ngram-min", type=click.IntRange(min=1), default=SpeculationParams.lookup_ngram_min,
                      show_default=True, help="--speculate lookup: the shortest n-gram it matches"),

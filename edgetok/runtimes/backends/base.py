@@ -16,7 +16,7 @@ What only some backends can do is declared as data in `capabilities`, never prob
 - BATCH: `forward_batch` runs one token for each of several sequences in one forward, reading
   the weights once (`edgetok serve`'s continuous batching); without it a server runs them in turn.
 - TREE: `forward_tree` verifies a draft tree in one forward (tree attention) on a cache whose
-  `takes_trees` is true (the exact cache of a model without sliding windows), and `keep_branch`
+  `takes_trees` is true (the exact cache, but a pruned prompt's), and `keep_branch`
   keeps one of its branches; elsewhere speculative decoding drafts chains.
 """
 
