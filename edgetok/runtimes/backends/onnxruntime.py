@@ -128,8 +128,9 @@ class OnnxBackend:
         self.attends_through = ort_ops.ATTENTION in (manifest.edgetok_ops or ()) and prune is None
         # batched decoding writes every row's K/V in place (gqa) into exact caches' copies
         batch = {BATCH} if self.in_place and kv is None else set()
-        # edgetok's attention op masks a draft tree's branches (ort_ops.draft_tree), over the exact cache
-        tree = {TREE} if self.in_place and ort_ops.ATTENTION in (manifest.edgetok_ops or ()) and prune is None else set()
+        # edgetok's attention op (the one attended through) masks a draft tree's branches (ort_ops.draft_tree),
+        # writing the nodes' K/V into the exact cache in place
+        tree = {TREE} if self.in_place and self.attends_through else set()
         self.capabilities = frozenset({PREFIX_STATE, ROLLBACK, SEQUENCES} | ({PRUNE} if prune else set()) | batch | tree
                                       | ({CACHE_ATTENTION} if self.attends_through else set()))
         self._hook = ort_ops.ATTEND_HOOK(self._attend)  # (kept: the library holds only its address)

@@ -111,7 +111,7 @@ class TokenRecycling:
     def __init__(self, vocab_size: int, width: int = 1) -> None:
         self.next = np.full((vocab_size, width), -1, dtype=np.int32)  # (V, W): 4·W bytes per token
         self.last = -1  # the sequence's last token
-        self.tries = 0  # rows that arrived for a token whose candidates were known
+        self.tries = 0  # rows that arrived for a token whose candidates were known (counted for trees: W > 1)
         self.hits = np.zeros(width, np.int64)  # (W,): … whose rank-r candidate was the row's argmax
 
     def start(self, prompt: list[int]) -> None:
@@ -165,9 +165,10 @@ class TokenRecycling:
         else:  # the top W of each row, best first
             top = np.argpartition(rows, -width, axis=-1)[:, -width:]
             ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(rows, top, -1), axis=-1), -1)
-        known = self.next[ids, 0] >= 0
-        self.tries += int(known.sum())
-        self.hits += (self.next[ids[known]] == best[known, None]).sum(0)
+        if width > 1:  # (only a tree's shape needs the ranks' rates: no work per step for a chain)
+            known = self.next[ids, 0] >= 0
+            self.tries += int(known.sum())
+            self.hits += (self.next[ids[known]] == best[known, None]).sum(0)
         self.next[ids] = ranked
 
 
