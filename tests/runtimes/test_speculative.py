@@ -99,23 +99,29 @@ def top2_margin(m: edgetok.Model, ids: list[int]) -> float:
 
 # -- greedy exactness --------------------------------------------------------------------------------
 @pytest.mark.parametrize("speculate, width", [("lookup", 1), ("recycle", 1), ("recycle", 3)])
-def test_greedy_tokens_equal_plain_decoding(kind, speculate, width, capsys):
+def test_greedy_tokens_equal_plain_decoding(kind, speculate, width, capsys, monkeypatch):
     """On every prompt set, speculative greedy tokens are plain greedy's, except after a near-tie
     (the reference's top-2 margin below ε at the first difference), which is counted and reported.
     Each prompt runs twice with speculation: Token Recycling's table, kept by the engine, then
     knows the answer (a random model's drafts are otherwise seldom accepted: nothing is verified).
     Width 3: trees of the top-3 candidates where the backend and cache verify trees, chains elsewhere."""
     name, m = kind
-    _greedy_equals_plain(m, name, EPSILON[name], speculate, width, capsys)
+    _greedy_equals_plain(m, name, EPSILON[name], speculate, width, capsys, monkeypatch)
 
 
-def test_greedy_trees_on_sliding_windows_equal_plain_decoding(gemma, capsys):
+def test_greedy_trees_on_sliding_windows_equal_plain_decoding(gemma, capsys, monkeypatch):
     """Tiny Gemma 3 (windows of 8 tokens, prompts longer): recycle trees give plain greedy's tokens."""
     name = f"gemma {gemma.engine.backend.name}"
-    _greedy_equals_plain(gemma, name, 1e-3, "recycle", 3, capsys)
+    _greedy_equals_plain(gemma, name, 1e-3, "recycle", 3, capsys, monkeypatch)
 
 
-def _greedy_equals_plain(m: edgetok.Model, name: str, eps: float, speculate: str, width: int, capsys) -> None:
+def _greedy_equals_plain(m: edgetok.Model, name: str, eps: float, speculate: str, width: int, capsys, monkeypatch) -> None:
+    """... and where trees are verified (width > 1, a backend and cache that take them), some drafts
+    were trees (forward_tree ran), not chains only."""
+    backend, trees = m.engine.backend, []
+    if TREE in backend.capabilities:
+        verify = backend.forward_tree
+        monkeypatch.setattr(backend, "forward_tree", lambda tree, cache: trees.append(tree) or verify(tree, cache))
     runs = differ = accepted = 0
     for set_name, prompts in PROMPT_SETS.items():
         for prompt in prompts:
@@ -133,9 +139,11 @@ def _greedy_equals_plain(m: edgetok.Model, name: str, eps: float, speculate: str
                 assert margin < eps, f"{set_name}: token {i} differs, but the reference's top-2 margin is {margin}"
                 differ += 1
     assert accepted > 0, "no draft was ever accepted: the test shows nothing"
+    takes_trees = TREE in backend.capabilities and m.engine._cache.takes_trees
+    assert bool(trees) == (takes_trees and width > 1 and speculate == "recycle"), (name, len(trees))
     with capsys.disabled():
         print(f"\n[{name}, {speculate}, width {width}] greedy: {runs - differ}/{runs} generations equal plain decoding's, "
-              f"{differ} differ after a near-tie (ε = {eps})")
+              f"{differ} differ after a near-tie (ε = {eps}); {len(trees)} draft trees verified")
 
 
 # -- oracle and random drafts ------------------------------------------------------------------------
@@ -226,6 +234,31 @@ def test_a_trees_nodes_get_their_branches_logits_and_the_kept_branch_is_the_chai
     after keep_branch the cache is the chain's (the next token's logits agree)."""
     name, m = kind
     _check_tree_against_chains(m, atol=1e-4 if name in EXACT_LOGITS else 0.05)
+
+
+def test_a_served_engine_verifies_trees_through_the_scheduler(kind):
+    """`edgetok serve`'s engines drive a ScheduledBackend (every call a job on the scheduler's thread):
+    an oracle tree's true branch is accepted there as on the backend itself, and the tokens are plain
+    decoding's."""
+    from edgetok.runtimes.engine import Engine
+    from edgetok.serve.scheduler import ScheduledBackend, Scheduler
+
+    name, m = kind
+    prompt = PROMPT_SETS["input-grounded"][0]
+    plain = generate(m, prompt, max_new_tokens=30, ignore_eos=True)
+    scheduler = Scheduler(m.engine.backend)
+    try:
+        engine = Engine(ScheduledBackend(scheduler), m.tokenizer)
+        *_, spec = engine.generate_ids(m.encode(prompt, False), GenerationConfig(max_new_tokens=30, ignore_eos=True, draft_max=8,
+                                                                                 draft_width=2),
+                                       drafter=Scripted(plain.tokens, vocab=m.config.vocab_size))
+    finally:
+        scheduler.close()
+    assert spec.tokens == plain.tokens
+    if TREE in m.engine.backend.capabilities and name in ("torch", "default"):  # half of every tree: wrong siblings
+        assert spec.stats.accepted > 0 and spec.stats.drafted == 2 * spec.stats.accepted
+    else:
+        assert spec.stats.accepted == spec.stats.drafted > 0
 
 
 @pytest.fixture(scope="module", params=["torch", "default"])
